@@ -1,0 +1,61 @@
+"""Helpers shared by the route modules: the gateway handle, JSON responses, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from embedplex.gateway import Gateway
+from embedplex.service import EmbedResult
+
+T = TypeVar("T")
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class ClientGoneError(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+def json_response(body: Any, *, headers: dict[str, str] | None = None, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(body, option=_JSON_OPTIONS),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def result_headers(result: EmbedResult) -> dict[str, str]:
+    return result.timings.headers()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client goes first, cancel it (its queued items are dropped)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGoneError
+    return task.result()

@@ -1,0 +1,110 @@
+"""Errors to HTTP: the one table, and the two body shapes (TEI and OpenAI).
+
+TEI and native routes answer ``{"error": str, "error_type": str}`` with TEI's error types;
+OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+
+import orjson
+from starlette.responses import Response
+
+from embedplex import errors as e
+
+logger = logging.getLogger(__name__)
+
+
+class Dialect(Enum):
+    TEI = "tei"
+    OPENAI = "openai"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    tei_type: str
+    openai_type: str
+    openai_code: str
+
+
+class _RouteNotFound(e.ClientError):
+    kind = "not_found"
+
+
+class _MethodNotAllowed(e.ClientError):
+    kind = "method_not_allowed"
+
+
+# Most specific class first: the first isinstance match wins.
+ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
+    (e.EmptyInputError, ErrorSpec(400, "Empty", "invalid_request_error", "empty_input")),
+    (e.PayloadTooLargeError, ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large")),
+    (e.InputTooLongError, ErrorSpec(422, "Validation", "invalid_request_error", "context_length_exceeded")),
+    (e.InvalidRequestError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_value")),
+    (e.ModelNotFoundError, ErrorSpec(404, "Validation", "invalid_request_error", "model_not_found")),
+    (_RouteNotFound, ErrorSpec(404, "Validation", "invalid_request_error", "not_found")),
+    (_MethodNotAllowed, ErrorSpec(405, "Validation", "invalid_request_error", "method_not_allowed")),
+    (e.AuthenticationError, ErrorSpec(401, "Unauthorized", "invalid_request_error", "invalid_api_key")),
+    (e.ClientError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request")),
+    (e.RateLimitedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "rate_limit_exceeded")),
+    (e.OverloadedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "overloaded")),
+    (e.QueueTimeoutError, ErrorSpec(503, "Overloaded", "server_error", "queue_timeout")),
+    (e.UnavailableError, ErrorSpec(503, "Unhealthy", "server_error", "service_unavailable")),
+    (e.UpstreamError, ErrorSpec(502, "Backend", "server_error", "upstream_error")),
+    (e.BackendError, ErrorSpec(424, "Backend", "server_error", "backend_error")),
+    (e.EmbedplexError, ErrorSpec(500, "Backend", "server_error", "internal_error")),
+]
+
+_OPENAI_PREFIXES = ("/v1/embeddings", "/embeddings", "/v1/models", "/models")
+
+
+def dialect_for(path: str) -> Dialect:
+    return Dialect.OPENAI if path.startswith(_OPENAI_PREFIXES) else Dialect.TEI
+
+
+def spec_for(exc: e.EmbedplexError) -> ErrorSpec:
+    for cls, spec in ERROR_TABLE:
+        if isinstance(exc, cls):
+            if isinstance(exc, e.InvalidRequestError) and exc.malformed:
+                return ErrorSpec(400, spec.tei_type, spec.openai_type, "invalid_json")
+            return spec
+    raise AssertionError("EmbedplexError is the last row")  # pragma: no cover
+
+
+def error_response(exc: e.EmbedplexError, path: str, headers: dict[str, str] | None = None) -> Response:
+    spec = spec_for(exc)
+    body: object
+    if dialect_for(path) is Dialect.OPENAI:
+        body = {
+            "error": {
+                "message": exc.message,
+                "type": spec.openai_type,
+                "param": exc.param,
+                "code": spec.openai_code,
+            }
+        }
+    else:
+        body = {"error": exc.message, "error_type": spec.tei_type}
+    out = dict(headers or {})
+    if isinstance(exc, e.RateLimitedError) and exc.retry_after is not None:
+        out["retry-after"] = str(max(1, round(exc.retry_after)))
+    return Response(orjson.dumps(body), status_code=spec.status, headers=out, media_type="application/json")
+
+
+def status_error(status: int, message: str) -> e.EmbedplexError:
+    """Turn a framework status (404 route, 405 method, 400 body) into our tree."""
+    if status == 413:
+        return e.PayloadTooLargeError(message)
+    if status == 404:
+        return _RouteNotFound(message)
+    if status == 405:
+        return _MethodNotAllowed(message)
+    if status == 401:
+        return e.AuthenticationError(message)
+    if 400 <= status < 500:
+        return e.InvalidRequestError(message, malformed=status == 400)
+    return e.EmbedplexError(message)

@@ -1,0 +1,116 @@
+"""Pure ASGI middleware: request id, body size limit, static API key.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) keeps the hot path cheap and lets client disconnects
+reach the route.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedplex.api.errors import error_response
+from embedplex.errors import AuthenticationError, PayloadTooLargeError
+
+_OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
+
+
+class RequestIdMiddleware:
+    """Accept ``X-Request-ID`` (or make one), keep it in ``scope["state"]``, echo it back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value[:128]
+                break
+        if not rid:
+            rid = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = rid.decode("latin-1")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = PayloadTooLargeError(f"request body exceeds the {self.limit} byte limit")
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.limit:
+                    await error_response(error, scope["path"])(scope, receive, send)
+                    return
+                break
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await error_response(error, scope["path"])(scope, receive, send)
+
+
+class _TooLarge(BaseException):  # noqa: N818 - must pass through FastAPI's body handler
+    pass
+
+
+class ApiKeyMiddleware:
+    """Require ``Authorization: Bearer <key>`` on every route but probes and docs."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+                break
+        if not hmac.compare_digest(given, self.key):
+            error = AuthenticationError("missing or invalid API key")
+            await error_response(error, scope["path"])(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,28 @@
+"""Kubernetes-style probes and the Swagger alias."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import RedirectResponse, Response
+
+from embedplex.api.common import gateway, json_response
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    """The process is up and its event loop answers."""
+    return json_response({"status": "alive"})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    """Models loaded, backends healthy, not draining."""
+    ok, reason = gateway(request).ready()
+    return json_response({"status": reason}, status=200 if ok else 503)
+
+
+@router.get("/swagger-ui", include_in_schema=False)
+async def swagger() -> Response:
+    return RedirectResponse("/docs")

@@ -1,0 +1,139 @@
+"""TEI dialect: ``/embed``, ``/tokenize``, ``/info``, ``/health``, and the native ``/api/v1/embed``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from embedplex import __version__
+from embedplex.api.common import gateway, json_response, result_headers, unless_disconnected
+from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.errors import InvalidRequestError, NotReadyError
+from embedplex.service import EmbedRequest, EmbedResult, Tokenizing
+
+router = APIRouter(tags=["TEI"])
+
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbedBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Inputs
+    normalize: bool = True
+    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    model: str | None = Field(None, description="embedplex extension: pick a served model.")
+
+
+class NativeEmbedBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Inputs
+    normalize: bool = True
+    truncate: bool | None = None
+    model: str | None = None
+
+
+class TokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+def _inputs(raw: Inputs) -> list[str] | list[list[int]]:
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        return [raw]  # type: ignore[list-item]
+    return raw  # type: ignore[return-value]
+
+
+async def _embed(request: Request, model_name: str | None, core: EmbedRequest) -> EmbedResult:
+    model = gateway(request).model(model_name)
+    return await unless_disconnected(request, model.embed(core))
+
+
+@router.post("/embed", response_model=list[list[float]])
+async def embed(body: EmbedBody, request: Request) -> Response:
+    core = EmbedRequest(
+        inputs=_inputs(body.inputs),
+        normalize=body.normalize,
+        truncate=body.truncate,
+        truncation_direction=TruncationDirection(body.truncation_direction.lower()),
+        prompt_name=body.prompt_name,
+        dimensions=body.dimensions,
+    )
+    result = await _embed(request, body.model, core)
+    return json_response(np.stack(result.vectors), headers=result_headers(result))
+
+
+@router.post("/api/v1/embed", tags=["native"])
+async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
+    core = EmbedRequest(inputs=_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate)
+    result = await _embed(request, body.model, core)
+    return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeBody, request: Request) -> Response:
+    model = gateway(request).model(body.model)
+    if not isinstance(model, Tokenizing):
+        raise InvalidRequestError(f"{model.info.name} does not expose a tokenizer", param="model")
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    tokens = await model.tokenize(
+        texts, add_special_tokens=body.add_special_tokens, prompt_name=body.prompt_name
+    )
+    return json_response(
+        [
+            [{"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop} for t in row]
+            for row in tokens
+        ]
+    )
+
+
+@router.get("/info")
+async def info(request: Request) -> Response:
+    gw = gateway(request)
+    settings = request.app.state.settings
+    model = gw.model(None).info
+    return json_response(
+        {
+            "model_id": model.model_id,
+            "model_sha": model.sha,
+            "model_dtype": model.dtype,
+            "model_type": {model.kind: {"pooling": model.pooling}},
+            "max_concurrent_requests": settings.max_concurrent_requests,
+            "max_input_length": model.max_input_length,
+            "max_batch_tokens": settings.max_batch_tokens,
+            "max_batch_requests": settings.max_batch_requests,
+            "max_client_batch_size": settings.max_client_batch_size,
+            "auto_truncate": settings.auto_truncate,
+            "tokenization_workers": settings.tokenization_workers,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "backend": model.backend,
+            "device": model.device,
+            "dimensions": model.dim,
+            "served_model_name": model.name,
+            "prompts": model.prompts,
+        }
+    )
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    ok, reason = gateway(request).ready()
+    if not ok:
+        raise NotReadyError(f"not ready: {reason}")
+    return Response(status_code=200)

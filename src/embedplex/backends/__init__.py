@@ -1,0 +1,1 @@
+"""Local inference engines behind one protocol (``base.EmbeddingBackend``)."""

@@ -1,0 +1,59 @@
+"""A deterministic backend for tests and demos: no model, real shapes, injectable faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from embedplex.backends.base import TokenBatch
+from embedplex.backends.pooling import Floats
+from embedplex.errors import FatalBackendError
+
+
+class FakeBackend:
+    """Each token id maps to a fixed random vector; an input's vector is their masked mean.
+
+    ``delay`` sleeps per batch (seconds); ``fail_next`` makes the next n batches raise;
+    ``die()`` makes every later batch and health check fail fatally. ``batches`` records the
+    sizes seen, so tests can check how the batcher cut them.
+    """
+
+    name = "fake"
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self, dim: int = 16, *, delay: float = 0.0, vocab_size: int = 30522) -> None:
+        self.dim = dim
+        self.delay = delay
+        self.fail_next = 0
+        self.batches: list[tuple[int, int]] = []
+        self._dead = False
+        self._lock = threading.Lock()
+        rng = np.random.default_rng(0)
+        self._table = rng.standard_normal((vocab_size, dim)).astype(np.float32)
+
+    def embed(self, batch: TokenBatch) -> Floats:
+        with self._lock:
+            self.batches.append((batch.size, int(batch.input_ids.shape[1])))
+            if self._dead:
+                raise FatalBackendError("fake backend is dead")
+            if self.fail_next:
+                self.fail_next -= 1
+                raise RuntimeError("injected failure")
+        if self.delay:
+            time.sleep(self.delay)
+        vectors = self._table[batch.input_ids % self._table.shape[0]]
+        mask = batch.attention_mask[:, :, None].astype(np.float32)
+        return ((vectors * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+
+    def die(self) -> None:
+        self._dead = True
+
+    def health(self) -> None:
+        if self._dead:
+            raise FatalBackendError("fake backend is dead")
+
+    def close(self) -> None:
+        pass

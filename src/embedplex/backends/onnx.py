@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: CPU by default, CUDA when asked and available."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from embedplex.backends.base import TokenBatch
+from embedplex.backends.model_files import ModelSpec, Pooling
+from embedplex.backends.onnx_export import ensure_onnx
+from embedplex.backends.pooling import Floats, normalize_rows, pool
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.errors import FatalBackendError
+
+logger = logging.getLogger(__name__)
+
+# Varied texts for the int8 quality gate: short, long, code, unicode, numbers.
+CALIBRATION_TEXTS = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France.",
+    "def add(a, b):\n    return a + b",
+    "SELECT id, name FROM users WHERE created_at > now() - interval '1 day';",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "東京は日本の首都です。",
+    "Emoji test 🚀🔥 with mixed content",
+    "1234567890 3.14159 2.71828",
+    "a",
+    "Retrieval-augmented generation combines a retriever with a generator model. " * 6,
+    "Machine learning models need careful evaluation on held-out data.",
+    "The stock market fell sharply after the announcement of new tariffs.",
+    "How do I reset my password?",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+]
+
+
+def session_providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise FatalBackendError(
+                "--device cuda asked for, but this onnxruntime has no CUDA provider "
+                "(install onnxruntime-gpu)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, device: str, threads: int | None) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=session_providers(device))
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, session: object, *, pooling: Pooling, dtype: str, device: str, dim: int) -> None:
+        self._session: object | None = session
+        self._inputs = {i.name for i in session.get_inputs()}  # type: ignore[attr-defined]
+        self.pooling = pooling
+        self.dtype = dtype
+        self.device = device
+        self.dim = dim
+
+    @classmethod
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        dtype: str,
+        device: str,
+        cache_dir: Path,
+        threads: int | None = None,
+        int8_min_cosine: float = 0.97,
+    ) -> OnnxBackend:
+        if dtype == "bfloat16":
+            raise FatalBackendError("the onnx backend serves float32, float16 or int8")
+
+        def check(fp32: Path, candidate: Path) -> float:
+            tok = TextTokenizer.from_dir(spec.path, max_length=spec.max_input_length, vocab_size=spec.vocab_size)
+            batch = TokenBatch.collate(tok.encode(CALIBRATION_TEXTS, truncate=True))
+            ref = cls(make_session(fp32, "cpu", threads), pooling=spec.pooling, dtype="float32", device="cpu", dim=spec.hidden_size)
+            new = cls(make_session(candidate, "cpu", threads), pooling=spec.pooling, dtype=dtype, device="cpu", dim=spec.hidden_size)
+            a = normalize_rows(ref.embed(batch))
+            b = normalize_rows(new.embed(batch))
+            return float(np.min(np.sum(a * b, axis=1)))
+
+        path, cached = ensure_onnx(
+            spec.path,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            with_token_type_ids=spec.has_token_type_ids,
+            quality_check=check,
+            min_quality=int8_min_cosine,
+        )
+        logger.info("onnx model %s (%s)", path, "cached" if cached else "new export")
+        session = make_session(path, device, threads)
+        providers = session.get_providers()  # type: ignore[attr-defined]
+        actual = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+        return cls(session, pooling=spec.pooling, dtype=dtype, device=actual, dim=spec.hidden_size)
+
+    def embed(self, batch: TokenBatch) -> Floats:
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = batch.token_type_ids
+        if self._session is None:
+            raise FatalBackendError("the onnx session is closed")
+        hidden = self._session.run(None, feeds)[0]  # type: ignore[attr-defined]
+        return pool(np.asarray(hidden), batch.attention_mask, self.pooling)
+
+    def health(self) -> None:
+        if self._session is None:
+            raise FatalBackendError("the onnx session is closed")
+
+    def close(self) -> None:
+        self._session = None

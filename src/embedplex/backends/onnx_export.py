@@ -1,0 +1,165 @@
+"""Export a Hugging Face encoder to ONNX once, and cache the result by model hash.
+
+The cache key covers the weights, the config, the dtype and the exporter's versions, so a second
+start reuses the export and a changed model never meets a stale one. Exports are written to a
+temporary directory and renamed into place, so a crash never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from embedplex.errors import FatalBackendError
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "1"  # bump when the exported graph's inputs or outputs change
+OPSET = 17
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "embedplex"
+
+
+def model_hash(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("config.json", *_WEIGHT_FILES):
+        file = model_dir / name
+        if file.is_file():
+            digest.update(name.encode())
+            with file.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(model_dir: Path, dtype: str) -> str:
+    import onnx
+    import torch
+
+    parts = [model_hash(model_dir), dtype, EXPORT_FORMAT, str(OPSET), torch.__version__, onnx.__version__]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> None:
+    """Trace the encoder to ONNX with dynamic batch and sequence axes."""
+    try:
+        import torch
+        from transformers import AutoModel
+    except ImportError as exc:
+        raise FatalBackendError(
+            "exporting to ONNX needs PyTorch: install embedplex[torch], or give a model "
+            "directory that ships onnx/model.onnx"
+        ) from exc
+
+    model = AutoModel.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model.eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            names = ["input_ids", "attention_mask", "token_type_ids"][: len(args)]
+            return self.inner(**dict(zip(names, args, strict=True))).last_hidden_state
+
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_type_ids else [])
+    sample = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
+    with torch.inference_mode():
+        torch.onnx.export(
+            Encoder(model),
+            sample,
+            str(target),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization; per-channel QUInt8 weights hold quality on encoders."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source), str(target), per_channel=True, weight_type=QuantType.QUInt8
+    )
+
+
+def convert_fp16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    onnx.save(model, str(target))
+
+
+QualityCheck = Callable[[Path, Path], float]
+
+
+def ensure_onnx(
+    model_dir: Path,
+    *,
+    dtype: str,
+    cache_dir: Path,
+    with_token_type_ids: bool,
+    quality_check: QualityCheck | None = None,
+    min_quality: float = 0.0,
+) -> tuple[Path, bool]:
+    """Return the path of a ready ONNX file for ``dtype`` and whether it came from the cache.
+
+    For int8, ``quality_check(fp32_file, int8_file)`` measures the minimum cosine against fp32 at
+    export time; below ``min_quality`` the export is refused and nothing is cached.
+    """
+    key = cache_key(model_dir, dtype)
+    entry = cache_dir / "onnx" / key
+    final = entry / "model.onnx"
+    if final.is_file():
+        return final, True
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as tmp:
+        work = Path(tmp)
+        shipped = model_dir / "onnx" / "model.onnx"
+        fp32 = work / "fp32.onnx"
+        if shipped.is_file():
+            shutil.copyfile(shipped, fp32)
+        else:
+            logger.info("exporting %s to ONNX (once; cached under %s)", model_dir, entry)
+            export_fp32(model_dir, fp32, with_token_type_ids=with_token_type_ids)
+        out = work / "out"
+        out.mkdir()
+        if dtype == "int8":
+            quantize_int8(fp32, out / "model.onnx")
+            if quality_check is not None:
+                quality = quality_check(fp32, out / "model.onnx")
+                logger.warning("int8 export: min cosine vs float32 = %.5f", quality)
+                if quality < min_quality:
+                    raise FatalBackendError(
+                        f"int8 quantization of {model_dir} reached a min cosine of {quality:.4f} "
+                        f"against float32, below the required {min_quality}; serve float32 or "
+                        "lower --int8-min-cosine"
+                    )
+                (out / "quality.json").write_text(json.dumps({"min_cosine": quality}))
+        elif dtype == "float16":
+            convert_fp16(fp32, out / "model.onnx")
+        else:
+            fp32.rename(out / "model.onnx")
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.rename(entry)
+        except OSError:
+            if not final.is_file():  # another process won the race; otherwise a real failure
+                raise
+    return final, False

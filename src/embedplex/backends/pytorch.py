@@ -1,0 +1,81 @@
+"""PyTorch backend (transformers): CPU or CUDA, float16/bfloat16 on GPU."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from embedplex.backends.base import TokenBatch
+from embedplex.backends.model_files import ModelSpec, Pooling
+from embedplex.backends.pooling import Floats
+from embedplex.errors import BackendError, FatalBackendError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Any, *, pooling: Pooling, dtype: str, device: str, dim: int) -> None:
+        self._model = model
+        self.pooling = pooling
+        self.dtype = dtype
+        self.device = device
+        self.dim = dim
+        self._uses_types = "token_type_ids" in getattr(model, "forward").__code__.co_varnames
+
+    @classmethod
+    def load(cls, spec: ModelSpec, *, dtype: str, device: str, threads: int | None = None) -> TorchBackend:
+        try:
+            import torch
+            from transformers import AutoModel
+        except ImportError as exc:
+            raise FatalBackendError("the torch backend needs embedplex[torch] installed") from exc
+        if dtype not in _DTYPES:
+            raise FatalBackendError("the torch backend serves float32, float16 or bfloat16")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise FatalBackendError("--device cuda asked for, but torch sees no CUDA device")
+        if device == "cpu" and dtype == "float16":
+            raise FatalBackendError("float16 on CPU is not supported; use float32 or bfloat16")
+        if threads:
+            torch.set_num_threads(threads)
+        model = AutoModel.from_pretrained(str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype]))
+        model.eval().to(device)
+        return cls(model, pooling=spec.pooling, dtype=dtype, device=device, dim=spec.hidden_size)
+
+    def embed(self, batch: TokenBatch) -> Floats:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                ids = torch.from_numpy(batch.input_ids).to(self.device)
+                mask = torch.from_numpy(batch.attention_mask).to(self.device)
+                kwargs = {"input_ids": ids, "attention_mask": mask}
+                if self._uses_types:
+                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device)
+                hidden = self._model(**kwargs).last_hidden_state
+                if self.pooling is Pooling.CLS:
+                    pooled = hidden[:, 0]
+                elif self.pooling is Pooling.LAST_TOKEN:
+                    last = mask.sum(dim=1) - 1
+                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+                else:
+                    m = mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+                out: Floats = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+                return out
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BackendError("CUDA out of memory; lower --max-batch-tokens") from exc
+
+    def health(self) -> None:
+        if self._model is None:
+            raise FatalBackendError("the torch model is closed")
+
+    def close(self) -> None:
+        self._model = None

@@ -1,0 +1,146 @@
+"""Tokenization with Hugging Face ``tokenizers``: run in a thread pool, token ids kept.
+
+Truncation state lives on a ``tokenizers.Tokenizer`` object, so we keep one object per
+truncation mode instead of flipping settings under concurrent threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Tokenizer
+
+from embedplex.errors import InputTooLongError, InvalidRequestError
+
+Ids = npt.NDArray[np.int64]
+
+
+class TruncationDirection(StrEnum):
+    RIGHT = "right"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One tokenized input, ready to pad into a batch."""
+
+    ids: Ids
+    type_ids: Ids | None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int) -> None:
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._plain = tokenizer
+        self._truncating: dict[TruncationDirection, Tokenizer] = {}
+        for direction in TruncationDirection:
+            tok = Tokenizer.from_str(tokenizer.to_str())
+            tok.no_padding()
+            tok.enable_truncation(max_length, direction=direction.value)
+            self._truncating[direction] = tok
+
+    @classmethod
+    def from_dir(cls, path: Path, *, max_length: int, vocab_size: int) -> TextTokenizer:
+        return cls(
+            Tokenizer.from_file(str(path / "tokenizer.json")),
+            max_length=max_length,
+            vocab_size=vocab_size,
+        )
+
+    def encode(
+        self,
+        texts: list[str],
+        *,
+        truncate: bool,
+        direction: TruncationDirection = TruncationDirection.RIGHT,
+        add_special_tokens: bool = True,
+    ) -> list[Encoded]:
+        tok = self._truncating[direction] if truncate else self._plain
+        encodings = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        out: list[Encoded] = []
+        for index, enc in enumerate(encodings):
+            n = len(enc.ids)
+            if n > self.max_length:
+                raise InputTooLongError(
+                    f"input {index} has {n} tokens, more than the maximum of {self.max_length}; "
+                    "set truncate to true or shorten it",
+                    param="input",
+                )
+            out.append(
+                Encoded(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64))
+            )
+        return out
+
+    def encode_ids(
+        self,
+        sequences: list[list[int]],
+        *,
+        truncate: bool,
+        direction: TruncationDirection = TruncationDirection.RIGHT,
+    ) -> list[Encoded]:
+        """Inputs given as token ids are used as they are (no special tokens are added)."""
+        out: list[Encoded] = []
+        for index, seq in enumerate(sequences):
+            if not seq:
+                raise InvalidRequestError(f"input {index} is an empty list of token ids", param="input")
+            if min(seq) < 0 or max(seq) >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"input {index} has token ids outside the vocabulary [0, {self.vocab_size})",
+                    param="input",
+                )
+            if len(seq) > self.max_length:
+                if not truncate:
+                    raise InputTooLongError(
+                        f"input {index} has {len(seq)} tokens, more than the maximum of "
+                        f"{self.max_length}; set truncate to true or shorten it",
+                        param="input",
+                    )
+                seq = (
+                    seq[: self.max_length]
+                    if direction is TruncationDirection.RIGHT
+                    else seq[-self.max_length :]
+                )
+            out.append(Encoded(np.asarray(seq, dtype=np.int64), None))
+        return out
+
+    def tokens(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
+        """Token detail for the TEI ``/tokenize`` route."""
+        result: list[list[Token]] = []
+        for text, enc in zip(
+            texts, self._plain.encode_batch(texts, add_special_tokens=add_special_tokens), strict=True
+        ):
+            row = []
+            for tid, special, (start, stop) in zip(
+                enc.ids, enc.special_tokens_mask, enc.offsets, strict=True
+            ):
+                is_special = bool(special)
+                row.append(
+                    Token(
+                        id=tid,
+                        text=text[start:stop] if not is_special else (self._plain.id_to_token(tid) or ""),
+                        special=is_special,
+                        start=None if is_special else start,
+                        stop=None if is_special else stop,
+                    )
+                )
+            result.append(row)
+        return result

@@ -1,0 +1,341 @@
+"""The batching engine shared by local models and remote providers.
+
+One ``Batcher`` owns one queue. Callers ``submit`` inputs and await one future per input; a
+single loop task cuts batches (by count and cost budget), flushes them as soon as a batch slot is
+free (``max_wait == 0``, local models) or when the batch is full or its oldest item has waited
+``max_wait`` (remote providers), and runs at most ``max_concurrency`` batches at once. Results go
+back to each future in order; a failed batch fails every future in it; callers that have gone are
+skipped; items that outwait ``queue_timeout`` get ``QueueTimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from embedplex.batching.item import Item
+from embedplex.batching.queues import BatchQueue, FifoQueue, padded_cost
+from embedplex.errors import (
+    BackendError,
+    EmbedplexError,
+    FatalBackendError,
+    NotReadyError,
+    OverloadedError,
+    QueueTimeoutError,
+)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[P]], Awaitable[Sequence[R]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    """How a batcher cuts and flushes.
+
+    max_items: most items in one batch (AIMD may lower it at run time via ``set_max_items``).
+    max_cost: budget per batch; padded tokens for local models, None for no budget.
+    max_wait: seconds a batch may wait to fill after its first item; 0 flushes at once.
+    max_concurrency: batches in flight at once.
+    max_queued: items allowed to wait; past it, ``submit`` refuses at once.
+    queue_timeout: seconds an item may wait before it fails with QueueTimeoutError.
+    """
+
+    max_items: int
+    max_cost: int | None = None
+    max_wait: float = 0.0
+    max_concurrency: int = 1
+    max_queued: int = 1024
+    queue_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_concurrency < 1 or self.max_queued < 1:
+            raise ValueError("max_items, max_concurrency and max_queued must be at least 1")
+        if self.max_wait < 0 or self.queue_timeout <= 0:
+            raise ValueError("max_wait must be >= 0 and queue_timeout > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What one finished batch looked like (for metrics and adaptive sizing)."""
+
+    size: int
+    tokens: int
+    padded_tokens: int
+    duration: float
+    error: BaseException | None
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; every method must be cheap and must not raise."""
+
+    def on_admitted(self, n: int) -> None: ...
+    def on_refused(self, n: int) -> None: ...
+    def on_expired(self, n: int) -> None: ...
+    def on_dropped(self, n: int) -> None: ...
+    def on_batch_started(self, items: Sequence[Item[Any, Any]]) -> None: ...
+    def on_batch_done(self, stats: BatchStats) -> None: ...
+
+
+class NullObserver:
+    def on_admitted(self, n: int) -> None:
+        pass
+
+    def on_refused(self, n: int) -> None:
+        pass
+
+    def on_expired(self, n: int) -> None:
+        pass
+
+    def on_dropped(self, n: int) -> None:
+        pass
+
+    def on_batch_started(self, items: Sequence[Item[Any, Any]]) -> None:
+        pass
+
+    def on_batch_done(self, stats: BatchStats) -> None:
+        pass
+
+
+class Batcher(Generic[P, R]):
+    def __init__(
+        self,
+        name: str,
+        run: RunBatch[P, R],
+        policy: BatchPolicy,
+        *,
+        queue: BatchQueue | None = None,
+        observers: Sequence[BatchObserver] = (),
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._run = run
+        self._queue: BatchQueue = queue if queue is not None else FifoQueue()
+        self._observers = list(observers)
+        self._max_items = policy.max_items
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.fatal: BaseException | None = None
+        self.batches_run = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._loop(), name=f"batcher:{self.name}")
+
+    async def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work; with ``drain`` finish what is queued, else fail it."""
+        self._closing = True
+        if not drain:
+            self._fail_all(NotReadyError("the server is shutting down"))
+        self._wakeup.set()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout)
+            except TimeoutError:
+                self._loop_task.cancel()
+                self._fail_all(NotReadyError("the server is shutting down"))
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def __aenter__(self) -> Batcher[P, R]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def max_items(self) -> int:
+        return self._max_items
+
+    def set_max_items(self, n: int) -> None:
+        """Adjust the batch size at run time (adaptive sizing); capped by the policy."""
+        self._max_items = max(1, min(n, self.policy.max_items))
+        self._wakeup.set()
+
+    @property
+    def idle(self) -> bool:
+        return not len(self._queue) and not self._in_flight
+
+    # -- admission -------------------------------------------------------------------------
+
+    def submit(self, payloads: Sequence[P], costs: Sequence[int]) -> list[Item[P, R]]:
+        """Queue every input of one request, or none of them.
+
+        Raises OverloadedError at once when the queue cannot take them all, and NotReadyError when
+        the batcher is closing or its backend has died.
+        """
+        if self._closing or self._loop_task is None:
+            raise NotReadyError(f"{self.name} is not accepting requests")
+        if self.fatal is not None:
+            raise NotReadyError(f"{self.name} is unavailable: its backend failed")
+        n = len(payloads)
+        if len(self._queue) + n > self.policy.max_queued:
+            for obs in self._observers:
+                obs.on_refused(n)
+            raise OverloadedError(
+                f"{self.name} queue is full ({len(self._queue)} of {self.policy.max_queued} items)"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        deadline = now + self.policy.queue_timeout
+        items: list[Item[P, R]] = []
+        for payload, cost in zip(payloads, costs, strict=True):
+            item: Item[P, R] = Item(payload, cost, loop.create_future(), now, deadline)
+            self._queue.push(item)
+            items.append(item)
+        for obs in self._observers:
+            obs.on_admitted(n)
+        self._wakeup.set()
+        return items
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            now = time.perf_counter()
+            self._expire(now)
+            if not len(self._queue):
+                if self._closing:
+                    break
+                await self._wait(None)
+                continue
+            wake_at = self._queue.next_deadline()
+            if self._in_flight >= self.policy.max_concurrency:
+                await self._wait(wake_at)
+                continue
+            oldest = self._queue.oldest_enqueued_at()
+            if (
+                self.policy.max_wait > 0
+                and not self._closing
+                and oldest is not None
+                and len(self._queue) < self._max_items
+                and now < oldest + self.policy.max_wait
+            ):
+                flush_at = oldest + self.policy.max_wait
+                await self._wait(flush_at if wake_at is None else min(flush_at, wake_at))
+                continue
+            dropped = self._queue.drop_gone()
+            if dropped:
+                for obs in self._observers:
+                    obs.on_dropped(dropped)
+            batch = self._queue.cut(self._max_items, self.policy.max_cost)
+            if batch:
+                self._dispatch(batch, now)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _wait(self, until: float | None) -> None:
+        """Sleep until woken or until ``until`` (a ``time.perf_counter`` instant)."""
+        if until is None:
+            await self._wakeup.wait()
+            return
+        delay = max(0.0, until - time.perf_counter())
+        try:
+            async with asyncio.timeout(delay):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+
+    def _expire(self, now: float) -> None:
+        expired = self._queue.pop_expired(now)
+        if not expired:
+            return
+        error = QueueTimeoutError(
+            f"request waited longer than the queue timeout ({self.policy.queue_timeout:g}s)"
+        )
+        n = 0
+        for item in expired:
+            if not item.future.done():
+                item.future.set_exception(error)
+                n += 1
+        for obs in self._observers:
+            obs.on_expired(n)
+
+    def _dispatch(self, batch: list[Item[P, R]], now: float) -> None:
+        self._in_flight += 1
+        for item in batch:
+            item.started_at = now
+            item.batch_size = len(batch)
+        for obs in self._observers:
+            obs.on_batch_started(batch)
+        task = asyncio.create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[Item[P, R]]) -> None:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            results = await self._run([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise BackendError(
+                    f"backend returned {len(results)} results for a batch of {len(batch)}"
+                )
+        except asyncio.CancelledError:
+            error = NotReadyError("the server is shutting down")
+            self._fail(batch, error)
+            raise
+        except EmbedplexError as exc:
+            error = exc
+            if isinstance(exc, FatalBackendError):
+                self.fatal = exc
+            self._fail(batch, exc)
+        except Exception as exc:
+            logger.exception("batch of %d failed in %s", len(batch), self.name)
+            error = BackendError(f"inference failed ({type(exc).__name__}); see the server log")
+            self._fail(batch, error)
+        else:
+            end = time.perf_counter()
+            for item, result in zip(batch, results, strict=True):
+                item.finished_at = end
+                if not item.future.done():
+                    item.future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            self.batches_run += 1
+            self._wakeup.set()
+            costs = [item.cost for item in batch]
+            stats = BatchStats(
+                size=len(batch),
+                tokens=sum(costs),
+                padded_tokens=padded_cost(costs),
+                duration=time.perf_counter() - start,
+                error=error,
+            )
+            for obs in self._observers:
+                obs.on_batch_done(stats)
+
+    def _fail(self, batch: Sequence[Item[P, R]], error: BaseException) -> None:
+        end = time.perf_counter()
+        for item in batch:
+            item.finished_at = end
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        while len(self._queue):
+            self._fail(self._queue.cut(1 << 30, None), error)

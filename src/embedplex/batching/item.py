@@ -1,0 +1,34 @@
+"""The unit of work the batcher moves: one input of one caller."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+@dataclass(slots=True, eq=False)
+class Item(Generic[P, R]):
+    """One input waiting for its result.
+
+    ``cost`` is what the item weighs against a batch budget: its token count for local models
+    (batches are cut on padded size), 1 for remote providers. Times are ``time.perf_counter``
+    instants; the batcher stamps them so callers can report queue and inference time.
+    """
+
+    payload: P
+    cost: int
+    future: asyncio.Future[R]
+    enqueued_at: float
+    deadline: float
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    batch_size: int = field(default=0)
+
+    @property
+    def waiting(self) -> bool:
+        """False once the caller has gone (cancelled) or the item was answered."""
+        return not self.future.done()

@@ -1,0 +1,167 @@
+"""Configuration: one frozen object, read in one place.
+
+Precedence, lowest first: defaults < TOML file (``--config`` or ``EMBEDPLEX_CONFIG``) < environment
+(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every field below is also a
+``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from this
+class, so an option is declared once.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from embedplex.backends.model_files import DEFAULT_MODEL_ID
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
+
+Dtype = Literal["float32", "float16", "bfloat16", "int8"]
+PoolingName = Literal["cls", "mean", "last-token"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EMBEDPLEX_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # -- server ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
+    api_key: SecretStr | None = Field(
+        None, description="Static API key; when set, every route but health and docs needs it."
+    )
+    payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body, in bytes.")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS (empty: CORS off)."
+    )
+    graceful_shutdown_s: float = Field(
+        30.0, ge=0, description="Seconds SIGTERM waits for queued work before exiting."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["pretty", "json"] = Field("pretty", description="Log line format.")
+
+    # -- model ----------------------------------------------------------------------------
+    model_id: str = Field(
+        DEFAULT_MODEL_ID, description="Local model directory or Hugging Face repo id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the model (default: the model id)."
+    )
+    backend: Literal["onnx", "torch"] = Field("onnx", description="Inference engine.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference runs.")
+    dtype: Dtype = Field("float32", description="Weights precision (int8: onnx, dynamic quant).")
+    pooling: PoolingName | None = Field(
+        None, description="Override the model's pooling (cls, mean, last-token)."
+    )
+    max_input_length: int | None = Field(
+        None, ge=1, description="Tokens per input (default: the model's max_seq_length)."
+    )
+    auto_truncate: bool = Field(
+        False, description="Truncate long inputs when a request does not say (else 422)."
+    )
+    default_prompt_name: str | None = Field(
+        None, description="Prompt (from the model's prompts) applied when a request names none."
+    )
+    default_prompt: str | None = Field(
+        None, description="Literal prompt prepended when a request names none."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where ONNX exports are cached (default: ~/.cache/embedplex)."
+    )
+    inference_threads: int | None = Field(
+        None, ge=1, description="Threads per forward pass (default: all cores)."
+    )
+    int8_min_cosine: float = Field(
+        0.97, ge=0, le=1, description="Refuse an int8 export whose min cosine vs fp32 is lower."
+    )
+
+    # -- batching and admission -----------------------------------------------------------
+    tokenization_workers: int | None = Field(
+        None, ge=1, description="Tokenizer threads (default: number of cores)."
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Padded tokens per batch (longest input x inputs)."
+    )
+    max_batch_requests: int = Field(128, ge=1, description="Inputs per batch.")
+    max_concurrent_requests: int = Field(
+        512, ge=1, description="Requests in flight per model; past it, 429 at once."
+    )
+    max_queue_size: int = Field(
+        4096, ge=1, description="Inputs waiting per model; past it, 429 at once."
+    )
+    queue_timeout_ms: int = Field(
+        30_000, ge=1, description="An input waiting longer than this gets 503."
+    )
+    max_client_batch_size: int = Field(
+        2048, ge=1, description="Inputs in one request; more is 413."
+    )
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_client_batch_size > self.max_queue_size:
+            raise ValueError("max_client_batch_size cannot exceed max_queue_size")
+        if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
+            raise ValueError("max_batch_tokens must be at least max_input_length")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build the effective settings; ``overrides`` are flags (highest precedence)."""
+        if config_file is None and os.environ.get("EMBEDPLEX_CONFIG"):
+            config_file = Path(os.environ["EMBEDPLEX_CONFIG"])
+        if config_file is not None and not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        token = _CONFIG_FILE.set(config_file)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_id
+
+    def redacted(self) -> dict[str, Any]:
+        """Effective settings safe to print or log: secrets become '***'."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            if field.annotation is not None and "SecretStr" in str(field.annotation):
+                data[name] = "***" if getattr(self, name) is not None else None
+        return data

@@ -1,0 +1,116 @@
+"""The one exception tree of embedplex.
+
+Every failure a caller can see is one of these. The HTTP layer maps them to a status code and a
+body in exactly one place (``embedplex.api.errors``); nothing below the HTTP layer knows about
+status codes.
+
+    EmbedplexError                      base; ``kind`` names the error in responses and metrics
+    ├── ClientError                     the request is at fault (never retried)
+    │   ├── EmptyInputError             no inputs at all                        -> 400
+    │   ├── InvalidRequestError         malformed JSON, wrong types, bad values -> 400 / 422
+    │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
+    │   ├── InputTooLongError           over max input length, truncate off     -> 422
+    │   ├── ModelNotFoundError          no such model or provider               -> 404
+    │   └── AuthenticationError         missing or wrong API key                -> 401
+    ├── OverloadedError                 admission refused; retry later          -> 429
+    │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
+    ├── UnavailableError                                                        -> 503
+    │   ├── QueueTimeoutError           waited longer than queue_timeout_ms
+    │   └── NotReadyError               loading, draining, or a dead backend
+    └── BackendError                    the model or the upstream failed        -> 424 / 500
+        ├── UpstreamError               a remote provider answered with an error
+        └── FatalBackendError           the backend cannot serve again; flips readiness
+"""
+
+from __future__ import annotations
+
+
+class EmbedplexError(Exception):
+    """Base of every error a caller can see."""
+
+    kind: str = "internal"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ClientError(EmbedplexError):
+    kind = "validation"
+
+
+class EmptyInputError(ClientError):
+    kind = "empty"
+
+
+class InvalidRequestError(ClientError):
+    """The body is not what the route accepts.
+
+    ``malformed`` is true when the bytes are not JSON at all (400); otherwise the JSON is well
+    formed but a field is wrong (422).
+    """
+
+    kind = "validation"
+
+    def __init__(self, message: str, *, param: str | None = None, malformed: bool = False) -> None:
+        super().__init__(message, param=param)
+        self.malformed = malformed
+
+
+class PayloadTooLargeError(ClientError):
+    kind = "validation"
+
+
+class InputTooLongError(ClientError):
+    kind = "validation"
+
+
+class ModelNotFoundError(ClientError):
+    kind = "model_not_found"
+
+
+class AuthenticationError(ClientError):
+    kind = "authentication"
+
+
+class OverloadedError(EmbedplexError):
+    kind = "overloaded"
+
+
+class RateLimitedError(OverloadedError):
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnavailableError(EmbedplexError):
+    kind = "unhealthy"
+
+
+class QueueTimeoutError(UnavailableError):
+    kind = "queue_timeout"
+
+
+class NotReadyError(UnavailableError):
+    kind = "unhealthy"
+
+
+class BackendError(EmbedplexError):
+    kind = "backend"
+
+
+class UpstreamError(BackendError):
+    """A remote provider failed. ``status`` is the upstream status code, if there was one."""
+
+    kind = "upstream"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class FatalBackendError(BackendError):
+    kind = "backend"

@@ -1,0 +1,38 @@
+"""Run the app under uvicorn; SIGTERM drains (stop accepting, finish queued work, exit 0)."""
+
+from __future__ import annotations
+
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from embedplex.api.app import create_app
+from embedplex.config import Settings
+
+
+class _DrainingServer(uvicorn.Server):
+    """Marks the gateway as draining the moment a stop signal arrives (readiness goes false)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._app.state.gateway.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        lifespan="on",
+        server_header=False,
+    )
+    _DrainingServer(config, app).run()

@@ -1,0 +1,103 @@
+"""Core request and result types, and the protocol every served model implements.
+
+The HTTP layer builds an ``EmbedRequest`` from whichever dialect it speaks and hands it to a
+model's ``embed``; local models and remote providers both answer with an ``EmbedResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from embedplex.backends.tokenizer import Token, TruncationDirection
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbedRequest:
+    """One caller's request. ``inputs`` holds texts, or token-id lists (never mixed)."""
+
+    inputs: list[str] | list[list[int]]
+    normalize: bool = True
+    truncate: bool | None = None  # None: the server's auto_truncate
+    truncation_direction: TruncationDirection = TruncationDirection.RIGHT
+    prompt_name: str | None = None
+    prompt: str | None = None
+    dimensions: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # provider-specific (input_type, ...)
+
+    @property
+    def is_tokens(self) -> bool:
+        return bool(self.inputs) and isinstance(self.inputs[0], list)
+
+
+@dataclass(slots=True)
+class Timings:
+    """Milliseconds spent in each stage (for a batch request: the slowest input's)."""
+
+    tokenization: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    total: float = 0.0
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-tokenization-time": f"{self.tokenization:.3f}",
+            "x-queue-time": f"{self.queue:.3f}",
+            "x-inference-time": f"{self.inference:.3f}",
+            "x-total-time": f"{self.total:.3f}",
+        }
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    vectors: list[Vector]
+    prompt_tokens: int
+    model: str
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelInfo:
+    name: str
+    model_id: str
+    sha: str | None
+    backend: str
+    device: str
+    dtype: str
+    dim: int
+    pooling: str
+    max_input_length: int
+    prompts: dict[str, str]
+    kind: str = "embedding"
+
+
+class EmbeddingService(Protocol):
+    """A served model: local (tokenizer + batcher + backend) or remote (provider adapter)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self, *, drain: bool = True) -> None: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult: ...
+
+    def health(self) -> None:
+        """Raise if this model cannot serve (readiness reads this)."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """Served models that expose their tokenizer (TEI ``/tokenize``)."""
+
+    async def tokenize(
+        self, texts: list[str], *, add_special_tokens: bool, prompt_name: str | None
+    ) -> list[list[Token]]: ...
