@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for queued work before exiting."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
     log_format: Literal["pretty", "json"] = Field("pretty", description="Log line format.")
 
     # -- model ----------------------------------------------------------------------------

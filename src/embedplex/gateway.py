@@ -64,7 +64,9 @@ class Gateway:
         if len(self._models) == 1:
             return next(iter(self._models.values()))
         known = ", ".join(sorted(self._models))
-        raise ModelNotFoundError(f"model {name!r} is not served here (served: {known})", param="model")
+        raise ModelNotFoundError(
+            f"model {name!r} is not served here (served: {known})", param="model"
+        )
 
     def ready(self) -> tuple[bool, str]:
         """Ready when started, not draining and every model's backend is healthy."""

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ class LocalModelOptions:
     max_client_batch_size: int = 2048
     max_concurrent_requests: int = 512
     tokenization_workers: int | None = None
-    policy: BatchPolicy = BatchPolicy(max_items=128, max_cost=16384)
+    policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
     def from_settings(cls, settings: Settings, spec: ModelSpec) -> LocalModelOptions:
@@ -48,7 +48,9 @@ class LocalModelOptions:
         name = settings.default_prompt_name or spec.default_prompt_name
         if prompt is None and name is not None:
             if name not in spec.prompts:
-                raise ValueError(f"default prompt name {name!r} is not among {sorted(spec.prompts)}")
+                raise ValueError(
+                    f"default prompt name {name!r} is not among {sorted(spec.prompts)}"
+                )
             prompt = spec.prompts[name]
         return cls(
             name=settings.model_name,
@@ -122,7 +124,9 @@ class LocalEmbeddingModel:
         )
 
     @classmethod
-    def load(cls, settings: Settings, *, observers: list[BatchObserver] | None = None) -> LocalEmbeddingModel:
+    def load(
+        cls, settings: Settings, *, observers: list[BatchObserver] | None = None
+    ) -> LocalEmbeddingModel:
         """Resolve, read and load the configured model (blocking I/O; call from a thread)."""
         path, sha = resolve_model_dir(
             settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
@@ -141,8 +145,12 @@ class LocalEmbeddingModel:
         backend = load_backend(settings, spec)
         pad_id = _pad_id(path)
         return cls(
-            spec, tokenizer, backend, LocalModelOptions.from_settings(settings, spec),
-            observers=observers, pad_id=pad_id,
+            spec,
+            tokenizer,
+            backend,
+            LocalModelOptions.from_settings(settings, spec),
+            observers=observers,
+            pad_id=pad_id,
         )
 
     @property

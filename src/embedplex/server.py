@@ -31,7 +31,7 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
     )

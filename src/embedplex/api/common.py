@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import typing
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -22,12 +23,26 @@ class ClientGoneError(Exception):
     """The client closed the connection before its answer was ready."""
 
 
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
+def as_inputs(raw: Inputs) -> list[str] | list[list[int]]:
+    """One text, one token list, or a list of either, as the list the core takes."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and isinstance(raw[0], int):
+        return [raw]
+    return typing.cast(list[str] | list[list[int]], raw)
+
+
 def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
 
 
-def json_response(body: Any, *, headers: dict[str, str] | None = None, status: int = 200) -> Response:
+def json_response(
+    body: Any, *, headers: dict[str, str] | None = None, status: int = 200
+) -> Response:
     return Response(
         orjson.dumps(body, option=_JSON_OPTIONS),
         status_code=status,

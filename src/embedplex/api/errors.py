@@ -42,13 +42,28 @@ class _MethodNotAllowed(e.ClientError):
 # Most specific class first: the first isinstance match wins.
 ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
     (e.EmptyInputError, ErrorSpec(400, "Empty", "invalid_request_error", "empty_input")),
-    (e.PayloadTooLargeError, ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large")),
-    (e.InputTooLongError, ErrorSpec(422, "Validation", "invalid_request_error", "context_length_exceeded")),
+    (
+        e.PayloadTooLargeError,
+        ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large"),
+    ),
+    (
+        e.InputTooLongError,
+        ErrorSpec(422, "Validation", "invalid_request_error", "context_length_exceeded"),
+    ),
     (e.InvalidRequestError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_value")),
-    (e.ModelNotFoundError, ErrorSpec(404, "Validation", "invalid_request_error", "model_not_found")),
+    (
+        e.ModelNotFoundError,
+        ErrorSpec(404, "Validation", "invalid_request_error", "model_not_found"),
+    ),
     (_RouteNotFound, ErrorSpec(404, "Validation", "invalid_request_error", "not_found")),
-    (_MethodNotAllowed, ErrorSpec(405, "Validation", "invalid_request_error", "method_not_allowed")),
-    (e.AuthenticationError, ErrorSpec(401, "Unauthorized", "invalid_request_error", "invalid_api_key")),
+    (
+        _MethodNotAllowed,
+        ErrorSpec(405, "Validation", "invalid_request_error", "method_not_allowed"),
+    ),
+    (
+        e.AuthenticationError,
+        ErrorSpec(401, "Unauthorized", "invalid_request_error", "invalid_api_key"),
+    ),
     (e.ClientError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request")),
     (e.RateLimitedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "rate_limit_exceeded")),
     (e.OverloadedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "overloaded")),
@@ -75,7 +90,9 @@ def spec_for(exc: e.EmbedplexError) -> ErrorSpec:
     raise AssertionError("EmbedplexError is the last row")  # pragma: no cover
 
 
-def error_response(exc: e.EmbedplexError, path: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    exc: e.EmbedplexError, path: str, headers: dict[str, str] | None = None
+) -> Response:
     spec = spec_for(exc)
     body: object
     if dialect_for(path) is Dialect.OPENAI:
@@ -92,7 +109,9 @@ def error_response(exc: e.EmbedplexError, path: str, headers: dict[str, str] | N
     out = dict(headers or {})
     if isinstance(exc, e.RateLimitedError) and exc.retry_after is not None:
         out["retry-after"] = str(max(1, round(exc.retry_after)))
-    return Response(orjson.dumps(body), status_code=spec.status, headers=out, media_type="application/json")
+    return Response(
+        orjson.dumps(body), status_code=spec.status, headers=out, media_type="application/json"
+    )
 
 
 def status_error(status: int, message: str) -> e.EmbedplexError:

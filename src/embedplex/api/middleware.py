@@ -87,7 +87,7 @@ class BodyLimitMiddleware:
                 await error_response(error, scope["path"])(scope, receive, send)
 
 
-class _TooLarge(BaseException):  # noqa: N818 - must pass through FastAPI's body handler
+class _TooLarge(BaseException):
     pass
 
 

@@ -10,7 +10,14 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from embedplex.api.common import gateway, json_response, result_headers, unless_disconnected
+from embedplex.api.common import (
+    Inputs,
+    as_inputs,
+    gateway,
+    json_response,
+    result_headers,
+    unless_disconnected,
+)
 from embedplex.service import EmbedRequest
 
 router = APIRouter(tags=["OpenAI"])
@@ -19,7 +26,7 @@ router = APIRouter(tags=["OpenAI"])
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: Inputs = Field(
         description="A text, a list of texts, a list of token ids, or a list of such lists."
     )
     model: str | None = Field(None, description="Model name; with one model served, any name.")
@@ -47,15 +54,7 @@ class EmbeddingsResponse(BaseModel):
 
 
 def to_core(body: EmbeddingsRequest) -> EmbedRequest:
-    raw = body.input
-    inputs: list[str] | list[list[int]]
-    if isinstance(raw, str):
-        inputs = [raw]
-    elif raw and isinstance(raw[0], int):
-        inputs = [raw]  # type: ignore[list-item]
-    else:
-        inputs = raw  # type: ignore[assignment]
-    return EmbedRequest(inputs=inputs, normalize=True, dimensions=body.dimensions)
+    return EmbedRequest(inputs=as_inputs(body.input), normalize=True, dimensions=body.dimensions)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)

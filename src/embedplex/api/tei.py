@@ -1,4 +1,4 @@
-"""TEI dialect: ``/embed``, ``/tokenize``, ``/info``, ``/health``, and the native ``/api/v1/embed``."""
+"""TEI dialect (``/embed``, ``/tokenize``, ``/info``, ``/health``) and native ``/api/v1/embed``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api.common import gateway, json_response, result_headers, unless_disconnected
+from embedplex.api.common import (
+    Inputs,
+    as_inputs,
+    gateway,
+    json_response,
+    result_headers,
+    unless_disconnected,
+)
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.errors import InvalidRequestError, NotReadyError
 from embedplex.service import EmbedRequest, EmbedResult, Tokenizing
 
 router = APIRouter(tags=["TEI"])
-
-Inputs = str | list[str] | list[int] | list[list[int]]
 
 
 class EmbedBody(BaseModel):
@@ -50,14 +55,6 @@ class TokenizeBody(BaseModel):
     model: str | None = None
 
 
-def _inputs(raw: Inputs) -> list[str] | list[list[int]]:
-    if isinstance(raw, str):
-        return [raw]
-    if raw and isinstance(raw[0], int):
-        return [raw]  # type: ignore[list-item]
-    return raw  # type: ignore[return-value]
-
-
 async def _embed(request: Request, model_name: str | None, core: EmbedRequest) -> EmbedResult:
     model = gateway(request).model(model_name)
     return await unless_disconnected(request, model.embed(core))
@@ -66,7 +63,7 @@ async def _embed(request: Request, model_name: str | None, core: EmbedRequest) -
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedBody, request: Request) -> Response:
     core = EmbedRequest(
-        inputs=_inputs(body.inputs),
+        inputs=as_inputs(body.inputs),
         normalize=body.normalize,
         truncate=body.truncate,
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
@@ -79,7 +76,9 @@ async def embed(body: EmbedBody, request: Request) -> Response:
 
 @router.post("/api/v1/embed", tags=["native"])
 async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
-    core = EmbedRequest(inputs=_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate)
+    core = EmbedRequest(
+        inputs=as_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate
+    )
     result = await _embed(request, body.model, core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
 
@@ -95,7 +94,10 @@ async def tokenize(body: TokenizeBody, request: Request) -> Response:
     )
     return json_response(
         [
-            [{"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop} for t in row]
+            [
+                {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
+                for t in row
+            ]
             for row in tokens
         ]
     )

@@ -46,7 +46,8 @@ class FakeBackend:
             time.sleep(self.delay)
         vectors = self._table[batch.input_ids % self._table.shape[0]]
         mask = batch.attention_mask[:, :, None].astype(np.float32)
-        return ((vectors * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+        out: Floats = ((vectors * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+        return out
 
     def die(self) -> None:
         self._dead = True

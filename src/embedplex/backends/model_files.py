@@ -155,7 +155,9 @@ def load_spec(
         if not str(m.get("type", "")).endswith(("Transformer", "Pooling", "Normalize"))
     ]
     if unsupported:
-        raise FatalBackendError(f"{model_id}: unsupported sentence-transformers modules {unsupported}")
+        raise FatalBackendError(
+            f"{model_id}: unsupported sentence-transformers modules {unsupported}"
+        )
     st_config = _read_json(path / "sentence_bert_config.json")
     st_prompts = _read_json(path / "config_sentence_transformers.json")
 

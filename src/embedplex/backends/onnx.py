@@ -68,7 +68,9 @@ def make_session(path: Path, device: str, threads: int | None) -> object:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, session: object, *, pooling: Pooling, dtype: str, device: str, dim: int) -> None:
+    def __init__(
+        self, session: object, *, pooling: Pooling, dtype: str, device: str, dim: int
+    ) -> None:
         self._session: object | None = session
         self._inputs = {i.name for i in session.get_inputs()}  # type: ignore[attr-defined]
         self.pooling = pooling
@@ -91,10 +93,24 @@ class OnnxBackend:
             raise FatalBackendError("the onnx backend serves float32, float16 or int8")
 
         def check(fp32: Path, candidate: Path) -> float:
-            tok = TextTokenizer.from_dir(spec.path, max_length=spec.max_input_length, vocab_size=spec.vocab_size)
+            tok = TextTokenizer.from_dir(
+                spec.path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+            )
             batch = TokenBatch.collate(tok.encode(CALIBRATION_TEXTS, truncate=True))
-            ref = cls(make_session(fp32, "cpu", threads), pooling=spec.pooling, dtype="float32", device="cpu", dim=spec.hidden_size)
-            new = cls(make_session(candidate, "cpu", threads), pooling=spec.pooling, dtype=dtype, device="cpu", dim=spec.hidden_size)
+            ref = cls(
+                make_session(fp32, "cpu", threads),
+                pooling=spec.pooling,
+                dtype="float32",
+                device="cpu",
+                dim=spec.hidden_size,
+            )
+            new = cls(
+                make_session(candidate, "cpu", threads),
+                pooling=spec.pooling,
+                dtype=dtype,
+                device="cpu",
+                dim=spec.hidden_size,
+            )
             a = normalize_rows(ref.embed(batch))
             b = normalize_rows(new.embed(batch))
             return float(np.min(np.sum(a * b, axis=1)))

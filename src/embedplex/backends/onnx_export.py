@@ -46,7 +46,14 @@ def cache_key(model_dir: Path, dtype: str) -> str:
     import onnx
     import torch
 
-    parts = [model_hash(model_dir), dtype, EXPORT_FORMAT, str(OPSET), torch.__version__, onnx.__version__]
+    parts = [
+        model_hash(model_dir),
+        dtype,
+        EXPORT_FORMAT,
+        str(OPSET),
+        torch.__version__,
+        onnx.__version__,
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -71,7 +78,10 @@ def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> 
 
         def forward(self, *args: torch.Tensor) -> torch.Tensor:
             names = ["input_ids", "attention_mask", "token_type_ids"][: len(args)]
-            return self.inner(**dict(zip(names, args, strict=True))).last_hidden_state
+            hidden: torch.Tensor = self.inner(
+                **dict(zip(names, args, strict=True))
+            ).last_hidden_state
+            return hidden
 
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_type_ids else [])
     sample = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
@@ -93,9 +103,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic int8 quantization; per-channel QUInt8 weights hold quality on encoders."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source), str(target), per_channel=True, weight_type=QuantType.QUInt8
-    )
+    quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QUInt8)
 
 
 def convert_fp16(source: Path, target: Path) -> None:

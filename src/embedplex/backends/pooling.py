@@ -14,17 +14,22 @@ Ints = npt.NDArray[np.int64]
 def pool(hidden: Floats, attention_mask: Ints, method: Pooling) -> Floats:
     """hidden: (batch, seq, dim); attention_mask: (batch, seq) of 0/1. Returns (batch, dim)."""
     if method is Pooling.CLS:
-        return np.ascontiguousarray(hidden[:, 0, :], dtype=np.float32)
+        cls_vectors: Floats = np.ascontiguousarray(hidden[:, 0, :], dtype=np.float32)
+        return cls_vectors
     if method is Pooling.LAST_TOKEN:
         # Right padding: the last real token sits at length - 1.
         last = attention_mask.sum(axis=1).astype(np.int64) - 1
-        return np.ascontiguousarray(hidden[np.arange(hidden.shape[0]), last, :], dtype=np.float32)
+        rows = np.arange(hidden.shape[0])
+        last_vectors: Floats = np.ascontiguousarray(hidden[rows, last, :], dtype=np.float32)
+        return last_vectors
     mask = attention_mask[:, :, None].astype(np.float32)
     summed = np.einsum("bsd,bs->bd", hidden.astype(np.float32, copy=False), mask[:, :, 0])
     counts = np.clip(mask.sum(axis=1), 1e-9, None)
-    return (summed / counts).astype(np.float32, copy=False)
+    mean: Floats = (summed / counts).astype(np.float32, copy=False)
+    return mean
 
 
 def normalize_rows(vectors: Floats) -> Floats:
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32, copy=False)
+    out: Floats = (vectors / np.clip(norms, 1e-12, None)).astype(np.float32, copy=False)
+    return out

@@ -26,10 +26,12 @@ class TorchBackend:
         self.dtype = dtype
         self.device = device
         self.dim = dim
-        self._uses_types = "token_type_ids" in getattr(model, "forward").__code__.co_varnames
+        self._uses_types = "token_type_ids" in model.forward.__code__.co_varnames
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, dtype: str, device: str, threads: int | None = None) -> TorchBackend:
+    def load(
+        cls, spec: ModelSpec, *, dtype: str, device: str, threads: int | None = None
+    ) -> TorchBackend:
         try:
             import torch
             from transformers import AutoModel
@@ -45,7 +47,9 @@ class TorchBackend:
             raise FatalBackendError("float16 on CPU is not supported; use float32 or bfloat16")
         if threads:
             torch.set_num_threads(threads)
-        model = AutoModel.from_pretrained(str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype]))
+        model = AutoModel.from_pretrained(
+            str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype])
+        )
         model.eval().to(device)
         return cls(model, pooling=spec.pooling, dtype=dtype, device=device, dim=spec.hidden_size)
 
@@ -58,7 +62,9 @@ class TorchBackend:
                 mask = torch.from_numpy(batch.attention_mask).to(self.device)
                 kwargs = {"input_ids": ids, "attention_mask": mask}
                 if self._uses_types:
-                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device)
+                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(
+                        self.device
+                    )
                 hidden = self._model(**kwargs).last_hidden_state
                 if self.pooling is Pooling.CLS:
                     pooled = hidden[:, 0]

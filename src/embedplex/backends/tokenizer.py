@@ -86,7 +86,9 @@ class TextTokenizer:
                     param="input",
                 )
             out.append(
-                Encoded(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64))
+                Encoded(
+                    np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64)
+                )
             )
         return out
 
@@ -101,7 +103,9 @@ class TextTokenizer:
         out: list[Encoded] = []
         for index, seq in enumerate(sequences):
             if not seq:
-                raise InvalidRequestError(f"input {index} is an empty list of token ids", param="input")
+                raise InvalidRequestError(
+                    f"input {index} is an empty list of token ids", param="input"
+                )
             if min(seq) < 0 or max(seq) >= self.vocab_size:
                 raise InvalidRequestError(
                     f"input {index} has token ids outside the vocabulary [0, {self.vocab_size})",
@@ -126,7 +130,9 @@ class TextTokenizer:
         """Token detail for the TEI ``/tokenize`` route."""
         result: list[list[Token]] = []
         for text, enc in zip(
-            texts, self._plain.encode_batch(texts, add_special_tokens=add_special_tokens), strict=True
+            texts,
+            self._plain.encode_batch(texts, add_special_tokens=add_special_tokens),
+            strict=True,
         ):
             row = []
             for tid, special, (start, stop) in zip(
@@ -136,7 +142,9 @@ class TextTokenizer:
                 row.append(
                     Token(
                         id=tid,
-                        text=text[start:stop] if not is_special else (self._plain.id_to_token(tid) or ""),
+                        text=text[start:stop]
+                        if not is_special
+                        else (self._plain.id_to_token(tid) or ""),
                         special=is_special,
                         start=None if is_special else start,
                         stop=None if is_special else stop,

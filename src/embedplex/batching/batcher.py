@@ -134,7 +134,7 @@ class Batcher(Generic[P, R]):
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._loop(), name=f"batcher:{self.name}")
 
-    async def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+    async def close(self, *, drain: bool = True, grace: float | None = None) -> None:
         """Stop taking work; with ``drain`` finish what is queued, else fail it."""
         self._closing = True
         if not drain:
@@ -142,7 +142,7 @@ class Batcher(Generic[P, R]):
         self._wakeup.set()
         if self._loop_task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._loop_task), timeout)
+                await asyncio.wait_for(asyncio.shield(self._loop_task), grace)
             except TimeoutError:
                 self._loop_task.cancel()
                 self._fail_all(NotReadyError("the server is shutting down"))

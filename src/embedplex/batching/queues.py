@@ -134,8 +134,10 @@ class LengthBucketQueue:
             above = items[order[hi + 1]].cost if hi + 1 < len(order) else None
             fits_below = below is not None and top * size <= max_cost
             fits_above = above is not None and above * size <= max_cost
-            if below is not None and fits_below and (
-                above is None or not fits_above or anchor - below <= above - anchor
+            if (
+                below is not None
+                and fits_below
+                and (above is None or not fits_above or anchor - below <= above - anchor)
             ):
                 lo -= 1
             elif above is not None and fits_above:
