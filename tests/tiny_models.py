@@ -1,0 +1,100 @@
+"""Tiny random-weight Hugging Face models, built inside the tests (no hub, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ["the", "a", "an", "is", "are", "was", "of", "to", "and", "in", "on", "for", "with", "hello", "world", "cat", "dog", "fox", "quick", "brown", "lazy", "jumps", "over", "embedding", "server", "model", "text", "query", "document", "search", "fast", "slow", "red", "blue", "green"]
+
+
+def write_tokenizer(path: Path) -> int:
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab_list = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab = {w: i for i, w in enumerate(vocab_list)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "vocab.txt").write_text("\n".join(vocab_list) + "\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    )
+    return len(vocab_list)
+
+
+def make_tiny_bert(
+    path: Path,
+    *,
+    pooling: str | None = "mean",
+    normalize: bool = True,
+    max_seq_length: int | None = 32,
+    prompts: dict[str, str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A 2-layer, 32-wide BERT with random weights, saved as a sentence-transformers model."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    BertModel(config).eval().save_pretrained(str(path), safe_serialization=True)
+    if pooling is not None:
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+        ]
+        if normalize:
+            modules.append(
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
+            )
+        (path / "modules.json").write_text(json.dumps(modules))
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        (path / "1_Pooling" / "config.json").write_text(
+            json.dumps(
+                {
+                    "word_embedding_dimension": 32,
+                    "pooling_mode_cls_token": pooling == "cls",
+                    "pooling_mode_mean_tokens": pooling == "mean",
+                    "pooling_mode_max_tokens": False,
+                    "pooling_mode_lasttoken": pooling == "last-token",
+                }
+            )
+        )
+        if normalize:
+            (path / "2_Normalize").mkdir(exist_ok=True)
+    if max_seq_length is not None:
+        (path / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+        )
+    if prompts is not None:
+        (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    return path
