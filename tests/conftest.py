@@ -26,7 +26,7 @@ def _isolated_env(
     for key in list(os.environ):
         if key.startswith("EMBEDPLEX_"):
             monkeypatch.delenv(key)
-    yield
+    return
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def settings(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
     cache = tmp_path_factory.getbasetemp() / "real-model-cache"
-    yield Settings(backend=request.param, cache_dir=cache)
+    return Settings(backend=request.param, cache_dir=cache)
 
 
 async def test_tei_embed_matches_sentence_transformers(

@@ -5,7 +5,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = ["the", "a", "an", "is", "are", "was", "of", "to", "and", "in", "on", "for", "with", "hello", "world", "cat", "dog", "fox", "quick", "brown", "lazy", "jumps", "over", "embedding", "server", "model", "text", "query", "document", "search", "fast", "slow", "red", "blue", "green"]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "was",
+    "of",
+    "to",
+    "and",
+    "in",
+    "on",
+    "for",
+    "with",
+    "hello",
+    "world",
+    "cat",
+    "dog",
+    "fox",
+    "quick",
+    "brown",
+    "lazy",
+    "jumps",
+    "over",
+    "embedding",
+    "server",
+    "model",
+    "text",
+    "query",
+    "document",
+    "search",
+    "fast",
+    "slow",
+    "red",
+    "blue",
+    "green",
+]
 
 
 def write_tokenizer(path: Path) -> int:
