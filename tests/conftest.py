@@ -32,3 +32,17 @@ def _isolated_env(
 @pytest.fixture(scope="session")
 def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("export-cache")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX export cache for every real-model test of the session."""
+    return tmp_path_factory.getbasetemp() / "real-model-cache"
+
+
+@pytest.fixture(scope="session")
+def reference() -> object:
+    """sentence-transformers vectors of ``reference.TEXTS`` (computed once per session)."""
+    from reference import TEXTS, st_vectors
+
+    return st_vectors(TEXTS)

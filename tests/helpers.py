@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
@@ -57,7 +58,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(app: FastAPI, port: int | None = None) -> Iterator[str]:
+def served(
+    app: ASGIApp, port: int | None = None, health_path: str = "/health/ready"
+) -> Iterator[str]:
     """Run the app under a real uvicorn on 127.0.0.1 in a thread; yield its base URL."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
@@ -68,7 +71,7 @@ def served(app: FastAPI, port: int | None = None) -> Iterator[str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+            if httpx.get(url + health_path, timeout=1).status_code < 500:
                 break
         except httpx.HTTPError:
             pass

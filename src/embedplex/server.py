@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from types import FrameType
 
 import uvicorn
@@ -21,6 +22,10 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._app.state.gateway.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown, so the process would die by
+        # SIGTERM; a finished drain is a clean stop and exits 0 (what orchestrators expect).
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != sig]
 
 
 def serve(settings: Settings) -> None:

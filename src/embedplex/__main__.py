@@ -1,0 +1,3 @@
+from embedplex.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""A minimal Hugging Face Hub mirror on 127.0.0.1, for HF_ENDPOINT tests.
+
+It serves one directory as a model repo at one commit: the repo info route that
+``snapshot_download`` asks first, and ``resolve`` for each file (HEAD for metadata, GET for bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def mirror_app(
+    repo_id: str, root: Path, revisions: tuple[str, ...] = ("main", COMMIT)
+) -> Starlette:
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    etags = {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files}
+    requests: list[str] = []
+
+    async def info(request: Request) -> Response:
+        requests.append(f"info {request.url.path}")
+        repo = f"{request.path_params['org']}/{request.path_params['name']}"
+        if repo != repo_id or request.path_params["rev"] not in revisions:
+            return JSONResponse({"error": "Repository not found"}, status_code=404)
+        return JSONResponse(
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": COMMIT,
+                "siblings": [{"rfilename": f} for f in files],
+            }
+        )
+
+    async def tree(request: Request) -> Response:
+        requests.append(f"tree {request.url.path}")
+        repo = f"{request.path_params['org']}/{request.path_params['name']}"
+        if repo != repo_id or request.path_params["rev"] not in revisions:
+            return JSONResponse({"error": "Repository not found"}, status_code=404)
+        entries = [
+            {"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": etags[f]}
+            for f in files
+        ]
+        return JSONResponse(entries)
+
+    async def resolve(request: Request) -> Response:
+        requests.append(f"{request.method} {request.url.path}")
+        repo = f"{request.path_params['org']}/{request.path_params['name']}"
+        path = request.path_params["path"]
+        if repo != repo_id or request.path_params["rev"] not in revisions or path not in etags:
+            return JSONResponse(
+                {"error": "Entry not found"},
+                status_code=404,
+                headers={"X-Error-Code": "EntryNotFound"},
+            )
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etags[path]}"'}
+        if request.method == "HEAD":
+            size = (root / path).stat().st_size
+            return Response(headers={**headers, "Content-Length": str(size)})
+        return FileResponse(root / path, headers=headers)
+
+    app = Starlette(
+        routes=[
+            Route("/api/models/{org}/{name}/revision/{rev}", info),
+            Route("/api/models/{org}/{name}/tree/{rev}", tree),
+            Route("/{org}/{name}/resolve/{rev}/{path:path}", resolve, methods=["GET", "HEAD"]),
+        ]
+    )
+    app.state.requests = requests
+    return app

@@ -1,0 +1,133 @@
+"""The real process: `embedplex serve` with the default model, driven by the openai SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from helpers import free_port
+from reference import TEXTS, min_cosine
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+
+def start_server(port: int, cache: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPLEX_")}
+    env["EMBEDPLEX_CACHE_DIR"] = str(cache)
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedplex", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_ready(proc: subprocess.Popen[str], base: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        try:
+            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server not ready")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[str]:
+    port = free_port()
+    proc = start_server(port, model_cache)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_openai_sdk_works_unchanged(server: str, reference: np.ndarray) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    short = TEXTS[:13]
+    # The SDK asks for base64 by default and decodes it itself.
+    default = client.embeddings.create(input=short, model="text-embedding-3-small")
+    floats = client.embeddings.create(input=short, model="any", encoding_format="float")
+    one = client.embeddings.create(input=TEXTS[1], model="m", dimensions=128)
+    assert [d.index for d in default.data] == list(range(13))
+    assert min_cosine(np.array([d.embedding for d in default.data]), reference[:13]) >= 0.99999
+    assert min_cosine(np.array([d.embedding for d in floats.data]), reference[:13]) >= 0.99999
+    assert len(one.data[0].embedding) == 128
+    assert default.usage.prompt_tokens > 13
+    assert default.model == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_openai_sdk_sees_errors_as_its_own_exceptions(server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.embeddings.create(input="x", model="m", dimensions=5000)
+    assert "dimensions" in str(info.value)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(input=[], model="m")
+
+
+def test_curl_style_tei_request(server: str, reference: np.ndarray) -> None:
+    r = httpx.post(server + "/embed", json={"inputs": TEXTS, "truncate": True}, timeout=60)
+    assert r.status_code == 200
+    assert min_cosine(np.array(r.json()), reference) >= 0.99999
+
+
+def test_sigterm_drains_queued_work_and_exits_zero(tmp_path: Path, model_cache: Path) -> None:
+    port = free_port()
+    proc = start_server(port, model_cache, "--max-batch-requests", "4")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base)
+        statuses: list[int] = []
+        lock = threading.Lock()
+        long_text = TEXTS[-1]
+
+        def call() -> None:
+            r = httpx.post(
+                base + "/embed", json={"inputs": [long_text] * 4, "truncate": True}, timeout=60
+            )
+            with lock:
+                statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # all eight are in: one batch runs, the rest wait in the queue
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        if proc.stdout:
+            proc.stdout.close()
+    assert statuses == [200] * 8
+    assert code == 0
