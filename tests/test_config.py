@@ -1,0 +1,147 @@
+"""Configuration: precedence, validation, redaction, and the CLI that reads it."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from embedplex.cli import app, default_toml
+from embedplex.config import Settings
+
+runner = CliRunner()
+
+
+def test_defaults() -> None:
+    s = Settings.load()
+    assert (s.host, s.port, s.backend, s.dtype) == ("127.0.0.1", 8080, "onnx", "float32")
+    assert s.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert s.model_name == s.model_id
+
+
+def test_precedence_defaults_toml_env_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text(
+        'port = 7000\nmax_batch_tokens = 4096\nlog_format = "json"\nserved_model_name = "toml"\n'
+    )
+    monkeypatch.setenv("EMBEDPLEX_PORT", "7100")
+    monkeypatch.setenv("EMBEDPLEX_SERVED_MODEL_NAME", "env")
+    s = Settings.load(file, served_model_name="flag")
+    assert s.max_batch_tokens == 4096  # file over default
+    assert s.log_format == "json"
+    assert s.port == 7100  # env over file
+    assert s.served_model_name == "flag"  # flag over env
+
+
+def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text("port = 7001\n")
+    monkeypatch.setenv("EMBEDPLEX_CONFIG", str(file))
+    assert Settings.load().port == 7001
+
+
+def test_unknown_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="prot"):
+        Settings.load(file)
+    with pytest.raises(ValueError, match="dtype"):
+        Settings.load(dtype="int4")
+    with pytest.raises(ValueError, match="max_client_batch_size"):
+        Settings.load(max_client_batch_size=10, max_queue_size=5)
+    with pytest.raises(FileNotFoundError):
+        Settings.load(tmp_path / "missing.toml")
+
+
+def test_list_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDPLEX_CORS_ALLOW_ORIGINS", '["https://a.example", "https://b.example"]')
+    assert Settings.load().cors_allow_origins == ["https://a.example", "https://b.example"]
+    assert Settings.load(
+        cors_allow_origins="https://c.example, https://d.example"
+    ).cors_allow_origins == [
+        "https://c.example",
+        "https://d.example",
+    ]
+
+
+def test_secrets_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDPLEX_API_KEY", "hunter2")
+    s = Settings.load()
+    assert s.api_key is not None and s.api_key.get_secret_value() == "hunter2"
+    assert s.redacted()["api_key"] == "***"
+    assert "hunter2" not in repr(s)
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 0
+    assert "hunter2" not in result.output
+    assert json.loads(result.output)["api_key"] == "***"
+
+
+def test_config_show_takes_every_setting_as_a_flag(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text("port = 7002\n")
+    result = runner.invoke(
+        app,
+        [
+            "config",
+            "show",
+            "--config",
+            str(file),
+            "--max-batch-tokens",
+            "512",
+            "--dtype",
+            "int8",
+            "--auto-truncate",
+            "--pooling",
+            "cls",
+            "--api-key",
+            "k",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["port"] == 7002
+    assert shown["max_batch_tokens"] == 512
+    assert shown["dtype"] == "int8"
+    assert shown["auto_truncate"] is True
+    assert shown["pooling"] == "cls"
+    assert shown["api_key"] == "***"
+    flags = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "300"}).output
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in flags
+
+
+def test_config_show_rejects_bad_values() -> None:
+    result = runner.invoke(app, ["config", "show", "--dtype", "int4"])
+    assert result.exit_code != 0
+    result = runner.invoke(app, ["config", "show", "--port", "99999"])
+    assert result.exit_code != 0
+    assert "port" in result.output
+
+
+def test_config_init_writes_a_commented_default_file(tmp_path: Path) -> None:
+    path = tmp_path / "embedplex.toml"
+    result = runner.invoke(app, ["config", "init", str(path)])
+    assert result.exit_code == 0
+    text = path.read_text()
+    assert text == default_toml()
+    for name in Settings.model_fields:
+        assert f"# {name} =" in text
+    # Uncommenting every line with a value gives a valid file equal to the defaults.
+    active = "\n".join(
+        line[2:]
+        for line in text.splitlines()
+        if line.startswith("# ") and " = " in line and not line.endswith("=")
+    )
+    values = tomllib.loads(active)
+    assert Settings.load(**{}).model_dump(mode="json") | values == Settings.load().model_dump(
+        mode="json"
+    )
+    again = runner.invoke(app, ["config", "init", str(path)])
+    assert again.exit_code != 0

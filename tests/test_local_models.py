@@ -1,0 +1,160 @@
+"""Local models built from tiny random-weight checkpoints: export, dtypes, pooling, prompts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedplex.api.app import create_app
+from embedplex.backends import onnx_export
+from embedplex.config import Settings
+from embedplex.errors import FatalBackendError
+from embedplex.local_model import LocalEmbeddingModel
+from embedplex.service import EmbedRequest
+from helpers import running
+from reference import min_cosine
+from tiny_models import make_tiny_bert
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["hello world", "the quick brown fox", "a", "cat dog fox " * 12, "search query"]
+
+
+async def embed(settings: Settings, texts: list[str], **kwargs: object) -> np.ndarray:
+    model = LocalEmbeddingModel.load(settings)
+    await model.start()
+    try:
+        result = await model.embed(EmbedRequest(inputs=texts, truncate=True, **kwargs))  # type: ignore[arg-type]
+    finally:
+        await model.close()
+    return np.stack(result.vectors)
+
+
+def st_encode(model_dir: Path, texts: list[str], **kwargs: object) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
+    return vectors
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+async def test_onnx_and_torch_match_sentence_transformers(tmp_path: Path, pooling: str) -> None:
+    model_dir = make_tiny_bert(tmp_path / f"tiny-{pooling}", pooling=pooling, seed=3)
+    expected = st_encode(model_dir, TEXTS)
+    for backend in ("onnx", "torch"):
+        got = await embed(
+            Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c"), TEXTS
+        )
+        assert min_cosine(got, expected) >= 0.99999, backend
+
+
+async def test_pooling_override_and_last_token(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean", seed=4)
+    cache = tmp_path / "c"
+    onnx_last = await embed(
+        Settings(model_id=str(model_dir), pooling="last-token", cache_dir=cache), TEXTS
+    )
+    torch_last = await embed(
+        Settings(model_id=str(model_dir), pooling="last-token", backend="torch"), TEXTS
+    )
+    mean = await embed(Settings(model_id=str(model_dir), cache_dir=cache), TEXTS)
+    assert min_cosine(onnx_last, torch_last) >= 0.99999
+    assert min_cosine(onnx_last, mean) < 0.999  # a different pooling really was used
+
+
+async def test_export_is_cached_and_a_shipped_onnx_file_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=5)
+    cache = tmp_path / "c"
+    first = await embed(Settings(model_id=str(model_dir), cache_dir=cache), TEXTS)
+    (entry,) = (cache / "onnx").iterdir()
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_export, "export_fp32", no_export)
+    again = await embed(Settings(model_id=str(model_dir), cache_dir=cache), TEXTS)
+    assert np.allclose(first, again)
+    # A model that ships onnx/model.onnx is served from it, without torch.
+    shipped = tmp_path / "shipped"
+    shutil.copytree(model_dir, shipped)
+    (shipped / "onnx").mkdir()
+    shutil.copyfile(entry / "model.onnx", shipped / "onnx" / "model.onnx")
+    from_file = await embed(Settings(model_id=str(shipped), cache_dir=tmp_path / "c2"), TEXTS)
+    assert min_cosine(from_file, first) >= 0.99999
+
+
+async def test_int8_quality_gate(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=6)
+    fp32 = await embed(Settings(model_id=str(model_dir), cache_dir=tmp_path / "c"), TEXTS)
+    with pytest.raises(FatalBackendError, match="min cosine"):
+        LocalEmbeddingModel.load(
+            Settings(
+                model_id=str(model_dir), dtype="int8", int8_min_cosine=1.0, cache_dir=tmp_path / "c"
+            )
+        )
+    assert len(list((tmp_path / "c" / "onnx").iterdir())) == 1  # nothing cached for the refusal
+    settings = Settings(
+        model_id=str(model_dir), dtype="int8", int8_min_cosine=0.5, cache_dir=tmp_path / "c"
+    )
+    int8 = await embed(settings, TEXTS)
+    quality = [json.loads(p.read_text()) for p in (tmp_path / "c" / "onnx").glob("*/quality.json")]
+    assert len(quality) == 1
+    assert 0.5 <= quality[0]["min_cosine"] <= 1.0
+    assert min_cosine(int8, fp32) > 0.5
+
+
+async def test_float16_onnx_is_close_to_float32(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=7)
+    fp32 = await embed(Settings(model_id=str(model_dir), cache_dir=tmp_path / "c"), TEXTS)
+    fp16 = await embed(
+        Settings(model_id=str(model_dir), dtype="float16", cache_dir=tmp_path / "c"), TEXTS
+    )
+    assert min_cosine(fp16, fp32) >= 0.999
+
+
+async def test_prompts_from_the_model_files(tmp_path: Path) -> None:
+    prompts = {"query": "search query ", "passage": "the document "}
+    model_dir = make_tiny_bert(tmp_path / "tiny", prompts=prompts, seed=8)
+    settings = Settings(model_id=str(model_dir), cache_dir=tmp_path / "c")
+    with_name = await embed(settings, ["hello world"], prompt_name="query")
+    literal = await embed(settings, ["search query hello world"])
+    plain = await embed(settings, ["hello world"])
+    assert np.allclose(with_name, literal, atol=1e-6)
+    assert not np.allclose(with_name, plain, atol=1e-3)
+    expected = st_encode(model_dir, ["hello world"], prompt_name="query")
+    assert min_cosine(with_name, expected) >= 0.99999
+    defaulted = await embed(
+        Settings(model_id=str(model_dir), cache_dir=tmp_path / "c", default_prompt_name="passage"),
+        ["hello world"],
+    )
+    assert np.allclose(defaulted, await embed(settings, ["the document hello world"]), atol=1e-6)
+    async with running(create_app(settings)) as client:
+        info = (await client.get("/info")).json()
+        tokens = (
+            await client.post("/tokenize", json={"inputs": "hello", "prompt_name": "query"})
+        ).json()
+    assert info["prompts"] == prompts
+    assert [t["text"] for t in tokens[0]] == ["[CLS]", "search", "query", "hello", "[SEP]"]
+
+
+def test_unsupported_modules_are_refused_clearly(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=9)
+    modules = json.loads((model_dir / "modules.json").read_text())
+    modules.append(
+        {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (model_dir / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(FatalBackendError, match="Dense"):
+        LocalEmbeddingModel.load(Settings(model_id=str(model_dir), cache_dir=tmp_path / "c"))
+
+
+def test_max_input_length_override_is_checked(tmp_path: Path) -> None:
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=10)
+    with pytest.raises(FatalBackendError, match="exceeds"):
+        LocalEmbeddingModel.load(Settings(model_id=str(model_dir), max_input_length=100))
