@@ -1,0 +1,81 @@
+"""Backpressure and disconnects under a real uvicorn server with a slow fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from embedplex.backends.fake import FakeBackend
+from helpers import fake_app, served
+
+
+async def post_many(
+    url: str, n: int, path: str = "/embed"
+) -> list[tuple[int, float, dict[str, object]]]:
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def one(i: int) -> tuple[int, float, dict[str, object]]:
+            start = time.perf_counter()
+            key = "input" if path.startswith("/v1") else "inputs"
+            r = await client.post(url + path, json={key: f"cat {i}"})
+            return r.status_code, time.perf_counter() - start, r.json()
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_over_concurrency_limit_gets_429_at_once(tiny_model_dir: Path) -> None:
+    backend = FakeBackend(delay=0.4)
+    app = fake_app(tiny_model_dir, backend, max_concurrent_requests=2)
+    with served(app) as url:
+        results = await post_many(url, 6)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [200, 200, 429, 429, 429, 429]
+    refusals = [(t, body) for code, t, body in results if code == 429]
+    assert all(t < 0.3 for t, _ in refusals)  # refused without waiting for the backend
+    assert all(body["error_type"] == "Overloaded" for _, body in refusals)
+
+
+async def test_full_queue_gets_429(tiny_model_dir: Path) -> None:
+    backend = FakeBackend(delay=0.3)
+    app = fake_app(
+        tiny_model_dir, backend, max_queue_size=2, max_client_batch_size=2, max_batch_requests=1
+    )
+    with served(app) as url:
+        results = await post_many(url, 6)
+    codes = [code for code, _, _ in results]
+    assert codes.count(429) >= 2
+    assert codes.count(200) >= 2
+    assert set(codes) <= {200, 429}
+
+
+async def test_queue_timeout_gets_503(tiny_model_dir: Path) -> None:
+    backend = FakeBackend(delay=0.5)
+    app = fake_app(tiny_model_dir, backend, queue_timeout_ms=100, max_batch_requests=1)
+    with served(app) as url:
+        results = await post_many(url, 3, path="/v1/embeddings")
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [200, 503, 503]
+    timed_out = [body for code, _, body in results if code == 503]
+    assert all(body["error"]["code"] == "queue_timeout" for body in timed_out)  # type: ignore[index]
+
+
+async def test_disconnected_client_is_dropped_from_the_queue(tiny_model_dir: Path) -> None:
+    backend = FakeBackend(delay=0.4)
+    app = fake_app(tiny_model_dir, backend)
+    with served(app) as url:
+        async with httpx.AsyncClient() as client:
+            first = asyncio.create_task(
+                client.post(url + "/embed", json={"inputs": "cat"}, timeout=5)
+            )
+            await asyncio.sleep(0.1)  # the first batch is running
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url + "/embed", json={"inputs": ["dog", "fox"]}, timeout=0.1)
+            assert (await first).status_code == 200
+            await asyncio.sleep(0.6)  # the dropped request would have run by now
+            after = await client.post(url + "/embed", json={"inputs": "the"}, timeout=5)
+    assert after.status_code == 200
+    assert [size for size, _ in backend.batches] == [1, 1]  # "dog"/"fox" never reached it
