@@ -98,13 +98,11 @@ class LocalEmbeddingModel:
         options: LocalModelOptions,
         *,
         observers: list[BatchObserver] | None = None,
-        pad_id: int = 0,
     ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.backend = backend
         self.options = options
-        self._pad_id = pad_id
         self._observers = observers or []
         self._active = 0
         self._infer_pool: ThreadPoolExecutor | None = None
@@ -143,14 +141,12 @@ class LocalEmbeddingModel:
             path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
         )
         backend = load_backend(settings, spec)
-        pad_id = _pad_id(path)
         return cls(
             spec,
             tokenizer,
             backend,
             LocalModelOptions.from_settings(settings, spec),
             observers=observers,
-            pad_id=pad_id,
         )
 
     @property
@@ -201,7 +197,7 @@ class LocalEmbeddingModel:
 
     async def _run_batch(self, payloads: list[Encoded]) -> list[Vector]:
         loop = asyncio.get_running_loop()
-        pad_id = self._pad_id
+        pad_id = self.spec.pad_token_id
 
         def forward() -> list[Vector]:
             out = self.backend.embed(TokenBatch.collate(payloads, pad_id))
@@ -307,14 +303,3 @@ class LocalEmbeddingModel:
             lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens),
         )
 
-
-def _pad_id(path: Any) -> int:
-    import json
-    from pathlib import Path
-
-    cfg = Path(path) / "config.json"
-    try:
-        value = json.loads(cfg.read_text()).get("pad_token_id")
-    except (OSError, ValueError):
-        return 0
-    return int(value) if isinstance(value, int) else 0

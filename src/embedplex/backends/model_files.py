@@ -56,6 +56,7 @@ class ModelSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     has_token_type_ids: bool = True
+    pad_token_id: int = 0
 
     @property
     def onnx_file(self) -> Path | None:
@@ -191,4 +192,5 @@ def load_spec(
         prompts={str(k): str(v) for k, v in prompts.items()},
         default_prompt_name=st_prompts.get("default_prompt_name"),
         has_token_type_ids=int(config.get("type_vocab_size", 0)) > 0,
+        pad_token_id=int(config.get("pad_token_id") or 0),
     )
