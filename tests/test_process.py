@@ -131,3 +131,33 @@ def test_sigterm_drains_queued_work_and_exits_zero(tmp_path: Path, model_cache: 
             proc.stdout.close()
     assert statuses == [200] * 8
     assert code == 0
+
+
+def test_tls(tmp_path: Path, model_cache: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    san = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    cmd = [*openssl.split(), *san, "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = start_server(port, model_cache, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"https://127.0.0.1:{port}/health/ready", verify=str(cert), timeout=1)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None
+            time.sleep(0.2)
+        r = httpx.post(f"https://127.0.0.1:{port}/embed", json={"inputs": "hi"}, verify=str(cert))
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        if proc.stdout:
+            proc.stdout.close()

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS (empty: CORS off)."
     )
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serves HTTPS.")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for queued work before exiting."
     )
@@ -124,6 +126,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_client_batch_size > self.max_queue_size:
             raise ValueError("max_client_batch_size cannot exceed max_queue_size")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
             raise ValueError("max_batch_tokens must be at least max_input_length")
         return self

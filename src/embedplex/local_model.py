@@ -302,4 +302,3 @@ class LocalEmbeddingModel:
             self._token_pool,
             lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens),
         )
-

@@ -39,5 +39,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )
     _DrainingServer(config, app).run()
