@@ -312,9 +312,11 @@ class Batcher(Generic[P, R]):
             raise
         except EmbedplexError as exc:
             error = exc
+            self._fail(batch, exc)
             if isinstance(exc, FatalBackendError):
                 self.fatal = exc
-            self._fail(batch, exc)
+                # Whoever still waits would only meet the dead backend in turn: answer now.
+                self._fail_all(NotReadyError(f"{self.name} is unavailable: its backend failed"))
         except Exception as exc:
             logger.exception("batch of %d failed in %s", len(batch), self.name)
             error = BackendError(f"inference failed ({type(exc).__name__}); see the server log")
