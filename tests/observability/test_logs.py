@@ -93,6 +93,7 @@ async def test_api_key_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) 
     assert [r.__dict__["status"] for r in lines] == [200, 401]
     assert lines[0].__dict__["key_id"] == "static"
     assert lines[1].__dict__["error_type"] == "authentication"
+    assert lines[1].__dict__["route"] == "/embed"  # refused before routing, still labelled
 
 
 def test_config_show_redacts_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:

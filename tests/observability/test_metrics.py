@@ -196,3 +196,13 @@ async def test_metrics_port_serves_the_same_registry() -> None:
         r = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
     assert r.status_code == 200
     assert 'embedplex_requests_total{model="test-model",route="/embed"} 1.0' in r.text
+
+
+async def test_unknown_paths_share_one_label(served: Served) -> None:
+    for path in ("/nope", "/v2/whatever", "/a/b/c"):
+        assert (await served.client.get(path)).status_code == 404
+    m = await served.metrics()
+    labels = {"route": "unmatched", "model": "-"}
+    assert value(m, "embedplex_requests_total", **labels) == 3
+    assert value(m, "embedplex_request_failures_total", **labels, error_type="not_found") == 3
+    assert not [k for k in m if k[0] == "embedplex_requests_total" and "/nope" in str(k)]

@@ -114,8 +114,10 @@ def create_app(
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry
     telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
-    for router in (openai.router, tei.router, probes.router, status.router):
+    routers = (openai.router, tei.router, probes.router, status.router)
+    for router in routers:
         app.include_router(router)
+    paths = frozenset(str(getattr(r, "path", "")) for router in routers for r in router.routes)
 
     @app.exception_handler(EmbedplexError)
     async def on_embedplex_error(request: Request, exc: EmbedplexError) -> Response:
@@ -155,7 +157,10 @@ def create_app(
         )
     # Inside the request id (logged) but outside auth and limits (their refusals are counted).
     app.add_middleware(
-        ObservabilityMiddleware, telemetry=telemetry, log_requests=settings.log_requests
+        ObservabilityMiddleware,
+        telemetry=telemetry,
+        paths=paths,
+        log_requests=settings.log_requests,
     )
     app.add_middleware(RequestIdMiddleware)
     return app

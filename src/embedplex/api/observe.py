@@ -17,7 +17,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedplex.observability import Telemetry
@@ -57,24 +56,29 @@ def request_record(request: Request) -> RequestRecord:
     return record if isinstance(record, RequestRecord) else RequestRecord()
 
 
-def _route_of(scope: Scope) -> str:
+def _route_of(scope: Scope, paths: frozenset[str]) -> str:
     """The route template (bounded label values), even for requests refused before routing."""
     route = scope.get("route")
-    if route is not None:
-        return str(getattr(route, "path", "unmatched"))
-    app = scope.get("app")
-    for candidate in getattr(app, "routes", ()):
-        match, _ = candidate.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(candidate, "path", "unmatched"))
-    return "unmatched"
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    return scope["path"] if scope["path"] in paths else "unmatched"
 
 
 class ObservabilityMiddleware:
     """Metrics, the server span (honouring ``traceparent``) and one log line per request."""
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry, log_requests: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        telemetry: Telemetry,
+        *,
+        paths: frozenset[str] = frozenset(),
+        log_requests: bool = True,
+    ) -> None:
+        """``paths``: the app's route paths, to label requests refused before routing."""
         self.app = app
+        self.paths = paths
         self.metrics = telemetry.metrics
         self.tracer = telemetry.tracer
         self.log_requests = log_requests
@@ -110,7 +114,7 @@ class ObservabilityMiddleware:
             raise
         finally:
             duration = time.perf_counter() - start
-            route = _route_of(scope)
+            route = _route_of(scope, self.paths)
             if status >= 400 and record.error_type is None:
                 record.error_type = _STATUS_KINDS.get(status, f"http_{status}")
             self.metrics.observe_request(
