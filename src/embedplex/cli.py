@@ -124,6 +124,58 @@ def default_toml() -> str:
     return "\n".join(lines)
 
 
+def _console() -> Any:
+    """A console at least 120 columns wide when piped (rich would assume 80)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+UrlOption = Annotated[str, typer.Option("--url", help="Base URL of the running server.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON document.")]
+
+
+@app.command()
+def status(
+    url: UrlOption = "http://127.0.0.1:8080",
+    as_json: JsonOption = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="EMBEDPLEX_API_KEY", help="API key, if the server needs one."),
+    ] = None,
+) -> None:
+    """Show a running server's models, queues, recent throughput, batch sizes and errors."""
+    import httpx
+
+    from embedplex.status_cli import fetch_status, render_status
+
+    try:
+        payload = fetch_status(url, api_key=api_key)
+    except httpx.HTTPError as exc:
+        typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        render_status(payload, _console(), url)
+
+
+@app.command()
+def health(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
+    """Probe a running server; exits 0 when ready, 1 when not ready, 2 when unreachable."""
+    from embedplex.status_cli import fetch_health, render_health
+
+    result = fetch_health(url)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render_health(result, _console())
+    if not result["ready"]:
+        raise typer.Exit(1 if result["live"] else 2)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

@@ -57,6 +57,23 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
     log_format: Literal["pretty", "json"] = Field("pretty", description="Log line format.")
+    log_requests: bool = Field(True, description="Log one structured line per API request.")
+
+    # -- observability --------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve /metrics on this port (a separate small server; 0 picks one).",
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry collector to export spans to (e.g. http://otel:4317)."
+    )
+    otlp_protocol: Literal["grpc", "http"] = Field(
+        "grpc", description="OTLP transport: grpc (port 4317) or http/protobuf (port 4318)."
+    )
+    otlp_service_name: str = Field("embedplex", description="service.name of exported spans.")
+    disable_spans: bool = Field(False, description="Create no spans, even with an OTLP endpoint.")
 
     # -- model ----------------------------------------------------------------------------
     model_id: str = Field(

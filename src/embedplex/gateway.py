@@ -48,6 +48,11 @@ class Gateway:
         await self.close()
 
     @property
+    def services(self) -> list[EmbeddingService]:
+        """The served models themselves (for instrumentation)."""
+        return list(self._models.values())
+
+    @property
     def models(self) -> list[ModelInfo]:
         return [m.info for m in self._models.values()]
 

@@ -8,7 +8,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +25,13 @@ from embedplex.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from embedplex.observability.tracing import current_span_context, request_stage_spans
 from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings, Vector
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+    from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,7 @@ class LocalEmbeddingModel:
         self.backend = backend
         self.options = options
         self._observers = observers or []
+        self._tracer: Tracer | None = None
         self._active = 0
         self._infer_pool: ThreadPoolExecutor | None = None
         self._token_pool: ThreadPoolExecutor | None = None
@@ -152,6 +159,13 @@ class LocalEmbeddingModel:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def instrument(self, telemetry: Telemetry) -> None:
+        """Report batches to ``telemetry``'s metrics and spans (call before ``start``)."""
+        if self._batcher is not None:
+            raise RuntimeError("instrument the model before starting it")
+        self._observers = [*self._observers, *telemetry.model_observers(self.options.name)]
+        self._tracer = telemetry.tracer
 
     @property
     def batcher(self) -> Batcher[Encoded, Vector]:
@@ -261,7 +275,9 @@ class LocalEmbeddingModel:
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(self._token_pool, self._encode, request, truncate)
             tokenized = time.perf_counter()
-            items = self.batcher.submit(encoded, [len(e) for e in encoded])
+            # With tracing on, each item keeps the request's span so its batch span links to it.
+            trace = current_span_context() if self._tracer is not None else None
+            items = self.batcher.submit(encoded, [len(e) for e in encoded], trace=trace)
             try:
                 rows = await asyncio.gather(*(item.future for item in items))
             finally:
@@ -275,6 +291,8 @@ class LocalEmbeddingModel:
         if request.normalize:
             matrix = normalize_rows(matrix)
         end = time.perf_counter()
+        if self._tracer is not None:
+            request_stage_spans(self._tracer, self.options.name, start, tokenized, items)
         queue_ms = max(item.started_at - item.enqueued_at for item in items) * 1000
         infer_ms = max(item.finished_at - item.started_at for item in items) * 1000
         return EmbedResult(

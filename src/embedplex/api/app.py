@@ -18,13 +18,16 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api import openai, probes, tei
+from embedplex.api import openai, probes, status, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from embedplex.api.observe import ObservabilityMiddleware, request_record
 from embedplex.config import Settings
 from embedplex.errors import EmbedplexError, InvalidRequestError
 from embedplex.gateway import Gateway
+from embedplex.observability import Telemetry
+from embedplex.observability.server import MetricsServer
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +60,27 @@ def create_app(
     settings: Settings | None = None,
     *,
     gateway_factory: GatewayFactory = default_gateway,
+    telemetry: Telemetry | None = None,
 ) -> FastAPI:
+    """The app; ``telemetry`` defaults to one built from ``settings`` (tests pass their own)."""
     settings = settings or Settings.load()
+    telemetry = telemetry or Telemetry.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway()
         failed: list[BaseException] = []
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server = MetricsServer.start(
+                telemetry.metrics.registry, settings.host, settings.metrics_port
+            )
+            app.state.metrics_port = metrics_server.port
 
         async def load() -> None:
             try:
                 gw = await asyncio.to_thread(gateway_factory, settings)
+                telemetry.instrument(gw.services)
                 await gw.start()
                 app.state.gateway = gw
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
@@ -86,6 +99,9 @@ def create_app(
             await asyncio.gather(loader, return_exceptions=True)
             gw = app.state.gateway
             await gw.close(drain=True)
+            if metrics_server is not None:
+                metrics_server.stop()
+            telemetry.shutdown()
 
     app = FastAPI(
         title="embedplex",
@@ -96,17 +112,23 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = Gateway()
-    for router in (openai.router, tei.router, probes.router):
+    app.state.telemetry = telemetry
+    telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
+    routers = (openai.router, tei.router, probes.router, status.router)
+    for router in routers:
         app.include_router(router)
+    paths = frozenset(str(getattr(r, "path", "")) for router in routers for r in router.routes)
 
     @app.exception_handler(EmbedplexError)
     async def on_embedplex_error(request: Request, exc: EmbedplexError) -> Response:
+        request_record(request).error_type = exc.kind
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         text, param, malformed = _validation_message(exc)
         error = InvalidRequestError(text, param=param, malformed=malformed)
+        request_record(request).error_type = error.kind
         return error_response(error, request.url.path)
 
     @app.exception_handler(HTTPException)
@@ -120,6 +142,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
+        request_record(request).error_type = "internal"
         return error_response(EmbedplexError("internal server error"), request.url.path)
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
@@ -132,5 +155,12 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    # Inside the request id (logged) but outside auth and limits (their refusals are counted).
+    app.add_middleware(
+        ObservabilityMiddleware,
+        telemetry=telemetry,
+        paths=paths,
+        log_requests=settings.log_requests,
+    )
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -11,8 +11,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from embedplex.api.observe import request_record
 from embedplex.gateway import Gateway
-from embedplex.service import EmbedResult
+from embedplex.service import EmbedRequest, EmbedResult
 
 T = TypeVar("T")
 
@@ -74,3 +75,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         raise ClientGoneError
     return task.result()
+
+
+async def run_embed(request: Request, model_name: str | None, core: EmbedRequest) -> EmbedResult:
+    """Embed with the named model, noting model, inputs, tokens and timings for observability."""
+    model = gateway(request).model(model_name)
+    record = request_record(request)
+    record.model = model.info.name
+    record.inputs = len(core.inputs)
+    result = await unless_disconnected(request, model.embed(core))
+    record.tokens = result.prompt_tokens
+    record.timings = result.timings
+    return result

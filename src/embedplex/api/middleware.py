@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedplex.api.errors import error_response
 from embedplex.errors import AuthenticationError, PayloadTooLargeError
 
-_OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
+# /metrics is open as in TEI; serve it on --metrics-port to keep it off a public port.
+_OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
 
 
 class RequestIdMiddleware:
@@ -113,4 +114,6 @@ class ApiKeyMiddleware:
             error = AuthenticationError("missing or invalid API key")
             await error_response(error, scope["path"])(scope, receive, send)
             return
+        # Logs and spans name the caller by key id; with one static key that id is "static".
+        scope.setdefault("state", {})["key_id"] = "static"
         await self.app(scope, receive, send)

@@ -16,7 +16,7 @@ from embedplex.api.common import (
     gateway,
     json_response,
     result_headers,
-    unless_disconnected,
+    run_embed,
 )
 from embedplex.service import EmbedRequest
 
@@ -60,8 +60,7 @@ def to_core(body: EmbeddingsRequest) -> EmbedRequest:
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
 @router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
-    model = gateway(request).model(body.model)
-    result = await unless_disconnected(request, model.embed(to_core(body)))
+    result = await run_embed(request, body.model, to_core(body))
     if body.encoding_format == "base64":
         data = [
             {

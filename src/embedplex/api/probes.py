@@ -1,8 +1,9 @@
-"""Kubernetes-style probes and the Swagger alias."""
+"""Kubernetes-style probes, Prometheus ``/metrics`` and the Swagger alias."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import RedirectResponse, Response
 
 from embedplex.api.common import gateway, json_response
@@ -21,6 +22,13 @@ async def ready(request: Request) -> Response:
     """Models loaded, backends healthy, not draining."""
     ok, reason = gateway(request).ready()
     return json_response({"status": reason}, status=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["observability"])
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    body = request.app.state.telemetry.metrics.render()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/swagger-ui", include_in_schema=False)

@@ -16,11 +16,11 @@ from embedplex.api.common import (
     gateway,
     json_response,
     result_headers,
-    unless_disconnected,
+    run_embed,
 )
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.errors import InvalidRequestError, NotReadyError
-from embedplex.service import EmbedRequest, EmbedResult, Tokenizing
+from embedplex.service import EmbedRequest, Tokenizing
 
 router = APIRouter(tags=["TEI"])
 
@@ -55,11 +55,6 @@ class TokenizeBody(BaseModel):
     model: str | None = None
 
 
-async def _embed(request: Request, model_name: str | None, core: EmbedRequest) -> EmbedResult:
-    model = gateway(request).model(model_name)
-    return await unless_disconnected(request, model.embed(core))
-
-
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedBody, request: Request) -> Response:
     core = EmbedRequest(
@@ -70,7 +65,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
     )
-    result = await _embed(request, body.model, core)
+    result = await run_embed(request, body.model, core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
 
 
@@ -79,7 +74,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
     core = EmbedRequest(
         inputs=as_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate
     )
-    result = await _embed(request, body.model, core)
+    result = await run_embed(request, body.model, core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
 
 

@@ -71,6 +71,8 @@ class BatchStats:
     padded_tokens: int
     duration: float
     error: BaseException | None
+    # The batch itself, for observers that need per-item data (tracing links); read-only.
+    items: Sequence[Item[Any, Any]] = ()
 
 
 class BatchObserver(Protocol):
@@ -85,6 +87,8 @@ class BatchObserver(Protocol):
 
 
 class NullObserver:
+    """An observer that ignores everything (a base for observers that need few hooks)."""
+
     def on_admitted(self, n: int) -> None:
         pass
 
@@ -181,8 +185,12 @@ class Batcher(Generic[P, R]):
 
     # -- admission -------------------------------------------------------------------------
 
-    def submit(self, payloads: Sequence[P], costs: Sequence[int]) -> list[Item[P, R]]:
+    def submit(
+        self, payloads: Sequence[P], costs: Sequence[int], *, trace: object | None = None
+    ) -> list[Item[P, R]]:
         """Queue every input of one request, or none of them.
+
+        ``trace`` is the caller's tracing context, kept on each item for observers.
 
         Raises OverloadedError at once when the queue cannot take them all, and NotReadyError when
         the batcher is closing or its backend has died.
@@ -203,7 +211,7 @@ class Batcher(Generic[P, R]):
         deadline = now + self.policy.queue_timeout
         items: list[Item[P, R]] = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item: Item[P, R] = Item(payload, cost, loop.create_future(), now, deadline)
+            item: Item[P, R] = Item(payload, cost, loop.create_future(), now, deadline, trace=trace)
             self._queue.push(item)
             items.append(item)
         for obs in self._observers:
@@ -272,8 +280,11 @@ class Batcher(Generic[P, R]):
             if not item.future.done():
                 item.future.set_exception(error)
                 n += 1
+        gone = len(expired) - n  # callers that left before their deadline came
         for obs in self._observers:
             obs.on_expired(n)
+            if gone:
+                obs.on_dropped(gone)
 
     def _dispatch(self, batch: list[Item[P, R]], now: float) -> None:
         self._in_flight += 1
@@ -301,9 +312,11 @@ class Batcher(Generic[P, R]):
             raise
         except EmbedplexError as exc:
             error = exc
+            self._fail(batch, exc)
             if isinstance(exc, FatalBackendError):
                 self.fatal = exc
-            self._fail(batch, exc)
+                # Whoever still waits would only meet the dead backend in turn: answer now.
+                self._fail_all(NotReadyError(f"{self.name} is unavailable: its backend failed"))
         except Exception as exc:
             logger.exception("batch of %d failed in %s", len(batch), self.name)
             error = BackendError(f"inference failed ({type(exc).__name__}); see the server log")
@@ -325,6 +338,7 @@ class Batcher(Generic[P, R]):
                 padded_tokens=padded_cost(costs),
                 duration=time.perf_counter() - start,
                 error=error,
+                items=batch,
             )
             for obs in self._observers:
                 obs.on_batch_done(stats)

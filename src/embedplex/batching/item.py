@@ -27,6 +27,8 @@ class Item(Generic[P, R]):
     started_at: float = 0.0
     finished_at: float = 0.0
     batch_size: int = field(default=0)
+    # The caller's tracing context (opaque here), so a batch span can link to every request.
+    trace: object | None = None
 
     @property
     def waiting(self) -> bool:

@@ -1,0 +1,56 @@
+"""``GET /api/v1/status``: what the server is doing, as one JSON document.
+
+The payload is a plain dict built from ``gateway.stats()`` and the metrics, so other parts (the
+remote-provider router) can add their own sections; ``embedplex status`` renders it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from embedplex import __version__
+from embedplex.api.common import gateway, json_response
+from embedplex.gateway import Gateway
+from embedplex.observability import Telemetry
+
+router = APIRouter(tags=["observability"])
+
+RECENT_WINDOW_S = 60.0
+
+
+def build_status(gw: Gateway, telemetry: Telemetry) -> dict[str, Any]:
+    """The status document: readiness, then per model its config, live state and recent work."""
+    ok, reason = gw.ready()
+    metrics = telemetry.metrics
+    stats = gw.stats()
+    models: dict[str, Any] = {}
+    for info in gw.models:
+        models[info.name] = {
+            "model_id": info.model_id,
+            "kind": info.kind,
+            "backend": info.backend,
+            "device": info.device,
+            "dtype": info.dtype,
+            "dim": info.dim,
+            "max_input_length": info.max_input_length,
+            **stats.get(info.name, {}),
+            "recent": metrics.model(info.name).recent.summary(RECENT_WINDOW_S),
+            "errors": metrics.failures_by_type(info.name),
+        }
+    return {
+        "version": __version__,
+        "ready": ok,
+        "status": reason,
+        "uptime_s": round(time.monotonic() - metrics.started, 3),
+        "models": models,
+    }
+
+
+@router.get("/api/v1/status")
+async def status(request: Request) -> Response:
+    """Readiness, queue depth, in-flight work, recent throughput and errors per model."""
+    return json_response(build_status(gateway(request), request.app.state.telemetry))

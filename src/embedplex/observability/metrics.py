@@ -1,0 +1,221 @@
+"""Prometheus metrics: one ``CollectorRegistry`` per app, every metric named ``embedplex_*``.
+
+The registry is per app (never the process-global one) so tests and embedders can build several
+apps in one process. Request metrics are recorded once per HTTP request by the observability
+middleware; model metrics once per batch by a ``ModelMetrics`` observer; gauges that describe
+current state (queue size, in-flight work, readiness) are read from the gateway at scrape time,
+which keeps them exact and off the hot path. ``docs/observability.md`` lists every metric.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from embedplex import __version__
+from embedplex.observability.model_metrics import ModelMetrics
+from embedplex.observability.providers import ProviderMetrics
+from embedplex.service import ModelInfo, Timings
+
+# Seconds, from half a millisecond (a short tokenization) to a minute (a long queue wait).
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
+# Refused with these statuses, a request counts as a refusal (backpressure), not a fault.
+REFUSAL_STATUSES = frozenset({429, 503})
+NO_MODEL = "-"  # the model label of requests that failed before a model was chosen
+
+
+class GatewayView(Protocol):
+    """What the scrape-time collector reads: the gateway's ``stats()`` and ``ready()``."""
+
+    def stats(self) -> dict[str, dict[str, Any]]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+
+# gateway.stats() key -> (metric name, help)
+_STATE_GAUGES = {
+    "queued": ("embedplex_queue_size", "Inputs waiting in the model's queue."),
+    "active_requests": ("embedplex_requests_in_flight", "Requests being served by the model."),
+    "in_flight_batches": ("embedplex_batches_in_flight", "Batches running in the backend."),
+    "max_batch_requests": (
+        "embedplex_max_batch_size",
+        "Current batch size cap (AIMD-adjusted for remote providers).",
+    ),
+}
+
+
+class _GatewayCollector(Collector):
+    """Reads current state from the gateway when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], GatewayView | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.source()
+        stats = gw.stats() if gw is not None else {}
+        for key, (name, doc) in _STATE_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, values in stats.items():
+                if key in values:
+                    family.add_metric([model], float(values[key]))
+            yield family
+        ready = GaugeMetricFamily("embedplex_ready", "1 when /health/ready answers 200.")
+        ready.add_metric([], 1.0 if gw is not None and gw.ready()[0] else 0.0)
+        yield ready
+
+
+class _RequestChildren:
+    """The label children of one (route, model), bound once: ``labels()`` is not free."""
+
+    __slots__ = ("duration", "success", "total")
+
+    def __init__(self, m: Metrics, route: str, model: str) -> None:
+        self.total = m.requests.labels(route, model)
+        self.success = m.request_success.labels(route, model)
+        self.duration = m.request_duration.labels(route, model)
+
+
+class Metrics:
+    """Every embedplex metric, registered in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.started = time.monotonic()
+        labels = ["route", "model"]
+        self.requests = Counter("embedplex_requests", "API requests.", labels, registry=r)
+        self.request_success = Counter(
+            "embedplex_request_success", "API requests answered 2xx/3xx.", labels, registry=r
+        )
+        self.request_failures = Counter(
+            "embedplex_request_failures",
+            "API requests that failed, by error type.",
+            [*labels, "error_type"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "embedplex_request_duration_seconds",
+            "Time from request start until the response was sent.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.refusals = Counter(
+            "embedplex_refusals",
+            "Requests refused with 429 (overloaded) or 503 (queue timeout, not ready).",
+            ["model", "status"],
+            registry=r,
+        )
+        self.tokenization_duration = self._stage("tokenization", "Tokenizing one request.")
+        self.queue_duration = self._stage("queue", "Queue wait of one request's slowest input.")
+        self.inference_duration = self._stage(
+            "inference", "Inference (or upstream call) time of one request's slowest input."
+        )
+        self.model_metrics = ModelMetrics.define(r)
+        self.providers = ProviderMetrics(r)
+        self.build_info = Gauge(
+            "embedplex_build_info",
+            "Always 1; the labels say what is served.",
+            ["version", "model", "model_id", "backend", "device", "dtype"],
+            registry=r,
+        )
+        uptime = Gauge("embedplex_uptime_seconds", "Seconds since the app started.", registry=r)
+        uptime.set_function(lambda: time.monotonic() - self.started)
+        ProcessCollector(namespace="embedplex", registry=r)  # memory, CPU, open fds, start time
+        PlatformCollector(registry=r)
+        self._gateway = _GatewayCollector()
+        r.register(self._gateway)
+        self._children: dict[tuple[str, str], _RequestChildren] = {}
+        self._stages: dict[str, tuple[Any, Any, Any]] = {}
+        self._models: dict[str, ModelMetrics] = {}
+
+    def _stage(self, stage: str, doc: str) -> Histogram:
+        return Histogram(
+            f"embedplex_{stage}_duration_seconds",
+            doc,
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+
+    def watch(self, source: Callable[[], GatewayView | None]) -> None:
+        """Read queue and in-flight gauges (and readiness) from ``source()`` at scrape time."""
+        self._gateway.source = source
+
+    def model(self, name: str) -> ModelMetrics:
+        """The batch observer of one model or provider (one per name)."""
+        if name not in self._models:
+            self._models[name] = ModelMetrics(self.model_metrics, name)
+        return self._models[name]
+
+    def set_build_info(self, info: ModelInfo) -> None:
+        self.build_info.labels(
+            __version__, info.name, info.model_id, info.backend, info.device, info.dtype
+        ).set(1)
+
+    def observe_request(
+        self,
+        route: str,
+        model: str,
+        status: int,
+        duration: float,
+        *,
+        error_type: str | None = None,
+        timings: Timings | None = None,
+    ) -> None:
+        """Record one finished API request (called by the middleware)."""
+        children = self._children.get((route, model))
+        if children is None:
+            children = self._children[(route, model)] = _RequestChildren(self, route, model)
+        children.total.inc()
+        children.duration.observe(duration)
+        if status < 400:
+            children.success.inc()
+        else:
+            self.request_failures.labels(route, model, error_type or f"http_{status}").inc()
+            if status in REFUSAL_STATUSES:
+                self.refusals.labels(model, str(status)).inc()
+        if timings is not None:
+            tok, queue, infer = self._stage_children(model)
+            tok.observe(timings.tokenization / 1000)
+            queue.observe(timings.queue / 1000)
+            infer.observe(timings.inference / 1000)
+
+    def _stage_children(self, model: str) -> tuple[Any, Any, Any]:
+        stages = self._stages.get(model)
+        if stages is None:
+            stages = self._stages[model] = (
+                self.tokenization_duration.labels(model),
+                self.queue_duration.labels(model),
+                self.inference_duration.labels(model),
+            )
+        return stages
+
+    def failures_by_type(self, model: str) -> dict[str, int]:
+        """Failed requests of one model so far, by error type (for ``/api/v1/status``)."""
+        out: dict[str, int] = {}
+        for metric in self.request_failures.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total") and sample.labels["model"] == model:
+                    kind = sample.labels["error_type"]
+                    out[kind] = out.get(kind, 0) + int(sample.value)
+        return out
+
+    def render(self) -> bytes:
+        """The text exposition format, for ``GET /metrics``."""
+        return generate_latest(self.registry)

@@ -1,0 +1,170 @@
+"""OpenTelemetry spans: a per-app tracer, post-hoc stage spans and one span per batch.
+
+Tracing is off (``Telemetry.tracer is None``) unless an OTLP endpoint or an exporter is given
+and ``--disable-spans`` is not set; callers test for ``None``, so a disabled tracer costs one
+branch. Queue, inference and batch spans are written after the fact from the timestamps the
+batcher already keeps, instead of holding spans open across tasks and threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+
+from embedplex import __version__
+from embedplex.batching import BatchStats, Item, NullObserver
+from embedplex.config import Settings
+
+# time.perf_counter() instants (what the batcher stamps) -> epoch nanoseconds (what OTel wants).
+_EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
+
+AttrValue = str | int | float | bool
+
+
+def to_epoch_ns(perf: float) -> int:
+    return int(perf * 1e9) + _EPOCH_OFFSET_NS
+
+
+def build_tracer_provider(
+    settings: Settings, exporter: SpanExporter | None = None
+) -> TracerProvider | None:
+    """The app's tracer provider, or None when spans are off.
+
+    ``exporter`` (tests: ``InMemorySpanExporter``) is used as is, synchronously; otherwise
+    ``settings.otlp_endpoint`` gets a batching OTLP exporter over gRPC or HTTP.
+    """
+    if settings.disable_spans or (exporter is None and not settings.otlp_endpoint):
+        return None
+    resource = Resource.create(
+        {"service.name": settings.otlp_service_name, "service.version": __version__}
+    )
+    provider = TracerProvider(resource=resource)
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(settings)))
+    return provider
+
+
+def _otlp_exporter(settings: Settings) -> SpanExporter:
+    endpoint = settings.otlp_endpoint
+    try:
+        if settings.otlp_protocol == "http":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpExporter,
+            )
+
+            # The HTTP exporter wants the full URL of the traces resource.
+            url = endpoint if endpoint and endpoint.endswith("/v1/traces") else None
+            if url is None and endpoint:
+                url = endpoint.rstrip("/") + "/v1/traces"
+            return HttpExporter(endpoint=url)
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(endpoint=endpoint)
+    except ImportError as exc:  # the exporters are an optional extra
+        raise RuntimeError(
+            "--otlp-endpoint needs the OTLP exporters: pip install 'embedplex[otlp]'"
+        ) from exc
+
+
+def current_span_context() -> SpanContext | None:
+    """The current (request) span's context, if it is a real one."""
+    ctx = trace.get_current_span().get_span_context()
+    return ctx if ctx.is_valid else None
+
+
+def stage_span(
+    tracer: Tracer, name: str, start: float, end: float, attributes: Mapping[str, AttrValue]
+) -> None:
+    """Write a finished child span of the current span from perf_counter instants."""
+    span = tracer.start_span(name, start_time=to_epoch_ns(start), attributes=attributes)
+    span.end(end_time=to_epoch_ns(max(start, end)))
+
+
+def request_stage_spans(
+    tracer: Tracer, model: str, start: float, tokenized: float, items: Sequence[Item[Any, Any]]
+) -> None:
+    """The per-request breakdown: tokenize, queue (slowest input), inference (whole span)."""
+    attrs: dict[str, AttrValue] = {"embedplex.model": model, "embedplex.inputs": len(items)}
+    stage_span(tracer, "tokenize", start, tokenized, attrs)
+    first = min(i.enqueued_at for i in items)
+    started = max(i.started_at for i in items)
+    stage_span(tracer, "queue", first, started, attrs)
+    stage_span(
+        tracer,
+        "inference",
+        min(i.started_at for i in items),
+        max(i.finished_at for i in items),
+        {**attrs, "embedplex.batch_size": max(i.batch_size for i in items)},
+    )
+
+
+class BatchSpans(NullObserver):
+    """One span per batch, linked to the span of every request that has an input in it."""
+
+    def __init__(self, tracer: Tracer, model: str) -> None:
+        self._tracer = tracer
+        self._model = model
+
+    def on_batch_done(self, stats: BatchStats) -> None:
+        seen: set[int] = set()
+        links: list[Link] = []
+        for item in stats.items:
+            ctx = item.trace
+            if isinstance(ctx, SpanContext) and ctx.span_id not in seen:
+                seen.add(ctx.span_id)
+                links.append(Link(ctx))
+        end = time.perf_counter()
+        span = self._tracer.start_span(
+            "batch inference",
+            context=Context(),  # a root: the batch belongs to no single request
+            links=links,
+            start_time=to_epoch_ns(end - stats.duration),
+            attributes={
+                "embedplex.model": self._model,
+                "embedplex.batch_size": stats.size,
+                "embedplex.batch_tokens": stats.tokens,
+                "embedplex.padded_tokens": stats.padded_tokens,
+                "embedplex.requests": len(links),
+            },
+        )
+        if stats.error is not None:
+            span.set_status(Status(StatusCode.ERROR, type(stats.error).__name__))
+        span.end(end_time=to_epoch_ns(end))
+
+
+@contextmanager
+def upstream_span(
+    tracer: Tracer | None, provider: str, n_inputs: int, links: Sequence[SpanContext] = ()
+) -> Iterator[Span | None]:
+    """A client span around one upstream call (for remote provider adapters).
+
+    Yields None when tracing is off. ``links`` are the request spans whose inputs the call
+    carries (``Item.trace`` of the batch's items).
+    """
+    if tracer is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+        f"upstream {provider}",
+        kind=SpanKind.CLIENT,
+        links=[Link(c) for c in links if c.is_valid],
+        attributes={"embedplex.provider": provider, "embedplex.inputs": n_inputs},
+    ) as span:
+        yield span

@@ -1,0 +1,114 @@
+"""``embedplex status`` and ``embedplex health``: read a running server, print rich tables.
+
+Both speak HTTP to the server (``/api/v1/status``, ``/health/live``, ``/health/ready``); with
+``--json`` they print the raw document for scripts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+
+def fetch_status(url: str, *, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /api/v1/status; raises ``httpx.HTTPError`` when unreachable or refused."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url.rstrip("/") + "/api/v1/status", headers=headers, timeout=timeout)
+    r.raise_for_status()
+    payload: dict[str, Any] = r.json()
+    return payload
+
+
+def fetch_health(url: str, *, timeout: float = 5.0) -> dict[str, Any]:
+    """Liveness and readiness; ``live`` is False when the server cannot be reached."""
+    base = url.rstrip("/")
+    try:
+        live = httpx.get(base + "/health/live", timeout=timeout)
+        ready = httpx.get(base + "/health/ready", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return {"url": base, "live": False, "ready": False, "status": f"unreachable: {exc}"}
+    reason = ready.json().get("status", "") if ready.content else ""
+    return {
+        "url": base,
+        "live": live.status_code == 200,
+        "ready": ready.status_code == 200,
+        "status": reason,
+    }
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "-"
+
+
+def render_status(payload: dict[str, Any], console: Console, url: str = "") -> None:
+    state = "[green]ready[/]" if payload.get("ready") else f"[red]{payload.get('status')}[/]"
+    console.print(
+        f"embedplex {payload.get('version', '?')} at {url or 'server'}: {state}, "
+        f"up {_duration(float(payload.get('uptime_s', 0)))}"
+    )
+    table = Table(title="Models", title_justify="left")
+    table.add_column("model", no_wrap=True)
+    for column in ("queued", "running", "max batch", "inputs/s", "tokens/s", "batches"):
+        table.add_column(column, justify="right")
+    table.add_column("batch mean/max", justify="right")
+    table.add_column("errors")
+    for name, m in payload.get("models", {}).items():
+        recent = m.get("recent", {})
+        table.add_row(
+            f"{name}\n[dim]{m.get('backend')} {m.get('device')} {m.get('dtype')}[/]",
+            str(m.get("queued", "-")),
+            f"{m.get('active_requests', '-')} req / {m.get('in_flight_batches', '-')} bat",
+            str(m.get("max_batch_requests", "-")),
+            f"{recent.get('inputs_per_s', 0):.1f}",
+            f"{recent.get('tokens_per_s', 0):.1f}",
+            str(recent.get("batches", 0)),
+            f"{recent.get('mean_batch_size', 0):.1f} / {recent.get('max_batch_size', 0)}",
+            _errors(m.get("errors", {})),
+        )
+    console.print(table)
+    models: dict[str, Any] = payload.get("models", {})
+    window = next((m.get("recent", {}).get("window_s") for m in models.values()), None)
+    if window:
+        console.print(f"rates over the last {window:g}s")
+    # Sections added by other parts (e.g. remote providers) render as generic tables.
+    for section, rows in payload.items():
+        if section != "models" and isinstance(rows, dict) and rows:
+            console.print(_generic_table(section, rows))
+
+
+def _generic_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title.capitalize(), title_justify="left")
+    table.add_column("name")
+    if all(isinstance(v, dict) for v in rows.values()):
+        keys = list(dict.fromkeys(k for v in rows.values() for k in v))
+        for key in keys:
+            table.add_column(key, justify="right")
+        for name, v in rows.items():
+            table.add_row(name, *(str(v.get(k, "-")) for k in keys))
+    else:
+        table.add_column("value", justify="right")
+        for name, v in rows.items():
+            table.add_row(name, str(v))
+    return table
+
+
+def render_health(health: dict[str, Any], console: Console) -> None:
+    def mark(ok: bool) -> str:
+        return "[green]ok[/]" if ok else "[red]no[/]"
+
+    table = Table(title=f"Health of {health['url']}", title_justify="left")
+    table.add_column("probe")
+    table.add_column("result")
+    table.add_column("detail")
+    table.add_row("live", mark(health["live"]), "/health/live")
+    table.add_row("ready", mark(health["ready"]), health["status"])
+    console.print(table)

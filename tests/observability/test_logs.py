@@ -1,0 +1,108 @@
+"""One structured log line per request, request ids, and secrets kept out of logs."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from embedplex.cli import app as cli
+from embedplex.logs import JsonFormatter
+
+from .conftest import MODEL, Served, serve, settings
+
+SECRET = "sk-obs-test-0123456789abcdef"
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "embedplex.access"]
+
+
+async def test_one_structured_line_per_request(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    r = await served.client.post(
+        "/v1/embeddings", json={"input": ["one", "two"]}, headers={"x-request-id": "abc-123"}
+    )
+    assert r.status_code == 200
+    await served.client.get("/health/ready")  # probes are not logged
+    (record,) = access_records(caplog)
+    line = orjson.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "abc-123"
+    assert line["route"] == "/v1/embeddings"
+    assert line["model"] == MODEL
+    assert line["inputs"] == 2
+    assert line["tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert line["status"] == 200
+    assert line["error_type"] is None
+    assert line["duration_ms"] >= line["inference_ms"] >= 0
+    for key in ("tokenization_ms", "queue_ms"):
+        assert line[key] >= 0
+    assert "POST /v1/embeddings 200" in line["message"]
+
+
+async def test_failed_request_line_names_the_error(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert (await served.client.post("/embed", json={"inputs": []})).status_code == 400
+    (record,) = access_records(caplog)
+    assert record.__dict__["status"] == 400
+    assert record.__dict__["error_type"] == "empty"
+
+
+async def test_request_id_is_echoed_or_generated(served: Served) -> None:
+    given = await served.client.post("/embed", json={"inputs": "x"}, headers={"X-Request-ID": "r1"})
+    assert given.headers["x-request-id"] == "r1"
+    made = await served.client.post("/embed", json={"inputs": "x"})
+    rid = made.headers["x-request-id"]
+    assert len(rid) == 32
+    int(rid, 16)
+    other = await served.client.post("/embed", json={"inputs": "x"})
+    assert other.headers["x-request-id"] != rid
+
+
+async def test_log_requests_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with serve(settings(log_requests=False)) as srv:
+        assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 200
+    assert not access_records(caplog)
+
+
+async def test_api_key_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with serve(settings(api_key=SECRET, log_level="debug")) as srv:
+        auth = {"authorization": f"Bearer {SECRET}"}
+        ok = await srv.client.post("/embed", json={"inputs": "x"}, headers=auth)
+        assert ok.status_code == 200
+        wrong = await srv.client.post(
+            "/embed", json={"inputs": "x"}, headers={"authorization": f"Bearer {SECRET}x"}
+        )
+        assert wrong.status_code == 401
+        status = await srv.client.get("/api/v1/status", headers=auth)
+        assert SECRET not in status.text
+    records = caplog.records
+    assert records, "expected log lines"
+    formatter = JsonFormatter()
+    text = "\n".join(formatter.format(r) for r in records) + caplog.text
+    assert SECRET not in text
+    lines = access_records(caplog)
+    assert [r.__dict__["status"] for r in lines] == [200, 401]
+    assert lines[0].__dict__["key_id"] == "static"
+    assert lines[1].__dict__["error_type"] == "authentication"
+    assert lines[1].__dict__["route"] == "/embed"  # refused before routing, still labelled
+
+
+def test_config_show_redacts_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["config", "show", "--api-key", SECRET])
+    assert shown.exit_code == 0, shown.output
+    assert SECRET not in shown.output
+    assert '"api_key": "***"' in shown.output
+    monkeypatch.setenv("EMBEDPLEX_API_KEY", SECRET)
+    from_env = runner.invoke(cli, ["config", "show"])
+    assert from_env.exit_code == 0
+    assert SECRET not in from_env.output

@@ -1,0 +1,89 @@
+"""``GET /api/v1/status`` and the ``embedplex status`` / ``embedplex health`` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from typer.testing import CliRunner
+
+from embedplex.api.app import create_app
+from embedplex.backends.fake import FakeBackend
+from embedplex.cli import app as cli
+
+from .conftest import MODEL, Served, fake_factory, live_server, settings
+
+
+async def test_status_route_reports_models_queues_throughput_errors(served: Served) -> None:
+    c = served.client
+    for _ in range(3):
+        assert (await c.post("/embed", json={"inputs": ["a", "b"]})).status_code == 200
+    assert (await c.post("/embed", json={"inputs": []})).status_code == 400
+    body = (await c.get("/api/v1/status")).json()
+    assert body["ready"] is True
+    assert body["status"] == "ready"
+    assert body["uptime_s"] > 0
+    model = body["models"][MODEL]
+    assert model["backend"] == "fake"
+    assert model["queued"] == 0
+    assert model["in_flight_batches"] == 0
+    assert model["max_batch_requests"] == 128
+    assert model["batches"] >= 3
+    recent = model["recent"]
+    assert recent["inputs_per_s"] == 6 / recent["window_s"]
+    assert recent["batches"] == model["batches"]
+    assert recent["max_batch_size"] == 2
+    assert model["errors"] == {"empty": 1}
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+async def test_status_and_health_commands_read_a_running_server() -> None:
+    backend = FakeBackend()
+    app = create_app(settings(), gateway_factory=fake_factory(backend))
+
+    def scenario() -> None:
+        with live_server(app) as url:
+            import httpx
+
+            httpx.post(url + "/embed", json={"inputs": ["hello", "world"]}).raise_for_status()
+            code, out = run_cli("status", "--url", url)
+            assert code == 0, out
+            assert "Models" in out
+            assert MODEL in out
+            assert "ready" in out
+            code, out = run_cli("status", "--url", url, "--json")
+            assert code == 0
+            assert json.loads(out)["models"][MODEL]["recent"]["batches"] >= 1
+            code, out = run_cli("health", "--url", url)
+            assert code == 0, out
+            assert "ready" in out
+            backend.die()
+            code, out = run_cli("health", "--url", url, "--json")
+            assert code == 1
+            assert json.loads(out)["live"] is True
+            assert json.loads(out)["ready"] is False
+
+    await asyncio.to_thread(scenario)
+
+
+def test_commands_against_nothing_exit_2() -> None:
+    url = "http://127.0.0.1:9"  # discard port: nothing listens
+    assert run_cli("health", "--url", url)[0] == 2
+    assert run_cli("status", "--url", url)[0] == 2
+
+
+async def test_status_command_sends_the_api_key() -> None:
+    app = create_app(settings(api_key="k-123"), gateway_factory=fake_factory(FakeBackend()))
+
+    def scenario() -> None:
+        with live_server(app) as url:
+            assert run_cli("status", "--url", url)[0] == 2
+            code, out = run_cli("status", "--url", url, "--api-key", "k-123")
+            assert code == 0, out
+            assert "k-123" not in out
+
+    await asyncio.to_thread(scenario)

@@ -1,0 +1,125 @@
+"""Spans, read from the SDK's in-memory exporter: request, stages, batch with links, upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from embedplex.backends.fake import FakeBackend
+from embedplex.observability import Telemetry, upstream_span
+from embedplex.observability.tracing import build_tracer_provider
+
+from .conftest import MODEL, serve, settings
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def traced() -> tuple[Telemetry, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    return Telemetry.from_settings(settings(), span_exporter=exporter), exporter
+
+
+async def test_request_span_honours_traceparent_and_holds_the_stages() -> None:
+    telemetry, exporter = traced()
+    async with serve(telemetry=telemetry) as srv:
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "x-request-id": "req-1"}
+        r = await srv.client.post("/v1/embeddings", json={"input": ["a", "b"]}, headers=headers)
+        assert r.status_code == 200
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    request = spans["POST /v1/embeddings"]
+    assert request.kind is SpanKind.SERVER
+    assert format(request.context.trace_id, "032x") == TRACE_ID
+    assert request.parent is not None
+    assert format(request.parent.span_id, "016x") == PARENT_ID
+    assert request.attributes is not None
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.attributes["embedplex.model"] == MODEL
+    assert request.attributes["embedplex.inputs"] == 2
+    assert request.attributes["embedplex.request_id"] == "req-1"
+    for stage in ("tokenize", "queue", "inference"):
+        span = spans[stage]
+        assert span.parent is not None
+        assert span.parent.span_id == request.context.span_id, stage
+        assert span.start_time is not None
+        assert span.end_time is not None
+        assert span.start_time <= span.end_time
+    # Stages happen in order within the request.
+    assert spans["tokenize"].end_time <= spans["inference"].end_time  # type: ignore[operator]
+    batch = spans["batch inference"]
+    assert batch.parent is None  # a root of its own, linked to the request
+    assert [link.context.span_id for link in batch.links] == [request.context.span_id]
+    assert batch.attributes is not None
+    assert batch.attributes["embedplex.batch_size"] == 2
+
+
+async def test_one_batch_span_links_every_request_in_it() -> None:
+    telemetry, exporter = traced()
+    async with serve(backend=FakeBackend(delay=0.2), telemetry=telemetry) as srv:
+        # The first request occupies the backend; the next two queue and share one batch.
+        first = asyncio.create_task(srv.client.post("/embed", json={"inputs": "first"}))
+        await asyncio.sleep(0.05)
+        rest = [srv.client.post("/embed", json={"inputs": t}) for t in ("second", "third")]
+        responses = await asyncio.gather(first, *rest)
+        assert [r.status_code for r in responses] == [200, 200, 200]
+    spans = exporter.get_finished_spans()
+    requests = {s.context.span_id for s in spans if s.name == "POST /embed"}
+    batches = [s for s in spans if s.name == "batch inference"]
+    assert len(requests) == 3
+    shared = [b for b in batches if b.attributes and b.attributes["embedplex.batch_size"] == 2]
+    assert len(shared) == 1
+    linked = {link.context.span_id for link in shared[0].links}
+    assert len(linked) == 2
+    assert linked < requests
+
+
+async def test_failed_request_span_is_an_error() -> None:
+    telemetry, exporter = traced()
+    backend = FakeBackend()
+    backend.fail_next = 1
+    async with serve(backend=backend, telemetry=telemetry) as srv:
+        assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 424
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert not spans["batch inference"].status.is_ok
+    assert spans["POST /embed"].attributes is not None
+    assert spans["POST /embed"].attributes["http.response.status_code"] == 424
+
+
+async def test_disable_spans_and_no_endpoint_create_no_tracer() -> None:
+    exporter = InMemorySpanExporter()
+    off = Telemetry.from_settings(settings(disable_spans=True), span_exporter=exporter)
+    assert off.tracer is None
+    assert Telemetry.from_settings(settings()).tracer is None
+    async with serve(telemetry=off) as srv:
+        assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_otlp_endpoint_builds_an_exporter(protocol: str) -> None:
+    pytest.importorskip(f"opentelemetry.exporter.otlp.proto.{protocol}.trace_exporter")
+    s = settings(otlp_endpoint="http://127.0.0.1:4317", otlp_protocol=protocol)
+    provider = build_tracer_provider(s)
+    assert provider is not None
+    assert provider.resource.attributes["service.name"] == "embedplex"
+    provider.shutdown()
+
+
+def test_upstream_span_api() -> None:
+    telemetry, exporter = traced()
+    assert telemetry.tracer is not None
+    with upstream_span(None, "openai", 3) as nothing:
+        assert nothing is None
+    with telemetry.tracer.start_as_current_span("request") as request:
+        links = [request.get_span_context()]
+    with upstream_span(telemetry.tracer, "openai", 3, links) as span:
+        assert span is not None
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    upstream = spans["upstream openai"]
+    assert upstream.kind is SpanKind.CLIENT
+    assert upstream.attributes is not None
+    assert upstream.attributes["embedplex.inputs"] == 3
+    assert [link.context for link in upstream.links] == links
