@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from embedplex.errors import InputTooLongError, InvalidRequestError
 
@@ -75,7 +75,7 @@ class TextTokenizer:
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
         tok = self._truncating[direction] if truncate else self._plain
-        encodings = tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        encodings = _encode_batch(tok, texts, add_special_tokens)
         out: list[Encoded] = []
         for index, enc in enumerate(encodings):
             n = len(enc.ids)
@@ -131,7 +131,7 @@ class TextTokenizer:
         result: list[list[Token]] = []
         for text, enc in zip(
             texts,
-            self._plain.encode_batch(texts, add_special_tokens=add_special_tokens),
+            _encode_batch(self._plain, texts, add_special_tokens),
             strict=True,
         ):
             row = []
@@ -152,3 +152,18 @@ class TextTokenizer:
                 )
             result.append(row)
         return result
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+    try:
+        return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+    except (TypeError, ValueError) as exc:
+        # JSON can carry lone surrogates ("\ud800"), which are not text the tokenizer accepts.
+        for index, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"input {index} is not valid unicode text (lone surrogate)", param="input"
+                ) from exc
+        raise
