@@ -118,7 +118,13 @@ def test_sigterm_drains_queued_work_and_exits_zero(tmp_path: Path, model_cache: 
         threads = [threading.Thread(target=call) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # all eight are in: one batch runs, the rest wait in the queue
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until all eight are in: one batch runs, the rest wait
+            models = httpx.get(base + "/api/v1/status", timeout=5).json()["models"]
+            with lock:
+                if sum(m["active_requests"] for m in models.values()) + len(statuses) == 8:
+                    break
+            time.sleep(0.005)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)

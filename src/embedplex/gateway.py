@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
 from collections.abc import Sequence
 from typing import Any
 
-from embedplex.errors import EmbedplexError, ModelNotFoundError, NotReadyError
-from embedplex.service import EmbeddingService, ModelInfo
+from embedplex.errors import (
+    EmbedplexError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+)
+from embedplex.service import EmbeddingService, ModelInfo, RerankService, ServedModel
 
 logger = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, models: Sequence[EmbeddingService] = ()) -> None:
-        self._models: dict[str, EmbeddingService] = {}
+    def __init__(self, models: Sequence[ServedModel] = ()) -> None:
+        self._models: dict[str, ServedModel] = {}
         for model in models:
             self.add(model)
         self.started = False
         self.draining = False
 
-    def add(self, model: EmbeddingService) -> None:
+    def add(self, model: ServedModel) -> None:
         name = model.info.name
         if name in self._models:
             raise ValueError(f"two models are served as {name!r}")
@@ -48,7 +54,7 @@ class Gateway:
         await self.close()
 
     @property
-    def services(self) -> list[EmbeddingService]:
+    def services(self) -> list[ServedModel]:
         """The served models themselves (for instrumentation)."""
         return list(self._models.values())
 
@@ -57,18 +63,34 @@ class Gateway:
         return [m.info for m in self._models.values()]
 
     def model(self, name: str | None) -> EmbeddingService:
-        """The model a request names.
+        """The embedding model a request names (see ``pick``)."""
+        return typing.cast(EmbeddingService, self.pick(name, "embedding"))
 
-        With one model served, any name (an SDK's default, say) gets it: clients written for
-        another server work unchanged. With several, the name must match.
+    def reranker(self, name: str | None) -> RerankService:
+        """The reranker a request names (see ``pick``)."""
+        return typing.cast(RerankService, self.pick(name, "reranker"))
+
+    def pick(self, name: str | None, kind: str) -> ServedModel:
+        """The model of ``kind`` a request names.
+
+        With one model of that kind served, any name (an SDK's default, say) gets it: clients
+        written for another server work unchanged. With several, the name must match.
         """
         if not self._models:
             raise NotReadyError("no model is loaded yet")
+        fits = {n: m for n, m in self._models.items() if m.info.kind == kind}
+        if name is not None and name in fits:
+            return fits[name]
         if name is not None and name in self._models:
-            return self._models[name]
-        if len(self._models) == 1:
-            return next(iter(self._models.values()))
-        known = ", ".join(sorted(self._models))
+            other = self._models[name].info.kind
+            raise InvalidRequestError(
+                f"model {name!r} is a {other} model, not a {kind}", param="model"
+            )
+        if len(fits) == 1:
+            return next(iter(fits.values()))
+        if not fits:
+            raise ModelNotFoundError(f"no {kind} model is served here", param="model")
+        known = ", ".join(sorted(fits))
         raise ModelNotFoundError(
             f"model {name!r} is not served here (served: {known})", param="model"
         )

@@ -1,26 +1,42 @@
-"""A local model served through the batching engine: tokenizer -> batcher -> backend."""
+"""Local models served through the batching engine: tokenizer -> batcher -> backend.
+
+``LocalModel`` holds what every local model shares (admission, the tokenizer and inference
+threads, the batcher, instrumentation, timings); ``LocalEmbeddingModel`` pools vectors and
+``LocalRerankModel`` (``local_rerank.py``) scores (query, text) pairs. ``load_local_model``
+builds the right one from what the model's files say it is.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+import typing
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from embedplex.backends.base import EmbeddingBackend, TokenBatch
-from embedplex.backends.model_files import ModelSpec, Pooling, load_spec, resolve_model_dir
+from embedplex.backends.base import TokenBatch
+from embedplex.backends.model_files import (
+    ModelKind,
+    ModelSpec,
+    Pooling,
+    load_spec,
+    resolve_model_dir,
+)
 from embedplex.backends.onnx_export import default_cache_dir
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token
-from embedplex.batching import Batcher, BatchObserver, BatchPolicy, LengthBucketQueue
+from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, LengthBucketQueue
 from embedplex.config import Settings
 from embedplex.errors import (
     EmptyInputError,
+    FatalBackendError,
     InvalidRequestError,
     OverloadedError,
     PayloadTooLargeError,
@@ -76,7 +92,8 @@ class LocalModelOptions:
         )
 
 
-def load_backend(settings: Settings, spec: ModelSpec) -> EmbeddingBackend:
+def load_backend(settings: Settings, spec: ModelSpec) -> Any:
+    """The configured engine; it embeds or scores according to ``spec.kind``."""
     if settings.backend == "torch":
         from embedplex.backends.pytorch import TorchBackend
 
@@ -95,12 +112,38 @@ def load_backend(settings: Settings, spec: ModelSpec) -> EmbeddingBackend:
     )
 
 
-class LocalEmbeddingModel:
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Processed(Generic[R]):
+    """What one request's inputs came back as, with the instants that time them."""
+
+    results: list[R]
+    items: list[Item[Encoded, R]]
+    tokens: int
+    start: float
+    tokenized: float
+
+    def timings(self) -> Timings:
+        end = time.perf_counter()
+        items = self.items
+        return Timings(
+            tokenization=(self.tokenized - self.start) * 1000,
+            queue=max(i.started_at - i.enqueued_at for i in items) * 1000,
+            inference=max(i.finished_at - i.started_at for i in items) * 1000,
+            total=(end - self.start) * 1000,
+        )
+
+
+class LocalModel(Generic[R]):
+    """Admission, threads, batcher and instrumentation shared by every local model."""
+
     def __init__(
         self,
         spec: ModelSpec,
         tokenizer: TextTokenizer,
-        backend: EmbeddingBackend,
+        backend: Any,
         options: LocalModelOptions,
         *,
         observers: list[BatchObserver] | None = None,
@@ -114,7 +157,7 @@ class LocalEmbeddingModel:
         self._active = 0
         self._infer_pool: ThreadPoolExecutor | None = None
         self._token_pool: ThreadPoolExecutor | None = None
-        self._batcher: Batcher[Encoded, Vector] | None = None
+        self._batcher: Batcher[Encoded, R] | None = None
         self._info = ModelInfo(
             name=options.name,
             model_id=spec.model_id,
@@ -126,34 +169,7 @@ class LocalEmbeddingModel:
             pooling=spec.pooling.value,
             max_input_length=spec.max_input_length,
             prompts=spec.prompts,
-        )
-
-    @classmethod
-    def load(
-        cls, settings: Settings, *, observers: list[BatchObserver] | None = None
-    ) -> LocalEmbeddingModel:
-        """Resolve, read and load the configured model (blocking I/O; call from a thread)."""
-        path, sha = resolve_model_dir(
-            settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
-        )
-        spec = load_spec(
-            settings.model_id,
-            path,
-            revision=settings.revision,
-            sha=sha,
-            pooling=Pooling(settings.pooling) if settings.pooling else None,
-            max_input_length=settings.max_input_length,
-        )
-        tokenizer = TextTokenizer.from_dir(
-            path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-        )
-        backend = load_backend(settings, spec)
-        return cls(
-            spec,
-            tokenizer,
-            backend,
-            LocalModelOptions.from_settings(settings, spec),
-            observers=observers,
+            kind=spec.kind.value,
         )
 
     @property
@@ -168,7 +184,7 @@ class LocalEmbeddingModel:
         self._tracer = telemetry.tracer
 
     @property
-    def batcher(self) -> Batcher[Encoded, Vector]:
+    def batcher(self) -> Batcher[Encoded, R]:
         if self._batcher is None:
             raise RuntimeError("model not started")
         return self._batcher
@@ -202,6 +218,7 @@ class LocalEmbeddingModel:
     def stats(self) -> dict[str, Any]:
         b = self._batcher
         return {
+            "kind": self.spec.kind.value,
             "active_requests": self._active,
             "queued": b.queued if b else 0,
             "in_flight_batches": b.in_flight if b else 0,
@@ -209,61 +226,27 @@ class LocalEmbeddingModel:
             "max_batch_requests": b.max_items if b else 0,
         }
 
-    async def _run_batch(self, payloads: list[Encoded]) -> list[Vector]:
+    def _forward(self, batch: TokenBatch) -> list[R]:
+        """Run one padded batch on the backend (in the inference thread)."""
+        raise NotImplementedError
+
+    async def _run_batch(self, payloads: list[Encoded]) -> list[R]:
         loop = asyncio.get_running_loop()
-        pad_id = self.spec.pad_token_id
+        batch = functools.partial(TokenBatch.collate, payloads, self.spec.pad_token_id)
+        return await loop.run_in_executor(self._infer_pool, lambda: self._forward(batch()))
 
-        def forward() -> list[Vector]:
-            out = self.backend.embed(TokenBatch.collate(payloads, pad_id))
-            return list(out)
-
-        return await loop.run_in_executor(self._infer_pool, forward)
-
-    # -- requests --------------------------------------------------------------------------
-
-    def _prompt(self, request: EmbedRequest) -> str | None:
-        if request.prompt is not None:
-            return request.prompt
-        if request.prompt_name is not None:
-            if request.prompt_name not in self.spec.prompts:
-                known = ", ".join(sorted(self.spec.prompts)) or "none"
-                raise InvalidRequestError(
-                    f"unknown prompt_name {request.prompt_name!r} (this model has: {known})",
-                    param="prompt_name",
-                )
-            return self.spec.prompts[request.prompt_name]
-        return self.options.default_prompt
-
-    def _validate(self, request: EmbedRequest) -> None:
-        n = len(request.inputs)
+    def _check_size(self, n: int, param: str) -> None:
         if n == 0:
-            raise EmptyInputError("input cannot be empty", param="input")
+            raise EmptyInputError(f"{param} cannot be empty", param=param)
         if n > self.options.max_client_batch_size:
             raise PayloadTooLargeError(
                 f"batch size {n} > maximum allowed batch size {self.options.max_client_batch_size}",
-                param="input",
-            )
-        dims = request.dimensions
-        if dims is not None and not 1 <= dims <= self.backend.dim:
-            raise InvalidRequestError(
-                f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
-                param="dimensions",
+                param=param,
             )
 
-    def _encode(self, request: EmbedRequest, truncate: bool) -> list[Encoded]:
-        direction = request.truncation_direction
-        if request.is_tokens:
-            ids: list[list[int]] = request.inputs  # type: ignore[assignment]
-            return self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
-        texts: list[str] = request.inputs  # type: ignore[assignment]
-        prompt = self._prompt(request)
-        if prompt:
-            texts = [prompt + text for text in texts]
-        return self.tokenizer.encode(texts, truncate=truncate, direction=direction)
-
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def _process(self, encode: Callable[[], list[Encoded]]) -> Processed[R]:
+        """Admit, tokenize off the loop, queue every input, and wait for all of them."""
         start = time.perf_counter()
-        self._validate(request)
         if self._active >= self.options.max_concurrent_requests:
             raise OverloadedError(
                 f"{self._active} requests in flight (max_concurrent_requests is "
@@ -271,40 +254,86 @@ class LocalEmbeddingModel:
             )
         self._active += 1
         try:
-            truncate = self.options.auto_truncate if request.truncate is None else request.truncate
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._token_pool, self._encode, request, truncate)
+            encoded = await loop.run_in_executor(self._token_pool, encode)
             tokenized = time.perf_counter()
             # With tracing on, each item keeps the request's span so its batch span links to it.
             trace = current_span_context() if self._tracer is not None else None
             items = self.batcher.submit(encoded, [len(e) for e in encoded], trace=trace)
             try:
-                rows = await asyncio.gather(*(item.future for item in items))
+                results = list(await asyncio.gather(*(item.future for item in items)))
             finally:
                 for item in items:
                     item.future.cancel()  # no-op when done; drops the rest if we failed or left
         finally:
             self._active -= 1
-        matrix = np.stack(rows)
-        if request.dimensions is not None:
-            matrix = matrix[:, : request.dimensions]
-        if request.normalize:
-            matrix = normalize_rows(matrix)
-        end = time.perf_counter()
         if self._tracer is not None:
             request_stage_spans(self._tracer, self.options.name, start, tokenized, items)
-        queue_ms = max(item.started_at - item.enqueued_at for item in items) * 1000
-        infer_ms = max(item.finished_at - item.started_at for item in items) * 1000
+        tokens = sum(len(e) for e in encoded)
+        return Processed(results, items, tokens, start, tokenized)
+
+    def _truncate(self, requested: bool | None) -> bool:
+        return self.options.auto_truncate if requested is None else requested
+
+
+class LocalEmbeddingModel(LocalModel[Vector]):
+    @classmethod
+    def load(
+        cls, settings: Settings, *, observers: list[BatchObserver] | None = None
+    ) -> LocalEmbeddingModel:
+        """Resolve, read and load the configured embedding model (blocking; use a thread)."""
+        model = load_local_model(settings, observers=observers)
+        if not isinstance(model, LocalEmbeddingModel):
+            raise FatalBackendError(f"{settings.model_id} is not an embedding model")
+        return model
+
+    def _forward(self, batch: TokenBatch) -> list[Vector]:
+        return list(self.backend.embed(batch))
+
+    def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt is not None:
+            return prompt
+        if prompt_name is not None:
+            if prompt_name not in self.spec.prompts:
+                known = ", ".join(sorted(self.spec.prompts)) or "none"
+                raise InvalidRequestError(
+                    f"unknown prompt_name {prompt_name!r} (this model has: {known})",
+                    param="prompt_name",
+                )
+            return self.spec.prompts[prompt_name]
+        return self.options.default_prompt
+
+    def _encode(self, request: EmbedRequest) -> list[Encoded]:
+        truncate = self._truncate(request.truncate)
+        direction = request.truncation_direction
+        if request.is_tokens:
+            ids = typing.cast(list[list[int]], request.inputs)
+            return self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
+        texts = typing.cast(list[str], request.inputs)
+        prompt = self._prompt(request.prompt, request.prompt_name)
+        if prompt:
+            texts = [prompt + text for text in texts]
+        return self.tokenizer.encode(texts, truncate=truncate, direction=direction)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._check_size(len(request.inputs), "input")
+        dims = request.dimensions
+        if dims is not None and not 1 <= dims <= self.backend.dim:
+            raise InvalidRequestError(
+                f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
+                param="dimensions",
+            )
+        done = await self._process(lambda: self._encode(request))
+        matrix = np.stack(done.results)
+        if dims is not None:
+            matrix = matrix[:, :dims]
+        if request.normalize:
+            matrix = normalize_rows(matrix)
         return EmbedResult(
             vectors=list(matrix),
-            prompt_tokens=sum(len(e) for e in encoded),
+            prompt_tokens=done.tokens,
             model=self.options.name,
-            timings=Timings(
-                tokenization=(tokenized - start) * 1000,
-                queue=queue_ms,
-                inference=infer_ms,
-                total=(end - start) * 1000,
-            ),
+            timings=done.timings(),
         )
 
     async def tokenize(
@@ -312,7 +341,7 @@ class LocalEmbeddingModel:
     ) -> list[list[Token]]:
         if not texts:
             raise EmptyInputError("inputs cannot be empty", param="inputs")
-        prompt = self._prompt(EmbedRequest(inputs=texts, prompt_name=prompt_name))
+        prompt = self._prompt(None, prompt_name)
         if prompt:
             texts = [prompt + t for t in texts]
         loop = asyncio.get_running_loop()
@@ -320,3 +349,30 @@ class LocalEmbeddingModel:
             self._token_pool,
             lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens),
         )
+
+
+def load_local_model(
+    settings: Settings, *, observers: list[BatchObserver] | None = None
+) -> LocalModel[Any]:
+    """Resolve, read and load the configured model (blocking I/O; call from a thread)."""
+    path, sha = resolve_model_dir(
+        settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
+    )
+    spec = load_spec(
+        settings.model_id,
+        path,
+        revision=settings.revision,
+        sha=sha,
+        pooling=Pooling(settings.pooling) if settings.pooling else None,
+        max_input_length=settings.max_input_length,
+    )
+    tokenizer = TextTokenizer.from_dir(
+        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+    )
+    backend = load_backend(settings, spec)
+    options = LocalModelOptions.from_settings(settings, spec)
+    if spec.kind is ModelKind.RERANKER:
+        from embedplex.local_rerank import LocalRerankModel
+
+        return LocalRerankModel(spec, tokenizer, backend, options, observers=observers)
+    return LocalEmbeddingModel(spec, tokenizer, backend, options, observers=observers)

@@ -62,6 +62,25 @@ class EmbedResult:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RerankRequest:
+    """Score each text's relevance to the query (a cross-encoder reads each pair whole)."""
+
+    query: str
+    texts: list[str]
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = TruncationDirection.RIGHT
+    raw_scores: bool = False  # False: sigmoid of the logit, in [0, 1]
+
+
+@dataclass(slots=True)
+class RerankResult:
+    scores: list[float]  # in the order of the request's texts
+    prompt_tokens: int
+    model: str
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ModelInfo:
     name: str
     model_id: str
@@ -76,8 +95,8 @@ class ModelInfo:
     kind: str = "embedding"
 
 
-class EmbeddingService(Protocol):
-    """A served model: local (tokenizer + batcher + backend) or remote (provider adapter)."""
+class ServedModel(Protocol):
+    """What the gateway needs of any served model, whatever it computes."""
 
     @property
     def info(self) -> ModelInfo: ...
@@ -86,12 +105,22 @@ class EmbeddingService(Protocol):
 
     async def close(self, *, drain: bool = True) -> None: ...
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult: ...
-
     def health(self) -> None:
         """Raise if this model cannot serve (readiness reads this)."""
 
     def stats(self) -> dict[str, Any]: ...
+
+
+class EmbeddingService(ServedModel, Protocol):
+    """A served embedding model: local (tokenizer + batcher + backend) or a remote provider."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult: ...
+
+
+class RerankService(ServedModel, Protocol):
+    """A served reranker (cross-encoder)."""
+
+    async def rerank(self, request: RerankRequest) -> RerankResult: ...
 
 
 @runtime_checkable

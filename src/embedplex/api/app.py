@@ -36,9 +36,9 @@ GatewayFactory = Callable[[Settings], Gateway]
 
 def default_gateway(settings: Settings) -> Gateway:
     """Load the configured local model (blocking; run in a thread)."""
-    from embedplex.local_model import LocalEmbeddingModel
+    from embedplex.local_model import load_local_model
 
-    return Gateway([LocalEmbeddingModel.load(settings)])
+    return Gateway([load_local_model(settings)])
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:

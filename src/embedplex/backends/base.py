@@ -57,3 +57,18 @@ class EmbeddingBackend(Protocol):
     def health(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+class ScoringBackend(Protocol):
+    """A loaded cross-encoder: token batches of (query, text) pairs -> one raw logit each."""
+
+    name: str
+    device: str
+    dtype: str
+    dim: int
+
+    def score(self, batch: TokenBatch) -> Floats: ...
+
+    def health(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -32,6 +32,11 @@ _HUB_PATTERNS = [
 ]
 
 
+class ModelKind(StrEnum):
+    EMBEDDING = "embedding"
+    RERANKER = "reranker"  # a cross-encoder: (query, text) -> relevance score
+
+
 class Pooling(StrEnum):
     CLS = "cls"
     MEAN = "mean"
@@ -57,6 +62,7 @@ class ModelSpec:
     default_prompt_name: str | None = None
     has_token_type_ids: bool = True
     pad_token_id: int = 0
+    kind: ModelKind = ModelKind.EMBEDDING
 
     @property
     def onnx_file(self) -> Path | None:
@@ -175,6 +181,16 @@ def load_spec(
             )
         model_max = max_input_length
 
+    architecture = str((config.get("architectures") or ["BertModel"])[0])
+    kind = ModelKind.EMBEDDING
+    if architecture.endswith("ForSequenceClassification"):
+        kind = ModelKind.RERANKER
+        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 1))
+        if labels != 1:
+            raise FatalBackendError(
+                f"{model_id} is a classifier with {labels} labels; only single-score "
+                "cross-encoders (rerankers) are served"
+            )
     resolved_pooling = pooling or _pooling_from_files(path, modules) or Pooling.CLS
     prompts = st_prompts.get("prompts") or {}
     return ModelSpec(
@@ -182,7 +198,7 @@ def load_spec(
         path=path,
         revision=revision,
         sha=sha,
-        architecture=str((config.get("architectures") or ["BertModel"])[0]),
+        architecture=architecture,
         model_type=model_type,
         hidden_size=int(config.get("hidden_size", config.get("d_model", 0))),
         vocab_size=int(config.get("vocab_size", 0)),
@@ -193,4 +209,5 @@ def load_spec(
         default_prompt_name=st_prompts.get("default_prompt_name"),
         has_token_type_ids=int(config.get("type_vocab_size", 0)) > 0,
         pad_token_id=int(config.get("pad_token_id") or 0),
+        kind=kind,
     )

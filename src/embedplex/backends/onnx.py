@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from embedplex.backends.base import TokenBatch
-from embedplex.backends.model_files import ModelSpec, Pooling
+from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_export import ensure_onnx
 from embedplex.backends.pooling import Floats, normalize_rows, pool
 from embedplex.backends.tokenizer import TextTokenizer
@@ -91,6 +92,8 @@ class OnnxBackend:
     ) -> OnnxBackend:
         if dtype == "bfloat16":
             raise FatalBackendError("the onnx backend serves float32, float16 or int8")
+        if dtype == "int8" and spec.kind is not ModelKind.EMBEDDING:
+            raise FatalBackendError("int8 (with its quality gate) is for embedding models")
 
         def check(fp32: Path, candidate: Path) -> float:
             tok = TextTokenizer.from_dir(
@@ -120,6 +123,7 @@ class OnnxBackend:
             dtype=dtype,
             cache_dir=cache_dir,
             with_token_type_ids=spec.has_token_type_ids,
+            task=spec.kind.value,
             quality_check=check,
             min_quality=int8_min_cosine,
         )
@@ -129,14 +133,21 @@ class OnnxBackend:
         actual = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
         return cls(session, pooling=spec.pooling, dtype=dtype, device=actual, dim=spec.hidden_size)
 
-    def embed(self, batch: TokenBatch) -> Floats:
+    def _run(self, batch: TokenBatch) -> npt.NDArray[np.float32]:
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = batch.token_type_ids
         if self._session is None:
             raise FatalBackendError("the onnx session is closed")
-        hidden = self._session.run(None, feeds)[0]  # type: ignore[attr-defined]
-        return pool(np.asarray(hidden), batch.attention_mask, self.pooling)
+        return np.asarray(self._session.run(None, feeds)[0])  # type: ignore[attr-defined]
+
+    def embed(self, batch: TokenBatch) -> Floats:
+        return pool(self._run(batch), batch.attention_mask, self.pooling)
+
+    def score(self, batch: TokenBatch) -> Floats:
+        """Raw relevance logits of a cross-encoder, one per (query, text) pair."""
+        scores: Floats = self._run(batch)[:, 0].astype(np.float32)
+        return scores
 
     def health(self) -> None:
         if self._session is None:

@@ -8,6 +8,7 @@ temporary directory and renamed into place, so a crash never leaves a half-writt
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -43,33 +44,47 @@ def model_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model_dir: Path, dtype: str) -> str:
-    import onnx
-    import torch
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"  # a shipped onnx/model.onnx needs no torch
 
+
+def cache_key(model_dir: Path, dtype: str, task: str = "embedding") -> str:
     parts = [
         model_hash(model_dir),
         dtype,
+        task,
         EXPORT_FORMAT,
         str(OPSET),
-        torch.__version__,
-        onnx.__version__,
+        _version("torch"),
+        _version("onnx"),
+        _version("onnxruntime"),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> None:
-    """Trace the encoder to ONNX with dynamic batch and sequence axes."""
+def export_fp32(
+    model_dir: Path, target: Path, *, with_token_type_ids: bool, task: str = "embedding"
+) -> None:
+    """Trace the model to ONNX with dynamic batch and sequence axes.
+
+    Embedding models give ``last_hidden_state`` (pooling happens after); rerankers
+    (sequence classification) give ``logits``.
+    """
     try:
         import torch
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForSequenceClassification
     except ImportError as exc:
         raise FatalBackendError(
             "exporting to ONNX needs PyTorch: install embedplex[torch], or give a model "
             "directory that ships onnx/model.onnx"
         ) from exc
 
-    model = AutoModel.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    auto = AutoModelForSequenceClassification if task == "reranker" else AutoModel
+    output = "logits" if task == "reranker" else "last_hidden_state"
+    model = auto.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     model.eval()
 
     class Encoder(torch.nn.Module):
@@ -79,10 +94,8 @@ def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> 
 
         def forward(self, *args: torch.Tensor) -> torch.Tensor:
             names = ["input_ids", "attention_mask", "token_type_ids"][: len(args)]
-            hidden: torch.Tensor = self.inner(
-                **dict(zip(names, args, strict=True))
-            ).last_hidden_state
-            return hidden
+            out: torch.Tensor = getattr(self.inner(**dict(zip(names, args, strict=True))), output)
+            return out
 
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_type_ids else [])
     ids = torch.ones((2, 8), dtype=torch.long)
@@ -90,7 +103,8 @@ def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> 
     mask = torch.ones((2, 8), dtype=torch.long)
     mask[1, 5:] = 0
     sample = (ids, mask, torch.zeros((2, 8), dtype=torch.long))[: len(names)]
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes[output] = {0: "batch"} if task == "reranker" else {0: "batch", 1: "sequence"}
     with torch.inference_mode(), warnings.catch_warnings():
         # Tracer warnings are about shape checks that hold for every input we feed.
         warnings.simplefilter("ignore")
@@ -99,7 +113,7 @@ def export_fp32(model_dir: Path, target: Path, *, with_token_type_ids: bool) -> 
             sample,
             str(target),
             input_names=names,
-            output_names=["last_hidden_state"],
+            output_names=[output],
             dynamic_axes=axes,
             opset_version=OPSET,
             dynamo=False,
@@ -130,6 +144,7 @@ def ensure_onnx(
     dtype: str,
     cache_dir: Path,
     with_token_type_ids: bool,
+    task: str = "embedding",
     quality_check: QualityCheck | None = None,
     min_quality: float = 0.0,
 ) -> tuple[Path, bool]:
@@ -138,7 +153,7 @@ def ensure_onnx(
     For int8, ``quality_check(fp32_file, int8_file)`` measures the minimum cosine against fp32 at
     export time; below ``min_quality`` the export is refused and nothing is cached.
     """
-    key = cache_key(model_dir, dtype)
+    key = cache_key(model_dir, dtype, task)
     entry = cache_dir / "onnx" / key
     final = entry / "model.onnx"
     if final.is_file():
@@ -152,7 +167,7 @@ def ensure_onnx(
             shutil.copyfile(shipped, fp32)
         else:
             logger.info("exporting %s to ONNX (once; cached under %s)", model_dir, entry)
-            export_fp32(model_dir, fp32, with_token_type_ids=with_token_type_ids)
+            export_fp32(model_dir, fp32, with_token_type_ids=with_token_type_ids, task=task)
         out = work / "out"
         out.mkdir()
         if dtype == "int8":

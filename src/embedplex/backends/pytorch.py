@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import numpy as np
 
 from embedplex.backends.base import TokenBatch
-from embedplex.backends.model_files import ModelSpec, Pooling
+from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.pooling import Floats
 from embedplex.errors import BackendError, FatalBackendError
 
@@ -26,7 +27,8 @@ class TorchBackend:
         self.dtype = dtype
         self.device = device
         self.dim = dim
-        self._uses_types = "token_type_ids" in model.forward.__code__.co_varnames
+        # signature() follows decorators' __wrapped__, so wrapped forwards are read right.
+        self._uses_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     @classmethod
     def load(
@@ -34,7 +36,7 @@ class TorchBackend:
     ) -> TorchBackend:
         try:
             import torch
-            from transformers import AutoModel
+            from transformers import AutoModel, AutoModelForSequenceClassification
         except ImportError as exc:
             raise FatalBackendError("the torch backend needs embedplex[torch] installed") from exc
         if dtype not in _DTYPES:
@@ -47,37 +49,49 @@ class TorchBackend:
             raise FatalBackendError("float16 on CPU is not supported; use float32 or bfloat16")
         if threads:
             torch.set_num_threads(threads)
-        model = AutoModel.from_pretrained(
-            str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype])
-        )
+        auto = AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
+        model = auto.from_pretrained(str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype]))
         model.eval().to(device)
         return cls(model, pooling=spec.pooling, dtype=dtype, device=device, dim=spec.hidden_size)
+
+    def _forward(self, batch: TokenBatch) -> Any:
+        import torch
+
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        mask = torch.from_numpy(batch.attention_mask).to(self.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        if self._uses_types:
+            kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device)
+        try:
+            return self._model(**kwargs), mask
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BackendError("CUDA out of memory; lower --max-batch-tokens") from exc
+
+    def score(self, batch: TokenBatch) -> Floats:
+        """Raw relevance logits of a cross-encoder, one per (query, text) pair."""
+        import torch
+
+        with torch.inference_mode():
+            output, _ = self._forward(batch)
+            out: Floats = output.logits[:, 0].float().cpu().numpy().astype(np.float32, copy=False)
+            return out
 
     def embed(self, batch: TokenBatch) -> Floats:
         import torch
 
-        try:
-            with torch.inference_mode():
-                ids = torch.from_numpy(batch.input_ids).to(self.device)
-                mask = torch.from_numpy(batch.attention_mask).to(self.device)
-                kwargs = {"input_ids": ids, "attention_mask": mask}
-                if self._uses_types:
-                    kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(
-                        self.device
-                    )
-                hidden = self._model(**kwargs).last_hidden_state
-                if self.pooling is Pooling.CLS:
-                    pooled = hidden[:, 0]
-                elif self.pooling is Pooling.LAST_TOKEN:
-                    last = mask.sum(dim=1) - 1
-                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-                else:
-                    m = mask.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-                out: Floats = pooled.float().cpu().numpy().astype(np.float32, copy=False)
-                return out
-        except torch.cuda.OutOfMemoryError as exc:
-            raise BackendError("CUDA out of memory; lower --max-batch-tokens") from exc
+        with torch.inference_mode():
+            output, mask = self._forward(batch)
+            hidden = output.last_hidden_state
+            if self.pooling is Pooling.CLS:
+                pooled = hidden[:, 0]
+            elif self.pooling is Pooling.LAST_TOKEN:
+                last = mask.sum(dim=1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            else:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            out: Floats = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+            return out
 
     def health(self) -> None:
         if self._model is None:

@@ -75,7 +75,9 @@ class TextTokenizer:
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
         tok = self._truncating[direction] if truncate else self._plain
-        encodings = _encode_batch(tok, texts, add_special_tokens)
+        return self._checked(_encode_batch(tok, texts, add_special_tokens))
+
+    def _checked(self, encodings: list[Encoding]) -> list[Encoded]:
         out: list[Encoded] = []
         for index, enc in enumerate(encodings):
             n = len(enc.ids)
@@ -91,6 +93,23 @@ class TextTokenizer:
                 )
             )
         return out
+
+    def encode_pairs(
+        self,
+        query: str,
+        texts: list[str],
+        *,
+        truncate: bool,
+        direction: TruncationDirection = TruncationDirection.RIGHT,
+    ) -> list[Encoded]:
+        """(query, text) pairs for a cross-encoder; truncation cuts the longer side first."""
+        tok = self._truncating[direction] if truncate else self._plain
+        pairs = [(query, text) for text in texts]
+        try:
+            encodings = tok.encode_batch(pairs)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError("query and texts must be valid unicode text") from exc
+        return self._checked(encodings)
 
     def encode_ids(
         self,

@@ -19,7 +19,7 @@ from embedplex.config import Settings
 from embedplex.observability.metrics import Metrics
 from embedplex.observability.providers import ProviderObserver
 from embedplex.observability.tracing import BatchSpans, build_tracer_provider
-from embedplex.service import EmbeddingService
+from embedplex.service import ServedModel
 
 
 @runtime_checkable
@@ -57,7 +57,7 @@ class Telemetry:
             observers.append(BatchSpans(self.tracer, name))
         return observers
 
-    def instrument(self, services: list[EmbeddingService]) -> None:
+    def instrument(self, services: list[ServedModel]) -> None:
         """Hook every served model up; call before the models start."""
         for service in services:
             self.metrics.set_build_info(service.info)
