@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api import openai, probes, tei
+from embedplex.api import admin, batch, openai, probes, status, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -32,10 +32,26 @@ GatewayFactory = Callable[[Settings], Gateway]
 
 
 def default_gateway(settings: Settings) -> Gateway:
-    """Load the configured local model (blocking; run in a thread)."""
-    from embedplex.local_model import LocalEmbeddingModel
+    """Load the configured local model and build the provider router (blocking; in a thread).
 
-    return Gateway([LocalEmbeddingModel.load(settings)])
+    The router exists even with no providers configured, so that providers can be added at
+    run time through the admin API.
+    """
+    from embedplex.local_model import LocalEmbeddingModel
+    from embedplex.router import RemoteModel, Router
+    from embedplex.service import EmbeddingService
+
+    models: list[EmbeddingService] = []
+    if settings.local_model:
+        models.append(LocalEmbeddingModel.load(settings))
+    router = Router(
+        settings.providers,
+        idle_ttl=settings.router_idle_ttl_s,
+        probe_interval=settings.router_probe_interval_s,
+        max_client_batch_size=settings.max_client_batch_size,
+    )
+    models.extend(RemoteModel(router, route) for route in settings.routes)
+    return Gateway(models, router=router)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
@@ -96,7 +112,14 @@ def create_app(
     )
     app.state.settings = settings
     app.state.gateway = Gateway()
-    for router in (openai.router, tei.router, probes.router):
+    for router in (
+        openai.router,
+        batch.router,
+        tei.router,
+        probes.router,
+        status.router,
+        admin.router,
+    ):
         app.include_router(router)
 
     @app.exception_handler(EmbedplexError)

@@ -15,6 +15,8 @@ from embedplex.api.errors import error_response
 from embedplex.errors import AuthenticationError, PayloadTooLargeError
 
 _OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
+# Admin routes check their own secret (embedplex.api.admin.require_admin).
+_ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
 
 
 class RequestIdMiddleware:
@@ -99,7 +101,7 @@ class ApiKeyMiddleware:
         self.key = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS):
+        if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS + _ADMIN_PATHS):
             await self.app(scope, receive, send)
             return
         given = b""
