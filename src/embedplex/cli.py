@@ -15,11 +15,13 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from embedplex import __version__
+from embedplex.cli_providers import providers_app
 from embedplex.config import Settings
 
 app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_args_is_help=True)
 config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(providers_app, name="providers")
 
 ConfigOption = Annotated[
     Path | None,
