@@ -2,6 +2,7 @@
 
     python examples/router_load.py --url http://127.0.0.1:8080 --model remote-minilm
     python examples/router_load.py --url http://127.0.0.1:8081            # straight upstream
+    python examples/router_load.py --model remote-minilm --direct http://127.0.0.1:8081  # both
 
 Prints throughput and p50/p99 latency; against a router it also prints how many upstream
 calls the requests became (from GET /api/v1/status). Use --compare to check that the router's
@@ -90,11 +91,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--callers", type=int, default=100)
     parser.add_argument("--compare", default=None, help="upstream URL to compare vectors with")
+    parser.add_argument("--direct", default=None, help="upstream URL to load right after")
     args = parser.parse_args()
     if args.compare:
         diff = asyncio.run(compare(args.url, args.compare, args.model or "remote-minilm"))
         print(f"max abs difference router vs upstream: {diff}")
-    print(asyncio.run(run(args.url, args.model, args.requests, args.callers)))
+    targets = [("router" if args.direct else args.url, args.url, args.model)]
+    if args.direct:
+        targets.append(("direct", args.direct, None))
+    for name, url, model in targets:
+        print(name, asyncio.run(run(url, model, args.requests, args.callers)))
 
 
 if __name__ == "__main__":
