@@ -12,6 +12,7 @@ import numpy as np
 import openai
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 from embedplex.api.app import create_app
@@ -210,3 +211,30 @@ async def test_openai_sdk_passes_routing_in_extra_body(client: httpx.AsyncClient
         model="anything", input=["hi"], extra_body={"providers": ["b", "a"], "policy": "any"}
     )
     np.testing.assert_allclose(out.data[0].embedding, vector_for("hi"), rtol=1e-6)
+
+
+async def test_tei_dialect_reaches_remote_models_too(client: httpx.AsyncClient) -> None:
+    r = await client.post("/embed", json={"inputs": ["hi"], "model": "remote-x"})
+    assert r.status_code == 200
+    np.testing.assert_array_equal(np.asarray(r.json()[0], np.float32), vector_for("hi"))
+    r = await client.post("/embed", json={"inputs": ["hi"], "model": "remote-x", "truncate": True})
+    assert r.status_code == 422  # an openai-type provider cannot honour truncate
+    assert r.json()["error_type"] == "Validation"
+
+
+async def test_admin_routes_fall_back_to_the_api_key(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    settings = router_settings(upstream, upstream2).model_copy(
+        update={"admin_secret": None, "api_key": SecretStr("k")}
+    )
+    async with serve(settings) as (_, client):
+        assert (await client.get("/api/v1/status")).status_code == 401
+        ok = await client.get("/api/v1/status", headers={"authorization": "Bearer k"})
+        assert ok.status_code == 200
+        r = await client.post(
+            "/v1/embeddings",
+            json={"model": "remote-x", "input": "hi"},
+            headers={"authorization": "Bearer k"},
+        )
+        assert r.status_code == 200
