@@ -1,9 +1,10 @@
 """Configuration: one frozen object, read in one place.
 
 Precedence, lowest first: defaults < TOML file (``--config`` or ``EMBEDPLEX_CONFIG``) < environment
-(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every field below is also a
-``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from this
-class, so an option is declared once.
+(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every scalar field below is
+also an ``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from
+this class, so an option is declared once. Lists of tables (``providers``, ``routes``) come only
+from TOML or from JSON in the environment (``EMBEDPLEX_PROVIDERS='[{...}]'``).
 """
 
 from __future__ import annotations

@@ -167,9 +167,10 @@ class Router:
                 f"batch size {n} > maximum allowed batch size {self.max_client_batch_size}",
                 param="input",
             )
-        runtimes = [self.runtime(name) for name in providers]
+        # dict.fromkeys: keep the order, drop repeats ("all" answers once per provider).
+        runtimes = [self.runtime(name) for name in dict.fromkeys(providers)]
         if not runtimes:
-            raise ModelNotFoundError("no provider named", param="providers")
+            raise ModelNotFoundError("the request names no provider", param="providers")
         if policy == "all":
             return await self._all(runtimes, request)
         return await self._any(runtimes, request)
@@ -196,8 +197,9 @@ class Router:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
-                if task in done and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                error = task.exception() if task in done else None
+                if error is not None:
+                    raise error
             results = [task.result() for task in tasks]
         finally:
             for task in tasks:

@@ -20,6 +20,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from upstream_fakes import FakeUpstream, provider, vector_for
+
+from embedplex.api.app import create_app
+from embedplex.config import Settings
+from embedplex.providers.config import RouteConfig
 
 pytest.importorskip("aiohttp")
 # The load side is examples/router_load.py itself, so the documented check is what is tested.
@@ -114,3 +119,25 @@ def test_1000_requests_from_100_callers_take_at_most_25_upstream_calls(
     print(f"\nrouter: {routed}\ndirect: {direct}")
     assert routed["requests"] == direct["requests"] == 1000
     assert routed["upstream_calls"]["local-8081"] <= 25
+
+
+async def test_local_model_and_providers_side_by_side(upstream: FakeUpstream) -> None:
+    settings = Settings(
+        providers=[provider("fake", upstream)],
+        routes=[RouteConfig(model="remote-x", providers=["fake"])],
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            names = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
+            assert names == {settings.model_name, "remote-x"}
+            local = await client.post(
+                "/v1/embeddings", json={"model": settings.model_name, "input": "hi"}
+            )
+            remote = await client.post("/v1/embeddings", json={"model": "remote-x", "input": "hi"})
+    assert len(local.json()["data"][0]["embedding"]) == 384
+    assert "x-embedplex-provider" not in local.headers
+    got = np.asarray(remote.json()["data"][0]["embedding"], np.float32)
+    np.testing.assert_array_equal(got, vector_for("hi"))

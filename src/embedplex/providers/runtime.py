@@ -192,7 +192,7 @@ class ProviderRuntime:
                 return await self._call(texts, params)
 
             batcher: Batcher[str, Embedded] = Batcher(
-                f"{self.name}#{len(self.lanes)}",
+                f"{self.name}#{self.counters['lanes_created']}",
                 run,
                 policy,
                 queue=FifoQueue(),
