@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from embedplex import __version__
+from embedplex.cli_providers import providers_app
 from embedplex.config import Settings
 
 app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_args_is_help=True)
 config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(providers_app, name="providers")
 
 ConfigOption = Annotated[
     Path | None,
@@ -41,11 +43,21 @@ def _flag_type(name: str, annotation: Any) -> Any:
     return annotation
 
 
+def _is_table_list(annotation: Any) -> bool:
+    """list[SomeModel]: configured as TOML tables (or JSON in env), not as a flag."""
+    if get_origin(annotation) is not list:
+        return False
+    args = get_args(annotation)
+    return bool(args) and isinstance(args[0], type) and issubclass(args[0], BaseModel)
+
+
 def _settings_options() -> list[inspect.Parameter]:
     params = []
     hints = typing.get_type_hints(Settings)
     field: FieldInfo
     for name, field in Settings.model_fields.items():
+        if _is_table_list(hints[name]):
+            continue
         kind = _flag_type(name, hints[name])
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
@@ -106,6 +118,25 @@ def config_init(
     typer.echo(f"wrote {path}")
 
 
+_TABLE_EXAMPLES = {
+    "providers": (
+        "[[providers]]",
+        'name = "voyage"',
+        'type = "voyage"            # tei | openai | voyage | cohere',
+        'model = "voyage-code-3"',
+        'api_key_env = "VOYAGE_API_KEY"   # the key itself never goes in this file',
+        "max_batch_size = 128",
+        "max_wait_ms = 50",
+    ),
+    "routes": (
+        "[[routes]]",
+        'model = "code-embeddings"',
+        'providers = ["voyage"]',
+        'policy = "any"            # any: first healthy, fail over; all: every provider',
+    ),
+}
+
+
 def default_toml() -> str:
     lines = [
         "# embedplex configuration. Precedence: defaults < this file < EMBEDPLEX_* env < flags.",
@@ -113,8 +144,13 @@ def default_toml() -> str:
         "",
     ]
     defaults = Settings.model_construct().model_dump(mode="json")
+    hints = typing.get_type_hints(Settings)
     for name, field in Settings.model_fields.items():
         lines.append(f"# {field.description}")
+        if _is_table_list(hints[name]):
+            lines.extend(f"# {line}" for line in _TABLE_EXAMPLES.get(name, ()))
+            lines.append("")
+            continue
         value = defaults.get(name)
         if value is None:
             lines.append(f"# {name} =")

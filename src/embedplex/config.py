@@ -1,9 +1,10 @@
 """Configuration: one frozen object, read in one place.
 
 Precedence, lowest first: defaults < TOML file (``--config`` or ``EMBEDPLEX_CONFIG``) < environment
-(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every field below is also a
-``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from this
-class, so an option is declared once.
+(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every scalar field below is
+also an ``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from
+this class, so an option is declared once. Lists of tables (``providers``, ``routes``) come only
+from TOML or from JSON in the environment (``EMBEDPLEX_PROVIDERS='[{...}]'``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic_settings import (
 )
 
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
+from embedplex.providers.config import ProviderConfig, RouteConfig
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
@@ -75,7 +77,16 @@ class Settings(BaseSettings):
     otlp_service_name: str = Field("embedplex", description="service.name of exported spans.")
     disable_spans: bool = Field(False, description="Create no spans, even with an OTLP endpoint.")
 
+    admin_secret: SecretStr | None = Field(
+        None,
+        description="Secret for the admin API (/api/v1/status, /api/v1/providers); "
+        "set it with EMBEDPLEX_ADMIN_SECRET.",
+    )
+
     # -- model ----------------------------------------------------------------------------
+    local_model: bool = Field(
+        True, description="Serve the local model (false: remote providers only)."
+    )
     model_id: str = Field(
         DEFAULT_MODEL_ID, description="Local model directory or Hugging Face repo id."
     )
@@ -132,6 +143,23 @@ class Settings(BaseSettings):
         2048, ge=1, description="Inputs in one request; more is 413."
     )
 
+    # -- remote providers ----------------------------------------------------------------
+    router_idle_ttl_s: float = Field(
+        300.0, gt=0, description="A provider batch lane idle this long is closed."
+    )
+    router_probe_interval_s: float = Field(
+        5.0, gt=0, description="How often half-open providers get a health probe."
+    )
+
+    # Tables last: in TOML, top-level keys must come before [[tables]]. No flags for these.
+    providers: list[ProviderConfig] = Field(
+        default_factory=list, description="Remote embedding providers ([[providers]] tables)."
+    )
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description="Model names served by providers ([[routes]]: model, providers, policy).",
+    )
+
     @field_validator("cors_allow_origins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
@@ -147,6 +175,20 @@ class Settings(BaseSettings):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
             raise ValueError("max_batch_tokens must be at least max_input_length")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        for route in self.routes:
+            unknown = [n for n in route.providers if n not in names]
+            if unknown:
+                raise ValueError(f"route {route.model!r} names unknown providers {unknown}")
+        models = [r.model for r in self.routes]
+        if self.local_model:
+            models.append(self.model_name)
+        if len(set(models)) != len(models):
+            raise ValueError("each served model name (routes and the local model) must be unique")
+        if not self.local_model and not self.routes:
+            raise ValueError("with local_model = false, configure at least one [[routes]] entry")
         return self
 
     @classmethod
@@ -182,7 +224,11 @@ class Settings(BaseSettings):
         return self.served_model_name or self.model_id
 
     def redacted(self) -> dict[str, Any]:
-        """Effective settings safe to print or log: secrets become '***'."""
+        """Effective settings safe to print or log: secrets become '***'.
+
+        Provider keys are never in the settings at all (only the names of the environment
+        variables that hold them), so there is nothing else to hide.
+        """
         data = self.model_dump(mode="json")
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):

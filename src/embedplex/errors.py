@@ -18,7 +18,8 @@ status codes.
     │   ├── QueueTimeoutError           waited longer than queue_timeout_ms
     │   └── NotReadyError               loading, draining, or a dead backend
     └── BackendError                    the model or the upstream failed        -> 424 / 500
-        ├── UpstreamError               a remote provider answered with an error
+        ├── UpstreamError               a remote provider answered with an error -> 502
+        │   └── UpstreamTimeoutError    it did not answer in time (after retries) -> 504
         └── FatalBackendError           the backend cannot serve again; flips readiness
 """
 
@@ -110,6 +111,12 @@ class UpstreamError(BackendError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """A remote provider did not answer within the per-attempt timeout or the retry budget."""
+
+    kind = "upstream_timeout"
 
 
 class FatalBackendError(BackendError):

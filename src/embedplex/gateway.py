@@ -10,7 +10,7 @@ import asyncio
 import logging
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedplex.errors import (
     EmbedplexError,
@@ -20,11 +20,17 @@ from embedplex.errors import (
 )
 from embedplex.service import EmbeddingService, ModelInfo, RerankService, ServedModel
 
+if TYPE_CHECKING:
+    from embedplex.router import Router
+
 logger = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, models: Sequence[ServedModel] = ()) -> None:
+    """Served models by name; ``router`` (optional) holds the remote providers they may use."""
+
+    def __init__(self, models: Sequence[ServedModel] = (), *, router: Router | None = None) -> None:
+        self.router = router
         self._models: dict[str, ServedModel] = {}
         for model in models:
             self.add(model)
@@ -37,7 +43,13 @@ class Gateway:
             raise ValueError(f"two models are served as {name!r}")
         self._models[name] = model
 
+    def remove(self, name: str) -> ServedModel:
+        """Stop serving ``name`` (admin API); the caller closes it if it owns resources."""
+        return self._models.pop(name)
+
     async def start(self) -> None:
+        if self.router is not None:
+            await self.router.start()
         for model in self._models.values():
             await model.start()
         self.started = True
@@ -45,6 +57,8 @@ class Gateway:
     async def close(self, *, drain: bool = True) -> None:
         self.draining = True
         await asyncio.gather(*(m.close(drain=drain) for m in self._models.values()))
+        if self.router is not None:
+            await self.router.close(drain=drain)
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -53,9 +67,8 @@ class Gateway:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @property
     def services(self) -> list[ServedModel]:
-        """The served models themselves (for instrumentation)."""
+        """The served models themselves (instrumentation, admin)."""
         return list(self._models.values())
 
     @property
@@ -95,6 +108,29 @@ class Gateway:
             f"model {name!r} is not served here (served: {known})", param="model"
         )
 
+    def service(
+        self, name: str | None, providers: Sequence[str] = (), policy: str | None = None
+    ) -> EmbeddingService:
+        """The model a request names, or an ad-hoc route when it names providers itself."""
+        if not providers and policy is None:
+            return self.model(name)
+        from embedplex.providers.config import RouteConfig
+        from embedplex.router import RemoteModel
+
+        if self.router is None:
+            raise ModelNotFoundError("no remote providers are configured", param="providers")
+        if not providers:
+            model = self.model(name)
+            if not isinstance(model, RemoteModel):
+                raise ModelNotFoundError(
+                    f"model {model.info.name!r} is local; policy needs providers", param="policy"
+                )
+            providers = model.route.providers
+        route = RouteConfig.model_validate(
+            {"model": name or providers[0], "providers": list(providers), "policy": policy or "any"}
+        )
+        return RemoteModel(self.router, route)
+
     def ready(self) -> tuple[bool, str]:
         """Ready when started, not draining and every model's backend is healthy."""
         if not self.started:
@@ -110,3 +146,6 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         return {name: model.stats() for name, model in self._models.items()}
+
+    def provider_stats(self) -> dict[str, Any]:
+        return self.router.stats() if self.router is not None else {}

@@ -43,3 +43,5 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every upstream request at INFO: one line per provider call is noise at load.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))

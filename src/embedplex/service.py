@@ -55,10 +55,19 @@ class Timings:
 
 @dataclass(slots=True)
 class EmbedResult:
+    """Vectors in input order.
+
+    ``provider`` names the remote provider that answered (None for a local model);
+    ``per_provider`` is set by the ``all`` policy: every provider's own result, in route order
+    (``vectors`` is then the first provider's, so dialects that carry one list still work).
+    """
+
     vectors: list[Vector]
     prompt_tokens: int
     model: str
     timings: Timings = field(default_factory=Timings)
+    provider: str | None = None
+    per_provider: dict[str, EmbedResult] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

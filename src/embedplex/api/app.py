@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api import openai, probes, status, tei
+from embedplex.api import admin, batch, openai, probes, rerank, status, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
@@ -35,10 +35,26 @@ GatewayFactory = Callable[[Settings], Gateway]
 
 
 def default_gateway(settings: Settings) -> Gateway:
-    """Load the configured local model (blocking; run in a thread)."""
-    from embedplex.local_model import load_local_model
+    """Load the configured local model and build the provider router (blocking; in a thread).
 
-    return Gateway([load_local_model(settings)])
+    The router exists even with no providers configured, so that providers can be added at
+    run time through the admin API.
+    """
+    from embedplex.local_model import load_local_model
+    from embedplex.router import RemoteModel, Router
+    from embedplex.service import ServedModel
+
+    models: list[ServedModel] = []
+    if settings.local_model:
+        models.append(load_local_model(settings))
+    router = Router(
+        settings.providers,
+        idle_ttl=settings.router_idle_ttl_s,
+        probe_interval=settings.router_probe_interval_s,
+        max_client_batch_size=settings.max_client_batch_size,
+    )
+    models.extend(RemoteModel(router, route) for route in settings.routes)
+    return Gateway(models, router=router)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
@@ -80,7 +96,7 @@ def create_app(
         async def load() -> None:
             try:
                 gw = await asyncio.to_thread(gateway_factory, settings)
-                telemetry.instrument(gw.services)
+                telemetry.instrument(gw.services())
                 await gw.start()
                 app.state.gateway = gw
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
@@ -114,7 +130,15 @@ def create_app(
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry
     telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
-    routers = (openai.router, tei.router, probes.router, status.router)
+    routers = (
+        openai.router,
+        batch.router,
+        tei.router,
+        rerank.router,
+        probes.router,
+        status.router,
+        admin.router,
+    )
     for router in routers:
         app.include_router(router)
     paths = frozenset(str(getattr(r, "path", "")) for router in routers for r in router.routes)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from embedplex.api.observe import request_record
 from embedplex.gateway import Gateway
-from embedplex.service import EmbedRequest, EmbedResult
+from embedplex.service import EmbeddingService, EmbedRequest, EmbedResult
 
 T = TypeVar("T")
 
@@ -77,9 +77,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def run_embed(request: Request, model_name: str | None, core: EmbedRequest) -> EmbedResult:
-    """Embed with the named model, noting model, inputs, tokens and timings for observability."""
-    model = gateway(request).model(model_name)
+async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
+    """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)

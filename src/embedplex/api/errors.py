@@ -69,6 +69,7 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
     (e.OverloadedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "overloaded")),
     (e.QueueTimeoutError, ErrorSpec(503, "Overloaded", "server_error", "queue_timeout")),
     (e.UnavailableError, ErrorSpec(503, "Unhealthy", "server_error", "service_unavailable")),
+    (e.UpstreamTimeoutError, ErrorSpec(504, "Backend", "server_error", "upstream_timeout")),
     (e.UpstreamError, ErrorSpec(502, "Backend", "server_error", "upstream_error")),
     (e.BackendError, ErrorSpec(424, "Backend", "server_error", "backend_error")),
     (e.EmbedplexError, ErrorSpec(500, "Backend", "server_error", "internal_error")),

@@ -16,6 +16,8 @@ from embedplex.errors import AuthenticationError, PayloadTooLargeError
 
 # /metrics is open as in TEI; serve it on --metrics-port to keep it off a public port.
 _OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
+# Admin routes check their own secret (embedplex.api.admin.require_admin).
+_ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
 
 
 class RequestIdMiddleware:
@@ -100,7 +102,7 @@ class ApiKeyMiddleware:
         self.key = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS):
+        if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS + _ADMIN_PATHS):
             await self.app(scope, receive, send)
             return
         given = b""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -18,7 +18,7 @@ from embedplex.api.common import (
     result_headers,
     run_embed,
 )
-from embedplex.service import EmbedRequest
+from embedplex.service import EmbeddingService, EmbedRequest, EmbedResult, Vector
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -33,6 +33,28 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Matryoshka: keep the first N dimensions.")
     user: str | None = None
+    # embedplex extensions (OpenAI SDK: pass them in ``extra_body``).
+    provider: str | None = Field(None, description="Route to this remote provider.")
+    providers: list[str] | None = Field(
+        None, min_length=1, description="Route to these remote providers, in order."
+    )
+    policy: Literal["any", "all"] | None = Field(
+        None, description="any: first healthy provider, fail over; all: every provider."
+    )
+    input_type: str | None = Field(
+        None, description="Remote providers: query or document (Voyage, Cohere)."
+    )
+
+    def routing(self) -> tuple[list[str], str | None]:
+        """The providers and policy the caller asked for (empty: the model's own route)."""
+        names = list(self.providers or [])
+        if self.provider is not None and self.provider not in names:
+            names.insert(0, self.provider)
+        return names, self.policy
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.provider or self.providers or self.policy)
 
 
 class Embedding(BaseModel):
@@ -54,34 +76,79 @@ class EmbeddingsResponse(BaseModel):
 
 
 def to_core(body: EmbeddingsRequest) -> EmbedRequest:
-    return EmbedRequest(inputs=as_inputs(body.input), normalize=True, dimensions=body.dimensions)
+    extra = {"input_type": body.input_type} if body.input_type is not None else {}
+    return EmbedRequest(
+        inputs=as_inputs(body.input), normalize=True, dimensions=body.dimensions, extra=extra
+    )
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingsResponse)
-@router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
-async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
-    result = await run_embed(request, body.model, to_core(body))
-    if body.encoding_format == "base64":
-        data = [
+def _data(vectors: list[Vector], encoding_format: str) -> list[dict[str, Any]]:
+    if encoding_format == "base64":
+        return [
             {
                 "object": "embedding",
                 "index": i,
                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode(),
             }
-            for i, v in enumerate(result.vectors)
+            for i, v in enumerate(vectors)
         ]
-    else:
-        data = [
-            {"object": "embedding", "index": i, "embedding": np.asarray(v, dtype=np.float32)}
-            for i, v in enumerate(result.vectors)
-        ]
-    body_out = {
+    return [
+        {"object": "embedding", "index": i, "embedding": np.asarray(v, dtype=np.float32)}
+        for i, v in enumerate(vectors)
+    ]
+
+
+def _usage(result: EmbedResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+
+
+def embeddings_body(result: EmbedResult, encoding_format: str, *, routed: bool) -> dict[str, Any]:
+    """The OpenAI response; with routing fields, also who answered (see docs/router.md).
+
+    ``all``: ``data`` holds the first provider's vectors and ``providers`` maps every provider
+    to its own ``{"model", "data", "usage"}``.
+    """
+    out: dict[str, Any] = {
         "object": "list",
-        "data": data,
+        "data": _data(result.vectors, encoding_format),
         "model": result.model,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        "usage": _usage(result),
     }
-    return json_response(body_out, headers=result_headers(result))
+    if routed and result.provider is not None:
+        out["provider"] = result.provider
+    if result.per_provider is not None:
+        out["providers"] = {
+            name: {
+                "model": sub.model,
+                "data": _data(sub.vectors, encoding_format),
+                "usage": _usage(sub),
+            }
+            for name, sub in result.per_provider.items()
+        }
+    return out
+
+
+def routed_service(request: Request, body: EmbeddingsRequest) -> EmbeddingService:
+    """The model, or the ad-hoc provider route, that ``body`` names."""
+    providers, policy = body.routing()
+    return gateway(request).service(body.model, providers, policy)
+
+
+async def embed_one(request: Request, body: EmbeddingsRequest) -> EmbedResult:
+    """Embed one (sub-)request through the model or route it names."""
+    return await routed_service(request, body).embed(to_core(body))
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingsResponse)
+@router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
+async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+    result = await run_embed(request, routed_service(request, body), to_core(body))
+    headers = result_headers(result)
+    if result.provider is not None:
+        headers["x-embedplex-provider"] = result.provider
+    return json_response(
+        embeddings_body(result, body.encoding_format, routed=body.routed), headers=headers
+    )
 
 
 @router.get("/v1/models")

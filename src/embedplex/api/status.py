@@ -1,7 +1,8 @@
 """``GET /api/v1/status``: what the server is doing, as one JSON document.
 
 The payload is a plain dict built from ``gateway.stats()`` and the metrics, so other parts (the
-remote-provider router) can add their own sections; ``embedplex status`` renders it.
+remote-provider router adds ``providers``: lanes, AIMD size, health and breaker, counters);
+``embedplex status`` renders it.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from embedplex import __version__
+from embedplex.api.admin import require_admin_read
 from embedplex.api.common import gateway, json_response
 from embedplex.gateway import Gateway
 from embedplex.observability import Telemetry
@@ -47,10 +49,11 @@ def build_status(gw: Gateway, telemetry: Telemetry) -> dict[str, Any]:
         "status": reason,
         "uptime_s": round(time.monotonic() - metrics.started, 3),
         "models": models,
+        "providers": gw.provider_stats(),
     }
 
 
-@router.get("/api/v1/status")
+@router.get("/api/v1/status", dependencies=[Depends(require_admin_read)])
 async def status(request: Request) -> Response:
     """Readiness, queue depth, in-flight work, recent throughput and errors per model."""
     return json_response(build_status(gateway(request), request.app.state.telemetry))

@@ -65,7 +65,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
     )
-    result = await run_embed(request, body.model, core)
+    result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
 
 
@@ -74,7 +74,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
     core = EmbedRequest(
         inputs=as_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate
     )
-    result = await run_embed(request, body.model, core)
+    result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
 
 

@@ -1,0 +1,76 @@
+"""``POST /v1/embeddings/batch``: many OpenAI-style sub-requests in one HTTP call.
+
+Each sub-request goes through the same engine as ``/v1/embeddings`` (so concurrent callers'
+texts still share upstream calls); the answer lists one result or one error per ``id``, in
+request order, with status 200 unless the batch itself is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from embedplex.api.common import as_inputs, json_response, unless_disconnected
+from embedplex.api.errors import spec_for
+from embedplex.api.openai import EmbeddingsRequest, embed_one, embeddings_body
+from embedplex.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
+from embedplex.service import EmbedResult
+
+router = APIRouter(tags=["OpenAI"])
+
+
+class BatchItem(EmbeddingsRequest):
+    id: str = Field(description="Caller's id, echoed in the result.")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[BatchItem] = Field(min_length=1)
+
+
+def _error_entry(item_id: str, exc: EmbedplexError) -> dict[str, object]:
+    spec = spec_for(exc)
+    error: dict[str, object] = {
+        "message": exc.message,
+        "type": spec.openai_type,
+        "code": spec.openai_code,
+        "status": spec.status,
+        "param": exc.param,
+    }
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        error["retry_after"] = max(1, round(retry_after))
+    return {"id": item_id, "object": "error", "error": error}
+
+
+@router.post("/v1/embeddings/batch")
+async def create_batch(body: BatchRequest, request: Request) -> Response:
+    ids = [item.id for item in body.requests]
+    if len(set(ids)) != len(ids):
+        raise InvalidRequestError("request ids must be unique", param="requests")
+    limit = request.app.state.settings.max_client_batch_size
+    total = sum(len(as_inputs(item.input)) for item in body.requests)
+    if total > limit:
+        raise PayloadTooLargeError(
+            f"{total} inputs across the batch > maximum allowed batch size {limit}",
+            param="requests",
+        )
+    work = asyncio.gather(
+        *(embed_one(request, item) for item in body.requests), return_exceptions=True
+    )
+    outcomes = await unless_disconnected(request, work)
+    results: list[dict[str, object]] = []
+    for item, outcome in zip(body.requests, outcomes, strict=True):
+        if isinstance(outcome, EmbedplexError):
+            results.append(_error_entry(item.id, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome  # a server fault, not a per-request error: the 500 handler logs it
+        else:
+            assert isinstance(outcome, EmbedResult)
+            entry = {"id": item.id, **embeddings_body(outcome, item.encoding_format, routed=True)}
+            results.append(entry)
+    return json_response({"object": "list", "results": results})

@@ -1,0 +1,110 @@
+"""Reranking: TEI ``POST /rerank`` and Cohere/Jina-style ``POST /v1/rerank`` (and ``/v2/rerank``).
+
+Both run the same reranker (a local cross-encoder) through the batching engine; only the shapes
+differ. Results are sorted by score, best first, and carry each text's index in the request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from embedplex.api.common import gateway, json_response, unless_disconnected
+from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.service import RerankRequest, RerankResult, Timings
+
+router = APIRouter(tags=["rerank"])
+
+
+class TeiRerankBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    texts: list[str]
+    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    raw_scores: bool = Field(False, description="Raw logits instead of sigmoid scores.")
+    return_text: bool = False
+    model: str | None = Field(None, description="embedplex extension: pick a served reranker.")
+
+
+class Document(BaseModel):
+    text: str
+
+
+class RerankBody(BaseModel):
+    """Cohere (v1/v2) and Jina rerank requests."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: str
+    documents: list[str | Document]
+    model: str | None = None
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool | None = None
+    truncate: bool | None = None
+
+
+def _ranked(result: RerankResult) -> list[tuple[int, float]]:
+    return sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
+
+
+async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
+    model = gateway(request).reranker(model_name)
+    return await unless_disconnected(request, model.rerank(core))
+
+
+def _headers(timings: Timings) -> dict[str, str]:
+    return timings.headers()
+
+
+@router.post("/rerank")
+async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
+    core = RerankRequest(
+        query=body.query,
+        texts=body.texts,
+        truncate=body.truncate,
+        truncation_direction=TruncationDirection(body.truncation_direction.lower()),
+        raw_scores=body.raw_scores,
+    )
+    result = await _rerank(request, body.model, core)
+    out = [
+        {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
+        for i, score in _ranked(result)
+    ]
+    return json_response(out, headers=_headers(result.timings))
+
+
+@router.post("/v1/rerank")
+@router.post("/v2/rerank")
+async def rerank(body: RerankBody, request: Request) -> Response:
+    texts = [d if isinstance(d, str) else d.text for d in body.documents]
+    core = RerankRequest(query=body.query, texts=texts, truncate=body.truncate)
+    result = await _rerank(request, body.model, core)
+    # Jina and Cohere v1 return documents unless told not to; Cohere v2 only when asked.
+    with_docs = body.return_documents
+    if with_docs is None:
+        with_docs = not request.url.path.startswith("/v2")
+    ranked = _ranked(result)[: body.top_n]
+    results = [
+        {
+            "index": i,
+            "relevance_score": score,
+            **({"document": {"text": texts[i]}} if with_docs else {}),
+        }
+        for i, score in ranked
+    ]
+    return json_response(
+        {
+            "id": uuid.uuid4().hex,
+            "model": result.model,
+            "results": results,
+            "usage": {"total_tokens": result.prompt_tokens},
+            "meta": {"billed_units": {"search_units": 1}},
+        },
+        headers=_headers(result.timings),
+    )

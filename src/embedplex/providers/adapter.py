@@ -1,0 +1,147 @@
+"""The common part of the HTTP adapters: URL, API key, limits, parameter checks, vectors.
+
+A concrete adapter says which URL path it speaks, how many texts a call may carry, which
+``EmbedParams`` it can honour, how to build the request body and how to read the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+
+from embedplex.errors import InvalidRequestError
+from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
+from embedplex.providers.config import ProviderConfig
+from embedplex.providers.http import AttemptListener, HttpTransport, RetryPolicy
+from embedplex.service import Vector
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = EmbedParams()
+
+
+def decode_vector(raw: Any) -> Vector:
+    """A JSON list of floats, or base64 of little-endian float32 (OpenAI's ``base64``)."""
+    if isinstance(raw, str):
+        return np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"expected a list of floats, got {type(raw).__name__}")
+    return np.asarray(raw, dtype=np.float32)
+
+
+def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
+    """A full URL: ``endpoint`` as given when it has a path, else with ``path`` appended."""
+    url = endpoint or default
+    if url is None:
+        raise ValueError("this provider type needs an endpoint")
+    parsed = httpx.URL(url)
+    if parsed.path in ("", "/"):
+        return url.rstrip("/") + path
+    if parsed.path.rstrip("/") == "/v1" and path.startswith("/v1/"):
+        return url.rstrip("/") + path[3:]
+    return url
+
+
+class HttpProvider(ABC):
+    """Base of the HTTP adapters (see ``embedplex.providers.base.Provider``)."""
+
+    type: ClassVar[str]
+    default_endpoint: ClassVar[str | None] = None
+    path: ClassVar[str]
+    max_texts: ClassVar[int]
+    # EmbedParams fields this API can honour when they differ from the defaults.
+    supported: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.model = config.model
+        self.url = resolve_url(config.endpoint, self.default_endpoint, self.path)
+        self.transport = HttpTransport(
+            config.name,
+            client,
+            policy=RetryPolicy(
+                attempt_timeout=config.timeout_s,
+                budget=config.retry_budget_s,
+                max_attempts=config.max_attempts,
+                backoff_base=config.backoff_base_ms / 1000,
+                backoff_max=config.backoff_max_s,
+            ),
+        )
+        self._limits = ProviderLimits(max_texts=self.max_texts)
+        self._headers: dict[str, str] = {}
+
+    @property
+    def limits(self) -> ProviderLimits:
+        return self._limits
+
+    def bind(self, listener: AttemptListener, gate: Callable[[], None]) -> None:
+        self.transport.listener = listener
+        self.transport.gate = gate
+
+    async def start(self) -> None:
+        env = self.config.api_key_env
+        if env:
+            key = os.environ.get(env)
+            if key:
+                self._headers["authorization"] = f"Bearer {key}"
+            else:
+                # Not fatal: the other providers should still serve; this one will get 401s.
+                logger.warning("provider %s: environment variable %s is not set", self.name, env)
+
+    async def close(self) -> None:
+        """Forget the key; the pooled client belongs to the router, which closes it."""
+        self._headers.clear()
+
+    def check(self, params: EmbedParams) -> None:
+        for field in ("truncate", "dimensions", "input_type", "prompt_name"):
+            if field in self.supported or getattr(params, field) == getattr(_DEFAULTS, field):
+                continue
+            raise InvalidRequestError(
+                f"provider {self.name} ({self.type}) does not support {field}", param=field
+            )
+        if params.truncation_direction != _DEFAULTS.truncation_direction and (
+            "truncation_direction" not in self.supported
+        ):
+            raise InvalidRequestError(
+                f"provider {self.name} ({self.type}) only truncates on the right",
+                param="truncation_direction",
+            )
+
+    async def embed(self, texts: list[str], params: EmbedParams) -> Embeddings:
+        n = len(texts)
+
+        def parse(data: Any, headers: httpx.Headers) -> Embeddings:
+            out = self.parse(data, headers)
+            if len(out.vectors) != n:
+                raise ValueError(f"{len(out.vectors)} vectors for {n} texts")
+            return out
+
+        return await self.transport.post_json(
+            self.url, self.body(texts, params), parse=parse, headers=self._headers, size=n
+        )
+
+    @abstractmethod
+    def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
+        """The upstream request body for one call."""
+
+    @abstractmethod
+    def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
+        """Vectors in input order (raise KeyError/TypeError/ValueError on a bad shape)."""
+
+
+def parse_openai_data(data: Any) -> list[Vector]:
+    """``data: [{"index", "embedding"}]`` (OpenAI, Voyage), put back in input order."""
+    rows = sorted(data["data"], key=lambda row: int(row["index"]))
+    return [decode_vector(row["embedding"]) for row in rows]

@@ -1,0 +1,104 @@
+"""The protocol every remote provider adapter implements, and the values it trades in.
+
+An adapter turns a list of texts plus ``EmbedParams`` into one upstream call and back into
+vectors. It knows its own limits (texts per call) and maps every upstream failure into the
+embedplex error tree at its edge; batching, health and adaptive sizing live above it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.service import EmbedRequest, Vector
+
+if TYPE_CHECKING:
+    from embedplex.providers.http import AttemptListener
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedParams:
+    """Everything but the texts that changes an upstream call.
+
+    Hashable: together with the provider name it is the batch grouping key, so requests that
+    differ in any of these never share an upstream call.
+    """
+
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = TruncationDirection.RIGHT
+    dimensions: int | None = None
+    input_type: str | None = None
+    prompt_name: str | None = None
+
+    @classmethod
+    def from_request(
+        cls, request: EmbedRequest, default_input_type: str | None = None
+    ) -> EmbedParams:
+        input_type = request.extra.get("input_type") or default_input_type
+        return cls(
+            normalize=request.normalize,
+            truncate=request.truncate,
+            truncation_direction=request.truncation_direction,
+            dimensions=request.dimensions,
+            input_type=str(input_type) if input_type is not None else None,
+            prompt_name=request.prompt_name,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The key as JSON-friendly values (status pages)."""
+        return {
+            "normalize": self.normalize,
+            "truncate": self.truncate,
+            "truncation_direction": self.truncation_direction.value,
+            "dimensions": self.dimensions,
+            "input_type": self.input_type,
+            "prompt_name": self.prompt_name,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """What one upstream call may carry."""
+
+    max_texts: int
+
+
+@dataclass(slots=True)
+class Embeddings:
+    """One upstream call's answer: a vector per text, and the tokens it billed (if it said)."""
+
+    vectors: list[Vector]
+    tokens: int | None = None
+    model: str | None = None
+
+
+class Provider(Protocol):
+    """A remote embedding API.
+
+    ``start`` may do I/O (TEI reads ``/info`` for its limits); ``embed`` makes exactly one
+    logical upstream call (with retries inside its budget) and raises only embedplex errors.
+    """
+
+    name: str
+    model: str | None
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def limits(self) -> ProviderLimits: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def bind(self, listener: AttemptListener, gate: Callable[[], None]) -> None:
+        """Report every upstream attempt to ``listener``; call ``gate`` before each retry."""
+
+    def check(self, params: EmbedParams) -> None:
+        """Raise InvalidRequestError if this provider cannot honour ``params``."""
+
+    async def embed(self, texts: list[str], params: EmbedParams) -> Embeddings: ...

@@ -1,0 +1,53 @@
+"""Cohere embed, v2 (``/v2/embed``, the default) or v1 (an endpoint whose path has ``/v1/``).
+
+Cohere requires ``input_type`` for v3+ models: a request without one uses the provider's
+configured ``input_type`` or ``search_document``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.providers.adapter import HttpProvider, decode_vector
+from embedplex.providers.base import Embeddings, EmbedParams
+
+_INPUT_TYPES = {"query": "search_query", "document": "search_document"}
+
+
+class CohereProvider(HttpProvider):
+    type = "cohere"
+    default_endpoint = "https://api.cohere.com/v2/embed"
+    path = "/v2/embed"
+    max_texts = 96
+    supported = frozenset({"truncate", "dimensions", "input_type", "truncation_direction"})
+
+    @property
+    def v1(self) -> bool:
+        return "/v1/" in httpx.URL(self.url).path
+
+    def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
+        input_type = params.input_type or "search_document"
+        body: dict[str, Any] = {
+            "texts": texts,
+            "model": self.model or "embed-english-v3.0",
+            "input_type": _INPUT_TYPES.get(input_type, input_type),
+            "embedding_types": ["float"],
+        }
+        if params.truncate is False:
+            body["truncate"] = "NONE"
+        elif params.truncate or params.truncation_direction is TruncationDirection.LEFT:
+            left = params.truncation_direction is TruncationDirection.LEFT
+            body["truncate"] = "START" if left else "END"
+        if params.dimensions is not None and not self.v1:
+            body["output_dimension"] = params.dimensions
+        return body
+
+    def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
+        embeddings = data["embeddings"]
+        if isinstance(embeddings, dict):  # embeddings_by_type (always in v2)
+            embeddings = embeddings["float"]
+        units = (data.get("meta") or {}).get("billed_units") or {}
+        return Embeddings([decode_vector(row) for row in embeddings], units.get("input_tokens"))

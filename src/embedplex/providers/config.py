@@ -1,0 +1,79 @@
+"""Configuration of remote providers and model routes (``[[providers]]``, ``[[routes]]``).
+
+Plain frozen pydantic models, validated as part of ``Settings``. Secrets are never part of the
+configuration: a provider names the environment variable that holds its key (``api_key_env``),
+and the key is read when the provider starts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ProviderType = Literal["tei", "openai", "voyage", "cohere"]
+Policy = Literal["any", "all"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+
+
+class ProviderConfig(BaseModel):
+    """One upstream embedding API and how embedplex batches, retries and watches it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="Name used in routes and requests.")
+    type: ProviderType = Field(description="API dialect: tei, openai, voyage or cohere.")
+    endpoint: str | None = Field(
+        None,
+        description="Base URL or full embeddings URL (default: the vendor's public API; "
+        "required for tei).",
+    )
+    model: str | None = Field(None, description="Upstream model name sent with each call.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable that holds the API key."
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Texts per upstream call (capped by the provider's own limit)."
+    )
+    min_batch_size: int = Field(1, ge=1, description="AIMD never shrinks a batch below this.")
+    max_wait_ms: float = Field(
+        50.0, ge=0, description="How long the first queued text waits for company."
+    )
+    max_concurrency: int = Field(4, ge=1, description="Upstream calls in flight at once.")
+    max_queued: int = Field(4096, ge=1, description="Texts waiting per batch lane; then 429.")
+    queue_timeout_ms: int = Field(30_000, ge=1, description="A text waiting longer gets 503.")
+    timeout_s: float = Field(15.0, gt=0, description="Per-attempt timeout of one upstream call.")
+    retry_budget_s: float = Field(
+        45.0, gt=0, description="Cumulative time one call may spend across retries."
+    )
+    max_attempts: int = Field(8, ge=1, description="Attempts per call, retries included.")
+    backoff_base_ms: float = Field(100.0, ge=0, description="First backoff ceiling (doubles).")
+    backoff_max_s: float = Field(10.0, ge=0, description="Largest backoff ceiling.")
+    latency_target_ms: float = Field(
+        2000.0, gt=0, description="AIMD grows the batch while calls finish within this."
+    )
+    aimd_increase: int = Field(4, ge=1, description="AIMD additive step (texts per success).")
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed attempts that open the circuit."
+    )
+    breaker_cooldown_s: float = Field(
+        10.0, gt=0, description="Seconds an open circuit waits before a probe."
+    )
+    health_window_s: float = Field(60.0, gt=0, description="Rolling window of health stats.")
+    input_type: str | None = Field(
+        None, description="Default input_type (cohere requires one: search_document)."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "base64", description="openai type: how vectors travel (base64 is exact and compact)."
+    )
+
+
+class RouteConfig(BaseModel):
+    """A served model name answered by one provider or an ordered group."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(min_length=1, description="Model name clients ask for.")
+    providers: list[str] = Field(min_length=1, description="Provider names, in order.")
+    policy: Policy = Field("any", description="any: first healthy, fail over; all: fan out.")

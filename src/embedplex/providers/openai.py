@@ -1,0 +1,37 @@
+"""OpenAI-compatible ``POST /v1/embeddings``: OpenAI, vLLM, Infinity, Ollama, another embedplex.
+
+Vectors travel as base64 by default (``encoding_format``): exact float32 bytes, a third of the
+size of JSON floats. Servers that ignore the field and answer with lists are read as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from embedplex.providers.adapter import HttpProvider, parse_openai_data
+from embedplex.providers.base import Embeddings, EmbedParams
+
+
+class OpenAIProvider(HttpProvider):
+    type = "openai"
+    default_endpoint = "https://api.openai.com/v1/embeddings"
+    path = "/v1/embeddings"
+    max_texts = 2048  # OpenAI's documented cap on `input` items
+    supported = frozenset({"dimensions"})
+
+    def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "input": texts,
+            "model": self.model or "default",
+            "encoding_format": self.config.encoding_format,
+        }
+        if params.dimensions is not None:
+            body["dimensions"] = params.dimensions
+        return body
+
+    def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
+        usage = data.get("usage") or {}
+        tokens = usage.get("prompt_tokens", usage.get("total_tokens"))
+        return Embeddings(parse_openai_data(data), tokens, data.get("model"))

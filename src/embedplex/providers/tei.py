@@ -1,0 +1,51 @@
+"""Hugging Face TEI ``POST /embed``; its batch limit comes from ``GET /info``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from embedplex.providers.adapter import HttpProvider, decode_vector
+from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
+
+logger = logging.getLogger(__name__)
+
+
+class TEIProvider(HttpProvider):
+    type = "tei"
+    path = "/embed"
+    max_texts = 32  # TEI's default --max-client-batch-size, until /info says otherwise
+    supported = frozenset({"truncate", "dimensions", "prompt_name", "truncation_direction"})
+
+    async def start(self) -> None:
+        await super().start()
+        info_url = str(httpx.URL(self.url).copy_with(path="/info", query=None))
+        try:
+            response = await self.transport.client.get(
+                info_url, headers=self._headers, timeout=self.config.timeout_s
+            )
+            response.raise_for_status()
+            limit = int(response.json()["max_client_batch_size"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            # The upstream may come up later; the default limit is safe for any TEI.
+            logger.warning("provider %s: could not read %s (%s)", self.name, info_url, exc)
+            return
+        self._limits = ProviderLimits(max_texts=max(1, limit))
+
+    def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"inputs": texts, "normalize": params.normalize}
+        if params.truncate is not None:
+            body["truncate"] = params.truncate
+        if params.truncation_direction.value != "right":
+            body["truncation_direction"] = params.truncation_direction.value.capitalize()
+        if params.prompt_name is not None:
+            body["prompt_name"] = params.prompt_name
+        if params.dimensions is not None:
+            body["dimensions"] = params.dimensions
+        return body
+
+    def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
+        tokens = headers.get("x-compute-tokens")
+        return Embeddings([decode_vector(row) for row in data], int(tokens) if tokens else None)

@@ -1,0 +1,35 @@
+"""Voyage AI ``POST /v1/embeddings`` (input, model, input_type, truncation, output_dimension)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from embedplex.providers.adapter import HttpProvider, parse_openai_data
+from embedplex.providers.base import Embeddings, EmbedParams
+
+# Cohere-style names callers may send; Voyage knows only query and document.
+_INPUT_TYPES = {"search_query": "query", "search_document": "document"}
+
+
+class VoyageProvider(HttpProvider):
+    type = "voyage"
+    default_endpoint = "https://api.voyageai.com/v1/embeddings"
+    path = "/v1/embeddings"
+    max_texts = 128  # the long-standing documented cap (newer models accept 1,000)
+    supported = frozenset({"truncate", "dimensions", "input_type"})
+
+    def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": texts, "model": self.model or "voyage-3.5"}
+        if params.input_type is not None:
+            body["input_type"] = _INPUT_TYPES.get(params.input_type, params.input_type)
+        if params.truncate is not None:
+            body["truncation"] = params.truncate
+        if params.dimensions is not None:
+            body["output_dimension"] = params.dimensions
+        return body
+
+    def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
+        usage = data.get("usage") or {}
+        return Embeddings(parse_openai_data(data), usage.get("total_tokens"), data.get("model"))

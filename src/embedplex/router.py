@@ -1,0 +1,301 @@
+"""The router: remote providers by name, routing policies, and the served remote models.
+
+``Router`` owns the pooled HTTP client and one ``ProviderRuntime`` per configured provider, plus
+two housekeeping tasks: the sweeper closes idle batch lanes, the prober sends a small request to
+any provider whose circuit is half-open and gets no traffic. ``RemoteModel`` is the
+``EmbeddingService`` a route is served as; the gateway holds both.
+
+Policies over an ordered provider list:
+- ``any``: the first provider whose circuit lets calls through; on a failure the next one. When
+  all fail, the caller gets the last error (429 with the shortest Retry-After when every one of
+  them was rate limited).
+- ``all``: every provider at once; the result carries each provider's vectors
+  (``EmbedResult.per_provider``); the first failure fails the request and cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from embedplex.batching import BatchObserver
+from embedplex.errors import (
+    ClientError,
+    EmbedplexError,
+    EmptyInputError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    UnavailableError,
+)
+from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
+from embedplex.providers.health import CircuitState
+from embedplex.providers.runtime import ProviderRuntime
+from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXT = "embedplex health probe"
+
+
+class Router:
+    def __init__(
+        self,
+        providers: Sequence[ProviderConfig],
+        *,
+        idle_ttl: float = 300.0,
+        probe_interval: float = 5.0,
+        max_client_batch_size: int = 2048,
+        client: httpx.AsyncClient | None = None,
+        observers: list[BatchObserver] | None = None,
+    ) -> None:
+        self.idle_ttl = idle_ttl
+        self.probe_interval = probe_interval
+        self.max_client_batch_size = max_client_batch_size
+        self._own_client = client is None
+        # Creating an AsyncClient does no I/O; connections open on first use.
+        self.client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            timeout=httpx.Timeout(15.0),
+        )
+        self._observers = observers
+        self.runtimes: dict[str, ProviderRuntime] = {}
+        for config in providers:
+            self._build(config)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+
+    def _build(self, config: ProviderConfig) -> ProviderRuntime:
+        if config.name in self.runtimes:
+            raise ValueError(f"two providers are named {config.name!r}")
+        runtime = ProviderRuntime.build(config, self.client, observers=self._observers)
+        self.runtimes[config.name] = runtime
+        return runtime
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.gather(*(rt.start() for rt in self.runtimes.values()))
+        self._tasks = [
+            asyncio.create_task(self._every(self.idle_ttl / 4, self.sweep), name="router:sweep"),
+            asyncio.create_task(self._every(self.probe_interval, self.probe), name="router:probe"),
+        ]
+        self.started = True
+
+    async def close(self, *, drain: bool = True) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(rt.close(drain=drain) for rt in self.runtimes.values()))
+        if self._own_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def add(self, config: ProviderConfig) -> None:
+        """Register a provider at run time (admin API)."""
+        runtime = self._build(config)
+        try:
+            await runtime.start()
+        except BaseException:
+            self.runtimes.pop(config.name, None)
+            raise
+
+    async def remove(self, name: str) -> None:
+        runtime = self.runtimes.pop(name, None)
+        if runtime is None:
+            raise ModelNotFoundError(f"no provider named {name!r}", param="name")
+        await runtime.close(drain=True)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def _every(self, period: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, period))
+            try:
+                await job()
+            except Exception:  # housekeeping must outlive one bad round
+                logger.exception("router housekeeping failed")
+
+    async def sweep(self) -> int:
+        """Close batch lanes idle for ``idle_ttl``; return how many."""
+        counts = await asyncio.gather(*(rt.sweep(self.idle_ttl) for rt in self.runtimes.values()))
+        return sum(counts)
+
+    async def probe(self) -> None:
+        """Send one small request to every half-open provider that no caller is probing."""
+        due = [
+            rt
+            for rt in self.runtimes.values()
+            if rt.health.state is CircuitState.HALF_OPEN and rt.health.available()
+        ]
+        for rt in due:
+            rt.counters["probes"] += 1
+        await asyncio.gather(
+            *(rt.embed(EmbedRequest(inputs=[PROBE_TEXT])) for rt in due), return_exceptions=True
+        )
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def runtime(self, name: str) -> ProviderRuntime:
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            known = ", ".join(sorted(self.runtimes)) or "none"
+            raise ModelNotFoundError(
+                f"provider {name!r} is not configured (providers: {known})", param="providers"
+            )
+        return runtime
+
+    async def embed(
+        self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
+    ) -> EmbedResult:
+        n = len(request.inputs)
+        if n == 0:
+            raise EmptyInputError("input cannot be empty", param="input")
+        if n > self.max_client_batch_size:
+            raise PayloadTooLargeError(
+                f"batch size {n} > maximum allowed batch size {self.max_client_batch_size}",
+                param="input",
+            )
+        # dict.fromkeys: keep the order, drop repeats ("all" answers once per provider).
+        runtimes = [self.runtime(name) for name in dict.fromkeys(providers)]
+        if not runtimes:
+            raise ModelNotFoundError("the request names no provider", param="providers")
+        if policy == "all":
+            return await self._all(runtimes, request)
+        return await self._any(runtimes, request)
+
+    async def _any(self, runtimes: list[ProviderRuntime], request: EmbedRequest) -> EmbedResult:
+        errors: list[EmbedplexError] = []
+        for rt in runtimes:
+            if not rt.health.available():
+                errors.append(
+                    UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+                )
+                continue
+            try:
+                return await rt.embed(request)
+            except ClientError:
+                raise  # the request itself is wrong: another provider will not fix it
+            except EmbedplexError as exc:
+                rt.counters["failovers"] += 1
+                errors.append(exc)
+        raise _pick_error(errors)
+
+    async def _all(self, runtimes: list[ProviderRuntime], request: EmbedRequest) -> EmbedResult:
+        tasks = [asyncio.ensure_future(rt.embed(request)) for rt in runtimes]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                error = task.exception() if task in done else None
+                if error is not None:
+                    raise error
+            results = [task.result() for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        first = results[0]
+        return EmbedResult(
+            vectors=first.vectors,
+            prompt_tokens=sum(r.prompt_tokens for r in results),
+            model=first.model,
+            timings=Timings(
+                queue=max(r.timings.queue for r in results),
+                inference=max(r.timings.inference for r in results),
+                total=max(r.timings.total for r in results),
+            ),
+            per_provider={
+                r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)
+            },
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {name: rt.stats() for name, rt in self.runtimes.items()}
+
+
+def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
+    limited = [e for e in errors if isinstance(e, RateLimitedError)]
+    if limited and len(limited) == len(errors):
+        waits = [e.retry_after for e in limited if e.retry_after is not None]
+        return RateLimitedError(
+            "every provider is rate limited: " + "; ".join(e.message for e in limited),
+            retry_after=min(waits) if waits else None,
+        )
+    if len(errors) == 1:
+        return errors[0]
+    last = errors[-1]
+    last.message = "every provider failed: " + "; ".join(e.message for e in errors)
+    last.args = (last.message,)
+    return last
+
+
+class RemoteModel:
+    """A route served as a model: a name answered by providers under a policy."""
+
+    def __init__(self, router: Router, route: RouteConfig) -> None:
+        self.router = router
+        self.route = route
+        self._info = ModelInfo(
+            name=route.model,
+            model_id=route.model,
+            sha=None,
+            backend="remote",
+            device="remote",
+            dtype="float32",
+            dim=0,  # unknown until the first answer; providers do not advertise it
+            pooling="remote",
+            max_input_length=0,
+            prompts={},
+        )
+        self._active = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        for name in self.route.providers:
+            self.router.runtime(name)  # fail early on a route to an unknown provider
+
+    async def close(self, *, drain: bool = True) -> None:
+        """The router owns the providers and closes them."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._active += 1
+        try:
+            result = await self.router.embed(request, self.route.providers, self.route.policy)
+        finally:
+            self._active -= 1
+        result.model = self.route.model
+        return result
+
+    def health(self) -> None:
+        """Always ready: a router whose upstreams are down still answers (with 503s), and
+        taking it out of a load balancer would not bring them back. See /api/v1/status."""
+
+    def stats(self) -> dict[str, Any]:
+        known = self.router.runtimes
+        per = [known[n].stats() for n in self.route.providers if n in known]
+        return {
+            "kind": "remote",
+            "policy": self.route.policy,
+            "providers": self.route.providers,
+            "active_requests": self._active,
+            "queued": sum(s["queued"] for s in per),
+            "in_flight_batches": sum(s["in_flight_batches"] for s in per),
+            "batches": sum(s["batches"] for s in per),
+            "max_batch_requests": min((s["max_batch_requests"] for s in per), default=0),
+            "circuits": {s["name"]: s["health"]["circuit"] for s in per},
+        }

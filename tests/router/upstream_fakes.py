@@ -1,0 +1,285 @@
+"""A fake upstream embedding server on 127.0.0.1 speaking the OpenAI, Voyage, Cohere and TEI APIs.
+
+It runs under uvicorn in a background thread (a real HTTP server, so retries, timeouts, resets
+and connection pooling are exercised for real). Faults are queued per call: ``script(...)``
+pushes what the next calls do (status codes with Retry-After, a delay, a reset connection, a
+malformed body); once the script is empty, calls succeed after ``delay`` seconds. Every call is
+recorded with its route and body, so tests can count upstream calls and check batch grouping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from embedplex.providers.config import ProviderConfig
+
+DIM = 8
+
+
+def vector_for(text: str, dim: int = DIM) -> np.ndarray:
+    """The fake model: a unit vector that depends only on the text."""
+    rng = np.random.default_rng(zlib.crc32(text.encode()))
+    v = rng.standard_normal(dim).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+@dataclass
+class Fault:
+    """What one call does instead of succeeding (``status`` 0: succeed after ``delay``)."""
+
+    status: int = 0
+    retry_after: str | None = None
+    delay: float = 0.0
+    reset: bool = False
+    malformed: bool = False
+
+
+@dataclass
+class Call:
+    path: str
+    body: dict[str, Any]
+    texts: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+
+class ThreadServer:
+    """Any ASGI app under uvicorn in a daemon thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
+        self.app = app
+        self.lifespan = lifespan
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_level="error", lifespan=self.lifespan, access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.delay = 0.0
+        self.max_texts: int | None = None  # answer 413 above this many texts
+        self._script: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/embeddings", self._openai, methods=["POST"]),
+                Route("/voyage/v1/embeddings", self._voyage, methods=["POST"]),
+                Route("/v2/embed", self._cohere, methods=["POST"]),
+                Route("/v1/embed", self._cohere, methods=["POST"]),
+                Route("/embed", self._tei, methods=["POST"]),
+                Route("/info", self._info, methods=["GET"]),
+            ]
+        )
+        self._server = ThreadServer(self.app)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def script(self, *faults: Fault) -> None:
+        with self._lock:
+            self._script.extend(faults)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.calls.clear()
+            self.delay = 0.0
+            self.max_texts = None
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    # -- the APIs --------------------------------------------------------------------------
+
+    async def _serve(self, request: Request, texts_key: str) -> tuple[Response | None, Call]:
+        body = orjson.loads(await request.body())
+        texts = body[texts_key]
+        call = Call(request.url.path, body, list(texts))
+        with self._lock:
+            self.calls.append(call)
+            fault = self._script.popleft() if self._script else Fault(delay=self.delay)
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.reset:
+            return _ResetResponse(), call
+        if fault.status:
+            headers = {"retry-after": fault.retry_after} if fault.retry_after else {}
+            return (
+                Response(
+                    orjson.dumps({"error": {"message": f"injected {fault.status}"}}),
+                    status_code=fault.status,
+                    headers=headers,
+                ),
+                call,
+            )
+        if self.max_texts is not None and len(texts) > self.max_texts:
+            msg = {"error": f"batch size {len(texts)} > {self.max_texts}"}
+            return Response(orjson.dumps(msg), status_code=413), call
+        if fault.malformed:
+            return Response(b'{"data": "not a list"', status_code=200), call
+        return None, call
+
+    async def _openai(self, request: Request) -> Response:
+        early, call = await self._serve(request, "input")
+        if early is not None:
+            return early
+        as_b64 = call.body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(call.texts):
+            v = self._vec(text, call.body.get("dimensions"))
+            emb: Any = (
+                base64.b64encode(v.astype("<f4").tobytes()).decode() if as_b64 else v.tolist()
+            )
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        data.reverse()  # indexes, not order, say which vector is whose
+        usage = {"prompt_tokens": len(call.texts) * 3, "total_tokens": len(call.texts) * 3}
+        return _json({"object": "list", "data": data, "model": "fake", "usage": usage})
+
+    async def _voyage(self, request: Request) -> Response:
+        early, call = await self._serve(request, "input")
+        if early is not None:
+            return early
+        dims = call.body.get("output_dimension")
+        data = [
+            {"object": "embedding", "index": i, "embedding": self._vec(t, dims).tolist()}
+            for i, t in enumerate(call.texts)
+        ]
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": call.body["model"],
+                "usage": {"total_tokens": 7},
+            }
+        )
+
+    async def _cohere(self, request: Request) -> Response:
+        early, call = await self._serve(request, "texts")
+        if early is not None:
+            return early
+        if "input_type" not in call.body:
+            return _json({"message": "valid input_type must be provided"}, 400)
+        vectors = [self._vec(t, call.body.get("output_dimension")).tolist() for t in call.texts]
+        return _json(
+            {
+                "id": "x",
+                "response_type": "embeddings_by_type",
+                "embeddings": {"float": vectors},
+                "texts": call.texts,
+                "meta": {"billed_units": {"input_tokens": 5}},
+            }
+        )
+
+    async def _tei(self, request: Request) -> Response:
+        early, call = await self._serve(request, "inputs")
+        if early is not None:
+            return early
+        dims = call.body.get("dimensions")
+        return _json([self._vec(t, dims).tolist() for t in call.texts])
+
+    async def _info(self, request: Request) -> Response:
+        return _json({"model_id": "fake", "max_client_batch_size": self.max_texts or 64})
+
+    @staticmethod
+    def _vec(text: str, dims: int | None) -> np.ndarray:
+        v = vector_for(text)
+        return v[:dims] if dims else v
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+class _ResetResponse(Response):
+    """Promise a body, send half of it, then fail: the client sees the connection drop."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"data": [', "more_body": True})
+        raise ConnectionResetError("injected reset")
+
+
+# Fast knobs for tests: short waits and backoffs, so every scenario runs in well under a second.
+FAST: dict[str, Any] = {
+    "max_wait_ms": 20,
+    "backoff_base_ms": 5,
+    "backoff_max_s": 0.05,
+    "timeout_s": 2.0,
+    "retry_budget_s": 5.0,
+}
+
+
+def endpoint(upstream: FakeUpstream, kind: str) -> str:
+    return {
+        "openai": upstream.url,
+        "voyage": upstream.url + "/voyage/v1/embeddings",
+        "cohere": upstream.url + "/v2/embed",
+        "tei": upstream.url,
+    }[kind]
+
+
+def provider(name: str, upstream: FakeUpstream, kind: str = "openai", **kw: Any) -> ProviderConfig:
+    """A provider config pointed at ``upstream`` with the fast test knobs."""
+    fields = {**FAST, "model": f"{name}-model", **kw}
+    return ProviderConfig(name=name, type=kind, endpoint=endpoint(upstream, kind), **fields)
