@@ -134,3 +134,26 @@ def make_tiny_bert(
     if prompts is not None:
         (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
     return path
+
+
+def make_tiny_reranker(path: Path, *, seed: int = 0) -> Path:
+    """A 2-layer BERT cross-encoder (one relevance logit) with random weights."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=1,
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path

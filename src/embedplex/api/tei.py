@@ -102,7 +102,9 @@ async def tokenize(body: TokenizeBody, request: Request) -> Response:
 async def info(request: Request) -> Response:
     gw = gateway(request)
     settings = request.app.state.settings
-    model = gw.model(None).info
+    if not gw.models:
+        raise NotReadyError("no model is loaded yet")
+    model = gw.models[0]  # TEI describes one model: the first served (the local one, if any)
     return json_response(
         {
             "model_id": model.model_id,

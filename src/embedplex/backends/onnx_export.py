@@ -84,7 +84,7 @@ def export_fp32(
 
     auto = AutoModelForSequenceClassification if task == "reranker" else AutoModel
     output = "logits" if task == "reranker" else "last_hidden_state"
-    model = auto.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = auto.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
 
     class Encoder(torch.nn.Module):

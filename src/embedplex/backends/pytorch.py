@@ -50,7 +50,7 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         auto = AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
-        model = auto.from_pretrained(str(spec.path), torch_dtype=getattr(torch, _DTYPES[dtype]))
+        model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
         model.eval().to(device)
         return cls(model, pooling=spec.pooling, dtype=dtype, device=device, dim=spec.hidden_size)
 

@@ -1,0 +1,128 @@
+"""Rerankers: a tiny random cross-encoder against sentence-transformers, and the rerank routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedplex.api.app import create_app
+from embedplex.config import Settings
+from helpers import running
+from tiny_models import make_tiny_reranker
+
+pytestmark = pytest.mark.slow
+
+QUERY = "quick brown fox"
+TEXTS = ["the quick brown fox jumps", "a lazy dog", "hello world", "fox fox fox", "search"]
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_reranker(tmp_path_factory.mktemp("rerankers") / "tiny-ce", seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(reranker_dir: Path) -> np.ndarray:
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(reranker_dir), device="cpu")
+    scores: np.ndarray = model.predict([(QUERY, t) for t in TEXTS])  # sigmoid by default
+    return scores
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+async def test_tei_rerank_matches_sentence_transformers(
+    reranker_dir: Path, expected: np.ndarray, backend: str, tmp_path: Path
+) -> None:
+    settings = Settings(model_id=str(reranker_dir), backend=backend, cache_dir=tmp_path)
+    async with running(create_app(settings)) as client:
+        r = await client.post("/rerank", json={"query": QUERY, "texts": TEXTS, "return_text": True})
+        raw = await client.post(
+            "/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True}
+        )
+        info = (await client.get("/info")).json()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = [item["score"] for item in body]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(item["index"] for item in body) == list(range(len(TEXTS)))
+    by_index = np.array(
+        [next(x["score"] for x in body if x["index"] == i) for i in range(len(TEXTS))]
+    )
+    assert np.allclose(by_index, expected, atol=1e-5)
+    assert all(item["text"] == TEXTS[item["index"]] for item in body)
+    logits = {x["index"]: x["score"] for x in raw.json()}
+    assert np.allclose(
+        [1 / (1 + np.exp(-logits[i])) for i in range(len(TEXTS))], expected, atol=1e-5
+    )
+    assert info["model_type"] == {"reranker": {"pooling": "cls"}}
+
+
+async def test_cohere_and_jina_shapes(
+    reranker_dir: Path, expected: np.ndarray, tmp_path: Path
+) -> None:
+    settings = Settings(model_id=str(reranker_dir), cache_dir=tmp_path)
+    docs = [TEXTS[0], {"text": TEXTS[1]}, *TEXTS[2:]]
+    async with running(create_app(settings)) as client:
+        v1 = await client.post(
+            "/v1/rerank",
+            json={"model": "rerank-english-v3.0", "query": QUERY, "documents": docs, "top_n": 3},
+        )
+        v2 = await client.post(
+            "/v2/rerank", json={"model": "m", "query": QUERY, "documents": TEXTS}
+        )
+        v1_no_docs = await client.post(
+            "/v1/rerank", json={"query": QUERY, "documents": TEXTS, "return_documents": False}
+        )
+    body = v1.json()
+    assert [r["index"] for r in body["results"]] == list(np.argsort(-expected)[:3])
+    assert np.allclose(
+        [r["relevance_score"] for r in body["results"]], np.sort(expected)[::-1][:3], atol=1e-5
+    )
+    assert body["results"][0]["document"] == {"text": TEXTS[body["results"][0]["index"]]}
+    assert body["usage"]["total_tokens"] > len(TEXTS)
+    assert len(v2.json()["results"]) == len(TEXTS)
+    assert "document" not in v2.json()["results"][0]
+    assert "document" not in v1_no_docs.json()["results"][0]
+
+
+async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(model_id=str(reranker_dir), cache_dir=tmp_path, max_client_batch_size=3)
+    long_text = " ".join(["fox"] * 80)
+    async with running(create_app(settings)) as client:
+        empty = await client.post("/rerank", json={"query": QUERY, "texts": []})
+        many = await client.post("/rerank", json={"query": QUERY, "texts": ["a"] * 4})
+        too_long = await client.post("/rerank", json={"query": QUERY, "texts": [long_text]})
+        truncated = await client.post(
+            "/rerank", json={"query": QUERY, "texts": [long_text], "truncate": True}
+        )
+        embed = await client.post("/embed", json={"inputs": "hello"})
+        oai = await client.post(
+            "/v1/embeddings", json={"input": "hello", "model": str(reranker_dir)}
+        )
+        bad = await client.post("/v1/rerank", json={"query": QUERY, "documents": [5]})
+    assert empty.status_code == 400
+    assert many.status_code == 413
+    assert too_long.status_code == 422
+    assert truncated.status_code == 200
+    assert embed.status_code == 404
+    assert "no embedding model" in embed.json()["error"]
+    assert oai.status_code == 422
+    assert "reranker" in oai.json()["error"]["message"]
+    assert bad.status_code == 422
+
+
+def test_classifiers_with_many_labels_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from embedplex.errors import FatalBackendError
+    from embedplex.local_model import load_local_model
+
+    model_dir = make_tiny_reranker(tmp_path / "clf")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["id2label"] = {"0": "a", "1": "b", "2": "c"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FatalBackendError, match="3 labels"):
+        load_local_model(Settings(model_id=str(model_dir), cache_dir=tmp_path))
