@@ -79,10 +79,44 @@ def render_status(payload: dict[str, Any], console: Console, url: str = "") -> N
     window = next((m.get("recent", {}).get("window_s") for m in models.values()), None)
     if window:
         console.print(f"rates over the last {window:g}s")
-    # Sections added by other parts (e.g. remote providers) render as generic tables.
+    providers: dict[str, Any] = payload.get("providers") or {}
+    if providers:
+        console.print(_providers_table(providers))
+    # Sections added by other parts render as generic tables.
     for section, rows in payload.items():
-        if section != "models" and isinstance(rows, dict) and rows:
+        if section not in ("models", "providers") and isinstance(rows, dict) and rows:
             console.print(_generic_table(section, rows))
+
+
+def _providers_table(providers: dict[str, Any]) -> Table:
+    """Remote providers: circuit, adaptive batch size, queues and upstream call counts."""
+    table = Table(title="Providers", title_justify="left")
+    table.add_column("provider")
+    table.add_column("circuit")
+    for column in ("batch size", "queued", "in flight", "lanes", "calls", "texts", "texts/call"):
+        table.add_column(column, justify="right")
+    table.add_column("success, p50/p99")
+    for name, p in providers.items():
+        health = p.get("health", {})
+        counters = p.get("counters", {})
+        calls = counters.get("upstream_calls", 0)
+        texts = counters.get("texts", 0)
+        circuit = str(health.get("circuit", "-"))
+        colour = {"closed": "green", "open": "red"}.get(circuit, "yellow")
+        table.add_row(
+            f"{name}\n[dim]{p.get('type')} {p.get('endpoint')}[/]",
+            f"[{colour}]{circuit}[/]",
+            str(p.get("aimd", {}).get("batch_size", "-")),
+            str(p.get("queued", "-")),
+            str(p.get("in_flight_batches", "-")),
+            str(len(p.get("lanes", []))),
+            str(calls),
+            str(texts),
+            f"{texts / calls:.1f}" if calls else "-",
+            f"{health.get('success_rate', 0):.0%}, "
+            f"{health.get('latency_p50_ms', 0):.0f}/{health.get('latency_p99_ms', 0):.0f} ms",
+        )
+    return table
 
 
 def _generic_table(title: str, rows: dict[str, Any]) -> Table:

@@ -87,3 +87,42 @@ async def test_status_command_sends_the_api_key() -> None:
             assert "k-123" not in out
 
     await asyncio.to_thread(scenario)
+
+
+def test_status_renders_remote_providers() -> None:
+    import io
+
+    from rich.console import Console
+
+    from embedplex.status_cli import render_status
+
+    payload = {
+        "version": "0.1.0",
+        "ready": True,
+        "status": "ready",
+        "uptime_s": 5,
+        "models": {},
+        "providers": {
+            "voyage": {
+                "type": "voyage",
+                "endpoint": "https://api.example/v1/embeddings",
+                "queued": 3,
+                "in_flight_batches": 1,
+                "aimd": {"batch_size": 64},
+                "health": {
+                    "circuit": "open",
+                    "success_rate": 0.5,
+                    "latency_p50_ms": 12,
+                    "latency_p99_ms": 80,
+                },
+                "counters": {"upstream_calls": 4, "texts": 100},
+                "lanes": [{}, {}],
+            }
+        },
+    }
+    out = io.StringIO()
+    render_status(payload, Console(file=out, width=200))
+    text = out.getvalue()
+    row = next(line for line in text.splitlines() if "voyage" in line)
+    for cell in ("open", "64", "3", "25.0", "50%, 12/80 ms"):
+        assert cell in row, cell
