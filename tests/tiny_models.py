@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 WORDS = [
     "the",
@@ -67,6 +68,22 @@ def write_tokenizer(path: Path) -> int:
     return len(vocab_list)
 
 
+def tiny_bert_config(vocab_size: int, **extra: object) -> Any:
+    """2 layers, 32 wide, 64 positions: big enough to be a real BERT, small enough to be instant."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **extra,
+    )
+
+
 def make_tiny_bert(
     path: Path,
     *,
@@ -78,21 +95,14 @@ def make_tiny_bert(
 ) -> Path:
     """A 2-layer, 32-wide BERT with random weights, saved as a sentence-transformers model."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     path.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(path)
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
+    BertModel(tiny_bert_config(vocab_size)).eval().save_pretrained(
+        str(path), safe_serialization=True
     )
-    BertModel(config).eval().save_pretrained(str(path), safe_serialization=True)
     if pooling is not None:
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -139,21 +149,11 @@ def make_tiny_bert(
 def make_tiny_reranker(path: Path, *, seed: int = 0) -> Path:
     """A 2-layer BERT cross-encoder (one relevance logit) with random weights."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     path.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(path)
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        num_labels=1,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = BertForSequenceClassification(tiny_bert_config(vocab_size, num_labels=1)).eval()
     model.save_pretrained(str(path), safe_serialization=True)
     return path

@@ -6,7 +6,6 @@ come in as new policies). The batcher owns the queue; nothing else touches it.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Protocol
 
 from embedplex.batching.item import Item
@@ -34,59 +33,8 @@ class BatchQueue(Protocol):
         """Remove and return the next batch (never empty while the queue is not)."""
 
 
-class FifoQueue:
-    """Arrival order; the budget counts the sum of costs (for remote providers)."""
-
-    def __init__(self) -> None:
-        self._items: deque[AnyItem] = deque()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def push(self, item: AnyItem) -> None:
-        self._items.append(item)
-
-    def oldest_enqueued_at(self) -> float | None:
-        return self._items[0].enqueued_at if self._items else None
-
-    def next_deadline(self) -> float | None:
-        return min((i.deadline for i in self._items), default=None)
-
-    def pop_expired(self, now: float) -> list[AnyItem]:
-        expired = [i for i in self._items if i.deadline <= now]
-        if expired:
-            self._items = deque(i for i in self._items if i.deadline > now)
-        return expired
-
-    def drop_gone(self) -> int:
-        before = len(self._items)
-        self._items = deque(i for i in self._items if i.waiting)
-        return before - len(self._items)
-
-    def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
-        batch: list[AnyItem] = []
-        cost = 0
-        while self._items and len(batch) < max_items:
-            nxt = self._items[0]
-            if batch and max_cost is not None and cost + nxt.cost > max_cost:
-                break
-            batch.append(self._items.popleft())
-            cost += nxt.cost
-        return batch
-
-
-def padded_cost(costs: list[int]) -> int:
-    """Tokens a batch occupies once padded to its longest member."""
-    return max(costs) * len(costs) if costs else 0
-
-
-class LengthBucketQueue:
-    """Oldest item first, grown with the items closest to it in length (for local models).
-
-    The budget is the padded size (longest item x count), as the backend sees it. The oldest item
-    always goes into the next batch, so nothing starves; its companions are picked by length so
-    that short texts do not pay for a long one's padding.
-    """
+class _ListQueue:
+    """Items in arrival order; the bookkeeping every policy shares."""
 
     def __init__(self) -> None:
         self._items: list[AnyItem] = []
@@ -113,6 +61,36 @@ class LengthBucketQueue:
         before = len(self._items)
         self._items = [i for i in self._items if i.waiting]
         return before - len(self._items)
+
+
+class FifoQueue(_ListQueue):
+    """Arrival order; the budget counts the sum of costs (for remote providers)."""
+
+    def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
+        taken = 0
+        cost = 0
+        for item in self._items[:max_items]:
+            if taken and max_cost is not None and cost + item.cost > max_cost:
+                break
+            taken += 1
+            cost += item.cost
+        batch = self._items[:taken]
+        self._items = self._items[taken:]
+        return batch
+
+
+def padded_cost(costs: list[int]) -> int:
+    """Tokens a batch occupies once padded to its longest member."""
+    return max(costs) * len(costs) if costs else 0
+
+
+class LengthBucketQueue(_ListQueue):
+    """Oldest item first, grown with the items closest to it in length (for local models).
+
+    The budget is the padded size (longest item x count), as the backend sees it. The oldest item
+    always goes into the next batch, so nothing starves; its companions are picked by length so
+    that short texts do not pay for a long one's padding.
+    """
 
     def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
         items = self._items
