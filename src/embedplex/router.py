@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -37,6 +37,9 @@ from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
 from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings
+
+if TYPE_CHECKING:
+    from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class Router:
             timeout=httpx.Timeout(15.0),
         )
         self._observers = observers
+        self._telemetry: Telemetry | None = None
         self.runtimes: dict[str, ProviderRuntime] = {}
         for config in providers:
             self._build(config)
@@ -74,8 +78,16 @@ class Router:
         if config.name in self.runtimes:
             raise ValueError(f"two providers are named {config.name!r}")
         runtime = ProviderRuntime.build(config, self.client, observers=self._observers)
+        if self._telemetry is not None:
+            runtime.instrument(self._telemetry)
         self.runtimes[config.name] = runtime
         return runtime
+
+    def instrument(self, telemetry: Telemetry) -> None:
+        """Report every provider, and those added later, to ``telemetry`` (before ``start``)."""
+        self._telemetry = telemetry
+        for runtime in self.runtimes.values():
+            runtime.instrument(telemetry)
 
     # -- lifecycle -------------------------------------------------------------------------
 

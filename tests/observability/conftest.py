@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -16,7 +14,6 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from prometheus_client.parser import text_string_to_metric_families
 
 from embedplex.api.app import GatewayFactory, create_app
 from embedplex.backends.fake import FakeBackend
@@ -26,6 +23,11 @@ from embedplex.config import Settings
 from embedplex.gateway import Gateway
 from embedplex.local_model import LocalEmbeddingModel, LocalModelOptions
 from embedplex.observability import Telemetry
+
+# Re-exported for the tests of this package.
+from helpers import eventually as eventually
+from helpers import parse_metrics as parse_metrics
+from helpers import value as value
 
 MODEL = "test-model"
 
@@ -71,29 +73,6 @@ class Served:
         return parse_metrics(r.text)
 
 
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    """One sample's value (0 when absent)."""
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float = 10.0) -> None:
-    """Poll ``check`` until it holds; fail after ``seconds``."""
-    for _ in range(int(seconds / 0.01)):
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{check} never held")
-
-
 async def wait_ready(client: httpx.AsyncClient) -> None:
     async def ready() -> bool:
         return (await client.get("/health/ready")).status_code == 200
@@ -107,11 +86,16 @@ async def serve(
     *,
     backend: FakeBackend | None = None,
     telemetry: Telemetry | None = None,
+    factory: Callable[[FakeBackend], GatewayFactory] | None = None,
 ) -> AsyncIterator[Served]:
-    """Run the app's lifespan in-process and talk to it over ASGI."""
+    """Run the app's lifespan in-process and talk to it over ASGI.
+
+    ``factory(backend)`` builds the gateway factory (default: ``fake_factory``).
+    """
     backend = backend or FakeBackend()
     s = s or settings()
-    app = create_app(s, gateway_factory=fake_factory(backend), telemetry=telemetry)
+    make = factory or fake_factory
+    app = create_app(s, gateway_factory=make(backend), telemetry=telemetry)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

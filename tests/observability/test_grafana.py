@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from embedplex.observability import CircuitState
+import pytest
 
-from .conftest import Served
+from embedplex.api.app import GatewayFactory
+from embedplex.backends.fake import FakeBackend
+from embedplex.config import Settings
+from embedplex.gateway import Gateway
+from embedplex.providers.config import RouteConfig
+from embedplex.router import RemoteModel, Router
+from upstream_fakes import FakeUpstream, Fault, provider, running_upstream
+
+from .conftest import MODEL, fake_factory, serve
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "embedplex.json"
 METRIC = re.compile(r"\bembedplex_[a-z0-9_]+\b")
@@ -39,23 +48,43 @@ def test_dashboard_is_valid_and_covers_the_metrics() -> None:
     assert len(names) > 30
 
 
-async def test_every_queried_metric_exists_after_real_requests(served: Served) -> None:
-    c = served.client
-    assert (await c.post("/v1/embeddings", json={"input": ["one", "two words"]})).status_code == 200
-    assert (await c.post("/embed", json={"inputs": []})).status_code == 400
-    served.backend.fail_next = 1
-    assert (await c.post("/embed", json={"inputs": "x"})).status_code == 424
-    served.backend.die()
-    assert (await c.post("/embed", json={"inputs": "x"})).status_code == 424
-    assert (await c.post("/embed", json={"inputs": "x"})).status_code == 503
-    # Remote providers come with the router; its adapters report through this observer.
-    providers = served.telemetry.providers
-    providers.on_upstream_call("voyage", 64, 0.2, "200")
-    providers.on_retry("voyage", "429")
-    providers.on_circuit_state("voyage", CircuitState.CLOSED)
-    providers.on_batch_size("voyage", 64)
+def with_a_route(upstream: FakeUpstream) -> Callable[[FakeBackend], GatewayFactory]:
+    """The fake local model plus a route ``remote`` to a provider on ``upstream``."""
 
-    exported = {name for name, _ in await served.metrics()}
+    def factory(backend: FakeBackend) -> GatewayFactory:
+        def build(s: Settings) -> Gateway:
+            router = Router([provider("up", upstream, max_attempts=2)], probe_interval=3600)
+            remote = RemoteModel(router, RouteConfig(model="remote", providers=["up"]))
+            return Gateway([*fake_factory(backend)(s).services(), remote], router=router)
+
+        return build
+
+    return factory
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    with running_upstream() as fake:
+        yield fake
+
+
+async def test_every_queried_metric_exists_after_real_requests(upstream: FakeUpstream) -> None:
+    async with serve(factory=with_a_route(upstream)) as served:
+        c = served.client
+        r = await c.post("/v1/embeddings", json={"model": MODEL, "input": ["one", "two words"]})
+        assert r.status_code == 200
+        assert (await c.post("/embed", json={"model": MODEL, "inputs": []})).status_code == 400
+        served.backend.fail_next = 1
+        assert (await c.post("/embed", json={"model": MODEL, "inputs": "x"})).status_code == 424
+        served.backend.die()
+        assert (await c.post("/embed", json={"model": MODEL, "inputs": "x"})).status_code == 424
+        assert (await c.post("/embed", json={"model": MODEL, "inputs": "x"})).status_code == 503
+        # Remote providers: a routed request that is rate limited once, then answered.
+        upstream.script(Fault(status=429, retry_after="0"))
+        r = await c.post("/v1/embeddings", json={"model": "remote", "input": ["far away"]})
+        assert r.status_code == 200
+        exported = {name for name, _ in await served.metrics()}
+
     wanted = {m for q in queries(json.loads(DASHBOARD.read_text())) for m in METRIC.findall(q)}
     missing = sorted(wanted - exported)
     assert not missing, f"the dashboard queries metrics the server does not export: {missing}"

@@ -110,16 +110,31 @@ def test_otlp_endpoint_builds_an_exporter(protocol: str) -> None:
 
 def test_upstream_span_api() -> None:
     telemetry, exporter = traced()
-    assert telemetry.tracer is not None
+    tracer = telemetry.tracer
+    assert tracer is not None
     with upstream_span(None, "openai", 3) as nothing:
         assert nothing is None
-    with telemetry.tracer.start_as_current_span("request") as request:
-        links = [request.get_span_context()]
-    with upstream_span(telemetry.tracer, "openai", 3, links) as span:
+    with tracer.start_as_current_span("request 1") as one:
+        pass
+    with tracer.start_as_current_span("request 2") as two:
+        pass
+    first, second = one.get_span_context(), two.get_span_context()
+    # Under the request that opened the batch, linked to the others (repeats counted once).
+    with (
+        tracer.start_as_current_span("unrelated"),  # the current span is not the parent
+        upstream_span(tracer, "openai", 3, [first, first, second]) as span,
+    ):
+        assert span is not None
+    with upstream_span(tracer, "probe", 1) as span:
         assert span is not None
     spans = {s.name: s for s in exporter.get_finished_spans()}
     upstream = spans["upstream openai"]
     assert upstream.kind is SpanKind.CLIENT
+    assert upstream.parent is not None
+    assert upstream.parent.span_id == first.span_id
+    assert upstream.context.trace_id == first.trace_id
+    assert [link.context for link in upstream.links] == [second]
     assert upstream.attributes is not None
     assert upstream.attributes["embedplex.inputs"] == 3
-    assert [link.context for link in upstream.links] == links
+    assert upstream.attributes["embedplex.requests"] == 2
+    assert spans["upstream probe"].parent is None

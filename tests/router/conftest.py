@@ -6,19 +6,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from upstream_fakes import FakeUpstream
 
 from embedplex.providers.config import ProviderConfig
 from embedplex.router import Router
+from upstream_fakes import FakeUpstream, running_upstream
 
 
 def _server() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream()
-    fake.start()
-    try:
+    with running_upstream() as fake:
         yield fake
-    finally:
-        fake.stop()
 
 
 @pytest.fixture(scope="session")

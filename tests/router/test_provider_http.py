@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.errors import (
@@ -20,6 +19,7 @@ from embedplex.errors import (
 )
 from embedplex.providers import PROVIDER_TYPES, EmbedParams, HttpProvider
 from embedplex.providers.http import Attempt, Outcome, parse_retry_after
+from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 
 @pytest.fixture

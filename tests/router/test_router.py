@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 from conftest import RouterFactory
 from embedplex.errors import (
@@ -22,6 +21,7 @@ from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
 from embedplex.router import PROBE_TEXT, RemoteModel
 from embedplex.service import EmbedRequest
+from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 
 def req(*texts: str, **kw: object) -> EmbedRequest:

@@ -13,11 +13,11 @@ import openai
 import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr
-from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
+from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 SECRET = "s3cret-admin"
 ADMIN = {"authorization": f"Bearer {SECRET}"}

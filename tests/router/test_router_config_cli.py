@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 from typer.testing import CliRunner
-from upstream_fakes import FakeUpstream, ThreadServer, provider
 
 from embedplex.api.app import create_app
 from embedplex.cli import app as cli
 from embedplex.cli import default_toml
 from embedplex.config import Settings
 from embedplex.providers.config import ProviderConfig, RouteConfig
+from upstream_fakes import FakeUpstream, ThreadServer, provider
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "router.toml"
 SECRET = "admin-for-cli"

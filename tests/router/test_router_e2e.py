@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from upstream_fakes import FakeUpstream, provider, vector_for
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
+from upstream_fakes import FakeUpstream, provider, vector_for
 
 pytest.importorskip("aiohttp")
 # The load side is examples/router_load.py itself, so the documented check is what is tested.

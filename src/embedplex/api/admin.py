@@ -97,6 +97,7 @@ async def add_provider(body: AddProvider, request: Request) -> Response:
     if body.serve_as is not None:
         route = RouteConfig(model=body.serve_as, providers=[body.provider.name])
         model = RemoteModel(router_, route)
+        request.app.state.telemetry.instrument([model])  # its build info
         await model.start()
         gw.add(model)
     return json_response(_describe(body.provider), status=201)

@@ -97,6 +97,8 @@ def create_app(
             try:
                 gw = await asyncio.to_thread(gateway_factory, settings)
                 telemetry.instrument(gw.services())
+                if gw.router is not None:
+                    gw.router.instrument(telemetry)
                 await gw.start()
                 app.state.gateway = gw
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))

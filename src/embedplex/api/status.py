@@ -17,7 +17,7 @@ from embedplex import __version__
 from embedplex.api.admin import require_admin_read
 from embedplex.api.common import gateway, json_response
 from embedplex.gateway import Gateway
-from embedplex.observability import Telemetry
+from embedplex.observability import RecentBatches, Telemetry
 
 router = APIRouter(tags=["observability"])
 
@@ -40,7 +40,10 @@ def build_status(gw: Gateway, telemetry: Telemetry) -> dict[str, Any]:
             "dim": info.dim,
             "max_input_length": info.max_input_length,
             **stats.get(info.name, {}),
-            "recent": metrics.model(info.name).recent.summary(RECENT_WINDOW_S),
+            "recent": RecentBatches.combined(
+                [metrics.model(n).recent for n in _batch_sources(info.name, stats)],
+                RECENT_WINDOW_S,
+            ),
             "errors": metrics.failures_by_type(info.name),
         }
     return {
@@ -51,6 +54,14 @@ def build_status(gw: Gateway, telemetry: Telemetry) -> dict[str, Any]:
         "models": models,
         "providers": gw.provider_stats(),
     }
+
+
+def _batch_sources(model: str, stats: dict[str, Any]) -> list[str]:
+    """Whose batches a model's are: its own, or for a remote model its providers' lanes'."""
+    own = stats.get(model, {})
+    if own.get("kind") == "remote":
+        return list(own.get("providers", []))
+    return [model]
 
 
 @router.get("/api/v1/status", dependencies=[Depends(require_admin_read)])

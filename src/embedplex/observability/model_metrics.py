@@ -52,17 +52,23 @@ class RecentBatches:
 
     def summary(self, window: float = 60.0) -> dict[str, float | int]:
         """Throughput and batch shape over the last ``window`` seconds."""
+        return self.combined([self], window)
+
+    @staticmethod
+    def combined(sources: Sequence[RecentBatches], window: float = 60.0) -> dict[str, float | int]:
+        """``summary`` over the batches of several sources (a route's providers)."""
         since = time.monotonic() - window
         sizes: list[int] = []
         tokens = failed = 0
-        for at, size, toks, bad in reversed(self._batches):
-            if at < since:
-                break
-            if bad:
-                failed += 1
-            else:
-                sizes.append(size)
-                tokens += toks
+        for source in sources:
+            for at, size, toks, bad in reversed(source._batches):
+                if at < since:
+                    break
+                if bad:
+                    failed += 1
+                else:
+                    sizes.append(size)
+                    tokens += toks
         done = sum(sizes)
         return {
             "window_s": window,

@@ -10,7 +10,7 @@ models (``Telemetry.model_observers(provider_name)``).
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -108,17 +108,46 @@ class ProviderMetrics:
             registry=r,
         )
 
+        # Label children bound once per provider (and status): ``labels()`` is not free.
+        self._per_provider: dict[str, _ProviderChildren] = {}
+        self._calls: dict[tuple[str, str], Any] = {}
+        self._retries: dict[tuple[str, str], Any] = {}
+
+    def _children(self, provider: str) -> _ProviderChildren:
+        children = self._per_provider.get(provider)
+        if children is None:
+            children = self._per_provider[provider] = _ProviderChildren(self, provider)
+        return children
+
     def on_upstream_call(self, provider: str, n_inputs: int, duration: float, status: str) -> None:
-        self.calls.labels(provider, status).inc()
-        self.duration.labels(provider).observe(duration)
-        self.inputs_per_call.labels(provider).observe(n_inputs)
-        self.inputs.labels(provider).inc(n_inputs)
+        calls = self._calls.get((provider, status))
+        if calls is None:
+            calls = self._calls[(provider, status)] = self.calls.labels(provider, status)
+        calls.inc()
+        children = self._children(provider)
+        children.duration.observe(duration)
+        children.inputs_per_call.observe(n_inputs)
+        children.inputs.inc(n_inputs)
 
     def on_retry(self, provider: str, reason: str) -> None:
-        self.retries.labels(provider, reason).inc()
+        retries = self._retries.get((provider, reason))
+        if retries is None:
+            retries = self._retries[(provider, reason)] = self.retries.labels(provider, reason)
+        retries.inc()
 
     def on_circuit_state(self, provider: str, state: CircuitState) -> None:
-        self.circuit.labels(provider).set(int(state))
+        self._children(provider).circuit.set(int(state))
 
     def on_batch_size(self, provider: str, size: int) -> None:
-        self.batch_size.labels(provider).set(size)
+        self._children(provider).batch_size.set(size)
+
+
+class _ProviderChildren:
+    __slots__ = ("batch_size", "circuit", "duration", "inputs", "inputs_per_call")
+
+    def __init__(self, m: ProviderMetrics, provider: str) -> None:
+        self.duration = m.duration.labels(provider)
+        self.inputs_per_call = m.inputs_per_call.labels(provider)
+        self.inputs = m.inputs.labels(provider)
+        self.circuit = m.circuit.labels(provider)
+        self.batch_size = m.batch_size.labels(provider)

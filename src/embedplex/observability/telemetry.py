@@ -7,7 +7,7 @@ Remote provider adapters (the router) also get ``telemetry.providers``.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
@@ -15,11 +15,15 @@ from opentelemetry.trace import Tracer
 
 from embedplex import __version__
 from embedplex.batching import BatchObserver
-from embedplex.config import Settings
 from embedplex.observability.metrics import Metrics
 from embedplex.observability.providers import ProviderObserver
 from embedplex.observability.tracing import BatchSpans, build_tracer_provider
 from embedplex.service import ServedModel
+
+if TYPE_CHECKING:
+    # Annotations only: observability sits below the configuration, which imports the
+    # providers, which report here.
+    from embedplex.config import Settings
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -22,11 +22,24 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+)
 
 from embedplex import __version__
 from embedplex.batching import BatchStats, Item, NullObserver
-from embedplex.config import Settings
+
+if TYPE_CHECKING:
+    # Annotations only: observability sits below the configuration, which imports the
+    # providers, which report here.
+    from embedplex.config import Settings
 
 # time.perf_counter() instants (what the batcher stamps) -> epoch nanoseconds (what OTel wants).
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -151,20 +164,30 @@ class BatchSpans(NullObserver):
 
 @contextmanager
 def upstream_span(
-    tracer: Tracer | None, provider: str, n_inputs: int, links: Sequence[SpanContext] = ()
+    tracer: Tracer | None, provider: str, n_inputs: int, traces: Sequence[SpanContext] = ()
 ) -> Iterator[Span | None]:
-    """A client span around one upstream call (for remote provider adapters).
+    """A client span around one upstream attempt (for remote provider adapters).
 
-    Yields None when tracing is off. ``links`` are the request spans whose inputs the call
-    carries (``Item.trace`` of the batch's items).
+    Yields None when tracing is off. ``traces`` are the request spans whose inputs the call
+    carries (``Item.trace`` of the batch's items, oldest first). The span is a child of the
+    first of them, the request whose input opened the batch, and links to the others; with none
+    (the router's own probe) it is a root. The current context is not used: the batch task that
+    makes the call inherited it from whichever request happened to create the batch lane.
     """
     if tracer is None:
         yield None
         return
+    requests = list({(c.trace_id, c.span_id): c for c in traces if c.is_valid}.values())
+    parent = trace.set_span_in_context(NonRecordingSpan(requests[0])) if requests else Context()
     with tracer.start_as_current_span(
         f"upstream {provider}",
+        context=parent,
         kind=SpanKind.CLIENT,
-        links=[Link(c) for c in links if c.is_valid],
-        attributes={"embedplex.provider": provider, "embedplex.inputs": n_inputs},
+        links=[Link(c) for c in requests[1:]],
+        attributes={
+            "embedplex.provider": provider,
+            "embedplex.inputs": n_inputs,
+            "embedplex.requests": len(requests),
+        },
     ) as span:
         yield span

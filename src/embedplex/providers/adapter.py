@@ -10,8 +10,8 @@ import base64
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import numpy as np
@@ -19,8 +19,11 @@ import numpy as np
 from embedplex.errors import InvalidRequestError
 from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
 from embedplex.providers.config import ProviderConfig
-from embedplex.providers.http import AttemptListener, HttpTransport, RetryPolicy
+from embedplex.providers.http import AttemptListener, HttpTransport, RetryListener, RetryPolicy
 from embedplex.service import Vector
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext, Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +89,16 @@ class HttpProvider(ABC):
     def limits(self) -> ProviderLimits:
         return self._limits
 
-    def bind(self, listener: AttemptListener, gate: Callable[[], None]) -> None:
-        self.transport.listener = listener
-        self.transport.gate = gate
+    def bind(
+        self,
+        listener: AttemptListener,
+        gate: Callable[[], None],
+        *,
+        on_retry: RetryListener | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        t = self.transport
+        t.listener, t.gate, t.on_retry, t.tracer = listener, gate, on_retry, tracer
 
     async def start(self) -> None:
         env = self.config.api_key_env
@@ -119,7 +129,9 @@ class HttpProvider(ABC):
                 param="truncation_direction",
             )
 
-    async def embed(self, texts: list[str], params: EmbedParams) -> Embeddings:
+    async def embed(
+        self, texts: list[str], params: EmbedParams, *, traces: Sequence[SpanContext] = ()
+    ) -> Embeddings:
         n = len(texts)
 
         def parse(data: Any, headers: httpx.Headers) -> Embeddings:
@@ -129,7 +141,12 @@ class HttpProvider(ABC):
             return out
 
         return await self.transport.post_json(
-            self.url, self.body(texts, params), parse=parse, headers=self._headers, size=n
+            self.url,
+            self.body(texts, params),
+            parse=parse,
+            headers=self._headers,
+            size=n,
+            traces=traces,
         )
 
     @abstractmethod

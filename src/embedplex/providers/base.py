@@ -7,7 +7,7 @@ embedplex error tree at its edge; batching, health and adaptive sizing live abov
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,7 +15,9 @@ from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.service import EmbedRequest, Vector
 
 if TYPE_CHECKING:
-    from embedplex.providers.http import AttemptListener
+    from opentelemetry.trace import SpanContext, Tracer
+
+    from embedplex.providers.http import AttemptListener, RetryListener
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +97,21 @@ class Provider(Protocol):
 
     async def close(self) -> None: ...
 
-    def bind(self, listener: AttemptListener, gate: Callable[[], None]) -> None:
-        """Report every upstream attempt to ``listener``; call ``gate`` before each retry."""
+    def bind(
+        self,
+        listener: AttemptListener,
+        gate: Callable[[], None],
+        *,
+        on_retry: RetryListener | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        """Report every upstream attempt to ``listener``; call ``gate`` before each retry and
+        report the retry to ``on_retry``; with a ``tracer``, wrap each attempt in a span."""
 
     def check(self, params: EmbedParams) -> None:
         """Raise InvalidRequestError if this provider cannot honour ``params``."""
 
-    async def embed(self, texts: list[str], params: EmbedParams) -> Embeddings: ...
+    async def embed(
+        self, texts: list[str], params: EmbedParams, *, traces: Sequence[SpanContext] = ()
+    ) -> Embeddings:
+        """Vectors for ``texts``; ``traces`` are their callers' request spans (for tracing)."""

@@ -50,6 +50,9 @@ class ProviderHealth:
         self.window = window
         self.probe_timeout = probe_timeout
         self._clock = clock
+        # Told of every transition (metrics); the cool-down's end is noticed when the state is
+        # next read (by a caller, the router's prober or a status page), not on a timer.
+        self.on_change: Callable[[CircuitState], None] | None = None
         self._state = CircuitState.CLOSED
         self._opened_at = 0.0
         self._probe_since: float | None = None
@@ -63,6 +66,7 @@ class ProviderHealth:
         if self._state is CircuitState.OPEN and self._clock() >= self._opened_at + self.cooldown:
             self._state = CircuitState.HALF_OPEN
             self._probe_since = None
+            self._changed()
         return self._state
 
     @property
@@ -117,11 +121,17 @@ class ProviderHealth:
         self._opened_at = now
         self._probe_since = None
         self.times_opened += 1
+        self._changed()
 
     def _close(self) -> None:
         self._state = CircuitState.CLOSED
         self._probe_since = None
         self.consecutive_failures = 0
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self._state)
 
     def _prune(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window:

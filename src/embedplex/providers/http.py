@@ -6,7 +6,9 @@ attempt capped at ``attempt_timeout`` and all of them at ``budget`` seconds; ``R
 is honoured. Failures leave this module only as embedplex errors (``raise ... from exc``): the
 last 429 as ``RateLimitedError(retry_after=...)``, a timeout as ``UpstreamTimeoutError``, any
 other upstream failure as ``UpstreamError(status=...)``. Every attempt is reported to a
-listener, which feeds health, the circuit breaker and adaptive batch sizing.
+listener, which feeds health, the circuit breaker, adaptive batch sizing and metrics; each
+retry to a retry listener; with a tracer, each attempt runs inside an ``upstream <provider>``
+client span.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import httpx
 import orjson
+from opentelemetry.trace import Span, Status, StatusCode
 
 from embedplex.errors import (
     EmbedplexError,
@@ -29,6 +32,10 @@ from embedplex.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from embedplex.observability.tracing import upstream_span
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext, Tracer
 
 # Statuses worth another attempt besides 429 and 5xx: request timeout, Cloudflare-style 52x.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -55,8 +62,17 @@ class Attempt:
     status: int | None
     size: int  # texts in the call
 
+    @property
+    def status_text(self) -> str:
+        """The HTTP status as text ("200", "429"), else the failure ("timeout", "malformed")."""
+        if self.status is None or self.outcome is Outcome.MALFORMED:
+            return self.outcome.value
+        return str(self.status)
+
 
 AttemptListener = Callable[[Attempt], None]
+# Called with the failed attempt's ``status_text`` just before the retry is sent.
+RetryListener = Callable[[str], None]
 T = TypeVar("T")
 Parse = Callable[[Any, httpx.Headers], T]
 
@@ -115,10 +131,31 @@ def _upstream_message(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
+def _annotate(span: Span, attempt: Attempt, retry: int, *, failed: bool) -> None:
+    span.set_attributes({"embedplex.outcome": attempt.status_text, "embedplex.retry": retry})
+    if attempt.status is not None:
+        span.set_attribute("http.response.status_code", attempt.status)
+    if failed:
+        span.set_status(Status(StatusCode.ERROR, attempt.status_text))
+
+
+@dataclass(slots=True)
+class _Done(Generic[T]):
+    """How one attempt ended: the parsed result, or the error and whether to retry."""
+
+    outcome: Outcome
+    status: int | None
+    error: EmbedplexError | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    result: T | None = None
+
+
 class HttpTransport:
     """POST JSON to one provider with retries; report each attempt to ``listener``.
 
-    ``gate`` runs before every retry and may raise to stop retrying (an open circuit).
+    ``gate`` runs before every retry and may raise to stop retrying (an open circuit); a retry
+    that passes it is reported to ``on_retry``. With a ``tracer`` every attempt gets a span.
     """
 
     def __init__(
@@ -129,12 +166,16 @@ class HttpTransport:
         policy: RetryPolicy,
         listener: AttemptListener | None = None,
         gate: Callable[[], None] | None = None,
+        on_retry: RetryListener | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.provider = provider
         self.client = client
         self.policy = policy
         self.listener = listener
         self.gate = gate
+        self.on_retry = on_retry
+        self.tracer = tracer
 
     async def post_json(
         self,
@@ -144,73 +185,85 @@ class HttpTransport:
         parse: Parse[T],
         headers: dict[str, str],
         size: int,
+        traces: Sequence[SpanContext] = (),
     ) -> T:
         """``parse`` of the first successful attempt's JSON body and headers.
 
         A body that is not JSON or that ``parse`` rejects is a malformed answer: it counts
-        against the provider's health and is not retried.
+        against the provider's health and is not retried. ``traces``: the request spans whose
+        texts the call carries, for the attempt spans (see ``upstream_span``).
         """
         policy = self.policy
         deadline = time.monotonic() + policy.budget
         content = orjson.dumps(body)
         headers = {**headers, "content-type": "application/json"}
         retry = 0
+        why = ""  # the previous attempt's status text: the reason this one is a retry
         while True:
-            if retry and self.gate is not None:
-                self.gate()
+            if retry:
+                if self.gate is not None:
+                    self.gate()
+                if self.on_retry is not None:
+                    self.on_retry(why)
             started = time.monotonic()
             timeout = max(0.001, min(policy.attempt_timeout, deadline - started))
-            error: EmbedplexError | None = None
-            retryable, retry_after = False, None
-            status: int | None = None
-            result: T | None = None
-            try:
-                response = await self.client.post(
-                    url, content=content, headers=headers, timeout=timeout
+            with upstream_span(self.tracer, self.provider, size, traces) as span:
+                done = await self._attempt(url, content, headers, timeout, parse)
+                attempt = Attempt(
+                    started, time.monotonic() - started, done.outcome, done.status, size
                 )
-            except httpx.TimeoutException as exc:
-                outcome, retryable = Outcome.TIMEOUT, True
-                error = UpstreamTimeoutError(
-                    f"{self.provider}: no answer within {timeout:.3g}s", status=None
-                )
-                error.__cause__ = exc
-            except httpx.TransportError as exc:
-                outcome, retryable = Outcome.CONNECT_ERROR, True
-                error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {exc}"[:300])
-                error.__cause__ = exc
-            else:
-                status = response.status_code
-                outcome, error, retryable, retry_after = self._classify(response)
-                if error is None:
-                    try:
-                        result = parse(orjson.loads(response.content), response.headers)
-                    except (orjson.JSONDecodeError, *MALFORMED_ERRORS) as exc:
-                        outcome = Outcome.MALFORMED
-                        error = UpstreamError(
-                            f"{self.provider}: upstream answered {status} with a malformed body "
-                            f"({type(exc).__name__}: {exc})"[:300],
-                            status=status,
-                        )
-                        error.__cause__ = exc
-            self.report(started, outcome, status, size)
+                if span is not None:
+                    _annotate(span, attempt, retry, failed=done.error is not None)
+            if self.listener is not None:
+                self.listener(attempt)
+            error = done.error
             if error is None:
-                return cast(T, result)
+                return cast(T, done.result)
+            why = attempt.status_text
             retry += 1
             delay = policy.backoff(retry)
-            if retry_after is not None:
-                delay = max(delay, retry_after)
+            if done.retry_after is not None:
+                delay = max(delay, done.retry_after)
             # The caller of a 429 always learns when to come back, even if upstream did not say.
-            hint = retry_after if retry_after is not None else delay
-            if not retryable or retry >= policy.max_attempts:
+            hint = done.retry_after if done.retry_after is not None else delay
+            if not done.retryable or retry >= policy.max_attempts:
                 raise self._final(error, retry, hint)
             if time.monotonic() + delay >= deadline:
                 raise self._final(error, retry, hint, budget=True)
             await asyncio.sleep(delay)
 
-    def report(self, started: float, outcome: Outcome, status: int | None, size: int) -> None:
-        if self.listener is not None:
-            latency = time.monotonic() - started
-            self.listener(Attempt(started, latency, outcome, status, size))
+    async def _attempt(
+        self, url: str, content: bytes, headers: dict[str, str], limit: float, parse: Parse[T]
+    ) -> _Done[T]:
+        """One HTTP attempt of at most ``limit`` seconds, classified."""
+        try:
+            response = await self.client.post(url, content=content, headers=headers, timeout=limit)
+        except httpx.TimeoutException as exc:
+            error: EmbedplexError = UpstreamTimeoutError(
+                f"{self.provider}: no answer within {limit:.3g}s", status=None
+            )
+            error.__cause__ = exc
+            return _Done(Outcome.TIMEOUT, None, error, retryable=True)
+        except httpx.TransportError as exc:
+            error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {exc}"[:300])
+            error.__cause__ = exc
+            return _Done(Outcome.CONNECT_ERROR, None, error, retryable=True)
+        status = response.status_code
+        outcome, failed, retryable, retry_after = self._classify(response)
+        if failed is not None:
+            return _Done(outcome, status, failed, retryable=retryable, retry_after=retry_after)
+        try:
+            return _Done(
+                outcome, status, result=parse(orjson.loads(response.content), response.headers)
+            )
+        except (orjson.JSONDecodeError, *MALFORMED_ERRORS) as exc:
+            error = UpstreamError(
+                f"{self.provider}: upstream answered {status} with a malformed body "
+                f"({type(exc).__name__}: {exc})"[:300],
+                status=status,
+            )
+            error.__cause__ = exc
+            return _Done(Outcome.MALFORMED, status, error)
 
     def _classify(
         self, response: httpx.Response

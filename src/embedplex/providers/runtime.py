@@ -5,6 +5,11 @@ upstream call never share one. Lanes are created on first use and closed by ``sw
 have been idle for ``idle_ttl`` seconds, so odd parameter mixes cannot grow memory without
 bound. All lanes of a provider share one semaphore (bounded upstream concurrency), one circuit
 breaker and one AIMD size.
+
+Instrumented (``instrument(telemetry)``, before ``start``), a runtime reports every upstream
+attempt, retry, circuit transition and AIMD size to ``telemetry.providers``, its lanes' batches
+to ``telemetry.model_observers(name)``, and wraps each attempt in a span under the request whose
+text opened the batch.
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue
 from embedplex.errors import InvalidRequestError, UnavailableError, UpstreamError
+from embedplex.observability.providers import CircuitState as CircuitGauge
+from embedplex.observability.providers import NullProviderObserver, ProviderObserver
+from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import Embeddings, EmbedParams, Provider
 from embedplex.providers.config import ProviderConfig
-from embedplex.providers.health import ProviderHealth
+from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
 from embedplex.service import EmbedRequest, EmbedResult, Timings, Vector
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext, Tracer
+
+    from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +51,20 @@ class Embedded:
     tokens: float
 
 
+class Text(NamedTuple):
+    """One queued text and its caller's request span (None unless tracing is on).
+
+    The batch function sees payloads, not items, so the span travels with the text too.
+    """
+
+    text: str
+    trace: SpanContext | None
+
+
 @dataclass(slots=True)
 class Lane:
     key: EmbedParams
-    batcher: Batcher[str, Embedded]
+    batcher: Batcher[Text, Embedded]
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -62,9 +85,12 @@ class ProviderRuntime:
         self.lanes: dict[EmbedParams, Lane] = {}
         self.counters: Counter[str] = Counter()
         self._observers = observers or []
+        self._report: ProviderObserver = NullProviderObserver()
+        self._tracer: Tracer | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._closing = False
-        provider.bind(self.on_attempt, self.gate)
+        provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry)
+        health.on_change = self.on_circuit
 
     @classmethod
     def build(
@@ -93,6 +119,15 @@ class ProviderRuntime:
         configured = self.config.max_batch_size or self.provider.limits.max_texts
         return max(1, min(configured, self.provider.limits.max_texts))
 
+    def instrument(self, telemetry: Telemetry) -> None:
+        """Report to ``telemetry``'s metrics and spans (call before ``start``)."""
+        if self.aimd is not None:
+            raise RuntimeError("instrument the provider before starting it")
+        self._report = telemetry.providers
+        self._tracer = telemetry.tracer
+        self._observers = [*self._observers, *telemetry.model_observers(self.name)]
+        self.provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry, tracer=self._tracer)
+
     async def start(self) -> None:
         await self.provider.start()
         ceiling = self.ceiling
@@ -102,6 +137,8 @@ class ProviderRuntime:
             increase=self.config.aimd_increase,
             latency_target=self.config.latency_target_ms / 1000,
         )
+        self._report.on_batch_size(self.name, self.aimd.size)
+        self.on_circuit(self.health.state)
 
     async def close(self, *, drain: bool = True) -> None:
         self._closing = True
@@ -125,9 +162,10 @@ class ProviderRuntime:
     # -- upstream events -------------------------------------------------------------------
 
     def on_attempt(self, attempt: Attempt) -> None:
-        """Listener for every HTTP attempt: counters, health, AIMD."""
+        """Listener for every HTTP attempt: counters, metrics, health, AIMD."""
         self.counters["upstream_calls"] += 1
         self.counters[f"outcome_{attempt.outcome.value}"] += 1
+        self._report.on_upstream_call(self.name, attempt.size, attempt.latency, attempt.status_text)
         self.health.record(attempt)
         if self.aimd is not None:
             before = self.aimd.size
@@ -135,6 +173,13 @@ class ProviderRuntime:
             if size != before:
                 for lane in self.lanes.values():
                     lane.batcher.set_max_items(size)
+                self._report.on_batch_size(self.name, size)
+
+    def on_retry(self, reason: str) -> None:
+        self._report.on_retry(self.name, reason)
+
+    def on_circuit(self, state: CircuitState) -> None:
+        self._report.on_circuit_state(self.name, CircuitGauge[state.name])
 
     def gate(self) -> None:
         """Stop retrying once the circuit has opened (called before each retry)."""
@@ -145,16 +190,18 @@ class ProviderRuntime:
 
     # -- the batch function ----------------------------------------------------------------
 
-    async def _call(self, texts: list[str], params: EmbedParams) -> list[Embedded]:
+    async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded]:
         if not self.health.acquire():
             raise UnavailableError(
                 f"provider {self.name}: circuit is {self.health.state.value}; "
                 f"next probe in {self.health.retry_in:.1f}s"
             )
+        texts = [t.text for t in batch]
+        traces = [t.trace for t in batch if t.trace is not None]
         out: Embeddings | None = None
         async with self._semaphore:
             try:
-                out = await self.provider.embed(texts, params)
+                out = await self.provider.embed(texts, params, traces=traces)
             except UpstreamError as exc:
                 # 413: the upstream takes fewer texts than we sent. Split and go on, so that
                 # one oversized input fails alone instead of taking its batch with it.
@@ -164,7 +211,7 @@ class ProviderRuntime:
             self.counters["splits"] += 1
             half = len(texts) // 2
             left, right = await asyncio.gather(
-                self._call(texts[:half], params), self._call(texts[half:], params)
+                self._call(batch[:half], params), self._call(batch[half:], params)
             )
             return left + right
         self.counters["upstream_batches"] += 1
@@ -188,10 +235,10 @@ class ProviderRuntime:
                 queue_timeout=self.config.queue_timeout_ms / 1000,
             )
 
-            async def run(texts: list[str]) -> list[Embedded]:
-                return await self._call(texts, params)
+            async def run(batch: list[Text]) -> list[Embedded]:
+                return await self._call(batch, params)
 
-            batcher: Batcher[str, Embedded] = Batcher(
+            batcher: Batcher[Text, Embedded] = Batcher(
                 f"{self.name}#{self.counters['lanes_created']}",
                 run,
                 policy,
@@ -217,7 +264,10 @@ class ProviderRuntime:
         params = EmbedParams.from_request(request, self.config.input_type)
         self.provider.check(params)
         texts: list[str] = request.inputs  # type: ignore[assignment]
-        items = (await self._lane(params)).batcher.submit(texts, [1] * len(texts))
+        # With tracing on, each text keeps the request's span: upstream spans hang under it.
+        trace = current_span_context() if self._tracer is not None else None
+        lane = await self._lane(params)
+        items = lane.batcher.submit([Text(t, trace) for t in texts], [1] * len(texts), trace=trace)
         self.counters["requests"] += 1
         try:
             rows = await asyncio.gather(*(item.future for item in items))

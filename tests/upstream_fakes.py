@@ -16,6 +16,8 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +260,17 @@ class _ResetResponse(Response):
         )
         await send({"type": "http.response.body", "body": b'{"data": [', "more_body": True})
         raise ConnectionResetError("injected reset")
+
+
+@contextmanager
+def running_upstream() -> Iterator[FakeUpstream]:
+    """A started ``FakeUpstream``, stopped on exit."""
+    fake = FakeUpstream()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
 
 
 # Fast knobs for tests: short waits and backoffs, so every scenario runs in well under a second.
