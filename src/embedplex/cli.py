@@ -15,11 +15,13 @@ from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 from embedplex import __version__
+from embedplex.bench.cli import bench_app
 from embedplex.config import Settings
 
 app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_args_is_help=True)
 config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[
     Path | None,

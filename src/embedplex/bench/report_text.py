@@ -1,0 +1,104 @@
+"""Markdown for docs/benchmarks.md, from one suite run."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from embedplex.bench.offline import offline_table
+from embedplex.bench.stats import load_table, markdown_table
+
+if TYPE_CHECKING:
+    from embedplex.bench.report import SuiteData
+
+_INTRO = """\
+# Benchmarks
+
+Written by `make bench` (`embedplex bench suite`); every figure below comes from one run of it,
+side by side on the machine described. These machines are shared and noisy: read the **ratios**
+(served vs offline, int8 vs fp32), not the absolute numbers.
+
+The load generator (`embedplex bench load`) runs in its own process, closed loop: each of
+`concurrency` workers holds one keep-alive connection and sends its next request as soon as the
+answer to the last arrives. It shares the CPU with the server. Latencies are in milliseconds,
+measured at the client; `fail` counts every non-2xx answer and connection error (429 and 503
+listed under the table).
+"""
+
+
+def render_markdown(
+    d: SuiteData, machine: dict[str, str], targets: list[list[str]], png: str | None
+) -> str:
+    out = [_INTRO]
+    if d.quick:
+        out.append(
+            "> **Quick run** (`--quick`): seconds per cell, a smoke test; not for quoting.\n"
+        )
+    out.append("## Machine\n")
+    out += [f"- **{k}**: {v}" for k, v in machine.items()]
+    out.append(f"- **suite wall time**: {d.total_s:.0f} s\n")
+
+    out.append("## Targets (issue 3)\n")
+    out.append(markdown_table(["target", "measured", "status"], targets) + "\n")
+
+    out.append("## Offline ceiling: the backend alone, in process\n")
+    out.append(
+        "Collate + forward + pooling per batch, one thread of Python, ONNX Runtime on all cores. "
+        "The `5-256` row sorts its texts by length before cutting batches (what the server's "
+        "length bucketing does at best).\n"
+    )
+    out.append(offline_table(d.offline) + "\n")
+
+    out.append("## Server: concurrency sweep (single 14-token text per request, OpenAI route)\n")
+    if d.sweep:
+        out.append(load_table(d.sweep) + "\n")
+    if png:
+        out.append(f"![throughput and p99 against concurrency]({png})\n")
+
+    out.append("## Server: mixed lengths, TEI route, overload, int8\n")
+    others = [r for r in (d.mixed, d.tei, d.int8_served, d.overload) if r is not None]
+    if others:
+        out.append(load_table(others) + "\n")
+    out.append(
+        "The overload row runs 256 clients against a server started with "
+        "`--max-concurrent-requests 64`: the excess is refused at admission with 429 at once.\n"
+    )
+
+    out.append("## Direct vs through the router\n")
+    if d.router is not None:
+        direct = next((r for r in d.sweep if r.concurrency == 64), None)
+        out.append(load_table([r for r in (direct, d.router) if r is not None]) + "\n")
+    else:
+        out.append(f"_{d.router_note}_\n")
+
+    out.append("## Memory, export and cold start\n")
+    rows = [[s.dtype, s.attempt, f"{s.seconds:.1f}", f"`{s.command}`"] for s in d.starts]
+    out.append(markdown_table(["dtype", "start", "process start to ready (s)", "command"], rows))
+    out.append(
+        "\nThe first start of each dtype runs with an empty cache directory: it exports the model "
+        "to ONNX (int8: quantizes and checks quality against fp32), so first minus second is the "
+        "export time. The second start reuses the cached export.\n"
+    )
+    if d.int8_cosine is not None:
+        out.append(
+            f"int8 (dynamic, per-channel QUInt8 weights): min cosine vs fp32 over the calibration "
+            f"set = **{d.int8_cosine:.4f}**.\n"
+        )
+    out.append(
+        f"Server RSS: {d.rss_idle_mb:.0f} MB idle after start, {d.rss_after_mb:.0f} MB after the "
+        f"load runs, {d.rss_peak_mb:.0f} MB peak (VmHWM).\n"
+    )
+
+    out.append("## Load generator ceiling\n")
+    if d.client_ceiling is not None:
+        out.append(
+            "The same load generator against a server that does no work (`python -m "
+            "embedplex.bench.echo_server`): far above any served rate below, so the figures "
+            "above measure the server, not the client.\n"
+        )
+        out.append(load_table([d.client_ceiling]) + "\n")
+
+    out.append("## Commands\n")
+    out.append("```sh\nmake bench    # = embedplex bench suite --out docs/benchmarks.md")
+    out += d.commands
+    out.append("```\n")
+    return "\n".join(out) + "\n"
