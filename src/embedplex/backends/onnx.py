@@ -62,6 +62,9 @@ def make_session(path: Path, device: str, threads: int | None) -> object:
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The event loop and the tokenizer share these cores: spinning workers would take CPU from
+    # them between batches (measured: ~1.5x served throughput without spinning).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=session_providers(device))
 
 
