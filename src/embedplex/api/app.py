@@ -21,6 +21,7 @@ from embedplex import __version__
 from embedplex.api import openai, probes, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
+from embedplex.api.fastpath import FastEmbedRoutes
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from embedplex.config import Settings
 from embedplex.errors import EmbedplexError, InvalidRequestError
@@ -51,6 +52,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, b
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more errors)"
     return text, (loc[0] if loc else None), malformed
+
+
+def validation_error_response(exc: RequestValidationError, path: str) -> Response:
+    text, param, malformed = _validation_message(exc)
+    return error_response(InvalidRequestError(text, param=param, malformed=malformed), path)
 
 
 def create_app(
@@ -105,9 +111,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        text, param, malformed = _validation_message(exc)
-        error = InvalidRequestError(text, param=param, malformed=malformed)
-        return error_response(error, request.url.path)
+        return validation_error_response(exc, request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -122,6 +126,8 @@ def create_app(
         logger.exception("unhandled error on %s", request.url.path)
         return error_response(EmbedplexError("internal server error"), request.url.path)
 
+    # Innermost: the embed routes' hot path (see api/fastpath.py); then the shared middleware.
+    app.add_middleware(FastEmbedRoutes, on_invalid=validation_error_response)
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
