@@ -34,6 +34,9 @@ def load(
     timeout: Annotated[float, typer.Option(help="Seconds before a request counts as failed.")] = (
         60.0
     ),
+    refusal_pause_ms: Annotated[
+        float, typer.Option(help="A worker's pause after a 429/503 before its next request.")
+    ] = 0.0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
     ] = None,
@@ -60,6 +63,7 @@ def load(
             setup=setup,
             warmup=warmup,
             timeout=timeout,
+            refusal_pause=refusal_pause_ms / 1000,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

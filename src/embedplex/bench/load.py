@@ -38,6 +38,7 @@ class LoadOptions:
     setup: str = "embedplex"
     warmup: int = 0
     timeout: float = 60.0
+    refusal_pause: float = 0.0  # seconds a worker waits after a 429 or 503, as a polite client
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ async def _worker(
     budget: _Budget,
     outcomes: Outcomes,
     limit_s: float,
+    pause_s: float = 0.0,
 ) -> None:
     n = len(bodies)
     i = offset
@@ -97,6 +99,8 @@ async def _worker(
             await asyncio.sleep(0.01)  # a refusing server must not turn this into a busy loop
             continue
         outcomes.record(status, clock() - start)
+        if pause_s and status in (429, 503):
+            await asyncio.sleep(pause_s)
 
 
 async def run_load(
@@ -144,7 +148,9 @@ async def _measure(
     limit = options.duration if options.duration is not None else 24 * 3600.0
     budget = _Budget(options.requests, start + limit)
     workers = [
-        asyncio.create_task(_worker(c, bodies, k * 7, budget, outcomes, options.timeout))
+        asyncio.create_task(
+            _worker(c, bodies, k * 7, budget, outcomes, options.timeout, options.refusal_pause)
+        )
         for k, c in enumerate(conns)
     ]
     ticker = asyncio.create_task(_tick(outcomes, start, progress)) if progress else None

@@ -87,6 +87,7 @@ def _load(
     duration: float | None = None,
     warmup: int | None = None,
     dialect: str = "openai",
+    refusal_pause: float = 0.0,
 ) -> LoadResult:
     options = LoadOptions(
         url=url,
@@ -97,6 +98,7 @@ def _load(
         setup=setup,
         warmup=concurrency * 2 if warmup is None else warmup,
         timeout=60.0,
+        refusal_pause=refusal_pause,
     )
     result = run_load_sync(options)
     console.print(load_table([result]))
@@ -180,11 +182,18 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
         data.rss_after_mb, data.rss_peak_mb = srv.rss_mb()
         data.router = _router(opts, data)
 
-    console.rule("overload: admission limit 64, 256 clients")
+    console.rule("overload: admission limit 64, 256 clients that pause 50 ms after a 429")
     limited = [*serve, "--max-concurrent-requests", "64"]
     with ServerProcess(limited, log=log) as srv:
         data.commands.append(srv.command)
-        data.overload = _load(srv.url, opts, setup="fp32 c=256 limit=64", concurrency=256, warmup=0)
+        data.overload = _load(
+            srv.url,
+            opts,
+            setup="fp32 c=256 limit=64",
+            concurrency=256,
+            warmup=0,
+            refusal_pause=0.05,
+        )
 
     console.rule("server, int8")
     with ServerProcess([*serve, "--dtype", "int8"], log=log) as srv:
