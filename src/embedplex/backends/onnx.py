@@ -38,6 +38,10 @@ CALIBRATION_TEXTS = [
 ]
 
 
+# Most padded tokens in one session run; bigger batches run in length-sorted pieces.
+RUN_TOKENS = 2048
+
+
 def session_providers(device: str) -> list[str]:
     import onnxruntime as ort
 
@@ -133,13 +137,44 @@ class OnnxBackend:
         return cls(session, pooling=spec.pooling, dtype=dtype, device=actual, dim=spec.hidden_size)
 
     def embed(self, batch: TokenBatch) -> Floats:
-        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = batch.token_type_ids
         if self._session is None:
             raise FatalBackendError("the onnx session is closed")
-        hidden = self._session.run(None, feeds)[0]  # type: ignore[attr-defined]
-        return pool(np.asarray(hidden), batch.attention_mask, self.pooling)
+        lengths = batch.attention_mask.sum(axis=1)
+        if int(lengths.max()) * batch.size <= RUN_TOKENS:
+            return self._run(batch, int(lengths.max()))
+        # Big batch: run it in pieces of similar lengths, each trimmed to its own longest row.
+        # Peak memory (attention scores grow with rows x length^2) stays bounded whatever the
+        # batcher's budget, and sorting cuts the padding a mixed batch carries.
+        order = np.argsort(lengths, kind="stable")
+        out = np.empty((batch.size, self.dim), dtype=np.float32)
+        start = 0
+        while start < batch.size:
+            stop = start + 1
+            while (
+                stop < batch.size and int(lengths[order[stop]]) * (stop - start + 1) <= RUN_TOKENS
+            ):
+                stop += 1
+            rows = order[start:stop]
+            width = int(lengths[rows[-1]])
+            piece = TokenBatch(
+                batch.input_ids[rows, :width],
+                batch.attention_mask[rows, :width],
+                batch.token_type_ids[rows, :width],
+            )
+            out[rows] = self._run(piece, width)
+            start = stop
+        return out
+
+    def _run(self, batch: TokenBatch, width: int) -> Floats:
+        ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = batch.token_type_ids[:, :width]
+        session = self._session
+        if session is None:
+            raise FatalBackendError("the onnx session is closed")
+        hidden = session.run(None, feeds)[0]  # type: ignore[attr-defined]
+        return pool(np.asarray(hidden), mask, self.pooling)
 
     def health(self) -> None:
         if self._session is None:
