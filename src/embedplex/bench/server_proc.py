@@ -14,6 +14,7 @@ from types import TracebackType
 import httpx
 
 _LAUNCH = "from embedplex.cli import main; main()"
+_PRIVATE_FLAGS = ("--host", "--port", "--cache-dir", "--log-level")
 
 
 def free_port() -> int:
@@ -45,8 +46,17 @@ class ServerProcess:
 
     @property
     def command(self) -> str:
-        """The command line as a user would type it."""
-        return " ".join(["embedplex", *self.args])
+        """The command line as a user would type it (without the suite's port and cache dir)."""
+        shown: list[str] = []
+        skip = False
+        for arg in self.args:
+            if skip:
+                skip = False
+            elif arg in _PRIVATE_FLAGS:
+                skip = True
+            else:
+                shown.append(arg)
+        return " ".join(["embedplex", *shown])
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
