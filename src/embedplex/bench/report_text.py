@@ -61,7 +61,7 @@ def render_markdown(
     if others:
         out.append(load_table(others) + "\n")
     out.append(
-        "The overload row runs 256 clients against a server started with "
+        "The overload row runs 128 clients against a server started with "
         "`--max-concurrent-requests 64`: the excess is refused at admission with 429; a refused "
         "client pauses 50 ms before its next request (`--refusal-pause-ms 50`), as a client "
         "honouring backoff would. Without the pause the refusals form a closed-loop storm that "

@@ -187,15 +187,15 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
     again, _ = _offline("float32", [MIXED], [32], opts, cache)
     data.offline = best_of(data.offline, rows + again)
 
-    console.rule("overload: admission limit 64, 256 clients that pause 50 ms after a 429")
+    console.rule("overload: admission limit 64, 128 clients that pause 50 ms after a 429")
     limited = [*serve, "--max-concurrent-requests", "64"]
     with ServerProcess(limited, log=log) as srv:
         data.commands.append(srv.command)
         data.overload = _load(
             srv.url,
             opts,
-            setup="fp32 c=256 limit=64",
-            concurrency=256,
+            setup="fp32 c=128 limit=64",
+            concurrency=128,
             warmup=0,
             refusal_pause=0.05,
         )
