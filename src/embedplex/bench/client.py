@@ -4,7 +4,8 @@ Why not httpx or aiohttp: the load generator shares two cores with the server it
 every microsecond it spends per request is taken from the server. Requests are written as
 pre-encoded bytes and responses are parsed by ``httptools`` (llhttp, in C) without keeping the
 body; the only per-request Python work is one write, one future and a few callbacks.
-Measured against a trivial server in ``docs/benchmarks.md`` ("load generator ceiling").
+Against a trivial server at concurrency 64 on two cores: httpx 130 req/s (6.9 ms client CPU per
+request), aiohttp 7,383 req/s (113 us), this client 37,789 req/s (14 us); see docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ class SuiteData:
     client_ceiling: LoadResult | None = None
     starts: list[StartRow] = field(default_factory=list)
     int8_cosine: float | None = None
+    int8_setting: str = ""
     offline: list[OfflineResult] = field(default_factory=list)
     sweep: list[LoadResult] = field(default_factory=list)
     mixed: LoadResult | None = None

@@ -156,7 +156,7 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
                     StartRow(dtype=dtype, attempt=attempt, seconds=srv.ready_s, command=srv.command)
                 )
                 console.print(f"{dtype} {attempt} start: {srv.ready_s:.1f}s")
-    data.int8_cosine = _int8_cosine(cache)
+    data.int8_cosine, data.int8_setting = _int8_quality(cache)
 
     console.rule("offline ceiling")
     rows, cmd = _offline("float32", [SHORT, MEDIUM], [1, 8, 32, 128], opts, cache)
@@ -216,11 +216,13 @@ def best_of(first: list[OfflineResult], second: list[OfflineResult]) -> list[Off
     return list(best.values())
 
 
-def _int8_cosine(cache: Path) -> float | None:
+def _int8_quality(cache: Path) -> tuple[float | None, str]:
+    """The int8 export's gate result: min cosine vs fp32 and the setting that passed."""
     for quality in cache.glob("onnx/*/quality.json"):
-        value = json.loads(quality.read_text()).get("min_cosine")
-        return float(value) if value is not None else None
-    return None
+        data = json.loads(quality.read_text())
+        value = data.get("min_cosine")
+        return (float(value) if value is not None else None), str(data.get("setting", ""))
+    return None, ""
 
 
 def _router(opts: SuiteOptions, data: SuiteData) -> LoadResult | None:
