@@ -56,6 +56,14 @@ def render_markdown(
     if png:
         out.append(f"![throughput and p99 against concurrency]({png})\n")
 
+    if d.rounds:
+        out.append("### The target cells, run again side by side with the offline ceiling\n")
+        out.append(
+            "Each round runs the offline ceiling cells, then these against the same server; "
+            "the targets use the best run of each cell, served and offline alike.\n"
+        )
+        out.append(load_table(d.rounds) + "\n")
+
     out.append("## Server: mixed lengths, TEI route, overload, int8\n")
     others = [r for r in (d.mixed, d.tei, d.int8_served, d.overload) if r is not None]
     if others:
