@@ -75,11 +75,6 @@ class FifoQueue:
         return batch
 
 
-# A local batch may hold at most this many padded tokens per real token: a 5-token text does
-# not ride in a batch padded to 256 (measured on mixed 5-256 lengths: see docs/benchmarks.md).
-PADDING_SLACK = 1.5
-
-
 def padded_cost(costs: list[int]) -> int:
     """Tokens a batch occupies once padded to its longest member."""
     return max(costs) * len(costs) if costs else 0
@@ -124,44 +119,30 @@ class LengthBucketQueue:
         if not items:
             return []
         head = items[:max_items]
-        costs = [i.cost for i in head]
-        padded = max(costs) * len(head)
-        if (max_cost is None or padded <= max_cost) and padded <= PADDING_SLACK * sum(costs):
+        if max_cost is None or max(i.cost for i in head) * len(head) <= max_cost:
             self._items = items[len(head) :]
             return head
-        # Grow a window over the items sorted by cost, starting at the oldest one, while the
-        # batch fits the budget and padding stays within PADDING_SLACK of the real tokens.
-        budget = max_cost if max_cost is not None else 1 << 62
+        # Grow a window over the items sorted by cost, starting at the oldest one.
         order = sorted(range(len(items)), key=lambda k: items[k].cost)
         pos = order.index(0)
         lo = hi = pos
         anchor = items[0].cost
-        top = total = anchor
+        top = anchor
         while hi - lo + 1 < max_items:
             size = hi - lo + 2
             below = items[order[lo - 1]].cost if lo > 0 else None
             above = items[order[hi + 1]].cost if hi + 1 < len(order) else None
-            fits_below = (
-                below is not None
-                and top * size <= budget
-                and top * size <= PADDING_SLACK * (total + below)
-            )
-            fits_above = (
-                above is not None
-                and above * size <= budget
-                and above * size <= PADDING_SLACK * (total + above)
-            )
+            fits_below = below is not None and top * size <= max_cost
+            fits_above = above is not None and above * size <= max_cost
             if (
                 below is not None
                 and fits_below
                 and (above is None or not fits_above or anchor - below <= above - anchor)
             ):
                 lo -= 1
-                total += below
             elif above is not None and fits_above:
                 hi += 1
                 top = above
-                total += above
             else:
                 break
         chosen = set(order[lo : hi + 1])
