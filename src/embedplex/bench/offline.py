@@ -61,9 +61,6 @@ def run_offline(
     pool = 8  # distinct batches, cycled
     texts = make_texts(tokens, batch * pool, seed=seed)
     encoded = tokenizer.encode(texts, truncate=True)
-    if tokens.low != tokens.high:
-        # Mixed lengths: batches of similar lengths, the best the server's bucketing can do.
-        encoded.sort(key=len)
     batches = [encoded[i * batch : (i + 1) * batch] for i in range(pool)]
     backend.embed(TokenBatch.collate(batches[0]))  # warm-up: first run allocates
     times: list[float] = []

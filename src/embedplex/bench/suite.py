@@ -167,7 +167,7 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
     rows, cmd = _offline("float32", [SHORT, MEDIUM], [1, 8, 32, 128], opts, cache)
     data.offline += rows
     data.commands.append(cmd)
-    rows, cmd = _offline("float32", [MIXED], [32], opts, cache)
+    rows, cmd = _offline("float32", [MIXED], [64], opts, cache)
     data.offline += rows
     data.commands.append(cmd)
     rows, cmd = _offline("int8", [SHORT, MEDIUM], [1, 8, 128], opts, cache)
@@ -190,7 +190,7 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
             # the ceiling cells and the served cells they are compared with back to back.
             console.rule(f"side by side, round {k}: offline ceiling cells, then the same server")
             rows, _ = _offline("float32", [SHORT], [1, 8, 32, 128], opts, cache)
-            again, _ = _offline("float32", [MIXED], [32], opts, cache)
+            again, _ = _offline("float32", [MIXED], [64], opts, cache)
             data.offline = best_of(data.offline, rows + again)
             for c, tokens in ((1, SHORT), (64, SHORT), (64, MIXED)):
                 label = f"fp32 c={c}{' mixed' if tokens is MIXED else ''} #{k}"
