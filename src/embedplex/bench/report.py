@@ -220,12 +220,14 @@ def _plot(d: SuiteData, path: Path) -> bool:
     except ImportError:
         return False
     xs = [r.concurrency for r in d.sweep]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=110)
     ax.plot(xs, [r.req_per_s for r in d.sweep], "o-", color="tab:blue", label="served req/s")
     short = d.ceiling("float32", "14")
     if short:
         ax.axhline(short.texts_per_s, ls="--", color="tab:gray", label="offline ceiling")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent single-text clients (14 tokens)")
     ax.set_ylabel("requests / s")
     ax2 = ax.twinx()
@@ -234,7 +236,14 @@ def _plot(d: SuiteData, path: Path) -> bool:
     ax2.set_ylabel("p99 latency (ms)")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left")
+    ax.legend(
+        lines[0] + lines2[0],
+        lines[1] + lines2[1],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.18),
+        ncol=3,
+        frameon=False,
+    )
     ax.set_title("embedplex, all-MiniLM-L6-v2, ONNX Runtime fp32")
     fig.tight_layout()
     fig.savefig(path)
