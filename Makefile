@@ -30,6 +30,7 @@ unit: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not model"
 
 # The standard benchmark suite (issue 3): writes docs/benchmarks.md, its JSON and plot.
+# make bench ARGS="--soak-minutes 10" adds a memory soak; ARGS="--quick" is a smoke test.
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

@@ -121,6 +121,9 @@ def suite(
         str | None,
         typer.Option(help="An embedplex router whose upstream is the fp32 server (else skipped)."),
     ] = None,
+    soak_minutes: Annotated[
+        float, typer.Option(help="Also soak the fp32 server with mixed load, RSS sampled.")
+    ] = 0.0,
     server_port: Annotated[
         int | None, typer.Option(help="Port of the fp32 server (point the router at it).")
     ] = None,
@@ -128,7 +131,15 @@ def suite(
     """The standard suite (``make bench``): offline ceiling, server, int8, writes the report."""
     from embedplex.bench.suite import SuiteOptions, run_suite
 
-    run_suite(SuiteOptions(out=out, quick=quick, router_url=router_url, server_port=server_port))
+    run_suite(
+        SuiteOptions(
+            out=out,
+            quick=quick,
+            router_url=router_url,
+            server_port=server_port,
+            soak_s=soak_minutes * 60,
+        )
+    )
 
 
 def _emit(path: Path | None, data: Any) -> None:

@@ -59,6 +59,7 @@ class SuiteData:
     int8_served: LoadResult | None = None
     router: LoadResult | None = None
     router_note: str = ""
+    soak: list[tuple[int, float, int]] = field(default_factory=list)  # (s, RSS MB, failures)
     rss_idle_mb: float = 0.0
     rss_after_mb: float = 0.0
     rss_peak_mb: float = 0.0
@@ -182,6 +183,13 @@ def targets(d: SuiteData) -> list[list[str]]:
         f"{d.rss_peak_mb:.0f} MB peak ({d.rss_idle_mb:.0f} MB idle)",
         0 < d.rss_peak_mb < 600,
     )
+    if d.soak:
+        rss_first, rss_last = d.soak[0][1], d.soak[-1][1]
+        add(
+            f"RSS flat over a {d.soak[-1][0] / 60:g}-minute soak",
+            f"{rss_first:.0f} -> {rss_last:.0f} MB, {sum(f for _, _, f in d.soak)} failed",
+            rss_last <= rss_first * 1.05 and not any(f for _, _, f in d.soak),
+        )
     cos = d.int8_cosine
     add(
         "int8 min cosine >= 0.97 vs fp32",

@@ -104,6 +104,14 @@ def render_markdown(
         f"load runs, {d.rss_peak_mb:.0f} MB peak (VmHWM).\n"
     )
 
+    if d.soak:
+        samples = ", ".join(f"{s // 60}:{s % 60:02d} {mb:.0f} MB" for s, mb, _ in d.soak)
+        failed = sum(f for _, _, f in d.soak)
+        out.append(
+            f"Soak (mixed 5-256 at c=64, `--soak-minutes`): RSS {samples}; {failed} failed "
+            "requests.\n"
+        )
+
     out.append("## Load generator ceiling\n")
     if d.client_ceiling is not None:
         out.append(

@@ -41,6 +41,7 @@ class SuiteOptions:
     out: Path = Path("docs/benchmarks.md")
     quick: bool = False  # seconds instead of minutes: a smoke test of the whole suite
     router_url: str | None = None
+    soak_s: float = 0.0  # mixed-length load this long on the fp32 server, RSS sampled
     server_port: int | None = None  # fixed port of the fp32 server, for a router to target
     work_dir: Path = Path("bench-results")
     extra_serve_args: list[str] = field(default_factory=list)
@@ -195,6 +196,8 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
             for c, tokens in ((1, SHORT), (64, SHORT), (64, MIXED)):
                 label = f"fp32 c={c}{' mixed' if tokens is MIXED else ''} #{k}"
                 data.rounds.append(_load(srv.url, opts, setup=label, concurrency=c, tokens=tokens))
+        if opts.soak_s > 0:
+            _soak(srv, opts, data)
         data.rss_after_mb, data.rss_peak_mb = srv.rss_mb()
 
     console.rule("overload: admission limit 64, 128 clients that pause 50 ms after a 429")
@@ -214,6 +217,23 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
     with ServerProcess([*serve, "--dtype", "int8"], log=log) as srv:
         data.commands.append(srv.command)
         data.int8_served = _load(srv.url, opts, setup="int8 c=64", concurrency=64)
+
+
+def _soak(srv: ServerProcess, opts: SuiteOptions, data: SuiteData) -> None:
+    """Mixed-length load at c=64 for ``soak_s``, in ten slices; RSS read after each."""
+    console.rule(f"soak: {opts.soak_s / 60:g} min of mixed-length load, RSS every slice")
+    slice_s = opts.soak_s / 10
+    for k in range(10):
+        result = _load(
+            srv.url,
+            opts,
+            setup=f"soak {k + 1}/10",
+            concurrency=64,
+            tokens=MIXED,
+            duration=slice_s,
+            warmup=0,
+        )
+        data.soak.append((round((k + 1) * slice_s), srv.rss_mb()[0], result.fail))
 
 
 def best_of(first: list[OfflineResult], second: list[OfflineResult]) -> list[OfflineResult]:
