@@ -79,6 +79,16 @@ def test_targets_take_the_best_run_of_each_cell() -> None:
     assert rows["c=1 p50 <= 1.2 x offline batch-1 + 2 ms"][0].startswith("4.00 ms")
 
 
+def test_soak_row() -> None:
+    d = _data()
+    d.soak = [(60 * k, 460.0 + k, 0) for k in range(1, 11)]
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["RSS flat over a 10-minute soak"] == ("461 -> 470 MB, 0 failed", "met")
+    d.soak[-1] = (600, 600.0, 0)
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["RSS flat over a 10-minute soak"][1] == "NOT met"
+
+
 def test_report_is_written(tmp_path: Path) -> None:
     out = tmp_path / "docs" / "benchmarks.md"
     write_report(_data(), out)
