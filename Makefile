@@ -30,6 +30,16 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not model"
 
+# The standard benchmark suite (issue 3): writes docs/benchmarks.md, its JSON and plot.
+# make bench ARGS="--soak-minutes 10" adds a memory soak; ARGS="--quick" is a smoke test.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/embedplex bench suite --out docs/benchmarks.md $(ARGS)
+
 test: lint typecheck
 	$(BIN)/pytest -q
 

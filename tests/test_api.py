@@ -157,7 +157,7 @@ async def test_auto_truncate_setting(tiny_model_dir: Path, backend: FakeBackend)
         ("/v1/embeddings", b'{"input": [[]]}', 422, "token ids"),
         ("/v1/embeddings", b'{"input": [-1]}', 422, "vocabulary"),
         ("/tokenize", b'{"inputs": []}', 400, "empty"),
-        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 422, "unicode"),
+        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 400, "JSON"),  # hot path: strict JSON
         ("/tokenize", b'{"inputs": "\\udfff"}', 422, "unicode"),
     ],
 )

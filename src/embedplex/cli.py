@@ -15,6 +15,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from embedplex import __version__
+from embedplex.bench.cli import bench_app
 from embedplex.cli_providers import providers_app
 from embedplex.config import Settings
 
@@ -22,6 +23,7 @@ app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_a
 config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(providers_app, name="providers")
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[
     Path | None,

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     tokenization_workers: int | None = Field(
         None, ge=1, description="Tokenizer threads (default: number of cores)."
     )
+    tokenize_inline_chars: int = Field(
+        512,
+        ge=0,
+        description="Requests of at most this many characters tokenize on the event loop "
+        "(cheaper than the pool hand-off); 0 sends every request to the pool.",
+    )
     max_batch_tokens: int = Field(
         16384, ge=1, description="Padded tokens per batch (longest input x inputs)."
     )

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import sys
 import time
 import typing
 from collections.abc import Callable
@@ -62,6 +63,7 @@ class LocalModelOptions:
     max_client_batch_size: int = 2048
     max_concurrent_requests: int = 512
     tokenization_workers: int | None = None
+    tokenize_inline_chars: int = 512
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
@@ -81,6 +83,7 @@ class LocalModelOptions:
             max_client_batch_size=settings.max_client_batch_size,
             max_concurrent_requests=settings.max_concurrent_requests,
             tokenization_workers=settings.tokenization_workers,
+            tokenize_inline_chars=settings.tokenize_inline_chars,
             policy=BatchPolicy(
                 max_items=settings.max_batch_requests,
                 max_cost=max(settings.max_batch_tokens, spec.max_input_length),
@@ -244,8 +247,13 @@ class LocalModel(Generic[R]):
                 param=param,
             )
 
-    async def _process(self, encode: Callable[[], list[Encoded]]) -> Processed[R]:
-        """Admit, tokenize off the loop, queue every input, and wait for all of them."""
+    async def _process(self, encode: Callable[[], list[Encoded]], chars: int) -> Processed[R]:
+        """Admit, tokenize, queue every input, and wait for all of them.
+
+        Requests of at most ``tokenize_inline_chars`` characters are tokenized on the event loop
+        (tens of microseconds, less than the hand-off to the pool and back); the rest in the pool.
+        """
+        inline = chars <= self.options.tokenize_inline_chars
         start = time.perf_counter()
         if self._active >= self.options.max_concurrent_requests:
             raise OverloadedError(
@@ -254,8 +262,12 @@ class LocalModel(Generic[R]):
             )
         self._active += 1
         try:
-            loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._token_pool, encode)
+            if inline:
+                # Cheaper here than the two thread hand-offs the pool would take.
+                encoded = encode()
+            else:
+                loop = asyncio.get_running_loop()
+                encoded = await loop.run_in_executor(self._token_pool, encode)
             tokenized = time.perf_counter()
             # With tracing on, each item keeps the request's span so its batch span links to it.
             trace = current_span_context() if self._tracer is not None else None
@@ -323,7 +335,12 @@ class LocalEmbeddingModel(LocalModel[Vector]):
                 f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
                 param="dimensions",
             )
-        done = await self._process(lambda: self._encode(request))
+        chars = (
+            sys.maxsize  # token ids need no tokenizing, but validating long lists is not free
+            if request.is_tokens
+            else sum(len(t) for t in typing.cast(list[str], request.inputs))
+        )
+        done = await self._process(lambda: self._encode(request), chars)
         matrix = np.stack(done.results)
         if dims is not None:
             matrix = matrix[:, :dims]

@@ -26,7 +26,8 @@ class LocalRerankModel(LocalModel[float]):
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         self._check_size(len(request.texts), "texts")
-        done = await self._process(lambda: self._encode(request))
+        chars = len(request.query) * len(request.texts) + sum(len(t) for t in request.texts)
+        done = await self._process(lambda: self._encode(request), chars)
         logits = np.asarray(done.results, dtype=np.float64)
         # Single-logit cross-encoders are trained with a sigmoid head (sentence-transformers'
         # CrossEncoder applies it by default, and so does TEI unless raw_scores is set).

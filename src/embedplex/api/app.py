@@ -21,6 +21,7 @@ from embedplex import __version__
 from embedplex.api import admin, batch, openai, probes, rerank, status, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
+from embedplex.api.fastpath import FastEmbedRoutes
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from embedplex.api.observe import ObservabilityMiddleware, request_record
 from embedplex.config import Settings
@@ -70,6 +71,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, b
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more errors)"
     return text, (loc[0] if loc else None), malformed
+
+
+def validation_error_response(exc: RequestValidationError, path: str) -> Response:
+    text, param, malformed = _validation_message(exc)
+    return error_response(InvalidRequestError(text, param=param, malformed=malformed), path)
 
 
 def create_app(
@@ -152,10 +158,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        text, param, malformed = _validation_message(exc)
-        error = InvalidRequestError(text, param=param, malformed=malformed)
-        request_record(request).error_type = error.kind
-        return error_response(error, request.url.path)
+        request_record(request).error_type = InvalidRequestError.kind
+        return validation_error_response(exc, request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -171,6 +175,8 @@ def create_app(
         request_record(request).error_type = "internal"
         return error_response(EmbedplexError("internal server error"), request.url.path)
 
+    # Innermost: the embed routes' hot path (see api/fastpath.py); then the shared middleware.
+    app.add_middleware(FastEmbedRoutes, on_invalid=validation_error_response)
     app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())

@@ -52,7 +52,12 @@ class RequestRecord:
 
 def request_record(request: Request) -> RequestRecord:
     """This request's record (a detached one when the middleware is not installed)."""
-    record = request.scope.get("state", {}).get("record")
+    return scope_record(request.scope)
+
+
+def scope_record(scope: Scope) -> RequestRecord:
+    """``request_record`` for code that holds the ASGI scope (pure ASGI routes)."""
+    record = scope.get("state", {}).get("record")
     return record if isinstance(record, RequestRecord) else RequestRecord()
 
 

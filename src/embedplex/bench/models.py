@@ -1,0 +1,24 @@
+"""Load the configured local model's tokenizer and backend in process (for offline runs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedplex.backends.base import EmbeddingBackend
+from embedplex.backends.model_files import load_spec, resolve_model_dir
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.config import Settings
+from embedplex.local_model import load_backend
+
+
+def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend]:
+    """The tokenizer and backend ``embedplex serve`` would build with these settings."""
+    settings = Settings.load(None, **overrides)
+    path, sha = resolve_model_dir(
+        settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
+    )
+    spec = load_spec(settings.model_id, path, revision=settings.revision, sha=sha)
+    tokenizer = TextTokenizer.from_dir(
+        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+    )
+    return tokenizer, load_backend(settings, spec)

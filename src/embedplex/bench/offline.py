@@ -1,0 +1,90 @@
+"""``embedplex bench offline``: the backend alone, in process; the ceiling a server is held to.
+
+Each cell tokenizes its texts once, then times collate + forward + pooling (what the server's
+batch loop does per batch) for at least ``min_time`` seconds and ``min_batches`` batches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from embedplex.backends.base import EmbeddingBackend, TokenBatch
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.bench.stats import markdown_table
+from embedplex.bench.workload import TokenSpec, make_texts
+
+OFFLINE_COLUMNS = ("backend", "dtype", "tokens", "batch", "batches", "ms/batch p50", "texts/s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OfflineResult:
+    backend: str
+    dtype: str
+    tokens: str
+    padded_length: int
+    batch: int
+    batches: int
+    ms_per_batch_p50: float
+    texts_per_s: float
+
+    def row(self) -> list[str]:
+        return [
+            self.backend,
+            self.dtype,
+            self.tokens,
+            str(self.batch),
+            str(self.batches),
+            f"{self.ms_per_batch_p50:,.2f}",
+            f"{self.texts_per_s:,.1f}",
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_offline(
+    backend: EmbeddingBackend,
+    tokenizer: TextTokenizer,
+    *,
+    tokens: TokenSpec,
+    batch: int,
+    min_time: float = 2.0,
+    min_batches: int = 3,
+    max_time: float = 60.0,
+    seed: int = 0,
+) -> OfflineResult:
+    """Time forward passes of ``batch`` texts of ``tokens`` tokens (bounded by ``max_time``)."""
+    pool = 8  # distinct batches, cycled
+    texts = make_texts(tokens, batch * pool, seed=seed)
+    encoded = tokenizer.encode(texts, truncate=True)
+    batches = [encoded[i * batch : (i + 1) * batch] for i in range(pool)]
+    backend.embed(TokenBatch.collate(batches[0]))  # warm-up: first run allocates
+    times: list[float] = []
+    start = time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= max_time or (elapsed >= min_time and len(times) >= min_batches):
+            break
+        chunk = batches[len(times) % pool]
+        t0 = time.perf_counter()
+        backend.embed(TokenBatch.collate(chunk))
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    return OfflineResult(
+        backend=backend.name,
+        dtype=backend.dtype,
+        tokens=str(tokens),
+        padded_length=max(len(e) for e in encoded),
+        batch=batch,
+        batches=len(times),
+        ms_per_batch_p50=statistics.median(times) * 1000,
+        texts_per_s=batch * len(times) / total if total else 0.0,
+    )
+
+
+def offline_table(results: Sequence[OfflineResult]) -> str:
+    return markdown_table(OFFLINE_COLUMNS, [r.row() for r in results])

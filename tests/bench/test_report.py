@@ -1,0 +1,101 @@
+"""The suite's report: targets computed from the figures, markdown and JSON written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from embedplex.bench.offline import OfflineResult
+from embedplex.bench.report import StartRow, SuiteData, targets, write_report
+from embedplex.bench.stats import LoadResult, Outcomes
+
+
+def _offline(dtype: str, tokens: str, batch: int, rate: float) -> OfflineResult:
+    return OfflineResult(
+        backend="onnx",
+        dtype=dtype,
+        tokens=tokens,
+        padded_length=14,
+        batch=batch,
+        batches=3,
+        ms_per_batch_p50=batch / rate * 1000,
+        texts_per_s=rate,
+    )
+
+
+def _load(concurrency: int, ok: int, ms: float, tokens: str = "14") -> LoadResult:
+    out = Outcomes()
+    for _ in range(ok):
+        out.record(200, ms / 1000)
+    return LoadResult.summarize(
+        out,
+        setup=f"c={concurrency}",
+        url="http://127.0.0.1:1",
+        dialect="openai",
+        tokens=tokens,
+        concurrency=concurrency,
+        inputs_per_request=1,
+        elapsed_s=1.0,
+    )
+
+
+def _data() -> SuiteData:
+    d = SuiteData(quick=True, router_note="skipped: no router given")
+    d.offline = [
+        _offline("float32", "14", 1, 300.0),  # 3.33 ms per batch
+        _offline("float32", "14", 128, 500.0),
+        _offline("float32", "5-256", 32, 40.0),
+        _offline("float32", "128", 8, 40.0),
+        _offline("int8", "14", 128, 900.0),
+        _offline("int8", "128", 8, 80.0),
+    ]
+    d.sweep = [_load(1, 150, 5.0), _load(64, 460, 130.0)]
+    d.mixed = _load(64, 30, 900.0, "5-256")
+    d.starts = [
+        StartRow(dtype="float32", attempt="first", seconds=9.0, command="embedplex serve"),
+        StartRow(dtype="float32", attempt="second", seconds=3.0, command="embedplex serve"),
+    ]
+    d.int8_cosine = 0.98
+    d.rss_idle_mb, d.rss_peak_mb = 250.0, 550.0
+    return d
+
+
+def test_targets_reflect_the_figures() -> None:
+    rows = {name: (figure, status) for name, figure, status in targets(_data())}
+    assert rows["c=64 short req/s >= 0.90 x offline ceiling"] == ("0.92 x (460 vs 500/s)", "met")
+    assert rows["mixed 5-256 inputs/s >= 0.85 x offline ceiling"] == ("0.75 x", "NOT met")
+    assert rows["c=1 p50 <= 1.2 x offline batch-1 + 2 ms"][1] == "met"  # 5 <= 1.2*3.33+2
+    assert rows["int8 offline speed-up (short, best batch)"] == ("1.80 x", "-")
+    assert rows["int8 min cosine >= 0.97 vs fp32"] == ("0.9800", "met")
+    assert rows["server RSS < 600 MB"][1] == "met"
+    assert rows["second start reuses the cached export"][1] == "met"
+
+
+def test_targets_take_the_best_run_of_each_cell() -> None:
+    d = _data()
+    d.rounds = [_load(64, 480, 120.0), _load(1, 100, 4.0)]
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["c=64 short req/s >= 0.90 x offline ceiling"][0].startswith("0.96 x")
+    assert rows["c=1 p50 <= 1.2 x offline batch-1 + 2 ms"][0].startswith("4.00 ms")
+
+
+def test_soak_row() -> None:
+    d = _data()
+    d.soak = [(60 * k, 460.0 + k, 0) for k in range(1, 11)]
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["RSS flat over a 10-minute soak"] == ("461 -> 470 MB, 0 failed", "met")
+    d.soak[-1] = (600, 600.0, 0)
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["RSS flat over a 10-minute soak"][1] == "NOT met"
+
+
+def test_report_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "benchmarks.md"
+    write_report(_data(), out)
+    text = out.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "## Targets (issue 3)" in text
+    assert "skipped: no router given" in text
+    assert "| setup " in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["sweep"][1]["concurrency"] == 64
