@@ -99,3 +99,18 @@ def test_report_is_written(tmp_path: Path) -> None:
     assert "| setup " in text
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["sweep"][1]["concurrency"] == 64
+
+
+def test_router_slot_skips_gracefully() -> None:
+    import socket
+
+    from embedplex.bench.suite import SuiteOptions, _router
+
+    d = SuiteData()
+    assert _router(SuiteOptions(), d) is None
+    assert d.router_note.startswith("skipped: no router given")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        assert _router(SuiteOptions(router_url=url), d) is None
+    assert "not ready" in d.router_note

@@ -129,7 +129,9 @@ def render_markdown(
     )
 
     out.append("## Commands\n")
-    out.append("```sh\nmake bench    # = embedplex bench suite --out docs/benchmarks.md")
+    soak = f" --soak-minutes {d.soak[-1][0] / 60:g}" if d.soak else ""
+    make = f'make bench ARGS="{soak.strip()}"' if soak else "make bench"
+    out.append(f"```sh\n{make}    # = embedplex bench suite --out docs/benchmarks.md{soak}")
     out += d.commands
     out.append("```\n")
     return "\n".join(out) + "\n"

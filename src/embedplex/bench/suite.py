@@ -1,9 +1,10 @@
 """The standard suite behind ``make bench``: one run, side by side, written to docs/.
 
 Order: load-generator ceiling, first start (export) and second start (cache), offline ceiling
-(fp32 and int8, in a child process each), the fp32 server (concurrency sweep, mixed lengths,
-memory), an overload run, the int8 server, and the router slot. Every child process binds to
-127.0.0.1 and every load run is bounded in time.
+(fp32 and int8, in a child process each), the fp32 server (concurrency sweep, mixed lengths, TEI
+route, the router slot, then rounds that rerun the target cells back to back with the offline
+cells they are compared with, an optional soak), an overload run, the int8 server. Every child
+process binds to 127.0.0.1 and every load run is bounded in time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -258,7 +258,11 @@ def _int8_quality(cache: Path) -> tuple[float | None, str]:
 def _router(opts: SuiteOptions, data: SuiteData) -> LoadResult | None:
     """Direct vs through the router: runs only when a router URL is given and answers."""
     if opts.router_url is None:
-        data.router_note = "skipped: no router given (pass --router-url once the router lands)"
+        data.router_note = (
+            "skipped: no router given. Once the router lands: start it with its upstream at "
+            "http://127.0.0.1:PORT, then `embedplex bench suite --server-port PORT "
+            "--router-url ROUTER_URL`"
+        )
         return None
     import httpx
 
@@ -268,7 +272,3 @@ def _router(opts: SuiteOptions, data: SuiteData) -> LoadResult | None:
         data.router_note = f"skipped: router at {opts.router_url} not ready ({exc})"
         return None
     return _load(opts.router_url, opts, setup="via router c=64", concurrency=64)
-
-
-def as_json(data: SuiteData) -> dict[str, Any]:
-    return data.to_json()
