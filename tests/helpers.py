@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -110,3 +111,21 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{check} never held")
+
+
+def wait_ready(proc: subprocess.Popen[Any], base: str, timeout: float = 180) -> None:
+    """Poll a server process's /health/ready until 200; fail with its output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pipe = proc.stdout or proc.stderr
+            out = pipe.read() if pipe else ""
+            text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+            raise AssertionError(f"server exited early:\n{text[-2000:]}")
+        try:
+            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} not ready in {timeout}s")

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from helpers import free_port
+from helpers import free_port, wait_ready
 from reference import TEXTS, min_cosine
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
@@ -31,22 +31,6 @@ def start_server(port: int, cache: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def wait_ready(proc: subprocess.Popen[str], base: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}"
-            )
-        try:
-            if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server not ready")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pytest
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
+from helpers import free_port, wait_ready
 from upstream_fakes import FakeUpstream, provider, vector_for
 
 pytest.importorskip("aiohttp")
@@ -35,13 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "router.toml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -56,20 +48,6 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready in {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     up_port, router_port = free_port(), free_port()
@@ -81,8 +59,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     procs.append(spawn("--config", str(config), "--port", str(router_port)))
     up, router = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{router_port}"
     try:
-        wait_ready(up, procs[0])
-        wait_ready(router, procs[1])
+        wait_ready(procs[0], up)
+        wait_ready(procs[1], router)
         yield up, router
     finally:
         for proc in procs:
