@@ -9,7 +9,6 @@ builds the right one from what the model's files say it is.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import sys
@@ -235,8 +234,11 @@ class LocalModel(Generic[R]):
 
     async def _run_batch(self, payloads: list[Encoded]) -> list[R]:
         loop = asyncio.get_running_loop()
-        batch = functools.partial(TokenBatch.collate, payloads, self.spec.pad_token_id)
-        return await loop.run_in_executor(self._infer_pool, lambda: self._forward(batch()))
+        pad_id = self.spec.pad_token_id
+        # Padding runs in the inference thread too, off the event loop.
+        return await loop.run_in_executor(
+            self._infer_pool, lambda: self._forward(TokenBatch.collate(payloads, pad_id))
+        )
 
     def _check_size(self, n: int, param: str) -> None:
         if n == 0:

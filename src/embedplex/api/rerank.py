@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response, unless_disconnected
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.service import RerankRequest, RerankResult, Timings
+from embedplex.service import RerankRequest, RerankResult
 
 router = APIRouter(tags=["rerank"])
 
@@ -58,10 +58,6 @@ async def _rerank(request: Request, model_name: str | None, core: RerankRequest)
     return await unless_disconnected(request, model.rerank(core))
 
 
-def _headers(timings: Timings) -> dict[str, str]:
-    return timings.headers()
-
-
 @router.post("/rerank")
 async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
     core = RerankRequest(
@@ -76,7 +72,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
         for i, score in _ranked(result)
     ]
-    return json_response(out, headers=_headers(result.timings))
+    return json_response(out, headers=result.timings.headers())
 
 
 @router.post("/v1/rerank")
@@ -106,5 +102,5 @@ async def rerank(body: RerankBody, request: Request) -> Response:
             "usage": {"total_tokens": result.prompt_tokens},
             "meta": {"billed_units": {"search_units": 1}},
         },
-        headers=_headers(result.timings),
+        headers=result.timings.headers(),
     )
