@@ -275,7 +275,10 @@ class LocalModel(Generic[R]):
             trace = current_span_context() if self._tracer is not None else None
             items = self.batcher.submit(encoded, [len(e) for e in encoded], trace=trace)
             try:
-                results = list(await asyncio.gather(*(item.future for item in items)))
+                if len(items) == 1:  # most requests: skip gather's extra future and callbacks
+                    results = [await items[0].future]
+                else:
+                    results = list(await asyncio.gather(*(item.future for item in items)))
             finally:
                 for item in items:
                     item.future.cancel()  # no-op when done; drops the rest if we failed or left
@@ -290,7 +293,16 @@ class LocalModel(Generic[R]):
         return self.options.auto_truncate if requested is None else requested
 
 
-class LocalEmbeddingModel(LocalModel[Vector]):
+@dataclass(frozen=True, slots=True)
+class Pooled:
+    """One input's pooled vector, and the same scaled to unit length (both made per batch in
+    the inference thread, so the event loop only picks one)."""
+
+    raw: Vector
+    unit: Vector
+
+
+class LocalEmbeddingModel(LocalModel[Pooled]):
     @classmethod
     def load(
         cls, settings: Settings, *, observers: list[BatchObserver] | None = None
@@ -301,8 +313,9 @@ class LocalEmbeddingModel(LocalModel[Vector]):
             raise FatalBackendError(f"{settings.model_id} is not an embedding model")
         return model
 
-    def _forward(self, batch: TokenBatch) -> list[Vector]:
-        return list(self.backend.embed(batch))
+    def _forward(self, batch: TokenBatch) -> list[Pooled]:
+        raw = self.backend.embed(batch)
+        return [Pooled(r, u) for r, u in zip(raw, normalize_rows(raw), strict=True)]
 
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None:
@@ -343,13 +356,13 @@ class LocalEmbeddingModel(LocalModel[Vector]):
             else sum(len(t) for t in typing.cast(list[str], request.inputs))
         )
         done = await self._process(lambda: self._encode(request), chars)
-        matrix = np.stack(done.results)
-        if dims is not None:
-            matrix = matrix[:, :dims]
-        if request.normalize:
-            matrix = normalize_rows(matrix)
+        if dims is None:
+            vectors = [p.unit if request.normalize else p.raw for p in done.results]
+        else:  # Matryoshka: cut first, then normalize what is left
+            matrix = np.stack([p.raw[:dims] for p in done.results])
+            vectors = list(normalize_rows(matrix) if request.normalize else matrix)
         return EmbedResult(
-            vectors=list(matrix),
+            vectors=vectors,
             prompt_tokens=done.tokens,
             model=self.options.name,
             timings=done.timings(),

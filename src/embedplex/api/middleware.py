@@ -20,6 +20,41 @@ _OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "
 _ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
 
 
+def take_request_id(scope: Scope) -> bytes:
+    """The caller's ``X-Request-ID`` (or a new one), noted in ``scope["state"]``."""
+    rid = b""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            rid = value[:128]
+            break
+    if not rid:
+        rid = uuid.uuid4().hex.encode()
+    scope.setdefault("state", {})["request_id"] = rid.decode("latin-1")
+    return rid
+
+
+def content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def check_api_key(scope: Scope, key: bytes) -> None:
+    """Raise AuthenticationError unless ``Authorization: Bearer <key>`` is given."""
+    given = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                given = token.strip()
+            break
+    if not hmac.compare_digest(given, key):
+        raise AuthenticationError("missing or invalid API key")
+    # Logs and spans name the caller by key id; with one static key that id is "static".
+    scope.setdefault("state", {})["key_id"] = "static"
+
+
 class RequestIdMiddleware:
     """Accept ``X-Request-ID`` (or make one), keep it in ``scope["state"]``, echo it back."""
 
@@ -30,14 +65,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value[:128]
-                break
-        if not rid:
-            rid = uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode("latin-1")
+        rid = take_request_id(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -58,13 +86,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = PayloadTooLargeError(f"request body exceeds the {self.limit} byte limit")
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self.limit:
-                    await error_response(error, scope["path"])(scope, receive, send)
-                    return
-                break
+        error = body_too_large(self.limit)
+        length = content_length(scope)
+        if length is not None and length > self.limit:
+            await error_response(error, scope["path"])(scope, receive, send)
+            return
         seen = 0
         started = False
 
@@ -94,6 +120,10 @@ class _TooLarge(BaseException):
     pass
 
 
+def body_too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body exceeds the {limit} byte limit")
+
+
 class ApiKeyMiddleware:
     """Require ``Authorization: Bearer <key>`` on every route but probes and docs."""
 
@@ -105,17 +135,9 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope["path"].startswith(_OPEN_PATHS + _ADMIN_PATHS):
             await self.app(scope, receive, send)
             return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    given = token.strip()
-                break
-        if not hmac.compare_digest(given, self.key):
-            error = AuthenticationError("missing or invalid API key")
+        try:
+            check_api_key(scope, self.key)
+        except AuthenticationError as error:
             await error_response(error, scope["path"])(scope, receive, send)
             return
-        # Logs and spans name the caller by key id; with one static key that id is "static".
-        scope.setdefault("state", {})["key_id"] = "static"
         await self.app(scope, receive, send)

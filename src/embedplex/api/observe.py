@@ -84,9 +84,8 @@ class ObservabilityMiddleware:
         """``paths``: the app's route paths, to label requests refused before routing."""
         self.app = app
         self.paths = paths
-        self.metrics = telemetry.metrics
+        self.observer = RequestObserver(telemetry, log_requests=log_requests)
         self.tracer = telemetry.tracer
-        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(QUIET_PATHS):
@@ -118,23 +117,11 @@ class ObservabilityMiddleware:
             record.error_type = record.error_type or "internal"
             raise
         finally:
-            duration = time.perf_counter() - start
             route = _route_of(scope, self.paths)
-            if status >= 400 and record.error_type is None:
-                record.error_type = _STATUS_KINDS.get(status, f"http_{status}")
-            self.metrics.observe_request(
-                route,
-                record.model,
-                status,
-                duration,
-                error_type=record.error_type,
-                timings=record.timings if status < 400 else None,
-            )
+            self.observer.finish(scope, route, status, start, record)
             if span is not None and token is not None:
                 self._end_span(span, scope, route, status, record)
                 otel_context.detach(token)
-            if self.log_requests:
-                self._log(scope, state, route, status, duration, record)
 
     @staticmethod
     def _end_span(
@@ -155,6 +142,32 @@ class ObservabilityMiddleware:
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR, record.error_type))
         span.end()
+
+
+class RequestObserver:
+    """Counts finished API requests and logs one line each (middleware and hot path alike)."""
+
+    def __init__(self, telemetry: Telemetry, *, log_requests: bool = True) -> None:
+        self.metrics = telemetry.metrics
+        self.log_requests = log_requests
+
+    def finish(
+        self, scope: Scope, route: str, status: int, start: float, record: RequestRecord
+    ) -> None:
+        """Count one finished request and log it (also called by the hot path)."""
+        duration = time.perf_counter() - start
+        if status >= 400 and record.error_type is None:
+            record.error_type = _STATUS_KINDS.get(status, f"http_{status}")
+        self.metrics.observe_request(
+            route,
+            record.model,
+            status,
+            duration,
+            error_type=record.error_type,
+            timings=record.timings if status < 400 else None,
+        )
+        if self.log_requests:
+            self._log(scope, scope["state"], route, status, duration, record)
 
     @staticmethod
     def _log(

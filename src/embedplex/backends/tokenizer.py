@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from embedplex.errors import InputTooLongError, InvalidRequestError
 
-Ids = npt.NDArray[np.int64]
+# Plain lists: turning them into arrays is left to collate, in the inference thread.
+Ids = list[int]
 
 
 class TruncationDirection(StrEnum):
@@ -32,7 +31,7 @@ class Encoded:
     type_ids: Ids | None
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return len(self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,18 +79,16 @@ class TextTokenizer:
     def _checked(self, encodings: list[Encoding]) -> list[Encoded]:
         out: list[Encoded] = []
         for index, enc in enumerate(encodings):
-            n = len(enc.ids)
+            ids = enc.ids  # a new list on every access
+            n = len(ids)
             if n > self.max_length:
                 raise InputTooLongError(
                     f"input {index} has {n} tokens, more than the maximum of {self.max_length}; "
                     "set truncate to true or shorten it",
                     param="input",
                 )
-            out.append(
-                Encoded(
-                    np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64)
-                )
-            )
+            type_ids = enc.type_ids
+            out.append(Encoded(ids, type_ids if any(type_ids) else None))
         return out
 
     def encode_pairs(
@@ -142,7 +139,7 @@ class TextTokenizer:
                     if direction is TruncationDirection.RIGHT
                     else seq[-self.max_length :]
                 )
-            out.append(Encoded(np.asarray(seq, dtype=np.int64), None))
+            out.append(Encoded(list(seq), None))
         return out
 
     def tokens(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
@@ -175,6 +172,8 @@ class TextTokenizer:
 
 def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
     try:
+        if len(texts) == 1:  # encode_batch hands even one text to its thread pool
+            return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
         return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
     except (TypeError, ValueError) as exc:
         # JSON can carry lone surrogates ("\ud800"), which are not text the tokenizer accepts.

@@ -119,7 +119,9 @@ def suite(
     quick: Annotated[bool, typer.Option(help="Short runs (a smoke test of the suite).")] = False,
     router_url: Annotated[
         str | None,
-        typer.Option(help="An embedplex router whose upstream is the fp32 server (else skipped)."),
+        typer.Option(
+            help="An embedplex router whose upstream is the fp32 server (else one is started)."
+        ),
     ] = None,
     soak_minutes: Annotated[
         float, typer.Option(help="Also soak the fp32 server with mixed load, RSS sampled.")

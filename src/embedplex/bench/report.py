@@ -58,6 +58,7 @@ class SuiteData:
     overload: LoadResult | None = None
     int8_served: LoadResult | None = None
     router: LoadResult | None = None
+    router_direct: LoadResult | None = None
     router_note: str = ""
     soak: list[tuple[int, float, int]] = field(default_factory=list)  # (s, RSS MB, failures)
     rss_idle_mb: float = 0.0

@@ -79,8 +79,10 @@ def render_markdown(
 
     out.append("## Direct vs through the router\n")
     if d.router is not None:
-        direct = next((r for r in d.sweep if r.concurrency == 64), None)
-        out.append(load_table([r for r in (direct, d.router) if r is not None]) + "\n")
+        pair = [r for r in (d.router_direct, d.router) if r is not None]
+        out.append(load_table(pair) + "\n")
+        if d.router_note:
+            out.append(d.router_note + "\n")
     else:
         out.append(f"_{d.router_note}_\n")
 

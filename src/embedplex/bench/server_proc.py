@@ -31,11 +31,18 @@ class ServerProcess:
     """
 
     def __init__(
-        self, args: list[str], *, log: Path, ready_timeout: float = 600.0, port: int | None = None
+        self,
+        args: list[str],
+        *,
+        log: Path,
+        ready_timeout: float = 600.0,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.args = ["serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log = log
+        self.env = env
         self.ready_timeout = ready_timeout
         self.ready_s = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +70,10 @@ class ServerProcess:
         with self.log.open("ab") as out:
             start = time.perf_counter()
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, *self.args], stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-c", _LAUNCH, *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env} if self.env else None,
             )
         deadline = start + self.ready_timeout
         with httpx.Client(timeout=2.0) as client:

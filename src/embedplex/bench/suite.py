@@ -94,6 +94,7 @@ def _load(
     warmup: int | None = None,
     dialect: str = "openai",
     refusal_pause: float = 0.0,
+    model: str | None = None,
 ) -> LoadResult:
     options = LoadOptions(
         url=url,
@@ -105,6 +106,7 @@ def _load(
         warmup=concurrency * 2 if warmup is None else warmup,
         timeout=60.0,
         refusal_pause=refusal_pause,
+        model=model,
     )
     result = run_load_sync(options)
     console.print(load_table([result]))
@@ -185,7 +187,7 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
         data.mixed = _load(srv.url, opts, setup="fp32 mixed", concurrency=64, tokens=MIXED)
         data.commands.append(_load_command(64, MIXED, opts.duration))
         data.tei = _load(srv.url, opts, setup="fp32 c=64 tei", concurrency=64, dialect="tei")
-        data.router = _router(opts, data)
+        _router(opts, data, srv, log)
         for k in range(2, opts.rounds + 2):
             # The machine is shared: a noisy minute must not decide a ratio. Each round runs
             # the ceiling cells and the served cells they are compared with back to back.
@@ -255,20 +257,44 @@ def _int8_quality(cache: Path) -> tuple[float | None, str]:
     return None, ""
 
 
-def _router(opts: SuiteOptions, data: SuiteData) -> LoadResult | None:
-    """Direct vs through the router: runs only when a router URL is given and answers."""
-    if opts.router_url is None:
-        data.router_note = (
-            "skipped: no router given. Once the router lands: start it with its upstream at "
-            "http://127.0.0.1:PORT, then `embedplex bench suite --server-port PORT "
-            "--router-url ROUTER_URL`"
-        )
-        return None
-    import httpx
+ROUTER_MODEL = "remote-minilm"
 
-    try:
-        httpx.get(opts.router_url.rstrip("/") + "/health/ready", timeout=2.0).raise_for_status()
-    except httpx.HTTPError as exc:
-        data.router_note = f"skipped: router at {opts.router_url} not ready ({exc})"
-        return None
-    return _load(opts.router_url, opts, setup="via router c=64", concurrency=64)
+
+def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: Path) -> None:
+    """Direct vs through a router whose one provider is ``upstream``, back to back.
+
+    Without ``--router-url`` the suite starts its own router (``local_model = false``, one
+    OpenAI-dialect provider, the settings of examples/router.toml) on this machine: it shares
+    the two cores with the server it forwards to.
+    """
+    data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
+    if opts.router_url is not None:
+        import httpx
+
+        try:
+            httpx.get(opts.router_url.rstrip("/") + "/health/ready", timeout=2.0).raise_for_status()
+        except httpx.HTTPError as exc:
+            data.router_note = f"skipped: router at {opts.router_url} not ready ({exc})"
+            return
+        data.router = _load(opts.router_url, opts, setup="via router c=64", concurrency=64)
+        return
+    provider = {
+        "name": "upstream",
+        "type": "openai",
+        "endpoint": upstream.url,
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "max_batch_size": 128,
+        "max_wait_ms": 100,
+        "max_concurrency": 2,
+    }
+    route = {"model": ROUTER_MODEL, "providers": ["upstream"], "policy": "any"}
+    env = {"EMBEDPLEX_PROVIDERS": json.dumps([provider]), "EMBEDPLEX_ROUTES": json.dumps([route])}
+    with ServerProcess(["--no-local-model", "--log-level", "warning"], log=log, env=env) as router:
+        data.router = _load(
+            router.url, opts, setup="via router c=64", concurrency=64, model=ROUTER_MODEL
+        )
+    data.router_note = (
+        "The router is a second `embedplex serve` (`local_model = false`, one OpenAI-dialect "
+        "provider: the server above; the settings of examples/router.toml) on the same two "
+        "cores: it merges the 64 callers into upstream calls of up to 128 texts."
+    )
