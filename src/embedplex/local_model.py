@@ -31,10 +31,11 @@ from embedplex.backends.model_files import (
 )
 from embedplex.backends.onnx_export import default_cache_dir
 from embedplex.backends.pooling import normalize_rows
-from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token
+from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, LengthBucketQueue
 from embedplex.config import Settings
 from embedplex.errors import (
+    EmbedplexError,
     EmptyInputError,
     FatalBackendError,
     InvalidRequestError,
@@ -118,12 +119,50 @@ R = TypeVar("R")
 
 
 @dataclass(slots=True)
+class Deferred:
+    """A short text queued untokenized: the inference thread tokenizes its batch at once."""
+
+    text: str
+    index: int  # its position in its request, for error messages
+    truncate: bool
+    direction: TruncationDirection
+    cost: int  # estimated tokens; the real count once its batch has tokenized it (0: failed)
+
+
+Payload = Encoded | Deferred
+# Placeholders while a batch is being resolved (never handed to a caller).
+_UNRESOLVED: Any = object()
+_PENDING: Any = object()
+
+
+def fitting_pieces(lengths: list[int], max_cost: int | None) -> list[list[int]]:
+    """Split rows (by length) into pieces whose padded size (longest x rows) fits ``max_cost``.
+
+    One piece in the usual case; otherwise length-sorted pieces, so that each is padded to
+    lengths like its own. A single row is never split (its length is capped elsewhere).
+    """
+    if not lengths:
+        return []
+    if max_cost is None or max(lengths) * len(lengths) <= max_cost:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    pieces: list[list[int]] = []
+    piece: list[int] = []
+    for k in order:
+        if piece and lengths[k] * (len(piece) + 1) > max_cost:
+            pieces.append(piece)
+            piece = []
+        piece.append(k)
+    pieces.append(piece)
+    return pieces
+
+
+@dataclass(slots=True)
 class Processed(Generic[R]):
     """What one request's inputs came back as, with the instants that time them."""
 
     results: list[R]
-    items: list[Item[Encoded, R]]
-    tokens: int
+    items: list[Item[Payload, R]]
     start: float
     tokenized: float
 
@@ -159,7 +198,7 @@ class LocalModel(Generic[R]):
         self._active = 0
         self._infer_pool: ThreadPoolExecutor | None = None
         self._token_pool: ThreadPoolExecutor | None = None
-        self._batcher: Batcher[Encoded, R] | None = None
+        self._batcher: Batcher[Payload, R] | None = None
         self._info = ModelInfo(
             name=options.name,
             model_id=spec.model_id,
@@ -186,7 +225,7 @@ class LocalModel(Generic[R]):
         self._tracer = telemetry.tracer
 
     @property
-    def batcher(self) -> Batcher[Encoded, R]:
+    def batcher(self) -> Batcher[Payload, R]:
         if self._batcher is None:
             raise RuntimeError("model not started")
         return self._batcher
@@ -201,6 +240,7 @@ class LocalModel(Generic[R]):
             self.options.policy,
             queue=LengthBucketQueue(),
             observers=self._observers,
+            cost_of=lambda payload: payload.cost,
         )
         await self._batcher.start()
 
@@ -232,13 +272,50 @@ class LocalModel(Generic[R]):
         """Run one padded batch on the backend (in the inference thread)."""
         raise NotImplementedError
 
-    async def _run_batch(self, payloads: list[Encoded]) -> list[R]:
+    async def _run_batch(self, payloads: list[Payload]) -> list[R | BaseException]:
         loop = asyncio.get_running_loop()
-        pad_id = self.spec.pad_token_id
-        # Padding runs in the inference thread too, off the event loop.
-        return await loop.run_in_executor(
-            self._infer_pool, lambda: self._forward(TokenBatch.collate(payloads, pad_id))
-        )
+        return await loop.run_in_executor(self._infer_pool, self._infer, payloads)
+
+    def _infer(self, payloads: list[Payload]) -> list[R | BaseException]:
+        """In the inference thread: tokenize deferred texts, pad, forward within the budget.
+
+        An input that fails to tokenize (too long, bad text) gets its error in its place; the
+        rest of the batch runs. Deferred costs are estimates, so a batch whose real padded size
+        passes ``max_cost`` runs in length-sorted pieces that each fit.
+        """
+        resolved = self._resolve(payloads)
+        out: list[R | BaseException] = [
+            e if isinstance(e, EmbedplexError) else _PENDING for e in resolved
+        ]
+        ok = [k for k, e in enumerate(resolved) if isinstance(e, Encoded)]
+        encoded = typing.cast(list[Encoded], [resolved[k] for k in ok])
+        for piece in fitting_pieces([len(e) for e in encoded], self.options.policy.max_cost):
+            batch = TokenBatch.collate([encoded[j] for j in piece], self.spec.pad_token_id)
+            for j, result in zip(piece, self._forward(batch), strict=True):
+                out[ok[j]] = result
+        return out
+
+    def _resolve(self, payloads: list[Payload]) -> list[Encoded | EmbedplexError]:
+        """Tokenize the deferred texts of a batch: one tokenizer call per truncation setting."""
+        out: list[Encoded | EmbedplexError] = [
+            p if isinstance(p, Encoded) else _UNRESOLVED for p in payloads
+        ]
+        groups: dict[tuple[bool, TruncationDirection], list[int]] = {}
+        for k, p in enumerate(payloads):
+            if isinstance(p, Deferred):
+                groups.setdefault((p.truncate, p.direction), []).append(k)
+        for (truncate, direction), ks in groups.items():
+            texts = [typing.cast(Deferred, payloads[k]) for k in ks]
+            done = self.tokenizer.encode_each(
+                [d.text for d in texts],
+                [d.index for d in texts],
+                truncate=truncate,
+                direction=direction,
+            )
+            for k, d, e in zip(ks, texts, done, strict=True):
+                out[k] = e
+                d.cost = e.cost if isinstance(e, Encoded) else 0
+        return out
 
     def _check_size(self, n: int, param: str) -> None:
         if n == 0:
@@ -249,11 +326,18 @@ class LocalModel(Generic[R]):
                 param=param,
             )
 
-    async def _process(self, encode: Callable[[], list[Encoded]], chars: int) -> Processed[R]:
-        """Admit, tokenize, queue every input, and wait for all of them.
+    async def _process(
+        self,
+        encode: Callable[[], list[Encoded]],
+        chars: int,
+        defer: Callable[[], list[Deferred]] | None = None,
+    ) -> Processed[R]:
+        """Admit, tokenize (or defer), queue every input, and wait for all of them.
 
-        Requests of at most ``tokenize_inline_chars`` characters are tokenized on the event loop
-        (tens of microseconds, less than the hand-off to the pool and back); the rest in the pool.
+        Requests of at most ``tokenize_inline_chars`` characters are not tokenized here: with
+        ``defer`` their texts are queued as they are and the inference thread tokenizes the whole
+        batch in one call just before its forward pass (without ``defer``, on the event loop).
+        Longer requests are tokenized in the tokenizer pool before they queue.
         """
         inline = chars <= self.options.tokenize_inline_chars
         start = time.perf_counter()
@@ -264,16 +348,16 @@ class LocalModel(Generic[R]):
             )
         self._active += 1
         try:
+            payloads: list[Payload]
             if inline:
-                # Cheaper here than the two thread hand-offs the pool would take.
-                encoded = encode()
+                payloads = list(defer()) if defer is not None else list(encode())
             else:
                 loop = asyncio.get_running_loop()
-                encoded = await loop.run_in_executor(self._token_pool, encode)
+                payloads = list(await loop.run_in_executor(self._token_pool, encode))
             tokenized = time.perf_counter()
             # With tracing on, each item keeps the request's span so its batch span links to it.
             trace = current_span_context() if self._tracer is not None else None
-            items = self.batcher.submit(encoded, [len(e) for e in encoded], trace=trace)
+            items = self.batcher.submit(payloads, [p.cost for p in payloads], trace=trace)
             try:
                 if len(items) == 1:  # most requests: skip gather's extra future and callbacks
                     results = [await items[0].future]
@@ -286,8 +370,18 @@ class LocalModel(Generic[R]):
             self._active -= 1
         if self._tracer is not None:
             request_stage_spans(self._tracer, self.options.name, start, tokenized, items)
-        tokens = sum(len(e) for e in encoded)
-        return Processed(results, items, tokens, start, tokenized)
+        return Processed(results, items, start, tokenized)
+
+    def _deferred(
+        self, texts: list[str], truncate: bool, direction: TruncationDirection
+    ) -> list[Deferred]:
+        # The cost is a guess until the thread tokenizes (about 4 characters a token); it only
+        # groups similar lengths and sizes the batch, and _infer splits a batch it underrated.
+        cap = self.spec.max_input_length
+        return [
+            Deferred(text, k, truncate, direction, min(cap, len(text) // 4 + 2))
+            for k, text in enumerate(texts)
+        ]
 
     def _truncate(self, requested: bool | None) -> bool:
         return self.options.auto_truncate if requested is None else requested
@@ -295,11 +389,12 @@ class LocalModel(Generic[R]):
 
 @dataclass(frozen=True, slots=True)
 class Pooled:
-    """One input's pooled vector, and the same scaled to unit length (both made per batch in
-    the inference thread, so the event loop only picks one)."""
+    """One input's pooled vector, the same scaled to unit length, and its token count (all made
+    per batch in the inference thread, so the event loop only picks)."""
 
     raw: Vector
     unit: Vector
+    tokens: int
 
 
 class LocalEmbeddingModel(LocalModel[Pooled]):
@@ -315,7 +410,8 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
 
     def _forward(self, batch: TokenBatch) -> list[Pooled]:
         raw = self.backend.embed(batch)
-        return [Pooled(r, u) for r, u in zip(raw, normalize_rows(raw), strict=True)]
+        lengths = batch.attention_mask.sum(axis=1).tolist()
+        return [Pooled(r, u, n) for r, u, n in zip(raw, normalize_rows(raw), lengths, strict=True)]
 
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None:
@@ -330,17 +426,10 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             return self.spec.prompts[prompt_name]
         return self.options.default_prompt
 
-    def _encode(self, request: EmbedRequest) -> list[Encoded]:
-        truncate = self._truncate(request.truncate)
-        direction = request.truncation_direction
-        if request.is_tokens:
-            ids = typing.cast(list[list[int]], request.inputs)
-            return self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
+    def _texts(self, request: EmbedRequest) -> list[str]:
         texts = typing.cast(list[str], request.inputs)
         prompt = self._prompt(request.prompt, request.prompt_name)
-        if prompt:
-            texts = [prompt + text for text in texts]
-        return self.tokenizer.encode(texts, truncate=truncate, direction=direction)
+        return [prompt + text for text in texts] if prompt else texts
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_size(len(request.inputs), "input")
@@ -350,12 +439,22 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                 f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
                 param="dimensions",
             )
-        chars = (
-            sys.maxsize  # token ids need no tokenizing, but validating long lists is not free
-            if request.is_tokens
-            else sum(len(t) for t in typing.cast(list[str], request.inputs))
-        )
-        done = await self._process(lambda: self._encode(request), chars)
+        truncate = self._truncate(request.truncate)
+        direction = request.truncation_direction
+        done: Processed[Pooled]
+        if request.is_tokens:
+            ids = typing.cast(list[list[int]], request.inputs)
+            done = await self._process(
+                lambda: self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction),
+                sys.maxsize,  # token ids need no tokenizing, but validating long lists is not free
+            )
+        else:
+            texts = self._texts(request)
+            done = await self._process(
+                lambda: self.tokenizer.encode(texts, truncate=truncate, direction=direction),
+                sum(len(t) for t in texts),
+                lambda: self._deferred(texts, truncate, direction),
+            )
         if dims is None:
             vectors = [p.unit if request.normalize else p.raw for p in done.results]
         else:  # Matryoshka: cut first, then normalize what is left
@@ -363,7 +462,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             vectors = list(normalize_rows(matrix) if request.normalize else matrix)
         return EmbedResult(
             vectors=vectors,
-            prompt_tokens=done.tokens,
+            prompt_tokens=sum(p.tokens for p in done.results),
             model=self.options.name,
             timings=done.timings(),
         )

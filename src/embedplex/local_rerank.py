@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from embedplex.backends.base import TokenBatch
@@ -10,11 +12,22 @@ from embedplex.local_model import LocalModel
 from embedplex.service import RerankRequest, RerankResult
 
 
-class LocalRerankModel(LocalModel[float]):
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One (query, text) pair's raw logit and its token count."""
+
+    logit: float
+    tokens: int
+
+
+class LocalRerankModel(LocalModel[Scored]):
     """Each text of a request becomes one (query, text) item in the same batching engine."""
 
-    def _forward(self, batch: TokenBatch) -> list[float]:
-        return [float(x) for x in self.backend.score(batch)]
+    def _forward(self, batch: TokenBatch) -> list[Scored]:
+        lengths = batch.attention_mask.sum(axis=1).tolist()
+        return [
+            Scored(float(x), n) for x, n in zip(self.backend.score(batch), lengths, strict=True)
+        ]
 
     def _encode(self, request: RerankRequest) -> list[Encoded]:
         return self.tokenizer.encode_pairs(
@@ -28,13 +41,13 @@ class LocalRerankModel(LocalModel[float]):
         self._check_size(len(request.texts), "texts")
         chars = len(request.query) * len(request.texts) + sum(len(t) for t in request.texts)
         done = await self._process(lambda: self._encode(request), chars)
-        logits = np.asarray(done.results, dtype=np.float64)
+        logits = np.asarray([r.logit for r in done.results], dtype=np.float64)
         # Single-logit cross-encoders are trained with a sigmoid head (sentence-transformers'
         # CrossEncoder applies it by default, and so does TEI unless raw_scores is set).
         scores = logits if request.raw_scores else 1.0 / (1.0 + np.exp(-logits))
         return RerankResult(
             scores=[float(s) for s in scores],
-            prompt_tokens=done.tokens,
+            prompt_tokens=sum(r.tokens for r in done.results),
             model=self.options.name,
             timings=done.timings(),
         )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from embedplex.bench.offline import OfflineResult
 from embedplex.bench.report import StartRow, SuiteData, targets, write_report
 from embedplex.bench.stats import LoadResult, Outcomes
+from embedplex.config import Settings
 
 
 def _offline(dtype: str, tokens: str, batch: int, rate: float) -> OfflineResult:
@@ -101,16 +104,35 @@ def test_report_is_written(tmp_path: Path) -> None:
     assert data["sweep"][1]["concurrency"] == 64
 
 
-def test_router_slot_skips_gracefully() -> None:
+def test_router_url_not_ready_is_skipped_with_a_note(tmp_path: Path) -> None:
     import socket
 
+    from embedplex.bench.server_proc import ServerProcess
     from embedplex.bench.suite import SuiteOptions, _router
 
     d = SuiteData()
-    assert _router(SuiteOptions(), d) is None
-    assert d.router_note.startswith("skipped: no router given")
+    upstream = ServerProcess([], log=tmp_path / "unused.log")  # never started: not reached
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        assert _router(SuiteOptions(router_url=url), d) is None
+        _router(SuiteOptions(router_url=url), d, upstream, tmp_path / "log")
+    assert d.router is None
+    assert d.router_direct is None
     assert "not ready" in d.router_note
+
+
+def test_the_suites_router_config_is_valid() -> None:
+    """The router the suite starts: a providers-only server whose one route is its upstream."""
+    from embedplex.bench.suite import ROUTER_MODEL, router_env
+
+    env = router_env("http://127.0.0.1:9")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        settings = Settings.load(None)
+    assert settings.local_model is False
+    [provider] = settings.providers
+    [route] = settings.routes
+    assert provider.endpoint == "http://127.0.0.1:9"
+    assert route.model == ROUTER_MODEL
+    assert route.providers == [provider.name]

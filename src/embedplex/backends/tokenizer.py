@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
-from embedplex.errors import InputTooLongError, InvalidRequestError
+from embedplex.errors import EmbedplexError, InputTooLongError, InvalidRequestError
 
 # Plain lists: turning them into arrays is left to collate, in the inference thread.
 Ids = list[int]
@@ -31,6 +31,11 @@ class Encoded:
     type_ids: Ids | None
 
     def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def cost(self) -> int:
+        """What it weighs in a batch: its token count."""
         return len(self.ids)
 
 
@@ -76,20 +81,52 @@ class TextTokenizer:
         tok = self._truncating[direction] if truncate else self._plain
         return self._checked(_encode_batch(tok, texts, add_special_tokens))
 
+    def encode_each(
+        self,
+        texts: list[str],
+        indices: list[int],
+        *,
+        truncate: bool,
+        direction: TruncationDirection,
+    ) -> list[Encoded | EmbedplexError]:
+        """``encode`` for texts of several requests at once (the inference thread tokenizes a
+        batch): a text that fails gets its error in its place instead of failing them all.
+        ``indices`` are the texts' positions in their own requests, for the error messages."""
+        tok = self._truncating[direction] if truncate else self._plain
+        try:
+            encodings = tok.encode_batch(texts)
+        except (TypeError, ValueError):  # one bad text fails the whole call: find it
+            out: list[Encoded | EmbedplexError] = []
+            for text, index in zip(texts, indices, strict=True):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    out.append(_lone_surrogate(index))
+                    continue
+                out.append(self._checked_or_error(tok.encode(text), index))
+            return out
+        return [self._checked_or_error(e, i) for e, i in zip(encodings, indices, strict=True)]
+
     def _checked(self, encodings: list[Encoding]) -> list[Encoded]:
-        out: list[Encoded] = []
-        for index, enc in enumerate(encodings):
-            ids = enc.ids  # a new list on every access
-            n = len(ids)
-            if n > self.max_length:
-                raise InputTooLongError(
-                    f"input {index} has {n} tokens, more than the maximum of {self.max_length}; "
-                    "set truncate to true or shorten it",
-                    param="input",
-                )
-            type_ids = enc.type_ids
-            out.append(Encoded(ids, type_ids if any(type_ids) else None))
-        return out
+        return [self._one(enc, index) for index, enc in enumerate(encodings)]
+
+    def _checked_or_error(self, enc: Encoding, index: int) -> Encoded | EmbedplexError:
+        try:
+            return self._one(enc, index)
+        except InputTooLongError as exc:
+            return exc
+
+    def _one(self, enc: Encoding, index: int) -> Encoded:
+        ids = enc.ids  # a new list on every access
+        n = len(ids)
+        if n > self.max_length:
+            raise InputTooLongError(
+                f"input {index} has {n} tokens, more than the maximum of {self.max_length}; "
+                "set truncate to true or shorten it",
+                param="input",
+            )
+        type_ids = enc.type_ids
+        return Encoded(ids, type_ids if any(type_ids) else None)
 
     def encode_pairs(
         self,
@@ -181,7 +218,11 @@ def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) ->
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidRequestError(
-                    f"input {index} is not valid unicode text (lone surrogate)", param="input"
-                ) from exc
+                raise _lone_surrogate(index) from exc
         raise
+
+
+def _lone_surrogate(index: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"input {index} is not valid unicode text (lone surrogate)", param="input"
+    )

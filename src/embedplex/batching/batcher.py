@@ -5,7 +5,8 @@ single loop task cuts batches (by count and cost budget), flushes them as soon a
 free (``max_wait == 0``, local models) or when the batch is full or its oldest item has waited
 ``max_wait`` (remote providers), and runs at most ``max_concurrency`` batches at once. Results go
 back to each future in order; a failed batch fails every future in it; callers that have gone are
-skipped; items that outwait ``queue_timeout`` get ``QueueTimeoutError``.
+skipped; items that outwait ``queue_timeout`` get ``QueueTimeoutError``. A run may also fail
+single inputs: an exception in a result's place fails that input's future alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[P]], Awaitable[Sequence[R]]]
+# A result may be an exception: that input fails alone (see the module docstring).
+RunBatch = Callable[[list[P]], Awaitable[Sequence[R | BaseException]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +119,13 @@ class Batcher(Generic[P, R]):
         *,
         queue: BatchQueue | None = None,
         observers: Sequence[BatchObserver] = (),
+        cost_of: Callable[[P], int] | None = None,
     ) -> None:
+        """``cost_of``: a payload's cost once its batch has run, for the batch's stats, when the
+        cost given at ``submit`` was an estimate (local models tokenize short texts in the
+        batch)."""
         self.name = name
+        self._cost_of = cost_of
         self.policy = policy
         self._run = run
         self._queue: BatchQueue = queue if queue is not None else FifoQueue()
@@ -325,13 +332,18 @@ class Batcher(Generic[P, R]):
             end = time.perf_counter()
             for item, result in zip(batch, results, strict=True):
                 item.finished_at = end
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(result, BaseException):  # this input failed, not the batch
+                    item.future.set_exception(result)
+                else:
                     item.future.set_result(result)
         finally:
             self._in_flight -= 1
             self.batches_run += 1
             self._wakeup.set()
-            costs = [item.cost for item in batch]
+            cost_of = self._cost_of
+            costs = [cost_of(i.payload) if cost_of else i.cost for i in batch]
             stats = BatchStats(
                 size=len(batch),
                 tokens=sum(costs),

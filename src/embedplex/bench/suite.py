@@ -260,6 +260,26 @@ def _int8_quality(cache: Path) -> tuple[float | None, str]:
 ROUTER_MODEL = "remote-minilm"
 
 
+def router_env(upstream: str) -> dict[str, str]:
+    """The environment of a providers-only router serving ROUTER_MODEL from ``upstream``
+    (the provider settings of examples/router.toml)."""
+    provider = {
+        "name": "upstream",
+        "type": "openai",
+        "endpoint": upstream,
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "max_batch_size": 128,
+        "max_wait_ms": 100,
+        "max_concurrency": 2,
+    }
+    route = {"model": ROUTER_MODEL, "providers": ["upstream"], "policy": "any"}
+    return {
+        "EMBEDPLEX_LOCAL_MODEL": "false",
+        "EMBEDPLEX_PROVIDERS": json.dumps([provider]),
+        "EMBEDPLEX_ROUTES": json.dumps([route]),
+    }
+
+
 def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: Path) -> None:
     """Direct vs through a router whose one provider is ``upstream``, back to back.
 
@@ -267,7 +287,6 @@ def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: P
     OpenAI-dialect provider, the settings of examples/router.toml) on this machine: it shares
     the two cores with the server it forwards to.
     """
-    data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
     if opts.router_url is not None:
         import httpx
 
@@ -276,20 +295,12 @@ def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: P
         except httpx.HTTPError as exc:
             data.router_note = f"skipped: router at {opts.router_url} not ready ({exc})"
             return
+        data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
         data.router = _load(opts.router_url, opts, setup="via router c=64", concurrency=64)
         return
-    provider = {
-        "name": "upstream",
-        "type": "openai",
-        "endpoint": upstream.url,
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
-        "max_batch_size": 128,
-        "max_wait_ms": 100,
-        "max_concurrency": 2,
-    }
-    route = {"model": ROUTER_MODEL, "providers": ["upstream"], "policy": "any"}
-    env = {"EMBEDPLEX_PROVIDERS": json.dumps([provider]), "EMBEDPLEX_ROUTES": json.dumps([route])}
-    with ServerProcess(["--no-local-model", "--log-level", "warning"], log=log, env=env) as router:
+    data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
+    env = router_env(upstream.url)
+    with ServerProcess(["--log-level", "warning"], log=log, env=env) as router:
         data.router = _load(
             router.url, opts, setup="via router c=64", concurrency=64, model=ROUTER_MODEL
         )
