@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     tokenize_inline_chars: int = Field(
         512,
         ge=0,
-        description="Requests of at most this many characters tokenize on the event loop "
-        "(cheaper than the pool hand-off); 0 sends every request to the pool.",
+        description="Requests of at most this many characters queue untokenized and are "
+        "tokenized with their batch in the inference thread; longer ones in the tokenizer "
+        "pool first; 0 sends every request to the pool.",
     )
     max_batch_tokens: int = Field(
         16384, ge=1, description="Padded tokens per batch (longest input x inputs)."

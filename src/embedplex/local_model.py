@@ -268,6 +268,18 @@ class LocalModel(Generic[R]):
             "max_batch_requests": b.max_items if b else 0,
         }
 
+    def admit(self) -> None:
+        """Raise OverloadedError at once if a request could not be taken now.
+
+        Routes call it before any per-request work (see ``api.common.run_embed``), so that a
+        refusal under overload costs next to nothing; ``_process`` checks again as it admits.
+        """
+        if self._active >= self.options.max_concurrent_requests:
+            raise OverloadedError(
+                f"{self._active} requests in flight (max_concurrent_requests is "
+                f"{self.options.max_concurrent_requests})"
+            )
+
     def _forward(self, batch: TokenBatch) -> list[R]:
         """Run one padded batch on the backend (in the inference thread)."""
         raise NotImplementedError
@@ -341,11 +353,7 @@ class LocalModel(Generic[R]):
         """
         inline = chars <= self.options.tokenize_inline_chars
         start = time.perf_counter()
-        if self._active >= self.options.max_concurrent_requests:
-            raise OverloadedError(
-                f"{self._active} requests in flight (max_concurrent_requests is "
-                f"{self.options.max_concurrent_requests})"
-            )
+        self.admit()
         self._active += 1
         try:
             payloads: list[Payload]

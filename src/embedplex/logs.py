@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 
@@ -28,7 +31,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: formatting and the write happen there.
+
+    The stdlib handler formats in the caller's thread; here that is the event loop, which would
+    pay for every request's log line (a format and a flushed write to stderr each).
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
+    """Log through a queue to one writer thread (stopped, and so flushed, at exit)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -36,8 +57,11 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, handler)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_QueueHandler(records)]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
@@ -45,3 +69,9 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every upstream request at INFO: one line per provider call is noise at load.
     logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _listener is not None:
+        _listener.stop()

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
+from embedplex.http_protocol import OneWriteHttpToolsProtocol
 
 
 class _DrainingServer(uvicorn.Server):
@@ -39,6 +40,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
+        http=OneWriteHttpToolsProtocol,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )

@@ -91,6 +91,9 @@ async def run_embed(request: Request, model: EmbeddingService, core: EmbedReques
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)
+    admit = getattr(model, "admit", None)  # local models: refuse before any per-request work
+    if admit is not None:
+        admit()
     result = await unless_disconnected(request, model.embed(core))
     record.tokens = result.prompt_tokens
     record.timings = result.timings

@@ -49,7 +49,7 @@ class SuiteOptions:
     @property
     def rounds(self) -> int:
         """Extra side-by-side rounds of the target cells (the first is the sweep itself)."""
-        return 1 if self.quick else 2
+        return 1 if self.quick else 3
 
     @property
     def duration(self) -> float:
