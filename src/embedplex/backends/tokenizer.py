@@ -94,7 +94,8 @@ class TextTokenizer:
         ``indices`` are the texts' positions in their own requests, for the error messages."""
         tok = self._truncating[direction] if truncate else self._plain
         try:
-            encodings = tok.encode_batch(texts)
+            # encode_batch hands even one text to its thread pool: a wake-up per request at c=1
+            encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
             for text, index in zip(texts, indices, strict=True):
