@@ -284,9 +284,10 @@ class LocalModel(Generic[R]):
         """Run one padded batch on the backend (in the inference thread)."""
         raise NotImplementedError
 
-    async def _run_batch(self, payloads: list[Payload]) -> list[R | BaseException]:
+    def _run_batch(self, payloads: list[Payload]) -> asyncio.Future[list[R | BaseException]]:
+        # A plain function: the batch reaches the inference thread when the batcher cuts it.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._infer_pool, self._infer, payloads)
+        return loop.run_in_executor(self._infer_pool, self._infer, payloads)
 
     def _infer(self, payloads: list[Payload]) -> list[R | BaseException]:
         """In the inference thread: tokenize deferred texts, pad, forward within the budget.

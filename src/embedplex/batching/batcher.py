@@ -12,6 +12,7 @@ single inputs: an exception in a result's place fails that input's future alone.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -300,20 +301,33 @@ class Batcher(Generic[P, R]):
             item.batch_size = len(batch)
         for obs in self._observers:
             obs.on_batch_started(batch)
-        task = asyncio.create_task(self._run_batch(batch))
+        # Start the run now (a local model submits to its inference thread right here), not in
+        # the new task's first step, which would wait behind every callback already queued.
+        running = self._run([item.payload for item in batch])
+        task = asyncio.create_task(self._run_batch(batch, running))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, batch: list[Item[P, R]]) -> None:
+    async def _run_batch(
+        self, batch: list[Item[P, R]], running: Awaitable[Sequence[R | BaseException]]
+    ) -> None:
         start = time.perf_counter()
         error: BaseException | None = None
+        released = False
         try:
-            results = await self._run([item.payload for item in batch])
+            results = await running
+            # Free the slot before answering: the loop cuts the next batch ahead of the
+            # callers' wake-ups that the results below queue.
+            self._in_flight -= 1
+            released = True
+            self._wakeup.set()
             if len(results) != len(batch):
                 raise BackendError(
                     f"backend returned {len(results)} results for a batch of {len(batch)}"
                 )
         except asyncio.CancelledError:
+            if inspect.iscoroutine(running):
+                running.close()  # cancelled before it started: no "never awaited" warning
             error = NotReadyError("the server is shutting down")
             self._fail(batch, error)
             raise
@@ -339,7 +353,8 @@ class Batcher(Generic[P, R]):
                 else:
                     item.future.set_result(result)
         finally:
-            self._in_flight -= 1
+            if not released:
+                self._in_flight -= 1
             self.batches_run += 1
             self._wakeup.set()
             cost_of = self._cost_of
