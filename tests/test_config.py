@@ -156,3 +156,19 @@ def test_config_init_writes_a_commented_default_file(tmp_path: Path) -> None:
     )
     again = runner.invoke(app, ["config", "init", str(path)])
     assert again.exit_code != 0
+
+
+def test_inference_layout_defaults() -> None:
+    from embedplex.backends.layout import InferenceLayout, inference_layout
+
+    # ONNX on a CPU: two streams of half the cores each; one core: one stream.
+    assert inference_layout(Settings(), cores=2) == InferenceLayout(2, 1)
+    assert inference_layout(Settings(), cores=8) == InferenceLayout(2, 4)
+    assert inference_layout(Settings(), cores=1) == InferenceLayout(1, 1)
+    # torch (global thread pool) and explicit settings keep what they say.
+    assert inference_layout(Settings(backend="torch"), cores=8) == InferenceLayout(1, 8)
+    assert inference_layout(Settings(inference_streams=1), cores=2) == InferenceLayout(1, 2)
+    assert inference_layout(
+        Settings(inference_streams=3, inference_threads=2), cores=2
+    ) == InferenceLayout(3, 2)
+    assert str(InferenceLayout(2, 1)) == "2x1"

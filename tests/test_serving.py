@@ -54,7 +54,9 @@ async def test_full_queue_gets_429(tiny_model_dir: Path) -> None:
 
 async def test_queue_timeout_gets_503(tiny_model_dir: Path) -> None:
     backend = FakeBackend(delay=0.5)
-    app = fake_app(tiny_model_dir, backend, queue_timeout_ms=100, max_batch_requests=1)
+    app = fake_app(
+        tiny_model_dir, backend, queue_timeout_ms=100, max_batch_requests=1, inference_streams=1
+    )
     with served(app) as url:
         results = await post_many(url, 3, path="/v1/embeddings")
     codes = sorted(code for code, _, _ in results)
@@ -65,7 +67,7 @@ async def test_queue_timeout_gets_503(tiny_model_dir: Path) -> None:
 
 async def test_disconnected_client_is_dropped_from_the_queue(tiny_model_dir: Path) -> None:
     backend = FakeBackend(delay=0.4)
-    app = fake_app(tiny_model_dir, backend)
+    app = fake_app(tiny_model_dir, backend, inference_streams=1)  # one batch at a time
     with served(app) as url:
         async with httpx.AsyncClient() as client:
             first = asyncio.create_task(
@@ -79,3 +81,30 @@ async def test_disconnected_client_is_dropped_from_the_queue(tiny_model_dir: Pat
             after = await client.post(url + "/embed", json={"inputs": "the"}, timeout=5)
     assert after.status_code == 200
     assert [size for size, _ in backend.batches] == [1, 1]  # "dog"/"fox" never reached it
+
+
+async def test_streams_run_batches_at_once(tiny_model_dir: Path) -> None:
+    backend = FakeBackend(delay=0.3)
+    running = 0
+    most = 0
+    inner = backend.embed
+
+    def embed(batch: object) -> object:
+        nonlocal running, most
+        running += 1  # the GIL orders these; the sleep in inner overlaps
+        most = max(most, running)
+        try:
+            return inner(batch)  # type: ignore[arg-type]
+        finally:
+            running -= 1
+
+    backend.embed = embed  # type: ignore[method-assign,assignment]
+    app = fake_app(tiny_model_dir, backend, inference_streams=2, max_batch_requests=1)
+    async with httpx.AsyncClient() as client:
+        with served(app) as url:
+            first, second, third = await asyncio.gather(
+                *(client.post(url + "/embed", json={"inputs": w}, timeout=5) for w in "abc")
+            )
+    assert [r.status_code for r in (first, second, third)] == [200, 200, 200]
+    assert most == 2  # two streams: two batches at once, never three
+    assert sorted(size for size, _ in backend.batches) == [1, 1, 1]

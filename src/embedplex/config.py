@@ -115,8 +115,16 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(
         None, description="Where ONNX exports are cached (default: ~/.cache/embedplex)."
     )
+    inference_streams: int | None = Field(
+        None,
+        ge=1,
+        description="Batches run at once, each from its own thread (default: 2 for ONNX on a "
+        "CPU with 2 or more cores, else 1).",
+    )
     inference_threads: int | None = Field(
-        None, ge=1, description="Threads per forward pass (default: all cores)."
+        None,
+        ge=1,
+        description="Intra-op threads per forward pass (default: cores / inference_streams).",
     )
     int8_min_cosine: float = Field(
         0.97, ge=0, le=1, description="Refuse an int8 export whose min cosine vs fp32 is lower."

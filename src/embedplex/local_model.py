@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from embedplex.backends.base import TokenBatch
+from embedplex.backends.layout import inference_layout
 from embedplex.backends.model_files import (
     ModelKind,
     ModelSpec,
@@ -64,6 +65,7 @@ class LocalModelOptions:
     max_concurrent_requests: int = 512
     tokenization_workers: int | None = None
     tokenize_inline_chars: int = 512
+    streams: int = 1  # batches run at once, each from its own inference thread
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
@@ -76,6 +78,7 @@ class LocalModelOptions:
                     f"default prompt name {name!r} is not among {sorted(spec.prompts)}"
                 )
             prompt = spec.prompts[name]
+        streams = inference_layout(settings).streams
         return cls(
             name=settings.model_name,
             auto_truncate=settings.auto_truncate,
@@ -84,11 +87,12 @@ class LocalModelOptions:
             max_concurrent_requests=settings.max_concurrent_requests,
             tokenization_workers=settings.tokenization_workers,
             tokenize_inline_chars=settings.tokenize_inline_chars,
+            streams=streams,
             policy=BatchPolicy(
                 max_items=settings.max_batch_requests,
                 max_cost=max(settings.max_batch_tokens, spec.max_input_length),
                 max_wait=0.0,
-                max_concurrency=1,
+                max_concurrency=streams,
                 max_queued=settings.max_queue_size,
                 queue_timeout=settings.queue_timeout_ms / 1000,
             ),
@@ -97,11 +101,12 @@ class LocalModelOptions:
 
 def load_backend(settings: Settings, spec: ModelSpec) -> Any:
     """The configured engine; it embeds or scores according to ``spec.kind``."""
+    threads = inference_layout(settings).threads
     if settings.backend == "torch":
         from embedplex.backends.pytorch import TorchBackend
 
         return TorchBackend.load(
-            spec, dtype=settings.dtype, device=settings.device, threads=settings.inference_threads
+            spec, dtype=settings.dtype, device=settings.device, threads=threads
         )
     from embedplex.backends.onnx import OnnxBackend
 
@@ -110,7 +115,7 @@ def load_backend(settings: Settings, spec: ModelSpec) -> Any:
         dtype=settings.dtype,
         device=settings.device,
         cache_dir=settings.cache_dir or default_cache_dir(),
-        threads=settings.inference_threads,
+        threads=threads,
         int8_min_cosine=settings.int8_min_cosine,
     )
 
@@ -233,7 +238,8 @@ class LocalModel(Generic[R]):
     async def start(self) -> None:
         workers = self.options.tokenization_workers or os.cpu_count() or 1
         self._token_pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        # One thread per stream: the batcher keeps up to ``streams`` batches in flight.
+        self._infer_pool = ThreadPoolExecutor(self.options.streams, thread_name_prefix="inference")
         self._batcher = Batcher(
             self.options.name,
             self._run_batch,
@@ -261,6 +267,7 @@ class LocalModel(Generic[R]):
         b = self._batcher
         return {
             "kind": self.spec.kind.value,
+            "streams": self.options.streams,
             "active_requests": self._active,
             "queued": b.queued if b else 0,
             "in_flight_batches": b.in_flight if b else 0,

@@ -13,7 +13,7 @@ from embedplex.bench.stats import LoadResult, Outcomes
 from embedplex.config import Settings
 
 
-def _offline(dtype: str, tokens: str, batch: int, rate: float) -> OfflineResult:
+def _offline(dtype: str, tokens: str, batch: int, rate: float, streams: int = 1) -> OfflineResult:
     return OfflineResult(
         backend="onnx",
         dtype=dtype,
@@ -21,8 +21,10 @@ def _offline(dtype: str, tokens: str, batch: int, rate: float) -> OfflineResult:
         padded_length=14,
         batch=batch,
         batches=3,
-        ms_per_batch_p50=batch / rate * 1000,
+        ms_per_batch_p50=batch / rate * 1000 * streams,
         texts_per_s=rate,
+        streams=streams,
+        threads=2 // streams,
     )
 
 
@@ -65,13 +67,33 @@ def _data() -> SuiteData:
 
 def test_targets_reflect_the_figures() -> None:
     rows = {name: (figure, status) for name, figure, status in targets(_data())}
-    assert rows["c=64 short req/s >= 0.90 x offline ceiling"] == ("0.92 x (460 vs 500/s)", "met")
+    assert rows["c=64 short req/s >= 0.90 x offline ceiling"] == (
+        "0.92 x (460 vs 500/s, 1x2 batch 128)",
+        "met",
+    )
     assert rows["mixed 5-256 inputs/s >= 0.85 x offline ceiling"] == ("0.75 x", "NOT met")
     assert rows["c=1 p50 <= 1.2 x offline batch-1 + 2 ms"][1] == "met"  # 5 <= 1.2*3.33+2
     assert rows["int8 offline speed-up (short, best batch)"] == ("1.80 x", "-")
     assert rows["int8 min cosine >= 0.97 vs fp32"] == ("0.9800", "met")
     assert rows["server RSS < 600 MB"][1] == "met"
     assert rows["second start reuses the cached export"][1] == "met"
+
+
+def test_the_ceiling_is_the_fastest_layout() -> None:
+    d = _data()
+    # Two streams of one thread beat one of two: they set the ceiling; the one-stream figure
+    # stays as a reference, and c=1 is still held to the fastest single batch-1 pass.
+    d.offline += [_offline("float32", "14", 32, 600.0, 2), _offline("float32", "14", 1, 500.0, 2)]
+    rows = {name: (figure, status) for name, figure, status in targets(d)}
+    assert rows["c=64 short req/s >= 0.90 x offline ceiling"] == (
+        "0.77 x (460 vs 600/s, 2x1 batch 32)",
+        "NOT met",
+    )
+    assert rows["c=64 short vs the one-stream ceiling (for reference)"] == (
+        "0.92 x (500/s, 1x2 batch 128)",
+        "-",
+    )
+    assert rows["c=1 p50 <= 1.2 x offline batch-1 + 2 ms"][0] == "5.00 ms (bound 6.00 ms)"
 
 
 def test_targets_take_the_best_run_of_each_cell() -> None:

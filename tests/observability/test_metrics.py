@@ -88,7 +88,9 @@ async def test_probes_and_scrapes_are_not_counted(served: Served) -> None:
 
 
 async def test_queue_full_is_a_429_refusal() -> None:
-    s = settings(max_queue_size=2, max_client_batch_size=2, max_batch_requests=1)
+    s = settings(
+        max_queue_size=2, max_client_batch_size=2, max_batch_requests=1, inference_streams=1
+    )
     async with serve(s, backend=FakeBackend(delay=0.3)) as srv:
         first = asyncio.create_task(srv.client.post("/embed", json={"inputs": ["a", "b"]}))
         await eventually(lambda: srv.app.state.gateway.stats()[MODEL]["in_flight_batches"] == 1)
@@ -112,7 +114,7 @@ async def test_queue_full_is_a_429_refusal() -> None:
 
 
 async def test_queue_timeout_is_a_503_refusal() -> None:
-    s = settings(queue_timeout_ms=50, max_batch_requests=1)
+    s = settings(queue_timeout_ms=50, max_batch_requests=1, inference_streams=1)
     async with serve(s, backend=FakeBackend(delay=0.3)) as srv:
         r = await srv.client.post("/embed", json={"inputs": ["a", "b"]})
         assert r.status_code == 503
@@ -149,7 +151,7 @@ async def test_inputs_of_a_departed_client_are_dropped() -> None:
 
     from .conftest import fake_factory, parse_metrics
 
-    s = settings(max_batch_requests=1)
+    s = settings(max_batch_requests=1, inference_streams=1)
     app = create_app(s, gateway_factory=fake_factory(FakeBackend(delay=0.4)))
 
     def scenario() -> dict[object, float]:

@@ -35,7 +35,8 @@ async def test_dead_backend_flips_readiness_and_fails_fast(served: Served) -> No
 
 async def test_backend_dying_under_load_answers_every_request() -> None:
     backend = FakeBackend(delay=0.1)
-    async with serve(settings(max_batch_requests=1), backend=backend) as srv:
+    one_batch_at_a_time = settings(max_batch_requests=1, inference_streams=1)
+    async with serve(one_batch_at_a_time, backend=backend) as srv:
         calls = [srv.client.post("/embed", json={"inputs": f"t{i}"}) for i in range(6)]
         tasks = [asyncio.create_task(call) for call in calls]
         await asyncio.sleep(0.05)

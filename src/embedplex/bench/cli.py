@@ -84,7 +84,12 @@ def offline(
     model_id: Annotated[str | None, typer.Option(help="Model (default: the server's).")] = None,
     backend: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
     dtype: Annotated[str, typer.Option(help="float32, float16, int8.")] = "float32",
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads.")] = None,
+    streams: Annotated[
+        int | None, typer.Option(help="Batches at once (default: the server's layout).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads each (default: the server's layout).")
+    ] = None,
     min_time: Annotated[float, typer.Option(help="Seconds per cell, at least.")] = 2.0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON here ('-': stdout).")
@@ -98,11 +103,21 @@ def offline(
     overrides: dict[str, Any] = {"backend": backend, "dtype": dtype}
     if model_id:
         overrides["model_id"] = model_id
+    if streams:
+        overrides["inference_streams"] = streams
     if threads:
         overrides["inference_threads"] = threads
-    tokenizer, engine = load_local(**overrides)
+    tokenizer, engine, layout = load_local(**overrides)
     results = [
-        run_offline(engine, tokenizer, tokens=TokenSpec.parse(t), batch=b, min_time=min_time)
+        run_offline(
+            engine,
+            tokenizer,
+            tokens=TokenSpec.parse(t),
+            batch=b,
+            min_time=min_time,
+            streams=layout.streams,
+            threads=layout.threads,
+        )
         for t in tokens or ["14"]
         for b in batch or [1, 8, 32]
     ]

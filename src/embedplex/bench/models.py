@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from embedplex.backends.base import EmbeddingBackend
+from embedplex.backends.layout import InferenceLayout, inference_layout
 from embedplex.backends.model_files import load_spec, resolve_model_dir
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.local_model import load_backend
 
 
-def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend]:
-    """The tokenizer and backend ``embedplex serve`` would build with these settings."""
+def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend, InferenceLayout]:
+    """The tokenizer, backend and inference layout ``embedplex serve`` would build with these
+    settings."""
     settings = Settings.load(None, **overrides)
     path, sha = resolve_model_dir(
         settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
@@ -21,4 +23,4 @@ def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend]:
     tokenizer = TextTokenizer.from_dir(
         path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
-    return tokenizer, load_backend(settings, spec)
+    return tokenizer, load_backend(settings, spec), inference_layout(settings)

@@ -1,12 +1,15 @@
 """``embedplex bench offline``: the backend alone, in process; the ceiling a server is held to.
 
 Each cell tokenizes its texts once, then times collate + forward + pooling (what the server's
-batch loop does per batch) for at least ``min_time`` seconds and ``min_batches`` batches.
+batch loop does per batch) for at least ``min_time`` seconds and ``min_batches`` batches. With
+``streams`` > 1, that many threads run batches at once (as the server's inference streams do)
+and texts/s counts them all.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,7 +20,16 @@ from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.bench.stats import markdown_table
 from embedplex.bench.workload import TokenSpec, make_texts
 
-OFFLINE_COLUMNS = ("backend", "dtype", "tokens", "batch", "batches", "ms/batch p50", "texts/s")
+OFFLINE_COLUMNS = (
+    "backend",
+    "dtype",
+    "layout",
+    "tokens",
+    "batch",
+    "batches",
+    "ms/batch p50",
+    "texts/s",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,11 +42,19 @@ class OfflineResult:
     batches: int
     ms_per_batch_p50: float
     texts_per_s: float
+    streams: int = 1  # batches run at once
+    threads: int = 0  # intra-op threads of each (0: not recorded)
+
+    @property
+    def layout(self) -> str:
+        """``streams x threads``, as the server's inference layout prints."""
+        return f"{self.streams}x{self.threads}" if self.threads else f"{self.streams}x?"
 
     def row(self) -> list[str]:
         return [
             self.backend,
             self.dtype,
+            self.layout,
             self.tokens,
             str(self.batch),
             str(self.batches),
@@ -56,33 +76,53 @@ def run_offline(
     min_batches: int = 3,
     max_time: float = 60.0,
     seed: int = 0,
+    streams: int = 1,
+    threads: int = 0,
 ) -> OfflineResult:
-    """Time forward passes of ``batch`` texts of ``tokens`` tokens (bounded by ``max_time``)."""
+    """Time forward passes of ``batch`` texts of ``tokens`` tokens (bounded by ``max_time``),
+    ``streams`` batches at once."""
     pool = 8  # distinct batches, cycled
     texts = make_texts(tokens, batch * pool, seed=seed)
     encoded = tokenizer.encode(texts, truncate=True)
     batches = [encoded[i * batch : (i + 1) * batch] for i in range(pool)]
     backend.embed(TokenBatch.collate(batches[0]))  # warm-up: first run allocates
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in range(streams)]
     start = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= max_time or (elapsed >= min_time and len(times) >= min_batches):
-            break
-        chunk = batches[len(times) % pool]
-        t0 = time.perf_counter()
-        backend.embed(TokenBatch.collate(chunk))
-        times.append(time.perf_counter() - t0)
-    total = sum(times)
+
+    def stream(k: int) -> None:
+        mine = times[k]
+        while True:
+            elapsed = time.perf_counter() - start
+            if elapsed >= max_time or (elapsed >= min_time and len(mine) >= min_batches):
+                return
+            chunk = batches[(len(mine) * streams + k) % pool]
+            t0 = time.perf_counter()
+            backend.embed(TokenBatch.collate(chunk))
+            mine.append(time.perf_counter() - t0)
+
+    if streams == 1:
+        stream(0)
+    else:
+        workers = [threading.Thread(target=stream, args=(k,)) for k in range(streams)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    # Each stream's rate from the time inside its own passes, summed: they overlap throughout
+    # but the last one to finish runs its final pass alone, so this errs high (a ceiling).
+    rate = sum(batch * len(mine) / sum(mine) for mine in times if mine)
+    done = [t for mine in times for t in mine]
     return OfflineResult(
         backend=backend.name,
         dtype=backend.dtype,
         tokens=str(tokens),
         padded_length=max(len(e) for e in encoded),
         batch=batch,
-        batches=len(times),
-        ms_per_batch_p50=statistics.median(times) * 1000,
-        texts_per_s=batch * len(times) / total if total else 0.0,
+        batches=len(done),
+        ms_per_batch_p50=statistics.median(done) * 1000,
+        texts_per_s=rate,
+        streams=streams,
+        threads=threads,
     )
 
 

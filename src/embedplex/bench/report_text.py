@@ -42,7 +42,10 @@ def render_markdown(
 
     out.append("## Offline ceiling: the backend alone, in process\n")
     out.append(
-        "Collate + forward + pooling per batch, one thread of Python, ONNX Runtime on all cores. "
+        "Collate + forward + pooling per batch. `layout` is streams x intra-op threads: `1x2` "
+        "runs one batch at a time on both cores, `2x1` two batches at once from two threads "
+        "with one core each (the server's default on this machine); the ceiling a target uses "
+        "is the fastest row of any layout. "
         "The `5-256` row takes batches of 64 texts of random lengths, as 64 concurrent clients "
         "hand them to the server; the backend sorts a big batch by length and runs it in pieces "
         "of at most 2,048 padded tokens. The fp32 short and mixed cells run again in each "
