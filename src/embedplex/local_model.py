@@ -517,6 +517,9 @@ def load_local_model(
         path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
     backend = load_backend(settings, spec)
+    logger.info(
+        "inference layout %s (batches at once x intra-op threads)", inference_layout(settings)
+    )
     options = LocalModelOptions.from_settings(settings, spec)
     if spec.kind is ModelKind.RERANKER:
         from embedplex.local_rerank import LocalRerankModel
