@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -87,16 +88,19 @@ async def test_streams_run_batches_at_once(tiny_model_dir: Path) -> None:
     backend = FakeBackend(delay=0.3)
     running = 0
     most = 0
+    count = threading.Lock()
     inner = backend.embed
 
     def embed(batch: object) -> object:
         nonlocal running, most
-        running += 1  # the GIL orders these; the sleep in inner overlaps
-        most = max(most, running)
+        with count:
+            running += 1
+            most = max(most, running)
         try:
             return inner(batch)  # type: ignore[arg-type]
         finally:
-            running -= 1
+            with count:
+                running -= 1
 
     backend.embed = embed  # type: ignore[method-assign,assignment]
     app = fake_app(tiny_model_dir, backend, inference_streams=2, max_batch_requests=1)

@@ -93,8 +93,10 @@ class SuiteData:
         return min(cells, key=lambda r: r.ms_per_batch_p50, default=None)
 
     def one_stream_ceiling(self, dtype: str, tokens: str) -> OfflineResult | None:
-        cells = [r for r in self.offline if r.dtype == dtype and r.tokens == tokens]
-        return max((r for r in cells if r.streams == 1), key=lambda r: r.texts_per_s, default=None)
+        cells = [
+            r for r in self.offline if r.dtype == dtype and r.tokens == tokens and r.streams == 1
+        ]
+        return max(cells, key=lambda r: r.texts_per_s, default=None)
 
     def at(self, concurrency: int) -> LoadResult | None:
         return next((r for r in self.sweep if r.concurrency == concurrency), None)
