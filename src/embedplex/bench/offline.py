@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from embedplex.backends.base import EmbeddingBackend, TokenBatch
+from embedplex.backends.layout import InferenceLayout
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.bench.stats import markdown_table
 from embedplex.bench.workload import TokenSpec, make_texts
@@ -48,7 +49,9 @@ class OfflineResult:
     @property
     def layout(self) -> str:
         """``streams x threads``, as the server's inference layout prints."""
-        return f"{self.streams}x{self.threads}" if self.threads else f"{self.streams}x?"
+        if not self.threads:
+            return f"{self.streams}x?"
+        return str(InferenceLayout(self.streams, self.threads))
 
     def row(self) -> list[str]:
         return [
