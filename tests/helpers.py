@@ -34,7 +34,10 @@ def fake_model(model_dir: Path, settings: Settings, backend: FakeBackend) -> Loc
         model_dir, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
     return LocalEmbeddingModel(
-        spec, tokenizer, backend, LocalModelOptions.from_settings(settings, spec)
+        spec,
+        tokenizer,
+        backend,
+        LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens),
     )
 
 

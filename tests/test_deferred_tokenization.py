@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from embedplex.backends.fake import FakeBackend
-from embedplex.local_model import fitting_pieces
+from embedplex.local_model import batch_budget, fitting_pieces
 from helpers import fake_app, running
 
 
@@ -62,3 +62,10 @@ async def test_usage_and_vectors_match_tokenizing_before_queueing(tiny_model_dir
     assert [d["embedding"] for d in answers[0]["data"]] == [
         d["embedding"] for d in answers[1]["data"]
     ]
+
+
+def test_batch_budget_is_one_forward_pass_of_the_backend() -> None:
+    assert batch_budget(16384, None, 256) == 16384  # the backend runs any batch whole
+    assert batch_budget(16384, 2048, 256) == 2048  # it runs 2,048 at a time: so does a batch
+    assert batch_budget(1024, 2048, 256) == 1024  # the setting, when it is lower
+    assert batch_budget(16384, 128, 256) == 256  # one input of the longest length always fits

@@ -158,3 +158,17 @@ def test_max_input_length_override_is_checked(tmp_path: Path) -> None:
     model_dir = make_tiny_bert(tmp_path / "tiny", seed=10)
     with pytest.raises(FatalBackendError, match="exceeds"):
         LocalEmbeddingModel.load(Settings(model_id=str(model_dir), max_input_length=100))
+
+
+def test_batch_budget_follows_the_backend(tmp_path: Path) -> None:
+    """ONNX runs 2,048 padded tokens per pass, so batches are cut to that; torch runs any."""
+    from embedplex.backends.onnx import RUN_TOKENS
+
+    model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean", seed=5)
+    budgets = {
+        backend: LocalEmbeddingModel.load(
+            Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c")
+        ).options.policy.max_cost
+        for backend in ("onnx", "torch")
+    }
+    assert budgets == {"onnx": RUN_TOKENS, "torch": Settings().max_batch_tokens}

@@ -112,3 +112,32 @@ async def test_streams_run_batches_at_once(tiny_model_dir: Path) -> None:
     assert [r.status_code for r in (first, second, third)] == [200, 200, 200]
     assert most == 2  # two streams: two batches at once, never three
     assert sorted(size for size, _ in backend.batches) == [1, 1, 1]
+
+
+async def test_batches_fit_one_forward_pass_and_group_lengths_across_the_queue(
+    tiny_model_dir: Path,
+) -> None:
+    """A backend that runs ``run_tokens`` at a time gets batches of that size, lengths grouped."""
+    backend = FakeBackend(delay=0.3)
+    backend.run_tokens = 80  # a long text here costs 32 tokens (estimated 39): two fit, not three
+    app = fake_app(tiny_model_dir, backend, inference_streams=1)  # one batch at a time
+    long_text, short_text = "word " * 30, "hi"
+    async with httpx.AsyncClient() as client:
+        with served(app) as url:
+
+            async def post(text: str) -> int:
+                r = await client.post(url + "/embed", json={"inputs": text}, timeout=5)
+                return r.status_code
+
+            busy = asyncio.create_task(post("keeps the backend busy"))
+            await asyncio.sleep(0.1)
+            # Queued behind it in arrival order long, short, long, short.
+            queued = []
+            for text in (long_text, short_text, long_text, short_text):
+                queued.append(asyncio.create_task(post(text)))
+                await asyncio.sleep(0.02)
+            codes = [await busy, *await asyncio.gather(*queued)]
+    assert codes == [200] * 5
+    # The oldest (long) text's batch takes the other long one, then the two short ones run;
+    # a budget of one batch for all four would have padded both short texts to 32 tokens.
+    assert backend.batches[1:] == [(2, 32), (2, 3)]

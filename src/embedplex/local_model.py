@@ -69,7 +69,11 @@ class LocalModelOptions:
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
-    def from_settings(cls, settings: Settings, spec: ModelSpec) -> LocalModelOptions:
+    def from_settings(
+        cls, settings: Settings, spec: ModelSpec, *, run_tokens: int | None = None
+    ) -> LocalModelOptions:
+        """``run_tokens``: the most padded tokens the backend runs in one forward pass, if it
+        splits bigger batches; a batch is cut to fit it (see ``batch_budget``)."""
         prompt = settings.default_prompt
         name = settings.default_prompt_name or spec.default_prompt_name
         if prompt is None and name is not None:
@@ -90,13 +94,25 @@ class LocalModelOptions:
             streams=streams,
             policy=BatchPolicy(
                 max_items=settings.max_batch_requests,
-                max_cost=max(settings.max_batch_tokens, spec.max_input_length),
+                max_cost=batch_budget(settings.max_batch_tokens, run_tokens, spec.max_input_length),
                 max_wait=0.0,
                 max_concurrency=streams,
                 max_queued=settings.max_queue_size,
                 queue_timeout=settings.queue_timeout_ms / 1000,
             ),
         )
+
+
+def batch_budget(max_batch_tokens: int, run_tokens: int | None, max_input_length: int) -> int:
+    """Padded tokens per batch: the setting, cut to one forward pass of the backend.
+
+    A backend that runs a big batch in length-sorted pieces (ONNX: ``RUN_TOKENS``) is handed
+    batches of one piece instead, so that the queue (``LengthBucketQueue``) groups lengths
+    across everything waiting rather than within one batch, and each inference stream takes
+    the next piece as it frees. One input of the longest length always fits.
+    """
+    budget = max_batch_tokens if run_tokens is None else min(max_batch_tokens, run_tokens)
+    return max(budget, max_input_length)
 
 
 def load_backend(settings: Settings, spec: ModelSpec) -> Any:
@@ -520,7 +536,7 @@ def load_local_model(
     logger.info(
         "inference layout %s (batches at once x intra-op threads)", inference_layout(settings)
     )
-    options = LocalModelOptions.from_settings(settings, spec)
+    options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
     if spec.kind is ModelKind.RERANKER:
         from embedplex.local_rerank import LocalRerankModel
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 from types import FrameType
 
 import uvicorn
@@ -12,12 +11,7 @@ from fastapi import FastAPI
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.http_protocol import OneWriteHttpToolsProtocol
-
-# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). An
-# inference thread needs the GIL back after each forward pass to pool and take its next batch;
-# at 5 ms it waited behind the event loop's busy stretches (measured at 64 clients: a batch
-# started 5.4 ms after it was handed over; 0.8 ms at 0.5 ms, +3-5% throughput).
-GIL_SWITCH_INTERVAL_S = 0.0005
+from embedplex.process_tuning import tune_process
 
 
 class _DrainingServer(uvicorn.Server):
@@ -37,7 +31,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    tune_process()
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -45,7 +45,7 @@ def fake_factory(backend: FakeBackend) -> GatewayFactory:
 
     def factory(settings: Settings) -> Gateway:
         spec, tok = _spec_and_tokenizer()
-        options = LocalModelOptions.from_settings(settings, spec)
+        options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
         return Gateway([LocalEmbeddingModel(spec, tok, backend, options)])
 
     return factory

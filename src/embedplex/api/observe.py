@@ -166,7 +166,7 @@ class RequestObserver:
             error_type=record.error_type,
             timings=record.timings if status < 400 else None,
         )
-        if self.log_requests:
+        if self.log_requests and access_log.isEnabledFor(logging.INFO):
             self._log(scope, scope["state"], route, status, duration, record)
 
     @staticmethod

@@ -45,12 +45,15 @@ class EmbeddingBackend(Protocol):
 
     ``embed`` runs in a worker thread, one batch at a time; it returns un-normalized pooled
     vectors of shape (batch, dim) as float32. ``health`` raises if the engine can no longer serve.
+    ``run_tokens``: the most padded tokens one forward pass takes, when the engine runs bigger
+    batches in pieces (None: it runs any batch whole).
     """
 
     name: str
     device: str
     dtype: str
     dim: int
+    run_tokens: int | None
 
     def embed(self, batch: TokenBatch) -> Floats: ...
 
@@ -66,6 +69,7 @@ class ScoringBackend(Protocol):
     device: str
     dtype: str
     dim: int
+    run_tokens: int | None
 
     def score(self, batch: TokenBatch) -> Floats: ...
 

@@ -23,6 +23,7 @@ class FakeBackend:
     name = "fake"
     device = "cpu"
     dtype = "float32"
+    run_tokens: int | None = None
 
     def __init__(self, dim: int = 16, *, delay: float = 0.0, vocab_size: int = 30522) -> None:
         self.dim = dim

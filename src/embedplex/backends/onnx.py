@@ -80,6 +80,7 @@ def make_session(path: Path, device: str, threads: int | None) -> object:
 
 class OnnxBackend:
     name = "onnx"
+    run_tokens: int | None = RUN_TOKENS  # bigger batches run in pieces (see ``embed``)
 
     def __init__(
         self, session: object, *, pooling: Pooling, dtype: str, device: str, dim: int

@@ -20,6 +20,7 @@ _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 class TorchBackend:
     name = "torch"
+    run_tokens: int | None = None  # a batch runs whole, whatever its size
 
     def __init__(self, model: Any, *, pooling: Pooling, dtype: str, device: str, dim: int) -> None:
         self._model = model

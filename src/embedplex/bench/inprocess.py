@@ -32,7 +32,7 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
         tokenizer = TextTokenizer.from_dir(
             path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
         )
-        options = LocalModelOptions.from_settings(settings, spec)
+        options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
         return Gateway([LocalEmbeddingModel(spec, tokenizer, backend, options)])
 
     return factory

@@ -1,0 +1,49 @@
+"""Process-wide runtime settings a serving process applies once, before it loads a model."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). An
+# inference thread needs the GIL back after each forward pass to pool and take its next batch;
+# at 5 ms it waited behind the event loop's busy stretches (measured at 64 clients: a batch
+# started 5.4 ms after it was handed over; 0.8 ms at 0.5 ms, +3-5% throughput).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+# glibc serves allocations from this size up with their own mmap, returned on free. By default
+# the threshold rises to the size of every such block freed, so after a few batches the forward
+# passes' multi-MB outputs come from per-thread heaps instead, which fragment under mixed lengths:
+# measured with two inference streams under 5-256-token load, RSS rose in steps (514 -> 524 MB
+# over 4 minutes, 544 -> 574 MB at minute 5 of a soak); with the threshold fixed it stayed at
+# 482 MB, and 40 MB lower at idle, at the same throughput.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def tune_process() -> None:
+    """The GIL switch interval and a fixed mmap threshold (glibc only; env settings win)."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        fix_mmap_threshold(MMAP_THRESHOLD_BYTES)
+
+
+def fix_mmap_threshold(size: int) -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, size)``; False where the C library has no such call."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, size))
+    if not ok:
+        logger.warning("could not fix the malloc mmap threshold; RSS may creep under mixed load")
+    return ok
