@@ -18,10 +18,10 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 # glibc serves allocations from this size up with their own mmap, returned on free. By default
 # the threshold rises to the size of every such block freed, so after a few batches the forward
-# passes' multi-MB outputs come from per-thread heaps instead, which fragment under mixed lengths:
-# measured with two inference streams under 5-256-token load, RSS rose in steps (514 -> 524 MB
-# over 4 minutes, 544 -> 574 MB at minute 5 of a soak); with the threshold fixed it stayed at
-# 482 MB, and 40 MB lower at idle, at the same throughput.
+# passes' multi-MB outputs come from per-thread heaps instead, which fragment under mixed lengths.
+# Side by side, four minutes of 5-256-token load on two inference streams each: 514 -> 524 MB by
+# default, 482 MB flat with the threshold fixed (and 225 vs 266 MB at idle), same throughput.
+# (ONNX Runtime's own arena still extends in a 32 MiB step or two: docs/architecture.md.)
 MMAP_THRESHOLD_BYTES = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
