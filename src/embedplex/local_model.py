@@ -70,7 +70,7 @@ class LocalModelOptions:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, spec: ModelSpec, *, run_tokens: int | None = None
+        cls, settings: Settings, spec: ModelSpec, *, run_tokens: int | None
     ) -> LocalModelOptions:
         """``run_tokens``: the most padded tokens the backend runs in one forward pass, if it
         splits bigger batches; a batch is cut to fit it (see ``batch_budget``)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -37,10 +36,8 @@ def fix_mmap_threshold(size: int) -> bool:
     """``mallopt(M_MMAP_THRESHOLD, size)``; False where the C library has no such call."""
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, size))
