@@ -161,9 +161,10 @@ def test_config_init_writes_a_commented_default_file(tmp_path: Path) -> None:
 def test_inference_layout_defaults() -> None:
     from embedplex.backends.layout import InferenceLayout, inference_layout
 
-    # ONNX on a CPU: two streams of half the cores each; one core: one stream.
-    assert inference_layout(Settings(), cores=2) == InferenceLayout(2, 1)
-    assert inference_layout(Settings(), cores=8) == InferenceLayout(2, 4)
+    # ONNX on a CPU: two streams of half the cores each, and a pass alone on every core; one
+    # core: one stream.
+    assert inference_layout(Settings(), cores=2) == InferenceLayout(2, 1, 2)
+    assert inference_layout(Settings(), cores=8) == InferenceLayout(2, 4, 8)
     assert inference_layout(Settings(), cores=1) == InferenceLayout(1, 1)
     # torch (global thread pool) and explicit settings keep what they say.
     assert inference_layout(Settings(backend="torch"), cores=8) == InferenceLayout(1, 8)
@@ -171,4 +172,7 @@ def test_inference_layout_defaults() -> None:
     assert inference_layout(
         Settings(inference_streams=3, inference_threads=2), cores=2
     ) == InferenceLayout(3, 2)
+    assert inference_layout(Settings(inference_solo_threads=1), cores=2) == InferenceLayout(2, 1)
+    assert inference_layout(Settings(inference_solo_threads=3), cores=2) == InferenceLayout(2, 1, 3)
     assert str(InferenceLayout(2, 1)) == "2x1"
+    assert str(InferenceLayout(2, 1, 2)) == "2x1 (alone: 2)"

@@ -161,7 +161,7 @@ def test_max_input_length_override_is_checked(tmp_path: Path) -> None:
 
 
 def test_batch_budget_follows_the_backend(tmp_path: Path) -> None:
-    """ONNX runs 2,048 padded tokens per pass, so batches are cut to that; torch runs any."""
+    """ONNX runs 512 padded tokens per pass, so batches are cut to that; torch runs any."""
     from embedplex.backends.onnx import RUN_TOKENS
 
     model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean", seed=5)

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Intra-op threads per forward pass (default: cores / inference_streams).",
     )
+    inference_solo_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads of a forward pass with no other in flight (ONNX, CPU; "
+        "default: every core when inference_streams > 1; at most inference_threads: off).",
+    )
     int8_min_cosine: float = Field(
         0.97, ge=0, le=1, description="Refuse an int8 export whose min cosine vs fp32 is lower."
     )

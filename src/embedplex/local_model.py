@@ -117,7 +117,8 @@ def batch_budget(max_batch_tokens: int, run_tokens: int | None, max_input_length
 
 def load_backend(settings: Settings, spec: ModelSpec) -> Any:
     """The configured engine; it embeds or scores according to ``spec.kind``."""
-    threads = inference_layout(settings).threads
+    layout = inference_layout(settings)
+    threads = layout.threads
     if settings.backend == "torch":
         from embedplex.backends.pytorch import TorchBackend
 
@@ -132,6 +133,7 @@ def load_backend(settings: Settings, spec: ModelSpec) -> Any:
         device=settings.device,
         cache_dir=settings.cache_dir or default_cache_dir(),
         threads=threads,
+        solo_threads=layout.solo_threads,
         int8_min_cosine=settings.int8_min_cosine,
     )
 

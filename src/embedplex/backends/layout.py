@@ -4,8 +4,12 @@ On a small CPU, two batches at once with one thread each beat one batch on every
 single-threaded forward pass never waits at an operator's barrier for a core the event loop has
 taken, and one stream's Python work (tokenizing, pooling) overlaps the other's forward pass.
 Measured on 2 cores (all-MiniLM-L6-v2, 14-token texts, batch 32, offline): 2 x 1 about 1,070
-texts/s against 1 x 2 about 850; served at 64 clients about +15% (docs/architecture.md). A
-batch of one is as fast on one thread as on two, so latency at low load is unchanged.
+texts/s against 1 x 2 about 850; served at 64 clients about +15% (docs/architecture.md).
+
+A pass alone is another matter: on some CPUs (the AMD EPYC hosts here) a batch of one takes 1.3x
+as long on one thread as on two, a 128-token text 1.8x. So with more than one stream the ONNX
+backend keeps a second session on ``solo_threads`` (every core) for a pass that starts while no
+other is in flight: at low load a request gets the whole CPU.
 """
 
 from __future__ import annotations
@@ -20,19 +24,23 @@ from embedplex.config import Settings
 class InferenceLayout:
     streams: int  # batches in flight at once, each from its own inference thread
     threads: int  # intra-op threads of each forward pass
+    solo_threads: int | None = None  # a pass with no other in flight, when more than ``threads``
 
     def __str__(self) -> str:
-        return f"{self.streams}x{self.threads}"
+        solo = f" (alone: {self.solo_threads})" if self.solo_threads else ""
+        return f"{self.streams}x{self.threads}{solo}"
 
 
 def inference_layout(settings: Settings, cores: int | None = None) -> InferenceLayout:
     """The settings' layout, defaults filled in for this machine (``cores``: os.cpu_count())."""
     cores = cores or os.cpu_count() or 1
+    onnx_cpu = _onnx_on_cpu(settings)
     streams = settings.inference_streams
     if streams is None:
-        streams = 2 if cores >= 2 and _onnx_on_cpu(settings) else 1
+        streams = 2 if cores >= 2 and onnx_cpu else 1
     threads = settings.inference_threads or max(1, cores // streams)
-    return InferenceLayout(streams, threads)
+    solo = settings.inference_solo_threads or (cores if streams > 1 else threads)
+    return InferenceLayout(streams, threads, solo if onnx_cpu and solo > threads else None)
 
 
 def _onnx_on_cpu(settings: Settings) -> bool:

@@ -107,6 +107,7 @@ def offline(
         overrides["inference_streams"] = streams
     if threads:
         overrides["inference_threads"] = threads
+    overrides["inference_solo_threads"] = 1  # the layout alone: no session for lone passes
     tokenizer, engine, layout = load_local(**overrides)
     results = [
         run_offline(
