@@ -1,14 +1,26 @@
-"""The serving process's malloc and GIL settings (each case in a fresh interpreter)."""
+"""The serving process's malloc, GIL and thread priority settings."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-# Allocates 1 MiB, frees it, allocates it again, and prints how many more blocks glibc serves by
-# mmap while the second one is held.
+from embedplex.api.app import create_app
+from embedplex.backends.base import TokenBatch
+from embedplex.backends.fake import FakeBackend
+from embedplex.backends.pooling import Floats
+from embedplex.config import Settings
+from embedplex.gateway import Gateway
+from embedplex.process_tuning import worker_pool
+from helpers import fake_model, running
+
+# In a fresh interpreter: allocates 1 MiB, frees it, allocates it again, and prints how many
+# more blocks glibc serves by mmap while the second one is held.
 PROBE = """
 import ctypes, sys
 from embedplex.process_tuning import tune_process
@@ -45,3 +57,61 @@ def test_big_blocks_stay_mmapped_after_one_is_freed() -> None:
     interval, mapped = probe("tuned")
     assert float(interval) == pytest.approx(0.0005)
     assert mapped == "1"
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+class NiceRecordingBackend(FakeBackend):
+    """Notes the CPU priority of the thread each forward pass runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nice: list[int] = []
+
+    def embed(self, batch: TokenBatch) -> Floats:
+        self.nice.append(thread_nice())
+        return super().embed(batch)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values")
+def test_a_lowered_thread_and_the_threads_it_starts_run_below_the_caller() -> None:
+    base = thread_nice()
+    seen: dict[str, int] = {}
+
+    def child() -> None:
+        seen["child"] = thread_nice()
+
+    def work() -> None:
+        seen["worker"] = thread_nice()
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    with worker_pool(1, "test", 3) as pool:
+        pool.submit(work).result(10)
+    assert seen == {"worker": base + 3, "child": base + 3}
+    assert thread_nice() == base  # the caller keeps its own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values")
+@pytest.mark.parametrize("nice", [0, 4])
+async def test_the_server_runs_loading_and_inference_below_the_event_loop(
+    tiny_model_dir: Path, nice: int
+) -> None:
+    base = thread_nice()
+    backend = NiceRecordingBackend()
+    loaded_at: list[int] = []
+
+    def factory(settings: Settings) -> Gateway:
+        loaded_at.append(thread_nice())
+        return Gateway([fake_model(tiny_model_dir, settings, backend)])
+
+    settings = Settings(model_id=str(tiny_model_dir), inference_nice=nice)
+    async with running(create_app(settings, gateway_factory=factory)) as client:
+        response = await client.post("/v1/embeddings", json={"input": "hello"})
+        assert response.status_code == 200
+    assert loaded_at == [base + nice]
+    assert backend.nice == [base + nice]
+    assert thread_nice() == base  # the event loop's thread is left alone

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
         description="Intra-op threads of a forward pass with no other in flight (ONNX, CPU; "
         "default: every core when inference_streams > 1; at most inference_threads: off).",
     )
+    inference_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="How far below the event loop the inference and tokenizer threads run "
+        "(Linux nice; 0: the same priority).",
+    )
     int8_min_cosine: float = Field(
         0.97, ge=0, le=1, description="Refuse an int8 export whose min cosine vs fp32 is lower."
     )

@@ -44,6 +44,7 @@ from embedplex.errors import (
     PayloadTooLargeError,
 )
 from embedplex.observability.tracing import current_span_context, request_stage_spans
+from embedplex.process_tuning import worker_pool
 from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings, Vector
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class LocalModelOptions:
     tokenization_workers: int | None = None
     tokenize_inline_chars: int = 512
     streams: int = 1  # batches run at once, each from its own inference thread
+    worker_nice: int = 0  # inference and tokenizer threads run this far below the event loop
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
@@ -92,6 +94,7 @@ class LocalModelOptions:
             tokenization_workers=settings.tokenization_workers,
             tokenize_inline_chars=settings.tokenize_inline_chars,
             streams=streams,
+            worker_nice=settings.inference_nice,
             policy=BatchPolicy(
                 max_items=settings.max_batch_requests,
                 max_cost=batch_budget(settings.max_batch_tokens, run_tokens, spec.max_input_length),
@@ -255,9 +258,10 @@ class LocalModel(Generic[R]):
 
     async def start(self) -> None:
         workers = self.options.tokenization_workers or os.cpu_count() or 1
-        self._token_pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+        nice = self.options.worker_nice
+        self._token_pool = worker_pool(workers, "tokenize", nice)
         # One thread per stream: the batcher keeps up to ``streams`` batches in flight.
-        self._infer_pool = ThreadPoolExecutor(self.options.streams, thread_name_prefix="inference")
+        self._infer_pool = worker_pool(self.options.streams, "inference", nice)
         self._batcher = Batcher(
             self.options.name,
             self._run_batch,

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +51,37 @@ def fix_mmap_threshold(size: int) -> bool:
     if not ok:
         logger.warning("could not fix the malloc mmap threshold; RSS may creep under mixed load")
     return ok
+
+
+# The event loop answers every request and every 429 itself, between the inference threads'
+# forward passes on the same cores. At equal priority a loop woken by a request waited for a core
+# behind them; with the inference threads niced the scheduler hands it one at once. Side by side
+# (two servers, 128 clients against an admission limit of 64): refusal p99 14.3/18.3 ms against
+# 24.6/24.9, accepted throughput the same; 64 clients: 451/457 against 439/440 req/s.
+def lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux, where each thread has its own
+    nice value; threads it starts later inherit it). Elsewhere, or if refused, nothing."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError as exc:
+        logger.warning("could not lower an inference thread's priority: %s", exc)
+
+
+def worker_pool(workers: int, name: str, nice: int) -> ThreadPoolExecutor:
+    """A thread pool whose threads run ``nice`` below the thread that made it."""
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix=name, initializer=lower_thread_priority, initargs=(nice,)
+    )
+
+
+async def run_lowered(fn: Callable[[], T], nice: int) -> T:
+    """``fn()`` in a thread of its own, ``nice`` below the caller: threads that ``fn`` starts
+    (ONNX Runtime's intra-op pool, when it loads a model) keep that priority."""
+    pool = worker_pool(1, "load", nice)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    finally:
+        pool.shutdown(wait=False)

@@ -30,6 +30,7 @@ from embedplex.errors import EmbedplexError, InvalidRequestError
 from embedplex.gateway import Gateway
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
+from embedplex.process_tuning import run_lowered
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ def create_app(
 
         async def load() -> None:
             try:
-                gw = await asyncio.to_thread(gateway_factory, settings)
+                # Loaded in a thread at the inference threads' priority: ONNX Runtime's own
+                # intra-op threads, started there, inherit it (process_tuning.py).
+                gw = await run_lowered(lambda: gateway_factory(settings), settings.inference_nice)
                 telemetry.instrument(gw.services())
                 if gw.router is not None:
                     gw.router.instrument(telemetry)
