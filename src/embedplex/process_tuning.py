@@ -27,7 +27,6 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # passes' multi-MB outputs come from per-thread heaps instead, which fragment under mixed lengths.
 # Side by side, four minutes of 5-256-token load on two inference streams each: 514 -> 524 MB by
 # default, 482 MB flat with the threshold fixed (and 225 vs 266 MB at idle), same throughput.
-# (ONNX Runtime's own arena still extends in a 32 MiB step or two: docs/architecture.md.)
 MMAP_THRESHOLD_BYTES = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
