@@ -70,7 +70,8 @@ def lower_thread_priority(nice: int) -> None:
 
 
 def worker_pool(workers: int, name: str, nice: int) -> ThreadPoolExecutor:
-    """A thread pool whose threads run ``nice`` below the thread that made it."""
+    """A thread pool whose threads, as they start, lower themselves ``nice`` below the thread
+    that started them (the one whose ``submit`` needed a new worker)."""
     return ThreadPoolExecutor(
         workers, thread_name_prefix=name, initializer=lower_thread_priority, initargs=(nice,)
     )
