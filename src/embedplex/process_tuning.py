@@ -1,4 +1,5 @@
-"""Process-wide runtime settings a serving process applies once, before it loads a model."""
+"""How a serving process shares the CPU and memory: the GIL switch interval and malloc's mmap
+threshold (once, before it loads a model), and worker threads that run below the event loop."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def lower_thread_priority(nice: int) -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except OSError as exc:
-        logger.warning("could not lower an inference thread's priority: %s", exc)
+        logger.warning("could not lower a worker thread's priority: %s", exc)
 
 
 def worker_pool(workers: int, name: str, nice: int) -> ThreadPoolExecutor:
