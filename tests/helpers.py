@@ -25,7 +25,7 @@ from embedplex.backends.model_files import load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.local_model import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
 
 
 def fake_model(model_dir: Path, settings: Settings, backend: FakeBackend) -> LocalEmbeddingModel:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from embedplex.batching import Batcher, BatchPolicy, BatchStats, FifoQueue, LengthBucketQueue
-from embedplex.errors import (
+from embedplex.core.errors import (
     BackendError,
     FatalBackendError,
     NotReadyError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from embedplex.cli import _is_table_list, app, default_toml
+from embedplex.cli.main import _is_table_list, app, default_toml
 from embedplex.config import Settings
 
 runner = CliRunner()
@@ -159,7 +159,7 @@ def test_config_init_writes_a_commented_default_file(tmp_path: Path) -> None:
 
 
 def test_inference_layout_defaults() -> None:
-    from embedplex.backends.layout import InferenceLayout, inference_layout
+    from embedplex.models.layout import InferenceLayout, inference_layout
 
     # ONNX on a CPU: two streams of half the cores each, and a pass alone on every core; one
     # core: one stream.

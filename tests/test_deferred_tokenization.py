@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from embedplex.backends.fake import FakeBackend
-from embedplex.local_model import batch_budget, fitting_pieces
+from embedplex.models.local import batch_budget, fitting_pieces
 from helpers import fake_app, running
 
 

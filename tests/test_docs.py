@@ -6,7 +6,7 @@ import re
 import typing
 from pathlib import Path
 
-from embedplex.cli import _is_table_list
+from embedplex.cli.main import _is_table_list
 from embedplex.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 from helpers import free_port, served
 from hub_mirror import COMMIT, mirror_app
 

@@ -12,9 +12,9 @@ import pytest
 from embedplex.api.app import create_app
 from embedplex.backends import onnx_export
 from embedplex.config import Settings
-from embedplex.errors import FatalBackendError
-from embedplex.local_model import LocalEmbeddingModel
-from embedplex.service import EmbedRequest
+from embedplex.core.errors import FatalBackendError
+from embedplex.core.types import EmbedRequest
+from embedplex.models.local import LocalEmbeddingModel
 from helpers import running
 from reference import min_cosine
 from tiny_models import make_tiny_bert

@@ -16,14 +16,14 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.pooling import Floats
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.process_tuning import worker_pool
+from embedplex.serve.process_tuning import worker_pool
 from helpers import fake_model, running
 
 # In a fresh interpreter: allocates 1 MiB, frees it, allocates it again, and prints how many
 # more blocks glibc serves by mmap while the second one is held.
 PROBE = """
 import ctypes, sys
-from embedplex.process_tuning import tune_process
+from embedplex.serve.process_tuning import tune_process
 if sys.argv[1] == "tuned":
     tune_process()
     print(sys.getswitchinterval())

@@ -117,8 +117,8 @@ async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Pat
 def test_classifiers_with_many_labels_are_refused(tmp_path: Path) -> None:
     import json
 
-    from embedplex.errors import FatalBackendError
-    from embedplex.local_model import load_local_model
+    from embedplex.core.errors import FatalBackendError
+    from embedplex.models.local import load_local_model
 
     model_dir = make_tiny_reranker(tmp_path / "clf")
     config = json.loads((model_dir / "config.json").read_text())

@@ -1,3 +1,3 @@
-from embedplex.cli import main
+from embedplex.cli.main import main
 
 main()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from embedplex.http_protocol import CoalescingTransport, OneWriteHttpToolsProtocol
+from embedplex.serve.http_protocol import CoalescingTransport, OneWriteHttpToolsProtocol
 
 
 class RecordingTransport:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedplex.backends import onnx_export
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scores: dict[str, float]) -> Path:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from embedplex.backends.fake import FakeBackend
 from embedplex.bench.load import LoadOptions, run_load
 from embedplex.bench.workload import TokenSpec
-from embedplex.cli import app
+from embedplex.cli.main import app
 
 ServerFactory = Callable[..., Any]
 

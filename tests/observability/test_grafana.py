@@ -15,7 +15,7 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
 from embedplex.providers.config import RouteConfig
-from embedplex.router import RemoteModel, Router
+from embedplex.providers.router import RemoteModel, Router
 from upstream_fakes import FakeUpstream, Fault, provider, running_upstream
 
 from .conftest import MODEL, fake_factory, serve

@@ -8,8 +8,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from embedplex.cli import app as cli
-from embedplex.logs import JsonFormatter
+from embedplex.cli.main import app as cli
+from embedplex.observability.logs import JsonFormatter
 
 from .conftest import MODEL, Served, serve, settings
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
-from embedplex.cli import app as cli
+from embedplex.cli.main import app as cli
 
 from .conftest import MODEL, Served, fake_factory, live_server, settings
 
@@ -94,7 +94,7 @@ def test_status_renders_remote_providers() -> None:
 
     from rich.console import Console
 
-    from embedplex.status_cli import render_status
+    from embedplex.cli.status import render_status
 
     payload = {
         "version": "0.1.0",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from embedplex.providers.config import ProviderConfig
-from embedplex.router import Router
+from embedplex.providers.router import Router
 from upstream_fakes import FakeUpstream, running_upstream
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.errors import (
+from embedplex.core.errors import (
     InvalidRequestError,
     RateLimitedError,
     UpstreamError,

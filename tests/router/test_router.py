@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import RouterFactory
-from embedplex.errors import (
+from embedplex.core.errors import (
     EmptyInputError,
     InvalidRequestError,
     OverloadedError,
@@ -17,10 +17,10 @@ from embedplex.errors import (
     UnavailableError,
     UpstreamError,
 )
+from embedplex.core.types import EmbedRequest
 from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
-from embedplex.router import PROBE_TEXT, RemoteModel
-from embedplex.service import EmbedRequest
+from embedplex.providers.router import PROBE_TEXT, RemoteModel
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 

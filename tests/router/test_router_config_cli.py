@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from embedplex.api.app import create_app
-from embedplex.cli import app as cli
-from embedplex.cli import default_toml
+from embedplex.cli.main import app as cli
+from embedplex.cli.main import default_toml
 from embedplex.config import Settings
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from upstream_fakes import FakeUpstream, ThreadServer, provider

@@ -39,7 +39,7 @@ EXAMPLE = ROOT / "examples" / "router.toml"
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("EMBEDPLEX_CONFIG", None)
-    code = "import sys; from embedplex.cli import main; sys.argv[0] = 'embedplex'; main()"
+    code = "import sys; from embedplex.cli.main import main; sys.argv[0] = 'embedplex'; main()"
     return subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--log-level", "warning", *args],
         env=env,

@@ -19,18 +19,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api import admin, batch, openai, probes, rerank, status, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, status_error
 from embedplex.api.fastpath import EmbedplexApp, FastEmbedRoutes, HotPath
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from embedplex.api.observe import ObservabilityMiddleware, RequestObserver, request_record
+from embedplex.api.routes import admin, batch, openai, probes, rerank, status, tei
 from embedplex.config import Settings
-from embedplex.errors import EmbedplexError, InvalidRequestError
+from embedplex.core.errors import EmbedplexError, InvalidRequestError
 from embedplex.gateway import Gateway
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
-from embedplex.process_tuning import run_lowered
+from embedplex.serve.process_tuning import run_lowered
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def default_gateway(settings: Settings) -> Gateway:
     The router exists even with no providers configured, so that providers can be added at
     run time through the admin API.
     """
-    from embedplex.local_model import load_local_model
-    from embedplex.router import RemoteModel, Router
-    from embedplex.service import ServedModel
+    from embedplex.core.types import ServedModel
+    from embedplex.models.local import load_local_model
+    from embedplex.providers.router import RemoteModel, Router
 
     models: list[ServedModel] = []
     if settings.local_model:

@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedplex.api.observe import request_record
+from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult
 from embedplex.gateway import Gateway
-from embedplex.service import EmbeddingService, EmbedRequest, EmbedResult
 
 T = TypeVar("T")
 

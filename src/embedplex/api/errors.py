@@ -13,7 +13,7 @@ from enum import Enum
 import orjson
 from starlette.responses import Response
 
-from embedplex import errors as e
+from embedplex.core import errors as e
 
 logger = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from embedplex.api import openai, tei
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response
 from embedplex.api.middleware import body_too_large, check_api_key, content_length, take_request_id
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
-from embedplex.errors import EmbedplexError, InvalidRequestError
+from embedplex.api.routes import openai, tei
+from embedplex.core.errors import EmbedplexError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import os
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedplex.api.errors import error_response
-from embedplex.errors import AuthenticationError, PayloadTooLargeError
+from embedplex.core.errors import AuthenticationError, PayloadTooLargeError
 
 # /metrics is open as in TEI; serve it on --metrics-port to keep it off a public port.
 _OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
-# Admin routes check their own secret (embedplex.api.admin.require_admin).
+# Admin routes check their own secret (embedplex.api.routes.admin.require_admin).
 _ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
 
 

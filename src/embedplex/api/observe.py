@@ -19,9 +19,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
 from embedplex.observability.metrics import NO_MODEL
-from embedplex.service import Timings
 
 access_log = logging.getLogger("embedplex.access")
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.pooling import Floats
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 
 
 class FakeBackend:

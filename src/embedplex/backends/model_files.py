@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_export import ensure_onnx
 from embedplex.backends.pooling import Floats, normalize_rows, pool
 from embedplex.backends.tokenizer import TextTokenizer
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from embedplex.errors import FatalBackendError
+from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
 

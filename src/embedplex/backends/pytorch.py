@@ -11,7 +11,7 @@ import numpy as np
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.pooling import Floats
-from embedplex.errors import BackendError, FatalBackendError
+from embedplex.core.errors import BackendError, FatalBackendError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
-from embedplex.errors import EmbedplexError, InputTooLongError, InvalidRequestError
+from embedplex.core.errors import EmbedplexError, InputTooLongError, InvalidRequestError
 
 # Plain lists: turning them into arrays is left to collate, in the inference thread.
 Ids = list[int]

@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from embedplex.batching.item import Item
 from embedplex.batching.queues import BatchQueue, FifoQueue, padded_cost
-from embedplex.errors import (
+from embedplex.core.errors import (
     BackendError,
     EmbedplexError,
     FatalBackendError,

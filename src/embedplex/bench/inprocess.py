@@ -20,7 +20,7 @@ from embedplex.backends.model_files import load_spec, resolve_model_dir
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.local_model import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
 
 
 def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from embedplex.backends.base import EmbeddingBackend
-from embedplex.backends.layout import InferenceLayout, inference_layout
 from embedplex.backends.model_files import load_spec, resolve_model_dir
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
-from embedplex.local_model import load_backend
+from embedplex.models.layout import InferenceLayout, inference_layout
+from embedplex.models.local import load_backend
 
 
 def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend, InferenceLayout]:

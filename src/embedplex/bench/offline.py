@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from embedplex.backends.base import EmbeddingBackend, TokenBatch
-from embedplex.backends.layout import InferenceLayout
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.bench.stats import markdown_table
 from embedplex.bench.workload import TokenSpec, make_texts
+from embedplex.models.layout import InferenceLayout
 
 OFFLINE_COLUMNS = (
     "backend",

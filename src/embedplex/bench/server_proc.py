@@ -13,7 +13,7 @@ from types import TracebackType
 
 import httpx
 
-_LAUNCH = "from embedplex.cli import main; main()"
+_LAUNCH = "from embedplex.cli.main import main; main()"
 _PRIVATE_FLAGS = ("--host", "--port", "--cache-dir", "--log-level")
 
 

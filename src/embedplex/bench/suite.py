@@ -21,7 +21,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from embedplex.backends.layout import InferenceLayout, inference_layout
 from embedplex.bench.load import LoadOptions, run_load_sync
 from embedplex.bench.offline import OfflineResult
 from embedplex.bench.report import StartRow, SuiteData, write_report
@@ -29,6 +28,7 @@ from embedplex.bench.server_proc import ServerProcess, free_port
 from embedplex.bench.stats import LoadResult, load_table
 from embedplex.bench.workload import TokenSpec
 from embedplex.config import Settings
+from embedplex.models.layout import InferenceLayout, inference_layout
 
 console = Console(stderr=True)
 
@@ -85,7 +85,14 @@ def _offline(
         args += ["--tokens", str(t)]
     for b in batches:
         args += ["--batch", str(b)]
-    cmd = [sys.executable, "-c", "from embedplex.cli import main; main()", *args, "--json", "-"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from embedplex.cli import main; main()",
+        *args,
+        "--json",
+        "-",
+    ]
     env_cache = {"EMBEDPLEX_CACHE_DIR": str(cache_dir)}
     done = subprocess.run(
         cmd,

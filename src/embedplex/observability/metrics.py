@@ -26,9 +26,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from embedplex import __version__
+from embedplex.core.types import ModelInfo, Timings
 from embedplex.observability.model_metrics import ModelMetrics
 from embedplex.observability.providers import ProviderMetrics
-from embedplex.service import ModelInfo, Timings
 
 # Seconds, from half a millisecond (a short tokenization) to a minute (a long queue wait).
 DURATION_BUCKETS = (

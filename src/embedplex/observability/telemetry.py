@@ -15,10 +15,10 @@ from opentelemetry.trace import Tracer
 
 from embedplex import __version__
 from embedplex.batching import BatchObserver
+from embedplex.core.types import ServedModel
 from embedplex.observability.metrics import Metrics
 from embedplex.observability.providers import ProviderObserver
 from embedplex.observability.tracing import BatchSpans, build_tracer_provider
-from embedplex.service import ServedModel
 
 if TYPE_CHECKING:
     # Annotations only: observability sits below the configuration, which imports the

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 import numpy as np
 
-from embedplex.errors import InvalidRequestError
+from embedplex.core.errors import InvalidRequestError
+from embedplex.core.types import Vector
 from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.http import AttemptListener, HttpTransport, RetryListener, RetryPolicy
-from embedplex.service import Vector
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.service import EmbedRequest, Vector
+from embedplex.core.types import EmbedRequest, Vector
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer

@@ -8,7 +8,7 @@ failures; 2xx is a success; 429, 413 and other 4xx say nothing about the upstrea
     HALF_OPEN --(probe succeeds)--> CLOSED;  HALF_OPEN --(probe fails)--> OPEN
 
 In HALF_OPEN one call at a time is let through as the probe; the router also sends a small
-probe of its own when no traffic comes (``embedplex.router``).
+probe of its own when no traffic comes (``embedplex.providers.router``).
 """
 
 from __future__ import annotations

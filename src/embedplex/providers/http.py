@@ -26,7 +26,7 @@ import httpx
 import orjson
 from opentelemetry.trace import Span, Status, StatusCode
 
-from embedplex.errors import (
+from embedplex.core.errors import (
     EmbedplexError,
     RateLimitedError,
     UpstreamError,

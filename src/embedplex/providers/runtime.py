@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import httpx
 
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue
-from embedplex.errors import InvalidRequestError, UnavailableError, UpstreamError
+from embedplex.core.errors import InvalidRequestError, UnavailableError, UpstreamError
+from embedplex.core.types import EmbedRequest, EmbedResult, Timings, Vector
 from embedplex.observability.providers import CircuitState as CircuitGauge
 from embedplex.observability.providers import NullProviderObserver, ProviderObserver
 from embedplex.observability.tracing import current_span_context
@@ -33,7 +34,6 @@ from embedplex.providers.base import Embeddings, EmbedParams, Provider
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
-from embedplex.service import EmbedRequest, EmbedResult, Timings, Vector
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from embedplex.batching import BatchObserver
-from embedplex.errors import (
+from embedplex.core.errors import (
     ClientError,
     EmbedplexError,
     EmptyInputError,
@@ -33,10 +33,10 @@ from embedplex.errors import (
     RateLimitedError,
     UnavailableError,
 )
+from embedplex.core.types import EmbedRequest, EmbedResult, ModelInfo, Timings
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
-from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings
 
 if TYPE_CHECKING:
     from embedplex.observability import Telemetry

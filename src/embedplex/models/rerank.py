@@ -8,8 +8,8 @@ import numpy as np
 
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.tokenizer import Encoded
-from embedplex.local_model import LocalModel
-from embedplex.service import RerankRequest, RerankResult
+from embedplex.core.types import RerankRequest, RerankResult
+from embedplex.models.local import LocalModel
 
 
 @dataclass(frozen=True, slots=True)

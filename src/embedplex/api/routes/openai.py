@@ -18,7 +18,7 @@ from embedplex.api.common import (
     result_headers,
     run_embed,
 )
-from embedplex.service import EmbeddingService, EmbedRequest, EmbedResult, Vector
+from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
 
 router = APIRouter(tags=["OpenAI"])
 

@@ -15,9 +15,9 @@ from starlette.responses import Response
 
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
 from embedplex.api.errors import spec_for
-from embedplex.api.openai import EmbeddingsRequest, embed_one, embeddings_body
-from embedplex.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
-from embedplex.service import EmbedResult
+from embedplex.api.routes.openai import EmbeddingsRequest, embed_one, embeddings_body
+from embedplex.core.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
+from embedplex.core.types import EmbedResult
 
 router = APIRouter(tags=["OpenAI"])
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from embedplex.backends.base import TokenBatch
-from embedplex.backends.layout import inference_layout
 from embedplex.backends.model_files import (
     ModelKind,
     ModelSpec,
@@ -35,7 +34,7 @@ from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, LengthBucketQueue
 from embedplex.config import Settings
-from embedplex.errors import (
+from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
     FatalBackendError,
@@ -43,9 +42,10 @@ from embedplex.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from embedplex.core.types import EmbedRequest, EmbedResult, ModelInfo, Timings, Vector
+from embedplex.models.layout import inference_layout
 from embedplex.observability.tracing import current_span_context, request_stage_spans
-from embedplex.process_tuning import worker_pool
-from embedplex.service import EmbedRequest, EmbedResult, ModelInfo, Timings, Vector
+from embedplex.serve.process_tuning import worker_pool
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -544,7 +544,7 @@ def load_local_model(
     )
     options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
     if spec.kind is ModelKind.RERANKER:
-        from embedplex.local_rerank import LocalRerankModel
+        from embedplex.models.rerank import LocalRerankModel
 
         return LocalRerankModel(spec, tokenizer, backend, options, observers=observers)
     return LocalEmbeddingModel(spec, tokenizer, backend, options, observers=observers)

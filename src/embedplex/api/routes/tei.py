@@ -19,8 +19,8 @@ from embedplex.api.common import (
     run_embed,
 )
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.errors import InvalidRequestError, NotReadyError
-from embedplex.service import EmbedRequest, Tokenizing
+from embedplex.core.errors import InvalidRequestError, NotReadyError
+from embedplex.core.types import EmbedRequest, Tokenizing
 
 router = APIRouter(tags=["TEI"])
 

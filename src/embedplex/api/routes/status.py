@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from embedplex import __version__
-from embedplex.api.admin import require_admin_read
 from embedplex.api.common import gateway, json_response
+from embedplex.api.routes.admin import require_admin_read
 from embedplex.gateway import Gateway
 from embedplex.observability import RecentBatches, Telemetry
 

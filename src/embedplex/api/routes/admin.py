@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response
-from embedplex.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
+from embedplex.core.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
 from embedplex.providers.config import ProviderConfig, RouteConfig
-from embedplex.router import RemoteModel, Router
+from embedplex.providers.router import RemoteModel, Router
 
 
 def _given_secret(request: Request) -> bytes:

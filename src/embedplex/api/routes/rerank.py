@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response, unless_disconnected
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.service import RerankRequest, RerankResult
+from embedplex.core.types import RerankRequest, RerankResult
 
 router = APIRouter(tags=["rerank"])
 

@@ -12,16 +12,16 @@ import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from embedplex.errors import (
+from embedplex.core.errors import (
     EmbedplexError,
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
 )
-from embedplex.service import EmbeddingService, ModelInfo, RerankService, ServedModel
+from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
 
 if TYPE_CHECKING:
-    from embedplex.router import Router
+    from embedplex.providers.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Gateway:
         if not providers and policy is None:
             return self.model(name)
         from embedplex.providers.config import RouteConfig
-        from embedplex.router import RemoteModel
+        from embedplex.providers.router import RemoteModel
 
         if self.router is None:
             raise ModelNotFoundError("no remote providers are configured", param="providers")

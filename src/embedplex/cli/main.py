@@ -16,7 +16,7 @@ from pydantic.fields import FieldInfo
 
 from embedplex import __version__
 from embedplex.bench.cli import bench_app
-from embedplex.cli_providers import providers_app
+from embedplex.cli.providers import providers_app
 from embedplex.config import Settings
 
 app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_args_is_help=True)
@@ -93,8 +93,8 @@ def _load(config: Path | None, overrides: dict[str, Any]) -> Settings:
 @_with_settings_flags
 def serve(config: ConfigOption = None, **overrides: Any) -> None:
     """Serve the configured model(s) over HTTP."""
-    from embedplex.logs import setup_logging
-    from embedplex.server import serve as run_server
+    from embedplex.observability.logs import setup_logging
+    from embedplex.serve.server import serve as run_server
 
     settings = _load(config, overrides)
     setup_logging(settings.log_level, settings.log_format)
@@ -187,7 +187,7 @@ def status(
     """Show a running server's models, queues, recent throughput, batch sizes and errors."""
     import httpx
 
-    from embedplex.status_cli import fetch_status, render_status
+    from embedplex.cli.status import fetch_status, render_status
 
     try:
         payload = fetch_status(url, api_key=api_key)
@@ -203,7 +203,7 @@ def status(
 @app.command()
 def health(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
     """Probe a running server; exits 0 when ready, 1 when not ready, 2 when unreachable."""
-    from embedplex.status_cli import fetch_health, render_health
+    from embedplex.cli.status import fetch_health, render_health
 
     result = fetch_health(url)
     if as_json:

@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
-from embedplex.http_protocol import OneWriteHttpToolsProtocol
-from embedplex.process_tuning import tune_process
+from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
+from embedplex.serve.process_tuning import tune_process
 
 
 class _DrainingServer(uvicorn.Server):

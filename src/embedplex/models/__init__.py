@@ -1,0 +1,1 @@
+"""Local models: tokenizer -> batcher -> backend, and the CPU layout they share."""

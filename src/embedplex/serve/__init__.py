@@ -1,0 +1,1 @@
+"""The process: HTTP server, its protocol, thread priorities, drain on SIGTERM."""
