@@ -6,21 +6,7 @@ import asyncio
 from pathlib import Path
 
 from embedplex.backends.fake import FakeBackend
-from embedplex.models.local import batch_budget, fitting_pieces
 from helpers import fake_app, running
-
-
-def test_fitting_pieces() -> None:
-    assert fitting_pieces([], 100) == []
-    assert fitting_pieces([5, 3, 4], None) == [[0, 1, 2]]
-    assert fitting_pieces([5, 3, 4], 15) == [[0, 1, 2]]
-    # Over budget: length-sorted pieces, each padded size (longest x rows) within the budget.
-    lengths = [50, 10, 40, 10, 12, 60]
-    pieces = fitting_pieces(lengths, 60)
-    assert sorted(k for piece in pieces for k in piece) == list(range(len(lengths)))
-    for piece in pieces:
-        assert max(lengths[k] for k in piece) * len(piece) <= 60 or len(piece) == 1
-    assert pieces[0] == [1, 3, 4]  # the three shortest together: 12 x 3 = 36
 
 
 async def test_a_bad_input_fails_alone_and_good_neighbours_are_served(
@@ -64,8 +50,23 @@ async def test_usage_and_vectors_match_tokenizing_before_queueing(tiny_model_dir
     ]
 
 
-def test_batch_budget_is_one_forward_pass_of_the_backend() -> None:
-    assert batch_budget(16384, None, 256) == 16384  # the backend runs any batch whole
-    assert batch_budget(16384, 2048, 256) == 2048  # it runs 2,048 at a time: so does a batch
-    assert batch_budget(1024, 2048, 256) == 1024  # the setting, when it is lower
-    assert batch_budget(16384, 128, 256) == 256  # one input of the longest length always fits
+async def test_a_batch_underrated_before_tokenizing_runs_in_pieces_within_the_budget(
+    tiny_model_dir: Path,
+) -> None:
+    """Deferred costs are estimates: the real padded size decides the passes, by the same budget."""
+    backend = FakeBackend(delay=0.3)
+    backend.run_tokens = 40  # the budget in force: 40 padded tokens per batch
+    app = fake_app(tiny_model_dir, backend, inference_streams=1)
+    text = "a a a a a a a a a a"  # estimated 6 tokens, really 12 (a token per 2 characters)
+    async with running(app) as client:
+        first = asyncio.create_task(client.post("/embed", json={"inputs": "keeps it busy"}))
+        await asyncio.sleep(0.1)
+        # Four estimated at 6 x 4 = 24 queue as one batch; really 12 x 4 = 48 > 40.
+        replies = await asyncio.gather(
+            *(client.post("/embed", json={"inputs": text}) for _ in range(4))
+        )
+        alone = await client.post("/embed", json={"inputs": text})
+        assert (await first).status_code == 200
+    assert [r.status_code for r in replies] == [200] * 4
+    assert backend.batches[1:-1] == [(3, 12), (1, 12)]  # 36 and 12 padded tokens: each fits
+    assert all(r.json() == alone.json() for r in replies)

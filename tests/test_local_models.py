@@ -11,8 +11,9 @@ import pytest
 
 from embedplex.api.app import create_app
 from embedplex.backends import onnx_export
+from embedplex.backends.base import TokenBatch
 from embedplex.config import Settings
-from embedplex.core.errors import FatalBackendError
+from embedplex.core.errors import BackendError, FatalBackendError
 from embedplex.core.types import EmbedRequest
 from embedplex.models.local import LocalEmbeddingModel
 from helpers import running
@@ -165,10 +166,17 @@ def test_batch_budget_follows_the_backend(tmp_path: Path) -> None:
     from embedplex.backends.onnx import RUN_TOKENS
 
     model_dir = make_tiny_bert(tmp_path / "tiny", pooling="mean", seed=5)
-    budgets = {
+    models = {
         backend: LocalEmbeddingModel.load(
             Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c")
-        ).options.policy.max_cost
+        )
         for backend in ("onnx", "torch")
     }
-    assert budgets == {"onnx": RUN_TOKENS, "torch": Settings().max_batch_tokens}
+    expected = {"onnx": RUN_TOKENS, "torch": Settings().max_batch_tokens}
+    assert {k: m.options.policy.max_cost for k, m in models.items()} == expected
+    assert {k: m.info.max_batch_tokens for k, m in models.items()} == expected  # what /info says
+    batch = TokenBatch.collate(models["onnx"].tokenizer.encode(["a cat"], truncate=True))
+    for model in models.values():  # one protocol: the call an embedder is not built for refuses
+        assert model.backend.embed(batch).shape == (1, model.backend.dim)
+        with pytest.raises(BackendError, match="holds an embedding model: it cannot score"):
+            model.backend.score(batch)

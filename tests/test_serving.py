@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from embedplex.backends.fake import FakeBackend
-from helpers import fake_app, served
+from helpers import fake_app, running, served
 
 
 async def post_many(
@@ -141,3 +141,18 @@ async def test_batches_fit_one_forward_pass_and_group_lengths_across_the_queue(
     # The oldest (long) text's batch takes the other long one, then the two short ones run;
     # a budget of one batch for all four would have padded both short texts to 32 tokens.
     assert backend.batches[1:] == [(2, 32), (2, 3)]
+
+
+@pytest.mark.parametrize(("run_tokens", "in_force"), [(None, 4096), (80, 80)])
+async def test_info_reports_the_budget_in_force(
+    tiny_model_dir: Path, run_tokens: int | None, in_force: int
+) -> None:
+    """/info says the budget batches are cut by, not the setting it was decided from."""
+    backend = FakeBackend()
+    backend.run_tokens = run_tokens
+    app = fake_app(tiny_model_dir, backend, max_batch_tokens=4096, max_batch_requests=16)
+    async with running(app) as client:
+        info = (await client.get("/info")).json()
+        policy = app.state.gateway.model(None).batcher.policy
+    assert (info["max_batch_tokens"], info["max_batch_requests"]) == (in_force, 16)
+    assert (policy.max_cost, policy.max_items) == (in_force, 16)

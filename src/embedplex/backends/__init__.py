@@ -1,1 +1,1 @@
-"""Local inference engines behind one protocol (``base.EmbeddingBackend``)."""
+"""Local inference engines behind one protocol (``base.Backend``)."""

@@ -1,4 +1,4 @@
-"""The narrow protocol every local inference engine implements."""
+"""The narrow protocol every local inference engine implements, and the batch it takes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import Protocol
 
 import numpy as np
 
+from embedplex.backends.model_files import ModelKind
 from embedplex.backends.pooling import Floats, Ints
 from embedplex.backends.tokenizer import Encoded
+from embedplex.core.errors import BackendError
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,39 +42,49 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
-class EmbeddingBackend(Protocol):
-    """A loaded model that turns token batches into pooled vectors.
+class Backend(Protocol):
+    """A loaded model on one engine: token batches in, one row of numbers per input out.
 
-    ``embed`` runs in a worker thread, one batch at a time; it returns un-normalized pooled
-    vectors of shape (batch, dim) as float32. ``health`` raises if the engine can no longer serve.
-    ``run_tokens``: the most padded tokens one forward pass takes, when the engine runs bigger
-    batches in pieces (None: it runs any batch whole).
+    The narrow surface every engine implements (TEI's ``Backend`` trait): what it holds
+    (``kind``: an embedding model or a cross-encoder), its limits, ``health``, ``close``, and one
+    call per kind of model. ``embed`` and ``score`` run in a worker thread, one batch at a time,
+    and run the whole batch they are handed: batches are sized before they get here, by the
+    model's one cost model (``batching.cost.TokenBudget``). The call a model was not built for
+    raises ``BackendError`` (see ``require_kind``).
+
+    ``run_tokens``: the most padded tokens one forward pass should take (None: any batch runs
+    whole as efficiently); the model's batch budget is cut to it when the model is built.
     """
 
     name: str
     device: str
     dtype: str
     dim: int
+    kind: ModelKind
     run_tokens: int | None
 
-    def embed(self, batch: TokenBatch) -> Floats: ...
+    def embed(self, batch: TokenBatch) -> Floats:
+        """Un-normalized pooled vectors, (batch, dim) float32 (embedding models)."""
+        ...
 
-    def health(self) -> None: ...
+    def score(self, batch: TokenBatch) -> Floats:
+        """One raw relevance logit per (query, text) pair, float32 (cross-encoders)."""
+        ...
+
+    def health(self) -> None:
+        """Raise if the engine can no longer serve (``FatalBackendError``)."""
+        ...
 
     def close(self) -> None: ...
 
 
-class ScoringBackend(Protocol):
-    """A loaded cross-encoder: token batches of (query, text) pairs -> one raw logit each."""
+def require_kind(backend: str, holds: ModelKind, wanted: ModelKind) -> None:
+    """Refuse a call the loaded model was not built for (a wiring error, never a client's).
 
-    name: str
-    device: str
-    dtype: str
-    dim: int
-    run_tokens: int | None
-
-    def score(self, batch: TokenBatch) -> Floats: ...
-
-    def health(self) -> None: ...
-
-    def close(self) -> None: ...
+    A cross-encoder's graph has no pooled output and an embedding model has no relevance head:
+    running the wrong call would return numbers, just meaningless ones.
+    """
+    if holds is not wanted:
+        model = "an embedding model" if holds is ModelKind.EMBEDDING else "a cross-encoder"
+        call = "embed" if wanted is ModelKind.EMBEDDING else "score pairs"
+        raise BackendError(f"the {backend} backend holds {model}: it cannot {call}")

@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from embedplex.backends.base import TokenBatch
+from embedplex.backends.base import TokenBatch, require_kind
+from embedplex.backends.model_files import ModelKind
 from embedplex.backends.pooling import Floats
 from embedplex.core.errors import FatalBackendError
 
@@ -17,7 +18,9 @@ class FakeBackend:
 
     ``delay`` sleeps per batch (seconds); ``fail_next`` makes the next n batches raise;
     ``die()`` makes every later batch and health check fail fatally. ``batches`` records the
-    sizes seen, so tests can check how the batcher cut them.
+    sizes seen, so tests can check how the batcher cut them. ``kind`` says which call it
+    answers (``embed``, or ``score`` for a fake cross-encoder); ``run_tokens`` may be set to
+    play a backend with a pass limit.
     """
 
     name = "fake"
@@ -25,8 +28,16 @@ class FakeBackend:
     dtype = "float32"
     run_tokens: int | None = None
 
-    def __init__(self, dim: int = 16, *, delay: float = 0.0, vocab_size: int = 30522) -> None:
+    def __init__(
+        self,
+        dim: int = 16,
+        *,
+        delay: float = 0.0,
+        vocab_size: int = 30522,
+        kind: ModelKind = ModelKind.EMBEDDING,
+    ) -> None:
         self.dim = dim
+        self.kind = kind
         self.delay = delay
         self.fail_next = 0
         self.batches: list[tuple[int, int]] = []
@@ -36,6 +47,10 @@ class FakeBackend:
         self._table = rng.standard_normal((vocab_size, dim)).astype(np.float32)
 
     def embed(self, batch: TokenBatch) -> Floats:
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
+        return self._pooled(batch)
+
+    def _pooled(self, batch: TokenBatch) -> Floats:
         with self._lock:
             self.batches.append((batch.size, int(batch.input_ids.shape[1])))
             if self._dead:
@@ -52,7 +67,8 @@ class FakeBackend:
 
     def score(self, batch: TokenBatch) -> Floats:
         """A fake relevance logit: the first component of the pooled vector, times ten."""
-        scores: Floats = (self.embed(batch)[:, 0] * 10).astype(np.float32)
+        require_kind(self.name, self.kind, ModelKind.RERANKER)
+        scores: Floats = (self._pooled(batch)[:, 0] * 10).astype(np.float32)
         return scores
 
     def die(self) -> None:

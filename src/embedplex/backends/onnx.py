@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from embedplex.backends.base import TokenBatch
+from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_export import ensure_onnx
 from embedplex.backends.pooling import Floats, normalize_rows, pool
-from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.backends.tokenizer import Encoded, TextTokenizer
+from embedplex.batching.cost import TokenBudget
 from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,9 @@ CALIBRATION_TEXTS = [
 ]
 
 
-# Most padded tokens in one session run; bigger batches run in length-sorted pieces. Smaller
-# runs keep each layer's activations in the core's cache: on 2 cores (all-MiniLM-L6-v2, two
-# streams, 5-256-token texts) 512 served 39-40 texts/s against 35 at 1,024, 30 at 2,048 and
-# 33-35 at 256, short and 128-token texts as fast or faster, and peak RSS fell from 524 to
-# ~300 MB (docs/architecture.md).
+# The pass limit this backend declares (``run_tokens``): the model's batch budget is cut to it,
+# so one batch is one session run. Small runs keep each layer's activations in the core's cache;
+# 512 was measured the fastest (docs/architecture.md, "Why 512").
 RUN_TOKENS = 512
 
 
@@ -108,6 +107,19 @@ def _register_shared_arena() -> None:
             _arena_registered = True
 
 
+def _served_vectors(backend: OnnxBackend, encoded: list[Encoded]) -> Floats:
+    """Vectors of ``encoded`` run in the passes a served batch of them would be cut into.
+
+    int8 activations are quantized per pass, so a row's vector depends on its pass-mates: the
+    quality gate measures the passes the server runs (one pass limit each), not one big batch.
+    """
+    budget = TokenBudget(tokens=backend.run_tokens, items=len(encoded))
+    rows = budget.run_in_pieces(
+        encoded, [len(e) for e in encoded], lambda p: list(backend.embed(TokenBatch.collate(p)))
+    )
+    return np.stack(rows)
+
+
 class OnnxBackend:
     """Forward passes on one ONNX Runtime session, or two on the CPU.
 
@@ -117,7 +129,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
-    run_tokens: int | None = RUN_TOKENS  # bigger batches run in pieces (see ``embed``)
+    run_tokens: int | None = RUN_TOKENS
 
     def __init__(
         self,
@@ -128,6 +140,7 @@ class OnnxBackend:
         device: str,
         dim: int,
         solo: object | None = None,
+        kind: ModelKind = ModelKind.EMBEDDING,
     ) -> None:
         self._session: object | None = session
         self._solo = solo
@@ -138,6 +151,7 @@ class OnnxBackend:
         self.dtype = dtype
         self.device = device
         self.dim = dim
+        self.kind = kind
 
     @classmethod
     def load(
@@ -160,7 +174,7 @@ class OnnxBackend:
             tok = TextTokenizer.from_dir(
                 spec.path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
             )
-            batch = TokenBatch.collate(tok.encode(CALIBRATION_TEXTS, truncate=True))
+            encoded = tok.encode(CALIBRATION_TEXTS, truncate=True)
             ref = cls(
                 make_session(fp32, "cpu", threads),
                 pooling=spec.pooling,
@@ -175,8 +189,8 @@ class OnnxBackend:
                 device="cpu",
                 dim=spec.hidden_size,
             )
-            a = normalize_rows(ref.embed(batch))
-            b = normalize_rows(new.embed(batch))
+            a = normalize_rows(_served_vectors(ref, encoded))
+            b = normalize_rows(_served_vectors(new, encoded))
             return float(np.min(np.sum(a * b, axis=1)))
 
         path, cached = ensure_onnx(
@@ -207,39 +221,18 @@ class OnnxBackend:
             device=actual,
             dim=spec.hidden_size,
             solo=solo,
+            kind=spec.kind,
         )
 
     def embed(self, batch: TokenBatch) -> Floats:
-        if self._session is None:
-            raise FatalBackendError("the onnx session is closed")
-        lengths = batch.attention_mask.sum(axis=1)
-        if int(lengths.max()) * batch.size <= RUN_TOKENS:
-            return self._pooled(batch, int(lengths.max()))
-        # Big batch: run it in pieces of similar lengths, each trimmed to its own longest row.
-        # Peak memory (attention scores grow with rows x length^2) stays bounded whatever the
-        # batcher's budget, and sorting cuts the padding a mixed batch carries.
-        order = np.argsort(lengths, kind="stable")
-        out = np.empty((batch.size, self.dim), dtype=np.float32)
-        start = 0
-        while start < batch.size:
-            stop = start + 1
-            while (
-                stop < batch.size and int(lengths[order[stop]]) * (stop - start + 1) <= RUN_TOKENS
-            ):
-                stop += 1
-            rows = order[start:stop]
-            width = int(lengths[rows[-1]])
-            piece = TokenBatch(
-                batch.input_ids[rows, :width],
-                batch.attention_mask[rows, :width],
-                batch.token_type_ids[rows, :width],
-            )
-            out[rows] = self._pooled(piece, width)
-            start = stop
-        return out
+        """Pooled vectors of the batch in one session run, whatever its size: the model's cost
+        model sized it (``run_tokens``)."""
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
+        return self._pooled(batch, int(batch.attention_mask.sum(axis=1).max()))
 
     def score(self, batch: TokenBatch) -> Floats:
         """Raw relevance logits of a cross-encoder, one per (query, text) pair."""
+        require_kind(self.name, self.kind, ModelKind.RERANKER)
         width = int(batch.attention_mask.sum(axis=1).max())
         scores: Floats = self._forward(batch, width)[:, 0].astype(np.float32)
         return scores

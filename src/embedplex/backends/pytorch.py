@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from embedplex.backends.base import TokenBatch
+from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.pooling import Floats
 from embedplex.core.errors import BackendError, FatalBackendError
@@ -20,14 +20,24 @@ _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 class TorchBackend:
     name = "torch"
-    run_tokens: int | None = None  # a batch runs whole, whatever its size
+    run_tokens: int | None = None  # no pass limit: the batch budget is the setting
 
-    def __init__(self, model: Any, *, pooling: Pooling, dtype: str, device: str, dim: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        pooling: Pooling,
+        dtype: str,
+        device: str,
+        dim: int,
+        kind: ModelKind = ModelKind.EMBEDDING,
+    ) -> None:
         self._model = model
         self.pooling = pooling
         self.dtype = dtype
         self.device = device
         self.dim = dim
+        self.kind = kind
         # signature() follows decorators' __wrapped__, so wrapped forwards are read right.
         self._uses_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
@@ -53,7 +63,14 @@ class TorchBackend:
         auto = AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
         model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
         model.eval().to(device)
-        return cls(model, pooling=spec.pooling, dtype=dtype, device=device, dim=spec.hidden_size)
+        return cls(
+            model,
+            pooling=spec.pooling,
+            dtype=dtype,
+            device=device,
+            dim=spec.hidden_size,
+            kind=spec.kind,
+        )
 
     def _forward(self, batch: TokenBatch) -> Any:
         import torch
@@ -70,6 +87,7 @@ class TorchBackend:
 
     def score(self, batch: TokenBatch) -> Floats:
         """Raw relevance logits of a cross-encoder, one per (query, text) pair."""
+        require_kind(self.name, self.kind, ModelKind.RERANKER)
         import torch
 
         with torch.inference_mode():
@@ -78,6 +96,7 @@ class TorchBackend:
             return out
 
     def embed(self, batch: TokenBatch) -> Floats:
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
         import torch
 
         with torch.inference_mode():

@@ -8,8 +8,9 @@ from embedplex.batching.batcher import (
     NullObserver,
     RunBatch,
 )
+from embedplex.batching.cost import TokenBudget, padded_cost
 from embedplex.batching.item import Item
-from embedplex.batching.queues import BatchQueue, FifoQueue, LengthBucketQueue, padded_cost
+from embedplex.batching.queues import BatchQueue, FifoQueue, LengthBucketQueue
 
 __all__ = [
     "BatchObserver",
@@ -22,5 +23,6 @@ __all__ = [
     "LengthBucketQueue",
     "NullObserver",
     "RunBatch",
+    "TokenBudget",
     "padded_cost",
 ]

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from embedplex.batching.cost import padded_cost
 from embedplex.batching.item import Item
-from embedplex.batching.queues import BatchQueue, FifoQueue, padded_cost
+from embedplex.batching.queues import BatchQueue, FifoQueue
 from embedplex.core.errors import (
     BackendError,
     EmbedplexError,
@@ -44,7 +45,8 @@ class BatchPolicy:
     """How a batcher cuts and flushes.
 
     max_items: most items in one batch (AIMD may lower it at run time via ``set_max_items``).
-    max_cost: budget per batch; padded tokens for local models, None for no budget.
+    max_cost: budget per batch; padded tokens for local models (``cost.TokenBudget.decide``),
+        a sum of costs for remote providers, None for no budget.
     max_wait: seconds a batch may wait to fill after its first item; 0 flushes at once.
     max_concurrency: batches in flight at once.
     max_queued: items allowed to wait; past it, ``submit`` refuses at once.
@@ -61,6 +63,8 @@ class BatchPolicy:
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_concurrency < 1 or self.max_queued < 1:
             raise ValueError("max_items, max_concurrency and max_queued must be at least 1")
+        if self.max_cost is not None and self.max_cost < 1:
+            raise ValueError("max_cost must be at least 1 (None: no budget)")
         if self.max_wait < 0 or self.queue_timeout <= 0:
             raise ValueError("max_wait must be >= 0 and queue_timeout > 0")
 

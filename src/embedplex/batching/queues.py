@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from embedplex.batching.cost import TokenBudget
 from embedplex.batching.item import Item
 
 AnyItem = Item[Any, Any]
@@ -30,7 +31,11 @@ class BatchQueue(Protocol):
         """Remove items whose caller has gone; return how many."""
 
     def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
-        """Remove and return the next batch (never empty while the queue is not)."""
+        """Remove and return the next batch (never empty while the queue is not).
+
+        Each policy says what ``max_cost`` bounds: padded tokens (``LengthBucketQueue``) or a
+        sum of costs (``FifoQueue``).
+        """
 
 
 class _ListQueue:
@@ -64,7 +69,11 @@ class _ListQueue:
 
 
 class FifoQueue(_ListQueue):
-    """Arrival order; the budget counts the sum of costs (for remote providers)."""
+    """Arrival order, for remote providers: ``max_cost`` bounds the sum of the items' costs.
+
+    A remote request is priced per input (or per token) and nothing is padded, so its cost is a
+    plain sum; local models' padded budget is ``cost.TokenBudget`` (``LengthBucketQueue``).
+    """
 
     def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
         taken = 0
@@ -79,25 +88,21 @@ class FifoQueue(_ListQueue):
         return batch
 
 
-def padded_cost(costs: list[int]) -> int:
-    """Tokens a batch occupies once padded to its longest member."""
-    return max(costs) * len(costs) if costs else 0
-
-
 class LengthBucketQueue(_ListQueue):
     """Oldest item first, grown with the items closest to it in length (for local models).
 
-    The budget is the padded size (longest item x count), as the backend sees it. The oldest item
-    always goes into the next batch, so nothing starves; its companions are picked by length so
-    that short texts do not pay for a long one's padding.
+    ``max_cost`` is the model's padded-token budget (``cost.TokenBudget``: longest item x count,
+    as the backend sees it). The oldest item always goes into the next batch, so nothing starves;
+    its companions are picked by length so that short texts do not pay for a long one's padding.
     """
 
     def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
         items = self._items
         if not items:
             return []
+        budget = TokenBudget(tokens=max_cost, items=max_items)
         head = items[:max_items]
-        if max_cost is None or max(i.cost for i in head) * len(head) <= max_cost:
+        if budget.fits(max(i.cost for i in head), len(head)):
             self._items = items[len(head) :]
             return head
         # Grow a window over the items sorted by cost, starting at the oldest one.
@@ -110,8 +115,8 @@ class LengthBucketQueue(_ListQueue):
             size = hi - lo + 2
             below = items[order[lo - 1]].cost if lo > 0 else None
             above = items[order[hi + 1]].cost if hi + 1 < len(order) else None
-            fits_below = below is not None and top * size <= max_cost
-            fits_above = above is not None and above * size <= max_cost
+            fits_below = below is not None and budget.fits(top, size)
+            fits_above = above is not None and budget.fits(above, size)
             if (
                 below is not None
                 and fits_below

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from embedplex.backends.base import EmbeddingBackend
+from embedplex.backends.base import Backend
 from embedplex.backends.model_files import load_spec, resolve_model_dir
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
@@ -12,7 +12,7 @@ from embedplex.models.layout import InferenceLayout, inference_layout
 from embedplex.models.local import load_backend
 
 
-def load_local(**overrides: Any) -> tuple[TextTokenizer, EmbeddingBackend, InferenceLayout]:
+def load_local(**overrides: Any) -> tuple[TextTokenizer, Backend, InferenceLayout]:
     """The tokenizer, backend and inference layout ``embedplex serve`` would build with these
     settings."""
     settings = Settings.load(None, **overrides)

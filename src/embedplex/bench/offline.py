@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from embedplex.backends.base import EmbeddingBackend, TokenBatch
-from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.backends.base import Backend, TokenBatch
+from embedplex.backends.tokenizer import Encoded, TextTokenizer
+from embedplex.batching.cost import TokenBudget
 from embedplex.bench.stats import markdown_table
 from embedplex.bench.workload import TokenSpec, make_texts
 from embedplex.models.layout import InferenceLayout
@@ -70,7 +71,7 @@ class OfflineResult:
 
 
 def run_offline(
-    backend: EmbeddingBackend,
+    backend: Backend,
     tokenizer: TextTokenizer,
     *,
     tokens: TokenSpec,
@@ -88,7 +89,18 @@ def run_offline(
     texts = make_texts(tokens, batch * pool, seed=seed)
     encoded = tokenizer.encode(texts, truncate=True)
     batches = [encoded[i * batch : (i + 1) * batch] for i in range(pool)]
-    backend.embed(TokenBatch.collate(batches[0]))  # warm-up: first run allocates
+    # A batch runs in the passes the server's cost model would cut it into (one pass limit
+    # each, length-sorted), as the inference thread runs it.
+    budget = TokenBudget(tokens=backend.run_tokens, items=batch)
+
+    def run(chunk: list[Encoded]) -> None:
+        budget.run_in_pieces(
+            chunk,
+            [len(e) for e in chunk],
+            lambda rows: list(backend.embed(TokenBatch.collate(rows))),
+        )
+
+    run(batches[0])  # warm-up: first run allocates
     times: list[list[float]] = [[] for _ in range(streams)]
     start = time.perf_counter()
 
@@ -100,7 +112,7 @@ def run_offline(
                 return
             chunk = batches[(len(mine) * streams + k) % pool]
             t0 = time.perf_counter()
-            backend.embed(TokenBatch.collate(chunk))
+            run(chunk)
             mine.append(time.perf_counter() - t0)
 
     if streams == 1:

@@ -48,11 +48,11 @@ def render_markdown(
         "with one core each (the server's default on this machine); the ceiling a target uses "
         "is the fastest row of any layout. "
         "The `5-256` row takes batches of 64 texts of random lengths, as 64 concurrent clients "
-        "hand them to the server; the backend sorts a big batch by length and runs it in pieces "
-        f"of at most {RUN_TOKENS:,} padded tokens. Each layout runs alone (the server's extra "
-        "session for a pass with no other in flight is left out). The fp32 short and mixed "
-        "cells run again in each side-by-side round and keep their fastest run: noise never "
-        "lowers the ceiling the server is held to.\n"
+        "hand them to the server; a big batch is sorted by length and run in pieces of at most "
+        f"{RUN_TOKENS:,} padded tokens, as the server's cost model cuts it. Each layout runs "
+        "alone (the server's extra session for a pass with no other in flight is left out). "
+        "The fp32 short and mixed cells run again in each side-by-side round and keep their "
+        "fastest run: noise never lowers the ceiling the server is held to.\n"
     )
     out.append(offline_table(d.offline) + "\n")
 

@@ -91,6 +91,13 @@ class RerankResult:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelInfo:
+    """What a served model says about itself (``/info``, ``/v1/models``).
+
+    ``max_batch_tokens`` / ``max_batch_requests``: the batch budget in force (a local model's
+    ``TokenBudget``, which may be below the settings: cut to the backend's pass limit); None
+    where there is none (a remote route).
+    """
+
     name: str
     model_id: str
     sha: str | None
@@ -102,6 +109,8 @@ class ModelInfo:
     max_input_length: int
     prompts: dict[str, str]
     kind: str = "embedding"
+    max_batch_tokens: int | None = None
+    max_batch_requests: int | None = None
 
 
 class ServedModel(Protocol):

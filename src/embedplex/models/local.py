@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from embedplex.backends.base import TokenBatch
+from embedplex.backends.base import Backend, TokenBatch
 from embedplex.backends.model_files import (
     ModelKind,
     ModelSpec,
@@ -32,7 +32,14 @@ from embedplex.backends.model_files import (
 from embedplex.backends.onnx_export import default_cache_dir
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
-from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, LengthBucketQueue
+from embedplex.batching import (
+    Batcher,
+    BatchObserver,
+    BatchPolicy,
+    Item,
+    LengthBucketQueue,
+    TokenBudget,
+)
 from embedplex.config import Settings
 from embedplex.core.errors import (
     EmbedplexError,
@@ -74,8 +81,8 @@ class LocalModelOptions:
     def from_settings(
         cls, settings: Settings, spec: ModelSpec, *, run_tokens: int | None
     ) -> LocalModelOptions:
-        """``run_tokens``: the most padded tokens the backend runs in one forward pass, if it
-        splits bigger batches; a batch is cut to fit it (see ``batch_budget``)."""
+        """``run_tokens``: the backend's pass limit (``Backend.run_tokens``); the batch budget is
+        decided from it and the settings (``TokenBudget.decide``)."""
         prompt = settings.default_prompt
         name = settings.default_prompt_name or spec.default_prompt_name
         if prompt is None and name is not None:
@@ -85,6 +92,11 @@ class LocalModelOptions:
                 )
             prompt = spec.prompts[name]
         streams = inference_layout(settings).streams
+        budget = TokenBudget.decide(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_requests=settings.max_batch_requests,
+            run_tokens=run_tokens,
+        )
         return cls(
             name=settings.model_name,
             auto_truncate=settings.auto_truncate,
@@ -96,8 +108,8 @@ class LocalModelOptions:
             streams=streams,
             worker_nice=settings.inference_nice,
             policy=BatchPolicy(
-                max_items=settings.max_batch_requests,
-                max_cost=batch_budget(settings.max_batch_tokens, run_tokens, spec.max_input_length),
+                max_items=budget.items,
+                max_cost=budget.tokens,
                 max_wait=0.0,
                 max_concurrency=streams,
                 max_queued=settings.max_queue_size,
@@ -106,19 +118,7 @@ class LocalModelOptions:
         )
 
 
-def batch_budget(max_batch_tokens: int, run_tokens: int | None, max_input_length: int) -> int:
-    """Padded tokens per batch: the setting, cut to one forward pass of the backend.
-
-    A backend that runs a big batch in length-sorted pieces (ONNX: ``RUN_TOKENS``) is handed
-    batches of one piece instead, so that the queue (``LengthBucketQueue``) groups lengths
-    across everything waiting rather than within one batch, and each inference stream takes
-    the next piece as it frees. One input of the longest length always fits.
-    """
-    budget = max_batch_tokens if run_tokens is None else min(max_batch_tokens, run_tokens)
-    return max(budget, max_input_length)
-
-
-def load_backend(settings: Settings, spec: ModelSpec) -> Any:
+def load_backend(settings: Settings, spec: ModelSpec) -> Backend:
     """The configured engine; it embeds or scores according to ``spec.kind``."""
     layout = inference_layout(settings)
     threads = layout.threads
@@ -161,28 +161,6 @@ _UNRESOLVED: Any = object()
 _PENDING: Any = object()
 
 
-def fitting_pieces(lengths: list[int], max_cost: int | None) -> list[list[int]]:
-    """Split rows (by length) into pieces whose padded size (longest x rows) fits ``max_cost``.
-
-    One piece in the usual case; otherwise length-sorted pieces, so that each is padded to
-    lengths like its own. A single row is never split (its length is capped elsewhere).
-    """
-    if not lengths:
-        return []
-    if max_cost is None or max(lengths) * len(lengths) <= max_cost:
-        return [list(range(len(lengths)))]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    pieces: list[list[int]] = []
-    piece: list[int] = []
-    for k in order:
-        if piece and lengths[k] * (len(piece) + 1) > max_cost:
-            pieces.append(piece)
-            piece = []
-        piece.append(k)
-    pieces.append(piece)
-    return pieces
-
-
 @dataclass(slots=True)
 class Processed(Generic[R]):
     """What one request's inputs came back as, with the instants that time them."""
@@ -210,7 +188,7 @@ class LocalModel(Generic[R]):
         self,
         spec: ModelSpec,
         tokenizer: TextTokenizer,
-        backend: Any,
+        backend: Backend,
         options: LocalModelOptions,
         *,
         observers: list[BatchObserver] | None = None,
@@ -219,6 +197,9 @@ class LocalModel(Generic[R]):
         self.tokenizer = tokenizer
         self.backend = backend
         self.options = options
+        # The one batch budget in force: the queue cuts by it (the policy carries its numbers),
+        # _infer splits by it, /info reports it.
+        self.budget = TokenBudget(tokens=options.policy.max_cost, items=options.policy.max_items)
         self._observers = observers or []
         self._tracer: Tracer | None = None
         self._active = 0
@@ -237,6 +218,8 @@ class LocalModel(Generic[R]):
             max_input_length=spec.max_input_length,
             prompts=spec.prompts,
             kind=spec.kind.value,
+            max_batch_tokens=self.budget.tokens,
+            max_batch_requests=self.budget.items,
         )
 
     @property
@@ -323,7 +306,7 @@ class LocalModel(Generic[R]):
 
         An input that fails to tokenize (too long, bad text) gets its error in its place; the
         rest of the batch runs. Deferred costs are estimates, so a batch whose real padded size
-        passes ``max_cost`` runs in length-sorted pieces that each fit.
+        passes the budget runs in length-sorted pieces that each fit (``TokenBudget.pieces``).
         """
         resolved = self._resolve(payloads)
         out: list[R | BaseException] = [
@@ -331,10 +314,14 @@ class LocalModel(Generic[R]):
         ]
         ok = [k for k, e in enumerate(resolved) if isinstance(e, Encoded)]
         encoded = typing.cast(list[Encoded], [resolved[k] for k in ok])
-        for piece in fitting_pieces([len(e) for e in encoded], self.options.policy.max_cost):
-            batch = TokenBatch.collate([encoded[j] for j in piece], self.spec.pad_token_id)
-            for j, result in zip(piece, self._forward(batch), strict=True):
-                out[ok[j]] = result
+        pad = self.spec.pad_token_id
+        results = self.budget.run_in_pieces(
+            encoded,
+            [len(e) for e in encoded],
+            lambda rows: self._forward(TokenBatch.collate(rows, pad)),
+        )
+        for k, result in zip(ok, results, strict=True):
+            out[k] = result
         return out
 
     def _resolve(self, payloads: list[Payload]) -> list[Encoded | EmbedplexError]:
