@@ -68,7 +68,7 @@ class LocalModelOptions:
     """The serving knobs of one local model (a slice of ``Settings``)."""
 
     name: str
-    auto_truncate: bool = False
+    auto_truncate: bool = True  # as Settings.auto_truncate (TEI 1.9)
     default_prompt: str | None = None
     max_client_batch_size: int = 2048
     max_concurrent_requests: int = 512
