@@ -110,7 +110,7 @@ async def test_tokenize_info_health(tiny_model_dir: Path, backend: FakeBackend) 
 
 async def test_truncation(tiny_model_dir: Path, backend: FakeBackend) -> None:
     long_text = " ".join(["cat"] * 40)  # 42 tokens, max is 32
-    async with running(fake_app(tiny_model_dir, backend)) as client:
+    async with running(fake_app(tiny_model_dir, backend, auto_truncate=False)) as client:
         refused = await client.post("/embed", json={"inputs": long_text})
         oai_refused = await client.post("/v1/embeddings", json={"input": long_text})
         right = await client.post("/embed", json={"inputs": long_text, "truncate": True})
@@ -126,13 +126,17 @@ async def test_truncation(tiny_model_dir: Path, backend: FakeBackend) -> None:
     assert backend.batches[-1][1] == 32 and backend.batches[-2][1] == 32
 
 
-async def test_auto_truncate_setting(tiny_model_dir: Path, backend: FakeBackend) -> None:
-    long_text = " ".join(["dog"] * 40)
-    async with running(fake_app(tiny_model_dir, backend, auto_truncate=True)) as client:
+async def test_auto_truncate_is_on_by_default(tiny_model_dir: Path, backend: FakeBackend) -> None:
+    """As in TEI 1.9: a request that does not say is truncated; ``truncate: false`` refuses."""
+    long_text = " ".join(["dog"] * 40)  # 42 tokens, max is 32
+    async with running(fake_app(tiny_model_dir, backend)) as client:
         r = await client.post("/v1/embeddings", json={"input": long_text})
+        tei = await client.post("/embed", json={"inputs": long_text})
         explicit = await client.post("/embed", json={"inputs": long_text, "truncate": False})
-    assert r.status_code == 200
+    assert r.status_code == tei.status_code == 200
+    assert backend.batches[0][1] == backend.batches[1][1] == 32
     assert explicit.status_code == 422
+    assert explicit.json()["error_type"] == "Validation"
 
 
 @pytest.mark.parametrize(

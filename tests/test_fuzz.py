@@ -16,6 +16,13 @@ SEEDS = {
                        "dimensions": 8, "user": "u"},
     "/api/v1/embed": {"inputs": "hello", "normalize": False},
     "/tokenize": {"inputs": ["hello"], "add_special_tokens": False},
+    "/embed_all": {"inputs": ["hello world", "cat"], "truncate": True, "prompt_name": None},
+    "/similarity": {"inputs": {"source_sentence": "cat", "sentences": ["dog", "hello"]},
+                    "parameters": {"truncate": True}},
+    "/decode": {"ids": [[18, 19], [20]], "skip_special_tokens": True},
+    "/": {"inputs": "hello", "normalize": True, "encoding_format": "float"},
+    "/api/embed": {"input": ["hello", "world"], "model": "m", "truncate": True},
+    "/api/embed/batch": {"texts": ["hello", "world"], "model": "m"},
 }  # fmt: skip
 
 ODD_VALUES: list[object] = [
@@ -49,7 +56,7 @@ async def test_random_bad_bodies_get_4xx_json(tiny_model_dir: Path) -> None:
     backend = FakeBackend(dim=16)
     seen: dict[int, int] = {}
     async with running(fake_app(tiny_model_dir, backend)) as client:
-        for _ in range(400):
+        for _ in range(800):
             path = rng.choice(list(SEEDS))
             body = mutate(rng, SEEDS[path])
             r = await client.post(path, content=body, headers={"content-type": "application/json"})

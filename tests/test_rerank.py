@@ -94,10 +94,10 @@ async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Pat
     async with running(create_app(settings)) as client:
         empty = await client.post("/rerank", json={"query": QUERY, "texts": []})
         many = await client.post("/rerank", json={"query": QUERY, "texts": ["a"] * 4})
-        too_long = await client.post("/rerank", json={"query": QUERY, "texts": [long_text]})
-        truncated = await client.post(
-            "/rerank", json={"query": QUERY, "texts": [long_text], "truncate": True}
+        too_long = await client.post(
+            "/rerank", json={"query": QUERY, "texts": [long_text], "truncate": False}
         )
+        truncated = await client.post("/rerank", json={"query": QUERY, "texts": [long_text]})
         embed = await client.post("/embed", json={"inputs": "hello"})
         oai = await client.post(
             "/v1/embeddings", json={"input": "hello", "model": str(reranker_dir)}

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         None, ge=1, description="Tokens per input (default: the model's max_seq_length)."
     )
     auto_truncate: bool = Field(
-        False, description="Truncate long inputs when a request does not say (else 422)."
+        True, description="Truncate long inputs when a request does not say (off: 422)."
     )
     default_prompt_name: str | None = Field(
         None, description="Prompt (from the model's prompts) applied when a request names none."

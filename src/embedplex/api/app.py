@@ -24,7 +24,17 @@ from embedplex.api.errors import error_response, status_error
 from embedplex.api.fastpath import EmbedplexApp, FastEmbedRoutes, HotPath
 from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from embedplex.api.observe import ObservabilityMiddleware, RequestObserver, request_record
-from embedplex.api.routes import admin, batch, openai, probes, rerank, status, tei
+from embedplex.api.routes import (
+    admin,
+    batch,
+    native,
+    openai,
+    probes,
+    rerank,
+    status,
+    tei,
+    tei_extras,
+)
 from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError, InvalidRequestError
 from embedplex.gateway import Gateway
@@ -152,7 +162,9 @@ def create_app(
         openai.router,
         batch.router,
         tei.router,
+        tei_extras.router,
         rerank.router,
+        native.router,
         probes.router,
         status.router,
         admin.router,

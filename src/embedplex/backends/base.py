@@ -67,6 +67,11 @@ class Backend(Protocol):
         """Un-normalized pooled vectors, (batch, dim) float32 (embedding models)."""
         ...
 
+    def embed_all(self, batch: TokenBatch) -> list[Floats]:
+        """Per-token hidden states, unpooled: one (tokens, dim) float32 array per row, padding
+        dropped (embedding models; TEI ``/embed_all``)."""
+        ...
+
     def score(self, batch: TokenBatch) -> Floats:
         """One raw relevance logit per (query, text) pair, float32 (cross-encoders)."""
         ...

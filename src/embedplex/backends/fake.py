@@ -50,7 +50,8 @@ class FakeBackend:
         require_kind(self.name, self.kind, ModelKind.EMBEDDING)
         return self._pooled(batch)
 
-    def _pooled(self, batch: TokenBatch) -> Floats:
+    def _run(self, batch: TokenBatch) -> Floats:
+        """Record the batch, apply injected faults and delay; the per-token vectors."""
         with self._lock:
             self.batches.append((batch.size, int(batch.input_ids.shape[1])))
             if self._dead:
@@ -60,10 +61,21 @@ class FakeBackend:
                 raise RuntimeError("injected failure")
         if self.delay:
             time.sleep(self.delay)
-        vectors = self._table[batch.input_ids % self._table.shape[0]]
+        vectors: Floats = self._table[batch.input_ids % self._table.shape[0]]
+        return vectors
+
+    def _pooled(self, batch: TokenBatch) -> Floats:
+        vectors = self._run(batch)
         mask = batch.attention_mask[:, :, None].astype(np.float32)
         out: Floats = ((vectors * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
         return out
+
+    def embed_all(self, batch: TokenBatch) -> list[Floats]:
+        """Each row's per-token vectors, padding dropped (their mean is ``embed``'s vector)."""
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
+        vectors = self._run(batch)
+        lengths = batch.attention_mask.sum(axis=1).tolist()
+        return [np.ascontiguousarray(vectors[i, :n]) for i, n in enumerate(lengths)]
 
     def score(self, batch: TokenBatch) -> Floats:
         """A fake relevance logit: the first component of the pooled vector, times ten."""

@@ -230,6 +230,17 @@ class OnnxBackend:
         require_kind(self.name, self.kind, ModelKind.EMBEDDING)
         return self._pooled(batch, int(batch.attention_mask.sum(axis=1).max()))
 
+    def embed_all(self, batch: TokenBatch) -> list[Floats]:
+        """Per-token hidden states, unpooled (TEI ``/embed_all``): one (tokens, dim) array per
+        row, padding dropped. The batch runs whole: the model cuts token-level batches to its
+        batch budget before they get here."""
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
+        lengths = batch.attention_mask.sum(axis=1).tolist()
+        hidden = self._forward(batch, max(lengths))
+        return [
+            np.ascontiguousarray(hidden[i, :n], dtype=np.float32) for i, n in enumerate(lengths)
+        ]
+
     def score(self, batch: TokenBatch) -> Floats:
         """Raw relevance logits of a cross-encoder, one per (query, text) pair."""
         require_kind(self.name, self.kind, ModelKind.RERANKER)

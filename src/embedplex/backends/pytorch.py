@@ -113,6 +113,20 @@ class TorchBackend:
             out: Floats = pooled.float().cpu().numpy().astype(np.float32, copy=False)
             return out
 
+    def embed_all(self, batch: TokenBatch) -> list[Floats]:
+        """Per-token hidden states, unpooled (TEI ``/embed_all``): one (tokens, dim) array per
+        row, padding dropped."""
+        require_kind(self.name, self.kind, ModelKind.EMBEDDING)
+        import torch
+
+        with torch.inference_mode():
+            output, _ = self._forward(batch)
+            hidden = output.last_hidden_state.float().cpu().numpy()
+        lengths = batch.attention_mask.sum(axis=1).tolist()
+        return [
+            np.ascontiguousarray(hidden[i, :n], dtype=np.float32) for i, n in enumerate(lengths)
+        ]
+
     def health(self) -> None:
         if self._model is None:
             raise FatalBackendError("the torch model is closed")

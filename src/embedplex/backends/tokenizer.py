@@ -12,7 +12,12 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
-from embedplex.core.errors import EmbedplexError, InputTooLongError, InvalidRequestError
+from embedplex.core.errors import (
+    EmbedplexError,
+    EmptyInputError,
+    InputTooLongError,
+    InvalidRequestError,
+)
 
 # Plain lists: turning them into arrays is left to collate, in the inference thread.
 Ids = list[int]
@@ -179,6 +184,18 @@ class TextTokenizer:
                 )
             out.append(Encoded(list(seq), None))
         return out
+
+    def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """Token ids back to text (TEI ``/decode``); ids must be inside the vocabulary."""
+        for index, seq in enumerate(sequences):
+            if not seq:
+                raise EmptyInputError(f"ids {index} is an empty list of token ids", param="ids")
+            if min(seq) < 0 or max(seq) >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"ids {index} has token ids outside the vocabulary [0, {self.vocab_size})",
+                    param="ids",
+                )
+        return self._plain.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
     def tokens(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
         """Token detail for the TEI ``/tokenize`` route."""

@@ -148,3 +148,31 @@ class Tokenizing(Protocol):
     async def tokenize(
         self, texts: list[str], *, add_special_tokens: bool, prompt_name: str | None
     ) -> list[list[Token]]: ...
+
+
+@dataclass(slots=True)
+class TokenEmbedResult:
+    """Per-token hidden states, unpooled (TEI ``/embed_all``): one (tokens, dim) array per input,
+    in input order, padding dropped."""
+
+    vectors: list[npt.NDArray[np.float32]]
+    prompt_tokens: int
+    model: str
+    timings: Timings = field(default_factory=Timings)
+
+
+@runtime_checkable
+class TokenEmbedding(Protocol):
+    """Served models that can return every token's vector (local models; remote providers
+    answer pooled vectors only)."""
+
+    async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult: ...
+
+
+@runtime_checkable
+class Decoding(Protocol):
+    """Served models that can turn token ids back into text (TEI ``/decode``)."""
+
+    async def decode(
+        self, sequences: list[list[int]], *, skip_special_tokens: bool
+    ) -> list[str]: ...

@@ -49,7 +49,14 @@ from embedplex.core.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from embedplex.core.types import EmbedRequest, EmbedResult, ModelInfo, Timings, Vector
+from embedplex.core.types import (
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    Timings,
+    TokenEmbedResult,
+    Vector,
+)
 from embedplex.models.layout import inference_layout
 from embedplex.observability.tracing import current_span_context, request_stage_spans
 from embedplex.serve.process_tuning import worker_pool
@@ -57,6 +64,7 @@ from embedplex.serve.process_tuning import worker_pool
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
+    from embedplex.models.token_level import LocalTokenModel
     from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -67,7 +75,7 @@ class LocalModelOptions:
     """The serving knobs of one local model (a slice of ``Settings``)."""
 
     name: str
-    auto_truncate: bool = False
+    auto_truncate: bool = True  # as Settings.auto_truncate (TEI 1.9)
     default_prompt: str | None = None
     max_client_batch_size: int = 2048
     max_concurrent_requests: int = 512
@@ -292,6 +300,15 @@ class LocalModel(Generic[R]):
                 f"{self.options.max_concurrent_requests})"
             )
 
+    async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """Token ids back to text (TEI ``/decode``), in the tokenizer threads."""
+        self._check_size(len(sequences), "ids")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._token_pool,
+            lambda: self.tokenizer.decode(sequences, skip_special_tokens=skip_special_tokens),
+        )
+
     def _forward(self, batch: TokenBatch) -> list[R]:
         """Run one padded batch on the backend (in the inference thread)."""
         raise NotImplementedError
@@ -423,6 +440,8 @@ class Pooled:
 
 
 class LocalEmbeddingModel(LocalModel[Pooled]):
+    _tokens: LocalTokenModel | None = None  # made on the first embed_all (token_level.py)
+
     @classmethod
     def load(
         cls, settings: Settings, *, observers: list[BatchObserver] | None = None
@@ -491,6 +510,21 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             model=self.options.name,
             timings=done.timings(),
         )
+
+    async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult:
+        """Every token's vector, unpooled (TEI ``/embed_all``), through a token-level twin."""
+        if self._tokens is None:
+            from embedplex.models.token_level import LocalTokenModel
+
+            tokens = LocalTokenModel(self)
+            await tokens.start()  # never suspends: two first callers cannot both make one
+            self._tokens = tokens
+        return await self._tokens.embed_all(request)
+
+    async def close(self, *, drain: bool = True) -> None:
+        if self._tokens is not None:
+            await self._tokens.close(drain=drain)
+        await super().close(drain=drain)
 
     async def tokenize(
         self, texts: list[str], *, add_special_tokens: bool = True, prompt_name: str | None = None

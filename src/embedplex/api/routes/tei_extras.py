@@ -1,0 +1,167 @@
+"""TEI's other embedding routes (``/embed_all``, ``/similarity``, ``/decode``) and ``POST /``.
+
+``POST /`` is what ``huggingface_hub``'s ``InferenceClient`` calls when it is pointed at a base
+URL: ``feature_extraction`` posts TEI's embed body and ``sentence_similarity`` posts
+``{"inputs": {"source_sentence", "sentences"}, "parameters"}``. TEI picks one meaning for ``/``
+from its model; here the body says which it is (embed, similarity, or a TEI rerank body).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from embedplex.api.common import (
+    Inputs,
+    as_inputs,
+    gateway,
+    json_response,
+    run_embed,
+    unless_disconnected,
+)
+from embedplex.api.observe import request_record
+from embedplex.api.routes import rerank, tei
+from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.core.errors import EmptyInputError, InvalidRequestError
+from embedplex.core.types import Decoding, EmbedRequest, TokenEmbedding
+
+router = APIRouter(tags=["TEI"])
+
+Direction = Literal["Left", "Right", "left", "right"]
+
+
+class EmbedAllBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Inputs
+    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    model: str | None = Field(None, description="embedplex extension: pick a served model.")
+
+
+class SimilarityInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+
+
+class SimilarityBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: SimilarityInput
+    parameters: SimilarityParameters | None = None
+    model: str | None = Field(None, description="embedplex extension: pick a served model.")
+
+
+class DecodeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] | list[list[int]]
+    skip_special_tokens: bool = True
+    model: str | None = Field(None, description="embedplex extension: pick a served model.")
+
+
+class RootEmbedBody(tei.EmbedBody):
+    """``/embed``'s body, with unknown fields ignored as TEI ignores them: clients send extras
+    meant for other providers (``huggingface_hub`` sends ``encoding_format`` when asked)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _direction(value: str) -> TruncationDirection:
+    return TruncationDirection(value.lower())
+
+
+@router.post("/embed_all", response_model=list[list[list[float]]])
+async def embed_all(body: EmbedAllBody, request: Request) -> Response:
+    """Every token's vector, special tokens included, unpooled and not normalized."""
+    model = gateway(request).model(body.model)
+    if not isinstance(model, TokenEmbedding):
+        raise InvalidRequestError(
+            f"model {model.info.name!r} cannot return token embeddings (remote models answer "
+            "pooled vectors only)",
+            param="model",
+        )
+    core = EmbedRequest(
+        inputs=as_inputs(body.inputs),
+        normalize=False,
+        truncate=body.truncate,
+        truncation_direction=_direction(body.truncation_direction),
+        prompt_name=body.prompt_name,
+    )
+    record = request_record(request)
+    record.model = model.info.name
+    record.inputs = len(core.inputs)
+    result = await unless_disconnected(request, model.embed_all(core))
+    record.tokens = result.prompt_tokens
+    record.timings = result.timings
+    return json_response(result.vectors, headers=result.timings.headers())
+
+
+@router.post("/similarity", response_model=list[float])
+async def similarity(body: SimilarityBody, request: Request) -> Response:
+    """Cosine similarity of ``source_sentence`` with each of ``sentences``, in their order."""
+    if not body.inputs.sentences:
+        raise EmptyInputError("inputs.sentences cannot be empty", param="inputs.sentences")
+    params = body.parameters or SimilarityParameters()
+    core = EmbedRequest(
+        inputs=[body.inputs.source_sentence, *body.inputs.sentences],
+        normalize=True,
+        truncate=params.truncate,
+        truncation_direction=_direction(params.truncation_direction),
+        prompt_name=params.prompt_name,
+    )
+    result = await run_embed(request, gateway(request).model(body.model), core)
+    vectors = np.stack(result.vectors).astype(np.float64)
+    # Local vectors are unit length already; a remote provider's need not be.
+    vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    scores = vectors[1:] @ vectors[0]
+    return json_response([float(s) for s in scores], headers=result.timings.headers())
+
+
+@router.post("/decode", response_model=list[str])
+async def decode(body: DecodeBody, request: Request) -> Response:
+    """Token ids (one list, or a list of lists) back to text, one string per list."""
+    model = gateway(request).model(body.model)
+    if not isinstance(model, Decoding):
+        raise InvalidRequestError(f"{model.info.name} does not expose a tokenizer", param="model")
+    ids = body.ids
+    if not ids:
+        raise EmptyInputError("ids cannot be empty", param="ids")
+    sequences: list[list[int]] = [ids] if isinstance(ids[0], int) else ids
+    texts = await model.decode(sequences, skip_special_tokens=body.skip_special_tokens)
+    return json_response(texts)
+
+
+def _parse(schema: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        # Reported like any other body error (the app's RequestValidationError handler).
+        raise RequestValidationError(exc.errors()) from None
+
+
+@router.post("/")
+async def root(request: Request, data: dict[str, Any] = Body(...)) -> Response:
+    """TEI's predict root for ``InferenceClient``: a similarity body (``inputs`` is an object)
+    gets ``/similarity``, a rerank body (``query``) gets ``/rerank``, anything else ``/embed``."""
+    if isinstance(data.get("inputs"), dict):
+        return await similarity(_parse(SimilarityBody, data), request)
+    if "query" in data:
+        return await rerank.tei_rerank(_parse(rerank.TeiRerankBody, data), request)
+    return await tei.embed(_parse(RootEmbedBody, data), request)
