@@ -170,6 +170,7 @@ class Reranker(Protocol):
     """
 
     name: str
+    rerank_model: str  # the upstream model name rerank calls send
 
     @property
     def limits(self) -> ProviderLimits: ...

@@ -172,9 +172,7 @@ class RerankLanes:
         lane.last_used = time.monotonic()
         return lane
 
-    async def rerank(
-        self, request: RerankRequest, model: str, trace: SpanContext | None
-    ) -> RerankResult:
+    async def rerank(self, request: RerankRequest, trace: SpanContext | None) -> RerankResult:
         """Queue every document of ``request`` in its lane and wait for all their scores."""
         start = time.perf_counter()
         params = RerankParams.from_request(request)
@@ -195,7 +193,7 @@ class RerankLanes:
         return RerankResult(
             scores=[row.score for row in rows],
             prompt_tokens=round(sum(row.tokens for row in rows)),
-            model=model,
+            model=self.reranker.rerank_model,
             provider=self.name,
             timings=Timings(
                 queue=max(i.started_at - i.enqueued_at for i in items) * 1000,

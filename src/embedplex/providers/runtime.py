@@ -325,8 +325,7 @@ class ProviderRuntime:
             raise InvalidRequestError(f"provider {self.name} does not rerank", param="model")
         self.last_kind = "rerank"
         trace = current_span_context() if self._tracer is not None else None
-        model = getattr(self.provider, "rerank_model", None) or self.name
-        return await self.rerank_lanes.rerank(request, model, trace)
+        return await self.rerank_lanes.rerank(request, trace)
 
     # -- status ----------------------------------------------------------------------------
 
