@@ -1,5 +1,10 @@
 """A fake upstream embedding server on 127.0.0.1 speaking the OpenAI, Voyage, Cohere and TEI APIs.
 
+Each API's rerank endpoint is there too (TEI ``/rerank``, Cohere ``/v2/rerank``, Voyage
+``/voyage/v1/rerank``, Jina-style ``/v1/rerank``), answering in the vendor's documented shape:
+results sorted best first, cut to ``top_n``/``top_k``, so the adapters must put them back in
+document order. Scores come from ``score_for`` (a function of the query and the document only).
+
 It runs under uvicorn in a background thread (a real HTTP server, so retries, timeouts, resets
 and connection pooling are exercised for real). Faults are queued per call: ``script(...)``
 pushes what the next calls do (status codes with Retry-After, a delay, a reset connection, a
@@ -39,6 +44,17 @@ def vector_for(text: str, dim: int = DIM) -> np.ndarray:
     rng = np.random.default_rng(zlib.crc32(text.encode()))
     v = rng.standard_normal(dim).astype(np.float32)
     return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def score_for(query: str, document: str) -> float:
+    """The fake reranker: a relevance in (0, 1) that depends only on the pair."""
+    return (zlib.crc32(f"{query}\x00{document}".encode()) % 9973 + 1) / 9975
+
+
+def logit_for(query: str, document: str) -> float:
+    """TEI's ``raw_scores``: the logit whose sigmoid is ``score_for``."""
+    p = score_for(query, document)
+    return float(np.log(p / (1 - p)))
 
 
 @dataclass
@@ -115,6 +131,10 @@ class FakeUpstream:
                 Route("/v1/embed", self._cohere, methods=["POST"]),
                 Route("/embed", self._tei, methods=["POST"]),
                 Route("/info", self._info, methods=["GET"]),
+                Route("/rerank", self._tei_rerank, methods=["POST"]),
+                Route("/v2/rerank", self._cohere_rerank, methods=["POST"]),
+                Route("/voyage/v1/rerank", self._voyage_rerank, methods=["POST"]),
+                Route("/v1/rerank", self._jina_rerank, methods=["POST"]),
             ]
         )
         self._server = ThreadServer(self.app)
@@ -234,6 +254,64 @@ class FakeUpstream:
         dims = call.body.get("dimensions")
         return _json([self._vec(t, dims).tolist() for t in call.texts])
 
+    # -- rerank ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _ranked(call: Call, top: int | None) -> list[tuple[int, float]]:
+        query = call.body["query"]
+        scored = [(i, score_for(query, d)) for i, d in enumerate(call.texts)]
+        return sorted(scored, key=lambda pair: pair[1], reverse=True)[:top]
+
+    async def _tei_rerank(self, request: Request) -> Response:
+        early, call = await self._serve(request, "texts")
+        if early is not None:
+            return early
+        query = call.body["query"]
+        rows = [
+            {"index": i, "score": logit_for(query, call.texts[i]) if call.body["raw_scores"] else s}
+            for i, s in self._ranked(call, None)
+        ]
+        return _json(rows, headers={"x-compute-tokens": str(4 * len(rows))})
+
+    async def _cohere_rerank(self, request: Request) -> Response:
+        early, call = await self._serve(request, "documents")
+        if early is not None:
+            return early
+        if "model" not in call.body:
+            return _json({"message": "model is required"}, 400)
+        results = [
+            {"index": i, "relevance_score": s}
+            for i, s in self._ranked(call, call.body.get("top_n"))
+        ]
+        return _json({"id": "x", "results": results, "meta": {"billed_units": {"search_units": 1}}})
+
+    async def _voyage_rerank(self, request: Request) -> Response:
+        early, call = await self._serve(request, "documents")
+        if early is not None:
+            return early
+        data = [
+            {"index": i, "relevance_score": s}
+            for i, s in self._ranked(call, call.body.get("top_k"))
+        ]
+        usage = {"total_tokens": 6 * len(call.texts)}
+        return _json({"object": "list", "data": data, "model": call.body["model"], "usage": usage})
+
+    async def _jina_rerank(self, request: Request) -> Response:
+        early, call = await self._serve(request, "documents")
+        if early is not None:
+            return early
+        with_docs = call.body.get("return_documents", True)  # Jina's default
+        results = [
+            {
+                "index": i,
+                "relevance_score": s,
+                **({"document": {"text": call.texts[i]}} if with_docs else {}),
+            }
+            for i, s in self._ranked(call, call.body.get("top_n"))
+        ]
+        usage = {"total_tokens": 5 * len(call.texts), "prompt_tokens": 5 * len(call.texts)}
+        return _json({"model": call.body["model"], "results": results, "usage": usage})
+
     async def _info(self, request: Request) -> Response:
         return _json({"model_id": "fake", "max_client_batch_size": self.max_texts or 64})
 
@@ -243,8 +321,10 @@ class FakeUpstream:
         return v[:dims] if dims else v
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 class _ResetResponse(Response):
@@ -292,7 +372,17 @@ def endpoint(upstream: FakeUpstream, kind: str) -> str:
     }[kind]
 
 
+def rerank_path(kind: str) -> str:
+    """Where each provider type's rerank calls land on the fake."""
+    return {
+        "openai": "/v1/rerank",
+        "voyage": "/voyage/v1/rerank",
+        "cohere": "/v2/rerank",
+        "tei": "/rerank",
+    }[kind]
+
+
 def provider(name: str, upstream: FakeUpstream, kind: str = "openai", **kw: Any) -> ProviderConfig:
     """A provider config pointed at ``upstream`` with the fast test knobs."""
-    fields = {**FAST, "model": f"{name}-model", **kw}
-    return ProviderConfig(name=name, type=kind, endpoint=endpoint(upstream, kind), **fields)
+    fields = {**FAST, "model": f"{name}-model", "endpoint": endpoint(upstream, kind), **kw}
+    return ProviderConfig(name=name, type=kind, **fields)

@@ -55,7 +55,7 @@ def default_gateway(settings: Settings) -> Gateway:
     """
     from embedplex.core.types import ServedModel
     from embedplex.models.local import load_local_model
-    from embedplex.providers.router import RemoteModel, Router
+    from embedplex.providers.router import Router, remote_model
 
     models: list[ServedModel] = []
     if settings.local_model:
@@ -66,7 +66,7 @@ def default_gateway(settings: Settings) -> Gateway:
         probe_interval=settings.router_probe_interval_s,
         max_client_batch_size=settings.max_client_batch_size,
     )
-    models.extend(RemoteModel(router, route) for route in settings.routes)
+    models.extend(remote_model(router, route) for route in settings.routes)
     return Gateway(models, router=router)
 
 

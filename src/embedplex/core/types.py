@@ -83,10 +83,17 @@ class RerankRequest:
 
 @dataclass(slots=True)
 class RerankResult:
-    scores: list[float]  # in the order of the request's texts
+    """Scores in the order of the request's texts.
+
+    ``provider`` and ``per_provider`` as in ``EmbedResult`` (remote rerankers; ``all`` policy).
+    """
+
+    scores: list[float]
     prompt_tokens: int
     model: str
     timings: Timings = field(default_factory=Timings)
+    provider: str | None = None
+    per_provider: dict[str, RerankResult] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

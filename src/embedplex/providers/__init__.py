@@ -1,14 +1,23 @@
-"""Remote embedding providers behind one protocol, batched by the shared engine.
+"""Remote embedding and rerank providers behind two small protocols, batched by the shared engine.
 
-``base`` holds the protocol, ``http`` the pooled client with retries and error mapping, one
-module per API (``tei``, ``openai``, ``voyage``, ``cohere``), ``health`` the circuit breaker,
-``aimd`` adaptive batch sizing and ``runtime`` a provider's batch lanes.
+``base`` holds the protocols (``Provider`` embeds, ``Reranker`` reranks), ``http`` the pooled
+client with retries and error mapping, one module per API (``tei``, ``openai``, ``voyage``,
+``cohere``: each speaks both), ``health`` the circuit breaker, ``aimd`` adaptive batch sizing,
+``runtime`` a provider's batch lanes and ``rerank_lanes`` its rerank lanes.
 """
 
 from __future__ import annotations
 
 from embedplex.providers.adapter import HttpProvider
-from embedplex.providers.base import Embeddings, EmbedParams, Provider, ProviderLimits
+from embedplex.providers.base import (
+    Embeddings,
+    EmbedParams,
+    Provider,
+    ProviderLimits,
+    Reranker,
+    RerankParams,
+    Scores,
+)
 from embedplex.providers.cohere import CohereProvider
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.openai import OpenAIProvider
@@ -32,7 +41,10 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderLimits",
+    "RerankParams",
+    "Reranker",
     "RouteConfig",
+    "Scores",
     "TEIProvider",
     "VoyageProvider",
 ]

@@ -2,6 +2,12 @@
 
 A concrete adapter says which URL path it speaks, how many texts a call may carry, which
 ``EmbedParams`` it can honour, how to build the request body and how to read the answer.
+
+Rerank (``Reranker``) is built the same way: ``rerank_body`` and ``parse_rerank``. The default
+pair speaks the Jina/Cohere shape (``{model, query, documents, top_n}`` -> ``results: [{index,
+relevance_score}]``) that OpenAI-compatible servers (vLLM, Infinity, embedplex) and Jina use;
+TEI and Voyage override it. The call asks for every document's score (``top_n`` = all) because
+callers with the same query share a call; each caller's own ``top_n`` is applied by the route.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ import numpy as np
 
 from embedplex.core.errors import InvalidRequestError
 from embedplex.core.types import Vector
-from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
+from embedplex.providers.base import (
+    Embeddings,
+    EmbedParams,
+    ProviderLimits,
+    RerankParams,
+    Scores,
+)
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.http import AttemptListener, HttpTransport, RetryListener, RetryPolicy
 
@@ -28,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _DEFAULTS = EmbedParams()
+_RERANK_DEFAULTS = RerankParams()
 
 
 def decode_vector(raw: Any) -> Vector:
@@ -52,6 +65,35 @@ def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
     return url
 
 
+def rerank_url(endpoint: str | None, embed_url: str) -> str | None:
+    """``endpoint`` if set, else the embeddings URL with ``embed``/``embeddings`` -> ``rerank``.
+
+    ``/embed`` (TEI), ``/v1/embeddings`` (OpenAI, Voyage) and ``/v2/embed`` (Cohere) all sit
+    beside their vendor's rerank path. Any other path is not guessed at: None (not configured).
+    """
+    if endpoint:
+        return endpoint
+    url = httpx.URL(embed_url)
+    head, _, last = url.path.rstrip("/").rpartition("/")
+    if last not in ("embed", "embeddings"):
+        return None
+    return str(url.copy_with(path=f"{head}/rerank"))
+
+
+def parse_ranked(rows: Any, n: int, score: str) -> list[float]:
+    """``[{index, <score>}]`` in any order -> one score per document, in document order."""
+    scores: list[float | None] = [None] * n
+    for row in rows:
+        i = int(row["index"])
+        if not 0 <= i < n or scores[i] is not None:
+            raise ValueError(f"result index {i} is out of range or repeated ({n} documents)")
+        scores[i] = float(row[score])
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing:
+        raise ValueError(f"no score for {len(missing)} of {n} documents")
+    return [s for s in scores if s is not None]
+
+
 class HttpProvider(ABC):
     """Base of the HTTP adapters (see ``embedplex.providers.base.Provider``)."""
 
@@ -61,6 +103,10 @@ class HttpProvider(ABC):
     max_texts: ClassVar[int]
     # EmbedParams fields this API can honour when they differ from the defaults.
     supported: ClassVar[frozenset[str]] = frozenset()
+    # RerankParams fields this API can honour when they differ from the defaults.
+    rerank_supported: ClassVar[frozenset[str]] = frozenset()
+    max_documents: ClassVar[int] = 1000  # documents per rerank call (Cohere, Voyage: 1,000)
+    default_rerank_model: ClassVar[str] = "default"
 
     def __init__(
         self,
@@ -82,7 +128,9 @@ class HttpProvider(ABC):
                 backoff_max=config.backoff_max_s,
             ),
         )
-        self._limits = ProviderLimits(max_texts=self.max_texts)
+        self.rerank_url = rerank_url(config.rerank_endpoint, self.url)
+        self.rerank_model = config.rerank_model or config.model or self.default_rerank_model
+        self._limits = ProviderLimits(max_texts=self.max_texts, max_documents=self.max_documents)
         self._headers: dict[str, str] = {}
 
     @property
@@ -148,6 +196,61 @@ class HttpProvider(ABC):
             size=n,
             traces=traces,
         )
+
+    def check_rerank(self, params: RerankParams) -> None:
+        if self.rerank_url is None:
+            raise self._no_rerank_url()
+        for field in ("truncate", "truncation_direction", "raw_scores"):
+            if field in self.rerank_supported:
+                continue
+            if getattr(params, field) != getattr(_RERANK_DEFAULTS, field):
+                raise InvalidRequestError(
+                    f"provider {self.name} ({self.type}) does not support {field} in rerank",
+                    param=field,
+                )
+
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        params: RerankParams,
+        *,
+        traces: Sequence[SpanContext] = (),
+    ) -> Scores:
+        url = self.rerank_url
+        if url is None:
+            raise self._no_rerank_url()
+        n = len(documents)
+        return await self.transport.post_json(
+            url,
+            self.rerank_body(query, documents, params),
+            parse=lambda data, headers: self.parse_rerank(data, headers, n),
+            headers=self._headers,
+            size=n,
+            traces=traces,
+        )
+
+    def _no_rerank_url(self) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"provider {self.name} ({self.type}) has no rerank URL: set rerank_endpoint",
+            param="model",
+        )
+
+    def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
+        """Jina / OpenAI-compatible servers' ``/v1/rerank`` (Cohere's shape, less its extras)."""
+        return {
+            "model": self.rerank_model,
+            "query": query,
+            "documents": documents,
+            "top_n": len(documents),
+            "return_documents": False,
+        }
+
+    def parse_rerank(self, data: Any, headers: httpx.Headers, n: int) -> Scores:
+        usage = data.get("usage") or {}
+        tokens = usage.get("total_tokens", usage.get("prompt_tokens"))
+        scores = parse_ranked(data["results"], n, "relevance_score")
+        return Scores(scores, tokens, data.get("model"))
 
     @abstractmethod
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:

@@ -1,18 +1,24 @@
-"""The protocol every remote provider adapter implements, and the values it trades in.
+"""The protocols remote provider adapters implement, and the values they trade in.
 
 An adapter turns a list of texts plus ``EmbedParams`` into one upstream call and back into
 vectors. It knows its own limits (texts per call) and maps every upstream failure into the
 embedplex error tree at its edge; batching, health and adaptive sizing live above it.
+
+Reranking is a second, separate protocol (``Reranker``: one query and its documents -> one
+score per document), so ``Provider`` stays as narrow as an embedding API is: an adapter that
+only embeds need not pretend to rerank. The HTTP adapters implement both on one object, so
+embed and rerank calls to one provider share its transport and with it the retry budget, the
+circuit breaker and the AIMD signal (one vendor account, one rate limit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.core.types import EmbedRequest, Vector
+from embedplex.core.types import EmbedRequest, RerankRequest, Vector
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
@@ -62,10 +68,39 @@ class EmbedParams:
 
 
 @dataclass(frozen=True, slots=True)
+class RerankParams:
+    """Everything but the query and the documents that changes an upstream rerank call.
+
+    Hashable: the rerank lane key, as ``EmbedParams`` is for embeddings.
+    """
+
+    truncate: bool | None = None
+    truncation_direction: TruncationDirection = TruncationDirection.RIGHT
+    raw_scores: bool = False
+
+    @classmethod
+    def from_request(cls, request: RerankRequest) -> RerankParams:
+        return cls(
+            truncate=request.truncate,
+            truncation_direction=request.truncation_direction,
+            raw_scores=request.raw_scores,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The key as JSON-friendly values (status pages)."""
+        return {
+            "truncate": self.truncate,
+            "truncation_direction": self.truncation_direction.value,
+            "raw_scores": self.raw_scores,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderLimits:
-    """What one upstream call may carry."""
+    """What one upstream call may carry: texts to embed, documents to rerank."""
 
     max_texts: int
+    max_documents: int = 1000
 
 
 @dataclass(slots=True)
@@ -73,6 +108,15 @@ class Embeddings:
     """One upstream call's answer: a vector per text, and the tokens it billed (if it said)."""
 
     vectors: list[Vector]
+    tokens: int | None = None
+    model: str | None = None
+
+
+@dataclass(slots=True)
+class Scores:
+    """One upstream rerank call's answer: a score per document, in the documents' order."""
+
+    scores: list[float]
     tokens: int | None = None
     model: str | None = None
 
@@ -115,3 +159,31 @@ class Provider(Protocol):
         self, texts: list[str], params: EmbedParams, *, traces: Sequence[SpanContext] = ()
     ) -> Embeddings:
         """Vectors for ``texts``; ``traces`` are their callers' request spans (for tracing)."""
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """A remote rerank API: one query and its documents per call.
+
+    Implemented beside ``Provider`` by the same adapter object (see the module docstring);
+    ``rerank`` makes one logical upstream call and raises only embedplex errors.
+    """
+
+    name: str
+    rerank_model: str  # the upstream model name rerank calls send
+
+    @property
+    def limits(self) -> ProviderLimits: ...
+
+    def check_rerank(self, params: RerankParams) -> None:
+        """Raise InvalidRequestError if this provider cannot honour ``params``."""
+
+    async def rerank(
+        self,
+        query: str,
+        documents: list[str],
+        params: RerankParams,
+        *,
+        traces: Sequence[SpanContext] = (),
+    ) -> Scores:
+        """A score per document of ``documents``, in their order."""

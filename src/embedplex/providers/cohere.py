@@ -1,18 +1,22 @@
-"""Cohere embed, v2 (``/v2/embed``, the default) or v1 (an endpoint whose path has ``/v1/``).
+"""Cohere embed and rerank, v2 (``/v2/embed``, ``/v2/rerank``, the default) or v1 (an endpoint
+whose path has ``/v1/``).
 
 Cohere requires ``input_type`` for v3+ models: a request without one uses the provider's
-configured ``input_type`` or ``search_document``.
+configured ``input_type`` or ``search_document``. Rerank always truncates each document at
+``max_tokens_per_doc`` and returns relevance scores in [0, 1], so ``truncate: false`` and
+``raw_scores`` are refused (422).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
 
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.providers.adapter import HttpProvider, decode_vector
-from embedplex.providers.base import Embeddings, EmbedParams
+from embedplex.providers.base import Embeddings, EmbedParams, RerankParams
 
 _INPUT_TYPES = {"query": "search_query", "document": "search_document"}
 
@@ -23,6 +27,7 @@ class CohereProvider(HttpProvider):
     path = "/v2/embed"
     max_texts = 96
     supported = frozenset({"truncate", "dimensions", "input_type", "truncation_direction"})
+    default_rerank_model = "rerank-v3.5"
 
     @property
     def v1(self) -> bool:
@@ -44,6 +49,20 @@ class CohereProvider(HttpProvider):
         if params.dimensions is not None and not self.v1:
             body["output_dimension"] = params.dimensions
         return body
+
+    def check_rerank(self, params: RerankParams) -> None:
+        if params.truncate:  # Cohere truncates documents anyway: true asks for what it does
+            params = dataclasses.replace(params, truncate=None)
+        super().check_rerank(params)
+
+    def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
+        return {
+            "model": self.rerank_model,
+            "query": query,
+            "documents": documents,
+            "top_n": len(documents),
+            **({"return_documents": False} if self.v1 else {}),  # v2 never returns them
+        }
 
     def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
         embeddings = data["embeddings"]

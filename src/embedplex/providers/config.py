@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ProviderType = Literal["tei", "openai", "voyage", "cohere"]
 Policy = Literal["any", "all"]
+RouteKind = Literal["embed", "rerank"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 
@@ -30,6 +31,16 @@ class ProviderConfig(BaseModel):
         "required for tei).",
     )
     model: str | None = Field(None, description="Upstream model name sent with each call.")
+    rerank_model: str | None = Field(
+        None,
+        description="Upstream model name of rerank calls (default: model, else the vendor's "
+        "rerank model: cohere rerank-v3.5, voyage rerank-2.5).",
+    )
+    rerank_endpoint: str | None = Field(
+        None,
+        description="Full rerank URL (default: the embeddings URL with its last path segment "
+        "replaced by rerank).",
+    )
     api_key_env: str | None = Field(
         None, description="Name of the environment variable that holds the API key."
     )
@@ -77,3 +88,6 @@ class RouteConfig(BaseModel):
     model: str = Field(min_length=1, description="Model name clients ask for.")
     providers: list[str] = Field(min_length=1, description="Provider names, in order.")
     policy: Policy = Field("any", description="any: first healthy, fail over; all: fan out.")
+    kind: RouteKind = Field(
+        "embed", description="embed: an embedding model; rerank: a reranker (/rerank routes)."
+    )

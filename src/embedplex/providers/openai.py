@@ -1,5 +1,8 @@
 """OpenAI-compatible ``POST /v1/embeddings``: OpenAI, vLLM, Infinity, Ollama, another embedplex.
 
+Rerank speaks the Jina-style ``POST /v1/rerank`` these servers (and Jina's own API) share; the
+shape is the adapter's default (``embedplex.providers.adapter``). OpenAI itself has no rerank.
+
 Vectors travel as base64 by default (``encoding_format``): exact float32 bytes, a third of the
 size of JSON floats. Servers that ignore the field and answer with lists are read as well.
 """

@@ -3,14 +3,16 @@
 ``Router`` owns the pooled HTTP client and one ``ProviderRuntime`` per configured provider, plus
 two housekeeping tasks: the sweeper closes idle batch lanes, the prober sends a small request to
 any provider whose circuit is half-open and gets no traffic. ``RemoteModel`` is the
-``EmbeddingService`` a route is served as; the gateway holds both.
+``EmbeddingService`` a route is served as, ``RemoteRerankModel`` the ``RerankService`` of a
+``kind = "rerank"`` route (``remote_model`` picks by kind); the gateway holds them.
 
 Policies over an ordered provider list:
 - ``any``: the first provider whose circuit lets calls through; on a failure the next one. When
   all fail, the caller gets the last error (429 with the shortest Retry-After when every one of
   them was rate limited).
 - ``all``: every provider at once; the result carries each provider's vectors
-  (``EmbedResult.per_provider``); the first failure fails the request and cancels the rest.
+  (``EmbedResult.per_provider``) or scores (``RerankResult.per_provider``) and, in the main
+  fields, the first provider's; the first failure fails the request and cancels the rest.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -28,12 +30,23 @@ from embedplex.core.errors import (
     ClientError,
     EmbedplexError,
     EmptyInputError,
+    InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
     UnavailableError,
 )
-from embedplex.core.types import EmbedRequest, EmbedResult, ModelInfo, Timings
+from embedplex.core.types import (
+    EmbeddingService,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    RerankService,
+    Timings,
+)
+from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
@@ -44,6 +57,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROBE_TEXT = "embedplex health probe"
+
+T = TypeVar("T")
+Call = Callable[[ProviderRuntime], Awaitable[T]]
 
 
 class Router:
@@ -153,9 +169,7 @@ class Router:
         ]
         for rt in due:
             rt.counters["probes"] += 1
-        await asyncio.gather(
-            *(rt.embed(EmbedRequest(inputs=[PROBE_TEXT])) for rt in due), return_exceptions=True
-        )
+        await asyncio.gather(*(_probe(rt) for rt in due), return_exceptions=True)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -168,73 +182,112 @@ class Router:
             )
         return runtime
 
-    async def embed(
-        self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
-    ) -> EmbedResult:
-        n = len(request.inputs)
+    def _runtimes(self, n: int, param: str, providers: Sequence[str]) -> list[ProviderRuntime]:
         if n == 0:
-            raise EmptyInputError("input cannot be empty", param="input")
+            raise EmptyInputError(f"{param} cannot be empty", param=param)
         if n > self.max_client_batch_size:
             raise PayloadTooLargeError(
                 f"batch size {n} > maximum allowed batch size {self.max_client_batch_size}",
-                param="input",
+                param=param,
             )
         # dict.fromkeys: keep the order, drop repeats ("all" answers once per provider).
         runtimes = [self.runtime(name) for name in dict.fromkeys(providers)]
         if not runtimes:
             raise ModelNotFoundError("the request names no provider", param="providers")
+        return runtimes
+
+    async def embed(
+        self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
+    ) -> EmbedResult:
+        runtimes = self._runtimes(len(request.inputs), "input", providers)
         if policy == "all":
-            return await self._all(runtimes, request)
-        return await self._any(runtimes, request)
+            return _merge_embeds(runtimes, await _all(runtimes, lambda rt: rt.embed(request)))
+        return await _any(runtimes, lambda rt: rt.embed(request))
 
-    async def _any(self, runtimes: list[ProviderRuntime], request: EmbedRequest) -> EmbedResult:
-        errors: list[EmbedplexError] = []
-        for rt in runtimes:
-            if not rt.health.available():
-                errors.append(
-                    UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
-                )
-                continue
-            try:
-                return await rt.embed(request)
-            except ClientError:
-                raise  # the request itself is wrong: another provider will not fix it
-            except EmbedplexError as exc:
-                rt.counters["failovers"] += 1
-                errors.append(exc)
-        raise _pick_error(errors)
-
-    async def _all(self, runtimes: list[ProviderRuntime], request: EmbedRequest) -> EmbedResult:
-        tasks = [asyncio.ensure_future(rt.embed(request)) for rt in runtimes]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in tasks:
-                error = task.exception() if task in done else None
-                if error is not None:
-                    raise error
-            results = [task.result() for task in tasks]
-        finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
-        first = results[0]
-        return EmbedResult(
-            vectors=first.vectors,
-            prompt_tokens=sum(r.prompt_tokens for r in results),
-            model=first.model,
-            timings=Timings(
-                queue=max(r.timings.queue for r in results),
-                inference=max(r.timings.inference for r in results),
-                total=max(r.timings.total for r in results),
-            ),
-            per_provider={
-                r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)
-            },
-        )
+    async def rerank(
+        self, request: RerankRequest, providers: Sequence[str], policy: Policy = "any"
+    ) -> RerankResult:
+        """Scores for ``request.texts`` from ``providers`` under ``policy`` (as ``embed``)."""
+        runtimes = self._runtimes(len(request.texts), "texts", providers)
+        if policy == "all":
+            return _merge_reranks(runtimes, await _all(runtimes, lambda rt: rt.rerank(request)))
+        return await _any(runtimes, lambda rt: rt.rerank(request))
 
     def stats(self) -> dict[str, Any]:
         return {name: rt.stats() for name, rt in self.runtimes.items()}
+
+
+async def _probe(rt: ProviderRuntime) -> None:
+    """One small request of the kind the provider last served (a reranker may not embed)."""
+    if rt.last_kind == "rerank":
+        await rt.rerank(RerankRequest(query=PROBE_TEXT, texts=[PROBE_TEXT]))
+    else:
+        await rt.embed(EmbedRequest(inputs=[PROBE_TEXT]))
+
+
+async def _any(runtimes: list[ProviderRuntime], call: Call[T]) -> T:
+    errors: list[EmbedplexError] = []
+    for rt in runtimes:
+        if not rt.health.available():
+            errors.append(
+                UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+            )
+            continue
+        try:
+            return await call(rt)
+        except ClientError:
+            raise  # the request itself is wrong: another provider will not fix it
+        except EmbedplexError as exc:
+            rt.counters["failovers"] += 1
+            errors.append(exc)
+    raise _pick_error(errors)
+
+
+async def _all(runtimes: list[ProviderRuntime], call: Call[T]) -> list[T]:
+    tasks = [asyncio.ensure_future(call(rt)) for rt in runtimes]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            error = task.exception() if task in done else None
+            if error is not None:
+                raise error
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _timings(results: Sequence[EmbedResult | RerankResult]) -> Timings:
+    return Timings(
+        queue=max(r.timings.queue for r in results),
+        inference=max(r.timings.inference for r in results),
+        total=max(r.timings.total for r in results),
+    )
+
+
+def _merge_embeds(runtimes: list[ProviderRuntime], results: list[EmbedResult]) -> EmbedResult:
+    first = results[0]
+    return EmbedResult(
+        vectors=first.vectors,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        model=first.model,
+        timings=_timings(results),
+        per_provider={r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)},
+    )
+
+
+def _merge_reranks(runtimes: list[ProviderRuntime], results: list[RerankResult]) -> RerankResult:
+    first = results[0]
+    return RerankResult(
+        scores=first.scores,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        model=first.model,
+        timings=_timings(results),
+        provider=first.provider,
+        per_provider={r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)},
+    )
 
 
 def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
@@ -253,8 +306,14 @@ def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
     return last
 
 
-class RemoteModel:
-    """A route served as a model: a name answered by providers under a policy."""
+class RemoteRoute:
+    """A route served as a model: a name answered by providers under a policy.
+
+    The part embed and rerank routes share; ``RemoteModel`` and ``RemoteRerankModel`` add the
+    call. Always ready (see ``health``); the router owns and closes the providers.
+    """
+
+    kind = "embedding"  # ModelInfo.kind: what the gateway's pick(name, kind) matches
 
     def __init__(self, router: Router, route: RouteConfig) -> None:
         self.router = router
@@ -270,6 +329,7 @@ class RemoteModel:
             pooling="remote",
             max_input_length=0,
             prompts={},
+            kind=self.kind,
         )
         self._active = 0
 
@@ -284,22 +344,16 @@ class RemoteModel:
     async def close(self, *, drain: bool = True) -> None:
         """The router owns the providers and closes them."""
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
-        self._active += 1
-        try:
-            result = await self.router.embed(request, self.route.providers, self.route.policy)
-        finally:
-            self._active -= 1
-        result.model = self.route.model
-        return result
-
     def health(self) -> None:
         """Always ready: a router whose upstreams are down still answers (with 503s), and
         taking it out of a load balancer would not bring them back. See /api/v1/status."""
 
-    def stats(self) -> dict[str, Any]:
+    def _provider_stats(self) -> list[dict[str, Any]]:
         known = self.router.runtimes
-        per = [known[n].stats() for n in self.route.providers if n in known]
+        return [known[n].stats() for n in self.route.providers if n in known]
+
+    def stats(self) -> dict[str, Any]:
+        per = self._provider_stats()
         return {
             "kind": "remote",
             "policy": self.route.policy,
@@ -311,3 +365,58 @@ class RemoteModel:
             "max_batch_requests": min((s["max_batch_requests"] for s in per), default=0),
             "circuits": {s["name"]: s["health"]["circuit"] for s in per},
         }
+
+
+class RemoteModel(RemoteRoute):
+    """An embedding route (``kind = "embed"``): an ``EmbeddingService``."""
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._active += 1
+        try:
+            result = await self.router.embed(request, self.route.providers, self.route.policy)
+        finally:
+            self._active -= 1
+        result.model = self.route.model
+        return result
+
+
+class RemoteRerankModel(RemoteRoute):
+    """A rerank route (``kind = "rerank"``): a ``RerankService`` served on /rerank, /v1/rerank."""
+
+    kind = "reranker"
+
+    async def start(self) -> None:
+        """Fail at start-up on a provider that cannot rerank (no rerank URL to call)."""
+        for name in self.route.providers:
+            lanes = self.router.runtime(name).rerank_lanes
+            try:
+                if lanes is None:
+                    raise InvalidRequestError(f"provider {name} does not rerank")
+                lanes.reranker.check_rerank(RerankParams())
+            except InvalidRequestError as exc:
+                raise ValueError(f"route {self.route.model!r}: {exc.message}") from exc
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        self._active += 1
+        try:
+            result = await self.router.rerank(request, self.route.providers, self.route.policy)
+        finally:
+            self._active -= 1
+        result.model = self.route.model
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        rerank = [s["rerank"] for s in self._provider_stats() if s.get("rerank")]
+        out["queued"] = sum(r["queued"] for r in rerank)
+        out["in_flight_batches"] = sum(r["in_flight_batches"] for r in rerank)
+        out["batches"] = sum(r["batches"] for r in rerank)
+        out["max_batch_requests"] = min((r["max_documents_per_call"] for r in rerank), default=0)
+        return out
+
+
+def remote_model(router: Router, route: RouteConfig) -> EmbeddingService | RerankService:
+    """The served model of a ``[[routes]]`` entry, by its ``kind``."""
+    if route.kind == "rerank":
+        return RemoteRerankModel(router, route)
+    return RemoteModel(router, route)

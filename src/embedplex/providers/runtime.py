@@ -6,6 +6,9 @@ have been idle for ``idle_ttl`` seconds, so odd parameter mixes cannot grow memo
 bound. All lanes of a provider share one semaphore (bounded upstream concurrency), one circuit
 breaker and one AIMD size.
 
+Rerank calls have lanes of their own (``rerank_lanes``: one query per upstream call, see that
+module), created and swept the same way and behind the same semaphore and breaker.
+
 Instrumented (``instrument(telemetry)``, before ``start``), a runtime reports every upstream
 attempt, retry, circuit transition and AIMD size to ``telemetry.providers``, its lanes' batches
 to ``telemetry.model_observers(name)``, and wraps each attempt in a span under the request whose
@@ -19,21 +22,29 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import httpx
 
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue
 from embedplex.core.errors import InvalidRequestError, UnavailableError, UpstreamError
-from embedplex.core.types import EmbedRequest, EmbedResult, Timings, Vector
+from embedplex.core.types import (
+    EmbedRequest,
+    EmbedResult,
+    RerankRequest,
+    RerankResult,
+    Timings,
+    Vector,
+)
 from embedplex.observability.providers import CircuitState as CircuitGauge
 from embedplex.observability.providers import NullProviderObserver, ProviderObserver
 from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
-from embedplex.providers.base import Embeddings, EmbedParams, Provider
+from embedplex.providers.base import Embeddings, EmbedParams, Provider, Reranker
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
+from embedplex.providers.rerank_lanes import RerankLanes
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
@@ -89,6 +100,14 @@ class ProviderRuntime:
         self._tracer: Tracer | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
         self._closing = False
+        # What this provider last served: the router's probe asks the same kind of question.
+        self.last_kind: Literal["embed", "rerank"] = "embed"
+        self.rerank_lanes: RerankLanes | None = None
+        if isinstance(provider, Reranker):
+            self.rerank_lanes = RerankLanes(
+                config, provider, health, self._semaphore, self.counters
+            )
+            self.rerank_lanes.observers = self._observers
         provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry)
         health.on_change = self.on_circuit
 
@@ -126,6 +145,8 @@ class ProviderRuntime:
         self._report = telemetry.providers
         self._tracer = telemetry.tracer
         self._observers = [*self._observers, *telemetry.model_observers(self.name)]
+        if self.rerank_lanes is not None:
+            self.rerank_lanes.observers = self._observers
         self.provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry, tracer=self._tracer)
 
     async def start(self) -> None:
@@ -144,6 +165,8 @@ class ProviderRuntime:
         self._closing = True
         lanes, self.lanes = list(self.lanes.values()), {}
         await asyncio.gather(*(lane.batcher.close(drain=drain) for lane in lanes))
+        if self.rerank_lanes is not None:
+            await self.rerank_lanes.close(drain=drain)
         await self.provider.close()
 
     async def sweep(self, idle_ttl: float) -> int:
@@ -156,8 +179,11 @@ class ProviderRuntime:
         ]
         lanes = [self.lanes.pop(key) for key in gone]
         await asyncio.gather(*(lane.batcher.close() for lane in lanes))
-        self.counters["lanes_evicted"] += len(lanes)
-        return len(lanes)
+        evicted = len(lanes)
+        if self.rerank_lanes is not None:
+            evicted += await self.rerank_lanes.sweep(idle_ttl)
+        self.counters["lanes_evicted"] += evicted
+        return evicted
 
     # -- upstream events -------------------------------------------------------------------
 
@@ -260,6 +286,7 @@ class ProviderRuntime:
             raise InvalidRequestError(
                 f"provider {self.name} takes texts, not token ids", param="input"
             )
+        self.last_kind = "embed"
         start = time.perf_counter()
         params = EmbedParams.from_request(request, self.config.input_type)
         self.provider.check(params)
@@ -290,6 +317,16 @@ class ProviderRuntime:
             ),
         )
 
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        """Queue every document of ``request`` in its rerank lane and wait for all scores."""
+        if self._closing:
+            raise UnavailableError(f"provider {self.name} is shutting down")
+        if self.rerank_lanes is None:
+            raise InvalidRequestError(f"provider {self.name} does not rerank", param="model")
+        self.last_kind = "rerank"
+        trace = current_span_context() if self._tracer is not None else None
+        return await self.rerank_lanes.rerank(request, trace)
+
     # -- status ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -307,6 +344,7 @@ class ProviderRuntime:
             "aimd": self.aimd.snapshot() if self.aimd else None,
             "health": self.health.snapshot(),
             "counters": dict(self.counters),
+            "rerank": self.rerank_lanes.stats() if self.rerank_lanes is not None else None,
             "lanes": [
                 {
                     "key": lane.key.describe(),

@@ -1,4 +1,5 @@
-"""Hugging Face TEI ``POST /embed``; its batch limit comes from ``GET /info``."""
+"""Hugging Face TEI ``POST /embed`` and ``POST /rerank``; the batch limit (texts or documents
+per call, ``max_client_batch_size``) comes from ``GET /info``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from embedplex.providers.adapter import HttpProvider, decode_vector
-from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits
+from embedplex.providers.adapter import HttpProvider, decode_vector, parse_ranked
+from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits, RerankParams, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,9 @@ class TEIProvider(HttpProvider):
     type = "tei"
     path = "/embed"
     max_texts = 32  # TEI's default --max-client-batch-size, until /info says otherwise
+    max_documents = 32  # /rerank is held to the same --max-client-batch-size
     supported = frozenset({"truncate", "dimensions", "prompt_name", "truncation_direction"})
+    rerank_supported = frozenset({"truncate", "truncation_direction", "raw_scores"})
 
     async def start(self) -> None:
         await super().start()
@@ -32,7 +35,7 @@ class TEIProvider(HttpProvider):
             # The upstream may come up later; the default limit is safe for any TEI.
             logger.warning("provider %s: could not read %s (%s)", self.name, info_url, exc)
             return
-        self._limits = ProviderLimits(max_texts=max(1, limit))
+        self._limits = ProviderLimits(max_texts=max(1, limit), max_documents=max(1, limit))
 
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
         body: dict[str, Any] = {"inputs": texts, "normalize": params.normalize}
@@ -49,3 +52,15 @@ class TEIProvider(HttpProvider):
     def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
         tokens = headers.get("x-compute-tokens")
         return Embeddings([decode_vector(row) for row in data], int(tokens) if tokens else None)
+
+    def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"query": query, "texts": documents, "raw_scores": params.raw_scores}
+        if params.truncate is not None:
+            body["truncate"] = params.truncate
+        if params.truncation_direction.value != "right":
+            body["truncation_direction"] = params.truncation_direction.value.capitalize()
+        return body
+
+    def parse_rerank(self, data: Any, headers: httpx.Headers, n: int) -> Scores:
+        tokens = headers.get("x-compute-tokens")
+        return Scores(parse_ranked(data, n, "score"), int(tokens) if tokens else None)

@@ -1,4 +1,6 @@
-"""Voyage AI ``POST /v1/embeddings`` (input, model, input_type, truncation, output_dimension)."""
+"""Voyage AI ``POST /v1/embeddings`` (input, model, input_type, truncation, output_dimension)
+and ``POST /v1/rerank`` (query, documents, model, top_k, truncation -> ``data: [{index,
+relevance_score}]``)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from embedplex.providers.adapter import HttpProvider, parse_openai_data
-from embedplex.providers.base import Embeddings, EmbedParams
+from embedplex.providers.adapter import HttpProvider, parse_openai_data, parse_ranked
+from embedplex.providers.base import Embeddings, EmbedParams, RerankParams, Scores
 
 # Cohere-style names callers may send; Voyage knows only query and document.
 _INPUT_TYPES = {"search_query": "query", "search_document": "document"}
@@ -19,6 +21,8 @@ class VoyageProvider(HttpProvider):
     path = "/v1/embeddings"
     max_texts = 128  # the long-standing documented cap (newer models accept 1,000)
     supported = frozenset({"truncate", "dimensions", "input_type"})
+    rerank_supported = frozenset({"truncate"})
+    default_rerank_model = "rerank-2.5"
 
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
         body: dict[str, Any] = {"input": texts, "model": self.model or "voyage-3.5"}
@@ -33,3 +37,19 @@ class VoyageProvider(HttpProvider):
     def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
         usage = data.get("usage") or {}
         return Embeddings(parse_openai_data(data), usage.get("total_tokens"), data.get("model"))
+
+    def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "query": query,
+            "documents": documents,
+            "model": self.rerank_model,
+            "top_k": len(documents),
+        }
+        if params.truncate is not None:
+            body["truncation"] = params.truncate
+        return body
+
+    def parse_rerank(self, data: Any, headers: httpx.Headers, n: int) -> Scores:
+        usage = data.get("usage") or {}
+        scores = parse_ranked(data["data"], n, "relevance_score")
+        return Scores(scores, usage.get("total_tokens"), data.get("model"))

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from embedplex.api.common import gateway, json_response
 from embedplex.core.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
 from embedplex.providers.config import ProviderConfig, RouteConfig
-from embedplex.providers.router import RemoteModel, Router
+from embedplex.providers.router import RemoteModel, RemoteRoute, Router
 
 
 def _given_secret(request: Request) -> bytes:
@@ -109,7 +109,7 @@ async def remove_provider(name: str, request: Request) -> Response:
     users = [
         m.info.name
         for m in gw.services()
-        if isinstance(m, RemoteModel) and name in m.route.providers and m.route.providers != [name]
+        if isinstance(m, RemoteRoute) and name in m.route.providers and m.route.providers != [name]
     ]
     if users:
         raise InvalidRequestError(
@@ -117,6 +117,6 @@ async def remove_provider(name: str, request: Request) -> Response:
         )
     await _router(request).remove(name)
     for m in gw.services():
-        if isinstance(m, RemoteModel) and m.route.providers == [name]:
+        if isinstance(m, RemoteRoute) and m.route.providers == [name]:
             gw.remove(m.info.name)
     return json_response({"deleted": name})

@@ -1,13 +1,15 @@
 """Reranking: TEI ``POST /rerank`` and Cohere/Jina-style ``POST /v1/rerank`` (and ``/v2/rerank``).
 
-Both run the same reranker (a local cross-encoder) through the batching engine; only the shapes
-differ. Results are sorted by score, best first, and carry each text's index in the request.
+Both run the same reranker (a local cross-encoder, or a remote route's providers) through the
+batching engine; only the shapes differ. Results are sorted by score, best first, and carry each
+text's index in the request. A remote answer carries ``x-embedplex-provider``; with the ``all``
+policy the ``/v1/rerank`` body also has ``providers``: each provider's own ranked results.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +55,13 @@ def _ranked(result: RerankResult) -> list[tuple[int, float]]:
     return sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
 
 
+def _headers(result: RerankResult) -> dict[str, str]:
+    headers = result.timings.headers()
+    if result.provider is not None:
+        headers["x-embedplex-provider"] = result.provider
+    return headers
+
+
 async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
     model = gateway(request).reranker(model_name)
     return await unless_disconnected(request, model.rerank(core))
@@ -72,7 +81,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
         for i, score in _ranked(result)
     ]
-    return json_response(out, headers=result.timings.headers())
+    return json_response(out, headers=_headers(result))
 
 
 @router.post("/v1/rerank")
@@ -85,22 +94,27 @@ async def rerank(body: RerankBody, request: Request) -> Response:
     with_docs = body.return_documents
     if with_docs is None:
         with_docs = not request.url.path.startswith("/v2")
-    ranked = _ranked(result)[: body.top_n]
-    results = [
-        {
-            "index": i,
-            "relevance_score": score,
-            **({"document": {"text": texts[i]}} if with_docs else {}),
+
+    def results(of: RerankResult) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "relevance_score": score,
+                **({"document": {"text": texts[i]}} if with_docs else {}),
+            }
+            for i, score in _ranked(of)[: body.top_n]
+        ]
+
+    out: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "model": result.model,
+        "results": results(result),
+        "usage": {"total_tokens": result.prompt_tokens},
+        "meta": {"billed_units": {"search_units": 1}},
+    }
+    if result.per_provider is not None:
+        out["providers"] = {
+            name: {"model": sub.model, "results": results(sub)}
+            for name, sub in result.per_provider.items()
         }
-        for i, score in ranked
-    ]
-    return json_response(
-        {
-            "id": uuid.uuid4().hex,
-            "model": result.model,
-            "results": results,
-            "usage": {"total_tokens": result.prompt_tokens},
-            "meta": {"billed_units": {"search_units": 1}},
-        },
-        headers=result.timings.headers(),
-    )
+    return json_response(out, headers=_headers(result))
