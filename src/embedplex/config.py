@@ -9,26 +9,31 @@ from TOML or from JSON in the environment (``EMBEDPLEX_PROVIDERS='[{...}]'``).
 
 from __future__ import annotations
 
+import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
+from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
-Dtype = Literal["float32", "float16", "bfloat16", "int8"]
-PoolingName = Literal["cls", "mean", "last-token"]
+__all__ = ["Dtype", "ModelConfig", "PoolingName", "Settings"]
+
+# The flat keys that name the one model served without [[models]] tables.
+_FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
 
 
 class Settings(BaseSettings):
@@ -85,7 +90,7 @@ class Settings(BaseSettings):
 
     # -- model ----------------------------------------------------------------------------
     local_model: bool = Field(
-        True, description="Serve the local model (false: remote providers only)."
+        True, description="Serve the local model(s) (false: remote providers only)."
     )
     model_id: str = Field(
         DEFAULT_MODEL_ID, description="Local model directory or Hugging Face repo id."
@@ -171,6 +176,18 @@ class Settings(BaseSettings):
         2048, ge=1, description="Inputs in one request; more is 413."
     )
 
+    # -- which served models clients may use ---------------------------------------------
+    allowed_embedding_models: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Embedding model names clients may use; * and ? patterns, comma-separated "
+        "in env and flags (default: every served one).",
+    )
+    allowed_rerank_models: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Reranker names clients may use; * and ? patterns, comma-separated in env "
+        "and flags (default: every served one).",
+    )
+
     # -- remote providers ----------------------------------------------------------------
     router_idle_ttl_s: float = Field(
         300.0, gt=0, description="A provider batch lane idle this long is closed."
@@ -180,6 +197,11 @@ class Settings(BaseSettings):
     )
 
     # Tables last: in TOML, top-level keys must come before [[tables]]. No flags for these.
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="Local models served side by side ([[models]]: name, model_id, kind, load; "
+        "unset keys take the top-level value).",
+    )
     providers: list[ProviderConfig] = Field(
         default_factory=list, description="Remote embedding providers ([[providers]] tables)."
     )
@@ -192,6 +214,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("allowed_embedding_models", "allowed_rerank_models", mode="before")
+    @classmethod
+    def _split_patterns(cls, value: Any) -> Any:
+        """FastEmbed's INFERENCE_ALLOWED_* form ("a,b" or "*"), or a JSON list from env."""
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
@@ -210,14 +242,32 @@ class Settings(BaseSettings):
             unknown = [n for n in route.providers if n not in names]
             if unknown:
                 raise ValueError(f"route {route.model!r} names unknown providers {unknown}")
-        models = [r.model for r in self.routes]
-        if self.local_model:
-            models.append(self.model_name)
-        if len(set(models)) != len(models):
-            raise ValueError("each served model name (routes and the local model) must be unique")
+        if self.models:
+            flat = [k for k in _FLAT_MODEL_KEYS if k in self.model_fields_set]
+            if flat:
+                raise ValueError(
+                    f"{', '.join(flat)} describe the one model served without [[models]] "
+                    "tables; with [[models]], give each table its own name and model_id"
+                )
+        for model in self.local_models():
+            model.check_limits()
+        self._check_names()
         if not self.local_model and not self.routes:
             raise ValueError("with local_model = false, configure at least one [[routes]] entry")
         return self
+
+    def _check_names(self) -> None:
+        """Local models and remote routes share one namespace: a name is served once."""
+        owners: dict[str, str] = {}
+        served = [(m.name, "[[models]]") for m in self.local_models()]
+        served += [(r.model, "[[routes]]") for r in self.routes]
+        for name, where in served:
+            if name in owners:
+                raise ValueError(
+                    f"model name {name!r} is served twice ({owners[name]} and {where}): "
+                    "served names must be unique (local models and routes share one namespace)"
+                )
+            owners[name] = where
 
     @classmethod
     def settings_customise_sources(
@@ -250,6 +300,20 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_id
+
+    def flat_model(self) -> ModelConfig:
+        """The one model the flat keys describe, every key resolved."""
+        return ModelConfig(
+            name=self.model_name, model_id=self.model_id, revision=self.revision
+        ).resolved(self)
+
+    def local_models(self) -> list[ModelConfig]:
+        """The local models to serve, in order, every unset key taken from the top level."""
+        if not self.local_model:
+            return []
+        if not self.models:
+            return [self.flat_model()]
+        return [m.resolved(self) for m in self.models]
 
     def redacted(self) -> dict[str, Any]:
         """Effective settings safe to print or log: secrets become '***'.

@@ -38,6 +38,7 @@ from embedplex.api.routes import (
 from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError, InvalidRequestError
 from embedplex.gateway import Gateway
+from embedplex.gateway.build import build_gateway
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
 from embedplex.serve.process_tuning import run_lowered
@@ -45,29 +46,6 @@ from embedplex.serve.process_tuning import run_lowered
 logger = logging.getLogger(__name__)
 
 GatewayFactory = Callable[[Settings], Gateway]
-
-
-def default_gateway(settings: Settings) -> Gateway:
-    """Load the configured local model and build the provider router (blocking; in a thread).
-
-    The router exists even with no providers configured, so that providers can be added at
-    run time through the admin API.
-    """
-    from embedplex.core.types import ServedModel
-    from embedplex.models.local import load_local_model
-    from embedplex.providers.router import Router, remote_model
-
-    models: list[ServedModel] = []
-    if settings.local_model:
-        models.append(load_local_model(settings))
-    router = Router(
-        settings.providers,
-        idle_ttl=settings.router_idle_ttl_s,
-        probe_interval=settings.router_probe_interval_s,
-        max_client_batch_size=settings.max_client_batch_size,
-    )
-    models.extend(remote_model(router, route) for route in settings.routes)
-    return Gateway(models, router=router)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
@@ -93,7 +71,7 @@ def validation_error_response(exc: RequestValidationError, path: str) -> Respons
 def create_app(
     settings: Settings | None = None,
     *,
-    gateway_factory: GatewayFactory = default_gateway,
+    gateway_factory: GatewayFactory = build_gateway,
     telemetry: Telemetry | None = None,
 ) -> FastAPI:
     """The app; ``telemetry`` defaults to one built from ``settings`` (tests pass their own)."""

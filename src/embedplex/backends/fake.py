@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
 from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind
+from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import Floats
 from embedplex.core.errors import FatalBackendError
 
@@ -20,7 +22,8 @@ class FakeBackend:
     ``die()`` makes every later batch and health check fail fatally. ``batches`` records the
     sizes seen, so tests can check how the batcher cut them. ``kind`` says which call it
     answers (``embed``, or ``score`` for a fake cross-encoder); ``run_tokens`` may be set to
-    play a backend with a pass limit.
+    play a backend with a pass limit. ``gate``: held around each pass (and its delay) as a
+    CPU engine holds the process's core gate.
     """
 
     name = "fake"
@@ -35,10 +38,12 @@ class FakeBackend:
         delay: float = 0.0,
         vocab_size: int = 30522,
         kind: ModelKind = ModelKind.EMBEDDING,
+        gate: PassGate | None = None,
     ) -> None:
         self.dim = dim
         self.kind = kind
         self.delay = delay
+        self.gate = gate
         self.fail_next = 0
         self.batches: list[tuple[int, int]] = []
         self._dead = False
@@ -52,6 +57,10 @@ class FakeBackend:
 
     def _run(self, batch: TokenBatch) -> Floats:
         """Record the batch, apply injected faults and delay; the per-token vectors."""
+        with self.gate.forward(1) if self.gate is not None else nullcontext():
+            return self._pass(batch)
+
+    def _pass(self, batch: TokenBatch) -> Floats:
         with self._lock:
             self.batches.append((batch.size, int(batch.input_ids.shape[1])))
             if self._dead:

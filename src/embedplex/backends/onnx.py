@@ -13,6 +13,7 @@ import numpy.typing as npt
 from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_export import ensure_onnx
+from embedplex.backends.passes import CoreGate, PassGate
 from embedplex.backends.pooling import Floats, normalize_rows, pool
 from embedplex.backends.tokenizer import Encoded, TextTokenizer
 from embedplex.batching.cost import TokenBudget
@@ -125,7 +126,10 @@ class OnnxBackend:
 
     With ``solo`` (a second session on more intra-op threads, sharing the first one's arena),
     a pass that starts while no other is in flight runs there: at low load one request gets
-    every core; under load the streams keep one core each.
+    every core; under load the streams keep one core each. ``gate``: the process's core gate
+    (``models/layout.py``), shared with every other local model, that each pass holds
+    ``threads`` of and that says whether a pass is alone in the process; without one, the
+    backend counts its own passes.
     """
 
     name = "onnx"
@@ -141,11 +145,15 @@ class OnnxBackend:
         dim: int,
         solo: object | None = None,
         kind: ModelKind = ModelKind.EMBEDDING,
+        gate: PassGate | None = None,
+        threads: int = 1,
     ) -> None:
         self._session: object | None = session
         self._solo = solo
-        self._running = 0  # passes in flight, counted only with ``solo``
-        self._lock = threading.Lock()
+        if gate is None and solo is not None:
+            gate = CoreGate(1 << 16)  # counts passes only: nothing else shares this one
+        self._gate = gate
+        self._threads = threads
         self._inputs = {i.name for i in session.get_inputs()}  # type: ignore[attr-defined]
         self.pooling = pooling
         self.dtype = dtype
@@ -164,6 +172,7 @@ class OnnxBackend:
         threads: int | None = None,
         solo_threads: int | None = None,
         int8_min_cosine: float = 0.97,
+        gate: PassGate | None = None,
     ) -> OnnxBackend:
         if dtype == "bfloat16":
             raise FatalBackendError("the onnx backend serves float32, float16 or int8")
@@ -222,6 +231,8 @@ class OnnxBackend:
             dim=spec.hidden_size,
             solo=solo,
             kind=spec.kind,
+            gate=gate if actual == "cpu" else None,  # the gate shares CPU cores, not a GPU
+            threads=threads or (os.cpu_count() or 1),
         )
 
     def embed(self, batch: TokenBatch) -> Floats:
@@ -262,18 +273,12 @@ class OnnxBackend:
         session = self._session
         if session is None:
             raise FatalBackendError("the onnx session is closed")
-        solo = self._solo
-        if solo is None:
+        solo, gate = self._solo, self._gate
+        if gate is None:
             return np.asarray(session.run(None, feeds)[0])  # type: ignore[attr-defined]
-        with self._lock:
-            alone = self._running == 0
-            self._running += 1
-        try:
-            chosen = solo if alone else session
+        with gate.forward(self._threads) as alone:
+            chosen = solo if alone and solo is not None else session
             return np.asarray(chosen.run(None, feeds)[0])  # type: ignore[attr-defined]
-        finally:
-            with self._lock:
-                self._running -= 1
 
     def health(self) -> None:
         if self._session is None:

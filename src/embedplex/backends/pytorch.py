@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
+from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import Floats
 from embedplex.core.errors import BackendError, FatalBackendError
 
@@ -31,8 +33,12 @@ class TorchBackend:
         device: str,
         dim: int,
         kind: ModelKind = ModelKind.EMBEDDING,
+        gate: PassGate | None = None,
+        threads: int = 1,
     ) -> None:
         self._model = model
+        self._gate = gate  # the process's core gate (models/layout.py); CPU only
+        self._threads = threads
         self.pooling = pooling
         self.dtype = dtype
         self.device = device
@@ -43,7 +49,13 @@ class TorchBackend:
 
     @classmethod
     def load(
-        cls, spec: ModelSpec, *, dtype: str, device: str, threads: int | None = None
+        cls,
+        spec: ModelSpec,
+        *,
+        dtype: str,
+        device: str,
+        threads: int | None = None,
+        gate: PassGate | None = None,
     ) -> TorchBackend:
         try:
             import torch
@@ -70,6 +82,8 @@ class TorchBackend:
             device=device,
             dim=spec.hidden_size,
             kind=spec.kind,
+            gate=gate if device == "cpu" else None,
+            threads=threads or torch.get_num_threads(),
         )
 
     def _forward(self, batch: TokenBatch) -> Any:
@@ -80,8 +94,10 @@ class TorchBackend:
         kwargs = {"input_ids": ids, "attention_mask": mask}
         if self._uses_types:
             kwargs["token_type_ids"] = torch.from_numpy(batch.token_type_ids).to(self.device)
+        gate = self._gate.forward(self._threads) if self._gate is not None else nullcontext()
         try:
-            return self._model(**kwargs), mask
+            with gate:
+                return self._model(**kwargs), mask
         except torch.cuda.OutOfMemoryError as exc:
             raise BackendError("CUDA out of memory; lower --max-batch-tokens") from exc
 

@@ -121,6 +121,13 @@ def config_init(
 
 
 _TABLE_EXAMPLES = {
+    "models": (
+        "[[models]]                # several local models; unset keys take the values above",
+        'name     = "minilm"',
+        'model_id  = "sentence-transformers/all-MiniLM-L6-v2"',
+        'kind     = "embed"        # embed | rerank (default: read from the model files)',
+        'load     = "eager"        # eager: at start; lazy: on its first request (needs kind)',
+    ),
     "providers": (
         "[[providers]]",
         'name = "voyage"',

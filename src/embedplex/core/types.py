@@ -118,6 +118,10 @@ class ModelInfo:
     kind: str = "embedding"
     max_batch_tokens: int | None = None
     max_batch_requests: int | None = None
+    # This model's own admission limits (None: a remote route, which has the server's).
+    max_concurrent_requests: int | None = None
+    max_client_batch_size: int | None = None
+    auto_truncate: bool | None = None
 
 
 class ServedModel(Protocol):

@@ -19,6 +19,7 @@ from embedplex.core.errors import (
     NotReadyError,
 )
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
+from embedplex.gateway.allowed import AllowedModels
 
 if TYPE_CHECKING:
     from embedplex.providers.router import Router
@@ -27,10 +28,21 @@ logger = logging.getLogger(__name__)
 
 
 class Gateway:
-    """Served models by name; ``router`` (optional) holds the remote providers they may use."""
+    """Served models by name; ``router`` (optional) holds the remote providers they may use.
 
-    def __init__(self, models: Sequence[ServedModel] = (), *, router: Router | None = None) -> None:
+    ``allowed``: the allowed lists; a model outside them is never added (``build.py`` does not
+    even load it), so every lookup below sees only what clients may use.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel] = (),
+        *,
+        router: Router | None = None,
+        allowed: AllowedModels | None = None,
+    ) -> None:
         self.router = router
+        self.allowed = allowed or AllowedModels()
         self._models: dict[str, ServedModel] = {}
         for model in models:
             self.add(model)
@@ -41,6 +53,10 @@ class Gateway:
         name = model.info.name
         if name in self._models:
             raise ValueError(f"two models are served as {name!r}")
+        if not self.allowed.allows(name, model.info.kind):
+            raise InvalidRequestError(
+                f"model {name!r} is outside the allowed {model.info.kind} models", param="model"
+            )
         self._models[name] = model
 
     def remove(self, name: str) -> ServedModel:
@@ -86,8 +102,11 @@ class Gateway:
     def pick(self, name: str | None, kind: str) -> ServedModel:
         """The model of ``kind`` a request names.
 
-        With one model of that kind served, any name (an SDK's default, say) gets it: clients
-        written for another server work unchanged. With several, the name must match.
+        No name: the first served model of that kind (the order of the config). A name served
+        as another kind: 400. An unknown name: 404 listing the names served, except that with
+        exactly one model of that kind and no allowed list for it, any name (an SDK's default,
+        say) gets that model, so clients written for another server work unchanged. With an
+        allowed list, names must match: the list is a promise about what clients can reach.
         """
         if not self._models:
             raise NotReadyError("no model is loaded yet")
@@ -97,16 +116,32 @@ class Gateway:
         if name is not None and name in self._models:
             other = self._models[name].info.kind
             raise InvalidRequestError(
-                f"model {name!r} is a {other} model, not a {kind}", param="model"
+                f"model {name!r} is a {other} model, not a {kind} model", param="model"
             )
-        if len(fits) == 1:
+        if fits and (name is None or (len(fits) == 1 and not self.allowed.restricted(kind))):
             return next(iter(fits.values()))
+        served = ", ".join(self._models) or "none"
         if not fits:
-            raise ModelNotFoundError(f"no {kind} model is served here", param="model")
-        known = ", ".join(sorted(fits))
+            raise ModelNotFoundError(
+                f"no {kind} model is served here (served: {served})", param="model"
+            )
         raise ModelNotFoundError(
-            f"model {name!r} is not served here (served: {known})", param="model"
+            f"model {name!r} is not served here ({kind} models served: {', '.join(fits)})",
+            param="model",
         )
+
+    def get(self, name: str | None) -> ServedModel:
+        """The model served as ``name`` whatever its kind (None: the first); 404 if none."""
+        if not self._models:
+            raise NotReadyError("no model is loaded yet")
+        if name is None:
+            return next(iter(self._models.values()))
+        if name not in self._models:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served here (served: {', '.join(self._models)})",
+                param="model",
+            )
+        return self._models[name]
 
     def service(
         self, name: str | None, providers: Sequence[str] = (), policy: str | None = None

@@ -10,14 +10,24 @@ A pass alone is another matter: on some CPUs (the AMD EPYC hosts here) a batch o
 as long on one thread as on two, a 128-token text 1.8x. So with more than one stream the ONNX
 backend keeps a second session on ``solo_threads`` (every core) for a pass that starts while no
 other is in flight: at low load a request gets the whole CPU.
+
+Several models in one process share the cores on purpose: each model keeps its own streams, but
+every CPU forward pass of every model goes through one ``CoreGate`` (``core_gate``) whose
+capacity is the cores (or more, when an explicit layout asks for more): a pass holds its
+``threads`` of them, so two models under load together run at most as many passes at once as
+one model would, and a pass is "alone" (solo session) only when no pass of any model is in
+flight. With one model the gate never makes a pass wait: its streams x threads fit the capacity.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from embedplex.backends.passes import CoreGate
 from embedplex.config import Settings
+from embedplex.models.config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +41,18 @@ class InferenceLayout:
         return f"{self.streams}x{self.threads}{solo}"
 
 
-def inference_layout(settings: Settings, cores: int | None = None) -> InferenceLayout:
-    """The settings' layout, defaults filled in for this machine (``cores``: os.cpu_count())."""
+def inference_layout(
+    settings: Settings, cores: int | None = None, *, model: ModelConfig | None = None
+) -> InferenceLayout:
+    """A model's layout, defaults filled in for this machine (``cores``: os.cpu_count()).
+
+    ``model``: a resolved ``[[models]]`` table (its backend, device and streams); default: the
+    flat settings' model. Threads per pass are process-wide settings.
+    """
     cores = cores or os.cpu_count() or 1
-    onnx_cpu = _onnx_on_cpu(settings)
-    streams = settings.inference_streams
+    model = model or settings.flat_model()
+    onnx_cpu = _onnx_on_cpu(model)
+    streams = model.inference_streams
     if streams is None:
         streams = 2 if cores >= 2 and onnx_cpu else 1
     threads = settings.inference_threads or max(1, cores // streams)
@@ -43,10 +60,20 @@ def inference_layout(settings: Settings, cores: int | None = None) -> InferenceL
     return InferenceLayout(streams, threads, solo if onnx_cpu and solo > threads else None)
 
 
-def _onnx_on_cpu(settings: Settings) -> bool:
+def core_gate(layouts: Iterable[InferenceLayout], cores: int | None = None) -> CoreGate:
+    """The one gate of a process whose local models have ``layouts``.
+
+    Capacity: the cores, or the largest streams x threads a layout asks for explicitly (so one
+    model never waits at the gate, whatever its settings).
+    """
+    cores = cores or os.cpu_count() or 1
+    return CoreGate(max([cores, *(layout.streams * layout.threads for layout in layouts)]))
+
+
+def _onnx_on_cpu(model: ModelConfig) -> bool:
     """Whether the model runs on ONNX Runtime's CPU provider (GPUs and torch keep one stream)."""
-    if settings.backend != "onnx" or settings.device == "cuda":
+    if model.backend != "onnx" or model.device == "cuda":
         return False
     from embedplex.backends.onnx import session_providers
 
-    return session_providers(settings.device)[0] == "CPUExecutionProvider"
+    return session_providers(model.device or "auto")[0] == "CPUExecutionProvider"

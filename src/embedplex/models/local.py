@@ -30,6 +30,7 @@ from embedplex.backends.model_files import (
     resolve_model_dir,
 )
 from embedplex.backends.onnx_export import default_cache_dir
+from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
 from embedplex.batching import (
@@ -57,6 +58,7 @@ from embedplex.core.types import (
     TokenEmbedResult,
     Vector,
 )
+from embedplex.models.config import KINDS, ModelConfig
 from embedplex.models.layout import inference_layout
 from embedplex.observability.tracing import current_span_context, request_stage_spans
 from embedplex.serve.process_tuning import worker_pool
@@ -69,10 +71,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+def _set(value: T | None) -> T:
+    """A key of a resolved model config: the top-level settings give it a value."""
+    if value is None:
+        raise ValueError("model config not resolved (use Settings.local_models)")
+    return value
+
 
 @dataclass(frozen=True, kw_only=True)
 class LocalModelOptions:
-    """The serving knobs of one local model (a slice of ``Settings``)."""
+    """The serving knobs of one local model (its resolved ``[[models]]`` table and the
+    process-wide settings)."""
 
     name: str
     auto_truncate: bool = True  # as Settings.auto_truncate (TEI 1.9)
@@ -87,30 +99,37 @@ class LocalModelOptions:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, spec: ModelSpec, *, run_tokens: int | None
+        cls,
+        settings: Settings,
+        spec: ModelSpec,
+        *,
+        run_tokens: int | None,
+        model: ModelConfig | None = None,
     ) -> LocalModelOptions:
         """``run_tokens``: the backend's pass limit (``Backend.run_tokens``); the batch budget is
-        decided from it and the settings (``TokenBudget.decide``)."""
-        prompt = settings.default_prompt
-        name = settings.default_prompt_name or spec.default_prompt_name
+        decided from it and the model's settings (``TokenBudget.decide``). ``model``: the
+        resolved table of the model (default: the flat settings' one model)."""
+        m = model or settings.flat_model()
+        prompt = m.default_prompt
+        name = m.default_prompt_name or spec.default_prompt_name
         if prompt is None and name is not None:
             if name not in spec.prompts:
                 raise ValueError(
                     f"default prompt name {name!r} is not among {sorted(spec.prompts)}"
                 )
             prompt = spec.prompts[name]
-        streams = inference_layout(settings).streams
+        streams = inference_layout(settings, model=m).streams
         budget = TokenBudget.decide(
-            max_batch_tokens=settings.max_batch_tokens,
-            max_batch_requests=settings.max_batch_requests,
+            max_batch_tokens=_set(m.max_batch_tokens),
+            max_batch_requests=_set(m.max_batch_requests),
             run_tokens=run_tokens,
         )
         return cls(
-            name=settings.model_name,
-            auto_truncate=settings.auto_truncate,
+            name=m.name,
+            auto_truncate=_set(m.auto_truncate),
             default_prompt=prompt,
-            max_client_batch_size=settings.max_client_batch_size,
-            max_concurrent_requests=settings.max_concurrent_requests,
+            max_client_batch_size=_set(m.max_client_batch_size),
+            max_concurrent_requests=_set(m.max_concurrent_requests),
             tokenization_workers=settings.tokenization_workers,
             tokenize_inline_chars=settings.tokenize_inline_chars,
             streams=streams,
@@ -120,32 +139,44 @@ class LocalModelOptions:
                 max_cost=budget.tokens,
                 max_wait=0.0,
                 max_concurrency=streams,
-                max_queued=settings.max_queue_size,
-                queue_timeout=settings.queue_timeout_ms / 1000,
+                max_queued=_set(m.max_queue_size),
+                queue_timeout=_set(m.queue_timeout_ms) / 1000,
             ),
         )
 
 
-def load_backend(settings: Settings, spec: ModelSpec) -> Backend:
-    """The configured engine; it embeds or scores according to ``spec.kind``."""
-    layout = inference_layout(settings)
+def load_backend(
+    settings: Settings,
+    spec: ModelSpec,
+    model: ModelConfig | None = None,
+    *,
+    gate: PassGate | None = None,
+) -> Backend:
+    """The configured engine; it embeds or scores according to ``spec.kind``.
+
+    ``model``: the resolved table (default: the flat settings' model); ``gate``: the process's
+    core gate, shared by every local model (``models/layout.py``).
+    """
+    m = model or settings.flat_model()
+    layout = inference_layout(settings, model=m)
     threads = layout.threads
-    if settings.backend == "torch":
+    if m.backend == "torch":
         from embedplex.backends.pytorch import TorchBackend
 
         return TorchBackend.load(
-            spec, dtype=settings.dtype, device=settings.device, threads=threads
+            spec, dtype=_set(m.dtype), device=_set(m.device), threads=threads, gate=gate
         )
     from embedplex.backends.onnx import OnnxBackend
 
     return OnnxBackend.load(
         spec,
-        dtype=settings.dtype,
-        device=settings.device,
+        dtype=_set(m.dtype),
+        device=_set(m.device),
         cache_dir=settings.cache_dir or default_cache_dir(),
         threads=threads,
         solo_threads=layout.solo_threads,
-        int8_min_cosine=settings.int8_min_cosine,
+        int8_min_cosine=_set(m.int8_min_cosine),
+        gate=gate,
     )
 
 
@@ -228,6 +259,9 @@ class LocalModel(Generic[R]):
             kind=spec.kind.value,
             max_batch_tokens=self.budget.tokens,
             max_batch_requests=self.budget.items,
+            max_concurrent_requests=options.max_concurrent_requests,
+            max_client_batch_size=options.max_client_batch_size,
+            auto_truncate=options.auto_truncate,
         )
 
     @property
@@ -542,28 +576,46 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
 
 
 def load_local_model(
-    settings: Settings, *, observers: list[BatchObserver] | None = None
+    settings: Settings,
+    model: ModelConfig | None = None,
+    *,
+    observers: list[BatchObserver] | None = None,
+    gate: PassGate | None = None,
 ) -> LocalModel[Any]:
-    """Resolve, read and load the configured model (blocking I/O; call from a thread)."""
-    path, sha = resolve_model_dir(
-        settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
-    )
+    """Resolve, read and load a configured model (blocking I/O; call from a thread).
+
+    ``model``: a resolved table of ``Settings.local_models()`` (default: the flat settings'
+    one model); ``gate``: the process's core gate (``models/layout.py``).
+    """
+    m = model or settings.flat_model()
+    path, sha = resolve_model_dir(m.model_id, revision=m.revision, cache_dir=settings.cache_dir)
     spec = load_spec(
-        settings.model_id,
+        m.model_id,
         path,
-        revision=settings.revision,
+        revision=m.revision,
         sha=sha,
-        pooling=Pooling(settings.pooling) if settings.pooling else None,
-        max_input_length=settings.max_input_length,
+        pooling=Pooling(m.pooling) if m.pooling else None,
+        max_input_length=m.max_input_length,
     )
+    expected = m.model_kind
+    if expected is not None and spec.kind is not expected:
+        found = next(k for k, v in KINDS.items() if v is spec.kind)
+        raise FatalBackendError(
+            f"model {m.name!r} is configured as kind = {m.kind!r}, but {m.model_id} is a "
+            f"{found} model"
+        )
     tokenizer = TextTokenizer.from_dir(
         path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
-    backend = load_backend(settings, spec)
+    backend = load_backend(settings, spec, m, gate=gate)
     logger.info(
-        "inference layout %s (batches at once x intra-op threads)", inference_layout(settings)
+        "%s: inference layout %s (batches at once x intra-op threads)",
+        m.name,
+        inference_layout(settings, model=m),
     )
-    options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
+    options = LocalModelOptions.from_settings(
+        settings, spec, run_tokens=backend.run_tokens, model=m
+    )
     if spec.kind is ModelKind.RERANKER:
         from embedplex.models.rerank import LocalRerankModel
 

@@ -18,6 +18,7 @@ from embedplex.api.common import (
     result_headers,
     run_embed,
 )
+from embedplex.backends.model_files import ModelKind
 from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
 
 router = APIRouter(tags=["OpenAI"])
@@ -154,8 +155,15 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
 @router.get("/v1/models")
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> Response:
+    # "kind" (embed or rerank) is an extension; OpenAI clients ignore fields they do not know.
     data = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": "embedplex"}
+        {
+            "id": m.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "embedplex",
+            "kind": "rerank" if m.kind == ModelKind.RERANKER.value else "embed",
+        }
         for m in gateway(request).models
     ]
     return json_response({"object": "list", "data": data})

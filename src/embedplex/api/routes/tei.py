@@ -99,33 +99,39 @@ async def tokenize(body: TokenizeBody, request: Request) -> Response:
 
 
 @router.get("/info")
-async def info(request: Request) -> Response:
-    gw = gateway(request)
+async def info(request: Request, model: str | None = None) -> Response:
+    """TEI's model description, for the model named by ``?model=`` (default: the first
+    served), with that model's own limits in force (admission limits: the server's for a
+    remote route, which has no batch budget of its own)."""
     settings = request.app.state.settings
-    if not gw.models:
-        raise NotReadyError("no model is loaded yet")
-    model = gw.models[0]  # TEI describes one model: the first served (the local one, if any)
+    m = gateway(request).get(model).info
+
+    def own(value: object, default: object) -> object:
+        return default if value is None else value
+
     return json_response(
         {
-            "model_id": model.model_id,
-            "model_sha": model.sha,
-            "model_dtype": model.dtype,
-            "model_type": {model.kind: {"pooling": model.pooling}},
-            "max_concurrent_requests": settings.max_concurrent_requests,
-            "max_input_length": model.max_input_length,
-            "max_batch_tokens": model.max_batch_tokens,
-            "max_batch_requests": model.max_batch_requests,
-            "max_client_batch_size": settings.max_client_batch_size,
-            "auto_truncate": settings.auto_truncate,
+            "model_id": m.model_id,
+            "model_sha": m.sha,
+            "model_dtype": m.dtype,
+            "model_type": {m.kind: {"pooling": m.pooling}},
+            "max_concurrent_requests": own(
+                m.max_concurrent_requests, settings.max_concurrent_requests
+            ),
+            "max_input_length": m.max_input_length,
+            "max_batch_tokens": m.max_batch_tokens,  # the budget in force (None: remote)
+            "max_batch_requests": m.max_batch_requests,
+            "max_client_batch_size": own(m.max_client_batch_size, settings.max_client_batch_size),
+            "auto_truncate": own(m.auto_truncate, settings.auto_truncate),
             "tokenization_workers": settings.tokenization_workers,
             "version": __version__,
             "sha": None,
             "docker_label": None,
-            "backend": model.backend,
-            "device": model.device,
-            "dimensions": model.dim,
-            "served_model_name": model.name,
-            "prompts": model.prompts,
+            "backend": m.backend,
+            "device": m.device,
+            "dimensions": m.dim,
+            "served_model_name": m.name,
+            "prompts": m.prompts,
         }
     )
 

@@ -1,0 +1,156 @@
+"""A model served with ``load = "lazy"``: loaded on the first request that names it.
+
+Until then it answers ``info`` from its config, so that it is listed and routed by kind. The
+first request starts one load (in a thread, at the inference threads' priority) and every
+request that arrives meanwhile waits for the same load; a caller that leaves does not cancel it.
+A failed load is final: the model's requests get 503 naming the reason and readiness names it
+(as for an eager model that failed at start, the config or the files need fixing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from embedplex.backends.tokenizer import Token
+from embedplex.core.errors import FatalBackendError, InvalidRequestError, NotReadyError
+from embedplex.core.types import (
+    EmbeddingService,
+    EmbedRequest,
+    EmbedResult,
+    ModelInfo,
+    RerankRequest,
+    RerankResult,
+    RerankService,
+    ServedModel,
+    Tokenizing,
+)
+from embedplex.serve.process_tuning import run_lowered
+
+if TYPE_CHECKING:
+    from embedplex.observability import Telemetry
+
+logger = logging.getLogger(__name__)
+
+
+class LazyModel:
+    """Stands in for a local model until its first request; then forwards to it."""
+
+    def __init__(
+        self, placeholder: ModelInfo, load: Callable[[], ServedModel], *, nice: int = 0
+    ) -> None:
+        self._placeholder = placeholder
+        self._load = load
+        self._nice = nice
+        self._model: ServedModel | None = None
+        self._loading: asyncio.Task[ServedModel] | None = None
+        self._failed: str | None = None
+        self._telemetry: Telemetry | None = None
+        self._closed = False
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._model.info if self._model is not None else self._placeholder
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def instrument(self, telemetry: Telemetry) -> None:
+        """Kept for the model once loaded (it must be instrumented before it starts)."""
+        self._telemetry = telemetry
+
+    async def start(self) -> None:
+        """Nothing to start before the first request."""
+
+    async def close(self, *, drain: bool = True) -> None:
+        self._closed = True
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        if self._model is not None:
+            await self._model.close(drain=drain)
+
+    def health(self) -> None:
+        if self._failed is not None:
+            raise FatalBackendError(f"failed to load: {self._failed}")
+        if self._model is not None:
+            self._model.health()
+
+    def stats(self) -> dict[str, Any]:
+        if self._model is not None:
+            return {**self._model.stats(), "load": "lazy", "loaded": True}
+        return {
+            "kind": self._placeholder.kind,
+            "load": "lazy",
+            "loaded": False,
+            "failed": self._failed,
+            "active_requests": 0,
+            "queued": 0,
+            "in_flight_batches": 0,
+            "batches": 0,
+            "max_batch_requests": self._placeholder.max_batch_requests or 0,
+        }
+
+    async def ready(self) -> ServedModel:
+        """The loaded model; the first caller starts the load and every caller waits for it."""
+        if self._model is not None:
+            return self._model
+        if self._failed is not None:
+            raise NotReadyError(f"model {self._placeholder.name!r} failed to load: {self._failed}")
+        if self._closed:
+            raise NotReadyError("the server is shutting down")
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self._load_once())
+        # shield: a caller that leaves (disconnect, timeout) must not cancel the shared load.
+        return await asyncio.shield(self._loading)
+
+    async def _load_once(self) -> ServedModel:
+        name = self._placeholder.name
+        logger.info("loading lazy model %s", name)
+        try:
+            model = await run_lowered(self._load, self._nice)
+            if self._telemetry is not None:
+                self._telemetry.instrument([model])
+            await model.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, FatalBackendError) else str(exc)
+            self._failed = reason or type(exc).__name__
+            logger.exception("lazy model %s failed to load", name)
+            raise NotReadyError(f"model {name!r} failed to load: {self._failed}") from exc
+        if self._closed:
+            await model.close(drain=False)
+            raise NotReadyError("the server is shutting down")
+        self._model = model
+        logger.info("lazy model %s loaded", name)
+        return model
+
+    def admit(self) -> None:
+        """Refuse at once when the loaded model would (before loading: nothing to refuse)."""
+        admit = getattr(self._model, "admit", None)
+        if admit is not None:
+            admit()
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        model = await self.ready()  # its own embed admits (or refuses) the request
+        # The load checked the files' kind against the configured one, so the cast holds.
+        return await typing.cast(EmbeddingService, model).embed(request)
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        model = await self.ready()
+        return await typing.cast(RerankService, model).rerank(request)
+
+    async def tokenize(
+        self, texts: list[str], *, add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        model = await self.ready()
+        if not isinstance(model, Tokenizing):
+            raise InvalidRequestError(f"{self.info.name} does not expose a tokenizer")
+        return await model.tokenize(
+            texts, add_special_tokens=add_special_tokens, prompt_name=prompt_name
+        )

@@ -1,0 +1,127 @@
+"""One served local model's configuration: a ``[[models]]`` table.
+
+Every key but ``name``, ``model_id``, ``revision``, ``kind`` and ``load`` may be left out; an
+unset key takes the top-level setting of the same name (``Settings.local_models`` fills them
+in), so the flat keys of a config file are the defaults of its tables. Without any table, the
+flat keys describe the one model served (``Settings.flat_model``).
+
+The CPU layout (``inference_threads``, ``inference_solo_threads``) stays process-wide on
+purpose: every local model's passes share the same cores (``models/layout.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from embedplex.backends.model_files import ModelKind
+
+if TYPE_CHECKING:
+    from embedplex.config import Settings
+
+Dtype = Literal["float32", "float16", "bfloat16", "int8"]
+PoolingName = Literal["cls", "mean", "last-token"]
+KindName = Literal["embed", "rerank"]
+
+KINDS: dict[str, ModelKind] = {"embed": ModelKind.EMBEDDING, "rerank": ModelKind.RERANKER}
+
+# Keys a table may leave unset: they take the top-level setting of the same name.
+INHERITED = (
+    "backend",
+    "device",
+    "dtype",
+    "pooling",
+    "max_input_length",
+    "auto_truncate",
+    "default_prompt_name",
+    "default_prompt",
+    "int8_min_cosine",
+    "inference_streams",
+    "max_batch_tokens",
+    "max_batch_requests",
+    "max_concurrent_requests",
+    "max_queue_size",
+    "queue_timeout_ms",
+    "max_client_batch_size",
+)
+
+
+class ModelConfig(BaseModel):
+    """A local model served under ``name`` (what clients send as ``model``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        "", description="Name clients use for the model (default: the model id); unique."
+    )
+    model_id: str = Field(min_length=1, description="Local directory or Hugging Face repo id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    kind: KindName | None = Field(
+        None,
+        description="embed or rerank (default: read from the model's files; required with "
+        'load = "lazy", whose files are not read before its first request).',
+    )
+    load: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: load at start; lazy: on the first request that names it."
+    )
+    backend: Literal["onnx", "torch"] | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    dtype: Dtype | None = None
+    pooling: PoolingName | None = None
+    max_input_length: int | None = Field(None, ge=1)
+    auto_truncate: bool | None = None
+    default_prompt_name: str | None = None
+    default_prompt: str | None = None
+    int8_min_cosine: float | None = Field(None, ge=0, le=1)
+    inference_streams: int | None = Field(
+        None, ge=1, description="Batches of this model in flight at once (see the layout)."
+    )
+    max_batch_tokens: int | None = Field(None, ge=1)
+    max_batch_requests: int | None = Field(None, ge=1)
+    max_concurrent_requests: int | None = Field(None, ge=1)
+    max_queue_size: int | None = Field(None, ge=1)
+    queue_timeout_ms: int | None = Field(None, ge=1)
+    max_client_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and data.get("model_id"):
+            return {**data, "name": data["model_id"]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.load == "lazy" and self.kind is None:
+            raise ValueError(
+                f'model {self.name!r}: load = "lazy" needs kind ("embed" or "rerank"): '
+                "its files are not read before its first request"
+            )
+        return self
+
+    @property
+    def model_kind(self) -> ModelKind | None:
+        return KINDS[self.kind] if self.kind is not None else None
+
+    def resolved(self, settings: Settings) -> ModelConfig:
+        """This table with every unset key taken from the top-level settings."""
+        update = {k: getattr(settings, k) for k in INHERITED if getattr(self, k) is None}
+        return self.model_copy(update=update)
+
+    def check_limits(self) -> None:
+        """The cross-key rules of a resolved table (the same as the top level's)."""
+        if (
+            self.max_client_batch_size is not None
+            and self.max_queue_size is not None
+            and self.max_client_batch_size > self.max_queue_size
+        ):
+            raise ValueError(f"model {self.name!r}: max_client_batch_size exceeds max_queue_size")
+        if (
+            self.max_input_length is not None
+            and self.max_batch_tokens is not None
+            and self.max_input_length > self.max_batch_tokens
+        ):
+            raise ValueError(
+                f"model {self.name!r}: max_batch_tokens must be at least max_input_length"
+            )

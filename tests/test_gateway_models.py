@@ -1,0 +1,231 @@
+"""Several models in one gateway (fake backends): names, kinds, allowed lists, /info, lazy load."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+from embedplex.api.app import create_app
+from embedplex.backends.fake import FakeBackend
+from embedplex.backends.model_files import ModelKind, load_spec
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.config import ModelConfig, Settings
+from embedplex.core.errors import FatalBackendError, InvalidRequestError
+from embedplex.core.types import ServedModel
+from embedplex.gateway import Gateway
+from embedplex.gateway.allowed import AllowedModels
+from embedplex.gateway.build import placeholder
+from embedplex.gateway.lazy import LazyModel
+from embedplex.models.local import LocalEmbeddingModel, LocalModel, LocalModelOptions
+from embedplex.models.rerank import LocalRerankModel
+from helpers import eventually, running
+
+
+def local(
+    model_dir: Path, settings: Settings, config: ModelConfig, backend: FakeBackend
+) -> LocalModel[object]:
+    """A local model of ``config``'s kind over a fake backend (the tiny BERT's tokenizer)."""
+    spec = load_spec(str(model_dir), model_dir)
+    if config.kind == "rerank":
+        spec = dataclasses.replace(spec, kind=ModelKind.RERANKER)
+    tokenizer = TextTokenizer.from_dir(
+        model_dir, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+    )
+    config = config.resolved(settings)
+    options = LocalModelOptions.from_settings(settings, spec, run_tokens=None, model=config)
+    cls = LocalRerankModel if config.kind == "rerank" else LocalEmbeddingModel
+    return cls(spec, tokenizer, backend, options)  # type: ignore[return-value]
+
+
+def app_of(settings: Settings, build: Callable[[Settings], list[ServedModel]]) -> FastAPI:
+    allowed = AllowedModels.from_settings(settings)
+    return create_app(settings, gateway_factory=lambda s: Gateway(build(s), allowed=allowed))
+
+
+def three(model_dir: Path) -> Callable[[Settings], list[ServedModel]]:
+    """Embedders "a" (16 dims) and "b" (8 dims, at most 2 inputs a request), reranker "r"."""
+
+    def build(s: Settings) -> list[ServedModel]:
+        return [
+            local(model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend(16)),
+            local(
+                model_dir,
+                s,
+                ModelConfig(name="b", model_id="x", max_client_batch_size=2, max_batch_requests=4),
+                FakeBackend(8),
+            ),
+            local(
+                model_dir,
+                s,
+                ModelConfig(name="r", model_id="x", kind="rerank"),
+                FakeBackend(kind=ModelKind.RERANKER),
+            ),
+        ]
+
+    return build
+
+
+async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
+    tiny_model_dir: Path,
+) -> None:
+    async with running(app_of(Settings(), three(tiny_model_dir))) as client:
+        a = await client.post("/v1/embeddings", json={"input": ["hello"], "model": "a"})
+        b = await client.post("/v1/embeddings", json={"input": ["hello"], "model": "b"})
+        tei_b = await client.post("/embed", json={"inputs": "hello", "model": "b"})
+        tei_default = await client.post("/embed", json={"inputs": "hello"})
+        rerank = await client.post(
+            "/rerank", json={"query": "fox", "texts": ["the fox", "a dog"], "model": "r"}
+        )
+        unknown = await client.post("/v1/embeddings", json={"input": ["x"], "model": "nope"})
+        wrong_kind = await client.post("/v1/embeddings", json={"input": ["x"], "model": "r"})
+        rerank_wrong = await client.post(
+            "/rerank", json={"query": "q", "texts": ["t"], "model": "a"}
+        )
+        too_many_b = await client.post("/embed", json={"inputs": ["a", "b", "c"], "model": "b"})
+        three_a = await client.post("/embed", json={"inputs": ["a", "b", "c"], "model": "a"})
+        listed = (await client.get("/v1/models")).json()["data"]
+    assert a.status_code == b.status_code == 200
+    assert (a.json()["model"], len(a.json()["data"][0]["embedding"])) == ("a", 16)
+    assert (b.json()["model"], len(b.json()["data"][0]["embedding"])) == ("b", 8)
+    assert len(tei_b.json()[0]) == 8
+    assert len(tei_default.json()[0]) == 16  # no name: the first embedder
+    assert rerank.status_code == 200 and len(rerank.json()) == 2
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert (
+        "'nope' is not served here (embedding models served: a, b)"
+        in (unknown.json()["error"]["message"])
+    )
+    assert wrong_kind.status_code == 422
+    assert "'r' is a reranker model" in wrong_kind.json()["error"]["message"]
+    assert rerank_wrong.status_code == 422
+    assert too_many_b.status_code == 413  # b's own max_client_batch_size
+    assert three_a.status_code == 200
+    assert [(m["id"], m["kind"]) for m in listed] == [
+        ("a", "embed"),
+        ("b", "embed"),
+        ("r", "rerank"),
+    ]
+
+
+async def test_info_describes_the_model_asked_for(tiny_model_dir: Path) -> None:
+    settings = Settings(max_batch_requests=64)
+    async with running(app_of(settings, three(tiny_model_dir))) as client:
+        first = (await client.get("/info")).json()
+        b = (await client.get("/info", params={"model": "b"})).json()
+        r = (await client.get("/info", params={"model": "r"})).json()
+        missing = await client.get("/info", params={"model": "zzz"})
+    assert (first["served_model_name"], first["dimensions"]) == ("a", 16)
+    assert first["max_batch_requests"] == 64  # the top level's, a's own left unset
+    assert (b["served_model_name"], b["dimensions"], b["max_batch_requests"]) == ("b", 8, 4)
+    assert b["max_client_batch_size"] == 2
+    assert b["max_batch_tokens"] == settings.max_batch_tokens  # fake: no per-pass cut
+    assert r["model_type"] == {"reranker": {"pooling": "mean"}}
+    assert missing.status_code == 404
+    assert "served: a, b, r" in missing.json()["error"]
+
+
+async def test_one_model_stands_in_for_any_name_unless_a_list_is_set(
+    tiny_model_dir: Path,
+) -> None:
+    def one(s: Settings) -> list[ServedModel]:
+        return [local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend())]
+
+    sdk_default = {"input": ["hello"], "model": "text-embedding-3-small"}
+    async with running(app_of(Settings(), one)) as client:
+        open_ = await client.post("/v1/embeddings", json=sdk_default)
+    async with running(app_of(Settings(allowed_embedding_models=["a*"]), one)) as client:
+        listed = await client.post("/v1/embeddings", json=sdk_default)
+        by_name = await client.post("/v1/embeddings", json={"input": ["x"], "model": "a"})
+    assert open_.status_code == 200 and open_.json()["model"] == "a"
+    assert listed.status_code == 404
+    assert "embedding models served: a" in listed.json()["error"]["message"]
+    assert by_name.status_code == 200
+
+
+def test_a_model_outside_the_allowed_list_is_never_served(tiny_model_dir: Path) -> None:
+    s = Settings()
+    allowed = AllowedModels(embedding=("a",))
+    gw = Gateway(
+        [local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend())],
+        allowed=allowed,
+    )
+    with pytest.raises(InvalidRequestError, match="outside the allowed embedding models"):
+        gw.add(local(tiny_model_dir, s, ModelConfig(name="b", model_id="x"), FakeBackend()))
+    assert [m.name for m in gw.models] == ["a"]
+
+
+def lazy(
+    tiny_model_dir: Path,
+    loads: list[str],
+    *,
+    fail: bool = False,
+    gate: threading.Event | None = None,
+) -> Callable[[Settings], list[ServedModel]]:
+    def build(s: Settings) -> list[ServedModel]:
+        eager = local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend(16))
+        config = ModelConfig(name="z", model_id="org/z", kind="embed", load="lazy")
+
+        def load() -> ServedModel:
+            loads.append("z")
+            if gate is not None:
+                gate.wait(10)
+            if fail:
+                raise FatalBackendError("org/z: no such model on the hub")
+            return local(tiny_model_dir, s, config, FakeBackend(8))
+
+        return [eager, LazyModel(placeholder(config.resolved(s)), load)]
+
+    return build
+
+
+async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Path) -> None:
+    loads: list[str] = []
+    release = threading.Event()
+    async with running(app_of(Settings(), lazy(tiny_model_dir, loads, gate=release))) as client:
+        before = (await client.get("/v1/models")).json()["data"]
+        ready_before = await client.get("/health/ready")
+        assert loads == []  # not loaded at start
+        calls = [
+            asyncio.ensure_future(
+                client.post("/v1/embeddings", json={"input": [f"t{i}"], "model": "z"})
+            )
+            for i in range(8)
+        ]
+        await eventually(lambda: bool(loads))  # the first request started the load
+        release.set()
+        answers = await asyncio.gather(*calls)
+        info = (await client.get("/info", params={"model": "z"})).json()
+        status = (await client.get("/api/v1/status")).json()["models"]["z"]
+    assert [(m["id"], m["kind"]) for m in before] == [("a", "embed"), ("z", "embed")]
+    assert ready_before.status_code == 200
+    assert loads == ["z"]
+    assert [r.status_code for r in answers] == [200] * 8
+    assert {len(r.json()["data"][0]["embedding"]) for r in answers} == {8}
+    assert info["dimensions"] == 8
+    assert status["loaded"] is True and status["batches"] >= 1
+
+
+async def test_a_lazy_model_that_fails_to_load_says_why(tiny_model_dir: Path) -> None:
+    loads: list[str] = []
+    async with running(app_of(Settings(), lazy(tiny_model_dir, loads, fail=True))) as client:
+        first = await client.post("/v1/embeddings", json={"input": ["x"], "model": "z"})
+        again = await client.post("/embed", json={"inputs": "x", "model": "z"})
+        other = await client.post("/embed", json={"inputs": "x", "model": "a"})
+        ready = await client.get("/health/ready")
+    assert loads == ["z"]  # a failure is final: not retried per request
+    assert first.status_code == again.status_code == 503
+    assert (
+        "model 'z' failed to load: org/z: no such model on the hub"
+        in (first.json()["error"]["message"])
+    )
+    assert "failed to load" in again.json()["error"]
+    assert other.status_code == 200  # the other models still serve
+    assert ready.status_code == 503
+    assert "z: failed to load: org/z: no such model on the hub" in ready.json()["status"]
