@@ -1,0 +1,168 @@
+"""Several local models in one process, served for real: examples/models.toml and a reranker
+beside two embedders (tiny random models)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from embedplex.api.app import create_app
+from embedplex.config import Settings
+from helpers import free_port, running, wait_ready
+from reference import TEXTS, min_cosine
+from test_process import start_server
+from tiny_models import make_tiny_bert, make_tiny_reranker
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "models.toml"
+
+
+@pytest.fixture(scope="module")
+def example_server(model_cache: Path) -> Iterator[str]:
+    port = free_port()
+    proc = start_server(port, model_cache, "--config", str(EXAMPLE))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, timeout=600)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.model
+def test_the_example_serves_minilm_in_float32_and_int8(
+    example_server: str, reference: np.ndarray
+) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=example_server + "/v1", api_key="unused", max_retries=0)
+    short = TEXTS[:13]
+    got: dict[str, list[np.ndarray]] = {}
+    for name in ("minilm", "minilm-int8"):
+        sdk = client.embeddings.create(input=short, model=name)
+        assert sdk.model == name
+        tei = httpx.post(
+            example_server + "/embed",
+            json={"inputs": TEXTS, "truncate": True, "model": name},
+            timeout=120,
+        )
+        assert tei.status_code == 200, tei.text
+        got[name] = [np.array([d.embedding for d in sdk.data]), np.array(tei.json())]
+    fp32_sdk, fp32_tei = got["minilm"]
+    int8_sdk, int8_tei = got["minilm-int8"]
+    assert min_cosine(fp32_sdk, reference[:13]) >= 0.99999
+    assert min_cosine(fp32_tei, reference) >= 0.99999
+    assert min_cosine(int8_sdk, fp32_sdk) >= 0.97  # the int8 gate, on these texts too
+    assert min_cosine(int8_tei, fp32_tei) >= 0.97
+    assert min_cosine(int8_tei, fp32_tei) < 0.99999  # really the quantized model
+    models = httpx.get(example_server + "/v1/models").json()["data"]
+    assert [(m["id"], m["kind"]) for m in models] == [("minilm", "embed"), ("minilm-int8", "embed")]
+    info = httpx.get(example_server + "/info", params={"model": "minilm-int8"}).json()
+    assert (info["served_model_name"], info["model_dtype"]) == ("minilm-int8", "int8")
+    unknown = httpx.post(
+        example_server + "/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}
+    )
+    assert unknown.status_code == 404  # two embedders: the name must match
+    assert "minilm, minilm-int8" in unknown.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("several")
+    return {
+        "mean": make_tiny_bert(root / "mean", pooling="mean", seed=21),
+        "cls": make_tiny_bert(root / "cls", pooling="cls", seed=22),
+        "ce": make_tiny_reranker(root / "ce", seed=23),
+    }
+
+
+def several(dirs: dict[str, Path], cache: Path, **top: object) -> Settings:
+    return Settings(
+        cache_dir=cache,
+        models=[
+            {"name": "emb-mean", "model_id": str(dirs["mean"])},
+            {"name": "emb-cls", "model_id": str(dirs["cls"]), "backend": "torch"},
+            {"name": "ce", "model_id": str(dirs["ce"])},  # kind read from its files
+            {"name": "ce-lazy", "model_id": str(dirs["ce"]), "kind": "rerank", "load": "lazy"},
+        ],
+        **top,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_reranker_beside_two_embedders(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    texts = ["hello world", "the quick brown fox"]
+    pairs = {"query": "quick fox", "texts": ["the quick brown fox", "a lazy dog"]}
+    async with running(create_app(several(tiny_dirs, tmp_path / "c"))) as client:
+        mean = await client.post("/v1/embeddings", json={"input": texts, "model": "emb-mean"})
+        cls_ = await client.post("/embed", json={"inputs": texts, "model": "emb-cls"})
+        ce = await client.post("/rerank", json={**pairs, "model": "ce"})
+        lazy = await client.post("/rerank", json={**pairs, "model": "ce-lazy"})
+        wrong_kind = await client.post("/embed", json={"inputs": "x", "model": "ce"})
+        unknown = await client.post("/rerank", json={**pairs, "model": "nope"})
+        kinds = (await client.get("/v1/models")).json()["data"]
+    assert mean.status_code == cls_.status_code == ce.status_code == lazy.status_code == 200
+    st_mean = SentenceTransformer(str(tiny_dirs["mean"]), device="cpu").encode(texts)
+    st_cls = SentenceTransformer(str(tiny_dirs["cls"]), device="cpu").encode(texts)
+    assert min_cosine(np.array([d["embedding"] for d in mean.json()["data"]]), st_mean) >= 0.99999
+    assert min_cosine(np.array(cls_.json()), st_cls) >= 0.99999
+    expected = CrossEncoder(str(tiny_dirs["ce"]), device="cpu").predict(
+        [(pairs["query"], t) for t in pairs["texts"]]  # sigmoid scores, as served by default
+    )
+    for answer in (ce, lazy):
+        by_index = {x["index"]: x["score"] for x in answer.json()}
+        assert np.allclose([by_index[0], by_index[1]], expected, atol=1e-5)
+    assert wrong_kind.status_code == 422
+    assert "'ce' is a reranker model, not a embedding model" in wrong_kind.json()["error"]
+    assert unknown.status_code == 404
+    assert "reranker models served: ce, ce-lazy" in unknown.json()["error"]
+    assert [(m["id"], m["kind"]) for m in kinds] == [
+        ("emb-mean", "embed"),
+        ("emb-cls", "embed"),
+        ("ce", "rerank"),
+        ("ce-lazy", "rerank"),
+    ]
+
+
+async def test_allowed_lists_decide_what_is_loaded_and_served(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = several(
+        tiny_dirs, tmp_path / "c", allowed_embedding_models=["*-mean"], allowed_rerank_models=[]
+    )
+    app = create_app(settings)
+    async with running(app) as client:
+        names = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
+        cls_ = await client.post("/embed", json={"inputs": "x", "model": "emb-cls"})
+        ce = await client.post("/rerank", json={"query": "q", "texts": ["t"], "model": "ce"})
+        sdk_default = await client.post(
+            "/v1/embeddings", json={"input": "x", "model": "text-embedding-3-small"}
+        )
+    assert names == ["emb-mean"]
+    assert [m.name for m in app.state.gateway.models] == ["emb-mean"]  # the rest never loaded
+    assert cls_.status_code == 404 and "served: emb-mean" in cls_.json()["error"]
+    assert ce.status_code == 404 and "no reranker model is served here" in ce.json()["error"]
+    assert sdk_default.status_code == 404  # a list is set: no stand-in for other names
+
+
+async def test_a_table_whose_files_are_another_kind_fails_clearly(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = Settings(
+        cache_dir=tmp_path,
+        models=[{"name": "x", "model_id": str(tiny_dirs["ce"]), "kind": "embed"}],  # type: ignore[list-item]
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        with pytest.raises(Exception, match=r"kind = 'embed', but .* is a rerank model"):
+            await app.state.loader
