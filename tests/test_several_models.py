@@ -56,9 +56,22 @@ def test_the_example_serves_minilm_in_float32_and_int8(
             timeout=120,
         )
         assert tei.status_code == 200, tei.text
-        got[name] = [np.array([d.embedding for d in sdk.data]), np.array(tei.json())]
-    fp32_sdk, fp32_tei = got["minilm"]
-    int8_sdk, int8_tei = got["minilm-int8"]
+        native = httpx.post(
+            example_server + "/api/embed", json={"input": short, "model": name}, timeout=120
+        )
+        assert native.status_code == 200, native.text
+        assert native.json()["model"] == name
+        got[name] = [
+            np.array([d.embedding for d in sdk.data]),
+            np.array(tei.json()),
+            np.array(native.json()["embeddings"]),
+        ]
+    fp32_sdk, fp32_tei, fp32_native = got["minilm"]
+    int8_sdk, int8_tei, int8_native = got["minilm-int8"]
+    assert min_cosine(fp32_native, reference[:13]) >= 0.99999
+    assert min_cosine(int8_native, fp32_native) >= 0.97
+    embedders = httpx.get(example_server + "/api/embedders").json()
+    assert sorted(e["id"] for e in embedders) == ["minilm", "minilm-int8"]
     assert min_cosine(fp32_sdk, reference[:13]) >= 0.99999
     assert min_cosine(fp32_tei, reference) >= 0.99999
     assert min_cosine(int8_sdk, fp32_sdk) >= 0.97  # the int8 gate, on these texts too

@@ -120,13 +120,13 @@ class Gateway:
             )
         if fits and (name is None or (len(fits) == 1 and not self.allowed.restricted(kind))):
             return next(iter(fits.values()))
-        served = ", ".join(self._models) or "none"
+        served = ", ".join(sorted(self._models)) or "none"
         if not fits:
             raise ModelNotFoundError(
                 f"no {kind} model is served here (served: {served})", param="model"
             )
         raise ModelNotFoundError(
-            f"model {name!r} is not served here ({kind} models served: {', '.join(fits)})",
+            f"model {name!r} is not served here ({kind} models served: {', '.join(sorted(fits))})",
             param="model",
         )
 
@@ -138,7 +138,7 @@ class Gateway:
             return next(iter(self._models.values()))
         if name not in self._models:
             raise ModelNotFoundError(
-                f"model {name!r} is not served here (served: {', '.join(self._models)})",
+                f"model {name!r} is not served here (served: {', '.join(sorted(self._models))})",
                 param="model",
             )
         return self._models[name]
