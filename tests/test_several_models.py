@@ -136,7 +136,7 @@ async def test_a_reranker_beside_two_embedders(tiny_dirs: dict[str, Path], tmp_p
         by_index = {x["index"]: x["score"] for x in answer.json()}
         assert np.allclose([by_index[0], by_index[1]], expected, atol=1e-5)
     assert wrong_kind.status_code == 422
-    assert "'ce' is a reranker model, not a embedding model" in wrong_kind.json()["error"]
+    assert "'ce' is a reranker model, not an embedding model" in wrong_kind.json()["error"]
     assert unknown.status_code == 404
     assert "reranker models served: ce, ce-lazy" in unknown.json()["error"]
     assert [(m["id"], m["kind"]) for m in kinds] == [
@@ -179,3 +179,56 @@ async def test_a_table_whose_files_are_another_kind_fails_clearly(
     async with app.router.lifespan_context(app):
         with pytest.raises(Exception, match=r"kind = 'embed', but .* is a rerank model"):
             await app.state.loader
+
+
+async def test_local_and_remote_rerankers_beside_two_embedders(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """One namespace: a local cross-encoder and a rerank route to a fake provider (Jina-style
+    /v1/rerank) are picked by name on the same routes as the two local embedders."""
+    from sentence_transformers import CrossEncoder
+
+    from embedplex.providers.config import RouteConfig
+    from upstream_fakes import provider, running_upstream, score_for
+
+    docs = ["the quick brown fox", "a lazy dog", "stock prices"]
+    with running_upstream() as fake:
+        settings = Settings(
+            cache_dir=tmp_path / "c",
+            models=[
+                {"name": "emb-mean", "model_id": str(tiny_dirs["mean"])},
+                {"name": "emb-cls", "model_id": str(tiny_dirs["cls"])},
+                {"name": "ce", "model_id": str(tiny_dirs["ce"])},
+            ],  # type: ignore[list-item]
+            providers=[provider("jina", fake, "openai", rerank_model="jina-reranker")],
+            routes=[RouteConfig(model="remote-ce", providers=["jina"], kind="rerank")],
+        )
+        async with running(create_app(settings)) as client:
+            local = await client.post(
+                "/v1/rerank", json={"query": "fox", "documents": docs, "model": "ce"}
+            )
+            remote = await client.post(
+                "/v1/rerank", json={"query": "fox", "documents": docs, "model": "remote-ce"}
+            )
+            tei_remote = await client.post(
+                "/rerank", json={"query": "fox", "texts": docs, "model": "remote-ce"}
+            )
+            emb = await client.post("/embed", json={"inputs": "x", "model": "emb-cls"})
+            listed = (await client.get("/v1/models")).json()["data"]
+        assert fake.calls, "the remote reranker was never called"
+    assert (
+        local.status_code == remote.status_code == tei_remote.status_code == emb.status_code == 200
+    )
+    expected = CrossEncoder(str(tiny_dirs["ce"]), device="cpu").predict([("fox", d) for d in docs])
+    got_local = {r["index"]: r["relevance_score"] for r in local.json()["results"]}
+    assert np.allclose([got_local[i] for i in range(3)], expected, atol=1e-5)
+    got_remote = {r["index"]: r["relevance_score"] for r in remote.json()["results"]}
+    assert got_remote == pytest.approx({i: score_for("fox", d) for i, d in enumerate(docs)})
+    assert remote.headers["x-embedplex-provider"] == "jina"
+    assert {x["index"]: x["score"] for x in tei_remote.json()} == pytest.approx(got_remote)
+    assert [(m["id"], m["kind"]) for m in listed] == [
+        ("emb-mean", "embed"),
+        ("emb-cls", "embed"),
+        ("ce", "rerank"),
+        ("remote-ce", "rerank"),
+    ]

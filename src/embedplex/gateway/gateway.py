@@ -116,7 +116,7 @@ class Gateway:
         if name is not None and name in self._models:
             other = self._models[name].info.kind
             raise InvalidRequestError(
-                f"model {name!r} is a {other} model, not a {kind} model", param="model"
+                f"model {name!r} is {_a(other)} model, not {_a(kind)} model", param="model"
             )
         if fits and (name is None or (len(fits) == 1 and not self.allowed.restricted(kind))):
             return next(iter(fits.values()))
@@ -184,3 +184,8 @@ class Gateway:
 
     def provider_stats(self) -> dict[str, Any]:
         return self.router.stats() if self.router is not None else {}
+
+
+def _a(kind: str) -> str:
+    """The kind with its article ("an embedding", "a reranker")."""
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
