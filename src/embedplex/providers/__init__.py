@@ -3,7 +3,8 @@
 ``base`` holds the protocols (``Provider`` embeds, ``Reranker`` reranks), ``http`` the pooled
 client with retries and error mapping, one module per API (``tei``, ``openai``, ``voyage``,
 ``cohere``: each speaks both), ``health`` the circuit breaker, ``aimd`` adaptive batch sizing,
-``runtime`` a provider's batch lanes and ``rerank_lanes`` its rerank lanes.
+``guard`` the way into an upstream (breaker, semaphore, split on 413), ``lanes`` batch lanes by
+key, ``runtime`` a provider's embedding lanes and ``rerank_lanes`` its rerank lanes.
 """
 
 from __future__ import annotations

@@ -10,26 +10,26 @@ Rerank APIs take one query per call, so callers merge like this:
   calls, run concurrently under the provider's one semaphore;
 - a failed call fails only the documents it carried (the batch's other queries still answer).
 
-The lanes share the provider runtime's semaphore, circuit breaker, retry budget and (through
-the adapter's transport) its attempt listener, so rerank and embed calls to one provider see
-one health and one concurrency cap. AIMD does not size rerank batches: its size counts texts to
-embed, and a rerank call's price is set by the query count, not by its document count.
+The lanes are a ``lanes.LaneSet`` like the embedding lanes and go through the provider runtime's
+``guard.UpstreamGuard`` (semaphore, circuit breaker, split on 413); the retry budget and the
+attempt listener come with the adapter's transport, so rerank and embed calls to one provider
+see one health and one concurrency cap. AIMD does not size rerank batches: its size counts texts
+to embed, and a rerank call's price is set by the query count, not by its document count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue
-from embedplex.core.errors import UnavailableError, UpstreamError
-from embedplex.core.types import RerankRequest, RerankResult, Timings
-from embedplex.providers.base import Reranker, RerankParams, Scores
+from embedplex.batching import BatchObserver
+from embedplex.core.types import RerankRequest, RerankResult
+from embedplex.providers.base import Reranker, RerankParams
 from embedplex.providers.config import ProviderConfig
-from embedplex.providers.health import ProviderHealth
+from embedplex.providers.guard import UpstreamGuard, token_shares
+from embedplex.providers.lanes import Lane, LaneSet, collect, timings
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext
@@ -51,51 +51,44 @@ class Scored:
     tokens: float
 
 
-@dataclass(slots=True)
-class RerankLane:
-    key: RerankParams
-    batcher: Batcher[Pair, Scored]
-    last_used: float = field(default_factory=time.monotonic)
+RerankLane = Lane[RerankParams, Pair, Scored]
 
 
 class RerankLanes:
     """The rerank lanes of one provider (owned by its ``ProviderRuntime``)."""
 
-    def __init__(
-        self,
-        config: ProviderConfig,
-        reranker: Reranker,
-        health: ProviderHealth,
-        semaphore: asyncio.Semaphore,
-        counters: Counter[str],
-    ) -> None:
+    def __init__(self, config: ProviderConfig, reranker: Reranker, guard: UpstreamGuard) -> None:
         self.config = config
         self.name = config.name
         self.reranker = reranker
-        self.health = health
-        self.counters = counters
-        self.observers: list[BatchObserver] = []
-        self.lanes: dict[RerankParams, RerankLane] = {}
-        self._semaphore = semaphore
+        self.health = guard.health
+        self.counters = guard.counters
+        self._guard = guard
+        self._lanes: LaneSet[RerankParams, Pair, Scored] = LaneSet(
+            config, self._run, self.counters, tag="rerank", created="rerank_lanes_created"
+        )
+
+    @property
+    def lanes(self) -> dict[RerankParams, RerankLane]:
+        return self._lanes.lanes
+
+    @property
+    def observers(self) -> list[BatchObserver]:
+        return self._lanes.observers
+
+    @observers.setter
+    def observers(self, observers: list[BatchObserver]) -> None:
+        self._lanes.observers = observers
 
     @property
     def ceiling(self) -> int:
         return max(1, self.reranker.limits.max_documents)
 
     async def close(self, *, drain: bool = True) -> None:
-        lanes, self.lanes = list(self.lanes.values()), {}
-        await asyncio.gather(*(lane.batcher.close(drain=drain) for lane in lanes))
+        await self._lanes.close(drain=drain)
 
     async def sweep(self, idle_ttl: float) -> int:
-        now = time.monotonic()
-        gone = [
-            key
-            for key, lane in self.lanes.items()
-            if lane.batcher.idle and now - lane.last_used >= idle_ttl
-        ]
-        lanes = [self.lanes.pop(key) for key in gone]
-        await asyncio.gather(*(lane.batcher.close() for lane in lanes))
-        return len(lanes)
+        return await self._lanes.sweep(idle_ttl)
 
     # -- the batch function ----------------------------------------------------------------
 
@@ -114,109 +107,40 @@ class RerankLanes:
         return [out[i] for i in range(len(batch))]
 
     async def _call(self, pairs: list[Pair], params: RerankParams) -> list[Scored]:
-        """One upstream call for documents of one query (split in two on a 413)."""
-        if not self.health.acquire():
-            raise UnavailableError(
-                f"provider {self.name}: circuit is {self.health.state.value}; "
-                f"next probe in {self.health.retry_in:.1f}s"
-            )
-        documents = [p.document for p in pairs]
-        traces = [p.trace for p in pairs if p.trace is not None]
-        out: Scores | None = None
-        async with self._semaphore:
-            try:
-                out = await self.reranker.rerank(pairs[0].query, documents, params, traces=traces)
-            except UpstreamError as exc:
-                if exc.status != 413 or len(documents) < 2:
-                    raise
-        if out is None:
-            self.counters["splits"] += 1
-            half = len(pairs) // 2
-            left, right = await asyncio.gather(
-                self._call(pairs[:half], params), self._call(pairs[half:], params)
-            )
-            return left + right
-        self.counters["upstream_rerank_calls"] += 1
-        self.counters["documents"] += len(documents)
-        total = sum(len(d) for d in documents) or 1
-        tokens = float(out.tokens or 0)
-        # Billed tokens are per call; hand each document a share by length for usage reporting.
-        return [
-            Scored(s, tokens * len(d) / total) for s, d in zip(out.scores, documents, strict=True)
-        ]
+        """Upstream calls for documents of one query: one, or more after a 413 (``guard``)."""
 
-    async def _lane(self, params: RerankParams) -> RerankLane:
-        lane = self.lanes.get(params)
-        if lane is None:
-            policy = BatchPolicy(
-                max_items=self.ceiling,
-                max_wait=self.config.max_wait_ms / 1000,
-                max_concurrency=self.config.max_concurrency,
-                max_queued=self.config.max_queued,
-                queue_timeout=self.config.queue_timeout_ms / 1000,
-            )
+        async def send(part: list[Pair]) -> list[Scored]:
+            documents = [p.document for p in part]
+            traces = [p.trace for p in part if p.trace is not None]
+            out = await self.reranker.rerank(part[0].query, documents, params, traces=traces)
+            self.counters["upstream_rerank_calls"] += 1
+            self.counters["documents"] += len(documents)
+            shares = token_shares(out.tokens, documents)
+            return [Scored(s, t) for s, t in zip(out.scores, shares, strict=True)]
 
-            async def run(batch: list[Pair]) -> list[Scored | BaseException]:
-                return await self._run(batch, params)
-
-            batcher: Batcher[Pair, Scored] = Batcher(
-                f"{self.name}#rerank{self.counters['rerank_lanes_created']}",
-                run,
-                policy,
-                queue=FifoQueue(),
-                observers=self.observers,
-            )
-            lane = self.lanes[params] = RerankLane(params, batcher)
-            await batcher.start()  # only creates the loop task: no suspension point
-            self.counters["rerank_lanes_created"] += 1
-        lane.last_used = time.monotonic()
-        return lane
+        return await self._guard.call(pairs, send)
 
     async def rerank(self, request: RerankRequest, trace: SpanContext | None) -> RerankResult:
         """Queue every document of ``request`` in its lane and wait for all their scores."""
         start = time.perf_counter()
         params = RerankParams.from_request(request)
         self.reranker.check_rerank(params)
-        lane = await self._lane(params)
+        lane = await self._lanes.lane(params, ceiling=self.ceiling)
         pairs = [Pair(request.query, d, trace) for d in request.texts]
         items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace)
-        self.counters["rerank_requests"] += 1
-        try:
-            rows = await asyncio.gather(*(item.future for item in items))
-        except BaseException:
-            self.counters["rerank_requests_failed"] += 1
-            raise
-        finally:
-            for item in items:
-                item.future.cancel()  # no-op when done; drops the rest if we failed or left
-        end = time.perf_counter()
+        rows = await collect(items, self.counters, "rerank_requests")
+        took = timings(items, start)
         return RerankResult(
             scores=[row.score for row in rows],
             prompt_tokens=round(sum(row.tokens for row in rows)),
             model=self.reranker.rerank_model,
             provider=self.name,
-            timings=Timings(
-                queue=max(i.started_at - i.enqueued_at for i in items) * 1000,
-                inference=max(i.finished_at - i.started_at for i in items) * 1000,
-                total=(end - start) * 1000,
-            ),
+            timings=took,
         )
 
     def stats(self) -> dict[str, Any]:
-        lanes = list(self.lanes.values())
         return {
             "max_documents_per_call": self.ceiling,
-            "queued": sum(lane.batcher.queued for lane in lanes),
-            "in_flight_batches": sum(lane.batcher.in_flight for lane in lanes),
-            "batches": sum(lane.batcher.batches_run for lane in lanes),
-            "lanes": [
-                {
-                    "key": lane.key.describe(),
-                    "queued": lane.batcher.queued,
-                    "in_flight": lane.batcher.in_flight,
-                    "batches": lane.batcher.batches_run,
-                    "idle_s": round(time.monotonic() - lane.last_used, 3),
-                }
-                for lane in lanes
-            ],
+            **self._lanes.totals(),
+            "lanes": self._lanes.describe(),
         }

@@ -7,7 +7,9 @@ bound. All lanes of a provider share one semaphore (bounded upstream concurrency
 breaker and one AIMD size.
 
 Rerank calls have lanes of their own (``rerank_lanes``: one query per upstream call, see that
-module), created and swept the same way and behind the same semaphore and breaker.
+module). Both kinds are a ``lanes.LaneSet`` and reach the upstream through one
+``guard.UpstreamGuard`` (breaker, semaphore, split on 413), so they are created, swept and
+guarded the same way.
 
 Instrumented (``instrument(telemetry)``, before ``start``), a runtime reports every upstream
 attempt, retry, circuit transition and AIMD size to ``telemetry.providers``, its lanes' batches
@@ -21,29 +23,24 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import httpx
 
-from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue
-from embedplex.core.errors import InvalidRequestError, UnavailableError, UpstreamError
-from embedplex.core.types import (
-    EmbedRequest,
-    EmbedResult,
-    RerankRequest,
-    RerankResult,
-    Timings,
-    Vector,
-)
+from embedplex.batching import BatchObserver
+from embedplex.core.errors import InvalidRequestError, UnavailableError
+from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Vector
 from embedplex.observability.providers import CircuitState as CircuitGauge
 from embedplex.observability.providers import NullProviderObserver, ProviderObserver
 from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
-from embedplex.providers.base import Embeddings, EmbedParams, Provider, Reranker
+from embedplex.providers.base import EmbedParams, Provider, Reranker
 from embedplex.providers.config import ProviderConfig
+from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
+from embedplex.providers.lanes import Lane, LaneSet, collect, timings
 from embedplex.providers.rerank_lanes import RerankLanes
 
 if TYPE_CHECKING:
@@ -72,11 +69,7 @@ class Text(NamedTuple):
     trace: SpanContext | None
 
 
-@dataclass(slots=True)
-class Lane:
-    key: EmbedParams
-    batcher: Batcher[Text, Embedded]
-    last_used: float = field(default_factory=time.monotonic)
+EmbedLane = Lane[EmbedParams, Text, Embedded]
 
 
 class ProviderRuntime:
@@ -93,21 +86,22 @@ class ProviderRuntime:
         self.name = config.name
         self.health = health
         self.aimd: AimdController | None = None  # built in start(), once limits are known
-        self.lanes: dict[EmbedParams, Lane] = {}
         self.counters: Counter[str] = Counter()
-        self._observers = observers or []
         self._report: ProviderObserver = NullProviderObserver()
         self._tracer: Tracer | None = None
-        self._semaphore = asyncio.Semaphore(config.max_concurrency)
+        self._guard = UpstreamGuard(
+            self.name, health, asyncio.Semaphore(config.max_concurrency), self.counters
+        )
+        self._embeds: LaneSet[EmbedParams, Text, Embedded] = LaneSet(
+            config, self._call, self.counters
+        )
         self._closing = False
         # What this provider last served: the router's probe asks the same kind of question.
         self.last_kind: Literal["embed", "rerank"] = "embed"
         self.rerank_lanes: RerankLanes | None = None
         if isinstance(provider, Reranker):
-            self.rerank_lanes = RerankLanes(
-                config, provider, health, self._semaphore, self.counters
-            )
-            self.rerank_lanes.observers = self._observers
+            self.rerank_lanes = RerankLanes(config, provider, self._guard)
+        self._observe(observers or [])
         provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry)
         health.on_change = self.on_circuit
 
@@ -131,6 +125,18 @@ class ProviderRuntime:
         provider = PROVIDER_TYPES[config.type](config, client)
         return cls(config, provider, health, observers=observers)
 
+    @property
+    def lanes(self) -> dict[EmbedParams, EmbedLane]:
+        """The embedding lanes by key (rerank lanes: ``rerank_lanes``)."""
+        return self._embeds.lanes
+
+    def _observe(self, observers: list[BatchObserver]) -> None:
+        """Report the batches of every lane, embed and rerank, made from now on to these."""
+        self._observers = observers
+        self._embeds.observers = observers
+        if self.rerank_lanes is not None:
+            self.rerank_lanes.observers = observers
+
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
@@ -144,9 +150,7 @@ class ProviderRuntime:
             raise RuntimeError("instrument the provider before starting it")
         self._report = telemetry.providers
         self._tracer = telemetry.tracer
-        self._observers = [*self._observers, *telemetry.model_observers(self.name)]
-        if self.rerank_lanes is not None:
-            self.rerank_lanes.observers = self._observers
+        self._observe([*self._observers, *telemetry.model_observers(self.name)])
         self.provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry, tracer=self._tracer)
 
     async def start(self) -> None:
@@ -163,23 +167,14 @@ class ProviderRuntime:
 
     async def close(self, *, drain: bool = True) -> None:
         self._closing = True
-        lanes, self.lanes = list(self.lanes.values()), {}
-        await asyncio.gather(*(lane.batcher.close(drain=drain) for lane in lanes))
+        await self._embeds.close(drain=drain)
         if self.rerank_lanes is not None:
             await self.rerank_lanes.close(drain=drain)
         await self.provider.close()
 
     async def sweep(self, idle_ttl: float) -> int:
         """Close lanes idle for ``idle_ttl`` seconds; return how many went."""
-        now = time.monotonic()
-        gone = [
-            key
-            for key, lane in self.lanes.items()
-            if lane.batcher.idle and now - lane.last_used >= idle_ttl
-        ]
-        lanes = [self.lanes.pop(key) for key in gone]
-        await asyncio.gather(*(lane.batcher.close() for lane in lanes))
-        evicted = len(lanes)
+        evicted = await self._embeds.sweep(idle_ttl)
         if self.rerank_lanes is not None:
             evicted += await self.rerank_lanes.sweep(idle_ttl)
         self.counters["lanes_evicted"] += evicted
@@ -197,8 +192,7 @@ class ProviderRuntime:
             before = self.aimd.size
             size = self.aimd.observe(attempt)
             if size != before:
-                for lane in self.lanes.values():
-                    lane.batcher.set_max_items(size)
+                self._embeds.set_max_items(size)
                 self._report.on_batch_size(self.name, size)
 
     def on_retry(self, reason: str) -> None:
@@ -217,66 +211,22 @@ class ProviderRuntime:
     # -- the batch function ----------------------------------------------------------------
 
     async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded]:
-        if not self.health.acquire():
-            raise UnavailableError(
-                f"provider {self.name}: circuit is {self.health.state.value}; "
-                f"next probe in {self.health.retry_in:.1f}s"
-            )
-        texts = [t.text for t in batch]
-        traces = [t.trace for t in batch if t.trace is not None]
-        out: Embeddings | None = None
-        async with self._semaphore:
-            try:
-                out = await self.provider.embed(texts, params, traces=traces)
-            except UpstreamError as exc:
-                # 413: the upstream takes fewer texts than we sent. Split and go on, so that
-                # one oversized input fails alone instead of taking its batch with it.
-                if exc.status != 413 or len(texts) < 2:
-                    raise
-        if out is None:
-            self.counters["splits"] += 1
-            half = len(texts) // 2
-            left, right = await asyncio.gather(
-                self._call(batch[:half], params), self._call(batch[half:], params)
-            )
-            return left + right
-        self.counters["upstream_batches"] += 1
-        self.counters["texts"] += len(texts)
-        total = sum(len(t) for t in texts) or 1
-        tokens = float(out.tokens or 0)
-        # Billed tokens are per call; hand each text a share by length for usage reporting.
-        return [
-            Embedded(v, tokens * len(t) / total) for v, t in zip(out.vectors, texts, strict=True)
-        ]
+        """The lanes' batch function: one upstream call, or more after a 413 (``guard``)."""
 
-    async def _lane(self, params: EmbedParams) -> Lane:
-        lane = self.lanes.get(params)
-        if lane is None:
-            aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
-            policy = BatchPolicy(
-                max_items=self.ceiling,
-                max_wait=self.config.max_wait_ms / 1000,
-                max_concurrency=self.config.max_concurrency,
-                max_queued=self.config.max_queued,
-                queue_timeout=self.config.queue_timeout_ms / 1000,
-            )
+        async def send(part: list[Text]) -> list[Embedded]:
+            texts = [t.text for t in part]
+            traces = [t.trace for t in part if t.trace is not None]
+            out = await self.provider.embed(texts, params, traces=traces)
+            self.counters["upstream_batches"] += 1
+            self.counters["texts"] += len(texts)
+            shares = token_shares(out.tokens, texts)
+            return [Embedded(v, t) for v, t in zip(out.vectors, shares, strict=True)]
 
-            async def run(batch: list[Text]) -> list[Embedded]:
-                return await self._call(batch, params)
+        return await self._guard.call(batch, send)
 
-            batcher: Batcher[Text, Embedded] = Batcher(
-                f"{self.name}#{self.counters['lanes_created']}",
-                run,
-                policy,
-                queue=FifoQueue(),
-                observers=self._observers,
-            )
-            batcher.set_max_items(aimd_size)
-            lane = self.lanes[params] = Lane(params, batcher)
-            await batcher.start()  # only creates the loop task: no suspension point
-            self.counters["lanes_created"] += 1
-        lane.last_used = time.monotonic()
-        return lane
+    async def _lane(self, params: EmbedParams) -> EmbedLane:
+        aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
+        return await self._embeds.lane(params, ceiling=self.ceiling, size=aimd_size)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Queue every text of ``request`` in its lane and wait for all of them."""
@@ -295,26 +245,14 @@ class ProviderRuntime:
         trace = current_span_context() if self._tracer is not None else None
         lane = await self._lane(params)
         items = lane.batcher.submit([Text(t, trace) for t in texts], [1] * len(texts), trace=trace)
-        self.counters["requests"] += 1
-        try:
-            rows = await asyncio.gather(*(item.future for item in items))
-        except BaseException:
-            self.counters["requests_failed"] += 1
-            raise
-        finally:
-            for item in items:
-                item.future.cancel()  # no-op when done; drops the rest if we failed or left
-        end = time.perf_counter()
+        rows = await collect(items, self.counters, "requests")
+        took = timings(items, start)
         return EmbedResult(
             vectors=[row.vector for row in rows],
             prompt_tokens=round(sum(row.tokens for row in rows)),
             model=self.provider.model or self.name,
             provider=self.name,
-            timings=Timings(
-                queue=max(i.started_at - i.enqueued_at for i in items) * 1000,
-                inference=max(i.finished_at - i.started_at for i in items) * 1000,
-                total=(end - start) * 1000,
-            ),
+            timings=took,
         )
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
@@ -330,29 +268,17 @@ class ProviderRuntime:
     # -- status ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        lanes = list(self.lanes.values())
         return {
             "name": self.name,
             "type": self.provider.type,
             "model": self.provider.model,
             "endpoint": getattr(self.provider, "url", None),
             "max_texts_per_call": self.provider.limits.max_texts,
-            "queued": sum(lane.batcher.queued for lane in lanes),
-            "in_flight_batches": sum(lane.batcher.in_flight for lane in lanes),
-            "batches": sum(lane.batcher.batches_run for lane in lanes),
+            **self._embeds.totals(),
             "max_batch_requests": self.aimd.size if self.aimd else self.ceiling,
             "aimd": self.aimd.snapshot() if self.aimd else None,
             "health": self.health.snapshot(),
             "counters": dict(self.counters),
             "rerank": self.rerank_lanes.stats() if self.rerank_lanes is not None else None,
-            "lanes": [
-                {
-                    "key": lane.key.describe(),
-                    "queued": lane.batcher.queued,
-                    "in_flight": lane.batcher.in_flight,
-                    "batches": lane.batcher.batches_run,
-                    "idle_s": round(time.monotonic() - lane.last_used, 3),
-                }
-                for lane in lanes
-            ],
+            "lanes": self._embeds.describe(),
         }
