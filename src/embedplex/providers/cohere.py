@@ -56,13 +56,10 @@ class CohereProvider(HttpProvider):
         super().check_rerank(params)
 
     def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
-        return {
-            "model": self.rerank_model,
-            "query": query,
-            "documents": documents,
-            "top_n": len(documents),
-            **({"return_documents": False} if self.v1 else {}),  # v2 never returns them
-        }
+        body = super().rerank_body(query, documents, params)
+        if not self.v1:
+            del body["return_documents"]  # v2 never returns them
+        return body
 
     def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
         embeddings = data["embeddings"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -60,6 +61,9 @@ PROBE_TEXT = "embedplex health probe"
 
 T = TypeVar("T")
 Call = Callable[[ProviderRuntime], Awaitable[T]]
+# What a route answers: the policies and the served models treat both kinds alike.
+Result = TypeVar("Result", EmbedResult, RerankResult)
+Request = TypeVar("Request", EmbedRequest, RerankRequest)
 
 
 class Router:
@@ -200,18 +204,14 @@ class Router:
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
         runtimes = self._runtimes(len(request.inputs), "input", providers)
-        if policy == "all":
-            return _merge_embeds(runtimes, await _all(runtimes, lambda rt: rt.embed(request)))
-        return await _any(runtimes, lambda rt: rt.embed(request))
+        return await _route(runtimes, policy, lambda rt: rt.embed(request))
 
     async def rerank(
         self, request: RerankRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> RerankResult:
         """Scores for ``request.texts`` from ``providers`` under ``policy`` (as ``embed``)."""
         runtimes = self._runtimes(len(request.texts), "texts", providers)
-        if policy == "all":
-            return _merge_reranks(runtimes, await _all(runtimes, lambda rt: rt.rerank(request)))
-        return await _any(runtimes, lambda rt: rt.rerank(request))
+        return await _route(runtimes, policy, lambda rt: rt.rerank(request))
 
     def stats(self) -> dict[str, Any]:
         return {name: rt.stats() for name, rt in self.runtimes.items()}
@@ -223,6 +223,13 @@ async def _probe(rt: ProviderRuntime) -> None:
         await rt.rerank(RerankRequest(query=PROBE_TEXT, texts=[PROBE_TEXT]))
     else:
         await rt.embed(EmbedRequest(inputs=[PROBE_TEXT]))
+
+
+async def _route(runtimes: list[ProviderRuntime], policy: Policy, call: Call[Result]) -> Result:
+    """``call`` on ``runtimes`` under ``policy`` (see the module docstring)."""
+    if policy == "all":
+        return _merge(runtimes, await _all(runtimes, call))
+    return await _any(runtimes, call)
 
 
 async def _any(runtimes: list[ProviderRuntime], call: Call[T]) -> T:
@@ -259,33 +266,22 @@ async def _all(runtimes: list[ProviderRuntime], call: Call[T]) -> list[T]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _timings(results: Sequence[EmbedResult | RerankResult]) -> Timings:
-    return Timings(
-        queue=max(r.timings.queue for r in results),
-        inference=max(r.timings.inference for r in results),
-        total=max(r.timings.total for r in results),
-    )
+def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
+    """The ``all`` policy's answer: the first provider's, with every provider's kept beside it.
 
-
-def _merge_embeds(runtimes: list[ProviderRuntime], results: list[EmbedResult]) -> EmbedResult:
+    A merged rerank result still names the first provider; a merged embedding names none
+    (``provider`` stays None), as their APIs have always answered.
+    """
     first = results[0]
-    return EmbedResult(
-        vectors=first.vectors,
+    return dataclasses.replace(
+        first,
         prompt_tokens=sum(r.prompt_tokens for r in results),
-        model=first.model,
-        timings=_timings(results),
-        per_provider={r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)},
-    )
-
-
-def _merge_reranks(runtimes: list[ProviderRuntime], results: list[RerankResult]) -> RerankResult:
-    first = results[0]
-    return RerankResult(
-        scores=first.scores,
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        model=first.model,
-        timings=_timings(results),
-        provider=first.provider,
+        timings=Timings(
+            queue=max(r.timings.queue for r in results),
+            inference=max(r.timings.inference for r in results),
+            total=max(r.timings.total for r in results),
+        ),
+        provider=first.provider if isinstance(first, RerankResult) else None,
         per_provider={r.provider or rt.name: r for r, rt in zip(results, runtimes, strict=True)},
     )
 
@@ -348,21 +344,38 @@ class RemoteRoute:
         """Always ready: a router whose upstreams are down still answers (with 503s), and
         taking it out of a load balancer would not bring them back. See /api/v1/status."""
 
-    def _provider_stats(self) -> list[dict[str, Any]]:
-        known = self.router.runtimes
-        return [known[n].stats() for n in self.route.providers if n in known]
+    async def _serve(
+        self, call: Callable[[Request, Sequence[str], Policy], Awaitable[Result]], request: Request
+    ) -> Result:
+        """``call`` (the router's embed or rerank) for this route, answered under its name."""
+        self._active += 1
+        try:
+            result = await call(request, self.route.providers, self.route.policy)
+        finally:
+            self._active -= 1
+        result.model = self.route.model
+        return result
+
+    def _lane_stats(self, per: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The part of each provider's stats that counts this route's kind of call."""
+        return per
+
+    # The key, in ``_lane_stats``, of what one upstream call may carry.
+    _call_size = "max_batch_requests"
 
     def stats(self) -> dict[str, Any]:
-        per = self._provider_stats()
+        known = self.router.runtimes
+        per = [known[n].stats() for n in self.route.providers if n in known]
+        lanes = self._lane_stats(per)
         return {
             "kind": "remote",
             "policy": self.route.policy,
             "providers": self.route.providers,
             "active_requests": self._active,
-            "queued": sum(s["queued"] for s in per),
-            "in_flight_batches": sum(s["in_flight_batches"] for s in per),
-            "batches": sum(s["batches"] for s in per),
-            "max_batch_requests": min((s["max_batch_requests"] for s in per), default=0),
+            "queued": sum(s["queued"] for s in lanes),
+            "in_flight_batches": sum(s["in_flight_batches"] for s in lanes),
+            "batches": sum(s["batches"] for s in lanes),
+            "max_batch_requests": min((s[self._call_size] for s in lanes), default=0),
             "circuits": {s["name"]: s["health"]["circuit"] for s in per},
         }
 
@@ -371,13 +384,7 @@ class RemoteModel(RemoteRoute):
     """An embedding route (``kind = "embed"``): an ``EmbeddingService``."""
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        self._active += 1
-        try:
-            result = await self.router.embed(request, self.route.providers, self.route.policy)
-        finally:
-            self._active -= 1
-        result.model = self.route.model
-        return result
+        return await self._serve(self.router.embed, request)
 
 
 class RemoteRerankModel(RemoteRoute):
@@ -397,22 +404,12 @@ class RemoteRerankModel(RemoteRoute):
                 raise ValueError(f"route {self.route.model!r}: {exc.message}") from exc
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
-        self._active += 1
-        try:
-            result = await self.router.rerank(request, self.route.providers, self.route.policy)
-        finally:
-            self._active -= 1
-        result.model = self.route.model
-        return result
+        return await self._serve(self.router.rerank, request)
 
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        rerank = [s["rerank"] for s in self._provider_stats() if s.get("rerank")]
-        out["queued"] = sum(r["queued"] for r in rerank)
-        out["in_flight_batches"] = sum(r["in_flight_batches"] for r in rerank)
-        out["batches"] = sum(r["batches"] for r in rerank)
-        out["max_batch_requests"] = min((r["max_documents_per_call"] for r in rerank), default=0)
-        return out
+    _call_size = "max_documents_per_call"
+
+    def _lane_stats(self, per: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s["rerank"] for s in per if s.get("rerank")]
 
 
 def remote_model(router: Router, route: RouteConfig) -> EmbeddingService | RerankService:
