@@ -157,8 +157,10 @@ async def test_auto_truncate_setting(tiny_model_dir: Path, backend: FakeBackend)
         ("/v1/embeddings", b'{"input": [[]]}', 422, "token ids"),
         ("/v1/embeddings", b'{"input": [-1]}', 422, "vocabulary"),
         ("/tokenize", b'{"inputs": []}', 400, "empty"),
-        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 400, "JSON"),  # hot path: strict JSON
-        ("/tokenize", b'{"inputs": "\\udfff"}', 422, "unicode"),
+        # A lone surrogate is not text: invalid JSON (400) on every route alike.
+        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 400, "JSON"),
+        ("/tokenize", b'{"inputs": "\\udfff"}', 400, "JSON"),
+        ("/rerank", b'{"query": "\\ud800", "texts": ["a"]}', 400, "JSON"),
     ],
 )
 async def test_bad_input_gets_a_clear_4xx(
