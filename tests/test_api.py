@@ -161,8 +161,10 @@ async def test_auto_truncate_is_on_by_default(tiny_model_dir: Path, backend: Fak
         ("/v1/embeddings", b'{"input": [[]]}', 422, "token ids"),
         ("/v1/embeddings", b'{"input": [-1]}', 422, "vocabulary"),
         ("/tokenize", b'{"inputs": []}', 400, "empty"),
-        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 400, "JSON"),  # hot path: strict JSON
-        ("/tokenize", b'{"inputs": "\\udfff"}', 422, "unicode"),
+        # A lone surrogate is not text: invalid JSON (400) on every route alike.
+        ("/embed", b'{"inputs": ["ok", "\\ud800"]}', 400, "JSON"),
+        ("/tokenize", b'{"inputs": "\\udfff"}', 400, "JSON"),
+        ("/rerank", b'{"query": "\\ud800", "texts": ["a"]}', 400, "JSON"),
     ],
 )
 async def test_bad_input_gets_a_clear_4xx(

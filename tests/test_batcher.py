@@ -15,6 +15,7 @@ from embedplex.core.errors import (
     OverloadedError,
     QueueTimeoutError,
 )
+from embedplex.core.tenant import ANONYMOUS, Priority, Tenant
 
 
 class Recorder:
@@ -326,3 +327,19 @@ def test_policy_rejects_nonsense() -> None:
         BatchPolicy(max_items=0)
     with pytest.raises(ValueError, match="max_wait"):
         BatchPolicy(max_items=1, max_wait=-1)
+
+
+async def test_items_carry_the_tenant_and_priority() -> None:
+    """What a fair queue will schedule on: each item's tenant key and priority."""
+    run = Recorder()
+    async with Batcher("t", run, BatchPolicy(max_items=8)) as batcher:
+        team = Tenant(key_id="team-a", priority=Priority.BATCH)
+        default = batcher.submit(["a"], [1])
+        theirs = batcher.submit(["b", "c"], [1, 1], tenant=team)
+        urgent = batcher.submit(["d"], [1], tenant=team, priority=Priority.INTERACTIVE)
+        await asyncio.gather(*(i.future for i in [*default, *theirs, *urgent]))
+    assert [(i.tenant_key, i.priority) for i in default] == [
+        (ANONYMOUS.key_id, Priority.INTERACTIVE)
+    ]
+    assert [(i.tenant_key, i.priority) for i in theirs] == [("team-a", Priority.BATCH)] * 2
+    assert [(i.tenant_key, i.priority) for i in urgent] == [("team-a", Priority.INTERACTIVE)]

@@ -1,4 +1,4 @@
-"""The ASGI application: routes, middleware, error handlers, and the gateway's lifespan.
+"""The ASGI application: the pipeline in front, routes, error handlers, the gateway's lifespan.
 
 The gateway is built in ``lifespan`` and read from ``app.state``. Models load in the background
 so that liveness answers at once and readiness turns true when loading is done.
@@ -17,26 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedplex import __version__
 from embedplex.api.common import ClientGoneError
-from embedplex.api.errors import error_response, status_error
-from embedplex.api.fastpath import EmbedplexApp, FastEmbedRoutes, HotPath
-from embedplex.api.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
-from embedplex.api.observe import ObservabilityMiddleware, RequestObserver, request_record
-from embedplex.api.routes import (
-    admin,
-    batch,
-    native,
-    openai,
-    probes,
-    rerank,
-    status,
-    tei,
-    tei_extras,
-)
+from embedplex.api.errors import invalid_body, status_error
+from embedplex.api.observe import RequestObserver
+from embedplex.api.pipeline import Pipeline, client_gone, internal_error, refuse
+from embedplex.api.routes.table import JSON_ROUTES, ROUTERS
+from embedplex.api.stages import default_stages
 from embedplex.config import Settings
-from embedplex.core.errors import EmbedplexError, InvalidRequestError
+from embedplex.core.errors import EmbedplexError
 from embedplex.gateway import Gateway
 from embedplex.gateway.build import build_gateway
 from embedplex.observability import Telemetry
@@ -48,24 +39,26 @@ logger = logging.getLogger(__name__)
 GatewayFactory = Callable[[Settings], Gateway]
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, bool]:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    malformed = any(err.get("type") == "json_invalid" for err in errors)
-    if malformed:
-        return f"invalid JSON body: {first.get('ctx', {}).get('error', 'decode error')}", None, True
-    msg = str(first.get("msg", "invalid request"))
-    where = ".".join(loc)
-    text = f"{where}: {msg}" if where else msg
-    if len(errors) > 1:
-        text += f" (and {len(errors) - 1} more errors)"
-    return text, (loc[0] if loc else None), malformed
+class EmbedplexApp(FastAPI):
+    """FastAPI whose every HTTP request enters through the pipeline (``edge``) first.
 
+    The pipeline hands the requests it does not answer itself back to FastAPI's own machinery
+    (``serve_routes``); lifespan events go straight to FastAPI.
+    """
 
-def validation_error_response(exc: RequestValidationError, path: str) -> Response:
-    text, param, malformed = _validation_message(exc)
-    return error_response(InvalidRequestError(text, param=param, malformed=malformed), path)
+    edge: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        edge = self.edge
+        if edge is None or scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self  # what Starlette would set: handlers reach app.state through it
+        await edge(scope, receive, send)
+
+    async def serve_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's routing, exception handlers and documentation routes."""
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -136,72 +129,47 @@ def create_app(
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry
     telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
-    routers = (
-        openai.router,
-        batch.router,
-        tei.router,
-        tei_extras.router,
-        rerank.router,
-        native.router,
-        probes.router,
-        status.router,
-        admin.router,
-    )
-    for router in routers:
+    for router in ROUTERS:
         app.include_router(router)
-    paths = frozenset(str(getattr(r, "path", "")) for router in routers for r in router.routes)
+    paths = frozenset(str(getattr(r, "path", "")) for router in ROUTERS for r in router.routes)
 
+    # Errors raised in the routes FastAPI serves: answered as the pipeline answers its own.
     @app.exception_handler(EmbedplexError)
     async def on_embedplex_error(request: Request, exc: EmbedplexError) -> Response:
-        request_record(request).error_type = exc.kind
-        return error_response(exc, request.url.path)
+        return refuse(request.scope, exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        request_record(request).error_type = InvalidRequestError.kind
-        return validation_error_response(exc, request.url.path)
+        return refuse(request.scope, invalid_body(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(status_error(exc.status_code, str(exc.detail)), request.url.path)
+        return refuse(request.scope, status_error(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(ClientGoneError)
     async def on_client_gone(request: Request, exc: ClientGoneError) -> Response:
-        return Response(status_code=499)
+        return client_gone(request.scope)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
-        request_record(request).error_type = "internal"
-        return error_response(EmbedplexError("internal server error"), request.url.path)
+        return internal_error(request.scope)
 
-    # Innermost: the embed routes' hot path (see api/fastpath.py); then the shared middleware.
-    app.add_middleware(FastEmbedRoutes, on_invalid=validation_error_response)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.payload_limit)
-    if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
+    observer = RequestObserver(telemetry, paths=paths, log_requests=settings.log_requests)
+    edge: ASGIApp = Pipeline(
+        app.serve_routes,
+        stages=default_stages(settings),
+        routes=JSON_ROUTES,
+        observer=observer,
+    )
     if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        # A header policy around the pipeline: preflights are answered before authentication
+        # (they carry no key), and refusals still carry the CORS headers a browser needs.
+        edge = CORSMiddleware(
+            edge,
             allow_origins=settings.cors_allow_origins,
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    # Inside the request id (logged) but outside auth and limits (their refusals are counted).
-    app.add_middleware(
-        ObservabilityMiddleware,
-        telemetry=telemetry,
-        paths=paths,
-        log_requests=settings.log_requests,
-    )
-    app.add_middleware(RequestIdMiddleware)
-    if not settings.cors_allow_origins and telemetry.tracer is None:
-        # The embed routes skip the stack above and do the same inline (api/fastpath.py).
-        key = settings.api_key.get_secret_value().encode() if settings.api_key else None
-        app.hot_path = HotPath(
-            observer=RequestObserver(telemetry, log_requests=settings.log_requests),
-            on_invalid=validation_error_response,
-            limit=settings.payload_limit,
-            api_key=key,
-        )
+    app.edge = edge
     return app

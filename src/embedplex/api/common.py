@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedplex.api.observe import request_record
+from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult
 from embedplex.gateway import Gateway
 
@@ -39,6 +40,12 @@ def as_inputs(raw: Inputs) -> list[str] | list[list[int]]:
 def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
+
+
+def tenant_of(request: Request) -> Tenant:
+    """Who the pipeline authenticated this request as (``api/stages.py``)."""
+    tenant: Tenant = request.scope.get("state", {}).get("tenant", ANONYMOUS)
+    return tenant
 
 
 def json_response(

@@ -7,6 +7,7 @@ OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -128,3 +129,23 @@ def status_error(status: int, message: str) -> e.EmbedplexError:
     if 400 <= status < 500:
         return e.InvalidRequestError(message, malformed=status == 400)
     return e.EmbedplexError(message)
+
+
+def invalid_body(errors: Sequence[Mapping[str, object]]) -> e.InvalidRequestError:
+    """A schema's validation errors as one error: 400 when the bytes are not JSON, else 422.
+
+    JSON that is not valid UTF-8, or that escapes a lone surrogate (``"\\ud800"``, which no
+    UTF-8 text can hold), is not JSON to the parser: 400 on every route alike.
+    """
+    first = errors[0] if errors else {}
+    if any(err.get("type") == "json_invalid" for err in errors):
+        ctx = first.get("ctx")
+        reason = ctx.get("error", "decode error") if isinstance(ctx, Mapping) else "decode error"
+        return e.InvalidRequestError(f"invalid JSON body: {reason}", malformed=True)
+    loc = first.get("loc", ())
+    where = [str(p) for p in loc if p != "body"] if isinstance(loc, tuple | list) else []
+    msg = str(first.get("msg", "invalid request"))
+    text = f"{'.'.join(where)}: {msg}" if where else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more errors)"
+    return e.InvalidRequestError(text, param=where[0] if where else None)

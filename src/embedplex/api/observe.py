@@ -1,8 +1,9 @@
-"""Per-request observability: one middleware records metrics, the request span and a log line.
+"""Per-request observability: metrics, the request span and a log line, from one place.
 
-Routes and error handlers fill in the request's ``RequestRecord`` (model, inputs, tokens,
-timings, error type); the middleware reads it when the response is done. Probes, ``/metrics``
-and the status route are left out: scrapes and kubelet probes would drown the real traffic.
+Routes and the pipeline's refusals fill in the request's ``RequestRecord`` (model, inputs,
+tokens, timings, error type); ``RequestObserver.finish`` reads it once the answer has gone out
+(``api/pipeline.py`` calls it for every route). Probes, ``/metrics`` and the status route are
+left out: scrapes and kubelet probes would drown the real traffic.
 """
 
 from __future__ import annotations
@@ -10,32 +11,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
 from embedplex.observability.metrics import NO_MODEL
 
+if TYPE_CHECKING:
+    from embedplex.api.pipeline import Exchange
+
 access_log = logging.getLogger("embedplex.access")
 
 QUIET_PATHS = ("/health", "/metrics", "/ping", "/api/v1/status", "/docs", "/openapi.json")
-# Responses written by middleware (no exception handler ran) still get an error type.
-_STATUS_KINDS = {
-    401: "authentication",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    429: "overloaded",
-    499: "client_gone",
-    503: "unhealthy",
-}
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -51,7 +45,7 @@ class RequestRecord:
 
 
 def request_record(request: Request) -> RequestRecord:
-    """This request's record (a detached one when the middleware is not installed)."""
+    """This request's record (a detached one outside the pipeline)."""
     return scope_record(request.scope)
 
 
@@ -61,103 +55,53 @@ def scope_record(scope: Scope) -> RequestRecord:
     return record if isinstance(record, RequestRecord) else RequestRecord()
 
 
-def _route_of(scope: Scope, paths: frozenset[str]) -> str:
-    """The route template (bounded label values), even for requests refused before routing."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
-    return scope["path"] if scope["path"] in paths else "unmatched"
+class RequestObserver:
+    """Metrics, the server span (honouring ``traceparent``) and one log line per request.
 
-
-class ObservabilityMiddleware:
-    """Metrics, the server span (honouring ``traceparent``) and one log line per request."""
+    The pipeline calls ``start`` as a request comes in and ``finish`` once its answer has gone
+    out, for every route alike. Probes, scrapes, docs and the status route are left out (they
+    still pass the pipeline's stages): they would drown the real traffic.
+    """
 
     def __init__(
         self,
-        app: ASGIApp,
         telemetry: Telemetry,
         *,
         paths: frozenset[str] = frozenset(),
         log_requests: bool = True,
     ) -> None:
         """``paths``: the app's route paths, to label requests refused before routing."""
-        self.app = app
-        self.paths = paths
-        self.observer = RequestObserver(telemetry, log_requests=log_requests)
-        self.tracer = telemetry.tracer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(QUIET_PATHS):
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        state: dict[str, Any] = scope.setdefault("state", {})
-        record = state["record"] = RequestRecord()
-        status = 500
-        span = token = None
-        if self.tracer is not None:
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            parent = _propagator.extract(carrier)
-            span = self.tracer.start_span(
-                f"{scope['method']} {scope['path']}", context=parent, kind=SpanKind.SERVER
-            )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except BaseException:
-            status = 500
-            record.error_type = record.error_type or "internal"
-            raise
-        finally:
-            route = _route_of(scope, self.paths)
-            self.observer.finish(scope, route, status, start, record)
-            if span is not None and token is not None:
-                self._end_span(span, scope, route, status, record)
-                otel_context.detach(token)
-
-    @staticmethod
-    def _end_span(
-        span: trace.Span, scope: Scope, route: str, status: int, record: RequestRecord
-    ) -> None:
-        span.update_name(f"{scope['method']} {route}")
-        span.set_attributes(
-            {
-                "http.request.method": scope["method"],
-                "http.route": route,
-                "http.response.status_code": status,
-                "embedplex.model": record.model,
-                "embedplex.inputs": record.inputs,
-                "embedplex.tokens": record.tokens,
-                "embedplex.request_id": scope.get("state", {}).get("request_id", ""),
-            }
-        )
-        if status >= 500:
-            span.set_status(Status(StatusCode.ERROR, record.error_type))
-        span.end()
-
-
-class RequestObserver:
-    """Counts finished API requests and logs one line each (middleware and hot path alike)."""
-
-    def __init__(self, telemetry: Telemetry, *, log_requests: bool = True) -> None:
         self.metrics = telemetry.metrics
+        self.tracer = telemetry.tracer
+        self.paths = paths
         self.log_requests = log_requests
 
-    def finish(
-        self, scope: Scope, route: str, status: int, start: float, record: RequestRecord
-    ) -> None:
-        """Count one finished request and log it (also called by the hot path)."""
-        duration = time.perf_counter() - start
+    def start(self, ex: Exchange) -> None:
+        """Open the request's span (when tracing) and make it current for the handler."""
+        if self.tracer is None or ex.path.startswith(QUIET_PATHS):
+            return
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in ex.scope["headers"]}
+        parent = _propagator.extract(carrier)
+        span = self.tracer.start_span(
+            f"{ex.method} {ex.path}", context=parent, kind=SpanKind.SERVER
+        )
+        ex.span = (span, otel_context.attach(trace.set_span_in_context(span, parent)))
+
+    def finish(self, ex: Exchange, status: int) -> None:
+        """Count one finished request, end its span and log it."""
+        if ex.span is not None:
+            span, token = ex.span
+            ex.span = None
+            otel_context.detach(token)
+            self._end_span(span, ex, self._route(ex.scope), status)
+        if ex.path.startswith(QUIET_PATHS):
+            return
+        duration = time.perf_counter() - ex.start
+        record = ex.record
         if status >= 400 and record.error_type is None:
-            record.error_type = _STATUS_KINDS.get(status, f"http_{status}")
+            # An answer no error explained (a route's own status): name it by its status.
+            record.error_type = f"http_{status}"
+        route = self._route(ex.scope)
         self.metrics.observe_request(
             route,
             record.model,
@@ -167,7 +111,34 @@ class RequestObserver:
             timings=record.timings if status < 400 else None,
         )
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
-            self._log(scope, scope["state"], route, status, duration, record)
+            self._log(ex.scope, ex.state, route, status, duration, record)
+
+    def _route(self, scope: Scope) -> str:
+        """The route template (bounded label values), even for requests refused before routing."""
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if isinstance(path, str):
+            return path
+        return scope["path"] if scope["path"] in self.paths else "unmatched"
+
+    @staticmethod
+    def _end_span(span: trace.Span, ex: Exchange, route: str, status: int) -> None:
+        record = ex.record
+        span.update_name(f"{ex.method} {route}")
+        span.set_attributes(
+            {
+                "http.request.method": ex.method,
+                "http.route": route,
+                "http.response.status_code": status,
+                "embedplex.model": record.model,
+                "embedplex.inputs": record.inputs,
+                "embedplex.tokens": record.tokens,
+                "embedplex.request_id": ex.state.get("request_id", ""),
+            }
+        )
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR, record.error_type))
+        span.end()
 
     @staticmethod
     def _log(
@@ -180,7 +151,8 @@ class RequestObserver:
     ) -> None:
         t = record.timings or Timings()
         rid = state.get("request_id", "")
-        key_id = state.get("key_id")  # an id only: the key itself never reaches the log
+        tenant = state.get("tenant")
+        key_id = getattr(tenant, "key_id", None)  # an id only: the key never reaches the log
         access_log.info(
             "%s %s %d %.1fms model=%s inputs=%d tokens=%d queue=%.1fms inference=%.1fms id=%s%s",
             scope["method"],

@@ -30,6 +30,7 @@ from embedplex.core.errors import (
     OverloadedError,
     QueueTimeoutError,
 )
+from embedplex.core.tenant import ANONYMOUS, Priority, Tenant
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -198,11 +199,18 @@ class Batcher(Generic[P, R]):
     # -- admission -------------------------------------------------------------------------
 
     def submit(
-        self, payloads: Sequence[P], costs: Sequence[int], *, trace: object | None = None
+        self,
+        payloads: Sequence[P],
+        costs: Sequence[int],
+        *,
+        trace: object | None = None,
+        tenant: Tenant = ANONYMOUS,
+        priority: Priority | None = None,
     ) -> list[Item[P, R]]:
         """Queue every input of one request, or none of them.
 
-        ``trace`` is the caller's tracing context, kept on each item for observers.
+        ``trace`` is the caller's tracing context, kept on each item for observers. ``tenant``
+        and ``priority`` (default: the tenant's) go on each item for the queue to schedule on.
 
         Raises OverloadedError at once when the queue cannot take them all, and NotReadyError when
         the batcher is closing or its backend has died.
@@ -221,9 +229,20 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         deadline = now + self.policy.queue_timeout
+        key = tenant.key_id
+        rank = tenant.priority if priority is None else priority
         items: list[Item[P, R]] = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item: Item[P, R] = Item(payload, cost, loop.create_future(), now, deadline, trace=trace)
+            item: Item[P, R] = Item(
+                payload,
+                cost,
+                loop.create_future(),
+                now,
+                deadline,
+                trace=trace,
+                tenant_key=key,
+                priority=rank,
+            )
             self._queue.push(item)
             items.append(item)
         for obs in self._observers:

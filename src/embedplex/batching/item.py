@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from embedplex.core.tenant import Priority
+
 P = TypeVar("P")
 R = TypeVar("R")
 
@@ -17,6 +19,7 @@ class Item(Generic[P, R]):
     ``cost`` is what the item weighs against a batch budget: its token count for local models
     (batches are cut on padded size), 1 for remote providers. Times are ``time.perf_counter``
     instants; the batcher stamps them so callers can report queue and inference time.
+    ``tenant_key`` and ``priority`` say whose input it is, for a queue that schedules on them.
     """
 
     payload: P
@@ -29,6 +32,8 @@ class Item(Generic[P, R]):
     batch_size: int = field(default=0)
     # The caller's tracing context (opaque here), so a batch span can link to every request.
     trace: object | None = None
+    tenant_key: str | None = None
+    priority: Priority = Priority.INTERACTIVE
 
     @property
     def waiting(self) -> bool:

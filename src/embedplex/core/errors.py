@@ -60,7 +60,7 @@ class InvalidRequestError(ClientError):
 
 
 class PayloadTooLargeError(ClientError):
-    kind = "validation"
+    kind = "payload_too_large"
 
 
 class InputTooLongError(ClientError):

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedplex.backends.tokenizer import Token, TruncationDirection
+from embedplex.core.tenant import ANONYMOUS, Tenant
 
 Vector = npt.NDArray[np.float32]
 
@@ -29,6 +30,7 @@ class EmbedRequest:
     prompt: str | None = None
     dimensions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # provider-specific (input_type, ...)
+    tenant: Tenant = ANONYMOUS  # who asked: the batcher's items carry its key id and priority
 
     @property
     def is_tokens(self) -> bool:
@@ -79,6 +81,7 @@ class RerankRequest:
     truncate: bool | None = None
     truncation_direction: TruncationDirection = TruncationDirection.RIGHT
     raw_scores: bool = False  # False: sigmoid of the logit, in [0, 1]
+    tenant: Tenant = ANONYMOUS
 
 
 @dataclass(slots=True)

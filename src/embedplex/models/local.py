@@ -50,6 +50,7 @@ from embedplex.core.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
     EmbedResult,
@@ -411,6 +412,7 @@ class LocalModel(Generic[R]):
         encode: Callable[[], list[Encoded]],
         chars: int,
         defer: Callable[[], list[Deferred]] | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> Processed[R]:
         """Admit, tokenize (or defer), queue every input, and wait for all of them.
 
@@ -433,7 +435,8 @@ class LocalModel(Generic[R]):
             tokenized = time.perf_counter()
             # With tracing on, each item keeps the request's span so its batch span links to it.
             trace = current_span_context() if self._tracer is not None else None
-            items = self.batcher.submit(payloads, [p.cost for p in payloads], trace=trace)
+            costs = [p.cost for p in payloads]
+            items = self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
             try:
                 if len(items) == 1:  # most requests: skip gather's extra future and callbacks
                     results = [await items[0].future]
@@ -525,6 +528,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             done = await self._process(
                 lambda: self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction),
                 sys.maxsize,  # token ids need no tokenizing, but validating long lists is not free
+                tenant=request.tenant,
             )
         else:
             texts = self._texts(request)
@@ -532,6 +536,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                 lambda: self.tokenizer.encode(texts, truncate=truncate, direction=direction),
                 sum(len(t) for t in texts),
                 lambda: self._deferred(texts, truncate, direction),
+                tenant=request.tenant,
             )
         if dims is None:
             vectors = [p.unit if request.normalize else p.raw for p in done.results]

@@ -102,6 +102,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
                     self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
                 ),
                 sum(len(s) for s in ids),
+                tenant=request.tenant,
             )
         else:
             texts = self._pooled._texts(request)
@@ -111,6 +112,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
                     self.tokenizer.encode(texts, truncate=truncate, direction=direction)
                 ),
                 sum(len(t) for t in texts),
+                tenant=request.tenant,
             )
         return TokenEmbedResult(
             vectors=[r.vectors for r in done.results],

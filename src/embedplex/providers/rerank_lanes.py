@@ -127,7 +127,7 @@ class RerankLanes:
         self.reranker.check_rerank(params)
         lane = await self._lanes.lane(params, ceiling=self.ceiling)
         pairs = [Pair(request.query, d, trace) for d in request.texts]
-        items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace)
+        items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace, tenant=request.tenant)
         rows = await collect(items, self.counters, "rerank_requests")
         took = timings(items, start)
         return RerankResult(

@@ -244,7 +244,9 @@ class ProviderRuntime:
         # With tracing on, each text keeps the request's span: upstream spans hang under it.
         trace = current_span_context() if self._tracer is not None else None
         lane = await self._lane(params)
-        items = lane.batcher.submit([Text(t, trace) for t in texts], [1] * len(texts), trace=trace)
+        items = lane.batcher.submit(
+            [Text(t, trace) for t in texts], [1] * len(texts), trace=trace, tenant=request.tenant
+        )
         rows = await collect(items, self.counters, "requests")
         took = timings(items, start)
         return EmbedResult(

@@ -31,7 +31,7 @@ def _given_secret(request: Request) -> bytes:
 def _check(request: Request, *, change: bool) -> None:
     settings = request.app.state.settings
     secret = settings.admin_secret or settings.api_key
-    if secret is None:
+    if not secret:  # None, or set but empty: an empty secret would match a missing one
         if change:
             raise AuthenticationError(
                 "provider changes need an admin secret: start the server with "

@@ -14,7 +14,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from embedplex.api.common import gateway, json_response, run_embed, unless_disconnected
+from embedplex.api.common import (
+    gateway,
+    json_response,
+    run_embed,
+    tenant_of,
+    unless_disconnected,
+)
 from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest
 
@@ -70,7 +76,7 @@ async def _embed(body: ApiEmbedBody, request: Request) -> Response:
         return json_response(
             {"embeddings": [], "model": model.info.name, "count": 0, "dimensions": 0}
         )
-    core = EmbedRequest(inputs=texts, truncate=body.truncate)
+    core = EmbedRequest(inputs=texts, truncate=body.truncate, tenant=tenant_of(request))
     result = await run_embed(request, model, core)
     return json_response(
         {
@@ -133,7 +139,12 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
     docs = [ApiDocument(text=d) if isinstance(d, str) else d for d in body.documents]
     if not docs:
         return json_response({"results": [], "model": model.info.name})
-    core = RerankRequest(query=body.query, texts=[d.text for d in docs], truncate=body.truncate)
+    core = RerankRequest(
+        query=body.query,
+        texts=[d.text for d in docs],
+        truncate=body.truncate,
+        tenant=tenant_of(request),
+    )
     result = await unless_disconnected(request, model.rerank(core))
     ranked = sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
     top = body.top_n if body.top_n is not None else body.top_k

@@ -17,6 +17,7 @@ from embedplex.api.common import (
     json_response,
     result_headers,
     run_embed,
+    tenant_of,
 )
 from embedplex.backends.model_files import ModelKind
 from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
@@ -76,10 +77,14 @@ class EmbeddingsResponse(BaseModel):
     usage: Usage
 
 
-def to_core(body: EmbeddingsRequest) -> EmbedRequest:
+def to_core(body: EmbeddingsRequest, request: Request) -> EmbedRequest:
     extra = {"input_type": body.input_type} if body.input_type is not None else {}
     return EmbedRequest(
-        inputs=as_inputs(body.input), normalize=True, dimensions=body.dimensions, extra=extra
+        inputs=as_inputs(body.input),
+        normalize=True,
+        dimensions=body.dimensions,
+        extra=extra,
+        tenant=tenant_of(request),
     )
 
 
@@ -137,13 +142,13 @@ def routed_service(request: Request, body: EmbeddingsRequest) -> EmbeddingServic
 
 async def embed_one(request: Request, body: EmbeddingsRequest) -> EmbedResult:
     """Embed one (sub-)request through the model or route it names."""
-    return await routed_service(request, body).embed(to_core(body))
+    return await routed_service(request, body).embed(to_core(body, request))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
 @router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
-    result = await run_embed(request, routed_service(request, body), to_core(body))
+    result = await run_embed(request, routed_service(request, body), to_core(body, request))
     headers = result_headers(result)
     if result.provider is not None:
         headers["x-embedplex-provider"] = result.provider

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from embedplex.api.common import gateway, json_response, unless_disconnected
+from embedplex.api.common import gateway, json_response, tenant_of, unless_disconnected
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
 
@@ -75,6 +75,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         truncate=body.truncate,
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
         raw_scores=body.raw_scores,
+        tenant=tenant_of(request),
     )
     result = await _rerank(request, body.model, core)
     out = [
@@ -88,7 +89,9 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
 @router.post("/v2/rerank")
 async def rerank(body: RerankBody, request: Request) -> Response:
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
-    core = RerankRequest(query=body.query, texts=texts, truncate=body.truncate)
+    core = RerankRequest(
+        query=body.query, texts=texts, truncate=body.truncate, tenant=tenant_of(request)
+    )
     result = await _rerank(request, body.model, core)
     # Jina and Cohere v1 return documents unless told not to; Cohere v2 only when asked.
     with_docs = body.return_documents

@@ -17,6 +17,7 @@ from embedplex.api.common import (
     json_response,
     result_headers,
     run_embed,
+    tenant_of,
 )
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import InvalidRequestError, NotReadyError
@@ -64,6 +65,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
+        tenant=tenant_of(request),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
@@ -72,7 +74,10 @@ async def embed(body: EmbedBody, request: Request) -> Response:
 @router.post("/api/v1/embed", tags=["native"])
 async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
     core = EmbedRequest(
-        inputs=as_inputs(body.inputs), normalize=body.normalize, truncate=body.truncate
+        inputs=as_inputs(body.inputs),
+        normalize=body.normalize,
+        truncate=body.truncate,
+        tenant=tenant_of(request),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))

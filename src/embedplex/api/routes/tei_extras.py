@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Body, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -22,8 +21,10 @@ from embedplex.api.common import (
     gateway,
     json_response,
     run_embed,
+    tenant_of,
     unless_disconnected,
 )
+from embedplex.api.errors import invalid_body
 from embedplex.api.observe import request_record
 from embedplex.api.routes import rerank, tei
 from embedplex.backends.tokenizer import TruncationDirection
@@ -103,6 +104,7 @@ async def embed_all(body: EmbedAllBody, request: Request) -> Response:
         truncate=body.truncate,
         truncation_direction=_direction(body.truncation_direction),
         prompt_name=body.prompt_name,
+        tenant=tenant_of(request),
     )
     record = request_record(request)
     record.model = model.info.name
@@ -125,6 +127,7 @@ async def similarity(body: SimilarityBody, request: Request) -> Response:
         truncate=params.truncate,
         truncation_direction=_direction(params.truncation_direction),
         prompt_name=params.prompt_name,
+        tenant=tenant_of(request),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     vectors = np.stack(result.vectors).astype(np.float64)
@@ -152,14 +155,19 @@ def _parse(schema: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        # Reported like any other body error (the app's RequestValidationError handler).
-        raise RequestValidationError(exc.errors()) from None
+        # Reported like any other body error.
+        raise invalid_body(exc.errors(include_url=False)) from None
+
+
+class RootBody(RootModel[dict[str, Any]]):
+    """Any JSON object: the root route reads its fields to decide what it is."""
 
 
 @router.post("/")
-async def root(request: Request, data: dict[str, Any] = Body(...)) -> Response:
+async def root(body: RootBody, request: Request) -> Response:
     """TEI's predict root for ``InferenceClient``: a similarity body (``inputs`` is an object)
     gets ``/similarity``, a rerank body (``query``) gets ``/rerank``, anything else ``/embed``."""
+    data = body.root
     if isinstance(data.get("inputs"), dict):
         return await similarity(_parse(SimilarityBody, data), request)
     if "query" in data:

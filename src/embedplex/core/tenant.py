@@ -1,0 +1,38 @@
+"""Who a request is for: the tenant identity the pipeline's authentication yields.
+
+The HTTP pipeline authenticates every request into a ``Tenant`` (``api/stages.py``); routes copy
+it into the core request (``EmbedRequest.tenant``) and models hand it to their batcher, whose
+items carry the key id and priority. So a queue that schedules fairly across tenants, or serves
+interactive work before batch work, needs no change in the routes or the models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Priority(StrEnum):
+    """How urgently a request wants its answer (a queue may serve ``INTERACTIVE`` first)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tenant:
+    """An authenticated caller.
+
+    ``key_id`` names the API key that authenticated the request (``"static"`` for the server's
+    ``--api-key``), never the key itself; ``None`` when the server asks for no key.
+    """
+
+    key_id: str | None = None
+    priority: Priority = Priority.INTERACTIVE
+
+
+ANONYMOUS = Tenant()
+"""The tenant of every request when no API key is configured (and of open paths)."""
+
+STATIC_KEY = Tenant(key_id="static")
+"""The tenant of a request that presented the server's static ``--api-key``."""
