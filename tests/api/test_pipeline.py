@@ -49,6 +49,17 @@ ROUTES: list[tuple[str, str, object, int]] = [
     ("POST", "/v1/rerank", {"query": "q", "documents": ["a"]}, 200),
     ("POST", "/tokenize", {"inputs": "hi"}, 200),
     ("POST", "/v1/embeddings/batch", {"requests": [{"id": "1", "input": "hi"}]}, 200),
+    ("POST", "/v2/rerank", {"query": "q", "documents": ["a"]}, 200),
+    ("POST", "/embed_all", {"inputs": "hi"}, 200),
+    ("POST", "/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]}}, 200),
+    ("POST", "/decode", {"ids": [101, 102]}, 200),
+    ("POST", "/", {"inputs": "hi"}, 200),
+    ("POST", "/api/embed", {"input": "hi"}, 200),
+    ("POST", "/api/embed/batch", {"texts": ["a", "b"]}, 200),
+    ("POST", "/api/rerank", {"query": "q", "documents": ["a"]}, 200),
+    ("GET", "/api/embedders", None, 200),
+    ("GET", "/api/rerankers", None, 200),
+    ("GET", "/openapi.json", None, 200),
     ("GET", "/api/v1/providers", None, 200),
     ("POST", "/api/v1/providers", {"provider": {}}, 401),  # no admin secret: no changes
     ("GET", "/api/v1/status", None, 200),
@@ -88,7 +99,7 @@ def local_factory(backend: FakeBackend, seen: SeenItems) -> Any:
         reranker = LocalRerankModel(
             dataclasses.replace(spec, kind=ModelKind.RERANKER),
             tok,
-            backend,
+            FakeBackend(backend.dim, delay=backend.delay, kind=ModelKind.RERANKER),
             dataclasses.replace(options, name="reranker"),
             observers=[seen],
         )

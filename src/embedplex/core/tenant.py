@@ -20,15 +20,32 @@ class Priority(StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeyLimits:
+    """What one key may use (None: unlimited): requests and tokens per minute, requests at once."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+NO_LIMITS = KeyLimits()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Tenant:
     """An authenticated caller.
 
     ``key_id`` names the API key that authenticated the request (``"static"`` for the server's
-    ``--api-key``), never the key itself; ``None`` when the server asks for no key.
+    ``--api-key``), never the key itself; ``None`` when the server asks for no key. ``models``:
+    the served names (``*`` patterns) the key may use, empty for all. ``limits``: what it may
+    use. ``weight``: its share when a fair queue divides the model between tenants.
     """
 
     key_id: str | None = None
     priority: Priority = Priority.INTERACTIVE
+    models: tuple[str, ...] = ()
+    limits: KeyLimits = NO_LIMITS
+    weight: int = 1
 
 
 ANONYMOUS = Tenant()
