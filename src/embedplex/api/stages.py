@@ -13,11 +13,13 @@ import os
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
+from embedplex.api.ratelimit import RateLimit
 from embedplex.core.errors import AuthenticationError, NotReadyError
 from embedplex.core.tenant import STATIC_KEY
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
+    from embedplex.limits import RateLimiter
 
 # Open to anyone, as in TEI: probes, docs and /metrics (serve it on --metrics-port to keep it
 # off a public port).
@@ -105,10 +107,13 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
-def default_stages(settings: Settings) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, admission."""
+def default_stages(settings: Settings, limiter: RateLimiter | None = None) -> list[Stage]:
+    """The chain in its order: request id, body limit, authentication, admission, the key's
+    rate limits (last, so that a request refused while draining costs its key nothing)."""
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
     if settings.api_key is not None:
         stages.append(StaticKey(settings.api_key.get_secret_value()))
     stages.append(Admission())
+    if limiter is not None:
+        stages.append(RateLimit(limiter, _UNAUTHENTICATED))
     return stages
