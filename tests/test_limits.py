@@ -163,3 +163,11 @@ async def test_redis_concurrency_leases_release_and_expire(shared: RedisLimits) 
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("an abandoned lease never expired")
+
+
+def test_redis_url_is_a_secret() -> None:
+    from embedplex.config import Settings
+
+    settings = Settings(redis_url="redis://:hunter2@cache:6379/0")  # type: ignore[arg-type]
+    assert settings.redacted()["redis_url"] == "***"
+    assert "hunter2" not in repr(settings)

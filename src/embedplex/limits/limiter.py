@@ -17,19 +17,11 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from embedplex.core.tenant import KeyLimits
 from embedplex.limits.gcra import LocalLimits, Verdict
 from embedplex.limits.redis_store import RedisLimits
 
 logger = logging.getLogger(__name__)
-
-# What losing Redis looks like from redis-py: its own errors, and the OS's under them.
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 class LimitObserver(Protocol):
@@ -82,6 +74,8 @@ class RateLimiter:
         self._pending: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()
+        # What losing Redis looks like from redis-py: its own errors and the OS's under them.
+        self._errors = shared.errors if shared is not None else ()
         self.observer.on_backend(self.backend)
 
     @classmethod
@@ -96,6 +90,10 @@ class RateLimiter:
         """In-process limits, or shared through the Redis at ``redis_url``."""
         shared = None
         if redis_url:
+            from redis.asyncio import Redis  # only here: most servers never import it
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
             client = Redis.from_url(
                 redis_url,
                 socket_timeout=timeout_s,
@@ -119,7 +117,7 @@ class RateLimiter:
         if shared and self.shared is not None:
             try:
                 verdict = await self.shared.admit(key, limits, lease_id)
-            except REDIS_ERRORS as exc:
+            except self._errors as exc:
                 self._lost(exc)
                 shared = False
         if verdict is None:
@@ -146,7 +144,7 @@ class RateLimiter:
         assert self.shared is not None
         try:
             await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens)
-        except REDIS_ERRORS as exc:
+        except self._errors as exc:
             self._lost(exc)
             self.local.charge(lease.key, lease.limits, tokens)
 
@@ -169,7 +167,7 @@ class RateLimiter:
             await asyncio.sleep(self.probe_interval_s)
             try:
                 await self.shared.ping()
-            except REDIS_ERRORS:
+            except self._errors:
                 continue
             self.redis_up = True
             logger.info("rate limits: Redis is back; limits are shared again")

@@ -14,12 +14,13 @@ Time is Redis's own clock (``TIME``), so replicas with skewed clocks still agree
 
 from __future__ import annotations
 
-from typing import Any
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Any
 
 from embedplex.core.tenant import KeyLimits
 from embedplex.limits.gcra import WINDOW_S, Budget, Verdict
+
+if TYPE_CHECKING:  # redis is imported only when a redis_url is configured (limiter.py)
+    from redis.asyncio import Redis
 
 _ADMIT = """
 local t = redis.call('TIME')
@@ -92,11 +93,14 @@ _REASONS = {1: "rpm", 2: "tpm", 3: "concurrency"}
 class RedisLimits:
     """The shared store: ``admit`` and ``finish`` as in ``LocalLimits``, one round trip each.
 
-    Errors are Redis's own (``redis.exceptions.RedisError``, ``OSError``): the caller
-    (``RateLimiter``) decides what losing Redis means.
+    Errors are Redis's own (``redis.exceptions.RedisError``, ``OSError``, timeouts):
+    ``errors`` lists them, and the caller (``RateLimiter``) decides what losing Redis means.
     """
 
     def __init__(self, client: Redis, *, lease_ttl_s: float = 300.0) -> None:
+        from redis.exceptions import RedisError
+
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self.client = client
         self.lease_ttl_s = lease_ttl_s
         self._admit = client.register_script(_ADMIT)
