@@ -11,12 +11,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from test_pipeline import SeenItems, local_factory
 
+from embedplex.api.app import create_app
+from embedplex.api.pipeline import Pipeline
 from embedplex.backends.fake import FakeBackend
-from embedplex.core.tenant import KeyLimits
-from embedplex.limits import RateLimiter
+from embedplex.config import Settings
+from embedplex.core.tenant import KeyLimits, Tenant
+from embedplex.limits import LocalLimits, RateLimiter
 from helpers import eventually, parse_metrics, running, served, value
-from tenants import limited_app
+from tenants import TenantByHeader, limited_app
 
 HEADERS = ("limit", "remaining", "reset")
 
@@ -141,3 +145,38 @@ def test_a_client_that_hangs_up_gives_its_slot_back(tiny_model_dir: Path) -> Non
             url + "/v1/embeddings", json={"input": "hi"}, headers={"x-test-tenant": "k"}
         )
     assert again.status_code == 200
+
+
+async def test_every_route_that_tokenizes_is_charged_its_tokens() -> None:
+    """Embeddings, batch and rerank routes charge what they tokenized (a frozen clock: no
+    refill, so the headers show the exact sum)."""
+    settings = Settings.load(None, served_model_name="embedder")
+    app = create_app(settings, gateway_factory=local_factory(FakeBackend(16), SeenItems()))
+    tenants = {"k": Tenant(key_id="k", limits=KeyLimits(tpm=100_000))}
+    pipeline = app.edge
+    assert isinstance(pipeline, Pipeline)
+    pipeline.stages.insert(2, TenantByHeader(tenants))
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    key = {"x-test-tenant": "k"}
+    calls = [
+        ("/v1/embeddings", {"input": ["a b c", "d"]}, lambda b: b["usage"]["prompt_tokens"]),
+        ("/embed", {"inputs": "hello there"}, None),
+        ("/rerank", {"query": "q", "texts": ["a b", "c"]}, None),
+        ("/v1/rerank", {"query": "q", "documents": ["a b"]}, lambda b: b["usage"]["total_tokens"]),
+        ("/api/rerank", {"query": "q", "documents": ["a b c"]}, None),
+        ("/v1/embeddings/batch", {"requests": [{"id": "1", "input": "x y"}]}, None),
+    ]
+    async with running(app) as client:
+
+        async def remaining() -> int:
+            answer = await client.get("/v1/models", headers=key)
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        for path, body, usage in calls:
+            before = await remaining()
+            answer = await client.post(path, json=body, headers=key)
+            assert answer.status_code == 200, (path, answer.text)
+            charged = before - await remaining()
+            assert charged > 0, path
+            if usage is not None:
+                assert charged == usage(answer.json()), path
