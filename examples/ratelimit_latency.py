@@ -1,6 +1,7 @@
 """Per-check latency of the two ways to share rate limits through Redis (docs/limits.md).
 
-    python examples/ratelimit_latency.py [--url redis://127.0.0.1:6379/0] [--checks 2000]
+    pip install limits   # only for this comparison: embedplex does not depend on it
+    PYTHONPATH=src python examples/ratelimit_latency.py [--url redis://HOST:6379/0] [--checks N]
 
 A "check" is what admitting one request costs: requests-per-minute taken, tokens-per-minute
 tested, and the numbers the x-ratelimit-* headers need. Measured sequentially on one connection

@@ -4,6 +4,8 @@ and restarted mid-test (per-process limits meanwhile, one log line, the metric),
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -121,3 +123,33 @@ async def test_concurrency_is_shared_and_released_through_redis(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_redis_that_hangs_is_left_after_the_timeout_and_rejoined(
+    server: RedisServer,
+) -> None:
+    """A frozen Redis (SIGSTOP: a partition, not a refused connection) costs one timeout, then
+    limits are per process until it answers again."""
+    lim = RateLimiter.from_url(server.url, timeout_s=0.2, probe_interval_s=0.2)
+    limits = KeyLimits(rpm=1000)
+    assert server.proc is not None
+    try:
+        verdict, lease = await lim.admit("k", limits)
+        assert lease is not None and lease.shared
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            verdict, lease = await lim.admit("k", limits)
+            waited = time.monotonic() - t0
+            assert verdict.refused is None and lease is not None and not lease.shared
+            assert lim.backend == "local"
+            assert waited < 5.0  # a timeout or two, not a hang
+            _, lease = await lim.admit("k", limits)  # no more waiting while it is away
+            assert lease is not None and not lease.shared
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: lim.backend == "redis", 20)
+        _, lease = await lim.admit("k", limits)
+        assert lease is not None and lease.shared
+    finally:
+        await lim.aclose()
