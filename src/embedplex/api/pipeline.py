@@ -1,6 +1,7 @@
 """The one request pipeline: the ASGI chain every HTTP request passes, on every route.
 
-    request id -> body limit -> authentication (-> tenant) -> admission     the stages
+    request id -> body limit -> authentication (-> tenant) -> admission
+      -> the tenant's rate limits                                           the stages
       -> the handler: a JSON POST route straight from bytes, or the FastAPI app
       -> metrics, the request span and the access log                       the observer
 

@@ -1,4 +1,4 @@
-"""The pipeline's stages: request id, body limit, authentication, admission.
+"""The pipeline's stages: request id, body limit, authentication, admission, rate limits.
 
 Each is a small object whose ``enter(exchange)`` runs for every request on every route
 (``api/pipeline.py``), in the order ``default_stages`` lists them. A stage refuses by raising an
@@ -97,7 +97,8 @@ class Admission:
 
     Today: while the server drains (SIGTERM), API work is refused with 503 at once, so that a
     request arriving on a kept-alive connection goes elsewhere instead of queueing behind the
-    drain; probes and the admin API still answer. Per-tenant limits belong here.
+    drain; probes and the admin API still answer. A tenant's rate limits come next, in their
+    own stage (``api/ratelimit.py``).
     """
 
     def enter(self, ex: Exchange) -> None:
