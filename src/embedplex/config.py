@@ -196,6 +196,19 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often half-open providers get a health probe."
     )
 
+    # -- per-key rate limits (docs/limits.md) ---------------------------------------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Share per-key rate limits across replicas through this Redis "
+        "(redis://[:password@]host:6379/0; unset: each process limits alone).",
+    )
+    redis_timeout_s: float = Field(
+        0.5, gt=0, description="A Redis call slower than this falls back to per-process limits."
+    )
+    redis_probe_interval_s: float = Field(
+        5.0, gt=0, description="While Redis is away, how often it is probed to share again."
+    )
+
     # Tables last: in TOML, top-level keys must come before [[tables]]. No flags for these.
     models: list[ModelConfig] = Field(
         default_factory=list,

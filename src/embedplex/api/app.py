@@ -30,6 +30,7 @@ from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError
 from embedplex.gateway import Gateway
 from embedplex.gateway.build import build_gateway
+from embedplex.limits import RateLimiter
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
 from embedplex.serve.process_tuning import run_lowered
@@ -116,6 +117,7 @@ def create_app(
             await gw.close(drain=True)
             if metrics_server is not None:
                 metrics_server.stop()
+            await limiter.aclose()
             telemetry.shutdown()
 
     app = EmbedplexApp(
@@ -128,6 +130,14 @@ def create_app(
     app.state.settings = settings
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    limiter = RateLimiter.from_url(
+        redis_url,
+        timeout_s=settings.redis_timeout_s,
+        probe_interval_s=settings.redis_probe_interval_s,
+        observer=telemetry.metrics.rate_limits,
+    )
+    app.state.rate_limiter = limiter
     telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
     for router in ROUTERS:
         app.include_router(router)
@@ -158,7 +168,7 @@ def create_app(
     observer = RequestObserver(telemetry, paths=paths, log_requests=settings.log_requests)
     edge: ASGIApp = Pipeline(
         app.serve_routes,
-        stages=default_stages(settings),
+        stages=default_stages(settings, limiter),
         routes=JSON_ROUTES,
         observer=observer,
     )

@@ -1,4 +1,4 @@
-"""The pipeline's stages: request id, body limit, authentication, admission.
+"""The pipeline's stages: request id, body limit, authentication, admission, rate limits.
 
 Each is a small object whose ``enter(exchange)`` runs for every request on every route
 (``api/pipeline.py``), in the order ``default_stages`` lists them. A stage refuses by raising an
@@ -13,11 +13,13 @@ import os
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
+from embedplex.api.ratelimit import RateLimit
 from embedplex.core.errors import AuthenticationError, NotReadyError
 from embedplex.core.tenant import STATIC_KEY
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
+    from embedplex.limits import RateLimiter
 
 # Open to anyone, as in TEI: probes, docs and /metrics (serve it on --metrics-port to keep it
 # off a public port).
@@ -95,7 +97,8 @@ class Admission:
 
     Today: while the server drains (SIGTERM), API work is refused with 503 at once, so that a
     request arriving on a kept-alive connection goes elsewhere instead of queueing behind the
-    drain; probes and the admin API still answer. Per-tenant limits belong here.
+    drain; probes and the admin API still answer. A tenant's rate limits come next, in their
+    own stage (``api/ratelimit.py``).
     """
 
     def enter(self, ex: Exchange) -> None:
@@ -105,10 +108,13 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
-def default_stages(settings: Settings) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, admission."""
+def default_stages(settings: Settings, limiter: RateLimiter | None = None) -> list[Stage]:
+    """The chain in its order: request id, body limit, authentication, admission, the key's
+    rate limits (last, so that a request refused while draining costs its key nothing)."""
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
     if settings.api_key is not None:
         stages.append(StaticKey(settings.api_key.get_secret_value()))
     stages.append(Admission())
+    if limiter is not None:
+        stages.append(RateLimit(limiter, _UNAUTHENTICATED))
     return stages

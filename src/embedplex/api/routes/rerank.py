@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from embedplex.api.common import gateway, json_response, tenant_of, unless_disconnected
+from embedplex.api.common import gateway, json_response, run_rerank, tenant_of
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
 
@@ -63,8 +63,7 @@ def _headers(result: RerankResult) -> dict[str, str]:
 
 
 async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
-    model = gateway(request).reranker(model_name)
-    return await unless_disconnected(request, model.rerank(core))
+    return await run_rerank(request, gateway(request).reranker(model_name), core)
 
 
 @router.post("/rerank")
