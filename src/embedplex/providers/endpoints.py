@@ -10,9 +10,11 @@ machine's own credentials.
 Providers from the config file are the operator's own and may point anywhere (a TEI sidecar on
 ``127.0.0.1`` is the usual case) except at a metadata address given literally.
 
-DNS rebinding: the check resolves the name when the provider is added; a name whose records
-change afterwards is not re-checked per connection. What it bounds: the metadata address, and
-the allowed networks, hold for what the name resolved to at add time. See docs/security.md.
+DNS rebinding: a name that resolves to a public address when the provider is added and to a
+private one later is caught at connect time. The router's HTTP client connects through
+``GuardedBackend``: it resolves the host itself, checks every address (the full rule for hosts
+that no config-file provider names, the metadata rule for those that one does) and connects to
+a checked address, never to a second resolution of the name. TLS still verifies the name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
+import httpcore
 import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -124,3 +127,82 @@ async def check_endpoint(url: str, allowed: Iterable[Network]) -> None:
             check_address(address, networks)
         except EndpointRefused as exc:
             raise EndpointRefused(f"endpoint host {host!r}: {exc}") from None
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to addresses the rules allow.
+
+    ``trusted``: hosts the operator configured (config-file providers): only the metadata rule.
+    Any other host (a provider added at run time): ``check_address`` with ``allowed``. A refusal
+    is a connect error, which the provider's retries and breaker treat as any other.
+    """
+
+    def __init__(self, allowed: Iterable[Network], trusted: Iterable[str] = ()) -> None:
+        self.allowed = list(allowed)
+        self.trusted = frozenset(trusted)
+        self._inner = httpcore.AnyIOBackend()
+
+    def _check(self, host: str, addresses: list[IPAddress]) -> None:
+        if not addresses:
+            raise EndpointRefused(f"{host!r} resolves to no address")
+        for address in addresses:
+            if host in self.trusted:
+                if is_metadata(address):
+                    raise EndpointRefused(f"{address} is a cloud metadata address")
+            else:
+                check_address(address, self.allowed)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            addresses = await resolve(host, port)
+            self._check(host, addresses)
+        except EndpointRefused as exc:
+            raise httpcore.ConnectError(f"{host}: {exc}") from None
+        failure: Exception | None = None
+        for address in addresses:  # the checked addresses themselves: no second lookup
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("an upstream is reached over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def guarded_client(
+    backend: GuardedBackend, *, limits: httpx.Limits, timeout: httpx.Timeout
+) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` whose connections go through ``backend``.
+
+    httpx takes no network backend, so its transport's connection pool is replaced by one that
+    has ours (the pool is httpx's documented extension point, ``httpcore``).
+    """
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=backend,
+    )
+    # trust_env off: a proxy from the environment would connect past the guard.
+    return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
