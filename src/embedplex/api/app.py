@@ -125,7 +125,10 @@ def create_app(
         version=__version__,
         description="Embedding server and batching gateway (OpenAI and TEI compatible).",
         lifespan=lifespan,
-        docs_url="/docs",
+        # docs_enabled = false: no /docs, /redoc or /openapi.json (404), nothing to map the API.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
     app.state.gateway = Gateway()

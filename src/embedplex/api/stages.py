@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from embedplex.config import Settings
     from embedplex.limits import RateLimiter
 
-# Open to anyone, as in TEI: probes, docs and /metrics (serve it on --metrics-port to keep it
-# off a public port).
+# Open to anyone, as in TEI: probes and docs (``docs_enabled = false`` turns the docs off), and
+# /metrics only with ``metrics_public`` (or on --metrics-port, which serves it alone).
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
 # The admin API checks its own secret (``api/routes/admin.py``), which may differ from the key.
 ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
@@ -69,14 +69,15 @@ class StaticKey:
     paths pass unauthenticated (the admin routes check their own secret).
     """
 
-    def __init__(self, key: str) -> None:
-        if not key:
+    def __init__(self, key: str, *, open_paths: tuple[str, ...] | None = None) -> None:
+        if not key.strip():
             # An empty key would match an empty or missing header: refuse to start instead.
             raise ValueError("api_key is set but empty")
         self.key = key.encode()
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
     def enter(self, ex: Exchange) -> None:
-        if ex.path.startswith(_UNAUTHENTICATED):
+        if ex.path.startswith(self.open_paths):
             return
         given = b""
         value = ex.header(b"authorization")
@@ -90,6 +91,7 @@ class StaticKey:
 
 
 _UNAUTHENTICATED = OPEN_PATHS + ADMIN_PATHS
+_WITHOUT_METRICS = tuple(p for p in _UNAUTHENTICATED if p != "/metrics")
 
 
 class Admission:
@@ -113,7 +115,9 @@ def default_stages(settings: Settings, limiter: RateLimiter | None = None) -> li
     rate limits (last, so that a request refused while draining costs its key nothing)."""
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
     if settings.api_key is not None:
-        stages.append(StaticKey(settings.api_key.get_secret_value()))
+        # /metrics follows the key unless the operator made it public.
+        open_paths = None if settings.metrics_public else _WITHOUT_METRICS
+        stages.append(StaticKey(settings.api_key.get_secret_value(), open_paths=open_paths))
     stages.append(Admission())
     if limiter is not None:
         stages.append(RateLimit(limiter, _UNAUTHENTICATED))

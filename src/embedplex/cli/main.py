@@ -186,9 +186,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON doc
 def status(
     url: UrlOption = "http://127.0.0.1:8080",
     as_json: JsonOption = False,
-    api_key: Annotated[
+    admin_secret: Annotated[
         str | None,
-        typer.Option(envvar="EMBEDPLEX_API_KEY", help="API key, if the server needs one."),
+        typer.Option(
+            envvar="EMBEDPLEX_ADMIN_SECRET",
+            help="The server's admin secret (/api/v1/status is an admin route).",
+        ),
     ] = None,
 ) -> None:
     """Show a running server's models, queues, recent throughput, batch sizes and errors."""
@@ -197,7 +200,7 @@ def status(
     from embedplex.cli.status import fetch_status, render_status
 
     try:
-        payload = fetch_status(url, api_key=api_key)
+        payload = fetch_status(url, admin_secret=admin_secret)
     except httpx.HTTPError as exc:
         typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
         raise typer.Exit(2) from exc
