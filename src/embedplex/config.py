@@ -88,6 +88,33 @@ class Settings(BaseSettings):
         "set it with EMBEDPLEX_ADMIN_SECRET.",
     )
 
+    # -- state store and managed API keys (docs/keys.md) ---------------------------------
+    state_url: str | None = Field(
+        None,
+        description="Where keys, run-time providers and usage are kept: sqlite:///path or "
+        "postgresql://user@host/db (default: SQLite file state.db in data_dir).",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Directory of the default SQLite state store "
+        "(default: $XDG_DATA_HOME/embedplex or ~/.local/share/embedplex).",
+    )
+    require_api_key: bool = Field(
+        False,
+        description="Refuse requests without a managed key even before the first key exists "
+        "(keys are required anyway once the store holds one).",
+    )
+    state_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=2.0,
+        description="How often each replica checks the store for key and provider changes "
+        "(revocations take effect within about twice this).",
+    )
+    usage_flush_s: float = Field(
+        10.0, gt=0, description="How often per-key usage counts are written to the store."
+    )
+
     # -- model ----------------------------------------------------------------------------
     local_model: bool = Field(
         True, description="Serve the local model(s) (false: remote providers only)."

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hmac
 import itertools
 import os
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
 from embedplex.core.errors import AuthenticationError, NotReadyError
-from embedplex.core.tenant import STATIC_KEY
+from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Tenant, current_tenant
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
+    from embedplex.state.cache import KeyVerifier
 
 # Open to anyone, as in TEI: probes, docs and /metrics (serve it on --metrics-port to keep it
 # off a public port).
@@ -87,7 +89,72 @@ class StaticKey:
         ex.tenant = STATIC_KEY
 
 
-_UNAUTHENTICATED = OPEN_PATHS + ADMIN_PATHS
+_UNAUTHENTICATED = OPEN_PATHS + ADMIN_PATHS + ("/api/v1/keys",)
+_MANAGED_PREFIX = b"ep_"
+
+
+def _bearer(ex: Exchange) -> bytes:
+    value = ex.header(b"authorization")
+    if value is None:
+        return b""
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+class ManagedKeys:
+    """Authenticate by a managed key from the state store (``ep_<id>_<secret>``), or by the
+    static ``--api-key`` beside them; yields the key's ``Tenant`` (id, priority, models, limits,
+    weight). Replaces ``StaticKey`` when the server has a state store.
+
+    Keys are required once the store holds any key (created, even if revoked since) or with
+    ``require_api_key``, or when a static key is set; otherwise a request without a valid key
+    is the anonymous tenant (the quickstart). A key seen before costs one HMAC and one dict
+    lookup (``state/cache.py``); a new one, one row read and one argon2 verification.
+    The tenant also goes into ``current_tenant`` for the model check in ``Gateway.pick``.
+    """
+
+    def __init__(self, verifier: KeyVerifier, static_key: str | None = None) -> None:
+        if static_key is not None and not static_key:
+            raise ValueError("api_key is set but empty")
+        self.verifier = verifier
+        self.static = static_key.encode() if static_key else None
+
+    def enter(self, ex: Exchange) -> Awaitable[None] | None:
+        from embedplex.state.cache import KeyRejectedError
+
+        current_tenant.set(ANONYMOUS)
+        if ex.path.startswith(_UNAUTHENTICATED):
+            return None
+        given = _bearer(ex)
+        if given.startswith(_MANAGED_PREFIX):
+            try:
+                tenant = self.verifier.cached(given)
+            except KeyRejectedError as exc:
+                raise AuthenticationError(exc.reason) from None
+            if tenant is None:
+                return self._verify(ex, given)
+            self._admit(ex, tenant)
+            return None
+        if self.static is not None and given and hmac.compare_digest(given, self.static):
+            self._admit(ex, STATIC_KEY)
+            return None
+        if self.static is not None or self.verifier.required:
+            raise AuthenticationError("missing or invalid API key")
+        return None  # no keys asked for: the anonymous tenant
+
+    async def _verify(self, ex: Exchange, given: bytes) -> None:
+        from embedplex.state.cache import KeyRejectedError
+
+        try:
+            tenant = await self.verifier.verify(given)
+        except KeyRejectedError as exc:
+            raise AuthenticationError(exc.reason) from None
+        self._admit(ex, tenant)
+
+    @staticmethod
+    def _admit(ex: Exchange, tenant: Tenant) -> None:
+        ex.tenant = tenant
+        current_tenant.set(tenant)
 
 
 class Admission:
@@ -105,10 +172,17 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
-def default_stages(settings: Settings) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, admission."""
+def default_stages(settings: Settings, keys: KeyVerifier | None = None) -> list[Stage]:
+    """The chain in its order: request id, body limit, authentication, admission.
+
+    ``keys``: the managed keys of the state store; then ``ManagedKeys`` authenticates (and
+    accepts the static key too).
+    """
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
-    if settings.api_key is not None:
-        stages.append(StaticKey(settings.api_key.get_secret_value()))
+    static = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    if keys is not None:
+        stages.append(ManagedKeys(keys, static))
+    elif static is not None:
+        stages.append(StaticKey(static))
     stages.append(Admission())
     return stages

@@ -11,7 +11,8 @@ status codes.
     │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
     │   ├── InputTooLongError           over max input length, truncate off     -> 422
     │   ├── ModelNotFoundError          no such model or provider               -> 404
-    │   └── AuthenticationError         missing or wrong API key                -> 401
+    │   ├── AuthenticationError         missing or wrong API key                -> 401
+    │   └── ForbiddenError              a key used for a model outside its list -> 403
     ├── OverloadedError                 admission refused; retry later          -> 429
     │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
     ├── UnavailableError                                                        -> 503
@@ -73,6 +74,12 @@ class ModelNotFoundError(ClientError):
 
 class AuthenticationError(ClientError):
     kind = "authentication"
+
+
+class ForbiddenError(ClientError):
+    """The caller is known but may not do this (a managed key outside its models)."""
+
+    kind = "forbidden"
 
 
 class OverloadedError(EmbedplexError):

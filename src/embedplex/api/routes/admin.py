@@ -3,7 +3,8 @@
 Routes here take ``Authorization: Bearer <admin secret>`` (or ``X-Admin-Secret``). The secret is
 ``admin_secret`` (``EMBEDPLEX_ADMIN_SECRET``), else the server's ``api_key``. With neither set,
 reads are open and changes are refused: a server nobody secured should not be reconfigurable
-by anyone who can reach it. Changes live in memory only (see docs/router.md).
+by anyone who can reach it. Changes are kept in the state store, and every replica on the same
+store applies them within seconds (``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ async def add_provider(body: AddProvider, request: Request) -> Response:
         request.app.state.telemetry.instrument([model])  # its build info
         await model.start()
         gw.add(model)
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:  # kept for restarts and the other replicas
+        sync.adopt(body.provider.name)
+        await sync.providers.put(body.provider, body.serve_as)
     return json_response(_describe(body.provider), status=201)
 
 
@@ -116,6 +121,10 @@ async def remove_provider(name: str, request: Request) -> Response:
             f"provider {name!r} is part of routes {users}; change the config", param="name"
         )
     await _router(request).remove(name)
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:
+        sync.forget(name)
+        await sync.providers.delete(name)
     for m in gw.services():
         if isinstance(m, RemoteRoute) and m.route.providers == [name]:
             gw.remove(m.info.name)
