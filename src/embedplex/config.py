@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -349,6 +350,8 @@ class Settings(BaseSettings):
         variables that hold them), so there is nothing else to hide.
         """
         data = self.model_dump(mode="json")
+        if self.state_url:  # postgresql://user:password@host/db: the password goes
+            data["state_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.state_url)
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):
                 data[name] = "***" if getattr(self, name) is not None else None

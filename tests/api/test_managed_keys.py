@@ -180,3 +180,13 @@ async def test_require_api_key_before_any_key(tiny_model_dir: Path, tmp_path: Pa
     async with running(app) as client:
         assert (await client.post("/embed", json={"inputs": "x"})).status_code == 401
         assert (await client.get("/health")).status_code == 200
+
+
+async def test_key_admin_routes_need_an_admin_secret(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(state_url=f"sqlite:///{tmp_path / 's.db'}")
+    async with running(app_of(settings, three(tiny_model_dir))) as client:
+        listed = await client.get("/api/v1/keys")
+        created = await client.post("/api/v1/keys", json={"name": "x"})
+        rotated = await client.post("/api/v1/keys/rotate", json={"name": "x"})
+    for r in (listed, created, rotated):
+        assert r.status_code == 401 and "admin secret" in r.json()["error"], r.text

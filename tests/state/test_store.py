@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from embedplex.config import Settings
 from embedplex.core.tenant import KeyLimits, Priority
-from embedplex.state.cache import KeyRejectedError, KeyVerifier
+from embedplex.state.cache import KeyRejectedError, KeyStoreUnavailableError, KeyVerifier
 from embedplex.state.keys import KeySpec, KeyStore, KeyStoreError, duration, split_key
 from embedplex.state.store import StateStore
 from embedplex.state.url import resolve
 from embedplex.state.usage import UsageMeter, usage_since
+from helpers import free_port
 from state_fixtures import pg_url, state_url  # noqa: F401  (fixtures)
 
 
@@ -144,3 +147,18 @@ def test_urls() -> None:
     assert "schema" not in target.url.query
     with pytest.raises(ValueError, match="state_url"):
         resolve("mysql://h/db")
+
+
+async def test_an_unreachable_store_is_unavailable_not_a_wrong_key(tmp_path: Path) -> None:
+    dead = StateStore.from_url(f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    verifier = KeyVerifier(KeyStore(dead))
+    with pytest.raises(KeyStoreUnavailableError):
+        await verifier.verify(b"ep_0123456789ab_" + b"s" * 43)
+    await dead.close()
+
+
+def test_config_show_hides_the_store_password() -> None:
+    settings = Settings(state_url="postgresql://embedplex:hunter2@db:5432/embedplex")
+    shown = settings.redacted()["state_url"]
+    assert "hunter2" not in shown and shown == "postgresql://embedplex:***@db:5432/embedplex"
+    assert Settings(state_url="sqlite:///x.db").redacted()["state_url"] == "sqlite:///x.db"

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
-from embedplex.core.errors import AuthenticationError, NotReadyError
+from embedplex.core.errors import AuthenticationError, NotReadyError, UnavailableError
 from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Tenant, current_tenant
 
 if TYPE_CHECKING:
@@ -143,12 +143,14 @@ class ManagedKeys:
         return None  # no keys asked for: the anonymous tenant
 
     async def _verify(self, ex: Exchange, given: bytes) -> None:
-        from embedplex.state.cache import KeyRejectedError
+        from embedplex.state.cache import KeyRejectedError, KeyStoreUnavailableError
 
         try:
             tenant = await self.verifier.verify(given)
         except KeyRejectedError as exc:
             raise AuthenticationError(exc.reason) from None
+        except KeyStoreUnavailableError:
+            raise UnavailableError("the key store is unavailable; retry shortly") from None
         self._admit(ex, tenant)
 
     @staticmethod

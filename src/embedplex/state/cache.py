@@ -18,6 +18,8 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from embedplex.core.tenant import Tenant
 from embedplex.state.keys import KeyStore, split_key, verify_hash
 from embedplex.state.store import now
@@ -32,6 +34,10 @@ _HASHES_AT_ONCE = 2  # argon2 verifications at once: a flood of wrong keys costs
 class _Entry:
     tenant: Tenant
     expires: float | None  # epoch seconds
+
+
+class KeyStoreUnavailableError(Exception):
+    """The store could not be read to verify a key not seen before (answered 503)."""
 
 
 class KeyRejectedError(Exception):
@@ -111,7 +117,11 @@ class KeyVerifier:
         if parts is None:
             raise KeyRejectedError("invalid API key")
         version = self.version
-        record = await self.keys.get(parts[0])
+        try:
+            record = await self.keys.get(parts[0])
+        except (SQLAlchemyError, OSError) as exc:
+            logger.warning("key lookup failed: %s", type(exc).__name__)
+            raise KeyStoreUnavailableError from None
         if record is None:
             raise KeyRejectedError("invalid API key")
         async with self._hashing:

@@ -23,15 +23,25 @@ from starlette.responses import Response
 
 from embedplex.api.common import json_response
 from embedplex.api.routes.admin import require_admin_change
-from embedplex.core.errors import InvalidRequestError, ModelNotFoundError
+from embedplex.core.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
 from embedplex.core.tenant import Priority
 from embedplex.state.cache import KeyVerifier
 from embedplex.state.keys import KeySpec, KeyStore, KeyStoreError, duration
 from embedplex.state.usage import usage_since
 
-router = APIRouter(
-    prefix="/api/v1/keys", tags=["admin"], dependencies=[Depends(require_admin_change)]
-)
+
+def require_admin(request: Request) -> None:
+    """The admin secret, for reads too; a clear word when the server has none."""
+    settings = request.app.state.settings
+    if not (settings.admin_secret or settings.api_key):
+        raise AuthenticationError(
+            "key management needs an admin secret: start the server with "
+            "EMBEDPLEX_ADMIN_SECRET set (or use `embedplex keys` on the store)"
+        )
+    require_admin_change(request)
+
+
+router = APIRouter(prefix="/api/v1/keys", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
 class CreateKey(BaseModel):

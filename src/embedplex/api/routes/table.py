@@ -61,8 +61,6 @@ JSON_ROUTES: dict[str, JsonRoute] = {
     "/api/v1/providers": JsonRoute(
         admin.AddProvider, admin.add_provider, guard=admin.require_admin_change
     ),
-    "/api/v1/keys": JsonRoute(keys.CreateKey, keys.create_key, guard=admin.require_admin_change),
-    "/api/v1/keys/rotate": JsonRoute(
-        keys.RotateKey, keys.rotate_key, guard=admin.require_admin_change
-    ),
+    "/api/v1/keys": JsonRoute(keys.CreateKey, keys.create_key, guard=keys.require_admin),
+    "/api/v1/keys/rotate": JsonRoute(keys.RotateKey, keys.rotate_key, guard=keys.require_admin),
 }
