@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from embedplex.core.tenant import Tenant
 from embedplex.state.keys import KeyStore, split_key, verify_hash
-from embedplex.state.store import now
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class KeyVerifier:
         entry = self._cache.get(self._digest(presented))
         if entry is None:
             return None
-        if entry.expires is not None and entry.expires <= now().timestamp():
+        if entry.expires is not None and entry.expires <= time.time():
             raise KeyRejectedError("API key expired")
         return entry.tenant
 

@@ -14,10 +14,11 @@ import re
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import insert, select, update
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from embedplex.core.tenant import KeyLimits, Priority, Tenant
@@ -129,8 +130,10 @@ class KeySpec:
     expires_in: timedelta | None = None
 
 
-def _record(row: object) -> KeyRecord:
-    m = row._mapping  # type: ignore[attr-defined]
+def _record(row: Row[Any]) -> KeyRecord:
+    m = row._mapping
+    created = utc(m["created_at"])
+    assert created is not None  # NOT NULL
     return KeyRecord(
         id=m["id"],
         name=m["name"],
@@ -140,7 +143,7 @@ def _record(row: object) -> KeyRecord:
         max_concurrent=m["max_concurrent"],
         priority=m["priority"],
         weight=m["weight"],
-        created_at=utc(m["created_at"]),  # type: ignore[arg-type]
+        created_at=created,
         expires_at=utc(m["expires_at"]),
         revoked_at=utc(m["revoked_at"]),
         rotated_at=utc(m["rotated_at"]),

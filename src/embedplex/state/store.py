@@ -13,7 +13,7 @@ import logging
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
@@ -22,6 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from embedplex.state import schema
 from embedplex.state.url import StateUrl, resolve
+
+if TYPE_CHECKING:
+    from embedplex.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class StateStore:
         return cls(resolve(state_url, data_dir))
 
     @classmethod
-    def from_settings(cls, settings: Any) -> StateStore:
+    def from_settings(cls, settings: Settings) -> StateStore:
         return cls.from_url(settings.state_url, settings.data_dir)
 
     def describe(self) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Executable, func, select
 
 from embedplex.state import schema
-from embedplex.state.store import StateStore, now
+from embedplex.state.store import StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ class UsageMeter:
     def __init__(self, store: StateStore, *, flush_s: float = 10.0) -> None:
         self.store = store
         self.flush_s = flush_s
-        self._counts: dict[tuple[str, datetime], list[int]] = {}
+        self._counts: dict[tuple[str, int], list[int]] = {}  # (key id, minute since epoch)
         self._task: asyncio.Task[None] | None = None
 
     def add(self, key_id: str, inputs: int, tokens: int, refused: bool) -> None:
-        bucket = now().replace(second=0, microsecond=0)
+        bucket = int(time.time()) // 60
         counts = self._counts.get((key_id, bucket))
         if counts is None:
             counts = self._counts[(key_id, bucket)] = [0, 0, 0, 0]
@@ -73,7 +74,11 @@ class UsageMeter:
         if not counts:
             return
         rows = [
-            {"key_id": k, "bucket": b, **dict(zip(_FIELDS, c, strict=True))}
+            {
+                "key_id": k,
+                "bucket": datetime.fromtimestamp(b * 60, UTC),
+                **dict(zip(_FIELDS, c, strict=True)),
+            }
             for (k, b), c in counts.items()
         ]
         try:
