@@ -121,6 +121,33 @@ class Settings(BaseSettings):
         "time may reach; public addresses always may, cloud metadata addresses never.",
     )
 
+    # -- state store and managed API keys (docs/keys.md) ---------------------------------
+    state_url: str | None = Field(
+        None,
+        description="Where keys, run-time providers and usage are kept: sqlite:///path or "
+        "postgresql://user@host/db (default: SQLite file state.db in data_dir).",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Directory of the default SQLite state store "
+        "(default: $XDG_DATA_HOME/embedplex or ~/.local/share/embedplex).",
+    )
+    require_api_key: bool = Field(
+        False,
+        description="Refuse requests without a managed key even before the first key exists "
+        "(keys are required anyway once the store holds one).",
+    )
+    state_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=2.0,
+        description="How often each replica checks the store for key and provider changes "
+        "(revocations take effect within about twice this).",
+    )
+    usage_flush_s: float = Field(
+        10.0, gt=0, description="How often per-key usage counts are written to the store."
+    )
+
     # -- model ----------------------------------------------------------------------------
     local_model: bool = Field(
         True, description="Serve the local model(s) (false: remote providers only)."
@@ -422,6 +449,8 @@ class Settings(BaseSettings):
         variables that hold them), so there is nothing else to hide.
         """
         data = self.model_dump(mode="json")
+        if self.state_url:  # postgresql://user:password@host/db: the password goes
+            data["state_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.state_url)
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):
                 data[name] = "***" if getattr(self, name) is not None else None

@@ -65,6 +65,10 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         e.AuthenticationError,
         ErrorSpec(401, "Unauthorized", "invalid_request_error", "invalid_api_key"),
     ),
+    (
+        e.ModelNotAllowedError,
+        ErrorSpec(403, "Forbidden", "invalid_request_error", "model_not_allowed"),
+    ),
     (e.ForbiddenError, ErrorSpec(403, "Forbidden", "invalid_request_error", "forbidden")),
     (e.ClientError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request")),
     (e.RateLimitedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "rate_limit_exceeded")),

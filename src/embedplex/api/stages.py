@@ -10,22 +10,24 @@ from __future__ import annotations
 import hmac
 import itertools
 import os
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
 from embedplex.api.ratelimit import RateLimit
-from embedplex.core.errors import AuthenticationError, NotReadyError
-from embedplex.core.tenant import STATIC_KEY
+from embedplex.core.errors import AuthenticationError, NotReadyError, UnavailableError
+from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Tenant, current_tenant
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
     from embedplex.limits import RateLimiter
+    from embedplex.state.cache import KeyVerifier
 
 # Open to anyone, as in TEI: probes and docs (``docs_enabled = false`` turns the docs off), and
 # /metrics only with ``metrics_public`` (or on --metrics-port, which serves it alone).
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
 # The admin API checks its own secret (``api/routes/admin.py``), which may differ from the key.
-ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
+ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers", "/api/v1/keys")
 
 # 32 hex digits like a uuid4: a random per-process prefix and a counter (a uuid4 per request
 # cost more than the rest of the request id handling together).
@@ -92,6 +94,80 @@ class StaticKey:
 
 _UNAUTHENTICATED = OPEN_PATHS + ADMIN_PATHS
 _WITHOUT_METRICS = tuple(p for p in _UNAUTHENTICATED if p != "/metrics")
+_MANAGED_PREFIX = b"ep_"
+
+
+def _bearer(ex: Exchange) -> bytes:
+    value = ex.header(b"authorization")
+    if value is None:
+        return b""
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+class ManagedKeys:
+    """Authenticate by a managed key from the state store (``ep_<id>_<secret>``), or by the
+    static ``--api-key`` beside them; yields the key's ``Tenant`` (id, priority, models, limits,
+    weight). Replaces ``StaticKey`` when the server has a state store.
+
+    Keys are required once the store holds any key (created, even if revoked since) or with
+    ``require_api_key``, or when a static key is set; otherwise a request without a valid key
+    is the anonymous tenant (the quickstart). A key seen before costs one HMAC and one dict
+    lookup (``state/cache.py``); a new one, one row read and one argon2 verification.
+    The tenant also goes into ``current_tenant`` for the model check in ``Gateway.pick``.
+    """
+
+    def __init__(
+        self,
+        verifier: KeyVerifier,
+        static_key: str | None = None,
+        *,
+        open_paths: tuple[str, ...] | None = None,
+    ) -> None:
+        if static_key is not None and not static_key.strip():
+            raise ValueError("api_key is set but empty")
+        self.verifier = verifier
+        self.static = static_key.encode() if static_key else None
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
+
+    def enter(self, ex: Exchange) -> Awaitable[None] | None:
+        from embedplex.state.cache import KeyRejectedError
+
+        current_tenant.set(ANONYMOUS)
+        if ex.path.startswith(self.open_paths):
+            return None
+        given = _bearer(ex)
+        if given.startswith(_MANAGED_PREFIX):
+            try:
+                tenant = self.verifier.cached(given)
+            except KeyRejectedError as exc:
+                raise AuthenticationError(exc.reason) from None
+            if tenant is None:
+                return self._verify(ex, given)
+            self._admit(ex, tenant)
+            return None
+        if self.static is not None and given and hmac.compare_digest(given, self.static):
+            self._admit(ex, STATIC_KEY)
+            return None
+        if self.static is not None or self.verifier.required:
+            raise AuthenticationError("missing or invalid API key")
+        return None  # no keys asked for: the anonymous tenant
+
+    async def _verify(self, ex: Exchange, given: bytes) -> None:
+        from embedplex.state.cache import KeyRejectedError, KeyStoreUnavailableError
+
+        try:
+            tenant = await self.verifier.verify(given)
+        except KeyRejectedError as exc:
+            raise AuthenticationError(exc.reason) from None
+        except KeyStoreUnavailableError:
+            raise UnavailableError("the key store is unavailable; retry shortly") from None
+        self._admit(ex, tenant)
+
+    @staticmethod
+    def _admit(ex: Exchange, tenant: Tenant) -> None:
+        ex.tenant = tenant
+        current_tenant.set(tenant)
 
 
 class Admission:
@@ -110,14 +186,22 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
-def default_stages(settings: Settings, limiter: RateLimiter | None = None) -> list[Stage]:
+def default_stages(
+    settings: Settings, keys: KeyVerifier | None = None, limiter: RateLimiter | None = None
+) -> list[Stage]:
     """The chain in its order: request id, body limit, authentication, admission, the key's
-    rate limits (last, so that a request refused while draining costs its key nothing)."""
+    rate limits (last, so that a request refused while draining costs its key nothing).
+
+    ``keys``: the managed keys of the state store; then ``ManagedKeys`` authenticates (and
+    accepts the static key too). ``/metrics`` follows the key unless ``metrics_public``.
+    """
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
-    if settings.api_key is not None:
-        # /metrics follows the key unless the operator made it public.
-        open_paths = None if settings.metrics_public else _WITHOUT_METRICS
-        stages.append(StaticKey(settings.api_key.get_secret_value(), open_paths=open_paths))
+    static = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    open_paths = None if settings.metrics_public else _WITHOUT_METRICS
+    if keys is not None:
+        stages.append(ManagedKeys(keys, static, open_paths=open_paths))
+    elif static is not None:
+        stages.append(StaticKey(static, open_paths=open_paths))
     stages.append(Admission())
     if limiter is not None:
         stages.append(RateLimit(limiter, _UNAUTHENTICATED))

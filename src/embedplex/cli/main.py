@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from embedplex import __version__
 from embedplex.bench.cli import bench_app
+from embedplex.cli.keys import db_app, keys_app
 from embedplex.cli.providers import providers_app
 from embedplex.config import Settings
 
@@ -24,6 +25,8 @@ config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=Tr
 app.add_typer(config_app, name="config")
 app.add_typer(providers_app, name="providers")
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
     Path | None,

@@ -12,7 +12,8 @@ status codes.
     │   ├── InputTooLongError           over max input length, truncate off     -> 422
     │   ├── ModelNotFoundError          no such model or provider               -> 404
     │   ├── AuthenticationError         missing or wrong API key                -> 401
-    │   └── ForbiddenError              a feature the server has turned off     -> 403
+    │   └── ForbiddenError              not allowed: a feature turned off       -> 403
+    │       └── ModelNotAllowedError    a key used for a model outside its list -> 403
     ├── OverloadedError                 admission refused; retry later          -> 429
     │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
     ├── UnavailableError                                                        -> 503
@@ -77,9 +78,14 @@ class AuthenticationError(ClientError):
 
 
 class ForbiddenError(ClientError):
-    """No credential would help: the server is not configured to allow this (admin API off)."""
+    """The caller may not do this: the server has turned it off (the admin API without a
+    secret), or the caller's key does not allow it (``ModelNotAllowedError``)."""
 
     kind = "forbidden"
+
+
+class ModelNotAllowedError(ForbiddenError):
+    """A managed key used for a model outside its list of models."""
 
 
 class OverloadedError(EmbedplexError):

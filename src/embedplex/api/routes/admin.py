@@ -10,7 +10,8 @@ A provider added here is checked completely before anything changes: its definit
 URL shape), its name and served name against what is served, its key's environment variable
 against the operator's ``provider_key_envs``, and every address of its endpoint against
 ``provider_allowed_networks`` (``providers/endpoints.py``). Any failure is a 422 that leaves no
-trace. Changes live in memory only (see docs/router.md).
+trace. Changes are kept in the state store, and every replica on the same store applies them
+within seconds (``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ async def add_provider(body: AddProvider, request: Request) -> Response:
         except BaseException:
             await router_.remove(body.provider.name)
             raise
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:  # kept for restarts and the other replicas
+        sync.adopt(body.provider.name)
+        await sync.providers.put(body.provider, body.serve_as)
     return json_response(_describe(body.provider), status=201)
 
 
@@ -175,6 +180,10 @@ async def remove_provider(name: str, request: Request) -> Response:
             f"provider {name!r} is part of routes {users}; change the config", param="name"
         )
     await _router(request).remove(name)
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:
+        sync.forget(name)
+        await sync.providers.delete(name)
     for m in gw.services():
         if isinstance(m, RemoteRoute) and m.route.providers == [name]:
             gw.remove(m.info.name)
