@@ -1,7 +1,8 @@
 """The ASGI application: the pipeline in front, routes, error handlers, the gateway's lifespan.
 
 The gateway is built in ``lifespan`` and read from ``app.state``. Models load in the background
-so that liveness answers at once and readiness turns true when loading is done.
+so that liveness answers at once and readiness turns true when loading is done. A failed load is
+never an endless "loading": the probes name it, and a real server exits non-zero.
 """
 
 from __future__ import annotations
@@ -101,7 +102,16 @@ def create_app(
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
             except BaseException as exc:
                 failed.append(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 logger.exception("model loading failed")
+                # Never an endless "loading": readiness and liveness name the reason, and a
+                # real server (serve/server.py sets ``on_load_failure``) exits non-zero.
+                reason = exc.message if isinstance(exc, EmbedplexError) else str(exc)
+                app.state.gateway.load_error = reason or type(exc).__name__
+                on_failure = getattr(app.state, "on_load_failure", None)
+                if on_failure is not None:
+                    on_failure(app.state.gateway.load_error)
                 raise
 
         loader = asyncio.create_task(load())

@@ -22,6 +22,7 @@ dialect (``api/errors.py``) and the error's ``kind`` is what metrics and the log
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, invalid_body
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
-from embedplex.core.errors import EmbedplexError, PayloadTooLargeError
+from embedplex.core.errors import EmbedplexError, NotReadyError, PayloadTooLargeError
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ class Pipeline:
             return refuse(ex.scope, exc)
         except ClientGoneError:
             return client_gone(ex.scope)
+        except asyncio.CancelledError:
+            return cut_off(ex.scope)
         except Exception:
             logger.exception("unhandled error on %s", ex.path)
             return internal_error(ex.scope)
@@ -210,6 +213,9 @@ class Pipeline:
             if not status:
                 error = body_too_large(ex.body_limit or 0)
                 status = await self._send(refuse(scope, error), ex, send)
+        except asyncio.CancelledError:
+            if not status:
+                status = await self._send(cut_off(scope), ex, send)
         except Exception:
             # FastAPI's last-resort handler (app.py) has answered and logged it, then re-raised
             # it for the server to log again: once is enough.
@@ -239,6 +245,19 @@ def client_gone(scope: Scope) -> Response:
     """499 (nginx's "client closed request"): nobody reads it, but metrics and the log do."""
     scope_record(scope).error_type = "client_gone"
     return Response(status_code=499)
+
+
+def cut_off(scope: Scope) -> Response:
+    """The answer to a request whose task the server cancelled: uvicorn does so only when the
+    graceful shutdown period ends with the request still running. The documented JSON 503 (and
+    its log line, by the observer) rather than uvicorn's plain-text 500; the task then ends
+    normally, its cancellation answered."""
+    return refuse(
+        scope,
+        NotReadyError(
+            "the server shut down before this request finished (graceful_shutdown_s); retry"
+        ),
+    )
 
 
 def internal_error(scope: Scope) -> Response:

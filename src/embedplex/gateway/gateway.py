@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from embedplex.core.errors import (
     EmbedplexError,
+    FatalBackendError,
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
@@ -48,6 +50,9 @@ class Gateway:
             self.add(model)
         self.started = False
         self.draining = False
+        # Why loading failed (eager models, in-process): readiness and liveness report it.
+        self.load_error: str | None = None
+        self._dead_since: dict[str, float] = {}
 
     def add(self, model: ServedModel) -> None:
         name = model.info.name
@@ -168,6 +173,8 @@ class Gateway:
 
     def ready(self) -> tuple[bool, str]:
         """Ready when started, not draining and every model's backend is healthy."""
+        if self.load_error is not None:
+            return False, f"failed to load: {self.load_error}"
         if not self.started:
             return False, "loading"
         if self.draining:
@@ -178,6 +185,33 @@ class Gateway:
             except EmbedplexError as exc:
                 return False, f"{name}: {exc.message}"
         return True, "ready"
+
+    def dead(self) -> tuple[str, float] | None:
+        """Why the process cannot serve again and for how long (seconds), or None.
+
+        Dead: a model's backend failed fatally (a dead backend, a hung forward pass, a batching
+        loop that died) or loading failed. Only a restart helps, so liveness fails after a grace
+        period (``probes.py``). A lazy model that failed to load is not counted: its config or
+        files need fixing, and restarting would also stop the models that work. Time runs from
+        when a probe first saw it, at most one probe period late.
+        """
+        now = time.monotonic()
+        if self.load_error is not None:
+            since = self._dead_since.setdefault("", now)
+            return f"failed to load: {self.load_error}", now - since
+        worst: tuple[str, float] | None = None
+        for name, model in self._models.items():
+            try:
+                model.health()
+            except FatalBackendError as exc:
+                if not getattr(model, "loaded", True):
+                    continue  # a lazy model's failed load (see above)
+                since = self._dead_since.setdefault(name, now)
+                if worst is None or now - since > worst[1]:
+                    worst = (f"{name}: {exc.message}", now - since)
+            except EmbedplexError:
+                pass
+        return worst
 
     def stats(self) -> dict[str, Any]:
         return {name: model.stats() for name, model in self._models.items()}

@@ -142,6 +142,7 @@ class LocalModelOptions:
                 max_concurrency=streams,
                 max_queued=_set(m.max_queue_size),
                 queue_timeout=_set(m.queue_timeout_ms) / 1000,
+                run_timeout=settings.inference_timeout_s or None,  # the hung-pass watchdog
             ),
         )
 
