@@ -169,3 +169,31 @@ async def test_a_lazy_model_that_failed_to_load_does_not_fail_liveness(
         live = await client.get("/health/live")
     assert failed.status_code == 503
     assert live.status_code == 200  # a restart would not fix its config, and "a" still serves
+
+
+async def test_a_run_whose_callers_all_left_is_cancelled() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def run(payloads: list[str]) -> Sequence[str]:
+        started.set()
+        try:
+            await asyncio.sleep(60)  # an upstream that stalls
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return payloads
+
+    policy = BatchPolicy(max_items=4, cancel_abandoned=True)
+    async with Batcher("t", run, policy) as b:
+        items = b.submit(["a", "b"], [1, 1])
+        await asyncio.wait_for(started.wait(), 5)
+        items[0].future.cancel()  # one caller left: the run goes on for the other
+        await asyncio.sleep(0.05)
+        assert not cancelled.is_set()
+        items[1].future.cancel()  # the last one left
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.sleep(0.01)
+        assert b.in_flight == 0 and b.fatal is None
+        again = b.submit(["c"], [1])  # the batcher still serves
+        assert not again[0].future.done()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import math
 import os
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
-from embedplex.core.errors import AuthenticationError, NotReadyError
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
+from embedplex.core.errors import AuthenticationError, InvalidRequestError, NotReadyError
 from embedplex.core.tenant import STATIC_KEY
 
 if TYPE_CHECKING:
@@ -105,10 +107,48 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
+class RequestDeadline:
+    """Set the request's deadline (``core/deadline.py``): ``request_timeout_s``, tightened by
+    the client's ``X-Request-Timeout`` (seconds; a bad value is a 400) or the openai SDK's
+    ``X-Stainless-Read-Timeout`` (ignored when unreadable). A client can only shorten it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def enter(self, ex: Exchange) -> None:
+        seconds, source = self.seconds, "request_timeout_s"
+        asked = ex.header(b"x-request-timeout")
+        if asked is not None:
+            value = _seconds(asked)
+            if value is None:
+                raise InvalidRequestError(
+                    "X-Request-Timeout must be a positive number of seconds",
+                    param="X-Request-Timeout",
+                    malformed=True,
+                )
+            if value < seconds:
+                seconds, source = value, "X-Request-Timeout"
+        sdk = ex.header(b"x-stainless-read-timeout")
+        if sdk is not None:
+            value = _seconds(sdk)
+            if value is not None and value < seconds:
+                seconds, source = value, "X-Stainless-Read-Timeout"
+        REQUEST_DEADLINE.set(Deadline.after(seconds, source))
+
+
+def _seconds(raw: bytes) -> float | None:
+    try:
+        value = float(raw[:32])
+    except ValueError:
+        return None
+    return value if value > 0 and math.isfinite(value) else None
+
+
 def default_stages(settings: Settings) -> list[Stage]:
     """The chain in its order: request id, body limit, authentication, admission."""
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
     if settings.api_key is not None:
         stages.append(StaticKey(settings.api_key.get_secret_value()))
     stages.append(Admission())
+    stages.append(RequestDeadline(settings.request_timeout_s))
     return stages

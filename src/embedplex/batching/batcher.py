@@ -55,6 +55,9 @@ class BatchPolicy:
     run_timeout: seconds one run may take before it is declared hung (the watchdog): its
         callers get 503 at once and the batcher is marked dead (a thread cannot be killed, so
         the backend cannot be trusted again; liveness restarts the process). None: no watchdog.
+    cancel_abandoned: cancel a run once every caller of its batch has left (a deadline, a
+        disconnect): for runs that are coroutines (remote calls), whose work and retries
+        would otherwise go on for nobody. Not for runs in threads, which cannot stop.
     """
 
     max_items: int
@@ -64,6 +67,7 @@ class BatchPolicy:
     max_queued: int = 1024
     queue_timeout: float = 30.0
     run_timeout: float | None = None
+    cancel_abandoned: bool = False
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_concurrency < 1 or self.max_queued < 1:
@@ -352,7 +356,9 @@ class Batcher(Generic[P, R]):
             obs.on_batch_started(batch)
         # Start the run now (a local model submits to its inference thread right here), not in
         # the new task's first step, which would wait behind every callback already queued.
-        running = self._run([item.payload for item in batch])
+        running: Awaitable[Sequence[R | BaseException]] = self._run([i.payload for i in batch])
+        if self.policy.cancel_abandoned:
+            running = _cancel_when_abandoned(running, batch)
         task = asyncio.create_task(self._run_batch(batch, running))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -381,6 +387,12 @@ class Batcher(Generic[P, R]):
         except asyncio.CancelledError:
             if inspect.iscoroutine(running):
                 running.close()  # cancelled before it started: no "never awaited" warning
+            current = asyncio.current_task()
+            if (current is None or not current.cancelling()) and all(
+                item.future.done() for item in batch
+            ):
+                error = NotReadyError("every caller left; the run was cancelled")
+                return  # abandoned (cancel_abandoned): nobody to answer; finally counts it
             error = NotReadyError("the server is shutting down")
             self._fail(batch, error)
             raise
@@ -455,6 +467,25 @@ class Batcher(Generic[P, R]):
     def _fail_all(self, error: BaseException) -> None:
         while len(self._queue):
             self._fail(self._queue.cut(1 << 30, None), error)
+
+
+def _cancel_when_abandoned(
+    running: Awaitable[Sequence[R | BaseException]], batch: Sequence[Item[Any, Any]]
+) -> asyncio.Future[Sequence[R | BaseException]]:
+    """``running`` as a task that is cancelled once every item's future is done before it
+    (their callers cancelled them on leaving; results set by the run itself come after)."""
+    run = asyncio.ensure_future(running)
+    left = len(batch)
+
+    def gone(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not run.done():
+            run.cancel()
+
+    for item in batch:
+        item.future.add_done_callback(gone)
+    return run
 
 
 class _Hung(FatalBackendError):
