@@ -120,3 +120,21 @@ async def test_a_bad_timeout_header_is_a_400(upstream: FakeUpstream) -> None:
             headers={"x-stainless-read-timeout": "junk"},  # not ours: ignored
         )
     assert sdk.status_code == 200
+
+
+async def test_retries_end_with_the_shutdown_grace_period(upstream: FakeUpstream) -> None:
+    from embedplex.core.deadline import drain_by
+
+    upstream.delay = 3.0
+    stalled = provider("a", upstream, timeout_s=0.3, retry_budget_s=45, breaker_failures=50)
+    async with serve(settings(stalled)) as (_, client):
+        drain_by(time.monotonic() + 0.8)  # what SIGTERM sets (serve/server.py)
+        try:
+            started = time.monotonic()
+            answer = await client.post("/v1/embeddings", json={"input": "x", "model": "remote"})
+            waited = time.monotonic() - started
+        finally:
+            drain_by(None)
+    assert answer.status_code == 504
+    assert "shutdown grace period spent" in answer.json()["error"]["message"]
+    assert waited < 2.0

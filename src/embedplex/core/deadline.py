@@ -39,6 +39,22 @@ class Deadline:
         return f"the request deadline ({self.seconds:g}s, {self.source})"
 
 
+class _Shutdown:
+    """When the process will stop serving (SIGTERM: the pre-stop delay plus the grace period),
+    as a ``time.monotonic()`` instant; None while it runs normally. Process-wide: a signal
+    handler sets it, every upstream call reads it, so retry budgets are cut to fit the drain."""
+
+    at: float | None = None
+
+
+SHUTDOWN = _Shutdown()
+
+
+def drain_by(at: float | None) -> None:
+    """Set (SIGTERM) or clear (tests) the instant the drain must be over."""
+    SHUTDOWN.at = at
+
+
 REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("embedplex_deadline", default=None)
 # The latest deadline among the callers of the upstream call running in this task (set by a
 # provider's batch function, read by the HTTP transport); None: no caller set one.

@@ -26,7 +26,7 @@ import httpx
 import orjson
 from opentelemetry.trace import Span, Status, StatusCode
 
-from embedplex.core.deadline import BATCH_DEADLINE
+from embedplex.core.deadline import BATCH_DEADLINE, SHUTDOWN
 from embedplex.core.errors import (
     EmbedplexError,
     RateLimitedError,
@@ -205,6 +205,9 @@ class HttpTransport:
         limited_by = "retry budget"
         if callers is not None and callers < deadline:
             deadline, limited_by = callers, "request deadline"
+        stop = SHUTDOWN.at  # draining: retries end with the grace period
+        if stop is not None and stop < deadline:
+            deadline, limited_by = stop, "shutdown grace period"
         content = orjson.dumps(body)
         headers = {**headers, "content-type": "application/json"}
         retry = 0

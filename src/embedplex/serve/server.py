@@ -4,8 +4,9 @@ SIGTERM, in order (docs/reliability.md): readiness turns false at once; for
 ``shutdown_delay_s`` the listener still accepts and serves (load balancers see the failing
 readiness and stop sending first); then the listener closes and the requests in flight get
 ``graceful_shutdown_s`` to finish. One still running then is answered with the JSON 503 of
-``api/pipeline.py`` ``cut_off``. A model that fails to load stops the process with exit status 1
-and the reason on stderr, never an endless "loading".
+``api/pipeline.py`` ``cut_off``. Calls to remote providers make no retry past the end of the
+grace period (``core/deadline.py`` ``drain_by``). A model that fails to load stops the process
+with exit status 1 and the reason on stderr, never an endless "loading".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi import FastAPI
 
 from embedplex.api.app import GatewayFactory, create_app
 from embedplex.config import Settings
+from embedplex.core.deadline import SHUTDOWN, drain_by
 from embedplex.gateway.build import build_gateway
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 from embedplex.serve.process_tuning import tune_process
@@ -44,6 +46,9 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._app.state.gateway.draining = True
+        if SHUTDOWN.at is None:  # remote calls' retries must end within the drain
+            grace = self.config.timeout_graceful_shutdown or 0
+            drain_by(time.monotonic() + self._stop_delay + grace)
         if sig == signal.SIGTERM and self._stop_delay > 0 and not self.should_exit:
             if self._stop_at is None:  # the pre-stop delay; on_tick stops the server after it
                 self._stop_at = time.monotonic() + self._stop_delay
