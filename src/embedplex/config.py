@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         description="On SIGTERM, seconds readiness is already false while the listener still "
         "serves (load balancers stop sending first), before the drain.",
     )
+    overload_refusal_hold_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="Past 200 overload refusals (429) a second, each further one is held this "
+        "long before it is sent, so clients retrying at once cannot starve accepted work "
+        "(0: off).",
+    )
     request_timeout_s: float = Field(
         30.0,
         gt=0,

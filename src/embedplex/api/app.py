@@ -24,6 +24,7 @@ from embedplex import __version__
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import invalid_body, status_error
 from embedplex.api.observe import RequestObserver
+from embedplex.api.pacing import RefusalPacer
 from embedplex.api.pipeline import Pipeline, client_gone, internal_error, refuse
 from embedplex.api.routes.table import JSON_ROUTES, ROUTERS
 from embedplex.api.stages import default_stages
@@ -171,6 +172,7 @@ def create_app(
         stages=default_stages(settings),
         routes=JSON_ROUTES,
         observer=observer,
+        pacer=RefusalPacer(settings.overload_refusal_hold_ms / 1000),
     )
     if settings.cors_allow_origins:
         # A header policy around the pipeline: preflights are answered before authentication

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, invalid_body
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
+from embedplex.api.pacing import PACED_KINDS, RefusalPacer
 from embedplex.core.errors import EmbedplexError, NotReadyError, PayloadTooLargeError
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
@@ -48,12 +49,15 @@ class JsonRoute(NamedTuple):
     """A JSON POST route the pipeline serves itself.
 
     ``guard`` runs before the body is read (the admin secret check): a caller it refuses learns
-    nothing about the schema, and costs no parsing.
+    nothing about the schema, and costs no parsing. ``admit`` too (refuse under overload): a
+    refusal must stay cheap when clients retry at once, or refusals eat the CPU the accepted
+    requests need.
     """
 
     schema: type[BaseModel]
     handler: Handler
     guard: Callable[[Request], None] | None = None
+    admit: Callable[[Request], None] | None = None
 
 
 _EMPTY_BODY = [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
@@ -137,11 +141,14 @@ class Pipeline:
         stages: Sequence[Stage],
         routes: Mapping[str, JsonRoute],
         observer: RequestObserver,
+        pacer: RefusalPacer | None = None,
     ) -> None:
+        """``pacer``: holds overload refusals past a fast rate (``api/pacing.py``)."""
         self.app = app
         self.stages = list(stages)
         self.routes = dict(routes)
         self.observer = observer
+        self.pacer = pacer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan (and websockets, if ever): the app's own
@@ -157,6 +164,9 @@ class Pipeline:
                 status = await self._forward(ex, send)
             else:
                 status = response.status_code
+                pacer = self.pacer
+                if status == 429 and pacer is not None and ex.record.error_type in PACED_KINDS:
+                    await pacer.pace()
                 response.raw_headers.extend(ex.response_headers)
                 await response(scope, receive, send)
         finally:
@@ -175,6 +185,8 @@ class Pipeline:
             request = Request(ex.scope, ex.receive)
             if route.guard is not None:
                 route.guard(request)
+            if route.admit is not None:
+                route.admit(request)
             body = await read_body(ex.receive, ex.body_limit)
             if not body.strip():  # as FastAPI words it: no body is a missing field
                 raise invalid_body(_EMPTY_BODY)

@@ -11,6 +11,7 @@ import hmac
 import itertools
 import math
 import os
+import time
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
@@ -117,23 +118,22 @@ class RequestDeadline:
 
     def enter(self, ex: Exchange) -> None:
         seconds, source = self.seconds, "request_timeout_s"
-        asked = ex.header(b"x-request-timeout")
-        if asked is not None:
-            value = _seconds(asked)
-            if value is None:
-                raise InvalidRequestError(
-                    "X-Request-Timeout must be a positive number of seconds",
-                    param="X-Request-Timeout",
-                    malformed=True,
-                )
-            if value < seconds:
-                seconds, source = value, "X-Request-Timeout"
-        sdk = ex.header(b"x-stainless-read-timeout")
-        if sdk is not None:
-            value = _seconds(sdk)
-            if value is not None and value < seconds:
-                seconds, source = value, "X-Stainless-Read-Timeout"
-        REQUEST_DEADLINE.set(Deadline.after(seconds, source))
+        for key, raw in ex.scope["headers"]:  # one pass; most requests carry neither
+            if key == b"x-request-timeout":
+                value = _seconds(raw)
+                if value is None:
+                    raise InvalidRequestError(
+                        "X-Request-Timeout must be a positive number of seconds",
+                        param="X-Request-Timeout",
+                        malformed=True,
+                    )
+                if value < seconds:
+                    seconds, source = value, "X-Request-Timeout"
+            elif key == b"x-stainless-read-timeout":
+                value = _seconds(raw)
+                if value is not None and value < seconds:
+                    seconds, source = value, "X-Stainless-Read-Timeout"
+        REQUEST_DEADLINE.set(Deadline(time.monotonic() + seconds, seconds, source))
 
 
 def _seconds(raw: bytes) -> float | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Deadline:
+class Deadline(NamedTuple):
     """``at``: a ``time.monotonic()`` instant (asyncio's loop clock on every platform we run
     on); ``seconds``: the budget it was set with and ``source`` where it came from, for the
-    504's message."""
+    504's message. A tuple: one is made for every request, refusals included."""
 
     at: float
     seconds: float

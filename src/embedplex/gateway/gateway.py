@@ -19,6 +19,7 @@ from embedplex.core.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
+    OverloadedError,
 )
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
 from embedplex.gateway.allowed import AllowedModels
@@ -134,6 +135,27 @@ class Gateway:
             f"model {name!r} is not served here ({kind} models served: {', '.join(sorted(fits))})",
             param="model",
         )
+
+    def admit_kind(self, kind: str) -> None:
+        """Refuse (OverloadedError) when every served model of ``kind`` would refuse a request
+        now; else do nothing. The pipeline asks before reading a body (the model a request
+        names is in it), so that a refusal under overload costs no parsing; a request that
+        passes is admitted again by its model."""
+        refused: EmbedplexError | None = None
+        for model in self._models.values():
+            if model.info.kind != kind:
+                continue
+            admit = getattr(model, "admit", None)
+            if admit is None:
+                return  # no admission of its own (remote): it may take the request
+            try:
+                admit()
+            except OverloadedError as exc:
+                refused = exc
+                continue
+            return
+        if refused is not None:
+            raise refused
 
     def get(self, name: str | None) -> ServedModel:
         """The model served as ``name`` whatever its kind (None: the first); 404 if none."""
