@@ -91,6 +91,7 @@ def test_sigterm_waits_the_pre_stop_delay_then_cuts_off_with_a_json_503(
         # The pre-stop delay: readiness is false, yet new connections are still served.
         ready = httpx.get(base + "/health/ready", timeout=5)
         live = httpx.get(base + "/health/live", timeout=5)
+        served = httpx.post(base + "/tokenize", json={"inputs": "still served"}, timeout=5)
         in_delay = time.monotonic() - signalled
         slow.join(30)
         cut_after = time.monotonic() - signalled
@@ -102,6 +103,7 @@ def test_sigterm_waits_the_pre_stop_delay_then_cuts_off_with_a_json_503(
     assert in_delay < 1.5, "probes answered after the delay; the test cannot judge it"
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     assert live.status_code == 200
+    assert served.status_code == 200, served.text  # API work too, not "draining" 503s
     assert len(answer) == 1
     cut = answer[0]
     assert cut.status_code == 503, cut.text

@@ -99,6 +99,8 @@ def create_app(
                 # which set the p99 of every request caught behind them).
                 gc.collect()
                 gc.freeze()
+                placeholder = app.state.gateway  # a SIGTERM during loading marked this one
+                gw.draining, gw.stopping_soon = placeholder.draining, placeholder.stopping_soon
                 app.state.gateway = gw
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
             except BaseException as exc:

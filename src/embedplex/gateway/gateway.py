@@ -50,7 +50,9 @@ class Gateway:
         for model in models:
             self.add(model)
         self.started = False
-        self.draining = False
+        self.draining = False  # SIGTERM: readiness false and new API work refused (503)
+        # SIGTERM's pre-stop delay (``shutdown_delay_s``): readiness false, work still served.
+        self.stopping_soon = False
         # Why loading failed (eager models, in-process): readiness and liveness report it.
         self.load_error: str | None = None
         self._dead_since: dict[str, float] = {}
@@ -199,7 +201,7 @@ class Gateway:
             return False, f"failed to load: {self.load_error}"
         if not self.started:
             return False, "loading"
-        if self.draining:
+        if self.draining or self.stopping_soon:
             return False, "draining"
         for name, model in self._models.items():
             try:
@@ -228,7 +230,8 @@ class Gateway:
             except FatalBackendError as exc:
                 if not getattr(model, "loaded", True):
                     continue  # a lazy model's failed load (see above)
-                since = self._dead_since.setdefault(name, now)
+                died = getattr(model, "dead_since", None)  # when its batcher died, if known
+                since = self._dead_since.setdefault(name, died if died is not None else now)
                 if worst is None or now - since > worst[1]:
                     worst = (f"{name}: {exc.message}", now - since)
             except EmbedplexError:

@@ -307,6 +307,11 @@ class LocalModel(Generic[R]):
                 pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
+    @property
+    def dead_since(self) -> float | None:
+        """When its batcher was marked dead (``time.monotonic()``), if it was."""
+        return self._batcher.fatal_at if self._batcher is not None else None
+
     def health(self) -> None:
         self.backend.health()
         if self._batcher is not None and self._batcher.fatal is not None:

@@ -45,14 +45,17 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._app.state.gateway.draining = True
+        gateway = self._app.state.gateway
         if SHUTDOWN.at is None:  # remote calls' retries must end within the drain
             grace = self.config.timeout_graceful_shutdown or 0
             drain_by(time.monotonic() + self._stop_delay + grace)
         if sig == signal.SIGTERM and self._stop_delay > 0 and not self.should_exit:
-            if self._stop_at is None:  # the pre-stop delay; on_tick stops the server after it
+            # The pre-stop delay: readiness false, requests still served; on_tick then stops.
+            gateway.stopping_soon = True
+            if self._stop_at is None:
                 self._stop_at = time.monotonic() + self._stop_delay
             return
+        gateway.draining = True
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown, so the process would die by
         # SIGTERM; a finished drain is a clean stop and exits 0 (what orchestrators expect).
@@ -61,6 +64,7 @@ class _DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self._app.state.gateway.draining = True
             self.should_exit = True
         return await super().on_tick(counter)
 
