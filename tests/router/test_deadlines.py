@@ -138,3 +138,15 @@ async def test_retries_end_with_the_shutdown_grace_period(upstream: FakeUpstream
     assert answer.status_code == 504
     assert "shutdown grace period spent" in answer.json()["error"]["message"]
     assert waited < 2.0
+
+
+async def test_the_openai_sdks_read_timeout_shortens_the_deadline(upstream: FakeUpstream) -> None:
+    upstream.delay = 3.0
+    async with serve(settings(provider("a", upstream, timeout_s=10))) as (_, client):
+        answer = await client.post(
+            "/v1/embeddings",
+            json={"input": "x", "model": "remote"},
+            headers={"x-stainless-read-timeout": "0.5"},
+        )
+    assert answer.status_code == 504
+    assert "(0.5s, X-Stainless-Read-Timeout)" in answer.json()["error"]["message"]
