@@ -91,22 +91,22 @@ async def test_the_watchdog_fails_a_hung_batch_and_everyone_queued() -> None:
 async def test_a_hung_forward_pass_is_a_503_then_not_ready_then_not_live(
     tiny_model_dir: Path,
 ) -> None:
-    backend = FakeBackend(delay=1.5)  # a forward pass in the inference thread that "hangs"
-    app = fake_app(tiny_model_dir, backend, inference_timeout_s=0.2, liveness_grace_s=0.5)
+    backend = FakeBackend(delay=2.5)  # a forward pass in the inference thread that "hangs"
+    app = fake_app(tiny_model_dir, backend, inference_timeout_s=0.2, liveness_grace_s=1.5)
     async with running(app) as client:
         started = time.perf_counter()
         hung = await client.post("/embed", json={"inputs": "a"})
         waited = time.perf_counter() - started
         ready = await client.get("/health/ready")
         live_at_once = await client.get("/health/live")
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.6)
         live_later = await client.get("/health/live")
         refused = await client.post("/v1/embeddings", json={"input": "a"})
-        await asyncio.sleep(1.5)  # the stuck thread finishes; its result is dropped
+        await asyncio.sleep(1.0)  # the stuck thread finishes; its result is dropped
         after = await client.get("/health/ready")
     assert hung.status_code == 503 and hung.json()["error_type"] == "Unhealthy"
     assert "inference hung" in hung.json()["error"]
-    assert waited < 1.5  # answered by the watchdog, not by the pass
+    assert waited < 2.5  # answered by the watchdog, not by the pass
     assert ready.status_code == 503 and "inference hung" in ready.json()["status"]
     assert live_at_once.status_code == 200  # the grace period: traffic moves away first
     assert live_later.status_code == 503

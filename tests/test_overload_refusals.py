@@ -72,4 +72,4 @@ async def test_a_storm_of_refusals_is_paced_and_logged_once_a_second(
     assert answers == [429] * n
     assert slowest >= 0.15  # held past the fast rate (200 ms configured)
     lines = [r for r in caplog.records if " 429 " in r.getMessage()]
-    assert 1 <= len(lines) <= 10  # not one per refusal (the loop above took a few seconds)
+    assert 1 <= len(lines) <= 30  # one a second, not one per refusal (n of them)

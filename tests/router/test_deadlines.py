@@ -47,7 +47,7 @@ async def test_a_dead_upstream_answers_by_the_callers_deadline() -> None:
     assert short.status_code in (502, 503, 504), short.text
     message = short.json()["error"]["message"]
     assert message.startswith("dead: ") or "request deadline (0.8s" in message, message
-    assert waited < 2.0
+    assert waited < 3.0
 
 
 async def test_the_configured_default_deadline_applies_without_a_header(
@@ -64,7 +64,7 @@ async def test_the_configured_default_deadline_applies_without_a_header(
         )
     assert answer.status_code == 504
     assert "request deadline (0.5s, request_timeout_s)" in answer.json()["error"]
-    assert waited < 2.5
+    assert waited < 3.5
     assert "(0.5s, request_timeout_s)" in loose.json()["error"]  # a client only shortens it
 
 
@@ -86,7 +86,7 @@ async def test_a_stalling_upstream_gets_no_attempts_for_callers_who_left(
         await asyncio.sleep(1.0)
         calls_later = len(upstream.calls)
     assert answer.status_code == 504
-    assert waited < 2.5
+    assert waited < 3.5
     assert 1 <= calls_when_answered <= 4
     assert calls_later == calls_when_answered  # nothing more piled on the stalled upstream
 
@@ -137,7 +137,7 @@ async def test_retries_end_with_the_shutdown_grace_period(upstream: FakeUpstream
             drain_by(None)
     assert answer.status_code == 504
     assert "shutdown grace period spent" in answer.json()["error"]["message"]
-    assert waited < 2.0
+    assert waited < 3.0
 
 
 async def test_the_openai_sdks_read_timeout_shortens_the_deadline(upstream: FakeUpstream) -> None:
