@@ -23,6 +23,7 @@ from embedplex.api.app import GatewayFactory, create_app
 from embedplex.config import Settings
 from embedplex.core.deadline import SHUTDOWN, drain_by
 from embedplex.gateway.build import build_gateway
+from embedplex.observability.logs import flush_logs
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 from embedplex.serve.process_tuning import tune_process
 
@@ -89,5 +90,6 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
     server = _DrainingServer(config, app, stop_delay=settings.shutdown_delay_s)
     server.run()
     if server.load_error is not None:
+        flush_logs()
         print(f"embedplex: model loading failed: {server.load_error}", file=sys.stderr)
         sys.exit(LOAD_FAILED)
