@@ -208,6 +208,40 @@ class Settings(BaseSettings):
         0.97, ge=0, le=1, description="Refuse an int8 export whose min cosine vs fp32 is lower."
     )
 
+    # -- failures inside (docs/reliability.md) ------------------------------------------
+    inference_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="A local forward pass running longer is declared hung: its callers get 503 "
+        "and the model is marked dead (0: no watchdog).",
+    )
+    liveness_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a dead backend keeps /health/live at 200 before it answers 503 "
+        "(so an orchestrator restarts the process).",
+    )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="On SIGTERM, seconds readiness is already false while the listener still "
+        "serves (load balancers stop sending first), before the drain.",
+    )
+    overload_refusal_hold_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="Past 200 overload refusals (429) a second, each further one is held this "
+        "long before it is sent, so clients retrying at once cannot starve accepted work "
+        "(0: off).",
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a request waits for remote providers (retries included); a client "
+        "may shorten it with the X-Request-Timeout header (seconds).",
+    )
+
     # -- batching and admission -----------------------------------------------------------
     tokenization_workers: int | None = Field(
         None, ge=1, description="Tokenizer threads (default: number of cores)."

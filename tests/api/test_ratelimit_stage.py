@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
 from test_pipeline import SeenItems, local_factory
 
@@ -121,8 +120,14 @@ async def test_a_cancelled_request_gives_its_slot_back(tiny_model_dir: Path) -> 
         task = asyncio.create_task(embed(client, "k"))
         await eventually(lambda: limiter(app).local.in_flight("k") == 1)
         task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        # The pipeline answers a cancelled request (the server cancels only at the end of its
+        # shutdown grace period) with the documented JSON 503 and ends normally.
+        try:
+            answer = await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            assert answer.status_code == 503, answer.text
         await eventually(lambda: limiter(app).local.in_flight("k") == 0)
         assert (await embed(client, "k")).status_code == 200
 

@@ -1,7 +1,8 @@
 """The ASGI application: the pipeline in front, routes, error handlers, the gateway's lifespan.
 
 The gateway is built in ``lifespan`` and read from ``app.state``. Models load in the background
-so that liveness answers at once and readiness turns true when loading is done.
+so that liveness answers at once and readiness turns true when loading is done. A failed load is
+never an endless "loading": the probes name it, and a real server exits non-zero.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from embedplex import __version__
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import invalid_body, status_error
 from embedplex.api.observe import RequestObserver
+from embedplex.api.pacing import RefusalPacer
 from embedplex.api.pipeline import Pipeline, client_gone, internal_error, refuse
 from embedplex.api.routes.table import JSON_ROUTES, ROUTERS
 from embedplex.api.stages import default_stages
@@ -115,12 +117,23 @@ def create_app(
                 # which set the p99 of every request caught behind them).
                 gc.collect()
                 gc.freeze()
+                placeholder = app.state.gateway  # a SIGTERM during loading marked this one
+                gw.draining, gw.stopping_soon = placeholder.draining, placeholder.stopping_soon
                 app.state.gateway = gw
                 await provider_sync.apply(gw)  # providers other replicas added at run time
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
             except BaseException as exc:
                 failed.append(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 logger.exception("model loading failed")
+                # Never an endless "loading": readiness and liveness name the reason, and a
+                # real server (serve/server.py sets ``on_load_failure``) exits non-zero.
+                reason = exc.message if isinstance(exc, EmbedplexError) else str(exc)
+                app.state.gateway.load_error = reason or type(exc).__name__
+                on_failure = getattr(app.state, "on_load_failure", None)
+                if on_failure is not None:
+                    on_failure(app.state.gateway.load_error)
                 raise
 
         loader = asyncio.create_task(load())
@@ -202,6 +215,7 @@ def create_app(
         stages=default_stages(settings, keys, limiter),
         routes=JSON_ROUTES,
         observer=observer,
+        pacer=RefusalPacer(settings.overload_refusal_hold_ms / 1000),
     )
     if settings.cors_allow_origins:
         # A header policy around the pipeline: preflights are answered before authentication

@@ -49,6 +49,16 @@ def gateway(request: Request) -> Gateway:
     return gw
 
 
+def admit_embedding(request: Request) -> None:
+    """Before the body is read: 429 when every embedding model is at its concurrency cap."""
+    gateway(request).admit_kind("embedding")
+
+
+def admit_reranking(request: Request) -> None:
+    """Before the body is read: 429 when every reranker is at its concurrency cap."""
+    gateway(request).admit_kind("reranker")
+
+
 def tenant_of(request: Request) -> Tenant:
     """Who the pipeline authenticated this request as (``api/stages.py``)."""
     tenant: Tenant = request.scope.get("state", {}).get("tenant", ANONYMOUS)

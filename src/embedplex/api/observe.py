@@ -79,6 +79,8 @@ class RequestObserver:
         self.tracer = telemetry.tracer
         self.paths = paths
         self.log_requests = log_requests
+        self._quiet_until = 0.0  # refusals' log lines are sampled (``_log_refusal``)
+        self._unlogged = 0
 
     def start(self, ex: Exchange) -> None:
         """Open the request's span (when tracing) and make it current for the handler."""
@@ -118,6 +120,8 @@ class RequestObserver:
         if key_id is not None:
             self._count_key(key_id, status, record)
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
+            if status == 429 and not self._log_refusal():
+                return
             self._log(ex.scope, ex.state, route, status, duration, record)
 
     def _count_key(self, key_id: str, status: int, record: RequestRecord) -> None:
@@ -129,6 +133,20 @@ class RequestObserver:
         self.metrics.keys.observe(key_id, inputs, tokens, refused)
         if self.usage is not None:
             self.usage.add(key_id, inputs, tokens, refused)
+
+    def _log_refusal(self) -> bool:
+        """Whether this 429 gets its own line: at most one a second, which says how many were
+        left out before it (``refusals_not_logged``). Under a storm of retried refusals a line
+        each would cost more than the refusal itself; the metrics still count every one."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return False
+        self._quiet_until = now + 1.0
+        if self._unlogged:
+            access_log.info("%d refusals (429) not logged in the last second", self._unlogged)
+            self._unlogged = 0
+        return True
 
     def _route(self, scope: Scope) -> str:
         """The route template (bounded label values), even for requests refused before routing."""

@@ -23,6 +23,7 @@ dialect (``api/errors.py``) and the error's ``kind`` is what metrics and the log
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,7 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, invalid_body
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
-from embedplex.core.errors import EmbedplexError, PayloadTooLargeError
+from embedplex.api.pacing import PACED_KINDS, RefusalPacer
+from embedplex.core.errors import EmbedplexError, NotReadyError, PayloadTooLargeError
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
 logger = logging.getLogger(__name__)
@@ -48,12 +50,15 @@ class JsonRoute(NamedTuple):
     """A JSON POST route the pipeline serves itself.
 
     ``guard`` runs before the body is read (the admin secret check): a caller it refuses learns
-    nothing about the schema, and costs no parsing.
+    nothing about the schema, and costs no parsing. ``admit`` too (refuse under overload): a
+    refusal must stay cheap when clients retry at once, or refusals eat the CPU the accepted
+    requests need.
     """
 
     schema: type[BaseModel]
     handler: Handler
     guard: Callable[[Request], None] | None = None
+    admit: Callable[[Request], None] | None = None
 
 
 _EMPTY_BODY = [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
@@ -150,11 +155,14 @@ class Pipeline:
         stages: Sequence[Stage],
         routes: Mapping[str, JsonRoute],
         observer: RequestObserver,
+        pacer: RefusalPacer | None = None,
     ) -> None:
+        """``pacer``: holds overload refusals past a fast rate (``api/pacing.py``)."""
         self.app = app
         self.stages = list(stages)
         self.routes = dict(routes)
         self.observer = observer
+        self.pacer = pacer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan (and websockets, if ever): the app's own
@@ -170,6 +178,9 @@ class Pipeline:
                 status = await self._forward(ex, send)
             else:
                 status = response.status_code
+                pacer = self.pacer
+                if status == 429 and pacer is not None and ex.record.error_type in PACED_KINDS:
+                    await pacer.pace()
                 response.raw_headers.extend(ex.response_headers)
                 await response(scope, receive, send)
         finally:
@@ -191,6 +202,8 @@ class Pipeline:
             request = Request(ex.scope, ex.receive)
             if route.guard is not None:
                 route.guard(request)
+            if route.admit is not None:
+                route.admit(request)
             body = await read_body(ex.receive, ex.body_limit)
             if not body.strip():  # as FastAPI words it: no body is a missing field
                 raise invalid_body(_EMPTY_BODY)
@@ -203,6 +216,8 @@ class Pipeline:
             return refuse(ex.scope, exc)
         except ClientGoneError:
             return client_gone(ex.scope)
+        except asyncio.CancelledError:
+            return cut_off(ex.scope)
         except Exception:
             logger.exception("unhandled error on %s", ex.path)
             return internal_error(ex.scope)
@@ -227,6 +242,9 @@ class Pipeline:
             if not status:
                 error = body_too_large(ex.body_limit or 0)
                 status = await self._send(refuse(scope, error), ex, send)
+        except asyncio.CancelledError:
+            if not status:
+                status = await self._send(cut_off(scope), ex, send)
         except Exception:
             # FastAPI's last-resort handler (app.py) has answered and logged it, then re-raised
             # it for the server to log again: once is enough.
@@ -256,6 +274,19 @@ def client_gone(scope: Scope) -> Response:
     """499 (nginx's "client closed request"): nobody reads it, but metrics and the log do."""
     scope_record(scope).error_type = "client_gone"
     return Response(status_code=499)
+
+
+def cut_off(scope: Scope) -> Response:
+    """The answer to a request whose task the server cancelled: uvicorn does so only when the
+    graceful shutdown period ends with the request still running. The documented JSON 503 (and
+    its log line, by the observer) rather than uvicorn's plain-text 500; the task then ends
+    normally, its cancellation answered."""
+    return refuse(
+        scope,
+        NotReadyError(
+            "the server shut down before this request finished (graceful_shutdown_s); retry"
+        ),
+    )
 
 
 def internal_error(scope: Scope) -> Response:

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import math
 import os
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
 from embedplex.api.ratelimit import RateLimit
-from embedplex.core.errors import AuthenticationError, NotReadyError, UnavailableError
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
+from embedplex.core.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotReadyError,
+    UnavailableError,
+)
 from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Tenant, current_tenant
 
 if TYPE_CHECKING:
@@ -186,6 +194,42 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
+class RequestDeadline:
+    """Set the request's deadline (``core/deadline.py``): ``request_timeout_s``, tightened by
+    the client's ``X-Request-Timeout`` (seconds; a bad value is a 400) or the openai SDK's
+    ``X-Stainless-Read-Timeout`` (ignored when unreadable). A client can only shorten it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def enter(self, ex: Exchange) -> None:
+        seconds, source = self.seconds, "request_timeout_s"
+        for key, raw in ex.scope["headers"]:  # one pass; most requests carry neither
+            if key == b"x-request-timeout":
+                value = _seconds(raw)
+                if value is None:
+                    raise InvalidRequestError(
+                        "X-Request-Timeout must be a positive number of seconds",
+                        param="X-Request-Timeout",
+                        malformed=True,
+                    )
+                if value < seconds:
+                    seconds, source = value, "X-Request-Timeout"
+            elif key == b"x-stainless-read-timeout":
+                value = _seconds(raw)
+                if value is not None and value < seconds:
+                    seconds, source = value, "X-Stainless-Read-Timeout"
+        REQUEST_DEADLINE.set(Deadline(time.monotonic() + seconds, seconds, source))
+
+
+def _seconds(raw: bytes) -> float | None:
+    try:
+        value = float(raw[:32])
+    except ValueError:
+        return None
+    return value if value > 0 and math.isfinite(value) else None
+
+
 def default_stages(
     settings: Settings, keys: KeyVerifier | None = None, limiter: RateLimiter | None = None
 ) -> list[Stage]:
@@ -203,6 +247,7 @@ def default_stages(
     elif static is not None:
         stages.append(StaticKey(static, open_paths=open_paths))
     stages.append(Admission())
+    stages.append(RequestDeadline(settings.request_timeout_s))
     if limiter is not None:
         stages.append(RateLimit(limiter, _UNAUTHENTICATED))
     return stages

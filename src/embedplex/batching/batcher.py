@@ -52,6 +52,12 @@ class BatchPolicy:
     max_concurrency: batches in flight at once.
     max_queued: items allowed to wait; past it, ``submit`` refuses at once.
     queue_timeout: seconds an item may wait before it fails with QueueTimeoutError.
+    run_timeout: seconds one run may take before it is declared hung (the watchdog): its
+        callers get 503 at once and the batcher is marked dead (a thread cannot be killed, so
+        the backend cannot be trusted again; liveness restarts the process). None: no watchdog.
+    cancel_abandoned: cancel a run once every caller of its batch has left (a deadline, a
+        disconnect): for runs that are coroutines (remote calls), whose work and retries
+        would otherwise go on for nobody. Not for runs in threads, which cannot stop.
     """
 
     max_items: int
@@ -60,6 +66,8 @@ class BatchPolicy:
     max_concurrency: int = 1
     max_queued: int = 1024
     queue_timeout: float = 30.0
+    run_timeout: float | None = None
+    cancel_abandoned: bool = False
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.max_concurrency < 1 or self.max_queued < 1:
@@ -68,6 +76,8 @@ class BatchPolicy:
             raise ValueError("max_cost must be at least 1 (None: no budget)")
         if self.max_wait < 0 or self.queue_timeout <= 0:
             raise ValueError("max_wait must be >= 0 and queue_timeout > 0")
+        if self.run_timeout is not None and self.run_timeout <= 0:
+            raise ValueError("run_timeout must be > 0 (None: no watchdog)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +153,7 @@ class Batcher(Generic[P, R]):
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.fatal: BaseException | None = None
+        self.fatal_at: float | None = None  # time.monotonic() when it died
         self.batches_run = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -150,6 +161,7 @@ class Batcher(Generic[P, R]):
     async def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._loop(), name=f"batcher:{self.name}")
+            self._loop_task.add_done_callback(self._loop_ended)
 
     async def close(self, *, drain: bool = True, grace: float | None = None) -> None:
         """Stop taking work; with ``drain`` finish what is queued, else fail it."""
@@ -163,6 +175,8 @@ class Batcher(Generic[P, R]):
             except TimeoutError:
                 self._loop_task.cancel()
                 self._fail_all(NotReadyError("the server is shutting down"))
+            except Exception:
+                pass  # the loop had died: _loop_ended logged it and answered its callers
         for task in list(self._tasks):
             task.cancel()
 
@@ -172,6 +186,22 @@ class Batcher(Generic[P, R]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop that died of a bug would leave every caller waiting for its queue timeout:
+        mark the batcher dead and answer them now."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        logger.error("the batching loop of %s died", self.name, exc_info=exc)
+        self._die(FatalBackendError(f"{self.name}'s batching loop failed ({type(exc).__name__})"))
+
+    def _die(self, fatal: FatalBackendError) -> None:
+        """Dead for good: readiness goes false, new work is refused, queued callers fail now."""
+        if self.fatal is None:
+            self.fatal = fatal
+            self.fatal_at = time.monotonic()
+        self._fail_all(NotReadyError(f"{self.name} is unavailable: {fatal.message}"))
 
     # -- state -----------------------------------------------------------------------------
 
@@ -326,7 +356,9 @@ class Batcher(Generic[P, R]):
             obs.on_batch_started(batch)
         # Start the run now (a local model submits to its inference thread right here), not in
         # the new task's first step, which would wait behind every callback already queued.
-        running = self._run([item.payload for item in batch])
+        running: Awaitable[Sequence[R | BaseException]] = self._run([i.payload for i in batch])
+        if self.policy.cancel_abandoned:
+            running = _cancel_when_abandoned(running, batch)
         task = asyncio.create_task(self._run_batch(batch, running))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -337,8 +369,12 @@ class Batcher(Generic[P, R]):
         start = time.perf_counter()
         error: BaseException | None = None
         released = False
+        watchdog = self.policy.run_timeout
         try:
-            results = await running
+            if watchdog is None:
+                results = await running
+            else:
+                results = await self._watched(running, watchdog)
             # Free the slot before answering: the loop cuts the next batch ahead of the
             # callers' wake-ups that the results below queue.
             self._in_flight -= 1
@@ -351,16 +387,25 @@ class Batcher(Generic[P, R]):
         except asyncio.CancelledError:
             if inspect.iscoroutine(running):
                 running.close()  # cancelled before it started: no "never awaited" warning
+            current = asyncio.current_task()
+            if (current is None or not current.cancelling()) and all(
+                item.future.done() for item in batch
+            ):
+                error = NotReadyError("every caller left; the run was cancelled")
+                return  # abandoned (cancel_abandoned): nobody to answer; finally counts it
             error = NotReadyError("the server is shutting down")
             self._fail(batch, error)
             raise
+        except _Hung as hung:
+            error = NotReadyError(hung.message)
+            self._fail(batch, error)
+            self._die(hung)
         except EmbedplexError as exc:
             error = exc
             self._fail(batch, exc)
             if isinstance(exc, FatalBackendError):
-                self.fatal = exc
                 # Whoever still waits would only meet the dead backend in turn: answer now.
-                self._fail_all(NotReadyError(f"{self.name} is unavailable: its backend failed"))
+                self._die(exc)
         except Exception as exc:
             logger.exception("batch of %d failed in %s", len(batch), self.name)
             error = BackendError(f"inference failed ({type(exc).__name__}); see the server log")
@@ -393,6 +438,25 @@ class Batcher(Generic[P, R]):
             for obs in self._observers:
                 obs.on_batch_done(stats)
 
+    @staticmethod
+    async def _watched(
+        running: Awaitable[Sequence[R | BaseException]], seconds: float
+    ) -> Sequence[R | BaseException]:
+        """``running`` within ``seconds``, else ``_Hung``. A run in a thread cannot be stopped:
+        its future is cancelled, so the thread's late result is dropped by asyncio (a cancelled
+        future ignores it) and never reaches a caller."""
+        try:
+            async with asyncio.timeout(seconds) as scope:
+                return await running
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the run's own TimeoutError, not the watchdog's
+            logger.error("a batch ran longer than %gs: marking the backend dead", seconds)
+            raise _Hung(
+                f"inference hung (a forward pass ran longer than {seconds:g}s); "
+                "the backend is marked dead"
+            ) from None
+
     def _fail(self, batch: Sequence[Item[P, R]], error: BaseException) -> None:
         end = time.perf_counter()
         for item in batch:
@@ -403,3 +467,26 @@ class Batcher(Generic[P, R]):
     def _fail_all(self, error: BaseException) -> None:
         while len(self._queue):
             self._fail(self._queue.cut(1 << 30, None), error)
+
+
+def _cancel_when_abandoned(
+    running: Awaitable[Sequence[R | BaseException]], batch: Sequence[Item[Any, Any]]
+) -> asyncio.Future[Sequence[R | BaseException]]:
+    """``running`` as a task that is cancelled once every item's future is done before it
+    (their callers cancelled them on leaving; results set by the run itself come after)."""
+    run = asyncio.ensure_future(running)
+    left = len(batch)
+
+    def gone(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not run.done():
+            run.cancel()
+
+    for item in batch:
+        item.future.add_done_callback(gone)
+    return run
+
+
+class _Hung(FatalBackendError):
+    """The watchdog's verdict on a run that outlived ``run_timeout``."""

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from embedplex.core.errors import (
     EmbedplexError,
+    FatalBackendError,
     InvalidRequestError,
     ModelNotAllowedError,
     ModelNotFoundError,
     NotReadyError,
+    OverloadedError,
 )
 from embedplex.core.tenant import current_tenant
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
@@ -49,7 +52,12 @@ class Gateway:
         for model in models:
             self.add(model)
         self.started = False
-        self.draining = False
+        self.draining = False  # SIGTERM: readiness false and new API work refused (503)
+        # SIGTERM's pre-stop delay (``shutdown_delay_s``): readiness false, work still served.
+        self.stopping_soon = False
+        # Why loading failed (eager models, in-process): readiness and liveness report it.
+        self.load_error: str | None = None
+        self._dead_since: dict[str, float] = {}
 
     def add(self, model: ServedModel) -> None:
         name = model.info.name
@@ -144,6 +152,27 @@ class Gateway:
             param="model",
         )
 
+    def admit_kind(self, kind: str) -> None:
+        """Refuse (OverloadedError) when every served model of ``kind`` would refuse a request
+        now; else do nothing. The pipeline asks before reading a body (the model a request
+        names is in it), so that a refusal under overload costs no parsing; a request that
+        passes is admitted again by its model."""
+        refused: EmbedplexError | None = None
+        for model in self._models.values():
+            if model.info.kind != kind:
+                continue
+            admit = getattr(model, "admit", None)
+            if admit is None:
+                return  # no admission of its own (remote): it may take the request
+            try:
+                admit()
+            except OverloadedError as exc:
+                refused = exc
+                continue
+            return
+        if refused is not None:
+            raise refused
+
     def get(self, name: str | None) -> ServedModel:
         """The model served as ``name`` whatever its kind (None: the first); 404 if none."""
         if not self._models:
@@ -190,9 +219,11 @@ class Gateway:
 
     def ready(self) -> tuple[bool, str]:
         """Ready when started, not draining and every model's backend is healthy."""
+        if self.load_error is not None:
+            return False, f"failed to load: {self.load_error}"
         if not self.started:
             return False, "loading"
-        if self.draining:
+        if self.draining or self.stopping_soon:
             return False, "draining"
         for name, model in self._models.items():
             try:
@@ -200,6 +231,34 @@ class Gateway:
             except EmbedplexError as exc:
                 return False, f"{name}: {exc.message}"
         return True, "ready"
+
+    def dead(self) -> tuple[str, float] | None:
+        """Why the process cannot serve again and for how long (seconds), or None.
+
+        Dead: a model's backend failed fatally (a dead backend, a hung forward pass, a batching
+        loop that died) or loading failed. Only a restart helps, so liveness fails after a grace
+        period (``probes.py``). A lazy model that failed to load is not counted: its config or
+        files need fixing, and restarting would also stop the models that work. Time runs from
+        when a probe first saw it, at most one probe period late.
+        """
+        now = time.monotonic()
+        if self.load_error is not None:
+            since = self._dead_since.setdefault("", now)
+            return f"failed to load: {self.load_error}", now - since
+        worst: tuple[str, float] | None = None
+        for name, model in self._models.items():
+            try:
+                model.health()
+            except FatalBackendError as exc:
+                if not getattr(model, "loaded", True):
+                    continue  # a lazy model's failed load (see above)
+                died = getattr(model, "dead_since", None)  # when its batcher died, if known
+                since = self._dead_since.setdefault(name, died if died is not None else now)
+                if worst is None or now - since > worst[1]:
+                    worst = (f"{name}: {exc.message}", now - since)
+            except EmbedplexError:
+                pass
+        return worst
 
     def stats(self) -> dict[str, Any]:
         return {name: model.stats() for name, model in self._models.items()}

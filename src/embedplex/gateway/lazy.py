@@ -74,6 +74,11 @@ class LazyModel:
         if self._model is not None:
             await self._model.close(drain=drain)
 
+    @property
+    def dead_since(self) -> float | None:
+        """The loaded model's (see ``Gateway.dead``); None before it loads."""
+        return getattr(self._model, "dead_since", None)
+
     def health(self) -> None:
         if self._failed is not None:
             raise FatalBackendError(f"failed to load: {self._failed}")

@@ -142,6 +142,7 @@ class LocalModelOptions:
                 max_concurrency=streams,
                 max_queued=_set(m.max_queue_size),
                 queue_timeout=_set(m.queue_timeout_ms) / 1000,
+                run_timeout=settings.inference_timeout_s or None,  # the hung-pass watchdog
             ),
         )
 
@@ -305,6 +306,11 @@ class LocalModel(Generic[R]):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
+
+    @property
+    def dead_since(self) -> float | None:
+        """When its batcher was marked dead (``time.monotonic()``), if it was."""
+        return self._batcher.fatal_at if self._batcher is not None else None
 
     def health(self) -> None:
         self.backend.health()

@@ -71,6 +71,15 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
     logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
 
 
+def flush_logs() -> None:
+    """Write every record still queued, now: before a last message printed straight to stderr
+    (``serve/server.py``), which would otherwise land among, or inside, the log lines. Later
+    records are not written: call it only on the way out."""
+    global _listener
+    _flush_at_exit()
+    _listener = None
+
+
 @atexit.register
 def _flush_at_exit() -> None:
     if _listener is not None:

@@ -50,6 +50,9 @@ class UpstreamGuard:
         async with self.semaphore:
             try:
                 out = await send(items)
+            except asyncio.CancelledError:
+                self.health.abandon()  # a cancelled probe must not hold the half-open slot
+                raise
             except UpstreamError as exc:
                 if exc.status != 413 or len(items) < 2:
                     raise

@@ -95,6 +95,12 @@ class ProviderHealth:
             self._probe_since = self._clock()
         return True
 
+    def abandon(self) -> None:
+        """A call let through was cancelled before it ended (every caller left): in half-open,
+        the next call may be the probe, rather than waiting out ``probe_timeout``."""
+        if self._state is CircuitState.HALF_OPEN:
+            self._probe_since = None
+
     def record(self, attempt: Attempt) -> None:
         now = self._clock()
         if attempt.outcome in _NEUTRAL:

@@ -27,6 +27,7 @@ import httpx
 import orjson
 from opentelemetry.trace import Span, Status, StatusCode
 
+from embedplex.core.deadline import BATCH_DEADLINE, SHUTDOWN
 from embedplex.core.errors import (
     EmbedplexError,
     RateLimitedError,
@@ -37,6 +38,9 @@ from embedplex.observability.tracing import upstream_span
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
+
+# The least time worth an attempt: a retry that would have less before the deadline is not sent.
+_MIN_ATTEMPT = 0.05
 
 # Statuses worth another attempt besides 429 and 5xx: request timeout, Cloudflare-style 52x.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -231,7 +235,16 @@ class HttpTransport:
         texts the call carries, for the attempt spans (see ``upstream_span``).
         """
         policy = self.policy
-        deadline = time.monotonic() + policy.budget
+        began = time.monotonic()
+        deadline = began + policy.budget
+        # The callers' own deadline, when nearer: no attempt runs on after they have left.
+        callers = BATCH_DEADLINE.get()
+        limited_by = "retry budget"
+        if callers is not None and callers < deadline:
+            deadline, limited_by = callers, "request deadline"
+        stop = SHUTDOWN.at  # draining: retries end with the grace period
+        if stop is not None and stop < deadline:
+            deadline, limited_by = stop, "shutdown grace period"
         content = orjson.dumps(body)
         headers = {**headers, "content-type": "application/json"}
         retry = 0
@@ -264,9 +277,10 @@ class HttpTransport:
             # The caller of a 429 always learns when to come back, even if upstream did not say.
             hint = done.retry_after if done.retry_after is not None else delay
             if not done.retryable or retry >= policy.max_attempts:
-                raise self._final(error, retry, hint)
-            if time.monotonic() + delay >= deadline:
-                raise self._final(error, retry, hint, budget=True)
+                raise self._final(error, retry, hint, began=began)
+            # No new attempt that could not finish in time (at least _MIN_ATTEMPT of it).
+            if time.monotonic() + delay + _MIN_ATTEMPT >= deadline:
+                raise self._final(error, retry, hint, budget=limited_by, began=began)
             await asyncio.sleep(delay)
 
     async def _attempt(
@@ -326,12 +340,18 @@ class HttpTransport:
         attempts: int,
         retry_after: float | None,
         *,
-        budget: bool = False,
+        budget: str | None = None,
+        began: float,
     ) -> EmbedplexError:
+        """The last attempt's error, told as the caller lived it: a timeout names the time
+        spent over every attempt (not the last attempt's share of it)."""
+        took = time.monotonic() - began
+        if isinstance(error, UpstreamTimeoutError):
+            error.message = f"{self.provider}: no answer within {took:.3g}s"
         if attempts > 1 or budget:
-            why = "retry budget spent" if budget else "attempts exhausted"
-            error.message = f"{error.message} ({attempts} attempts, {why})"
-            error.args = (error.message,)
+            why = f"{budget} spent" if budget else "attempts exhausted"
+            error.message = f"{error.message} ({attempts} attempts in {took:.3g}s, {why})"
+        error.args = (error.message,)
         if isinstance(error, UpstreamError) and error.status == 429:
             limited = RateLimitedError(error.message, retry_after=retry_after)
             limited.__cause__ = error

@@ -79,6 +79,7 @@ class LaneSet(Generic[K, P, R]):
                 max_concurrency=config.max_concurrency,
                 max_queued=config.max_queued,
                 queue_timeout=config.queue_timeout_ms / 1000,
+                cancel_abandoned=True,  # no upstream call (or retry) goes on for nobody
             )
 
             async def run(batch: list[P]) -> Sequence[R | BaseException]:

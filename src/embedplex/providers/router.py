@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from embedplex.batching import BatchObserver
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import (
     ClientError,
     EmbedplexError,
@@ -36,6 +37,7 @@ from embedplex.core.errors import (
     PayloadTooLargeError,
     RateLimitedError,
     UnavailableError,
+    UpstreamTimeoutError,
 )
 from embedplex.core.types import (
     EmbeddingService,
@@ -299,6 +301,21 @@ def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
     )
 
 
+async def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Result:
+    """``answer`` by ``deadline``, else a 504 that names it. Leaving cancels the caller's
+    queued texts, and an upstream call all of whose callers left is cancelled too
+    (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody."""
+    try:
+        async with asyncio.timeout_at(deadline.at) as scope:
+            return await answer
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise UpstreamTimeoutError(
+            f"{model}: no answer from the upstream within {deadline.describe()}"
+        ) from None
+
+
 def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
     limited = [e for e in errors if isinstance(e, RateLimitedError)]
     if limited and len(limited) == len(errors):
@@ -363,7 +380,15 @@ class RemoteRoute:
         """``call`` (the router's embed or rerank) for this route, answered under its name."""
         self._active += 1
         try:
-            result = await call(request, self.route.providers, self.route.policy)
+            deadline = REQUEST_DEADLINE.get()
+            if deadline is None:
+                result = await call(request, self.route.providers, self.route.policy)
+            else:
+                result = await _within(
+                    deadline,
+                    self.route.model,
+                    call(request, self.route.providers, self.route.policy),
+                )
         finally:
             self._active -= 1
         result.model = self.route.model

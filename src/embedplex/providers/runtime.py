@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import httpx
 
 from embedplex.batching import BatchObserver
+from embedplex.core.deadline import BATCH_DEADLINE, REQUEST_DEADLINE
 from embedplex.core.errors import InvalidRequestError, UnavailableError
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Vector
 from embedplex.observability.providers import CircuitState as CircuitGauge
@@ -60,13 +62,15 @@ class Embedded:
 
 
 class Text(NamedTuple):
-    """One queued text and its caller's request span (None unless tracing is on).
+    """One queued text, its caller's request span (None unless tracing is on) and its caller's
+    deadline (a ``time.monotonic()`` instant; None: none set).
 
-    The batch function sees payloads, not items, so the span travels with the text too.
+    The batch function sees payloads, not items, so span and deadline travel with the text.
     """
 
     text: str
     trace: SpanContext | None
+    deadline: float | None = None
 
 
 EmbedLane = Lane[EmbedParams, Text, Embedded]
@@ -213,6 +217,11 @@ class ProviderRuntime:
     async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded]:
         """The lanes' batch function: one upstream call, or more after a 413 (``guard``)."""
 
+        # The upstream call need not outlast its most patient caller (``core/deadline.py``).
+        deadlines = [t.deadline for t in batch]
+        if None not in deadlines:
+            BATCH_DEADLINE.set(max(typing.cast(list[float], deadlines)))
+
         async def send(part: list[Text]) -> list[Embedded]:
             texts = [t.text for t in part]
             traces = [t.trace for t in part if t.trace is not None]
@@ -244,8 +253,13 @@ class ProviderRuntime:
         # With tracing on, each text keeps the request's span: upstream spans hang under it.
         trace = current_span_context() if self._tracer is not None else None
         lane = await self._lane(params)
+        deadline = REQUEST_DEADLINE.get()
+        at = deadline.at if deadline is not None else None
         items = lane.batcher.submit(
-            [Text(t, trace) for t in texts], [1] * len(texts), trace=trace, tenant=request.tenant
+            [Text(t, trace, at) for t in texts],
+            [1] * len(texts),
+            trace=trace,
+            tenant=request.tenant,
         )
         rows = await collect(items, self.counters, "requests")
         took = timings(items, start)

@@ -1,39 +1,80 @@
-"""Run the app under uvicorn; SIGTERM drains (stop accepting, finish queued work, exit 0)."""
+"""Run the app under uvicorn; SIGTERM drains (stop accepting, finish queued work, exit 0).
+
+SIGTERM, in order (docs/reliability.md): readiness turns false at once; for
+``shutdown_delay_s`` the listener still accepts and serves (load balancers see the failing
+readiness and stop sending first); then the listener closes and the requests in flight get
+``graceful_shutdown_s`` to finish. One still running then is answered with the JSON 503 of
+``api/pipeline.py`` ``cut_off``. Calls to remote providers make no retry past the end of the
+grace period (``core/deadline.py`` ``drain_by``). A model that fails to load stops the process
+with exit status 1 and the reason on stderr, never an endless "loading".
+"""
 
 from __future__ import annotations
 
 import signal
+import sys
+import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
-from embedplex.api.app import create_app
+from embedplex.api.app import GatewayFactory, create_app
 from embedplex.config import Settings
+from embedplex.core.deadline import SHUTDOWN, drain_by
+from embedplex.gateway.build import build_gateway
+from embedplex.observability.logs import flush_logs
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 from embedplex.serve.process_tuning import tune_process
 from embedplex.serve.tls import TlsConfig, server_context
+
+LOAD_FAILED = 1  # the exit status when a model fails to load
 
 
 class _DrainingServer(uvicorn.Server):
     """Marks the gateway as draining the moment a stop signal arrives (readiness goes false)."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, *, stop_delay: float = 0.0) -> None:
         super().__init__(config)
         self._app = app
+        self._stop_delay = stop_delay
+        self._stop_at: float | None = None  # time.monotonic() when the delayed stop begins
+        self.load_error: str | None = None
+        app.state.on_load_failure = self._load_failed
+
+    def _load_failed(self, reason: str) -> None:
+        self.load_error = reason
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._app.state.gateway.draining = True
+        gateway = self._app.state.gateway
+        if SHUTDOWN.at is None:  # remote calls' retries must end within the drain
+            grace = self.config.timeout_graceful_shutdown or 0
+            drain_by(time.monotonic() + self._stop_delay + grace)
+        if sig == signal.SIGTERM and self._stop_delay > 0 and not self.should_exit:
+            # The pre-stop delay: readiness false, requests still served; on_tick then stops.
+            gateway.stopping_soon = True
+            if self._stop_at is None:
+                self._stop_at = time.monotonic() + self._stop_delay
+            return
+        gateway.draining = True
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown, so the process would die by
         # SIGTERM; a finished drain is a clean stop and exits 0 (what orchestrators expect).
         if sig == signal.SIGTERM:
             self._captured_signals = [s for s in self._captured_signals if s != sig]
 
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self._app.state.gateway.draining = True
+            self.should_exit = True
+        return await super().on_tick(counter)
 
-def serve(settings: Settings) -> None:
+
+def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway) -> None:
+    """``gateway_factory``: what loads the models (tests run a real process on a fake one)."""
     tune_process()
-    app = create_app(settings)
+    app = create_app(settings, gateway_factory=gateway_factory)
     config = TlsConfig(
         app,
         context=server_context(settings),
@@ -48,4 +89,9 @@ def serve(settings: Settings) -> None:
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )
-    _DrainingServer(config, app).run()
+    server = _DrainingServer(config, app, stop_delay=settings.shutdown_delay_s)
+    server.run()
+    if server.load_error is not None:
+        flush_logs()
+        print(f"embedplex: model loading failed: {server.load_error}", file=sys.stderr)
+        sys.exit(LOAD_FAILED)

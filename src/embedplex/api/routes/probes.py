@@ -13,8 +13,18 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health/live")
-async def live() -> Response:
-    """The process is up and its event loop answers."""
+async def live(request: Request) -> Response:
+    """The process is up, its event loop answers, and it can still serve.
+
+    503 once a backend has been dead (``Gateway.dead``) for ``liveness_grace_s``: only a
+    restart brings it back, so an orchestrator should do one. During the grace period readiness
+    is already false, so traffic moves away first.
+    """
+    dead = gateway(request).dead()
+    if dead is not None:
+        reason, seconds = dead
+        if seconds >= request.app.state.settings.liveness_grace_s:
+            return json_response({"status": f"dead: {reason}"}, status=503)
     return json_response({"status": "alive"})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from embedplex.api.common import admit_embedding, admit_reranking
 from embedplex.api.pipeline import JsonRoute
 from embedplex.api.routes import (
     admin,
@@ -40,23 +41,27 @@ ROUTERS: tuple[APIRouter, ...] = (
     keys.router,
 )
 
+# Refused before the body is read when every model of the kind is full (``JsonRoute.admit``).
+EMBED = admit_embedding
+RERANK = admit_reranking
+
 JSON_ROUTES: dict[str, JsonRoute] = {
-    "/v1/embeddings": JsonRoute(openai.EmbeddingsRequest, openai.create_embeddings),
-    "/embeddings": JsonRoute(openai.EmbeddingsRequest, openai.create_embeddings),
-    "/embed": JsonRoute(tei.EmbedBody, tei.embed),
-    "/api/v1/embed": JsonRoute(tei.NativeEmbedBody, tei.native_embed),
+    "/v1/embeddings": JsonRoute(openai.EmbeddingsRequest, openai.create_embeddings, admit=EMBED),
+    "/embeddings": JsonRoute(openai.EmbeddingsRequest, openai.create_embeddings, admit=EMBED),
+    "/embed": JsonRoute(tei.EmbedBody, tei.embed, admit=EMBED),
+    "/api/v1/embed": JsonRoute(tei.NativeEmbedBody, tei.native_embed, admit=EMBED),
     "/tokenize": JsonRoute(tei.TokenizeBody, tei.tokenize),
-    "/rerank": JsonRoute(rerank.TeiRerankBody, rerank.tei_rerank),
-    "/v1/rerank": JsonRoute(rerank.RerankBody, rerank.rerank),
-    "/v2/rerank": JsonRoute(rerank.RerankBody, rerank.rerank),
+    "/rerank": JsonRoute(rerank.TeiRerankBody, rerank.tei_rerank, admit=RERANK),
+    "/v1/rerank": JsonRoute(rerank.RerankBody, rerank.rerank, admit=RERANK),
+    "/v2/rerank": JsonRoute(rerank.RerankBody, rerank.rerank, admit=RERANK),
     "/v1/embeddings/batch": JsonRoute(batch.BatchRequest, batch.create_batch),
-    "/embed_all": JsonRoute(tei_extras.EmbedAllBody, tei_extras.embed_all),
+    "/embed_all": JsonRoute(tei_extras.EmbedAllBody, tei_extras.embed_all, admit=EMBED),
     "/similarity": JsonRoute(tei_extras.SimilarityBody, tei_extras.similarity),
     "/decode": JsonRoute(tei_extras.DecodeBody, tei_extras.decode),
     "/": JsonRoute(tei_extras.RootBody, tei_extras.root),
-    "/api/embed": JsonRoute(native.ApiEmbedBody, native.embed),
-    "/api/embed/batch": JsonRoute(native.ApiEmbedBody, native.embed_batch),
-    "/api/rerank": JsonRoute(native.ApiRerankBody, native.rerank),
+    "/api/embed": JsonRoute(native.ApiEmbedBody, native.embed, admit=EMBED),
+    "/api/embed/batch": JsonRoute(native.ApiEmbedBody, native.embed_batch, admit=EMBED),
+    "/api/rerank": JsonRoute(native.ApiRerankBody, native.rerank, admit=RERANK),
     # FastAPI runs this route's dependency; the pipeline runs it as the guard.
     "/api/v1/providers": JsonRoute(
         admin.AddProvider, admin.add_provider, guard=admin.require_admin_change
