@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import os
+import re
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
@@ -30,6 +31,7 @@ ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count()
 _MAX_ID = 128  # bytes of a caller's X-Request-ID kept (it goes into every log line)
+_UNSAFE_ID = re.compile(rb"[^\x20-\x7e]")  # what a request id is not: controls, non-ASCII
 
 
 def new_request_id() -> bytes:
@@ -41,6 +43,8 @@ class RequestId:
 
     def enter(self, ex: Exchange) -> None:
         rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID] or new_request_id()
+        if _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
+            rid = _UNSAFE_ID.sub(lambda m: b"\\x%02x" % m[0][0], rid)[:_MAX_ID]
         ex.state["request_id"] = rid.decode("latin-1")
         ex.response_headers.append((b"x-request-id", rid))
 
@@ -106,9 +110,13 @@ class Admission:
 
 
 def default_stages(settings: Settings) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, admission."""
-    stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
+    """The chain in its order: request id, authentication, body limit, admission.
+
+    Authentication comes before the body limit: a client without the key learns nothing but
+    401 (not even the body limit), and neither stage reads the body.
+    """
+    stages: list[Stage] = [RequestId()]
     if settings.api_key is not None:
         stages.append(StaticKey(settings.api_key.get_secret_value()))
-    stages.append(Admission())
+    stages += [BodyLimit(settings.payload_limit), Admission()]
     return stages

@@ -38,6 +38,9 @@ DURATION_BUCKETS = (
 # Refused with these statuses, a request counts as a refusal (backpressure), not a fault.
 REFUSAL_STATUSES = frozenset({429, 503})
 NO_MODEL = "-"  # the model label of requests that failed before a model was chosen
+# The model label of a request that named a model not served here, or made an ad-hoc route
+# (``providers`` in the body): label values come only from configured names, never a client's.
+UNKNOWN_MODEL = "unknown"
 
 
 class GatewayView(Protocol):

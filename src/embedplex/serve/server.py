@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from types import FrameType
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
-from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
+from embedplex.serve.edge import EdgeLimits, edge_protocol
 from embedplex.serve.process_tuning import tune_process
 
 
@@ -42,7 +43,9 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
-        http=OneWriteHttpToolsProtocol,
+        # Connection limits (serve/edge.py); uvicorn's keep-alive timer agrees with ours.
+        http=edge_protocol(EdgeLimits.from_settings(settings)),
+        timeout_keep_alive=math.ceil(settings.http_idle_timeout_s),
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )

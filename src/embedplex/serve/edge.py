@@ -1,0 +1,302 @@
+"""Limits every connection meets before any route runs: uvicorn's httptools protocol, guarded.
+
+uvicorn bounds none of these with httptools: a client may open connections without limit,
+hold one open forever without sending a byte (its keep-alive timer starts only after a first
+answer), send its headers one byte every few seconds (any byte cancels that timer), send headers
+of any size (httptools buffers a header value whole), or dribble a body forever. Here each
+connection walks through these phases, each with its own bound (``EdgeLimits``, from the
+``http_*`` settings; docs/security.md lists the defaults):
+
+    accepted      more than ``max_connections`` open: 503, closed
+    idle          no request yet, or between keep-alive requests: closed after ``idle_timeout_s``
+    head          from a request's first byte: 408 after ``header_timeout_s``;
+                  request line and headers over ``max_header_bytes``: 431
+    body          from the end of its headers: 408 after ``body_timeout_s`` (closed, if already
+                  answered)
+    answered      before its body was read (401, 413): closed, the rest of the body never read
+
+Every refusal here is the route's JSON error (``api/errors.py``) with ``Connection: close``,
+written in one go; then the connection half-closes and drains for a moment before it closes,
+so that the client reads the answer instead of a reset. Pipelined requests keep uvicorn's
+handling: answered one after the other, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+from embedplex.api.errors import error_response
+from embedplex.core.errors import (
+    EmbedplexError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    RequestTimeoutError,
+    UnavailableError,
+)
+from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    from embedplex.config import Settings
+
+logger = logging.getLogger("embedplex.edge")
+
+# How long a connection that got its last answer keeps reading (and dropping) before it closes:
+# closing a socket with unread input sends a reset, which can destroy the answer in flight.
+LINGER_S = 2.0
+# A refusal of each kind is logged at most this often (a flood must not become a log flood).
+LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """The bounds of ``EdgeHttpProtocol`` (the ``http_*`` settings)."""
+
+    max_connections: int = 1024
+    max_header_bytes: int = 16384
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EdgeLimits:
+        return cls(
+            max_connections=settings.http_max_connections,
+            max_header_bytes=settings.http_max_header_bytes,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            idle_timeout_s=settings.http_idle_timeout_s,
+        )
+
+
+def edge_protocol(limits: EdgeLimits) -> type[EdgeHttpProtocol]:
+    """``EdgeHttpProtocol`` bound to ``limits``, for ``uvicorn.Config(http=...)``."""
+    return cast(
+        "type[EdgeHttpProtocol]", type("EdgeHttpProtocol", (EdgeHttpProtocol,), {"limits": limits})
+    )
+
+
+class _Throttle:
+    """Logs the first refusal of a kind, then at most one line per ``LOG_EVERY_S`` with a count."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def note(self, kind: str, message: str, client: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -LOG_EVERY_S) < LOG_EVERY_S:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._skipped.pop(kind, 0)
+        more = f" ({skipped} more since the last line)" if skipped else ""
+        logger.warning("%s: %s, client %s%s", kind, message, client, more)
+
+
+_throttle = _Throttle()
+
+
+class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
+    """uvicorn's httptools protocol with the connection limits above (one instance per
+    connection; ``limits`` is set on the class by ``edge_protocol``)."""
+
+    limits: ClassVar[EdgeLimits] = EdgeLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""
+        self._in_head = False
+        self._head_bytes = 0  # request line and headers, as the parser hands them over
+        self._head_raw = 0  # bytes read while a head was incomplete (a value still buffering)
+        self._refusal: EmbedplexError | None = None  # why the parser was stopped
+        self._done = False  # answered for the last time: what still comes in is dropped
+
+    # -- connection ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            _throttle.note("connection refused", "too many open connections", self.client)
+            self._answer(
+                UnavailableError("too many open connections; retry later"),
+                headers=((b"retry-after", b"1"),),
+            )
+            return
+        self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return  # lingering after a last answer: read and drop
+        if self._in_head:
+            self._head_raw += len(data)
+        super().data_received(data)
+        if self._in_head and not self._done and self._head_raw > self.limits.max_header_bytes:
+            self._refuse_head()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser refused: ours in JSON, and the reason."""
+        if self._done:
+            return
+        refusal, self._refusal = self._refusal, None
+        if refusal is None:
+            _throttle.note("bad request", msg, self.client)
+            refusal = InvalidRequestError(f"invalid HTTP request: {msg}", malformed=True)
+        self._answer(refusal)
+
+    # -- parser callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = self._head_raw = 0
+        self._arm("head", self.limits.header_timeout_s, self._head_expired)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._timer_kind == "body":
+            self._disarm()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        super()._start_asgi_task(cycle, app)
+        if cycle is self.cycle and cycle.more_body:  # its body is still to come
+            self._arm("body", self.limits.body_timeout_s, self._body_expired)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if self._done or self.transport.is_closing() or not cycle.response_complete:
+            return  # closed, or a pipelined request is next
+        if self._in_head:
+            return  # the next request has begun: its head timer runs
+        if cycle.more_body:
+            # Answered before its body was read (401, 413, a 404 on a POST): the rest of the
+            # body is not worth reading, and this connection's next request cannot be found.
+            self._linger()
+        else:
+            self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
+
+    # -- limits ---------------------------------------------------------------------------
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refusal = self._head_too_large()
+            raise self._refusal  # the parser stops; uvicorn calls send_400_response
+
+    def _head_too_large(self) -> HeadersTooLargeError:
+        _throttle.note("headers too large", "refused with 431", self.client)
+        return HeadersTooLargeError(
+            f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+        )
+
+    def _refuse_head(self) -> None:
+        self._answer(self._head_too_large())
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        if self.flow.read_paused:  # we stopped reading (a pipelined request runs): not its fault
+            self._arm("head", self.limits.header_timeout_s, self._head_expired)
+            return
+        _throttle.note("header timeout", "refused with 408", self.client)
+        self._answer(
+            RequestTimeoutError(
+                f"request headers not received within {self.limits.header_timeout_s:g} s"
+            )
+        )
+
+    def _body_expired(self) -> None:
+        self._timer = None
+        if self.flow.read_paused:  # the app is not reading yet: not the client's fault
+            self._arm("body", self.limits.body_timeout_s, self._body_expired)
+            return
+        _throttle.note("body timeout", "refused with 408", self.client)
+        cycle = self.cycle
+        answered = cycle.response_started
+        # The app stops waiting: its receive() says the client has gone, its answer is dropped.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if answered:
+            self.transport.close()
+            return
+        error = RequestTimeoutError(
+            f"request body not received within {self.limits.body_timeout_s:g} s"
+        )
+        self._answer(error, path=str(self.scope.get("path", "/")))
+
+    # -- answers --------------------------------------------------------------------------
+    def _answer(
+        self,
+        error: EmbedplexError,
+        *,
+        path: str = "/",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """Write ``error`` as the route's JSON error with ``Connection: close``, then linger."""
+        response = error_response(error, path)
+        body = bytes(response.body)
+        head = [STATUS_LINE[response.status_code]]
+        for name, value in (
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *headers,
+        ):
+            head += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send what is written and a FIN, drop what still comes in, close within LINGER_S."""
+        self._done = True
+        self._in_head = False
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS: no half-close
+            transport.close()
+            return
+        transport.write_eof()
+        self.flow.resume_reading()
+        self._arm("linger", LINGER_S, transport.close)
+
+    def _arm(self, kind: str, seconds: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_kind = kind
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_kind = ""
