@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 import uvicorn
 
 from embedplex.backends.fake import FakeBackend
@@ -278,11 +277,16 @@ def test_an_unauthenticated_huge_body_is_refused_unread(tiny_model_dir: Path) ->
             assert responses(read_all(s))[0][0] == 413
 
 
-@pytest.mark.parametrize("field", ["max_connections", "max_header_bytes"])
-def test_limits_come_from_settings(field: str) -> None:
+def test_limits_are_settings_and_flags() -> None:
+    from typer.testing import CliRunner
+
+    from embedplex.cli.main import app as cli
     from embedplex.config import Settings
 
-    settings = Settings(http_max_connections=7, http_max_header_bytes=4096)
-    limits = EdgeLimits.from_settings(settings)
-    assert getattr(limits, field) in (7, 4096)
+    flags = ["--http-max-connections", "7", "--http-header-timeout-s", "2.5"]
+    shown = orjson.loads(CliRunner().invoke(cli, ["config", "show", *flags]).stdout)
+    assert (shown["http_max_connections"], shown["http_header_timeout_s"]) == (7, 2.5)
+    limits = EdgeLimits.from_settings(Settings(http_max_connections=7, http_body_timeout_s=3))
+    assert (limits.max_connections, limits.body_timeout_s) == (7, 3.0)
+    assert EdgeLimits.from_settings(Settings()) == EdgeLimits()  # the documented defaults
     assert edge_protocol(limits).limits is limits

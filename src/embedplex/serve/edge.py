@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from embedplex.api.errors import error_response
@@ -139,23 +140,30 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """uvicorn's, with its answer to a request the parser refused made ours (JSON, the
+        reason, and logged at most once per LOG_EVERY_S: uvicorn logs every one)."""
         if self._done:
             return  # lingering after a last answer: read and drop
+        self._unset_keepalive_if_required()
         if self._in_head:
             self._head_raw += len(data)
-        super().data_received(data)
-        if self._in_head and not self._done and self._head_raw > self.limits.max_header_bytes:
-            self._refuse_head()
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request the parser refused: ours in JSON, and the reason."""
-        if self._done:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
             return
-        refusal, self._refusal = self._refusal, None
-        if refusal is None:
-            _throttle.note("bad request", msg, self.client)
-            refusal = InvalidRequestError(f"invalid HTTP request: {msg}", malformed=True)
-        self._answer(refusal)
+        except httptools.HttpParserError as exc:
+            refusal, self._refusal = self._refusal, None
+            if refusal is None:
+                _throttle.note("bad request", "refused with 400", self.client)
+                refusal = InvalidRequestError(f"invalid HTTP request: {exc}", malformed=True)
+            self._answer(refusal)
+            return
+        if self._in_head and self._head_raw > self.limits.max_header_bytes:
+            self._answer(self._head_too_large())
 
     # -- parser callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -206,16 +214,13 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._head_bytes += n
         if self._head_bytes > self.limits.max_header_bytes:
             self._refusal = self._head_too_large()
-            raise self._refusal  # the parser stops; uvicorn calls send_400_response
+            raise self._refusal  # the parser stops, and data_received answers it
 
     def _head_too_large(self) -> HeadersTooLargeError:
         _throttle.note("headers too large", "refused with 431", self.client)
         return HeadersTooLargeError(
             f"request line and headers exceed {self.limits.max_header_bytes} bytes"
         )
-
-    def _refuse_head(self) -> None:
-        self._answer(self._head_too_large())
 
     def _idle_expired(self) -> None:
         self._timer = None
