@@ -44,9 +44,6 @@ from embedplex.core.errors import (
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 
 if TYPE_CHECKING:
-    from uvicorn._types import ASGI3Application
-    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
-
     from embedplex.config import Settings
 
 logger = logging.getLogger("embedplex.edge")
@@ -122,6 +119,10 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._head_raw = 0  # bytes read while a head was incomplete (a value still buffering)
         self._refusal: EmbedplexError | None = None  # why the parser was stopped
         self._done = False  # answered for the last time: what still comes in is dropped
+        self._head_since = 0.0  # loop time of the current request's first byte
+        # uvicorn's own keep-alive timer (armed after each answer, cancelled by any byte) is
+        # the idle bound between requests; ours covers the rest of the idle time.
+        self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -164,13 +165,33 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
             return
         if self._in_head and self._head_raw > self.limits.max_header_bytes:
             self._answer(self._head_too_large())
+        elif self._timer is None:
+            self._arm_for_wait()
+
+    def _arm_for_wait(self) -> None:
+        """After a read, a timer for what the connection now waits for, unless one runs.
+
+        Armed here rather than in the parser callbacks: a request whose head (and body) came
+        in one read, which is nearly every request, then costs no timer at all.
+        """
+        cycle = self.cycle
+        if self._in_head:
+            left = self._head_since + self.limits.header_timeout_s - self.loop.time()
+            self._arm("head", max(left, 0.0), self._head_expired)
+        elif cycle is not None and cycle.more_body and not cycle.response_complete:
+            self._arm("body", self.limits.body_timeout_s, self._body_expired)
+        elif (cycle is None or cycle.response_complete) and self.timeout_keep_alive_task is None:
+            # Bytes that began no request (blank lines): still idle, and not for longer.
+            self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
 
     # -- parser callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = self._head_raw = 0
-        self._arm("head", self.limits.header_timeout_s, self._head_expired)
+        self._head_since = self.loop.time()
+        if self._timer_kind == "idle":
+            self._disarm()
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
@@ -182,7 +203,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm()
+        if self._timer_kind == "head":
+            self._disarm()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -190,24 +212,15 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         if self._timer_kind == "body":
             self._disarm()
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        super()._start_asgi_task(cycle, app)
-        if cycle is self.cycle and cycle.more_body:  # its body is still to come
-            self._arm("body", self.limits.body_timeout_s, self._body_expired)
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle
         if self._done or self.transport.is_closing() or not cycle.response_complete:
             return  # closed, or a pipelined request is next
-        if self._in_head:
-            return  # the next request has begun: its head timer runs
-        if cycle.more_body:
+        if cycle.more_body and not self._in_head:
             # Answered before its body was read (401, 413, a 404 on a POST): the rest of the
             # body is not worth reading, and this connection's next request cannot be found.
             self._linger()
-        else:
-            self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
 
     # -- limits ---------------------------------------------------------------------------
     def _count_head(self, n: int) -> None:

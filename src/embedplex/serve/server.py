@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import signal
 from types import FrameType
 
@@ -43,9 +42,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
-        # Connection limits (serve/edge.py); uvicorn's keep-alive timer agrees with ours.
-        http=edge_protocol(EdgeLimits.from_settings(settings)),
-        timeout_keep_alive=math.ceil(settings.http_idle_timeout_s),
+        http=edge_protocol(EdgeLimits.from_settings(settings)),  # connection limits
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )
