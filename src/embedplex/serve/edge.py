@@ -115,11 +115,11 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
         self._in_head = False
-        self._head_bytes = 0  # request line and headers, as the parser hands them over
-        self._head_raw = 0  # bytes read while a head was incomplete (a value still buffering)
+        self._read = 0  # bytes of the read being parsed
+        self._head_raw = 0  # bytes of the reads after the one a head began in, while it lasts
+        self._head_span = 0  # the same and the read it began in: at least the head's size
         self._refusal: EmbedplexError | None = None  # why the parser was stopped
         self._done = False  # answered for the last time: what still comes in is dropped
-        self._head_since = 0.0  # loop time of the current request's first byte
         # uvicorn's own keep-alive timer (armed after each answer, cancelled by any byte) is
         # the idle bound between requests; ours covers the rest of the idle time.
         self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
@@ -146,8 +146,10 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         if self._done:
             return  # lingering after a last answer: read and drop
         self._unset_keepalive_if_required()
-        if self._in_head:
+        self._read = len(data)
+        if self._in_head:  # every byte of this read up to the end of the head is head
             self._head_raw += len(data)
+            self._head_span += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -175,9 +177,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         in one read, which is nearly every request, then costs no timer at all.
         """
         cycle = self.cycle
-        if self._in_head:
-            left = self._head_since + self.limits.header_timeout_s - self.loop.time()
-            self._arm("head", max(left, 0.0), self._head_expired)
+        if self._in_head:  # it began in this read: a head timer runs from any earlier one
+            self._arm("head", self.limits.header_timeout_s, self._head_expired)
         elif cycle is not None and cycle.more_body and not cycle.response_complete:
             self._arm("body", self.limits.body_timeout_s, self._body_expired)
         elif (cycle is None or cycle.response_complete) and self.timeout_keep_alive_task is None:
@@ -188,21 +189,19 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = self._head_raw = 0
-        self._head_since = self.loop.time()
+        self._head_raw = 0
+        self._head_span = self._read  # what of this read came before the head is not known
         if self._timer_kind == "idle":
             self._disarm()
 
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_span > self.limits.max_header_bytes and (
+            len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)  # ": ", CRLF
+            > self.limits.max_header_bytes
+        ):
+            self._refusal = self._head_too_large()
+            raise self._refusal  # the parser stops, and data_received answers it
         if self._timer_kind == "head":
             self._disarm()
         super().on_headers_complete()
@@ -215,20 +214,13 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         cycle = self.cycle
-        if self._done or self.transport.is_closing() or not cycle.response_complete:
-            return  # closed, or a pipelined request is next
-        if cycle.more_body and not self._in_head:
-            # Answered before its body was read (401, 413, a 404 on a POST): the rest of the
-            # body is not worth reading, and this connection's next request cannot be found.
-            self._linger()
+        # Answered before its body was read (401, 413, a 404 on a POST): the rest of the body
+        # is not worth reading, and this connection's next request could not be found in it.
+        # (Not when a pipelined request is next, or the connection is closing anyway.)
+        if cycle.more_body and cycle.response_complete and not (self._in_head or self._done):
+            self._linger()  # (it returns at once if the connection is closing)
 
     # -- limits ---------------------------------------------------------------------------
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.limits.max_header_bytes:
-            self._refusal = self._head_too_large()
-            raise self._refusal  # the parser stops, and data_received answers it
-
     def _head_too_large(self) -> HeadersTooLargeError:
         _throttle.note("headers too large", "refused with 431", self.client)
         return HeadersTooLargeError(
