@@ -165,3 +165,5 @@ def test_the_server_runs_the_connection_limits(server: str) -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 431 ")
     assert b'"error_type":"Validation"' in data
+    metrics = httpx.get(server + "/metrics", timeout=30).text
+    assert 'embedplex_connection_refusals_total{reason="headers_too_large"} 1.0' in metrics

@@ -19,8 +19,9 @@ import orjson
 import uvicorn
 
 from embedplex.backends.fake import FakeBackend
-from embedplex.serve.edge import EdgeLimits, edge_protocol
-from helpers import fake_app, free_port
+from embedplex.observability.metrics import Metrics
+from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
+from helpers import fake_app, free_port, parse_metrics, value
 
 WAIT_S = 15.0  # how long a test waits for a limit to act (a loaded box is slow)
 
@@ -237,13 +238,29 @@ def test_connections_over_the_cap_get_503_json_and_are_closed() -> None:
             time.sleep(0.05)
 
 
-def test_malformed_requests_get_a_json_400() -> None:
-    with server(echo, EdgeLimits()) as port, connect(port) as s:
-        s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-        status, headers, body = responses(read_all(s))[0]
+def test_malformed_requests_get_a_json_400_and_refusals_are_counted() -> None:
+    metrics = Metrics()
+    metrics.watch_edge(edge_stats)
+    before = parse_metrics(metrics.render().decode())
+    with server(echo, EdgeLimits(max_header_bytes=1024)) as port:
+        with connect(port) as s:
+            s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            status, headers, body = responses(read_all(s))[0]
+        with connect(port) as s:
+            s.sendall(get(extra="x-big: " + "v" * 2000 + "\r\n"))
+            assert responses(read_all(s))[0][0] == 431
+        with connect(port) as s:  # held open while the metrics are read
+            s.sendall(get())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            after = parse_metrics(metrics.render().decode())
+            assert value(after, "embedplex_connections_open") >= 1
     assert status == 400
     assert headers["content-type"] == "application/json"
     assert orjson.loads(body)["error"].startswith("invalid HTTP request")
+    name = "embedplex_connection_refusals_total"
+    for reason in ("bad_request", "headers_too_large"):
+        assert value(after, name, reason=reason) == value(before, name, reason=reason) + 1
+    assert value(after, name, reason="body_timeout") == value(before, name, reason="body_timeout")
 
 
 def test_an_unauthenticated_huge_body_is_refused_unread(tiny_model_dir: Path) -> None:

@@ -103,6 +103,28 @@ class _Throttle:
 
 _throttle = _Throttle()
 
+# What this process's connections have been refused for, and how many are open: read by the
+# metrics at scrape time (``embedplex_connection_refusals_total``, ``embedplex_connections_open``).
+REFUSAL_REASONS = (
+    "connections",
+    "bad_request",
+    "headers_too_large",
+    "header_timeout",
+    "body_timeout",
+)
+_refusals = dict.fromkeys(REFUSAL_REASONS, 0)
+_open = 0
+
+
+def edge_stats() -> tuple[int, dict[str, int]]:
+    """Open connections, and refusals by reason, since the process started."""
+    return _open, dict(_refusals)
+
+
+def _refused(reason: str, message: str, client: object) -> None:
+    _refusals[reason] += 1
+    _throttle.note(reason, message, client)
+
 
 class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
     """uvicorn's httptools protocol with the connection limits above (one instance per
@@ -126,9 +148,11 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        global _open
+        _open += 1
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            _throttle.note("connection refused", "too many open connections", self.client)
+            _refused("connections", "too many open connections", self.client)
             self._answer(
                 UnavailableError("too many open connections; retry later"),
                 headers=((b"retry-after", b"1"),),
@@ -137,6 +161,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        global _open
+        _open -= 1
         self._disarm()
         super().connection_lost(exc)
 
@@ -161,7 +187,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None
             if refusal is None:
-                _throttle.note("bad request", "refused with 400", self.client)
+                _refused("bad_request", "refused with 400", self.client)
                 refusal = InvalidRequestError(f"invalid HTTP request: {exc}", malformed=True)
             self._answer(refusal)
             return
@@ -222,7 +248,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
 
     # -- limits ---------------------------------------------------------------------------
     def _head_too_large(self) -> HeadersTooLargeError:
-        _throttle.note("headers too large", "refused with 431", self.client)
+        _refused("headers_too_large", "refused with 431", self.client)
         return HeadersTooLargeError(
             f"request line and headers exceed {self.limits.max_header_bytes} bytes"
         )
@@ -237,7 +263,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         if self.flow.read_paused:  # we stopped reading (a pipelined request runs): not its fault
             self._arm("head", self.limits.header_timeout_s, self._head_expired)
             return
-        _throttle.note("header timeout", "refused with 408", self.client)
+        _refused("header_timeout", "refused with 408", self.client)
         self._answer(
             RequestTimeoutError(
                 f"request headers not received within {self.limits.header_timeout_s:g} s"
@@ -249,7 +275,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         if self.flow.read_paused:  # the app is not reading yet: not the client's fault
             self._arm("body", self.limits.body_timeout_s, self._body_expired)
             return
-        _throttle.note("body timeout", "refused with 408", self.client)
+        _refused("body_timeout", "refused with 408", self.client)
         cycle = self.cycle
         answered = cycle.response_started
         # The app stops waiting: its receive() says the client has gone, its answer is dropped.

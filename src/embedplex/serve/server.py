@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
-from embedplex.serve.edge import EdgeLimits, edge_protocol
+from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
 from embedplex.serve.process_tuning import tune_process
 
 
@@ -33,6 +33,7 @@ class _DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> None:
     tune_process()
     app = create_app(settings)
+    app.state.telemetry.metrics.watch_edge(edge_stats)
     config = uvicorn.Config(
         app,
         host=settings.host,
