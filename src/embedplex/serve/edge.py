@@ -272,7 +272,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
 
     def _body_expired(self) -> None:
         self._timer = None
-        if self.flow.read_paused:  # the app is not reading yet: not the client's fault
+        waiting = any(cycle is self.cycle for cycle, _ in self.pipeline)
+        if self.flow.read_paused or waiting:  # we are not reading it yet: not the client's fault
             self._arm("body", self.limits.body_timeout_s, self._body_expired)
             return
         _refused("body_timeout", "refused with 408", self.client)
