@@ -152,3 +152,19 @@ def test_tls(tmp_path: Path, model_cache: Path) -> None:
         proc.wait(60)
         if proc.stdout:
             proc.stdout.close()
+
+
+def test_the_server_runs_the_connection_limits(server: str) -> None:
+    """serve/edge.py is in front of the real process: oversized headers get 431 JSON."""
+    import socket
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\nx-big: " + b"v" * 20000 + b"\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 431 ")
+    assert b'"error_type":"Validation"' in data
+    metrics = httpx.get(server + "/metrics", timeout=30).text
+    assert 'embedplex_connection_refusals_total{reason="headers_too_large"} 1.0' in metrics

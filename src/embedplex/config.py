@@ -83,6 +83,37 @@ class Settings(BaseSettings):
     log_format: Literal["pretty", "json"] = Field("pretty", description="Log line format.")
     log_requests: bool = Field(True, description="Log one structured line per API request.")
 
+    # -- connections: limits every connection meets before any route (serve/edge.py) ----
+    http_max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open client connections; past it, a new one gets 503 and is closed.",
+    )
+    http_max_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        description="Request line plus headers, in bytes; past it, 431 and the connection "
+        "is closed.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds from a request's first byte until its headers are complete; "
+        "past it, 408 and the connection is closed.",
+    )
+    http_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds from a request's headers until its whole body has arrived; past "
+        "it, 408 and the connection is closed.",
+    )
+    http_idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a connection may wait for its first request, or for the next one "
+        "on keep-alive; then it is closed (keep it above a load balancer's idle timeout).",
+    )
+
     # -- observability --------------------------------------------------------------------
     metrics_port: int | None = Field(
         None,
@@ -268,6 +299,12 @@ class Settings(BaseSettings):
     )
     max_client_batch_size: int = Field(
         2048, ge=1, description="Inputs in one request; more is 413."
+    )
+    max_request_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="Token ids one request may send (token-id inputs, /decode) or get back "
+        "(/tokenize); more is 413.",
     )
 
     # -- which served models clients may use ---------------------------------------------

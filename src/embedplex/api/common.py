@@ -11,6 +11,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from embedplex.api.bounds import check_tokens, token_ids
 from embedplex.api.observe import request_record
 from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
@@ -112,6 +113,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
     """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
+    check_tokens(request, token_ids(core.inputs), "input")
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)

@@ -48,6 +48,11 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large"),
     ),
     (
+        e.HeadersTooLargeError,
+        ErrorSpec(431, "Validation", "invalid_request_error", "headers_too_large"),
+    ),
+    (e.RequestTimeoutError, ErrorSpec(408, "Validation", "invalid_request_error", "timeout")),
+    (
         e.InputTooLongError,
         ErrorSpec(422, "Validation", "invalid_request_error", "context_length_exceeded"),
     ),

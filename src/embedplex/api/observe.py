@@ -22,7 +22,7 @@ from starlette.types import Scope
 
 from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
-from embedplex.observability.metrics import NO_MODEL
+from embedplex.observability.metrics import NO_MODEL, UNKNOWN_MODEL
 
 if TYPE_CHECKING:
     from embedplex.api.pipeline import Exchange
@@ -110,7 +110,7 @@ class RequestObserver:
         route = self._route(ex.scope)
         self.metrics.observe_request(
             route,
-            record.model,
+            self._model_label(ex.scope, record),
             status,
             duration,
             error_type=record.error_type,
@@ -155,6 +155,20 @@ class RequestObserver:
         if isinstance(path, str):
             return path
         return scope["path"] if scope["path"] in self.paths else "unmatched"
+
+    @staticmethod
+    def _model_label(scope: Scope, record: RequestRecord) -> str:
+        """``record.model`` if a served model has that name, else ``unknown`` (a name the
+        request made up: an ad-hoc route's, or one not served) or ``-`` (none chosen)."""
+        if record.error_type == "model_not_found":
+            return UNKNOWN_MODEL
+        model = record.model
+        if model == NO_MODEL:
+            return model
+        app = scope.get("app")
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        serves = getattr(gateway, "serves", None)
+        return model if serves is not None and serves(model) else UNKNOWN_MODEL
 
     @staticmethod
     def _end_span(span: trace.Span, ex: Exchange, route: str, status: int) -> None:

@@ -11,6 +11,7 @@ import hmac
 import itertools
 import math
 import os
+import re
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers", "/api/v1/keys")
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count()
 _MAX_ID = 128  # bytes of a caller's X-Request-ID kept (it goes into every log line)
+_UNSAFE_ID = re.compile(rb"[^\x20-\x7e]")  # what a request id is not: controls, non-ASCII
 
 
 def new_request_id() -> bytes:
@@ -53,6 +55,8 @@ class RequestId:
 
     def enter(self, ex: Exchange) -> None:
         rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID] or new_request_id()
+        if _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
+            rid = _UNSAFE_ID.sub(lambda m: b"\\x%02x" % m[0][0], rid)[:_MAX_ID]
         ex.state["request_id"] = rid.decode("latin-1")
         ex.response_headers.append((b"x-request-id", rid))
 
@@ -233,20 +237,22 @@ def _seconds(raw: bytes) -> float | None:
 def default_stages(
     settings: Settings, keys: KeyVerifier | None = None, limiter: RateLimiter | None = None
 ) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, admission, the key's
-    rate limits (last, so that a request refused while draining costs its key nothing).
+    """The chain in its order: request id, authentication, body limit, admission, the request's
+    deadline, the key's rate limits (last, so that a request refused while draining costs its key
+    nothing). Authentication comes before the body limit: a client without the key learns
+    nothing but 401 (not even the body limit), and neither stage reads the body.
 
     ``keys``: the managed keys of the state store; then ``ManagedKeys`` authenticates (and
     accepts the static key too). ``/metrics`` follows the key unless ``metrics_public``.
     """
-    stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
+    stages: list[Stage] = [RequestId()]
     static = settings.api_key.get_secret_value() if settings.api_key is not None else None
     open_paths = None if settings.metrics_public else _WITHOUT_METRICS
     if keys is not None:
         stages.append(ManagedKeys(keys, static, open_paths=open_paths))
     elif static is not None:
         stages.append(StaticKey(static, open_paths=open_paths))
-    stages.append(Admission())
+    stages += [BodyLimit(settings.payload_limit), Admission()]
     stages.append(RequestDeadline(settings.request_timeout_s))
     if limiter is not None:
         stages.append(RateLimit(limiter, _UNAUTHENTICATED))

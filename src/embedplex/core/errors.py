@@ -9,6 +9,8 @@ status codes.
     │   ├── EmptyInputError             no inputs at all                        -> 400
     │   ├── InvalidRequestError         malformed JSON, wrong types, bad values -> 400 / 422
     │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
+    │   ├── HeadersTooLargeError        request line and headers over the cap   -> 431
+    │   ├── RequestTimeoutError         headers or body too slow to arrive      -> 408
     │   ├── InputTooLongError           over max input length, truncate off     -> 422
     │   ├── ModelNotFoundError          no such model or provider               -> 404
     │   ├── AuthenticationError         missing or wrong API key                -> 401
@@ -63,6 +65,18 @@ class InvalidRequestError(ClientError):
 
 class PayloadTooLargeError(ClientError):
     kind = "payload_too_large"
+
+
+class HeadersTooLargeError(ClientError):
+    """Answered by the connection itself (``serve/edge.py``), before any route."""
+
+    kind = "headers_too_large"
+
+
+class RequestTimeoutError(ClientError):
+    """The client sent its headers or body too slowly (``serve/edge.py``)."""
+
+    kind = "request_timeout"
 
 
 class InputTooLongError(ClientError):

@@ -101,6 +101,10 @@ class Gateway:
     def models(self) -> list[ModelInfo]:
         return [m.info for m in self._models.values()]
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a served model's name (not an ad-hoc route a request made)."""
+        return name in self._models
+
     def model(self, name: str | None) -> EmbeddingService:
         """The embedding model a request names (see ``pick``)."""
         return typing.cast(EmbeddingService, self.pick(name, "embedding"))

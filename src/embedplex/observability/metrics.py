@@ -22,7 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from embedplex import __version__
@@ -40,6 +40,9 @@ DURATION_BUCKETS = (
 # Refused with these statuses, a request counts as a refusal (backpressure), not a fault.
 REFUSAL_STATUSES = frozenset({429, 503})
 NO_MODEL = "-"  # the model label of requests that failed before a model was chosen
+# The model label of a request that named a model not served here, or made an ad-hoc route
+# (``providers`` in the body): label values come only from configured names, never a client's.
+UNKNOWN_MODEL = "unknown"
 
 
 class GatewayView(Protocol):
@@ -80,6 +83,32 @@ class _GatewayCollector(Collector):
         ready = GaugeMetricFamily("embedplex_ready", "1 when /health/ready answers 200.")
         ready.add_metric([], 1.0 if gw is not None and gw.ready()[0] else 0.0)
         yield ready
+
+
+EdgeStats = Callable[[], tuple[int, dict[str, int]]]
+
+
+class _EdgeCollector(Collector):
+    """The connection limits' counts (``serve/edge.py``), read when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.source: EdgeStats | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:  # not served by ``embedplex serve`` (an embedded app, a test)
+            return
+        open_now, refusals = self.source()
+        yield GaugeMetricFamily(
+            "embedplex_connections_open", "Open client connections.", value=open_now
+        )
+        family = CounterMetricFamily(
+            "embedplex_connection_refusals",
+            "Connections answered and closed by the connection limits, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in refusals.items():
+            family.add_metric([reason], count)
+        yield family
 
 
 class _RequestChildren:
@@ -144,6 +173,8 @@ class Metrics:
         PlatformCollector(registry=r)
         self._gateway = _GatewayCollector()
         r.register(self._gateway)
+        self._edge = _EdgeCollector()
+        r.register(self._edge)
         self._children: dict[tuple[str, str], _RequestChildren] = {}
         self._stages: dict[str, tuple[Any, Any, Any]] = {}
         self._models: dict[str, ModelMetrics] = {}
@@ -160,6 +191,10 @@ class Metrics:
     def watch(self, source: Callable[[], GatewayView | None]) -> None:
         """Read queue and in-flight gauges (and readiness) from ``source()`` at scrape time."""
         self._gateway.source = source
+
+    def watch_edge(self, source: EdgeStats) -> None:
+        """Report open connections and connection refusals from ``source()`` at scrape time."""
+        self._edge.source = source
 
     def model(self, name: str) -> ModelMetrics:
         """The batch observer of one model or provider (one per name)."""

@@ -24,7 +24,7 @@ from embedplex.config import Settings
 from embedplex.core.deadline import SHUTDOWN, drain_by
 from embedplex.gateway.build import build_gateway
 from embedplex.observability.logs import flush_logs
-from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
+from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
 from embedplex.serve.process_tuning import tune_process
 from embedplex.serve.tls import TlsConfig, server_context
 
@@ -75,6 +75,7 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
     """``gateway_factory``: what loads the models (tests run a real process on a fake one)."""
     tune_process()
     app = create_app(settings, gateway_factory=gateway_factory)
+    app.state.telemetry.metrics.watch_edge(edge_stats)
     config = TlsConfig(
         app,
         context=server_context(settings),
@@ -85,7 +86,7 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
-        http=OneWriteHttpToolsProtocol,
+        http=edge_protocol(EdgeLimits.from_settings(settings)),  # connection limits
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )

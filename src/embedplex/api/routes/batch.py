@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
 from embedplex.api.errors import spec_for
 from embedplex.api.observe import request_record
@@ -54,12 +55,15 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
     if len(set(ids)) != len(ids):
         raise InvalidRequestError("request ids must be unique", param="requests")
     limit = request.app.state.settings.max_client_batch_size
-    total = sum(len(as_inputs(item.input)) for item in body.requests)
+    check_count(request, len(body.requests), "requests")
+    inputs = [as_inputs(item.input) for item in body.requests]
+    total = sum(len(each) for each in inputs)
     if total > limit:
         raise PayloadTooLargeError(
             f"{total} inputs across the batch > maximum allowed batch size {limit}",
             param="requests",
         )
+    check_tokens(request, sum(token_ids(each) for each in inputs), "requests")
     work = asyncio.gather(
         *(embed_one(request, item) for item in body.requests), return_exceptions=True
     )

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex import __version__
+from embedplex.api.bounds import check_count, check_tokens
 from embedplex.api.common import (
     Inputs,
     as_inputs,
@@ -89,9 +90,12 @@ async def tokenize(body: TokenizeBody, request: Request) -> Response:
     if not isinstance(model, Tokenizing):
         raise InvalidRequestError(f"{model.info.name} does not expose a tokenizer", param="model")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    check_count(request, len(texts), "inputs", model.info.max_client_batch_size)
     tokens = await model.tokenize(
         texts, add_special_tokens=body.add_special_tokens, prompt_name=body.prompt_name
     )
+    # The answer is some 60 bytes a token: bounded, though only known once tokenized.
+    check_tokens(request, sum(len(row) for row in tokens), "inputs")
     return json_response(
         [
             [

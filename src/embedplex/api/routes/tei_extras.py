@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from starlette.responses import Response
 
+from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import (
     Inputs,
     as_inputs,
@@ -106,6 +107,7 @@ async def embed_all(body: EmbedAllBody, request: Request) -> Response:
         prompt_name=body.prompt_name,
         tenant=tenant_of(request),
     )
+    check_tokens(request, token_ids(core.inputs), "inputs")
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)
@@ -147,6 +149,8 @@ async def decode(body: DecodeBody, request: Request) -> Response:
     if not ids:
         raise EmptyInputError("ids cannot be empty", param="ids")
     sequences: list[list[int]] = [ids] if isinstance(ids[0], int) else ids
+    check_count(request, len(sequences), "ids", model.info.max_client_batch_size)
+    check_tokens(request, token_ids(sequences), "ids")
     texts = await model.decode(sequences, skip_special_tokens=body.skip_special_tokens)
     return json_response(texts)
 

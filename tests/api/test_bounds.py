@@ -1,0 +1,142 @@
+"""Every route that takes input bounds it (api/bounds.py): 413 with a clear message, before work.
+
+One app serves an embedding model and a reranker over fake backends, with small limits: three
+inputs a request, twenty token ids. Each oversize request must be refused with 413 and must
+not have reached a backend (its ``calls`` stay where they were).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from embedplex.api.app import create_app
+from embedplex.backends.fake import FakeBackend
+from embedplex.backends.model_files import ModelKind, load_spec
+from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.config import ModelConfig, Settings
+from embedplex.gateway import Gateway
+from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.rerank import LocalRerankModel
+from helpers import running
+
+LIMIT = 3  # max_client_batch_size
+TOKENS = 20  # max_request_tokens
+
+
+@dataclasses.dataclass
+class Served:
+    client: httpx.AsyncClient
+    embedder: FakeBackend
+    reranker: FakeBackend
+
+    def batches(self) -> int:
+        return len(self.embedder.batches) + len(self.reranker.batches)
+
+
+@pytest.fixture
+async def served(tiny_model_dir: Path) -> AsyncIterator[Served]:
+    embedder, reranker = FakeBackend(), FakeBackend(kind=ModelKind.RERANKER)
+    settings = Settings(
+        max_client_batch_size=LIMIT,
+        max_request_tokens=TOKENS,
+        models=[
+            ModelConfig(name="emb", model_id=str(tiny_model_dir)),
+            ModelConfig(name="rr", model_id=str(tiny_model_dir), kind="rerank"),
+        ],
+    )
+
+    def build(s: Settings) -> Gateway:
+        models: list[Any] = []
+        for config, backend in zip(s.local_models(), (embedder, reranker), strict=True):
+            spec = load_spec(str(tiny_model_dir), tiny_model_dir)
+            cls: Any = LocalEmbeddingModel
+            if config.kind == "rerank":
+                spec, cls = dataclasses.replace(spec, kind=ModelKind.RERANKER), LocalRerankModel
+            tokenizer = TextTokenizer.from_dir(
+                tiny_model_dir, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+            )
+            options = LocalModelOptions.from_settings(s, spec, run_tokens=None, model=config)
+            models.append(cls(spec, tokenizer, backend, options))
+        return Gateway(models)
+
+    async with running(create_app(settings, gateway_factory=build)) as client:
+        yield Served(client, embedder, reranker)
+
+
+FOUR = ["a", "b", "c", "d"]
+IDS = [[5] * 8, [6] * 8, [7] * 8]  # three lists (allowed), 24 ids (over 20)
+
+OVERSIZE: list[tuple[str, dict[str, Any]]] = [
+    ("/embed", {"inputs": FOUR}),
+    ("/embed", {"inputs": IDS}),
+    ("/v1/embeddings", {"input": FOUR}),
+    ("/v1/embeddings", {"input": IDS}),
+    ("/api/v1/embed", {"inputs": FOUR}),
+    ("/api/embed", {"texts": FOUR}),
+    ("/api/embed/batch", {"input": FOUR}),
+    ("/embed_all", {"inputs": FOUR}),
+    ("/embed_all", {"inputs": IDS}),
+    ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b", "c", "d"]}}),
+    ("/tokenize", {"inputs": FOUR}),
+    ("/decode", {"ids": [[5], [6], [7], [8]]}),
+    ("/decode", {"ids": IDS}),
+    ("/rerank", {"query": "q", "texts": FOUR}),
+    ("/v1/rerank", {"query": "q", "documents": FOUR}),
+    ("/api/rerank", {"query": "q", "documents": FOUR}),
+    ("/v1/embeddings/batch", {"requests": [{"id": str(k), "input": "x"} for k in range(4)]}),
+    (
+        "/v1/embeddings/batch",
+        {"requests": [{"id": "a", "input": ["x", "y"]}, {"id": "b", "input": ["z", "w"]}]},
+    ),
+    (
+        "/v1/embeddings/batch",
+        {"requests": [{"id": "a", "input": IDS[:2]}, {"id": "b", "input": IDS[2]}]},
+    ),
+    ("/v1/embeddings/batch", {"requests": [{"id": str(k), "input": []} for k in range(4)]}),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), OVERSIZE, ids=[f"{p} {i}" for i, (p, _) in enumerate(OVERSIZE)]
+)
+async def test_oversize_requests_are_413_before_any_work(
+    served: Served, path: str, body: dict[str, Any]
+) -> None:
+    if "requests" in body:
+        body = {"requests": [{**r, "model": "emb"} for r in body["requests"]]}
+    else:
+        body = {**body, "model": "rr" if "rerank" in path else "emb"}
+    r = await served.client.post(path, json=body)
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert "maximum allowed batch size 3" in message or "limit of 20" in message, message
+    assert served.batches() == 0
+
+
+async def test_at_the_limits_requests_are_served(served: Served) -> None:
+    ok = [
+        ("/embed", {"inputs": FOUR[:3], "model": "emb"}),
+        ("/embed", {"inputs": [[5] * 10, [6] * 10], "model": "emb"}),
+        ("/tokenize", {"inputs": ["a b c"], "model": "emb"}),
+        ("/decode", {"ids": [[5] * 10, [6] * 10], "model": "emb"}),
+        ("/rerank", {"query": "q", "texts": FOUR[:3], "model": "rr"}),
+    ]
+    for path, body in ok:
+        r = await served.client.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+
+
+async def test_tokenize_bounds_the_tokens_it_answers_with(served: Served) -> None:
+    # Three inputs (allowed), but 3 x 9 tokens with [CLS] and [SEP]: over 20.
+    r = await served.client.post(
+        "/tokenize", json={"inputs": ["a b c d e f g"] * 3, "model": "emb"}
+    )
+    assert r.status_code == 413
+    assert "27 token ids in one request > the limit of 20" in r.json()["error"]
