@@ -8,7 +8,7 @@ interactive work before batch work, needs no change in the routes or the models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 
@@ -53,3 +53,14 @@ ANONYMOUS = Tenant()
 
 STATIC_KEY = Tenant(key_id="static")
 """The tenant of a request that presented the server's static ``--api-key``."""
+
+
+_RANK = {Priority.BATCH: 0, Priority.INTERACTIVE: 1}
+
+
+def lowered(tenant: Tenant, requested: Priority | None) -> Tenant:
+    """``tenant`` at the priority a request asked for, which may lower its key's, never raise
+    it: asking ``interactive`` with a ``batch`` key keeps ``batch`` (docs/scheduling.md)."""
+    if requested is None or _RANK[requested] >= _RANK[tenant.priority]:
+        return tenant
+    return replace(tenant, priority=requested)

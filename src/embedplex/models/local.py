@@ -34,12 +34,15 @@ from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
 from embedplex.batching import (
+    DEFAULT_AGING,
     Batcher,
     BatchObserver,
     BatchPolicy,
+    BatchQueue,
     Item,
-    LengthBucketQueue,
+    QueuePolicy,
     TokenBudget,
+    make_queue,
 )
 from embedplex.config import Settings
 from embedplex.core.errors import (
@@ -96,6 +99,8 @@ class LocalModelOptions:
     tokenize_inline_chars: int = 512
     streams: int = 1  # batches run at once, each from its own inference thread
     worker_nice: int = 0  # inference and tokenizer threads run this far below the event loop
+    queue_policy: QueuePolicy = "fair"  # batching/fair.py; "fifo": oldest first, whoever sent
+    priority_aging: float = DEFAULT_AGING  # seconds before batch work is served as interactive
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
@@ -135,6 +140,8 @@ class LocalModelOptions:
             tokenize_inline_chars=settings.tokenize_inline_chars,
             streams=streams,
             worker_nice=settings.inference_nice,
+            queue_policy=_set(m.queue_policy),
+            priority_aging=settings.priority_aging_ms / 1000,
             policy=BatchPolicy(
                 max_items=budget.items,
                 max_cost=budget.tokens,
@@ -144,6 +151,10 @@ class LocalModelOptions:
                 queue_timeout=_set(m.queue_timeout_ms) / 1000,
             ),
         )
+
+    def new_queue(self) -> BatchQueue:
+        """The model's queue, by ``queue_policy`` (a fresh one per batcher)."""
+        return make_queue(self.queue_policy, lengths=True, aging=self.priority_aging)
 
 
 def load_backend(
@@ -292,7 +303,7 @@ class LocalModel(Generic[R]):
             self.options.name,
             self._run_batch,
             self.options.policy,
-            queue=LengthBucketQueue(),
+            queue=self.options.new_queue(),
             observers=self._observers,
             cost_of=lambda payload: payload.cost,
         )

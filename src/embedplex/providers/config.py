@@ -54,6 +54,11 @@ class ProviderConfig(BaseModel):
     max_concurrency: int = Field(4, ge=1, description="Upstream calls in flight at once.")
     max_queued: int = Field(4096, ge=1, description="Texts waiting per batch lane; then 429.")
     queue_timeout_ms: int = Field(30_000, ge=1, description="A text waiting longer gets 503.")
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Order of each batch lane: fair (weighted fair order across API keys, "
+        "interactive before batch; docs/scheduling.md) or fifo (arrival order).",
+    )
     timeout_s: float = Field(15.0, gt=0, description="Per-attempt timeout of one upstream call.")
     retry_budget_s: float = Field(
         45.0, gt=0, description="Cumulative time one call may spend across retries."

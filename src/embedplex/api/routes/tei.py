@@ -12,6 +12,7 @@ from starlette.responses import Response
 from embedplex import __version__
 from embedplex.api.common import (
     Inputs,
+    PriorityField,
     as_inputs,
     gateway,
     json_response,
@@ -36,6 +37,7 @@ class EmbedBody(BaseModel):
     prompt_name: str | None = None
     dimensions: int | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
+    priority: PriorityField = None
 
 
 class NativeEmbedBody(BaseModel):
@@ -45,6 +47,7 @@ class NativeEmbedBody(BaseModel):
     normalize: bool = True
     truncate: bool | None = None
     model: str | None = None
+    priority: PriorityField = None
 
 
 class TokenizeBody(BaseModel):
@@ -65,7 +68,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
@@ -77,7 +80,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
         inputs=as_inputs(body.inputs),
         normalize=body.normalize,
         truncate=body.truncate,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
