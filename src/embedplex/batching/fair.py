@@ -9,8 +9,7 @@ The rules, shared by both:
 
 - Lanes. ``interactive`` items are served before ``batch`` items; a ``batch`` item that has
   waited ``aging`` seconds is served as ``interactive`` (so batch work always moves). The lane
-  served is every interactive or aged item, or, when there is none, every item. A batch that
-  the lane does not fill is filled from the other lane (the backend runs the pass anyway).
+  served is every interactive or aged item, or, when there is none, every item.
 - Fair order inside the lane: each key has a virtual time, the work it was given divided by its
   weight (padded tokens for local models, the sum of costs for remote providers). The key (or
   keys) with the least virtual time lead the next batch; a key that starts waiting starts at the
@@ -18,9 +17,12 @@ The rules, shared by both:
   credit and a key that just arrived leads the next batch. That is start-time fair queuing
   with the batch as the packet; with weights it shares the model in their proportion.
 - Length grouping (``FairLengthQueue``, local models): the leading keys' oldest item is grown
-  with their items nearest it in length (``queues.group_by_length``, the plain queue's rule);
-  room left is filled with the other keys' items nearest in length, so a light key's single
-  query rides in a full batch of the heavy key's texts, as short as it.
+  with their items nearest it in length (``queues.group_by_length``, the plain queue's rule).
+  Room left is filled with other items nearest in length (the other keys', then the other
+  lane's) only with ``fill``: on a GPU, where a pass costs about the same whatever its rows, a
+  light key's query then rides in a full batch for free; on a CPU a pass costs its padded
+  tokens, so the query's batch is its own, a short pass, and the query waits for at most the
+  one pass in flight, not for a full batch of someone else's texts as well.
 - Nothing starves: every waiting key's virtual time is eventually the least (the others' grows
   each time they are served), a key's oldest item leads its turn, and aging moves batch items
   into the lane that is served.
@@ -143,8 +145,19 @@ class FairLengthQueue(_FairState):
     """``LengthBucketQueue`` in weighted fair order across keys, with priority lanes.
 
     ``max_cost`` is the padded-token budget; a key is charged the padded tokens of its rows
-    (the batch's longest x its rows), divided by its weight.
+    (the batch's longest x its rows), divided by its weight. ``fill``: whether room the
+    leading keys leave is filled with others' items (see the module docstring).
     """
+
+    def __init__(
+        self,
+        *,
+        aging: float = DEFAULT_AGING,
+        clock: Callable[[], float] | None = None,
+        fill: bool = True,
+    ) -> None:
+        super().__init__(aging=aging, clock=clock)
+        self.fill = fill
 
     def cut(self, max_items: int, max_cost: int | None) -> list[AnyItem]:
         items = self._items
@@ -164,7 +177,7 @@ class FairLengthQueue(_FairState):
         grouped = group_by_length([items[k].cost for k in leaders], max_items, max_cost)
         chosen = [leaders[j] for j in grouped]
         budget = TokenBudget(tokens=max_cost, items=max_items)
-        if _room(chosen, items, budget):
+        if self.fill and _room(chosen, items, budget):
             in_lane = set(lane)
             for pool in (
                 [k for k in lane if items[k].tenant_key not in lead],
@@ -272,14 +285,18 @@ def _fifo_extend(
         cost += c
 
 
-def make_queue(policy: QueuePolicy, *, lengths: bool, aging: float = DEFAULT_AGING) -> BatchQueue:
+def make_queue(
+    policy: QueuePolicy, *, lengths: bool, aging: float = DEFAULT_AGING, fill: bool = True
+) -> BatchQueue:
     """The queue of one batcher: ``lengths`` for local models (padded budget), else remote.
 
     ``fifo``: the plain queues (arrival order, whoever sent the items); ``fair``: their fair
-    twins above.
+    twins above (``fill``: ``FairLengthQueue``'s).
     """
     if policy == "fifo":
         return LengthBucketQueue() if lengths else FifoQueue()
     if policy == "fair":
-        return FairLengthQueue(aging=aging) if lengths else FairFifoQueue(aging=aging)
+        if lengths:
+            return FairLengthQueue(aging=aging, fill=fill)
+        return FairFifoQueue(aging=aging)
     raise ValueError(f"unknown queue policy {policy!r} (fair or fifo)")

@@ -152,9 +152,12 @@ class LocalModelOptions:
             ),
         )
 
-    def new_queue(self) -> BatchQueue:
-        """The model's queue, by ``queue_policy`` (a fresh one per batcher)."""
-        return make_queue(self.queue_policy, lengths=True, aging=self.priority_aging)
+    def new_queue(self, device: str) -> BatchQueue:
+        """The model's queue, by ``queue_policy`` (a fresh one per batcher). On a CPU a pass
+        costs its padded tokens, so a fair batch is not filled with other keys' inputs
+        (``batching/fair.py``)."""
+        fill = device != "cpu"
+        return make_queue(self.queue_policy, lengths=True, aging=self.priority_aging, fill=fill)
 
 
 def load_backend(
@@ -303,7 +306,7 @@ class LocalModel(Generic[R]):
             self.options.name,
             self._run_batch,
             self.options.policy,
-            queue=self.options.new_queue(),
+            queue=self.options.new_queue(self.backend.device),
             observers=self._observers,
             cost_of=lambda payload: payload.cost,
         )

@@ -65,7 +65,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
             self.options.name,
             self._run_batch,
             self.options.policy,
-            queue=self.options.new_queue(),
+            queue=self.options.new_queue(self.backend.device),
             observers=self._observers,
             cost_of=lambda payload: payload.cost,
         )
