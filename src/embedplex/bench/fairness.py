@@ -37,7 +37,7 @@ class FairnessOptions:
     query_rate: float = 10.0  # queries per second
     query_tokens: TokenSpec = field(default_factory=lambda: TokenSpec(14, 14))
     server_args: tuple[str, ...] = ()
-    log_dir: Path = Path("bench-logs")
+    log_dir: Path = Path("bench-results")  # the servers' logs, as the suite's (git-ignored)
 
     def __post_init__(self) -> None:
         if self.duration <= 0 or self.warmup < 0 or self.query_rate <= 0:
