@@ -26,6 +26,8 @@ def _isolated_env(
     for key in list(os.environ):
         if key.startswith("EMBEDPLEX_"):
             monkeypatch.delenv(key)
+    # The default state store (state/url.py) lives under XDG_DATA_HOME: one per test.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     return
 
 

@@ -188,7 +188,8 @@ def lazy(
 async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Path) -> None:
     loads: list[str] = []
     release = threading.Event()
-    async with running(app_of(Settings(), lazy(tiny_model_dir, loads, gate=release))) as client:
+    settings = Settings(admin_secret="adm")
+    async with running(app_of(settings, lazy(tiny_model_dir, loads, gate=release))) as client:
         before = (await client.get("/v1/models")).json()["data"]
         ready_before = await client.get("/health/ready")
         assert loads == []  # not loaded at start
@@ -202,7 +203,8 @@ async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Pat
         release.set()
         answers = await asyncio.gather(*calls)
         info = (await client.get("/info", params={"model": "z"})).json()
-        status = (await client.get("/api/v1/status")).json()["models"]["z"]
+        admin = {"authorization": "Bearer adm"}
+        status = (await client.get("/api/v1/status", headers=admin)).json()["models"]["z"]
     assert [(m["id"], m["kind"]) for m in before] == [("a", "embed"), ("z", "embed")]
     assert ready_before.status_code == 200
     assert loads == ["z"]

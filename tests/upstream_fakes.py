@@ -66,6 +66,9 @@ class Fault:
     delay: float = 0.0
     reset: bool = False
     malformed: bool = False
+    # A hostile or careless upstream: its error message repeats the request's headers (the
+    # API key among them), with terminal escapes, newlines and a lot of padding.
+    echo_headers: bool = False
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Call:
     body: dict[str, Any]
     texts: list[str]
     at: float = field(default_factory=time.monotonic)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ThreadServer:
@@ -171,7 +175,7 @@ class FakeUpstream:
     async def _serve(self, request: Request, texts_key: str) -> tuple[Response | None, Call]:
         body = orjson.loads(await request.body())
         texts = body[texts_key]
-        call = Call(request.url.path, body, list(texts))
+        call = Call(request.url.path, body, list(texts), headers=dict(request.headers))
         with self._lock:
             self.calls.append(call)
             fault = self._script.popleft() if self._script else Fault(delay=self.delay)
@@ -181,9 +185,12 @@ class FakeUpstream:
             return _ResetResponse(), call
         if fault.status:
             headers = {"retry-after": fault.retry_after} if fault.retry_after else {}
+            message = f"injected {fault.status}"
+            if fault.echo_headers:
+                message = f"bad request\x1b[31m\r\n{dict(request.headers)}\n" + "x" * 5000
             return (
                 Response(
-                    orjson.dumps({"error": {"message": f"injected {fault.status}"}}),
+                    orjson.dumps({"error": {"message": message}}),
                     status_code=fault.status,
                     headers=headers,
                 ),

@@ -9,13 +9,23 @@ from TOML or from JSON in the environment (``EMBEDPLEX_PROVIDERS='[{...}]'``).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -32,6 +42,8 @@ from embedplex.providers.config import ProviderConfig, RouteConfig
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
 __all__ = ["Dtype", "ModelConfig", "PoolingName", "Settings"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # The flat keys that name the one model served without [[models]] tables.
 _FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
@@ -74,7 +86,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
     api_key: SecretStr | None = Field(
-        None, description="Static API key; when set, every route but health and docs needs it."
+        None,
+        description="Static API key; when set, every route but the probes, docs and admin API "
+        "needs it (/metrics too, unless metrics_public).",
     )
     payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body, in bytes.")
     cors_allow_origins: list[str] = Field(
@@ -82,6 +96,17 @@ class Settings(BaseSettings):
     )
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serves HTTPS.")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
+    ssl_ca_certs: Path | None = Field(
+        None, description="CA bundle (PEM) that client certificates must chain to (mTLS)."
+    )
+    ssl_client_cert: Literal["none", "optional", "required"] = Field(
+        "none",
+        description="Client certificates (mTLS): none, optional (verified when sent) or "
+        "required (a client without one is refused in the handshake); needs ssl_ca_certs.",
+    )
+    docs_enabled: bool = Field(
+        True, description="Serve /docs, /redoc and /openapi.json (off: 404)."
+    )
     graceful_shutdown_s: float = Field(
         30.0, ge=0, description="Seconds SIGTERM waits for queued work before exiting."
     )
@@ -96,7 +121,13 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=65535,
-        description="Also serve /metrics on this port (a separate small server; 0 picks one).",
+        description="Serve /metrics on this port only (a separate small server; 0 picks one); "
+        "the main port then answers 404 there.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics on the main port without the API key (default: with an "
+        "api_key set, /metrics needs it too).",
     )
     otlp_endpoint: str | None = Field(
         None, description="OpenTelemetry collector to export spans to (e.g. http://otel:4317)."
@@ -109,8 +140,45 @@ class Settings(BaseSettings):
 
     admin_secret: SecretStr | None = Field(
         None,
-        description="Secret for the admin API (/api/v1/status, /api/v1/providers); "
-        "set it with EMBEDPLEX_ADMIN_SECRET.",
+        description="Secret for the admin API (/api/v1/status, /api/v1/providers); without "
+        "it the admin API is off (403). Never the api_key; set it with EMBEDPLEX_ADMIN_SECRET.",
+    )
+    provider_key_envs: list[str] = Field(
+        default_factory=list,
+        description="Environment variables a provider added at run time (admin API) may take "
+        "its API key from (comma-separated in flags; empty: none may have a key).",
+    )
+    provider_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks (CIDR, e.g. 10.0.0.0/8) that providers added at run "
+        "time may reach; public addresses always may, cloud metadata addresses never.",
+    )
+
+    # -- state store and managed API keys (docs/keys.md) ---------------------------------
+    state_url: str | None = Field(
+        None,
+        description="Where keys, run-time providers and usage are kept: sqlite:///path or "
+        "postgresql://user@host/db (default: SQLite file state.db in data_dir).",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Directory of the default SQLite state store "
+        "(default: $XDG_DATA_HOME/embedplex or ~/.local/share/embedplex).",
+    )
+    require_api_key: bool = Field(
+        False,
+        description="Refuse requests without a managed key even before the first key exists "
+        "(keys are required anyway once the store holds one).",
+    )
+    state_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=2.0,
+        description="How often each replica checks the store for key and provider changes "
+        "(revocations take effect within about twice this).",
+    )
+    usage_flush_s: float = Field(
+        10.0, gt=0, description="How often per-key usage counts are written to the store."
     )
 
     # -- model ----------------------------------------------------------------------------
@@ -232,6 +300,19 @@ class Settings(BaseSettings):
         5.0, gt=0, description="How often half-open providers get a health probe."
     )
 
+    # -- per-key rate limits (docs/limits.md) ---------------------------------------------
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Share per-key rate limits across replicas through this Redis "
+        "(redis://[:password@]host:6379/0; unset: each process limits alone).",
+    )
+    redis_timeout_s: float = Field(
+        0.5, gt=0, description="A Redis call slower than this falls back to per-process limits."
+    )
+    redis_probe_interval_s: float = Field(
+        5.0, gt=0, description="While Redis is away, how often it is probed to share again."
+    )
+
     # Tables last: in TOML, top-level keys must come before [[tables]]. No flags for these.
     models: list[ModelConfig] = Field(
         default_factory=list,
@@ -251,12 +332,54 @@ class Settings(BaseSettings):
         "weight); api_key, when set too, keeps working.",
     )
 
-    @field_validator("cors_allow_origins", mode="before")
+    @field_validator(
+        "cors_allow_origins", "provider_key_envs", "provider_allowed_networks", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("api_key", "admin_secret")
+    @classmethod
+    def _real_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """An empty secret would match an empty or missing header: refuse to start instead."""
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if not secret.strip():
+            raise ValueError(
+                f"{info.field_name} is set but empty (or only whitespace): set a real secret, "
+                "or unset it"
+            )
+        if secret != secret.strip():
+            raise ValueError(
+                f"{info.field_name} starts or ends with whitespace, which no Authorization "
+                "header can carry: remove it"
+            )
+        return value
+
+    @field_validator("provider_key_envs")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"provider_key_envs: {name!r} is not an environment variable name")
+            if name.upper().startswith("EMBEDPLEX_"):
+                # The server's own secrets live there: never hand one to an upstream.
+                raise ValueError(f"provider_key_envs: {name!r} is one of embedplex's own")
+        return names
+
+    @field_validator("provider_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"provider_allowed_networks: {net!r} is not a network") from exc
+        return networks
 
     @field_validator("allowed_embedding_models", "allowed_rerank_models", mode="before")
     @classmethod
@@ -274,6 +397,18 @@ class Settings(BaseSettings):
             raise ValueError("max_client_batch_size cannot exceed max_queue_size")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.ssl_ca_certs is not None and self.ssl_certfile is None:
+            raise ValueError(
+                "ssl_ca_certs (client certificates) needs ssl_certfile and ssl_keyfile"
+            )
+        if self.ssl_client_cert != "none" and self.ssl_ca_certs is None:
+            raise ValueError(f"ssl_client_cert = {self.ssl_client_cert!r} needs ssl_ca_certs")
+        if (
+            self.admin_secret is not None
+            and self.api_key is not None
+            and self.admin_secret.get_secret_value() == self.api_key.get_secret_value()
+        ):
+            raise ValueError("admin_secret must differ from api_key (every client has the key)")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
             raise ValueError("max_batch_tokens must be at least max_input_length")
         names = [p.name for p in self.providers]
@@ -308,6 +443,8 @@ class Settings(BaseSettings):
             raise ValueError('api_keys ids must be unique (and not "static", api_key\'s id)')
         if len(set(secrets)) != len(secrets):
             raise ValueError("two api_keys (or api_key) share one secret")
+        if self.admin_secret is not None and self.admin_secret.get_secret_value() in secrets:
+            raise ValueError("admin_secret must differ from every API key (clients have those)")
 
     def _check_names(self) -> None:
         """Local models and remote routes share one namespace: a name is served once."""
@@ -375,6 +512,8 @@ class Settings(BaseSettings):
         variables that hold them), so there is nothing else to hide.
         """
         data = self.model_dump(mode="json")
+        if self.state_url:  # postgresql://user:password@host/db: the password goes
+            data["state_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.state_url)
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):
                 data[name] = "***" if getattr(self, name) is not None else None

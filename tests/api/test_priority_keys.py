@@ -138,6 +138,8 @@ def test_static_keys_are_checked_and_never_printed(monkeypatch: pytest.MonkeyPat
         Settings.load(None, api_key=SEARCH_KEY, api_keys=[{"id": "a", "key": SEARCH_KEY}])
     with pytest.raises(ValidationError):
         Settings.load(None, api_keys=[{"id": "a", "key": SEARCH_KEY, "weight": 0}])
+    with pytest.raises(ValidationError, match="admin_secret must differ"):
+        Settings.load(None, admin_secret=SEARCH_KEY, api_keys=[{"id": "a", "key": SEARCH_KEY}])
     monkeypatch.setenv("EMBEDPLEX_API_KEYS", json.dumps(KEYS))
     settings = Settings.load(None)
     assert [(k.id, k.priority, k.weight) for k in settings.api_keys] == [

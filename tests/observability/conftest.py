@@ -51,8 +51,12 @@ def fake_factory(backend: FakeBackend) -> GatewayFactory:
     return factory
 
 
+ADMIN_SECRET = "obs-admin-secret"
+
+
 def settings(**overrides: Any) -> Settings:
-    return Settings(served_model_name=MODEL, **overrides)
+    """The test server's settings; its admin API is on (``/api/v1/status`` is an admin route)."""
+    return Settings(**{"served_model_name": MODEL, "admin_secret": ADMIN_SECRET, **overrides})
 
 
 @dataclass
@@ -98,7 +102,11 @@ async def serve(
     app = create_app(s, gateway_factory=make(backend), telemetry=telemetry)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        # The admin secret rides in its own header: tests set Authorization for the API key.
+        admin = {"x-admin-secret": ADMIN_SECRET}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=admin
+        ) as client:
             await wait_ready(client)
             yield Served(app, client, backend)
 

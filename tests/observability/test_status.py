@@ -11,7 +11,7 @@ from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
 from embedplex.cli.main import app as cli
 
-from .conftest import MODEL, Served, fake_factory, live_server, settings
+from .conftest import ADMIN_SECRET, MODEL, Served, fake_factory, live_server, settings
 
 
 async def test_status_route_reports_models_queues_throughput_errors(served: Served) -> None:
@@ -50,12 +50,12 @@ async def test_status_and_health_commands_read_a_running_server() -> None:
             import httpx
 
             httpx.post(url + "/embed", json={"inputs": ["hello", "world"]}).raise_for_status()
-            code, out = run_cli("status", "--url", url)
+            code, out = run_cli("status", "--url", url, "--admin-secret", ADMIN_SECRET)
             assert code == 0, out
             assert "Models" in out
             assert MODEL in out
             assert "ready" in out
-            code, out = run_cli("status", "--url", url, "--json")
+            code, out = run_cli("status", "--url", url, "--json", "--admin-secret", ADMIN_SECRET)
             assert code == 0
             assert json.loads(out)["models"][MODEL]["recent"]["batches"] >= 1
             code, out = run_cli("health", "--url", url)
@@ -76,15 +76,19 @@ def test_commands_against_nothing_exit_2() -> None:
     assert run_cli("status", "--url", url)[0] == 2
 
 
-async def test_status_command_sends_the_api_key() -> None:
-    app = create_app(settings(api_key="k-123"), gateway_factory=fake_factory(FakeBackend()))
+async def test_status_command_sends_the_admin_secret() -> None:
+    app = create_app(
+        settings(api_key="k-123", admin_secret="adm-456"),
+        gateway_factory=fake_factory(FakeBackend()),
+    )
 
     def scenario() -> None:
         with live_server(app) as url:
             assert run_cli("status", "--url", url)[0] == 2
-            code, out = run_cli("status", "--url", url, "--api-key", "k-123")
+            assert run_cli("status", "--url", url, "--admin-secret", "k-123")[0] == 2
+            code, out = run_cli("status", "--url", url, "--admin-secret", "adm-456")
             assert code == 0, out
-            assert "k-123" not in out
+            assert "adm-456" not in out
 
     await asyncio.to_thread(scenario)
 

@@ -18,7 +18,7 @@ from embedplex.core.errors import (
     UpstreamTimeoutError,
 )
 from embedplex.providers import PROVIDER_TYPES, EmbedParams, HttpProvider
-from embedplex.providers.http import Attempt, Outcome, parse_retry_after
+from embedplex.providers.http import MAX_REASON, Attempt, Outcome, parse_retry_after, sanitize
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 
@@ -215,3 +215,38 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after(httpx.Headers({"retry-after-ms": "1500"})) == 1.5
     assert parse_retry_after(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0
     assert parse_retry_after(httpx.Headers({})) is None
+
+
+async def test_upstream_error_bodies_reach_callers_short_clean_and_without_our_key(
+    upstream: FakeUpstream, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that echoes our request headers (the key among them), terminal escapes and
+    newlines in its error: the caller gets one short printable line, with no key in it."""
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-live-0123456789abcdef")
+    upstream.script(Fault(status=400, echo_headers=True))
+    p, _ = await adapter(upstream, client, api_key_env="UPSTREAM_KEY")
+    with pytest.raises(UpstreamError) as info:
+        await p.embed(["a"], EmbedParams())
+    assert upstream.calls[0].headers["authorization"] == "Bearer sk-live-0123456789abcdef"
+    message = info.value.message
+    assert "sk-live" not in message and "0123456789abcdef" not in message
+    assert message.isprintable()
+    assert len(message) <= 300
+    assert message.startswith("p: upstream answered 400: bad request")
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets", "kept", "gone"),
+    [
+        ("key sk-abcdef rejected", ["sk-abcdef"], "key *** rejected", "sk-abcdef"),
+        ("Authorization: Bearer tok123", [], "Bearer ***", "tok123"),
+        ("{'x-api-key': 'abc123'}", [], "***", "abc123"),
+        ("line\r\nnext\x1b[31m\x00end\u2028!", [], "line next [31m end !", "\x1b"),
+    ],
+)
+def test_sanitize(text: str, secrets: list[str], kept: str, gone: str) -> None:
+    out = sanitize(text, secrets)
+    assert kept in out
+    assert gone not in out
+    assert out.isprintable()
+    assert len(sanitize("y" * 10_000)) <= MAX_REASON

@@ -37,6 +37,8 @@ def router_settings(upstream: FakeUpstream, upstream2: FakeUpstream, **kw: Any) 
     return Settings(
         local_model=False,
         admin_secret=SECRET,
+        provider_key_envs=["NOPE_KEY"],
+        provider_allowed_networks=["127.0.0.0/8"],  # the fake upstreams run on loopback
         providers=[
             provider("a", upstream, max_attempts=2),
             provider("b", upstream2, "voyage", max_attempts=1),
@@ -193,14 +195,23 @@ async def test_admin_api_adds_lists_and_removes_providers(
     assert r.status_code == 404
 
 
-async def test_admin_changes_are_refused_without_a_secret(
+async def test_without_a_secret_the_admin_api_is_off(
     upstream: FakeUpstream, upstream2: FakeUpstream
 ) -> None:
     settings = router_settings(upstream, upstream2).model_copy(update={"admin_secret": None})
     async with serve(settings) as (_, client):
-        assert (await client.get("/api/v1/providers")).status_code == 200
-        r = await client.delete("/api/v1/providers/a")
-        assert r.status_code == 401
+        for method, path in [
+            ("GET", "/api/v1/providers"),
+            ("GET", "/api/v1/status"),
+            ("DELETE", "/api/v1/providers/a"),
+        ]:
+            r = await client.request(method, path, headers={"authorization": "Bearer x"})
+            assert r.status_code == 403, path
+            assert "admin API is off" in r.json()["error"]
+        r = await client.post("/api/v1/providers", json={"provider": {}})
+        assert r.status_code == 403
+        listed = await client.post("/v1/embeddings", json={"model": "remote-x", "input": "hi"})
+        assert listed.status_code == 200  # the data plane is untouched
 
 
 async def test_openai_sdk_passes_routing_in_extra_body(client: httpx.AsyncClient) -> None:
@@ -222,19 +233,23 @@ async def test_tei_dialect_reaches_remote_models_too(client: httpx.AsyncClient) 
     assert r.json()["error_type"] == "Validation"
 
 
-async def test_admin_routes_fall_back_to_the_api_key(
-    upstream: FakeUpstream, upstream2: FakeUpstream
+@pytest.mark.parametrize("admin_secret", [None, SECRET])
+async def test_the_api_key_never_opens_the_admin_api(
+    upstream: FakeUpstream, upstream2: FakeUpstream, admin_secret: str | None
 ) -> None:
+    secret = SecretStr(admin_secret) if admin_secret else None
     settings = router_settings(upstream, upstream2).model_copy(
-        update={"admin_secret": None, "api_key": SecretStr("k")}
+        update={"admin_secret": secret, "api_key": SecretStr("k")}
     )
+    key = {"authorization": "Bearer k"}
     async with serve(settings) as (_, client):
-        assert (await client.get("/api/v1/status")).status_code == 401
-        ok = await client.get("/api/v1/status", headers={"authorization": "Bearer k"})
-        assert ok.status_code == 200
+        status = await client.get("/api/v1/status", headers=key)
+        assert status.status_code == (403 if admin_secret is None else 401)
+        change = await client.delete("/api/v1/providers/a", headers=key)
+        assert change.status_code == status.status_code
+        if admin_secret:
+            assert (await client.get("/api/v1/status", headers=ADMIN)).status_code == 200
         r = await client.post(
-            "/v1/embeddings",
-            json={"model": "remote-x", "input": "hi"},
-            headers={"authorization": "Bearer k"},
+            "/v1/embeddings", json={"model": "remote-x", "input": "hi"}, headers=key
         )
         assert r.status_code == 200

@@ -95,6 +95,7 @@ def live_router(upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.setenv("EMBEDPLEX_ADMIN_SECRET", SECRET)
     settings = Settings.load(
         local_model=False,
+        provider_allowed_networks=["127.0.0.0/8"],  # the fake upstream runs on loopback
         providers=[provider("a", upstream)],
         routes=[RouteConfig(model="m", providers=["a"])],
     )

@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "router.toml"
+ADMIN_SECRET = "e2e-admin"  # router_load reads /api/v1/status with it
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -56,7 +57,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         EXAMPLE.read_text().replace("http://127.0.0.1:8081", f"http://127.0.0.1:{up_port}")
     )
     procs = [spawn("--port", str(up_port))]
-    procs.append(spawn("--config", str(config), "--port", str(router_port)))
+    procs.append(
+        spawn("--config", str(config), "--port", str(router_port), "--admin-secret", ADMIN_SECRET)
+    )
     up, router = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{router_port}"
     try:
         wait_ready(procs[0], up)
@@ -88,8 +91,9 @@ def test_router_vectors_equal_direct_vectors(servers: tuple[str, str]) -> None:
 
 
 def test_1000_requests_from_100_callers_take_at_most_25_upstream_calls(
-    servers: tuple[str, str],
+    servers: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("EMBEDPLEX_ADMIN_SECRET", ADMIN_SECRET)
     up, router = servers
     routed = asyncio.run(router_load.run(router, "remote-minilm", requests=1000, callers=100))
     direct = asyncio.run(router_load.run(up, None, requests=1000, callers=100))

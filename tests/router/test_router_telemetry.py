@@ -29,6 +29,7 @@ def routed(*providers: ProviderConfig, **kw: Any) -> Settings:
     return Settings(
         local_model=False,
         admin_secret=SECRET,
+        provider_allowed_networks=["127.0.0.0/8"],  # the fake upstreams run on loopback
         providers=list(providers),
         routes=[RouteConfig(model=f"remote-{p.name}", providers=[p.name]) for p in providers],
         **kw,

@@ -30,9 +30,15 @@ from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError
 from embedplex.gateway import Gateway
 from embedplex.gateway.build import build_gateway
+from embedplex.limits import RateLimiter
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
 from embedplex.serve.process_tuning import run_lowered
+from embedplex.state.cache import KeyVerifier
+from embedplex.state.keys import KeyStore
+from embedplex.state.providers import ProviderStore, ProviderSync
+from embedplex.state.store import StateStore
+from embedplex.state.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +76,22 @@ def create_app(
     """The app; ``telemetry`` defaults to one built from ``settings`` (tests pass their own)."""
     settings = settings or Settings.load()
     telemetry = telemetry or Telemetry.from_settings(settings)
+    # The state store: managed keys and their usage (docs/keys.md). Opened in lifespan.
+    store = StateStore.from_settings(settings)
+    keys = KeyVerifier(
+        KeyStore(store), poll_s=settings.state_poll_s, require=settings.require_api_key
+    )
+    usage = UsageMeter(store, flush_s=settings.usage_flush_s)
+    provider_sync = ProviderSync(ProviderStore(store), telemetry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway()
+        # Before the first request: keys must be known before anything is served.
+        await store.upgrade()
+        await keys.start()
+        usage.start()
+        logger.info("state store: %s", store.describe())
         failed: list[BaseException] = []
         metrics_server = None
         if settings.metrics_port is not None:
@@ -98,6 +116,7 @@ def create_app(
                 gc.collect()
                 gc.freeze()
                 app.state.gateway = gw
+                await provider_sync.apply(gw)  # providers other replicas added at run time
                 logger.info("ready: %s", ", ".join(m.name for m in gw.models))
             except BaseException as exc:
                 failed.append(exc)
@@ -116,6 +135,10 @@ def create_app(
             await gw.close(drain=True)
             if metrics_server is not None:
                 metrics_server.stop()
+            await limiter.aclose()
+            await usage.close()
+            await keys.close()
+            await store.close()
             telemetry.shutdown()
 
     app = EmbedplexApp(
@@ -123,11 +146,27 @@ def create_app(
         version=__version__,
         description="Embedding server and batching gateway (OpenAI and TEI compatible).",
         lifespan=lifespan,
-        docs_url="/docs",
+        # docs_enabled = false: no /docs, /redoc or /openapi.json (404), nothing to map the API.
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+    limiter = RateLimiter.from_url(
+        redis_url,
+        timeout_s=settings.redis_timeout_s,
+        probe_interval_s=settings.redis_probe_interval_s,
+        observer=telemetry.metrics.rate_limits,
+    )
+    app.state.rate_limiter = limiter
+    app.state.state_store = store
+    app.state.keys = keys
+    app.state.usage = usage
+    app.state.provider_sync = provider_sync
+    keys.listeners.append(lambda: provider_sync.apply(app.state.gateway))
     telemetry.metrics.watch(lambda: app.state.gateway)  # gauges read at scrape time
     for router in ROUTERS:
         app.include_router(router)
@@ -155,10 +194,12 @@ def create_app(
         logger.exception("unhandled error on %s", request.url.path)
         return internal_error(request.scope)
 
-    observer = RequestObserver(telemetry, paths=paths, log_requests=settings.log_requests)
+    observer = RequestObserver(
+        telemetry, paths=paths, log_requests=settings.log_requests, usage=usage
+    )
     edge: ASGIApp = Pipeline(
         app.serve_routes,
-        stages=default_stages(settings),
+        stages=default_stages(settings, keys, limiter),
         routes=JSON_ROUTES,
         observer=observer,
     )

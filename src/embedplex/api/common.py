@@ -14,7 +14,14 @@ from starlette.responses import Response
 
 from embedplex.api.observe import request_record
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
-from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult
+from embedplex.core.types import (
+    EmbeddingService,
+    EmbedRequest,
+    EmbedResult,
+    RerankRequest,
+    RerankResult,
+    RerankService,
+)
 from embedplex.gateway import Gateway
 
 T = TypeVar("T")
@@ -113,4 +120,15 @@ async def run_embed(request: Request, model: EmbeddingService, core: EmbedReques
     result = await unless_disconnected(request, model.embed(core))
     record.tokens = result.prompt_tokens
     record.timings = result.timings
+    return result
+
+
+async def run_rerank(request: Request, model: RerankService, core: RerankRequest) -> RerankResult:
+    """Rerank with ``model``, noting model, texts and tokens (what a key's tokens per minute
+    are charged: ``docs/limits.md``) as ``run_embed`` does."""
+    record = request_record(request)
+    record.model = model.info.name
+    record.inputs = len(core.texts)
+    result = await unless_disconnected(request, model.rerank(core))
+    record.tokens = result.prompt_tokens
     return result

@@ -65,6 +65,11 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         e.AuthenticationError,
         ErrorSpec(401, "Unauthorized", "invalid_request_error", "invalid_api_key"),
     ),
+    (
+        e.ModelNotAllowedError,
+        ErrorSpec(403, "Forbidden", "invalid_request_error", "model_not_allowed"),
+    ),
+    (e.ForbiddenError, ErrorSpec(403, "Forbidden", "invalid_request_error", "forbidden")),
     (e.ClientError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request")),
     (e.RateLimitedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "rate_limit_exceeded")),
     (e.OverloadedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "overloaded")),
@@ -126,6 +131,8 @@ def status_error(status: int, message: str) -> e.EmbedplexError:
         return _MethodNotAllowed(message)
     if status == 401:
         return e.AuthenticationError(message)
+    if status == 403:
+        return e.ForbiddenError(message)
     if 400 <= status < 500:
         return e.InvalidRequestError(message, malformed=status == 400)
     return e.EmbedplexError(message)

@@ -26,6 +26,7 @@ from embedplex.observability.metrics import NO_MODEL
 
 if TYPE_CHECKING:
     from embedplex.api.pipeline import Exchange
+    from embedplex.state.usage import UsageMeter
 
 access_log = logging.getLogger("embedplex.access")
 
@@ -69,8 +70,11 @@ class RequestObserver:
         *,
         paths: frozenset[str] = frozenset(),
         log_requests: bool = True,
+        usage: UsageMeter | None = None,
     ) -> None:
-        """``paths``: the app's route paths, to label requests refused before routing."""
+        """``paths``: the app's route paths, to label requests refused before routing.
+        ``usage``: where per-key usage is counted for the state store (``keys usage``)."""
+        self.usage = usage
         self.metrics = telemetry.metrics
         self.tracer = telemetry.tracer
         self.paths = paths
@@ -110,8 +114,21 @@ class RequestObserver:
             error_type=record.error_type,
             timings=record.timings if status < 400 else None,
         )
+        key_id = ex.state["tenant"].key_id
+        if key_id is not None:
+            self._count_key(key_id, status, record)
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
             self._log(ex.scope, ex.state, route, status, duration, record)
+
+    def _count_key(self, key_id: str, status: int, record: RequestRecord) -> None:
+        """Per-key usage: in metrics now, in the store at the next flush (batched)."""
+        ok = status < 400
+        inputs = record.inputs if ok else 0
+        tokens = record.tokens if ok else 0
+        refused = status in (403, 429)
+        self.metrics.keys.observe(key_id, inputs, tokens, refused)
+        if self.usage is not None:
+            self.usage.add(key_id, inputs, tokens, refused)
 
     def _route(self, scope: Scope) -> str:
         """The route template (bounded label values), even for requests refused before routing."""
@@ -134,6 +151,7 @@ class RequestObserver:
                 "embedplex.inputs": record.inputs,
                 "embedplex.tokens": record.tokens,
                 "embedplex.request_id": ex.state.get("request_id", ""),
+                "embedplex.key_id": ex.tenant.key_id or "",
             }
         )
         if status >= 500:

@@ -1,6 +1,7 @@
 """The one request pipeline: the ASGI chain every HTTP request passes, on every route.
 
-    request id -> body limit -> authentication (-> tenant) -> admission     the stages
+    request id -> body limit -> authentication (-> tenant) -> admission
+      -> the tenant's rate limits                                           the stages
       -> the handler: a JSON POST route straight from bytes, or the FastAPI app
       -> metrics, the request span and the access log                       the observer
 
@@ -67,6 +68,7 @@ class Exchange:
 
     __slots__ = (
         "body_limit",
+        "finishers",
         "method",
         "path",
         "receive",
@@ -94,6 +96,15 @@ class Exchange:
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.body_limit: int | None = None  # bytes; enforced while the body streams in
         self.span: Any = None  # the observer's (span, context token) when tracing
+        self.finishers: list[Finisher] | None = None
+
+    def at_finish(self, finisher: Finisher) -> None:
+        """Call ``finisher(exchange, status)`` when the request is over, however it ended
+        (answered, refused, failed, client gone, task cancelled): a stage's release hook.
+        Finishers are synchronous, so they run even in a cancelled task, and must not raise."""
+        if self.finishers is None:
+            self.finishers = []
+        self.finishers.append(finisher)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of request header ``name`` (lower case), or None."""
@@ -110,6 +121,9 @@ class Exchange:
     @tenant.setter
     def tenant(self, tenant: Tenant) -> None:
         self.state["tenant"] = tenant
+
+
+Finisher = Callable[["Exchange", int], None]
 
 
 class Stage(Protocol):
@@ -159,6 +173,9 @@ class Pipeline:
                 response.raw_headers.extend(ex.response_headers)
                 await response(scope, receive, send)
         finally:
+            if ex.finishers is not None:
+                for finisher in ex.finishers:
+                    finisher(ex, status)
             observer.finish(ex, status)
 
     async def _handle(self, ex: Exchange) -> Response | None:

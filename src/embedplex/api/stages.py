@@ -1,4 +1,5 @@
-"""The pipeline's stages: request id, body limit, authentication, priority, admission.
+"""The pipeline's stages: request id, body limit, authentication, priority, admission,
+rate limits.
 
 Each is a small object whose ``enter(exchange)`` runs for every request on every route
 (``api/pipeline.py``), in the order ``default_stages`` lists them. A stage refuses by raising an
@@ -11,21 +12,29 @@ import hashlib
 import hmac
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
-from embedplex.core.errors import AuthenticationError, InvalidRequestError, NotReadyError
-from embedplex.core.tenant import STATIC_KEY, Priority, Tenant, lowered
+from embedplex.api.ratelimit import RateLimit
+from embedplex.core.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotReadyError,
+    UnavailableError,
+)
+from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Priority, Tenant, current_tenant, lowered
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
+    from embedplex.limits import RateLimiter
+    from embedplex.state.cache import KeyVerifier
 
-# Open to anyone, as in TEI: probes, docs and /metrics (serve it on --metrics-port to keep it
-# off a public port).
+# Open to anyone, as in TEI: probes and docs (``docs_enabled = false`` turns the docs off), and
+# /metrics only with ``metrics_public`` (or on --metrics-port, which serves it alone).
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/swagger-ui", "/redoc")
 # The admin API checks its own secret (``api/routes/admin.py``), which may differ from the key.
-ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers")
+ADMIN_PATHS = ("/api/v1/status", "/api/v1/providers", "/api/v1/keys")
 
 # 32 hex digits like a uuid4: a random per-process prefix and a counter (a uuid4 per request
 # cost more than the rest of the request id handling together).
@@ -69,14 +78,15 @@ class StaticKey:
     paths pass unauthenticated (the admin routes check their own secret).
     """
 
-    def __init__(self, key: str) -> None:
-        if not key:
+    def __init__(self, key: str, *, open_paths: tuple[str, ...] | None = None) -> None:
+        if not key.strip():
             # An empty key would match an empty or missing header: refuse to start instead.
             raise ValueError("api_key is set but empty")
         self.key = key.encode()
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
     def enter(self, ex: Exchange) -> None:
-        if ex.path.startswith(_UNAUTHENTICATED):
+        if ex.path.startswith(self.open_paths):
             return
         given = b""
         value = ex.header(b"authorization")
@@ -90,16 +100,87 @@ class StaticKey:
 
 
 _UNAUTHENTICATED = OPEN_PATHS + ADMIN_PATHS
+_WITHOUT_METRICS = tuple(p for p in _UNAUTHENTICATED if p != "/metrics")
+_MANAGED_PREFIX = b"ep_"
 
 
 def _bearer(ex: Exchange) -> bytes:
-    """The token of ``Authorization: Bearer <token>``; empty when there is none."""
     value = ex.header(b"authorization")
-    if value is not None:
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() == b"bearer":
-            return token.strip()
-    return b""
+    if value is None:
+        return b""
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+class ManagedKeys:
+    """Authenticate by a managed key from the state store (``ep_<id>_<secret>``), or by the
+    static ``--api-key`` beside them; yields the key's ``Tenant`` (id, priority, models, limits,
+    weight). Replaces ``StaticKey`` when the server has a state store.
+
+    Keys are required once the store holds any key (created, even if revoked since) or with
+    ``require_api_key``, or when a static key is set; otherwise a request without a valid key
+    is the anonymous tenant (the quickstart). A key seen before costs one HMAC and one dict
+    lookup (``state/cache.py``); a new one, one row read and one argon2 verification.
+    The tenant also goes into ``current_tenant`` for the model check in ``Gateway.pick``.
+    """
+
+    def __init__(
+        self,
+        verifier: KeyVerifier,
+        static_key: str | None = None,
+        *,
+        open_paths: tuple[str, ...] | None = None,
+        statics: StaticKeys | None = None,
+    ) -> None:
+        if static_key is not None and not static_key.strip():
+            raise ValueError("api_key is set but empty")
+        self.verifier = verifier
+        self.static = static_key.encode() if static_key else None
+        self.statics = statics  # the [[api_keys]] table, beside the store's keys
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
+
+    def enter(self, ex: Exchange) -> Awaitable[None] | None:
+        from embedplex.state.cache import KeyRejectedError
+
+        current_tenant.set(ANONYMOUS)
+        if ex.path.startswith(self.open_paths):
+            return None
+        given = _bearer(ex)
+        if given.startswith(_MANAGED_PREFIX):
+            try:
+                tenant = self.verifier.cached(given)
+            except KeyRejectedError as exc:
+                raise AuthenticationError(exc.reason) from None
+            if tenant is None:
+                return self._verify(ex, given)
+            self._admit(ex, tenant)
+            return None
+        if self.static is not None and given and hmac.compare_digest(given, self.static):
+            self._admit(ex, STATIC_KEY)
+            return None
+        listed = self.statics.find(given) if self.statics is not None else None
+        if listed is not None:
+            self._admit(ex, listed)
+            return None
+        if self.static is not None or self.statics is not None or self.verifier.required:
+            raise AuthenticationError("missing or invalid API key")
+        return None  # no keys asked for: the anonymous tenant
+
+    async def _verify(self, ex: Exchange, given: bytes) -> None:
+        from embedplex.state.cache import KeyRejectedError, KeyStoreUnavailableError
+
+        try:
+            tenant = await self.verifier.verify(given)
+        except KeyRejectedError as exc:
+            raise AuthenticationError(exc.reason) from None
+        except KeyStoreUnavailableError:
+            raise UnavailableError("the key store is unavailable; retry shortly") from None
+        self._admit(ex, tenant)
+
+    @staticmethod
+    def _admit(ex: Exchange, tenant: Tenant) -> None:
+        ex.tenant = tenant
+        current_tenant.set(tenant)
 
 
 class StaticKeys:
@@ -110,22 +191,31 @@ class StaticKeys:
     nothing about how much of a key a caller guessed, then compared in constant time.
     """
 
-    def __init__(self, keys: Sequence[tuple[str, Tenant]]) -> None:
+    def __init__(
+        self, keys: Sequence[tuple[str, Tenant]], *, open_paths: tuple[str, ...] | None = None
+    ) -> None:
         self._by_digest: dict[bytes, tuple[bytes, Tenant]] = {}
         for secret, tenant in keys:
-            if not secret:
+            if not secret.strip():
                 raise ValueError(f"API key {tenant.key_id!r} is empty")
             raw = secret.encode()
             self._by_digest[hashlib.sha256(raw).digest()] = (raw, tenant)
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
-    def enter(self, ex: Exchange) -> None:
-        if ex.path.startswith(_UNAUTHENTICATED):
-            return
-        given = _bearer(ex)
+    def find(self, given: bytes) -> Tenant | None:
+        """The tenant of the token ``given``, or None."""
         found = self._by_digest.get(hashlib.sha256(given).digest()) if given else None
         if found is None or not hmac.compare_digest(given, found[0]):
+            return None
+        return found[1]
+
+    def enter(self, ex: Exchange) -> None:
+        if ex.path.startswith(self.open_paths):
+            return
+        tenant = self.find(_bearer(ex))
+        if tenant is None:
             raise AuthenticationError("missing or invalid API key")
-        ex.tenant = found[1]
+        ex.tenant = tenant
 
 
 class RequestPriority:
@@ -157,7 +247,8 @@ class Admission:
 
     Today: while the server drains (SIGTERM), API work is refused with 503 at once, so that a
     request arriving on a kept-alive connection goes elsewhere instead of queueing behind the
-    drain; probes and the admin API still answer. Per-tenant limits belong here.
+    drain; probes and the admin API still answer. A tenant's rate limits come next, in their
+    own stage (``api/ratelimit.py``).
     """
 
     def enter(self, ex: Exchange) -> None:
@@ -167,15 +258,32 @@ class Admission:
             raise NotReadyError("the server is draining")
 
 
-def default_stages(settings: Settings) -> list[Stage]:
-    """The chain in its order: request id, body limit, authentication, priority, admission."""
+def default_stages(
+    settings: Settings, keys: KeyVerifier | None = None, limiter: RateLimiter | None = None
+) -> list[Stage]:
+    """The chain in its order: request id, body limit, authentication, priority, admission, the
+    key's rate limits (last, so that a request refused while draining costs its key nothing).
+
+    ``keys``: the managed keys of the state store; then ``ManagedKeys`` authenticates (and
+    accepts the static keys too: ``api_key`` and ``[[api_keys]]``). ``/metrics`` follows the
+    key unless ``metrics_public``.
+    """
     stages: list[Stage] = [RequestId(), BodyLimit(settings.payload_limit)]
-    if settings.api_keys:
-        stages.append(StaticKeys(static_keys(settings)))
-    elif settings.api_key is not None:
-        stages.append(StaticKey(settings.api_key.get_secret_value()))
+    static = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    open_paths = None if settings.metrics_public else _WITHOUT_METRICS
+    statics = (
+        StaticKeys(static_keys(settings), open_paths=open_paths) if settings.api_keys else None
+    )
+    if keys is not None:
+        stages.append(ManagedKeys(keys, static, open_paths=open_paths, statics=statics))
+    elif statics is not None:
+        stages.append(statics)
+    elif static is not None:
+        stages.append(StaticKey(static, open_paths=open_paths))
     stages.append(RequestPriority())
     stages.append(Admission())
+    if limiter is not None:
+        stages.append(RateLimit(limiter, _UNAUTHENTICATED))
     return stages
 
 

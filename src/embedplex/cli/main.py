@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from embedplex import __version__
 from embedplex.bench.cli import bench_app
+from embedplex.cli.keys import db_app, keys_app
 from embedplex.cli.providers import providers_app
 from embedplex.config import Settings
 
@@ -24,6 +25,8 @@ config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=Tr
 app.add_typer(config_app, name="config")
 app.add_typer(providers_app, name="providers")
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
     Path | None,
@@ -193,9 +196,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON doc
 def status(
     url: UrlOption = "http://127.0.0.1:8080",
     as_json: JsonOption = False,
-    api_key: Annotated[
+    admin_secret: Annotated[
         str | None,
-        typer.Option(envvar="EMBEDPLEX_API_KEY", help="API key, if the server needs one."),
+        typer.Option(
+            envvar="EMBEDPLEX_ADMIN_SECRET",
+            help="The server's admin secret (/api/v1/status is an admin route).",
+        ),
     ] = None,
 ) -> None:
     """Show a running server's models, queues, recent throughput, batch sizes and errors."""
@@ -204,7 +210,7 @@ def status(
     from embedplex.cli.status import fetch_status, render_status
 
     try:
-        payload = fetch_status(url, api_key=api_key)
+        payload = fetch_status(url, admin_secret=admin_secret)
     except httpx.HTTPError as exc:
         typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
         raise typer.Exit(2) from exc

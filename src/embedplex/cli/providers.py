@@ -64,7 +64,11 @@ def add(
     endpoint: Annotated[str | None, typer.Option(help="Base or full embeddings URL.")] = None,
     model: Annotated[str | None, typer.Option(help="Upstream model name.")] = None,
     api_key_env: Annotated[
-        str | None, typer.Option(help="Name of the env var holding the API key (on the server).")
+        str | None,
+        typer.Option(
+            help="Name of the env var holding the API key (on the server; one of its "
+            "provider_key_envs)."
+        ),
     ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Texts per upstream call.")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Batch fill wait.")] = None,

@@ -13,9 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 
-def fetch_status(url: str, *, api_key: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
-    """GET /api/v1/status; raises ``httpx.HTTPError`` when unreachable or refused."""
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+def fetch_status(
+    url: str, *, admin_secret: str | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """GET /api/v1/status (an admin route); raises ``httpx.HTTPError`` when unreachable or
+    refused."""
+    headers = {"authorization": f"Bearer {admin_secret}"} if admin_secret else {}
     r = httpx.get(url.rstrip("/") + "/api/v1/status", headers=headers, timeout=timeout)
     r.raise_for_status()
     payload: dict[str, Any] = r.json()

@@ -11,7 +11,9 @@ status codes.
     │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
     │   ├── InputTooLongError           over max input length, truncate off     -> 422
     │   ├── ModelNotFoundError          no such model or provider               -> 404
-    │   └── AuthenticationError         missing or wrong API key                -> 401
+    │   ├── AuthenticationError         missing or wrong API key                -> 401
+    │   └── ForbiddenError              not allowed: a feature turned off       -> 403
+    │       └── ModelNotAllowedError    a key used for a model outside its list -> 403
     ├── OverloadedError                 admission refused; retry later          -> 429
     │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
     ├── UnavailableError                                                        -> 503
@@ -73,6 +75,17 @@ class ModelNotFoundError(ClientError):
 
 class AuthenticationError(ClientError):
     kind = "authentication"
+
+
+class ForbiddenError(ClientError):
+    """The caller may not do this: the server has turned it off (the admin API without a
+    secret), or the caller's key does not allow it (``ModelNotAllowedError``)."""
+
+    kind = "forbidden"
+
+
+class ModelNotAllowedError(ForbiddenError):
+    """A managed key used for a model outside its list of models."""
 
 
 class OverloadedError(EmbedplexError):

@@ -8,8 +8,10 @@ interactive work before batch work, needs no change in the routes or the models.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from fnmatch import fnmatchcase
 
 
 class Priority(StrEnum):
@@ -47,6 +49,10 @@ class Tenant:
     limits: KeyLimits = NO_LIMITS
     weight: int = 1
 
+    def allows(self, model: str) -> bool:
+        """Whether this tenant may use the served model ``model`` (no patterns: every one)."""
+        return not self.models or any(fnmatchcase(model, p) for p in self.models)
+
 
 ANONYMOUS = Tenant()
 """The tenant of every request when no API key is configured (and of open paths)."""
@@ -54,6 +60,10 @@ ANONYMOUS = Tenant()
 STATIC_KEY = Tenant(key_id="static")
 """The tenant of a request that presented the server's static ``--api-key``."""
 
+current_tenant: ContextVar[Tenant] = ContextVar("embedplex_tenant", default=ANONYMOUS)
+"""The tenant of the request being served, for the one place that resolves a served model
+(``Gateway.pick``) to check ``Tenant.allows`` on every route. The authentication stage sets it
+for every request when managed keys are on (``api/stages.py``)."""
 
 _RANK = {Priority.BATCH: 0, Priority.INTERACTIVE: 1}
 

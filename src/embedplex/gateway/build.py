@@ -43,6 +43,7 @@ def build_gateway(settings: Settings) -> Gateway:
         idle_ttl=settings.router_idle_ttl_s,
         probe_interval=settings.router_probe_interval_s,
         max_client_batch_size=settings.max_client_batch_size,
+        allowed_networks=settings.provider_allowed_networks,
     )
     for route in settings.routes:
         remote = remote_model(router, route)

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 from embedplex.core.errors import (
     EmbedplexError,
     InvalidRequestError,
+    ModelNotAllowedError,
     ModelNotFoundError,
     NotReadyError,
 )
+from embedplex.core.tenant import current_tenant
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
 from embedplex.gateway.allowed import AllowedModels
 
@@ -100,6 +102,18 @@ class Gateway:
         return typing.cast(RerankService, self.pick(name, "reranker"))
 
     def pick(self, name: str | None, kind: str) -> ServedModel:
+        """The model of ``kind`` a request names, if the request's tenant may use it (403)."""
+        model = self._pick(name, kind)
+        tenant = current_tenant.get()
+        if tenant.models and not tenant.allows(model.info.name):
+            raise ModelNotAllowedError(
+                f"API key {tenant.key_id} may not use model {model.info.name!r} "
+                f"(allowed: {', '.join(tenant.models)})",
+                param="model",
+            )
+        return model
+
+    def _pick(self, name: str | None, kind: str) -> ServedModel:
         """The model of ``kind`` a request names.
 
         No name: the first served model of that kind (the order of the config). A name served
@@ -149,6 +163,14 @@ class Gateway:
         """The model a request names, or an ad-hoc route when it names providers itself."""
         if not providers and policy is None:
             return self.model(name)
+        tenant = current_tenant.get()
+        if tenant.models and providers:
+            # An ad-hoc route reaches any provider: not for a key limited to some models.
+            raise ModelNotAllowedError(
+                f"API key {tenant.key_id} is limited to models {', '.join(tenant.models)}; "
+                "naming providers is not allowed",
+                param="providers",
+            )
         from embedplex.providers.config import RouteConfig
         from embedplex.providers.router import RemoteModel
 

@@ -27,6 +27,8 @@ from prometheus_client.registry import Collector
 
 from embedplex import __version__
 from embedplex.core.types import ModelInfo, Timings
+from embedplex.observability.key_metrics import KeyMetrics
+from embedplex.observability.limits import RateLimitMetrics
 from embedplex.observability.model_metrics import ModelMetrics
 from embedplex.observability.providers import ProviderMetrics
 
@@ -128,6 +130,8 @@ class Metrics:
         )
         self.model_metrics = ModelMetrics.define(r)
         self.providers = ProviderMetrics(r)
+        self.rate_limits = RateLimitMetrics(r)
+        self.keys = KeyMetrics(r)
         self.build_info = Gauge(
             "embedplex_build_info",
             "Always 1; the labels say what is served.",

@@ -3,13 +3,20 @@
 Plain frozen pydantic models, validated as part of ``Settings``. Secrets are never part of the
 configuration: a provider names the environment variable that holds its key (``api_key_env``),
 and the key is read when the provider starts.
+
+Every number has an upper bound too: a provider may also come from the admin API, and a value
+no upstream could use (``max_batch_size = 10**30``) must be a 422 there, not a provider that
+breaks ``GET /api/v1/providers``. Endpoints are absolute http(s) URLs and never a cloud metadata
+address (``endpoints.py``; the rules for providers added at run time go further).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from embedplex.providers.endpoints import EndpointRefused, is_metadata, literal_address, url_host
 
 ProviderType = Literal["tei", "openai", "voyage", "cohere"]
 Policy = Literal["any", "all"]
@@ -27,62 +34,111 @@ class ProviderConfig(BaseModel):
     type: ProviderType = Field(description="API dialect: tei, openai, voyage or cohere.")
     endpoint: str | None = Field(
         None,
+        max_length=2048,
         description="Base URL or full embeddings URL (default: the vendor's public API; "
         "required for tei).",
     )
-    model: str | None = Field(None, description="Upstream model name sent with each call.")
+    model: str | None = Field(
+        None, max_length=256, description="Upstream model name sent with each call."
+    )
     rerank_model: str | None = Field(
         None,
+        max_length=256,
         description="Upstream model name of rerank calls (default: model, else the vendor's "
         "rerank model: cohere rerank-v3.5, voyage rerank-2.5).",
     )
     rerank_endpoint: str | None = Field(
         None,
+        max_length=2048,
         description="Full rerank URL (default: the embeddings URL with its last path segment "
         "replaced by rerank).",
     )
     api_key_env: str | None = Field(
-        None, description="Name of the environment variable that holds the API key."
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="Name of the environment variable that holds the API key (for a provider "
+        "added at run time: one of the server's provider_key_envs).",
     )
     max_batch_size: int | None = Field(
-        None, ge=1, description="Texts per upstream call (capped by the provider's own limit)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Texts per upstream call (capped by the provider's own limit).",
     )
-    min_batch_size: int = Field(1, ge=1, description="AIMD never shrinks a batch below this.")
+    min_batch_size: int = Field(
+        1, ge=1, le=100_000, description="AIMD never shrinks a batch below this."
+    )
     max_wait_ms: float = Field(
-        50.0, ge=0, description="How long the first queued text waits for company."
+        50.0, ge=0, le=60_000, description="How long the first queued text waits for company."
     )
-    max_concurrency: int = Field(4, ge=1, description="Upstream calls in flight at once.")
-    max_queued: int = Field(4096, ge=1, description="Texts waiting per batch lane; then 429.")
-    queue_timeout_ms: int = Field(30_000, ge=1, description="A text waiting longer gets 503.")
+    max_concurrency: int = Field(4, ge=1, le=4096, description="Upstream calls in flight at once.")
+    max_queued: int = Field(
+        4096, ge=1, le=10_000_000, description="Texts waiting per batch lane; then 429."
+    )
+    queue_timeout_ms: int = Field(
+        30_000, ge=1, le=3_600_000, description="A text waiting longer gets 503."
+    )
     queue_policy: Literal["fair", "fifo"] = Field(
         "fair",
         description="Order of each batch lane: fair (weighted fair order across API keys, "
         "interactive before batch; docs/scheduling.md) or fifo (arrival order).",
     )
-    timeout_s: float = Field(15.0, gt=0, description="Per-attempt timeout of one upstream call.")
+    timeout_s: float = Field(
+        15.0, gt=0, le=3600, description="Per-attempt timeout of one upstream call."
+    )
     retry_budget_s: float = Field(
-        45.0, gt=0, description="Cumulative time one call may spend across retries."
+        45.0, gt=0, le=3600, description="Cumulative time one call may spend across retries."
     )
-    max_attempts: int = Field(8, ge=1, description="Attempts per call, retries included.")
-    backoff_base_ms: float = Field(100.0, ge=0, description="First backoff ceiling (doubles).")
-    backoff_max_s: float = Field(10.0, ge=0, description="Largest backoff ceiling.")
+    max_attempts: int = Field(8, ge=1, le=100, description="Attempts per call, retries included.")
+    backoff_base_ms: float = Field(
+        100.0, ge=0, le=60_000, description="First backoff ceiling (doubles)."
+    )
+    backoff_max_s: float = Field(10.0, ge=0, le=3600, description="Largest backoff ceiling.")
     latency_target_ms: float = Field(
-        2000.0, gt=0, description="AIMD grows the batch while calls finish within this."
+        2000.0, gt=0, le=600_000, description="AIMD grows the batch while calls finish within this."
     )
-    aimd_increase: int = Field(4, ge=1, description="AIMD additive step (texts per success).")
+    aimd_increase: int = Field(
+        4, ge=1, le=100_000, description="AIMD additive step (texts per success)."
+    )
     breaker_failures: int = Field(
-        5, ge=1, description="Consecutive failed attempts that open the circuit."
+        5, ge=1, le=100_000, description="Consecutive failed attempts that open the circuit."
     )
     breaker_cooldown_s: float = Field(
-        10.0, gt=0, description="Seconds an open circuit waits before a probe."
+        10.0, gt=0, le=3600, description="Seconds an open circuit waits before a probe."
     )
-    health_window_s: float = Field(60.0, gt=0, description="Rolling window of health stats.")
+    health_window_s: float = Field(
+        60.0, gt=0, le=86_400, description="Rolling window of health stats."
+    )
     input_type: str | None = Field(
-        None, description="Default input_type (cohere requires one: search_document)."
+        None,
+        max_length=64,
+        description="Default input_type (cohere requires one: search_document).",
     )
     encoding_format: Literal["float", "base64"] = Field(
         "base64", description="openai type: how vectors travel (base64 is exact and compact)."
     )
+
+    @field_validator("endpoint", "rerank_endpoint")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            host, _ = url_host(url)
+        except EndpointRefused as exc:
+            raise ValueError(str(exc)) from None
+        address = literal_address(host)
+        if address is not None and is_metadata(address):
+            raise ValueError(f"{address} is a cloud metadata address, never an upstream")
+        return url
+
+    @model_validator(mode="after")
+    def _check(self) -> ProviderConfig:
+        if self.type == "tei" and self.endpoint is None:
+            raise ValueError("a tei provider needs an endpoint (TEI has no public default)")
+        if self.max_batch_size is not None and self.min_batch_size > self.max_batch_size:
+            raise ValueError("min_batch_size cannot exceed max_batch_size")
+        return self
 
 
 class RouteConfig(BaseModel):
@@ -90,7 +146,7 @@ class RouteConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field(min_length=1, description="Model name clients ask for.")
+    model: str = Field(min_length=1, max_length=256, description="Model name clients ask for.")
     providers: list[str] = Field(min_length=1, description="Provider names, in order.")
     policy: Policy = Field("any", description="any: first healthy, fail over; all: fan out.")
     kind: RouteKind = Field(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,20 +116,56 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _upstream_message(response: httpx.Response) -> str:
+MAX_REASON = 200  # characters of an upstream's own words passed on to the caller
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# A credential an upstream may echo back (some echo the request's headers in their errors).
+_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic|token|api[-_ ]?key)([\s:=\"']+)[^\s\"',}]+")
+
+
+def sanitize(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` safe to hand a caller and to log: no secret, no control character, short.
+
+    Upstream error bodies are the upstream's words, not ours: a caller sees at most
+    ``MAX_REASON`` characters of them, on one line, with our own key (``secrets``) and anything
+    that looks like a credential replaced by ``***``.
+    """
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    text = _CREDENTIAL.sub(r"\1\2***", text)
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
+
+
+def header_secrets(headers: dict[str, str]) -> list[str]:
+    """The credentials among a call's headers (whole values and their token part)."""
+    out = []
+    for name, value in headers.items():
+        if name.lower() in ("content-type", "accept", "user-agent"):
+            continue
+        out += [value, value.partition(" ")[2]]
+    return [s for s in out if s]
+
+
+def _upstream_message(response: httpx.Response, secrets: Sequence[str] = ()) -> str:
     """A short, printable reason from the usual error bodies (OpenAI, TEI, Voyage, Cohere)."""
+    reason = ""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:200].strip() or response.reason_phrase
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):
-            err = err.get("message")
-        for value in (err, body.get("message"), body.get("detail")):
-            if isinstance(value, str) and value:
-                return value[:200]
-    return str(body)[:200]
+        reason = response.text[: MAX_REASON * 4]
+    else:
+        if isinstance(body, dict):
+            err = body.get("error")
+            if isinstance(err, dict):
+                err = err.get("message")
+            for value in (err, body.get("message"), body.get("detail")):
+                if isinstance(value, str) and value:
+                    reason = value[: MAX_REASON * 4]
+                    break
+        if not reason:
+            reason = str(body)[: MAX_REASON * 4]
+    return sanitize(reason, secrets) or response.reason_phrase
 
 
 def _annotate(span: Span, attempt: Attempt, retry: int, *, failed: bool) -> None:
@@ -245,11 +282,12 @@ class HttpTransport:
             error.__cause__ = exc
             return _Done(Outcome.TIMEOUT, None, error, retryable=True)
         except httpx.TransportError as exc:
-            error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {exc}"[:300])
+            reason = sanitize(str(exc), header_secrets(headers))
+            error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {reason}")
             error.__cause__ = exc
             return _Done(Outcome.CONNECT_ERROR, None, error, retryable=True)
         status = response.status_code
-        outcome, failed, retryable, retry_after = self._classify(response)
+        outcome, failed, retryable, retry_after = self._classify(response, headers)
         if failed is not None:
             return _Done(outcome, status, failed, retryable=retryable, retry_after=retry_after)
         try:
@@ -257,21 +295,21 @@ class HttpTransport:
                 outcome, status, result=parse(orjson.loads(response.content), response.headers)
             )
         except (orjson.JSONDecodeError, *MALFORMED_ERRORS) as exc:
+            reason = sanitize(f"{type(exc).__name__}: {exc}", header_secrets(headers))
             error = UpstreamError(
-                f"{self.provider}: upstream answered {status} with a malformed body "
-                f"({type(exc).__name__}: {exc})"[:300],
+                f"{self.provider}: upstream answered {status} with a malformed body ({reason})",
                 status=status,
             )
             error.__cause__ = exc
             return _Done(Outcome.MALFORMED, status, error)
 
     def _classify(
-        self, response: httpx.Response
+        self, response: httpx.Response, headers: dict[str, str]
     ) -> tuple[Outcome, EmbedplexError | None, bool, float | None]:
         status = response.status_code
         if 200 <= status < 300:
             return Outcome.OK, None, False, None
-        reason = _upstream_message(response)
+        reason = _upstream_message(response, header_secrets(headers))
         message = f"{self.provider}: upstream answered {status}: {reason}"
         if status == 429:
             retry_after = parse_retry_after(response.headers)

@@ -49,6 +49,7 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
+from embedplex.providers.endpoints import GuardedBackend, guarded_client, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
 
@@ -76,13 +77,18 @@ class Router:
         max_client_batch_size: int = 2048,
         client: httpx.AsyncClient | None = None,
         observers: list[BatchObserver] | None = None,
+        allowed_networks: Sequence[str] = (),
     ) -> None:
         self.idle_ttl = idle_ttl
         self.probe_interval = probe_interval
         self.max_client_batch_size = max_client_batch_size
         self._own_client = client is None
+        # The client connects through the endpoint guard (endpoints.py): hosts of the providers
+        # configured here are trusted, any other (added at run time) must be allowed.
+        self.guard = GuardedBackend(parse_networks(allowed_networks))
         # Creating an AsyncClient does no I/O; connections open on first use.
-        self.client = client or httpx.AsyncClient(
+        self.client = client or guarded_client(
+            self.guard,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
             timeout=httpx.Timeout(15.0),
         )
@@ -91,6 +97,7 @@ class Router:
         self.runtimes: dict[str, ProviderRuntime] = {}
         for config in providers:
             self._build(config)
+        self.guard.trusted = frozenset(host for rt in self.runtimes.values() for host in _hosts(rt))
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
 
@@ -215,6 +222,12 @@ class Router:
 
     def stats(self) -> dict[str, Any]:
         return {name: rt.stats() for name, rt in self.runtimes.items()}
+
+
+def _hosts(rt: ProviderRuntime) -> list[str]:
+    """The hosts a provider's calls go to (embeddings and rerank URLs)."""
+    urls = [getattr(rt.provider, "url", None), getattr(rt.provider, "rerank_url", None)]
+    return [httpx.URL(u).host for u in urls if isinstance(u, str)]
 
 
 async def _probe(rt: ProviderRuntime) -> None:

@@ -12,6 +12,7 @@ from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 from embedplex.serve.process_tuning import tune_process
+from embedplex.serve.tls import TlsConfig, server_context
 
 
 class _DrainingServer(uvicorn.Server):
@@ -33,8 +34,9 @@ class _DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> None:
     tune_process()
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = TlsConfig(
         app,
+        context=server_context(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,

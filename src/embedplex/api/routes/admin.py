@@ -1,9 +1,17 @@
 """Admin API: the provider registry of a running server (``embedplex providers ...``).
 
 Routes here take ``Authorization: Bearer <admin secret>`` (or ``X-Admin-Secret``). The secret is
-``admin_secret`` (``EMBEDPLEX_ADMIN_SECRET``), else the server's ``api_key``. With neither set,
-reads are open and changes are refused: a server nobody secured should not be reconfigurable
-by anyone who can reach it. Changes live in memory only (see docs/router.md).
+``admin_secret`` (``EMBEDPLEX_ADMIN_SECRET``) and nothing else: the data-plane ``api_key`` is in
+every client's hands, so it never opens the admin API. Without an admin secret the admin API is
+off: every admin route answers 403 and says how to turn it on (reads too: the status document
+names upstream endpoints and the registry can be changed, neither is for anonymous callers).
+
+A provider added here is checked completely before anything changes: its definition (bounds,
+URL shape), its name and served name against what is served, its key's environment variable
+against the operator's ``provider_key_envs``, and every address of its endpoint against
+``provider_allowed_networks`` (``providers/endpoints.py``). Any failure is a 422 that leaves no
+trace. Changes are kept in the state store, and every replica on the same store applies them
+within seconds (``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -15,39 +23,44 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response
-from embedplex.core.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
+from embedplex.core.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
 from embedplex.providers.config import ProviderConfig, RouteConfig
+from embedplex.providers.endpoints import EndpointRefused, check_endpoint, parse_networks
 from embedplex.providers.router import RemoteModel, RemoteRoute, Router
+
+ADMIN_OFF = (
+    "the admin API is off: start the server with an admin secret (EMBEDPLEX_ADMIN_SECRET) to use it"
+)
 
 
 def _given_secret(request: Request) -> bytes:
     header = request.headers.get("x-admin-secret")
     if header:
-        return header.encode()
+        return header.strip().encode()
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip().encode() if scheme.lower() == "bearer" else b""
 
 
-def _check(request: Request, *, change: bool) -> None:
-    settings = request.app.state.settings
-    secret = settings.admin_secret or settings.api_key
-    if not secret:  # None, or set but empty: an empty secret would match a missing one
-        if change:
-            raise AuthenticationError(
-                "provider changes need an admin secret: start the server with "
-                "EMBEDPLEX_ADMIN_SECRET set"
-            )
-        return
+def require_admin(request: Request) -> None:
+    """The one check of every admin route: 403 when the admin API is off, 401 on a bad secret.
+
+    ``Settings`` refuses an empty or whitespace secret at start, so a set secret is a real one.
+    """
+    secret = request.app.state.settings.admin_secret
+    if secret is None:
+        raise ForbiddenError(ADMIN_OFF)
     if not hmac.compare_digest(_given_secret(request), secret.get_secret_value().encode()):
         raise AuthenticationError("missing or invalid admin secret")
 
 
-def require_admin_read(request: Request) -> None:
-    _check(request, change=False)
-
-
-def require_admin_change(request: Request) -> None:
-    _check(request, change=True)
+# Reads and changes need the same secret; both names stay for the routes that import them.
+require_admin_read = require_admin
+require_admin_change = require_admin
 
 
 router = APIRouter(prefix="/api/v1/providers", tags=["admin"])
@@ -58,7 +71,12 @@ class AddProvider(BaseModel):
 
     provider: ProviderConfig
     serve_as: str | None = Field(
-        None, description="Also serve this provider under a model name (policy any)."
+        None,
+        min_length=1,
+        max_length=256,
+        pattern=r"^[!-~]+$",
+        description="Also serve this provider under a model name (policy any; printable "
+        "ASCII, no spaces).",
     )
 
 
@@ -85,21 +103,67 @@ async def list_providers(request: Request) -> Response:
     )
 
 
+async def _check_new(body: AddProvider, request: Request, router_: Router) -> None:
+    """Everything that could refuse ``body``, checked before anything changes (422)."""
+    settings = request.app.state.settings
+    config = body.provider
+    if config.name in router_.runtimes:
+        raise InvalidRequestError(f"provider {config.name!r} exists", param="name")
+    if body.serve_as is not None:
+        gw = gateway(request)
+        if body.serve_as in {m.info.name for m in gw.services()}:
+            raise InvalidRequestError(
+                f"model {body.serve_as!r} is already served", param="serve_as"
+            )
+        if not gw.allowed.allows(body.serve_as, "embedding"):
+            raise InvalidRequestError(
+                f"model {body.serve_as!r} is outside the allowed embedding models",
+                param="serve_as",
+            )
+    env = config.api_key_env
+    if env is not None and env not in settings.provider_key_envs:
+        raise InvalidRequestError(
+            f"api_key_env {env!r} is not one of the server's provider_key_envs: a provider "
+            "added at run time may only use a key the operator listed",
+            param="api_key_env",
+        )
+    allowed = parse_networks(settings.provider_allowed_networks)
+    for field in ("endpoint", "rerank_endpoint"):
+        url = getattr(config, field)
+        if url is None:  # the vendor's public default
+            continue
+        try:
+            await check_endpoint(url, allowed)
+        except EndpointRefused as exc:
+            raise InvalidRequestError(str(exc), param=field) from None
+
+
 @router.post("", dependencies=[Depends(require_admin_change)], status_code=201)
 async def add_provider(body: AddProvider, request: Request) -> Response:
     router_ = _router(request)
     gw = gateway(request)
-    if body.provider.name in router_.runtimes:
-        raise InvalidRequestError(f"provider {body.provider.name!r} exists", param="name")
-    if body.serve_as is not None and body.serve_as in {m.name for m in gw.models}:
-        raise InvalidRequestError(f"model {body.serve_as!r} is already served", param="serve_as")
-    await router_.add(body.provider)
+    await _check_new(body, request, router_)
+    try:
+        await router_.add(body.provider)
+    except ValueError as exc:  # the adapter refused the definition (built before it is added)
+        raise InvalidRequestError(str(exc), param="provider") from None
     if body.serve_as is not None:
-        route = RouteConfig(model=body.serve_as, providers=[body.provider.name])
-        model = RemoteModel(router_, route)
-        request.app.state.telemetry.instrument([model])  # its build info
-        await model.start()
-        gw.add(model)
+        try:
+            route = RouteConfig(model=body.serve_as, providers=[body.provider.name])
+            model = RemoteModel(router_, route)
+            request.app.state.telemetry.instrument([model])  # its build info
+            await model.start()
+            gw.add(model)
+        except ValueError as exc:  # a request that won a race for the same served name
+            await router_.remove(body.provider.name)  # leave no trace
+            raise InvalidRequestError(str(exc), param="serve_as") from None
+        except BaseException:
+            await router_.remove(body.provider.name)
+            raise
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:  # kept for restarts and the other replicas
+        sync.adopt(body.provider.name)
+        await sync.providers.put(body.provider, body.serve_as)
     return json_response(_describe(body.provider), status=201)
 
 
@@ -116,6 +180,10 @@ async def remove_provider(name: str, request: Request) -> Response:
             f"provider {name!r} is part of routes {users}; change the config", param="name"
         )
     await _router(request).remove(name)
+    sync = getattr(request.app.state, "provider_sync", None)
+    if sync is not None:
+        sync.forget(name)
+        await sync.providers.delete(name)
     for m in gw.services():
         if isinstance(m, RemoteRoute) and m.route.providers == [name]:
             gw.remove(m.info.name)

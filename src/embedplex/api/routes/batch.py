@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
 from embedplex.api.errors import spec_for
+from embedplex.api.observe import request_record
 from embedplex.api.routes.openai import EmbeddingsRequest, embed_one, embeddings_body
 from embedplex.core.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
 from embedplex.core.types import EmbedResult
@@ -64,6 +65,7 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
     )
     outcomes = await unless_disconnected(request, work)
     results: list[dict[str, object]] = []
+    record = request_record(request)  # tokens: what a key's tokens per minute are charged
     for item, outcome in zip(body.requests, outcomes, strict=True):
         if isinstance(outcome, EmbedplexError):
             results.append(_error_entry(item.id, outcome))
@@ -71,6 +73,7 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
             raise outcome  # a server fault, not a per-request error: the 500 handler logs it
         else:
             assert isinstance(outcome, EmbedResult)
+            record.tokens += outcome.prompt_tokens
             entry = {"id": item.id, **embeddings_body(outcome, item.encoding_format, routed=True)}
             results.append(entry)
     return json_response({"object": "list", "results": results})

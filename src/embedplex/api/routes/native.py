@@ -19,8 +19,8 @@ from embedplex.api.common import (
     gateway,
     json_response,
     run_embed,
+    run_rerank,
     tenant_of,
-    unless_disconnected,
 )
 from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest
@@ -150,7 +150,7 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
         truncate=body.truncate,
         tenant=tenant_of(request, body.priority),
     )
-    result = await unless_disconnected(request, model.rerank(core))
+    result = await run_rerank(request, model, core)
     ranked = sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
     top = body.top_n if body.top_n is not None else body.top_k
     results = []

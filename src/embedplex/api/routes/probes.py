@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import RedirectResponse, Response
 
 from embedplex.api.common import gateway, json_response
+from embedplex.api.errors import status_error
 
 router = APIRouter(tags=["health"])
 
@@ -26,11 +27,19 @@ async def ready(request: Request) -> Response:
 
 @router.get("/metrics", tags=["observability"])
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this app's registry."""
+    """Prometheus text exposition of this app's registry.
+
+    With ``--metrics-port`` the metrics live on that port only (a port an operator can keep
+    off the public network); here they are then a 404.
+    """
+    if request.app.state.settings.metrics_port is not None:
+        raise status_error(404, "/metrics is served on the metrics port only")
     body = request.app.state.telemetry.metrics.render()
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/swagger-ui", include_in_schema=False)
-async def swagger() -> Response:
+async def swagger(request: Request) -> Response:
+    if not request.app.state.settings.docs_enabled:
+        raise status_error(404, "Not Found")
     return RedirectResponse("/docs")

@@ -19,8 +19,8 @@ from embedplex.api.common import (
     PriorityField,
     gateway,
     json_response,
+    run_rerank,
     tenant_of,
-    unless_disconnected,
 )
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
@@ -71,8 +71,7 @@ def _headers(result: RerankResult) -> dict[str, str]:
 
 
 async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
-    model = gateway(request).reranker(model_name)
-    return await unless_disconnected(request, model.rerank(core))
+    return await run_rerank(request, gateway(request).reranker(model_name), core)
 
 
 @router.post("/rerank")

@@ -17,6 +17,7 @@ from embedplex.api.pipeline import JsonRoute
 from embedplex.api.routes import (
     admin,
     batch,
+    keys,
     native,
     openai,
     probes,
@@ -36,6 +37,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     probes.router,
     status.router,
     admin.router,
+    keys.router,
 )
 
 JSON_ROUTES: dict[str, JsonRoute] = {
@@ -59,4 +61,6 @@ JSON_ROUTES: dict[str, JsonRoute] = {
     "/api/v1/providers": JsonRoute(
         admin.AddProvider, admin.add_provider, guard=admin.require_admin_change
     ),
+    "/api/v1/keys": JsonRoute(keys.CreateKey, keys.create_key, guard=admin.require_admin),
+    "/api/v1/keys/rotate": JsonRoute(keys.RotateKey, keys.rotate_key, guard=admin.require_admin),
 }

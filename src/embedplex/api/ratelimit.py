@@ -1,0 +1,96 @@
+"""The pipeline's ``RateLimit`` stage: a tenant's key limits, and the headers that tell them.
+
+Runs after authentication, for requests whose tenant has a key id and at least one limit;
+anonymous requests, open paths (probes, metrics, docs) and the admin API pass untouched. An
+admitted request holds its key's concurrency slot until the pipeline finishes it (answer sent,
+error, client gone, task cancelled: ``Exchange.at_finish``), and is charged its tokens then.
+
+Every answer to a limited key carries OpenAI's headers (``x-ratelimit-limit-requests``,
+``-remaining-requests``, ``-reset-requests`` and the ``-tokens`` three), refusals as well; a
+refusal is a 429 with ``Retry-After`` (whole seconds) and ``retry-after-ms``, which the OpenAI
+clients prefer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from embedplex.api.pipeline import Exchange
+from embedplex.core.errors import RateLimitedError
+from embedplex.core.tenant import NO_LIMITS
+from embedplex.limits import Budget, Lease, RateLimiter, Verdict
+
+_MESSAGES = {
+    "rpm": "rate limit reached: requests per minute for this key",
+    "tpm": "rate limit reached: tokens per minute for this key",
+    "concurrency": "rate limit reached: concurrent requests for this key",
+}
+
+
+class RateLimit:
+    """Admit the request against its tenant's limits, or refuse it with 429."""
+
+    def __init__(self, limiter: RateLimiter, skip: tuple[str, ...]) -> None:
+        """``skip``: path prefixes never limited (open and admin paths)."""
+        self.limiter = limiter
+        self.skip = skip
+
+    def enter(self, ex: Exchange) -> Awaitable[None] | None:
+        tenant = ex.tenant
+        if tenant.key_id is None or tenant.limits == NO_LIMITS or ex.path.startswith(self.skip):
+            return None  # the anonymous tenant (no key configured) costs one comparison
+        return self._admit(ex, tenant.key_id)
+
+    async def _admit(self, ex: Exchange, key_id: str) -> None:
+        verdict, lease = await self.limiter.admit(key_id, ex.tenant.limits)
+        ex.response_headers.extend(headers(verdict))
+        if lease is None:
+            ms = max(round(verdict.retry_after * 1000), 1)
+            ex.response_headers.append((b"retry-after-ms", str(ms).encode()))
+            raise RateLimitedError(
+                _MESSAGES.get(verdict.refused or "", "rate limit reached"),
+                retry_after=verdict.retry_after,
+            )
+        ex.at_finish(_Release(self.limiter, lease))
+
+
+class _Release:
+    """Finishes a lease with the request's token count, once."""
+
+    __slots__ = ("lease", "limiter")
+
+    def __init__(self, limiter: RateLimiter, lease: Lease) -> None:
+        self.limiter = limiter
+        self.lease = lease
+
+    def __call__(self, ex: Exchange, status: int) -> None:
+        self.limiter.finish(self.lease, ex.record.tokens)
+
+
+def headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-*`` headers for the limits the key has."""
+    out: list[tuple[bytes, bytes]] = []
+    for kind, budget in (("requests", verdict.requests), ("tokens", verdict.tokens)):
+        if budget is not None:
+            out += _budget_headers(kind, budget)
+    return out
+
+
+def _budget_headers(kind: str, budget: Budget) -> list[tuple[bytes, bytes]]:
+    return [
+        (f"x-ratelimit-limit-{kind}".encode(), str(budget.limit).encode()),
+        (f"x-ratelimit-remaining-{kind}".encode(), str(budget.remaining).encode()),
+        (f"x-ratelimit-reset-{kind}".encode(), duration(budget.reset_s).encode()),
+    ]
+
+
+def duration(seconds: float) -> str:
+    """A duration as OpenAI writes it: ``0s``, ``120ms``, ``8.64s``, ``6m0s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(round(seconds * 1000), 1)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest, 3):g}s"

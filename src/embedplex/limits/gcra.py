@@ -1,0 +1,143 @@
+"""The window: GCRA (a token bucket kept as one timestamp per limit), and the in-process store.
+
+Why GCRA rather than a sliding window: a limit of ``n`` per minute becomes a bucket of ``n`` that
+refills continuously (one unit every ``60 / n`` seconds), held as one number per limit, the
+*theoretical arrival time* (TAT): the moment the bucket will be full again. Checking and
+charging are O(1) with no per-request entries (a sliding log of a 200,000-token-per-minute key
+would hold 200,000 of them), a cost of any size is one addition, and the OpenAI headers fall
+out of it: ``remaining = (window - (tat - now)) / interval``, ``reset = tat - now``.
+
+When a request is charged (``docs/limits.md``): a request is *admitted* if one request fits in
+its requests bucket and at least one token is left in its tokens bucket; the request unit is
+taken at admission, the tokens when the request finishes (its record's token count, after
+tokenization and truncation). So one request may overspend what was left, as with OpenAI; the
+next ones then wait until the bucket is back above zero.
+
+``admit`` and ``finish`` below are the one definition of the rules; the Redis store runs the
+same rules as a Lua script (``redis_store.py``), and the tests hold them to the same outcomes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from embedplex.core.tenant import KeyLimits
+
+WINDOW_S = 60.0  # "per minute": the bucket's size is one minute of its rate
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """One limit as the headers tell it: the limit, what is left, seconds until full again."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a limiter decided for one request.
+
+    ``refused``: the limit that refused it (``rpm``, ``tpm``, ``concurrency``), None when
+    admitted; ``retry_after``: seconds until that limit would admit it.
+    """
+
+    refused: str | None = None
+    retry_after: float = 0.0
+    requests: Budget | None = None
+    tokens: Budget | None = None
+
+
+def _budget(limit: int, tat: float, now: float) -> Budget:
+    interval = WINDOW_S / limit
+    ahead = max(tat - now, 0.0)
+    return Budget(limit, max(math.floor((WINDOW_S - ahead) / interval + 1e-9), 0), ahead)
+
+
+@dataclass(slots=True)
+class _KeyState:
+    requests_tat: float = 0.0
+    tokens_tat: float = 0.0
+    in_flight: int = 0
+
+
+class LocalLimits:
+    """Per-key limits held in this process (the default, and the fallback when Redis is away).
+
+    Keys idle for longer than a window (buckets full, nothing in flight) are forgotten, so the
+    table holds only recently active keys however many keys exist.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._keys: dict[str, _KeyState] = {}
+        self._swept = self._clock()
+
+    def admit(self, key: str, limits: KeyLimits) -> Verdict:
+        """Take one request and one concurrency slot, or refuse without taking anything."""
+        now = self._clock()
+        self._sweep(now)
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
+        requests = tokens = None
+        new_tat = state.requests_tat
+        if limits.rpm is not None:
+            new_tat = max(state.requests_tat, now) + WINDOW_S / limits.rpm
+            requests = _budget(limits.rpm, new_tat, now)
+            if new_tat - now > WINDOW_S + 1e-9:
+                requests = _budget(limits.rpm, state.requests_tat, now)
+                tokens = _tokens(limits, state, now)
+                return Verdict("rpm", new_tat - WINDOW_S - now, requests, tokens)
+        tokens = _tokens(limits, state, now)
+        if tokens is not None and tokens.remaining <= 0:
+            wait = state.tokens_tat - now - WINDOW_S + WINDOW_S / tokens.limit
+            return Verdict("tpm", max(wait, 0.0), requests, tokens)
+        if limits.max_concurrent is not None and state.in_flight >= limits.max_concurrent:
+            return Verdict("concurrency", 1.0, requests, tokens)
+        state.requests_tat = new_tat
+        state.in_flight += 1
+        return Verdict(None, 0.0, requests, tokens)
+
+    def finish(self, key: str, limits: KeyLimits, tokens: int) -> None:
+        """Give back the concurrency slot and charge the request's tokens."""
+        state = self._keys.get(key)
+        if state is None:
+            return
+        now = self._clock()
+        state.in_flight = max(state.in_flight - 1, 0)
+        if limits.tpm is not None and tokens > 0:
+            state.tokens_tat = max(state.tokens_tat, now) + tokens * WINDOW_S / limits.tpm
+
+    def charge(self, key: str, limits: KeyLimits, tokens: int) -> None:
+        """Charge tokens without a slot to give back (a request admitted elsewhere)."""
+        now = self._clock()
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
+        if limits.tpm is not None and tokens > 0:
+            state.tokens_tat = max(state.tokens_tat, now) + tokens * WINDOW_S / limits.tpm
+
+    def in_flight(self, key: str) -> int:
+        state = self._keys.get(key)
+        return 0 if state is None else state.in_flight
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < WINDOW_S:
+            return
+        self._swept = now
+        idle = [
+            k
+            for k, s in self._keys.items()
+            if s.in_flight == 0 and max(s.requests_tat, s.tokens_tat) <= now
+        ]
+        for k in idle:
+            del self._keys[k]
+
+
+def _tokens(limits: KeyLimits, state: _KeyState, now: float) -> Budget | None:
+    return None if limits.tpm is None else _budget(limits.tpm, state.tokens_tat, now)

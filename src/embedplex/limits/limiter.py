@@ -1,0 +1,185 @@
+"""The rate limiter the pipeline asks: in-process, or shared through Redis with a fallback.
+
+Losing Redis must not take the service down, nor open it to unlimited use: when a Redis call
+fails, the limiter logs one warning, counts the fallback, and limits in this process alone (so
+with N replicas a key may get up to N times its limits) until a probe every
+``probe_interval_s`` finds Redis back; then one info line, and shared limits again. Requests
+already admitted through Redis give their slot back there; one whose release fails leaves its
+slot to expire with its lease (``lease_ttl_s``), and its tokens are charged locally instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from embedplex.core.tenant import KeyLimits
+from embedplex.limits.gcra import LocalLimits, Verdict
+from embedplex.limits.redis_store import RedisLimits
+
+logger = logging.getLogger(__name__)
+
+
+class LimitObserver(Protocol):
+    """Metrics hooks; cheap and never raising."""
+
+    def on_refused(self, key_id: str, reason: str) -> None: ...
+
+    def on_backend(self, backend: str) -> None:
+        """The limiter now counts in ``backend`` (``redis`` or ``local``)."""
+
+
+class _NullObserver:
+    def on_refused(self, key_id: str, reason: str) -> None:
+        pass
+
+    def on_backend(self, backend: str) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An admitted request's hold on its key: given back by ``RateLimiter.finish``."""
+
+    key: str
+    limits: KeyLimits
+    lease_id: str
+    shared: bool
+
+
+class RateLimiter:
+    """Admits requests against their key's limits; ``finish`` releases and charges tokens.
+
+    ``__init__`` does no I/O (the Redis client connects on first use); ``aclose`` stops the
+    probe and closes the client.
+    """
+
+    def __init__(
+        self,
+        shared: RedisLimits | None = None,
+        *,
+        probe_interval_s: float = 5.0,
+        observer: LimitObserver | None = None,
+    ) -> None:
+        self.local = LocalLimits()
+        self.shared = shared
+        self.probe_interval_s = probe_interval_s
+        self.observer: LimitObserver = observer or _NullObserver()
+        self.redis_up = shared is not None
+        self._probe: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count()
+        self._prefix = os.urandom(6).hex()
+        # What losing Redis looks like from redis-py: its own errors and the OS's under them.
+        self._errors = shared.errors if shared is not None else ()
+        self.observer.on_backend(self.backend)
+
+    @classmethod
+    def from_url(
+        cls,
+        redis_url: str | None,
+        *,
+        timeout_s: float = 0.5,
+        probe_interval_s: float = 5.0,
+        observer: LimitObserver | None = None,
+    ) -> RateLimiter:
+        """In-process limits, or shared through the Redis at ``redis_url``."""
+        shared = None
+        if redis_url:
+            from redis.asyncio import Redis  # only here: most servers never import it
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            client = Redis.from_url(
+                redis_url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                # One quick retry (a pooled connection that died with a Redis restart), then
+                # fall back: backing off here would stall the request being admitted.
+                retry=Retry(NoBackoff(), 1),
+            )
+            shared = RedisLimits(client)
+        return cls(shared, probe_interval_s=probe_interval_s, observer=observer)
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self.redis_up else "local"
+
+    async def admit(self, key: str, limits: KeyLimits) -> tuple[Verdict, Lease | None]:
+        """The verdict, and the lease to ``finish`` when admitted."""
+        lease_id = f"{self._prefix}-{next(self._ids)}"
+        verdict: Verdict | None = None
+        shared = self.shared is not None and self.redis_up
+        if shared and self.shared is not None:
+            try:
+                verdict = await self.shared.admit(key, limits, lease_id)
+            except self._errors as exc:
+                self._lost(exc)
+                shared = False
+        if verdict is None:
+            verdict = self.local.admit(key, limits)
+        if verdict.refused is not None:
+            self.observer.on_refused(key, verdict.refused)
+            return verdict, None
+        return verdict, Lease(key, limits, lease_id, shared)
+
+    def finish(self, lease: Lease, tokens: int) -> None:
+        """Give the slot back and charge ``tokens``; never raises, never waits.
+
+        Synchronous so that it runs whatever ended the request (an error, a disconnect, a
+        cancelled task): the Redis call goes on in a task of its own.
+        """
+        if not lease.shared or self.shared is None:
+            self.local.finish(lease.key, lease.limits, tokens)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish_shared(lease, tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _finish_shared(self, lease: Lease, tokens: int) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens)
+        except self._errors as exc:
+            self._lost(exc)
+            self.local.charge(lease.key, lease.limits, tokens)
+
+    def _lost(self, exc: BaseException) -> None:
+        """Fall back to per-process limits: one log line, and a probe until Redis returns."""
+        if not self.redis_up:
+            return
+        self.redis_up = False
+        logger.warning(
+            "rate limits: Redis unreachable (%s); limiting per process until it returns",
+            type(exc).__name__,
+        )
+        self.observer.on_backend("local")
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+
+    async def _wait_for_redis(self) -> None:
+        assert self.shared is not None
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                await self.shared.ping()
+            except self._errors:
+                continue
+            self.redis_up = True
+            logger.info("rate limits: Redis is back; limits are shared again")
+            self.observer.on_backend("redis")
+            return
+
+    async def aclose(self) -> None:
+        """Stop probing, let pending releases finish, close the Redis client."""
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=1.0)
+        if self.shared is not None:
+            await self.shared.aclose()

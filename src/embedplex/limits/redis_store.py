@@ -1,0 +1,141 @@
+"""Per-key limits shared through Redis: the rules of ``gcra.py`` as two Lua scripts.
+
+Why Lua over redis-py rather than the ``limits`` library: one admission checks three limits
+(requests, tokens, concurrency) and takes two of them, atomically; a script does it in one round
+trip, where ``limits`` needs one per limit and has no concurrency limit at all, and its moving
+window keeps one list entry per unit (a token limit of 200,000 a minute would keep 200,000).
+``examples/ratelimit_latency.py`` measures both; the figures are in ``docs/limits.md``.
+
+Each key id has a hash ``embedplex:rl:{id}`` (the two TATs, ``r`` and ``t``) and a sorted set
+``embedplex:rl:{id}:c`` of in-flight leases scored by when they expire, so that the slots of a
+replica that died with requests in flight come back after ``lease_ttl_s`` instead of never.
+Time is Redis's own clock (``TIME``), so replicas with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from embedplex.core.tenant import KeyLimits
+from embedplex.limits.gcra import WINDOW_S, Budget, Verdict
+
+if TYPE_CHECKING:  # redis is imported only when a redis_url is configured (limiter.py)
+    from redis.asyncio import Redis
+
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local W = tonumber(ARGV[6])
+local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local st = redis.call('HMGET', KEYS[1], 'r', 't')
+local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
+local function budget(limit, tat)
+  local ahead = math.max(tat - now, 0)
+  return math.max(math.floor((W - ahead) / (W / limit) + 1e-9), 0), ahead
+end
+local refused, retry = 0, 0
+local new_rtat = rtat
+local req_rem, req_reset, tok_rem, tok_reset = -1, 0, -1, 0
+if rpm > 0 then
+  new_rtat = math.max(rtat, now) + W / rpm
+  if new_rtat - now > W + 1e-9 then
+    refused, retry = 1, new_rtat - W - now
+    req_rem, req_reset = budget(rpm, rtat)
+  else
+    req_rem, req_reset = budget(rpm, new_rtat)
+  end
+end
+if tpm > 0 then
+  tok_rem, tok_reset = budget(tpm, ttat)
+  if refused == 0 and tok_rem <= 0 then
+    refused, retry = 2, math.max(ttat - now - W + W / tpm, 0)
+  end
+end
+if refused == 0 and maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= maxc then
+    refused, retry = 3, 1
+  end
+end
+if refused == 0 then
+  if rpm > 0 then
+    redis.call('HSET', KEYS[1], 'r', string.format('%.6f', new_rtat))
+    redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(new_rtat, ttat) - now) * 1000) + 1000)
+  end
+  if maxc > 0 then
+    local ttl = tonumber(ARGV[5])
+    redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+    redis.call('EXPIRE', KEYS[2], math.ceil(ttl))
+  end
+end
+return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000),
+        tok_rem, math.floor(tok_reset * 1000)}
+"""
+
+_FINISH = """
+redis.call('ZREM', KEYS[2], ARGV[2])
+local tpm, n = tonumber(ARGV[1]), tonumber(ARGV[3])
+if tpm > 0 and n > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local st = redis.call('HMGET', KEYS[1], 'r', 't')
+  local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
+  ttat = math.max(ttat, now) + n * tonumber(ARGV[4]) / tpm
+  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+end
+return 0
+"""
+
+_REASONS = {1: "rpm", 2: "tpm", 3: "concurrency"}
+
+
+class RedisLimits:
+    """The shared store: ``admit`` and ``finish`` as in ``LocalLimits``, one round trip each.
+
+    Errors are Redis's own (``redis.exceptions.RedisError``, ``OSError``, timeouts):
+    ``errors`` lists them, and the caller (``RateLimiter``) decides what losing Redis means.
+    """
+
+    def __init__(self, client: Redis, *, lease_ttl_s: float = 300.0) -> None:
+        from redis.exceptions import RedisError
+
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self.client = client
+        self.lease_ttl_s = lease_ttl_s
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
+
+    async def admit(self, key: str, limits: KeyLimits, lease: str) -> Verdict:
+        raw: list[Any] = await self._admit(
+            keys=_keys(key),
+            args=[
+                limits.rpm or 0,
+                limits.tpm or 0,
+                limits.max_concurrent or 0,
+                lease,
+                self.lease_ttl_s,
+                WINDOW_S,
+            ],
+        )
+        code, retry_ms, req_rem, req_reset, tok_rem, tok_reset = (int(v) for v in raw)
+        return Verdict(
+            _REASONS.get(code),
+            retry_ms / 1000,
+            None if limits.rpm is None else Budget(limits.rpm, req_rem, req_reset / 1000),
+            None if limits.tpm is None else Budget(limits.tpm, tok_rem, tok_reset / 1000),
+        )
+
+    async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
+        await self._finish(keys=_keys(key), args=[limits.tpm or 0, lease, tokens, WINDOW_S])
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _keys(key: str) -> list[str]:
+    # The braces keep both keys of one id in one Redis Cluster slot (a script's keys must be).
+    return [f"embedplex:rl:{{{key}}}", f"embedplex:rl:{{{key}}}:c"]

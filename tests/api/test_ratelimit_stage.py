@@ -1,0 +1,182 @@
+"""The RateLimit stage: per-key limits through the app, OpenAI's headers, release at finish."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from test_pipeline import SeenItems, local_factory
+
+from embedplex.api.app import create_app
+from embedplex.api.pipeline import Pipeline
+from embedplex.backends.fake import FakeBackend
+from embedplex.config import Settings
+from embedplex.core.tenant import KeyLimits, Tenant
+from embedplex.limits import LocalLimits, RateLimiter
+from helpers import eventually, parse_metrics, running, served, value
+from tenants import TenantByHeader, limited_app
+
+HEADERS = ("limit", "remaining", "reset")
+
+
+def limiter(app: FastAPI) -> RateLimiter:
+    lim: RateLimiter = app.state.rate_limiter
+    return lim
+
+
+def embed(
+    client: httpx.AsyncClient, key: str | None, text: str = "hi"
+) -> Coroutine[Any, Any, httpx.Response]:
+    headers = {"x-test-tenant": key} if key else {}
+    return client.post("/v1/embeddings", json={"input": text}, headers=headers)
+
+
+async def test_every_answer_of_a_limited_key_carries_the_headers_and_past_rpm_is_429(
+    tiny_model_dir: Path,
+) -> None:
+    app = limited_app(tiny_model_dir, FakeBackend(), {"k": KeyLimits(rpm=2, tpm=10_000)})
+    async with running(app) as client:
+        answers = [await embed(client, "k") for _ in range(3)]
+        anonymous = await embed(client, None)
+        probe = await client.get("/health", headers={"x-test-tenant": "k"})
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    ok1, ok2, refused = answers
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    for answer in answers:
+        for kind in ("requests", "tokens"):
+            for h in HEADERS:
+                assert f"x-ratelimit-{h}-{kind}" in answer.headers
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["1", "0", "0"]
+    assert ok1.headers["x-ratelimit-limit-requests"] == "2"
+    assert ok1.headers["x-ratelimit-limit-tokens"] == "10000"
+    # Tokens are charged when a request finishes: the second sees what the first used.
+    used = ok1.json()["usage"]["prompt_tokens"]
+    assert used > 0
+    assert ok1.headers["x-ratelimit-remaining-tokens"] == "10000"
+    assert int(ok2.headers["x-ratelimit-remaining-tokens"]) in (10_000 - used, 10_000 - used + 1)
+    # One request every 30 s: the refusal says to come back in about that.
+    assert 25 <= int(refused.headers["retry-after"]) <= 30
+    assert 25_000 <= int(refused.headers["retry-after-ms"]) <= 30_000
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "requests per minute" in refused.json()["error"]["message"]
+    assert anonymous.status_code == 200 and "x-ratelimit-limit-requests" not in anonymous.headers
+    assert probe.status_code == 200 and "x-ratelimit-limit-requests" not in probe.headers
+    assert value(metrics, "embedplex_rate_limited_total", key_id="k", reason="rpm") == 1
+    assert value(metrics, "embedplex_rate_limit_backend", backend="local") == 1
+    assert value(metrics, "embedplex_rate_limit_backend", backend="redis") == 0
+
+
+async def test_tokens_per_minute_admits_one_overspend_then_refuses(tiny_model_dir: Path) -> None:
+    app = limited_app(
+        tiny_model_dir, FakeBackend(), {"k": KeyLimits(tpm=5), "other": KeyLimits(tpm=5)}
+    )
+    long_text = "the quick brown fox jumps over the lazy dog " * 3
+    async with running(app) as client:
+        first = await embed(client, "k", long_text)
+        second = await embed(client, "k", "hi")
+        other = await embed(client, "other", "hi")
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert first.status_code == 200
+    assert first.json()["usage"]["prompt_tokens"] > 5  # more than the whole minute: allowed once
+    assert second.status_code == 429
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "tokens per minute" in second.json()["error"]["message"]
+    assert other.status_code == 200  # another key's budget is its own
+    assert value(metrics, "embedplex_rate_limited_total", key_id="k", reason="tpm") == 1
+
+
+async def test_concurrency_slot_is_held_until_the_answer_and_freed_on_errors(
+    tiny_model_dir: Path,
+) -> None:
+    backend = FakeBackend(delay=0.3)
+    app = limited_app(tiny_model_dir, backend, {"k": KeyLimits(max_concurrent=1)})
+    async with running(app) as client:
+        slow = asyncio.create_task(embed(client, "k"))
+        await eventually(lambda: limiter(app).local.in_flight("k") == 1)
+        refused = await embed(client, "k")
+        assert (await slow).status_code == 200
+        assert limiter(app).local.in_flight("k") == 0
+        backend.delay = 0.0
+        backend.fail_next = 1
+        failed = await embed(client, "k")
+        after_failure = await embed(client, "k")
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert refused.status_code == 429
+    assert "concurrent requests" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert failed.status_code >= 400
+    assert after_failure.status_code == 200
+    assert value(metrics, "embedplex_rate_limited_total", key_id="k", reason="concurrency") == 1
+
+
+async def test_a_cancelled_request_gives_its_slot_back(tiny_model_dir: Path) -> None:
+    app = limited_app(tiny_model_dir, FakeBackend(delay=0.5), {"k": KeyLimits(max_concurrent=1)})
+    async with running(app) as client:
+        task = asyncio.create_task(embed(client, "k"))
+        await eventually(lambda: limiter(app).local.in_flight("k") == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: limiter(app).local.in_flight("k") == 0)
+        assert (await embed(client, "k")).status_code == 200
+
+
+def test_a_client_that_hangs_up_gives_its_slot_back(tiny_model_dir: Path) -> None:
+    """A real server and a real socket closed while the request is in the backend."""
+    app = limited_app(tiny_model_dir, FakeBackend(delay=0.5), {"k": KeyLimits(max_concurrent=1)})
+    with served(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"input": "hi"}'
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nx-test-tenant: k\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            asyncio.run(eventually(lambda: limiter(app).local.in_flight("k") == 1))
+        asyncio.run(eventually(lambda: limiter(app).local.in_flight("k") == 0))
+        again = httpx.post(
+            url + "/v1/embeddings", json={"input": "hi"}, headers={"x-test-tenant": "k"}
+        )
+    assert again.status_code == 200
+
+
+async def test_every_route_that_tokenizes_is_charged_its_tokens() -> None:
+    """Embeddings, batch and rerank routes charge what they tokenized (a frozen clock: no
+    refill, so the headers show the exact sum)."""
+    settings = Settings.load(None, served_model_name="embedder")
+    app = create_app(settings, gateway_factory=local_factory(FakeBackend(16), SeenItems()))
+    tenants = {"k": Tenant(key_id="k", limits=KeyLimits(tpm=100_000))}
+    pipeline = app.edge
+    assert isinstance(pipeline, Pipeline)
+    pipeline.stages.insert(2, TenantByHeader(tenants))
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    key = {"x-test-tenant": "k"}
+    calls = [
+        ("/v1/embeddings", {"input": ["a b c", "d"]}, lambda b: b["usage"]["prompt_tokens"]),
+        ("/embed", {"inputs": "hello there"}, None),
+        ("/rerank", {"query": "q", "texts": ["a b", "c"]}, None),
+        ("/v1/rerank", {"query": "q", "documents": ["a b"]}, lambda b: b["usage"]["total_tokens"]),
+        ("/api/rerank", {"query": "q", "documents": ["a b c"]}, None),
+        ("/v1/embeddings/batch", {"requests": [{"id": "1", "input": "x y"}]}, None),
+    ]
+    async with running(app) as client:
+
+        async def remaining() -> int:
+            answer = await client.get("/v1/models", headers=key)
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        for path, body, usage in calls:
+            before = await remaining()
+            answer = await client.post(path, json=body, headers=key)
+            assert answer.status_code == 200, (path, answer.text)
+            charged = before - await remaining()
+            assert charged > 0, path
+            if usage is not None:
+                assert charged == usage(answer.json()), path

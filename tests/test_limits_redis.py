@@ -1,0 +1,155 @@
+"""Limits shared through a Redis the test starts itself: two apps limited once, Redis stopped
+and restarted mid-test (per-process limits meanwhile, one log line, the metric), shared again."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from embedplex.backends.fake import FakeBackend
+from embedplex.core.tenant import KeyLimits
+from embedplex.limits import RateLimiter
+from helpers import eventually, parse_metrics, running, value
+from redis_server import NO_REDIS_SERVER, REDIS_SERVER, RedisServer, redis_server
+from tenants import limited_app
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=NO_REDIS_SERVER)
+
+KEYS = {name: KeyLimits(rpm=3) for name in ("before", "during", "after")}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with redis_server() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def replicas(
+    tiny_model_dir: Path, server: RedisServer
+) -> AsyncIterator[list[tuple[httpx.AsyncClient, RateLimiter]]]:
+    """Two apps (two replicas, each with its own limiter) on the one Redis."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for _ in range(2):
+            app = limited_app(
+                tiny_model_dir,
+                FakeBackend(),
+                KEYS,
+                redis_url=server.url,
+                redis_probe_interval_s=0.2,
+            )
+            client = await stack.enter_async_context(running(app))
+            out.append((client, app.state.rate_limiter))
+        yield out
+
+
+async def statuses(client: httpx.AsyncClient, key: str, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        r = await client.post(
+            "/v1/embeddings", json={"input": "hi"}, headers={"x-test-tenant": key}
+        )
+        out.append(r.status_code)
+    return out
+
+
+async def backend_gauge(client: httpx.AsyncClient) -> tuple[float, float, float]:
+    m = parse_metrics((await client.get("/metrics")).text)
+    return (
+        value(m, "embedplex_rate_limit_backend", backend="redis"),
+        value(m, "embedplex_rate_limit_backend", backend="local"),
+        value(m, "embedplex_rate_limit_fallbacks_total"),
+    )
+
+
+async def test_shared_then_per_process_while_redis_is_away_then_shared_again(
+    replicas: list[tuple[httpx.AsyncClient, RateLimiter]],
+    server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (a, lim_a), (b, lim_b) = replicas
+    caplog.set_level(logging.INFO, logger="embedplex.limits")
+    # Shared: 3 a minute across both replicas, whichever serves them.
+    assert await statuses(a, "before", 2) + await statuses(b, "before", 2) == [200, 200, 200, 429]
+    assert await backend_gauge(a) == (1.0, 0.0, 0.0)
+    keys = redis.Redis(port=server.port).keys("embedplex:rl:*")
+    assert b"embedplex:rl:{before}" in keys
+
+    server.stop()
+    # Limited per process: each replica admits the key's 3 alone, then refuses.
+    assert await statuses(a, "during", 4) == [200, 200, 200, 429]
+    assert await statuses(b, "during", 4) == [200, 200, 200, 429]
+    assert (lim_a.backend, lim_b.backend) == ("local", "local")
+    assert await backend_gauge(a) == (0.0, 1.0, 1.0)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one line per replica, not one per request
+    assert all("limiting per process" in r.getMessage() for r in warnings)
+
+    server.start()  # the same port, empty (no persistence)
+    await eventually(lambda: lim_a.backend == "redis" and lim_b.backend == "redis", 20)
+    assert await backend_gauge(b) == (1.0, 0.0, 1.0)
+    assert sum("Redis is back" in r.getMessage() for r in caplog.records) == 2
+    assert await statuses(b, "after", 2) + await statuses(a, "after", 2) == [200, 200, 200, 429]
+
+
+async def test_concurrency_is_shared_and_released_through_redis(
+    tiny_model_dir: Path, server: RedisServer
+) -> None:
+    one = KeyLimits(max_concurrent=1)
+    first = RateLimiter.from_url(server.url)
+    second = RateLimiter.from_url(server.url)
+    try:
+        verdict, lease = await first.admit("k", one)
+        assert verdict.refused is None and lease is not None and lease.shared
+        assert (await second.admit("k", one))[0].refused == "concurrency"
+        first.finish(lease, 0)
+
+        async def admitted() -> bool:
+            verdict, lease = await second.admit("k", one)
+            if lease is not None:
+                second.finish(lease, 0)
+            return verdict.refused is None
+
+        await eventually(admitted)
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_a_redis_that_hangs_is_left_after_the_timeout_and_rejoined(
+    server: RedisServer,
+) -> None:
+    """A frozen Redis (SIGSTOP: a partition, not a refused connection) costs one timeout, then
+    limits are per process until it answers again."""
+    lim = RateLimiter.from_url(server.url, timeout_s=0.2, probe_interval_s=0.2)
+    limits = KeyLimits(rpm=1000)
+    assert server.proc is not None
+    try:
+        verdict, lease = await lim.admit("k", limits)
+        assert lease is not None and lease.shared
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            verdict, lease = await lim.admit("k", limits)
+            waited = time.monotonic() - t0
+            assert verdict.refused is None and lease is not None and not lease.shared
+            assert lim.backend == "local"
+            assert waited < 5.0  # a timeout or two, not a hang
+            _, lease = await lim.admit("k", limits)  # no more waiting while it is away
+            assert lease is not None and not lease.shared
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: lim.backend == "redis", 20)
+        _, lease = await lim.admit("k", limits)
+        assert lease is not None and lease.shared
+    finally:
+        await lim.aclose()
