@@ -17,7 +17,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,6 +35,7 @@ from pydantic_settings import (
 )
 
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
+from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
 
@@ -38,6 +47,30 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # The flat keys that name the one model served without [[models]] tables.
 _FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
+
+
+class StaticKeyConfig(BaseModel):
+    """One static API key and its tenant (an ``[[api_keys]]`` table): for a few callers that
+    need their own priority or share without a key store (managed keys: docs/keys.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
+        description="The key's id: in logs, metrics and traces (never the key itself).",
+    )
+    key: SecretStr = Field(description="The secret callers send as Authorization: Bearer.")
+    priority: Priority = Field(
+        Priority.INTERACTIVE, description="interactive or batch (a request may lower it)."
+    )
+    weight: int = Field(1, ge=1, le=1000, description="Share of a model under fair queuing.")
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr) -> SecretStr:
+        if len(key.get_secret_value()) < 16:
+            raise ValueError("an API key needs at least 16 characters")
+        return key
 
 
 class Settings(BaseSettings):
@@ -306,6 +339,17 @@ class Settings(BaseSettings):
         description="Token ids one request may send (token-id inputs, /decode) or get back "
         "(/tokenize); more is 413.",
     )
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Order of a model's queue: fair (weighted fair order across API keys, "
+        "interactive before batch; docs/scheduling.md) or fifo (oldest first, whoever sent it).",
+    )
+    priority_aging_ms: int = Field(
+        2000,
+        ge=0,
+        description="A batch-priority input waiting this long is served as interactive "
+        "(fair queues), so batch work always moves.",
+    )
 
     # -- which served models clients may use ---------------------------------------------
     allowed_embedding_models: Annotated[list[str] | None, NoDecode] = Field(
@@ -352,6 +396,11 @@ class Settings(BaseSettings):
     routes: list[RouteConfig] = Field(
         default_factory=list,
         description="Model names served by providers ([[routes]]: model, providers, policy).",
+    )
+    api_keys: list[StaticKeyConfig] = Field(
+        default_factory=list,
+        description="Static API keys, each its own tenant ([[api_keys]]: id, key, priority, "
+        "weight); api_key, when set too, keeps working.",
     )
 
     @field_validator(
@@ -449,10 +498,24 @@ class Settings(BaseSettings):
                 )
         for model in self.local_models():
             model.check_limits()
+        self._check_api_keys()
         self._check_names()
         if not self.local_model and not self.routes:
             raise ValueError("with local_model = false, configure at least one [[routes]] entry")
         return self
+
+    def _check_api_keys(self) -> None:
+        ids = [k.id for k in self.api_keys]
+        secrets = [k.key.get_secret_value() for k in self.api_keys]
+        if self.api_key is not None:
+            ids.append("static")  # the id of api_key's tenant (core/tenant.py: STATIC_KEY)
+            secrets.append(self.api_key.get_secret_value())
+        if len(set(ids)) != len(ids):
+            raise ValueError('api_keys ids must be unique (and not "static", api_key\'s id)')
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("two api_keys (or api_key) share one secret")
+        if self.admin_secret is not None and self.admin_secret.get_secret_value() in secrets:
+            raise ValueError("admin_secret must differ from every API key (clients have those)")
 
     def _check_names(self) -> None:
         """Local models and remote routes share one namespace: a name is served once."""
@@ -525,4 +588,6 @@ class Settings(BaseSettings):
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):
                 data[name] = "***" if getattr(self, name) is not None else None
+        for key in data.get("api_keys", ()):
+            key["key"] = "***"
         return data

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import typing
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from embedplex.api.bounds import check_tokens, token_ids
 from embedplex.api.observe import request_record
-from embedplex.core.tenant import ANONYMOUS, Tenant
+from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
 from embedplex.core.types import (
     EmbeddingService,
     EmbedRequest,
@@ -45,6 +46,13 @@ def as_inputs(raw: Inputs) -> list[str] | list[list[int]]:
     return typing.cast(list[str] | list[list[int]], raw)
 
 
+# A request's own priority (embed and rerank bodies): it may lower its key's, never raise it.
+PriorityField = Annotated[
+    Priority | None,
+    Field(description="embedplex extension: batch lowers this request below its key's priority."),
+]
+
+
 def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
@@ -60,10 +68,11 @@ def admit_reranking(request: Request) -> None:
     gateway(request).admit_kind("reranker")
 
 
-def tenant_of(request: Request) -> Tenant:
-    """Who the pipeline authenticated this request as (``api/stages.py``)."""
+def tenant_of(request: Request, priority: Priority | None = None) -> Tenant:
+    """Who the pipeline authenticated this request as (``api/stages.py``), at the ``priority``
+    its body asked for when that is lower than its key's (never higher)."""
     tenant: Tenant = request.scope.get("state", {}).get("tenant", ANONYMOUS)
-    return tenant
+    return lowered(tenant, priority)
 
 
 def json_response(

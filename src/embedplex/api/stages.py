@@ -1,4 +1,5 @@
-"""The pipeline's stages: request id, body limit, authentication, admission, rate limits.
+"""The pipeline's stages: request id, body limit, authentication, priority, admission,
+rate limits.
 
 Each is a small object whose ``enter(exchange)`` runs for every request on every route
 (``api/pipeline.py``), in the order ``default_stages`` lists them. A stage refuses by raising an
@@ -7,13 +8,14 @@ Each is a small object whose ``enter(exchange)`` runs for every request on every
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import itertools
 import math
 import os
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from embedplex.api.pipeline import Exchange, Stage, body_too_large
@@ -25,7 +27,7 @@ from embedplex.core.errors import (
     NotReadyError,
     UnavailableError,
 )
-from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Tenant, current_tenant
+from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Priority, Tenant, current_tenant, lowered
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
@@ -135,11 +137,13 @@ class ManagedKeys:
         static_key: str | None = None,
         *,
         open_paths: tuple[str, ...] | None = None,
+        statics: StaticKeys | None = None,
     ) -> None:
         if static_key is not None and not static_key.strip():
             raise ValueError("api_key is set but empty")
         self.verifier = verifier
         self.static = static_key.encode() if static_key else None
+        self.statics = statics  # the [[api_keys]] table, beside the store's keys
         self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
     def enter(self, ex: Exchange) -> Awaitable[None] | None:
@@ -161,7 +165,11 @@ class ManagedKeys:
         if self.static is not None and given and hmac.compare_digest(given, self.static):
             self._admit(ex, STATIC_KEY)
             return None
-        if self.static is not None or self.verifier.required:
+        listed = self.statics.find(given) if self.statics is not None else None
+        if listed is not None:
+            self._admit(ex, listed)
+            return None
+        if self.static is not None or self.statics is not None or self.verifier.required:
             raise AuthenticationError("missing or invalid API key")
         return None  # no keys asked for: the anonymous tenant
 
@@ -180,6 +188,65 @@ class ManagedKeys:
     def _admit(ex: Exchange, tenant: Tenant) -> None:
         ex.tenant = tenant
         current_tenant.set(tenant)
+
+
+class StaticKeys:
+    """Authenticate by a static table of keys, each its own tenant (``[[api_keys]]``).
+
+    For a few callers that need their own priority or fair-queuing weight without a key store.
+    The table is looked up by the SHA-256 of the token presented, so the lookup's time says
+    nothing about how much of a key a caller guessed, then compared in constant time.
+    """
+
+    def __init__(
+        self, keys: Sequence[tuple[str, Tenant]], *, open_paths: tuple[str, ...] | None = None
+    ) -> None:
+        self._by_digest: dict[bytes, tuple[bytes, Tenant]] = {}
+        for secret, tenant in keys:
+            if not secret.strip():
+                raise ValueError(f"API key {tenant.key_id!r} is empty")
+            raw = secret.encode()
+            self._by_digest[hashlib.sha256(raw).digest()] = (raw, tenant)
+        self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
+
+    def find(self, given: bytes) -> Tenant | None:
+        """The tenant of the token ``given``, or None."""
+        found = self._by_digest.get(hashlib.sha256(given).digest()) if given else None
+        if found is None or not hmac.compare_digest(given, found[0]):
+            return None
+        return found[1]
+
+    def enter(self, ex: Exchange) -> None:
+        if ex.path.startswith(self.open_paths):
+            return
+        tenant = self.find(_bearer(ex))
+        if tenant is None:
+            raise AuthenticationError("missing or invalid API key")
+        ex.tenant = tenant
+
+
+class RequestPriority:
+    """``X-Embedplex-Priority: batch``: a request lowers its own priority below its key's.
+
+    It may never raise it (``interactive`` with a ``batch`` key stays ``batch``), so the header
+    needs no trust; an unknown value is refused (422) rather than silently ignored. The embed
+    and rerank bodies' ``priority`` field does the same per request (``api/common.tenant_of``).
+    """
+
+    HEADER = b"x-embedplex-priority"
+
+    def enter(self, ex: Exchange) -> None:
+        value = ex.header(self.HEADER)
+        if value is None or ex.path.startswith(_UNAUTHENTICATED):
+            return
+        try:
+            asked = Priority(value.decode("latin-1").strip().lower())
+        except ValueError:
+            raise InvalidRequestError(
+                "X-Embedplex-Priority must be interactive or batch",
+                param="X-Embedplex-Priority",
+            ) from None
+        ex.tenant = lowered(ex.tenant, asked)
 
 
 class Admission:
@@ -237,23 +304,40 @@ def _seconds(raw: bytes) -> float | None:
 def default_stages(
     settings: Settings, keys: KeyVerifier | None = None, limiter: RateLimiter | None = None
 ) -> list[Stage]:
-    """The chain in its order: request id, authentication, body limit, admission, the request's
-    deadline, the key's rate limits (last, so that a request refused while draining costs its key
-    nothing). Authentication comes before the body limit: a client without the key learns
-    nothing but 401 (not even the body limit), and neither stage reads the body.
+    """The chain in its order: request id, authentication, body limit, priority, admission, the
+    request's deadline, the key's rate limits (last, so that a request refused while draining
+    costs its key nothing). Authentication comes before the body limit: a client without the key
+    learns nothing but 401 (not even the body limit), and neither stage reads the body.
 
     ``keys``: the managed keys of the state store; then ``ManagedKeys`` authenticates (and
-    accepts the static key too). ``/metrics`` follows the key unless ``metrics_public``.
+    accepts the static keys too: ``api_key`` and ``[[api_keys]]``). ``/metrics`` follows the
+    key unless ``metrics_public``.
     """
     stages: list[Stage] = [RequestId()]
     static = settings.api_key.get_secret_value() if settings.api_key is not None else None
     open_paths = None if settings.metrics_public else _WITHOUT_METRICS
+    statics = (
+        StaticKeys(static_keys(settings), open_paths=open_paths) if settings.api_keys else None
+    )
     if keys is not None:
-        stages.append(ManagedKeys(keys, static, open_paths=open_paths))
+        stages.append(ManagedKeys(keys, static, open_paths=open_paths, statics=statics))
+    elif statics is not None:
+        stages.append(statics)
     elif static is not None:
         stages.append(StaticKey(static, open_paths=open_paths))
-    stages += [BodyLimit(settings.payload_limit), Admission()]
+    stages += [BodyLimit(settings.payload_limit), RequestPriority(), Admission()]
     stages.append(RequestDeadline(settings.request_timeout_s))
     if limiter is not None:
         stages.append(RateLimit(limiter, _UNAUTHENTICATED))
     return stages
+
+
+def static_keys(settings: Settings) -> list[tuple[str, Tenant]]:
+    """``[[api_keys]]`` and ``api_key`` as (secret, tenant) pairs."""
+    keys = [
+        (k.key.get_secret_value(), Tenant(key_id=k.id, priority=k.priority, weight=k.weight))
+        for k in settings.api_keys
+    ]
+    if settings.api_key is not None:
+        keys.append((settings.api_key.get_secret_value(), STATIC_KEY))
+    return keys

@@ -272,6 +272,7 @@ class Batcher(Generic[P, R]):
                 trace=trace,
                 tenant_key=key,
                 priority=rank,
+                weight=tenant.weight,
             )
             self._queue.push(item)
             items.append(item)

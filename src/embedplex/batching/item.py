@@ -19,7 +19,8 @@ class Item(Generic[P, R]):
     ``cost`` is what the item weighs against a batch budget: its token count for local models
     (batches are cut on padded size), 1 for remote providers. Times are ``time.perf_counter``
     instants; the batcher stamps them so callers can report queue and inference time.
-    ``tenant_key`` and ``priority`` say whose input it is, for a queue that schedules on them.
+    ``tenant_key``, ``priority`` and ``weight`` say whose input it is and its key's share, for a
+    queue that schedules on them (``batching/fair.py``).
     """
 
     payload: P
@@ -34,6 +35,7 @@ class Item(Generic[P, R]):
     trace: object | None = None
     tenant_key: str | None = None
     priority: Priority = Priority.INTERACTIVE
+    weight: int = 1
 
     @property
     def waiting(self) -> bool:

@@ -1,7 +1,9 @@
 """Ordering policies: which queued items form the next batch.
 
-A queue is a replaceable part of the batcher (fair queuing per API key or priority lanes can
-come in as new policies). The batcher owns the queue; nothing else touches it.
+A queue is a replaceable part of the batcher; the batcher owns it, nothing else touches it.
+These two serve in arrival order whoever sent the items; ``batching/fair.py`` holds their fair
+twins (weighted fair order across API keys, priority lanes), which cut the same batches when
+one key at one priority is waiting (docs/scheduling.md).
 """
 
 from __future__ import annotations
@@ -100,35 +102,49 @@ class LengthBucketQueue(_ListQueue):
         items = self._items
         if not items:
             return []
-        budget = TokenBudget(tokens=max_cost, items=max_items)
-        head = items[:max_items]
-        if budget.fits(max(i.cost for i in head), len(head)):
-            self._items = items[len(head) :]
-            return head
-        # Grow a window over the items sorted by cost, starting at the oldest one.
-        order = sorted(range(len(items)), key=lambda k: items[k].cost)
-        pos = order.index(0)
-        lo = hi = pos
-        anchor = items[0].cost
-        top = anchor
-        while hi - lo + 1 < max_items:
-            size = hi - lo + 2
-            below = items[order[lo - 1]].cost if lo > 0 else None
-            above = items[order[hi + 1]].cost if hi + 1 < len(order) else None
-            fits_below = below is not None and budget.fits(top, size)
-            fits_above = above is not None and budget.fits(above, size)
-            if (
-                below is not None
-                and fits_below
-                and (above is None or not fits_above or anchor - below <= above - anchor)
-            ):
-                lo -= 1
-            elif above is not None and fits_above:
-                hi += 1
-                top = above
-            else:
-                break
-        chosen = set(order[lo : hi + 1])
-        batch = [items[k] for k in sorted(chosen)]
-        self._items = [it for k, it in enumerate(items) if k not in chosen]
-        return batch
+        chosen = group_by_length([i.cost for i in items], max_items, max_cost)
+        if len(chosen) == len(items):
+            self._items = []
+            return items
+        picked = set(chosen)
+        self._items = [it for k, it in enumerate(items) if k not in picked]
+        return [items[k] for k in chosen]
+
+
+def group_by_length(costs: list[int], max_items: int, max_cost: int | None) -> list[int]:
+    """Positions (ascending) of the next batch among ``costs``, given oldest first.
+
+    The first (oldest) always goes; it is grown with the costs nearest its own while the batch
+    fits ``TokenBudget(max_cost, max_items)``. ``LengthBucketQueue`` cuts with it over everything
+    waiting; the fair queue (``batching/fair.py``) over the keys whose turn it is.
+    """
+    if not costs:
+        return []
+    budget = TokenBudget(tokens=max_cost, items=max_items)
+    head = min(max_items, len(costs))
+    if budget.fits(max(costs[:head]), head):
+        return list(range(head))
+    # Grow a window over the costs sorted, starting at the oldest one.
+    order = sorted(range(len(costs)), key=costs.__getitem__)
+    pos = order.index(0)
+    lo = hi = pos
+    anchor = costs[0]
+    top = anchor
+    while hi - lo + 1 < max_items:
+        size = hi - lo + 2
+        below = costs[order[lo - 1]] if lo > 0 else None
+        above = costs[order[hi + 1]] if hi + 1 < len(order) else None
+        fits_below = below is not None and budget.fits(top, size)
+        fits_above = above is not None and budget.fits(above, size)
+        if (
+            below is not None
+            and fits_below
+            and (above is None or not fits_above or anchor - below <= above - anchor)
+        ):
+            lo -= 1
+        elif above is not None and fits_above:
+            hi += 1
+            top = above
+        else:
+            break
+    return sorted(order[lo : hi + 1])

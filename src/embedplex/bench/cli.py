@@ -1,4 +1,4 @@
-"""``embedplex bench``: load, offline and the standard suite. Heavy imports stay inside commands."""
+"""``embedplex bench``: load, offline, fairness, the suite. Heavy imports stay inside commands."""
 
 from __future__ import annotations
 
@@ -158,6 +158,50 @@ def suite(
             soak_s=soak_minutes * 60,
         )
     )
+
+
+@bench_app.command("fairness")
+def fairness(
+    duration: Annotated[float, typer.Option(help="Seconds measured per side.")] = 20.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of unmeasured load first.")] = 3.0,
+    bulk_concurrency: Annotated[int, typer.Option(help="The bulk key's concurrent requests.")] = 32,
+    bulk_inputs: Annotated[int, typer.Option(help="Texts per bulk request.")] = 64,
+    bulk_tokens: Annotated[str, typer.Option(help="Tokens per bulk text: N or LOW-HIGH.")] = (
+        "16-64"
+    ),
+    query_rate: Annotated[float, typer.Option(help="The search key's queries per second.")] = (
+        10.0
+    ),
+    query_tokens: Annotated[str, typer.Option(help="Tokens per query.")] = "14",
+    server_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="A flag for both servers (repeat), e.g. --server-arg=--model-id=X."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here ('-': stdout).")
+    ] = None,
+) -> None:
+    """An interactive key beside a bulk key: fair queue against FIFO, two servers in turn."""
+    from embedplex.bench.fairness import FairnessOptions, fairness_report, run_fairness
+    from embedplex.bench.workload import TokenSpec
+
+    try:
+        options = FairnessOptions(
+            duration=duration,
+            warmup=warmup,
+            bulk_concurrency=bulk_concurrency,
+            bulk_inputs=bulk_inputs,
+            bulk_tokens=TokenSpec.parse(bulk_tokens),
+            query_rate=query_rate,
+            query_tokens=TokenSpec.parse(query_tokens),
+            server_args=tuple(server_arg or ()),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    sides = run_fairness(options)
+    _emit(json_out, [s.to_json() for s in sides])
+    if not (json_out is not None and str(json_out) == "-"):
+        typer.echo(fairness_report(sides, options))
 
 
 def _emit(path: Path | None, data: Any) -> None:

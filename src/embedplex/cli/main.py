@@ -146,6 +146,13 @@ _TABLE_EXAMPLES = {
         'providers = ["voyage"]',
         'policy = "any"            # any: first healthy, fail over; all: every provider',
     ),
+    "api_keys": (
+        "[[api_keys]]              # static keys, each its own tenant (docs/scheduling.md)",
+        'id = "nightly-reindex"    # in logs and metrics; the key never is',
+        'key = "..."               # at least 16 characters; better in EMBEDPLEX_API_KEYS',
+        'priority = "batch"        # interactive | batch (a request may lower its own)',
+        "weight = 1                # its share of a model under fair queuing",
+    ),
 }
 
 

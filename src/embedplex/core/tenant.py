@@ -9,7 +9,7 @@ interactive work before batch work, needs no change in the routes or the models.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from fnmatch import fnmatchcase
 
@@ -64,3 +64,13 @@ current_tenant: ContextVar[Tenant] = ContextVar("embedplex_tenant", default=ANON
 """The tenant of the request being served, for the one place that resolves a served model
 (``Gateway.pick``) to check ``Tenant.allows`` on every route. The authentication stage sets it
 for every request when managed keys are on (``api/stages.py``)."""
+
+_RANK = {Priority.BATCH: 0, Priority.INTERACTIVE: 1}
+
+
+def lowered(tenant: Tenant, requested: Priority | None) -> Tenant:
+    """``tenant`` at the priority a request asked for, which may lower its key's, never raise
+    it: asking ``interactive`` with a ``batch`` key keeps ``batch`` (docs/scheduling.md)."""
+    if requested is None or _RANK[requested] >= _RANK[tenant.priority]:
+        return tenant
+    return replace(tenant, priority=requested)

@@ -44,6 +44,7 @@ INHERITED = (
     "max_queue_size",
     "queue_timeout_ms",
     "max_client_batch_size",
+    "queue_policy",
 )
 
 
@@ -83,6 +84,7 @@ class ModelConfig(BaseModel):
     max_queue_size: int | None = Field(None, ge=1)
     queue_timeout_ms: int | None = Field(None, ge=1)
     max_client_batch_size: int | None = Field(None, ge=1)
+    queue_policy: Literal["fair", "fifo"] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -34,12 +34,15 @@ from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
 from embedplex.batching import (
+    DEFAULT_AGING,
     Batcher,
     BatchObserver,
     BatchPolicy,
+    BatchQueue,
     Item,
-    LengthBucketQueue,
+    QueuePolicy,
     TokenBudget,
+    make_queue,
 )
 from embedplex.config import Settings
 from embedplex.core.errors import (
@@ -96,6 +99,8 @@ class LocalModelOptions:
     tokenize_inline_chars: int = 512
     streams: int = 1  # batches run at once, each from its own inference thread
     worker_nice: int = 0  # inference and tokenizer threads run this far below the event loop
+    queue_policy: QueuePolicy = "fair"  # batching/fair.py; "fifo": oldest first, whoever sent
+    priority_aging: float = DEFAULT_AGING  # seconds before batch work is served as interactive
     policy: BatchPolicy = field(default_factory=lambda: BatchPolicy(max_items=128, max_cost=16384))
 
     @classmethod
@@ -135,6 +140,8 @@ class LocalModelOptions:
             tokenize_inline_chars=settings.tokenize_inline_chars,
             streams=streams,
             worker_nice=settings.inference_nice,
+            queue_policy=_set(m.queue_policy),
+            priority_aging=settings.priority_aging_ms / 1000,
             policy=BatchPolicy(
                 max_items=budget.items,
                 max_cost=budget.tokens,
@@ -145,6 +152,13 @@ class LocalModelOptions:
                 run_timeout=settings.inference_timeout_s or None,  # the hung-pass watchdog
             ),
         )
+
+    def new_queue(self, device: str) -> BatchQueue:
+        """The model's queue, by ``queue_policy`` (a fresh one per batcher). On a CPU a pass
+        costs its padded tokens, so a fair batch is not filled with other keys' inputs
+        (``batching/fair.py``)."""
+        fill = device != "cpu"
+        return make_queue(self.queue_policy, lengths=True, aging=self.priority_aging, fill=fill)
 
 
 def load_backend(
@@ -293,7 +307,7 @@ class LocalModel(Generic[R]):
             self.options.name,
             self._run_batch,
             self.options.policy,
-            queue=LengthBucketQueue(),
+            queue=self.options.new_queue(self.backend.device),
             observers=self._observers,
             cost_of=lambda payload: payload.cost,
         )

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.tokenizer import Encoded
-from embedplex.batching import Batcher, LengthBucketQueue
+from embedplex.batching import Batcher
 from embedplex.core.errors import InvalidRequestError, PayloadTooLargeError
 from embedplex.core.types import EmbedRequest, TokenEmbedResult
 from embedplex.models.local import LocalModel
@@ -65,7 +65,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
             self.options.name,
             self._run_batch,
             self.options.policy,
-            queue=LengthBucketQueue(),
+            queue=self.options.new_queue(self.backend.device),
             observers=self._observers,
             cost_of=lambda payload: payload.cost,
         )

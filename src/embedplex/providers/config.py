@@ -78,6 +78,11 @@ class ProviderConfig(BaseModel):
     queue_timeout_ms: int = Field(
         30_000, ge=1, le=3_600_000, description="A text waiting longer gets 503."
     )
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description="Order of each batch lane: fair (weighted fair order across API keys, "
+        "interactive before batch; docs/scheduling.md) or fifo (arrival order).",
+    )
     timeout_s: float = Field(
         15.0, gt=0, le=3600, description="Per-attempt timeout of one upstream call."
     )

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from embedplex.batching import Batcher, BatchObserver, BatchPolicy, FifoQueue, Item
+from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, make_queue
 from embedplex.core.types import Timings
 from embedplex.providers.config import ProviderConfig
 
@@ -89,7 +89,7 @@ class LaneSet(Generic[K, P, R]):
                 f"{self.name}#{self._tag}{self._counters[self._created]}",
                 run,
                 policy,
-                queue=FifoQueue(),
+                queue=make_queue(config.queue_policy, lengths=False),
                 observers=self.observers,
             )
             if size is not None:

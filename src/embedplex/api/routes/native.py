@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from embedplex.api.common import (
+    PriorityField,
     gateway,
     json_response,
     run_embed,
@@ -35,6 +36,7 @@ class ApiEmbedBody(BaseModel):
     texts: list[str] | None = Field(None, description="A list of texts (the same as input).")
     model: str | None = Field(None, description="Served model name; with one served, any name.")
     truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    priority: PriorityField = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ApiEmbedBody:
@@ -67,6 +69,7 @@ class ApiRerankBody(BaseModel):
     top_k: int | None = Field(None, ge=1, description="The same as top_n (older clients).")
     return_scores: bool = True
     truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    priority: PriorityField = None
 
 
 async def _embed(body: ApiEmbedBody, request: Request) -> Response:
@@ -76,7 +79,9 @@ async def _embed(body: ApiEmbedBody, request: Request) -> Response:
         return json_response(
             {"embeddings": [], "model": model.info.name, "count": 0, "dimensions": 0}
         )
-    core = EmbedRequest(inputs=texts, truncate=body.truncate, tenant=tenant_of(request))
+    core = EmbedRequest(
+        inputs=texts, truncate=body.truncate, tenant=tenant_of(request, body.priority)
+    )
     result = await run_embed(request, model, core)
     return json_response(
         {
@@ -143,7 +148,7 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
         query=body.query,
         texts=[d.text for d in docs],
         truncate=body.truncate,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await run_rerank(request, model, core)
     ranked = sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import (
     Inputs,
+    PriorityField,
     as_inputs,
     gateway,
     json_response,
@@ -46,6 +47,7 @@ class EmbeddingsRequest(BaseModel):
     input_type: str | None = Field(
         None, description="Remote providers: query or document (Voyage, Cohere)."
     )
+    priority: PriorityField = None
 
     def routing(self) -> tuple[list[str], str | None]:
         """The providers and policy the caller asked for (empty: the model's own route)."""
@@ -84,7 +86,7 @@ def to_core(body: EmbeddingsRequest, request: Request) -> EmbedRequest:
         normalize=True,
         dimensions=body.dimensions,
         extra=extra,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
 
 

@@ -15,7 +15,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from embedplex.api.common import gateway, json_response, run_rerank, tenant_of
+from embedplex.api.common import (
+    PriorityField,
+    gateway,
+    json_response,
+    run_rerank,
+    tenant_of,
+)
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
 
@@ -32,6 +38,7 @@ class TeiRerankBody(BaseModel):
     raw_scores: bool = Field(False, description="Raw logits instead of sigmoid scores.")
     return_text: bool = False
     model: str | None = Field(None, description="embedplex extension: pick a served reranker.")
+    priority: PriorityField = None
 
 
 class Document(BaseModel):
@@ -49,6 +56,7 @@ class RerankBody(BaseModel):
     top_n: int | None = Field(None, ge=1)
     return_documents: bool | None = None
     truncate: bool | None = None
+    priority: PriorityField = None
 
 
 def _ranked(result: RerankResult) -> list[tuple[int, float]]:
@@ -74,7 +82,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         truncate=body.truncate,
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
         raw_scores=body.raw_scores,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await _rerank(request, body.model, core)
     out = [
@@ -89,7 +97,10 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
 async def rerank(body: RerankBody, request: Request) -> Response:
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
     core = RerankRequest(
-        query=body.query, texts=texts, truncate=body.truncate, tenant=tenant_of(request)
+        query=body.query,
+        texts=texts,
+        truncate=body.truncate,
+        tenant=tenant_of(request, body.priority),
     )
     result = await _rerank(request, body.model, core)
     # Jina and Cohere v1 return documents unless told not to; Cohere v2 only when asked.

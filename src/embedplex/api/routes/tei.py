@@ -13,6 +13,7 @@ from embedplex import __version__
 from embedplex.api.bounds import check_count, check_tokens
 from embedplex.api.common import (
     Inputs,
+    PriorityField,
     as_inputs,
     gateway,
     json_response,
@@ -37,6 +38,7 @@ class EmbedBody(BaseModel):
     prompt_name: str | None = None
     dimensions: int | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
+    priority: PriorityField = None
 
 
 class NativeEmbedBody(BaseModel):
@@ -46,6 +48,7 @@ class NativeEmbedBody(BaseModel):
     normalize: bool = True
     truncate: bool | None = None
     model: str | None = None
+    priority: PriorityField = None
 
 
 class TokenizeBody(BaseModel):
@@ -66,7 +69,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         truncation_direction=TruncationDirection(body.truncation_direction.lower()),
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
@@ -78,7 +81,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
         inputs=as_inputs(body.inputs),
         normalize=body.normalize,
         truncate=body.truncate,
-        tenant=tenant_of(request),
+        tenant=tenant_of(request, body.priority),
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
