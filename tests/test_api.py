@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedplex.api.app import AppState
 from embedplex.backends.fake import FakeBackend
+from embedplex.gateway import Gateway
 from helpers import fake_app, running
 
 JSON = {"content-type": "application/json"}
@@ -306,3 +308,13 @@ async def test_openapi_and_swagger(tiny_model_dir: Path, backend: FakeBackend) -
         assert path in paths
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert alias.status_code == 307 and alias.headers["location"] == "/docs"
+
+
+def test_app_state_keeps_the_gateway_as_starlette_state_does() -> None:
+    state = AppState()
+    assert getattr(state, "gateway", None) is None  # unset: an AttributeError, as in State
+    first, second = Gateway(), Gateway()
+    state.gateway = first
+    assert state.gateway is first
+    state.gateway = second  # replaced once the models have loaded
+    assert state.gateway is second and list(state) == ["gateway"]

@@ -16,7 +16,12 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.model_files import ModelKind, load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import ModelConfig, Settings
-from embedplex.core.errors import FatalBackendError, InvalidRequestError
+from embedplex.core.errors import (
+    FatalBackendError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+)
 from embedplex.core.types import ServedModel
 from embedplex.gateway import Gateway
 from embedplex.gateway.allowed import AllowedModels
@@ -147,6 +152,23 @@ async def test_one_model_stands_in_for_any_name_unless_a_list_is_set(
     assert listed.status_code == 404
     assert "embedding models served: a" in listed.json()["error"]["message"]
     assert by_name.status_code == 200
+
+
+def test_pick_follows_models_added_and_removed(tiny_model_dir: Path) -> None:
+    s = Settings()
+    a = local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend())
+    b = local(tiny_model_dir, s, ModelConfig(name="b", model_id="x"), FakeBackend())
+    gw = Gateway([a])
+    assert gw.model("any-sdk-default") is a  # the one embedder stands in for any name
+    gw.add(b)
+    assert gw.model(None) is a and gw.model("b") is b
+    with pytest.raises(ModelNotFoundError, match="embedding models served: a, b"):
+        gw.model("any-sdk-default")  # two embedders: no stand-in any more
+    gw.remove("a")
+    assert gw.model(None) is b and gw.model("any-sdk-default") is b
+    gw.remove("b")
+    with pytest.raises(NotReadyError):
+        gw.model(None)
 
 
 def test_a_model_outside_the_allowed_list_is_never_served(tiny_model_dir: Path) -> None:

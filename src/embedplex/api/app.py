@@ -12,9 +12,11 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -47,6 +49,24 @@ logger = logging.getLogger(__name__)
 GatewayFactory = Callable[[Settings], Gateway]
 
 
+class AppState(State):
+    """``app.state`` whose ``gateway`` is read without a failed lookup first.
+
+    Starlette's ``State`` keeps its keys in a dict that only ``__getattr__`` reads, and Python
+    calls that only after the ordinary lookup has failed and made an AttributeError: the
+    costliest line of the admission stage, and read again by every route (docs/architecture.md,
+    "Per-request CPU"). A property is found at once; the key still lives in the same dict.
+    """
+
+    @property
+    def gateway(self) -> Gateway:
+        try:
+            gw: Gateway = self._state["gateway"]
+        except KeyError:
+            raise AttributeError("'AppState' object has no attribute 'gateway'") from None
+        return gw
+
+
 class EmbedplexApp(FastAPI):
     """FastAPI whose every HTTP request enters through the pipeline (``edge``) first.
 
@@ -55,6 +75,10 @@ class EmbedplexApp(FastAPI):
     """
 
     edge: ASGIApp | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state = AppState()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         edge = self.edge

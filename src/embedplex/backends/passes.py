@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 
@@ -32,7 +31,10 @@ class CoreGate:
         if capacity < 1:
             raise ValueError("a core gate needs a capacity of at least 1")
         self.capacity = capacity
-        self._cond = threading.Condition(threading.Lock())
+        # The Condition's own lock, taken directly: ``with`` on the lock is a C call, on the
+        # Condition a Python one, and every forward pass takes it twice holding the GIL.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._used = 0
         self._running = 0
         self._waiting: deque[object] = deque()
@@ -42,10 +44,13 @@ class CoreGate:
         """Passes in flight now."""
         return self._running
 
-    @contextmanager
-    def forward(self, threads: int) -> Iterator[bool]:
-        need = max(1, min(threads, self.capacity))
-        with self._cond:
+    def forward(self, threads: int) -> _Pass:
+        """Hold ``threads`` cores (at least one, at most ``capacity``) for the ``with`` block;
+        it is given whether no other pass was in flight when this one started."""
+        return _Pass(self, max(1, min(threads, self.capacity)))
+
+    def _enter(self, need: int) -> bool:
+        with self._lock:
             if self._waiting or self._used + need > self.capacity:
                 ticket = object()
                 self._waiting.append(ticket)
@@ -56,11 +61,28 @@ class CoreGate:
             self._used += need
             alone = self._running == 0
             self._running += 1
-        try:
-            yield alone
-        finally:
-            with self._cond:
-                self._used -= need
-                self._running -= 1
-                if self._waiting:
-                    self._cond.notify_all()
+            return alone
+
+    def _leave(self, need: int) -> None:
+        with self._lock:
+            self._used -= need
+            self._running -= 1
+            if self._waiting:
+                self._cond.notify_all()
+
+
+class _Pass:
+    """One pass through a ``CoreGate``: a plain context manager, where ``@contextmanager``
+    would build a generator and its wrapper for every forward pass."""
+
+    __slots__ = ("_gate", "_need")
+
+    def __init__(self, gate: CoreGate, need: int) -> None:
+        self._gate = gate
+        self._need = need
+
+    def __enter__(self) -> bool:
+        return self._gate._enter(self._need)
+
+    def __exit__(self, *exc: object) -> None:
+        self._gate._leave(self._need)

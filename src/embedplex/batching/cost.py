@@ -94,11 +94,19 @@ class TokenBudget:
         run: Callable[[list[T]], Sequence[R]],
     ) -> list[R]:
         """``run`` each piece of ``rows``; the results come back in the rows' order."""
+        if lengths and self.fits(max(lengths), len(lengths)):
+            # The usual batch, one piece in the rows' own order: no indices to map back (this
+            # runs in the inference thread, holding the GIL, once per batch).
+            return _checked(run(list(rows)), len(rows))
         out: list[Any] = [None] * len(rows)
         for piece in self.pieces(lengths):
-            results = run([rows[k] for k in piece])
-            if len(results) != len(piece):
-                raise ValueError(f"a run of {len(piece)} rows returned {len(results)} results")
+            results = _checked(run([rows[k] for k in piece]), len(piece))
             for k, result in zip(piece, results, strict=True):
                 out[k] = result
         return out
+
+
+def _checked(results: Sequence[R], rows: int) -> list[R]:
+    if len(results) != rows:
+        raise ValueError(f"a run of {rows} rows returned {len(results)} results")
+    return list(results)

@@ -11,7 +11,7 @@ import logging
 import time
 import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from embedplex.core.errors import (
     EmbedplexError,
@@ -49,6 +49,12 @@ class Gateway:
         self.router = router
         self.allowed = allowed or AllowedModels()
         self._models: dict[str, ServedModel] = {}
+        # What ``pick`` reads on every request, kept from add and remove rather than worked out
+        # per call: each kind's models by name (config order), and the model of a kind that
+        # any name gets (see ``pick``). A served model's kind never changes: a lazy model's
+        # load checks its files against its configured kind.
+        self._by_kind: dict[str, dict[str, ServedModel]] = {}
+        self._stand_in: dict[str, ServedModel] = {}
         for model in models:
             self.add(model)
         self.started = False
@@ -68,10 +74,24 @@ class Gateway:
                 f"model {name!r} is outside the allowed {model.info.kind} models", param="model"
             )
         self._models[name] = model
+        self._index()
 
     def remove(self, name: str) -> ServedModel:
         """Stop serving ``name`` (admin API); the caller closes it if it owns resources."""
-        return self._models.pop(name)
+        model = self._models.pop(name)
+        self._index()
+        return model
+
+    def _index(self) -> None:
+        by_kind: dict[str, dict[str, ServedModel]] = {}
+        for name, model in self._models.items():
+            by_kind.setdefault(model.info.kind, {})[name] = model
+        self._by_kind = by_kind
+        self._stand_in = {
+            kind: next(iter(fits.values()))
+            for kind, fits in by_kind.items()
+            if len(fits) == 1 and not self.allowed.restricted(kind)
+        }
 
     async def start(self) -> None:
         if self.router is not None:
@@ -134,19 +154,29 @@ class Gateway:
         say) gets that model, so clients written for another server work unchanged. With an
         allowed list, names must match: the list is a promise about what clients can reach.
         """
+        fits = self._by_kind.get(kind)
+        if fits is not None:
+            if name is None:
+                return next(iter(fits.values()))
+            model = fits.get(name)
+            if model is not None:
+                return model
+            stand_in = self._stand_in.get(kind)
+            if stand_in is not None and name not in self._models:
+                return stand_in
+        self._refuse(name, kind)
+
+    def _refuse(self, name: str | None, kind: str) -> NoReturn:
+        """Why no model of ``kind`` answers to ``name`` (``pick``'s errors)."""
         if not self._models:
             raise NotReadyError("no model is loaded yet")
-        fits = {n: m for n, m in self._models.items() if m.info.kind == kind}
-        if name is not None and name in fits:
-            return fits[name]
         if name is not None and name in self._models:
             other = self._models[name].info.kind
             raise InvalidRequestError(
                 f"model {name!r} is {_a(other)} model, not {_a(kind)} model", param="model"
             )
-        if fits and (name is None or (len(fits) == 1 and not self.allowed.restricted(kind))):
-            return next(iter(fits.values()))
         served = ", ".join(sorted(self._models)) or "none"
+        fits = self._by_kind.get(kind)
         if not fits:
             raise ModelNotFoundError(
                 f"no {kind} model is served here (served: {served})", param="model"
