@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.core.errors import AuthenticationError, InvalidRequestError, ModelNotFoundError
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.router import RemoteModel, RemoteRoute, Router
@@ -50,7 +51,7 @@ def require_admin_change(request: Request) -> None:
     _check(request, change=True)
 
 
-router = APIRouter(prefix="/api/v1/providers", tags=["admin"])
+router = APIRouter(prefix="/api/v1/providers", tags=["admin"], responses=TEI_ERROR_RESPONSES)
 
 
 class AddProvider(BaseModel):

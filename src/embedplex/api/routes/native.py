@@ -21,10 +21,11 @@ from embedplex.api.common import (
     tenant_of,
     unless_disconnected,
 )
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], responses=TEI_ERROR_RESPONSES)
 
 
 class ApiEmbedBody(BaseModel):

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response, tenant_of, unless_disconnected
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
 
-router = APIRouter(tags=["rerank"])
+router = APIRouter(tags=["rerank"], responses=TEI_ERROR_RESPONSES)
 
 
 class TeiRerankBody(BaseModel):

@@ -19,11 +19,12 @@ from embedplex.api.common import (
     run_embed,
     tenant_of,
 )
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import InvalidRequestError, NotReadyError
 from embedplex.core.types import EmbedRequest, Tokenizing
 
-router = APIRouter(tags=["TEI"])
+router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
 
 class EmbedBody(BaseModel):
@@ -141,7 +142,7 @@ async def info(request: Request, model: str | None = None) -> Response:
     )
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response)  # an empty 200, as TEI answers
 async def health(request: Request) -> Response:
     ok, reason = gateway(request).ready()
     if not ok:

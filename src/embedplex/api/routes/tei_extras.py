@@ -24,14 +24,14 @@ from embedplex.api.common import (
     tenant_of,
     unless_disconnected,
 )
-from embedplex.api.errors import invalid_body
+from embedplex.api.errors import TEI_ERROR_RESPONSES, invalid_body
 from embedplex.api.observe import request_record
 from embedplex.api.routes import rerank, tei
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import EmptyInputError, InvalidRequestError
 from embedplex.core.types import Decoding, EmbedRequest, TokenEmbedding
 
-router = APIRouter(tags=["TEI"])
+router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
 Direction = Literal["Left", "Right", "left", "right"]
 
