@@ -168,7 +168,7 @@ def create_app(
             for router in ROUTERS
             for route in router.routes
             if isinstance(route, APIRoute) and route.path_regex.match(path)
-            for method in route.methods
+            for method in route.methods or ()
         }
         return sorted(methods)
 
