@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,19 +28,18 @@ FULL = os.environ.get("RELIABILITY_SCALE") == "full"
 
 @dataclass
 class Server:
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[bytes]
     url: str
     port: int
+    log: Path  # stdout and stderr: a file, so that a chatty server never blocks on a pipe
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
     def output(self) -> str:
-        """What the process printed (read once it has exited)."""
-        if self.proc.stdout is None:
-            return ""
-        return self.proc.stdout.read()
+        """What the process has printed so far."""
+        return self.log.read_text(errors="replace")
 
 
 def _env(cache: Path | None, extra: dict[str, str] | None) -> dict[str, str]:
@@ -57,23 +57,25 @@ def process(
     cmd: list[str], env: dict[str, str], port: int, *, ready: bool = True
 ) -> Iterator[Server]:
     """Start ``cmd``; wait for readiness; on exit SIGTERM it (kill if it will not stop)."""
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    srv = Server(proc, f"http://127.0.0.1:{port}", port)
-    try:
-        if ready:
-            wait_ready(proc, srv.url, timeout=240)
-        yield srv
-    finally:
-        srv.terminate()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        srv = Server(proc, f"http://127.0.0.1:{port}", port, log)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        if proc.stdout:
-            proc.stdout.close()
+            if ready:
+                try:
+                    wait_ready(proc, srv.url, timeout=240)
+                except (AssertionError, TimeoutError) as exc:
+                    raise AssertionError(f"{exc}\n{srv.output()[-3000:]}") from None
+            yield srv
+        finally:
+            srv.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 @contextmanager
@@ -109,3 +111,22 @@ def embedplex_serve(
     cmd = [sys.executable, "-m", "embedplex", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with process([*cmd, *args], _env(cache, env), port, ready=ready) as srv:
         yield srv
+
+
+def record(scenario: str, **figures: object) -> None:
+    """Append a scenario's figures to ``$RELIABILITY_REPORT`` (JSON lines) when it is set.
+
+    ``make reliability`` sets it; docs/reliability.md quotes one such run.
+    """
+    path = os.environ.get("RELIABILITY_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"scenario": scenario, "full": FULL, **figures}) + "\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
