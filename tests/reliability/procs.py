@@ -84,6 +84,7 @@ def fake_server(
     *,
     backend: dict[str, Any] | None = None,
     env: dict[str, str] | None = None,
+    ready: bool = True,
     **settings: Any,
 ) -> Iterator[Server]:
     """The real server (``serve.server.serve``) over a ``FakeBackend`` (``fake_server.py``).
@@ -98,7 +99,7 @@ def fake_server(
         "settings": {"host": "127.0.0.1", "port": port, **settings},
     }
     cmd = [sys.executable, str(HERE / "fake_server.py"), json.dumps(spec)]
-    with process(cmd, _env(None, env), port) as srv:
+    with process(cmd, _env(None, env), port, ready=ready) as srv:
         yield srv
 
 

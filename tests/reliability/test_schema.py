@@ -19,7 +19,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from procs import FULL, fake_server
+from procs import FULL, embedplex_serve, fake_server
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -41,8 +41,18 @@ OPERATIONS = [(m.upper(), p) for p, item in _DOC["paths"].items() for m in item]
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
-@pytest.fixture(scope="module", params=list(MODES))
+# ``make reliability`` adds the real default model behind ``embedplex serve`` itself.
+REAL = pytest.param("real-model", marks=[pytest.mark.model, pytest.mark.slow])
+PARAMS = [*MODES, REAL] if FULL else list(MODES)
+
+
+@pytest.fixture(scope="module", params=PARAMS)
 def live(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[tuple[Any, Any]]:
+    if request.param == "real-model":
+        cache = request.getfixturevalue("model_cache")
+        with embedplex_serve("--payload-limit", "65536", cache=cache) as srv:
+            yield schemathesis.openapi.from_url(srv.url + "/openapi.json"), (srv, {})
+        return
     env, headers = MODES[request.param]
     # A small body limit: the generator's large inputs meet it quickly.
     with fake_server(tiny_model_dir, env=env, payload_limit=65536) as srv:
