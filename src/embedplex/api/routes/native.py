@@ -11,7 +11,7 @@ Errors use the TEI shape and embedplex's status table (docs/api.md).
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -64,8 +64,10 @@ class ApiRerankBody(BaseModel):
     query: str
     documents: list[str | ApiDocument]
     model: str | None = None
-    top_n: int | None = Field(None, ge=1, description="Return only the best N (default: all).")
-    top_k: int | None = Field(None, ge=1, description="The same as top_n (older clients).")
+    top_n: StrictInt | None = Field(
+        None, ge=1, description="Return only the best N (default: all)."
+    )
+    top_k: StrictInt | None = Field(None, ge=1, description="The same as top_n (older clients).")
     return_scores: bool = True
     truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -34,7 +34,9 @@ class EmbeddingsRequest(BaseModel):
     )
     model: str | None = Field(None, description="Model name; with one model served, any name.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="Matryoshka: keep the first N dimensions.")
+    dimensions: StrictInt | None = Field(
+        None, description="Matryoshka: keep the first N dimensions."
+    )
     user: str | None = None
     # embedplex extensions (OpenAI SDK: pass them in ``extra_body``).
     # Names are never empty: an empty one is a 422 here, not a route config that fails later.

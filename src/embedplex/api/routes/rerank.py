@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response, tenant_of, unless_disconnected
@@ -47,7 +47,7 @@ class RerankBody(BaseModel):
     query: str
     documents: list[str | Document]
     model: str | None = None
-    top_n: int | None = Field(None, ge=1)
+    top_n: StrictInt | None = Field(None, ge=1)
     return_documents: bool | None = None
     truncate: bool | None = None
 

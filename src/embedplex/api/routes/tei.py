@@ -6,7 +6,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
 from embedplex import __version__
@@ -35,7 +35,7 @@ class EmbedBody(BaseModel):
     truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = None
-    dimensions: int | None = None
+    dimensions: StrictInt | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -72,7 +72,7 @@ class SimilarityBody(BaseModel):
 class DecodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[int] | list[list[int]]
+    ids: list[StrictInt] | list[list[StrictInt]]
     skip_special_tokens: bool = True
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
