@@ -19,6 +19,7 @@ from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
+from embedplex.observability.logs import setup_logging
 from embedplex.providers.router import Router
 from embedplex.serve import server
 from helpers import fake_model
@@ -33,6 +34,8 @@ def main(spec: dict[str, object]) -> None:
         # A router with no providers, as build_gateway makes: the admin API has one to change.
         return Gateway([fake_model(model_dir, s, backend)], router=Router(s.providers))
 
+    # As `embedplex serve` does: the access log says which requests the server answered.
+    setup_logging(settings.log_level, settings.log_format)
     # serve() builds its app with create_app(settings): give it the fake gateway instead.
     server.create_app = functools.partial(create_app, gateway_factory=factory)  # type: ignore[assignment]
     server.serve(settings)

@@ -11,7 +11,7 @@ Errors use the TEI shape and embedplex's status table (docs/api.md).
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -35,7 +35,7 @@ class ApiEmbedBody(BaseModel):
     text: str | None = Field(None, description="One text (the same as input).")
     texts: list[str] | None = Field(None, description="A list of texts (the same as input).")
     model: str | None = Field(None, description="Served model name; with one served, any name.")
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
 
     @model_validator(mode="after")
     def _one_input(self) -> ApiEmbedBody:
@@ -68,8 +68,8 @@ class ApiRerankBody(BaseModel):
         None, ge=1, description="Return only the best N (default: all)."
     )
     top_k: StrictInt | None = Field(None, ge=1, description="The same as top_n (older clients).")
-    return_scores: bool = True
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    return_scores: StrictBool = True
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
 
 
 async def _embed(body: ApiEmbedBody, request: Request) -> Response:

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response, tenant_of, unless_disconnected
@@ -28,10 +28,10 @@ class TeiRerankBody(BaseModel):
 
     query: str
     texts: list[str]
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
-    raw_scores: bool = Field(False, description="Raw logits instead of sigmoid scores.")
-    return_text: bool = False
+    raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid scores.")
+    return_text: StrictBool = False
     model: str | None = Field(None, description="embedplex extension: pick a served reranker.")
 
 
@@ -48,8 +48,8 @@ class RerankBody(BaseModel):
     documents: list[str | Document]
     model: str | None = None
     top_n: StrictInt | None = Field(None, ge=1)
-    return_documents: bool | None = None
-    truncate: bool | None = None
+    return_documents: StrictBool | None = None
+    truncate: StrictBool | None = None
 
 
 def _ranked(result: RerankResult) -> list[tuple[int, float]]:

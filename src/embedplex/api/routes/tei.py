@@ -6,7 +6,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex import __version__
@@ -31,8 +31,8 @@ class EmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    normalize: bool = True
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    normalize: StrictBool = True
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = None
     dimensions: StrictInt | None = None
@@ -43,8 +43,8 @@ class NativeEmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    normalize: bool = True
-    truncate: bool | None = None
+    normalize: StrictBool = True
+    truncate: StrictBool | None = None
     model: str | None = None
 
 
@@ -52,7 +52,7 @@ class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None
     model: str | None = None
 

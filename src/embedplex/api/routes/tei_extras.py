@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -40,7 +40,7 @@ class EmbedAllBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
@@ -56,7 +56,7 @@ class SimilarityInput(BaseModel):
 class SimilarityParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
 
@@ -73,7 +73,7 @@ class DecodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: list[StrictInt] | list[list[StrictInt]]
-    skip_special_tokens: bool = True
+    skip_special_tokens: StrictBool = True
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
 
