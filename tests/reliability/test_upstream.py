@@ -62,9 +62,15 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
+ADMIN_SECRET = "reliability-upstream-admin"
+ADMIN = {"X-Admin-Secret": ADMIN_SECRET}
+
+
 @pytest.fixture
 def server(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
-    with embedplex_serve("--config", str(_config(tmp_path, upstream))) as srv:
+    # The breaker's state is read from the admin API, which needs its own secret.
+    env = {"EMBEDPLEX_ADMIN_SECRET": ADMIN_SECRET}
+    with embedplex_serve("--config", str(_config(tmp_path, upstream)), env=env) as srv:
         yield srv
 
 
@@ -124,7 +130,7 @@ def _mostly_ok(outcomes: list[tuple[float, int, float]]) -> bool:
 
 
 def _circuit(url: str) -> str:
-    providers = httpx.get(url + "/api/v1/providers", timeout=10).json()["data"]
+    providers = httpx.get(url + "/api/v1/providers", headers=ADMIN, timeout=10).json()["data"]
     return str(providers[0]["circuit"])
 
 
