@@ -9,6 +9,7 @@ signal scenarios cost the test box no inference. The one argument is a JSON obje
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,11 @@ def main(spec: dict[str, object]) -> None:
 
     # As `embedplex serve` does: the access log says which requests the server answered.
     setup_logging(settings.log_level, settings.log_format)
-    # serve() builds its app with create_app(settings): give it the fake gateway instead.
+    if "gateway_factory" in inspect.signature(server.serve).parameters:
+        server.serve(settings, gateway_factory=factory)  # type: ignore[call-arg]
+        return
+    # Before serve() took a factory it built its app with create_app(settings): patch that.
+    # (Once every branch has serve(gateway_factory=...), this fallback can go.)
     server.create_app = functools.partial(create_app, gateway_factory=factory)  # type: ignore[assignment]
     server.serve(settings)
 
