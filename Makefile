@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: install serve test lint typecheck unit bench clean
+.PHONY: install serve test lint typecheck unit bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/embedplex bench suite --out docs/benchmarks.md $(ARGS)
+
+# The reliability suite at full size (issue 14; docs/reliability.md): more generated requests,
+# clients and seconds than the CI-sized default `make test` runs, and the real default model.
+# Its figures go to docs/reliability.jsonl, which docs/reliability.md quotes.
+reliability: $(STAMP)
+	rm -f docs/reliability.jsonl
+	RELIABILITY_SCALE=full RELIABILITY_REPORT=$(CURDIR)/docs/reliability.jsonl \
+		$(BIN)/pytest -q -m reliability tests/reliability $(ARGS)
 
 test: lint typecheck
 	$(BIN)/pytest -q

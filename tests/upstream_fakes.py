@@ -83,10 +83,10 @@ class Call:
 class ThreadServer:
     """Any ASGI app under uvicorn in a daemon thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, app: Any, *, lifespan: str = "off") -> None:
+    def __init__(self, app: Any, *, lifespan: str = "off", port: int = 0) -> None:
         self.app = app
         self.lifespan = lifespan
-        self.port = 0
+        self.port = port  # 0: a free one
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -97,7 +97,7 @@ class ThreadServer:
     def start(self, timeout: float = 60) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, log_level="error", lifespan=self.lifespan, access_log=False
@@ -169,6 +169,11 @@ class FakeUpstream:
 
     def stop(self) -> None:
         self._server.stop()
+
+    def restart(self) -> None:
+        """Come back on the same port after ``stop`` (an upstream that was down, then up)."""
+        self._server = ThreadServer(self.app, port=self.port)
+        self._server.start()
 
     # -- the APIs --------------------------------------------------------------------------
 

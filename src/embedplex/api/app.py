@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -220,7 +221,13 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        return refuse(request.scope, status_error(exc.status_code, str(exc.detail)))
+        response = refuse(request.scope, status_error(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route of the path (GET and POST are two
+            # routes here): name every method the path serves.
+            response.headers["allow"] = ", ".join(allowed_methods(request.scope["path"]))
+        return response
 
     @app.exception_handler(ClientGoneError)
     async def on_client_gone(request: Request, exc: ClientGoneError) -> Response:
@@ -230,6 +237,16 @@ def create_app(
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
         return internal_error(request.scope)
+
+    def allowed_methods(path: str) -> list[str]:
+        methods = {
+            method
+            for router in ROUTERS
+            for route in router.routes
+            if isinstance(route, APIRoute) and route.path_regex.match(path)
+            for method in route.methods or ()
+        }
+        return sorted(methods)
 
     observer = RequestObserver(
         telemetry, paths=paths, log_requests=settings.log_requests, usage=usage

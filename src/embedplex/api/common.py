@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import Field
+from pydantic import Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -34,7 +34,8 @@ class ClientGoneError(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-Inputs = str | list[str] | list[int] | list[list[int]]
+# StrictInt: a JSON true is not token id 1 (the documented schema says integer).
+Inputs = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 def as_inputs(raw: Inputs) -> list[str] | list[list[int]]:

@@ -10,8 +10,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from http import HTTPStatus
+from typing import Any
 
 import orjson
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from embedplex.core import errors as e
@@ -161,3 +164,64 @@ def invalid_body(errors: Sequence[Mapping[str, object]]) -> e.InvalidRequestErro
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more errors)"
     return e.InvalidRequestError(text, param=where[0] if where else None)
+
+
+class TeiErrorBody(BaseModel):
+    """The error body of TEI and native routes."""
+
+    error: str = Field(description="What went wrong, for a person.")
+    error_type: str = Field(description="TEI's error type: Validation, Overloaded, Backend...")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class OpenAIErrorBody(BaseModel):
+    """The error body of OpenAI routes."""
+
+    error: OpenAIErrorDetail
+
+
+def _error_statuses() -> list[int]:
+    """Every status the table can answer, and 400 (a body that is not JSON)."""
+    return sorted({400} | {spec.status for _, spec in ERROR_TABLE})
+
+
+def error_responses(dialect: Dialect) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for every error a route of ``dialect`` can answer.
+
+    Any route can answer any of them: the pipeline's stages (401 key, 413 body, 503 drain)
+    run before every route, and the one table maps every error the same way. Derived from
+    the table, so a row added there is documented on every route at once.
+    """
+    model = OpenAIErrorBody if dialect is Dialect.OPENAI else TeiErrorBody
+    # The media type is explicit: FastAPI would give an error the route's own (text/plain on
+    # /metrics), but every error is JSON.
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    out: dict[int | str, dict[str, Any]] = {
+        status: {
+            "model": model,
+            "description": HTTPStatus(status).phrase,
+            "content": {"application/json": {"schema": schema}},
+        }
+        for status in _error_statuses()
+    }
+    out[429]["headers"] = {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying (rate limits).",
+            "schema": {"type": "string"},
+        }
+    }
+    out[405]["headers"] = {
+        "Allow": {"description": "The methods the path accepts.", "schema": {"type": "string"}}
+    }
+    return out
+
+
+# Shared by every router (``APIRouter(responses=...)``): one definition, not one per route.
+TEI_ERROR_RESPONSES = error_responses(Dialect.TEI)
+OPENAI_ERROR_RESPONSES = error_responses(Dialect.OPENAI)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import gateway, json_response
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.core.errors import (
     AuthenticationError,
     ForbiddenError,
@@ -63,7 +64,7 @@ require_admin_read = require_admin
 require_admin_change = require_admin
 
 
-router = APIRouter(prefix="/api/v1/providers", tags=["admin"])
+router = APIRouter(prefix="/api/v1/providers", tags=["admin"], responses=TEI_ERROR_RESPONSES)
 
 
 class AddProvider(BaseModel):

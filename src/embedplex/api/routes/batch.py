@@ -15,13 +15,13 @@ from starlette.responses import Response
 
 from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
-from embedplex.api.errors import spec_for
+from embedplex.api.errors import OPENAI_ERROR_RESPONSES, spec_for
 from embedplex.api.observe import request_record
 from embedplex.api.routes.openai import EmbeddingsRequest, embed_one, embeddings_body
 from embedplex.core.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
 from embedplex.core.types import EmbedResult
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
 
 class BatchItem(EmbeddingsRequest):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from embedplex.api.common import json_response
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.api.routes.admin import require_admin
 from embedplex.core.errors import InvalidRequestError, ModelNotFoundError
 from embedplex.core.tenant import Priority
@@ -29,7 +30,12 @@ from embedplex.state.cache import KeyVerifier
 from embedplex.state.keys import KeySpec, KeyStore, KeyStoreError, duration
 from embedplex.state.usage import usage_since
 
-router = APIRouter(prefix="/api/v1/keys", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/api/v1/keys",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=TEI_ERROR_RESPONSES,
+)
 
 
 class CreateKey(BaseModel):

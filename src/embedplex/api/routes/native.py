@@ -11,7 +11,7 @@ Errors use the TEI shape and embedplex's status table (docs/api.md).
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -22,10 +22,11 @@ from embedplex.api.common import (
     run_rerank,
     tenant_of,
 )
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], responses=TEI_ERROR_RESPONSES)
 
 
 class ApiEmbedBody(BaseModel):
@@ -35,7 +36,7 @@ class ApiEmbedBody(BaseModel):
     text: str | None = Field(None, description="One text (the same as input).")
     texts: list[str] | None = Field(None, description="A list of texts (the same as input).")
     model: str | None = Field(None, description="Served model name; with one served, any name.")
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     priority: PriorityField = None
 
     @model_validator(mode="after")
@@ -65,10 +66,12 @@ class ApiRerankBody(BaseModel):
     query: str
     documents: list[str | ApiDocument]
     model: str | None = None
-    top_n: int | None = Field(None, ge=1, description="Return only the best N (default: all).")
-    top_k: int | None = Field(None, ge=1, description="The same as top_n (older clients).")
-    return_scores: bool = True
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    top_n: StrictInt | None = Field(
+        None, ge=1, description="Return only the best N (default: all)."
+    )
+    top_k: StrictInt | None = Field(None, ge=1, description="The same as top_n (older clients).")
+    return_scores: StrictBool = True
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     priority: PriorityField = None
 
 

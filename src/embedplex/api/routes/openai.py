@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -20,10 +20,11 @@ from embedplex.api.common import (
     run_embed,
     tenant_of,
 )
+from embedplex.api.errors import OPENAI_ERROR_RESPONSES
 from embedplex.backends.model_files import ModelKind
 from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
 
 class EmbeddingsRequest(BaseModel):
@@ -34,11 +35,14 @@ class EmbeddingsRequest(BaseModel):
     )
     model: str | None = Field(None, description="Model name; with one model served, any name.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="Matryoshka: keep the first N dimensions.")
+    dimensions: StrictInt | None = Field(
+        None, description="Matryoshka: keep the first N dimensions."
+    )
     user: str | None = None
     # embedplex extensions (OpenAI SDK: pass them in ``extra_body``).
-    provider: str | None = Field(None, description="Route to this remote provider.")
-    providers: list[str] | None = Field(
+    # Names are never empty: an empty one is a 422 here, not a route config that fails later.
+    provider: str | None = Field(None, min_length=1, description="Route to this remote provider.")
+    providers: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, description="Route to these remote providers, in order."
     )
     policy: Literal["any", "all"] | None = Field(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
 from embedplex.api.common import gateway, json_response
-from embedplex.api.errors import status_error
+from embedplex.api.errors import TEI_ERROR_RESPONSES, status_error
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=TEI_ERROR_RESPONSES)
 
 
 @router.get("/health/live")
@@ -35,7 +35,7 @@ async def ready(request: Request) -> Response:
     return json_response({"status": reason}, status=200 if ok else 503)
 
 
-@router.get("/metrics", tags=["observability"])
+@router.get("/metrics", tags=["observability"], response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of this app's registry.
 

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -22,10 +22,11 @@ from embedplex.api.common import (
     run_rerank,
     tenant_of,
 )
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.types import RerankRequest, RerankResult
 
-router = APIRouter(tags=["rerank"])
+router = APIRouter(tags=["rerank"], responses=TEI_ERROR_RESPONSES)
 
 
 class TeiRerankBody(BaseModel):
@@ -33,10 +34,10 @@ class TeiRerankBody(BaseModel):
 
     query: str
     texts: list[str]
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
-    raw_scores: bool = Field(False, description="Raw logits instead of sigmoid scores.")
-    return_text: bool = False
+    raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid scores.")
+    return_text: StrictBool = False
     model: str | None = Field(None, description="embedplex extension: pick a served reranker.")
     priority: PriorityField = None
 
@@ -53,9 +54,9 @@ class RerankBody(BaseModel):
     query: str
     documents: list[str | Document]
     model: str | None = None
-    top_n: int | None = Field(None, ge=1)
-    return_documents: bool | None = None
-    truncate: bool | None = None
+    top_n: StrictInt | None = Field(None, ge=1)
+    return_documents: StrictBool | None = None
+    truncate: StrictBool | None = None
     priority: PriorityField = None
 
 

@@ -15,11 +15,12 @@ from starlette.responses import Response
 
 from embedplex import __version__
 from embedplex.api.common import gateway, json_response
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.api.routes.admin import require_admin_read
 from embedplex.gateway import Gateway
 from embedplex.observability import RecentBatches, Telemetry
 
-router = APIRouter(tags=["observability"])
+router = APIRouter(tags=["observability"], responses=TEI_ERROR_RESPONSES)
 
 RECENT_WINDOW_S = 60.0
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex import __version__
@@ -21,22 +21,23 @@ from embedplex.api.common import (
     run_embed,
     tenant_of,
 )
+from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import InvalidRequestError, NotReadyError
 from embedplex.core.types import EmbedRequest, Tokenizing
 
-router = APIRouter(tags=["TEI"])
+router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
 
 class EmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    normalize: bool = True
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    normalize: StrictBool = True
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: str | None = None
-    dimensions: int | None = None
+    dimensions: StrictInt | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
     priority: PriorityField = None
 
@@ -45,8 +46,8 @@ class NativeEmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    normalize: bool = True
-    truncate: bool | None = None
+    normalize: StrictBool = True
+    truncate: StrictBool | None = None
     model: str | None = None
     priority: PriorityField = None
 
@@ -55,7 +56,7 @@ class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str]
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     prompt_name: str | None = None
     model: str | None = None
 
@@ -148,7 +149,7 @@ async def info(request: Request, model: str | None = None) -> Response:
     )
 
 
-@router.get("/health")
+@router.get("/health", response_class=Response)  # an empty 200, as TEI answers
 async def health(request: Request) -> Response:
     ok, reason = gateway(request).ready()
     if not ok:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.bounds import check_count, check_tokens, token_ids
@@ -25,14 +25,14 @@ from embedplex.api.common import (
     tenant_of,
     unless_disconnected,
 )
-from embedplex.api.errors import invalid_body
+from embedplex.api.errors import TEI_ERROR_RESPONSES, invalid_body
 from embedplex.api.observe import request_record
 from embedplex.api.routes import rerank, tei
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import EmptyInputError, InvalidRequestError
 from embedplex.core.types import Decoding, EmbedRequest, TokenEmbedding
 
-router = APIRouter(tags=["TEI"])
+router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
 Direction = Literal["Left", "Right", "left", "right"]
 
@@ -41,7 +41,7 @@ class EmbedAllBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: Inputs
-    truncate: bool | None = Field(None, description="Default: the server's --auto-truncate.")
+    truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
@@ -57,7 +57,7 @@ class SimilarityInput(BaseModel):
 class SimilarityParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
 
@@ -73,8 +73,8 @@ class SimilarityBody(BaseModel):
 class DecodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[int] | list[list[int]]
-    skip_special_tokens: bool = True
+    ids: list[StrictInt] | list[list[StrictInt]]
+    skip_special_tokens: StrictBool = True
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
 
