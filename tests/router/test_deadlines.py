@@ -150,3 +150,29 @@ async def test_the_openai_sdks_read_timeout_shortens_the_deadline(upstream: Fake
         )
     assert answer.status_code == 504
     assert "(0.5s, X-Stainless-Read-Timeout)" in answer.json()["error"]["message"]
+
+
+async def test_rerank_retries_stop_at_the_callers_deadline() -> None:
+    """Remote rerank calls carry their callers' deadlines too: a retry that could not finish in
+    time is not started, so the caller hears the real cause before its deadline (without the
+    deadline the retries ran on and the caller got only a 504 when its deadline passed)."""
+    dead = ProviderConfig(
+        name="dead", type="openai", endpoint=f"http://127.0.0.1:{free_port()}", model="m"
+    )
+    config = Settings(
+        local_model=False,
+        providers=[dead],
+        routes=[RouteConfig(model="rr", providers=["dead"], kind="rerank")],
+    )
+    async with serve(config) as (_, client):
+        started = time.monotonic()
+        answer = await client.post(
+            "/v1/rerank",
+            json={"query": "q", "documents": ["a", "b"], "model": "rr"},
+            headers={"x-request-timeout": "0.8"},
+        )
+        waited = time.monotonic() - started
+    assert answer.status_code in (502, 503), answer.text
+    error = answer.json()["error"]
+    assert (error if isinstance(error, str) else error["message"]).startswith("dead: "), error
+    assert waited < 0.8

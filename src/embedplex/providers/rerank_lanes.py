@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.batching import BatchObserver
+from embedplex.core.deadline import BATCH_DEADLINE, REQUEST_DEADLINE
 from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.providers.base import Reranker, RerankParams
 from embedplex.providers.config import ProviderConfig
@@ -36,11 +38,13 @@ if TYPE_CHECKING:
 
 
 class Pair(NamedTuple):
-    """One queued document, its query and its caller's request span (None unless tracing)."""
+    """One queued document, its query, its caller's request span (None unless tracing) and its
+    caller's deadline (a ``time.monotonic()`` instant; None: none set)."""
 
     query: str
     document: str
     trace: SpanContext | None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,11 @@ class RerankLanes:
 
     async def _call(self, pairs: list[Pair], params: RerankParams) -> list[Scored]:
         """Upstream calls for documents of one query: one, or more after a 413 (``guard``)."""
+        # As for embeddings: no retry outlasts the most patient caller (``core/deadline.py``).
+        # Each query's call runs in a task of its own (``_run``), so this sets only its own.
+        deadlines = [p.deadline for p in pairs]
+        if None not in deadlines:
+            BATCH_DEADLINE.set(max(typing.cast(list[float], deadlines)))
 
         async def send(part: list[Pair]) -> list[Scored]:
             documents = [p.document for p in part]
@@ -126,7 +135,9 @@ class RerankLanes:
         params = RerankParams.from_request(request)
         self.reranker.check_rerank(params)
         lane = await self._lanes.lane(params, ceiling=self.ceiling)
-        pairs = [Pair(request.query, d, trace) for d in request.texts]
+        deadline = REQUEST_DEADLINE.get()
+        at = deadline.at if deadline is not None else None
+        pairs = [Pair(request.query, d, trace, at) for d in request.texts]
         items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace, tenant=request.tenant)
         rows = await collect(items, self.counters, "rerank_requests")
         took = timings(items, start)
