@@ -58,3 +58,10 @@ REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("embedplex_deadline",
 # The latest deadline among the callers of the upstream call running in this task (set by a
 # provider's batch function, read by the HTTP transport); None: no caller set one.
 BATCH_DEADLINE: ContextVar[float | None] = ContextVar("embedplex_batch_deadline", default=None)
+
+
+def bound_batch(deadlines: list[float | None]) -> None:
+    """Bound the upstream call of this task by its most patient caller (``BATCH_DEADLINE``);
+    a caller without a deadline leaves it unbounded."""
+    if deadlines and None not in deadlines:
+        BATCH_DEADLINE.set(max(d for d in deadlines if d is not None))

@@ -303,6 +303,10 @@ class LocalModel(Generic[R]):
         self._token_pool = worker_pool(workers, "tokenize", nice)
         # One thread per stream: the batcher keeps up to ``streams`` batches in flight.
         self._infer_pool = worker_pool(self.options.streams, "inference", nice)
+        await self._start_batcher()
+
+    async def _start_batcher(self) -> None:
+        """This model's batcher over its inference threads (started before it)."""
         self._batcher = Batcher(
             self.options.name,
             self._run_batch,

@@ -18,7 +18,6 @@ import numpy.typing as npt
 
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.tokenizer import Encoded
-from embedplex.batching import Batcher
 from embedplex.core.errors import InvalidRequestError, PayloadTooLargeError
 from embedplex.core.types import EmbedRequest, TokenEmbedResult
 from embedplex.models.local import LocalModel
@@ -61,15 +60,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
         pooled.batcher  # noqa: B018 -- raises unless the pooled model (and its threads) started
         self._token_pool = pooled._token_pool
         self._infer_pool = pooled._infer_pool
-        self._batcher = Batcher(
-            self.options.name,
-            self._run_batch,
-            self.options.policy,
-            queue=self.options.new_queue(self.backend.device),
-            observers=self._observers,
-            cost_of=lambda payload: payload.cost,
-        )
-        await self._batcher.start()
+        await self._start_batcher()
 
     async def close(self, *, drain: bool = True) -> None:
         # The threads and the backend belong to the pooled model, which closes them.

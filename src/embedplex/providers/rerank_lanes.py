@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.batching import BatchObserver
-from embedplex.core.deadline import BATCH_DEADLINE, REQUEST_DEADLINE
+from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.providers.base import Reranker, RerankParams
 from embedplex.providers.config import ProviderConfig
@@ -114,9 +113,7 @@ class RerankLanes:
         """Upstream calls for documents of one query: one, or more after a 413 (``guard``)."""
         # As for embeddings: no retry outlasts the most patient caller (``core/deadline.py``).
         # Each query's call runs in a task of its own (``_run``), so this sets only its own.
-        deadlines = [p.deadline for p in pairs]
-        if None not in deadlines:
-            BATCH_DEADLINE.set(max(typing.cast(list[float], deadlines)))
+        bound_batch([p.deadline for p in pairs])
 
         async def send(part: list[Pair]) -> list[Scored]:
             documents = [p.document for p in part]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import typing
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import httpx
 
 from embedplex.batching import BatchObserver
-from embedplex.core.deadline import BATCH_DEADLINE, REQUEST_DEADLINE
+from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.errors import InvalidRequestError, UnavailableError
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Vector
 from embedplex.observability.providers import CircuitState as CircuitGauge
@@ -218,9 +217,7 @@ class ProviderRuntime:
         """The lanes' batch function: one upstream call, or more after a 413 (``guard``)."""
 
         # The upstream call need not outlast its most patient caller (``core/deadline.py``).
-        deadlines = [t.deadline for t in batch]
-        if None not in deadlines:
-            BATCH_DEADLINE.set(max(typing.cast(list[float], deadlines)))
+        bound_batch([t.deadline for t in batch])
 
         async def send(part: list[Text]) -> list[Embedded]:
             texts = [t.text for t in part]
