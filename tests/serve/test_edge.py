@@ -283,9 +283,24 @@ def test_an_unauthenticated_huge_body_is_refused_unread(tiny_model_dir: Path) ->
                 )
                 s.sendall(b"x" * 1000)  # a first piece of a body that never comes in full
                 data = read_all(s)  # the server closes: it does not wait for the rest
-            status, _, body = responses(data)[0]
+            status, headers, body = responses(data)[0]
             assert status == 401
             assert orjson.loads(body)["error_type"] == "Unauthorized"
+            # Told so, since the connection closes: a client must not send its next request
+            # into it ("server disconnected without a response").
+            assert headers["connection"] == "close"
+        # A whole request on a kept-alive connection is answered and the connection kept: two
+        # answers on one connection, neither saying close.
+        with connect(port) as s:
+            s.sendall(
+                b"POST /embed HTTP/1.1\r\nhost: t\r\nauthorization: Bearer sk-edge-test\r\n"
+                b"content-type: application/json\r\ncontent-length: 15\r\n\r\n"
+                b'{"inputs": "x"}'
+            )
+            s.sendall(get("/health/live", "connection: close\r\n"))
+            both = responses(read_all(s))
+        assert [r[0] for r in both] == [200, 200]
+        assert "connection" not in both[0][1]
         # An authenticated request over the body limit is 413 before its body is read.
         with connect(port) as s:
             s.sendall(

@@ -142,6 +142,9 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._head_span = 0  # the same and the read it began in: at least the head's size
         self._refusal: EmbedplexError | None = None  # why the parser was stopped
         self._done = False  # answered for the last time: what still comes in is dropped
+        # The keep-alive a request asked for, while its body is still arriving (see
+        # ``_close_if_answered_early``); None when no body is pending.
+        self._pending_keep_alive: bool | None = None
         # uvicorn's own keep-alive timer (armed after each answer, cancelled by any byte) is
         # the idle bound between requests; ours covers the rest of the idle time.
         self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
@@ -193,8 +196,28 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
             return
         if self._in_head and self._head_raw > self.limits.max_header_bytes:
             self._answer(self._head_too_large())
-        elif self._timer is None:
+            return
+        self._close_if_answered_early()
+        if self._timer is None:
             self._arm_for_wait()
+
+    def _close_if_answered_early(self) -> None:
+        """A request whose body is still arriving may be answered before it is read (a 401, a
+        429 at admission): that answer must say ``Connection: close``, because the connection
+        is closed after it (``on_response_complete``), and a client that was not told would send
+        its next request into the closing connection ("server disconnected without a
+        response"). So until the body is complete the cycle is marked not to be kept alive
+        (uvicorn then writes the header), and the request's own choice is restored when the body
+        completes before the answer starts: the usual case keeps its connection."""
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.more_body
+            and not cycle.response_started
+            and self._pending_keep_alive is None
+        ):
+            self._pending_keep_alive = cycle.keep_alive
+            cycle.keep_alive = False
 
     def _arm_for_wait(self) -> None:
         """After a read, a timer for what the connection now waits for, unless one runs.
@@ -217,6 +240,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._in_head = True
         self._head_raw = 0
         self._head_span = self._read  # what of this read came before the head is not known
+        self._pending_keep_alive = None
         if self._timer_kind == "idle":
             self._disarm()
 
@@ -236,6 +260,10 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         super().on_message_complete()
         if self._timer_kind == "body":
             self._disarm()
+        pending, self._pending_keep_alive = self._pending_keep_alive, None
+        cycle = self.cycle
+        if pending is not None and cycle is not None and not cycle.response_started:
+            cycle.keep_alive = pending  # the whole body came before the answer: keep it alive
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
