@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from test_router_api import serve
 
-from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from upstream_fakes import FakeUpstream, Fault, provider, score_for
 
 QUERY = "what is a cat"
 DOCS = ["dogs bark", "a cat is a small feline", "stock prices", "kittens purr"]
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await app.state.loader
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-            yield app, client
 
 
 def settings(upstream: FakeUpstream, upstream2: FakeUpstream, **kw: Any) -> Settings:
