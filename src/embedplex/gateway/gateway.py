@@ -192,9 +192,7 @@ class Gateway:
         names is in it), so that a refusal under overload costs no parsing; a request that
         passes is admitted again by its model."""
         refused: EmbedplexError | None = None
-        for model in self._models.values():
-            if model.info.kind != kind:
-                continue
+        for model in self._by_kind.get(kind, {}).values():
             admit = getattr(model, "admit", None)
             if admit is None:
                 return  # no admission of its own (remote): it may take the request
