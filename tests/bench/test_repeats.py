@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from embedplex.bench.load import LoadOptions, body_source, run_load
+from embedplex.bench.load import LoadOptions, run_load, workload
 from embedplex.bench.repeats import (
     RepeatedTexts,
     RequestMaker,
@@ -78,7 +78,7 @@ def test_at_zero_the_first_bodies_are_todays(
         repeat=0.0,
         seed=4,
     )
-    stream = body_source(options)(0)
+    stream = workload(options).bodies(0)
     today = build_requests(
         URL,
         dialect=dialect,
@@ -105,7 +105,8 @@ def test_without_repeat_each_worker_cycles_todays_bodies() -> None:
         count=40,
         seed=2,
     )
-    source = body_source(options)
+    source = workload(options).bodies
+    assert workload(options).priming == []
     for offset in (0, 7, 63):
         walk = source(offset)
         assert [walk() for _ in range(100)] == [today[(offset + i) % 40] for i in range(100)]
@@ -143,9 +144,10 @@ async def test_the_server_receives_the_share(recording: Any) -> None:
         sent = list(srv.texts)
     assert (result.ok, result.fail) == (300, 0)
     twin = RepeatedTexts(SHORT, repeat=0.25, hot_set=8, seed=9)
-    assert sorted(sent) == sorted(twin() for _ in range((300 + 20) * 2))
+    assert sorted(sent[:8]) == sorted(twin.hot)  # primed: each hot text once, before warm-up
+    assert sorted(sent[8:]) == sorted(twin() for _ in range((300 + 20) * 2))
     hot = set(twin.hot)
-    assert sum(t in hot for t in sent) == 160
+    assert sum(t in hot for t in sent[8:]) == 160
     fresh = [t for t in sent if t not in hot]
     assert len(set(fresh)) == len(fresh) == 480
 
@@ -164,7 +166,7 @@ async def test_cli_load_takes_the_repeat_options(recording: Any, tmp_path: Path)
     data = json.loads(target.read_text())
     assert (data["ok"], data["repeat"], data["hot_set"], data["seed"]) == (40, 0.5, 4, 7)
     twin = RepeatedTexts(SHORT, repeat=0.5, hot_set=4, seed=7)
-    assert sorted(sent) == sorted(twin() for _ in range(40))
+    assert sorted(sent) == sorted([*twin.hot, *(twin() for _ in range(40))])
 
 
 @pytest.mark.parametrize("bad", [["--repeat", "1.5"], ["--repeat", "0.5", "--hot-set", "0"]])

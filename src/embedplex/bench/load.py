@@ -130,10 +130,17 @@ async def run_load(
     ``on_start()`` once, after the warm-up, as the measured run begins."""
     parts = urlsplit(options.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    source = body_source(options)
+    work = workload(options)
+    source = work.bodies
     conns = [Connection(host, port) for _ in range(options.concurrency)]
     try:
         await asyncio.gather(*(c.connect() for c in conns))
+        if work.priming:
+            primed = _Budget(len(work.priming), time.perf_counter() + options.timeout)
+            shared = iter(work.priming).__next__
+            await asyncio.gather(
+                *(_worker(c, shared, primed, Outcomes(), options.timeout) for c in conns)
+            )
         if options.warmup:
             warm = _Budget(options.warmup, time.perf_counter() + options.timeout)
             await asyncio.gather(
@@ -150,11 +157,21 @@ async def run_load(
             c.close()
 
 
-def body_source(options: LoadOptions) -> Callable[[int], NextBody]:
-    """Per worker (by offset), where its request bytes come from.
+@dataclass(frozen=True)
+class Workload:
+    """Where each worker's request bytes come from (by its offset), and what is sent once
+    before the warm-up, unmeasured."""
 
-    The classic workload gives each worker its own walk through one list of bodies; the
-    repeated-text workload gives every worker the same stream, so no text is sent twice.
+    bodies: Callable[[int], NextBody]
+    priming: list[bytes]
+
+
+def workload(options: LoadOptions) -> Workload:
+    """The classic workload gives each worker its own walk through one list of bodies.
+
+    The repeated-text workload gives every worker the same stream, so no fresh text is sent
+    twice, and primes the run with each hot text once: a run then measures a cache that has
+    seen its hot set, whatever the run's length, as a server that has been up a while would.
     """
     if options.repeat is not None:
         shared = RepeatedBodies(
@@ -166,7 +183,7 @@ def body_source(options: LoadOptions) -> Callable[[int], NextBody]:
             ),
             options.inputs_per_request,
         )
-        return lambda _offset: shared
+        return Workload(lambda _offset: shared, shared.priming())
     count = min(options.requests or _MAX_BODIES, _MAX_BODIES)
     bodies = build_requests(
         options.url,
@@ -178,7 +195,7 @@ def body_source(options: LoadOptions) -> Callable[[int], NextBody]:
         api_key=options.api_key,
         seed=options.seed,
     )
-    return lambda offset: cycled(bodies, offset)
+    return Workload(lambda offset: cycled(bodies, offset), [])
 
 
 async def _measure(
