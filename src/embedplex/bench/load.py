@@ -2,7 +2,9 @@
 
 ``concurrency`` workers each hold one keep-alive connection and send the next request as soon as
 the previous answer arrives. A run stops after ``requests`` answers or ``duration`` seconds,
-whichever comes first, and never runs past ``duration + timeout`` in any case.
+whichever comes first, and never runs past ``duration + timeout`` in any case. Without
+``repeat`` the workers cycle 512 distinct pre-encoded bodies; with it, the repeated-text workload
+of bench/repeats.py (what a cache is measured with).
 """
 
 from __future__ import annotations
