@@ -37,6 +37,17 @@ def load(
     refusal_pause_ms: Annotated[
         float, typer.Option(help="A worker's pause after a 429/503 before its next request.")
     ] = 0.0,
+    repeat: Annotated[
+        float | None,
+        typer.Option(
+            help="Repeated-text workload: this share (0-1) of inputs comes from a hot set, every "
+            "other input is a text never sent before. Unset: 512 distinct bodies, cycled."
+        ),
+    ] = None,
+    hot_set: Annotated[int, typer.Option(help="Texts in the hot set (with --repeat).")] = 256,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the texts; give each run against one cache its own.")
+    ] = 0,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
     ] = None,
@@ -64,13 +75,17 @@ def load(
             warmup=warmup,
             timeout=timeout,
             refusal_pause=refusal_pause_ms / 1000,
+            repeat=repeat,
+            hot_set=hot_set,
+            seed=seed,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     quiet = json_out is not None and str(json_out) == "-"
     with progress_bar(requests, duration, disable=quiet) as update:
         result = run_load_sync(options, progress=update)
-    _emit(json_out, result.to_json())
+    shape = {} if repeat is None else {"repeat": repeat, "hot_set": hot_set, "seed": seed}
+    _emit(json_out, {**result.to_json(), **shape})
     if not quiet:
         typer.echo(load_table([result]))
 
@@ -158,6 +173,116 @@ def suite(
             soak_s=soak_minutes * 60,
         )
     )
+
+
+@bench_app.command("dedupe")
+def dedupe(
+    url: Annotated[str, typer.Option(help="Base URL (or full URL with a path).")] = (
+        "http://127.0.0.1:8080"
+    ),
+    dialect: Annotated[str, typer.Option(help="openai (/v1/embeddings) or tei (/embed).")] = (
+        "openai"
+    ),
+    callers: Annotated[int, typer.Option(help="Callers per round, one connection each.")] = 64,
+    rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    distinct: Annotated[
+        bool, typer.Option(help="Each caller its own text (the baseline: nothing to share).")
+    ] = False,
+    tokens: Annotated[str, typer.Option(help="Tokens per text: N or LOW-HIGH (uniform).")] = "14",
+    model: Annotated[str | None, typer.Option(help="Model name sent in the body.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="Bearer token.", envvar="EMBEDPLEX_BENCH_API_KEY")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the texts.")] = 0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
+    ] = None,
+) -> None:
+    """Rounds of many callers sending one new identical text at once; reads dedupe counters."""
+    from embedplex.bench import metrics
+    from embedplex.bench.dedupe import DedupeOptions, run_dedupe_sync
+    from embedplex.bench.stats import load_table
+    from embedplex.bench.workload import TokenSpec
+
+    if rounds is None and duration is None:
+        duration = 10.0
+    try:
+        options = DedupeOptions(
+            url=url,
+            dialect=dialect,
+            callers=callers,
+            rounds=rounds,
+            duration=duration,
+            same_text=not distinct,
+            tokens=TokenSpec.parse(tokens),
+            model=model,
+            api_key=api_key,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    before: dict[str, float] = {}
+    result = run_dedupe_sync(
+        options, on_start=lambda: before.update(metrics.scrape(url, api_key=api_key))
+    )
+    counters = metrics.delta(before, metrics.scrape(url, api_key=api_key))
+    _emit(json_out, {**result.to_json(), "counters": counters})
+    if not (json_out is not None and str(json_out) == "-"):
+        typer.echo(load_table([result]))
+        shown = ", ".join(f"{k} +{v:,.0f}" for k, v in counters.items()) or "none exposed"
+        typer.echo(f"\nserver counters: {shown}")
+
+
+@bench_app.command("cache")
+def cache(
+    duration: Annotated[float, typer.Option(help="Seconds measured per run.")] = 15.0,
+    concurrency: Annotated[int, typer.Option(help="Clients of the repeated-text load.")] = 64,
+    tokens: Annotated[str, typer.Option(help="Tokens per text: N or LOW-HIGH.")] = "14",
+    repeat: Annotated[
+        list[float] | None, typer.Option(help="Repeat shares to run (repeat the flag).")
+    ] = None,
+    hot_set: Annotated[int, typer.Option(help="Texts in the hot set.")] = 256,
+    rounds: Annotated[int, typer.Option(help="Rounds of every cell, the order alternated.")] = 2,
+    callers: Annotated[int, typer.Option(help="Callers of the dedupe workload.")] = 64,
+    cache_bytes: Annotated[int, typer.Option(help="--cache-max-bytes of the cache-on server.")] = 64
+    * 1024
+    * 1024,
+    server_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="A flag for both servers (repeat), e.g. --server-arg=--dtype=int8."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here ('-': stdout).")
+    ] = None,
+) -> None:
+    """Two servers side by side, cache off and on: repeated texts at 0/30/90%, and dedupe."""
+    from embedplex.bench.cache import CacheBenchOptions, cache_section, labelled, run_cache_bench
+    from embedplex.bench.stats import load_table
+    from embedplex.bench.workload import TokenSpec
+
+    try:
+        options = CacheBenchOptions(
+            duration=duration,
+            concurrency=concurrency,
+            tokens=TokenSpec.parse(tokens),
+            shares=tuple(repeat or (0.0, 0.3, 0.9)),
+            hot_set=hot_set,
+            rounds=rounds,
+            callers=callers,
+            cache_bytes=cache_bytes,
+            server_args=tuple(server_arg or ()),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    data = run_cache_bench(
+        options, on_run=lambda r: typer.echo(load_table([labelled(r)]), err=True)
+    )
+    _emit(json_out, data.to_json())
+    if not (json_out is not None and str(json_out) == "-"):
+        typer.echo(cache_section(data))
+    if data.note:
+        raise typer.Exit(1)
 
 
 @bench_app.command("fairness")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from embedplex.bench.client import Connection
-from embedplex.bench.load import _Budget, _worker
+from embedplex.bench.load import _Budget, _worker, cycled
 from embedplex.bench.server_proc import ServerProcess
 from embedplex.bench.stats import LoadResult, Outcomes, markdown_table
 from embedplex.bench.workload import TokenSpec, build_requests
@@ -167,7 +167,10 @@ async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key
             end = time.perf_counter() + options.warmup
             warm = _Budget(None, end)
             await asyncio.gather(
-                *(_worker(c, bulk_bodies, k, warm, Outcomes(), 60.0) for k, c in enumerate(conns)),
+                *(
+                    _worker(c, cycled(bulk_bodies, k), warm, Outcomes(), 60.0)
+                    for k, c in enumerate(conns)
+                ),
                 _queries(url, query_bodies, options.query_rate, end, Outcomes()),
             )
         bulk, search = Outcomes(), Outcomes()
@@ -175,7 +178,10 @@ async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key
         until = start + options.duration
         budget = _Budget(None, until)
         await asyncio.gather(
-            *(_worker(c, bulk_bodies, k * 7, budget, bulk, 60.0) for k, c in enumerate(conns)),
+            *(
+                _worker(c, cycled(bulk_bodies, k * 7), budget, bulk, 60.0)
+                for k, c in enumerate(conns)
+            ),
             _queries(url, query_bodies, options.query_rate, until, search),
         )
         elapsed = time.perf_counter() - start

@@ -2,21 +2,33 @@
 
 ``concurrency`` workers each hold one keep-alive connection and send the next request as soon as
 the previous answer arrives. A run stops after ``requests`` answers or ``duration`` seconds,
-whichever comes first, and never runs past ``duration + timeout`` in any case.
+whichever comes first, and never runs past ``duration + timeout`` in any case. Without
+``repeat`` the workers cycle 512 distinct pre-encoded bodies; with it, the repeated-text workload
+of bench/repeats.py (what a cache is measured with).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from embedplex.bench.client import Connection
+from embedplex.bench.repeats import (
+    DEFAULT_HOT_SET,
+    RepeatedBodies,
+    RepeatedTexts,
+    RequestMaker,
+    check_repeat,
+)
 from embedplex.bench.stats import LoadResult, Outcomes
 from embedplex.bench.workload import TokenSpec, build_requests
+
+NextBody = Callable[[], bytes]
 
 # Distinct request bodies per run: enough variety, little memory.
 _MAX_BODIES = 512
@@ -40,6 +52,10 @@ class LoadOptions:
     timeout: float = 60.0
     refusal_pause: float = 0.0  # seconds a worker waits after a 429 or 503, as a polite client
     seed: int = 0
+    # None: the classic workload (``_MAX_BODIES`` distinct bodies, cycled). A share: the
+    # repeated-text workload (bench/repeats.py), every other input a text never sent before.
+    repeat: float | None = None
+    hot_set: int = DEFAULT_HOT_SET
 
     def __post_init__(self) -> None:
         if self.dialect not in ("openai", "tei"):
@@ -52,6 +68,8 @@ class LoadOptions:
             raise ValueError("duration must be positive")
         if self.concurrency < 1 or self.inputs_per_request < 1:
             raise ValueError("concurrency and inputs-per-request must be at least 1")
+        if self.repeat is not None:
+            check_repeat(self.repeat, self.hot_set)
         parts = urlsplit(self.url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url must be http://host:port[/path], got {self.url!r}")
@@ -71,21 +89,22 @@ class _Budget:
         return True
 
 
+def cycled(bodies: Sequence[bytes], offset: int) -> NextBody:
+    """``bodies`` from ``offset`` on, round and round."""
+    return itertools.islice(itertools.cycle(bodies), offset % len(bodies), None).__next__
+
+
 async def _worker(
     conn: Connection,
-    bodies: list[bytes],
-    offset: int,
+    next_body: NextBody,
     budget: _Budget,
     outcomes: Outcomes,
     limit_s: float,
     pause_s: float = 0.0,
 ) -> None:
-    n = len(bodies)
-    i = offset
     clock = time.perf_counter
     while budget.take():
-        raw = bodies[i % n]
-        i += 1
+        raw = next_body()
         start = clock()
         try:
             status = await conn.request(raw, limit_s)
@@ -104,11 +123,69 @@ async def _worker(
 
 
 async def run_load(
-    options: LoadOptions, *, progress: Callable[[int, float], None] | None = None
+    options: LoadOptions,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Run the load; ``progress(done, elapsed_s)`` is called about five times a second."""
+    """Run the load; ``progress(done, elapsed_s)`` is called about five times a second, and
+    ``on_start()`` once, after the warm-up, as the measured run begins."""
     parts = urlsplit(options.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    work = workload(options)
+    source = work.bodies
+    conns = [Connection(host, port) for _ in range(options.concurrency)]
+    try:
+        await asyncio.gather(*(c.connect() for c in conns))
+        if work.priming:
+            primed = _Budget(len(work.priming), time.perf_counter() + options.timeout)
+            shared = iter(work.priming).__next__
+            await asyncio.gather(
+                *(_worker(c, shared, primed, Outcomes(), options.timeout) for c in conns)
+            )
+        if options.warmup:
+            warm = _Budget(options.warmup, time.perf_counter() + options.timeout)
+            await asyncio.gather(
+                *(
+                    _worker(c, source(k), warm, Outcomes(), options.timeout)
+                    for k, c in enumerate(conns)
+                )
+            )
+        if on_start is not None:
+            on_start()
+        return await _measure(options, conns, source, progress)
+    finally:
+        for c in conns:
+            c.close()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Where each worker's request bytes come from (by its offset), and what is sent once
+    before the warm-up, unmeasured."""
+
+    bodies: Callable[[int], NextBody]
+    priming: list[bytes]
+
+
+def workload(options: LoadOptions) -> Workload:
+    """The classic workload gives each worker its own walk through one list of bodies.
+
+    The repeated-text workload gives every worker the same stream, so no fresh text is sent
+    twice, and primes the run with each hot text once: a run then measures a cache that has
+    seen its hot set, whatever the run's length, as a server that has been up a while would.
+    """
+    if options.repeat is not None:
+        shared = RepeatedBodies(
+            RepeatedTexts(
+                options.tokens, repeat=options.repeat, hot_set=options.hot_set, seed=options.seed
+            ),
+            RequestMaker(
+                options.url, dialect=options.dialect, model=options.model, api_key=options.api_key
+            ),
+            options.inputs_per_request,
+        )
+        return Workload(lambda _offset: shared, shared.priming())
     count = min(options.requests or _MAX_BODIES, _MAX_BODIES)
     bodies = build_requests(
         options.url,
@@ -120,27 +197,13 @@ async def run_load(
         api_key=options.api_key,
         seed=options.seed,
     )
-    conns = [Connection(host, port) for _ in range(options.concurrency)]
-    try:
-        await asyncio.gather(*(c.connect() for c in conns))
-        if options.warmup:
-            warm = _Budget(options.warmup, time.perf_counter() + options.timeout)
-            await asyncio.gather(
-                *(
-                    _worker(c, bodies, k, warm, Outcomes(), options.timeout)
-                    for k, c in enumerate(conns)
-                )
-            )
-        return await _measure(options, conns, bodies, progress)
-    finally:
-        for c in conns:
-            c.close()
+    return Workload(lambda offset: cycled(bodies, offset), [])
 
 
 async def _measure(
     options: LoadOptions,
     conns: list[Connection],
-    bodies: list[bytes],
+    source: Callable[[int], NextBody],
     progress: Callable[[int, float], None] | None,
 ) -> LoadResult:
     outcomes = Outcomes()
@@ -149,7 +212,7 @@ async def _measure(
     budget = _Budget(options.requests, start + limit)
     workers = [
         asyncio.create_task(
-            _worker(c, bodies, k * 7, budget, outcomes, options.timeout, options.refusal_pause)
+            _worker(c, source(k * 7), budget, outcomes, options.timeout, options.refusal_pause)
         )
         for k, c in enumerate(conns)
     ]
@@ -187,11 +250,15 @@ async def _tick(outcomes: Outcomes, start: float, progress: Callable[[int, float
 
 
 def run_load_sync(
-    options: LoadOptions, *, progress: Callable[[int, float], None] | None = None
+    options: LoadOptions,
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> LoadResult:
     """``run_load`` on a fresh event loop (uvloop when installed)."""
+    run = run_load(options, progress=progress, on_start=on_start)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run_load(options, progress=progress))
-    return uvloop.run(run_load(options, progress=progress))
+        return asyncio.run(run)
+    return uvloop.run(run)

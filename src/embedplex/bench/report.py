@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from embedplex.bench.cache import CacheData
 from embedplex.bench.offline import OfflineResult
 from embedplex.bench.stats import LoadResult
 
@@ -64,10 +65,11 @@ class SuiteData:
     rss_idle_mb: float = 0.0
     rss_after_mb: float = 0.0
     rss_peak_mb: float = 0.0
+    cache: CacheData | None = None  # the embedding cache off vs on, and dedupe (bench/cache.py)
 
     def to_json(self) -> dict[str, Any]:
         def conv(value: Any) -> Any:
-            if isinstance(value, LoadResult | OfflineResult):
+            if isinstance(value, LoadResult | OfflineResult | CacheData):
                 return value.to_json()
             if isinstance(value, StartRow):
                 return asdict(value)

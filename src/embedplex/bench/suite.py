@@ -21,6 +21,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from embedplex.bench.cache import (
+    CacheBenchOptions,
+    cache_supported,
+    labelled,
+    run_cache_bench,
+)
 from embedplex.bench.load import LoadOptions, run_load_sync
 from embedplex.bench.offline import OfflineResult
 from embedplex.bench.report import StartRow, SuiteData, write_report
@@ -161,7 +167,11 @@ def run_suite(opts: SuiteOptions) -> SuiteData:
 
 
 def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
-    serve = ["--cache-dir", str(cache), "--log-level", "warning", *opts.extra_serve_args]
+    base = ["--cache-dir", str(cache), "--log-level", "warning", *opts.extra_serve_args]
+    # The classic load cycles 512 bodies: with the embedding cache on, every request after the
+    # 512th would be a hit. These sections measure computing embeddings, so their servers run
+    # without it; the cache has its own section (run last, two servers side by side).
+    serve = [*base, "--cache-max-bytes", "0"] if cache_supported() else base
 
     console.rule("load generator ceiling (trivial server)")
     port = free_port()
@@ -243,6 +253,23 @@ def _run(opts: SuiteOptions, data: SuiteData, cache: Path, log: Path) -> None:
     with ServerProcess([*serve, "--dtype", "int8"], log=log) as srv:
         data.commands.append(srv.command)
         data.int8_served = _load(srv.url, opts, setup="int8 c=64", concurrency=64)
+
+    console.rule("embedding cache off vs on, repeated texts and dedupe (two servers at once)")
+    options = CacheBenchOptions(
+        duration=opts.duration,
+        rounds=1 if opts.quick else 2,
+        server_args=tuple(base),
+        log_dir=opts.work_dir,
+    )
+    data.cache = run_cache_bench(
+        options, on_run=lambda run: console.print(load_table([labelled(run)]))
+    )
+    if data.cache.note:
+        console.print(data.cache.note)
+    else:
+        data.commands.append(
+            f"embedplex bench cache --duration {options.duration:g} --rounds {options.rounds}"
+        )
 
 
 def _soak(srv: ServerProcess, opts: SuiteOptions, data: SuiteData) -> None:
