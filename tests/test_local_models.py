@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedplex.api.app import create_app
-from embedplex.backends import onnx_export
+from embedplex.backends import onnx_cache
 from embedplex.backends.base import TokenBatch
 from embedplex.config import Settings
 from embedplex.core.errors import BackendError, FatalBackendError
@@ -75,10 +75,10 @@ async def test_export_is_cached_and_a_shipped_onnx_file_is_used(
     first = await embed(Settings(model_id=str(model_dir), cache_dir=cache), TEXTS)
     (entry,) = (cache / "onnx").iterdir()
 
-    def no_export(*args: object, **kwargs: object) -> None:
+    def no_export(*args: object, **kwargs: object) -> list[str]:
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(onnx_export, "export_fp32", no_export)
+    monkeypatch.setattr(onnx_cache, "export_command", no_export)
     again = await embed(Settings(model_id=str(model_dir), cache_dir=cache), TEXTS)
     assert np.allclose(first, again)
     # A model that ships onnx/model.onnx is served from it, without torch.
@@ -93,7 +93,7 @@ async def test_export_is_cached_and_a_shipped_onnx_file_is_used(
 async def test_int8_quality_gate(tmp_path: Path) -> None:
     model_dir = make_tiny_bert(tmp_path / "tiny", seed=6)
     fp32 = await embed(Settings(model_id=str(model_dir), cache_dir=tmp_path / "c"), TEXTS)
-    with pytest.raises(FatalBackendError, match="min cosine"):
+    with pytest.raises(FatalBackendError, match=r"exit code 2\): int8 .* min cosine"):
         LocalEmbeddingModel.load(
             Settings(
                 model_id=str(model_dir), dtype="int8", int8_min_cosine=1.0, cache_dir=tmp_path / "c"

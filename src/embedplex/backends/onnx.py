@@ -12,35 +12,12 @@ import numpy.typing as npt
 
 from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
-from embedplex.backends.onnx_export import ensure_onnx
+from embedplex.backends.onnx_cache import ensure_onnx
 from embedplex.backends.passes import CoreGate, PassGate
-from embedplex.backends.pooling import Floats, normalize_rows, pool
-from embedplex.backends.tokenizer import Encoded, TextTokenizer
-from embedplex.batching.cost import TokenBudget
+from embedplex.backends.pooling import Floats, pool
 from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
-
-# Varied texts for the int8 quality gate: short, long, code, unicode, numbers.
-CALIBRATION_TEXTS = [
-    "hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "What is the capital of France?",
-    "Paris is the capital and most populous city of France.",
-    "def add(a, b):\n    return a + b",
-    "SELECT id, name FROM users WHERE created_at > now() - interval '1 day';",
-    "Der schnelle braune Fuchs springt über den faulen Hund.",
-    "東京は日本の首都です。",
-    "Emoji test 🚀🔥 with mixed content",
-    "1234567890 3.14159 2.71828",
-    "a",
-    "Retrieval-augmented generation combines a retriever with a generator model. " * 6,
-    "Machine learning models need careful evaluation on held-out data.",
-    "The stock market fell sharply after the announcement of new tariffs.",
-    "How do I reset my password?",
-    "Photosynthesis converts light energy into chemical energy in plants.",
-]
-
 
 # The pass limit this backend declares (``run_tokens``): the model's batch budget is cut to it,
 # so one batch is one session run. Small runs keep each layer's activations in the core's cache;
@@ -108,19 +85,6 @@ def _register_shared_arena() -> None:
             _arena_registered = True
 
 
-def _served_vectors(backend: OnnxBackend, encoded: list[Encoded]) -> Floats:
-    """Vectors of ``encoded`` run in the passes a served batch of them would be cut into.
-
-    int8 activations are quantized per pass, so a row's vector depends on its pass-mates: the
-    quality gate measures the passes the server runs (one pass limit each), not one big batch.
-    """
-    budget = TokenBudget(tokens=backend.run_tokens, items=len(encoded))
-    rows = budget.run_in_pieces(
-        encoded, [len(e) for e in encoded], lambda p: list(backend.embed(TokenBatch.collate(p)))
-    )
-    return np.stack(rows)
-
-
 class OnnxBackend:
     """Forward passes on one ONNX Runtime session, or two on the CPU.
 
@@ -179,37 +143,8 @@ class OnnxBackend:
         if dtype == "int8" and spec.kind is not ModelKind.EMBEDDING:
             raise FatalBackendError("int8 (with its quality gate) is for embedding models")
 
-        def check(fp32: Path, candidate: Path) -> float:
-            tok = TextTokenizer.from_dir(
-                spec.path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-            )
-            encoded = tok.encode(CALIBRATION_TEXTS, truncate=True)
-            ref = cls(
-                make_session(fp32, "cpu", threads),
-                pooling=spec.pooling,
-                dtype="float32",
-                device="cpu",
-                dim=spec.hidden_size,
-            )
-            new = cls(
-                make_session(candidate, "cpu", threads),
-                pooling=spec.pooling,
-                dtype=dtype,
-                device="cpu",
-                dim=spec.hidden_size,
-            )
-            a = normalize_rows(_served_vectors(ref, encoded))
-            b = normalize_rows(_served_vectors(new, encoded))
-            return float(np.min(np.sum(a * b, axis=1)))
-
         path, cached = ensure_onnx(
-            spec.path,
-            dtype=dtype,
-            cache_dir=cache_dir,
-            with_token_type_ids=spec.has_token_type_ids,
-            task=spec.kind.value,
-            quality_check=check,
-            min_quality=int8_min_cosine,
+            spec, dtype=dtype, cache_dir=cache_dir, threads=threads, min_quality=int8_min_cosine
         )
         logger.info("onnx model %s (%s)", path, "cached" if cached else "new export")
         if solo_threads is None or session_providers(device)[0] != "CPUExecutionProvider":

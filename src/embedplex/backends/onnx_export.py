@@ -1,72 +1,38 @@
-"""Export a Hugging Face encoder to ONNX once, and cache the result by model hash.
+"""The ONNX exporter, run in a child process: ``python -m embedplex.backends.onnx_export``.
 
-The cache key covers the weights, the config, the dtype and the exporter's versions, so a second
-start reuses the export and a changed model never meets a stale one. Exports are written to a
-temporary directory and renamed into place, so a crash never leaves a half-written cache entry.
+It traces a Hugging Face encoder with PyTorch, converts it to the served dtype (float16; int8
+with its quality gate against float32) and writes ``model.onnx`` into a work directory that the
+server then renames into its cache (``onnx_cache.py``). It runs in its own process so that the
+server never holds PyTorch, transformers or the quantizer: their memory goes when the child
+exits (figures in docs/architecture.md, "Export in a child process").
+
+Exit status: 0 written; 2 refused (a ``FatalBackendError``: its message is the child's last
+ERROR line); 1 any other failure (the traceback follows an ERROR line naming it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import logging
 import os
 import shutil
-import tempfile
+import sys
+import threading
 import warnings
-from collections.abc import Callable
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from embedplex.backends.model_files import ModelSpec, Pooling, load_spec
 from embedplex.core.errors import FatalBackendError
 
-logger = logging.getLogger(__name__)
+# By name: run with ``-m``, this module's ``__name__`` is ``__main__``.
+logger = logging.getLogger("embedplex.backends.onnx_export")
 
 EXPORT_FORMAT = "2"  # bump when the exported graph's inputs or outputs change
 OPSET = 17
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedplex"
-
-
-def model_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("config.json", *_WEIGHT_FILES):
-        file = model_dir / name
-        if file.is_file():
-            digest.update(name.encode())
-            with file.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "none"
-
-
-def cache_key(model_dir: Path, dtype: str, task: str = "embedding") -> str:
-    # Versions come from package metadata: importing torch only to read its version would cost
-    # ~180 MB of server RSS and seconds of start time on every start, cached or not.
-    parts = [
-        model_hash(model_dir),
-        dtype,
-        task,
-        EXPORT_FORMAT,
-        str(OPSET),
-        _version("torch"),
-        _version("onnx"),
-        _version("onnxruntime"),
-    ]
-    if dtype == "int8":
-        parts.append(INT8_FORMAT)
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+# The child's log lines on stderr, which the server parses back into records (onnx_cache.py).
+LOG_FORMAT = logging.BASIC_FORMAT  # "LEVEL:logger:message"
 
 
 def export_fp32(
@@ -179,48 +145,90 @@ def _quantize_checked(
     )
 
 
-def ensure_onnx(
-    model_dir: Path,
+def build(
+    spec: ModelSpec,
+    work: Path,
     *,
     dtype: str,
-    cache_dir: Path,
-    with_token_type_ids: bool,
-    task: str = "embedding",
-    quality_check: QualityCheck | None = None,
+    threads: int | None = None,
     min_quality: float = 0.0,
-) -> tuple[Path, bool]:
-    """Return the path of a ready ONNX file for ``dtype`` and whether it came from the cache.
+) -> Path:
+    """Write ``work/out/model.onnx`` (and ``quality.json`` for int8) and return ``work/out``.
 
-    For int8, ``quality_check(fp32_file, int8_file)`` measures the minimum cosine against fp32 at
-    export time; below ``min_quality`` the export is refused and nothing is cached.
+    ``work`` is the server's empty temporary directory; the server publishes ``work/out`` into
+    its cache only when this process exits 0.
     """
-    key = cache_key(model_dir, dtype, task)
-    entry = cache_dir / "onnx" / key
-    final = entry / "model.onnx"
-    if final.is_file():
-        return final, True
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".export-") as tmp:
-        work = Path(tmp)
-        shipped = model_dir / "onnx" / "model.onnx"
-        fp32 = work / "fp32.onnx"
-        if shipped.is_file():
-            shutil.copyfile(shipped, fp32)
-        else:
-            logger.info("exporting %s to ONNX (once; cached under %s)", model_dir, entry)
-            export_fp32(model_dir, fp32, with_token_type_ids=with_token_type_ids, task=task)
-        out = work / "out"
-        out.mkdir()
-        if dtype == "int8":
-            _quantize_checked(fp32, out, model_dir, quality_check, min_quality)
-        elif dtype == "float16":
-            convert_fp16(fp32, out / "model.onnx")
-        else:
-            fp32.rename(out / "model.onnx")
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            out.rename(entry)
-        except OSError:
-            if not final.is_file():  # another process won the race; otherwise a real failure
-                raise
-    return final, False
+    fp32 = work / "fp32.onnx"
+    shipped = spec.onnx_file
+    if shipped is not None:
+        shutil.copyfile(shipped, fp32)
+    else:
+        logger.info("exporting %s to ONNX", spec.path)
+        export_fp32(
+            spec.path, fp32, with_token_type_ids=spec.has_token_type_ids, task=spec.kind.value
+        )
+    out = work / "out"
+    out.mkdir()
+    if dtype == "int8":
+        from embedplex.backends.int8_gate import int8_quality_check
+
+        check = int8_quality_check(spec, threads)
+        _quantize_checked(fp32, out, spec.path, check, min_quality)
+    elif dtype == "float16":
+        convert_fp16(fp32, out / "model.onnx")
+    else:
+        fp32.rename(out / "model.onnx")
+    return out
+
+
+def _exit_with_parent() -> None:
+    """End this process when the server goes: its end closes our stdin (EOF), even on SIGKILL,
+    and an orphaned export would only burn CPU for a result nobody publishes."""
+    # The raw descriptor: a daemon thread blocked inside sys.stdin's buffer would hold its lock
+    # at interpreter shutdown, which aborts the process.
+    while os.read(0, 1 << 12):
+        pass
+    os._exit(3)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m embedplex.backends.onnx_export",
+        description="Export a model directory to ONNX into WORK/out (the server runs this).",
+    )
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("work", type=Path, help="an empty directory; the result is WORK/out")
+    parser.add_argument("--dtype", choices=("float32", "float16", "int8"), default="float32")
+    parser.add_argument("--pooling", choices=[p.value for p in Pooling], default=None)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="int8 gate's intra-op threads")
+    parser.add_argument("--min-cosine", type=float, default=0.0, help="int8 quality gate")
+    parser.add_argument("--watch-parent", action="store_true", help="exit when stdin closes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.captureWarnings(True)
+    if args.watch_parent:
+        threading.Thread(target=_exit_with_parent, daemon=True).start()
+    try:
+        spec = load_spec(
+            str(args.model_dir),
+            args.model_dir,
+            pooling=Pooling(args.pooling) if args.pooling else None,
+            max_input_length=args.max_length,
+        )
+        build(spec, args.work, dtype=args.dtype, threads=args.threads, min_quality=args.min_cosine)
+    except FatalBackendError as exc:
+        logger.error("%s", exc.message)
+        return 2
+    except Exception as exc:
+        logger.exception("%s: %s", type(exc).__name__, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,7 @@ from embedplex.backends.model_files import (
     load_spec,
     resolve_model_dir,
 )
-from embedplex.backends.onnx_export import default_cache_dir
+from embedplex.backends.onnx_cache import default_cache_dir
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
