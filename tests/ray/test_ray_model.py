@@ -198,3 +198,42 @@ def test_runtime_ray_without_ray_installed_says_what_to_install(
     )
     with pytest.raises(ValidationError, match=r"pip install 'embedplex\[ray\]'"):
         ModelConfig.model_validate({"model_id": "x", "runtime": "ray"})
+
+
+def test_embedplex_status_shows_the_replicas() -> None:
+    import io
+
+    from rich.console import Console
+
+    from embedplex.cli.status import render_status
+
+    m, _ = model(ok("r1"), ok("r2"))
+    m._per_replica.update({"r1": 3, "r2": 5})
+    m._states = {"RUNNING": 2, "STARTING": 1}
+    payload = {"ready": True, "models": {"m": m.stats()}}
+    out = io.StringIO()
+    render_status(payload, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "Ray Serve replicas" in text
+    assert "running 2, starting 1" in text and "r1 3, r2 5" in text
+
+
+def test_the_serve_run_builder_deploys_the_example_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve run embedplex.ray:app config=examples/ray.toml model=minilm`` builds the same
+    deployment the gateway deploys (not deployed here: no cluster)."""
+    pytest.importorskip("ray")
+    from pathlib import Path
+
+    import embedplex.ray
+
+    example = Path(__file__).parent.parent.parent / "examples" / "ray.toml"
+    application = embedplex.ray.app({"config": str(example), "model": "minilm"})
+    deployment = application._bound_deployment
+    assert deployment.name == "EmbedplexReplica"
+    assert deployment.num_replicas == 2
+    assert deployment.ray_actor_options["num_cpus"] == 1
+    from embedplex.ray.application import REPLICA_SETTINGS
+
+    assert not {"api_key", "admin_secret", "api_keys", "state_url"} & set(REPLICA_SETTINGS)
+    with pytest.raises(ValueError, match="no \\[\\[models\\]\\] table named"):
+        embedplex.ray.app({"config": str(example), "model": "nope"})
