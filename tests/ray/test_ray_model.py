@@ -231,7 +231,7 @@ def test_the_serve_run_builder_deploys_the_example_table(monkeypatch: pytest.Mon
     deployment = application._bound_deployment
     assert deployment.name == "EmbedplexReplica"
     assert deployment.num_replicas == 2
-    assert deployment.ray_actor_options["num_cpus"] == 1
+    assert (deployment.ray_actor_options or {}).get("num_cpus") == 1
     from embedplex.ray.application import REPLICA_SETTINGS
 
     assert not {"api_key", "admin_secret", "api_keys", "state_url"} & set(REPLICA_SETTINGS)

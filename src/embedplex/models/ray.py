@@ -23,7 +23,7 @@ import threading
 import typing
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from embedplex.core.errors import (
     EmbedplexError,
@@ -57,12 +57,6 @@ _connected: list[str] = []
 _connect_lock = threading.Lock()
 
 
-class Handle(Protocol):
-    """What this module uses of a Serve ``DeploymentHandle`` (tests pass a fake)."""
-
-    def __getattr__(self, method: str) -> Any: ...
-
-
 class RayModel:
     """Replicas on Ray Serve behind one served name.
 
@@ -74,7 +68,7 @@ class RayModel:
     def __init__(
         self,
         config: ModelConfig,
-        handle: Handle,
+        handle: Any,  # a Serve DeploymentHandle: handle.embed.remote(request) (tests: a fake)
         info: ModelInfo,
         *,
         errors: RayErrors,
