@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from embedplex.config import Settings
-from embedplex.core.errors import EmbedplexError
+from embedplex.core.errors import EmbedplexError, InvalidRequestError
 from embedplex.core.types import EmbeddingService, EmbedRequest, ModelInfo, RerankRequest
 from embedplex.models.config import ModelConfig
 from embedplex.models.layout import inference_layout
@@ -86,7 +86,7 @@ class EmbedplexReplica:
     async def rerank(self, request: RerankRequest) -> RerankAnswer | EmbedplexError:
         model = await self._ready()
         if not isinstance(model, LocalRerankModel):
-            return EmbedplexError(f"{model.info.name} is not a reranker")
+            return InvalidRequestError(f"{model.info.name} is not a reranker", param="model")
         try:
             result = await model.rerank(request)
         except EmbedplexError as exc:
