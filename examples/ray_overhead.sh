@@ -33,16 +33,21 @@ bench() {  # url setup
     --warmup 50 --setup "$2 c=16" --json "$OUT/$2-c16.json"
 }
 
-# In-process, alone on the machine.
+# In-process, alone on the machine (ONLY=ray skips it, ONLY=local skips Ray).
+if [ "${ONLY:-}" != ray ]; then
 "$BIN/embedplex" serve --port 8091 --served-model-name minilm >"$OUT/local.log" 2>&1 &
 LOCAL_PID=$!
 wait_ready http://127.0.0.1:8091
 bench http://127.0.0.1:8091 in-process
 kill "$LOCAL_PID"; wait "$LOCAL_PID" 2>/dev/null || true; LOCAL_PID=
+fi
+[ "${ONLY:-}" = local ] && exit 0
 
 # Two Ray Serve replicas behind one gateway, alone on the machine.
-"$BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" --num-cpus 2 --include-dashboard false >"$OUT/ray.log" 2>&1
-RAY_ADDRESS="127.0.0.1:$RAY_PORT" "$BIN/embedplex" serve --port 8092 --config examples/ray.toml \
+"$BIN/ray" start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \
+  --disable-usage-stats >"$OUT/ray.log" 2>&1
+for _ in $(seq 60); do "$BIN/ray" status >/dev/null 2>&1 && break; sleep 1; done
+"$BIN/embedplex" serve --port 8092 --config examples/ray.toml \
   >"$OUT/ray-gateway.log" 2>&1 &
 RAY_GW_PID=$!
 wait_ready http://127.0.0.1:8092
