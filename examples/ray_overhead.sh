@@ -43,7 +43,9 @@ kill "$LOCAL_PID"; wait "$LOCAL_PID" 2>/dev/null || true; LOCAL_PID=
 fi
 [ "${ONLY:-}" = local ] && exit 0
 
-# Two Ray Serve replicas behind one gateway, alone on the machine.
+# Two Ray Serve replicas behind one gateway, alone on the machine. Recent Ray starts clusters
+# with token authentication: every client (ray status, the gateway) must say so too.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 "$BIN/ray" start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \
   --disable-usage-stats >"$OUT/ray.log" 2>&1
 for _ in $(seq 60); do "$BIN/ray" status >/dev/null 2>&1 && break; sleep 1; done
