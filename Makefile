@@ -40,6 +40,13 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/embedplex bench suite --out docs/benchmarks.md $(ARGS)
 
+# Ray Serve replicas (docs/ray.md): tests/ray needs the extra, so `make test` installs it;
+# `make serve` (the quickstart) does not.
+RAY_STAMP := $(VENV)/.ray-stamp
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[ray]'
+	touch $(RAY_STAMP)
+
 # The reliability suite at full size (issue 14; docs/reliability.md): more generated requests,
 # clients and seconds than the CI-sized default `make test` runs, and the real default model.
 # Its figures go to docs/reliability.jsonl, which docs/reliability.md quotes.
@@ -48,7 +55,7 @@ reliability: $(STAMP)
 	RELIABILITY_SCALE=full RELIABILITY_REPORT=$(CURDIR)/docs/reliability.jsonl \
 		$(BIN)/pytest -q -m reliability tests/reliability $(ARGS)
 
-test: lint typecheck
+test: lint typecheck $(RAY_STAMP)
 	$(BIN)/pytest -q
 
 clean:

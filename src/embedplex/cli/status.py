@@ -82,6 +82,9 @@ def render_status(payload: dict[str, Any], console: Console, url: str = "") -> N
     window = next((m.get("recent", {}).get("window_s") for m in models.values()), None)
     if window:
         console.print(f"rates over the last {window:g}s")
+    replicated = {n: m for n, m in models.items() if m.get("runtime") == "ray"}
+    if replicated:
+        console.print(_ray_table(replicated))
     providers: dict[str, Any] = payload.get("providers") or {}
     if providers:
         console.print(_providers_table(providers))
@@ -118,6 +121,27 @@ def _providers_table(providers: dict[str, Any]) -> Table:
             f"{texts / calls:.1f}" if calls else "-",
             f"{health.get('success_rate', 0):.0%}, "
             f"{health.get('latency_p50_ms', 0):.0f}/{health.get('latency_p99_ms', 0):.0f} ms",
+        )
+    return table
+
+
+def _ray_table(models: dict[str, Any]) -> Table:
+    """Models served by Ray Serve replicas: replica states and who answered what."""
+    table = Table(title="Ray Serve replicas", title_justify="left")
+    table.add_column("model")
+    table.add_column("replicas")
+    table.add_column("requests per replica")
+    for column in ("retried", "failed"):
+        table.add_column(column, justify="right")
+    for name, m in models.items():
+        states = m.get("replicas", {})
+        per_replica = m.get("requests_per_replica", {})
+        table.add_row(
+            f"{name}\n[dim]{m.get('app')}[/]",
+            ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())) or "none",
+            ", ".join(f"{k} {v}" for k, v in sorted(per_replica.items())) or "-",
+            str(m.get("retries", 0)),
+            str(m.get("replica_failures", 0)),
         )
     return table
 

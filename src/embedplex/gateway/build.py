@@ -3,7 +3,8 @@
 Blocking (models load here): the app calls it in a thread at the inference threads' priority.
 Local models are loaded in config order and all share one core gate (``models/layout.py``);
 a model outside the allowed lists is neither loaded nor served; a lazy model is only described
-here and loads on its first request (``lazy.py``).
+here and loads on its first request (``lazy.py``); a ``runtime = "ray"`` model is deployed as
+Ray Serve replicas (``models/ray.py``) and takes no local cores.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def build_gateway(settings: Settings) -> Gateway:
 
     allowed = AllowedModels.from_settings(settings)
     configs = settings.local_models()
-    gate = core_gate(inference_layout(settings, model=m) for m in configs)
+    gate = core_gate(inference_layout(settings, model=m) for m in configs if m.runtime == "local")
     models: list[ServedModel] = []
     for config in configs:
         model = _local(settings, config, gate, allowed)
@@ -63,6 +64,10 @@ def _local(
     if kind is not None and not allowed.allows(config.name, kind.value):
         logger.warning("model %s is outside the allowed lists: not loaded", config.name)
         return None
+    if config.runtime == "ray":
+        from embedplex.models.ray import RayModel
+
+        return RayModel.deploy(settings, config)
     if config.load == "lazy":
         return LazyModel(
             placeholder(config),

@@ -11,6 +11,7 @@ purpose: every local model's passes share the same cores (``models/layout.py``).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,6 +47,31 @@ INHERITED = (
     "max_client_batch_size",
     "queue_policy",
 )
+
+
+# Keys that only mean something for a model run as Ray Serve replicas (docs/ray.md).
+RAY_KEYS = ("replicas", "autoscaling", "ray_address", "num_cpus", "num_gpus")
+
+RAY_MISSING = "runtime = \"ray\" needs Ray Serve: pip install 'embedplex[ray]'"
+
+
+class RayAutoscaling(BaseModel):
+    """Serve's autoscaling for a ``runtime = "ray"`` model: replicas between min and max, sized so
+    that each replica has about ``target_ongoing_requests`` requests in flight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(
+        64, gt=0, description="Requests in flight per replica that Serve scales toward."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RayAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling: min_replicas exceeds max_replicas")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -85,6 +111,26 @@ class ModelConfig(BaseModel):
     queue_timeout_ms: int | None = Field(None, ge=1)
     max_client_batch_size: int | None = Field(None, ge=1)
     queue_policy: Literal["fair", "fifo"] | None = None
+    runtime: Literal["local", "ray"] = Field(
+        "local",
+        description="local: in this process; ray: Ray Serve replicas behind this gateway "
+        "(docs/ray.md; needs the embedplex[ray] extra).",
+    )
+    replicas: int | None = Field(
+        None, ge=1, description='runtime = "ray": a fixed number of replicas (default 1).'
+    )
+    autoscaling: RayAutoscaling | None = Field(
+        None, description='runtime = "ray": Serve autoscaling instead of a fixed count.'
+    )
+    ray_address: str | None = Field(
+        None,
+        description='runtime = "ray": "auto" (RAY_ADDRESS or the cluster on this node, the '
+        'default), "local" (start a private Ray in this process) or a cluster address.',
+    )
+    num_cpus: float | None = Field(
+        None, gt=0, description='runtime = "ray": CPUs per replica (its inference threads).'
+    )
+    num_gpus: float | None = Field(None, ge=0, description='runtime = "ray": GPUs per replica.')
 
     @model_validator(mode="before")
     @classmethod
@@ -100,7 +146,26 @@ class ModelConfig(BaseModel):
                 f'model {self.name!r}: load = "lazy" needs kind ("embed" or "rerank"): '
                 "its files are not read before its first request"
             )
+        if self.runtime == "ray":
+            self._check_ray()
+        else:
+            given = [k for k in RAY_KEYS if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f'model {self.name!r}: {", ".join(given)} only apply with runtime = "ray"'
+                )
         return self
+
+    def _check_ray(self) -> None:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError(f"model {self.name!r}: give replicas or autoscaling, not both")
+        if self.load == "lazy":
+            raise ValueError(
+                f'model {self.name!r}: runtime = "ray" deploys at start; load = "lazy" is for '
+                "in-process models"
+            )
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError(f"model {self.name!r}: {RAY_MISSING}")
 
     @property
     def model_kind(self) -> ModelKind | None:

@@ -31,6 +31,7 @@ from embedplex.observability.key_metrics import KeyMetrics
 from embedplex.observability.limits import RateLimitMetrics
 from embedplex.observability.model_metrics import ModelMetrics
 from embedplex.observability.providers import ProviderMetrics
+from embedplex.observability.ray_metrics import RayMetrics
 
 # Seconds, from half a millisecond (a short tokenization) to a minute (a long queue wait).
 DURATION_BUCKETS = (
@@ -161,6 +162,7 @@ class Metrics:
         self.providers = ProviderMetrics(r)
         self.rate_limits = RateLimitMetrics(r)
         self.keys = KeyMetrics(r)
+        self.ray = RayMetrics(r)
         self.build_info = Gauge(
             "embedplex_build_info",
             "Always 1; the labels say what is served.",

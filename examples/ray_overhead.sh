@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Per-request overhead of Ray Serve replicas against in-process serving, side by side
+# (docs/ray.md#overhead): the default model in-process (2 streams x 1 thread on 2 cores) and as
+# two replicas of num_cpus = 1 (examples/ray.toml) on a local 2-CPU Ray cluster; c=1 latency and
+# c=16 throughput, 14-token texts, one per request. Needs the embedplex[ray] extra.
+#
+#   bash examples/ray_overhead.sh [seconds per run, default 20]
+set -euo pipefail
+SECONDS_PER_RUN=${1:-20}
+BIN=${BIN:-.venv/bin}
+OUT=${OUT:-$(mktemp -d)}
+RAY_PORT=${RAY_PORT:-6390}
+
+cleanup() {
+  [ -n "${LOCAL_PID:-}" ] && kill "$LOCAL_PID" 2>/dev/null || true
+  [ -n "${RAY_GW_PID:-}" ] && kill "$RAY_GW_PID" 2>/dev/null && wait "$RAY_GW_PID" 2>/dev/null || true
+  "$BIN/ray" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT  # note: `ray stop` stops every Ray cluster this user runs on the machine
+
+wait_ready() {
+  for _ in $(seq 600); do
+    curl -sf "$1/health/ready" >/dev/null && return 0
+    sleep 0.5
+  done
+  echo "not ready: $1" >&2; return 1
+}
+
+bench() {  # url setup
+  "$BIN/embedplex" bench load --url "$1" --model minilm --concurrency 1 --duration "$SECONDS_PER_RUN" \
+    --warmup 20 --setup "$2 c=1" --json "$OUT/$2-c1.json"
+  "$BIN/embedplex" bench load --url "$1" --model minilm --concurrency 16 --duration "$SECONDS_PER_RUN" \
+    --warmup 50 --setup "$2 c=16" --json "$OUT/$2-c16.json"
+}
+
+# In-process, alone on the machine (ONLY=ray skips it, ONLY=local skips Ray).
+if [ "${ONLY:-}" != ray ]; then
+"$BIN/embedplex" serve --port 8091 --served-model-name minilm >"$OUT/local.log" 2>&1 &
+LOCAL_PID=$!
+wait_ready http://127.0.0.1:8091
+bench http://127.0.0.1:8091 in-process
+kill "$LOCAL_PID"; wait "$LOCAL_PID" 2>/dev/null || true; LOCAL_PID=
+fi
+[ "${ONLY:-}" = local ] && exit 0
+
+# Two Ray Serve replicas behind one gateway, alone on the machine. Recent Ray starts clusters
+# with token authentication: every client (ray status, the gateway) must say so too.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+"$BIN/ray" start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \
+  --disable-usage-stats >"$OUT/ray.log" 2>&1
+for _ in $(seq 60); do "$BIN/ray" status >/dev/null 2>&1 && break; sleep 1; done
+"$BIN/embedplex" serve --port 8092 --config examples/ray.toml \
+  >"$OUT/ray-gateway.log" 2>&1 &
+RAY_GW_PID=$!
+wait_ready http://127.0.0.1:8092
+bench http://127.0.0.1:8092 ray-2-replicas
+echo "results in $OUT"
