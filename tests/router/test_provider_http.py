@@ -18,13 +18,22 @@ from embedplex.core.errors import (
     UpstreamTimeoutError,
 )
 from embedplex.providers import PROVIDER_TYPES, EmbedParams, HttpProvider
+from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.http import MAX_REASON, Attempt, Outcome, parse_retry_after, sanitize
+from embedplex.providers.wire import AiohttpTransport
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+@pytest.fixture(params=["httpcore", "aiohttp"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    """httpx's own transport, and the router's wire (``providers/wire.py``): the adapters,
+    retries and error mapping must not tell them apart."""
+    if request.param == "httpcore":
+        transport: httpx.AsyncBaseTransport | None = None
+    else:
+        backend = GuardedBackend(parse_networks(["127.0.0.0/8"]))
+        transport = AiohttpTransport(backend, limits=httpx.Limits(max_connections=16))
+    async with httpx.AsyncClient(transport=transport) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.providers.adapter import HttpProvider, decode_vector
+from embedplex.providers.adapter import HttpProvider, decode_vectors
 from embedplex.providers.base import Embeddings, EmbedParams, RerankParams
 
 _INPUT_TYPES = {"query": "search_query", "document": "search_document"}
@@ -66,4 +66,4 @@ class CohereProvider(HttpProvider):
         if isinstance(embeddings, dict):  # embeddings_by_type (always in v2)
             embeddings = embeddings["float"]
         units = (data.get("meta") or {}).get("billed_units") or {}
-        return Embeddings([decode_vector(row) for row in embeddings], units.get("input_tokens"))
+        return Embeddings(decode_vectors(embeddings), units.get("input_tokens"))

@@ -11,10 +11,11 @@ Providers from the config file are the operator's own and may point anywhere (a 
 ``127.0.0.1`` is the usual case) except at a metadata address given literally.
 
 DNS rebinding: a name that resolves to a public address when the provider is added and to a
-private one later is caught at connect time. The router's HTTP client connects through
-``GuardedBackend``: it resolves the host itself, checks every address (the full rule for hosts
-that no config-file provider names, the metadata rule for those that one does) and connects to
-a checked address, never to a second resolution of the name. TLS still verifies the name.
+private one later is caught at connect time. ``GuardedBackend`` holds the rules (the full rule
+for hosts that no config-file provider names, the metadata rule for those that one does); the
+router's wire (``wire.py``) resolves every new connection's host through it, checks every
+address and connects to a checked address, never to a second resolution of the name. As an
+httpcore network backend it guards an httpx client the same way. TLS still verifies the name.
 """
 
 from __future__ import annotations

@@ -51,9 +51,10 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
-from embedplex.providers.endpoints import GuardedBackend, guarded_client, parse_networks
+from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
+from embedplex.providers.wire import wire_client
 
 if TYPE_CHECKING:
     from embedplex.observability import Telemetry
@@ -88,8 +89,9 @@ class Router:
         # The client connects through the endpoint guard (endpoints.py): hosts of the providers
         # configured here are trusted, any other (added at run time) must be allowed.
         self.guard = GuardedBackend(parse_networks(allowed_networks))
-        # Creating an AsyncClient does no I/O; connections open on first use.
-        self.client = client or guarded_client(
+        # Creating it does no I/O; connections open on first use. httpx's API over aiohttp's
+        # wire (wire.py: the cheaper one per call).
+        self.client = client or wire_client(
             self.guard,
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
             timeout=httpx.Timeout(15.0),

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import httpx
@@ -51,10 +50,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Parameter sets ``ProviderRuntime._params`` keeps; past this the table starts again.
+_CHECKED_MAX = 256
 
-@dataclass(frozen=True, slots=True)
-class Embedded:
-    """One text's share of an upstream answer."""
+
+class Embedded(NamedTuple):
+    """One text's share of an upstream answer (a tuple: one is made per text of every call)."""
 
     vector: Vector
     tokens: float
@@ -99,6 +100,7 @@ class ProviderRuntime:
             config, self._call, self.counters
         )
         self._closing = False
+        self._checked: dict[tuple[Any, ...], EmbedParams] = {}  # see _params
         # What this provider last served: the router's probe asks the same kind of question.
         self.last_kind: Literal["embed", "rerank"] = "embed"
         self.rerank_lanes: RerankLanes | None = None
@@ -231,8 +233,41 @@ class ProviderRuntime:
         return await self._guard.call(batch, send)
 
     async def _lane(self, params: EmbedParams) -> EmbedLane:
+        lane = self._embeds.existing(params)
+        if lane is not None:
+            return lane
         aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
         return await self._embeds.lane(params, ceiling=self.ceiling, size=aimd_size)
+
+    def _params(self, request: EmbedRequest) -> EmbedParams:
+        """The request's ``EmbedParams``, checked against the provider.
+
+        Every routed request needs them, and nearly all share a handful of parameter sets, so a
+        set that passed ``check`` is kept by its fields (``Provider.check`` depends on nothing
+        else); the table is bounded, as callers choose the values.
+        """
+        extra = request.extra.get("input_type") if request.extra else None
+        if extra is not None and not isinstance(extra, str):  # not a key: check it every time
+            params = EmbedParams.from_request(request, self.config.input_type)
+            self.provider.check(params)
+            return params
+        key = (
+            request.normalize,
+            request.truncate,
+            request.truncation_direction,
+            request.dimensions,
+            request.prompt_name,
+            extra,
+        )
+        cached = self._checked.get(key)
+        if cached is not None:
+            return cached
+        params = EmbedParams.from_request(request, self.config.input_type)
+        self.provider.check(params)
+        if len(self._checked) >= _CHECKED_MAX:
+            self._checked.clear()
+        self._checked[key] = params
+        return params
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Queue every text of ``request`` in its lane and wait for all of them."""
@@ -244,8 +279,7 @@ class ProviderRuntime:
             )
         self.last_kind = "embed"
         start = time.perf_counter()
-        params = EmbedParams.from_request(request, self.config.input_type)
-        self.provider.check(params)
+        params = self._params(request)
         texts: list[str] = request.inputs  # type: ignore[assignment]
         # With tracing on, each text keeps the request's span: upstream spans hang under it.
         trace = current_span_context() if self._tracer is not None else None
@@ -260,9 +294,13 @@ class ProviderRuntime:
         )
         rows = await collect(items, self.counters, "requests")
         took = timings(items, start)
+        if len(rows) == 1:
+            vectors, tokens = [rows[0].vector], rows[0].tokens
+        else:
+            vectors, tokens = [row.vector for row in rows], sum(row.tokens for row in rows)
         return EmbedResult(
-            vectors=[row.vector for row in rows],
-            prompt_tokens=round(sum(row.tokens for row in rows)),
+            vectors=vectors,
+            prompt_tokens=round(tokens),
             model=self.provider.model or self.name,
             provider=self.name,
             timings=took,

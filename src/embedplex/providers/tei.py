@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from embedplex.providers.adapter import HttpProvider, decode_vector, parse_ranked
+from embedplex.providers.adapter import HttpProvider, decode_vectors, parse_ranked
 from embedplex.providers.base import Embeddings, EmbedParams, ProviderLimits, RerankParams, Scores
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class TEIProvider(HttpProvider):
 
     def parse(self, data: Any, headers: httpx.Headers) -> Embeddings:
         tokens = headers.get("x-compute-tokens")
-        return Embeddings([decode_vector(row) for row in data], int(tokens) if tokens else None)
+        return Embeddings(decode_vectors(data), int(tokens) if tokens else None)
 
     def rerank_body(self, query: str, documents: list[str], params: RerankParams) -> dict[str, Any]:
         body: dict[str, Any] = {"query": query, "texts": documents, "raw_scores": params.raw_scores}
