@@ -56,8 +56,10 @@ class RequestId:
     """Take the caller's ``X-Request-ID`` (or make one), note it, and echo it on the answer."""
 
     def enter(self, ex: Exchange) -> None:
-        rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID] or new_request_id()
-        if _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
+        rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID]
+        if not rid:
+            rid = new_request_id()  # hex digits: nothing to escape
+        elif _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
             rid = _UNSAFE_ID.sub(lambda m: b"\\x%02x" % m[0][0], rid)[:_MAX_ID]
         ex.state["request_id"] = rid.decode("latin-1")
         ex.response_headers.append((b"x-request-id", rid))
