@@ -32,7 +32,7 @@ from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Priority, Tenant, curre
 if TYPE_CHECKING:
     from embedplex.config import Settings
     from embedplex.limits import RateLimiter
-    from embedplex.state.cache import KeyVerifier
+    from embedplex.state.cache import KeyRejectedError, KeyVerifier
 
 # Open to anyone, as in TEI: probes and docs (``docs_enabled = false`` turns the docs off), and
 # /metrics only with ``metrics_public`` (or on --metrics-port, which serves it alone).
@@ -143,14 +143,17 @@ class ManagedKeys:
     ) -> None:
         if static_key is not None and not static_key.strip():
             raise ValueError("api_key is set but empty")
+        # Imported here, once: the state store (and SQLAlchemy) only when keys are managed, and
+        # an import statement in ``enter`` cost each request about a microsecond.
+        from embedplex.state.cache import KeyRejectedError
+
+        self._rejected: type[KeyRejectedError] = KeyRejectedError
         self.verifier = verifier
         self.static = static_key.encode() if static_key else None
         self.statics = statics  # the [[api_keys]] table, beside the store's keys
         self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
     def enter(self, ex: Exchange) -> Awaitable[None] | None:
-        from embedplex.state.cache import KeyRejectedError
-
         current_tenant.set(ANONYMOUS)
         if ex.path.startswith(self.open_paths):
             return None
@@ -158,7 +161,7 @@ class ManagedKeys:
         if given.startswith(_MANAGED_PREFIX):
             try:
                 tenant = self.verifier.cached(given)
-            except KeyRejectedError as exc:
+            except self._rejected as exc:
                 raise AuthenticationError(exc.reason) from None
             if tenant is None:
                 return self._verify(ex, given)
