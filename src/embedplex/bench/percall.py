@@ -22,6 +22,7 @@ import gc
 import os
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,11 +34,9 @@ from embedplex.bench.inprocess import fake_gateway
 from embedplex.bench.workload import TokenSpec, make_texts
 from embedplex.config import Settings
 
-_NEVER: asyncio.Future[Any] | None = None
 
-
-async def _lifespan(app: Any) -> asyncio.Task[None]:
-    """Start the app's lifespan and wait for its models; the task ends it when cancelled."""
+async def _lifespan(app: Any) -> Callable[[], Awaitable[None]]:
+    """Start the app's lifespan and wait for its models; returns what shuts it down."""
     started = asyncio.Event()
     queue: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     await queue.put({"type": "lifespan.startup"})
@@ -54,7 +53,12 @@ async def _lifespan(app: Any) -> asyncio.Task[None]:
     task = asyncio.create_task(app({"type": "lifespan", "state": {}}, receive, send))
     await started.wait()
     await app.state.loader
-    return task
+
+    async def shutdown() -> None:
+        await queue.put({"type": "lifespan.shutdown"})
+        await task
+
+    return shutdown
 
 
 async def _call(app: Any, body: bytes, path: str) -> int:
@@ -112,7 +116,7 @@ def _callgrind(instrument: bool, *, on: bool = True) -> None:
         )
 
 
-class _GcClock:
+class GcClock:
     """CPU seconds spent in garbage collections, and how many, while it is attached."""
 
     def __init__(self) -> None:
@@ -139,7 +143,7 @@ async def drive(
     dialect: str,
     *,
     instrument: bool = False,
-    clock: _GcClock | None = None,
+    clock: GcClock | None = None,
 ) -> float:
     """Serve ``requests`` requests from ``callers`` concurrent callers; CPU seconds they took.
 
@@ -147,7 +151,7 @@ async def drive(
     app = create_app(
         Settings.load(None, log_requests=False), gateway_factory=fake_gateway(FakeBackend(dim))
     )
-    life = await _lifespan(app)
+    shutdown = await _lifespan(app)
     texts = make_texts(TokenSpec(tokens, tokens), 64)
     key = "input" if dialect == "openai" else "inputs"
     path = "/v1/embeddings" if dialect == "openai" else "/embed"
@@ -177,7 +181,7 @@ async def drive(
     if clock is not None:
         gc.callbacks.remove(clock)
     gc.enable()
-    life.cancel()
+    await shutdown()
     return cpu
 
 
@@ -198,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.gen0 is not None:
         gc.set_threshold(args.gen0, *gc.get_threshold()[1:])
-    clock = _GcClock() if args.gc else None
+    clock = GcClock() if args.gc else None
     cpu = uvloop.run(
         drive(
             args.requests,
