@@ -37,8 +37,8 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 # deallocations pass this count (CPython's default: 700; 3.13 raised it to 2,000). With 64
 # requests in flight, the objects they hold (frames, futures, dicts, the HTTP cycle's) pass 700
 # again and again, so the event loop ran a young collection every few dozen requests, each one
-# walking every live young object and promoting it, and a full one now and then: measured in
-# process, a tenth of the loop's CPU per request (docs/architecture.md, "Per-request CPU").
+# walking every live young object and promoting it, and an older one every tenth time: measured
+# in process, 5-10% of the loop's CPU per request (docs/architecture.md, "Per-request CPU").
 # Nearly all of those objects are freed by their reference counts before a collection at this
 # threshold comes; what a cycle keeps waits a little longer to be freed.
 GC_GEN0_THRESHOLD = 10_000
