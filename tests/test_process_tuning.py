@@ -16,7 +16,7 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.pooling import Floats
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.serve.process_tuning import worker_pool
+from embedplex.serve.process_tuning import GC_GEN0_THRESHOLD, worker_pool
 from helpers import fake_model, running
 
 # In a fresh interpreter: allocates 1 MiB, frees it, allocates it again, and prints how many
@@ -27,6 +27,7 @@ from embedplex.serve.process_tuning import tune_process
 if sys.argv[1] == "tuned":
     tune_process()
     print(sys.getswitchinterval())
+    import gc; print(gc.get_threshold()[0])
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (
         "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
@@ -54,8 +55,9 @@ def test_big_blocks_stay_mmapped_after_one_is_freed() -> None:
     # By default glibc raises its threshold to a freed mmapped block's size: the second 1 MiB
     # comes from the heap. Tuned, it is mapped again (and returned to the OS when freed).
     assert probe("default") == ["0"]
-    interval, mapped = probe("tuned")
+    interval, gen0, mapped = probe("tuned")
     assert float(interval) == pytest.approx(0.0005)
+    assert int(gen0) == GC_GEN0_THRESHOLD
     assert mapped == "1"
 
 

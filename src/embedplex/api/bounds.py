@@ -47,6 +47,8 @@ def token_ids(inputs: Sequence[object]) -> int:
 
 def check_tokens(request: Request, n: int, param: str) -> None:
     """At most ``max_request_tokens`` token ids in ``param``."""
+    if n == 0:  # texts (most requests): no settings to look up
+        return
     limit = _settings(request).max_request_tokens
     if n > limit:
         raise PayloadTooLargeError(

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from embedplex.api.bounds import check_tokens, token_ids
 from embedplex.api.observe import request_record
+from embedplex.api.responses import JsonResponse
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
 from embedplex.core.types import (
     EmbeddingService,
@@ -79,12 +80,7 @@ def tenant_of(request: Request, priority: Priority | None = None) -> Tenant:
 def json_response(
     body: Any, *, headers: dict[str, str] | None = None, status: int = 200
 ) -> Response:
-    return Response(
-        orjson.dumps(body, option=_JSON_OPTIONS),
-        status_code=status,
-        headers=headers,
-        media_type="application/json",
-    )
+    return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status, headers)
 
 
 def result_headers(result: EmbedResult) -> dict[str, str]:

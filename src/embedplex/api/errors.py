@@ -17,6 +17,7 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from embedplex.api.responses import JsonResponse
 from embedplex.core import errors as e
 
 logger = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ def error_response(
     out = dict(headers or {})
     if isinstance(exc, e.RateLimitedError) and exc.retry_after is not None:
         out["retry-after"] = str(max(1, round(exc.retry_after)))
-    return Response(
-        orjson.dumps(body), status_code=spec.status, headers=out, media_type="application/json"
-    )
+    return JsonResponse(orjson.dumps(body), spec.status, out)
 
 
 def status_error(status: int, message: str) -> e.EmbedplexError:

@@ -32,7 +32,7 @@ from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Priority, Tenant, curre
 if TYPE_CHECKING:
     from embedplex.config import Settings
     from embedplex.limits import RateLimiter
-    from embedplex.state.cache import KeyVerifier
+    from embedplex.state.cache import KeyRejectedError, KeyVerifier
 
 # Open to anyone, as in TEI: probes and docs (``docs_enabled = false`` turns the docs off), and
 # /metrics only with ``metrics_public`` (or on --metrics-port, which serves it alone).
@@ -56,8 +56,10 @@ class RequestId:
     """Take the caller's ``X-Request-ID`` (or make one), note it, and echo it on the answer."""
 
     def enter(self, ex: Exchange) -> None:
-        rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID] or new_request_id()
-        if _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
+        rid = (ex.header(b"x-request-id") or b"")[:_MAX_ID]
+        if not rid:
+            rid = new_request_id()  # hex digits: nothing to escape
+        elif _UNSAFE_ID.search(rid):  # it goes into log lines and back out as a header: escaped
             rid = _UNSAFE_ID.sub(lambda m: b"\\x%02x" % m[0][0], rid)[:_MAX_ID]
         ex.state["request_id"] = rid.decode("latin-1")
         ex.response_headers.append((b"x-request-id", rid))
@@ -141,14 +143,17 @@ class ManagedKeys:
     ) -> None:
         if static_key is not None and not static_key.strip():
             raise ValueError("api_key is set but empty")
+        # Imported here, once: the state store (and SQLAlchemy) only when keys are managed, and
+        # an import statement in ``enter`` cost each request about a microsecond.
+        from embedplex.state.cache import KeyRejectedError
+
+        self._rejected: type[KeyRejectedError] = KeyRejectedError
         self.verifier = verifier
         self.static = static_key.encode() if static_key else None
         self.statics = statics  # the [[api_keys]] table, beside the store's keys
         self.open_paths = _UNAUTHENTICATED if open_paths is None else open_paths
 
     def enter(self, ex: Exchange) -> Awaitable[None] | None:
-        from embedplex.state.cache import KeyRejectedError
-
         current_tenant.set(ANONYMOUS)
         if ex.path.startswith(self.open_paths):
             return None
@@ -156,7 +161,7 @@ class ManagedKeys:
         if given.startswith(_MANAGED_PREFIX):
             try:
                 tenant = self.verifier.cached(given)
-            except KeyRejectedError as exc:
+            except self._rejected as exc:
                 raise AuthenticationError(exc.reason) from None
             if tenant is None:
                 return self._verify(ex, given)

@@ -17,7 +17,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -29,6 +28,7 @@ from embedplex import __version__
 from embedplex.core.types import ModelInfo, Timings
 from embedplex.observability.key_metrics import KeyMetrics
 from embedplex.observability.limits import RateLimitMetrics
+from embedplex.observability.loop_metrics import HistogramSeries, LoopHistogram, LoopMetrics
 from embedplex.observability.model_metrics import ModelMetrics
 from embedplex.observability.providers import ProviderMetrics
 from embedplex.observability.ray_metrics import RayMetrics
@@ -113,7 +113,7 @@ class _EdgeCollector(Collector):
 
 
 class _RequestChildren:
-    """The label children of one (route, model), bound once: ``labels()`` is not free."""
+    """The series of one (route, model), bound once: ``labels()`` is not free."""
 
     __slots__ = ("duration", "success", "total")
 
@@ -130,9 +130,12 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.started = time.monotonic()
         labels = ["route", "model"]
-        self.requests = Counter("embedplex_requests", "API requests.", labels, registry=r)
-        self.request_success = Counter(
-            "embedplex_request_success", "API requests answered 2xx/3xx.", labels, registry=r
+        # Updated on every request: loop-only series, no locks (``loop_metrics.py``).
+        self._loop = loop = LoopMetrics()
+        r.register(loop)
+        self.requests = loop.counter("embedplex_requests", "API requests.", labels)
+        self.request_success = loop.counter(
+            "embedplex_request_success", "API requests answered 2xx/3xx.", labels
         )
         self.request_failures = Counter(
             "embedplex_request_failures",
@@ -140,12 +143,11 @@ class Metrics:
             [*labels, "error_type"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = loop.histogram(
             "embedplex_request_duration_seconds",
             "Time from request start until the response was sent.",
             labels,
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
         self.refusals = Counter(
             "embedplex_refusals",
@@ -178,16 +180,12 @@ class Metrics:
         self._edge = _EdgeCollector()
         r.register(self._edge)
         self._children: dict[tuple[str, str], _RequestChildren] = {}
-        self._stages: dict[str, tuple[Any, Any, Any]] = {}
+        self._stages: dict[str, tuple[HistogramSeries, HistogramSeries, HistogramSeries]] = {}
         self._models: dict[str, ModelMetrics] = {}
 
-    def _stage(self, stage: str, doc: str) -> Histogram:
-        return Histogram(
-            f"embedplex_{stage}_duration_seconds",
-            doc,
-            ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
+    def _stage(self, stage: str, doc: str) -> LoopHistogram:
+        return self._loop.histogram(
+            f"embedplex_{stage}_duration_seconds", doc, ["model"], DURATION_BUCKETS
         )
 
     def watch(self, source: Callable[[], GatewayView | None]) -> None:
@@ -219,7 +217,7 @@ class Metrics:
         error_type: str | None = None,
         timings: Timings | None = None,
     ) -> None:
-        """Record one finished API request (called by the middleware)."""
+        """Record one finished API request (called by the pipeline's observer, on the loop)."""
         children = self._children.get((route, model))
         if children is None:
             children = self._children[(route, model)] = _RequestChildren(self, route, model)
@@ -237,7 +235,9 @@ class Metrics:
             queue.observe(timings.queue / 1000)
             infer.observe(timings.inference / 1000)
 
-    def _stage_children(self, model: str) -> tuple[Any, Any, Any]:
+    def _stage_children(
+        self, model: str
+    ) -> tuple[HistogramSeries, HistogramSeries, HistogramSeries]:
         stages = self._stages.get(model)
         if stages is None:
             stages = self._stages[model] = (

@@ -1,0 +1,20 @@
+"""``JsonResponse`` writes the same head and body as Starlette's ``Response`` would."""
+
+from __future__ import annotations
+
+from starlette.responses import Response
+
+from embedplex.api.responses import JsonResponse
+
+
+def test_same_headers_and_body_as_starlette() -> None:
+    body = b'{"object":"list"}'
+    headers = {"X-Queue-Time": "1.250", "retry-after": "2"}
+    ours = JsonResponse(body, 429, headers)
+    theirs = Response(body, status_code=429, headers=headers, media_type="application/json")
+    assert ours.status_code == theirs.status_code == 429
+    assert ours.body == theirs.body
+    assert sorted(ours.raw_headers) == sorted(theirs.raw_headers)
+    assert sorted(JsonResponse(b"{}").raw_headers) == sorted(
+        Response(b"{}", media_type="application/json").raw_headers
+    )
