@@ -214,3 +214,33 @@ async def test_a_hit_is_served_while_identical_work_is_still_queued(tiny_model_d
         assert not busy.done()
         await busy
     assert hit.vectors
+
+
+@pytest.mark.model
+async def test_the_real_model_answers_hits_and_partial_hits_as_if_computed(
+    model_cache: Path,
+) -> None:
+    """The default build (create_app, 64 MiB) on all-MiniLM-L6-v2: a request with cached and
+    new inputs equals a fresh computation, vector for vector, usage included."""
+    settings = Settings(backend="torch", cache_dir=model_cache)
+    texts = ["a cat sat on the mat", "embeddings are vectors", "東京は日本の首都です", "ok"]
+    async with running(create_app(settings)) as client:
+        warm = await client.post("/v1/embeddings", json={"input": texts[1:3]})
+        mixed = await client.post("/v1/embeddings", json={"input": texts, "dimensions": 64})
+        fresh = await client.post(
+            "/v1/embeddings", json={"input": texts, "dimensions": 64, "cache": False}
+        )
+        tei = await client.post("/embed", json={"inputs": texts, "normalize": False})
+        tei_fresh = await client.post(
+            "/embed",
+            json={"inputs": texts, "normalize": False},
+            headers={"Cache-Control": "no-store"},
+        )
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert warm.status_code == mixed.status_code == fresh.status_code == 200
+    assert mixed.json()["usage"] == fresh.json()["usage"]
+    got = [d["embedding"] for d in mixed.json()["data"]]
+    assert got == [d["embedding"] for d in fresh.json()["data"]]
+    assert tei.json() == tei_fresh.json()
+    name = mixed.json()["model"]
+    assert value(metrics, "embedplex_cache_hits_total", model=name, tier="memory") == 2 + 4
