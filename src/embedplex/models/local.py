@@ -531,7 +531,7 @@ class LocalModel(Generic[R]):
                     waits[slot] = flight.join(loop)
             else:
                 tokenized = time.perf_counter()
-            ready = typing.cast(list[asyncio.Future[R]], waits)
+            ready = typing.cast("list[asyncio.Future[R]]", waits)  # a str: no alias per call
             # Most requests have one input: skip gather's extra future and callbacks.
             distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
         finally:
@@ -793,7 +793,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                     texts, truncate, direction, chosen(picked)
                 )
             done = await self._process_shared(
-                list[Hashable](keys) if rest is None else [keys[k] for k in rest],
+                typing.cast("list[Hashable]", keys) if rest is None else [keys[k] for k in rest],
                 encode,
                 chars,
                 defer,
