@@ -103,7 +103,8 @@ async def test_two_models_under_load_never_run_more_passes_than_the_layout(
         await m.start()
     try:
         requests = [
-            models[i % 2].embed(EmbedRequest(inputs=[f"hello {k}" for k in range(i % 5 + 1)]))
+            # Distinct texts: identical ones in flight would share a slot (models/dedupe.py).
+            models[i % 2].embed(EmbedRequest(inputs=[f"hello {i} {k}" for k in range(i % 5 + 1)]))
             for i in range(80)
         ]
         results = await asyncio.gather(*requests)

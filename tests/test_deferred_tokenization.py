@@ -57,16 +57,16 @@ async def test_a_batch_underrated_before_tokenizing_runs_in_pieces_within_the_bu
     backend = FakeBackend(delay=0.3)
     backend.run_tokens = 40  # the budget in force: 40 padded tokens per batch
     app = fake_app(tiny_model_dir, backend, inference_streams=1)
-    text = "a a a a a a a a a a"  # estimated 6 tokens, really 12 (a token per 2 characters)
+    # Each estimated 6 tokens, really 12 (a token per 2 characters); distinct, since identical
+    # texts in flight would share one slot (models/dedupe.py).
+    texts = [" ".join(letter * 10) for letter in "abcd"]
     async with running(app) as client:
         first = asyncio.create_task(client.post("/embed", json={"inputs": "keeps it busy"}))
         await asyncio.sleep(0.1)
         # Four estimated at 6 x 4 = 24 queue as one batch; really 12 x 4 = 48 > 40.
-        replies = await asyncio.gather(
-            *(client.post("/embed", json={"inputs": text}) for _ in range(4))
-        )
-        alone = await client.post("/embed", json={"inputs": text})
+        replies = await asyncio.gather(*(client.post("/embed", json={"inputs": t}) for t in texts))
+        alone = [await client.post("/embed", json={"inputs": t}) for t in texts]
         assert (await first).status_code == 200
     assert [r.status_code for r in replies] == [200] * 4
-    assert backend.batches[1:-1] == [(3, 12), (1, 12)]  # 36 and 12 padded tokens: each fits
-    assert all(r.json() == alone.json() for r in replies)
+    assert backend.batches[1:3] == [(3, 12), (1, 12)]  # 36 and 12 padded tokens: each fits
+    assert [r.json() for r in replies] == [r.json() for r in alone]

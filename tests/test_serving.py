@@ -121,7 +121,8 @@ async def test_batches_fit_one_forward_pass_and_group_lengths_across_the_queue(
     backend = FakeBackend(delay=0.3)
     backend.run_tokens = 80  # a long text here costs 32 tokens (estimated 39): two fit, not three
     app = fake_app(tiny_model_dir, backend, inference_streams=1)  # one batch at a time
-    long_text, short_text = "word " * 30, "hi"
+    # Two of each length, distinct: identical texts in flight would share one slot (dedupe.py).
+    longs, shorts = ("word " * 30, "word " * 29 + "hi"), ("hi", "word")
     async with httpx.AsyncClient() as client:
         with served(app) as url:
 
@@ -133,7 +134,7 @@ async def test_batches_fit_one_forward_pass_and_group_lengths_across_the_queue(
             await asyncio.sleep(0.1)
             # Queued behind it in arrival order long, short, long, short.
             queued = []
-            for text in (long_text, short_text, long_text, short_text):
+            for text in (longs[0], shorts[0], longs[1], shorts[1]):
                 queued.append(asyncio.create_task(post(text)))
                 await asyncio.sleep(0.02)
             codes = [await busy, *await asyncio.gather(*queued)]

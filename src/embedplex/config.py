@@ -384,6 +384,23 @@ class Settings(BaseSettings):
         5.0, gt=0, description="While Redis is away, how often it is probed to share again."
     )
 
+    # -- the embedding cache (docs/cache.md) ----------------------------------------------
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Bytes of local models' results kept in this process, shared by all "
+        "models; least recently used go first (0: no cache; identical inputs in flight are "
+        "still computed once).",
+    )
+    cache_redis: bool = Field(
+        False,
+        description="Share the embedding cache across replicas through redis_url (looked up "
+        "for inputs this process misses; written in the background).",
+    )
+    cache_ttl_s: int = Field(
+        86400, ge=1, description="Seconds an entry lives in the Redis tier of the cache."
+    )
+
     # Tables last: in TOML, top-level keys must come before [[tables]]. No flags for these.
     models: list[ModelConfig] = Field(
         default_factory=list,
@@ -480,6 +497,8 @@ class Settings(BaseSettings):
             and self.admin_secret.get_secret_value() == self.api_key.get_secret_value()
         ):
             raise ValueError("admin_secret must differ from api_key (every client has the key)")
+        if self.cache_redis and self.redis_url is None:
+            raise ValueError("cache_redis needs redis_url")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
             raise ValueError("max_batch_tokens must be at least max_input_length")
         names = [p.name for p in self.providers]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import typing
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
@@ -11,6 +12,7 @@ import orjson
 from pydantic import Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from embedplex.api.bounds import check_tokens, token_ids
 from embedplex.api.observe import request_record
@@ -117,9 +119,22 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def no_cache(scope: Scope) -> bool:
+    """``Cache-Control: no-cache`` or ``no-store`` on the request: the standard way to ask for
+    a fresh answer (``docs/cache.md``); read from the raw headers (no Headers object)."""
+    for name, value in scope["headers"]:
+        if name == b"cache-control":
+            directives = value.lower()
+            if b"no-cache" in directives or b"no-store" in directives:
+                return True
+    return False
+
+
 async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
     """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
     check_tokens(request, token_ids(core.inputs), "input")
+    if core.cache and no_cache(request.scope):
+        core = dataclasses.replace(core, cache=False)
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)

@@ -88,9 +88,12 @@ def render_status(payload: dict[str, Any], console: Console, url: str = "") -> N
     providers: dict[str, Any] = payload.get("providers") or {}
     if providers:
         console.print(_providers_table(providers))
+    cache: dict[str, Any] = payload.get("cache") or {}
+    if cache:
+        console.print(_cache_table(cache))
     # Sections added by other parts render as generic tables.
     for section, rows in payload.items():
-        if section not in ("models", "providers") and isinstance(rows, dict) and rows:
+        if section not in ("models", "providers", "cache") and isinstance(rows, dict) and rows:
             console.print(_generic_table(section, rows))
 
 
@@ -142,6 +145,37 @@ def _ray_table(models: dict[str, Any]) -> Table:
             ", ".join(f"{k} {v}" for k, v in sorted(per_replica.items())) or "-",
             str(m.get("retries", 0)),
             str(m.get("replica_failures", 0)),
+        )
+    return table
+
+
+def _cache_table(cache: dict[str, Any]) -> Table:
+    """The embedding cache: its fill in the title, then each model's hits, misses and joins."""
+    shared = cache.get("(all models)", {})
+    mib = 1024 * 1024
+    state = (
+        f"{shared.get('bytes', 0) / mib:.1f} of {shared.get('max_bytes', 0) / mib:.0f} MiB, "
+        f"{shared.get('entries', 0)} entries, {shared.get('evictions', 0)} evicted, "
+        f"redis {shared.get('redis', 'off')}"
+        if shared.get("enabled")
+        else "off (in-flight dedupe only)"
+    )
+    table = Table(title=f"Embedding cache: {state}", title_justify="left")
+    table.add_column("model")
+    for column in ("memory hits", "redis hits", "misses", "hit rate", "joined in flight"):
+        table.add_column(column, justify="right")
+    for name, c in cache.items():
+        if name == "(all models)":
+            continue
+        hits = c.get("hits_memory", 0) + c.get("hits_redis", 0)
+        looked = hits + c.get("misses", 0)
+        table.add_row(
+            name,
+            str(c.get("hits_memory", 0)),
+            str(c.get("hits_redis", 0)),
+            str(c.get("misses", 0)),
+            f"{hits / looked:.0%}" if looked else "-",
+            str(c.get("dedupe_joined", 0)),
         )
     return table
 

@@ -31,6 +31,7 @@ class EmbedRequest:
     dimensions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # provider-specific (input_type, ...)
     tenant: Tenant = ANONYMOUS  # who asked: the batcher's items carry its key id and priority
+    cache: bool = True  # False: neither read nor write the embedding cache (docs/cache.md)
 
     @property
     def is_tokens(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from embedplex.backends.passes import PassGate
+from embedplex.cache import EmbeddingCache
 from embedplex.config import ModelConfig, Settings
 from embedplex.core.types import ModelInfo, ServedModel
 from embedplex.gateway.allowed import AllowedModels
@@ -32,11 +33,12 @@ def build_gateway(settings: Settings) -> Gateway:
     from embedplex.providers.router import Router, remote_model
 
     allowed = AllowedModels.from_settings(settings)
+    cache = EmbeddingCache.from_settings(settings)  # one byte bound for every local model
     configs = settings.local_models()
     gate = core_gate(inference_layout(settings, model=m) for m in configs if m.runtime == "local")
     models: list[ServedModel] = []
     for config in configs:
-        model = _local(settings, config, gate, allowed)
+        model = _local(settings, config, gate, allowed, cache)
         if model is not None:
             models.append(model)
     router = Router(
@@ -52,11 +54,15 @@ def build_gateway(settings: Settings) -> Gateway:
             models.append(remote)
         else:
             logger.warning("route %s is outside the allowed lists: not served", route.model)
-    return Gateway(models, router=router, allowed=allowed)
+    return Gateway(models, router=router, allowed=allowed, cache=cache)
 
 
 def _local(
-    settings: Settings, config: ModelConfig, gate: PassGate, allowed: AllowedModels
+    settings: Settings,
+    config: ModelConfig,
+    gate: PassGate,
+    allowed: AllowedModels,
+    cache: EmbeddingCache,
 ) -> ServedModel | None:
     from embedplex.models.local import load_local_model
 
@@ -71,10 +77,10 @@ def _local(
     if config.load == "lazy":
         return LazyModel(
             placeholder(config),
-            lambda: load_local_model(settings, config, gate=gate),
+            lambda: load_local_model(settings, config, gate=gate, cache=cache),
             nice=settings.inference_nice,
         )
-    model = load_local_model(settings, config, gate=gate)
+    model = load_local_model(settings, config, gate=gate, cache=cache)
     if not allowed.allows(config.name, model.info.kind):  # its kind was read from its files
         logger.warning("model %s is outside the allowed lists: not served", config.name)
         model.backend.close()

@@ -27,6 +27,7 @@ from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, Ser
 from embedplex.gateway.allowed import AllowedModels
 
 if TYPE_CHECKING:
+    from embedplex.cache import EmbeddingCache
     from embedplex.providers.router import Router
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ class Gateway:
         *,
         router: Router | None = None,
         allowed: AllowedModels | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.router = router
+        # The local models' embedding cache and dedupe counts (one per process), if built.
+        self.cache = cache
         self.allowed = allowed or AllowedModels()
         self._models: dict[str, ServedModel] = {}
         # What ``pick`` reads on every request, kept from add and remove rather than worked out
@@ -105,6 +109,8 @@ class Gateway:
         await asyncio.gather(*(m.close(drain=drain) for m in self._models.values()))
         if self.router is not None:
             await self.router.close(drain=drain)
+        if self.cache is not None:
+            await self.cache.aclose()
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -294,6 +300,10 @@ class Gateway:
 
     def stats(self) -> dict[str, Any]:
         return {name: model.stats() for name, model in self._models.items()}
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """The embedding cache's state and each local model's counts (None: not built)."""
+        return self.cache.stats() if self.cache is not None else None
 
     def provider_stats(self) -> dict[str, Any]:
         return self.router.stats() if self.router is not None else {}

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -44,6 +44,8 @@ from embedplex.batching import (
     TokenBudget,
     make_queue,
 )
+from embedplex.cache import EmbeddingCache
+from embedplex.cache.keys import MemoryKey, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
 from embedplex.core.errors import (
     EmbedplexError,
@@ -63,6 +65,7 @@ from embedplex.core.types import (
     Vector,
 )
 from embedplex.models.config import KINDS, ModelConfig
+from embedplex.models.dedupe import Flight, Flights
 from embedplex.models.layout import inference_layout
 from embedplex.observability.tracing import current_span_context, request_stage_spans
 from embedplex.serve.process_tuning import worker_pool
@@ -226,8 +229,14 @@ class Processed(Generic[R]):
     tokenized: float
 
     def timings(self) -> Timings:
+        """``items`` may include inputs other callers queued (joined in flight): their stamps
+        still say when this caller's result was made; none at all when every input was cached."""
         end = time.perf_counter()
         items = self.items
+        if not items:
+            return Timings(
+                tokenization=(self.tokenized - self.start) * 1000, total=(end - self.start) * 1000
+            )
         return Timings(
             tokenization=(self.tokenized - self.start) * 1000,
             queue=max(i.started_at - i.enqueued_at for i in items) * 1000,
@@ -261,6 +270,7 @@ class LocalModel(Generic[R]):
         self._infer_pool: ThreadPoolExecutor | None = None
         self._token_pool: ThreadPoolExecutor | None = None
         self._batcher: Batcher[Payload, R] | None = None
+        self._flights: Flights = {}  # inputs queued or running, by what their result depends on
         self._info = ModelInfo(
             name=options.name,
             model_id=spec.model_id,
@@ -445,22 +455,13 @@ class LocalModel(Generic[R]):
         batch in one call just before its forward pass (without ``defer``, on the event loop).
         Longer requests are tokenized in the tokenizer pool before they queue.
         """
-        inline = chars <= self.options.tokenize_inline_chars
         start = time.perf_counter()
         self.admit()
         self._active += 1
         try:
-            payloads: list[Payload]
-            if inline:
-                payloads = list(defer()) if defer is not None else list(encode())
-            else:
-                loop = asyncio.get_running_loop()
-                payloads = list(await loop.run_in_executor(self._token_pool, encode))
+            payloads = await self._payloads(encode, chars, defer)
             tokenized = time.perf_counter()
-            # With tracing on, each item keeps the request's span so its batch span links to it.
-            trace = current_span_context() if self._tracer is not None else None
-            costs = [p.cost for p in payloads]
-            items = self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+            items = self._submit(payloads, tenant)
             try:
                 if len(items) == 1:  # most requests: skip gather's extra future and callbacks
                     results = [await items[0].future]
@@ -471,19 +472,119 @@ class LocalModel(Generic[R]):
                     item.future.cancel()  # no-op when done; drops the rest if we failed or left
         finally:
             self._active -= 1
-        if self._tracer is not None:
-            request_stage_spans(self._tracer, self.options.name, start, tokenized, items)
+        self._spans(start, tokenized, items)
         return Processed(results, items, start, tokenized)
 
+    async def _process_shared(
+        self,
+        keys: list[Hashable],
+        encode: Callable[[list[int]], list[Encoded]],
+        chars: Callable[[list[int]], int],
+        defer: Callable[[list[int]], list[Deferred]] | None,
+        tenant: Tenant,
+        on_store: Callable[[Hashable, R], None] | None = None,
+    ) -> Processed[R]:
+        """``_process`` where inputs identical to one queued or running (``keys`` equal) wait
+        on it instead of queuing again, within one request and across requests
+        (``dedupe.py``). ``encode``, ``chars`` and ``defer`` take the positions in ``keys`` of
+        the inputs to queue. ``on_store``: where results go once made, if given."""
+        start = time.perf_counter()
+        self.admit()
+        self._active += 1
+        loop = asyncio.get_running_loop()
+        flights = self._flights
+        slot_of: dict[Hashable, int] = {}
+        slots: list[int] = []  # per input: its index in ``waits``
+        shared: list[Flight[R] | None] = []
+        waits: list[asyncio.Future[R] | None] = []
+        fresh: list[int] = []  # inputs to queue (the first of each key nobody computes yet)
+        try:
+            for k, key in enumerate(keys):
+                slot = slot_of.get(key)
+                if slot is None:
+                    slot = slot_of[key] = len(waits)
+                    flight = flights.get(key)
+                    if flight is None:
+                        fresh.append(k)
+                        waits.append(None)
+                    else:
+                        if on_store is not None:
+                            flight.store = True
+                        waits.append(flight.join(loop))
+                    shared.append(flight)
+                slots.append(slot)
+            self._joined(len(keys) - len(fresh))
+            items: list[Item[Payload, R]] = []
+            if fresh:
+                payloads = await self._payloads(
+                    lambda: encode(fresh),
+                    chars(fresh),
+                    None if defer is None else lambda: defer(fresh),
+                )
+                tokenized = time.perf_counter()
+                items = self._submit(payloads, tenant)
+                for k, item in zip(fresh, items, strict=True):
+                    flight = Flight(flights, keys[k], item, on_store)
+                    flight.store = on_store is not None
+                    slot = slot_of[keys[k]]
+                    shared[slot] = flight
+                    waits[slot] = flight.join(loop)
+            else:
+                tokenized = time.perf_counter()
+            ready = typing.cast("list[asyncio.Future[R]]", waits)  # a str: no alias per call
+            # Most requests have one input: skip gather's extra future and callbacks.
+            distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
+        finally:
+            self._active -= 1
+            for flight, wait in zip(shared, waits, strict=False):
+                if (
+                    flight is not None
+                    and wait is not None
+                    and (wait.cancelled() or not wait.done())
+                ):
+                    flight.leave()  # others may still wait on it: it goes only when all have
+        mine = [f.item for f in shared if f is not None]
+        self._spans(start, tokenized, mine)
+        return Processed([distinct[s] for s in slots], mine, start, tokenized)
+
+    def _joined(self, n: int) -> None:
+        """Count ``n`` inputs that joined work already in flight (for metrics)."""
+
+    async def _payloads(
+        self,
+        encode: Callable[[], list[Encoded]],
+        chars: int,
+        defer: Callable[[], list[Deferred]] | None,
+    ) -> list[Payload]:
+        if chars <= self.options.tokenize_inline_chars:
+            return list(defer()) if defer is not None else list(encode())
+        loop = asyncio.get_running_loop()
+        return list(await loop.run_in_executor(self._token_pool, encode))
+
+    def _submit(self, payloads: list[Payload], tenant: Tenant) -> list[Item[Payload, R]]:
+        # With tracing on, each item keeps the request's span so its batch span links to it.
+        trace = current_span_context() if self._tracer is not None else None
+        costs = [p.cost for p in payloads]
+        return self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+
+    def _spans(self, start: float, tokenized: float, items: list[Item[Payload, R]]) -> None:
+        if self._tracer is not None and items:
+            request_stage_spans(self._tracer, self.options.name, start, tokenized, items)
+
     def _deferred(
-        self, texts: list[str], truncate: bool, direction: TruncationDirection
+        self,
+        texts: list[str],
+        truncate: bool,
+        direction: TruncationDirection,
+        picked: list[int] | None = None,
     ) -> list[Deferred]:
+        """``picked``: only these positions of ``texts`` (their positions name them in errors)."""
         # The cost is a guess until the thread tokenizes (about 4 characters a token); it only
         # groups similar lengths and sizes the batch, and _infer splits a batch it underrated.
         cap = self.spec.max_input_length
+        ks = range(len(texts)) if picked is None else picked
         return [
-            Deferred(text, k, truncate, direction, min(cap, len(text) // 4 + 2))
-            for k, text in enumerate(texts)
+            Deferred(texts[k], k, truncate, direction, min(cap, len(texts[k]) // 4 + 2)) for k in ks
         ]
 
     def _truncate(self, requested: bool | None) -> bool:
@@ -500,8 +601,56 @@ class Pooled:
     tokens: int
 
 
+# What one cache entry costs besides its key's text and its two vectors: the key tuple, the
+# Pooled, two array headers, the LRU's slot (measured with tracemalloc: docs/cache.md).
+_ENTRY_OVERHEAD = 512
+
+
+def _owned(raw: Vector, unit: Vector, tokens: int) -> Pooled:
+    raw = raw.copy()
+    unit = unit.copy()
+    raw.flags.writeable = False
+    unit.flags.writeable = False
+    return Pooled(raw, unit, tokens)
+
+
+def _size(key: MemoryKey, pooled: Pooled) -> int:
+    """The bytes one entry holds: its text (or ids), both vectors, and the rest."""
+    return sys.getsizeof(key[0]) + pooled.raw.nbytes + pooled.unit.nbytes + _ENTRY_OVERHEAD
+
+
 class LocalEmbeddingModel(LocalModel[Pooled]):
+    """Pools vectors; identical inputs in flight share one slot, and results are cached
+    (``cache``: the process's ``EmbeddingCache``, shared by every local model)."""
+
     _tokens: LocalTokenModel | None = None  # made on the first embed_all (token_level.py)
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: TextTokenizer,
+        backend: Backend,
+        options: LocalModelOptions,
+        *,
+        observers: list[BatchObserver] | None = None,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        super().__init__(spec, tokenizer, backend, options, observers=observers)
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self._counts = self.cache.counts_of(options.name)
+        self._tag = EmbeddingCache.new_tag()
+        # Names this instance across replicas: what the same name may be served from.
+        self._identity = model_identity(
+            spec.model_id,
+            spec.sha,
+            spec.pooling.value,
+            backend.name,
+            backend.dtype,
+            spec.max_input_length,
+        )
+
+    def _joined(self, n: int) -> None:
+        self._counts.dedupe_joined += n
 
     @classmethod
     def load(
@@ -516,7 +665,49 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
     def _forward(self, batch: TokenBatch) -> list[Pooled]:
         raw = self.backend.embed(batch)
         lengths = batch.attention_mask.sum(axis=1).tolist()
-        return [Pooled(r, u, n) for r, u, n in zip(raw, normalize_rows(raw), lengths, strict=True)]
+        units = normalize_rows(raw)
+        if self.cache.memory is None:
+            return [Pooled(r, u, n) for r, u, n in zip(raw, units, lengths, strict=True)]
+        # Cached rows own their memory (a row of the batch's matrix would keep all of it
+        # alive) and are read-only: every caller that gets them shares them.
+        return [_owned(r, u, n) for r, u, n in zip(raw, units, lengths, strict=True)]
+
+    async def _lookup(self, keys: list[MemoryKey]) -> list[Pooled | None]:
+        """Each input's cached result, or None: this process first, then (one round trip, for
+        what missed and nobody here computes now) the Redis tier."""
+        memory = self.cache.memory
+        assert memory is not None
+        counts = self._counts
+        found: list[Pooled | None] = [memory.get(key) for key in keys]
+        missed = [k for k, p in enumerate(found) if p is None]
+        counts.hits_memory += len(keys) - len(missed)
+        redis = self.cache.redis
+        if missed and redis is not None and redis.up:
+            asked = [k for k in missed if keys[k] not in self._flights]
+            values = await redis.get_many([redis_key(self._identity, keys[k]) for k in asked])
+            dim = self.backend.dim
+            for k, value in zip(asked, values, strict=True):
+                got = unpack(value, dim) if value is not None else None
+                if got is not None:
+                    raw, tokens = got
+                    pooled = _owned(raw, normalize_rows(raw), tokens)
+                    found[k] = pooled
+                    memory.put(keys[k], pooled, _size(keys[k], pooled))
+                    counts.hits_redis += 1
+            missed = [k for k in missed if found[k] is None]
+        counts.misses += len(missed)
+        return found
+
+    def _remember(self, key: Hashable, pooled: Pooled) -> None:
+        """A result just made: into this process's cache, and Redis's in the background."""
+        memory = self.cache.memory
+        if memory is None:
+            return
+        mkey = typing.cast(MemoryKey, key)
+        memory.put(mkey, pooled, _size(mkey, pooled))
+        redis = self.cache.redis
+        if redis is not None:
+            redis.put(redis_key(self._identity, mkey), pack(pooled.raw, pooled.tokens))
 
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None:
@@ -544,34 +735,89 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                 f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
                 param="dimensions",
             )
+        start = time.perf_counter()
         truncate = self._truncate(request.truncate)
         direction = request.truncation_direction
-        done: Processed[Pooled]
+        left = direction == TruncationDirection.LEFT  # the enum, or its value as a str
+        tag = self._tag
+        texts: list[str] = []
+        ids: list[list[int]] = []
+        keys: list[MemoryKey]
         if request.is_tokens:
             ids = typing.cast(list[list[int]], request.inputs)
-            done = await self._process(
-                lambda: self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction),
-                sys.maxsize,  # token ids need no tokenizing, but validating long lists is not free
-                tenant=request.tenant,
-            )
+            keys = [(tuple(seq), truncate, left, tag) for seq in ids]
         else:
             texts = self._texts(request)
-            done = await self._process(
-                lambda: self.tokenizer.encode(texts, truncate=truncate, direction=direction),
-                sum(len(t) for t in texts),
-                lambda: self._deferred(texts, truncate, direction),
-                tenant=request.tenant,
+            keys = [(text, truncate, left, tag) for text in texts]
+        use_cache = request.cache and self.cache.memory is not None
+        cached = await self._lookup(keys) if use_cache else None
+        rest: list[int] | None = None  # the inputs to compute (None: all of them)
+        if cached is not None:
+            rest = [k for k, p in enumerate(cached) if p is None]
+
+        def chosen(picked: list[int]) -> list[int]:  # positions in ``rest`` -> in the request
+            return picked if rest is None else [rest[j] for j in picked]
+
+        def encode(picked: list[int]) -> list[Encoded]:
+            ks = chosen(picked)
+            try:
+                if request.is_tokens:
+                    return self.tokenizer.encode_ids(
+                        [ids[k] for k in ks], truncate=truncate, direction=direction
+                    )
+                return self.tokenizer.encode(
+                    [texts[k] for k in ks], truncate=truncate, direction=direction
+                )
+            except EmbedplexError:
+                if len(ks) < len(keys):  # name the input by its place in the whole request
+                    if request.is_tokens:
+                        self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
+                    else:
+                        self.tokenizer.encode(texts, truncate=truncate, direction=direction)
+                raise
+
+        results: list[Pooled]
+        timings: Timings
+        if rest is not None and not rest:  # every input was cached: the queue never sees it
+            results = typing.cast(list[Pooled], cached)
+            took = (time.perf_counter() - start) * 1000
+            timings = Timings(total=took)
+        else:
+            if request.is_tokens:
+                # token ids need no tokenizing, but validating long lists is not free
+                chars: Callable[[list[int]], int] = lambda picked: sys.maxsize  # noqa: E731
+                defer = None
+            else:
+                chars = lambda picked: sum(len(texts[k]) for k in chosen(picked))  # noqa: E731
+                defer = lambda picked: self._deferred(  # noqa: E731
+                    texts, truncate, direction, chosen(picked)
+                )
+            done = await self._process_shared(
+                typing.cast("list[Hashable]", keys) if rest is None else [keys[k] for k in rest],
+                encode,
+                chars,
+                defer,
+                request.tenant,
+                self._remember if use_cache else None,
             )
+            if rest is None:
+                results = done.results
+            else:  # merge: cached inputs where they were, computed ones in order between
+                merged = typing.cast(list[Pooled], cached)
+                for k, pooled in zip(rest, done.results, strict=True):
+                    merged[k] = pooled
+                results = merged
+            timings = done.timings()
         if dims is None:
-            vectors = [p.unit if request.normalize else p.raw for p in done.results]
+            vectors = [p.unit if request.normalize else p.raw for p in results]
         else:  # Matryoshka: cut first, then normalize what is left
-            matrix = np.stack([p.raw[:dims] for p in done.results])
+            matrix = np.stack([p.raw[:dims] for p in results])
             vectors = list(normalize_rows(matrix) if request.normalize else matrix)
         return EmbedResult(
             vectors=vectors,
-            prompt_tokens=sum(p.tokens for p in done.results),
+            prompt_tokens=sum(p.tokens for p in results),  # hits too: the same answer
             model=self.options.name,
-            timings=done.timings(),
+            timings=timings,
         )
 
     async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult:
@@ -610,11 +856,13 @@ def load_local_model(
     *,
     observers: list[BatchObserver] | None = None,
     gate: PassGate | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> LocalModel[Any]:
     """Resolve, read and load a configured model (blocking I/O; call from a thread).
 
     ``model``: a resolved table of ``Settings.local_models()`` (default: the flat settings'
-    one model); ``gate``: the process's core gate (``models/layout.py``).
+    one model); ``gate``: the process's core gate (``models/layout.py``); ``cache``: the
+    process's embedding cache (default: none, in-flight dedupe only).
     """
     m = model or settings.flat_model()
     path, sha = resolve_model_dir(m.model_id, revision=m.revision, cache_dir=settings.cache_dir)
@@ -649,4 +897,4 @@ def load_local_model(
         from embedplex.models.rerank import LocalRerankModel
 
         return LocalRerankModel(spec, tokenizer, backend, options, observers=observers)
-    return LocalEmbeddingModel(spec, tokenizer, backend, options, observers=observers)
+    return LocalEmbeddingModel(spec, tokenizer, backend, options, observers=observers, cache=cache)

@@ -74,6 +74,7 @@ class _GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         gw = self.source()
+        yield from _cache_metrics(getattr(gw, "cache_stats", lambda: None)())
         stats = gw.stats() if gw is not None else {}
         for key, (name, doc) in _STATE_GAUGES.items():
             family = GaugeMetricFamily(name, doc, labels=["model"])
@@ -84,6 +85,47 @@ class _GatewayCollector(Collector):
         ready = GaugeMetricFamily("embedplex_ready", "1 when /health/ready answers 200.")
         ready.add_metric([], 1.0 if gw is not None and gw.ready()[0] else 0.0)
         yield ready
+
+
+def _cache_metrics(stats: dict[str, Any] | None) -> Iterator[Metric]:
+    """The embedding cache's counts (``cache/embeddings.py``), kept as plain ints there."""
+    if stats is None:  # no cache built (an embedded gateway, a test): no families
+        return
+    models: dict[str, dict[str, int]] = stats["models"]
+    hits = CounterMetricFamily(
+        "embedplex_cache_hits",
+        "Inputs answered from the embedding cache, by tier.",
+        labels=["model", "tier"],
+    )
+    misses = CounterMetricFamily(
+        "embedplex_cache_misses",
+        "Inputs looked up in the embedding cache and not found.",
+        labels=["model"],
+    )
+    joined = CounterMetricFamily(
+        "embedplex_dedupe_joined",
+        "Inputs that shared the slot of an identical input already queued or running.",
+        labels=["model"],
+    )
+    for name, c in models.items():
+        hits.add_metric([name, "memory"], c["hits_memory"])
+        hits.add_metric([name, "redis"], c["hits_redis"])
+        misses.add_metric([name], c["misses"])
+        joined.add_metric([name], c["dedupe_joined"])
+    yield hits
+    yield misses
+    yield joined
+    yield CounterMetricFamily(
+        "embedplex_cache_evictions",
+        "Entries the embedding cache dropped to stay within cache_max_bytes.",
+        value=stats["evictions"],
+    )
+    yield GaugeMetricFamily(
+        "embedplex_cache_bytes", "Bytes held by the embedding cache.", value=stats["bytes"]
+    )
+    yield GaugeMetricFamily(
+        "embedplex_cache_entries", "Entries in the embedding cache.", value=stats["entries"]
+    )
 
 
 EdgeStats = Callable[[], tuple[int, dict[str, int]]]

@@ -38,6 +38,9 @@ class ApiEmbedBody(BaseModel):
     model: str | None = Field(None, description="Served model name; with one served, any name.")
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     priority: PriorityField = None
+    cache: StrictBool = Field(
+        True, description="embedplex extension: false neither reads nor writes the cache."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> ApiEmbedBody:
@@ -83,7 +86,10 @@ async def _embed(body: ApiEmbedBody, request: Request) -> Response:
             {"embeddings": [], "model": model.info.name, "count": 0, "dimensions": 0}
         )
     core = EmbedRequest(
-        inputs=texts, truncate=body.truncate, tenant=tenant_of(request, body.priority)
+        inputs=texts,
+        truncate=body.truncate,
+        tenant=tenant_of(request, body.priority),
+        cache=body.cache,
     )
     result = await run_embed(request, model, core)
     return json_response(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex.api.common import (
@@ -52,6 +52,9 @@ class EmbeddingsRequest(BaseModel):
         None, description="Remote providers: query or document (Voyage, Cohere)."
     )
     priority: PriorityField = None
+    cache: StrictBool = Field(
+        True, description="embedplex extension: false neither reads nor writes the cache."
+    )
 
     def routing(self) -> tuple[list[str], str | None]:
         """The providers and policy the caller asked for (empty: the model's own route)."""
@@ -91,6 +94,7 @@ def to_core(body: EmbeddingsRequest, request: Request) -> EmbedRequest:
         dimensions=body.dimensions,
         extra=extra,
         tenant=tenant_of(request, body.priority),
+        cache=body.cache,
     )
 
 

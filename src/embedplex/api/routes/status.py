@@ -54,7 +54,17 @@ def build_status(gw: Gateway, telemetry: Telemetry) -> dict[str, Any]:
         "uptime_s": round(time.monotonic() - metrics.started, 3),
         "models": models,
         "providers": gw.provider_stats(),
+        **_cache_section(gw.cache_stats()),
     }
+
+
+def _cache_section(stats: dict[str, Any] | None) -> dict[str, Any]:
+    """``cache``: one row for the shared cache, one per model with its counts (rendered by
+    ``embedplex status`` as a table)."""
+    if stats is None:
+        return {}
+    models = stats.pop("models")
+    return {"cache": {"(all models)": stats, **models}}
 
 
 def _batch_sources(model: str, stats: dict[str, Any]) -> list[str]:

@@ -40,6 +40,9 @@ class EmbedBody(BaseModel):
     dimensions: StrictInt | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
     priority: PriorityField = None
+    cache: StrictBool = Field(
+        True, description="embedplex extension: false neither reads nor writes the cache."
+    )
 
 
 class NativeEmbedBody(BaseModel):
@@ -50,6 +53,9 @@ class NativeEmbedBody(BaseModel):
     truncate: StrictBool | None = None
     model: str | None = None
     priority: PriorityField = None
+    cache: StrictBool = Field(
+        True, description="embedplex extension: false neither reads nor writes the cache."
+    )
 
 
 class TokenizeBody(BaseModel):
@@ -71,6 +77,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         prompt_name=body.prompt_name,
         dimensions=body.dimensions,
         tenant=tenant_of(request, body.priority),
+        cache=body.cache,
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response(np.stack(result.vectors), headers=result_headers(result))
@@ -83,6 +90,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
         normalize=body.normalize,
         truncate=body.truncate,
         tenant=tenant_of(request, body.priority),
+        cache=body.cache,
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
