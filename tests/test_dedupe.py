@@ -76,11 +76,13 @@ async def test_a_caller_that_leaves_does_not_fail_the_others(tiny_model_dir: Pat
         first.cancel()  # the caller whose item it is leaves first
         with pytest.raises(asyncio.CancelledError):
             await first
-        assert model.batcher.queued == 1  # still queued for the one who stays
+        # Queued again for the one who stays (the dropped item leaves the queue when it is cut).
+        assert model._flights[("shared", True, False, model._tag)].item.waiting
         kept = await second
         await busy
         alone = await model.embed(req("shared", cache=False))
     np.testing.assert_array_equal(kept.vectors[0], alone.vectors[0])
+    assert [b[0] for b in backend.batches[1:]] == [1, 1]  # "shared" once, then "alone"
 
 
 async def test_the_work_is_dropped_once_every_caller_has_left(tiny_model_dir: Path) -> None:

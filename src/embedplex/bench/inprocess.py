@@ -18,6 +18,7 @@ from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
 from embedplex.backends.model_files import load_spec, resolve_model_dir
 from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
 from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
@@ -33,7 +34,9 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
             path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
         )
         options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
-        return Gateway([LocalEmbeddingModel(spec, tokenizer, backend, options)])
+        cache = EmbeddingCache.from_settings(settings)  # as served: the configured cache
+        model = LocalEmbeddingModel(spec, tokenizer, backend, options, cache=cache)
+        return Gateway([model], cache=cache)
 
     return factory
 

@@ -144,15 +144,16 @@ async def drive(
     *,
     instrument: bool = False,
     clock: GcClock | None = None,
+    cache_max_bytes: int = 0,
 ) -> float:
     """Serve ``requests`` requests from ``callers`` concurrent callers; CPU seconds they took.
 
     With ``clock`` the collector stays on (as the app left it after loading) and is timed."""
-    app = create_app(
-        Settings.load(None, log_requests=False), gateway_factory=fake_gateway(FakeBackend(dim))
-    )
+    settings = Settings.load(None, log_requests=False, cache_max_bytes=cache_max_bytes)
+    app = create_app(settings, gateway_factory=fake_gateway(FakeBackend(dim)))
     shutdown = await _lifespan(app)
-    texts = make_texts(TokenSpec(tokens, tokens), 64)
+    # Every request its own text: neither the cache nor in-flight dedupe may answer one.
+    texts = make_texts(TokenSpec(tokens, tokens), requests + 2 * callers, seed=7)
     key = "input" if dialect == "openai" else "inputs"
     path = "/v1/embeddings" if dialect == "openai" else "/embed"
     bodies = [orjson.dumps({key: t}) for t in texts]
@@ -162,7 +163,7 @@ async def drive(
         nonlocal left
         while left > 0:
             left -= 1
-            status = await _call(app, bodies[(i + left) % len(bodies)], path)
+            status = await _call(app, bodies[2 * callers + left], path)
             if status != 200:
                 raise RuntimeError(f"status {status}")
 
@@ -199,6 +200,9 @@ def main() -> None:
     )
     parser.add_argument("--gc", action="store_true", help="keep the collector on; time it")
     parser.add_argument("--gen0", type=int, help="the collector's generation-0 threshold")
+    parser.add_argument(
+        "--cache-max-bytes", type=int, default=0, help="the embedding cache (0: off, as before)"
+    )
     args = parser.parse_args()
     if args.gen0 is not None:
         gc.set_threshold(args.gen0, *gc.get_threshold()[1:])
@@ -212,6 +216,7 @@ def main() -> None:
             args.dialect,
             instrument=args.callgrind,
             clock=clock,
+            cache_max_bytes=args.cache_max_bytes,
         )
     )
     print(f"{args.requests} requests, {cpu / args.requests * 1e6:.1f} us CPU per request")

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import typing
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -477,7 +477,7 @@ class LocalModel(Generic[R]):
 
     async def _process_shared(
         self,
-        keys: list[Hashable],
+        keys: Sequence[Hashable],
         encode: Callable[[list[int]], list[Encoded]],
         chars: Callable[[list[int]], int],
         defer: Callable[[list[int]], list[Deferred]] | None,
@@ -487,17 +487,18 @@ class LocalModel(Generic[R]):
         """``_process`` where inputs identical to one queued or running (``keys`` equal) wait
         on it instead of queuing again, within one request and across requests
         (``dedupe.py``). ``encode``, ``chars`` and ``defer`` take the positions in ``keys`` of
-        the inputs to queue. ``on_store``: where results go once made, if given."""
+        the inputs to queue. ``on_store``: where this caller's results go once made, if given."""
         start = time.perf_counter()
         self.admit()
         self._active += 1
-        loop = asyncio.get_running_loop()
         flights = self._flights
         slot_of: dict[Hashable, int] = {}
         slots: list[int] = []  # per input: its index in ``waits``
         shared: list[Flight[R] | None] = []
         waits: list[asyncio.Future[R] | None] = []
         fresh: list[int] = []  # inputs to queue (the first of each key nobody computes yet)
+        own: list[Flight[R]] = []
+        joined: list[tuple[Flight[R], asyncio.Future[R]]] = []
         try:
             for k, key in enumerate(keys):
                 slot = slot_of.get(key)
@@ -508,13 +509,13 @@ class LocalModel(Generic[R]):
                         fresh.append(k)
                         waits.append(None)
                     else:
-                        if on_store is not None:
-                            flight.store = True
-                        waits.append(flight.join(loop))
+                        waiter = flight.join(asyncio.get_running_loop())
+                        joined.append((flight, waiter))
+                        waits.append(waiter)
                     shared.append(flight)
                 slots.append(slot)
-            self._joined(len(keys) - len(fresh))
-            items: list[Item[Payload, R]] = []
+            if joined:
+                self._joined(len(keys) - len(fresh))
             if fresh:
                 payloads = await self._payloads(
                     lambda: encode(fresh),
@@ -523,29 +524,38 @@ class LocalModel(Generic[R]):
                 )
                 tokenized = time.perf_counter()
                 items = self._submit(payloads, tenant)
+                requeue = self._requeue
                 for k, item in zip(fresh, items, strict=True):
-                    flight = Flight(flights, keys[k], item, on_store)
-                    flight.store = on_store is not None
+                    flight = Flight(flights, keys[k], item, requeue, tenant)
+                    own.append(flight)
                     slot = slot_of[keys[k]]
                     shared[slot] = flight
-                    waits[slot] = flight.join(loop)
+                    waits[slot] = item.future  # the leader waits on its item itself
             else:
                 tokenized = time.perf_counter()
-            ready = typing.cast("list[asyncio.Future[R]]", waits)  # a str: no alias per call
+            ready: list[asyncio.Future[R]] = waits  # type: ignore[assignment]  # all set now
             # Most requests have one input: skip gather's extra future and callbacks.
             distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
         finally:
             self._active -= 1
-            for flight, wait in zip(shared, waits, strict=False):
-                if (
-                    flight is not None
-                    and wait is not None
-                    and (wait.cancelled() or not wait.done())
-                ):
+            for flight in own:
+                flight.release()  # joiners, if any, keep it (queued again if we cancelled it)
+            for flight, waiter in joined:
+                if not waiter.done() or waiter.cancelled():
                     flight.leave()  # others may still wait on it: it goes only when all have
+        if on_store is not None:  # once per computation, by whichever caller resumes first
+            for key, slot in slot_of.items():
+                made = shared[slot]
+                if made is not None and not made.stored:
+                    made.stored = True
+                    on_store(key, distinct[slot])
         mine = [f.item for f in shared if f is not None]
         self._spans(start, tokenized, mine)
         return Processed([distinct[s] for s in slots], mine, start, tokenized)
+
+    def _requeue(self, item: Item[Payload, R], tenant: Tenant) -> Item[Payload, R]:
+        """Queue a dropped item's payload again (joiners still wait on it: ``dedupe.py``)."""
+        return self.batcher.submit([item.payload], [item.cost], trace=item.trace, tenant=tenant)[0]
 
     def _joined(self, n: int) -> None:
         """Count ``n`` inputs that joined work already in flight (for metrics)."""
@@ -672,38 +682,45 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         # alive) and are read-only: every caller that gets them shares them.
         return [_owned(r, u, n) for r, u, n in zip(raw, units, lengths, strict=True)]
 
-    async def _lookup(self, keys: list[MemoryKey]) -> list[Pooled | None]:
-        """Each input's cached result, or None: this process first, then (one round trip, for
-        what missed and nobody here computes now) the Redis tier."""
+    def _lookup(self, keys: list[MemoryKey]) -> tuple[list[Pooled | None], list[int]]:
+        """Each input's result in this process's cache (or None), and the positions missed."""
         memory = self.cache.memory
         assert memory is not None
-        counts = self._counts
-        found: list[Pooled | None] = [memory.get(key) for key in keys]
+        get = memory.get
+        found: list[Pooled | None] = [get(key) for key in keys]
         missed = [k for k, p in enumerate(found) if p is None]
-        counts.hits_memory += len(keys) - len(missed)
+        self._counts.hits_memory += len(keys) - len(missed)
+        return found, missed
+
+    async def _lookup_shared(
+        self, keys: list[MemoryKey], found: list[Pooled | None], missed: list[int]
+    ) -> list[int]:
+        """Fill ``found`` from the Redis tier (one round trip) for what missed here and nobody
+        here computes now; the positions still missed."""
         redis = self.cache.redis
-        if missed and redis is not None and redis.up:
-            asked = [k for k in missed if keys[k] not in self._flights]
-            values = await redis.get_many([redis_key(self._identity, keys[k]) for k in asked])
-            dim = self.backend.dim
-            for k, value in zip(asked, values, strict=True):
-                got = unpack(value, dim) if value is not None else None
-                if got is not None:
-                    raw, tokens = got
-                    pooled = _owned(raw, normalize_rows(raw), tokens)
-                    found[k] = pooled
-                    memory.put(keys[k], pooled, _size(keys[k], pooled))
-                    counts.hits_redis += 1
-            missed = [k for k in missed if found[k] is None]
-        counts.misses += len(missed)
-        return found
+        memory = self.cache.memory
+        assert redis is not None
+        assert memory is not None
+        asked = [k for k in missed if keys[k] not in self._flights]
+        values = await redis.get_many([redis_key(self._identity, keys[k]) for k in asked])
+        dim = self.backend.dim
+        counts = self._counts
+        for k, value in zip(asked, values, strict=True):
+            got = unpack(value, dim) if value is not None else None
+            if got is not None:
+                raw, tokens = got
+                pooled = _owned(raw, normalize_rows(raw), tokens)
+                found[k] = pooled
+                memory.put(keys[k], pooled, _size(keys[k], pooled))
+                counts.hits_redis += 1
+        return [k for k in missed if found[k] is None]
 
     def _remember(self, key: Hashable, pooled: Pooled) -> None:
         """A result just made: into this process's cache, and Redis's in the background."""
         memory = self.cache.memory
         if memory is None:
             return
-        mkey = typing.cast(MemoryKey, key)
+        mkey: MemoryKey = key  # type: ignore[assignment]  # no cast call per result
         memory.put(mkey, pooled, _size(mkey, pooled))
         redis = self.cache.redis
         if redis is not None:
@@ -750,10 +767,14 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             texts = self._texts(request)
             keys = [(text, truncate, left, tag) for text in texts]
         use_cache = request.cache and self.cache.memory is not None
-        cached = await self._lookup(keys) if use_cache else None
+        cached: list[Pooled | None] | None = None
         rest: list[int] | None = None  # the inputs to compute (None: all of them)
-        if cached is not None:
-            rest = [k for k, p in enumerate(cached) if p is None]
+        if use_cache:
+            cached, rest = self._lookup(keys)
+            redis = self.cache.redis
+            if rest and redis is not None and redis.up:
+                rest = await self._lookup_shared(keys, cached, rest)
+            self._counts.misses += len(rest)
 
         def chosen(picked: list[int]) -> list[int]:  # positions in ``rest`` -> in the request
             return picked if rest is None else [rest[j] for j in picked]
@@ -793,7 +814,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                     texts, truncate, direction, chosen(picked)
                 )
             done = await self._process_shared(
-                typing.cast("list[Hashable]", keys) if rest is None else [keys[k] for k in rest],
+                keys if rest is None else [keys[k] for k in rest],
                 encode,
                 chars,
                 defer,
