@@ -25,7 +25,7 @@ ServerFactory = Callable[..., Any]
 @pytest.mark.parametrize("dialect", ["openai", "tei"])
 async def test_load_counts_every_answer(server: ServerFactory, dialect: str) -> None:
     backend = FakeBackend(dim=384)
-    async with server(backend) as url:
+    async with server(backend, cache_max_bytes=0) as url:  # the load cycles its bodies
         seen: list[int] = []
         result = await run_load(
             LoadOptions(
