@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from embedplex.api.bounds import check_tokens, token_ids
+from embedplex.api.channel import CHANNEL_KEY, Channel
 from embedplex.api.observe import request_record
 from embedplex.api.responses import JsonResponse
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
@@ -100,11 +101,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     ``work`` runs in the caller's own task and one watcher task cancels that task when the
     client disconnects: no second task and no ``asyncio.wait`` per request, which on the hot
-    path cost as much as the rest of the route together.
+    path cost as much as the rest of the route together. Under our own server not even the
+    watcher: its connection cancels the task it was given (``api/channel.py``).
     """
     task = asyncio.current_task()
     if task is None:  # not in a task (cannot happen under an ASGI server): nothing to cancel
         return await work
+    channel: Channel | None = request.scope.get(CHANNEL_KEY)
+    if channel is not None:  # our server cancels the task itself when the client leaves
+        return await _unless_gone(channel, task, work)
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, task))
     try:
         return await work
@@ -115,6 +120,24 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
+
+
+async def _unless_gone(channel: Channel, task: asyncio.Task[Any], work: Awaitable[T]) -> T:
+    if channel.gone:
+        close = getattr(work, "close", None)  # a coroutine never awaited: no warning
+        if close is not None:
+            close()
+        raise ClientGoneError
+    channel.watch(task)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if channel.cancelled_watched():
+            task.uncancel()
+            raise ClientGoneError from None
+        raise
+    finally:
+        channel.watch(None)
 
 
 async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
