@@ -51,6 +51,7 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
+from embedplex.providers.deadlines import DeadlineExpired, deadline_timer
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
@@ -215,6 +216,17 @@ class Router:
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
         runtimes = self._runtimes(len(request.inputs), "input", providers)
+        if len(runtimes) == 1 and policy != "all":  # one provider: _any's loop, inlined
+            rt = runtimes[0]
+            if not rt.health.available():
+                raise UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+            try:
+                return await rt.embed(request)
+            except ClientError:
+                raise
+            except EmbedplexError:
+                rt.counters["failovers"] += 1
+                raise
         return await _route(runtimes, policy, lambda rt: rt.embed(request))
 
     async def rerank(
@@ -306,13 +318,11 @@ def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
 async def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Result:
     """``answer`` by ``deadline``, else a 504 that names it. Leaving cancels the caller's
     queued texts, and an upstream call all of whose callers left is cancelled too
-    (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody."""
+    (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody. One timer for all
+    requests (``providers/deadlines.py``), not one each."""
     try:
-        async with asyncio.timeout_at(deadline.at) as scope:
-            return await answer
-    except TimeoutError:
-        if not scope.expired():
-            raise
+        return await deadline_timer().run(deadline.at, answer)
+    except DeadlineExpired:
         raise UpstreamTimeoutError(
             f"{model}: no answer from the upstream within {deadline.describe()}"
         ) from None
