@@ -14,7 +14,7 @@ JSON answer is written by ``send_whole`` in one go, bypassing the two ASGI messa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -124,23 +124,12 @@ class ConnectionChannel:
             return False
         cycle.response_started = True
         cycle.waiting_for_100_continue = False
-        content: list[bytes | memoryview] = [STATUS_LINE[status]]
-        has_close = False
-        for source in (cycle.default_headers, headers):
-            for name, value in source:
-                if HEADER_RE.search(name):
-                    raise RuntimeError("Invalid HTTP header name.")
-                if HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP header value.")
-                name = name.lower()
-                if name == b"content-length" or name == b"transfer-encoding":
-                    continue  # the length is the body's, written below
-                if name == b"connection" and b"close" in [
-                    token.lower().strip() for token in value.split(b",")
-                ]:
-                    cycle.keep_alive = False
-                    has_close = True
-                content += (name, b": ", value, b"\r\n")
+        defaults, has_close = _rendered_defaults(cycle.default_headers)
+        content: list[bytes | memoryview] = [STATUS_LINE[status], defaults]
+        if _render(headers, content):
+            has_close = True
+        if has_close:
+            cycle.keep_alive = False
         if not cycle.keep_alive and not has_close:
             content.append(b"connection: close\r\n")
         content += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
@@ -151,6 +140,41 @@ class ConnectionChannel:
             self._writer.close()
         cycle.on_response()
         return True
+
+
+def _render(headers: Iterable[tuple[bytes, bytes]], content: list[bytes | memoryview]) -> bool:
+    """Append ``headers`` to ``content`` as uvicorn writes them (checked, names lower-cased),
+    less content-length and transfer-encoding (the body's own length is written); True when
+    one of them is ``connection: close``."""
+    has_close = False
+    for name, value in headers:
+        if HEADER_RE.search(name):
+            raise RuntimeError("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(value):
+            raise RuntimeError("Invalid HTTP header value.")
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            continue
+        if name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+            has_close = True
+        content += (name, b": ", value, b"\r\n")
+    return has_close
+
+
+# uvicorn's default headers (date, server, --header ones) as written, for the list object it
+# holds (a new one each second, when the date changes): rendered once, not per answer.
+_defaults: tuple[list[tuple[bytes, bytes]], bytes, bool] = ([], b"", False)
+
+
+def _rendered_defaults(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    global _defaults
+    cached, rendered, has_close = _defaults
+    if headers is not cached:  # (the cache holds the list: its identity is not reused)
+        content: list[bytes | memoryview] = []
+        has_close = _render(headers, content)
+        rendered = b"".join(content)
+        _defaults = (headers, rendered, has_close)
+    return rendered, has_close
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
