@@ -109,7 +109,21 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         return await work
     channel: Channel | None = request.scope.get(CHANNEL_KEY)
     if channel is not None:  # our server cancels the task itself when the client leaves
-        return await _unless_gone(channel, task, work)
+        if channel.gone:
+            close = getattr(work, "close", None)  # a coroutine never awaited: no warning
+            if close is not None:
+                close()
+            raise ClientGoneError
+        channel.watch(task)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if channel.cancelled_watched():
+                task.uncancel()
+                raise ClientGoneError from None
+            raise
+        finally:
+            channel.watch(None)
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, task))
     try:
         return await work
@@ -120,24 +134,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         raise
     finally:
         watcher.cancel()
-
-
-async def _unless_gone(channel: Channel, task: asyncio.Task[Any], work: Awaitable[T]) -> T:
-    if channel.gone:
-        close = getattr(work, "close", None)  # a coroutine never awaited: no warning
-        if close is not None:
-            close()
-        raise ClientGoneError
-    channel.watch(task)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if channel.cancelled_watched():
-            task.uncancel()
-            raise ClientGoneError from None
-        raise
-    finally:
-        channel.watch(None)
 
 
 async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -46,9 +46,11 @@ class DeadlineTimer:
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = float("inf")
 
-    async def run(self, at: float, work: Awaitable[T]) -> T:
-        """``work``, awaited in the current task; ``DeadlineExpired`` if ``at`` (loop clock)
-        passes first (the work is cancelled)."""
+    async def run(
+        self, at: float, work: Awaitable[T], expired: Callable[[], Exception] = DeadlineExpired
+    ) -> T:
+        """``work``, awaited in the current task; ``expired()`` is raised if ``at`` (loop
+        clock) passes first (the work is cancelled)."""
         task = asyncio.current_task()
         if task is None:  # cannot happen in a request; no task to cancel: no deadline
             return await work
@@ -64,7 +66,7 @@ class DeadlineTimer:
             return await work
         except asyncio.CancelledError:
             if entry.fired and task.uncancel() <= cancelling:
-                raise DeadlineExpired from None
+                raise expired() from None
             raise
         finally:
             entry.task = None

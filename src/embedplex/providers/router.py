@@ -51,7 +51,7 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
-from embedplex.providers.deadlines import DeadlineExpired, deadline_timer
+from embedplex.providers.deadlines import deadline_timer
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
@@ -315,17 +315,18 @@ def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
     )
 
 
-async def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Result:
+def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Awaitable[Result]:
     """``answer`` by ``deadline``, else a 504 that names it. Leaving cancels the caller's
     queued texts, and an upstream call all of whose callers left is cancelled too
     (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody. One timer for all
     requests (``providers/deadlines.py``), not one each."""
-    try:
-        return await deadline_timer().run(deadline.at, answer)
-    except DeadlineExpired:
-        raise UpstreamTimeoutError(
+
+    def expired() -> Exception:
+        return UpstreamTimeoutError(
             f"{model}: no answer from the upstream within {deadline.describe()}"
-        ) from None
+        )
+
+    return deadline_timer().run(deadline.at, answer, expired)
 
 
 def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
@@ -434,7 +435,17 @@ class RemoteModel(RemoteRoute):
     """An embedding route (``kind = "embed"``): an ``EmbeddingService``."""
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        return await self._serve(self.router.embed, request)
+        # ``_serve`` inlined: the routed embed path is the hot one (one coroutine fewer).
+        route = self.route
+        self._active += 1
+        try:
+            deadline = REQUEST_DEADLINE.get()
+            answer = self.router.embed(request, route.providers, route.policy)
+            result = await (answer if deadline is None else _within(deadline, route.model, answer))
+        finally:
+            self._active -= 1
+        result.model = route.model
+        return result
 
 
 class RemoteRerankModel(RemoteRoute):
