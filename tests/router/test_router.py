@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import RouterFactory
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import (
     EmptyInputError,
     InvalidRequestError,
@@ -16,6 +17,7 @@ from embedplex.core.errors import (
     RateLimitedError,
     UnavailableError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from embedplex.core.types import EmbedRequest
 from embedplex.providers.config import RouteConfig
@@ -272,3 +274,29 @@ async def test_remote_model_serves_a_route_under_its_name(
     stats = model.stats()
     assert stats["kind"] == "remote"
     assert stats["circuits"] == {"p": "closed"}
+
+
+async def test_a_route_answers_504_at_the_request_deadline_and_stays_usable(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    router = await make_router(provider("p", upstream, max_wait_ms=1))
+    model = RemoteModel(router, RouteConfig(model="remote-x", providers=["p"]))
+    await model.start()
+    upstream.delay = 5.0  # slower than the deadline below
+    token = REQUEST_DEADLINE.set(Deadline.after(0.2, "X-Request-Timeout"))
+    try:
+        start = time.monotonic()
+        with pytest.raises(UpstreamTimeoutError) as refused:
+            await model.embed(req("slow"))
+        assert refused.value.message.startswith("remote-x: no answer from the upstream")
+        assert "(0.2s, X-Request-Timeout)" in refused.value.message
+        assert time.monotonic() - start < 4  # not the upstream's 5 s
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # the deadline's cancel taken back
+        upstream.delay = 0.0
+        REQUEST_DEADLINE.set(Deadline.after(5.0, "request_timeout_s"))
+        result = await model.embed(req("fast"))  # the same task, a fresh deadline
+    finally:
+        REQUEST_DEADLINE.reset(token)
+    assert result.model == "remote-x"
+    check(result.vectors, ["fast"])

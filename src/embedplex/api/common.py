@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from embedplex.api.bounds import check_tokens, token_ids
+from embedplex.api.channel import CHANNEL_KEY, Channel
 from embedplex.api.observe import request_record
 from embedplex.api.responses import JsonResponse
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
@@ -102,11 +103,29 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     ``work`` runs in the caller's own task and one watcher task cancels that task when the
     client disconnects: no second task and no ``asyncio.wait`` per request, which on the hot
-    path cost as much as the rest of the route together.
+    path cost as much as the rest of the route together. Under our own server not even the
+    watcher: its connection cancels the task it was given (``api/channel.py``).
     """
     task = asyncio.current_task()
     if task is None:  # not in a task (cannot happen under an ASGI server): nothing to cancel
         return await work
+    channel: Channel | None = request.scope.get(CHANNEL_KEY)
+    if channel is not None:  # our server cancels the task itself when the client leaves
+        if channel.gone:
+            close = getattr(work, "close", None)  # a coroutine never awaited: no warning
+            if close is not None:
+                close()
+            raise ClientGoneError
+        channel.watch(task)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if channel.cancelled_watched():
+                task.uncancel()
+                raise ClientGoneError from None
+            raise
+        finally:
+            channel.watch(None)
     watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, task))
     try:
         return await work

@@ -34,10 +34,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embedplex.api.channel import CHANNEL_KEY, Channel
 from embedplex.api.common import ClientGoneError
 from embedplex.api.errors import error_response, invalid_body
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
 from embedplex.api.pacing import PACED_KINDS, RefusalPacer
+from embedplex.api.responses import JsonResponse
 from embedplex.core.errors import EmbedplexError, NotReadyError, PayloadTooLargeError
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
@@ -182,7 +184,14 @@ class Pipeline:
                 if status == 429 and pacer is not None and ex.record.error_type in PACED_KINDS:
                     await pacer.pace()
                 response.raw_headers.extend(ex.response_headers)
-                await response(scope, receive, send)
+                # Our server writes a whole JSON answer in one go (api/channel.py).
+                channel: Channel | None = scope.get(CHANNEL_KEY)
+                if (
+                    channel is None
+                    or type(response) is not JsonResponse
+                    or not channel.send_whole(status, response.raw_headers, response.body)
+                ):
+                    await response(scope, receive, send)
         finally:
             if ex.finishers is not None:
                 for finisher in ex.finishers:

@@ -51,6 +51,7 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
+from embedplex.providers.deadlines import deadline_timer
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
@@ -215,6 +216,17 @@ class Router:
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
         runtimes = self._runtimes(len(request.inputs), "input", providers)
+        if len(runtimes) == 1 and policy != "all":  # one provider: _any's loop, inlined
+            rt = runtimes[0]
+            if not rt.health.available():
+                raise UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+            try:
+                return await rt.embed(request)
+            except ClientError:
+                raise
+            except EmbedplexError:
+                rt.counters["failovers"] += 1
+                raise
         return await _route(runtimes, policy, lambda rt: rt.embed(request))
 
     async def rerank(
@@ -303,19 +315,18 @@ def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
     )
 
 
-async def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Result:
+def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Awaitable[Result]:
     """``answer`` by ``deadline``, else a 504 that names it. Leaving cancels the caller's
     queued texts, and an upstream call all of whose callers left is cancelled too
-    (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody."""
-    try:
-        async with asyncio.timeout_at(deadline.at) as scope:
-            return await answer
-    except TimeoutError:
-        if not scope.expired():
-            raise
-        raise UpstreamTimeoutError(
+    (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody. One timer for all
+    requests (``providers/deadlines.py``), not one each."""
+
+    def expired() -> Exception:
+        return UpstreamTimeoutError(
             f"{model}: no answer from the upstream within {deadline.describe()}"
-        ) from None
+        )
+
+    return deadline_timer().run(deadline.at, answer, expired)
 
 
 def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
@@ -424,7 +435,17 @@ class RemoteModel(RemoteRoute):
     """An embedding route (``kind = "embed"``): an ``EmbeddingService``."""
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        return await self._serve(self.router.embed, request)
+        # ``_serve`` inlined: the routed embed path is the hot one (one coroutine fewer).
+        route = self.route
+        self._active += 1
+        try:
+            deadline = REQUEST_DEADLINE.get()
+            answer = self.router.embed(request, route.providers, route.policy)
+            result = await (answer if deadline is None else _within(deadline, route.model, answer))
+        finally:
+            self._active -= 1
+        result.model = route.model
+        return result
 
 
 class RemoteRerankModel(RemoteRoute):

@@ -310,6 +310,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         # The app stops waiting: its receive() says the client has gone, its answer is dropped.
         cycle.disconnected = True
         cycle.message_event.set()
+        self.client_gone()
         if answered:
             self.transport.close()
             return

@@ -5,14 +5,27 @@ when it sends ``http.response.body``: two ``send`` system calls, two TCP segment
 loopback two wake-ups of the client, per response. Measured on the event loop of a loaded
 server, that first write alone took a fifth of its time. Here the head waits for the body
 (or for the loop's next turn, whichever comes first) and both go out in one write.
+
+Each request also gets a ``ConnectionChannel`` in its scope (``api/channel.py``): a lost
+connection cancels the task its handler registered (no watcher task per request), and a whole
+JSON answer is written by ``send_whole`` in one go, bypassing the two ASGI messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from embedplex.api.channel import CHANNEL_KEY
 
 
 class CoalescingTransport:
@@ -36,6 +49,15 @@ class CoalescingTransport:
         else:
             self._transport.write(data)
 
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` (after anything held), never holding it."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.writelines([held, data])
+        else:
+            self._transport.write(data)
+
     def flush(self) -> None:
         held = self._held
         if held is not None:
@@ -54,9 +76,130 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class ConnectionChannel:
+    """``api/channel.py``'s ``Channel`` for one request (``cycle``) on our connection."""
+
+    __slots__ = ("_cancelled", "_cycle", "_task", "_writer")
+
+    def __init__(self, cycle: RequestResponseCycle, writer: CoalescingTransport) -> None:
+        self._cycle = cycle
+        self._writer = writer
+        self._task: asyncio.Task[object] | None = None
+        self._cancelled = False
+
+    @property
+    def gone(self) -> bool:
+        return self._cycle.disconnected
+
+    def watch(self, task: asyncio.Task[object] | None) -> None:
+        self._task = task
+
+    def cancelled_watched(self) -> bool:
+        return self._cancelled
+
+    def lost(self) -> None:
+        """The client left: cancel the registered task, once."""
+        task = self._task
+        if task is not None and not self._cancelled:
+            self._cancelled = True
+            task.cancel()
+
+    def send_whole(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes | memoryview
+    ) -> bool:
+        """What uvicorn's ``send`` does for a start and a final body message, in one write.
+
+        Only the plain case: anything else (a HEAD, a 204/304, a paused or closed writer, an
+        access log to write) returns False for the generic path, which handles it.
+        """
+        cycle = self._cycle
+        if (
+            cycle.response_started
+            or cycle.disconnected
+            or cycle.flow.write_paused
+            or cycle.access_log
+            or status in (204, 304)
+            or cycle.scope["method"] == "HEAD"
+        ):
+            return False
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        defaults, has_close = _rendered_defaults(cycle.default_headers)
+        content: list[bytes | memoryview] = [STATUS_LINE[status], defaults]
+        if _render(headers, content):
+            has_close = True
+        if has_close:
+            cycle.keep_alive = False
+        if not cycle.keep_alive and not has_close:
+            content.append(b"connection: close\r\n")
+        content += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+        self._writer.write_now(b"".join(content))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self._writer.close()
+        cycle.on_response()
+        return True
+
+
+def _render(headers: Iterable[tuple[bytes, bytes]], content: list[bytes | memoryview]) -> bool:
+    """Append ``headers`` to ``content`` as uvicorn writes them (checked, names lower-cased),
+    less content-length and transfer-encoding (the body's own length is written); True when
+    one of them is ``connection: close``."""
+    has_close = False
+    for name, value in headers:
+        if HEADER_RE.search(name):
+            raise RuntimeError("Invalid HTTP header name.")
+        if HEADER_VALUE_RE.search(value):
+            raise RuntimeError("Invalid HTTP header value.")
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            continue
+        if name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
+            has_close = True
+        content += (name, b": ", value, b"\r\n")
+    return has_close
+
+
+# uvicorn's default headers (date, server, --header ones) as written, for the list object it
+# holds (a new one each second, when the date changes): rendered once, not per answer.
+_defaults: tuple[list[tuple[bytes, bytes]], bytes, bool] = ([], b"", False)
+
+
+def _rendered_defaults(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    global _defaults
+    cached, rendered, has_close = _defaults
+    if headers is not cached:  # (the cache holds the list: its identity is not reused)
+        content: list[bytes | memoryview] = []
+        has_close = _render(headers, content)
+        rendered = b"".join(content)
+        _defaults = (headers, rendered, has_close)
+    return rendered, has_close
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` over a ``CoalescingTransport`` (``uvicorn.Config(http=...)``)."""
+    """``HttpToolsProtocol`` over a ``CoalescingTransport`` (``uvicorn.Config(http=...)``),
+    with a ``ConnectionChannel`` in each request's scope."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         wrapped: Any = CoalescingTransport(transport, self.loop)
+        self._writer = wrapped
         super().connection_made(wrapped)
+
+    def on_headers_complete(self) -> None:
+        cycle = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not cycle and self.cycle is not None:  # a request (not an upgrade)
+            self.scope[CHANNEL_KEY] = ConnectionChannel(self.cycle, self._writer)  # type: ignore[literal-required]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.client_gone()
+
+    def client_gone(self) -> None:
+        """The current request's client has left (``cycle.disconnected`` is set)."""
+        cycle = self.cycle
+        if cycle is not None and cycle.disconnected:
+            channel = cycle.scope.get(CHANNEL_KEY)
+            if isinstance(channel, ConnectionChannel):
+                channel.lost()

@@ -1,0 +1,147 @@
+"""The server's per-request channel (api/channel.py, serve/http_protocol.py) on a real uvicorn:
+a client that leaves cancels its handler's work, and a whole answer goes out in one write."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+
+from embedplex.api.channel import CHANNEL_KEY, Channel
+from embedplex.api.common import ClientGoneError, unless_disconnected
+from embedplex.serve.edge import EdgeLimits, edge_protocol
+from helpers import free_port
+
+WAIT_S = 15.0
+
+
+@contextmanager
+def server(app: Any) -> Iterator[int]:
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=edge_protocol(EdgeLimits()),
+        log_config=None,
+        access_log=False,  # as `embedplex serve` runs (with an access log, the generic path)
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def read_until_closed(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def split(data: bytes) -> list[tuple[str, dict[str, str], bytes]]:
+    """Raw bytes as (status line, headers, body) by content-length."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        n = int(headers.get("content-length", "0"))
+        out.append((lines[0], headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def test_a_client_that_leaves_cancels_the_work_it_was_waiting_for() -> None:
+    started = threading.Event()
+    finished = threading.Event()
+    outcome: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        outcome.append("channel" if CHANNEL_KEY in scope else "no channel")
+        await receive()  # the (empty) body
+
+        async def work() -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # never answers: only the client's leaving ends it
+            except asyncio.CancelledError:
+                outcome.append("work cancelled")
+                raise
+
+        try:
+            await unless_disconnected(Request(scope, receive), work())
+        except ClientGoneError:
+            outcome.append("client gone")
+            task = asyncio.current_task()
+            assert task is not None
+            outcome.append(f"cancelling {task.cancelling()}")  # the cancel was taken back
+        finally:
+            finished.set()
+
+    with server(app) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
+            s.sendall(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n\r\n")
+            assert started.wait(WAIT_S)
+        assert finished.wait(WAIT_S)
+    assert outcome == ["channel", "work cancelled", "client gone", "cancelling 0"]
+
+
+def test_a_whole_answer_is_one_write_with_the_servers_headers() -> None:
+    used: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        channel: Channel = scope[CHANNEL_KEY]
+        headers = [(b"X-Answer", b"yes"), (b"content-length", b"999")]  # the body's length wins
+        sent = channel.send_whole(201, headers, b'{"a":1}')
+        used.append(sent)
+        if not sent:  # HEAD: the generic path
+            await send({"type": "http.response.start", "status": 201, "headers": headers[:1]})
+            await send({"type": "http.response.body", "body": b""})
+
+    with (
+        server(app) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s,
+    ):
+        s.settimeout(WAIT_S)
+        request = b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n"
+        s.sendall(request + request)  # kept alive: two answers, pipelined
+        s.sendall(b"HEAD /x HTTP/1.1\r\nhost: t\r\n\r\n")
+        s.sendall(b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        data = read_until_closed(s)  # the last request asked to close: the server does
+    # HEAD answers have no body but may carry a length: parse the HEAD answer by hand.
+    first, second, rest = data.split(b"HTTP/1.1 201 Created\r\n", 3)[1:]
+    assert data.count(b"HTTP/1.1 201 Created\r\n") == 4
+    for raw in (first, second):
+        (_, headers, body) = split(b"HTTP/1.1 201 Created\r\n" + raw)[0]
+        assert body == b'{"a":1}'
+        assert headers["content-length"] == "7"
+        assert headers["x-answer"] == "yes"
+        assert "date" in headers and "server" in headers  # uvicorn's defaults are kept
+        assert "connection" not in headers
+    last = data[data.rindex(b"HTTP/1.1 201 Created\r\n") :]
+    (_, headers, body) = split(last)[0]
+    assert body == b'{"a":1}'
+    assert headers["connection"] == "close"
+    assert used == [True, True, False, True]
+    assert rest  # the HEAD answer and the last one
