@@ -154,6 +154,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         global _open
         _open += 1
         super().connection_made(transport)
+        self._writer.on_close = self._close_unread
         if len(self.connections) > self.limits.max_connections:
             _refused("connections", "too many open connections", self.client)
             self._answer(
@@ -340,6 +341,17 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         self.transport.write(b"".join([*head, b"\r\n", body]))
         self._linger()
+
+    def _close_unread(self) -> bool:
+        """uvicorn closes the connection after an answer that says ``Connection: close``; with
+        the request's body still unread that close would reset the connection (the kernel
+        answers unread data with RST) and the client could lose the answer before reading it.
+        So that close lingers instead (True: taken over); any other close is immediate."""
+        cycle = self.cycle
+        if self._done or cycle is None or not cycle.more_body:
+            return False
+        self._linger()
+        return True
 
     def _linger(self) -> None:
         """Send what is written and a FIN, drop what still comes in, close within LINGER_S."""

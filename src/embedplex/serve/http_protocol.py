@@ -14,7 +14,7 @@ JSON answer is written by ``send_whole`` in one go, bypassing the two ASGI messa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -31,12 +31,14 @@ from embedplex.api.channel import CHANNEL_KEY
 class CoalescingTransport:
     """Forwards to ``transport``, holding a response head until the next write or loop turn."""
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_loop", "_transport", "on_close")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
+        # Asked first on close(); True: it closes the connection its own way (a lingering close).
+        self.on_close: Callable[[], bool] | None = None
 
     def write(self, data: bytes) -> None:
         held = self._held
@@ -66,7 +68,8 @@ class CoalescingTransport:
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        if self.on_close is None or not self.on_close():
+            self._transport.close()
 
     def write_eof(self) -> None:
         self.flush()
