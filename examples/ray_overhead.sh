@@ -26,11 +26,14 @@ wait_ready() {
   echo "not ready: $1" >&2; return 1
 }
 
-bench() {  # url setup
+SEED=0
+bench() {  # url setup; every text new (--repeat 0): the in-process cache cannot answer
+  SEED=$((SEED + 1))
   "$BIN/embedplex" bench load --url "$1" --model minilm --concurrency 1 --duration "$SECONDS_PER_RUN" \
-    --warmup 20 --setup "$2 c=1" --json "$OUT/$2-c1.json"
+    --warmup 20 --repeat 0 --seed "$SEED" --setup "$2 c=1" --json "$OUT/$2-c1.json"
+  SEED=$((SEED + 1))
   "$BIN/embedplex" bench load --url "$1" --model minilm --concurrency 16 --duration "$SECONDS_PER_RUN" \
-    --warmup 50 --setup "$2 c=16" --json "$OUT/$2-c16.json"
+    --warmup 50 --repeat 0 --seed "$SEED" --setup "$2 c=16" --json "$OUT/$2-c16.json"
 }
 
 # In-process, alone on the machine (ONLY=ray skips it, ONLY=local skips Ray).
