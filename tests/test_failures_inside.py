@@ -197,3 +197,4 @@ async def test_a_run_whose_callers_all_left_is_cancelled() -> None:
         assert b.in_flight == 0 and b.fatal is None
         again = b.submit(["c"], [1])  # the batcher still serves
         assert not again[0].future.done()
+        again[0].future.cancel()  # (its run stalls too: leaving ends it, the close need not wait)
