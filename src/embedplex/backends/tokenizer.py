@@ -2,6 +2,14 @@
 
 Truncation state lives on a ``tokenizers.Tokenizer`` object, so we keep one object per
 truncation mode instead of flipping settings under concurrent threads.
+
+``parallel``: whether a batch goes to the library's own thread pool (rayon, one thread per
+core). That pays where cores are idle while the model runs (a GPU server). Where the model
+runs on the CPU, its passes already keep every core busy: the pool's threads then only take
+turns with them, and cost more than they save (rayon wakes and spins its workers for every
+batch). Measured on the 2-core machine, 21 texts of 14 tokens: 615 us of CPU through the pool,
+498 us one after the other in the calling thread; and at 64 clients the pool's two threads
+took 0.47 s of CPU per 15 s run besides (docs/benchmarks.md, "Where the CPU goes").
 """
 
 from __future__ import annotations
@@ -54,9 +62,12 @@ class Token:
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int, parallel: bool = True
+    ) -> None:
         self.max_length = max_length
         self.vocab_size = vocab_size
+        self.parallel = parallel  # batches through the library's thread pool (see above)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer
@@ -68,11 +79,14 @@ class TextTokenizer:
             self._truncating[direction] = tok
 
     @classmethod
-    def from_dir(cls, path: Path, *, max_length: int, vocab_size: int) -> TextTokenizer:
+    def from_dir(
+        cls, path: Path, *, max_length: int, vocab_size: int, parallel: bool = True
+    ) -> TextTokenizer:
         return cls(
             Tokenizer.from_file(str(path / "tokenizer.json")),
             max_length=max_length,
             vocab_size=vocab_size,
+            parallel=parallel,
         )
 
     def encode(
@@ -84,7 +98,7 @@ class TextTokenizer:
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
         tok = self._truncating[direction] if truncate else self._plain
-        return self._checked(_encode_batch(tok, texts, add_special_tokens))
+        return self._checked(_encode_batch(tok, texts, add_special_tokens, self.parallel))
 
     def encode_each(
         self,
@@ -99,8 +113,7 @@ class TextTokenizer:
         ``indices`` are the texts' positions in their own requests, for the error messages."""
         tok = self._truncating[direction] if truncate else self._plain
         try:
-            # encode_batch hands even one text to its thread pool: a wake-up per request at c=1
-            encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
+            encodings = _encode_many(tok, texts, True, self.parallel)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
             for text, index in zip(texts, indices, strict=True):
@@ -144,9 +157,12 @@ class TextTokenizer:
     ) -> list[Encoded]:
         """(query, text) pairs for a cross-encoder; truncation cuts the longer side first."""
         tok = self._truncating[direction] if truncate else self._plain
-        pairs = [(query, text) for text in texts]
         try:
-            encodings = tok.encode_batch(pairs)
+            encodings = (
+                tok.encode_batch([(query, text) for text in texts])
+                if self.parallel and len(texts) > 1
+                else [tok.encode(query, text) for text in texts]
+            )
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
         return self._checked(encodings)
@@ -202,7 +218,7 @@ class TextTokenizer:
         result: list[list[Token]] = []
         for text, enc in zip(
             texts,
-            _encode_batch(self._plain, texts, add_special_tokens),
+            _encode_batch(self._plain, texts, add_special_tokens, self.parallel),
             strict=True,
         ):
             row = []
@@ -225,11 +241,22 @@ class TextTokenizer:
         return result
 
 
-def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
-    try:
-        if len(texts) == 1:  # encode_batch hands even one text to its thread pool
-            return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
+def _encode_many(
+    tok: Tokenizer, texts: list[str], add_special_tokens: bool, parallel: bool
+) -> list[Encoding]:
+    """Every text's encoding: through the library's thread pool when ``parallel`` (and there
+    is more than one: it hands even one text to the pool, a wake-up per request at c=1), else
+    one after the other in this thread."""
+    if parallel and len(texts) > 1:
         return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+    return [tok.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+
+
+def _encode_batch(
+    tok: Tokenizer, texts: list[str], add_special_tokens: bool, parallel: bool
+) -> list[Encoding]:
+    try:
+        return _encode_many(tok, texts, add_special_tokens, parallel)
     except (TypeError, ValueError) as exc:
         # JSON can carry lone surrogates ("\ud800"), which are not text the tokenizer accepts.
         for index, text in enumerate(texts):

@@ -31,7 +31,10 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
         path, sha = resolve_model_dir(settings.model_id)
         spec = load_spec(settings.model_id, path, sha=sha)
         tokenizer = TextTokenizer.from_dir(
-            path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
+            path,
+            max_length=spec.max_input_length,
+            vocab_size=spec.vocab_size,
+            parallel=backend.device != "cpu",  # as load_local_model chooses
         )
         options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
         cache = EmbeddingCache.from_settings(settings)  # as served: the configured cache

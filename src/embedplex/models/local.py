@@ -902,10 +902,15 @@ def load_local_model(
             f"model {m.name!r} is configured as kind = {m.kind!r}, but {m.model_id} is a "
             f"{found} model"
         )
-    tokenizer = TextTokenizer.from_dir(
-        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-    )
     backend = load_backend(settings, spec, m, gate=gate)
+    # On the CPU the model's passes take every core: tokenize in the inference thread itself,
+    # not in the tokenizer library's thread pool (backends/tokenizer.py).
+    tokenizer = TextTokenizer.from_dir(
+        path,
+        max_length=spec.max_input_length,
+        vocab_size=spec.vocab_size,
+        parallel=backend.device != "cpu",
+    )
     logger.info(
         "%s: inference layout %s (batches at once x intra-op threads)",
         m.name,
