@@ -1,8 +1,9 @@
-"""Tokenizing without the library's thread pool (``TextTokenizer(parallel=False)``): the same
-encodings as through the pool, no pool threads started, and what a CPU model is given."""
+"""A process whose model runs on the CPU tokenizes in its inference threads, without the
+tokenizers library's thread pool (``tokenize_in_calling_thread``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,105 +12,78 @@ from pathlib import Path
 import pytest
 
 from embedplex.backends.model_files import load_spec
-from embedplex.backends.tokenizer import TextTokenizer, TruncationDirection
 from embedplex.config import Settings
-from embedplex.core.errors import InputTooLongError
 
-TEXTS = [
-    "the quick brown fox",
-    "jumps over the lazy dog " * 3,
-    "naïve café déjà vu",
-    "a",
-    "Retrieval systems re-embed the same texts all the time.",
-]
-
-
-def tokenizers(model_dir: Path) -> tuple[TextTokenizer, TextTokenizer]:
-    spec = load_spec(str(model_dir), model_dir)
-    made = [
-        TextTokenizer.from_dir(
-            model_dir, max_length=spec.max_input_length, vocab_size=spec.vocab_size, parallel=p
-        )
-        for p in (True, False)
-    ]
-    return made[0], made[1]
-
-
-def test_one_after_the_other_encodes_as_the_pool_does(tiny_model_dir: Path) -> None:
-    pool, serial = tokenizers(tiny_model_dir)
-    assert pool.parallel and not serial.parallel
-    for truncate in (True, False):
-        for direction in TruncationDirection:
-            try:
-                expected = pool.encode(TEXTS, truncate=truncate, direction=direction)
-            except InputTooLongError:
-                with pytest.raises(InputTooLongError):
-                    serial.encode(TEXTS, truncate=truncate, direction=direction)
-                continue
-            assert serial.encode(TEXTS, truncate=truncate, direction=direction) == expected
-    assert serial.encode_pairs("query", TEXTS, truncate=True) == pool.encode_pairs(
-        "query", TEXTS, truncate=True
-    )
-    assert serial.tokens(TEXTS) == pool.tokens(TEXTS)
-    # Texts of several requests at once: a bad one gets its error in its place, alone.
-    mixed = [TEXTS[0], "\ud800", TEXTS[2]]
-    got = serial.encode_each(mixed, [0, 3, 1], truncate=True, direction=TruncationDirection.RIGHT)
-    want = pool.encode_each(mixed, [0, 3, 1], truncate=True, direction=TruncationDirection.RIGHT)
-    assert [type(x) for x in got] == [type(x) for x in want]
-    assert got[0] == want[0] and got[2] == want[2]
-    assert "input 3" in str(got[1])
-
-
-THREADS = textwrap.dedent(
+SCRIPT = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from embedplex.backends.tokenizer import TextTokenizer, TruncationDirection
+    from embedplex.backends.tokenizer import (
+        TextTokenizer, TruncationDirection, tokenize_in_calling_thread,
+    )
 
     def threads():
         return len(os.listdir("/proc/self/task"))
 
-    tok = TextTokenizer.from_dir(
-        Path(sys.argv[1]), max_length=32, vocab_size=int(sys.argv[2]),
-        parallel=sys.argv[3] == "pool",
-    )
-    texts = [f"text number {i} of a batch" for i in range(256)]
-    before = threads()
-    for _ in range(3):
-        tok.encode(texts, truncate=True)
-        tok.encode_each(
-            texts, list(range(256)), truncate=True, direction=TruncationDirection.RIGHT
+    tok = TextTokenizer.from_dir(Path(sys.argv[1]), max_length=32, vocab_size=int(sys.argv[2]))
+    texts = [f"text number {i} of a batch, naive cafe" for i in range(256)]
+
+    def encode_all():
+        return (
+            tok.encode(texts, truncate=True),
+            tok.encode_each(
+                texts, list(range(256)), truncate=True, direction=TruncationDirection.RIGHT
+            ),
+            tok.encode_pairs("query", texts, truncate=True),
+            tok.tokens(texts[:8]),
         )
-        tok.encode_pairs("query", texts, truncate=True)
-    print(threads() - before)
+
+    before = threads()
+    tokenize_in_calling_thread()
+    mine = encode_all()
+    alone = threads() - before
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the pool again, for comparison
+    pooled = encode_all()
+    print(alone, threads() - before, mine == pooled)
     """
 )
 
 
+def run(model_dir: Path, **env: str) -> list[str]:
+    spec = load_spec(str(model_dir), model_dir)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(model_dir), str(spec.vocab_size)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", ""), "RAYON_NUM_THREADS": "2", **env},
+    )
+    return out.stdout.split()
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
-def test_one_after_the_other_starts_no_threads(tiny_model_dir: Path) -> None:
-    """In a fresh process (the pool is process-wide and starts on first use): batches encoded
-    one after the other start no thread; through the pool, they do."""
-    spec = load_spec(str(tiny_model_dir), tiny_model_dir)
-
-    def started(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", THREADS, str(tiny_model_dir), str(spec.vocab_size), mode],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={"TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": "2", "PATH": ""},
-        )
-        return int(out.stdout.strip())
-
-    assert started("serial") == 0
-    assert started("pool") > 0
+def test_batches_encode_in_the_calling_thread_alike(tiny_model_dir: Path) -> None:
+    """In a fresh process (the pool is process-wide and starts on first use): no thread is
+    started, and every encoding is what the pool makes."""
+    alone, pooled, same = run(tiny_model_dir)
+    assert alone == "0"
+    assert int(pooled) > 0  # (the check can fail: through the pool, threads do start)
+    assert same == "True"
 
 
-def test_a_cpu_model_tokenizes_in_its_own_thread(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_an_operators_choice_is_kept(tiny_model_dir: Path) -> None:
+    alone, _, _ = run(tiny_model_dir, TOKENIZERS_PARALLELISM="true")
+    assert int(alone) > 0
+
+
+def test_loading_a_cpu_model_turns_the_pool_off(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from embedplex.models.local import load_local_model
 
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     settings = Settings(model_id=str(tiny_model_dir), backend="torch", cache_dir=tmp_path)
     model = load_local_model(settings)
     assert model.backend.device == "cpu"
-    assert model.tokenizer.parallel is False
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

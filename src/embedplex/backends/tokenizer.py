@@ -2,18 +2,11 @@
 
 Truncation state lives on a ``tokenizers.Tokenizer`` object, so we keep one object per
 truncation mode instead of flipping settings under concurrent threads.
-
-``parallel``: whether a batch goes to the library's own thread pool (rayon, one thread per
-core). That pays where cores are idle while the model runs (a GPU server). Where the model
-runs on the CPU, its passes already keep every core busy: the pool's threads then only take
-turns with them, and cost more than they save (rayon wakes and spins its workers for every
-batch). Measured on the 2-core machine, 21 texts of 14 tokens: 615 us of CPU through the pool,
-498 us one after the other in the calling thread; and at 64 clients the pool's two threads
-took 0.47 s of CPU per 15 s run besides (docs/benchmarks.md, "Where the CPU goes").
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -61,13 +54,29 @@ class Token:
     stop: int | None
 
 
+def tokenize_in_calling_thread() -> None:
+    """Batches encode in the thread that asks (an inference thread), not in the library's own
+    thread pool (rayon, one thread per core): for a process whose model runs on the CPU.
+
+    The pool pays where cores are idle while the model runs (a GPU server). Where the model
+    runs on the CPU its passes already keep every core busy, and the pool's threads only take
+    turns with them, at more cost than they save (rayon wakes, and spins, its workers for every
+    batch). Measured on the 2-core machine: 21 texts of 14 tokens took 615 us of CPU through
+    the pool and 498 us in the calling thread; at 64 clients the pool's threads took 94-100 us
+    of CPU per request, besides the tokenizing itself (docs/benchmarks.md, "Where the CPU
+    goes"). ``encode_batch`` still releases the GIL while it works, which ``encode`` called
+    text by text does not: the event loop runs on meanwhile.
+
+    The library's only switch is the ``TOKENIZERS_PARALLELISM`` variable, read at every call,
+    so this is process-wide; an operator who set the variable keeps their choice.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 class TextTokenizer:
-    def __init__(
-        self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int, parallel: bool = True
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int) -> None:
         self.max_length = max_length
         self.vocab_size = vocab_size
-        self.parallel = parallel  # batches through the library's thread pool (see above)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer
@@ -79,14 +88,11 @@ class TextTokenizer:
             self._truncating[direction] = tok
 
     @classmethod
-    def from_dir(
-        cls, path: Path, *, max_length: int, vocab_size: int, parallel: bool = True
-    ) -> TextTokenizer:
+    def from_dir(cls, path: Path, *, max_length: int, vocab_size: int) -> TextTokenizer:
         return cls(
             Tokenizer.from_file(str(path / "tokenizer.json")),
             max_length=max_length,
             vocab_size=vocab_size,
-            parallel=parallel,
         )
 
     def encode(
@@ -98,7 +104,7 @@ class TextTokenizer:
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
         tok = self._truncating[direction] if truncate else self._plain
-        return self._checked(_encode_batch(tok, texts, add_special_tokens, self.parallel))
+        return self._checked(_encode_batch(tok, texts, add_special_tokens))
 
     def encode_each(
         self,
@@ -113,7 +119,8 @@ class TextTokenizer:
         ``indices`` are the texts' positions in their own requests, for the error messages."""
         tok = self._truncating[direction] if truncate else self._plain
         try:
-            encodings = _encode_many(tok, texts, True, self.parallel)
+            # encode_batch hands even one text to its thread pool: a wake-up per request at c=1
+            encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
             for text, index in zip(texts, indices, strict=True):
@@ -157,12 +164,9 @@ class TextTokenizer:
     ) -> list[Encoded]:
         """(query, text) pairs for a cross-encoder; truncation cuts the longer side first."""
         tok = self._truncating[direction] if truncate else self._plain
+        pairs = [(query, text) for text in texts]
         try:
-            encodings = (
-                tok.encode_batch([(query, text) for text in texts])
-                if self.parallel and len(texts) > 1
-                else [tok.encode(query, text) for text in texts]
-            )
+            encodings = tok.encode_batch(pairs)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
         return self._checked(encodings)
@@ -218,7 +222,7 @@ class TextTokenizer:
         result: list[list[Token]] = []
         for text, enc in zip(
             texts,
-            _encode_batch(self._plain, texts, add_special_tokens, self.parallel),
+            _encode_batch(self._plain, texts, add_special_tokens),
             strict=True,
         ):
             row = []
@@ -241,22 +245,11 @@ class TextTokenizer:
         return result
 
 
-def _encode_many(
-    tok: Tokenizer, texts: list[str], add_special_tokens: bool, parallel: bool
-) -> list[Encoding]:
-    """Every text's encoding: through the library's thread pool when ``parallel`` (and there
-    is more than one: it hands even one text to the pool, a wake-up per request at c=1), else
-    one after the other in this thread."""
-    if parallel and len(texts) > 1:
-        return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
-    return [tok.encode(text, add_special_tokens=add_special_tokens) for text in texts]
-
-
-def _encode_batch(
-    tok: Tokenizer, texts: list[str], add_special_tokens: bool, parallel: bool
-) -> list[Encoding]:
+def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
     try:
-        return _encode_many(tok, texts, add_special_tokens, parallel)
+        if len(texts) == 1:  # encode_batch hands even one text to its thread pool
+            return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
+        return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
     except (TypeError, ValueError) as exc:
         # JSON can carry lone surrogates ("\ud800"), which are not text the tokenizer accepts.
         for index, text in enumerate(texts):

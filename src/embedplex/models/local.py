@@ -32,7 +32,13 @@ from embedplex.backends.model_files import (
 from embedplex.backends.onnx_cache import default_cache_dir
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
-from embedplex.backends.tokenizer import Encoded, TextTokenizer, Token, TruncationDirection
+from embedplex.backends.tokenizer import (
+    Encoded,
+    TextTokenizer,
+    Token,
+    TruncationDirection,
+    tokenize_in_calling_thread,
+)
 from embedplex.batching import (
     DEFAULT_AGING,
     Batcher,
@@ -902,15 +908,12 @@ def load_local_model(
             f"model {m.name!r} is configured as kind = {m.kind!r}, but {m.model_id} is a "
             f"{found} model"
         )
-    backend = load_backend(settings, spec, m, gate=gate)
-    # On the CPU the model's passes take every core: tokenize in the inference thread itself,
-    # not in the tokenizer library's thread pool (backends/tokenizer.py).
     tokenizer = TextTokenizer.from_dir(
-        path,
-        max_length=spec.max_input_length,
-        vocab_size=spec.vocab_size,
-        parallel=backend.device != "cpu",
+        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
+    backend = load_backend(settings, spec, m, gate=gate)
+    if backend.device == "cpu":  # its passes take every core: no tokenizer thread pool
+        tokenize_in_calling_thread()
     logger.info(
         "%s: inference layout %s (batches at once x intra-op threads)",
         m.name,
