@@ -8,7 +8,6 @@ loopback network allowed for providers added at run time.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from embedplex.cli.providers import toml_block
-from helpers import free_port, wait_ready
+from helpers import free_port, stop, wait_ready
 from upstream_fakes import FakeUpstream, provider
 
 ROOT = Path(__file__).parents[1]
@@ -67,16 +66,7 @@ def gateways(
             wait_ready(proc, base, timeout=90)
         yield bases[0], bases[1]
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()
+        stop(*procs)
 
 
 def embed(base: str, key: str, model: str = "remote", text: str = "hello") -> int:

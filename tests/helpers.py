@@ -132,3 +132,22 @@ def wait_ready(proc: subprocess.Popen[Any], base: str, timeout: float = 180) -> 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{base} not ready in {timeout}s")
+
+
+def stop(*procs: subprocess.Popen[Any], grace: float = 30, kill_wait: float = 10) -> None:
+    """SIGTERM every process, then wait for each; kill one that outlives ``grace``.
+
+    All are signalled before any is waited for, so that they shut down side by side rather than
+    one grace period after another. Each one's stdout pipe, if any, is closed once it is gone,
+    so that no test leaves an open pipe behind.
+    """
+    for proc in procs:
+        proc.terminate()  # SIGTERM; nothing if it has already exited
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_wait)
+        if proc.stdout:
+            proc.stdout.close()

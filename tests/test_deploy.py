@@ -30,7 +30,7 @@ from fastapi.routing import APIRoute
 
 from embedplex.api.routes.table import ROUTERS
 from embedplex.config import Settings
-from helpers import free_port, wait_ready
+from helpers import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -400,11 +400,4 @@ def test_the_baked_model_serves_without_pytorch(tmp_path: Path, reference: np.nd
         vectors = np.array([d["embedding"] for d in r.json()["data"]])
         assert min_cosine(vectors, reference) >= 0.99999
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        stop(proc)

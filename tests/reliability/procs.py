@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from helpers import free_port, wait_ready
+from helpers import free_port, stop, wait_ready
 
 HERE = Path(__file__).parent
 
@@ -32,10 +31,6 @@ class Server:
     url: str
     port: int
     log: Path  # stdout and stderr: a file, so that a chatty server never blocks on a pipe
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
 
     def output(self) -> str:
         """What the process has printed so far."""
@@ -73,12 +68,7 @@ def process(
                     raise AssertionError(f"{exc}\n{srv.output()[-3000:]}") from None
             yield srv
         finally:
-            srv.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+            stop(proc, grace=60, kill_wait=30)
 
 
 @contextmanager

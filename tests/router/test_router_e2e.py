@@ -22,7 +22,7 @@ import pytest
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
-from helpers import free_port, wait_ready
+from helpers import free_port, stop, wait_ready
 from upstream_fakes import FakeUpstream, provider, vector_for
 
 pytest.importorskip("aiohttp")
@@ -66,13 +66,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
         wait_ready(procs[1], router)
         yield up, router
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(*procs)
 
 
 def vectors(url: str, texts: list[str], **extra: Any) -> np.ndarray:

@@ -6,65 +6,25 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import uvicorn
 from starlette.requests import Request
 
 from embedplex.api.channel import CHANNEL_KEY, Channel
 from embedplex.api.common import ClientGoneError, unless_disconnected
-from embedplex.serve.edge import EdgeLimits, edge_protocol
-from helpers import free_port
+from embedplex.serve.edge import EdgeLimits
+from wire import edge_server, read_all, responses
 
 WAIT_S = 15.0
 
 
 @contextmanager
 def server(app: Any) -> Iterator[int]:
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        http=edge_protocol(EdgeLimits()),
-        log_config=None,
-        access_log=False,  # as `embedplex serve` runs (with an access log, the generic path)
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
+    # Without an access log, as `embedplex serve` runs (with one, uvicorn takes the generic path).
+    with edge_server(app, EdgeLimits(), access_log=False) as port:
         yield port
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-
-
-def read_until_closed(s: socket.socket) -> bytes:
-    out = b""
-    while chunk := s.recv(65536):
-        out += chunk
-    return out
-
-
-def split(data: bytes) -> list[tuple[str, dict[str, str], bytes]]:
-    """Raw bytes as (status line, headers, body) by content-length."""
-    out = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-        n = int(headers.get("content-length", "0"))
-        out.append((lines[0], headers, rest[:n]))
-        data = rest[n:]
-    return out
 
 
 def test_a_client_that_leaves_cancels_the_work_it_was_waiting_for() -> None:
@@ -128,19 +88,19 @@ def test_a_whole_answer_is_one_write_with_the_servers_headers() -> None:
         s.sendall(request + request)  # kept alive: two answers, pipelined
         s.sendall(b"HEAD /x HTTP/1.1\r\nhost: t\r\n\r\n")
         s.sendall(b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
-        data = read_until_closed(s)  # the last request asked to close: the server does
+        data = read_all(s)  # the last request asked to close: the server does
     # HEAD answers have no body but may carry a length: parse the HEAD answer by hand.
     first, second, rest = data.split(b"HTTP/1.1 201 Created\r\n", 3)[1:]
     assert data.count(b"HTTP/1.1 201 Created\r\n") == 4
     for raw in (first, second):
-        (_, headers, body) = split(b"HTTP/1.1 201 Created\r\n" + raw)[0]
+        (_, headers, body) = responses(b"HTTP/1.1 201 Created\r\n" + raw)[0]
         assert body == b'{"a":1}'
         assert headers["content-length"] == "7"
         assert headers["x-answer"] == "yes"
         assert "date" in headers and "server" in headers  # uvicorn's defaults are kept
         assert "connection" not in headers
     last = data[data.rindex(b"HTTP/1.1 201 Created\r\n") :]
-    (_, headers, body) = split(last)[0]
+    (_, headers, body) = responses(last)[0]
     assert body == b'{"a":1}'
     assert headers["connection"] == "close"
     assert used == [True, True, False, True]

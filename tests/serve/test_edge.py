@@ -7,7 +7,6 @@ under a second; the assertions only ask that it is reached within generous bound
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +15,12 @@ from typing import Any
 
 import httpx
 import orjson
-import uvicorn
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.observability.metrics import Metrics
 from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
-from helpers import fake_app, free_port, parse_metrics, value
+from helpers import fake_app, parse_metrics, value
+from wire import edge_server, read_all, responses
 
 WAIT_S = 15.0  # how long a test waits for a limit to act (a loaded box is slow)
 
@@ -45,57 +44,15 @@ async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @contextmanager
 def server(app: Any, limits: EdgeLimits) -> Iterator[int]:
-    """``app`` under uvicorn with ``limits``; yields the port once it listens."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        http=edge_protocol(limits),
-        log_config=None,
-        lifespan="on",
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
+    """``app`` under uvicorn with ``limits``, its lifespan run; yields the port once it listens."""
+    with edge_server(app, limits, lifespan="on") as port:
         yield port
-    finally:
-        srv.should_exit = True
-        thread.join(30)
 
 
 def connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
     s.settimeout(WAIT_S)
     return s
-
-
-def read_all(s: socket.socket) -> bytes:
-    """Everything until the server closes the connection (fails after WAIT_S)."""
-    out = b""
-    while chunk := s.recv(65536):
-        out += chunk
-    return out
-
-
-def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
-    """Split raw bytes into (status, headers, body) by Content-Length."""
-    out = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = dict(
-            (k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:])
-        )
-        n = int(headers.get("content-length", "0"))
-        out.append((int(lines[0].split()[1]), headers, rest[:n]))
-        data = rest[n:]
-    return out
 
 
 def get(path: str = "/x", extra: str = "") -> bytes:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import httptools
 import orjson
+
+from embedplex.bench.stub_http import StubProtocol, serve_stub
 
 _BODY = orjson.dumps(
     {
@@ -28,31 +29,13 @@ RESPONSE = (
 )
 
 
-class _EchoProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._transport is not None:
-                self._transport.close()
-
+class _EchoProtocol(StubProtocol):
     def on_message_complete(self) -> None:
-        if self._transport is not None:
-            self._transport.write(RESPONSE)
+        self.reply(RESPONSE)
 
 
 async def serve(port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_EchoProtocol, "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
+    await serve_stub(_EchoProtocol, port)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import asyncio
 import base64
 import sys
 
-import httptools
 import numpy as np
 import orjson
+
+from embedplex.bench.stub_http import StubProtocol, serve_stub
 
 
 class _Answers:
@@ -52,22 +53,11 @@ class _Answers:
         return cached
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(StubProtocol):
     def __init__(self, answers: _Answers) -> None:
+        super().__init__()
         self._answers = answers
-        self._parser = httptools.HttpRequestParser(self)
-        self._transport: asyncio.Transport | None = None
         self._body: list[bytes] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._transport is not None:
-                self._transport.close()
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -81,16 +71,12 @@ class _Protocol(asyncio.Protocol):
             b64 = request.get("encoding_format") == "base64"
         except (orjson.JSONDecodeError, KeyError, TypeError):
             n, b64 = 1, False
-        if self._transport is not None:
-            self._transport.write(self._answers.get(n, b64))
+        self.reply(self._answers.get(n, b64))
 
 
 async def serve(port: int, dim: int = 384) -> None:
-    loop = asyncio.get_running_loop()
     answers = _Answers(dim)
-    server = await loop.create_server(lambda: _Protocol(answers), "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
+    await serve_stub(lambda: _Protocol(answers), port)
 
 
 if __name__ == "__main__":
