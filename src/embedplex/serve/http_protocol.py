@@ -195,6 +195,16 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not cycle and self.cycle is not None:  # a request (not an upgrade)
             self.scope[CHANNEL_KEY] = ConnectionChannel(self.cycle, self._writer)  # type: ignore[literal-required]
 
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # uvicorn stops reading while more than 64 KiB of body wait unread and reads on when
+        # the app asks for more (``receive``). Once the body is whole the app asks no more, so
+        # a pause taken with its last bytes lasted until the answer: a client that left
+        # meanwhile went unseen, and its work ran on (a batch of ~250 texts, 276 KB). Reading
+        # on costs nothing: a pipelined request behind this one pauses reading again until
+        # its turn (``on_headers_complete``).
+        self.flow.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.client_gone()
