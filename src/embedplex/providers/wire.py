@@ -100,6 +100,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector=connector,
             auto_decompress=False,
             trust_env=False,  # a proxy from the environment would connect past the guard
+            # Cookies are httpx's to keep (its jar, on the httpx API): a second jar here would
+            # send them twice, and ``post_bytes`` keeps none (see ``WireClient``).
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
         return self._session
