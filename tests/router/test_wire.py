@@ -149,7 +149,8 @@ async def test_post_bytes_sends_what_post_sends(upstream: FakeUpstream) -> None:
     """The router's POST without httpx's client layers: same URL, body and headers."""
     backend = GuardedBackend(parse_networks(["127.0.0.0/8"]))
     url = f"{upstream.url}/v1/embeddings"
-    headers = {"authorization": "Bearer k", "content-type": "application/json"}
+    # User-Agent: one of the client's defaults, replaced whatever its case.
+    headers = {"authorization": "Bearer k", "content-type": "application/json", "User-Agent": "t"}
     content = orjson.dumps({"input": ["a", "b"], "model": "m"})
     async with wire_client(backend, limits=LIMITS, timeout=httpx.Timeout(5.0)) as client:
         via_httpx = await client.post(url, content=content, headers=headers, timeout=5.0)
@@ -162,6 +163,7 @@ async def test_post_bytes_sends_what_post_sends(upstream: FakeUpstream) -> None:
     assert first.body == second.body == third.body
     assert first.headers == second.headers == third.headers
     assert second.headers["authorization"] == "Bearer k"
+    assert second.headers["user-agent"] == "t"
 
 
 async def test_post_bytes_keeps_the_guard_and_the_error_mapping(upstream: FakeUpstream) -> None:

@@ -194,15 +194,15 @@ def _translate(exc: aiohttp.ClientError) -> httpx.TransportError:
 
 
 class _Target(NamedTuple):
-    """What ``WireClient.post_bytes`` sends to one URL with one set of caller headers."""
+    """What ``WireClient.post_bytes`` sends to one URL before the caller's own headers."""
 
     url: str  # as httpx writes it (the URL the httpx API would have sent to)
     host: str
     literal: endpoints.IPAddress | None  # the host, when it is an IP literal
-    headers: list[tuple[str, str]]  # the client's defaults and the caller's, as httpx merges them
+    headers: list[tuple[str, str]]  # Host and the client's defaults, as httpx writes them
 
 
-# Targets a client keeps (providers x header sets: a handful); past this the table starts again.
+# URLs a client keeps targets for (one or two a provider); past this the table starts again.
 _TARGETS_MAX = 64
 
 
@@ -212,21 +212,21 @@ class WireClient(httpx.AsyncClient):
     Why: every upstream call through ``AsyncClient.post`` went through httpx's client layers
     (request building and URL parsing, auth, redirects, cookies, the timeout extension) only to
     be taken apart again by the transport. ``post_bytes`` sends the same request line and headers
-    (worked out once per URL and header set, by httpx itself) straight to the transport, with
-    the same endpoint check, timeouts and error mapping. It keeps no cookie jar: upstream APIs
-    are stateless, and one jar for every tenant's calls was never wanted.
+    (the URL's part worked out once by httpx itself; the caller's headers, which carry the API
+    key, are not kept) straight to the transport, with the same endpoint check, timeouts and
+    error mapping. It keeps no cookie jar: upstream APIs are stateless, and one jar for every
+    tenant's calls was never wanted.
     """
 
     def __init__(self, transport: AiohttpTransport, *, timeout: httpx.Timeout) -> None:
         super().__init__(transport=transport, timeout=timeout, trust_env=False)
         self.wire = transport
-        self._targets: dict[tuple[str, tuple[tuple[str, str], ...]], _Target] = {}
+        self._targets: dict[str, _Target] = {}
 
-    def _target(self, url: str, headers: dict[str, str]) -> _Target:
-        key = (url, tuple(headers.items()))
-        target = self._targets.get(key)
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
         if target is None:
-            request = self.build_request("POST", url, headers=headers)
+            request = self.build_request("POST", url)
             parsed = request.url
             if parsed.scheme not in ("http", "https"):
                 raise httpx.UnsupportedProtocol(
@@ -240,7 +240,7 @@ class WireClient(httpx.AsyncClient):
             target = _Target(str(parsed), parsed.host, endpoints.literal_address(parsed.host), raw)
             if len(self._targets) >= _TARGETS_MAX:
                 self._targets.clear()
-            self._targets[key] = target
+            self._targets[url] = target
         return target
 
     async def post_bytes(
@@ -251,19 +251,18 @@ class WireClient(httpx.AsyncClient):
         timeout: float,  # noqa: ASYNC109 (each attempt's own limit, as httpx's ``timeout=``)
     ) -> httpx.Response:
         """``post(url, content=content, headers=headers, timeout=timeout)``, minus the layers."""
-        target = self._target(url, headers)
+        target = self._target(url)
         if target.literal is not None:
             self.wire._check_address(target.host, target.literal)
         limit = aiohttp.ClientTimeout(
             total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
-        return await self.wire.send(
-            "POST",
-            target.url,
-            content,
-            [*target.headers, ("Content-Length", str(len(content)))],
-            limit,
-        )
+        # The caller's headers replace the client's of the same name, as httpx merges them.
+        names = {name.lower() for name in headers}
+        sent = [h for h in target.headers if h[0].lower() not in names]
+        sent += headers.items()
+        sent.append(("Content-Length", str(len(content))))
+        return await self.wire.send("POST", target.url, content, sent, limit)
 
 
 def wire_client(
