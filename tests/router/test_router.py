@@ -300,3 +300,33 @@ async def test_a_route_answers_504_at_the_request_deadline_and_stays_usable(
         REQUEST_DEADLINE.reset(token)
     assert result.model == "remote-x"
     check(result.vectors, ["fast"])
+
+
+async def test_a_one_provider_route_fails_as_any_over_that_provider(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """``RemoteModel.embed`` calls a lone provider straight: the same errors and counters."""
+    router = await make_router(
+        provider("p", upstream, max_attempts=1, breaker_failures=1, breaker_cooldown_s=60)
+    )
+    model = RemoteModel(router, RouteConfig(model="remote-x", providers=["p"]))
+    await model.start()
+    rt = router.runtimes["p"]
+    with pytest.raises(EmptyInputError):
+        await model.embed(req())
+    with pytest.raises(InvalidRequestError):  # the request's fault: not a failover
+        await model.embed(req("x", truncate=True))  # openai does not truncate
+    assert rt.counters["failovers"] == 0
+    assert upstream.calls == []
+    upstream.script(Fault(status=503))
+    with pytest.raises(UpstreamError) as failed:
+        await model.embed(req("y"))
+    assert failed.value.status == 503
+    assert rt.counters["failovers"] == 1
+    assert rt.health.state is CircuitState.OPEN
+    calls = len(upstream.calls)
+    with pytest.raises(UnavailableError, match="circuit is open"):
+        await model.embed(req("z"))
+    assert len(upstream.calls) == calls  # not tried
+    assert rt.counters["failovers"] == 1
+    assert model.stats()["active_requests"] == 0

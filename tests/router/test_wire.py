@@ -9,9 +9,11 @@ import ipaddress
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from conftest import RouterFactory
@@ -22,7 +24,7 @@ from embedplex.providers import endpoints
 from embedplex.providers.adapter import decode_vector, decode_vectors
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.lanes import collect
-from embedplex.providers.wire import AiohttpTransport
+from embedplex.providers.wire import AiohttpTransport, WireClient, wire_client
 from upstream_fakes import FakeUpstream, Fault, ThreadServer, provider
 
 LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=8)
@@ -141,6 +143,57 @@ async def test_the_router_calls_upstream_over_the_wire(
     result = await router.embed(EmbedRequest(inputs=["x", "y"]), ["a"])
     assert len(result.vectors) == 2
     assert upstream.calls[-1].texts == ["x", "y"]
+
+
+async def test_post_bytes_sends_what_post_sends(upstream: FakeUpstream) -> None:
+    """The router's POST without httpx's client layers: same URL, body and headers."""
+    backend = GuardedBackend(parse_networks(["127.0.0.0/8"]))
+    url = f"{upstream.url}/v1/embeddings"
+    # User-Agent: one of the client's defaults, replaced whatever its case.
+    headers = {"authorization": "Bearer k", "content-type": "application/json", "User-Agent": "t"}
+    content = orjson.dumps({"input": ["a", "b"], "model": "m"})
+    async with wire_client(backend, limits=LIMITS, timeout=httpx.Timeout(5.0)) as client:
+        via_httpx = await client.post(url, content=content, headers=headers, timeout=5.0)
+        direct = await client.post_bytes(url, content, headers, 5.0)
+        again = await client.post_bytes(url, content, headers, 5.0)  # from the kept target
+    assert via_httpx.status_code == direct.status_code == again.status_code == 200
+    assert direct.json() == via_httpx.json()
+    first, second, third = upstream.calls[-3:]
+    assert first.path == second.path == third.path == "/v1/embeddings"
+    assert first.body == second.body == third.body
+    assert first.headers == second.headers == third.headers
+    assert second.headers["authorization"] == "Bearer k"
+    assert second.headers["user-agent"] == "t"
+
+
+async def test_post_bytes_keeps_the_guard_and_the_error_mapping(upstream: FakeUpstream) -> None:
+    async with wire_client(GuardedBackend([]), limits=LIMITS, timeout=httpx.Timeout(5.0)) as c:
+        with pytest.raises(httpx.ConnectError, match="not a public address"):
+            await c.post_bytes(f"{upstream.url}/v1/embeddings", b"{}", {}, 5.0)
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await c.post_bytes("ftp://example.com/x", b"{}", {}, 5.0)
+    assert upstream.calls == []
+    upstream.script(Fault(delay=2.0))
+    backend = GuardedBackend(parse_networks(["127.0.0.0/8"]))
+    async with wire_client(backend, limits=LIMITS, timeout=httpx.Timeout(5.0)) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post_bytes(f"{upstream.url}/v1/embeddings", b'{"input": ["a"]}', {}, 0.2)
+
+
+async def test_the_router_posts_through_post_bytes(
+    upstream: FakeUpstream, make_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+    original = WireClient.post_bytes
+
+    async def spy(self: WireClient, url: str, *args: Any) -> httpx.Response:
+        sent.append(url)
+        return await original(self, url, *args)
+
+    monkeypatch.setattr(WireClient, "post_bytes", spy)
+    router = await make_router(provider("a", upstream))
+    await router.embed(EmbedRequest(inputs=["x"]), ["a"])
+    assert sent == [f"{upstream.url}/v1/embeddings"]
 
 
 # -- decoding ------------------------------------------------------------------------------

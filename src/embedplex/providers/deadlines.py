@@ -28,12 +28,16 @@ class DeadlineExpired(Exception):
 
 
 class _Entry:
-    __slots__ = ("at", "fired", "task")
+    """One registered wait: its deadline, its task until it is over (None after), whether the
+    timer cancelled it, and the task's pending cancels when it began (``Task.cancelling``)."""
 
-    def __init__(self, at: float, task: asyncio.Task[object] | None) -> None:
+    __slots__ = ("at", "cancelling", "fired", "task")
+
+    def __init__(self, at: float, task: asyncio.Task[object], cancelling: int) -> None:
         self.at = at
-        self.task = task  # None once the request is over
+        self.task: asyncio.Task[object] | None = task  # None once the request is over
         self.fired = False
+        self.cancelling = cancelling
 
 
 class DeadlineTimer:
@@ -51,25 +55,35 @@ class DeadlineTimer:
     ) -> T:
         """``work``, awaited in the current task; ``expired()`` is raised if ``at`` (loop
         clock) passes first (the work is cancelled)."""
-        task = asyncio.current_task()
-        if task is None:  # cannot happen in a request; no task to cancel: no deadline
+        entry = self.enter(at)
+        if entry is None:  # cannot happen in a request; no task to cancel: no deadline
             return await work
-        cancelling = task.cancelling()  # cancels requested before ours are not ours to take back
-        entry = _Entry(at, task)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if timed_out(entry):
+                raise expired() from None
+            raise
+        finally:
+            entry.task = None
+
+    def enter(self, at: float) -> _Entry | None:
+        """Cancel the current task at ``at`` (loop clock) unless its entry's ``task`` is set
+        to None first; None outside a task. ``run`` in the caller's own coroutine, for the
+        hot path that cannot afford one more: on ``CancelledError`` ask ``timed_out(entry)``,
+        and in ``finally`` set ``entry.task = None``."""
+        task = asyncio.current_task()
+        if task is None:
+            return None
+        # Cancels requested before ours are not ours to take back.
+        entry = _Entry(at, task, task.cancelling())
         heap = self._heap
         while heap and heap[0][2].task is None:  # answered requests at the top: drop them
             heapq.heappop(heap)
         heapq.heappush(heap, (at, next(self._seq), entry))
         if at < self._armed_at:
             self._arm(at)
-        try:
-            return await work
-        except asyncio.CancelledError:
-            if entry.fired and task.uncancel() <= cancelling:
-                raise expired() from None
-            raise
-        finally:
-            entry.task = None
+        return entry
 
     def _arm(self, at: float) -> None:
         if self._handle is not None:
@@ -95,16 +109,31 @@ class DeadlineTimer:
                 task.cancel()
 
 
+def timed_out(entry: _Entry) -> bool:
+    """On a ``CancelledError`` in ``entry``'s task: whether the cancel was the timer's (and
+    then it is taken back: the caller raises its timeout instead)."""
+    if not entry.fired:
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() <= entry.cancelling
+
+
 _timers: dict[asyncio.AbstractEventLoop, DeadlineTimer] = {}
+_last: DeadlineTimer | None = None  # the last one asked for: nearly always the one wanted
 
 
 def deadline_timer() -> DeadlineTimer:
     """The running loop's ``DeadlineTimer``."""
+    global _last
     loop = asyncio.get_running_loop()
+    timer = _last
+    if timer is not None and timer._loop is loop:
+        return timer
     timer = _timers.get(loop)
     if timer is None:
         if len(_timers) > 8:  # loops of finished tests: drop the closed ones
             for old in [k for k in _timers if k.is_closed()]:
                 del _timers[old]
         timer = _timers[loop] = DeadlineTimer(loop)
+    _last = timer
     return timer

@@ -35,6 +35,7 @@ from embedplex.core.errors import (
     UpstreamTimeoutError,
 )
 from embedplex.observability.tracing import upstream_span
+from embedplex.providers.wire import WireClient
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
@@ -212,6 +213,8 @@ class HttpTransport:
     ) -> None:
         self.provider = provider
         self.client = client
+        # The router's own client has a cheaper way to POST (``WireClient.post_bytes``).
+        self._post = client.post_bytes if isinstance(client, WireClient) else None
         self.policy = policy
         self.listener = listener
         self.gate = gate
@@ -288,7 +291,12 @@ class HttpTransport:
     ) -> _Done[T]:
         """One HTTP attempt of at most ``limit`` seconds, classified."""
         try:
-            response = await self.client.post(url, content=content, headers=headers, timeout=limit)
+            if self._post is not None:
+                response = await self._post(url, content, headers, limit)
+            else:
+                response = await self.client.post(
+                    url, content=content, headers=headers, timeout=limit
+                )
         except httpx.TimeoutException as exc:
             error: EmbedplexError = UpstreamTimeoutError(
                 f"{self.provider}: no answer within {limit:.3g}s", status=None

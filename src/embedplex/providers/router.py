@@ -51,7 +51,7 @@ from embedplex.core.types import (
 )
 from embedplex.providers.base import RerankParams
 from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
-from embedplex.providers.deadlines import deadline_timer
+from embedplex.providers.deadlines import deadline_timer, timed_out
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
 from embedplex.providers.runtime import ProviderRuntime
@@ -206,27 +206,25 @@ class Router:
                 f"batch size {n} > maximum allowed batch size {self.max_client_batch_size}",
                 param=param,
             )
+        if len(providers) == 1:  # most routes: no repeats to drop
+            return [self.runtime(providers[0])]
         # dict.fromkeys: keep the order, drop repeats ("all" answers once per provider).
         runtimes = [self.runtime(name) for name in dict.fromkeys(providers)]
         if not runtimes:
             raise ModelNotFoundError("the request names no provider", param="providers")
         return runtimes
 
+    def direct(self, n: int, providers: Sequence[str], policy: Policy) -> ProviderRuntime | None:
+        """The provider a request of ``n`` inputs goes straight to, checked as ``embed`` checks
+        it: the only one of a route that is not ``all`` (``_any`` over one provider); None:
+        the route needs ``embed``'s policies."""
+        runtimes = self._runtimes(n, "input", providers)
+        return runtimes[0] if len(runtimes) == 1 and policy != "all" else None
+
     async def embed(
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
         runtimes = self._runtimes(len(request.inputs), "input", providers)
-        if len(runtimes) == 1 and policy != "all":  # one provider: _any's loop, inlined
-            rt = runtimes[0]
-            if not rt.health.available():
-                raise UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
-            try:
-                return await rt.embed(request)
-            except ClientError:
-                raise
-            except EmbedplexError:
-                rt.counters["failovers"] += 1
-                raise
         return await _route(runtimes, policy, lambda rt: rt.embed(request))
 
     async def rerank(
@@ -315,18 +313,18 @@ def _merge(runtimes: list[ProviderRuntime], results: list[Result]) -> Result:
     )
 
 
+def _expired(deadline: Deadline, model: str) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(
+        f"{model}: no answer from the upstream within {deadline.describe()}"
+    )
+
+
 def _within(deadline: Deadline, model: str, answer: Awaitable[Result]) -> Awaitable[Result]:
     """``answer`` by ``deadline``, else a 504 that names it. Leaving cancels the caller's
     queued texts, and an upstream call all of whose callers left is cancelled too
     (``BatchPolicy.cancel_abandoned``): no attempt runs for nobody. One timer for all
     requests (``providers/deadlines.py``), not one each."""
-
-    def expired() -> Exception:
-        return UpstreamTimeoutError(
-            f"{model}: no answer from the upstream within {deadline.describe()}"
-        )
-
-    return deadline_timer().run(deadline.at, answer, expired)
+    return deadline_timer().run(deadline.at, answer, lambda: _expired(deadline, model))
 
 
 def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
@@ -435,13 +433,39 @@ class RemoteModel(RemoteRoute):
     """An embedding route (``kind = "embed"``): an ``EmbeddingService``."""
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        # ``_serve`` inlined: the routed embed path is the hot one (one coroutine fewer).
+        """``_serve`` of ``Router.embed``, written out: the routed embed path is the hot one.
+
+        A route to one provider (not ``all``) calls it straight, as ``_any`` over that one would
+        (a circuit that is not letting calls through: 503; a failure counts a failover), and
+        bounds the wait by the request's deadline as ``_within`` does, without their coroutines
+        (one frame each, made and resumed per request).
+        """
         route = self.route
         self._active += 1
         try:
+            rt = self.router.direct(len(request.inputs), route.providers, route.policy)
+            if rt is not None and not rt.health.available():
+                raise UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
             deadline = REQUEST_DEADLINE.get()
-            answer = self.router.embed(request, route.providers, route.policy)
-            result = await (answer if deadline is None else _within(deadline, route.model, answer))
+            entry = None if deadline is None else deadline_timer().enter(deadline.at)
+            try:
+                if rt is None:
+                    result = await self.router.embed(request, route.providers, route.policy)
+                else:
+                    result = await rt.embed(request)
+            except asyncio.CancelledError:
+                if entry is not None and deadline is not None and timed_out(entry):
+                    raise _expired(deadline, route.model) from None
+                raise
+            except ClientError:
+                raise  # the request itself is wrong: not the provider's failure
+            except EmbedplexError:
+                if rt is not None:
+                    rt.counters["failovers"] += 1
+                raise
+            finally:
+                if entry is not None:
+                    entry.task = None
         finally:
             self._active -= 1
         result.model = route.model

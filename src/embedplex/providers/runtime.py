@@ -232,10 +232,8 @@ class ProviderRuntime:
 
         return await self._guard.call(batch, send)
 
-    async def _lane(self, params: EmbedParams) -> EmbedLane:
-        lane = self._embeds.existing(params)
-        if lane is not None:
-            return lane
+    async def _new_lane(self, params: EmbedParams) -> EmbedLane:
+        """The lane of ``params`` when it has none yet (every later request: ``existing``)."""
         aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
         return await self._embeds.lane(params, ceiling=self.ceiling, size=aimd_size)
 
@@ -283,7 +281,7 @@ class ProviderRuntime:
         texts: list[str] = request.inputs  # type: ignore[assignment]
         # With tracing on, each text keeps the request's span: upstream spans hang under it.
         trace = current_span_context() if self._tracer is not None else None
-        lane = await self._lane(params)
+        lane = self._embeds.existing(params) or await self._new_lane(params)
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
         items = lane.batcher.submit(

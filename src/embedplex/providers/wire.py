@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from typing import NamedTuple
 
 import aiohttp
 import httpx
@@ -99,6 +100,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector=connector,
             auto_decompress=False,
             trust_env=False,  # a proxy from the environment would connect past the guard
+            # Cookies are httpx's to keep (its jar, on the httpx API): a second jar here would
+            # send them twice, and ``post_bytes`` keeps none (see ``WireClient``).
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
         return self._session
@@ -107,13 +111,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         literal = endpoints.literal_address(host)
         if literal is None:
             return  # a name: GuardedResolver checks it at connect
+        self._check_address(host, literal)
+
+    def _check_address(self, host: str, literal: endpoints.IPAddress) -> None:
         try:
             self.backend._check(host, [literal])
         except endpoints.EndpointRefused as exc:
             raise httpx.ConnectError(f"{host}: {exc}") from None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
         url = request.url
         if url.scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"an upstream is reached over http(s), not {url}")
@@ -122,13 +128,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         headers: list[tuple[str, str]] = [
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
         ]
+        return await self.send(
+            request.method, str(url), body, headers, _timeout(request), request=request
+        )
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's, per request)
+        *,
+        request: httpx.Request | None = None,
+    ) -> httpx.Response:
+        """One exchange on the pool, its failures as httpx errors (the URL already checked)."""
+        session = self._session or self._open()
         try:
             async with session.request(
-                request.method,
-                str(url),
+                method,
+                url,
                 data=body or None,
                 headers=headers,
-                timeout=_timeout(request),
+                timeout=timeout,
                 allow_redirects=False,
                 compress=None,
             ) as response:
@@ -171,9 +193,80 @@ def _translate(exc: aiohttp.ClientError) -> httpx.TransportError:
     return httpx.NetworkError(text)
 
 
+class _Target(NamedTuple):
+    """What ``WireClient.post_bytes`` sends to one URL before the caller's own headers."""
+
+    url: str  # as httpx writes it (the URL the httpx API would have sent to)
+    host: str
+    literal: endpoints.IPAddress | None  # the host, when it is an IP literal
+    headers: list[tuple[str, str]]  # Host and the client's defaults, as httpx writes them
+
+
+# URLs a client keeps targets for (one or two a provider); past this the table starts again.
+_TARGETS_MAX = 64
+
+
+class WireClient(httpx.AsyncClient):
+    """httpx's API over ``AiohttpTransport``, plus ``post_bytes``: the router's upstream POST.
+
+    Why: every upstream call through ``AsyncClient.post`` went through httpx's client layers
+    (request building and URL parsing, auth, redirects, cookies, the timeout extension) only to
+    be taken apart again by the transport. ``post_bytes`` sends the same request line and headers
+    (the URL's part worked out once by httpx itself; the caller's headers, which carry the API
+    key, are not kept) straight to the transport, with the same endpoint check, timeouts and
+    error mapping. It keeps no cookie jar: upstream APIs are stateless, and one jar for every
+    tenant's calls was never wanted.
+    """
+
+    def __init__(self, transport: AiohttpTransport, *, timeout: httpx.Timeout) -> None:
+        super().__init__(transport=transport, timeout=timeout, trust_env=False)
+        self.wire = transport
+        self._targets: dict[str, _Target] = {}
+
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
+        if target is None:
+            request = self.build_request("POST", url)
+            parsed = request.url
+            if parsed.scheme not in ("http", "https"):
+                raise httpx.UnsupportedProtocol(
+                    f"an upstream is reached over http(s), not {parsed}"
+                )
+            raw = [
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in request.headers.raw
+                if k.lower() != b"content-length"  # the body's own: set per call
+            ]
+            target = _Target(str(parsed), parsed.host, endpoints.literal_address(parsed.host), raw)
+            if len(self._targets) >= _TARGETS_MAX:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
+    async def post_bytes(
+        self,
+        url: str,
+        content: bytes,
+        headers: dict[str, str],
+        timeout: float,  # noqa: ASYNC109 (each attempt's own limit, as httpx's ``timeout=``)
+    ) -> httpx.Response:
+        """``post(url, content=content, headers=headers, timeout=timeout)``, minus the layers."""
+        target = self._target(url)
+        if target.literal is not None:
+            self.wire._check_address(target.host, target.literal)
+        limit = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+        )
+        # The caller's headers replace the client's of the same name, as httpx merges them.
+        names = {name.lower() for name in headers}
+        sent = [h for h in target.headers if h[0].lower() not in names]
+        sent += headers.items()
+        sent.append(("Content-Length", str(len(content))))
+        return await self.wire.send("POST", target.url, content, sent, limit)
+
+
 def wire_client(
     backend: endpoints.GuardedBackend, *, limits: httpx.Limits, timeout: httpx.Timeout
-) -> httpx.AsyncClient:
+) -> WireClient:
     """The router's pooled client: httpx's API over ``AiohttpTransport``."""
-    transport = AiohttpTransport(backend, limits=limits)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
+    return WireClient(AiohttpTransport(backend, limits=limits), timeout=timeout)
