@@ -327,6 +327,8 @@ def test_policy_rejects_nonsense() -> None:
         BatchPolicy(max_items=0)
     with pytest.raises(ValueError, match="max_wait"):
         BatchPolicy(max_items=1, max_wait=-1)
+    with pytest.raises(ValueError, match="max_quiet"):
+        BatchPolicy(max_items=1, max_wait=1, max_quiet=-1)
 
 
 async def test_items_carry_the_tenant_and_priority() -> None:

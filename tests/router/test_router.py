@@ -76,7 +76,10 @@ async def test_flush_on_size_does_not_wait(
 async def test_flush_on_wait_collects_stragglers(
     upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
-    router = await make_router(provider("p", upstream, max_batch_size=100, max_wait_ms=150))
+    """With the quiet flush off, the whole window: texts 50 ms apart share one call."""
+    router = await make_router(
+        provider("p", upstream, max_batch_size=100, max_wait_ms=150, max_quiet_ms=0)
+    )
 
     async def late(text: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -86,6 +89,29 @@ async def test_flush_on_wait_collects_stragglers(
     await asyncio.gather(late("a", 0), late("b", 0.05), late("c", 0.1))
     assert time.monotonic() - start >= 0.15
     assert [sorted(c.texts) for c in upstream.calls] == [["a", "b", "c"]]
+
+
+async def test_a_burst_that_is_over_does_not_wait_out_the_window(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """Callers that sent all they had (closed-loop clients, one text each) are not held for
+    the whole window: once no text has come for ``max_quiet_ms`` the lane flushes. Texts
+    closer together than that still share the call."""
+    router = await make_router(
+        provider("p", upstream, max_batch_size=100, max_wait_ms=20_000, max_quiet_ms=300)
+    )
+
+    async def late(text: str, after: float) -> None:
+        await asyncio.sleep(after)
+        check((await router.embed(req(text), ["p"])).vectors, [text])
+
+    start = time.monotonic()
+    await asyncio.gather(late("a", 0), late("b", 0.02), late("c", 0.04))
+    assert time.monotonic() - start < 10.0  # far below the 20 s window
+    assert [sorted(c.texts) for c in upstream.calls] == [["a", "b", "c"]]
+    # A text after the quiet spell is a call of its own.
+    await asyncio.gather(late("d", 0), late("e", 0.9))
+    assert [sorted(c.texts) for c in upstream.calls[1:]] == [["d"], ["e"]]
 
 
 async def test_aimd_shrinks_on_413_splits_and_grows_back(

@@ -49,6 +49,9 @@ class BatchPolicy:
     max_cost: budget per batch; padded tokens for local models (``cost.TokenBudget.decide``),
         a sum of costs for remote providers, None for no budget.
     max_wait: seconds a batch may wait to fill after its first item; 0 flushes at once.
+    max_quiet: with ``max_wait``, a batch that waits to fill flushes early once no item has
+        arrived for this many seconds (the burst that filled it is over); 0: it waits the
+        whole ``max_wait``.
     max_concurrency: batches in flight at once.
     max_queued: items allowed to wait; past it, ``submit`` refuses at once.
     queue_timeout: seconds an item may wait before it fails with QueueTimeoutError.
@@ -63,6 +66,7 @@ class BatchPolicy:
     max_items: int
     max_cost: int | None = None
     max_wait: float = 0.0
+    max_quiet: float = 0.0
     max_concurrency: int = 1
     max_queued: int = 1024
     queue_timeout: float = 30.0
@@ -74,8 +78,8 @@ class BatchPolicy:
             raise ValueError("max_items, max_concurrency and max_queued must be at least 1")
         if self.max_cost is not None and self.max_cost < 1:
             raise ValueError("max_cost must be at least 1 (None: no budget)")
-        if self.max_wait < 0 or self.queue_timeout <= 0:
-            raise ValueError("max_wait must be >= 0 and queue_timeout > 0")
+        if self.max_wait < 0 or self.max_quiet < 0 or self.queue_timeout <= 0:
+            raise ValueError("max_wait and max_quiet must be >= 0 and queue_timeout > 0")
         if self.run_timeout is not None and self.run_timeout <= 0:
             raise ValueError("run_timeout must be > 0 (None: no watchdog)")
 
@@ -148,6 +152,7 @@ class Batcher(Generic[P, R]):
         self._observers = list(observers)
         self._max_items = policy.max_items
         self._in_flight = 0
+        self._last_arrival = 0.0  # time.perf_counter() of the latest submit
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -278,6 +283,7 @@ class Batcher(Generic[P, R]):
             items.append(item)
         for obs in self._observers:
             obs.on_admitted(n)
+        self._last_arrival = now
         self._wakeup.set()
         return items
 
@@ -306,8 +312,12 @@ class Batcher(Generic[P, R]):
                 and now < oldest + self.policy.max_wait
             ):
                 flush_at = oldest + self.policy.max_wait
-                await self._wait(flush_at if wake_at is None else min(flush_at, wake_at))
-                continue
+                quiet = self.policy.max_quiet
+                if quiet > 0:  # callers that sent all they had do not wait out the window
+                    flush_at = min(flush_at, self._last_arrival + quiet)
+                if now < flush_at:
+                    await self._wait(flush_at if wake_at is None else min(flush_at, wake_at))
+                    continue
             dropped = self._queue.drop_gone()
             if dropped:
                 for obs in self._observers:

@@ -71,6 +71,13 @@ class ProviderConfig(BaseModel):
     max_wait_ms: float = Field(
         50.0, ge=0, le=60_000, description="How long the first queued text waits for company."
     )
+    max_quiet_ms: float = Field(
+        10.0,
+        ge=0,
+        le=60_000,
+        description="A lane flushes before max_wait_ms once no text has come for this long "
+        "(the burst is over; 0: always wait max_wait_ms).",
+    )
     max_concurrency: int = Field(4, ge=1, le=4096, description="Upstream calls in flight at once.")
     max_queued: int = Field(
         4096, ge=1, le=10_000_000, description="Texts waiting per batch lane; then 429."

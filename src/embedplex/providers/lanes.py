@@ -84,6 +84,7 @@ class LaneSet(Generic[K, P, R]):
             policy = BatchPolicy(
                 max_items=ceiling,
                 max_wait=config.max_wait_ms / 1000,
+                max_quiet=config.max_quiet_ms / 1000,
                 max_concurrency=config.max_concurrency,
                 max_queued=config.max_queued,
                 queue_timeout=config.queue_timeout_ms / 1000,
