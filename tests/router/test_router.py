@@ -22,7 +22,7 @@ from embedplex.core.errors import (
 from embedplex.core.types import EmbedRequest
 from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
-from embedplex.providers.router import PROBE_TEXT, RemoteModel
+from embedplex.providers.router import PROBE_TEXT, RemoteModel, Router
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 
@@ -73,6 +73,19 @@ async def test_flush_on_size_does_not_wait(
         check(r.vectors, [t])
 
 
+async def staggered(router: Router, *sends: tuple[str, float]) -> float:
+    """Embed each ``(text, after)`` through provider "p", ``after`` seconds from now, checking
+    its vector; the seconds all of them took."""
+
+    async def one(text: str, after: float) -> None:
+        await asyncio.sleep(after)
+        check((await router.embed(req(text), ["p"])).vectors, [text])
+
+    start = time.monotonic()
+    await asyncio.gather(*(one(text, after) for text, after in sends))
+    return time.monotonic() - start
+
+
 async def test_flush_on_wait_collects_stragglers(
     upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
@@ -81,13 +94,7 @@ async def test_flush_on_wait_collects_stragglers(
         provider("p", upstream, max_batch_size=100, max_wait_ms=150, max_quiet_ms=0)
     )
 
-    async def late(text: str, after: float) -> None:
-        await asyncio.sleep(after)
-        check((await router.embed(req(text), ["p"])).vectors, [text])
-
-    start = time.monotonic()
-    await asyncio.gather(late("a", 0), late("b", 0.05), late("c", 0.1))
-    assert time.monotonic() - start >= 0.15
+    assert await staggered(router, ("a", 0), ("b", 0.05), ("c", 0.1)) >= 0.15
     assert [sorted(c.texts) for c in upstream.calls] == [["a", "b", "c"]]
 
 
@@ -101,16 +108,11 @@ async def test_a_burst_that_is_over_does_not_wait_out_the_window(
         provider("p", upstream, max_batch_size=100, max_wait_ms=20_000, max_quiet_ms=300)
     )
 
-    async def late(text: str, after: float) -> None:
-        await asyncio.sleep(after)
-        check((await router.embed(req(text), ["p"])).vectors, [text])
-
-    start = time.monotonic()
-    await asyncio.gather(late("a", 0), late("b", 0.02), late("c", 0.04))
-    assert time.monotonic() - start < 10.0  # far below the 20 s window
+    took = await staggered(router, ("a", 0), ("b", 0.02), ("c", 0.04))
+    assert took < 10.0  # far below the 20 s window
     assert [sorted(c.texts) for c in upstream.calls] == [["a", "b", "c"]]
     # A text after the quiet spell is a call of its own.
-    await asyncio.gather(late("d", 0), late("e", 0.9))
+    await staggered(router, ("d", 0), ("e", 0.9))
     assert [sorted(c.texts) for c in upstream.calls[1:]] == [["d"], ["e"]]
 
 
