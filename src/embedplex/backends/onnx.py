@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_cache import ensure_onnx
 from embedplex.backends.passes import CoreGate, PassGate
 from embedplex.backends.pooling import Floats, pool
+from embedplex.core.cores import process_cores
 from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def make_session(
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or process_cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # The event loop and the tokenizer share these cores: spinning workers would take CPU from
@@ -167,7 +167,7 @@ class OnnxBackend:
             solo=solo,
             kind=spec.kind,
             gate=gate if actual == "cpu" else None,  # the gate shares CPU cores, not a GPU
-            threads=threads or (os.cpu_count() or 1),
+            threads=threads or process_cores(),
         )
 
     def embed(self, batch: TokenBatch) -> Floats:

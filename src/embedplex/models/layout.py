@@ -21,12 +21,12 @@ flight. With one model the gate never makes a pass wait: its streams x threads f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from embedplex.backends.passes import CoreGate
 from embedplex.config import Settings
+from embedplex.core.cores import process_cores
 from embedplex.models.config import ModelConfig
 
 
@@ -44,12 +44,13 @@ class InferenceLayout:
 def inference_layout(
     settings: Settings, cores: int | None = None, *, model: ModelConfig | None = None
 ) -> InferenceLayout:
-    """A model's layout, defaults filled in for this machine (``cores``: os.cpu_count()).
+    """A model's layout, defaults filled in for this machine (``cores``: the cores this process
+    may use, ``core/cores.py``: its CPUs, capped by a container's CPU limit).
 
     ``model``: a resolved ``[[models]]`` table (its backend, device and streams); default: the
     flat settings' model. Threads per pass are process-wide settings.
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or process_cores()
     model = model or settings.flat_model()
     onnx_cpu = _onnx_on_cpu(model)
     streams = model.inference_streams
@@ -66,7 +67,7 @@ def core_gate(layouts: Iterable[InferenceLayout], cores: int | None = None) -> C
     Capacity: the cores, or the largest streams x threads a layout asks for explicitly (so one
     model never waits at the gate, whatever its settings).
     """
-    cores = cores or os.cpu_count() or 1
+    cores = cores or process_cores()
     return CoreGate(max([cores, *(layout.streams * layout.threads for layout in layouts)]))
 
 

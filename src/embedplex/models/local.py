@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 import typing
@@ -53,6 +52,7 @@ from embedplex.batching import (
 from embedplex.cache import EmbeddingCache
 from embedplex.cache.keys import MemoryKey, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
+from embedplex.core.cores import process_cores
 from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
@@ -314,7 +314,7 @@ class LocalModel(Generic[R]):
         return self._batcher
 
     async def start(self) -> None:
-        workers = self.options.tokenization_workers or os.cpu_count() or 1
+        workers = self.options.tokenization_workers or process_cores()
         nice = self.options.worker_nice
         self._token_pool = worker_pool(workers, "tokenize", nice)
         # One thread per stream: the batcher keeps up to ``streams`` batches in flight.
