@@ -162,3 +162,33 @@ def test_config_show_hides_the_store_password() -> None:
     shown = settings.redacted()["state_url"]
     assert "hunter2" not in shown and shown == "postgresql://embedplex:***@db:5432/embedplex"
     assert Settings(state_url="sqlite:///x.db").redacted()["state_url"] == "sqlite:///x.db"
+
+
+async def test_stored_providers_survive_a_rolling_upgrade(
+    store: StateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas of two versions share the store: only set fields are written, and a field a
+    newer version wrote is dropped (with a warning) rather than failing every stored provider."""
+    from sqlalchemy import update
+
+    from embedplex.providers.config import ProviderConfig
+    from embedplex.state import schema
+    from embedplex.state.providers import ProviderStore
+
+    providers = ProviderStore(store)
+    plain = ProviderConfig(name="a", type="openai", endpoint="http://127.0.0.1:9")
+    tuned = ProviderConfig(name="b", type="tei", endpoint="http://127.0.0.1:9", max_quiet_ms=0)
+    await providers.put(plain, None)
+    await providers.put(tuned, "served-b")
+    async with store.engine.connect() as conn:
+        rows = {r.name: r.config for r in await conn.execute(schema.providers.select())}
+    assert rows["a"] == {"name": "a", "type": "openai", "endpoint": "http://127.0.0.1:9"}
+    assert rows["b"]["max_quiet_ms"] == 0
+    assert await providers.all() == {"a": (plain, None), "b": (tuned, "served-b")}
+    newer = {**rows["a"], "max_jitter_ms": 5}  # a field of some later version
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            update(schema.providers).where(schema.providers.c.name == "a").values(config=newer)
+        )
+    assert (await providers.all())["a"] == (plain, None)
+    assert "max_jitter_ms" in caplog.text

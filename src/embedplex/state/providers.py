@@ -6,6 +6,11 @@ move (``cache.py``'s poller): it adds the stored providers its router lacks and 
 ones it added that are gone from the store. Providers from the config file are never touched,
 and a stored provider whose name a replica's config already uses is left to the config there.
 The stored config holds no secret: only the names of the variables that hold provider keys.
+
+Replicas of two versions share the store during a rolling upgrade. So a provider is stored with
+the fields that differ from their defaults only (a field a newer version adds is not written
+unless set), and a stored field this version does not know is dropped with a warning, not a
+refusal of every stored provider.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class ProviderStore:
             await conn.execute(
                 table.insert().values(
                     name=config.name,
-                    config=config.model_dump(mode="json"),
+                    config=config.model_dump(mode="json", exclude_defaults=True),
                     serve_as=serve_as,
                     updated_at=now(),
                 )
@@ -54,7 +59,19 @@ class ProviderStore:
         table = schema.providers
         async with self.store.engine.connect() as conn:
             rows = await conn.execute(select(table).order_by(table.c.name))
-            return {r.name: (ProviderConfig.model_validate(r.config), r.serve_as) for r in rows}
+            return {r.name: (_known(r.name, r.config), r.serve_as) for r in rows}
+
+
+def _known(name: str, stored: dict[str, Any]) -> ProviderConfig:
+    """A stored config, less the fields this version does not know (written by a newer one)."""
+    unknown = sorted(set(stored) - set(ProviderConfig.model_fields))
+    if unknown:
+        logger.warning(
+            "stored provider %r: fields %s are not known to this version; ignored",
+            name,
+            ", ".join(unknown),
+        )
+    return ProviderConfig.model_validate({k: v for k, v in stored.items() if k not in unknown})
 
 
 class ProviderSync:
