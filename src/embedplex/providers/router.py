@@ -214,17 +214,15 @@ class Router:
             raise ModelNotFoundError("the request names no provider", param="providers")
         return runtimes
 
-    def direct(self, n: int, providers: Sequence[str], policy: Policy) -> ProviderRuntime | None:
-        """The provider a request of ``n`` inputs goes straight to, checked as ``embed`` checks
-        it: the only one of a route that is not ``all`` (``_any`` over one provider); None:
-        the route needs ``embed``'s policies."""
-        runtimes = self._runtimes(n, "input", providers)
-        return runtimes[0] if len(runtimes) == 1 and policy != "all" else None
+    def embed_targets(self, n: int, providers: Sequence[str]) -> list[ProviderRuntime]:
+        """The providers a request of ``n`` inputs may go to, checked as ``embed`` checks them
+        (an empty or too large request, an unknown provider: refused here)."""
+        return self._runtimes(n, "input", providers)
 
     async def embed(
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
-        runtimes = self._runtimes(len(request.inputs), "input", providers)
+        runtimes = self.embed_targets(len(request.inputs), providers)
         return await _route(runtimes, policy, lambda rt: rt.embed(request))
 
     async def rerank(
@@ -263,9 +261,7 @@ async def _any(runtimes: list[ProviderRuntime], call: Call[T]) -> T:
     errors: list[EmbedplexError] = []
     for rt in runtimes:
         if not rt.health.available():
-            errors.append(
-                UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
-            )
+            errors.append(_circuit_refusal(rt))
             continue
         try:
             return await call(rt)
@@ -275,6 +271,11 @@ async def _any(runtimes: list[ProviderRuntime], call: Call[T]) -> T:
             rt.counters["failovers"] += 1
             errors.append(exc)
     raise _pick_error(errors)
+
+
+def _circuit_refusal(rt: ProviderRuntime) -> UnavailableError:
+    """Why ``rt`` is not tried: its circuit lets no call through."""
+    return UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
 
 
 async def _all(runtimes: list[ProviderRuntime], call: Call[T]) -> list[T]:
@@ -443,14 +444,15 @@ class RemoteModel(RemoteRoute):
         route = self.route
         self._active += 1
         try:
-            rt = self.router.direct(len(request.inputs), route.providers, route.policy)
+            runtimes = self.router.embed_targets(len(request.inputs), route.providers)
+            rt = runtimes[0] if len(runtimes) == 1 and route.policy != "all" else None
             if rt is not None and not rt.health.available():
-                raise UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+                raise _circuit_refusal(rt)
             deadline = REQUEST_DEADLINE.get()
             entry = None if deadline is None else deadline_timer().enter(deadline.at)
             try:
                 if rt is None:
-                    result = await self.router.embed(request, route.providers, route.policy)
+                    result = await _route(runtimes, route.policy, lambda r: r.embed(request))
                 else:
                     result = await rt.embed(request)
             except asyncio.CancelledError:
