@@ -77,7 +77,7 @@ def test_an_operators_choice_is_kept(tiny_model_dir: Path) -> None:
     assert int(alone) > 0
 
 
-def test_loading_a_cpu_model_turns_the_pool_off(
+async def test_starting_a_cpu_model_turns_the_pool_off(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from embedplex.models.local import load_local_model
@@ -86,4 +86,8 @@ def test_loading_a_cpu_model_turns_the_pool_off(
     settings = Settings(model_id=str(tiny_model_dir), backend="torch", cache_dir=tmp_path)
     model = load_local_model(settings)
     assert model.backend.device == "cpu"
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    await model.start()
+    try:
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    finally:
+        await model.close()

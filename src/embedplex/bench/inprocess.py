@@ -17,7 +17,7 @@ import uvicorn
 from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
 from embedplex.backends.model_files import load_spec, resolve_model_dir
-from embedplex.backends.tokenizer import TextTokenizer, tokenize_in_calling_thread
+from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
@@ -33,7 +33,6 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
         tokenizer = TextTokenizer.from_dir(
             path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
         )
-        tokenize_in_calling_thread()  # as served on the CPU (models/local.py)
         options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
         cache = EmbeddingCache.from_settings(settings)  # as served: the configured cache
         model = LocalEmbeddingModel(spec, tokenizer, backend, options, cache=cache)

@@ -314,6 +314,8 @@ class LocalModel(Generic[R]):
         return self._batcher
 
     async def start(self) -> None:
+        if self.backend.device == "cpu":  # its passes take every core: no tokenizer thread pool
+            tokenize_in_calling_thread()
         workers = self.options.tokenization_workers or process_cores()
         nice = self.options.worker_nice
         self._token_pool = worker_pool(workers, "tokenize", nice)
@@ -912,8 +914,6 @@ def load_local_model(
         path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
     )
     backend = load_backend(settings, spec, m, gate=gate)
-    if backend.device == "cpu":  # its passes take every core: no tokenizer thread pool
-        tokenize_in_calling_thread()
     logger.info(
         "%s: inference layout %s (batches at once x intra-op threads)",
         m.name,
