@@ -30,6 +30,7 @@ def test_example_config_routes_remote_minilm_to_an_openai_provider() -> None:
         RouteConfig(model="remote-minilm", providers=["local-8081"], policy="any")
     ]
     (p,) = settings.providers
+    assert p.max_quiet_ms == 10  # its burst still makes one call; a lull flushes
     assert p.type == "openai"
     assert p.endpoint == "http://127.0.0.1:8081"
 
@@ -46,6 +47,12 @@ def test_config_validation() -> None:
         Settings(providers=[a], routes=[RouteConfig(model=Settings().model_name, providers=["a"])])
     with pytest.raises(ValueError, match="pattern"):
         ProviderConfig(name="bad name", type="tei")
+    # The quiet flush: from 0 (off) to a minute; no negative, infinite or NaN spell.
+    assert ProviderConfig(name="q", type="voyage", max_quiet_ms=0).max_quiet_ms == 0
+    assert ProviderConfig(name="q", type="voyage").max_quiet_ms == 10
+    for bad in (-1, 60_001, float("inf"), float("nan"), "soon"):
+        with pytest.raises(ValueError, match="max_quiet_ms"):
+            ProviderConfig(name="q", type="voyage", max_quiet_ms=bad)
 
 
 def test_providers_come_from_env_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
