@@ -17,7 +17,13 @@ import pytest
 
 from embedplex.api.app import create_app
 from embedplex.config import Settings
-from embedplex.observability.logs import JsonFormatter, PrettyFormatter, escape_controls
+from embedplex.observability.logs import (
+    _CONTROLS,
+    _PRETTY,
+    JsonFormatter,
+    PrettyFormatter,
+    escape_controls,
+)
 from embedplex.providers.config import RouteConfig
 from upstream_fakes import provider, running_upstream
 
@@ -135,3 +141,20 @@ def test_formatters_escape_messages_arguments_and_tracebacks() -> None:
     assert data["model"] == HOSTILE  # escaped in the line, exact once decoded
     assert data["message"] == "bad input " + HOSTILE
     assert escape_controls("tab\there") == "tab\\there"
+
+
+@pytest.mark.parametrize("code", _CONTROLS)
+def test_every_control_character_is_escaped_alone(code: int) -> None:
+    """The formatters skip the escaping for a printable line: each control character alone
+    must make a line not printable, and come out escaped, in both formats."""
+    char = chr(code)
+    assert escape_controls(f"a{char}b") == f"a{_PRETTY[code]}b"
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "a%sb", (char,), None)
+    record.model = char
+    pretty = PRETTY.format(record)
+    assert_clean(pretty)
+    assert pretty == f"INFO t: a{_PRETTY[code]}b"
+    line = JsonFormatter().format(record)
+    assert_clean(line)
+    data = orjson.loads(line)
+    assert (data["message"], data["model"]) == (f"a{char}b", char)

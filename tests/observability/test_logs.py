@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
 from embedplex.cli.main import app as cli
-from embedplex.observability.logs import JsonFormatter
+from embedplex.observability.logs import JsonFormatter, PrettyFormatter
 
 from .conftest import MODEL, Served, serve, settings
 
@@ -31,6 +33,11 @@ async def test_one_structured_line_per_request(
     await served.client.get("/health/ready")  # probes are not logged
     (record,) = access_records(caplog)
     line = orjson.loads(JsonFormatter().format(record))
+    assert list(line) == [  # the fields, in their order (log pipelines may read it)
+        *("ts", "level", "logger", "message", "request_id", "method", "route", "status"),
+        *("model", "inputs", "tokens", "duration_ms", "tokenization_ms", "queue_ms"),
+        *("inference_ms", "error_type", "key_id"),
+    ]
     assert line["request_id"] == "abc-123"
     assert line["route"] == "/v1/embeddings"
     assert line["model"] == MODEL
@@ -41,7 +48,12 @@ async def test_one_structured_line_per_request(
     assert line["duration_ms"] >= line["inference_ms"] >= 0
     for key in ("tokenization_ms", "queue_ms"):
         assert line[key] >= 0
-    assert "POST /v1/embeddings 200" in line["message"]
+    assert re.fullmatch(
+        rf"POST /v1/embeddings 200 \d+\.\dms model={MODEL} inputs=2 tokens={line['tokens']}"
+        r" queue=\d+\.\dms inference=\d+\.\dms id=abc-123",
+        line["message"],
+    ), line["message"]
+    assert record.funcName == "_log" and record.pathname.endswith("observe.py")
 
 
 async def test_failed_request_line_names_the_error(
@@ -106,3 +118,18 @@ def test_config_show_redacts_the_api_key(monkeypatch: pytest.MonkeyPatch) -> Non
     from_env = runner.invoke(cli, ["config", "show"])
     assert from_env.exit_code == 0
     assert SECRET not in from_env.output
+
+
+@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.0005])
+def test_line_times_are_each_records_own(created: float) -> None:
+    """The formatters keep the last second's text: a record of another second gets its own."""
+    pretty = PrettyFormatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    plain = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    json = JsonFormatter()
+    for offset in (0.0, 0.5, 1.0, -1.0, 3600.0, 0.0):  # new seconds, back, and again
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", None, None)
+        record.created = created + offset
+        record.msecs = int((record.created - int(record.created)) * 1000)
+        assert pretty.format(record) == plain.format(record)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        assert orjson.loads(json.format(record))["ts"] == f"{ts}.{int(record.msecs):03d}Z"

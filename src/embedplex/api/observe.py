@@ -22,6 +22,7 @@ from starlette.types import Scope
 
 from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
+from embedplex.observability.log_records import LogSite
 from embedplex.observability.metrics import NO_MODEL, UNKNOWN_MODEL
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
     from embedplex.state.usage import UsageMeter
 
 access_log = logging.getLogger("embedplex.access")
+# One line per request: made without logging's caller and thread-name lookups (``LogSite``).
+_access_line = LogSite(
+    access_log,
+    logging.INFO,
+    "%s %s %d %.1fms model=%s inputs=%d tokens=%d queue=%.1fms inference=%.1fms id=%s%s",
+)
 
 QUIET_PATHS = ("/health", "/metrics", "/ping", "/api/v1/status", "/docs", "/openapi.json")
 _propagator = TraceContextTextMapPropagator()
@@ -203,20 +210,21 @@ class RequestObserver:
         rid = state.get("request_id", "")
         tenant = state.get("tenant")
         key_id = getattr(tenant, "key_id", None)  # an id only: the key never reaches the log
-        access_log.info(
-            "%s %s %d %.1fms model=%s inputs=%d tokens=%d queue=%.1fms inference=%.1fms id=%s%s",
-            scope["method"],
-            scope["path"],
-            status,
-            duration * 1000,
-            record.model,
-            record.inputs,
-            record.tokens,
-            t.queue,
-            t.inference,
-            rid,
-            f" key={key_id}" if key_id else "",
-            extra={
+        _access_line.log(
+            (
+                scope["method"],
+                scope["path"],
+                status,
+                duration * 1000,
+                record.model,
+                record.inputs,
+                record.tokens,
+                t.queue,
+                t.inference,
+                rid,
+                f" key={key_id}" if key_id else "",
+            ),
+            {
                 "request_id": rid,
                 "method": scope["method"],
                 "route": route,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import atexit
 import logging
-import logging.handlers
-import queue
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+
+from embedplex.observability.log_writer import BatchHandler, BatchWriter
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -34,7 +34,10 @@ _TRACEBACK = {c: e for c, e in _PRETTY.items() if c != 0x0A}
 
 def escape_controls(text: str) -> str:
     """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
-    return text.translate(_PRETTY)
+    # Each control character is "not printable" (Unicode's Other and Separator classes, space
+    # excepted): a printable text, nearly every line, is returned as it is, at a fraction of a
+    # translate's cost.
+    return text if text.isprintable() else text.translate(_PRETTY)
 
 
 def _escape_traceback(text: str) -> str:
@@ -45,6 +48,19 @@ def _escape_traceback(text: str) -> str:
 
 class PrettyFormatter(logging.Formatter):
     """``time level logger: message``, with control characters escaped."""
+
+    # (second, its text): lines come many to a second. One tuple, swapped whole, so a thread
+    # that formats alongside the writer (``BatchWriter.put`` after ``stop``) reads a pair.
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is None:  # the default adds milliseconds: not the same for a whole second
+            return super().formatTime(record, datefmt)
+        second = int(record.created)  # what the converter reads: strftime has no fractions
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, super().formatTime(record, datefmt))
+        return cached[1]
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -60,10 +76,16 @@ class PrettyFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; no raw control character anywhere in it."""
 
+    _second: tuple[int, str] = (-1, "")  # as PrettyFormatter's: the UTC second's text
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            cached = self._second = (second, text)
         data: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{cached[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -73,29 +95,20 @@ class JsonFormatter(logging.Formatter):
                 data[key] = value
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
+        text = orjson.dumps(data, default=str).decode()
         # In a JSON text these characters can only be inside strings, where \uXXXX is theirs.
-        return orjson.dumps(data, default=str).decode().translate(_JSON)
+        # Each is "not printable" (see escape_controls): most lines need no translate.
+        return text if text.isprintable() else text.translate(_JSON)
 
 
-class _QueueHandler(logging.handlers.QueueHandler):
-    """Hands records to the writer thread as they are: formatting and the write happen there.
-
-    The stdlib handler formats in the caller's thread; here that is the event loop, which would
-    pay for every request's log line (a format and a flushed write to stderr each).
-    """
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-
-_listener: logging.handlers.QueueListener | None = None
+_writer: BatchWriter | None = None
 
 
 def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
-    """Log through a queue to one writer thread (stopped, and so flushed, at exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
+    """Log through one writer thread that writes in batches (stopped, and so flushed, at exit)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -103,11 +116,9 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
         handler.setFormatter(
             PrettyFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
+    _writer = BatchWriter(handler)
     root = logging.getLogger()
-    root.handlers[:] = [_QueueHandler(records)]
+    root.handlers[:] = [BatchHandler(_writer)]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
@@ -120,13 +131,11 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
 def flush_logs() -> None:
     """Write every record still queued, now: before a last message printed straight to stderr
     (``serve/server.py``), which would otherwise land among, or inside, the log lines. Later
-    records are not written: call it only on the way out."""
-    global _listener
+    records are written at once, by the thread that logs them: call it only on the way out."""
     _flush_at_exit()
-    _listener = None
 
 
 @atexit.register
 def _flush_at_exit() -> None:
-    if _listener is not None:
-        _listener.stop()
+    if _writer is not None:
+        _writer.stop()

@@ -1,0 +1,138 @@
+"""The log writer thread: every record written, in order, in batches; none lost silently."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import threading
+
+import pytest
+
+from embedplex.observability import logs
+from embedplex.observability.log_writer import BatchHandler, BatchWriter
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes; ``hold`` makes a write wait until it is released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.hold:
+            self.entered.set()
+            self.release.wait(10)
+        return super().write(text)
+
+
+def writer(stream: CountingStream, **kwargs: float) -> BatchWriter:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    return BatchWriter(handler, **kwargs)  # type: ignore[arg-type]
+
+
+def record(n: int) -> logging.LogRecord:
+    return logging.LogRecord("t", logging.INFO, __file__, 1, "line %d", (n,), None)
+
+
+def test_records_are_written_in_order_in_one_write_per_batch() -> None:
+    stream = CountingStream()
+    w = writer(stream, pause=30)  # one batch: the first drain, then a long pause
+    stream.hold = True
+    w.put(record(0))
+    assert stream.entered.wait(10)  # the writer is writing the first batch
+    for n in range(1, 500):
+        w.put(record(n))
+    stream.hold = False
+    stream.release.set()
+    w.stop()  # no waiting out the pause: stop interrupts it and writes the rest
+    assert stream.getvalue() == "".join(f"t INFO line {n}\n" for n in range(500))
+    assert stream.writes == 2  # the first record, then the 499 that gathered meanwhile
+
+
+def test_records_past_the_limit_are_counted_and_the_count_is_written() -> None:
+    stream = CountingStream()
+    w = writer(stream, limit=10, pause=30)
+    stream.hold = True
+    w.put(record(0))
+    assert stream.entered.wait(10)  # the writer is stuck writing (a blocked stderr)
+    for n in range(1, 26):
+        w.put(record(n))
+    assert w.dropped == 15  # 10 waiting, the next 15 refused
+    stream.hold = False
+    stream.release.set()
+    w.stop()
+    lines = stream.getvalue().splitlines()
+    assert lines[:11] == [f"t INFO line {n}" for n in range(11)]
+    assert lines[11:] == [
+        "embedplex.logs WARNING 15 log records dropped: 10 were waiting for the log writer"
+        " (is stderr blocked?)"
+    ]
+    w.put(record(99))  # after a notice, the count starts again: no second notice
+    assert stream.getvalue().splitlines()[12:] == ["t INFO line 99"]
+
+
+def test_a_record_after_stop_is_written_at_once() -> None:
+    stream = CountingStream()
+    w = writer(stream)
+    w.stop()
+    w.put(record(1))
+    assert stream.getvalue() == "t INFO line 1\n"
+
+
+def test_a_record_that_fails_to_format_does_not_lose_its_batch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stream = CountingStream()
+    w = writer(stream, pause=30)
+    stream.hold = True
+    w.put(record(0))
+    assert stream.entered.wait(10)
+    w.put(logging.LogRecord("t", logging.INFO, __file__, 1, "%d", ("not a number",), None))
+    w.put(record(2))
+    stream.hold = False
+    stream.release.set()
+    w.stop()
+    assert stream.getvalue() == "t INFO line 0\nt INFO line 2\n"
+    assert "Logging error" in capsys.readouterr().err  # logging's own report of the bad one
+
+
+def test_the_handler_applies_its_filters() -> None:
+    stream = CountingStream()
+    w = writer(stream)
+    handler = BatchHandler(w)
+    handler.addFilter(lambda r: r.args != (2,))
+    for n in range(3):
+        handler.handle(record(n))
+    w.stop()
+    assert stream.getvalue() == "t INFO line 0\nt INFO line 1\n"
+
+
+def test_setup_logging_writes_every_line_and_flush_logs_writes_them_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root, access, httpx = (logging.getLogger(n) for n in ("", "uvicorn.access", "httpx"))
+    saved = root.handlers[:], root.level, access.disabled, httpx.level
+    try:
+        logs.setup_logging("info", "pretty")
+        log = logging.getLogger("embedplex.test")
+        for n in range(2000):
+            log.info("line %d", n)
+        log.debug("not at info")
+        logs.flush_logs()
+        lines = stream.getvalue().splitlines()
+        assert [line.split(": ", 1)[1] for line in lines] == [f"line {n}" for n in range(2000)]
+        log.warning("after the flush")  # written at once, by this thread
+        assert stream.getvalue().splitlines()[-1].endswith("embedplex.test: after the flush")
+    finally:
+        root.handlers[:], level, access.disabled, httpx_level = saved
+        root.setLevel(level)
+        httpx.setLevel(httpx_level)
