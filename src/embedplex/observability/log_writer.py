@@ -17,7 +17,7 @@ from collections import deque
 from typing import TextIO
 
 # Records waiting at most, about 70 MB of access-log records (1.4 KB each). The writer formats
-# over 100,000 a second, so only a stalled stderr fills it: past it a record is counted and
+# about 100,000 a second, so only a stalled stderr fills it: past it a record is counted and
 # dropped, and the next batch says how many (``dropped_notice``).
 LIMIT = 50_000
 PAUSE_S = 0.05  # how long the writer lets records gather; a line is at most this much late
