@@ -4,7 +4,8 @@ Three processes: a fake OpenAI-compatible upstream (``embedplex.bench.fake_upstr
 gateway under test (``embedplex serve`` with examples/router.toml pointed at it) and the load
 generator (``embedplex bench load``). The gateway's utime+stime is read from /proc before and
 after a fixed number of requests: CPU microseconds per routed request. Rounds alternate between
-the code trees given with --src, so two versions are measured in one sitting:
+the code trees given with --src, so two versions are measured in one sitting, each with the
+examples/router.toml its own checkout ships (``--config-here``: this checkout's for all):
 
     python examples/router_cpu.py --src old=/work/main/src --src new=src --rounds 3
 
@@ -58,9 +59,11 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def router_config(upstream_port: int, workdir: Path) -> Path:
-    """examples/router.toml with its provider pointed at the fake upstream."""
-    text = (HERE / "router.toml").read_text()
+def router_config(src: Path, upstream_port: int, workdir: Path) -> Path:
+    """examples/router.toml as the tree ``src`` ships it (this checkout's when that tree has
+    none, or with --config-here), with its provider pointed at the fake upstream."""
+    shipped = src.resolve().parent / "examples" / "router.toml"
+    text = (shipped if shipped.is_file() else HERE / "router.toml").read_text()
     text = re.sub(
         r'endpoint = "http://127\.0\.0\.1:\d+"',
         f'endpoint = "http://127.0.0.1:{upstream_port}"',
@@ -93,7 +96,7 @@ def one_round(
     src: Path, upstream_port: int, args: argparse.Namespace, work: Path
 ) -> dict[str, float]:
     port = free_port()
-    config = router_config(upstream_port, work)
+    config = router_config(ROOT / "src" if args.config_here else src, upstream_port, work)
     log = (work / f"gateway-{port}.log").open("wb")
     env = {**_env(src), "EMBEDPLEX_DATA_DIR": str(work / f"data-{port}")}
     gateway = subprocess.Popen(
@@ -127,6 +130,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--warmup", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--config-here", action="store_true", help="every tree with this checkout's router.toml"
+    )
     args = parser.parse_args()
     trees = [(s.split("=", 1)[0], Path(s.split("=", 1)[1])) for s in args.src or ["this=src"]]
     upstream_port = free_port()

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from starlette.requests import Request
 
 from embedplex.api.channel import CHANNEL_KEY, Channel
 from embedplex.api.common import ClientGoneError, unless_disconnected
 from embedplex.api.pipeline import read_body
 from embedplex.serve.edge import EdgeLimits
+from embedplex.serve.http_protocol import _render
 from wire import edge_server, read_all, responses
 
 WAIT_S = 15.0
@@ -135,3 +137,22 @@ def test_a_whole_answer_is_one_write_with_the_servers_headers() -> None:
     assert headers["connection"] == "close"
     assert used == [True, True, False, True]
     assert rest  # the HEAD answer and the last one
+
+
+def test_rendered_headers_are_checked_and_written_as_uvicorn_writes_them() -> None:
+    content: list[bytes | memoryview] = []
+    headers = [
+        (b"X-Answer", b"yes"),
+        (b"Content-Length", b"999"),
+        (b"transfer-encoding", b"chunked"),
+        (b"Connection", b"keep-alive, Close"),
+    ]
+    assert _render(headers, content) is True  # connection: close among its tokens
+    assert b"".join(content) == b"x-answer: yes\r\nconnection: keep-alive, Close\r\n"
+    assert _render([(b"x-a", b"1")], content) is False
+    for bad in ([(b"x a", b"1")], [(b"x-a", b"1"), (b"x:b", b"2")]):
+        with pytest.raises(RuntimeError, match="header name"):
+            _render(bad, [])
+    for bad in ([(b"x-a", b"1\r\nx-injected: 1")], [(b"x-a", b"ok"), (b"x-b", b"\x00")]):
+        with pytest.raises(RuntimeError, match="header value"):
+            _render(bad, [])

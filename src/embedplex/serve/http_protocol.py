@@ -145,23 +145,30 @@ class ConnectionChannel:
         return True
 
 
-def _render(headers: Iterable[tuple[bytes, bytes]], content: list[bytes | memoryview]) -> bool:
+def _render(headers: Sequence[tuple[bytes, bytes]], content: list[bytes | memoryview]) -> bool:
     """Append ``headers`` to ``content`` as uvicorn writes them (checked, names lower-cased),
     less content-length and transfer-encoding (the body's own length is written); True when
-    one of them is ``connection: close``."""
+    one of them is ``connection: close``.
+
+    uvicorn's checks are character classes, so all the names are checked in one search and all
+    the values in another: two searches per answer instead of two per header.
+    """
+    if HEADER_RE.search(b"".join([name for name, _ in headers])):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
+        raise RuntimeError("Invalid HTTP header value.")
     has_close = False
     for name, value in headers:
-        if HEADER_RE.search(name):
-            raise RuntimeError("Invalid HTTP header name.")
-        if HEADER_VALUE_RE.search(value):
-            raise RuntimeError("Invalid HTTP header value.")
         name = name.lower()
-        if name == b"content-length" or name == b"transfer-encoding":
+        if name in _OWN_LENGTH:
             continue
         if name == b"connection" and b"close" in [t.lower().strip() for t in value.split(b",")]:
             has_close = True
         content += (name, b": ", value, b"\r\n")
     return has_close
+
+
+_OWN_LENGTH = frozenset((b"content-length", b"transfer-encoding"))
 
 
 # uvicorn's default headers (date, server, --header ones) as written, for the list object it
