@@ -18,12 +18,28 @@ import numpy as np
 
 from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError, InvalidRequestError
-from embedplex.core.types import EmbeddingService, EmbedRequest, ModelInfo, RerankRequest
+from embedplex.core.types import (
+    EmbeddingService,
+    EmbedRequest,
+    ModelInfo,
+    RerankRequest,
+    TokenEmbedding,
+    Tokenizing,
+)
 from embedplex.models.config import ModelConfig
 from embedplex.models.layout import inference_layout
 from embedplex.models.local import LocalModel, load_local_model
 from embedplex.models.rerank import LocalRerankModel
-from embedplex.ray.wire import EmbedAnswer, RerankAnswer
+from embedplex.ray.wire import (
+    WIRE_VERSION,
+    DecodeAnswer,
+    DecodeCall,
+    EmbedAnswer,
+    RerankAnswer,
+    TokenEmbedAnswer,
+    TokenizeCall,
+    TokensAnswer,
+)
 
 
 def replica_config(
@@ -69,6 +85,10 @@ class EmbedplexReplica:
         await self._ready()
         return self._model.info
 
+    async def wire_version(self) -> int:
+        """Which methods this replica has (``wire.py``); a replica without this method is 1."""
+        return WIRE_VERSION
+
     async def embed(self, request: EmbedRequest) -> EmbedAnswer | EmbedplexError:
         model = await self._ready()
         try:
@@ -92,6 +112,42 @@ class EmbedplexReplica:
         except EmbedplexError as exc:
             return exc
         return RerankAnswer(result.scores, result.prompt_tokens, result.timings, self.replica)
+
+    async def tokenize(self, call: TokenizeCall) -> TokensAnswer | EmbedplexError:
+        model = await self._ready()
+        if not isinstance(model, Tokenizing):
+            return InvalidRequestError(
+                f"{model.info.name} does not expose a tokenizer", param="model"
+            )
+        try:
+            rows = await model.tokenize(
+                call.texts, add_special_tokens=call.add_special_tokens, prompt_name=call.prompt_name
+            )
+        except EmbedplexError as exc:
+            return exc
+        return TokensAnswer.pack(rows, self.replica)
+
+    async def embed_all(self, request: EmbedRequest) -> TokenEmbedAnswer | EmbedplexError:
+        model = await self._ready()
+        if not isinstance(model, TokenEmbedding):
+            return InvalidRequestError(
+                f"model {model.info.name!r} cannot return token embeddings", param="model"
+            )
+        try:
+            result = await model.embed_all(request)
+        except EmbedplexError as exc:
+            return exc
+        return TokenEmbedAnswer.pack(
+            result.vectors, result.prompt_tokens, result.timings, self.replica
+        )
+
+    async def decode(self, call: DecodeCall) -> DecodeAnswer | EmbedplexError:
+        model = await self._ready()
+        try:
+            texts = await model.decode(call.sequences, skip_special_tokens=call.skip_special_tokens)
+        except EmbedplexError as exc:
+            return exc
+        return DecodeAnswer(texts, self.replica)
 
     async def stats(self) -> dict[str, Any]:
         return {**self._model.stats(), "replica": self.replica}
