@@ -4,7 +4,8 @@ route's answer, good or bad, is compared between the two.
 
 The replica is the real ``EmbedplexReplica`` (its own model, batcher and tokenizer), called
 through a stand-in for Serve's handle that pickles every call and answer as Ray does, so this
-runs without a Ray cluster; ``test_ray_cluster_routes.py`` does the same on a real one.
+runs without a Ray cluster. The tests marked slow do the same on a real local cluster, and
+attach to replicas of an older release.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
+from embedplex.models.config import ModelConfig
 from embedplex.models.local import load_local_model
 from embedplex.models.ray import RayErrors, RayModel
 from embedplex.ray.application import REPLICA_SETTINGS
@@ -56,9 +58,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("ray-routes") / "tiny", prompts={"q": "query: "})
 
 
+ADMIN = "ray-routes-admin-secret"
+
+
 def _settings(tiny: Path, cache: Path, **models: dict[str, Any]) -> Settings:
     tables = [{"name": name, "model_id": str(tiny), **keys} for name, keys in models.items()]
-    return Settings.model_validate({"cache_dir": cache, "models": tables, "auto_truncate": True})
+    return Settings.model_validate({"cache_dir": cache, "models": tables, "admin_secret": ADMIN})
 
 
 @pytest.fixture
@@ -183,3 +188,106 @@ async def test_embed_info_and_similarity_match_too(client: httpx.AsyncClient) ->
         for m in ("local", "ray")
     }
     np.testing.assert_allclose(sims["ray"], sims["local"], rtol=1e-5)
+
+
+@pytest.mark.slow
+async def test_on_a_ray_cluster_every_route_answers_as_the_local_model(
+    ray_cluster: str,
+    tiny: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway deploys ``ray`` as a real Serve replica (this process is the cluster's
+    driver) next to the same files served as ``local``."""
+    import embedplex.models.ray as ray_module
+
+    monkeypatch.setattr(ray_module, "_connected", [])  # this module's cluster, not another's
+    cache = tmp_path_factory.getbasetemp() / "ray-routes-export"
+    ray_keys = {"runtime": "ray", "ray_address": "auto", "num_cpus": 1}
+    settings = _settings(tiny, cache, local={}, ray=ray_keys)
+    async with running(create_app(settings)) as client:
+        tokens = await both(client, "/tokenize", {"inputs": ["Hello world", "cat"]})
+        assert [t["id"] for t in tokens.json()[1]] == [2, 20, 3]
+        assert (await both(client, "/tokenize", {"inputs": "cat", "prompt_name": "x"})).is_error
+        body = {"inputs": ["hello world", "fox"], "prompt_name": "q"}
+        local = await client.post("/embed_all", json={**body, "model": "local"})
+        ray = await both(client, "/embed_all", body)
+        for mine, theirs in zip(ray.json(), local.json(), strict=True):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+        too_long = {"inputs": " ".join(["cat"] * 40), "truncate": False}
+        assert (await both(client, "/embed_all", too_long)).status_code == 422
+        assert (await both(client, "/decode", {"ids": [[18, 19]]})).json() == ["hello world"]
+        assert (await both(client, "/decode", {"ids": [[2, 999]]})).status_code == 422
+        answer = await client.get("/api/v1/status", headers={"x-admin-secret": ADMIN})
+        status = answer.json()["models"]["ray"]
+        assert status["wire_version"] == 2
+        assert sum(status["requests_per_replica"].values()) == 3  # the answers, not the errors
+
+
+@pytest.mark.slow
+def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
+    ray_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application of the first release (no wire_version, tokenize, embed_all, decode),
+    as one deployed by an older gateway or ``serve run``: the gateway attaches, embeds still
+    work, and the newer routes get a 422 that says why, without calling the replica. If one
+    replica turns out to lack the method anyway (an upgrade in progress), Serve's error for
+    it becomes a 503 that says so, after one retry."""
+    import asyncio
+
+    import embedplex.models.ray as ray_module
+    from embedplex.core.errors import InvalidRequestError, UnavailableError
+    from embedplex.core.types import EmbedRequest, ModelInfo, Timings
+    from embedplex.ray.wire import DEPLOYMENT, EmbedAnswer, app_name
+    from ray import serve
+
+    monkeypatch.setattr(ray_module, "_connected", [])
+    info = ModelInfo(
+        name="old",
+        model_id="x",
+        sha=None,
+        backend="onnx",
+        device="cpu",
+        dtype="float32",
+        dim=4,
+        pooling="mean",
+        max_input_length=32,
+        prompts={},
+    )
+
+    class FirstRelease:
+        async def info(self) -> ModelInfo:
+            return info
+
+        async def embed(self, request: EmbedRequest) -> EmbedAnswer:
+            matrix = np.ones((len(request.inputs), 4), np.float32)
+            return EmbedAnswer(matrix, 1, Timings(), "first")
+
+        async def check_health(self) -> None:
+            return None
+
+    serve.start(proxy_location="Disabled")
+    deployment = serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+    serve.run(deployment(FirstRelease).bind(), name=app_name("old"), route_prefix=None)
+    try:
+        config = ModelConfig.model_validate({"name": "old", "model_id": "x", "runtime": "ray"})
+        model = RayModel.deploy(Settings(), config)
+        assert not model.owned and model.wire == 1
+
+        async def calls() -> None:
+            assert len((await model.embed(EmbedRequest(inputs=["a", "b"]))).vectors) == 2
+            for call in (
+                model.tokenize(["hello"]),
+                model.embed_all(EmbedRequest(inputs=["hello"])),
+                model.decode([[18]], skip_special_tokens=True),
+            ):
+                with pytest.raises(InvalidRequestError, match="wire version 1"):
+                    await asyncio.wait_for(call, 30)
+            model.wire = 2  # as if the version read had reached a newer replica
+            with pytest.raises(UnavailableError, match="older embedplex without tokenize"):
+                await asyncio.wait_for(model.tokenize(["hello"]), 30)
+            assert model.retries == 1
+
+        asyncio.run(calls())
+    finally:
+        serve.delete(app_name("old"))
