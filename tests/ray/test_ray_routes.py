@@ -67,8 +67,14 @@ def _settings(tiny: Path, cache: Path, **models: dict[str, Any]) -> Settings:
 
 
 @pytest.fixture
+def replicas() -> list[EmbedplexReplica]:
+    """The replica ``client`` made (to read its own stats)."""
+    return []
+
+
+@pytest.fixture
 async def client(
-    tiny: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory, replicas: list[EmbedplexReplica]
 ) -> AsyncIterator[httpx.AsyncClient]:
     """``local`` in process and ``ray`` through a replica, the same files and limits."""
     cache = tmp_path_factory.getbasetemp() / "ray-routes-export"
@@ -80,6 +86,7 @@ async def client(
     def gateway(s: Settings) -> Gateway:
         local = load_local_model(s, local_table)
         replica = EmbedplexReplica(shipped, ray_table.model_dump(mode="json"))
+        replicas.append(replica)
         info = pickle.loads(pickle.dumps(replica._model.info))
         ray = RayModel(ray_table, PickleHandle(replica), info, errors=ERRORS)
         return Gateway([local, ray])
@@ -291,3 +298,19 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
         asyncio.run(calls())
     finally:
         serve.delete(app_name("old"))
+
+
+async def test_a_replica_caches_as_an_in_process_server_does(
+    client: httpx.AsyncClient, replicas: list[EmbedplexReplica]
+) -> None:
+    """cache_max_bytes reaches the replica: a repeated input is a hit there; ``cache: false``
+    neither reads nor writes it, as for a local model."""
+    first = await client.post("/embed", json={"inputs": ["red fox"], "model": "ray"})
+    again = await client.post("/embed", json={"inputs": ["red fox"], "model": "ray"})
+    fresh = await client.post(
+        "/embed", json={"inputs": ["red fox"], "model": "ray", "cache": False}
+    )
+    assert first.json() == again.json() == fresh.json()
+    stats = await replicas[0].stats()
+    assert stats["cache"]["enabled"] and stats["cache"]["entries"] == 1
+    assert stats["cache"]["models"]["ray"]["hits_memory"] == 1

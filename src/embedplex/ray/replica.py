@@ -5,6 +5,8 @@ runs the same token-budget batcher over it, so a request crossing Ray is batched
 local one: Serve only spreads requests over replicas (``max_ongoing_requests`` is set high
 enough that a replica's batches can fill, see ``application.py``). The replica's inference
 threads follow its Ray CPUs (``num_cpus``), not the node's cores, which other replicas share.
+Each replica keeps its own embedding cache of ``cache_max_bytes``, as an in-process server
+does; not the Redis tier, whose URL is a secret the cluster is never sent.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError, InvalidRequestError
 from embedplex.core.types import (
@@ -68,9 +71,12 @@ class EmbedplexReplica:
         config = ModelConfig.model_validate(model)
         cores = max(1, math.floor(config.num_cpus or 1))
         self._settings, self._config = replica_config(Settings(**settings), config, cores)
+        self._cache = EmbeddingCache(self._settings.cache_max_bytes)
         # Blocking load in the constructor: Serve counts the replica as starting until it
         # returns, so no request reaches a replica whose model is still loading.
-        self._model: LocalModel[Any] = load_local_model(self._settings, self._config)
+        self._model: LocalModel[Any] = load_local_model(
+            self._settings, self._config, cache=self._cache
+        )
         self._started: asyncio.Task[None] | None = None
         self.replica = _replica_id()
 
@@ -150,7 +156,7 @@ class EmbedplexReplica:
         return DecodeAnswer(texts, self.replica)
 
     async def stats(self) -> dict[str, Any]:
-        return {**self._model.stats(), "replica": self.replica}
+        return {**self._model.stats(), "replica": self.replica, "cache": self._cache.stats()}
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose backend died is replaced."""
