@@ -301,7 +301,7 @@ async def test_tokenize_and_decode_skip_the_cap_embed_all_does_not() -> None:
 async def test_replicas_too_old_for_an_operation_are_refused_without_a_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Replicas of the first release (wire version 1) have no tokenize: a clear 400 at once,
+    """Replicas of the first release (wire version 1) have no tokenize: a clear 422 at once,
     not a call that fails in Ray; once the application is upgraded, the next check sees it."""
     import embedplex.models.ray as ray_module
 

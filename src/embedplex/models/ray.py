@@ -5,13 +5,13 @@ through Serve's ``DeploymentHandle`` (Serve picks the replica) and the replica b
 embedplex's own batcher (``embedplex/ray/replica.py``). What can go wrong is mapped here, once:
 
 - a replica that dies (or cannot be reached) while it holds a request: the request is retried
-  once (embeds and reranks are idempotent; Serve's router drops the dead replica, so the retry
+  once (every operation is idempotent; Serve's router drops the dead replica, so the retry
   goes to another); if the retry fails too, the caller gets 503. Ray restarts the replica.
 - Serve's own backpressure: 429; any other Ray failure: 503, its detail only in the log.
 - an ``EmbedplexError`` the replica raised (a bad input, its queue timed out) reaches the
   caller as itself.
 - an operation newer than the replicas (``wire.py``: a replica of an older release lacks the
-  method): 400 naming the version, before any call, when the replicas said so; 503 when one
+  method): 422 naming the version, before any call, when the replicas said so; 503 when one
   replica of a rolling upgrade turns out to lack it (after one retry).
 
 Every route that reaches a local model reaches a Ray one the same way: ``embed``, ``rerank``,
@@ -325,8 +325,9 @@ class RayModel:
         return typing.cast(Answer, answer)
 
     async def _check_version(self, method: str) -> None:
-        """400 when the replicas are too old for ``method``; they are asked again (at most
-        every ``VERSION_RECHECK_S``) in case the application was upgraded since."""
+        """422 (InvalidRequestError) when the replicas are too old for ``method``; they are
+        asked again (at most every ``VERSION_RECHECK_S``) in case the application was upgraded
+        since."""
         needed = SINCE.get(method, 1)
         if self.wire >= needed:
             return
@@ -340,9 +341,8 @@ class RayModel:
         if self.wire < needed:
             raise InvalidRequestError(
                 f"model {self.config.name!r} is served by Ray replicas of an older embedplex "
-                f"(wire version {self.wire}) that cannot {method.replace('_', ' ')} (it needs "
-                f"version {needed}); redeploy the Serve application {self.app} with this "
-                "release",
+                f"(wire version {self.wire}) without {method}, which needs version {needed}; "
+                f"redeploy the Serve application {self.app} with this release",
                 param="model",
             )
 
