@@ -245,22 +245,13 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
     import embedplex.models.ray as ray_module
     from embedplex.core.errors import InvalidRequestError, UnavailableError
     from embedplex.core.types import EmbedRequest, ModelInfo, Timings
+    from embedplex.gateway.build import placeholder
     from embedplex.ray.wire import DEPLOYMENT, EmbedAnswer, app_name
     from ray import serve
 
     monkeypatch.setattr(ray_module, "_connected", [])
-    info = ModelInfo(
-        name="old",
-        model_id="x",
-        sha=None,
-        backend="onnx",
-        device="cpu",
-        dtype="float32",
-        dim=4,
-        pooling="mean",
-        max_input_length=32,
-        prompts={},
-    )
+    config = ModelConfig.model_validate({"name": "old", "model_id": "x", "runtime": "ray"})
+    info = placeholder(config)
 
     class FirstRelease:
         async def info(self) -> ModelInfo:
@@ -277,7 +268,6 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
     deployment = serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 0})
     serve.run(deployment(FirstRelease).bind(), name=app_name("old"), route_prefix=None)
     try:
-        config = ModelConfig.model_validate({"name": "old", "model_id": "x", "runtime": "ray"})
         model = RayModel.deploy(Settings(), config)
         assert not model.owned and model.wire == 1
 
