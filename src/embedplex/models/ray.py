@@ -357,10 +357,7 @@ class RayModel:
                 raise OverloadedError(msg) from exc
             except errors.replica_lost as exc:
                 if attempt == 1:
-                    self.retries += 1
-                    if self._metrics is not None:
-                        self._metrics.on_retry(name)
-                    logger.warning("%s: replica lost (%s); retrying once", name, type(exc).__name__)
+                    self._retrying(f"replica lost ({type(exc).__name__})")
                     continue
                 self.failures += 1
                 raise UnavailableError(
@@ -370,8 +367,7 @@ class RayModel:
             except errors.other as exc:
                 if _lacks(exc, method, errors):  # one replica of a rolling upgrade is older
                     if attempt == 1:
-                        self.retries += 1
-                        logger.warning("%s: a replica has no %s; retrying once", name, method)
+                        self._retrying(f"a replica has no {method}")
                         continue
                     self.failures += 1
                     raise UnavailableError(
@@ -385,6 +381,12 @@ class RayModel:
                     f"model {name!r}: the Ray deployment could not serve the request"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def _retrying(self, why: str) -> None:
+        self.retries += 1
+        if self._metrics is not None:
+            self._metrics.on_retry(self.config.name)
+        logger.warning("%s: %s; retrying once", self.config.name, why)
 
 
 class RayErrors(typing.NamedTuple):
