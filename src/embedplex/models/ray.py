@@ -356,30 +356,28 @@ class RayModel:
                 msg = f"{name}: Ray Serve refused the request (its queue is full)"
                 raise OverloadedError(msg) from exc
             except errors.replica_lost as exc:
-                if attempt == 1:
-                    self._retrying(f"replica lost ({type(exc).__name__})")
-                    continue
-                self.failures += 1
-                raise UnavailableError(
-                    f"model {name!r}: its Ray replica failed while serving the request, and so "
-                    "did the retry; retry later"
-                ) from exc
+                lost: BaseException = exc
+                why = f"replica lost ({type(exc).__name__})"
+                failed = "its Ray replica failed while serving the request, and so did the retry"
             except errors.other as exc:
-                if _lacks(exc, method, errors):  # one replica of a rolling upgrade is older
-                    if attempt == 1:
-                        self._retrying(f"a replica has no {method}")
-                        continue
+                if not _lacks(exc, method, errors):
                     self.failures += 1
+                    logger.error("%s: Ray call failed: %r", name, exc)
                     raise UnavailableError(
-                        f"model {name!r}: the Ray replica that took the request runs an older "
-                        f"embedplex without {method} (an upgrade in progress?), and so did the "
-                        "retry's; retry later"
+                        f"model {name!r}: the Ray deployment could not serve the request"
                     ) from exc
-                self.failures += 1
-                logger.error("%s: Ray call failed: %r", name, exc)
-                raise UnavailableError(
-                    f"model {name!r}: the Ray deployment could not serve the request"
-                ) from exc
+                # One replica of a rolling upgrade is older: another may have the method.
+                lost = exc
+                why = f"a replica has no {method}"
+                failed = (
+                    f"the Ray replica that took the request runs an older embedplex without "
+                    f"{method} (an upgrade in progress?), and so did the retry's"
+                )
+            if attempt == 1:
+                self._retrying(why)
+                continue
+            self.failures += 1
+            raise UnavailableError(f"model {name!r}: {failed}; retry later") from lost
         raise AssertionError("unreachable")
 
     def _retrying(self, why: str) -> None:
