@@ -14,9 +14,13 @@ RAY_PORT=${RAY_PORT:-6390}
 cleanup() {
   [ -n "${LOCAL_PID:-}" ] && kill "$LOCAL_PID" 2>/dev/null || true
   [ -n "${RAY_GW_PID:-}" ] && kill "$RAY_GW_PID" 2>/dev/null && wait "$RAY_GW_PID" 2>/dev/null || true
-  "$BIN/ray" stop >/dev/null 2>&1 || true
+  # Only this script's cluster: `ray start --block` stops the processes it started when it gets
+  # SIGTERM, after up to 30 s of draining (`ray stop` would stop every Ray cluster this user
+  # runs on the machine).
+  [ -n "${RAY_HEAD_PID:-}" ] && kill "$RAY_HEAD_PID" 2>/dev/null && wait "$RAY_HEAD_PID" 2>/dev/null || true
+  [ -n "${RAY_TMP:-}" ] && rm -rf "$RAY_TMP"
 }
-trap cleanup EXIT  # note: `ray stop` stops every Ray cluster this user runs on the machine
+trap cleanup EXIT
 
 wait_ready() {
   for _ in $(seq 600); do
@@ -48,10 +52,16 @@ fi
 
 # Two Ray Serve replicas behind one gateway, alone on the machine. Recent Ray starts clusters
 # with token authentication: every client (ray status, the gateway) must say so too.
+# Its address is given to every client, so that none picks another cluster on this machine, and
+# its files are in a temp dir of its own: the address file it leaves in /tmp/ray otherwise would
+# send a later plain `ray.init()` on this machine to a cluster that is gone.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
-"$BIN/ray" start --head --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \
-  --disable-usage-stats >"$OUT/ray.log" 2>&1
-for _ in $(seq 60); do "$BIN/ray" status >/dev/null 2>&1 && break; sleep 1; done
+export RAY_ADDRESS=127.0.0.1:$RAY_PORT
+RAY_TMP=$(mktemp -d)  # short: Ray's socket paths live below it
+"$BIN/ray" start --head --block --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \
+  --disable-usage-stats --temp-dir "$RAY_TMP" >"$OUT/ray.log" 2>&1 &
+RAY_HEAD_PID=$!
+for _ in $(seq 60); do "$BIN/ray" status --address "$RAY_ADDRESS" >/dev/null 2>&1 && break; sleep 1; done
 "$BIN/embedplex" serve --port 8092 --config examples/ray.toml \
   >"$OUT/ray-gateway.log" 2>&1 &
 RAY_GW_PID=$!

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from embedplex.backends.tokenizer import Token
 from embedplex.core.errors import (
     InvalidRequestError,
     NotReadyError,
@@ -21,7 +22,7 @@ from embedplex.core.types import EmbedRequest, ModelInfo, Timings
 from embedplex.models.config import ModelConfig
 from embedplex.models.ray import RayErrors, RayModel
 from embedplex.ray.application import deployment_options, max_ongoing_requests
-from embedplex.ray.wire import EmbedAnswer
+from embedplex.ray.wire import DecodeAnswer, EmbedAnswer, TokenEmbedAnswer, TokensAnswer
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
@@ -37,8 +38,16 @@ class Full(Exception):
 class Broken(Exception):
     """Stands in for any other Ray error."""
 
+    def __init__(self, message: str = "", cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
-ERRORS = RayErrors(overloaded=(Full,), replica_lost=(Lost,), other=(Broken,))
+
+class NoMethod(Exception):
+    """Stands in for Serve's RayServeException, raised for a method the replica lacks."""
+
+
+ERRORS = RayErrors(overloaded=(Full,), replica_lost=(Lost,), other=(Broken,), no_method=NoMethod)
 
 
 class Method:
@@ -51,13 +60,18 @@ class Method:
         self.calls += 1
         return answer()
 
-    def remote(self, request: object) -> Any:
+    def remote(self, *args: object) -> Any:
         return self._answer()
 
 
 class FakeHandle:
-    def __init__(self, embed: Method) -> None:
-        self.embed = embed
+    """A DeploymentHandle whose methods are the ``Method``s given by name (no other)."""
+
+    def __init__(self, embed: Method | None = None, **methods: Method) -> None:
+        if embed is not None:
+            methods["embed"] = embed
+        for name, method in methods.items():
+            setattr(self, name, method)
 
 
 def ok(replica: str) -> Callable[[], EmbedAnswer]:
@@ -237,3 +251,92 @@ def test_the_serve_run_builder_deploys_the_example_table(monkeypatch: pytest.Mon
     assert not {"api_key", "admin_secret", "api_keys", "state_url"} & set(REPLICA_SETTINGS)
     with pytest.raises(ValueError, match="no \\[\\[models\\]\\] table named"):
         embedplex.ray.app({"config": str(example), "model": "nope"})
+
+
+TOKENS = [
+    [
+        Token(id=2, text="[CLS]", special=True, start=None, stop=None),
+        Token(id=17, text="hello", special=False, start=0, stop=5),
+        Token(id=3, text="[SEP]", special=True, start=None, stop=None),
+    ],
+    [Token(id=19, text="cat", special=False, start=0, stop=3)],
+]
+
+
+def newer(*answers: Callable[[], Any], method: str, **keys: Any) -> tuple[RayModel, Method]:
+    """A model whose handle has only ``method`` (answering ``answers`` in turn)."""
+    m = Method(list(answers))
+    handle = FakeHandle(**{method: m})
+    return RayModel(ray_config(**keys), handle, INFO, errors=ERRORS), m
+
+
+async def test_tokenize_embed_all_and_decode_cross_as_flat_arrays() -> None:
+    """What a replica packs (``wire.py``) comes back as the local model's own types."""
+    m, _ = newer(lambda: TokensAnswer.pack(TOKENS, "r1"), method="tokenize")
+    assert await m.tokenize(["hello", "cat"]) == TOKENS
+    shapes = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((1, 4), np.float32)]
+    answer = TokenEmbedAnswer.pack(shapes, 4, Timings(inference=2.0), "r2")
+    assert answer.matrix.shape == (4, 4) and answer.lengths.tolist() == [3, 1]
+    m, _ = newer(lambda: answer, method="embed_all")
+    result = await m.embed_all(EmbedRequest(inputs=["hello", "cat"], normalize=False))
+    assert [v.tolist() for v in result.vectors] == [v.tolist() for v in shapes]
+    assert result.prompt_tokens == 4 and result.timings.inference == 2.0
+    assert m.stats()["requests_per_replica"] == {"r2": 1}
+    m, _ = newer(lambda: DecodeAnswer(["hello", "cat"], "r3"), method="decode")
+    assert await m.decode([[17], [19]], skip_special_tokens=True) == ["hello", "cat"]
+
+
+async def test_tokenize_and_decode_skip_the_cap_embed_all_does_not() -> None:
+    """As for a local model: only work that queues for inference counts against the cap."""
+    m, _ = newer(lambda: TokensAnswer.pack(TOKENS, "r"), method="tokenize", replicas=1)
+    m._active = m._limit
+    assert await m.tokenize(["hello", "cat"]) == TOKENS
+    m, call = newer(method="embed_all", replicas=1)
+    m._active = m._limit
+    with pytest.raises(OverloadedError):
+        await m.embed_all(EmbedRequest(inputs=["hello"]))
+    assert call.calls == 0
+
+
+async def test_replicas_too_old_for_an_operation_are_refused_without_a_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replicas of the first release (wire version 1) have no tokenize: a clear 422 at once,
+    not a call that fails in Ray; once the application is upgraded, the next check sees it."""
+    import embedplex.models.ray as ray_module
+
+    tokenize = Method([lambda: TokensAnswer.pack(TOKENS, "r")])
+    handle = FakeHandle(tokenize=tokenize)  # no wire_version: as old replicas
+    m = RayModel(ray_config(), handle, INFO, errors=ERRORS, wire=1)
+    for call in (
+        m.tokenize(["hello"]),
+        m.embed_all(EmbedRequest(inputs=["hello"])),
+        m.decode([[17]], skip_special_tokens=True),
+    ):
+        with pytest.raises(InvalidRequestError, match="older embedplex \\(wire version 1\\)"):
+            await call
+    assert tokenize.calls == 0
+    monkeypatch.setattr(ray_module, "VERSION_RECHECK_S", 0.0)
+    with pytest.raises(InvalidRequestError, match="redeploy the Serve application embedplex-m"):
+        await m.tokenize(["hello"])  # asked again: still no wire_version
+    handle.wire_version = Method([lambda: 2])  # type: ignore[attr-defined]
+    assert await m.tokenize(["hello"]) == TOKENS
+    assert m.wire == 2 and m.stats()["wire_version"] == 2
+
+
+async def test_one_old_replica_of_an_upgrade_is_retried_then_a_503() -> None:
+    def lacks() -> Any:
+        raise Broken("task error", NoMethod("Tried to call a method 'decode' that does not exist"))
+
+    m, call = newer(lacks, lambda: DecodeAnswer(["hello"], "new"), method="decode")
+    assert await m.decode([[17]], skip_special_tokens=True) == ["hello"]
+    assert call.calls == 2 and m.retries == 1
+    m, call = newer(lacks, lacks, method="decode")
+    with pytest.raises(UnavailableError, match="older embedplex without decode"):
+        await m.decode([[17]], skip_special_tokens=True)
+    assert call.calls == 2 and m.failures == 1
+    # Any other error of a replica is not taken for a missing method: 503 at once.
+    m, call = newer(fail(Broken("boom", NoMethod("something else"))), method="decode")
+    with pytest.raises(UnavailableError, match="could not serve"):
+        await m.decode([[17]], skip_special_tokens=True)
+    assert call.calls == 1

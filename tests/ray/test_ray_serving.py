@@ -1,8 +1,9 @@
 """examples/ray.toml served for real: two Ray Serve replicas behind one gateway process.
 
-One local Ray cluster per module (2 CPUs, no dashboard), started here in the test process; the
-gateway (``embedplex serve --config examples/ray.toml``, a subprocess) connects to it through
-RAY_ADDRESS and deploys the replicas. The test process kills a replica through Ray itself.
+One local Ray cluster per module (2 CPUs, no dashboard: ``conftest.py``), started in the test
+process; the gateway (``embedplex serve --config examples/ray.toml``, a subprocess) connects to
+it through RAY_ADDRESS and deploys the replicas. The test process kills a replica through Ray
+itself.
 """
 
 from __future__ import annotations
@@ -31,30 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 EXAMPLE = Path(__file__).parent.parent.parent / "examples" / "ray.toml"
 ADMIN = "ray-test-admin-secret"
 APP = "embedplex-minilm"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    # Ray waits a fixed 30 s for its raylet to register; on a CPU loaded by other tests that
-    # can run out, so a start that timed out is tried again (at most three times).
-    for attempt in range(3):
-        try:
-            context = ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=100 * 1024 * 1024,
-                log_to_driver=False,
-                namespace="embedplex-tests",
-            )
-            break
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == 2 or "timed out" not in str(exc):
-                raise
-    try:
-        yield str(context.address_info["gcs_address"])
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

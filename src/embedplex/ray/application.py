@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 # secret) is shipped to the cluster, where deployment arguments are stored in the GCS.
 REPLICA_SETTINGS = (
     "cache_dir",
+    "cache_max_bytes",
     "tokenization_workers",
     "tokenize_inline_chars",
     "inference_nice",

@@ -5,6 +5,8 @@ runs the same token-budget batcher over it, so a request crossing Ray is batched
 local one: Serve only spreads requests over replicas (``max_ongoing_requests`` is set high
 enough that a replica's batches can fill, see ``application.py``). The replica's inference
 threads follow its Ray CPUs (``num_cpus``), not the node's cores, which other replicas share.
+Each replica keeps its own embedding cache of ``cache_max_bytes``, as an in-process server
+does; not the Redis tier, whose URL is a secret the cluster is never sent.
 """
 
 from __future__ import annotations
@@ -16,14 +18,31 @@ from typing import Any
 
 import numpy as np
 
+from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError, InvalidRequestError
-from embedplex.core.types import EmbeddingService, EmbedRequest, ModelInfo, RerankRequest
+from embedplex.core.types import (
+    EmbeddingService,
+    EmbedRequest,
+    ModelInfo,
+    RerankRequest,
+    TokenEmbedding,
+    Tokenizing,
+)
 from embedplex.models.config import ModelConfig
 from embedplex.models.layout import inference_layout
 from embedplex.models.local import LocalModel, load_local_model
 from embedplex.models.rerank import LocalRerankModel
-from embedplex.ray.wire import EmbedAnswer, RerankAnswer
+from embedplex.ray.wire import (
+    WIRE_VERSION,
+    DecodeAnswer,
+    DecodeCall,
+    EmbedAnswer,
+    RerankAnswer,
+    TokenEmbedAnswer,
+    TokenizeCall,
+    TokensAnswer,
+)
 
 
 def replica_config(
@@ -52,9 +71,12 @@ class EmbedplexReplica:
         config = ModelConfig.model_validate(model)
         cores = max(1, math.floor(config.num_cpus or 1))
         self._settings, self._config = replica_config(Settings(**settings), config, cores)
+        self._cache = EmbeddingCache(self._settings.cache_max_bytes)
         # Blocking load in the constructor: Serve counts the replica as starting until it
         # returns, so no request reaches a replica whose model is still loading.
-        self._model: LocalModel[Any] = load_local_model(self._settings, self._config)
+        self._model: LocalModel[Any] = load_local_model(
+            self._settings, self._config, cache=self._cache
+        )
         self._started: asyncio.Task[None] | None = None
         self.replica = _replica_id()
 
@@ -68,6 +90,10 @@ class EmbedplexReplica:
     async def info(self) -> ModelInfo:
         await self._ready()
         return self._model.info
+
+    async def wire_version(self) -> int:
+        """Which methods this replica has (``wire.py``); a replica without this method is 1."""
+        return WIRE_VERSION
 
     async def embed(self, request: EmbedRequest) -> EmbedAnswer | EmbedplexError:
         model = await self._ready()
@@ -93,8 +119,44 @@ class EmbedplexReplica:
             return exc
         return RerankAnswer(result.scores, result.prompt_tokens, result.timings, self.replica)
 
+    async def tokenize(self, call: TokenizeCall) -> TokensAnswer | EmbedplexError:
+        model = await self._ready()
+        if not isinstance(model, Tokenizing):
+            return InvalidRequestError(
+                f"{model.info.name} does not expose a tokenizer", param="model"
+            )
+        try:
+            rows = await model.tokenize(
+                call.texts, add_special_tokens=call.add_special_tokens, prompt_name=call.prompt_name
+            )
+        except EmbedplexError as exc:
+            return exc
+        return TokensAnswer.pack(rows, self.replica)
+
+    async def embed_all(self, request: EmbedRequest) -> TokenEmbedAnswer | EmbedplexError:
+        model = await self._ready()
+        if not isinstance(model, TokenEmbedding):
+            return InvalidRequestError(
+                f"model {model.info.name!r} cannot return token embeddings", param="model"
+            )
+        try:
+            result = await model.embed_all(request)
+        except EmbedplexError as exc:
+            return exc
+        return TokenEmbedAnswer.pack(
+            result.vectors, result.prompt_tokens, result.timings, self.replica
+        )
+
+    async def decode(self, call: DecodeCall) -> DecodeAnswer | EmbedplexError:
+        model = await self._ready()
+        try:
+            texts = await model.decode(call.sequences, skip_special_tokens=call.skip_special_tokens)
+        except EmbedplexError as exc:
+            return exc
+        return DecodeAnswer(texts, self.replica)
+
     async def stats(self) -> dict[str, Any]:
-        return {**self._model.stats(), "replica": self.replica}
+        return {**self._model.stats(), "replica": self.replica, "cache": self._cache.stats()}
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose backend died is replaced."""
