@@ -253,3 +253,36 @@ async def test_a_lazy_model_that_fails_to_load_says_why(tiny_model_dir: Path) ->
     assert other.status_code == 200  # the other models still serve
     assert ready.status_code == 503
     assert "z: failed to load: org/z: no such model on the hub" in ready.json()["status"]
+
+
+async def test_a_lazy_model_answers_the_token_routes_as_the_model_it_loads(
+    tiny_model_dir: Path,
+) -> None:
+    """/tokenize, /embed_all and /decode reach a lazy model (the first of them loads it) and
+    answer as the same model loaded at start ("a" and "z" share the tiny BERT's files)."""
+    loads: list[str] = []
+    async with running(app_of(Settings(), lazy(tiny_model_dir, loads))) as client:
+        answers = {}
+        for name in ("z", "a"):  # the lazy one first: its first request is /embed_all
+            embed_all = await client.post(
+                "/embed_all", json={"inputs": ["hello world"], "model": name}
+            )
+            tokens = await client.post("/tokenize", json={"inputs": "hello world", "model": name})
+            ids = [t["id"] for t in tokens.json()[0]] if tokens.status_code == 200 else [1]
+            answers[name] = [
+                embed_all,
+                tokens,
+                await client.post("/decode", json={"ids": [ids], "model": name}),
+                await client.post("/decode", json={"ids": [], "model": name}),
+            ]
+    assert loads == ["z"]
+    lazy_all, lazy_tok, lazy_dec, lazy_empty = answers["z"]
+    eager_all, eager_tok, eager_dec, eager_empty = answers["a"]
+    assert [r.status_code for r in answers["z"]] == [200, 200, 200, 400]
+    assert lazy_tok.json() == eager_tok.json()
+    assert lazy_dec.json() == eager_dec.json()
+    assert len(lazy_dec.json()) == 1 and "hello" in lazy_dec.json()[0]
+    rows, eager_rows = lazy_all.json()[0], eager_all.json()[0]
+    assert len(rows) == len(eager_rows) == len(lazy_tok.json()[0])  # one vector per token
+    assert {len(v) for v in rows} == {8} and {len(v) for v in eager_rows} == {16}
+    assert lazy_empty.json()["error"] == eager_empty.json()["error"]

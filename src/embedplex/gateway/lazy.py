@@ -1,5 +1,8 @@
 """A model served with ``load = "lazy"``: loaded on the first request that names it.
 
+Every model route reaches it as it reaches the model it stands in for (embed, rerank,
+``/tokenize``, ``/embed_all``, ``/decode``): each waits for the load, then forwards.
+
 Until then it answers ``info`` from its config, so that it is listed and routed by kind. The
 first request starts one load (in a thread, at the inference threads' priority) and every
 request that arrives meanwhile waits for the same load; a caller that leaves does not cancel it.
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from embedplex.backends.tokenizer import Token
 from embedplex.core.errors import FatalBackendError, InvalidRequestError, NotReadyError
 from embedplex.core.types import (
+    Decoding,
     EmbeddingService,
     EmbedRequest,
     EmbedResult,
@@ -26,6 +30,8 @@ from embedplex.core.types import (
     RerankResult,
     RerankService,
     ServedModel,
+    TokenEmbedding,
+    TokenEmbedResult,
     Tokenizing,
 )
 from embedplex.serve.process_tuning import run_lowered
@@ -159,3 +165,21 @@ class LazyModel:
         return await model.tokenize(
             texts, add_special_tokens=add_special_tokens, prompt_name=prompt_name
         )
+
+    async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult:
+        """``/embed_all`` once loaded (what the route says of a model that cannot)."""
+        model = await self.ready()
+        if not isinstance(model, TokenEmbedding):
+            raise InvalidRequestError(
+                f"model {self.info.name!r} cannot return token embeddings", param="model"
+            )
+        return await model.embed_all(request)
+
+    async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """``/decode`` once loaded."""
+        model = await self.ready()
+        if not isinstance(model, Decoding):
+            raise InvalidRequestError(
+                f"{self.info.name} does not expose a tokenizer", param="model"
+            )
+        return await model.decode(sequences, skip_special_tokens=skip_special_tokens)

@@ -14,7 +14,7 @@ JSON answer is written by ``send_whole`` in one go, bypassing the two ASGI messa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
