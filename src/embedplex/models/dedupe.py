@@ -194,10 +194,8 @@ class Sharing(Generic[R]):
     async def wait(self) -> list[R]:
         """Every input's result, in input order (call ``finish`` whatever way this ends)."""
         ready: list[asyncio.Future[R]] = self.waits  # type: ignore[assignment]  # all set now
-        if len(ready) == 1:  # skip gather's extra future and callbacks
-            distinct = [await ready[0]]
-        else:
-            distinct = list(await asyncio.gather(*ready))
+        # Most requests have one input: skip gather's extra future and callbacks.
+        distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
         slots = self.slots
         return distinct if slots is None else [distinct[s] for s in slots]
 
