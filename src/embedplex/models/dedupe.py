@@ -177,8 +177,9 @@ class Sharing(Generic[R]):
 
     @property
     def joins(self) -> int:
-        """Inputs that joined a flight already registered (for the dedupe counts)."""
-        return len(self.keys) - len(self.fresh) if self.joined else 0
+        """Inputs that are not queued: they joined a flight, or an identical input of the same
+        caller (for the dedupe counts)."""
+        return len(self.keys) - len(self.fresh)
 
     def lead(self, items: Sequence[Item[Any, R]], requeue: Requeue, tenant: Tenant) -> None:
         """Register the items queued for ``fresh`` (in order); this caller waits on them."""

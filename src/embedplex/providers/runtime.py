@@ -365,8 +365,9 @@ class ProviderRuntime:
                     tenant=tenant,
                 )
                 sharing.lead(items, lambda item, who: _requeue(lane, item, who), tenant)
-            if sharing.joined:
-                self.cache.counts.dedupe_joined += sharing.joins
+            joins = sharing.joins
+            if joins:
+                self.cache.counts.dedupe_joined += joins
             rows = await sharing.wait()
         except BaseException:
             self.counters["requests_failed"] += 1
