@@ -24,7 +24,7 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.cache import CacheCounts, EmbeddingCache
-from embedplex.cache.keys import RemoteKey, model_identity, pack_remote, remote_base, remote_key
+from embedplex.cache.keys import model_identity, pack_remote, remote_base, remote_key
 from embedplex.cache.keys import unpack_remote as unpack
 from embedplex.providers.base import EmbedParams
 
@@ -45,6 +45,11 @@ class Embedded(NamedTuple):
 
     vector: Vector
     tokens: float
+
+
+# A cache entry: (vector, token share), as ``Embedded`` is read, but a plain tuple: cheaper to
+# make, and the collector stops tracking it (a tuple subclass it would walk on every full pass).
+Entry = tuple["Vector", float]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -84,7 +89,7 @@ class ProviderCache:
         self._cache = cache
         self._config = config
         self._provider = provider
-        self.memory: MemoryCache[Embedded] | None = cache.memory if keep and cache else None
+        self.memory: MemoryCache[Entry] | None = cache.memory if keep and cache else None
         self.redis: RedisTier | None = cache.redis if keep and cache else None
         self.counts = cache.counts_of(config.name) if cache is not None else CacheCounts()
 
@@ -95,12 +100,12 @@ class ProviderCache:
         tag = cache.tag_of(ident) if cache is not None else EmbeddingCache.new_tag()
         return Scope(tag, remote_base(ident), params)
 
-    def lookup(self, texts: list[str], tag: int) -> tuple[list[Embedded | None], list[int]]:
+    def lookup(self, texts: list[str], tag: int) -> tuple[list[Entry | None], list[int]]:
         """Each text's entry in this process (or None), and the positions missed."""
         memory = self.memory
         assert memory is not None
         get = memory.get
-        found: list[Embedded | None] = [get((text, tag)) for text in texts]
+        found: list[Entry | None] = [get((text, tag)) for text in texts]
         missed = [k for k, e in enumerate(found) if e is None]
         self.counts.hits_memory += len(texts) - len(missed)
         return found, missed
@@ -109,7 +114,7 @@ class ProviderCache:
         self,
         texts: list[str],
         scope: Scope,
-        found: list[Embedded | None],
+        found: list[Entry | None],
         missed: list[int],
         flights: Flights,
     ) -> list[int]:
@@ -126,10 +131,9 @@ class ProviderCache:
         for k, value in zip(asked, values, strict=True):
             got = unpack(value) if value is not None else None
             if got is not None:
-                entry = Embedded(*got)
-                found[k] = entry
-                key = (texts[k], tag)
-                memory.put(key, entry, _size(key, entry.vector))
+                found[k] = got
+                text = texts[k]
+                memory.put((text, tag), got, sys.getsizeof(text) + got[0].nbytes + ENTRY_OVERHEAD)
                 counts.hits_redis += 1
         return [k for k in missed if found[k] is None]
 
@@ -141,13 +145,8 @@ class ProviderCache:
             return
         owned = vector.copy()
         owned.flags.writeable = False
-        key: RemoteKey = (text, scope.tag)
-        memory.put(key, Embedded(owned, tokens), _size(key, owned))
+        size = sys.getsizeof(text) + owned.nbytes + ENTRY_OVERHEAD  # its text, vector, the rest
+        memory.put((text, scope.tag), (owned, tokens), size)
         redis = self.redis
         if redis is not None:
             redis.put(remote_key(scope.base, text), pack_remote(owned, tokens))
-
-
-def _size(key: RemoteKey, vector: Vector) -> int:
-    """The bytes one entry holds: its text, its vector, and the rest."""
-    return sys.getsizeof(key[0]) + vector.nbytes + ENTRY_OVERHEAD

@@ -23,11 +23,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import httpx
 
 from embedplex.batching import BatchObserver
+from embedplex.cache.keys import RemoteKey
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.errors import InvalidRequestError, UnavailableError
 from embedplex.core.tenant import Tenant
@@ -38,7 +40,7 @@ from embedplex.observability.providers import NullProviderObserver, ProviderObse
 from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import EmbedParams, Provider, Reranker
-from embedplex.providers.cached import Embedded, ProviderCache, Scope
+from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
@@ -57,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 # Parameter sets ``ProviderRuntime._params`` keeps; past this the table starts again.
 _CHECKED_MAX = 256
+_ONE = [1]  # the costs of one queued text (the batcher only reads them)
 
 
 class Text(NamedTuple):
@@ -104,7 +107,7 @@ class ProviderRuntime:
             self.name, health, asyncio.Semaphore(config.max_concurrency), self.counters
         )
         self._embeds: LaneSet[EmbedParams, Text, Embedded] = LaneSet(
-            config, self._call, self.counters
+            config, self._call, self.counters, renew=_unbound
         )
         self._closing = False
         self._checked: dict[tuple[Any, ...], Scope] = {}  # see _params
@@ -289,7 +292,8 @@ class ProviderRuntime:
 
         A text identical to one queued or in flight here (same scope) waits on that one
         instead of queuing again (``models/dedupe.py``); a request the cache answers whole
-        never reaches a lane.
+        never reaches a lane. One-text requests (most) take ``_one``: the same steps without
+        the lists that several texts need.
         """
         if self._closing:
             raise UnavailableError(f"provider {self.name} is shutting down")
@@ -302,8 +306,30 @@ class ProviderRuntime:
         scope = self._params(request)
         texts: list[str] = request.inputs  # type: ignore[assignment]
         cache = self.cache
-        keep = scope if request.cache and cache.memory is not None else None
-        found: list[Embedded | None] | None = None
+        memory = cache.memory
+        keep = scope if request.cache and memory is not None else None
+        if len(texts) == 1:
+            key = (texts[0], scope.tag)
+            if keep is not None:
+                hit = memory.get(key)  # type: ignore[union-attr]  # set where keep is
+                if hit is not None:  # no lane, no upstream call
+                    cache.counts.hits_memory += 1
+                    return self._result([hit], Timings(total=(time.perf_counter() - start) * 1000))
+                redis = cache.redis
+                if redis is not None and redis.up and key not in self._flights:
+                    return await self.embed_many(request, scope, keep, start)
+                cache.counts.misses += 1
+            row, item = await self._one(key, scope, keep, request.tenant)
+            return self._result([row], timings((item,), start))
+        return await self.embed_many(request, scope, keep, start)
+
+    async def embed_many(
+        self, request: EmbedRequest, scope: Scope, keep: Scope | None, start: float
+    ) -> EmbedResult:
+        """``embed`` of several texts, or of one that Redis may hold."""
+        texts: list[str] = request.inputs  # type: ignore[assignment]
+        cache = self.cache
+        found: list[Entry | None] | None = None
         rest: list[int] | None = None  # the positions to compute (None: all of them)
         if keep is not None:
             found, rest = cache.lookup(texts, scope.tag)
@@ -322,11 +348,12 @@ class ProviderRuntime:
             rows = found  # type: ignore[assignment]  # every position filled now
         return self._result(rows, timings(items, start))
 
-    def _result(self, rows: list[Embedded], took: Timings) -> EmbedResult:
+    def _result(self, rows: Sequence[Entry], took: Timings) -> EmbedResult:
+        """``rows``: answers (``Embedded``) and cache entries alike, read as (vector, tokens)."""
         if len(rows) == 1:
-            vectors, tokens = [rows[0].vector], rows[0].tokens
+            vectors, tokens = [rows[0][0]], rows[0][1]
         else:
-            vectors, tokens = [row.vector for row in rows], sum(row.tokens for row in rows)
+            vectors, tokens = [row[0] for row in rows], sum(row[1] for row in rows)
         return EmbedResult(
             vectors=vectors,
             prompt_tokens=round(tokens),  # hits too: what computing them reported
@@ -334,6 +361,38 @@ class ProviderRuntime:
             provider=self.name,
             timings=took,
         )
+
+    async def _one(
+        self, key: RemoteKey, scope: Scope, keep: Scope | None, tenant: Tenant
+    ) -> tuple[Embedded, Item[Text, Embedded]]:
+        """``_shared`` of one text, written out: the routed path's common case."""
+        trace = current_span_context() if self._tracer is not None else None
+        deadline = REQUEST_DEADLINE.get()
+        at = deadline.at if deadline is not None else None
+        self.counters["requests"] += 1
+        flights = self._flights
+        flight: Flight[Embedded] | None = flights.get(key)
+        try:
+            if flight is not None and _joinable(flight, at, keep):
+                self.cache.counts.dedupe_joined += 1
+                waiter = flight.join(asyncio.get_running_loop())
+                try:
+                    return await waiter, flight.item
+                finally:
+                    if not waiter.done() or waiter.cancelled():
+                        flight.leave()
+            lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
+            item = lane.batcher.submit(
+                [Text(key[0], trace, at, keep)], _ONE, trace=trace, tenant=tenant
+            )[0]
+            flight = Flight(flights, key, item, lane.requeue, tenant)
+            try:
+                return await item.future, item
+            finally:
+                flight.release()
+        except BaseException:
+            self.counters["requests_failed"] += 1
+            raise
 
     async def _shared(
         self, texts: list[str], scope: Scope, keep: Scope | None, tenant: Tenant
@@ -364,7 +423,7 @@ class ProviderRuntime:
                     trace=trace,
                     tenant=tenant,
                 )
-                sharing.lead(items, lambda item, who: _requeue(lane, item, who), tenant)
+                sharing.lead(items, lane.requeue, tenant)
             joins = sharing.joins
             if joins:
                 self.cache.counts.dedupe_joined += joins
@@ -426,8 +485,7 @@ def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool
     return bound is None or (at is not None and at <= bound)
 
 
-def _requeue(lane: EmbedLane, item: Item[Text, Embedded], tenant: Tenant) -> Item[Text, Embedded]:
-    """Queue a dropped text again for the callers that joined it (``models/dedupe.py``); its
-    deadline was its leader's, who has left: the joiners' own waits bound them."""
-    text = item.payload._replace(deadline=None)
-    return lane.batcher.submit([text], [1], trace=item.trace, tenant=tenant)[0]
+def _unbound(text: Text) -> Text:
+    """A text queued again for those who joined it: its deadline was its leader's, who left;
+    the joiners' own waits bound them (``Lane.requeue``)."""
+    return text._replace(deadline=None)
