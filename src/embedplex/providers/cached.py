@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from embedplex.providers.config import ProviderConfig
 
 # What one entry holds besides its text and its vector's data: the key tuple and its int, the
-# ``Embedded`` tuple and its float, the array's header, the LRU's slot (tracemalloc:
+# entry tuple and its float, the array's header, the LRU's slot (tracemalloc:
 # docs/cache.md).
 ENTRY_OVERHEAD = 400
 
