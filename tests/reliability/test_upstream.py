@@ -86,9 +86,12 @@ class Load:
 
     def _run(self, i: int) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as client:
+            n = 0
             while not self._stop.is_set():
+                n += 1  # a new text every time: a cached one would never reach the upstream
                 sent = time.monotonic()
-                r = client.post("/v1/embeddings", json={"input": f"text {i}", "model": "remote"})
+                body = {"input": f"text {i} {n}", "model": "remote"}
+                r = client.post("/v1/embeddings", json=body)
                 took = time.monotonic() - sent
                 if r.status_code != 200:
                     error = r.json()["error"]  # a JSON error in the OpenAI shape, always
@@ -145,7 +148,10 @@ def _until(check: object, seconds: float) -> float:
 
 
 def _succeeds(url: str) -> bool:
-    r = httpx.post(url + "/v1/embeddings", json={"input": "probe", "model": "remote"}, timeout=30)
+    body = {"input": "probe", "model": "remote"}
+    r = httpx.post(
+        url + "/v1/embeddings", json=body, headers={"cache-control": "no-cache"}, timeout=30
+    )
     return r.status_code == 200
 
 

@@ -1,9 +1,12 @@
-"""The process's embedding cache: one byte bound shared by every local model, an optional
-Redis tier, and each model's counts (hits by tier, misses, inputs that joined one in flight).
+"""The process's embedding cache: one byte bound shared by every local model and remote
+provider, an optional Redis tier, and each model's or provider's counts (hits by tier, misses,
+inputs that joined one in flight).
 
-What is cached is a model's per-input pooled result before normalization and dimensions are
-applied (``models/local.py``), so requests that differ only in those share entries.
-``docs/cache.md`` says what is keyed and why the default size is what it is.
+What is cached for a local model is its per-input pooled result before normalization and
+dimensions are applied (``models/local.py``), so requests that differ only in those share
+entries; for a remote provider, the upstream's vector and the text's share of the call's tokens
+(``providers/cached.py``). ``docs/cache.md`` says what is keyed and why the default size is
+what it is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ if TYPE_CHECKING:
     from embedplex.config import Settings
 
 _tags = itertools.count(1)
+# Remote identities (``tag_of``) kept before the table starts again: callers choose some of the
+# parameters in them, so it must be bounded; an identity seen again later gets a new tag, and
+# its old entries age out of the LRU.
+_IDENTITIES_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -38,6 +45,7 @@ class EmbeddingCache:
         self.memory: MemoryCache[Any] | None = MemoryCache(max_bytes) if max_bytes > 0 else None
         self.redis = redis if self.memory is not None else None
         self.counts: dict[str, CacheCounts] = {}
+        self._identities: dict[bytes, int] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingCache:
@@ -66,6 +74,16 @@ class EmbeddingCache:
     def new_tag() -> int:
         """A number naming one model instance in in-process keys (never reused)."""
         return next(_tags)
+
+    def tag_of(self, identity: bytes) -> int:
+        """The tag of a remote provider identity (with its request parameters): one per identity
+        in this process, so providers that would send the very same call share entries."""
+        tag = self._identities.get(identity)
+        if tag is None:
+            if len(self._identities) >= _IDENTITIES_MAX:
+                self._identities.clear()
+            tag = self._identities[identity] = next(_tags)
+        return tag
 
     def stats(self) -> dict[str, Any]:
         """For ``/api/v1/status`` and the metrics: the shared state, then each model's counts."""

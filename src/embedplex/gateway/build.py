@@ -33,7 +33,8 @@ def build_gateway(settings: Settings) -> Gateway:
     from embedplex.providers.router import Router, remote_model
 
     allowed = AllowedModels.from_settings(settings)
-    cache = EmbeddingCache.from_settings(settings)  # one byte bound for every local model
+    # One byte bound for every local model and remote provider (docs/cache.md).
+    cache = EmbeddingCache.from_settings(settings)
     configs = settings.local_models()
     gate = core_gate(inference_layout(settings, model=m) for m in configs if m.runtime == "local")
     models: list[ServedModel] = []
@@ -47,6 +48,7 @@ def build_gateway(settings: Settings) -> Gateway:
         probe_interval=settings.router_probe_interval_s,
         max_client_batch_size=settings.max_client_batch_size,
         allowed_networks=settings.provider_allowed_networks,
+        cache=cache,
     )
     for route in settings.routes:
         remote = remote_model(router, route)

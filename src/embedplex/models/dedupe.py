@@ -14,7 +14,7 @@ left. The work is dropped once every caller has left.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from embedplex.batching import Item
@@ -120,3 +120,95 @@ class Flight(Generic[R]):
                 waiter.set_exception(error)
             else:
                 waiter.set_result(result)  # type: ignore[arg-type]  # set when no error
+
+
+# Whether a caller may join a flight (a remote provider's rule: ``providers/cached.py``).
+Joinable = Callable[["Flight[Any]"], bool]
+
+
+class Sharing(Generic[R]):
+    """One caller's inputs against a registry of flights: which to queue, which to join, then
+    the wait for all of them, and the leaving (``finish``, always, in a ``finally``).
+
+    ``keys``: each input's key; identical keys of one caller share one slot. ``joinable``: a
+    flight found registered is joined only if it says so (default: always); otherwise the input
+    is queued afresh. After ``__init__``, ``fresh`` holds the positions to queue; ``lead`` takes
+    their items. Remote providers use it (``providers/runtime.py``); ``models/local.py`` keeps
+    its own copy of the same steps, interleaved with admission and tokenizing.
+    """
+
+    __slots__ = ("flights", "fresh", "joined", "keys", "own", "shared", "slot_of", "slots", "waits")
+
+    def __init__(
+        self, flights: Flights, keys: Sequence[Hashable], joinable: Joinable | None = None
+    ) -> None:
+        self.flights = flights
+        self.keys = keys
+        self.fresh: list[int] = []  # positions to queue: the first of each key nobody computes
+        self.own: list[Flight[R]] = []
+        self.joined: list[tuple[Flight[R], asyncio.Future[R]]] = []
+        self.waits: list[asyncio.Future[R] | None] = []  # per distinct key
+        self.shared: list[Flight[R] | None] = []  # per distinct key: the flight that makes it
+        self.slots: list[int] | None = None  # per input: its index in ``waits`` (None: 1 to 1)
+        self.slot_of: dict[Hashable, int] | None = None
+        if len(keys) == 1:  # most requests: no dict of slots
+            self._plan(keys[0], 0, joinable)
+            return
+        slot_of = self.slot_of = {}
+        slots = self.slots = []
+        for k, key in enumerate(keys):
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = slot_of[key] = len(self.waits)
+                self._plan(key, k, joinable)
+            slots.append(slot)
+
+    def _plan(self, key: Hashable, k: int, joinable: Joinable | None) -> None:
+        flight = self.flights.get(key)
+        if flight is not None and (joinable is None or joinable(flight)):
+            waiter = flight.join(asyncio.get_running_loop())
+            self.joined.append((flight, waiter))
+            self.waits.append(waiter)
+        else:
+            flight = None
+            self.fresh.append(k)
+            self.waits.append(None)
+        self.shared.append(flight)
+
+    @property
+    def joins(self) -> int:
+        """Inputs that are not queued: they joined a flight, or an identical input of the same
+        caller (for the dedupe counts)."""
+        return len(self.keys) - len(self.fresh)
+
+    def lead(self, items: Sequence[Item[Any, R]], requeue: Requeue, tenant: Tenant) -> None:
+        """Register the items queued for ``fresh`` (in order); this caller waits on them."""
+        keys = self.keys
+        slot_of = self.slot_of
+        for k, item in zip(self.fresh, items, strict=True):
+            flight = Flight(self.flights, keys[k], item, requeue, tenant)
+            self.own.append(flight)
+            slot = k if slot_of is None else slot_of[keys[k]]
+            self.shared[slot] = flight
+            self.waits[slot] = item.future  # the leader waits on its item itself
+
+    async def wait(self) -> list[R]:
+        """Every input's result, in input order (call ``finish`` whatever way this ends)."""
+        ready: list[asyncio.Future[R]] = self.waits  # type: ignore[assignment]  # all set now
+        # Most requests have one input: skip gather's extra future and callbacks.
+        distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
+        slots = self.slots
+        return distinct if slots is None else [distinct[s] for s in slots]
+
+    def finish(self) -> None:
+        """Leave every flight: ours go once no joiner waits on them (queued again for those
+        that do, if we cancelled them), joined ones once their last caller has left."""
+        for flight in self.own:
+            flight.release()
+        for flight, waiter in self.joined:
+            if not waiter.done() or waiter.cancelled():
+                flight.leave()
+
+    def items(self) -> list[Item[Any, R]]:
+        """The items that made this caller's results (its own and those it joined)."""
+        return [f.item for f in self.shared if f is not None]

@@ -124,6 +124,11 @@ class ProviderConfig(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "base64", description="openai type: how vectors travel (base64 is exact and compact)."
     )
+    cache: bool = Field(
+        True,
+        description="Keep this provider's answers in the embedding cache (and its Redis tier, "
+        "with cache_redis); false for vectors that must not be kept (docs/cache.md).",
+    )
 
     @field_validator("endpoint", "rerank_endpoint")
     @classmethod

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from embedplex.batching import Batcher, BatchObserver, BatchPolicy, Item, make_queue
+from embedplex.core.tenant import Tenant
 from embedplex.core.types import Timings
 from embedplex.providers.config import ProviderConfig
 
@@ -41,6 +42,14 @@ class Lane(Generic[K, P, R]):
     key: K
     batcher: Batcher[P, R]
     last_used: float = field(default_factory=time.monotonic)
+    # What a payload queued again becomes (``requeue``); None: itself.
+    renew: Callable[[P], P] | None = None
+
+    def requeue(self, item: Item[P, R], tenant: Tenant) -> Item[P, R]:
+        """Queue a dropped item's payload again, for the callers that joined it
+        (``models/dedupe.py``: its leader left, they still wait)."""
+        payload = item.payload if self.renew is None else self.renew(item.payload)
+        return self.batcher.submit([payload], [item.cost], trace=item.trace, tenant=tenant)[0]
 
 
 class LaneSet(Generic[K, P, R]):
@@ -58,6 +67,7 @@ class LaneSet(Generic[K, P, R]):
         *,
         tag: str = "",
         created: str = "lanes_created",
+        renew: Callable[[P], P] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -67,6 +77,7 @@ class LaneSet(Generic[K, P, R]):
         self._counters = counters
         self._tag = tag
         self._created = created
+        self._renew = renew
 
     def existing(self, key: K) -> Lane[K, P, R] | None:
         """The lane of ``key`` if it has one (marked used), without a coroutine: the way every
@@ -103,7 +114,7 @@ class LaneSet(Generic[K, P, R]):
             )
             if size is not None:
                 batcher.set_max_items(size)
-            lane = self.lanes[key] = Lane(key, batcher)
+            lane = self.lanes[key] = Lane(key, batcher, renew=self._renew)
             await batcher.start()  # only creates the loop task: no suspension point
             self._counters[self._created] += 1
         lane.last_used = time.monotonic()

@@ -58,6 +58,7 @@ from embedplex.providers.runtime import ProviderRuntime
 from embedplex.providers.wire import wire_client
 
 if TYPE_CHECKING:
+    from embedplex.cache import EmbeddingCache
     from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,12 @@ class Router:
         client: httpx.AsyncClient | None = None,
         observers: list[BatchObserver] | None = None,
         allowed_networks: Sequence[str] = (),
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.idle_ttl = idle_ttl
+        # The process's embedding cache, shared with the local models (one byte bound); None:
+        # nothing kept (in-flight dedupe still applies). docs/cache.md.
+        self.cache = cache
         self.probe_interval = probe_interval
         self.max_client_batch_size = max_client_batch_size
         self._own_client = client is None
@@ -109,7 +114,9 @@ class Router:
     def _build(self, config: ProviderConfig) -> ProviderRuntime:
         if config.name in self.runtimes:
             raise ValueError(f"two providers are named {config.name!r}")
-        runtime = ProviderRuntime.build(config, self.client, observers=self._observers)
+        runtime = ProviderRuntime.build(
+            config, self.client, observers=self._observers, cache=self.cache
+        )
         if self._telemetry is not None:
             runtime.instrument(self._telemetry)
         self.runtimes[config.name] = runtime
@@ -246,8 +253,8 @@ async def _probe(rt: ProviderRuntime) -> None:
     """One small request of the kind the provider last served (a reranker may not embed)."""
     if rt.last_kind == "rerank":
         await rt.rerank(RerankRequest(query=PROBE_TEXT, texts=[PROBE_TEXT]))
-    else:
-        await rt.embed(EmbedRequest(inputs=[PROBE_TEXT]))
+    else:  # never from the cache: the probe is there to reach the upstream
+        await rt.embed(EmbedRequest(inputs=[PROBE_TEXT], cache=False))
 
 
 async def _route(runtimes: list[ProviderRuntime], policy: Policy, call: Call[Result]) -> Result:

@@ -23,54 +23,59 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import httpx
 
 from embedplex.batching import BatchObserver
+from embedplex.cache.keys import RemoteKey
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.errors import InvalidRequestError, UnavailableError
-from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Vector
+from embedplex.core.tenant import Tenant
+from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings
+from embedplex.models.dedupe import Flight, Flights, Sharing
 from embedplex.observability.providers import CircuitState as CircuitGauge
 from embedplex.observability.providers import NullProviderObserver, ProviderObserver
 from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import EmbedParams, Provider, Reranker
+from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
-from embedplex.providers.lanes import Lane, LaneSet, collect, timings
+from embedplex.providers.lanes import Lane, LaneSet, timings
 from embedplex.providers.rerank_lanes import RerankLanes
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
 
+    from embedplex.batching import Item
+    from embedplex.cache import EmbeddingCache
     from embedplex.observability import Telemetry
 
 logger = logging.getLogger(__name__)
 
 # Parameter sets ``ProviderRuntime._params`` keeps; past this the table starts again.
 _CHECKED_MAX = 256
-
-
-class Embedded(NamedTuple):
-    """One text's share of an upstream answer (a tuple: one is made per text of every call)."""
-
-    vector: Vector
-    tokens: float
+_ONE = [1]  # the costs of one queued text (the batcher only reads them)
 
 
 class Text(NamedTuple):
-    """One queued text, its caller's request span (None unless tracing is on) and its caller's
-    deadline (a ``time.monotonic()`` instant; None: none set).
+    """One queued text, its caller's request span (None unless tracing is on), its caller's
+    deadline (a ``time.monotonic()`` instant; None: none set) and where its result is kept
+    (``keep``: its scope in the embedding cache; None: not kept).
 
-    The batch function sees payloads, not items, so span and deadline travel with the text.
+    The batch function sees payloads, not items, so span, deadline and scope travel with the
+    text. A caller that joins the text while it is still queued may widen the deadline and set
+    ``keep`` (``_joinable``).
     """
 
     text: str
     trace: SpanContext | None
     deadline: float | None = None
+    keep: Scope | None = None
 
 
 EmbedLane = Lane[EmbedParams, Text, Embedded]
@@ -84,9 +89,14 @@ class ProviderRuntime:
         health: ProviderHealth,
         *,
         observers: list[BatchObserver] | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.config = config
         self.provider = provider
+        # The process's embedding cache as this provider uses it (nothing kept with no cache or
+        # with the provider's ``cache = false``); texts queued or in flight, by cache key.
+        self.cache = ProviderCache(cache, config, provider)
+        self._flights: Flights = {}
         self.name = config.name
         self.health = health
         self.aimd: AimdController | None = None  # built in start(), once limits are known
@@ -97,10 +107,10 @@ class ProviderRuntime:
             self.name, health, asyncio.Semaphore(config.max_concurrency), self.counters
         )
         self._embeds: LaneSet[EmbedParams, Text, Embedded] = LaneSet(
-            config, self._call, self.counters
+            config, self._call, self.counters, renew=_unbound
         )
         self._closing = False
-        self._checked: dict[tuple[Any, ...], EmbedParams] = {}  # see _params
+        self._checked: dict[tuple[Any, ...], Scope] = {}  # see _params
         # What this provider last served: the router's probe asks the same kind of question.
         self.last_kind: Literal["embed", "rerank"] = "embed"
         self.rerank_lanes: RerankLanes | None = None
@@ -117,8 +127,10 @@ class ProviderRuntime:
         client: httpx.AsyncClient,
         *,
         observers: list[BatchObserver] | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> ProviderRuntime:
-        """The runtime of a configured provider, on the router's pooled client (no I/O)."""
+        """The runtime of a configured provider, on the router's pooled client (no I/O);
+        ``cache``: the process's embedding cache (None: nothing kept, dedupe only)."""
         from embedplex.providers import PROVIDER_TYPES
 
         health = ProviderHealth(
@@ -128,7 +140,7 @@ class ProviderRuntime:
             probe_timeout=config.retry_budget_s,
         )
         provider = PROVIDER_TYPES[config.type](config, client)
-        return cls(config, provider, health, observers=observers)
+        return cls(config, provider, health, observers=observers, cache=cache)
 
     @property
     def lanes(self) -> dict[EmbedParams, EmbedLane]:
@@ -216,7 +228,10 @@ class ProviderRuntime:
     # -- the batch function ----------------------------------------------------------------
 
     async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded]:
-        """The lanes' batch function: one upstream call, or more after a 413 (``guard``)."""
+        """The lanes' batch function: one upstream call, or more after a 413 (``guard``).
+
+        What the upstream answered for a text whose callers cache it is kept here, once per
+        call, whoever is still waiting: an answer paid for is not paid for again."""
 
         # The upstream call need not outlast its most patient caller (``core/deadline.py``).
         bound_batch([t.deadline for t in batch])
@@ -228,7 +243,12 @@ class ProviderRuntime:
             self.counters["upstream_batches"] += 1
             self.counters["texts"] += len(texts)
             shares = token_shares(out.tokens, texts)
-            return [Embedded(v, t) for v, t in zip(out.vectors, shares, strict=True)]
+            rows = [Embedded(v, t) for v, t in zip(out.vectors, shares, strict=True)]
+            store = self.cache.store
+            for t, row in zip(part, rows, strict=True):
+                if t.keep is not None:
+                    store(t.text, t.keep, row.vector, row.tokens)
+            return rows
 
         return await self._guard.call(batch, send)
 
@@ -237,18 +257,18 @@ class ProviderRuntime:
         aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
         return await self._embeds.lane(params, ceiling=self.ceiling, size=aimd_size)
 
-    def _params(self, request: EmbedRequest) -> EmbedParams:
-        """The request's ``EmbedParams``, checked against the provider.
+    def _params(self, request: EmbedRequest) -> Scope:
+        """The request's ``EmbedParams``, checked against the provider, in their cache scope.
 
         Every routed request needs them, and nearly all share a handful of parameter sets, so a
         set that passed ``check`` is kept by its fields (``Provider.check`` depends on nothing
-        else); the table is bounded, as callers choose the values.
+        else) with its scope; the table is bounded, as callers choose the values.
         """
         extra = request.extra.get("input_type") if request.extra else None
         if extra is not None and not isinstance(extra, str):  # not a key: check it every time
             params = EmbedParams.from_request(request, self.config.input_type)
             self.provider.check(params)
-            return params
+            return self.cache.scope(params)
         key = (
             request.normalize,
             request.truncate,
@@ -264,11 +284,17 @@ class ProviderRuntime:
         self.provider.check(params)
         if len(self._checked) >= _CHECKED_MAX:
             self._checked.clear()
-        self._checked[key] = params
-        return params
+        scope = self._checked[key] = self.cache.scope(params)
+        return scope
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """Queue every text of ``request`` in its lane and wait for all of them."""
+        """Answer from the cache what it holds; queue the rest in its lane and wait for it.
+
+        A text identical to one queued or in flight here (same scope) waits on that one
+        instead of queuing again (``models/dedupe.py``); a request the cache answers whole
+        never reaches a lane. One-text requests (most) take ``_one``: the same steps without
+        the lists that several texts need.
+        """
         if self._closing:
             raise UnavailableError(f"provider {self.name} is shutting down")
         if request.is_tokens:
@@ -277,32 +303,137 @@ class ProviderRuntime:
             )
         self.last_kind = "embed"
         start = time.perf_counter()
-        params = self._params(request)
+        scope = self._params(request)
         texts: list[str] = request.inputs  # type: ignore[assignment]
-        # With tracing on, each text keeps the request's span: upstream spans hang under it.
-        trace = current_span_context() if self._tracer is not None else None
-        lane = self._embeds.existing(params) or await self._new_lane(params)
-        deadline = REQUEST_DEADLINE.get()
-        at = deadline.at if deadline is not None else None
-        items = lane.batcher.submit(
-            [Text(t, trace, at) for t in texts],
-            [1] * len(texts),
-            trace=trace,
-            tenant=request.tenant,
-        )
-        rows = await collect(items, self.counters, "requests")
-        took = timings(items, start)
+        cache = self.cache
+        memory = cache.memory
+        keep = scope if request.cache and memory is not None else None
+        if len(texts) == 1:
+            key = (texts[0], scope.tag)
+            if keep is not None:
+                hit = memory.get(key)  # type: ignore[union-attr]  # set where keep is
+                if hit is not None:  # no lane, no upstream call
+                    cache.counts.hits_memory += 1
+                    return self._result([hit], Timings(total=(time.perf_counter() - start) * 1000))
+                redis = cache.redis
+                if redis is not None and redis.up and key not in self._flights:
+                    return await self.embed_many(request, scope, keep, start)
+                cache.counts.misses += 1
+            row, item = await self._one(key, scope, keep, request.tenant)
+            return self._result([row], timings((item,), start))
+        return await self.embed_many(request, scope, keep, start)
+
+    async def embed_many(
+        self, request: EmbedRequest, scope: Scope, keep: Scope | None, start: float
+    ) -> EmbedResult:
+        """``embed`` of several texts, or of one that Redis may hold."""
+        texts: list[str] = request.inputs  # type: ignore[assignment]
+        cache = self.cache
+        found: list[Entry | None] | None = None
+        rest: list[int] | None = None  # the positions to compute (None: all of them)
+        if keep is not None:
+            found, rest = cache.lookup(texts, scope.tag)
+            redis = cache.redis
+            if rest and redis is not None and redis.up:
+                rest = await cache.lookup_shared(texts, scope, found, rest, self._flights)
+            cache.counts.misses += len(rest)
+            if not rest:  # every text was cached: no lane, no upstream call
+                took = Timings(total=(time.perf_counter() - start) * 1000)
+                return self._result(found, took)  # type: ignore[arg-type]  # all found
+        todo = texts if rest is None else [texts[k] for k in rest]
+        rows, items = await self._shared(todo, scope, keep, request.tenant)
+        if found is not None and rest is not None:  # cached texts where they were, the rest between
+            for k, row in zip(rest, rows, strict=True):
+                found[k] = row
+            rows = found  # type: ignore[assignment]  # every position filled now
+        return self._result(rows, timings(items, start))
+
+    def _result(self, rows: Sequence[Entry], took: Timings) -> EmbedResult:
+        """``rows``: answers (``Embedded``) and cache entries alike, read as (vector, tokens)."""
         if len(rows) == 1:
-            vectors, tokens = [rows[0].vector], rows[0].tokens
+            vectors, tokens = [rows[0][0]], rows[0][1]
         else:
-            vectors, tokens = [row.vector for row in rows], sum(row.tokens for row in rows)
+            vectors, tokens = [row[0] for row in rows], sum(row[1] for row in rows)
         return EmbedResult(
             vectors=vectors,
-            prompt_tokens=round(tokens),
+            prompt_tokens=round(tokens),  # hits too: what computing them reported
             model=self.provider.model or self.name,
             provider=self.name,
             timings=took,
         )
+
+    async def _one(
+        self, key: RemoteKey, scope: Scope, keep: Scope | None, tenant: Tenant
+    ) -> tuple[Embedded, Item[Text, Embedded]]:
+        """``_shared`` of one text, written out: the routed path's common case."""
+        trace = current_span_context() if self._tracer is not None else None
+        deadline = REQUEST_DEADLINE.get()
+        at = deadline.at if deadline is not None else None
+        self.counters["requests"] += 1
+        flights = self._flights
+        flight: Flight[Embedded] | None = flights.get(key)
+        try:
+            if flight is not None and _joinable(flight, at, keep):
+                self.cache.counts.dedupe_joined += 1
+                waiter = flight.join(asyncio.get_running_loop())
+                try:
+                    return await waiter, flight.item
+                finally:
+                    if not waiter.done() or waiter.cancelled():
+                        flight.leave()
+            lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
+            item = lane.batcher.submit(
+                [Text(key[0], trace, at, keep)], _ONE, trace=trace, tenant=tenant
+            )[0]
+            flight = Flight(flights, key, item, lane.requeue, tenant)
+            try:
+                return await item.future, item
+            finally:
+                flight.release()
+        except BaseException:
+            self.counters["requests_failed"] += 1
+            raise
+
+    async def _shared(
+        self, texts: list[str], scope: Scope, keep: Scope | None, tenant: Tenant
+    ) -> tuple[list[Embedded], list[Item[Text, Embedded]]]:
+        """Queue the texts nobody here computes now, join those somebody does, wait for all.
+
+        Counted as a request of the provider (``requests``, ``requests_failed``). Whatever way
+        this ends, our texts that nobody else waits on are dropped (a failed or departed
+        caller's texts must not cost an upstream call); those others wait on stay theirs.
+        """
+        # With tracing on, each text keeps the request's span: upstream spans hang under it.
+        trace = current_span_context() if self._tracer is not None else None
+        deadline = REQUEST_DEADLINE.get()
+        at = deadline.at if deadline is not None else None
+        tag = scope.tag
+        flights = self._flights
+        keys = [(text, tag) for text in texts]
+        joinable = None if not flights else lambda f: _joinable(f, at, keep)
+        sharing: Sharing[Embedded] = Sharing(flights, keys, joinable)
+        self.counters["requests"] += 1
+        try:
+            fresh = sharing.fresh
+            if fresh:
+                lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
+                items = lane.batcher.submit(
+                    [Text(texts[k], trace, at, keep) for k in fresh],
+                    [1] * len(fresh),
+                    trace=trace,
+                    tenant=tenant,
+                )
+                sharing.lead(items, lane.requeue, tenant)
+            joins = sharing.joins
+            if joins:
+                self.cache.counts.dedupe_joined += joins
+            rows = await sharing.wait()
+        except BaseException:
+            self.counters["requests_failed"] += 1
+            raise
+        finally:
+            sharing.finish()
+        return rows, sharing.items()
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Queue every document of ``request`` in its rerank lane and wait for all scores."""
@@ -331,3 +462,30 @@ class ProviderRuntime:
             "rerank": self.rerank_lanes.stats() if self.rerank_lanes is not None else None,
             "lanes": self._embeds.describe(),
         }
+
+
+def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool:
+    """Whether a caller with deadline ``at`` may wait on ``flight``.
+
+    While its text is queued, yes: the text's deadline is widened to cover this caller too (its
+    upstream call is bounded by its most patient caller) and it is kept if this caller caches.
+    Once its call has started, only if the call's bound already covers this caller's deadline:
+    a call cut short at another caller's deadline must not fail this one.
+    """
+    item = flight.item
+    if item.future.done():  # answered (or dropped, and queued again for those who joined)
+        return True
+    text: Text = item.payload
+    bound = text.deadline
+    if item.started_at == 0.0:
+        wider = None if bound is None or at is None else max(bound, at)
+        if wider != bound or (keep is not None and text.keep is None):
+            item.payload = text._replace(deadline=wider, keep=text.keep or keep)
+        return True
+    return bound is None or (at is not None and at <= bound)
+
+
+def _unbound(text: Text) -> Text:
+    """A text queued again for those who joined it: its deadline was its leader's, who left;
+    the joiners' own waits bound them (``Lane.requeue``)."""
+    return text._replace(deadline=None)

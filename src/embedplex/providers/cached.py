@@ -1,0 +1,152 @@
+"""A provider's share of the process's embedding cache (``cache/``): its keys, lookups and stores.
+
+An upstream's answer depends on the provider it comes from and on the call's parameters, so the
+key of one text is the text and a ``Scope``: the provider's identity (type, URL, upstream model,
+encoding) and its ``EmbedParams`` (the parameters the adapters send: input_type, dimensions,
+truncation, prompt_name, normalize). Scopes are made once per parameter set (the runtime keeps
+them with its checked parameters), so a lookup costs a tuple and a dict probe per text. Two
+providers that would send the very same call share a scope; any other provider (a failover's
+second one among them) never sees the first one's entries. Names, API keys and other secrets
+are no part of a key: the Redis key is a BLAKE2b digest of the identity and the text.
+
+What is kept is the upstream's vector (a read-only copy: a row of the answer's matrix would keep
+the whole answer alive) and the text's share of the call's billed tokens, so a hit reports the
+tokens that computing it reported. Results are stored by the batch function, once per upstream
+call (``ProviderRuntime._call``): a text is stored once however many callers shared it, and a
+failed text never.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from embedplex.cache import CacheCounts, EmbeddingCache
+from embedplex.cache.keys import model_identity, pack_remote, remote_base, remote_key
+from embedplex.cache.keys import unpack_remote as unpack
+from embedplex.providers.base import EmbedParams
+
+if TYPE_CHECKING:
+    from embedplex.cache import MemoryCache, RedisTier
+    from embedplex.core.types import Vector
+    from embedplex.models.dedupe import Flights
+    from embedplex.providers.config import ProviderConfig
+
+# What one entry holds besides its text and its vector's data: the key tuple and its int, the
+# entry tuple and its float, the array's header, the LRU's slot (tracemalloc:
+# docs/cache.md).
+ENTRY_OVERHEAD = 400
+
+
+class Embedded(NamedTuple):
+    """One text's share of an upstream answer (a tuple: one is made per text of every call)."""
+
+    vector: Vector
+    tokens: float
+
+
+# A cache entry: (vector, token share), as ``Embedded`` is read, but a plain tuple: cheaper to
+# make, and the collector stops tracking it (a tuple subclass it would walk on every full pass).
+Entry = tuple["Vector", float]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Scope:
+    """One provider identity with one parameter set: ``tag`` names it in this process's keys,
+    ``base`` is the digest state of its Redis keys, ``params`` the lane its texts go to."""
+
+    tag: int
+    base: blake2b
+    params: EmbedParams
+
+
+def identity(config: ProviderConfig, provider: Any, params: EmbedParams) -> bytes:
+    """What makes the upstream answer what it is, besides the text (never a name or a key)."""
+    url = getattr(provider, "url", None)
+    return model_identity(
+        provider.type,
+        url if url is not None else f"unnamed:{config.name}",  # a fake adapter: its own
+        provider.model,
+        config.encoding_format,
+        config.input_type,
+        params.normalize,
+        params.truncate,
+        params.truncation_direction.value,
+        params.dimensions,
+        params.input_type,
+        params.prompt_name,
+    )
+
+
+class ProviderCache:
+    """``memory`` is None where nothing is kept (no cache, or the provider's ``cache = false``);
+    ``counts`` counts anyway (dedupe joins are counted with the cache off too)."""
+
+    def __init__(self, cache: EmbeddingCache | None, config: ProviderConfig, provider: Any):
+        keep = cache is not None and config.cache
+        self._cache = cache
+        self._config = config
+        self._provider = provider
+        self.memory: MemoryCache[Entry] | None = cache.memory if keep and cache else None
+        self.redis: RedisTier | None = cache.redis if keep and cache else None
+        self.counts = cache.counts_of(config.name) if cache is not None else CacheCounts()
+
+    def scope(self, params: EmbedParams) -> Scope:
+        """The scope of ``params`` (the runtime keeps it with the checked parameters)."""
+        ident = identity(self._config, self._provider, params)
+        cache = self._cache
+        tag = cache.tag_of(ident) if cache is not None else EmbeddingCache.new_tag()
+        return Scope(tag, remote_base(ident), params)
+
+    def lookup(self, texts: list[str], tag: int) -> tuple[list[Entry | None], list[int]]:
+        """Each text's entry in this process (or None), and the positions missed."""
+        memory = self.memory
+        assert memory is not None
+        get = memory.get
+        found: list[Entry | None] = [get((text, tag)) for text in texts]
+        missed = [k for k, e in enumerate(found) if e is None]
+        self.counts.hits_memory += len(texts) - len(missed)
+        return found, missed
+
+    async def lookup_shared(
+        self,
+        texts: list[str],
+        scope: Scope,
+        found: list[Entry | None],
+        missed: list[int],
+        flights: Flights,
+    ) -> list[int]:
+        """Fill ``found`` from Redis (one MGET) for what missed here and nobody here is
+        computing now; the positions still missed."""
+        redis = self.redis
+        memory = self.memory
+        assert redis is not None
+        assert memory is not None
+        tag = scope.tag
+        asked = [k for k in missed if (texts[k], tag) not in flights]
+        values = await redis.get_many([remote_key(scope.base, texts[k]) for k in asked])
+        counts = self.counts
+        for k, value in zip(asked, values, strict=True):
+            got = unpack(value) if value is not None else None
+            if got is not None:
+                found[k] = got
+                text = texts[k]
+                memory.put((text, tag), got, sys.getsizeof(text) + got[0].nbytes + ENTRY_OVERHEAD)
+                counts.hits_redis += 1
+        return [k for k in missed if found[k] is None]
+
+    def store(self, text: str, scope: Scope, vector: Vector, tokens: float) -> None:
+        """One text's result, just answered by the upstream: kept here, and in Redis in the
+        background (called by the batch function, only for texts whose callers cache)."""
+        memory = self.memory
+        if memory is None:
+            return
+        owned = vector.copy()
+        owned.flags.writeable = False
+        size = sys.getsizeof(text) + owned.nbytes + ENTRY_OVERHEAD  # its text, vector, the rest
+        memory.put((text, scope.tag), (owned, tokens), size)
+        redis = self.redis
+        if redis is not None:
+            redis.put(remote_key(scope.base, text), pack_remote(owned, tokens))

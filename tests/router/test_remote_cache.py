@@ -1,0 +1,321 @@
+"""The embedding cache and in-flight dedupe for remote providers, over real HTTP fakes.
+
+Every test counts what reached the fake upstream: a hit must cost no upstream call, a miss
+exactly one text in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import redis
+from test_router_api import ADMIN, router_settings, serve
+
+from conftest import RouterFactory
+from embedplex.cache import EmbeddingCache, RedisTier
+from embedplex.cache.keys import PREFIX
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
+from embedplex.core.errors import UpstreamError, UpstreamTimeoutError
+from embedplex.core.types import EmbedRequest
+from embedplex.providers.cached import ENTRY_OVERHEAD
+from embedplex.providers.health import CircuitState
+from embedplex.providers.router import Router
+from helpers import eventually, parse_metrics, value
+from redis_server import needs_redis_server, redis_server
+from upstream_fakes import FakeUpstream, Fault, provider, vector_for
+
+MiB = 1 << 20
+
+
+def req(*texts: str, **kw: object) -> EmbedRequest:
+    return EmbedRequest(inputs=list(texts), **kw)  # type: ignore[arg-type]
+
+
+def texts_sent(upstream: FakeUpstream) -> list[str]:
+    return [t for call in upstream.calls for t in call.texts]
+
+
+def check(vectors: list[np.ndarray], texts: list[str]) -> None:
+    for v, t in zip(vectors, texts, strict=True):
+        np.testing.assert_array_equal(v, vector_for(t))
+
+
+async def test_a_hit_costs_no_upstream_call_and_reports_the_same_usage(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    first = await router.embed(req("hello there"), ["p"])
+    again = await router.embed(req("hello there"), ["p"])
+    assert len(upstream.calls) == 1
+    check(again.vectors, ["hello there"])
+    assert again.prompt_tokens == first.prompt_tokens > 0  # as if computed
+    assert again.provider == "p"
+    counts = cache.counts["p"]
+    assert (counts.hits_memory, counts.misses) == (1, 1)
+    assert router.runtimes["p"].counters["requests"] == 1  # the hit never entered a lane
+
+
+async def test_partial_hits_are_merged_in_input_order(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    await router.embed(req("b", "d"), ["p"])
+    texts = ["a", "b", "c", "d", "e", "a"]
+    mixed = await router.embed(req(*texts), ["p"])
+    assert upstream.calls[1].texts == ["a", "c", "e"]  # each miss once, in order
+    check(mixed.vectors, texts)
+    assert cache.counts["p"].hits_memory == 2
+
+
+async def test_parameters_and_providers_never_share_entries(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(
+        provider("p", upstream, "voyage"),
+        provider("q", upstream, "voyage", model="other-model"),
+        cache=cache,
+    )
+    await router.embed(req("t"), ["p"])
+    await router.embed(req("t", dimensions=4), ["p"])
+    await router.embed(req("t", extra={"input_type": "query"}), ["p"])
+    await router.embed(req("t"), ["q"])  # same upstream, another model
+    assert len(upstream.calls) == 4
+    await router.embed(req("t", dimensions=4), ["p"])
+    assert len(upstream.calls) == 4
+
+
+async def test_opting_out_in_the_request_neither_reads_nor_writes(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    await router.embed(req("kept"), ["p"])
+    await router.embed(req("kept", cache=False), ["p"])  # not read
+    await router.embed(req("private", cache=False), ["p"])
+    await router.embed(req("private"), ["p"])  # not written before
+    assert texts_sent(upstream) == ["kept", "kept", "private", "private"]
+    assert cache.memory is not None and len(cache.memory) == 2
+
+
+async def test_a_provider_with_cache_false_keeps_nothing(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream, cache=False), cache=cache)
+    for _ in range(3):
+        await router.embed(req("secret"), ["p"])
+    assert len(upstream.calls) == 3
+    assert cache.memory is not None and len(cache.memory) == 0
+    assert router.runtimes["p"].cache.redis is None
+
+
+async def test_a_failover_is_never_answered_from_the_first_providers_entries(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(
+        provider("a", upstream, max_attempts=1, breaker_failures=2, breaker_cooldown_s=60),
+        provider("b", upstream2),
+        cache=cache,
+    )
+    await router.embed(req("x"), ["a", "b"], "any")  # a's entry for x
+    upstream.script(Fault(status=503))
+    mixed = await router.embed(req("x", "y"), ["a", "b"], "any")  # a: x hit, y fails
+    assert mixed.provider == "b"
+    assert upstream2.calls[0].texts == ["x", "y"]  # b computes both, x too
+    upstream.script(Fault(status=503))
+    with pytest.raises(UpstreamError):
+        await router.embed(req("z"), ["a"])
+    assert router.runtimes["a"].health.state is CircuitState.OPEN
+    upstream2.reset()
+    skipped = await router.embed(req("x", "w"), ["a", "b"], "any")  # a skipped: circuit open
+    assert skipped.provider == "b"
+    assert texts_sent(upstream2) == ["w"]  # x: b's own entry, from the failover above
+    check(skipped.vectors, ["x", "w"])
+
+
+async def test_all_fans_out_with_each_providers_own_entries(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(
+        provider("a", upstream), provider("b", upstream2, "tei"), cache=cache
+    )
+    await router.embed(req("x"), ["a"])  # a alone has x
+    both = await router.embed(req("x", "y"), ["a", "b"], "all")
+    assert texts_sent(upstream) == ["x", "y"]
+    assert texts_sent(upstream2) == ["x", "y"]
+    again = await router.embed(req("y", "x"), ["a", "b"], "all")
+    assert len(upstream.calls) == 2 and len(upstream2.calls) == 1
+    assert both.per_provider is not None and again.per_provider is not None
+    for name in ("a", "b"):
+        check(again.per_provider[name].vectors, ["y", "x"])
+        assert again.per_provider[name].prompt_tokens == both.per_provider[name].prompt_tokens
+    assert cache.counts["a"].hits_memory == 3 and cache.counts["b"].hits_memory == 2
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_identical_texts_in_flight_share_one_upstream_slot(
+    upstream: FakeUpstream, make_router: RouterFactory, cached: bool
+) -> None:
+    cache = EmbeddingCache(MiB if cached else 0)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    upstream.delay = 0.2
+    results = await asyncio.gather(
+        *(router.embed(req("same", "same", f"own-{i}"), ["p"]) for i in range(5))
+    )
+    assert texts_sent(upstream).count("same") == 1
+    for i, result in enumerate(results):
+        check(result.vectors, ["same", "same", f"own-{i}"])
+    assert cache.counts["p"].dedupe_joined == 9  # 1 in the first request, 1 + 1 in the others
+
+
+async def test_a_caller_that_leaves_does_not_fail_the_others(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    upstream.delay = 0.3
+    leader = asyncio.ensure_future(router.embed(req("shared"), ["p"]))
+    await eventually(lambda: len(upstream.calls) == 1)  # its call is in flight
+    joiner = asyncio.ensure_future(router.embed(req("shared"), ["p"]))
+    await asyncio.sleep(0.02)
+    leader.cancel()
+    check((await joiner).vectors, ["shared"])  # queued again for it
+    assert leader.cancelled()
+    # A joiner that leaves gives up its own wait only.
+    leader = asyncio.ensure_future(router.embed(req("second"), ["p"]))
+    joiner = asyncio.ensure_future(router.embed(req("second"), ["p"]))
+    await asyncio.sleep(0.05)
+    joiner.cancel()
+    check((await leader).vectors, ["second"])
+    assert texts_sent(upstream).count("second") == 1
+
+
+async def test_a_joiner_never_waits_on_a_call_bounded_by_an_earlier_deadline(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    router: Router = await make_router(provider("p", upstream), cache=EmbeddingCache(MiB))
+    upstream.delay = 0.3
+    token = REQUEST_DEADLINE.set(Deadline.after(0.2, "test"))
+    try:
+        hasty = asyncio.ensure_future(router.embed(req("t"), ["p"]))
+    finally:
+        REQUEST_DEADLINE.reset(token)
+    await eventually(lambda: len(upstream.calls) == 1)
+    patient = asyncio.ensure_future(router.embed(req("t"), ["p"]))  # no deadline: its own call
+    await asyncio.sleep(0.05)
+    assert texts_sent(upstream) == ["t", "t"]
+    with pytest.raises(UpstreamTimeoutError):  # its call was cut at its deadline...
+        await hasty
+    check((await patient).vectors, ["t"])  # ...and did not take the patient caller with it
+
+
+async def test_failed_texts_are_not_cached(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router: Router = await make_router(provider("p", upstream, max_attempts=1), cache=cache)
+    upstream.script(Fault(status=500))
+    with pytest.raises(UpstreamError):
+        await router.embed(req("f"), ["p"])
+    assert cache.memory is not None and len(cache.memory) == 0
+    check((await router.embed(req("f"), ["p"])).vectors, ["f"])
+    await router.embed(req("f"), ["p"])
+    assert texts_sent(upstream) == ["f", "f"]
+
+
+async def test_entries_are_charged_honestly_within_the_byte_bound(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    one = len("text-0") + 49 + 8 * 4 + ENTRY_OVERHEAD  # getsizeof(str) is 49 + its length
+    cache = EmbeddingCache(3 * one)
+    router: Router = await make_router(provider("p", upstream), cache=cache)
+    await router.embed(req("text-0"), ["p"])
+    memory = cache.memory
+    assert memory is not None and memory.bytes == one
+    for i in range(1, 10):
+        await router.embed(req(f"text-{i}"), ["p"])
+    assert len(memory) == 3 and memory.bytes <= memory.max_bytes
+    assert memory.evictions == 7
+    await router.embed(req("text-9"), ["p"])  # the newest stayed
+    assert len(upstream.calls) == 10
+    # A cached vector is a read-only copy: callers share it, nobody may change it.
+    hit = (await router.embed(req("text-9"), ["p"])).vectors[0]
+    assert not hit.flags.writeable and hit.base is None
+
+
+async def test_the_probe_never_answers_from_the_cache(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    from embedplex.providers.router import PROBE_TEXT, _probe
+
+    router: Router = await make_router(provider("p", upstream), cache=EmbeddingCache(MiB))
+    await router.embed(req(PROBE_TEXT), ["p"])
+    await _probe(router.runtimes["p"])
+    assert texts_sent(upstream) == [PROBE_TEXT, PROBE_TEXT]
+
+
+@needs_redis_server
+async def test_replicas_share_remote_answers_through_redis_without_texts_or_keys(
+    upstream: FakeUpstream, make_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RC_TEST_KEY", "sk-do-not-store-me")
+    with redis_server() as server:
+        tiers = [RedisTier.from_url(server.url, ttl_s=60) for _ in range(2)]
+        caches = [EmbeddingCache(MiB, redis=t) for t in tiers]
+        check_redis = redis.Redis(port=server.port)
+        try:
+            config = provider("p", upstream, api_key_env="RC_TEST_KEY")
+            a: Router = await make_router(config, cache=caches[0])
+            b: Router = await make_router(config, cache=caches[1])
+            first = await a.embed(req("shared text"), ["p"])
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 1)
+            mixed = await b.embed(req("new in b", "shared text"), ["p"])
+            assert upstream.calls[1].texts == ["new in b"]  # one MGET answered the other
+            check(mixed.vectors, ["new in b", "shared text"])
+            assert mixed.prompt_tokens > first.prompt_tokens
+            assert caches[1].counts["p"].hits_redis == 1
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 2)
+            await b.embed(req("not kept", cache=False), ["p"])
+            await asyncio.sleep(0.05)
+            stored = {k: check_redis.get(k) for k in check_redis.keys(PREFIX + "*")}
+            assert len(stored) == 2
+            secret = os.environ["RC_TEST_KEY"].encode()
+            for key, value in stored.items():
+                assert value is not None
+                for never in (b"shared", b"new in b", secret, b"p-model"):
+                    assert never not in key and never not in value
+        finally:
+            check_redis.close()
+            for c in caches:
+                await c.aclose()
+
+
+async def test_the_http_opt_out_metrics_and_status_name_the_provider(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    async with serve(router_settings(upstream, upstream2)) as (_, client):
+        body = {"model": "remote-x", "input": ["h", "i"]}
+        for headers in ({}, {}, {"Cache-Control": "no-cache"}, {"cache-control": "No-Store"}):
+            r = await client.post("/v1/embeddings", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/embeddings", json={**body, "cache": False})
+        assert r.status_code == 200
+        assert len(upstream.calls) == 4  # the second was a hit; every opt-out went upstream
+        r = await client.post("/v1/embeddings", json=body)
+        assert r.json()["usage"]["prompt_tokens"] > 0
+        metrics = parse_metrics((await client.get("/metrics")).text)
+        status = (await client.get("/api/v1/status", headers=ADMIN)).json()
+    assert len(upstream.calls) == 4
+    assert value(metrics, "embedplex_cache_hits_total", model="a", tier="memory") == 4
+    assert value(metrics, "embedplex_cache_misses_total", model="a") == 2
+    assert value(metrics, "embedplex_cache_entries") == 2
+    assert status["cache"]["a"]["hits_memory"] == 4
+    assert status["cache"]["(all models)"]["entries"] == 2
