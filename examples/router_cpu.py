@@ -74,11 +74,16 @@ def router_config(src: Path, upstream_port: int, workdir: Path) -> Path:
     return path
 
 
-def load(url: str, requests: int, concurrency: int, model: str | None) -> dict[str, object]:
+def load(
+    url: str, requests: int, concurrency: int, model: str | None, seed: int
+) -> dict[str, object]:
+    """Every text unique (``--repeat 0``; each run its own ``seed``): with a cache in front of
+    the providers, a repeated text would be a hit and never reach the router's lanes."""
     cmd = [
         sys.executable, "-c", "from embedplex.cli.main import main; main()",
         "bench", "load", "--url", url, "--requests", str(requests),
-        "--concurrency", str(concurrency), "--json", "-",
+        "--concurrency", str(concurrency), "--repeat", "0", "--seed", str(seed),
+        "--json", "-",
     ]  # fmt: skip
     if model:
         cmd += ["--model", model]
@@ -93,7 +98,7 @@ def _env(src: Path) -> dict[str, str]:
 
 
 def one_round(
-    src: Path, upstream_port: int, args: argparse.Namespace, work: Path
+    src: Path, upstream_port: int, args: argparse.Namespace, work: Path, seed: int
 ) -> dict[str, float]:
     port = free_port()
     config = router_config(ROOT / "src" if args.config_here else src, upstream_port, work)
@@ -108,9 +113,9 @@ def one_round(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{url}/health/ready")
-        load(url, args.warmup, args.concurrency, "remote-minilm")
+        load(url, args.warmup, args.concurrency, "remote-minilm", seed=2 * seed)
         before = cpu_seconds(gateway.pid)
-        result = load(url, args.requests, args.concurrency, "remote-minilm")
+        result = load(url, args.requests, args.concurrency, "remote-minilm", seed=2 * seed + 1)
         used = cpu_seconds(gateway.pid) - before
     finally:
         gateway.send_signal(signal.SIGTERM)
@@ -145,7 +150,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
                 for name, src in trees:
-                    figures = one_round(src, upstream_port, args, Path(tmp))
+                    figures = one_round(src, upstream_port, args, Path(tmp), seed=1 + r)
                     print(json.dumps({"round": r, "tree": name, **figures}), flush=True)
     finally:
         upstream.send_signal(signal.SIGTERM)
