@@ -30,7 +30,13 @@ def logger() -> Iterator[tuple[logging.Logger, Collect]]:
     handler = Collect()
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    # The stdlib's factory, whatever an earlier test imported: Ray, once imported, installs its
+    # own (records with a ``_ray_timestamp_ns``), and then a site makes its records the usual
+    # way (``test_an_operators_record_factory_makes_every_record``), not the way under test here.
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
     yield log, handler
+    logging.setLogRecordFactory(factory)
     log.removeHandler(handler)
     log.filters.clear()
     log.setLevel(logging.NOTSET)
