@@ -9,6 +9,7 @@ itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -102,13 +103,19 @@ async def _until(
 async def _load(
     base: str, clients: int, stop: asyncio.Event, size: int = 4
 ) -> list[httpx.Response]:
-    """``clients`` callers sending one request of ``size`` texts after another until ``stop``."""
+    """``clients`` callers sending one request of ``size`` texts after another until ``stop``.
+
+    Every text is new: replicas keep an embedding cache, and a repeated text is a hit that
+    never reaches the model (a replica answering from its cache has no work in flight to lose).
+    """
     answers: list[httpx.Response] = []
+    sent = itertools.count()
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
 
         async def caller(k: int) -> None:
             while not stop.is_set():
-                texts = [TEXTS[(k + i) % len(TEXTS)] for i in range(size)]
+                n = next(sent)
+                texts = [f"{TEXTS[(k + i) % len(TEXTS)]} ({n}.{i})" for i in range(size)]
                 body = {"model": "minilm", "input": texts}
                 answers.append(await client.post("/v1/embeddings", json=body))
 
