@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -136,3 +139,97 @@ def test_setup_logging_writes_every_line_and_flush_logs_writes_them_now(
         root.handlers[:], level, access.disabled, httpx_level = saved
         root.setLevel(level)
         httpx.setLevel(httpx_level)
+
+
+class Loud:
+    """An argument whose text logs a line of its own while it is formatted."""
+
+    def __init__(self, put: BatchWriter) -> None:
+        self.put = put
+
+    def __str__(self) -> str:
+        self.put.put(logging.LogRecord("t", logging.INFO, __file__, 1, "inner", (), None))
+        return "loud"
+
+
+def test_a_record_logged_while_another_is_formatted_is_written_and_hangs_nothing() -> None:
+    """After ``stop`` the logging thread writes its own records; one logged while formatting
+    (an argument's ``__str__`` that logs) used to wait on the lock its own thread held."""
+    stream = CountingStream()
+    w = writer(stream, pause=0)
+    w.stop()
+    done = threading.Event()
+
+    def log() -> None:
+        w.put(logging.LogRecord("t", logging.INFO, __file__, 1, "outer %s", (Loud(w),), None))
+        done.set()
+
+    threading.Thread(target=log, daemon=True).start()
+    assert done.wait(10), "the logging thread hung on its own drain"
+    assert stream.getvalue() == "t INFO outer loud\nt INFO inner\n"
+
+
+def test_a_warning_does_not_wait_out_the_pause() -> None:
+    stream = CountingStream()
+    w = writer(stream, pause=30)
+    w.put(record(0))  # the first drain, then the writer pauses for 30 s
+    assert _eventually(lambda: "line 0" in stream.getvalue())
+    w.put(record(1))
+    w.put(logging.LogRecord("t", logging.WARNING, __file__, 1, "trouble", (), None))
+    assert _eventually(lambda: "trouble" in stream.getvalue())  # long before the 30 s
+    assert stream.getvalue().splitlines()[1:] == ["t INFO line 1", "t WARNING trouble"]
+    w.stop()
+
+
+class Fragile(logging.StreamHandler):  # type: ignore[type-arg]
+    """Formatting fails while ``broken``, and so does reporting it (a closed stderr)."""
+
+    broken = True
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.broken:
+            raise ValueError("cannot format")
+        return super().format(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise RuntimeError("stderr is closed")
+
+
+def test_the_writer_survives_a_failure_of_its_own() -> None:
+    stream = CountingStream()
+    handler = Fragile(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    w = BatchWriter(handler, pause=0)
+    w.put(record(0))
+    assert _eventually(lambda: not w._records)
+    handler.broken = False
+    w.put(record(1))
+    assert _eventually(lambda: "line 1" in stream.getvalue())  # the thread still runs
+    w.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_writes_its_own_lines() -> None:
+    read, write = os.pipe()
+    handler = logging.StreamHandler(os.fdopen(write, "w"))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    w = BatchWriter(handler, pause=30)
+    w.put(logging.LogRecord("t", logging.INFO, __file__, 1, "parent", (), None))
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's writer thread is not here
+        w.put(logging.LogRecord("t", logging.INFO, __file__, 1, "child", (), None))
+        os._exit(0)  # as multiprocessing's children end: no atexit, no flush_logs
+    os.waitpid(pid, 0)
+    w.stop()
+    handler.stream.close()
+    with os.fdopen(read) as lines:
+        assert sorted(lines.read().split()) == ["child", "parent"]
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False

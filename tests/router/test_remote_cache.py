@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -20,9 +21,12 @@ from embedplex.cache.keys import PREFIX
 from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import UpstreamError, UpstreamTimeoutError
 from embedplex.core.types import EmbedRequest
-from embedplex.providers.cached import ENTRY_OVERHEAD
+from embedplex.providers.base import EmbedParams
+from embedplex.providers.cached import ENTRY_OVERHEAD, identity
+from embedplex.providers.config import ProviderConfig
 from embedplex.providers.health import CircuitState
 from embedplex.providers.router import Router
+from embedplex.providers.tei import TEIProvider
 from helpers import eventually, parse_metrics, value
 from redis_server import needs_redis_server, redis_server
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
@@ -319,3 +323,66 @@ async def test_the_http_opt_out_metrics_and_status_name_the_provider(
     assert value(metrics, "embedplex_cache_entries") == 2
     assert status["cache"]["a"]["hits_memory"] == 4
     assert status["cache"]["(all models)"]["entries"] == 2
+
+
+async def test_the_batch_route_honours_the_no_cache_header(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    """Each sub-request of /v1/embeddings/batch takes Cache-Control as /v1/embeddings does."""
+    async with serve(router_settings(upstream, upstream2)) as (_, client):
+        body = {"requests": [{"id": "1", "model": "remote-x", "input": ["private"]}]}
+        for _ in range(2):
+            r = await client.post(
+                "/v1/embeddings/batch", json=body, headers={"Cache-Control": "no-store"}
+            )
+            assert r.status_code == 200, r.text
+        r = await client.post("/v1/embeddings", json={"model": "remote-x", "input": ["private"]})
+        assert r.status_code == 200
+    assert texts_sent(upstream) == ["private"] * 3  # neither read nor kept
+
+
+async def test_a_caller_never_joins_a_call_that_failed_for_another(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """A call cut at a hasty caller's deadline fails that caller; a caller arriving in the same
+    loop turn, before the flight is let go, queues afresh instead of taking that failure."""
+    router: Router = await make_router(provider("p", upstream), cache=EmbeddingCache(MiB))
+    runtime = router.runtimes["p"]
+    real = runtime.provider.embed
+    patient: list[asyncio.Future[object]] = []
+
+    async def embed(texts: list[str], params: object, **kw: object) -> object:
+        if not patient:  # scheduled now, it runs before the hasty caller's task lets go
+            patient.append(asyncio.ensure_future(router.embed(req("t"), ["p"])))
+            raise UpstreamTimeoutError("p: no answer within the hasty caller's deadline")
+        return await real(texts, params, **kw)  # type: ignore[arg-type]
+
+    runtime.provider.embed = embed  # type: ignore[method-assign]
+    with pytest.raises(UpstreamTimeoutError):
+        await router.embed(req("t"), ["p"])
+    result = await patient[0]
+    check(result.vectors, ["t"])  # type: ignore[attr-defined]
+    assert texts_sent(upstream) == ["t"]
+
+
+async def test_a_tei_upstreams_served_model_is_part_of_the_key() -> None:
+    """TEI providers rarely name their model: what /info says the upstream serves keys the
+    entries, so a redeploy of another model behind the same URL is a miss, not a stale hit."""
+    served = {"model_id": "BAAI/bge-small-en-v1.5", "model_sha": "abc123"}
+
+    def info(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/info"
+        return httpx.Response(200, json={**served, "max_client_batch_size": 64})
+
+    config = ProviderConfig(name="t", type="tei", endpoint="http://tei.internal:80")
+    params = EmbedParams()
+    keys = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(info)) as client:
+        for model, sha in (("BAAI/bge-small-en-v1.5", "abc123"), ("BAAI/bge-base-en-v1.5", "d")):
+            served.update(model_id=model, model_sha=sha)
+            tei = TEIProvider(config, client)
+            keys.append(identity(config, tei, params))  # /info not read yet
+            await tei.start()
+            assert tei.served == f"{model}@{sha}"
+            keys.append(identity(config, tei, params))
+    assert keys[0] == keys[2] and len(set(keys)) == 3  # the same URL, three identities

@@ -11,8 +11,13 @@ then formats them all and writes them with one write and one flush.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
+import traceback
+import weakref
 from collections import deque
 from typing import TextIO
 
@@ -22,6 +27,24 @@ from typing import TextIO
 LIMIT = 50_000
 PAUSE_S = 0.05  # how long the writer lets records gather; a line is at most this much late
 _CHUNK = 1_000  # records formatted into one write at most: bounds the text held at once
+_ROUNDS = 3  # passes of one drain over records logged while it formats
+
+# Every writer, for a forked child to disown the parent's writer thread.
+_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for writer in list(_writers):
+        writer.forked()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _report(text: str) -> None:
+    """A failure of the writer itself, where the log cannot be trusted: the real stderr."""
+    with contextlib.suppress(Exception):
+        sys.__stderr__.write(f"embedplex log writer: {text}\n")  # type: ignore[union-attr]
 
 
 class BatchWriter:
@@ -35,15 +58,29 @@ class BatchWriter:
         self.pause = pause
         self.dropped = 0  # records refused while ``limit`` were waiting, since the start
         self._reported = 0
-        self._drop_lock = threading.Lock()  # dropping is rare; the counter must not lose one
-        self._write_lock = threading.Lock()  # the writer's batches, and writes after ``stop``
         self._records: deque[logging.LogRecord] = deque()
-        self._due = threading.Event()
-        self._stopping = threading.Event()
+        self._new_locks()
         self._thread: threading.Thread | None = threading.Thread(
             target=self._run, name="embedplex-log-writer", daemon=True
         )
         self._thread.start()
+        _writers.add(self)
+
+    def _new_locks(self) -> None:
+        self._drop_lock = threading.Lock()  # dropping is rare; the counter must not lose one
+        self._write_lock = threading.Lock()  # the writer's batches, and writes after ``stop``
+        self._drainer: int | None = None  # the thread inside ``drain``
+        self._due = threading.Event()  # records wait
+        self._soon = threading.Event()  # cut the pause short: a warning or worse, or ``stop``
+        self._stopping = threading.Event()
+
+    def forked(self) -> None:
+        """In a forked child: the writer thread is the parent's, and a lock may have been held
+        at the fork. Fresh locks, and records are written by the thread that logs them; what
+        was queued at the fork is the parent's to write (the child would write it again)."""
+        self._new_locks()
+        self._records.clear()
+        self._thread = None
 
     def put(self, record: logging.LogRecord) -> None:
         """Queue ``record`` (any thread). After ``stop`` it is written at once, here."""
@@ -56,7 +93,11 @@ class BatchWriter:
         # (its next drain sees this record), or we set it; so no record waits for a later one.
         if not self._due.is_set():
             self._due.set()
-        if self._thread is None:
+        if record.levelno >= logging.WARNING:
+            self._soon.set()  # the lines that explain a crash must not wait out the pause
+        # After ``stop``, written here; but not by a thread already draining (a formatter that
+        # logs): it would wait on its own lock. Its drain writes the record before it returns.
+        if self._thread is None and self._drainer != threading.get_ident():
             self.drain()
 
     def stop(self) -> None:
@@ -67,37 +108,55 @@ class BatchWriter:
         self._thread = None
         self._stopping.set()
         self._due.set()
+        self._soon.set()
         thread.join()
         self.drain()  # what came in after the thread's last drain
 
     def drain(self) -> None:
         """Write what is queued now, then the count of what was dropped, if any."""
         with self._write_lock:
-            batch: list[logging.LogRecord] = []
-            pop = self._records.popleft
-            while True:
-                try:
-                    batch.append(pop())
-                except IndexError:
-                    # A record is dropped only while ``limit`` wait: each drop counted by now
-                    # came after records that this drain has taken, so its line goes last.
-                    dropped = self.dropped - self._reported
-                    break
-                if len(batch) == _CHUNK:
-                    self._write(batch)
-                    batch = []
-            if dropped:
-                self._reported += dropped
-                batch.append(dropped_notice(dropped, self.limit))
-            self._write(batch)
+            self._drainer = threading.get_ident()
+            try:
+                # Records logged while these are formatted (a formatter or an argument's
+                # ``__str__`` that logs) are written by this drain too, a few rounds at most.
+                for _ in range(_ROUNDS):
+                    self._drain_once()
+                    if not self._records:
+                        break
+            finally:
+                self._drainer = None
+
+    def _drain_once(self) -> None:
+        batch: list[logging.LogRecord] = []
+        pop = self._records.popleft
+        while True:
+            try:
+                batch.append(pop())
+            except IndexError:
+                # A record is dropped only while ``limit`` wait: each drop counted by now
+                # came after records that this drain has taken, so its line goes last.
+                dropped = self.dropped - self._reported
+                break
+            if len(batch) == _CHUNK:
+                self._write(batch)
+                batch = []
+        if dropped:
+            self._reported += dropped
+            batch.append(dropped_notice(dropped, self.limit))
+        self._write(batch)
 
     def _run(self) -> None:
         while True:
             self._due.wait()
             self._due.clear()
-            self.drain()
-            if self._stopping.wait(self.pause):
+            try:
+                self.drain()
+            except Exception:  # never die: the records would pile up unwritten
+                _report(traceback.format_exc())
+            if self._stopping.is_set():
                 return
+            self._soon.wait(self.pause)  # let records gather
+            self._soon.clear()
 
     def _write(self, records: list[logging.LogRecord]) -> None:
         handler = self.handler
@@ -149,3 +208,7 @@ class BatchHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.writer.put(record)
+
+    def flush(self) -> None:
+        """What is queued, written now (``logging.shutdown``, a reconfiguration)."""
+        self.writer.drain()

@@ -69,6 +69,7 @@ def identity(config: ProviderConfig, provider: Any, params: EmbedParams) -> byte
         provider.type,
         url if url is not None else f"unnamed:{config.name}",  # a fake adapter: its own
         provider.model,
+        getattr(provider, "served", None),  # what the upstream said it serves (TEI's /info)
         config.encoding_format,
         config.input_type,
         params.normalize,

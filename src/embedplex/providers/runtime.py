@@ -473,8 +473,11 @@ def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool
     a call cut short at another caller's deadline must not fail this one.
     """
     item = flight.item
-    if item.future.done():  # answered (or dropped, and queued again for those who joined)
-        return True
+    future = item.future
+    if future.done():
+        # Answered, or dropped (its joiners queue it again): join. Failed: not this caller's
+        # failure (another's deadline, its queue timeout): queue afresh.
+        return future.cancelled() or future.exception() is None
     text: Text = item.payload
     bound = text.deadline
     if item.started_at == 0.0:

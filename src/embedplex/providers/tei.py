@@ -19,6 +19,7 @@ class TEIProvider(HttpProvider):
     path = "/embed"
     max_texts = 32  # TEI's default --max-client-batch-size, until /info says otherwise
     max_documents = 32  # /rerank is held to the same --max-client-batch-size
+    served: str | None = None  # "model_id@model_sha" from /info, once read
     supported = frozenset({"truncate", "dimensions", "prompt_name", "truncation_direction"})
     rerank_supported = frozenset({"truncate", "truncation_direction", "raw_scores"})
 
@@ -30,7 +31,11 @@ class TEIProvider(HttpProvider):
                 info_url, headers=self._headers, timeout=self.config.timeout_s
             )
             response.raise_for_status()
-            limit = int(response.json()["max_client_batch_size"])
+            info = response.json()
+            limit = int(info["max_client_batch_size"])
+            # What the upstream serves, for the cache's keys (providers/cached.py): a TEI
+            # provider rarely names its model, so its URL alone would outlive a redeploy.
+            self.served = f"{info.get('model_id')}@{info.get('model_sha')}"
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             # The upstream may come up later; the default limit is safe for any TEI.
             logger.warning("provider %s: could not read %s (%s)", self.name, info_url, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -16,6 +17,7 @@ from embedplex.api.common import (
     as_inputs,
     gateway,
     json_response,
+    no_cache,
     result_headers,
     run_embed,
     tenant_of,
@@ -151,8 +153,12 @@ def routed_service(request: Request, body: EmbeddingsRequest) -> EmbeddingServic
 
 
 async def embed_one(request: Request, body: EmbeddingsRequest) -> EmbedResult:
-    """Embed one (sub-)request through the model or route it names."""
-    return await routed_service(request, body).embed(to_core(body, request))
+    """Embed one (sub-)request through the model or route it names (the batch route's way in;
+    ``Cache-Control: no-cache|no-store`` applies to each, as ``run_embed`` applies it)."""
+    core = to_core(body, request)
+    if core.cache and no_cache(request.scope):
+        core = dataclasses.replace(core, cache=False)
+    return await routed_service(request, body).embed(core)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
