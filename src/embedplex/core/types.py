@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from embedplex.backends.tokenizer import Token, TruncationDirection
+from embedplex.core.errors import InvalidRequestError
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
 Vector = npt.NDArray[np.float32]
@@ -191,3 +192,18 @@ class Decoding(Protocol):
     async def decode(
         self, sequences: list[list[int]], *, skip_special_tokens: bool
     ) -> list[str]: ...
+
+
+def no_tokenizer(name: str) -> InvalidRequestError:
+    """The refusal of ``/tokenize`` and ``/decode`` by a model that is not ``Tokenizing`` or
+    ``Decoding``: one wording wherever it is found out (the route, a lazy model once loaded, a
+    Ray replica)."""
+    return InvalidRequestError(f"{name} does not expose a tokenizer", param="model")
+
+
+def no_token_embeddings(name: str) -> InvalidRequestError:
+    """The refusal of ``/embed_all`` by a model that is not ``TokenEmbedding``."""
+    return InvalidRequestError(
+        f"model {name!r} cannot return token embeddings (remote models answer pooled vectors only)",
+        param="model",
+    )

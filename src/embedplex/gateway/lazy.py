@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
-from embedplex.core.errors import FatalBackendError, InvalidRequestError, NotReadyError
+from embedplex.core.errors import FatalBackendError, NotReadyError
 from embedplex.core.types import (
     Decoding,
     EmbeddingService,
@@ -33,6 +33,8 @@ from embedplex.core.types import (
     TokenEmbedding,
     TokenEmbedResult,
     Tokenizing,
+    no_token_embeddings,
+    no_tokenizer,
 )
 from embedplex.serve.process_tuning import run_lowered
 
@@ -161,7 +163,7 @@ class LazyModel:
     ) -> list[list[Token]]:
         model = await self.ready()
         if not isinstance(model, Tokenizing):
-            raise InvalidRequestError(f"{self.info.name} does not expose a tokenizer")
+            raise no_tokenizer(self.info.name)
         return await model.tokenize(
             texts, add_special_tokens=add_special_tokens, prompt_name=prompt_name
         )
@@ -170,16 +172,12 @@ class LazyModel:
         """``/embed_all`` once loaded (what the route says of a model that cannot)."""
         model = await self.ready()
         if not isinstance(model, TokenEmbedding):
-            raise InvalidRequestError(
-                f"model {self.info.name!r} cannot return token embeddings", param="model"
-            )
+            raise no_token_embeddings(self.info.name)
         return await model.embed_all(request)
 
     async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
         """``/decode`` once loaded."""
         model = await self.ready()
         if not isinstance(model, Decoding):
-            raise InvalidRequestError(
-                f"{self.info.name} does not expose a tokenizer", param="model"
-            )
+            raise no_tokenizer(self.info.name)
         return await model.decode(sequences, skip_special_tokens=skip_special_tokens)

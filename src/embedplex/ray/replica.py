@@ -28,6 +28,8 @@ from embedplex.core.types import (
     RerankRequest,
     TokenEmbedding,
     Tokenizing,
+    no_token_embeddings,
+    no_tokenizer,
 )
 from embedplex.models.config import ModelConfig
 from embedplex.models.layout import inference_layout
@@ -122,9 +124,7 @@ class EmbedplexReplica:
     async def tokenize(self, call: TokenizeCall) -> TokensAnswer | EmbedplexError:
         model = await self._ready()
         if not isinstance(model, Tokenizing):
-            return InvalidRequestError(
-                f"{model.info.name} does not expose a tokenizer", param="model"
-            )
+            return no_tokenizer(model.info.name)
         try:
             rows = await model.tokenize(
                 call.texts, add_special_tokens=call.add_special_tokens, prompt_name=call.prompt_name
@@ -136,9 +136,7 @@ class EmbedplexReplica:
     async def embed_all(self, request: EmbedRequest) -> TokenEmbedAnswer | EmbedplexError:
         model = await self._ready()
         if not isinstance(model, TokenEmbedding):
-            return InvalidRequestError(
-                f"model {model.info.name!r} cannot return token embeddings", param="model"
-            )
+            return no_token_embeddings(model.info.name)
         try:
             result = await model.embed_all(request)
         except EmbedplexError as exc:

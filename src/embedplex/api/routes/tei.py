@@ -23,8 +23,8 @@ from embedplex.api.common import (
 )
 from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.core.errors import InvalidRequestError, NotReadyError
-from embedplex.core.types import EmbedRequest, Tokenizing
+from embedplex.core.errors import NotReadyError
+from embedplex.core.types import EmbedRequest, Tokenizing, no_tokenizer
 
 router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
@@ -100,7 +100,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
 async def tokenize(body: TokenizeBody, request: Request) -> Response:
     model = gateway(request).model(body.model)
     if not isinstance(model, Tokenizing):
-        raise InvalidRequestError(f"{model.info.name} does not expose a tokenizer", param="model")
+        raise no_tokenizer(model.info.name)
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     check_count(request, len(texts), "inputs", model.info.max_client_batch_size)
     tokens = await model.tokenize(

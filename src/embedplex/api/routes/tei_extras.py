@@ -29,8 +29,14 @@ from embedplex.api.errors import TEI_ERROR_RESPONSES, invalid_body
 from embedplex.api.observe import request_record
 from embedplex.api.routes import rerank, tei
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.core.errors import EmptyInputError, InvalidRequestError
-from embedplex.core.types import Decoding, EmbedRequest, TokenEmbedding
+from embedplex.core.errors import EmptyInputError
+from embedplex.core.types import (
+    Decoding,
+    EmbedRequest,
+    TokenEmbedding,
+    no_token_embeddings,
+    no_tokenizer,
+)
 
 router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
@@ -94,11 +100,7 @@ async def embed_all(body: EmbedAllBody, request: Request) -> Response:
     """Every token's vector, special tokens included, unpooled and not normalized."""
     model = gateway(request).model(body.model)
     if not isinstance(model, TokenEmbedding):
-        raise InvalidRequestError(
-            f"model {model.info.name!r} cannot return token embeddings (remote models answer "
-            "pooled vectors only)",
-            param="model",
-        )
+        raise no_token_embeddings(model.info.name)
     core = EmbedRequest(
         inputs=as_inputs(body.inputs),
         normalize=False,
@@ -144,7 +146,7 @@ async def decode(body: DecodeBody, request: Request) -> Response:
     """Token ids (one list, or a list of lists) back to text, one string per list."""
     model = gateway(request).model(body.model)
     if not isinstance(model, Decoding):
-        raise InvalidRequestError(f"{model.info.name} does not expose a tokenizer", param="model")
+        raise no_tokenizer(model.info.name)
     ids = body.ids
     if not ids:
         raise EmptyInputError("ids cannot be empty", param="ids")
