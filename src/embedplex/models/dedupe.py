@@ -149,13 +149,9 @@ class Sharing(Generic[R]):
         self.joined: list[tuple[Flight[R], asyncio.Future[R]]] = []
         self.waits: list[asyncio.Future[R] | None] = []  # per distinct key
         self.shared: list[Flight[R] | None] = []  # per distinct key: the flight that makes it
-        self.slots: list[int] | None = None  # per input: its index in ``waits`` (None: 1 to 1)
-        self.slot_of: dict[Hashable, int] | None = None
-        if len(keys) == 1:  # most requests: no dict of slots
-            self._plan(keys[0], 0, joinable)
-            return
-        slot_of = self.slot_of = {}
-        slots = self.slots = []
+        self.slots: list[int] = []  # per input: its index in ``waits``
+        self.slot_of: dict[Hashable, int] = {}
+        slot_of, slots = self.slot_of, self.slots
         for k, key in enumerate(keys):
             slot = slot_of.get(key)
             if slot is None:
@@ -188,7 +184,7 @@ class Sharing(Generic[R]):
         for k, item in zip(self.fresh, items, strict=True):
             flight = Flight(self.flights, keys[k], item, requeue, tenant)
             self.own.append(flight)
-            slot = k if slot_of is None else slot_of[keys[k]]
+            slot = slot_of[keys[k]]
             self.shared[slot] = flight
             self.waits[slot] = item.future  # the leader waits on its item itself
 
@@ -197,8 +193,7 @@ class Sharing(Generic[R]):
         ready: list[asyncio.Future[R]] = self.waits  # type: ignore[assignment]  # all set now
         # Most requests have one input: skip gather's extra future and callbacks.
         distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
-        slots = self.slots
-        return distinct if slots is None else [distinct[s] for s in slots]
+        return [distinct[s] for s in self.slots]
 
     def finish(self) -> None:
         """Leave every flight: ours go once no joiner waits on them (queued again for those
