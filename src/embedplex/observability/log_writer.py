@@ -72,7 +72,6 @@ class BatchWriter:
         self._drainer: int | None = None  # the thread inside ``drain``
         self._due = threading.Event()  # records wait
         self._soon = threading.Event()  # cut the pause short: a warning or worse, or ``stop``
-        self._stopping = threading.Event()
 
     def forked(self) -> None:
         """In a forked child: the writer thread is the parent's, and a lock may have been held
@@ -105,8 +104,7 @@ class BatchWriter:
         thread = self._thread
         if thread is None:
             return
-        self._thread = None
-        self._stopping.set()
+        self._thread = None  # the writer's cue to end, after one more drain
         self._due.set()
         self._soon.set()
         thread.join()
@@ -153,7 +151,7 @@ class BatchWriter:
                 self.drain()
             except Exception:  # never die: the records would pile up unwritten
                 _report(traceback.format_exc())
-            if self._stopping.is_set():
+            if self._thread is None:  # stopped
                 return
             self._soon.wait(self.pause)  # let records gather
             self._soon.clear()
