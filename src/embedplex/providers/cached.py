@@ -133,8 +133,7 @@ class ProviderCache:
             got = unpack(value) if value is not None else None
             if got is not None:
                 found[k] = got
-                text = texts[k]
-                memory.put((text, tag), got, sys.getsizeof(text) + got[0].nbytes + ENTRY_OVERHEAD)
+                _keep(memory, texts[k], tag, got)
                 counts.hits_redis += 1
         return [k for k in missed if found[k] is None]
 
@@ -146,8 +145,12 @@ class ProviderCache:
             return
         owned = vector.copy()
         owned.flags.writeable = False
-        size = sys.getsizeof(text) + owned.nbytes + ENTRY_OVERHEAD  # its text, vector, the rest
-        memory.put((text, scope.tag), (owned, tokens), size)
+        _keep(memory, text, scope.tag, (owned, tokens))
         redis = self.redis
         if redis is not None:
             redis.put(remote_key(scope.base, text), pack_remote(owned, tokens))
+
+
+def _keep(memory: MemoryCache[Entry], text: str, tag: int, entry: Entry) -> None:
+    """Put ``entry`` in the process cache, charged its text, its vector and the rest."""
+    memory.put((text, tag), entry, sys.getsizeof(text) + entry[0].nbytes + ENTRY_OVERHEAD)
