@@ -53,6 +53,12 @@ def test_config_validation() -> None:
     for bad in (-1, 60_001, float("inf"), float("nan"), "soon"):
         with pytest.raises(ValueError, match="max_quiet_ms"):
             ProviderConfig(name="q", type="voyage", max_quiet_ms=bad)
+    # The cache switch: a boolean, on unless set off; nothing else is taken for one.
+    assert ProviderConfig(name="q", type="voyage").cache is True
+    assert ProviderConfig(name="q", type="voyage", cache=False).cache is False
+    for bad in (None, "maybe", 2, [], {}):
+        with pytest.raises(ValueError, match="cache"):
+            ProviderConfig(name="q", type="voyage", cache=bad)
 
 
 def test_providers_come_from_env_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
