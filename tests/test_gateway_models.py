@@ -286,3 +286,50 @@ async def test_a_lazy_model_answers_the_token_routes_as_the_model_it_loads(
     assert len(rows) == len(eager_rows) == len(lazy_tok.json()[0])  # one vector per token
     assert {len(v) for v in rows} == {8} and {len(v) for v in eager_rows} == {16}
     assert lazy_empty.json()["error"] == eager_empty.json()["error"]
+
+
+async def test_a_lazy_model_asked_for_another_kind_is_refused_without_loading(
+    tiny_model_dir: Path,
+) -> None:
+    """The routes pick a model by the kind its config names: a lazy reranker asked to embed
+    (or for its tokens) and a lazy embedder asked to rerank get the 422 they get once loaded,
+    and are not loaded for it."""
+    loads: list[str] = []
+
+    def build(s: Settings) -> list[ServedModel]:
+        def lazy_one(config: ModelConfig, backend: FakeBackend) -> LazyModel:
+            def load() -> ServedModel:
+                loads.append(config.name)
+                return local(tiny_model_dir, s, config, backend)
+
+            return LazyModel(placeholder(config.resolved(s)), load)
+
+        reranker = ModelConfig(name="lr", model_id="org/lr", kind="rerank", load="lazy")
+        embedder = ModelConfig(name="le", model_id="org/le", kind="embed", load="lazy")
+        return [
+            lazy_one(reranker, FakeBackend(kind=ModelKind.RERANKER)),
+            lazy_one(embedder, FakeBackend(8)),
+        ]
+
+    wrong = [
+        ("/embed_all", {"inputs": ["hello"], "model": "lr"}),
+        ("/embed", {"inputs": "hello", "model": "lr"}),
+        ("/v1/embeddings", {"input": "hello", "model": "lr"}),
+        ("/tokenize", {"inputs": "hello", "model": "lr"}),
+        ("/decode", {"ids": [1, 2], "model": "lr"}),
+        ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]}, "model": "lr"}),
+        ("/rerank", {"query": "q", "texts": ["t"], "model": "le"}),
+        ("/v1/rerank", {"query": "q", "documents": ["t"], "model": "le"}),
+    ]
+    async with running(app_of(Settings(), build)) as client:
+        before = [await client.post(path, json=body) for path, body in wrong]
+        assert loads == []  # refused from the configured kind: nothing loaded for it
+        rerank = await client.post("/rerank", json={"query": "q", "texts": ["t"], "model": "lr"})
+        embed = await client.post("/embed", json={"inputs": "hello", "model": "le"})
+        assert (rerank.status_code, embed.status_code, loads) == (200, 200, ["lr", "le"])
+        after = [await client.post(path, json=body) for path, body in wrong]
+    assert {r.status_code for r in before} == {422}
+    assert [r.json() for r in before] == [r.json() for r in after]  # as the loaded models say
+    assert before[0].json()["error"] == "model 'lr' is a reranker model, not an embedding model"
+    assert before[2].json()["error"]["param"] == "model"
+    assert before[-1].json()["error"] == "model 'le' is an embedding model, not a reranker model"

@@ -9,11 +9,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 import pytest
 
 from embedplex.observability import logs
 from embedplex.observability.log_writer import BatchHandler, BatchWriter
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 class CountingStream(io.StringIO):
@@ -233,3 +237,113 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+class Gate(logging.Formatter):
+    """Holds the writer in its first format until ``opened``: the records put meanwhile are
+    written as one batch, after the first record's own."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s %(levelname)s %(message)s")
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.opened.wait(10)
+        return super().format(record)
+
+
+def write_in_two_batches(stream: TextIO, records: list[logging.LogRecord]) -> None:
+    """The first of ``records`` in a batch of its own, the others in one batch after it."""
+    handler = logging.StreamHandler(stream)
+    gate = Gate()
+    handler.setFormatter(gate)
+    w = BatchWriter(handler, pause=30)
+    w.put(records[0])
+    assert gate.entered.wait(10)
+    for each in records[1:]:
+        w.put(each)
+    gate.opened.set()
+    w.stop()
+
+
+class Refusing(io.StringIO):
+    """A stream that refuses every write holding one line (as a file refuses text it cannot
+    encode)."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def write(self, text: str) -> int:
+        if self.refused in text:
+            raise OSError("cannot write this")
+        return super().write(text)
+
+
+def test_a_line_the_stream_refuses_costs_that_line_not_its_batch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stream = Refusing("line 3\n")
+    records = [record(n) for n in range(6)]
+    records.insert(2, logging.LogRecord("t", logging.INFO, __file__, 1, "%d", ("nan",), None))
+    write_in_two_batches(stream, records)
+    assert stream.getvalue() == "".join(f"t INFO line {n}\n" for n in (0, 1, 2, 4, 5))
+    err = capsys.readouterr().err
+    # logging's reports: one of the line that could not be formatted, one of the refused line
+    assert err.count("--- Logging error ---") == 2
+    assert "Arguments: (3,)" in err
+
+
+class FullPipe(io.RawIOBase):
+    """The write end of a non-blocking pipe: takes ``room`` bytes, then would block once (as
+    ``os.write`` on a full pipe: None), then takes everything (its reader caught up)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room: int | None = room
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: ReadableBuffer) -> int | None:
+        data = bytes(b)
+        if self.room is not None:
+            if self.room == 0:
+                self.room = None
+                return None
+            data = data[: self.room]
+            self.room -= len(data)
+        self.data += data
+        return len(data)
+
+
+def stderr_over(pipe: FullPipe, buffer_size: int) -> io.TextIOWrapper:
+    """A text stream over ``pipe`` as ``sys.stderr`` is over its file: buffered, line by line."""
+    buffered = io.BufferedWriter(pipe, buffer_size)
+    return io.TextIOWrapper(
+        buffered, encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+
+
+def test_a_full_non_blocking_stream_gets_the_rest_of_a_batch_once() -> None:
+    """The pipe and the buffer take a part of the batch, cut inside a line (``BlockingIOError``
+    with ``characters_written``): the rest follows, nothing twice, the cut line whole."""
+    pipe = FullPipe(room=17 + 50)  # the first batch (17 bytes), then 50 of the second
+    records = [
+        logging.LogRecord("t", logging.INFO, __file__, 1, "é line %d", (n,), None)
+        for n in range(40)
+    ]
+    write_in_two_batches(stderr_over(pipe, 64), records)
+    assert pipe.data.decode() == "".join(f"t INFO é line {n}\n" for n in range(40))
+
+
+def test_a_batch_its_stream_buffered_whole_is_not_written_twice() -> None:
+    """A line-buffered file that buffers the whole batch and then cannot flush says it took
+    none of it (``characters_written`` 0): not a reason to write the batch again."""
+    pipe = FullPipe(room=17)  # the first batch, then the second is buffered and would block
+    write_in_two_batches(stderr_over(pipe, 4096), [record(n) for n in range(40)])
+    assert pipe.data.decode() == "".join(f"t INFO line {n}\n" for n in range(40))
