@@ -176,15 +176,17 @@ class BatchWriter:
             # whole batch: line by line, so only what cannot be written is lost and reported.
             # A file's ``BlockingIOError`` says how much of the batch it took. It says none
             # when its own line-buffer flush failed after it buffered the whole batch (a
-            # stalled stderr), and when its buffer was full before: the two look alike, so the
-            # flush below reports either once, and nothing is written twice.
+            # stalled stderr), and when its buffer was full before: the two look alike, so
+            # either is reported once, and nothing is written twice.
             taken = getattr(exc, "characters_written", None)
-            if taken != 0:
-                if unformatted:
-                    left_out = {id(record) for record in unformatted}
-                    records = [record for record in records if id(record) not in left_out]
-                if not self._write_each(records, lines, taken or 0):
-                    return  # each line was reported: a failed flush would only say it again
+            if taken == 0:  # either way, reported once and nothing written twice
+                handler.handleError(records[-1])
+                return
+            if unformatted:
+                left_out = {id(record) for record in unformatted}
+                records = [record for record in records if id(record) not in left_out]
+            if not self._write_each(records, lines, taken or 0):
+                return  # each line was reported: a failed flush would only say it again
         # A failed flush is reported once: what the write took is not written a second time.
         try:
             handler.flush()
