@@ -250,9 +250,11 @@ async def test_entries_are_charged_honestly_within_the_byte_bound(
     assert memory.evictions == 7
     await router.embed(req("text-9"), ["p"])  # the newest stayed
     assert len(upstream.calls) == 10
-    # A cached vector is a read-only copy: callers share it, nobody may change it.
+    # A cached vector is read-only (callers share it, nobody may change it) and holds only its
+    # own data: its array's, or the decoded bytes it was made over, never a whole answer's.
     hit = (await router.embed(req("text-9"), ["p"])).vectors[0]
-    assert not hit.flags.writeable and hit.base is None
+    assert not hit.flags.writeable
+    assert hit.base is None or (type(hit.base) is bytes and len(hit.base) == hit.nbytes)
 
 
 async def test_the_probe_never_answers_from_the_cache(

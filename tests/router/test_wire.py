@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import ipaddress
+import itertools
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -211,9 +212,14 @@ def test_decode_vectors_equals_decoding_each_row() -> None:
         assert len(out) == 5
         for got, row in zip(out, raw, strict=True):
             np.testing.assert_array_equal(got, decode_vector(row))
-            assert got.dtype == np.float32 and got.flags.writeable
-        out[0][:] = 0  # one caller's vector is its own
-        assert out[1].any()
+            assert got.dtype == np.float32
+        # Each vector is its own: no two share memory.
+        assert not any(np.shares_memory(a, b) for a, b in itertools.combinations(out, 2))
+    # Base64 rows: read-only arrays over their own decoded bytes (the cache keeps them as they
+    # are); rows of floats: writable rows of one matrix (the cache copies them).
+    b64 = decode_vectors([_b64(r) for r in rows])
+    assert all(not v.flags.writeable and len(v.base) == v.nbytes for v in b64)
+    assert all(v.flags.writeable for v in decode_vectors([r.tolist() for r in rows]))
 
 
 def test_decode_vectors_rejects_what_decode_vector_rejects() -> None:

@@ -12,16 +12,16 @@ callers with the same query share a call; each caller's own ``top_n`` is applied
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import numpy as np
+import pybase64
 
 from embedplex.core.errors import InvalidRequestError
 from embedplex.core.types import Vector
@@ -47,28 +47,32 @@ _RERANK_DEFAULTS = RerankParams()
 def decode_vector(raw: Any) -> Vector:
     """A JSON list of floats, or base64 of little-endian float32 (OpenAI's ``base64``)."""
     if isinstance(raw, str):
-        return np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+        return np.frombuffer(pybase64.b64decode(raw), dtype="<f4").astype(np.float32)
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"expected a list of floats, got {type(raw).__name__}")
     return np.asarray(raw, dtype=np.float32)
 
 
-def decode_vectors(rows: Any) -> list[Vector]:
-    """``decode_vector`` of every row, decoded as one matrix when the rows agree.
+_LITTLE = sys.byteorder == "little"  # "<f4" is then the machine's float32: no conversion
 
-    An answer carries one vector per text of the call (up to thousands): one base64 decode and
-    one array for all of them costs a fraction of a decode and an array per row. Each vector is
-    a row of that matrix (writable, its own part of it). Rows that do not agree (lengths, kinds)
-    take ``decode_vector`` one by one, which says what is wrong with them.
+
+def decode_vectors(rows: Any) -> list[Vector]:
+    """``decode_vector`` of every row, made cheaper where the rows agree.
+
+    An answer carries one vector per text of the call (up to thousands). Base64 rows of one
+    length become read-only arrays over their own decoded bytes: no copy, and each holds only
+    its own data, so the cache keeps it as it is (``providers/cached.py``). Lists of floats of
+    one length become one matrix, each vector a row of it (writable, its own part of it). Rows
+    that do not agree (lengths, kinds) take ``decode_vector`` one by one, which says what is
+    wrong with them.
     """
     if not isinstance(rows, list):
         raise TypeError(f"expected a list of vectors, got {type(rows).__name__}")
     if rows and all(type(row) is str for row in rows):
-        blobs = [binascii.a2b_base64(row) for row in rows]
+        blobs = [pybase64.b64decode(row) for row in rows]
         width = len(blobs[0])
-        if width and width % 4 == 0 and all(len(b) == width for b in blobs):
-            joined = np.frombuffer(b"".join(blobs), dtype="<f4").astype(np.float32)
-            return list(joined.reshape(len(rows), width // 4))
+        if _LITTLE and width and width % 4 == 0 and all(len(b) == width for b in blobs):
+            return [np.frombuffer(blob, dtype=np.float32) for blob in blobs]
     elif rows and all(type(row) is list for row in rows):
         try:
             matrix = np.asarray(rows, dtype=np.float32)

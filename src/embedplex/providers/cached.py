@@ -9,9 +9,10 @@ providers that would send the very same call share a scope; any other provider (
 second one among them) never sees the first one's entries. Names, API keys and other secrets
 are no part of a key: the Redis key is a BLAKE2b digest of the identity and the text.
 
-What is kept is the upstream's vector (a read-only copy: a row of the answer's matrix would keep
-the whole answer alive) and the text's share of the call's billed tokens, so a hit reports the
-tokens that computing it reported. Results are stored by the batch function, once per upstream
+What is kept is the upstream's vector, read-only and holding only its own data (a decoded base64
+row as it is; a row of an answer's matrix is copied: it would keep the whole answer alive), and
+the text's share of the call's billed tokens, so a hit reports the tokens that computing it
+reported. Results are stored by the batch function, once per upstream
 call (``ProviderRuntime._call``): a text is stored once however many callers shared it, and a
 failed text never.
 """
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
     from embedplex.providers.config import ProviderConfig
 
 # What one entry holds besides its text and its vector's data: the key tuple and its int, the
-# entry tuple and its float, the array's header, the LRU's slot (tracemalloc:
-# docs/cache.md).
-ENTRY_OVERHEAD = 400
+# entry tuple and its float, the array's header (and the bytes object a decoded base64 row lies
+# in), the LRU's slot (tracemalloc: docs/cache.md).
+ENTRY_OVERHEAD = 424
 
 
 class Embedded(NamedTuple):
@@ -143,12 +144,25 @@ class ProviderCache:
         memory = self.memory
         if memory is None:
             return
-        owned = vector.copy()
-        owned.flags.writeable = False
+        owned = _owned(vector)
         _keep(memory, text, scope.tag, (owned, tokens))
         redis = self.redis
         if redis is not None:
             redis.put(remote_key(scope.base, text), pack_remote(owned, tokens))
+
+
+def _owned(vector: Vector) -> Vector:
+    """``vector`` itself when nobody may change it and it holds only its own data (a decoded
+    base64 row: a read-only array over its own bytes), else a read-only copy: a row of an
+    answer's matrix would keep the whole answer alive, and a caller could change it."""
+    base: object = vector.base
+    if not vector.flags.writeable and (
+        base is None or (type(base) is bytes and len(base) == vector.nbytes)
+    ):
+        return vector
+    owned = vector.copy()
+    owned.flags.writeable = False
+    return owned
 
 
 def _keep(memory: MemoryCache[Entry], text: str, tag: int, entry: Entry) -> None:

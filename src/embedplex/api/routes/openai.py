@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import pybase64
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.responses import Response
@@ -106,7 +106,9 @@ def _data(vectors: list[Vector], encoding_format: str) -> list[dict[str, Any]]:
             {
                 "object": "embedding",
                 "index": i,
-                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode(),
+                "embedding": pybase64.b64encode_as_string(
+                    np.ascontiguousarray(v, dtype="<f4").data
+                ),
             }
             for i, v in enumerate(vectors)
         ]
