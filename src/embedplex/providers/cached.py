@@ -120,7 +120,7 @@ class ProviderCache:
         flights: Flights,
     ) -> list[int]:
         """Fill ``found`` from Redis (one MGET) for what missed here and nobody here is
-        computing now; the positions still missed."""
+        computing now; the positions still missed (the caller counts the hits: those found)."""
         redis = self.redis
         memory = self.memory
         assert redis is not None
@@ -128,13 +128,11 @@ class ProviderCache:
         tag = scope.tag
         asked = [k for k in missed if (texts[k], tag) not in flights]
         values = await redis.get_many([remote_key(scope.base, texts[k]) for k in asked])
-        counts = self.counts
         for k, value in zip(asked, values, strict=True):
             got = unpack(value) if value is not None else None
             if got is not None:
                 found[k] = got
                 _keep(memory, texts[k], tag, got)
-                counts.hits_redis += 1
         return [k for k in missed if found[k] is None]
 
     def store(self, text: str, scope: Scope, vector: Vector, tokens: float) -> None:

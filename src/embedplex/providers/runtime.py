@@ -335,7 +335,9 @@ class ProviderRuntime:
             found, rest = cache.lookup(texts, scope.tag)
             redis = cache.redis
             if rest and redis is not None and redis.up:
+                missed = len(rest)
                 rest = await cache.lookup_shared(texts, scope, found, rest, self._flights)
+                cache.counts.hits_redis += missed - len(rest)
             cache.counts.misses += len(rest)
             if not rest:  # every text was cached: no lane, no upstream call
                 took = Timings(total=(time.perf_counter() - start) * 1000)
