@@ -18,14 +18,15 @@ from test_router_api import ADMIN, router_settings, serve
 from conftest import RouterFactory
 from embedplex.cache import EmbeddingCache, RedisTier
 from embedplex.cache.keys import PREFIX
+from embedplex.config import Settings
 from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
-from embedplex.core.errors import UpstreamError, UpstreamTimeoutError
-from embedplex.core.types import EmbedRequest
+from embedplex.core.errors import UnavailableError, UpstreamError, UpstreamTimeoutError
+from embedplex.core.types import EmbedRequest, EmbedResult
 from embedplex.providers.base import EmbedParams
 from embedplex.providers.cached import ENTRY_OVERHEAD, identity
-from embedplex.providers.config import ProviderConfig
+from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.health import CircuitState
-from embedplex.providers.router import Router
+from embedplex.providers.router import RemoteModel, Router
 from embedplex.providers.tei import TEIProvider
 from helpers import eventually, parse_metrics, value
 from redis_server import needs_redis_server, redis_server
@@ -388,3 +389,160 @@ async def test_a_tei_upstreams_served_model_is_part_of_the_key() -> None:
             assert tei.served == f"{model}@{sha}"
             keys.append(identity(config, tei, params))
     assert keys[0] == keys[2] and len(set(keys)) == 3  # the same URL, three identities
+
+
+# -- an upstream outage: an open circuit still answers what its cache holds whole ------------
+
+
+def outage_settings(upstream: FakeUpstream, upstream2: FakeUpstream) -> Settings:
+    """``router_settings`` with provider a's circuit opening at its first failure, for a minute."""
+    a = provider("a", upstream, max_attempts=1, breaker_failures=1, breaker_cooldown_s=60)
+    settings = router_settings(upstream, upstream2)
+    return settings.model_copy(update={"providers": [a, *settings.providers[1:]]})
+
+
+async def open_circuit(client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
+    """Fail route remote-x's provider (a) once, which opens its circuit."""
+    upstream.script(Fault(status=500))
+    r = await client.post("/v1/embeddings", json={"model": "remote-x", "input": "fails"})
+    assert r.status_code == 502, r.text
+    status = (await client.get("/api/v1/status", headers=ADMIN)).json()
+    assert status["providers"]["a"]["health"]["circuit"] == "open"
+
+
+async def a_down(
+    make_router: RouterFactory,
+    upstream: FakeUpstream,
+    upstream2: FakeUpstream,
+    cache: EmbeddingCache,
+    *kept: str,
+) -> tuple[Router, EmbedResult]:
+    """A router over providers a and b, and a's answer to ``kept``; then a fails once, which
+    opens its circuit for a minute."""
+    router: Router = await make_router(
+        provider("a", upstream, max_attempts=1, breaker_failures=1, breaker_cooldown_s=60),
+        provider("b", upstream2),
+        cache=cache,
+    )
+    answer = await router.embed(req(*kept), ["a"])
+    upstream.script(Fault(status=503))
+    with pytest.raises(UpstreamError):
+        await router.embed(req("fails"), ["a"])
+    assert router.runtimes["a"].health.state is CircuitState.OPEN
+    return router, answer
+
+
+async def test_an_open_circuit_answers_a_one_provider_route_from_its_cache(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    async with serve(outage_settings(upstream, upstream2)) as (_, client):
+        body = {"model": "remote-x", "input": ["kept", "also kept"]}
+        before = await client.post("/v1/embeddings", json=body)
+        assert before.status_code == 200, before.text
+        await open_circuit(client, upstream)
+        calls = len(upstream.calls)
+        during = await client.post("/v1/embeddings", json=body)
+        assert during.status_code == 200, during.text
+        assert during.json() == before.json()  # the same vectors, usage and model
+        assert during.headers["x-embedplex-provider"] == "a"
+        for refused in (["not kept"], ["kept", "not kept"]):  # a miss, a partial hit: 503
+            r = await client.post("/v1/embeddings", json={**body, "input": refused})
+            assert r.status_code == 503, r.text
+            assert "circuit is open" in r.json()["error"]["message"]
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert len(upstream.calls) == calls  # nothing reached the upstream during the outage
+    assert value(metrics, "embedplex_cache_hits_total", model="a", tier="memory") == 2
+    assert value(metrics, "embedplex_cache_misses_total", model="a") == 3  # both texts and "fails"
+
+
+async def test_an_open_circuit_never_answers_a_request_that_opts_out_of_the_cache(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    async with serve(outage_settings(upstream, upstream2)) as (_, client):
+        body = {"model": "remote-x", "input": "kept"}
+        assert (await client.post("/v1/embeddings", json=body)).status_code == 200
+        await open_circuit(client, upstream)
+        r = await client.post("/v1/embeddings", json={**body, "cache": False})
+        assert r.status_code == 503, r.text
+        for header in ("no-cache", "no-store"):
+            r = await client.post("/v1/embeddings", json=body, headers={"Cache-Control": header})
+            assert r.status_code == 503, r.text
+        r = await client.post("/v1/embeddings", json=body)  # not opted out: from the cache
+        assert r.status_code == 200, r.text
+    # With another provider to go to, the opted-out request fails over to it.
+    router, _ = await a_down(make_router, upstream, upstream2, EmbeddingCache(MiB), "x")
+    opted = await router.embed(req("x", cache=False), ["a", "b"], "any")
+    assert opted.provider == "b"
+    assert texts_sent(upstream2) == ["x"]
+
+
+async def test_any_answers_from_an_open_providers_cache_only_when_it_holds_every_text(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    cache = EmbeddingCache(MiB)
+    router, first = await a_down(make_router, upstream, upstream2, cache, "x", "y")
+    model = RemoteModel(router, RouteConfig(model="m", providers=["a", "b"]))
+    whole = await router.embed(req("y", "x"), ["a", "b"], "any")
+    assert whole.provider == "a"
+    check(whole.vectors, ["y", "x"])
+    one = await model.embed(req("x"))  # the route's own path to several providers
+    assert one.provider == "a"
+    check(one.vectors, ["x"])
+    again = await router.embed(req("x", "y"), ["a", "b"], "any")
+    assert (again.provider, again.prompt_tokens) == ("a", first.prompt_tokens)
+    check(again.vectors, ["x", "y"])
+    assert upstream2.calls == []
+    partial = await router.embed(req("x", "w"), ["a", "b"], "any")  # never a's x with b's w
+    assert partial.provider == "b"
+    assert texts_sent(upstream2) == ["x", "w"]
+    check(partial.vectors, ["x", "w"])
+    # Hits only where a answered; the partial lookup counts nothing for a (b counts its own).
+    assert (cache.counts["a"].hits_memory, cache.counts["a"].misses) == (5, 3)
+    assert (cache.counts["b"].hits_memory, cache.counts["b"].misses) == (0, 2)
+
+
+async def test_all_takes_an_open_providers_whole_cache_answer_and_fails_otherwise(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory
+) -> None:
+    router, _ = await a_down(make_router, upstream, upstream2, EmbeddingCache(MiB), "x")
+    both = await router.embed(req("x"), ["a", "b"], "all")
+    assert both.per_provider is not None and set(both.per_provider) == {"a", "b"}
+    check(both.per_provider["a"].vectors, ["x"])
+    with pytest.raises(UnavailableError):
+        await router.embed(req("x", "w"), ["a", "b"], "all")
+
+
+@needs_redis_server
+async def test_an_open_circuit_answers_from_redis_what_another_replica_computed(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    with redis_server() as server:
+        caches = [
+            EmbeddingCache(MiB, redis=RedisTier.from_url(server.url, ttl_s=60)) for _ in range(2)
+        ]
+        check_redis = redis.Redis(port=server.port)
+        try:
+            config = provider(
+                "p", upstream, max_attempts=1, breaker_failures=1, breaker_cooldown_s=60
+            )
+            a: Router = await make_router(config, cache=caches[0])
+            b: Router = await make_router(config, cache=caches[1])
+            await a.embed(req("shared", "other"), ["p"])
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 2)
+            upstream.script(Fault(status=503))
+            with pytest.raises(UpstreamError):
+                await b.embed(req("fails"), ["p"])
+            calls = len(upstream.calls)
+            with pytest.raises(UnavailableError):  # one text missing: nothing counted
+                await b.embed(req("shared", "nowhere"), ["p"])
+            assert caches[1].counts["p"].hits_redis == 0
+            during = await b.embed(req("other", "shared"), ["p"])
+            check(during.vectors, ["other", "shared"])
+            assert len(upstream.calls) == calls
+            counts = caches[1].counts["p"]
+            # "shared" came into b's process with the partial lookup: a memory hit now.
+            assert (counts.hits_memory, counts.hits_redis) == (1, 1)
+        finally:
+            check_redis.close()
+            for c in caches:
+                await c.aclose()

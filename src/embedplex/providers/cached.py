@@ -121,7 +121,7 @@ class ProviderCache:
         flights: Flights,
     ) -> list[int]:
         """Fill ``found`` from Redis (one MGET) for what missed here and nobody here is
-        computing now; the positions still missed."""
+        computing now; the positions still missed (the caller counts the hits: those found)."""
         redis = self.redis
         memory = self.memory
         assert redis is not None
@@ -129,14 +129,37 @@ class ProviderCache:
         tag = scope.tag
         asked = [k for k in missed if (texts[k], tag) not in flights]
         values = await redis.get_many([remote_key(scope.base, texts[k]) for k in asked])
-        counts = self.counts
         for k, value in zip(asked, values, strict=True):
             got = unpack(value) if value is not None else None
             if got is not None:
                 found[k] = got
                 _keep(memory, texts[k], tag, got)
-                counts.hits_redis += 1
         return [k for k in missed if found[k] is None]
+
+    async def lookup_whole(self, texts: list[str], scope: Scope) -> list[Entry] | None:
+        """Every text's entry (this process, then Redis), or None if one is missing.
+
+        For a provider whose circuit is open (``ProviderRuntime.cached_only``). Counted only
+        when whole: a request this lookup does not answer goes to another provider, or fails,
+        and is counted there, not here as hits it was never answered with.
+        """
+        memory = self.memory
+        assert memory is not None
+        get = memory.get
+        tag = scope.tag
+        found: list[Entry | None] = [get((text, tag)) for text in texts]
+        missed = [k for k, e in enumerate(found) if e is None]
+        redis = self.redis
+        if missed:
+            if redis is None or not redis.up:
+                return None
+            # No flights: nothing here is joined while the circuit is open, so Redis is asked
+            # for every text that missed.
+            if await self.lookup_shared(texts, scope, found, missed, {}):
+                return None
+        self.counts.hits_memory += len(texts) - len(missed)
+        self.counts.hits_redis += len(missed)
+        return found  # type: ignore[return-value]  # every position filled
 
     def store(self, text: str, scope: Scope, vector: Vector, tokens: float) -> None:
         """One text's result, just answered by the upstream: kept here, and in Redis in the

@@ -7,12 +7,15 @@ any provider whose circuit is half-open and gets no traffic. ``RemoteModel`` is 
 ``kind = "rerank"`` route (``remote_model`` picks by kind); the gateway holds them.
 
 Policies over an ordered provider list:
-- ``any``: the first provider whose circuit lets calls through; on a failure the next one. When
-  all fail, the caller gets the last error (429 with the shortest Retry-After when every one of
-  them was rate limited).
+- ``any``: the first provider whose circuit lets calls through, or whose cache holds every text
+  of an embedding request (``ProviderRuntime.cached_only``: cached texts outlive an outage); on a
+  failure the next one. When all fail, the caller gets the last error (429 with the shortest
+  Retry-After when every one of them was rate limited).
 - ``all``: every provider at once; the result carries each provider's vectors
   (``EmbedResult.per_provider``) or scores (``RerankResult.per_provider``) and, in the main
-  fields, the first provider's; the first failure fails the request and cancels the rest.
+  fields, the first provider's; the first failure fails the request and cancels the rest. An
+  open provider answers what its cache holds whole (its runtime answers a full hit before any
+  lane) and fails the request otherwise.
 """
 
 from __future__ import annotations
@@ -230,7 +233,9 @@ class Router:
         self, request: EmbedRequest, providers: Sequence[str], policy: Policy = "any"
     ) -> EmbedResult:
         runtimes = self.embed_targets(len(request.inputs), providers)
-        return await _route(runtimes, policy, lambda rt: rt.embed(request))
+        return await _route(
+            runtimes, policy, lambda rt: rt.embed(request), lambda rt: rt.cached_only(request)
+        )
 
     async def rerank(
         self, request: RerankRequest, providers: Sequence[str], policy: Policy = "any"
@@ -257,17 +262,28 @@ async def _probe(rt: ProviderRuntime) -> None:
         await rt.embed(EmbedRequest(inputs=[PROBE_TEXT], cache=False))
 
 
-async def _route(runtimes: list[ProviderRuntime], policy: Policy, call: Call[Result]) -> Result:
-    """``call`` on ``runtimes`` under ``policy`` (see the module docstring)."""
+async def _route(
+    runtimes: list[ProviderRuntime],
+    policy: Policy,
+    call: Call[Result],
+    cached: Call[Result | None] | None = None,
+) -> Result:
+    """``call`` on ``runtimes`` under ``policy`` (see the module docstring); ``cached``: what a
+    provider whose circuit is open can answer without its upstream (``any`` asks it)."""
     if policy == "all":
         return _merge(runtimes, await _all(runtimes, call))
-    return await _any(runtimes, call)
+    return await _any(runtimes, call, cached)
 
 
-async def _any(runtimes: list[ProviderRuntime], call: Call[T]) -> T:
+async def _any(
+    runtimes: list[ProviderRuntime], call: Call[T], cached: Call[T | None] | None = None
+) -> T:
     errors: list[EmbedplexError] = []
     for rt in runtimes:
         if not rt.health.available():
+            answer = None if cached is None else await cached(rt)
+            if answer is not None:
+                return answer
             errors.append(_circuit_refusal(rt))
             continue
         try:
@@ -444,9 +460,9 @@ class RemoteModel(RemoteRoute):
         """``_serve`` of ``Router.embed``, written out: the routed embed path is the hot one.
 
         A route to one provider (not ``all``) calls it straight, as ``_any`` over that one would
-        (a circuit that is not letting calls through: 503; a failure counts a failover), and
-        bounds the wait by the request's deadline as ``_within`` does, without their coroutines
-        (one frame each, made and resumed per request).
+        (a circuit that is not letting calls through: the cache's answer, else 503; a failure
+        counts a failover), and bounds the wait by the request's deadline as ``_within`` does,
+        without their coroutines (one frame each, made and resumed per request).
         """
         route = self.route
         self._active += 1
@@ -454,12 +470,21 @@ class RemoteModel(RemoteRoute):
             runtimes = self.router.embed_targets(len(request.inputs), route.providers)
             rt = runtimes[0] if len(runtimes) == 1 and route.policy != "all" else None
             if rt is not None and not rt.health.available():
-                raise _circuit_refusal(rt)
+                cached = await rt.cached_only(request)  # an outage: the cache, if it holds all
+                if cached is None:
+                    raise _circuit_refusal(rt)
+                cached.model = route.model
+                return cached
             deadline = REQUEST_DEADLINE.get()
             entry = None if deadline is None else deadline_timer().enter(deadline.at)
             try:
                 if rt is None:
-                    result = await _route(runtimes, route.policy, lambda r: r.embed(request))
+                    result = await _route(
+                        runtimes,
+                        route.policy,
+                        lambda r: r.embed(request),
+                        lambda r: r.cached_only(request),
+                    )
                 else:
                     result = await rt.embed(request)
             except asyncio.CancelledError:

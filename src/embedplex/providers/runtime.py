@@ -31,7 +31,7 @@ import httpx
 from embedplex.batching import BatchObserver
 from embedplex.cache.keys import RemoteKey
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
-from embedplex.core.errors import InvalidRequestError, UnavailableError
+from embedplex.core.errors import ClientError, InvalidRequestError, UnavailableError
 from embedplex.core.tenant import Tenant
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings
 from embedplex.models.dedupe import Flight, Flights, Sharing
@@ -335,7 +335,9 @@ class ProviderRuntime:
             found, rest = cache.lookup(texts, scope.tag)
             redis = cache.redis
             if rest and redis is not None and redis.up:
+                missed = len(rest)
                 rest = await cache.lookup_shared(texts, scope, found, rest, self._flights)
+                cache.counts.hits_redis += missed - len(rest)
             cache.counts.misses += len(rest)
             if not rest:  # every text was cached: no lane, no upstream call
                 took = Timings(total=(time.perf_counter() - start) * 1000)
@@ -347,6 +349,29 @@ class ProviderRuntime:
                 found[k] = row
             rows = found  # type: ignore[assignment]  # every position filled now
         return self._result(rows, timings(items, start))
+
+    async def cached_only(self, request: EmbedRequest) -> EmbedResult | None:
+        """The answer to ``request`` from this provider's cache alone (the process's tier,
+        then Redis), or None unless it holds every text.
+
+        The router asks it of a provider whose circuit lets no call through, so that cached
+        texts outlive an upstream outage. Never part of an answer: one provider answers the
+        whole request or none of it. None, too, for a request that opts out of the cache or
+        that this provider would refuse (the router goes on as without a cache).
+        """
+        cache = self.cache
+        if not request.cache or cache.memory is None or request.is_tokens or self._closing:
+            return None
+        start = time.perf_counter()
+        try:
+            scope = self._params(request)
+        except ClientError:
+            return None
+        texts: list[str] = request.inputs  # type: ignore[assignment]  # not tokens: checked
+        rows = await cache.lookup_whole(texts, scope)
+        if rows is None:
+            return None
+        return self._result(rows, Timings(total=(time.perf_counter() - start) * 1000))
 
     def _result(self, rows: Sequence[Entry], took: Timings) -> EmbedResult:
         """``rows``: answers (``Embedded``) and cache entries alike, read as (vector, tokens)."""
