@@ -11,6 +11,15 @@ examples/router.toml its own checkout ships (``--config-here``: this checkout's 
 
 Each tree's gateway runs with PYTHONPATH=<tree>; the upstream and the load generator always come
 from this checkout. See docs/router.md ("Router CPU per request").
+
+On a machine whose speed moves from minute to minute (a shared VM: the same tree reads 140 and
+240 us within the hour), ``--callgrind`` counts instructions instead: each gateway runs under
+valgrind's callgrind with counting off, switched on for the measured requests only (after the
+warm-up), so start-up and loading are not counted; all threads together, the kernel's share of
+the sockets not at all. Repeat runs agree within about 1%:
+
+    python examples/router_cpu.py --src old=/work/main/src --src new=src --rounds 2 \
+        --callgrind --requests 1500 --warmup 500
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +55,16 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (the fields after the command name in /proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def instructions(out: Path) -> int:
+    """The instructions callgrind counted in the dumps of one run (``<out>``, ``<out>.1``...)."""
+    total = 0
+    for dump in out.parent.glob(out.name + "*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
 
 
 def wait_ready(url: str, timeout: float = 120.0) -> None:
@@ -104,28 +124,48 @@ def one_round(
     config = router_config(ROOT / "src" if args.config_here else src, upstream_port, work)
     log = (work / f"gateway-{port}.log").open("wb")
     env = {**_env(src), "EMBEDPLEX_DATA_DIR": str(work / f"data-{port}")}
+    counted = work / f"callgrind-{port}.out"
+    under = (
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={counted}"]
+        if args.callgrind
+        else []
+    )
     gateway = subprocess.Popen(
-        [sys.executable, "-c", "from embedplex.cli.main import main; main()", "serve",
+        [*under, sys.executable, "-c", "from embedplex.cli.main import main; main()", "serve",
          "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(f"{url}/health/ready")
+        wait_ready(f"{url}/health/ready", timeout=600.0 if args.callgrind else 120.0)
         load(url, args.warmup, args.concurrency, "remote-minilm", seed=2 * seed)
+        if args.callgrind:
+            _callgrind(gateway.pid, "-i", "on")
         before = cpu_seconds(gateway.pid)
         result = load(url, args.requests, args.concurrency, "remote-minilm", seed=2 * seed + 1)
         used = cpu_seconds(gateway.pid) - before
+        if args.callgrind:
+            _callgrind(gateway.pid, "-i", "off")
+            _callgrind(gateway.pid, "-d")
     finally:
         gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=30)
+        gateway.wait(timeout=120)
         log.close()
     answered = float(result.get("ok", args.requests))  # type: ignore[arg-type]
+    if args.callgrind:  # valgrind's CPU time says nothing of the gateway's own
+        return {
+            "instructions_per_request": round(instructions(counted) / answered),
+            "req_per_s": float(result.get("req_per_s", 0.0)),  # type: ignore[arg-type]
+        }
     return {
         "cpu_us_per_request": round(used / answered * 1e6, 1),
         "req_per_s": float(result.get("req_per_s", 0.0)),  # type: ignore[arg-type]
     }
+
+
+def _callgrind(pid: int, *command: str) -> None:
+    subprocess.run(["callgrind_control", *command, str(pid)], check=True, capture_output=True)
 
 
 def main() -> None:
@@ -138,7 +178,14 @@ def main() -> None:
     parser.add_argument(
         "--config-here", action="store_true", help="every tree with this checkout's router.toml"
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count the gateway's instructions per request under valgrind instead of its CPU",
+    )
     args = parser.parse_args()
+    if args.callgrind and shutil.which("callgrind_control") is None:
+        parser.error("--callgrind needs valgrind (callgrind_control) on PATH")
     trees = [(s.split("=", 1)[0], Path(s.split("=", 1)[1])) for s in args.src or ["this=src"]]
     upstream_port = free_port()
     upstream = subprocess.Popen(

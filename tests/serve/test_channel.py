@@ -156,3 +156,21 @@ def test_rendered_headers_are_checked_and_written_as_uvicorn_writes_them() -> No
     for bad in ([(b"x-a", b"1\r\nx-injected: 1")], [(b"x-a", b"ok"), (b"x-b", b"\x00")]):
         with pytest.raises(RuntimeError, match="header value"):
             _render(bad, [])
+
+
+def test_every_byte_is_checked_as_uvicorns_header_patterns_check_it() -> None:
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    for b in range(256):
+        byte = bytes((b,))
+        name_refused = HEADER_RE.search(b"x" + byte) is not None
+        value_refused = HEADER_VALUE_RE.search(b"v" + byte) is not None
+        for header, refused, what in (
+            ((b"x" + byte, b"v"), name_refused, "name"),
+            ((b"x", b"v" + byte), value_refused, "value"),
+        ):
+            if refused:
+                with pytest.raises(RuntimeError, match=f"header {what}"):
+                    _render([(b"x-ok", b"1"), header], [])
+            else:
+                _render([(b"x-ok", b"1"), header], [])

@@ -14,6 +14,7 @@ JSON answer is written by ``send_whole`` in one go, bypassing the two ASGI messa
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from embedplex.api.channel import CHANNEL_KEY
 class CoalescingTransport:
     """Forwards to ``transport``, holding a response head until the next write or loop turn."""
 
-    __slots__ = ("_held", "_loop", "_transport", "on_close")
+    __slots__ = ("_held", "_loop", "_transport", "is_closing", "on_close")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
@@ -39,6 +40,9 @@ class CoalescingTransport:
         self._held: bytes | None = None
         # Asked first on close(); True: it closes the connection its own way (a lingering close).
         self.on_close: Callable[[], bool] | None = None
+        # Asked once per answer (uvicorn's ``on_response_complete``): found here, not through
+        # ``__getattr__``, which Python calls only after a failed lookup and its AttributeError.
+        self.is_closing = transport.is_closing
 
     def write(self, data: bytes) -> None:
         held = self._held
@@ -150,12 +154,12 @@ def _render(headers: Sequence[tuple[bytes, bytes]], content: list[bytes | memory
     less content-length and transfer-encoding (the body's own length is written); True when
     one of them is ``connection: close``.
 
-    uvicorn's checks are character classes, so all the names are checked in one search and all
-    the values in another: two searches per answer instead of two per header.
+    uvicorn's checks are character classes, so all the names are checked at once and all the
+    values at once, each by deleting the bytes its class allows: what is left is refused.
     """
-    if HEADER_RE.search(b"".join([name for name, _ in headers])):
+    if b"".join([name for name, _ in headers]).translate(None, _NAME_BYTES):
         raise RuntimeError("Invalid HTTP header name.")
-    if HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
+    if b"".join([value for _, value in headers]).translate(None, _VALUE_BYTES):
         raise RuntimeError("Invalid HTTP header value.")
     has_close = False
     for name, value in headers:
@@ -169,6 +173,17 @@ def _render(headers: Sequence[tuple[bytes, bytes]], content: list[bytes | memory
 
 
 _OWN_LENGTH = frozenset((b"content-length", b"transfer-encoding"))
+
+
+def _allowed(refused: re.Pattern[bytes]) -> bytes:
+    """The bytes a one-byte character class ``refused`` does not match (uvicorn's own classes,
+    read at import, so the check stays what uvicorn checks): ``bytes.translate`` deletes them
+    in one pass, where a regex search runs its engine once per byte."""
+    return bytes(b for b in range(256) if refused.fullmatch(bytes((b,))) is None)
+
+
+_NAME_BYTES = _allowed(HEADER_RE)
+_VALUE_BYTES = _allowed(HEADER_VALUE_RE)
 
 
 # uvicorn's default headers (date, server, --header ones) as written, for the list object it
