@@ -159,72 +159,39 @@ class BatchWriter:
     def _write(self, records: list[logging.LogRecord]) -> None:
         handler = self.handler
         lines = []
-        unformatted: list[logging.LogRecord] = []  # reported, and left out of ``lines``
+        written: list[logging.LogRecord] = []  # the formatted ones (the others are reported)
         for record in records:
             try:
                 lines.append(handler.format(record))
+                written.append(record)
             except Exception:
                 handler.handleError(record)
-                unformatted.append(record)
         if not lines:
             return
         end = handler.terminator
         try:
             handler.stream.write(end.join(lines) + end)
-        except Exception as exc:
-            # One line the stream refuses, or a full non-blocking stderr, must not cost the
-            # whole batch: line by line, so only what cannot be written is lost and reported.
-            # A file's ``BlockingIOError`` says how much of the batch it took. It says none
-            # when its own line-buffer flush failed after it buffered the whole batch (a
-            # stalled stderr), and when its buffer was full before: the two look alike, so
-            # either is reported once, and nothing is written twice.
-            taken = getattr(exc, "characters_written", None)
-            if taken == 0:  # either way, reported once and nothing written twice
-                handler.handleError(records[-1])
-                return
-            if unformatted:
-                left_out = {id(record) for record in unformatted}
-                records = [record for record in records if id(record) not in left_out]
-            if not self._write_each(records, lines, taken or 0):
-                return  # each line was reported: a failed flush would only say it again
-        # A failed flush is reported once: what the write took is not written a second time.
-        try:
             handler.flush()
+        except OSError:
+            # The file itself failed (a full non-blocking stderr, a full disk, a closed pipe):
+            # reported once. What it took or buffered goes out later, so nothing is written a
+            # second time; a line cut short stays cut (logging's own emit does the same).
+            handler.handleError(written[-1])
         except Exception:
-            handler.handleError(records[-1])
-
-    def _write_each(self, records: list[logging.LogRecord], lines: list[str], taken: int) -> bool:
-        """After a failed batch write, each of ``records`` (formatted as ``lines``) in a write
-        of its own, a failure reported as ``StreamHandler.emit`` reports it. A non-blocking
-        stream may have taken the first ``taken`` units of the batch
-        (``BlockingIOError.characters_written``): those are not written twice, and the line
-        they cut short gets only its rest. True when some line reached the stream."""
-        handler = self.handler
-        end = handler.terminator
-        wrote = False
-        for record, line in zip(records, lines, strict=True):
+            # The stream refused the text (one line it cannot encode, a custom stream's
+            # check): line by line, so only what it refuses is lost, each one reported.
+            if getattr(handler.stream, "closed", False):
+                handler.handleError(written[-1])  # closed: every line would say the same
+                return
+            for record, line in zip(written, lines, strict=True):
+                try:
+                    handler.stream.write(line + end)
+                except Exception:
+                    handler.handleError(record)
             try:
-                text = line + end
-                if taken:
-                    text, taken = _untaken(text, taken, handler.stream)
-                if text:
-                    handler.stream.write(text)
-                wrote = True
+                handler.flush()
             except Exception:
-                handler.handleError(record)
-        return wrote
-
-
-def _untaken(text: str, taken: int, stream: object) -> tuple[str, int]:
-    """What of ``text`` a failed write did not take, and what of ``taken`` is left for the
-    lines after it. A file with an encoding counts what it took in bytes (its buffer raised
-    the ``BlockingIOError``), any other stream in characters."""
-    encoding = getattr(stream, "encoding", None)
-    if not isinstance(encoding, str):
-        return text[taken:], max(taken - len(text), 0)
-    data = text.encode(encoding, getattr(stream, "errors", None) or "strict")
-    # A cut inside a character: its first bytes were taken, its rest is written as U+FFFD.
-    return data[taken:].decode(encoding, "replace"), max(taken - len(data), 0)
+                handler.handleError(written[-1])
 
 
 def dropped_notice(count: int, limit: int) -> logging.LogRecord:
