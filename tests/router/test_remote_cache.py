@@ -258,6 +258,18 @@ async def test_entries_are_charged_honestly_within_the_byte_bound(
     assert hit.base is None or (type(hit.base) is bytes and len(hit.base) == hit.nbytes)
 
 
+async def test_a_base64_row_is_kept_as_it_was_decoded(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """A base64 answer's row is a read-only array over its own bytes: the cache keeps that very
+    array (no copy per text), and a hit hands it out again."""
+    router: Router = await make_router(provider("p", upstream), cache=EmbeddingCache(MiB))
+    miss = (await router.embed(req("t"), ["p"])).vectors[0]
+    hit = (await router.embed(req("t"), ["p"])).vectors[0]
+    assert hit is miss and not miss.flags.writeable
+    assert type(miss.base) is bytes and len(miss.base) == miss.nbytes
+
+
 async def test_the_probe_never_answers_from_the_cache(
     upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
@@ -453,6 +465,31 @@ async def test_an_open_circuit_answers_a_one_provider_route_from_its_cache(
     assert len(upstream.calls) == calls  # nothing reached the upstream during the outage
     assert value(metrics, "embedplex_cache_hits_total", model="a", tier="memory") == 2
     assert value(metrics, "embedplex_cache_misses_total", model="a") == 3  # both texts and "fails"
+
+
+async def test_an_open_circuits_cache_lookup_is_bounded_by_the_request_deadline(
+    upstream: FakeUpstream, upstream2: FakeUpstream, make_router: RouterFactory, monkeypatch
+) -> None:
+    """The outage's lookup may wait on Redis: a deadline that passes meanwhile is a 504, as any
+    wait past it is (the lookup ran before the deadline was armed); a plain miss is a 503
+    that counts no failover (the provider was not tried)."""
+    router, _ = await a_down(make_router, upstream, upstream2, EmbeddingCache(MiB), "x")
+    model = RemoteModel(router, RouteConfig(model="m", providers=["a"]))
+    with pytest.raises(UnavailableError, match="circuit is open"):
+        await model.embed(req("missed"))
+    assert router.runtimes["a"].counters["failovers"] == 1  # the failure that opened it
+
+    async def slow_redis(request: EmbedRequest) -> EmbedResult | None:
+        await asyncio.sleep(5)
+        return None
+
+    monkeypatch.setattr(router.runtimes["a"], "cached_only", slow_redis)
+    token = REQUEST_DEADLINE.set(Deadline.after(0.2, "test"))
+    try:
+        with pytest.raises(UpstreamTimeoutError):
+            await asyncio.wait_for(model.embed(req("x")), 2)
+    finally:
+        REQUEST_DEADLINE.reset(token)
 
 
 async def test_an_open_circuit_never_answers_a_request_that_opts_out_of_the_cache(

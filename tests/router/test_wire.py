@@ -230,8 +230,11 @@ def test_decode_vectors_rejects_what_decode_vector_rejects() -> None:
         decode_vectors([[1.0, 2.0], []])
     with pytest.raises(ValueError, match="expected a list of floats"):
         decode_vectors([[]])
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(ValueError, match="base64"):
         decode_vectors(["AAA"])  # not a multiple of four bytes
+    for garbage in ("AAAA AAAA", "AAA=AAAA", "AAAA\nAAAA", "AAA*"):  # strict: never guessed
+        with pytest.raises(ValueError, match="base64"):
+            decode_vectors([garbage])
     with pytest.raises(TypeError):
         decode_vectors({"a": 1})
     ragged = decode_vectors([[1.0], [1.0, 2.0]])  # as each row alone would decode

@@ -47,10 +47,17 @@ _RERANK_DEFAULTS = RerankParams()
 def decode_vector(raw: Any) -> Vector:
     """A JSON list of floats, or base64 of little-endian float32 (OpenAI's ``base64``)."""
     if isinstance(raw, str):
-        return np.frombuffer(pybase64.b64decode(raw), dtype="<f4").astype(np.float32)
+        return np.frombuffer(_b64decode(raw), dtype="<f4").astype(np.float32)
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"expected a list of floats, got {type(raw).__name__}")
     return np.asarray(raw, dtype=np.float32)
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 (RFC 4648 alphabet and padding only): an upstream's row with anything
+    else in it is a malformed answer, never bytes guessed from what was left (the stdlib's
+    lenient decoding skips stray characters and reads on past padding)."""
+    return pybase64.b64decode(text, validate=True)
 
 
 _LITTLE = sys.byteorder == "little"  # "<f4" is then the machine's float32: no conversion
@@ -69,7 +76,7 @@ def decode_vectors(rows: Any) -> list[Vector]:
     if not isinstance(rows, list):
         raise TypeError(f"expected a list of vectors, got {type(rows).__name__}")
     if rows and all(type(row) is str for row in rows):
-        blobs = [pybase64.b64decode(row) for row in rows]
+        blobs = [_b64decode(row) for row in rows]
         width = len(blobs[0])
         if _LITTLE and width and width % 4 == 0 and all(len(b) == width for b in blobs):
             return [np.frombuffer(blob, dtype=np.float32) for blob in blobs]

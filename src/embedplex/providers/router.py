@@ -469,14 +469,9 @@ class RemoteModel(RemoteRoute):
         try:
             runtimes = self.router.embed_targets(len(request.inputs), route.providers)
             rt = runtimes[0] if len(runtimes) == 1 and route.policy != "all" else None
-            if rt is not None and not rt.health.available():
-                cached = await rt.cached_only(request)  # an outage: the cache, if it holds all
-                if cached is None:
-                    raise _circuit_refusal(rt)
-                cached.model = route.model
-                return cached
             deadline = REQUEST_DEADLINE.get()
             entry = None if deadline is None else deadline_timer().enter(deadline.at)
+            refusal: EmbedplexError | None = None  # raised after the try: not a failover
             try:
                 if rt is None:
                     result = await _route(
@@ -485,8 +480,15 @@ class RemoteModel(RemoteRoute):
                         lambda r: r.embed(request),
                         lambda r: r.cached_only(request),
                     )
-                else:
+                elif rt.health.available():
                     result = await rt.embed(request)
+                else:  # an outage: the cache's answer if it holds every text (Redis included,
+                    # so within the deadline like any wait)
+                    cached = await rt.cached_only(request)
+                    if cached is None:
+                        refusal = _circuit_refusal(rt)
+                    else:
+                        result = cached
             except asyncio.CancelledError:
                 if entry is not None and deadline is not None and timed_out(entry):
                     raise _expired(deadline, route.model) from None
@@ -500,6 +502,8 @@ class RemoteModel(RemoteRoute):
             finally:
                 if entry is not None:
                     entry.task = None
+            if refusal is not None:
+                raise refusal
         finally:
             self._active -= 1
         result.model = route.model
