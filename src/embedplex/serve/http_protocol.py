@@ -32,7 +32,7 @@ from embedplex.api.channel import CHANNEL_KEY
 class CoalescingTransport:
     """Forwards to ``transport``, holding a response head until the next write or loop turn."""
 
-    __slots__ = ("_held", "_loop", "_transport", "is_closing", "on_close")
+    __slots__ = ("_held", "_loop", "_transport", "on_close")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
@@ -40,9 +40,6 @@ class CoalescingTransport:
         self._held: bytes | None = None
         # Asked first on close(); True: it closes the connection its own way (a lingering close).
         self.on_close: Callable[[], bool] | None = None
-        # Asked once per answer (uvicorn's ``on_response_complete``): found here, not through
-        # ``__getattr__``, which Python calls only after a failed lookup and its AttributeError.
-        self.is_closing = transport.is_closing
 
     def write(self, data: bytes) -> None:
         held = self._held
@@ -69,6 +66,11 @@ class CoalescingTransport:
         if held is not None:
             self._held = None
             self._transport.write(held)
+
+    def is_closing(self) -> bool:
+        """Asked once per answer (uvicorn's ``on_response_complete``): a method of its own, not
+        ``__getattr__``'s, which Python calls only after a failed lookup and its AttributeError."""
+        return self._transport.is_closing()
 
     def close(self) -> None:
         self.flush()
