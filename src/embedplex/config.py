@@ -171,8 +171,9 @@ class Settings(BaseSettings):
 
     admin_secret: SecretStr | None = Field(
         None,
-        description="Secret for the admin API (/api/v1/status, /api/v1/providers); without "
-        "it the admin API is off (403). Never the api_key; set it with EMBEDPLEX_ADMIN_SECRET.",
+        description="Secret for the admin API (/api/v1/status, /api/v1/providers, "
+        "/api/v1/keys); without it the admin API is off (403). Never the api_key; set it with "
+        "EMBEDPLEX_ADMIN_SECRET.",
     )
     provider_key_envs: list[str] = Field(
         default_factory=list,

@@ -45,7 +45,13 @@ def duration(text: str) -> timedelta:
     match = _DURATION.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r}: a number and one of s, m, h, d, w (e.g. 90d)")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > _LONGEST_S:  # past it, a date out of range (a 500 before, not a 422)
+        raise ValueError(f"{text!r}: at most 100 years (36500d)")
+    return timedelta(seconds=seconds)
+
+
+_LONGEST_S = 36_500 * 86_400
 
 
 def split_key(presented: str) -> tuple[str, str] | None:

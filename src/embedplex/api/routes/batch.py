@@ -31,7 +31,7 @@ class BatchItem(EmbeddingsRequest):
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requests: list[BatchItem] = Field(min_length=1)
+    requests: list[BatchItem] = Field(min_length=1, fail_fast=True)
 
 
 def _error_entry(item_id: str, exc: EmbedplexError) -> dict[str, object]:

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import (
     PriorityField,
+    Texts,
     gateway,
     json_response,
     run_embed,
@@ -32,9 +33,9 @@ router = APIRouter(tags=["native"], responses=TEI_ERROR_RESPONSES)
 class ApiEmbedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] | None = Field(None, description="A text or a list of texts.")
+    input: str | Texts | None = Field(None, description="A text or a list of texts.")
     text: str | None = Field(None, description="One text (the same as input).")
-    texts: list[str] | None = Field(None, description="A list of texts (the same as input).")
+    texts: Texts | None = Field(None, description="A list of texts (the same as input).")
     model: str | None = Field(None, description="Served model name; with one served, any name.")
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     priority: PriorityField = None
@@ -67,7 +68,7 @@ class ApiRerankBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str
-    documents: list[str | ApiDocument]
+    documents: list[str | ApiDocument] = Field(fail_fast=True)
     model: str | None = None
     top_n: StrictInt | None = Field(
         None, ge=1, description="Return only the best N (default: all)."

@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import (
     PriorityField,
+    Texts,
     gateway,
     json_response,
     run_rerank,
@@ -33,7 +34,7 @@ class TeiRerankBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: str
-    texts: list[str]
+    texts: Texts
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     raw_scores: StrictBool = Field(False, description="Raw logits instead of sigmoid scores.")
@@ -52,7 +53,7 @@ class RerankBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     query: str
-    documents: list[str | Document]
+    documents: list[str | Document] = Field(fail_fast=True)
     model: str | None = None
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool | None = None

@@ -14,6 +14,7 @@ from embedplex.api.bounds import check_count, check_tokens
 from embedplex.api.common import (
     Inputs,
     PriorityField,
+    Texts,
     as_inputs,
     gateway,
     json_response,
@@ -61,7 +62,7 @@ class NativeEmbedBody(BaseModel):
 class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    inputs: str | list[str]
+    inputs: str | Texts
     add_special_tokens: StrictBool = True
     prompt_name: str | None = None
     model: str | None = None

@@ -12,12 +12,15 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import (
     Inputs,
+    Texts,
+    TokenIdLists,
+    TokenIds,
     as_inputs,
     gateway,
     json_response,
@@ -57,7 +60,7 @@ class SimilarityInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source_sentence: str
-    sentences: list[str]
+    sentences: Texts
 
 
 class SimilarityParameters(BaseModel):
@@ -79,7 +82,7 @@ class SimilarityBody(BaseModel):
 class DecodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[StrictInt] | list[list[StrictInt]]
+    ids: TokenIds | TokenIdLists
     skip_special_tokens: StrictBool = True
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
