@@ -108,6 +108,29 @@ async def test_api_key_never_reaches_the_logs(caplog: pytest.LogCaptureFixture) 
     assert lines[1].__dict__["route"] == "/embed"  # refused before routing, still labelled
 
 
+async def test_refused_keys_are_logged_once_a_second_and_paths_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client guessing keys (or misconfigured and retrying) gets every 401, but the log a
+    line a second per status, which says how many it left out; a long path is cut."""
+    caplog.set_level(logging.INFO)
+    async with serve(settings(api_key=SECRET)) as srv:
+        for _ in range(20):
+            r = await srv.client.post("/embed", json={"inputs": "x"})
+            assert r.status_code == 401
+        long = await srv.client.post("/embed/" + "a" * 5000, json={"inputs": "x"})
+        assert long.status_code == 401
+    lines = access_records(caplog)
+    refused = [r for r in lines if r.__dict__.get("status") == 401]
+    assert 1 <= len(refused) <= 3, [r.getMessage() for r in lines]  # ~1 a second, 21 sent
+    logged = "\n".join(r.getMessage() for r in refused)
+    assert "a" * 5000 not in logged
+    async with serve(settings(api_key=SECRET)) as srv:  # a new observer: its own window
+        await srv.client.post("/embed/" + "a" * 5000, json={"inputs": "x"})
+    last = access_records(caplog)[-1].getMessage()
+    assert "/embed/" + "a" * 249 + "..." in last and "a" * 300 not in last
+
+
 def test_config_show_redacts_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     shown = runner.invoke(cli, ["config", "show", "--api-key", SECRET])

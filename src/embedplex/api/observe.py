@@ -38,6 +38,11 @@ _access_line = LogSite(
 )
 
 QUIET_PATHS = ("/health", "/metrics", "/ping", "/api/v1/status", "/docs", "/openapi.json")
+# Refusals logged at most once a second each (``RequestObserver._log_refusal``): overload, and
+# requests without a valid key (a client guessing keys, or one misconfigured and retrying).
+SAMPLED = (429, 401)
+# A path is logged up to this many characters (a URL may be ~16 KB, the head's limit).
+LOGGED_PATH = 256
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -86,8 +91,8 @@ class RequestObserver:
         self.tracer = telemetry.tracer
         self.paths = paths
         self.log_requests = log_requests
-        self._quiet_until = 0.0  # refusals' log lines are sampled (``_log_refusal``)
-        self._unlogged = 0
+        # Refusals' log lines are sampled (``_log_refusal``): per status, (quiet until, unlogged).
+        self._sampled: dict[int, list[float]] = {status: [0.0, 0] for status in SAMPLED}
 
     def start(self, ex: Exchange) -> None:
         """Open the request's span (when tracing) and make it current for the handler."""
@@ -127,7 +132,7 @@ class RequestObserver:
         if key_id is not None:
             self._count_key(key_id, status, record)
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
-            if status == 429 and not self._log_refusal():
+            if status in SAMPLED and not self._log_refusal(status):
                 return
             self._log(ex.scope, ex.state, route, status, duration, record)
 
@@ -141,18 +146,22 @@ class RequestObserver:
         if self.usage is not None:
             self.usage.add(key_id, inputs, tokens, refused)
 
-    def _log_refusal(self) -> bool:
-        """Whether this 429 gets its own line: at most one a second, which says how many were
-        left out before it (``refusals_not_logged``). Under a storm of retried refusals a line
-        each would cost more than the refusal itself; the metrics still count every one."""
+    def _log_refusal(self, status: int) -> bool:
+        """Whether this refusal (429, 401) gets its own line: at most one a second per status,
+        which says how many were left out before it. Under a storm of retried refusals, or of
+        guessed keys, a line each would cost more than the refusal itself and flood the log;
+        the metrics still count every one."""
+        window = self._sampled[status]
         now = time.monotonic()
-        if now < self._quiet_until:
-            self._unlogged += 1
+        if now < window[0]:
+            window[1] += 1
             return False
-        self._quiet_until = now + 1.0
-        if self._unlogged:
-            access_log.info("%d refusals (429) not logged in the last second", self._unlogged)
-            self._unlogged = 0
+        window[0] = now + 1.0
+        if window[1]:
+            access_log.info(
+                "%d refusals (%d) not logged in the last second", int(window[1]), status
+            )
+            window[1] = 0
         return True
 
     def _route(self, scope: Scope) -> str:
@@ -213,7 +222,7 @@ class RequestObserver:
         _access_line.log(
             (
                 scope["method"],
-                scope["path"],
+                _logged_path(scope["path"]),
                 status,
                 duration * 1000,
                 record.model,
@@ -240,3 +249,8 @@ class RequestObserver:
                 "key_id": key_id,
             },
         )
+
+
+def _logged_path(path: str) -> str:
+    """``path`` as the access log writes it: cut to LOGGED_PATH characters, marked as cut."""
+    return path if len(path) <= LOGGED_PATH else path[:LOGGED_PATH] + "..."
