@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -211,6 +212,26 @@ async def test_a_body_of_many_wrong_items_is_one_error_not_one_per_item(
     message = error["message"] if isinstance(error, dict) else error  # OpenAI's or TEI's shape
     more = message.rpartition("(and ")[2].split(" ")[0] if "(and " in message else "0"
     assert int(more) < 8, message
+
+
+async def test_a_batch_request_leaves_its_model_slots_for_other_callers(
+    tiny_model_dir: Path,
+) -> None:
+    """A batch's sub-requests each hold a concurrency slot: all at once, 40 of them took all 8
+    slots (32 items came back overloaded, and another caller got 429). Now a quarter of the
+    slots at a time: every item is answered, and the other caller is served meanwhile."""
+    app = fake_app(tiny_model_dir, FakeBackend(dim=16, delay=0.02), max_concurrent_requests=8)
+    batch = {"requests": [{"id": str(k), "input": f"text {k}"} for k in range(40)]}
+    async with running(app) as client:
+        sent = asyncio.ensure_future(client.post("/v1/embeddings/batch", json=batch))
+        await asyncio.sleep(0.05)  # the batch is under way
+        other = await client.post("/embed", json={"inputs": "someone else"})
+        answered = await sent
+    assert other.status_code == 200, other.text
+    assert answered.status_code == 200
+    results = answered.json()["results"]
+    assert [r["id"] for r in results] == [str(k) for k in range(40)]
+    assert all("error" not in r for r in results), [r for r in results if "error" in r][:2]
 
 
 async def test_client_batch_size_limit_is_413(tiny_model_dir: Path, backend: FakeBackend) -> None:

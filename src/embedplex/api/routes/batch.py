@@ -23,6 +23,13 @@ from embedplex.core.types import EmbedResult
 
 router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
+# Sub-requests of one batch in flight at once, at most: each holds one of its model's
+# concurrency slots (``max_concurrent_requests``), so a batch of 2,048 sent them all at once took
+# every slot (the rest of its items and every other caller got 429 meanwhile). A quarter of the
+# slots, and never more than this: its items still share batches (texts in flight together
+# are batched together), and the rest wait their turn inside the route, holding nothing.
+IN_FLIGHT = 16
+
 
 class BatchItem(EmbeddingsRequest):
     id: str = Field(description="Caller's id, echoed in the result.")
@@ -64,9 +71,15 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
             param="requests",
         )
     check_tokens(request, sum(token_ids(each) for each in inputs), "requests")
-    work = asyncio.gather(
-        *(embed_one(request, item) for item in body.requests), return_exceptions=True
+    turns = asyncio.Semaphore(
+        max(1, min(IN_FLIGHT, request.app.state.settings.max_concurrent_requests // 4))
     )
+
+    async def in_turn(item: BatchItem) -> EmbedResult:
+        async with turns:
+            return await embed_one(request, item)
+
+    work = asyncio.gather(*(in_turn(item) for item in body.requests), return_exceptions=True)
     outcomes = await unless_disconnected(request, work)
     results: list[dict[str, object]] = []
     record = request_record(request)  # tokens: what a key's tokens per minute are charged
