@@ -17,17 +17,24 @@ from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
 from embedplex.api.errors import OPENAI_ERROR_RESPONSES, spec_for
 from embedplex.api.observe import request_record
-from embedplex.api.routes.openai import EmbeddingsRequest, embed_one, embeddings_body
+from embedplex.api.routes.openai import (
+    EmbeddingsRequest,
+    embed_one,
+    embeddings_body,
+    routed_service,
+)
 from embedplex.core.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
 from embedplex.core.types import EmbedResult
 
 router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
-# Sub-requests of one batch in flight at once, at most: each holds one of its model's
-# concurrency slots (``max_concurrent_requests``), so a batch of 2,048 sent them all at once took
-# every slot (the rest of its items and every other caller got 429 meanwhile). A quarter of the
-# slots, and never more than this: its items still share batches (texts in flight together
-# are batched together), and the rest wait their turn inside the route, holding nothing.
+# Sub-requests of one batch in flight at once, at most, to a model that admits requests against
+# its concurrency slots (``max_concurrent_requests``: a local or Ray-served model): a batch of
+# 2,048 sent them all at once and took every slot (the rest of its items and every other caller
+# got 429 meanwhile). A quarter of the slots, and never more than this: its items still share
+# inference batches, and the rest wait their turn inside the route, holding nothing. Routes to
+# remote providers have no slots to take: their items all go at once, so that their texts fill
+# upstream calls (a call per 16 texts would multiply the calls a provider bills and limits).
 IN_FLIGHT = 16
 
 
@@ -76,6 +83,12 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
     )
 
     async def in_turn(item: BatchItem) -> EmbedResult:
+        try:
+            slotted = getattr(routed_service(request, item), "admit", None) is not None
+        except EmbedplexError:
+            slotted = False  # embed_one answers the same refusal for this item
+        if not slotted:
+            return await embed_one(request, item)
         async with turns:
             return await embed_one(request, item)
 
