@@ -145,7 +145,8 @@ async def test_keys_tenant_models_and_refusals_on_every_route(
         # Revoke.
         assert (await client.delete("/api/v1/keys/emb", headers=ADMIN)).status_code == 200
         gone = await client.post("/embed", json={"inputs": "x"}, headers=bearer(rotated["key"]))
-        assert gone.status_code == 401 and "revoked" in gone.json()["error"]
+        # The words of an unknown key: a revoked row is refused before its hash is checked.
+        assert gone.status_code == 401 and gone.json()["error"] == "invalid API key"
         assert (await client.delete("/api/v1/keys/emb", headers=ADMIN)).status_code == 404
         dup = await client.post("/api/v1/keys", json={"name": "rr"}, headers=ADMIN)
         assert dup.status_code == 422
@@ -193,3 +194,23 @@ async def test_key_admin_routes_need_an_admin_secret(tiny_model_dir: Path, tmp_p
         rotated = await client.post("/api/v1/keys/rotate", json={"name": "x"})
     for r in (listed, created, rotated):
         assert r.status_code == 403 and "admin secret" in r.json()["error"], r.text
+
+
+async def test_a_full_hash_queue_answers_429_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    app = make_app(tiny_model_dir, f"sqlite:///{tmp_path / 's.db'}")
+    async with running(app) as client:
+        known = await create(client, name="known")
+        new = await create(client, name="new")
+        ok = await client.post("/embed", json={"inputs": "x"}, headers=bearer(known["key"]))
+        assert ok.status_code == 200
+        # No room left in the queue for a hashing slot (a flood of new keys would fill it).
+        app.state.keys._hash_waiters = 0
+        tei = await client.post("/embed", json={"inputs": "x"}, headers=bearer(new["key"]))
+        assert tei.status_code == 429 and tei.headers["retry-after"] == "1"
+        assert tei.json()["error_type"] == "Overloaded"
+        oai = await client.post(
+            "/v1/embeddings", json={"input": "x", "model": "a"}, headers=bearer(new["key"])
+        )
+        assert oai.status_code == 429 and oai.json()["error"]["code"] == "overloaded"
+        ok = await client.post("/embed", json={"inputs": "x"}, headers=bearer(known["key"]))
+        assert ok.status_code == 200  # a key verified before is never queued

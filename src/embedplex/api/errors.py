@@ -123,7 +123,7 @@ def error_response(
     else:
         body = {"error": exc.message, "error_type": spec.tei_type}
     out = dict(headers or {})
-    if isinstance(exc, e.RateLimitedError) and exc.retry_after is not None:
+    if isinstance(exc, e.OverloadedError) and exc.retry_after is not None:
         out["retry-after"] = str(max(1, round(exc.retry_after)))
     return JsonResponse(orjson.dumps(body), spec.status, out)
 
@@ -211,7 +211,7 @@ def error_responses(dialect: Dialect) -> dict[int | str, dict[str, Any]]:
     }
     out[429]["headers"] = {
         "Retry-After": {
-            "description": "Seconds to wait before retrying (rate limits).",
+            "description": "Seconds to wait before retrying (rate limits, overload).",
             "schema": {"type": "string"},
         }
     }

@@ -25,6 +25,7 @@ from embedplex.core.errors import (
     AuthenticationError,
     InvalidRequestError,
     NotReadyError,
+    OverloadedError,
     UnavailableError,
 )
 from embedplex.core.tenant import ANONYMOUS, STATIC_KEY, Priority, Tenant, current_tenant, lowered
@@ -129,7 +130,8 @@ class ManagedKeys:
     Keys are required once the store holds any key (created, even if revoked since) or with
     ``require_api_key``, or when a static key is set; otherwise a request without a valid key
     is the anonymous tenant (the quickstart). A key seen before costs one HMAC and one dict
-    lookup (``state/cache.py``); a new one, one row read and one argon2 verification.
+    lookup (``state/cache.py``); a new one, one row read and one argon2 verification (a 429 at
+    once when too many wait for one).
     The tenant also goes into ``current_tenant`` for the model check in ``Gateway.pick``.
     """
 
@@ -179,7 +181,11 @@ class ManagedKeys:
         return None  # no keys asked for: the anonymous tenant
 
     async def _verify(self, ex: Exchange, given: bytes) -> None:
-        from embedplex.state.cache import KeyRejectedError, KeyStoreUnavailableError
+        from embedplex.state.cache import (
+            KeyRejectedError,
+            KeyStoreUnavailableError,
+            KeyVerifierBusyError,
+        )
 
         try:
             tenant = await self.verifier.verify(given)
@@ -187,6 +193,12 @@ class ManagedKeys:
             raise AuthenticationError(exc.reason) from None
         except KeyStoreUnavailableError:
             raise UnavailableError("the key store is unavailable; retry shortly") from None
+        except KeyVerifierBusyError:
+            # Server-side backpressure, like a full queue: 429 with Retry-After, which the
+            # OpenAI clients retry by themselves; a key already verified is never refused so.
+            raise OverloadedError(
+                "too many new API keys are being verified; retry shortly", retry_after=1
+            ) from None
         self._admit(ex, tenant)
 
     @staticmethod

@@ -103,15 +103,17 @@ class ModelNotAllowedError(ForbiddenError):
 
 
 class OverloadedError(EmbedplexError):
+    """Refused for now; ``retry_after`` (seconds), when known, is sent as ``Retry-After``."""
+
     kind = "overloaded"
-
-
-class RateLimitedError(OverloadedError):
-    kind = "rate_limited"
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimitedError(OverloadedError):
+    kind = "rate_limited"
 
 
 class UnavailableError(EmbedplexError):

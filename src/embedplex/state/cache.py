@@ -6,17 +6,26 @@ dict lookup. Every ``poll_s`` (at most 2 s) a background task reads the store's 
 counter; when it moved (a key created, revoked, rotated), the cache is emptied, so the next
 request of each key is verified against the store again: a revoked or rotated key stops
 working on every replica within ``poll_s`` plus one read. Expiry is checked on every hit.
+
+Refusals must cost little too, since hostile callers choose them (docs/keys.md, "Cost per
+request"): a revoked or expired row is refused before any hash; a refused key is remembered
+for a few seconds under the same HMAC (bounded, emptied on every change), so repeating it costs
+a lookup; concurrent requests of one key share one verification; and past a bounded queue for
+the two hashing slots a new key is refused at once (``KeyVerifierBusyError``, a 429) rather
+than left waiting behind a flood.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,6 +37,19 @@ logger = logging.getLogger(__name__)
 
 _MAX_ENTRIES = 10_000  # distinct verified keys held; past it the cache starts over
 _HASHES_AT_ONCE = 2  # argon2 verifications at once: a flood of wrong keys costs bounded CPU
+# Verifications queued for a hashing slot; past it a new key is refused at once (429). With
+# two slots this bounds a new key's wait behind a flood to about 16 hashes.
+_HASH_WAITERS = 32
+# Of those, queued for one key id: a flood of random secrets on one id (a caller's own, say)
+# cannot fill the queue for every other key. A burst of one key's first requests is one
+# verification (they share it), so a real client needs one place.
+_ID_WAITERS = 4
+# Refused keys remembered: long enough that a client retrying a wrong or revoked key in a loop
+# costs lookups, short enough that nothing but a change could make it valid meanwhile (and a
+# change empties it anyway); bounded, so random keys cannot grow it.
+_FAILED_TTL_S = 5.0
+_FAILED_MAX = 4096
+_INVALID = "invalid API key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +62,10 @@ class KeyStoreUnavailableError(Exception):
     """The store could not be read to verify a key not seen before (answered 503)."""
 
 
+class KeyVerifierBusyError(Exception):
+    """Too many new keys already wait for a hashing slot (answered 429 at once)."""
+
+
 class KeyRejectedError(Exception):
     """The presented key is not a valid, active key; ``reason`` is safe to show the caller."""
 
@@ -48,10 +74,54 @@ class KeyRejectedError(Exception):
         self.reason = reason
 
 
+class _Refused:
+    """HMACs of keys refused lately, each for ``ttl`` seconds from its refusal.
+
+    Every entry lives the same time, so insertion order is expiry order: expired entries are
+    dropped from the front on each insert, and past ``max_entries`` the oldest go first. A hit
+    does not extend an entry: a key is verified again ``ttl`` after it was refused.
+    """
+
+    def __init__(self, ttl: float, max_entries: int) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._until: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def __contains__(self, digest: bytes) -> bool:
+        until = self._until.get(digest)
+        return until is not None and until > time.monotonic()
+
+    def add(self, digest: bytes) -> None:
+        now = time.monotonic()
+        self._until.pop(digest, None)
+        self._until[digest] = now + self.ttl
+        while self._until and (
+            len(self._until) > self.max_entries or next(iter(self._until.values())) <= now
+        ):
+            self._until.popitem(last=False)
+
+    def clear(self) -> None:
+        self._until.clear()
+
+
 class KeyVerifier:
     """The managed keys as seen by one server process."""
 
-    def __init__(self, keys: KeyStore, *, poll_s: float = 1.0, require: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        *,
+        poll_s: float = 1.0,
+        require: bool = False,
+        hashes_at_once: int = _HASHES_AT_ONCE,
+        hash_waiters: int = _HASH_WAITERS,
+        id_waiters: int = _ID_WAITERS,
+        refused_ttl_s: float = _FAILED_TTL_S,
+        refused_max: int = _FAILED_MAX,
+    ) -> None:
         self.keys = keys
         self.poll_s = poll_s
         self.require = require
@@ -59,7 +129,14 @@ class KeyVerifier:
         self.version = -1
         self._secret = os.urandom(32)
         self._cache: dict[bytes, _Entry] = {}
-        self._hashing = asyncio.Semaphore(_HASHES_AT_ONCE)
+        self._refused = _Refused(refused_ttl_s, refused_max)
+        self._hashing = asyncio.Semaphore(hashes_at_once)
+        self._hash_waiters = hash_waiters
+        self._id_waiters = id_waiters
+        self._waiting = 0  # verifications queued for a hashing slot
+        self._waiting_for: dict[str, int] = {}  # of those, by key id (ids with any only)
+        # One verification per presented key at a time (by HMAC); later requests join it.
+        self._flights: dict[bytes, asyncio.Task[Tenant]] = {}
         self._poller: asyncio.Task[None] | None = None
         # Called after each change the poller sees (the stored providers' sync).
         self.listeners: list[Callable[[], Awaitable[None]]] = []
@@ -75,11 +152,12 @@ class KeyVerifier:
                 await self._poller
 
     async def refresh(self) -> None:
-        """Re-read the change counter; on a change, forget every verified key."""
+        """Re-read the change counter; on a change, forget every verified and refused key."""
         version = await self.keys.store.version()
         if version != self.version:
             self.required = self.require or await self.keys.any()
             self._cache.clear()
+            self._refused.clear()
             self.version = version
             for listener in self.listeners:
                 try:
@@ -98,43 +176,108 @@ class KeyVerifier:
     def _digest(self, presented: bytes) -> bytes:
         return hmac.digest(self._secret, presented, "sha256")
 
-    def cached(self, presented: bytes) -> Tenant | None:
-        """The tenant of a key verified before and unchanged since; None: verify it."""
-        entry = self._cache.get(self._digest(presented))
+    def _known(self, digest: bytes) -> Tenant | None:
+        entry = self._cache.get(digest)
         if entry is None:
+            if digest in self._refused:
+                raise KeyRejectedError(_INVALID)
             return None
+        # Only a key this process verified says "expired": its holder has shown the secret.
         if entry.expires is not None and entry.expires <= time.time():
             raise KeyRejectedError("API key expired")
         return entry.tenant
 
+    def cached(self, presented: bytes) -> Tenant | None:
+        """The tenant of a key verified before and unchanged since; None: verify it.
+
+        Raises ``KeyRejectedError`` for a key refused within the last few seconds.
+        """
+        return self._known(self._digest(presented))
+
     async def verify(self, presented: bytes) -> Tenant:
-        """Look the key's row up by its id and check the hash; cache the result."""
+        """Look the key's row up by its id and check the hash; cache the result either way.
+
+        Raises ``KeyRejectedError``, ``KeyStoreUnavailableError``, or ``KeyVerifierBusyError``
+        when the queue for a hashing slot is full.
+        """
         try:
             text = presented.decode("ascii")
         except UnicodeDecodeError:
-            raise KeyRejectedError("invalid API key") from None
+            raise KeyRejectedError(_INVALID) from None
         parts = split_key(text)
-        if parts is None:
-            raise KeyRejectedError("invalid API key")
+        if parts is None:  # free to refuse: not worth a place among the refused keys
+            raise KeyRejectedError(_INVALID)
+        digest = self._digest(presented)
+        known = self._known(digest)
+        if known is not None:
+            return known
+        # A verification of this very key under way (a client's burst of first requests, or a
+        # flood repeating one wrong key) is joined, not repeated. One that started before a
+        # change landed answers as it would have a moment earlier; it caches nothing.
+        flight = self._flights.get(digest)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._verify(text, parts[0], digest))
+            self._flights[digest] = flight
+            flight.add_done_callback(functools.partial(self._landed, digest))
+        # Shielded: one caller going away must not cancel the others' verification.
+        return await asyncio.shield(flight)
+
+    def _landed(self, digest: bytes, flight: asyncio.Task[Tenant]) -> None:
+        del self._flights[digest]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every caller may have gone, that is no error
+
+    async def _verify(self, text: str, key_id: str, digest: bytes) -> Tenant:
         version = self.version
         try:
-            record = await self.keys.get(parts[0])
+            tenant, expires = await self._check(text, key_id)
+        except KeyRejectedError:
+            if version == self.version:  # not stale: no change landed while we looked
+                self._refused.add(digest)
+            raise
+        if version == self.version:
+            if len(self._cache) >= _MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = _Entry(tenant, expires)
+        return tenant
+
+    async def _check(self, text: str, key_id: str) -> tuple[Tenant, float | None]:
+        try:
+            record = await self.keys.get(key_id)
         except (SQLAlchemyError, OSError) as exc:
             logger.warning("key lookup failed: %s", type(exc).__name__)
             raise KeyStoreUnavailableError from None
-        if record is None:
-            raise KeyRejectedError("invalid API key")
-        async with self._hashing:
+        # A revoked or expired row is refused before the hash, as an unknown id is, and in the
+        # same words: without the hash nothing shows the caller holds the secret, and saying
+        # "revoked" would tell anyone who knows an id that it once was a key. Key ids are not
+        # secret (logs, metrics); an active id still costs a hash, as before.
+        if record is None or record.status() != "active":
+            raise KeyRejectedError(_INVALID)
+        async with self._queued(key_id):
+            await self._hashing.acquire()
+        try:
             ok = await asyncio.to_thread(verify_hash, record.secret_hash, text)
+        finally:
+            self._hashing.release()
         if not ok:
-            raise KeyRejectedError("invalid API key")
-        status = record.status()
-        if status != "active":
-            raise KeyRejectedError(f"API key {status}")
-        tenant = record.tenant()
-        if version == self.version:  # not stale: no change landed while we looked
-            if len(self._cache) >= _MAX_ENTRIES:
-                self._cache.clear()
-            expires = record.expires_at.timestamp() if record.expires_at else None
-            self._cache[self._digest(presented)] = _Entry(tenant, expires)
-        return tenant
+            raise KeyRejectedError(_INVALID)
+        expires = record.expires_at.timestamp() if record.expires_at else None
+        return record.tenant(), expires
+
+    @contextlib.asynccontextmanager
+    async def _queued(self, key_id: str) -> AsyncIterator[None]:
+        """A place in the queue for a hashing slot, or ``KeyVerifierBusyError`` at once."""
+        mine = self._waiting_for.get(key_id, 0)
+        if self._waiting >= self._hash_waiters or mine >= self._id_waiters:
+            raise KeyVerifierBusyError
+        self._waiting += 1
+        self._waiting_for[key_id] = mine + 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+            left = self._waiting_for[key_id] - 1
+            if left:
+                self._waiting_for[key_id] = left
+            else:
+                del self._waiting_for[key_id]
