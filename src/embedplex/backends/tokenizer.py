@@ -162,14 +162,39 @@ class TextTokenizer:
         truncate: bool,
         direction: TruncationDirection = TruncationDirection.RIGHT,
     ) -> list[Encoded]:
-        """(query, text) pairs for a cross-encoder; truncation cuts the longer side first."""
+        """(query, text) pairs for a cross-encoder; truncation cuts the longer side first.
+
+        The result is exactly ``encode_batch([(query, text) for text in texts])``'s, but the
+        query is tokenized once, not once per text: joined per pair, a long query made the
+        work grow with len(query) x len(texts). ``post_process`` applies the truncation and the
+        pair template as ``encode`` does, to each side encoded whole without special tokens.
+        """
         tok = self._truncating[direction] if truncate else self._plain
-        pairs = [(query, text) for text in texts]
         try:
-            encodings = tok.encode_batch(pairs)
+            # Whole sides (the truncating tokenizer would cut each alone): pairing cuts them.
+            question = self._plain.encode(query, add_special_tokens=False)
+            if not truncate and len(question) > self.max_length:
+                # Every pair is too long: refuse with the first one's error, before the rest.
+                texts = texts[:1]
+            answers = _encode_many(self._plain, texts)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
-        return self._checked(encodings)
+        n_query = len(question)
+        if not truncate or n_query <= self.max_length:
+            return self._checked([tok.post_process(question, a) for a in answers])
+        # A query longer than max_length keeps at most max_length tokens in any pair, so each
+        # pair copies a cut one. Longest-first truncation also looks at which side is longer
+        # (with an odd budget the longer side keeps the extra token), so the cut query is one
+        # token past max_length and a long text is cut to stay longer, equal or shorter alike.
+        question.truncate(self.max_length + 1, 0, direction.value)
+        pairs: list[Encoding] = []
+        for answer in answers:
+            n_text = len(answer)
+            cap = self.max_length + 1 + (n_text > n_query) - (n_text < n_query)
+            if n_text > cap:
+                answer.truncate(cap, 0, direction.value)
+            pairs.append(tok.post_process(question, answer))
+        return self._checked(pairs)
 
     def encode_ids(
         self,
@@ -258,6 +283,14 @@ def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) ->
             except UnicodeEncodeError:
                 raise _lone_surrogate(index) from exc
         raise
+
+
+def _encode_many(tok: Tokenizer, texts: list[str]) -> list[Encoding]:
+    """Texts without special tokens (the pair template adds them); one text is encoded in
+    this thread, as ``encode_batch`` would hand even one to its thread pool."""
+    if len(texts) == 1:
+        return [tok.encode(texts[0], add_special_tokens=False)]
+    return tok.encode_batch(texts, add_special_tokens=False)
 
 
 def _lone_surrogate(index: int) -> InvalidRequestError:
