@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding, Tokenizer, normalizers, pre_tokenizers
 
 from embedplex.core.errors import (
     EmbedplexError,
@@ -22,6 +22,10 @@ from embedplex.core.errors import (
 
 # Plain lists: turning them into arrays is left to collate, in the inference thread.
 Ids = list[int]
+
+# A text longer than max_length x this many characters is truncated from a part of this size
+# (``TextTokenizer._part``): more characters than any token of a BERT vocabulary needs.
+PART_CHARS_PER_TOKEN = 64
 
 
 class TruncationDirection(StrEnum):
@@ -80,6 +84,13 @@ class TextTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer
+        # A long text is truncated from a part of it only where tokenizing is local: BERT's
+        # normalizer works char by char and its pre-tokenizer splits at whitespace and
+        # punctuation, so the pieces before a piece boundary tokenize alike in any longer text.
+        self._parts = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer) and (
+            tokenizer.normalizer is None
+            or isinstance(tokenizer.normalizer, normalizers.BertNormalizer)
+        )
         self._truncating: dict[TruncationDirection, Tokenizer] = {}
         for direction in TruncationDirection:
             tok = Tokenizer.from_str(tokenizer.to_str())
@@ -103,8 +114,12 @@ class TextTokenizer:
         direction: TruncationDirection = TruncationDirection.RIGHT,
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
-        tok = self._truncating[direction] if truncate else self._plain
-        return self._checked(_encode_batch(tok, texts, add_special_tokens))
+        if not truncate:
+            return self._checked(_encode_batch(self._plain, texts, add_special_tokens))
+        tok = self._truncating[direction]
+        parts = [self._part(text, direction) for text in texts]
+        encodings = _encode_batch(tok, parts, add_special_tokens)
+        return self._checked(self._whole_where_short(tok, texts, parts, encodings))
 
     def encode_each(
         self,
@@ -118,9 +133,11 @@ class TextTokenizer:
         batch): a text that fails gets its error in its place instead of failing them all.
         ``indices`` are the texts' positions in their own requests, for the error messages."""
         tok = self._truncating[direction] if truncate else self._plain
+        parts = [self._part(text, direction) for text in texts] if truncate else texts
         try:
             # encode_batch hands even one text to its thread pool: a wake-up per request at c=1
-            encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
+            encodings = [tok.encode(parts[0])] if len(parts) == 1 else tok.encode_batch(parts)
+            encodings = self._whole_where_short(tok, texts, parts, encodings)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
             for text, index in zip(texts, indices, strict=True):
@@ -132,6 +149,36 @@ class TextTokenizer:
                 out.append(self._checked_or_error(tok.encode(text), index))
             return out
         return [self._checked_or_error(e, i) for e, i in zip(encodings, indices, strict=True)]
+
+    def _part(self, text: str, direction: TruncationDirection) -> str:
+        """The part of a long text that truncation keeps from (its start, or its end when
+        truncating left), cut at a pre-tokenizer piece boundary: tokenizing a megabyte to keep
+        ``max_length`` tokens cost seconds and a gigabyte. The text itself where it is short,
+        where the tokenizer is not known to tokenize locally, or where it is not valid text
+        (whole, it fails as it should)."""
+        bound = self.max_length * PART_CHARS_PER_TOKEN
+        if len(text) <= bound or not self._parts or not _valid(text):
+            return text
+        right = direction is TruncationDirection.RIGHT
+        part = text[:bound] if right else text[-bound:]
+        assert self._plain.pre_tokenizer is not None  # (checked in __init__)
+        pieces = self._plain.pre_tokenizer.pre_tokenize_str(part)
+        if len(pieces) < 2:
+            return text
+        # Drop the piece the cut may have split: the last one, or the first when from the end.
+        return part[: pieces[-1][1][0]] if right else part[pieces[0][1][1] :]
+
+    def _whole_where_short(
+        self, tok: Tokenizer, texts: list[str], parts: list[str], encodings: list[Encoding]
+    ) -> list[Encoding]:
+        """A part that truncation did not cut (it had no more than ``max_length`` tokens: a
+        megabyte of spaces) does not show what the whole text keeps: that one is encoded
+        whole. A part that was cut keeps what the whole text keeps: the pieces before its
+        boundary tokenize alike in both."""
+        return [
+            enc if part is text or enc.overflowing else tok.encode(text)
+            for text, part, enc in zip(texts, parts, encodings, strict=True)
+        ]
 
     def _checked(self, encodings: list[Encoding]) -> list[Encoded]:
         return [self._one(enc, index) for index, enc in enumerate(encodings)]
@@ -162,14 +209,39 @@ class TextTokenizer:
         truncate: bool,
         direction: TruncationDirection = TruncationDirection.RIGHT,
     ) -> list[Encoded]:
-        """(query, text) pairs for a cross-encoder; truncation cuts the longer side first."""
+        """(query, text) pairs for a cross-encoder; truncation cuts the longer side first.
+
+        The result is exactly ``encode_batch([(query, text) for text in texts])``'s, but the
+        query is tokenized once, not once per text: joined per pair, a long query made the
+        work grow with len(query) x len(texts). ``post_process`` applies the truncation and the
+        pair template as ``encode`` does, to each side encoded whole without special tokens.
+        """
         tok = self._truncating[direction] if truncate else self._plain
-        pairs = [(query, text) for text in texts]
         try:
-            encodings = tok.encode_batch(pairs)
+            # Whole sides (the truncating tokenizer would cut each alone): pairing cuts them.
+            question = self._plain.encode(query, add_special_tokens=False)
+            if not truncate and len(question) > self.max_length:
+                # Every pair is too long: refuse with the first one's error, before the rest.
+                texts = texts[:1]
+            answers = _encode_many(self._plain, texts)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
-        return self._checked(encodings)
+        n_query = len(question)
+        if not truncate or n_query <= self.max_length:
+            return self._checked([tok.post_process(question, a) for a in answers])
+        # A query longer than max_length keeps at most max_length tokens in any pair, so each
+        # pair copies a cut one. Longest-first truncation also looks at which side is longer
+        # (with an odd budget the longer side keeps the extra token), so the cut query is one
+        # token past max_length and a long text is cut to stay longer, equal or shorter alike.
+        question.truncate(self.max_length + 1, 0, direction.value)
+        pairs: list[Encoding] = []
+        for answer in answers:
+            n_text = len(answer)
+            cap = self.max_length + 1 + (n_text > n_query) - (n_text < n_query)
+            if n_text > cap:
+                answer.truncate(cap, 0, direction.value)
+            pairs.append(tok.post_process(question, answer))
+        return self._checked(pairs)
 
     def encode_ids(
         self,
@@ -258,6 +330,23 @@ def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) ->
             except UnicodeEncodeError:
                 raise _lone_surrogate(index) from exc
         raise
+
+
+def _valid(text: str) -> bool:
+    """No lone surrogates (JSON can carry them; the tokenizer refuses them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _encode_many(tok: Tokenizer, texts: list[str]) -> list[Encoding]:
+    """Texts without special tokens (the pair template adds them); one text is encoded in
+    this thread, as ``encode_batch`` would hand even one to its thread pool."""
+    if len(texts) == 1:
+        return [tok.encode(texts[0], add_special_tokens=False)]
+    return tok.encode_batch(texts, add_special_tokens=False)
 
 
 def _lone_surrogate(index: int) -> InvalidRequestError:

@@ -39,7 +39,8 @@ class LocalRerankModel(LocalModel[Scored]):
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         self._check_size(len(request.texts), "texts")
-        chars = len(request.query) * len(request.texts) + sum(len(t) for t in request.texts)
+        # The query is tokenized once for all its pairs (``encode_pairs``).
+        chars = len(request.query) + sum(len(t) for t in request.texts)
         done = await self._process(lambda: self._encode(request), chars, tenant=request.tenant)
         logits = np.asarray([r.logit for r in done.results], dtype=np.float64)
         # Single-logit cross-encoders are trained with a sigmoid head (sentence-transformers'

