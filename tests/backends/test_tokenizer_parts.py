@@ -24,6 +24,7 @@ ALPHABET = [
     *"abc xyz  !?.,;:'\"-_()[]\t\n",
     *"東京は日本の首都です한국어éüñ",
     *["\u0301", "🚀", "👩\u200d💻", "\u200b", "\u00a0", "\u3000", "\ufeff", "\x00", "\x7f"],
+    *["\x85", "[SEP]", "[", "]", "[MASK]"],  # deleted by the normalizer; added tokens
 ]
 
 
@@ -90,3 +91,34 @@ def test_a_lone_surrogate_past_the_part_is_still_refused() -> None:
         tok.encode([text], truncate=True)
     (error,) = tok.encode_each([text], [0], truncate=True, direction=TruncationDirection.RIGHT)
     assert isinstance(error, EmbedplexError)
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("k", range(1, 6))
+def test_an_added_token_or_a_deleted_character_at_the_cut_changes_nothing(
+    direction: str, k: int
+) -> None:
+    """Cut at the raw pre-tokenizer's boundaries, a part split "[SEP]" into "[", "SEP", "]"
+    (the whole text keeps the added token) and ended a word at U+0085, which the normalizer
+    deletes (the whole text joins the word across it): both tokenized otherwise (review)."""
+    path = real_tokenizer_json()
+    tok = ours(path, MAX)
+    d = TruncationDirection(direction)
+    head = "a " * (MAX - 2 - k)
+    for marker in ("[SEP]", "qzxvbnmkjh\x85"):
+        pad = " " * (BOUND - len(head) - len(marker))
+        if direction == "right":  # the marker ends exactly at the cut
+            text = head + pad + marker + "c" * 300 + " b" * 50
+        else:  # the marker starts exactly where the part would begin
+            text = "b " * 50 + "c" * 300 + marker + pad + head
+        assert tok.encode([text], truncate=True, direction=d) == expected(path, [text], direction)
+
+
+def test_a_whole_text_fallback_keeps_add_special_tokens() -> None:
+    path = real_tokenizer_json()
+    tok = ours(path, MAX)
+    text = "a b" + " " * (2 * BOUND) + "c"  # the part has no more than MAX tokens: whole
+    (got,) = tok.encode([text], truncate=True, add_special_tokens=False)
+    plain = Tokenizer.from_file(str(path))
+    plain.no_padding()
+    assert got.ids == plain.encode(text, add_special_tokens=False).ids == [1037, 1038, 1039]

@@ -7,6 +7,7 @@ truncation mode instead of flipping settings under concurrent threads.
 from __future__ import annotations
 
 import os
+import string
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -87,9 +88,19 @@ class TextTokenizer:
         # A long text is truncated from a part of it only where tokenizing is local: BERT's
         # normalizer works char by char and its pre-tokenizer splits at whitespace and
         # punctuation, so the pieces before a piece boundary tokenize alike in any longer text.
-        self._parts = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer) and (
+        # The part is cut only at an ASCII space or punctuation mark (each a piece boundary
+        # whatever stands beside it) that no added token holds: the raw pre-tokenizer's own
+        # boundaries include characters the normalizer deletes (U+0085) and fall inside added
+        # tokens ("[SEP]" is "[", "SEP", "]" to it), where the whole text tokenizes otherwise.
+        added = "".join(t.content for t in tokenizer.get_added_tokens_decoder().values())
+        local = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer) and (
             tokenizer.normalizer is None
             or isinstance(tokenizer.normalizer, normalizers.BertNormalizer)
+        )
+        self._cuts = (
+            "".join(c for c in " " + string.punctuation if c not in added)
+            if local and not any(c.isspace() for c in added)
+            else ""
         )
         self._truncating: dict[TruncationDirection, Tokenizer] = {}
         for direction in TruncationDirection:
@@ -119,7 +130,9 @@ class TextTokenizer:
         tok = self._truncating[direction]
         parts = [self._part(text, direction) for text in texts]
         encodings = _encode_batch(tok, parts, add_special_tokens)
-        return self._checked(self._whole_where_short(tok, texts, parts, encodings))
+        return self._checked(
+            self._whole_where_short(tok, texts, parts, encodings, add_special_tokens)
+        )
 
     def encode_each(
         self,
@@ -152,31 +165,37 @@ class TextTokenizer:
 
     def _part(self, text: str, direction: TruncationDirection) -> str:
         """The part of a long text that truncation keeps from (its start, or its end when
-        truncating left), cut at a pre-tokenizer piece boundary: tokenizing a megabyte to keep
-        ``max_length`` tokens cost seconds and a gigabyte. The text itself where it is short,
-        where the tokenizer is not known to tokenize locally, or where it is not valid text
+        truncating left), cut just past (before, from the end) a safe boundary character
+        (``_cuts``): tokenizing a megabyte to keep ``max_length`` tokens cost seconds and a
+        gigabyte. The text itself where it is short, where the tokenizer is not known to
+        tokenize locally, where no safe boundary is near the cut, or where it is not valid text
         (whole, it fails as it should)."""
         bound = self.max_length * PART_CHARS_PER_TOKEN
-        if len(text) <= bound or not self._parts or not _valid(text):
+        cuts = self._cuts
+        if len(text) <= bound or not cuts or not _valid(text):
             return text
-        right = direction is TruncationDirection.RIGHT
-        part = text[:bound] if right else text[-bound:]
-        assert self._plain.pre_tokenizer is not None  # (checked in __init__)
-        pieces = self._plain.pre_tokenizer.pre_tokenize_str(part)
-        if len(pieces) < 2:
-            return text
-        # Drop the piece the cut may have split: the last one, or the first when from the end.
-        return part[: pieces[-1][1][0]] if right else part[pieces[0][1][1] :]
+        if direction is TruncationDirection.RIGHT:
+            at = max(text.rfind(c, 0, bound) for c in cuts)
+            return text[: at + 1] if at > 0 else text
+        start = len(text) - bound
+        found = [i for i in (text.find(c, start) for c in cuts) if i >= 0]
+        return text[min(found) :] if found and min(found) < len(text) - 1 else text
 
     def _whole_where_short(
-        self, tok: Tokenizer, texts: list[str], parts: list[str], encodings: list[Encoding]
+        self,
+        tok: Tokenizer,
+        texts: list[str],
+        parts: list[str],
+        encodings: list[Encoding],
+        add_special_tokens: bool = True,
     ) -> list[Encoding]:
         """A part that truncation did not cut (it had no more than ``max_length`` tokens: a
         megabyte of spaces) does not show what the whole text keeps: that one is encoded
         whole. A part that was cut keeps what the whole text keeps: the pieces before its
         boundary tokenize alike in both."""
+        special = add_special_tokens
         return [
-            enc if part is text or enc.overflowing else tok.encode(text)
+            enc if part is text or enc.overflowing else tok.encode(text, add_special_tokens=special)
             for text, part, enc in zip(texts, parts, encodings, strict=True)
         ]
 
