@@ -206,3 +206,53 @@ async def test_one_key_id_cannot_take_the_whole_queue(
     assert (await first).key_id == mine.split("_")[1]
     outcomes = await asyncio.gather(*flood, return_exceptions=True)
     assert all(isinstance(o, KeyRejectedError) for o in outcomes)
+
+
+async def test_keys_verified_before_a_change_are_never_refused_for_a_full_queue(
+    keys: KeyStore,
+) -> None:
+    """A change empties the cache: every active client's next request needs a hash at once,
+    and past the queue's bound 40 clients got 429 (review). Keys verified before the change
+    wait their turn instead; a new key past the bound is still refused at once."""
+    verifier = KeyVerifier(keys, hash_waiters=4, id_waiters=4)
+    known = [(await keys.create(KeySpec(name=f"k{i}")))[1].encode() for i in range(12)]
+    await verifier.refresh()
+    for key in known:
+        await verifier.verify(key)
+    await keys.create(KeySpec(name="new"))  # a change: the cache is emptied
+    await verifier.refresh()
+    assert all(verifier.cached(key) is None for key in known)
+    newcomers = [(await keys.create(KeySpec(name=f"n{i}")))[1].encode() for i in range(8)]
+    await verifier.refresh()
+    out = await asyncio.gather(
+        *(verifier.verify(key) for key in known + newcomers), return_exceptions=True
+    )
+    assert not any(isinstance(o, BaseException) for o in out[: len(known)]), out
+    assert any(isinstance(o, KeyVerifierBusyError) for o in out[len(known) :]), out
+
+
+async def test_a_request_after_a_change_never_joins_a_verification_from_before_it(
+    keys: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verification that read the row before a revocation answers its own callers; one that
+    starts after the change reads the revoked row (review: it joined the old flight)."""
+    verifier = KeyVerifier(keys)
+    _, key = await keys.create(KeySpec(name="k"))
+    await verifier.refresh()
+    release = threading.Event()
+
+    def slow(stored: str, presented: str) -> bool:
+        release.wait(10)
+        return verify_hash(stored, presented)
+
+    monkeypatch.setattr(cache, "verify_hash", slow)
+    before = asyncio.ensure_future(verifier.verify(key.encode()))
+    await asyncio.sleep(0.1)  # reading the row, then hashing
+    await keys.revoke("k")
+    await verifier.refresh()
+    after = asyncio.ensure_future(verifier.verify(key.encode()))
+    await asyncio.sleep(0.05)
+    release.set()
+    await before  # read before the revocation: its own answer
+    with pytest.raises(KeyRejectedError):
+        await after

@@ -136,7 +136,11 @@ class KeyVerifier:
         self._waiting = 0  # verifications queued for a hashing slot
         self._waiting_for: dict[str, int] = {}  # of those, by key id (ids with any only)
         # One verification per presented key at a time (by HMAC); later requests join it.
-        self._flights: dict[bytes, asyncio.Task[Tenant]] = {}
+        self._flights: dict[tuple[bytes, int], asyncio.Task[Tenant]] = {}
+        # Keys verified before the last change (their HMACs): checked again after it, but never
+        # refused for a full queue (a change empties the cache, and every active client's next
+        # request needs a hash at once: past the queue's bound they got 429 after any change).
+        self._verified_before: set[bytes] = set()
         self._poller: asyncio.Task[None] | None = None
         # Called after each change the poller sees (the stored providers' sync).
         self.listeners: list[Callable[[], Awaitable[None]]] = []
@@ -156,6 +160,9 @@ class KeyVerifier:
         version = await self.keys.store.version()
         if version != self.version:
             self.required = self.require or await self.keys.any()
+            self._verified_before = set(self._cache) | self._verified_before
+            if len(self._verified_before) > _MAX_ENTRIES:
+                self._verified_before = set(self._cache)
             self._cache.clear()
             self._refused.clear()
             self.version = version
@@ -214,23 +221,26 @@ class KeyVerifier:
         # A verification of this very key under way (a client's burst of first requests, or a
         # flood repeating one wrong key) is joined, not repeated. One that started before a
         # change landed answers as it would have a moment earlier; it caches nothing.
-        flight = self._flights.get(digest)
+        # Joined only within one version: a request after a change (a revocation seen) never
+        # takes the answer of a verification that read the key before it.
+        flying = (digest, self.version)
+        flight = self._flights.get(flying)
         if flight is None:
             flight = asyncio.get_running_loop().create_task(self._verify(text, parts[0], digest))
-            self._flights[digest] = flight
-            flight.add_done_callback(functools.partial(self._landed, digest))
+            self._flights[flying] = flight
+            flight.add_done_callback(functools.partial(self._landed, flying))
         # Shielded: one caller going away must not cancel the others' verification.
         return await asyncio.shield(flight)
 
-    def _landed(self, digest: bytes, flight: asyncio.Task[Tenant]) -> None:
-        del self._flights[digest]
+    def _landed(self, flying: tuple[bytes, int], flight: asyncio.Task[Tenant]) -> None:
+        del self._flights[flying]
         if not flight.cancelled():
             flight.exception()  # retrieved: every caller may have gone, that is no error
 
     async def _verify(self, text: str, key_id: str, digest: bytes) -> Tenant:
         version = self.version
         try:
-            tenant, expires = await self._check(text, key_id)
+            tenant, expires = await self._check(text, key_id, digest in self._verified_before)
         except KeyRejectedError:
             if version == self.version:  # not stale: no change landed while we looked
                 self._refused.add(digest)
@@ -239,9 +249,14 @@ class KeyVerifier:
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
             self._cache[digest] = _Entry(tenant, expires)
+            self._verified_before.discard(digest)
         return tenant
 
-    async def _check(self, text: str, key_id: str) -> tuple[Tenant, float | None]:
+    async def _check(
+        self, text: str, key_id: str, known: bool = False
+    ) -> tuple[Tenant, float | None]:
+        """The key's tenant and expiry after its row and hash are checked; ``known``: verified
+        before the last change, so it waits for a hashing slot however long the queue."""
         try:
             record = await self.keys.get(key_id)
         except (SQLAlchemyError, OSError) as exc:
@@ -253,8 +268,11 @@ class KeyVerifier:
         # secret (logs, metrics); an active id still costs a hash, as before.
         if record is None or record.status() != "active":
             raise KeyRejectedError(_INVALID)
-        async with self._queued(key_id):
+        if known:
             await self._hashing.acquire()
+        else:
+            async with self._queued(key_id):
+                await self._hashing.acquire()
         try:
             ok = await asyncio.to_thread(verify_hash, record.secret_hash, text)
         finally:
