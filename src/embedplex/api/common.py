@@ -144,6 +144,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def as_asked(request: Request, core: EmbedRequest) -> EmbedRequest:
+    """``core`` with the cache off where the request says ``Cache-Control: no-cache|no-store``
+    (``run_embed``, and each sub-request of the batch route)."""
+    if core.cache and no_cache(request.scope):
+        return dataclasses.replace(core, cache=False)
+    return core
+
+
 def no_cache(scope: Scope) -> bool:
     """``Cache-Control: no-cache`` or ``no-store`` on the request: the standard way to ask for
     a fresh answer (``docs/cache.md``); read from the raw headers (no Headers object)."""
@@ -158,8 +166,7 @@ def no_cache(scope: Scope) -> bool:
 async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
     """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
     check_tokens(request, token_ids(core.inputs), "input")
-    if core.cache and no_cache(request.scope):
-        core = dataclasses.replace(core, cache=False)
+    core = as_asked(request, core)
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.inputs)

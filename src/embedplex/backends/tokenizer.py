@@ -148,15 +148,12 @@ class TextTokenizer:
         tok = self._truncating[direction] if truncate else self._plain
         parts = [self._part(text, direction) for text in texts] if truncate else texts
         try:
-            # encode_batch hands even one text to its thread pool: a wake-up per request at c=1
-            encodings = [tok.encode(parts[0])] if len(parts) == 1 else tok.encode_batch(parts)
+            encodings = _encode_raw(tok, parts, True)
             encodings = self._whole_where_short(tok, texts, parts, encodings)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
             for text, index in zip(texts, indices, strict=True):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
+                if not _valid(text):
                     out.append(_lone_surrogate(index))
                     continue
                 out.append(self._checked_or_error(tok.encode(text), index))
@@ -242,7 +239,7 @@ class TextTokenizer:
             if not truncate and len(question) > self.max_length:
                 # Every pair is too long: refuse with the first one's error, before the rest.
                 texts = texts[:1]
-            answers = _encode_many(self._plain, texts)
+            answers = _encode_raw(self._plain, texts, False)  # the pair template adds them
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
         n_query = len(question)
@@ -336,17 +333,21 @@ class TextTokenizer:
         return result
 
 
+def _encode_raw(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
+    """``encode_batch``, but one text in this thread: ``encode_batch`` hands even one text to
+    its thread pool (a wake-up per request at c=1)."""
+    if len(texts) == 1:
+        return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
+    return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+
 def _encode_batch(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
     try:
-        if len(texts) == 1:  # encode_batch hands even one text to its thread pool
-            return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
-        return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return _encode_raw(tok, texts, add_special_tokens)
     except (TypeError, ValueError) as exc:
         # JSON can carry lone surrogates ("\ud800"), which are not text the tokenizer accepts.
         for index, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
+            if not _valid(text):
                 raise _lone_surrogate(index) from exc
         raise
 
@@ -358,14 +359,6 @@ def _valid(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _encode_many(tok: Tokenizer, texts: list[str]) -> list[Encoding]:
-    """Texts without special tokens (the pair template adds them); one text is encoded in
-    this thread, as ``encode_batch`` would hand even one to its thread pool."""
-    if len(texts) == 1:
-        return [tok.encode(texts[0], add_special_tokens=False)]
-    return tok.encode_batch(texts, add_special_tokens=False)
 
 
 def _lone_surrogate(index: int) -> InvalidRequestError:

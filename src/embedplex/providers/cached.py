@@ -12,9 +12,9 @@ are no part of a key: the Redis key is a BLAKE2b digest of the identity and the 
 What is kept is the upstream's vector, read-only and holding only its own data (a decoded base64
 row as it is; a row of an answer's matrix is copied: it would keep the whole answer alive), and
 the text's share of the call's billed tokens, so a hit reports the tokens that computing it
-reported. Results are stored by the batch function, once per upstream
-call (``ProviderRuntime._call``): a text is stored once however many callers shared it, and a
-failed text never.
+reported. Results are stored by the batch function, once per upstream call
+(``ProviderRuntime._call``): a text is stored once however many callers shared it, and a failed
+text never.
 """
 
 from __future__ import annotations
@@ -103,14 +103,17 @@ class ProviderCache:
         return Scope(tag, remote_base(ident), params)
 
     def lookup(self, texts: list[str], tag: int) -> tuple[list[Entry | None], list[int]]:
-        """Each text's entry in this process (or None), and the positions missed."""
+        """Each text's entry in this process (or None), and the positions missed; counted."""
+        found, missed = self._find(texts, tag)
+        self.counts.hits_memory += len(texts) - len(missed)
+        return found, missed
+
+    def _find(self, texts: list[str], tag: int) -> tuple[list[Entry | None], list[int]]:
         memory = self.memory
         assert memory is not None
         get = memory.get
         found: list[Entry | None] = [get((text, tag)) for text in texts]
-        missed = [k for k, e in enumerate(found) if e is None]
-        self.counts.hits_memory += len(texts) - len(missed)
-        return found, missed
+        return found, [k for k, e in enumerate(found) if e is None]
 
     async def lookup_shared(
         self,
@@ -143,12 +146,7 @@ class ProviderCache:
         when whole: a request this lookup does not answer goes to another provider, or fails,
         and is counted there, not here as hits it was never answered with.
         """
-        memory = self.memory
-        assert memory is not None
-        get = memory.get
-        tag = scope.tag
-        found: list[Entry | None] = [get((text, tag)) for text in texts]
-        missed = [k for k, e in enumerate(found) if e is None]
+        found, missed = self._find(texts, scope.tag)
         redis = self.redis
         if missed:
             if redis is None or not redis.up:

@@ -83,14 +83,11 @@ async def create_batch(body: BatchRequest, request: Request) -> Response:
     )
 
     async def in_turn(item: BatchItem) -> EmbedResult:
-        try:
-            slotted = getattr(routed_service(request, item), "admit", None) is not None
-        except EmbedplexError:
-            slotted = False  # embed_one answers the same refusal for this item
-        if not slotted:
-            return await embed_one(request, item)
+        service = routed_service(request, item)  # a refusal here is this item's (gather keeps it)
+        if getattr(service, "admit", None) is None:
+            return await embed_one(request, item, service)
         async with turns:
-            return await embed_one(request, item)
+            return await embed_one(request, item, service)
 
     work = asyncio.gather(*(in_turn(item) for item in body.requests), return_exceptions=True)
     outcomes = await unless_disconnected(request, work)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -14,10 +13,10 @@ from starlette.responses import Response
 from embedplex.api.common import (
     Inputs,
     PriorityField,
+    as_asked,
     as_inputs,
     gateway,
     json_response,
-    no_cache,
     result_headers,
     run_embed,
     tenant_of,
@@ -154,13 +153,14 @@ def routed_service(request: Request, body: EmbeddingsRequest) -> EmbeddingServic
     return gateway(request).service(body.model, providers, policy)
 
 
-async def embed_one(request: Request, body: EmbeddingsRequest) -> EmbedResult:
-    """Embed one (sub-)request through the model or route it names (the batch route's way in;
-    ``Cache-Control: no-cache|no-store`` applies to each, as ``run_embed`` applies it)."""
-    core = to_core(body, request)
-    if core.cache and no_cache(request.scope):
-        core = dataclasses.replace(core, cache=False)
-    return await routed_service(request, body).embed(core)
+async def embed_one(
+    request: Request, body: EmbeddingsRequest, service: EmbeddingService | None = None
+) -> EmbedResult:
+    """Embed one (sub-)request through ``service``, the model or route it names (the batch
+    route's way in; ``Cache-Control: no-cache|no-store`` applies to each, as in ``run_embed``)."""
+    if service is None:
+        service = routed_service(request, body)
+    return await service.embed(as_asked(request, to_core(body, request)))
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
