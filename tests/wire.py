@@ -14,20 +14,23 @@ from typing import Any
 import uvicorn
 
 from embedplex.serve.edge import EdgeLimits, edge_protocol
+from embedplex.serve.forwarded import ForwardedHeaders
 from helpers import free_port
 
 
 @contextmanager
-def edge_server(app: Any, limits: EdgeLimits, **config: Any) -> Iterator[int]:
-    """``app`` under uvicorn with ``limits`` (and any other ``uvicorn.Config`` settings in
-    ``config``); yields the port once it listens."""
+def edge_server(
+    app: Any, limits: EdgeLimits, forwarded: ForwardedHeaders | None = None, **config: Any
+) -> Iterator[int]:
+    """``app`` under uvicorn with ``limits`` and ``forwarded`` (and any other ``uvicorn.Config``
+    settings in ``config``); yields the port once it listens."""
     port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
             port=port,
-            http=edge_protocol(limits),
+            http=edge_protocol(limits, forwarded),
             log_config=None,
             **config,
         )

@@ -149,6 +149,28 @@ def test_idle_connections_are_closed_before_the_first_request_and_between_reques
             assert time.monotonic() - start < WAIT_S
 
 
+def test_a_connection_in_use_outlives_its_first_keep_alive_deadline() -> None:
+    """The keep-alive timer is kept lazily (serve/http_protocol.py): the check armed after the
+    first answer fires while later requests keep the connection busy, and must let it be; the
+    connection still closes once it is idle for the bound."""
+    limits = EdgeLimits(idle_timeout_s=0.6)
+    with server(echo, limits) as port, connect(port) as s:
+        start = time.monotonic()
+        answered = 0
+        while time.monotonic() - start < 2.0:  # past three deadlines, one request at a time
+            s.sendall(get())
+            reply = b""
+            while not reply.endswith(b"\r\n\r\n"):  # echo: an empty body after the head
+                chunk = s.recv(65536)
+                assert chunk, f"closed after {answered} answers, while in use"
+                reply += chunk
+            answered += 1
+            time.sleep(0.2)
+        idle_from = time.monotonic()
+        assert read_all(s) == b""
+        assert 0.3 < time.monotonic() - idle_from < WAIT_S
+
+
 def test_a_slow_body_gets_408_and_the_app_stops_waiting() -> None:
     limits = EdgeLimits(body_timeout_s=0.5)
     with server(echo, limits) as port, connect(port) as s:

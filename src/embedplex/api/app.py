@@ -89,6 +89,12 @@ class EmbedplexApp(FastAPI):
         scope["app"] = self  # what Starlette would set: handlers reach app.state through it
         await edge(scope, receive, send)
 
+    def entry(self) -> ASGIApp:
+        """What a server should call: the pipeline itself, which puts this app in each scope
+        and hands lifespan events on to it (one coroutine frame less per request than this
+        app's ``__call__``); the app when it has no pipeline."""
+        return self if self.edge is None else self.edge
+
     async def serve_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
         """FastAPI's routing, exception handlers and documentation routes."""
         await super().__call__(scope, receive, send)
@@ -99,7 +105,7 @@ def create_app(
     *,
     gateway_factory: GatewayFactory = build_gateway,
     telemetry: Telemetry | None = None,
-) -> FastAPI:
+) -> EmbedplexApp:
     """The app; ``telemetry`` defaults to one built from ``settings`` (tests pass their own)."""
     settings = settings or Settings.load()
     telemetry = telemetry or Telemetry.from_settings(settings)
@@ -257,6 +263,7 @@ def create_app(
         routes=JSON_ROUTES,
         observer=observer,
         pacer=RefusalPacer(settings.overload_refusal_hold_ms / 1000),
+        owner=app,
     )
     if settings.cors_allow_origins:
         # A header policy around the pipeline: preflights are answered before authentication

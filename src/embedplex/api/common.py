@@ -87,13 +87,22 @@ def tenant_of(request: Request, priority: Priority | None = None) -> Tenant:
 
 
 def json_response(
-    body: Any, *, headers: dict[str, str] | None = None, status: int = 200
+    body: Any,
+    *,
+    headers: dict[str, str] | None = None,
+    raw: list[tuple[bytes, bytes]] | None = None,
+    status: int = 200,
 ) -> Response:
-    return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status, headers)
+    """``raw``: header lines as ``JsonResponse`` takes them (instead of ``headers``)."""
+    return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status, headers, raw=raw)
 
 
-def result_headers(result: EmbedResult) -> dict[str, str]:
-    return result.timings.headers()
+def result_headers(result: EmbedResult | RerankResult) -> list[tuple[bytes, bytes]]:
+    """The timing headers, and who answered when a remote provider did."""
+    raw = result.timings.headers()
+    if result.provider is not None:
+        raw.append((b"x-embedplex-provider", result.provider.encode("latin-1")))
+    return raw
 
 
 async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any]) -> bool:

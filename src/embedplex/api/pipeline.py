@@ -158,9 +158,13 @@ class Pipeline:
         routes: Mapping[str, JsonRoute],
         observer: RequestObserver,
         pacer: RefusalPacer | None = None,
+        owner: Any = None,
     ) -> None:
-        """``pacer``: holds overload refusals past a fast rate (``api/pacing.py``)."""
+        """``pacer``: holds overload refusals past a fast rate (``api/pacing.py``); ``owner``:
+        the app that handlers reach as ``request.app``, put in each scope, so that a server can
+        call the pipeline straight (``EmbedplexApp.entry``)."""
         self.app = app
+        self.owner = owner
         self.stages = list(stages)
         self.routes = dict(routes)
         self.observer = observer
@@ -170,6 +174,8 @@ class Pipeline:
         if scope["type"] != "http":  # lifespan (and websockets, if ever): the app's own
             await self.app(scope, receive, send)
             return
+        if self.owner is not None:
+            scope["app"] = self.owner
         ex = Exchange(scope, receive)
         observer = self.observer
         observer.start(ex)

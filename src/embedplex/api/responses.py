@@ -17,21 +17,29 @@ _CONTENT_TYPE = (b"content-type", b"application/json")
 
 
 class JsonResponse(Response):
-    """An already-encoded JSON body with ``headers`` (lower-case names, latin-1 values)."""
+    """An already-encoded JSON body with ``headers`` (latin-1 values), or with ``raw`` header
+    lines (lower-case names; the list is kept, not copied): what the routes' timing headers
+    already are (``Timings.headers``)."""
 
     media_type = "application/json"
 
     def __init__(
-        self, body: bytes, status_code: int = 200, headers: Mapping[str, str] | None = None
+        self,
+        body: bytes,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        *,
+        raw: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.status_code = status_code
         self.background = None
         self.body = body
-        raw = (
-            [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-            if headers
-            else []
-        )
+        if raw is None:
+            raw = (
+                [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+                if headers
+                else []
+            )
         raw.append((b"content-length", str(len(body)).encode("latin-1")))
         raw.append(_CONTENT_TYPE)
         self.raw_headers = raw

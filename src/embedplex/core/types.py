@@ -48,13 +48,14 @@ class Timings:
     inference: float = 0.0
     total: float = 0.0
 
-    def headers(self) -> dict[str, str]:
-        return {
-            "x-tokenization-time": f"{self.tokenization:.3f}",
-            "x-queue-time": f"{self.queue:.3f}",
-            "x-inference-time": f"{self.inference:.3f}",
-            "x-total-time": f"{self.total:.3f}",
-        }
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's timing headers, as raw header lines (``JsonResponse(raw=...)``)."""
+        return [
+            (b"x-tokenization-time", b"%.3f" % self.tokenization),
+            (b"x-queue-time", b"%.3f" % self.queue),
+            (b"x-inference-time", b"%.3f" % self.inference),
+            (b"x-total-time", b"%.3f" % self.total),
+        ]
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ from embedplex.core.errors import (
     RequestTimeoutError,
     UnavailableError,
 )
+from embedplex.serve.forwarded import ForwardedHeaders
 from embedplex.serve.http_protocol import OneWriteHttpToolsProtocol
 
 if TYPE_CHECKING:
@@ -76,11 +77,13 @@ class EdgeLimits:
         )
 
 
-def edge_protocol(limits: EdgeLimits) -> type[EdgeHttpProtocol]:
-    """``EdgeHttpProtocol`` bound to ``limits``, for ``uvicorn.Config(http=...)``."""
-    return cast(
-        "type[EdgeHttpProtocol]", type("EdgeHttpProtocol", (EdgeHttpProtocol,), {"limits": limits})
-    )
+def edge_protocol(
+    limits: EdgeLimits, forwarded: ForwardedHeaders | None = None
+) -> type[EdgeHttpProtocol]:
+    """``EdgeHttpProtocol`` bound to ``limits``, for ``uvicorn.Config(http=...)``; with
+    ``forwarded``, it reads proxy headers itself (``serve/forwarded.py``)."""
+    bound = {"limits": limits, "forwarded": forwarded}
+    return cast("type[EdgeHttpProtocol]", type("EdgeHttpProtocol", (EdgeHttpProtocol,), bound))
 
 
 class _Throttle:
@@ -145,8 +148,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         # The keep-alive a request asked for, while its body is still arriving (see
         # ``_close_if_answered_early``); None when no body is pending.
         self._pending_keep_alive: bool | None = None
-        # uvicorn's own keep-alive timer (armed after each answer, cancelled by any byte) is
-        # the idle bound between requests; ours covers the rest of the idle time.
+        # The keep-alive bound (``on_response_complete``: armed after each answer, lifted by
+        # any byte) is the idle bound between requests; ours covers the rest of the idle time.
         self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
 
     # -- connection ------------------------------------------------------------------------
@@ -231,7 +234,7 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
             self._arm("head", self.limits.header_timeout_s, self._head_expired)
         elif cycle is not None and cycle.more_body and not cycle.response_complete:
             self._arm("body", self.limits.body_timeout_s, self._body_expired)
-        elif (cycle is None or cycle.response_complete) and self.timeout_keep_alive_task is None:
+        elif (cycle is None or cycle.response_complete) and not self.keep_alive_armed:
             # Bytes that began no request (blank lines): still idle, and not for longer.
             self._arm("idle", self.limits.idle_timeout_s, self._idle_expired)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -27,6 +27,9 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from embedplex.api.channel import CHANNEL_KEY
+
+if TYPE_CHECKING:
+    from embedplex.serve.forwarded import ForwardedHeaders
 
 
 class CoalescingTransport:
@@ -206,18 +209,65 @@ def _rendered_defaults(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` over a ``CoalescingTransport`` (``uvicorn.Config(http=...)``),
-    with a ``ConnectionChannel`` in each request's scope."""
+    with a ``ConnectionChannel`` in each request's scope, and proxy headers read into it when
+    ``forwarded`` is set (the server then runs with uvicorn's ``proxy_headers`` off)."""
+
+    forwarded: ClassVar[ForwardedHeaders | None] = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         wrapped: Any = CoalescingTransport(transport, self.loop)
         self._writer = wrapped
+        # The keep-alive bound, kept lazily (``on_response_complete``): when an idle
+        # connection is due to close (None while a request runs), and the one timer that
+        # checks it.
+        self._idle_until: float | None = None
+        self._idle_check: asyncio.TimerHandle | None = None
         super().connection_made(wrapped)
+
+    @property
+    def keep_alive_armed(self) -> bool:
+        """Whether the connection waits for a next request under the keep-alive bound."""
+        return self._idle_until is not None
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_until = None  # busy: the timer, if it fires meanwhile, lets the connection be
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, but the keep-alive timer is not armed anew after every answer and
+        cancelled at every next request (a timer handle made, scheduled and unscheduled per
+        request): the answer only moves the idle deadline, and one timer per connection checks
+        it when it fires, closing the connection if it is still idle by then, else waiting on."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:  # a pipelined request waits: start it
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_until = deadline = self.loop.time() + self.timeout_keep_alive
+        if self._idle_check is None:
+            self._idle_check = self.loop.call_at(deadline, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_check = None
+        until = self._idle_until
+        if until is None:
+            return  # a request runs: its answer sets the next deadline and timer
+        if self.loop.time() < until:
+            self._idle_check = self.loop.call_at(until, self._check_idle)
+        elif not self.transport.is_closing():
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
         cycle = self.cycle
         super().on_headers_complete()
         if self.cycle is not cycle and self.cycle is not None:  # a request (not an upgrade)
-            self.scope[CHANNEL_KEY] = ConnectionChannel(self.cycle, self._writer)  # type: ignore[literal-required]
+            scope: Any = self.scope
+            scope[CHANNEL_KEY] = ConnectionChannel(self.cycle, self._writer)
+            if self.forwarded is not None:
+                self.forwarded.apply(scope)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -231,6 +281,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._idle_until = None
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         self.client_gone()
 
     def client_gone(self) -> None:

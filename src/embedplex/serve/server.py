@@ -25,6 +25,7 @@ from embedplex.core.deadline import SHUTDOWN, drain_by
 from embedplex.gateway.build import build_gateway
 from embedplex.observability.logs import flush_logs
 from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
+from embedplex.serve.forwarded import ForwardedHeaders
 from embedplex.serve.process_tuning import tune_process
 from embedplex.serve.tls import TlsConfig, server_context
 
@@ -77,7 +78,7 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
     app = create_app(settings, gateway_factory=gateway_factory)
     app.state.telemetry.metrics.watch_edge(edge_stats)
     config = TlsConfig(
-        app,
+        app.entry(),
         context=server_context(settings),
         host=settings.host,
         port=settings.port,
@@ -86,10 +87,13 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
         timeout_graceful_shutdown=round(settings.graceful_shutdown_s),
         lifespan="on",
         server_header=False,
-        http=edge_protocol(EdgeLimits.from_settings(settings)),  # connection limits
+        proxy_headers=False,  # read by the connection itself (serve/forwarded.py)
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
     )
+    # Connection limits, and uvicorn's proxy headers trusting what uvicorn would trust.
+    limits = EdgeLimits.from_settings(settings)
+    config.http = edge_protocol(limits, ForwardedHeaders(config.forwarded_allow_ips))
     server = _DrainingServer(config, app, stop_delay=settings.shutdown_delay_s)
     server.run()
     if server.load_error is not None:

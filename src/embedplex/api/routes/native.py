@@ -19,6 +19,7 @@ from embedplex.api.common import (
     Texts,
     gateway,
     json_response,
+    result_headers,
     run_embed,
     run_rerank,
     tenant_of,
@@ -100,7 +101,7 @@ async def _embed(body: ApiEmbedBody, request: Request) -> Response:
             "count": len(result.vectors),
             "dimensions": int(result.vectors[0].shape[0]),
         },
-        headers=result.timings.headers(),
+        raw=result_headers(result),
     )
 
 
@@ -172,6 +173,4 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
         if body.return_scores:
             entry["score"] = score
         results.append(entry)
-    return json_response(
-        {"results": results, "model": result.model}, headers=result.timings.headers()
-    )
+    return json_response({"results": results, "model": result.model}, raw=result_headers(result))

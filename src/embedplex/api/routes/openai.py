@@ -167,11 +167,9 @@ async def embed_one(
 @router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
     result = await run_embed(request, routed_service(request, body), to_core(body, request))
-    headers = result_headers(result)
-    if result.provider is not None:
-        headers["x-embedplex-provider"] = result.provider
     return json_response(
-        embeddings_body(result, body.encoding_format, routed=body.routed), headers=headers
+        embeddings_body(result, body.encoding_format, routed=body.routed),
+        raw=result_headers(result),
     )
 
 

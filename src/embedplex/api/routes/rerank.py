@@ -20,6 +20,7 @@ from embedplex.api.common import (
     Texts,
     gateway,
     json_response,
+    result_headers,
     run_rerank,
     tenant_of,
 )
@@ -65,13 +66,6 @@ def _ranked(result: RerankResult) -> list[tuple[int, float]]:
     return sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
 
 
-def _headers(result: RerankResult) -> dict[str, str]:
-    headers = result.timings.headers()
-    if result.provider is not None:
-        headers["x-embedplex-provider"] = result.provider
-    return headers
-
-
 async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
     return await run_rerank(request, gateway(request).reranker(model_name), core)
 
@@ -91,7 +85,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
         for i, score in _ranked(result)
     ]
-    return json_response(out, headers=_headers(result))
+    return json_response(out, raw=result_headers(result))
 
 
 @router.post("/v1/rerank")
@@ -132,4 +126,4 @@ async def rerank(body: RerankBody, request: Request) -> Response:
             name: {"model": sub.model, "results": results(sub)}
             for name, sub in result.per_provider.items()
         }
-    return json_response(out, headers=_headers(result))
+    return json_response(out, raw=result_headers(result))

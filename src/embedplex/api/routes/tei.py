@@ -81,7 +81,7 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         cache=body.cache,
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
-    return json_response(np.stack(result.vectors), headers=result_headers(result))
+    return json_response(np.stack(result.vectors), raw=result_headers(result))
 
 
 @router.post("/api/v1/embed", tags=["native"])
@@ -94,7 +94,7 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
         cache=body.cache,
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
-    return json_response({"body": np.stack(result.vectors)}, headers=result_headers(result))
+    return json_response({"body": np.stack(result.vectors)}, raw=result_headers(result))
 
 
 @router.post("/tokenize")

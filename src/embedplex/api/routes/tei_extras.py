@@ -24,6 +24,7 @@ from embedplex.api.common import (
     as_inputs,
     gateway,
     json_response,
+    result_headers,
     run_embed,
     tenant_of,
     unless_disconnected,
@@ -119,7 +120,7 @@ async def embed_all(body: EmbedAllBody, request: Request) -> Response:
     result = await unless_disconnected(request, model.embed_all(core))
     record.tokens = result.prompt_tokens
     record.timings = result.timings
-    return json_response(result.vectors, headers=result.timings.headers())
+    return json_response(result.vectors, raw=result.timings.headers())
 
 
 @router.post("/similarity", response_model=list[float])
@@ -141,7 +142,7 @@ async def similarity(body: SimilarityBody, request: Request) -> Response:
     # Local vectors are unit length already; a remote provider's need not be.
     vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
     scores = vectors[1:] @ vectors[0]
-    return json_response([float(s) for s in scores], headers=result.timings.headers())
+    return json_response([float(s) for s in scores], raw=result_headers(result))
 
 
 @router.post("/decode", response_model=list[str])
