@@ -61,6 +61,7 @@ from embedplex.core.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from embedplex.core.spend import REQUEST_SPEND
 from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
@@ -583,7 +584,11 @@ class LocalModel(Generic[R]):
         # With tracing on, each item keeps the request's span so its batch span links to it.
         trace = current_span_context() if self._tracer is not None else None
         costs = [p.cost for p in payloads]
-        return self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+        items = self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+        spend = REQUEST_SPEND.get()  # a limited key's request: its tokens are charged as they run
+        if spend is not None:
+            spend.note(items)
+        return items
 
     def _spans(self, start: float, tokenized: float, items: list[Item[Payload, R]]) -> None:
         if self._tracer is not None and items:
