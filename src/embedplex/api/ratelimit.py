@@ -74,6 +74,7 @@ class _Release(Spend):
         tokens = ex.record.tokens
         if status >= 400:  # client gone, cancelled, failed: what ran was spent all the same
             tokens = max(tokens, self.tokens())
+        self.forget()
         self.limiter.finish(self.lease, tokens)
 
 

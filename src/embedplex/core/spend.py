@@ -4,11 +4,12 @@ A limited key is charged its tokens when its request finishes (``api/ratelimit.p
 answer, the tokens the answer reports. A request that ends without one (client gone, task
 cancelled, a failed batch) still had its inputs run, and those tokens are charged too: the
 pipeline's ``RateLimit`` stage puts a ``Spend`` in ``REQUEST_SPEND`` for the request, a local
-model ``note``s the batcher items it queues for it, and at the finish ``tokens()`` sums the
-inputs whose batch reached the backend (an item the batcher stamped ``started_at``). Inputs
-dropped from the queue before they ran cost nothing. A context variable, as the deadline
-(``core/deadline.py``): no route and no model signature carries it, and a request without a
-limited key pays one ``ContextVar.get`` per queued request, nothing more.
+model or remote provider notes the batcher items it queues for it (``note_queued``), and at
+the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream (an
+item the batcher stamped ``started_at``). Inputs dropped from the queue before they ran cost
+nothing. A context variable, as the deadline (``core/deadline.py``): no route and no model
+signature carries it, and a request without a limited key pays one ``ContextVar.get`` per
+queued request, nothing more (each request runs in its own task, so it finds none set).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _Costed(Protocol):
 
 class Queued(Protocol):
     """A queued input as ``Spend`` reads it (``batching.item.Item``): its payload's token
-    count, and when its batch started (0: never)."""
+    count (a remote text's: ``estimated_tokens``), and when its batch started (0: never)."""
 
     @property
     def payload(self) -> _Costed: ...
@@ -46,6 +47,11 @@ class Spend:
         """Items just queued for this request (kept, not copied: read at the finish)."""
         self._queued.append(items)
 
+    def forget(self) -> None:
+        """Drop the noted items once charged: a task started inside the request (a model
+        loaded on its first request) keeps the request's context, and this with it."""
+        self._queued.clear()
+
     def tokens(self) -> int:
         """Tokens of the noted inputs whose batch started: the payload's count (a text
         tokenized in the inference thread has its real count once its batch tokenized it)."""
@@ -53,3 +59,18 @@ class Spend:
 
 
 REQUEST_SPEND: ContextVar[Spend | None] = ContextVar("embedplex_spend", default=None)
+
+
+def note_queued(items: Sequence[Queued]) -> None:
+    """Note ``items``, just queued, for the current request's ``Spend`` if it has one."""
+    spend = REQUEST_SPEND.get()
+    if spend is not None:
+        spend.note(items)
+
+
+def estimated_tokens(chars: int) -> int:
+    """Tokens of a text not tokenized here (yet), from its length: about 4 characters a token,
+    plus the special tokens around it. Sizes a local model's deferred texts until the inference
+    thread tokenizes them, and is what a remote provider's texts are charged when their request
+    ends without an answer (the upstream's own count comes with its answer)."""
+    return chars // 4 + 2
