@@ -112,7 +112,7 @@ async def test_prompts_truncation_and_models_never_share_an_entry(tiny_model_dir
 
 
 def _app(tiny_model_dir: Path, backend: FakeBackend, cache: EmbeddingCache) -> object:
-    settings = Settings(model_id=str(tiny_model_dir), admin_secret="adm")  # type: ignore[arg-type]
+    settings = Settings(model_id=str(tiny_model_dir), admin_secret="test-admin-secret")  # type: ignore[arg-type]
     model = cached_model(tiny_model_dir, backend, cache)
     return create_app(settings, gateway_factory=lambda s: Gateway([model], cache=cache))
 
@@ -147,7 +147,7 @@ async def test_the_opt_out_field_and_header_bypass_reading_and_writing(
         bad = await client.post("/embed", json={"inputs": "x", "cache": "no"})
         assert bad.status_code == 422
         metrics = parse_metrics((await client.get("/metrics")).text)
-        admin = {"authorization": "Bearer adm"}
+        admin = {"authorization": "Bearer test-admin-secret"}
         status = (await client.get("/api/v1/status", headers=admin)).json()
     name = app.state.gateway.models[0].name  # type: ignore[attr-defined]
     assert value(metrics, "embedplex_cache_hits_total", model=name, tier="memory") == 1

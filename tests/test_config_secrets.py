@@ -40,10 +40,21 @@ def test_a_secret_padded_with_whitespace_is_refused() -> None:
 
 
 def test_real_secrets_pass_and_the_admin_secret_is_not_the_key() -> None:
-    s = Settings.load(None, api_key="data-key", admin_secret="admin-key")
+    s = Settings.load(None, api_key="data-key", admin_secret="admin-key-long-enough")
     assert s.api_key is not None and s.admin_secret is not None
     with pytest.raises(ValidationError, match="admin_secret must differ from api_key"):
-        Settings.load(None, api_key="same", admin_secret="same")
+        Settings.load(None, api_key="same-secret-for-both", admin_secret="same-secret-for-both")
+
+
+@pytest.mark.parametrize("value", ["a", "adm", "fifteen-chars-x"])
+def test_a_short_admin_secret_is_refused(value: str) -> None:
+    with pytest.raises(ValidationError, match="admin_secret needs at least 16 characters"):
+        Settings.load(None, admin_secret=value)
+
+
+def test_an_admin_secret_of_16_characters_passes() -> None:
+    s = Settings.load(None, admin_secret="sixteen-chars-ok")
+    assert s.admin_secret is not None and len(s.admin_secret.get_secret_value()) == 16
 
 
 def test_provider_key_envs_are_names_and_never_embedplex_own() -> None:
@@ -103,7 +114,12 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     [
         (["--api-key", ""], {}, "api_key is set but empty"),
         ([], {"EMBEDPLEX_ADMIN_SECRET": "  "}, "admin_secret is set but empty"),
-        (["--api-key", "x1", "--admin-secret", "x1"], {}, "admin_secret must differ"),
+        (["--admin-secret", "a"], {}, "admin_secret needs at least 16 characters"),
+        (
+            ["--api-key", "x1-long-enough-key", "--admin-secret", "x1-long-enough-key"],
+            {},
+            "admin_secret must differ",
+        ),
     ],
 )
 def test_serve_refuses_to_start_with_an_empty_secret(

@@ -210,7 +210,7 @@ def lazy(
 async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Path) -> None:
     loads: list[str] = []
     release = threading.Event()
-    settings = Settings(admin_secret="adm")
+    settings = Settings(admin_secret="test-admin-secret")
     async with running(app_of(settings, lazy(tiny_model_dir, loads, gate=release))) as client:
         before = (await client.get("/v1/models")).json()["data"]
         ready_before = await client.get("/health/ready")
@@ -225,7 +225,7 @@ async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Pat
         release.set()
         answers = await asyncio.gather(*calls)
         info = (await client.get("/info", params={"model": "z"})).json()
-        admin = {"authorization": "Bearer adm"}
+        admin = {"authorization": "Bearer test-admin-secret"}
         status = (await client.get("/api/v1/status", headers=admin)).json()["models"]["z"]
     assert [(m["id"], m["kind"]) for m in before] == [("a", "embed"), ("z", "embed")]
     assert ready_before.status_code == 200

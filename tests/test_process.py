@@ -84,7 +84,9 @@ def test_curl_style_tei_request(server: str, reference: np.ndarray) -> None:
 
 def test_sigterm_drains_queued_work_and_exits_zero(tmp_path: Path, model_cache: Path) -> None:
     port = free_port()
-    proc = start_server(port, model_cache, "--max-batch-requests", "4", "--admin-secret", "adm")
+    proc = start_server(
+        port, model_cache, "--max-batch-requests", "4", "--admin-secret", "test-admin-secret"
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base)
@@ -104,7 +106,7 @@ def test_sigterm_drains_queued_work_and_exits_zero(tmp_path: Path, model_cache: 
             t.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # until all eight are in: one batch runs, the rest wait
-            admin = {"authorization": "Bearer adm"}
+            admin = {"authorization": "Bearer test-admin-secret"}
             models = httpx.get(base + "/api/v1/status", headers=admin, timeout=5).json()["models"]
             with lock:
                 if sum(m["active_requests"] for m in models.values()) + len(statuses) == 8:

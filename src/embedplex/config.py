@@ -49,6 +49,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
 
 
+# Shortest admin secret, and [[api_keys]] key, accepted (docs/security.md).
+MIN_SECRET_CHARS = 16
+
+
 class StaticKeyConfig(BaseModel):
     """One static API key and its tenant (an ``[[api_keys]]`` table): for a few callers that
     need their own priority or share without a key store (managed keys: docs/keys.md)."""
@@ -68,8 +72,8 @@ class StaticKeyConfig(BaseModel):
     @field_validator("key")
     @classmethod
     def _long_enough(cls, key: SecretStr) -> SecretStr:
-        if len(key.get_secret_value()) < 16:
-            raise ValueError("an API key needs at least 16 characters")
+        if len(key.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(f"an API key needs at least {MIN_SECRET_CHARS} characters")
         return key
 
 
@@ -172,8 +176,8 @@ class Settings(BaseSettings):
     admin_secret: SecretStr | None = Field(
         None,
         description="Secret for the admin API (/api/v1/status, /api/v1/providers, "
-        "/api/v1/keys); without it the admin API is off (403). Never the api_key; set it with "
-        "EMBEDPLEX_ADMIN_SECRET.",
+        "/api/v1/keys); without it the admin API is off (403). At least 16 characters; never "
+        "the api_key; set it with EMBEDPLEX_ADMIN_SECRET.",
     )
     provider_key_envs: list[str] = Field(
         default_factory=list,
@@ -446,6 +450,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{info.field_name} starts or ends with whitespace, which no Authorization "
                 "header can carry: remove it"
+            )
+        return value
+
+    @field_validator("admin_secret")
+    @classmethod
+    def _long_admin_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """The admin API changes what the server serves and where it sends data: a secret
+        short enough to guess is refused at start (wrong guesses are also throttled per client
+        address, ``limits/failures.py``, but that alone does not stop many addresses)."""
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"admin_secret needs at least {MIN_SECRET_CHARS} characters (for example: "
+                "openssl rand -hex 32)"
             )
         return value
 

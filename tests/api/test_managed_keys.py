@@ -16,7 +16,7 @@ from helpers import running
 from state_fixtures import pg_url, state_url  # noqa: F401  (fixtures)
 from test_gateway_models import app_of, three
 
-ADMIN = {"authorization": "Bearer admin-secret"}
+ADMIN = {"authorization": "Bearer keys-admin-secret"}
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -24,7 +24,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def make_app(model_dir: Path, url: str, **overrides: Any) -> FastAPI:
-    settings = Settings(state_url=url, admin_secret="admin-secret", **overrides)
+    settings = Settings(state_url=url, admin_secret="keys-admin-secret", **overrides)
     return app_of(settings, three(model_dir))
 
 

@@ -308,9 +308,12 @@ BAD_JSON = [b"{bad json", b'{"inputs": "\xff\xfe"}', b'{"query": "\\ud800", "x":
 
 @pytest.mark.parametrize("path", sorted(JSON_ROUTES))
 async def test_bad_json_is_400_on_every_json_route(path: str) -> None:
-    async with serve(Settings.load(None, admin_secret="adm")) as (_, client):
+    async with serve(Settings.load(None, admin_secret="test-admin-secret")) as (_, client):
         for body in BAD_JSON:
-            headers = {"content-type": "application/json", "authorization": "Bearer adm"}
+            headers = {
+                "content-type": "application/json",
+                "authorization": "Bearer test-admin-secret",
+            }
             r = await client.post(path, content=body, headers=headers)
             expected = 422 if body == b"" else 400  # no body: a missing field, as FastAPI says
             assert r.status_code == expected, (path, body, r.text)
@@ -323,13 +326,15 @@ async def test_bad_json_is_400_on_every_json_route(path: str) -> None:
 
 
 async def test_admin_guard_runs_before_the_body_is_read() -> None:
-    async with serve(Settings.load(None, admin_secret="adm")) as (_, client):
+    async with serve(Settings.load(None, admin_secret="test-admin-secret")) as (_, client):
         anonymous = await client.post("/api/v1/providers", content=b"{bad json")
         wrong = await client.post(
             "/api/v1/providers", json={"provider": {}}, headers={"authorization": "Bearer x"}
         )
         allowed = await client.post(
-            "/api/v1/providers", json={"provider": {}}, headers={"authorization": "Bearer adm"}
+            "/api/v1/providers",
+            json={"provider": {}},
+            headers={"authorization": "Bearer test-admin-secret"},
         )
     assert anonymous.status_code == wrong.status_code == 401
     assert allowed.status_code == 422  # past the guard, the body is checked

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
@@ -185,3 +187,79 @@ async def test_every_route_that_tokenizes_is_charged_its_tokens() -> None:
             assert charged > 0, path
             if usage is not None:
                 assert charged == usage(answer.json()), path
+
+
+def _post_and_leave_open(port: int, text: str) -> socket.socket:
+    """An embeddings request of key ``k`` on a raw socket the caller closes (hangs up)."""
+    body = json.dumps({"input": text}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nx-test-tenant: k\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return sock
+
+
+def test_a_client_that_hangs_up_is_charged_the_tokens_that_ran_and_not_those_queued(
+    tiny_model_dir: Path,
+) -> None:
+    """Abandoning requests buys no free compute: a real server, two requests of one key on
+    sockets closed mid-request, one in the backend and one queued behind it. The first is
+    charged its tokens, the second (dropped before it ran) nothing; a frozen clock (no refill)
+    lets the headers show the exact charge."""
+    backend = FakeBackend(delay=0.5)
+    app = limited_app(tiny_model_dir, backend, {"k": KeyLimits(tpm=100_000)}, inference_streams=1)
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    ran, queued = "the quick brown fox jumps over the lazy dog", "a queued text never run"
+    with served(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        key = {"x-test-tenant": "k"}
+
+        def remaining() -> int:
+            answer = httpx.get(url + "/v1/models", headers=key)
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        assert remaining() == 100_000
+        # Refusals after admission but before any work (a bad body) are charged nothing.
+        assert httpx.post(url + "/v1/embeddings", json={}, headers=key).status_code == 422
+        assert remaining() == 100_000
+        first = _post_and_leave_open(port, ran)
+        asyncio.run(eventually(lambda: len(backend.batches) == 1))  # the first is running
+        second = _post_and_leave_open(port, queued)
+        asyncio.run(eventually(lambda: limiter(app).local.in_flight("k") == 2))
+        second.close()
+        first.close()
+        asyncio.run(eventually(lambda: limiter(app).local.in_flight("k") == 0))
+        charged = 100_000 - remaining()
+        fresh = {**key, "cache-control": "no-cache"}  # computed again: a second batch
+        again = httpx.post(url + "/v1/embeddings", json={"input": ran}, headers=fresh)
+        tokens = again.json()["usage"]["prompt_tokens"]
+        assert 100_000 - remaining() == charged + tokens  # an answer: its usage, once
+    assert tokens > 0
+    assert charged == tokens
+    assert len(backend.batches) == 2  # the queued text never reached the backend
+
+
+async def test_a_request_cancelled_in_the_backend_is_charged_its_tokens(
+    tiny_model_dir: Path,
+) -> None:
+    backend = FakeBackend(delay=0.5)
+    app = limited_app(tiny_model_dir, backend, {"k": KeyLimits(tpm=100_000)})
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    texts = ["one two three", "four five"]
+    async with running(app) as client:
+        task = asyncio.create_task(
+            client.post("/v1/embeddings", json={"input": texts}, headers={"x-test-tenant": "k"})
+        )
+        await eventually(lambda: len(backend.batches) == 1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await eventually(lambda: limiter(app).local.in_flight("k") == 0)
+        backend.delay = 0.0
+        answer = await client.post(
+            "/v1/embeddings", json={"input": texts}, headers={"x-test-tenant": "k"}
+        )
+    tokens = answer.json()["usage"]["prompt_tokens"]
+    left = int(answer.headers["x-ratelimit-remaining-tokens"])  # before this answer's charge
+    assert left == 100_000 - tokens

@@ -78,7 +78,7 @@ def test_commands_against_nothing_exit_2() -> None:
 
 async def test_status_command_sends_the_admin_secret() -> None:
     app = create_app(
-        settings(api_key="k-123", admin_secret="adm-456"),
+        settings(api_key="k-123", admin_secret="status-admin-secret-456"),
         gateway_factory=fake_factory(FakeBackend()),
     )
 
@@ -86,9 +86,9 @@ async def test_status_command_sends_the_admin_secret() -> None:
         with live_server(app) as url:
             assert run_cli("status", "--url", url)[0] == 2
             assert run_cli("status", "--url", url, "--admin-secret", "k-123")[0] == 2
-            code, out = run_cli("status", "--url", url, "--admin-secret", "adm-456")
+            code, out = run_cli("status", "--url", url, "--admin-secret", "status-admin-secret-456")
             assert code == 0, out
-            assert "adm-456" not in out
+            assert "status-admin-secret-456" not in out
 
     await asyncio.to_thread(scenario)
 

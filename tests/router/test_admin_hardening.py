@@ -21,7 +21,7 @@ from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
 from upstream_fakes import FakeUpstream, provider
 
-SECRET = "admin-hardening"
+SECRET = "admin-hardening-secret"
 ADMIN = {"authorization": f"Bearer {SECRET}"}
 
 

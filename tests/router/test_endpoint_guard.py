@@ -18,7 +18,7 @@ from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.endpoints import EndpointRefused, check_address
 from upstream_fakes import FakeUpstream, provider
 
-SECRET = "guard-admin"
+SECRET = "guard-admin-secret"
 ADMIN = {"authorization": f"Bearer {SECRET}"}
 
 

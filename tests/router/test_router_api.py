@@ -19,7 +19,7 @@ from embedplex.config import Settings
 from embedplex.providers.config import RouteConfig
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
-SECRET = "s3cret-admin"
+SECRET = "s3cret-admin-secret"
 ADMIN = {"authorization": f"Bearer {SECRET}"}
 
 

@@ -20,7 +20,7 @@ from embedplex.providers.config import ProviderConfig, RouteConfig
 from upstream_fakes import FakeUpstream, ThreadServer, provider
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "router.toml"
-SECRET = "admin-for-cli"
+SECRET = "admin-secret-for-cli"
 
 
 def test_example_config_routes_remote_minilm_to_an_openai_provider() -> None:

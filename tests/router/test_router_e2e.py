@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "router.toml"
-ADMIN_SECRET = "e2e-admin"  # router_load reads /api/v1/status with it
+ADMIN_SECRET = "e2e-admin-secret-x"  # router_load reads /api/v1/status with it
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:

@@ -19,7 +19,7 @@ from embedplex.providers.config import ProviderConfig, RouteConfig
 from helpers import eventually, parse_metrics, value
 from upstream_fakes import FakeUpstream, Fault, provider
 
-SECRET = "s3cret-admin"
+SECRET = "s3cret-admin-secret"
 ADMIN = {"authorization": f"Bearer {SECRET}"}
 Samples = dict[Any, float]
 

@@ -35,7 +35,7 @@ from embedplex.config import Settings
 from embedplex.core.errors import EmbedplexError
 from embedplex.gateway import Gateway
 from embedplex.gateway.build import build_gateway
-from embedplex.limits import RateLimiter
+from embedplex.limits import FailureThrottle, RateLimiter
 from embedplex.observability import Telemetry
 from embedplex.observability.server import MetricsServer
 from embedplex.serve.process_tuning import run_lowered
@@ -206,6 +206,7 @@ def create_app(
         observer=telemetry.metrics.rate_limits,
     )
     app.state.rate_limiter = limiter
+    app.state.admin_failures = FailureThrottle()  # wrong admin secrets, per client address
     app.state.state_store = store
     app.state.keys = keys
     app.state.usage = usage

@@ -3,7 +3,9 @@
 Runs after authentication, for requests whose tenant has a key id and at least one limit;
 anonymous requests, open paths (probes, metrics, docs) and the admin API pass untouched. An
 admitted request holds its key's concurrency slot until the pipeline finishes it (answer sent,
-error, client gone, task cancelled: ``Exchange.at_finish``), and is charged its tokens then.
+error, client gone, task cancelled: ``Exchange.at_finish``), and is charged its tokens then:
+the answer's, or for a request that ended without one, those of its inputs that ran
+(``core/spend.py``).
 
 Every answer to a limited key carries OpenAI's headers (``x-ratelimit-limit-requests``,
 ``-remaining-requests``, ``-reset-requests`` and the ``-tokens`` three), refusals as well; a
@@ -17,6 +19,7 @@ from collections.abc import Awaitable
 
 from embedplex.api.pipeline import Exchange
 from embedplex.core.errors import RateLimitedError
+from embedplex.core.spend import REQUEST_SPEND, Spend
 from embedplex.core.tenant import NO_LIMITS
 from embedplex.limits import Budget, Lease, RateLimiter, Verdict
 
@@ -51,20 +54,28 @@ class RateLimit:
                 _MESSAGES.get(verdict.refused or "", "rate limit reached"),
                 retry_after=verdict.retry_after,
             )
-        ex.at_finish(_Release(self.limiter, lease))
+        release = _Release(self.limiter, lease)
+        ex.at_finish(release)
+        REQUEST_SPEND.set(release)  # the models note what they queue for it (core/spend.py)
 
 
-class _Release:
-    """Finishes a lease with the request's token count, once."""
+class _Release(Spend):
+    """Finishes a lease once, charging the request's tokens: an answer's (``record.tokens``),
+    or, for a request that ended without one, at least the tokens of its inputs that ran."""
 
     __slots__ = ("lease", "limiter")
 
     def __init__(self, limiter: RateLimiter, lease: Lease) -> None:
+        super().__init__()
         self.limiter = limiter
         self.lease = lease
 
     def __call__(self, ex: Exchange, status: int) -> None:
-        self.limiter.finish(self.lease, ex.record.tokens)
+        tokens = ex.record.tokens
+        if status >= 400:  # client gone, cancelled, failed: what ran was spent all the same
+            tokens = max(tokens, self.tokens())
+        self.forget()
+        self.limiter.finish(self.lease, tokens)
 
 
 def headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:

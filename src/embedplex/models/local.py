@@ -61,6 +61,7 @@ from embedplex.core.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from embedplex.core.spend import estimated_tokens, note_queued
 from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
@@ -583,7 +584,9 @@ class LocalModel(Generic[R]):
         # With tracing on, each item keeps the request's span so its batch span links to it.
         trace = current_span_context() if self._tracer is not None else None
         costs = [p.cost for p in payloads]
-        return self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+        items = self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+        note_queued(items)  # a limited key's request is charged those that run (core/spend.py)
+        return items
 
     def _spans(self, start: float, tokenized: float, items: list[Item[Payload, R]]) -> None:
         if self._tracer is not None and items:
@@ -602,7 +605,8 @@ class LocalModel(Generic[R]):
         cap = self.spec.max_input_length
         ks = range(len(texts)) if picked is None else picked
         return [
-            Deferred(texts[k], k, truncate, direction, min(cap, len(texts[k]) // 4 + 2)) for k in ks
+            Deferred(texts[k], k, truncate, direction, min(cap, estimated_tokens(len(texts[k]))))
+            for k in ks
         ]
 
     def _truncate(self, requested: bool | None) -> bool:

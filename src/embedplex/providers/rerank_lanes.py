@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.batching import BatchObserver
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
+from embedplex.core.spend import estimated_tokens, note_queued
 from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.providers.base import Reranker, RerankParams
 from embedplex.providers.config import ProviderConfig
@@ -44,6 +45,11 @@ class Pair(NamedTuple):
     document: str
     trace: SpanContext | None
     deadline: float | None = None
+
+    @property
+    def cost(self) -> int:
+        """Its tokens as charged when its request ends without an answer (``core/spend.py``)."""
+        return estimated_tokens(len(self.query) + len(self.document))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,7 @@ class RerankLanes:
         at = deadline.at if deadline is not None else None
         pairs = [Pair(request.query, d, trace, at) for d in request.texts]
         items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace, tenant=request.tenant)
+        note_queued(items)
         rows = await collect(items, self.counters, "rerank_requests")
         took = timings(items, start)
         return RerankResult(

@@ -32,6 +32,7 @@ from embedplex.batching import BatchObserver
 from embedplex.cache.keys import RemoteKey
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.errors import ClientError, InvalidRequestError, UnavailableError
+from embedplex.core.spend import estimated_tokens, note_queued
 from embedplex.core.tenant import Tenant
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings
 from embedplex.models.dedupe import Flight, Flights, Sharing
@@ -76,6 +77,11 @@ class Text(NamedTuple):
     trace: SpanContext | None
     deadline: float | None = None
     keep: Scope | None = None
+
+    @property
+    def cost(self) -> int:
+        """Its tokens as charged when its request ends without an answer (``core/spend.py``)."""
+        return estimated_tokens(len(self.text))
 
 
 EmbedLane = Lane[EmbedParams, Text, Embedded]
@@ -407,9 +413,11 @@ class ProviderRuntime:
                     if not waiter.done() or waiter.cancelled():
                         flight.leave()
             lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
-            item = lane.batcher.submit(
+            queued = lane.batcher.submit(
                 [Text(key[0], trace, at, keep)], _ONE, trace=trace, tenant=tenant
-            )[0]
+            )
+            note_queued(queued)
+            item = queued[0]
             flight = Flight(flights, key, item, lane.requeue, tenant)
             try:
                 return await item.future, item
@@ -448,6 +456,7 @@ class ProviderRuntime:
                     trace=trace,
                     tenant=tenant,
                 )
+                note_queued(items)
                 sharing.lead(items, lane.requeue, tenant)
             joins = sharing.joins
             if joins:

@@ -17,6 +17,7 @@ within seconds (``state/providers.py``; docs/keys.md).
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,11 +30,16 @@ from embedplex.core.errors import (
     ForbiddenError,
     InvalidRequestError,
     ModelNotFoundError,
+    RateLimitedError,
 )
+from embedplex.limits import FailureThrottle
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.endpoints import EndpointRefused, check_endpoint, parse_networks
 from embedplex.providers.router import RemoteModel, RemoteRoute, Router
 
+logger = logging.getLogger(__name__)
+
+ADMIN_THROTTLED = "too many wrong admin secrets from this address; retry later"
 ADMIN_OFF = (
     "the admin API is off: start the server with an admin secret (EMBEDPLEX_ADMIN_SECRET) to use it"
 )
@@ -48,14 +54,31 @@ def _given_secret(request: Request) -> bytes:
 
 
 def require_admin(request: Request) -> None:
-    """The one check of every admin route: 403 when the admin API is off, 401 on a bad secret.
+    """The one check of every admin route: 403 when the admin API is off, 401 on a bad secret,
+    429 for a client address whose wrong secrets are throttled (``limits/failures.py``).
 
-    ``Settings`` refuses an empty or whitespace secret at start, so a set secret is a real one.
+    ``Settings`` refuses a secret shorter than ``MIN_SECRET_CHARS`` at start. A throttled
+    address is refused before its secret is looked at, right or wrong: an answer that told a
+    right guess apart would leave guessing unthrottled. Other addresses are not affected.
     """
     secret = request.app.state.settings.admin_secret
     if secret is None:
         raise ForbiddenError(ADMIN_OFF)
+    failures: FailureThrottle = request.app.state.admin_failures
+    client = request.scope.get("client")
+    address = client[0] if client else ""
+    wait = failures.wait(address)
+    if wait:
+        raise RateLimitedError(ADMIN_THROTTLED, retry_after=wait)
     if not hmac.compare_digest(_given_secret(request), secret.get_secret_value().encode()):
+        if failures.failed(address):
+            # One line per throttled stretch of an address; the secret it sent is never logged.
+            logger.warning(
+                "admin API: too many wrong admin secrets from %s; refusing its admin requests "
+                "for %.0fs",
+                address or "an unknown address",
+                failures.wait(address),
+            )
         raise AuthenticationError("missing or invalid admin secret")
 
 

@@ -1,0 +1,56 @@
+"""FailureThrottle: wrong secrets per client address, GCRA, bounded memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedplex.limits import FailureThrottle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_failures_throttles_the_address_until_one_has_drained() -> None:
+    clock = Clock()
+    throttle = FailureThrottle(burst=3, window_s=30.0, clock=clock)
+    assert throttle.wait("a") == 0.0
+    assert [throttle.failed("a") for _ in range(3)] == [False, False, True]
+    assert throttle.wait("a") == pytest.approx(10.0)  # one failure drains every 30 / 3 s
+    assert throttle.wait("b") == 0.0  # another address is not affected
+    clock.now += 9.0
+    assert throttle.wait("a") == pytest.approx(1.0)
+    clock.now += 1.0
+    assert throttle.wait("a") == 0.0  # lifted: one more try
+    assert throttle.failed("a")  # and wrong again: throttled again at once
+    assert throttle.wait("a") == pytest.approx(10.0)
+    clock.now += 30.0
+    assert throttle.wait("a") == 0.0
+    assert not throttle.failed("a")  # a full window later the whole burst is back
+
+
+def test_the_table_of_addresses_is_bounded() -> None:
+    clock = Clock()
+    throttle = FailureThrottle(burst=2, window_s=10.0, max_clients=3, clock=clock)
+    for address in ("a", "b", "c"):
+        throttle.failed(address)
+    clock.now += 100.0  # all drained: forgotten first when the table is full
+    throttle.failed("d")
+    throttle.failed("d")
+    for address in ("e", "f"):
+        throttle.failed(address)
+    assert throttle.wait("d") > 0
+    throttle.failed("g")  # full of live entries: the oldest ("d") goes
+    assert len(throttle._tat) == 3
+    assert throttle.wait("d") == 0.0
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="burst"):
+        FailureThrottle(burst=0)
+    with pytest.raises(ValueError, match="window_s"):
+        FailureThrottle(window_s=0)
