@@ -22,7 +22,7 @@ from helpers import free_port, stop, wait_ready
 from upstream_fakes import FakeUpstream, provider
 
 ROOT = Path(__file__).parents[1]
-ADMIN_SECRET = "admin-secret"
+ADMIN_SECRET = "gateways-admin-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_SECRET}"}
 PROPAGATION_S = 5.0  # the documented bound (docs/keys.md)
 
