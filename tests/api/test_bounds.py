@@ -20,6 +20,7 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.model_files import ModelKind, load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import ModelConfig, Settings
+from embedplex.core.errors import PayloadTooLargeError
 from embedplex.gateway import Gateway
 from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
 from embedplex.models.rerank import LocalRerankModel
@@ -140,3 +141,50 @@ async def test_tokenize_bounds_the_tokens_it_answers_with(served: Served) -> Non
     )
     assert r.status_code == 413
     assert "27 token ids in one request > the limit of 20" in r.json()["error"]
+
+
+async def test_tokenize_refuses_an_input_over_its_character_limit(served: Served) -> None:
+    """/tokenize answers every token, so an input over max_input_length x 250 characters is
+    refused (as TEI refuses it) before anything is tokenized: 2 MB took seconds."""
+    r = await served.client.post("/tokenize", json={"inputs": ["a", "b " * 5_000], "model": "emb"})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error_type"] == "Validation"
+    assert body["error"].startswith("input 1 has 10000 characters, more than the maximum of 8000")
+
+
+async def test_a_long_text_with_truncation_off_is_refused_from_its_part(served: Served) -> None:
+    r = await served.client.post(
+        "/embed", json={"inputs": ["a", "b " * 500_000], "truncate": False, "model": "emb"}
+    )
+    assert r.status_code == 422
+    assert r.json()["error_type"] == "Validation"
+    assert "input 1 has at least" in r.json()["error"]
+    assert "more than the maximum of 32" in r.json()["error"]
+    assert served.batches() == 0
+
+
+async def test_a_local_model_refuses_a_tokenize_answer_as_it_tokenizes(
+    tiny_model_dir: Path,
+) -> None:
+    """The model holds the request's token limit: a /tokenize over it stops at the group of
+    inputs that passes it (the route alone could only check once all was tokenized)."""
+    from helpers import fake_model
+
+    model = fake_model(tiny_model_dir, Settings(max_request_tokens=TOKENS), FakeBackend())
+    assert model.options.max_request_tokens == TOKENS
+    seen: list[int] = []
+    tokens = model.tokenizer.tokens
+
+    def spy(texts: list[str], **kwargs: Any) -> Any:
+        seen.append(kwargs["max_tokens"])
+        return tokens(texts, **kwargs)
+
+    model.tokenizer.tokens = spy  # type: ignore[method-assign]
+    await model.start()
+    try:
+        with pytest.raises(PayloadTooLargeError, match="token ids in one request > the limit"):
+            await model.tokenize(["a b c d e f g"] * 3)
+    finally:
+        await model.close()
+    assert seen == [TOKENS]

@@ -4,6 +4,7 @@ library gives for each (query, text) pair encoded whole."""
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,12 @@ from typing import Any
 import pytest
 from tokenizers import Encoding, Tokenizer
 
-from embedplex.backends.tokenizer import Encoded, TextTokenizer, TruncationDirection
+from embedplex.backends.tokenizer import (
+    PART_CHARS_PER_TOKEN,
+    Encoded,
+    TextTokenizer,
+    TruncationDirection,
+)
 from embedplex.core.errors import InputTooLongError, InvalidRequestError
 from reference import TEXTS
 from tiny_models import WORDS, write_tokenizer
@@ -120,6 +126,9 @@ class Recording:
         self.chars = 0
         self.paired: list[int] = []
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the tokenizer, unrecorded
+        return getattr(self.tok, name)
+
     def encode(self, text: str, **kwargs: Any) -> Encoding:
         self.chars += len(text)
         return self.tok.encode(text, **kwargs)
@@ -128,8 +137,10 @@ class Recording:
         self.chars += sum(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in texts)
         return self.tok.encode_batch(texts, **kwargs)
 
-    def post_process(self, encoding: Encoding, pair: Encoding, **kwargs: Any) -> Encoding:
-        self.paired.append(len(encoding) + len(pair))
+    def post_process(
+        self, encoding: Encoding, pair: Encoding | None = None, **kwargs: Any
+    ) -> Encoding:
+        self.paired.append(len(encoding) + (len(pair) if pair is not None else 0))
         return self.tok.post_process(encoding, pair, **kwargs)
 
 
@@ -156,9 +167,10 @@ def test_a_query_too_long_alone_is_refused_before_the_texts(tiny_tokenizer_json:
     tok._plain = recording  # type: ignore[assignment]
     query = words(17, seed=1)
     texts = [words(400, seed=i) for i in range(64)]
-    with pytest.raises(InputTooLongError, match="input 0 has 420 tokens, more than"):
+    # The first text is refused from its part (it holds more than 16 tokens): at least so many.
+    with pytest.raises(InputTooLongError, match=r"input 0 has at least \d+ tokens, more than"):
         tok.encode_pairs(query, texts, truncate=False)
-    assert recording.chars == len(query) + len(texts[0])
+    assert len(query) < recording.chars <= len(query) + 16 * PART_CHARS_PER_TOKEN
 
 
 @pytest.mark.parametrize(("query", "texts"), [("\ud800", ["a", "b"]), ("a", ["b", "x\udfff"])])
@@ -170,3 +182,79 @@ def test_lone_surrogates_are_refused(
         tok.encode_pairs(query, texts, truncate=True)
     with pytest.raises(InvalidRequestError, match="query and texts must be valid unicode text"):
         tok.encode_pairs(query, texts[1:], truncate=False)
+
+
+def settled(outcome: list[Encoded] | str) -> list[Encoded] | str:
+    """A refusal by the index it names (a text refused from its part counts "at least")."""
+    if isinstance(outcome, str):
+        return outcome.split(" has ")[0]
+    return outcome
+
+
+def long_documents(max_length: int, query_tokens: int) -> list[str]:
+    """Texts longer than their part (max(max_length, the query's tokens) x 64 characters),
+    whose parts hold a few tokens less to a few more than that: words one token each, words of
+    20 to 90 characters (one [UNK] each for the tiny tokenizer), spaces before or after."""
+    need = max(max_length, query_tokens)
+    chars = (need + 4) * PART_CHARS_PER_TOKEN
+    docs = [words(chars // 3, seed=chars), " " * chars + "fox dog", "fox dog" + " " * chars]
+    for w in (20, 40, 62, 63, 64, 65, 90):
+        unit = "z" * (w - 1) + " "
+        docs.append(unit * (chars // w + 2))
+        docs.append("fox " * (need - 2) + unit * (chars // w + 2))
+    return docs
+
+
+@pytest.mark.parametrize(
+    ("direction", "max_length", "truncate"),
+    itertools.product(["right", "left"], [15, 16], [True, False]),
+)
+def test_long_texts_pair_from_parts_as_whole_texts_do(
+    tiny_tokenizer_json: Path, direction: str, max_length: int, truncate: bool
+) -> None:
+    for n in [*LENGTHS, 40]:
+        query = words(n, seed=2000 + n)
+        texts = [*long_documents(max_length, n), "fox", *long_documents(max_length, n)[:2]]
+        for batch in (texts, texts[:1], texts[-3:], texts[-2:]):
+            args = (tiny_tokenizer_json, query, batch, max_length, truncate, direction)
+            assert settled(got(*args)) == settled(expected(*args)), (n, [t[:20] for t in batch])
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize("max_length", [31, 256])
+def test_real_tokenizer_long_texts_pair_from_parts_as_whole_texts_do(
+    direction: str, max_length: int
+) -> None:
+    path = real_tokenizer_json()
+    rng = random.Random(max_length)
+    pieces = [*TEXTS, "東京は日本の首都です。", "supercalifragilistic" * 20, "🚀 -- ?! ", " " * 500]
+    chars = 3 * max_length * PART_CHARS_PER_TOKEN
+    texts = []
+    for _ in range(6):
+        text = ""
+        while len(text) < chars:
+            text += " " + rng.choice(pieces)
+        texts.append(text)
+    queries = ["fox", TEXTS[-1], TEXTS[-1] * 3]
+    for truncate in (True, False):
+        for query in queries:
+            args = (path, query, [*texts, "fox"], max_length, truncate, direction)
+            assert settled(got(*args)) == settled(expected(*args)), query[:40]
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_a_long_text_is_paired_from_its_part(tiny_tokenizer_json: Path, direction: str) -> None:
+    """A 1 MB document is tokenized from a part of max_length x 64 characters (a rerank of
+    one such document tokenized all of it: seconds)."""
+    tok = TextTokenizer(Tokenizer.from_file(str(tiny_tokenizer_json)), max_length=16, vocab_size=1)
+    recording = Recording(tok._plain)
+    tok._plain = recording  # type: ignore[assignment]
+    d = TruncationDirection(direction)
+    query, text = "quick brown fox", words(200_000, seed=5)
+    (pair,) = tok.encode_pairs(query, [text], truncate=True, direction=d)
+    assert pair == expected(tiny_tokenizer_json, query, [text], 16, True, direction)[0]
+    assert recording.chars <= len(query) + 16 * PART_CHARS_PER_TOKEN
+    recording.chars = 0
+    with pytest.raises(InputTooLongError, match=r"input 0 has at least \d+ tokens"):
+        tok.encode_pairs(query, [text], truncate=False)
+    assert recording.chars <= len(query) + 16 * PART_CHARS_PER_TOKEN

@@ -15,10 +15,11 @@ from embedplex.backends.tokenizer import (
     TextTokenizer,
     TruncationDirection,
 )
-from embedplex.core.errors import EmbedplexError, InvalidRequestError
+from embedplex.core.errors import EmbedplexError, InputTooLongError, InvalidRequestError
 
 MAX = 32
 BOUND = MAX * PART_CHARS_PER_TOKEN
+RIGHT = TruncationDirection.RIGHT
 
 ALPHABET = [
     *"abc xyz  !?.,;:'\"-_()[]\t\n",
@@ -122,3 +123,126 @@ def test_a_whole_text_fallback_keeps_add_special_tokens() -> None:
     plain = Tokenizer.from_file(str(path))
     plain.no_padding()
     assert got.ids == plain.encode(text, add_special_tokens=False).ids == [1037, 1038, 1039]
+
+
+def outcomes(path: Path, texts: list[str]) -> list[Encoded | int]:
+    """What the whole texts give with truncation off: the encoding, or the index refused."""
+    tok = whole_pairs(path, MAX, False, "right")
+    return [
+        Encoded(e.ids, e.type_ids if any(e.type_ids) else None) if len(e.ids) <= MAX else k
+        for k, e in enumerate(tok.encode_batch(texts))
+    ]
+
+
+def refused_at(got: list[Encoded | EmbedplexError]) -> list[Encoded | int]:
+    out: list[Encoded | int] = []
+    for k, e in enumerate(got):
+        if isinstance(e, InputTooLongError):
+            assert f"input {k} has " in str(e) and f"maximum of {MAX}" in str(e)
+            out.append(k)
+        else:
+            assert isinstance(e, Encoded)
+            out.append(e)
+    return out
+
+
+def around_the_limit() -> list[str]:
+    """Texts longer than the part, with MAX - 3 .. MAX + 1 tokens (specials included) before,
+    after or around a run of spaces the size of the part: just under, at and over the limit."""
+    texts = []
+    for n in range(MAX - 5, MAX):
+        words = "a " * n
+        texts += [
+            words + " " * (2 * BOUND),  # the tokens are in the part
+            " " * (2 * BOUND) + words,  # past it: the part proves nothing
+            "a " * (n // 2) + " " * (2 * BOUND) + "b " * (n - n // 2),
+        ]
+    return texts
+
+
+def test_with_truncation_off_parts_refuse_and_keep_what_whole_texts_do() -> None:
+    path = real_tokenizer_json()
+    tok = ours(path, MAX)
+    rng = random.Random("off")
+    texts = [adversarial(rng) for _ in range(40)] + around_the_limit()
+    whole = outcomes(path, texts)
+    assert any(isinstance(w, int) for w in whole) and any(isinstance(w, Encoded) for w in whole)
+    got = tok.encode_each(texts, list(range(len(texts))), truncate=False, direction=RIGHT)
+    assert refused_at(got) == whole
+    for k, text in enumerate(texts):  # one at a time: the same, or the same refusal
+        try:
+            assert tok.encode([text], truncate=False) == [whole[k]]
+        except InputTooLongError:
+            assert isinstance(whole[k], int)
+
+
+def test_a_long_text_is_refused_from_its_part() -> None:
+    """truncate false and 2 MB of text: refused after tokenizing one part of it, with the
+    same error as before (422 validation, param input), its count a lower bound."""
+    path = real_tokenizer_json()
+    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
+    recording = Recording(tok._plain)
+    tok._plain = recording  # type: ignore[assignment]
+    text = "hello world, " * 160_000
+    with pytest.raises(
+        InputTooLongError, match=r"^input 0 has at least \d+ tokens, more than"
+    ) as e:
+        tok.encode([text], truncate=False)
+    assert e.value.param == "input" and e.value.kind == "validation"
+    assert 0 < recording.chars <= BOUND
+    recording.chars = 0
+    got = tok.encode_each(["a", text], [3, 4], truncate=False, direction=RIGHT)
+    assert isinstance(got[0], Encoded) and isinstance(got[1], InputTooLongError)
+    assert "input 4 has at least" in str(got[1])
+    assert 0 < recording.chars <= BOUND + 1
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_a_run_of_spaces_costs_what_it_holds(truncate: bool, direction: str) -> None:
+    """A part of spaces settles nothing, and the whole text was tokenized (a megabyte of words
+    behind 4 x BOUND spaces: seconds); the text is read on a part's length at a time instead."""
+    path = real_tokenizer_json()
+    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
+    d = TruncationDirection(direction)
+    plain, cutting = Recording(tok._plain), Recording(tok._truncating[d])
+    tok._plain = plain  # type: ignore[assignment]
+    tok._truncating[d] = cutting  # type: ignore[assignment]
+    spaces, words = " \n\x85\u200b" * BOUND, "hello world, " * 100_000
+    side = direction if truncate else "right"
+    text = spaces + words if side == "right" else words + spaces
+    if truncate:
+        assert tok.encode([text], truncate=True, direction=d) == expected(path, [text], direction)
+    else:
+        with pytest.raises(InputTooLongError, match="input 0 has at least"):
+            tok.encode([text], truncate=False, direction=d)
+    # The part, read again without special tokens, the run, and one stretch past it.
+    assert plain.chars + cutting.chars <= len(spaces) + 3 * BOUND
+
+
+def silent(rng: random.Random) -> str:
+    """Long texts of characters that make no token (spaces, deleted characters) with a few
+    that do, here and there: parts that settle nothing, read on stretch by stretch."""
+    quiet = [" ", "\n", "\x85", "\u200b", "\x00", "\ufeff", " \u0301", "  "]
+    loud = ["a", "!", "[SEP]", "東", "é", "word", "[", "x\u0301"]
+    n = rng.choice([3 * BOUND, 5 * BOUND, 9 * BOUND])
+    p = rng.choice([0.0005, 0.002, 0.01, 0.05])
+    out: list[str] = []
+    size = 0
+    while size < n:
+        piece = rng.choice(loud) if rng.random() < p else rng.choice(quiet)
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_texts_read_on_stretch_by_stretch_keep_what_whole_texts_keep(direction: str) -> None:
+    path = real_tokenizer_json()
+    tok = ours(path, MAX)
+    rng = random.Random(f"silent-{direction}")
+    texts = [silent(rng) for _ in range(40)]
+    d = TruncationDirection(direction)
+    assert tok.encode(texts, truncate=True, direction=d) == expected(path, texts, direction)
+    got = tok.encode_each(texts, list(range(len(texts))), truncate=False, direction=d)
+    assert refused_at(got) == outcomes(path, texts)

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tokenizers import Encoding, Tokenizer
 
 from embedplex.backends.model_files import load_spec
+from embedplex.backends.tokenizer import GIL_FREE_CHARS, TextTokenizer, TruncationDirection
 from embedplex.config import Settings
 
 SCRIPT = textwrap.dedent(
@@ -91,3 +94,39 @@ async def test_starting_a_cpu_model_turns_the_pool_off(
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
     finally:
         await model.close()
+
+
+class Calls:
+    """A tokenizer that notes which call each text went through."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.held: list[int] = []  # lengths of texts encoded one by one (``encode``)
+
+    def encode(self, text: str, **kwargs: Any) -> Encoding:
+        self.held.append(len(text))
+        return self.tok.encode(text, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tok, name)
+
+
+def test_no_long_text_is_tokenized_holding_the_gil(tiny_model_dir: Path) -> None:
+    """``encode`` holds the GIL for all its work: a pool thread tokenizing a 2 MB text with it
+    stopped the event loop for the whole second (docs/security.md). ``encode_batch`` lets go."""
+    tok = TextTokenizer.from_dir(tiny_model_dir, max_length=32, vocab_size=1)
+    long = "quick " * 100_000 + " " * 100_000 + "fox"  # its part holds no token: whole
+    query = "fox " * 50_000
+    tokenizers = [tok._plain, *tok._truncating.values()]
+    spies = [Calls(t) for t in tokenizers]
+    tok._plain = spies[0]  # type: ignore[assignment]
+    tok._truncating = dict(zip(tok._truncating, spies[1:], strict=True))  # type: ignore[arg-type]
+    right = TruncationDirection.RIGHT
+    tok.encode(["fox"], truncate=True)  # one short text: encode, in this thread
+    tok.encode(["fox", " " * 200_000 + "fox"], truncate=True)
+    tok.encode([" " * 200_000 + "fox"], truncate=False)
+    tok.encode_each([" " * 200_000 + "fox"], [0], truncate=True, direction=right)
+    tok.encode_pairs(query, [long, "fox"], truncate=True)
+    tok.tokens([("fox " * 2000)[:8000]])
+    held = [n for spy in spies for n in spy.held]
+    assert 3 in held and max(held) <= GIL_FREE_CHARS

@@ -8,7 +8,9 @@ A request's cost is bounded on every route by three settings, each checked as ea
   ``/tokenize`` inputs, ``/decode`` lists, the sub-requests of a batch and their inputs in
   total); a model's own value where it has one (the models check it too, before tokenizing).
 - ``max_request_tokens``: token ids a request sends (token-id inputs, ``/decode``), counted before
-  they are validated, and tokens ``/tokenize`` answers with (known only once tokenized).
+  they are validated, and tokens ``/tokenize`` answers with (known only as its inputs are
+  tokenized: a local model counts them as it goes, each input at most max_input_length x 250
+  characters, ``TextTokenizer.tokens``).
 
 The tokens a text request puts through a model are then at most inputs x ``max_input_length``
 (longer inputs are truncated, or refused with 422).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,7 @@ from embedplex.core.errors import (
     EmptyInputError,
     InputTooLongError,
     InvalidRequestError,
+    PayloadTooLargeError,
 )
 
 # Plain lists: turning them into arrays is left to collate, in the inference thread.
@@ -27,6 +29,17 @@ Ids = list[int]
 # A text longer than max_length x this many characters is truncated from a part of this size
 # (``TextTokenizer._part``): more characters than any token of a BERT vocabulary needs.
 PART_CHARS_PER_TOKEN = 64
+
+# One text longer than this is tokenized without holding the GIL (``_encode_raw``): this many
+# characters take some 0.3 ms, the longest the event loop may wait on a tokenizer thread.
+GIL_FREE_CHARS = 1024
+
+# TEI refuses a ``/tokenize`` input longer than max_input_length x this many characters
+# (``MAX_CHAR_MULTIPLIER`` in its core/src/tokenization.rs): the answer has every token.
+TOKENIZE_CHARS_PER_TOKEN = 250
+
+# ``/tokenize`` inputs are tokenized this many characters at a time (``TextTokenizer.tokens``).
+TOKENIZE_GROUP_CHARS = 65_536
 
 
 class TruncationDirection(StrEnum):
@@ -109,6 +122,11 @@ class TextTokenizer:
             tok.enable_truncation(max_length, direction=direction.value)
             self._truncating[direction] = tok
 
+    @property
+    def max_chars(self) -> int:
+        """The longest text ``tokens`` takes, in characters."""
+        return self.max_length * TOKENIZE_CHARS_PER_TOKEN
+
     @classmethod
     def from_dir(cls, path: Path, *, max_length: int, vocab_size: int) -> TextTokenizer:
         return cls(
@@ -125,14 +143,12 @@ class TextTokenizer:
         direction: TruncationDirection = TruncationDirection.RIGHT,
         add_special_tokens: bool = True,
     ) -> list[Encoded]:
-        if not truncate:
-            return self._checked(_encode_batch(self._plain, texts, add_special_tokens))
-        tok = self._truncating[direction]
-        parts = [self._part(text, direction) for text in texts]
+        tok = self._truncating[direction] if truncate else self._plain
+        side = direction if truncate else TruncationDirection.RIGHT
+        parts = self._parts(texts, side)
         encodings = _encode_batch(tok, parts, add_special_tokens)
-        return self._checked(
-            self._whole_where_short(tok, texts, parts, encodings, add_special_tokens)
-        )
+        settled = self._settled(tok, texts, parts, encodings, side, add_special_tokens)
+        return [self._one(enc, index, whole) for index, (enc, whole) in enumerate(settled)]
 
     def encode_each(
         self,
@@ -146,30 +162,49 @@ class TextTokenizer:
         batch): a text that fails gets its error in its place instead of failing them all.
         ``indices`` are the texts' positions in their own requests, for the error messages."""
         tok = self._truncating[direction] if truncate else self._plain
-        parts = [self._part(text, direction) for text in texts] if truncate else texts
+        side = direction if truncate else TruncationDirection.RIGHT
+        parts = self._parts(texts, side)
         try:
-            encodings = _encode_raw(tok, parts, True)
-            encodings = self._whole_where_short(tok, texts, parts, encodings)
+            settled = self._settled(tok, texts, parts, _encode_raw(tok, parts, True), side)
         except (TypeError, ValueError):  # one bad text fails the whole call: find it
             out: list[Encoded | EmbedplexError] = []
-            for text, index in zip(texts, indices, strict=True):
+            for text, part, index in zip(texts, parts, indices, strict=True):
                 if not _valid(text):
                     out.append(_lone_surrogate(index))
                     continue
-                out.append(self._checked_or_error(tok.encode(text), index))
+                ((enc, whole),) = self._settled(
+                    tok, [text], [part], _encode_raw(tok, [part], True), side
+                )
+                out.append(self._checked_or_error(enc, index, whole))
             return out
-        return [self._checked_or_error(e, i) for e, i in zip(encodings, indices, strict=True)]
+        return [
+            self._checked_or_error(enc, index, whole)
+            for (enc, whole), index in zip(settled, indices, strict=True)
+        ]
 
-    def _part(self, text: str, direction: TruncationDirection) -> str:
+    def _parts(self, texts: list[str], direction: TruncationDirection) -> list[str]:
+        """Each text's ``_part``, the first of it to tokenize (``_settled`` reads on)."""
+        return [self._part(text, direction) for text in texts]
+
+    def _part(self, text: str, direction: TruncationDirection, tokens: int = 0) -> str:
         """The part of a long text that truncation keeps from (its start, or its end when
         truncating left), cut just past (before, from the end) a safe boundary character
         (``_cuts``): tokenizing a megabyte to keep ``max_length`` tokens cost seconds and a
-        gigabyte. The text itself where it is short, where the tokenizer is not known to
-        tokenize locally, where no safe boundary is near the cut, or where it is not valid text
-        (whole, it fails as it should)."""
-        bound = self.max_length * PART_CHARS_PER_TOKEN
+        gigabyte. Its tokens are the whole text's first (last) ones, so a part of more than
+        ``max_length`` tokens also proves a text too long where truncation is off. The text
+        itself where it is short, where the tokenizer is not known to tokenize locally, where no
+        safe boundary is near the cut, or where it is not valid text (whole, it fails as it
+        should). ``tokens``: the tokens the part must be able to hold (default ``max_length``)."""
+        bound = max(tokens, self.max_length) * PART_CHARS_PER_TOKEN
+        if len(text) <= bound or not self._cuts or not _valid(text):
+            return text
+        return self._cut(text, direction, bound)
+
+    def _cut(self, text: str, direction: TruncationDirection, bound: int) -> str:
+        """At most ``bound`` characters of ``text`` from the end truncation keeps, cut at a safe
+        boundary (``_part``); the text itself where it is short or none is found."""
         cuts = self._cuts
-        if len(text) <= bound or not cuts or not _valid(text):
+        if len(text) <= bound:
             return text
         if direction is TruncationDirection.RIGHT:
             at = max(text.rfind(c, 0, bound) for c in cuts)
@@ -178,40 +213,81 @@ class TextTokenizer:
         found = [i for i in (text.find(c, start) for c in cuts) if i >= 0]
         return text[min(found) :] if found and min(found) < len(text) - 1 else text
 
-    def _whole_where_short(
+    def _settled(
         self,
         tok: Tokenizer,
         texts: list[str],
         parts: list[str],
         encodings: list[Encoding],
+        direction: TruncationDirection,
         add_special_tokens: bool = True,
-    ) -> list[Encoding]:
-        """A part that truncation did not cut (it had no more than ``max_length`` tokens: a
-        megabyte of spaces) does not show what the whole text keeps: that one is encoded
-        whole. A part that was cut keeps what the whole text keeps: the pieces before its
-        boundary tokenize alike in both."""
-        special = add_special_tokens
-        return [
-            enc if part is text or enc.overflowing else tok.encode(text, add_special_tokens=special)
-            for text, part, enc in zip(texts, parts, encodings, strict=True)
-        ]
+        need: int = 0,
+    ) -> list[tuple[Encoding, bool]]:
+        """Each text's encoding, and whether it is the whole text's (else a part's).
 
-    def _checked(self, encodings: list[Encoding]) -> list[Encoded]:
-        return [self._one(enc, index) for index, enc in enumerate(encodings)]
+        A part that truncation cut, or that holds more than ``need`` tokens (default
+        ``max_length``: with truncation off, the text is too long), settles what the whole text
+        gives: the pieces before its boundary tokenize alike in both. A part with fewer (a run
+        of spaces holds no tokens) settles nothing: the text is read on (``_read_on``)."""
+        need = max(need, self.max_length)
+        out: list[tuple[Encoding, bool]] = []
+        for text, part, enc in zip(texts, parts, encodings, strict=True):
+            if part is text or enc.overflowing or len(enc) > need:
+                out.append((enc, part is text))
+            else:
+                out.append(self._read_on(tok, text, part, direction, add_special_tokens, need))
+        return out
 
-    def _checked_or_error(self, enc: Encoding, index: int) -> Encoded | EmbedplexError:
+    def _read_on(
+        self,
+        tok: Tokenizer,
+        text: str,
+        part: str,
+        direction: TruncationDirection,
+        add_special_tokens: bool,
+        need: int,
+    ) -> tuple[Encoding, bool]:
+        """A text whose part holds no more than ``need`` tokens, read on from where the part
+        ends (begins, from the end), a part's length more at a time, each stretch cut at a safe
+        boundary (so tokenized as in the whole text), until what was read holds more than
+        ``need`` tokens or is the whole text. The stretches' encodings, joined and given the
+        special tokens and truncation of ``tok``, are what ``tok`` gives the text read (ids and
+        type ids; offsets are not kept). So a run of spaces before a megabyte of words costs
+        about the part it would have cost without them, and a megabyte of spaces is read once
+        (it was tokenized whole after its part)."""
+        right = direction is TruncationDirection.RIGHT
+        step = need * PART_CHARS_PER_TOKEN
+        pieces = [_encode_raw(self._plain, [part], False)[0]]
+        held = len(pieces[0])
+        read = part
+        while read is not text and held <= need:
+            wider = self._cut(text, direction, len(read) + step)
+            if len(wider) <= len(read):  # no safe boundary in the stretch: the rest of it
+                wider = text
+            stretch = wider[len(read) :] if right else wider[: len(wider) - len(read)]
+            piece = _encode_raw(self._plain, [stretch], False)[0]
+            pieces.insert(len(pieces) if right else 0, piece)
+            held += len(piece)
+            read = wider
+        joined = Encoding.merge(pieces, growing_offsets=True)
+        return tok.post_process(joined, add_special_tokens=add_special_tokens), read is text
+
+    def _checked_or_error(
+        self, enc: Encoding, index: int, whole: bool = True
+    ) -> Encoded | EmbedplexError:
         try:
-            return self._one(enc, index)
+            return self._one(enc, index, whole)
         except InputTooLongError as exc:
             return exc
 
-    def _one(self, enc: Encoding, index: int) -> Encoded:
+    def _one(self, enc: Encoding, index: int, whole: bool = True) -> Encoded:
+        """``whole``: ``enc`` is the whole input's (else a part's: its length a lower bound)."""
         ids = enc.ids  # a new list on every access
         n = len(ids)
         if n > self.max_length:
             raise InputTooLongError(
-                f"input {index} has {n} tokens, more than the maximum of {self.max_length}; "
-                "set truncate to true or shorten it",
+                f"input {index} has {n if whole else f'at least {n}'} tokens, more than the "
+                f"maximum of {self.max_length}; set truncate to true or shorten it",
                 param="input",
             )
         type_ids = enc.type_ids
@@ -230,34 +306,57 @@ class TextTokenizer:
         The result is exactly ``encode_batch([(query, text) for text in texts])``'s, but the
         query is tokenized once, not once per text: joined per pair, a long query made the
         work grow with len(query) x len(texts). ``post_process`` applies the truncation and the
-        pair template as ``encode`` does, to each side encoded whole without special tokens.
+        pair template as ``encode`` does, to each side encoded without special tokens. A long
+        text is encoded from its ``_part`` (``_answers``).
         """
         tok = self._truncating[direction] if truncate else self._plain
         try:
             # Whole sides (the truncating tokenizer would cut each alone): pairing cuts them.
-            question = self._plain.encode(query, add_special_tokens=False)
+            question = _encode_raw(self._plain, [query], False)[0]
             if not truncate and len(question) > self.max_length:
                 # Every pair is too long: refuse with the first one's error, before the rest.
                 texts = texts[:1]
-            answers = _encode_raw(self._plain, texts, False)  # the pair template adds them
+            n_query = len(question)
+            answers, whole = self._answers(texts, n_query, truncate, direction)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
-        n_query = len(question)
         if not truncate or n_query <= self.max_length:
-            return self._checked([tok.post_process(question, a) for a in answers])
+            pairs = [tok.post_process(question, a) for a in answers]
+            return [self._one(p, i, w) for i, (p, w) in enumerate(zip(pairs, whole, strict=True))]
         # A query longer than max_length keeps at most max_length tokens in any pair, so each
         # pair copies a cut one. Longest-first truncation also looks at which side is longer
         # (with an odd budget the longer side keeps the extra token), so the cut query is one
         # token past max_length and a long text is cut to stay longer, equal or shorter alike.
         question.truncate(self.max_length + 1, 0, direction.value)
-        pairs: list[Encoding] = []
+        out: list[Encoded] = []
         for answer in answers:
             n_text = len(answer)
             cap = self.max_length + 1 + (n_text > n_query) - (n_text < n_query)
             if n_text > cap:
                 answer.truncate(cap, 0, direction.value)
-            pairs.append(tok.post_process(question, answer))
-        return self._checked(pairs)
+            out.append(self._one(tok.post_process(question, answer), len(out)))
+        return out
+
+    def _answers(
+        self, texts: list[str], n_query: int, truncate: bool, direction: TruncationDirection
+    ) -> tuple[list[Encoding], list[bool]]:
+        """The texts' sides of their pairs, without special tokens, each from a ``_part`` where
+        that settles the pair as the whole text would, and whether each is the whole text's.
+
+        Pairing looks at a text's length only up to what truncation keeps of it and through
+        which side is longer, so a part of more than max(``max_length``, the query's length)
+        tokens stands in for the whole text (its first tokens, or its last when truncating
+        left, are the whole text's). With truncation off a part of more than ``max_length``
+        tokens proves the pair too long. A part of fewer proves nothing: a longer one is tried
+        (``_settled``)."""
+        need = max(self.max_length, n_query) if truncate else self.max_length
+        side = direction if truncate else TruncationDirection.RIGHT
+        parts = [self._part(text, side, need) for text in texts]
+        answers = _encode_raw(self._plain, parts, False)  # the pair template adds them
+        settled = self._settled(self._plain, texts, parts, answers, side, False, need)
+        answers = [enc for enc, _ in settled]
+        whole = [w for _, w in settled]
+        return answers, whole
 
     def encode_ids(
         self,
@@ -305,38 +404,83 @@ class TextTokenizer:
                 )
         return self._plain.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
 
-    def tokens(self, texts: list[str], *, add_special_tokens: bool = True) -> list[list[Token]]:
-        """Token detail for the TEI ``/tokenize`` route."""
-        result: list[list[Token]] = []
-        for text, enc in zip(
-            texts,
-            _encode_batch(self._plain, texts, add_special_tokens),
-            strict=True,
-        ):
-            row = []
-            for tid, special, (start, stop) in zip(
-                enc.ids, enc.special_tokens_mask, enc.offsets, strict=True
-            ):
-                is_special = bool(special)
-                row.append(
-                    Token(
-                        id=tid,
-                        text=text[start:stop]
-                        if not is_special
-                        else (self._plain.id_to_token(tid) or ""),
-                        special=is_special,
-                        start=None if is_special else start,
-                        stop=None if is_special else stop,
-                    )
+    def tokens(
+        self,
+        texts: list[str],
+        *,
+        add_special_tokens: bool = True,
+        max_tokens: int | None = None,
+    ) -> list[list[Token]]:
+        """Token detail for the TEI ``/tokenize`` route. The answer has every token, so an input
+        over ``max_chars`` is refused before any is tokenized (as TEI does), and the inputs are
+        tokenized ``TOKENIZE_GROUP_CHARS`` at a time: an answer over ``max_tokens`` is refused
+        (413) once a group passes it, not once all of it is made."""
+        limit = self.max_chars
+        for index, text in enumerate(texts):
+            if len(text) > limit:
+                raise InputTooLongError(
+                    f"input {index} has {len(text)} characters, more than the maximum of "
+                    f"{limit} (max_input_length x {TOKENIZE_CHARS_PER_TOKEN}) /tokenize takes",
+                    param="inputs",
                 )
-            result.append(row)
-        return result
+            if not _valid(text):  # here, where its index is the request's
+                raise _lone_surrogate(index)
+        encodings: list[Encoding] = []
+        made = 0
+        for group in _groups(texts, TOKENIZE_GROUP_CHARS):
+            done = _encode_batch(self._plain, group, add_special_tokens)
+            made += sum(len(enc) for enc in done)
+            encodings += done
+            if max_tokens is not None and made > max_tokens:
+                # The route's message (api/bounds.py), counted so far: at least this many.
+                raise PayloadTooLargeError(
+                    f"{made} token ids in one request > the limit of {max_tokens} "
+                    "(max_request_tokens)",
+                    param="inputs",
+                )
+        # Rows only for an answer that is given: they are the Python work (the GIL's).
+        return [self._row(text, enc) for text, enc in zip(texts, encodings, strict=True)]
+
+    def _row(self, text: str, enc: Encoding) -> list[Token]:
+        row = []
+        for tid, special, (start, stop) in zip(
+            enc.ids, enc.special_tokens_mask, enc.offsets, strict=True
+        ):
+            is_special = bool(special)
+            row.append(
+                Token(
+                    id=tid,
+                    text=text[start:stop]
+                    if not is_special
+                    else (self._plain.id_to_token(tid) or ""),
+                    special=is_special,
+                    start=None if is_special else start,
+                    stop=None if is_special else stop,
+                )
+            )
+        return row
+
+
+def _groups(texts: list[str], chars: int) -> Iterator[list[str]]:
+    """``texts`` in order, in runs of at most ``chars`` characters (or one longer text)."""
+    group: list[str] = []
+    size = 0
+    for text in texts:
+        if group and size + len(text) > chars:
+            yield group
+            group, size = [], 0
+        group.append(text)
+        size += len(text)
+    if group:
+        yield group
 
 
 def _encode_raw(tok: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[Encoding]:
-    """``encode_batch``, but one text in this thread: ``encode_batch`` hands even one text to
-    its thread pool (a wake-up per request at c=1)."""
-    if len(texts) == 1:
+    """``encode_batch``, but one short text with ``encode``: ``encode_batch`` hands even one
+    text to its thread pool (a wake-up per request at c=1). A long one still goes through
+    ``encode_batch``, which lets go of the GIL while it works (``encode`` holds it: the event
+    loop stood still for the whole of a 2 MB text, docs/security.md)."""
+    if len(texts) == 1 and len(texts[0]) <= GIL_FREE_CHARS:
         return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
     return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
 

@@ -107,6 +107,7 @@ class LocalModelOptions:
     max_concurrent_requests: int = 512
     tokenization_workers: int | None = None
     tokenize_inline_chars: int = 512
+    max_request_tokens: int = 262_144  # as Settings.max_request_tokens: /tokenize's answer
     streams: int = 1  # batches run at once, each from its own inference thread
     worker_nice: int = 0  # inference and tokenizer threads run this far below the event loop
     queue_policy: QueuePolicy = "fair"  # batching/fair.py; "fifo": oldest first, whoever sent
@@ -148,6 +149,7 @@ class LocalModelOptions:
             max_concurrent_requests=_set(m.max_concurrent_requests),
             tokenization_workers=settings.tokenization_workers,
             tokenize_inline_chars=settings.tokenize_inline_chars,
+            max_request_tokens=settings.max_request_tokens,
             streams=streams,
             worker_nice=settings.inference_nice,
             queue_policy=_set(m.queue_policy),
@@ -879,7 +881,11 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._token_pool,
-            lambda: self.tokenizer.tokens(texts, add_special_tokens=add_special_tokens),
+            lambda: self.tokenizer.tokens(
+                texts,
+                add_special_tokens=add_special_tokens,
+                max_tokens=self.options.max_request_tokens,
+            ),
         )
 
 

@@ -25,6 +25,7 @@ REPLICA_SETTINGS = (
     "cache_max_bytes",
     "tokenization_workers",
     "tokenize_inline_chars",
+    "max_request_tokens",
     "inference_nice",
     "priority_aging_ms",
     "inference_timeout_s",

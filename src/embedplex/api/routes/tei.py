@@ -107,7 +107,8 @@ async def tokenize(body: TokenizeBody, request: Request) -> Response:
     tokens = await model.tokenize(
         texts, add_special_tokens=body.add_special_tokens, prompt_name=body.prompt_name
     )
-    # The answer is some 60 bytes a token: bounded, though only known once tokenized.
+    # The answer is some 60 bytes a token: bounded, though only known once tokenized (a local
+    # model refuses it as it tokenizes, TextTokenizer.tokens; this checks any other).
     check_tokens(request, sum(len(row) for row in tokens), "inputs")
     return json_response(
         [
