@@ -33,20 +33,20 @@ def test_a_burst_of_failures_throttles_the_address_until_one_has_drained() -> No
     assert not throttle.failed("a")  # a full window later the whole burst is back
 
 
-def test_the_table_of_addresses_is_bounded() -> None:
+def test_the_table_of_addresses_is_bounded_least_recently_failed_first() -> None:
     clock = Clock()
-    throttle = FailureThrottle(burst=2, window_s=10.0, max_clients=3, clock=clock)
-    for address in ("a", "b", "c"):
+    throttle = FailureThrottle(burst=2, window_s=10.0, max_clients=20, clock=clock)
+    spray = [f"10.0.0.{i}" for i in range(19)]
+    throttle.failed("guesser")
+    for address in spray:
         throttle.failed(address)
-    clock.now += 100.0  # all drained: forgotten first when the table is full
-    throttle.failed("d")
-    throttle.failed("d")
-    for address in ("e", "f"):
-        throttle.failed(address)
-    assert throttle.wait("d") > 0
-    throttle.failed("g")  # full of live entries: the oldest ("d") goes
-    assert len(throttle._tat) == 3
-    assert throttle.wait("d") == 0.0
+    throttle.failed("guesser")  # throttled now, and the most recent failure
+    assert throttle.wait("guesser") > 0
+    throttle.failed("new")  # full: the least recently failed tenth goes, at once
+    assert len(throttle._tat) == 19
+    assert throttle.wait("guesser") > 0  # the spray did not flush the guesser out
+    assert "10.0.0.0" not in throttle._tat and "10.0.0.1" not in throttle._tat
+    assert "10.0.0.2" in throttle._tat
 
 
 def test_bad_parameters_are_refused() -> None:

@@ -91,3 +91,21 @@ async def test_a_flood_of_wrong_secrets_is_throttled_per_address_and_lifts(
     assert any("203.0.113.9" in w for w in warnings)
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert WRONG not in logged and SECRET not in logged
+
+
+async def test_requests_without_a_secret_are_refused_but_not_counted(tiny_model_dir: Path) -> None:
+    """A monitor polling without a secret is no guesser: it must not lock its address out."""
+    app = fake_app(tiny_model_dir, FakeBackend(), admin_secret=SECRET)
+    async with clients(app) as (monitor, _):
+        for _ in range(BURST * 3):
+            assert (await monitor.get("/api/v1/status")).status_code == 401
+        assert (await monitor.get("/api/v1/status", headers=bearer(SECRET))).status_code == 200
+
+
+def test_ipv6_addresses_of_one_64_share_a_bucket() -> None:
+    from embedplex.api.routes.admin import _counted_as
+
+    assert _counted_as("2001:db8:1:2::1") == _counted_as("2001:db8:1:2:ffff::9")
+    assert _counted_as("2001:db8:1:2::1") != _counted_as("2001:db8:1:3::1")
+    assert _counted_as("203.0.113.9") == "203.0.113.9"
+    assert _counted_as("not:an:address") == "not:an:address"

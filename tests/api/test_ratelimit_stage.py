@@ -263,3 +263,24 @@ async def test_a_request_cancelled_in_the_backend_is_charged_its_tokens(
     tokens = answer.json()["usage"]["prompt_tokens"]
     left = int(answer.headers["x-ratelimit-remaining-tokens"])  # before this answer's charge
     assert left == 100_000 - tokens
+
+
+def test_a_charged_spend_notes_nothing_more() -> None:
+    """uvicorn starts a pipelined request from the finishing one's task, whose context holds
+    that request's ``Spend``: once charged it must keep nothing of the next request's items."""
+    from types import SimpleNamespace
+
+    from embedplex.core.spend import REQUEST_SPEND, Spend, note_queued
+
+    ran = SimpleNamespace(payload=SimpleNamespace(cost=7), started_at=1.0)
+    spend = Spend()
+    token = REQUEST_SPEND.set(spend)
+    try:
+        note_queued([ran])
+        assert spend.tokens() == 7
+        spend.forget()  # charged
+        note_queued([ran] * 50)  # the next request, pipelined behind it
+        assert spend.tokens() == 0
+        assert spend._queued is None
+    finally:
+        REQUEST_SPEND.reset(token)

@@ -302,3 +302,31 @@ def test_limits_are_settings_and_flags() -> None:
     assert (limits.max_connections, limits.body_timeout_s) == (7, 3.0)
     assert EdgeLimits.from_settings(Settings()) == EdgeLimits()  # the documented defaults
     assert edge_protocol(limits).limits is limits
+
+
+def test_json_routes_carry_cors_headers_on_a_real_connection(tiny_model_dir: Path) -> None:
+    """The connection's one-write JSON answers bypass ``send``, where CORS adds its headers:
+    under a CORS policy every answer still carries them (the in-process tests have no
+    connection, so only a real server shows it)."""
+    origin = {"origin": "https://a.example"}
+    app = fake_app(
+        tiny_model_dir, FakeBackend(), api_key="sk-edge-test", cors_allow_origins=[origin["origin"]]
+    )
+    # As ``embedplex serve`` runs it: no uvicorn access log (with one, no answer is one write).
+    with edge_server(app, EdgeLimits(), lifespan="on", access_log=False) as port:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(base + "/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        key = {"authorization": "Bearer sk-edge-test"}
+        with httpx.Client(base_url=base, timeout=30) as client:
+            answers = [
+                client.post("/v1/embeddings", json={"input": "x"}, headers=origin),
+                client.post("/v1/embeddings", json={"input": "x"}, headers={**origin, **key}),
+                client.post("/embed", json={"inputs": "x"}, headers={**origin, **key}),
+                client.get("/info", headers={**origin, **key}),
+            ]
+    assert [r.status_code for r in answers] == [401, 200, 200, 200]
+    for r in answers:
+        assert r.headers["access-control-allow-origin"] == origin["origin"]

@@ -265,6 +265,7 @@ def create_app(
         observer=observer,
         pacer=RefusalPacer(settings.overload_refusal_hold_ms / 1000),
         owner=app,
+        whole_writes=not settings.cors_allow_origins,  # CORS adds its headers through send
     )
     if settings.cors_allow_origins:
         # A header policy around the pipeline: preflights are answered before authentication

@@ -7,6 +7,7 @@ OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -124,7 +125,7 @@ def error_response(
         body = {"error": exc.message, "error_type": spec.tei_type}
     out = dict(headers or {})
     if isinstance(exc, e.OverloadedError) and exc.retry_after is not None:
-        out["retry-after"] = str(max(1, round(exc.retry_after)))
+        out["retry-after"] = str(max(1, math.ceil(exc.retry_after)))  # never early
     return JsonResponse(orjson.dumps(body), spec.status, out)
 
 

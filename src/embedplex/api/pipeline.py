@@ -159,12 +159,16 @@ class Pipeline:
         observer: RequestObserver,
         pacer: RefusalPacer | None = None,
         owner: Any = None,
+        whole_writes: bool = True,
     ) -> None:
         """``pacer``: holds overload refusals past a fast rate (``api/pacing.py``); ``owner``:
         the app that handlers reach as ``request.app``, put in each scope, so that a server can
-        call the pipeline straight (``EmbedplexApp.entry``)."""
+        call the pipeline straight (``EmbedplexApp.entry``); ``whole_writes``: a JSON answer is
+        written by the connection in one go (``api/channel.py``), which a middleware around the
+        pipeline that adds headers through ``send`` (CORS) would not see: off under one."""
         self.app = app
         self.owner = owner
+        self.whole_writes = whole_writes
         self.stages = list(stages)
         self.routes = dict(routes)
         self.observer = observer
@@ -191,7 +195,7 @@ class Pipeline:
                     await pacer.pace()
                 response.raw_headers.extend(ex.response_headers)
                 # Our server writes a whole JSON answer in one go (api/channel.py).
-                channel: Channel | None = scope.get(CHANNEL_KEY)
+                channel: Channel | None = scope.get(CHANNEL_KEY) if self.whole_writes else None
                 if (
                     channel is None
                     or type(response) is not JsonResponse

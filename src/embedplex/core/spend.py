@@ -41,21 +41,26 @@ class Spend:
     __slots__ = ("_queued",)
 
     def __init__(self) -> None:
-        self._queued: list[Sequence[Queued]] = []
+        self._queued: list[Sequence[Queued]] | None = []
 
     def note(self, items: Sequence[Queued]) -> None:
-        """Items just queued for this request (kept, not copied: read at the finish)."""
-        self._queued.append(items)
+        """Items just queued for this request (kept, not copied: read at the finish); nothing
+        once the request was charged."""
+        if self._queued is not None:
+            self._queued.append(items)
 
     def forget(self) -> None:
-        """Drop the noted items once charged: a task started inside the request (a model
-        loaded on its first request) keeps the request's context, and this with it."""
-        self._queued.clear()
+        """Drop the noted items once charged, and note none from now on: a task started inside
+        the request keeps the request's context, and this with it (a model loaded on its first
+        request; the next request pipelined on its connection, which uvicorn starts from the
+        finishing request's task)."""
+        self._queued = None
 
     def tokens(self) -> int:
         """Tokens of the noted inputs whose batch started: the payload's count (a text
         tokenized in the inference thread has its real count once its batch tokenized it)."""
-        return sum(i.payload.cost for part in self._queued for i in part if i.started_at)
+        queued = self._queued or ()
+        return sum(i.payload.cost for part in queued for i in part if i.started_at)
 
 
 REQUEST_SPEND: ContextVar[Spend | None] = ContextVar("embedplex_spend", default=None)

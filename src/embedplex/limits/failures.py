@@ -9,14 +9,19 @@ throttled attempt is refused without looking at its secret (checking it would te
 which guess was right, throttled or not). Per address, so that a flood from one client does not
 lock out an administrator elsewhere (docs/security.md).
 
-Memory is bounded: at ``max_clients`` addresses, those fully drained are forgotten, then the
-oldest if still full (a guesser with that many addresses can flush the table; the secret's
-minimum length, not this, is what makes spraying from many addresses hopeless).
+Memory is bounded: at ``max_clients`` addresses, the least recently failed are forgotten, a
+tenth of the table at once (each failure moves its address to the end, so a throttled guesser
+is not flushed out by a spray of new addresses before the addresses that went quiet, and a full
+table costs no scan per failure). A guesser with that many addresses can still flush it: the
+secret's minimum length, not this, is what makes spraying from many addresses hopeless. The
+admin routes' checks run on the event loop and in FastAPI's threadpool, hence the lock.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 BURST = 10  # failed attempts an address may make at once ...
@@ -45,7 +50,9 @@ class FailureThrottle:
         self.window_s = window_s
         self.max_clients = max_clients
         self._clock = clock
-        self._tat: dict[str, float] = {}  # per address: when its bucket is empty again
+        # Per address, least recently failed first: when its bucket is empty again.
+        self._tat: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
 
     def wait(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 when it may now (one dict lookup)."""
@@ -57,17 +64,19 @@ class FailureThrottle:
     def failed(self, client: str) -> bool:
         """Count one failed attempt of ``client``; True when it is throttled from now on."""
         now = self._clock()
-        tat = self._tat.get(client)
-        if tat is None:
-            if len(self._tat) >= self.max_clients:
-                self._forget(now)
-            tat = now
-        tat = max(tat, now) + self.interval
-        self._tat[client] = tat
+        with self._lock:
+            tat = self._tat.get(client)
+            if tat is None:
+                if len(self._tat) >= self.max_clients:
+                    self._forget()
+                tat = now
+            else:
+                self._tat.move_to_end(client)
+            tat = max(tat, now) + self.interval
+            self._tat[client] = tat
         return tat - now > self.window_s - self.interval + 1e-9
 
-    def _forget(self, now: float) -> None:
-        for client in [c for c, tat in self._tat.items() if tat <= now]:
-            del self._tat[client]
-        while len(self._tat) >= self.max_clients:
-            del self._tat[next(iter(self._tat))]  # the oldest first seen
+    def _forget(self) -> None:
+        """Drop the least recently failed tenth of the table (at least one address)."""
+        for _ in range(max(1, self.max_clients // 10)):
+            self._tat.popitem(last=False)

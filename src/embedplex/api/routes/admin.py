@@ -17,6 +17,7 @@ within seconds (``state/providers.py``; docs/keys.md).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 
 from fastapi import APIRouter, Depends, Request
@@ -53,6 +54,17 @@ def _given_secret(request: Request) -> bytes:
     return token.strip().encode() if scheme.lower() == "bearer" else b""
 
 
+def _counted_as(address: str) -> str:
+    """Whose failures an address's are: itself, or for IPv6 its /64 (one host usually holds a
+    whole /64, and would otherwise get a fresh bucket per address)."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
+
+
 def require_admin(request: Request) -> None:
     """The one check of every admin route: 403 when the admin API is off, 401 on a bad secret,
     429 for a client address whose wrong secrets are throttled (``limits/failures.py``).
@@ -66,12 +78,14 @@ def require_admin(request: Request) -> None:
         raise ForbiddenError(ADMIN_OFF)
     failures: FailureThrottle = request.app.state.admin_failures
     client = request.scope.get("client")
-    address = client[0] if client else ""
+    address = _counted_as(client[0]) if client else ""
     wait = failures.wait(address)
     if wait:
         raise RateLimitedError(ADMIN_THROTTLED, retry_after=wait)
-    if not hmac.compare_digest(_given_secret(request), secret.get_secret_value().encode()):
-        if failures.failed(address):
+    given = _given_secret(request)
+    if not hmac.compare_digest(given, secret.get_secret_value().encode()):
+        # No secret at all is no guess (a monitor that has none): it is refused, not counted.
+        if given and failures.failed(address):
             # One line per throttled stretch of an address; the secret it sent is never logged.
             logger.warning(
                 "admin API: too many wrong admin secrets from %s; refusing its admin requests "
