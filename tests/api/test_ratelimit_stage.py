@@ -272,7 +272,8 @@ def test_a_charged_spend_notes_nothing_more() -> None:
 
     from embedplex.core.spend import REQUEST_SPEND, Spend, note_queued
 
-    ran = SimpleNamespace(payload=SimpleNamespace(cost=7), started_at=1.0)
+    running = SimpleNamespace(done=lambda: False)  # its batch still in the backend
+    ran = SimpleNamespace(payload=SimpleNamespace(cost=7), started_at=1.0, future=running)
     spend = Spend()
     token = REQUEST_SPEND.set(spend)
     try:
@@ -284,3 +285,25 @@ def test_a_charged_spend_notes_nothing_more() -> None:
         assert spend._queued is None
     finally:
         REQUEST_SPEND.reset(token)
+
+
+async def test_a_request_whose_batch_failed_is_charged_nothing(tiny_model_dir: Path) -> None:
+    """A failed batch (here the backend's error) did no work the key pays for; the next answer
+    is charged its usage as always."""
+    backend = FakeBackend()
+    app = limited_app(tiny_model_dir, backend, {"k": KeyLimits(tpm=100_000)})
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    key = {"x-test-tenant": "k"}
+    async with running(app) as client:
+
+        async def remaining() -> int:
+            answer = await client.get("/v1/models", headers=key)
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        backend.fail_next = 1
+        failed = await client.post("/v1/embeddings", json={"input": "one two three"}, headers=key)
+        assert failed.status_code == 424  # the backend failed (TEI's status for it)
+        assert await remaining() == 100_000
+        ok = await client.post("/v1/embeddings", json={"input": "four five"}, headers=key)
+        assert ok.status_code == 200
+        assert await remaining() == 100_000 - ok.json()["usage"]["prompt_tokens"]

@@ -2,21 +2,23 @@
 
 A limited key is charged its tokens when its request finishes (``api/ratelimit.py``): on an
 answer, the tokens the answer reports. A request that ends without one (client gone, task
-cancelled, a failed batch) still had its inputs run, and those tokens are charged too: the
+cancelled, a deadline) may still have had its inputs run, and those tokens are charged too: the
 pipeline's ``RateLimit`` stage puts a ``Spend`` in ``REQUEST_SPEND`` for the request, a local
 model or remote provider notes the batcher items it queues for it (``note_queued``), and at
 the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream (an
-item the batcher stamped ``started_at``). Inputs dropped from the queue before they ran cost
-nothing. A context variable, as the deadline (``core/deadline.py``): no route and no model
-signature carries it, and a request without a limited key pays one ``ContextVar.get`` per
-queued request, nothing more (each request runs in its own task, so it finds none set).
+item the batcher stamped ``started_at``) and did not fail. Inputs dropped from the queue before
+they ran, or whose batch failed, cost nothing. A context variable, as the deadline
+(``core/deadline.py``): no route and no model signature carries it, and a request without a
+limited key pays one ``ContextVar.get`` per queued request, nothing more (each request runs in
+its own task, so it finds none set).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class _Costed(Protocol):
@@ -26,13 +28,17 @@ class _Costed(Protocol):
 
 class Queued(Protocol):
     """A queued input as ``Spend`` reads it (``batching.item.Item``): its payload's token
-    count (a remote text's: ``estimated_tokens``), and when its batch started (0: never)."""
+    count (a remote text's: ``estimated_tokens``), when its batch started (0: never), and its
+    future (a batch that failed set an exception there)."""
 
     @property
     def payload(self) -> _Costed: ...
 
     @property
     def started_at(self) -> float: ...
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
 
 
 class Spend:
@@ -57,10 +63,20 @@ class Spend:
         self._queued = None
 
     def tokens(self) -> int:
-        """Tokens of the noted inputs whose batch started: the payload's count (a text
-        tokenized in the inference thread has its real count once its batch tokenized it)."""
+        """Tokens of the noted inputs whose batch started and did not fail: the payload's
+        count (a text tokenized in the inference thread has its real count once its batch
+        tokenized it). A failed batch (the backend's error, an upstream's refusal or outage)
+        did the caller no work it pays for: a 5xx, or an upstream's 429 passed on, is not the
+        key's spending, and a route failing over would otherwise pay once per provider."""
         queued = self._queued or ()
-        return sum(i.payload.cost for part in queued for i in part if i.started_at)
+        return sum(i.payload.cost for part in queued for i in part if i.started_at and _ran(i))
+
+
+def _ran(item: Queued) -> bool:
+    """Whether ``item``'s batch did its work: answered, or still running when its caller left
+    (a cancelled future); not when the batch failed."""
+    future = item.future
+    return not future.done() or future.cancelled() or future.exception() is None
 
 
 REQUEST_SPEND: ContextVar[Spend | None] = ContextVar("embedplex_spend", default=None)
