@@ -246,3 +246,46 @@ def test_texts_read_on_stretch_by_stretch_keep_what_whole_texts_keep(direction: 
     assert tok.encode(texts, truncate=True, direction=d) == expected(path, texts, direction)
     got = tok.encode_each(texts, list(range(len(texts))), truncate=False, direction=d)
     assert refused_at(got) == outcomes(path, texts)
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+@pytest.mark.parametrize(
+    "unit", ["東", "日本語の文", "a\n", "a\t", "a\r\n", "a\u00a0", "a\u3000", "東" * 40 + "\u00e9"]
+)
+def test_text_without_ascii_spaces_is_cut_too(direction: str, unit: str) -> None:
+    """Ideographs alone, or words between tabs, newlines or Unicode spaces, were tokenized
+    whole (a 2 MB run of 中: 5 s and 1.3 GB): each is a piece boundary as much as a space, so the
+    part cut there keeps what the whole text keeps, and costs a part."""
+    path = real_tokenizer_json()
+    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
+    d = TruncationDirection(direction)
+    plain, cutting = Recording(tok._plain), Recording(tok._truncating[d])
+    tok._plain = plain  # type: ignore[assignment]
+    tok._truncating[d] = cutting  # type: ignore[assignment]
+    text = unit * (40 * BOUND // len(unit))
+    assert tok.encode([text], truncate=True, direction=d) == expected(path, [text], direction)
+    assert plain.chars + cutting.chars <= 2 * BOUND
+    with pytest.raises(InputTooLongError, match="input 0 has at least"):
+        tok.encode([text], truncate=False, direction=d)
+    assert plain.chars + cutting.chars <= 4 * BOUND
+
+
+def test_a_single_word_added_token_turns_cutting_off() -> None:
+    """The library matches a ``single_word`` added token at its own word boundaries ("_" is a
+    word character to it), not the pre-tokenizer's: a cut at "_" would make a boundary that the
+    whole text has not. Such a tokenizer's texts are tokenized whole."""
+    from tokenizers import AddedToken
+
+    base = Tokenizer.from_file(str(real_tokenizer_json()))
+    base.add_tokens([AddedToken("<x>", single_word=True)])
+    base.no_truncation()
+    base.no_padding()
+    tok = TextTokenizer(Tokenizer.from_str(base.to_str()), max_length=8, vocab_size=1)
+    assert tok._cuts == "" and not tok._cjk
+    for text, d in [
+        ("q" * 511 + "_<x>" + " red" * 3, RIGHT),  # "_" just inside the part (8 x 64 chars)
+        ("red " * 3 + "<x>_" + "q" * 511, TruncationDirection.LEFT),
+    ]:
+        whole = Tokenizer.from_str(base.to_str())
+        whole.enable_truncation(8, direction=d.value)
+        assert tok.encode([text], truncate=True, direction=d)[0].ids == whole.encode(text).ids

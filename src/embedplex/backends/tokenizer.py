@@ -42,6 +42,21 @@ TOKENIZE_CHARS_PER_TOKEN = 250
 TOKENIZE_GROUP_CHARS = 65_536
 
 
+# Whitespace that BERT's normalizer makes a space and its pre-tokenizer splits at (Unicode
+# White_Space, not a control character: U+0085 is deleted instead), cut at like a space.
+_SPACES = " \t\n\r\u00a0\u3000"
+
+# How far from a cut point a CJK ideograph is looked for (``TextTokenizer._cut_at``).
+_CJK_SCAN = 64
+
+
+def _is_cjk(c: str) -> bool:
+    """A CJK ideograph that BERT's normalizer sets apart (its ``handle_chinese_chars``): the
+    main blocks of its list, enough for text of them alone to be cut."""
+    o = ord(c)
+    return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF
+
+
 class TruncationDirection(StrEnum):
     RIGHT = "right"
     LEFT = "left"
@@ -105,15 +120,30 @@ class TextTokenizer:
         # whatever stands beside it) that no added token holds: the raw pre-tokenizer's own
         # boundaries include characters the normalizer deletes (U+0085) and fall inside added
         # tokens ("[SEP]" is "[", "SEP", "]" to it), where the whole text tokenizes otherwise.
-        added = "".join(t.content for t in tokenizer.get_added_tokens_decoder().values())
-        local = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer) and (
-            tokenizer.normalizer is None
-            or isinstance(tokenizer.normalizer, normalizers.BertNormalizer)
+        # Tab, newline, carriage return, no-break and ideographic spaces are whitespace to both
+        # (the normalizer's clean_text makes them spaces: ``_SPACES``). An added token matched
+        # as a single word is not local: the library's own word boundaries for it differ from
+        # the pre-tokenizer's ("_" is a word character to it), so such a tokenizer's texts are
+        # never cut.
+        tokens = list(tokenizer.get_added_tokens_decoder().values())
+        added = "".join(t.content for t in tokens)
+        normalizer = tokenizer.normalizer
+        local = (
+            isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+            and (normalizer is None or isinstance(normalizer, normalizers.BertNormalizer))
+            and not any(c.isspace() for c in added)
+            and not any(t.single_word for t in tokens)
         )
         self._cuts = (
-            "".join(c for c in " " + string.punctuation if c not in added)
-            if local and not any(c.isspace() for c in added)
-            else ""
+            "".join(c for c in _SPACES + string.punctuation if c not in added) if local else ""
+        )
+        # BERT's normalizer puts spaces around each CJK ideograph (handle_chinese_chars): a
+        # piece boundary on either side of one, where text of them alone has no other cut.
+        self._cjk = (
+            local
+            and isinstance(normalizer, normalizers.BertNormalizer)
+            and bool(normalizer.handle_chinese_chars)
+            and not any(_is_cjk(c) for c in added)
         )
         self._truncating: dict[TruncationDirection, Tokenizer] = {}
         for direction in TruncationDirection:
@@ -203,15 +233,37 @@ class TextTokenizer:
     def _cut(self, text: str, direction: TruncationDirection, bound: int) -> str:
         """At most ``bound`` characters of ``text`` from the end truncation keeps, cut at a safe
         boundary (``_part``); the text itself where it is short or none is found."""
-        cuts = self._cuts
-        if len(text) <= bound:
+        kept = self._cut_at(text, direction, bound)
+        if kept == len(text):
             return text
+        return text[:kept] if direction is TruncationDirection.RIGHT else text[len(text) - kept :]
+
+    def _cut_at(self, text: str, direction: TruncationDirection, bound: int, after: int = 0) -> int:
+        """How many characters, from the end truncation keeps, reach the safe boundary (a
+        character of ``_cuts``, or a CJK ideograph: its own piece) nearest ``bound`` among the
+        characters past the first ``after``; ``len(text)`` where the text is no longer or none
+        is there. Only that stretch is searched: reading on over a long text stays linear."""
+        n = len(text)
+        if n <= bound:
+            return n
+        lo, hi = max(after, 1), bound
         if direction is TruncationDirection.RIGHT:
-            at = max(text.rfind(c, 0, bound) for c in cuts)
-            return text[: at + 1] if at > 0 else text
-        start = len(text) - bound
-        found = [i for i in (text.find(c, start) for c in cuts) if i >= 0]
-        return text[min(found) :] if found and min(found) < len(text) - 1 else text
+            at = max(text.rfind(c, lo, hi) for c in self._cuts) if self._cuts else -1
+            if self._cjk:
+                for i in range(hi - 1, max(at, lo - 1, hi - _CJK_SCAN - 1), -1):
+                    if _is_cjk(text[i]):
+                        at = i
+                        break
+            return at + 1 if at >= lo else n
+        start, end = n - hi, n - lo
+        found = [i for i in (text.find(c, start, end) for c in self._cuts) if i >= 0]
+        at = min(found) if found else end
+        if self._cjk:
+            for i in range(start, min(at, start + _CJK_SCAN)):
+                if _is_cjk(text[i]):
+                    at = i
+                    break
+        return n - at if at < end else n
 
     def _settled(
         self,
@@ -257,20 +309,26 @@ class TextTokenizer:
         (it was tokenized whole after its part)."""
         right = direction is TruncationDirection.RIGHT
         step = need * PART_CHARS_PER_TOKEN
+        n = len(text)
         pieces = [_encode_raw(self._plain, [part], False)[0]]
         held = len(pieces[0])
-        read = part
-        while read is not text and held <= need:
-            wider = self._cut(text, direction, len(read) + step)
-            if len(wider) <= len(read):  # no safe boundary in the stretch: the rest of it
-                wider = text
-            stretch = wider[len(read) :] if right else wider[: len(wider) - len(read)]
+        read = len(part)  # characters read, from the end truncation keeps
+        while read < n and held <= need:
+            # The next boundary past what was read, a stretch at a time (each searched once): a
+            # stretch with none (ideographs of a script without spaces) widens the search.
+            searched, wider = read, n
+            while searched < n:
+                wider = self._cut_at(text, direction, searched + step, searched)
+                if wider < n or searched + step >= n:
+                    break
+                searched += step
+            stretch = text[read:wider] if right else text[n - wider : n - read]
             piece = _encode_raw(self._plain, [stretch], False)[0]
             pieces.insert(len(pieces) if right else 0, piece)
             held += len(piece)
             read = wider
         joined = Encoding.merge(pieces, growing_offsets=True)
-        return tok.post_process(joined, add_special_tokens=add_special_tokens), read is text
+        return tok.post_process(joined, add_special_tokens=add_special_tokens), read >= n
 
     def _checked_or_error(
         self, enc: Encoding, index: int, whole: bool = True
