@@ -197,17 +197,24 @@ def test_a_long_text_is_refused_from_its_part() -> None:
     assert 0 < recording.chars <= BOUND + 1
 
 
+def recorded(path: Path, d: TruncationDirection) -> tuple[TextTokenizer, Recording, Recording]:
+    """The real tokenizer at ``MAX``, its plain and ``d``-truncating tokenizers recording the
+    characters they are given."""
+    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
+    plain, cutting = Recording(tok._plain), Recording(tok._truncating[d])
+    tok._plain = plain  # type: ignore[assignment]
+    tok._truncating[d] = cutting  # type: ignore[assignment]
+    return tok, plain, cutting
+
+
 @pytest.mark.parametrize("truncate", [True, False])
 @pytest.mark.parametrize("direction", ["right", "left"])
 def test_a_run_of_spaces_costs_what_it_holds(truncate: bool, direction: str) -> None:
     """A part of spaces settles nothing, and the whole text was tokenized (a megabyte of words
     behind 4 x BOUND spaces: seconds); the text is read on a part's length at a time instead."""
     path = real_tokenizer_json()
-    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
     d = TruncationDirection(direction)
-    plain, cutting = Recording(tok._plain), Recording(tok._truncating[d])
-    tok._plain = plain  # type: ignore[assignment]
-    tok._truncating[d] = cutting  # type: ignore[assignment]
+    tok, plain, cutting = recorded(path, d)
     spaces, words = " \n\x85\u200b" * BOUND, "hello world, " * 100_000
     side = direction if truncate else "right"
     text = spaces + words if side == "right" else words + spaces
@@ -257,11 +264,8 @@ def test_text_without_ascii_spaces_is_cut_too(direction: str, unit: str) -> None
     whole (a 2 MB run of 中: 5 s and 1.3 GB): each is a piece boundary as much as a space, so the
     part cut there keeps what the whole text keeps, and costs a part."""
     path = real_tokenizer_json()
-    tok = TextTokenizer(Tokenizer.from_file(str(path)), max_length=MAX, vocab_size=1)
     d = TruncationDirection(direction)
-    plain, cutting = Recording(tok._plain), Recording(tok._truncating[d])
-    tok._plain = plain  # type: ignore[assignment]
-    tok._truncating[d] = cutting  # type: ignore[assignment]
+    tok, plain, cutting = recorded(path, d)
     text = unit * (40 * BOUND // len(unit))
     assert tok.encode([text], truncate=True, direction=d) == expected(path, [text], direction)
     assert plain.chars + cutting.chars <= 2 * BOUND
