@@ -86,8 +86,7 @@ class EmbedplexApp(FastAPI):
         if edge is None or scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        scope["app"] = self  # what Starlette would set: handlers reach app.state through it
-        await edge(scope, receive, send)
+        await edge(scope, receive, send)  # the pipeline puts this app in the scope (``owner``)
 
     def entry(self) -> ASGIApp:
         """What a server should call: the pipeline itself, which puts this app in each scope

@@ -212,9 +212,11 @@ class TextTokenizer:
             for (enc, whole), index in zip(settled, indices, strict=True)
         ]
 
-    def _parts(self, texts: list[str], direction: TruncationDirection) -> list[str]:
+    def _parts(
+        self, texts: list[str], direction: TruncationDirection, tokens: int = 0
+    ) -> list[str]:
         """Each text's ``_part``, the first of it to tokenize (``_settled`` reads on)."""
-        return [self._part(text, direction) for text in texts]
+        return [self._part(text, direction, tokens) for text in texts]
 
     def _part(self, text: str, direction: TruncationDirection, tokens: int = 0) -> str:
         """The part of a long text that truncation keeps from (its start, or its end when
@@ -409,7 +411,7 @@ class TextTokenizer:
         (``_settled``)."""
         need = max(self.max_length, n_query) if truncate else self.max_length
         side = direction if truncate else TruncationDirection.RIGHT
-        parts = [self._part(text, side, need) for text in texts]
+        parts = self._parts(texts, side, need)
         answers = _encode_raw(self._plain, parts, False)  # the pair template adds them
         settled = self._settled(self._plain, texts, parts, answers, side, False, need)
         answers = [enc for enc, _ in settled]

@@ -2,12 +2,13 @@
 without uvicorn's ASGI layer around every request.
 
 uvicorn wraps the app in ``ProxyHeadersMiddleware`` (``proxy_headers``, on by default, trusting
-``forwarded_allow_ips``: ``$FORWARDED_ALLOW_IPS`` or 127.0.0.1): one more coroutine frame that
-every request enters and resumes, and a scan of its headers, though nearly no request carries
-either header. Here the server runs with ``proxy_headers=False`` and the connection applies the
-same middleware to a request's scope itself, only when the request has one of the two headers:
-uvicorn's own code decides what the client and scheme become, and the middleware's app does
-nothing, so its coroutine ends without waiting and is run to its end at once.
+``forwarded_allow_ips``: ``$FORWARDED_ALLOW_IPS``, by default 127.0.0.1 and ::1): one more
+coroutine frame that every request enters and resumes, and a scan of its headers, though nearly
+no request carries either header. Here the server runs with ``proxy_headers=False`` and the
+connection applies the same middleware to a request's scope itself, only when the request has
+one of the two headers: uvicorn's own code decides what the client and scheme become, and the
+middleware's app does nothing, so its coroutine ends without waiting and is run to its end at
+once.
 """
 
 from __future__ import annotations
