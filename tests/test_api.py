@@ -55,6 +55,24 @@ async def test_openai_base64_is_little_endian_float32(
     assert np.allclose(decoded, f.json()["data"][0]["embedding"], atol=1e-7)
 
 
+async def test_openai_null_encoding_format_is_float(
+    tiny_model_dir: Path, backend: FakeBackend
+) -> None:
+    """OpenAI takes an explicit null as float (LiteLLM and Dify send one), on both routes."""
+    async with running(fake_app(tiny_model_dir, backend)) as client:
+        f = await client.post("/v1/embeddings", json={"input": "hello", "model": "m"})
+        n = await client.post(
+            "/v1/embeddings", json={"input": "hello", "model": "m", "encoding_format": None}
+        )
+        batch = await client.post(
+            "/v1/embeddings/batch",
+            json={"requests": [{"id": "a", "input": "hello", "encoding_format": None}]},
+        )
+    assert n.status_code == batch.status_code == 200, (n.text, batch.text)
+    assert n.json()["data"] == f.json()["data"]
+    assert batch.json()["results"][0]["data"] == f.json()["data"]
+
+
 async def test_openai_token_id_inputs(tiny_model_dir: Path, backend: FakeBackend) -> None:
     async with running(fake_app(tiny_model_dir, backend)) as client:
         text = await client.post("/embed", json={"inputs": "hello world"})

@@ -93,7 +93,11 @@ async def test_listings_while_loading_are_503(tiny_model_dir: Path) -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         r = await client.get("/api/embedders")
+        models = await client.get("/v1/models")
     assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy"
+    # Not an empty list, which a client reading it once at its start would take as the truth.
+    assert models.status_code == 503, models.text
+    assert models.json()["error"]["message"] == "no model is loaded yet"
 
 
 QUERY = "quick brown fox"

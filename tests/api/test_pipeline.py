@@ -325,6 +325,60 @@ async def test_bad_json_is_400_on_every_json_route(path: str) -> None:
                 assert data["error_type"] == "Validation"
 
 
+async def test_a_body_in_a_content_coding_is_415_on_every_json_route() -> None:
+    """A gzip body was read as JSON (a misleading 400), a br-labelled plain one was served."""
+    import gzip
+
+    plain = b'{"input": "hi", "inputs": "hi"}'
+    async with serve() as (_, client):
+        for path in ("/v1/embeddings", "/embed"):
+            zipped = await client.post(
+                path,
+                content=gzip.compress(plain),
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            )
+            labelled = await client.post(
+                path,
+                content=plain,
+                headers={"content-type": "application/json", "content-encoding": "br"},
+            )
+            identity = await client.post(
+                path,
+                content=b'{"input": "hi"}' if path.startswith("/v1") else b'{"inputs": "hi"}',
+                headers={"content-type": "application/json", "content-encoding": "Identity"},
+            )
+            assert zipped.status_code == labelled.status_code == 415, (path, zipped.text)
+            assert identity.status_code == 200, (path, identity.text)
+            if path.startswith("/v1"):
+                assert zipped.json()["error"]["code"] == "unsupported_media_type"
+            else:
+                assert zipped.json()["error"].startswith("Content-Encoding 'gzip' is not supported")
+
+
+async def test_a_bad_request_timeout_header_is_400_named_for_the_header() -> None:
+    """Not ``invalid_json`` (the body is fine), in each dialect's shape; probes ignore it."""
+    bad = {"x-request-timeout": "abc"}
+    async with serve() as (_, client):
+        openai = await client.post("/v1/embeddings", json={"input": "hi"}, headers=bad)
+        tei = await client.post("/embed", json={"inputs": "hi"}, headers=bad)
+        zero = await client.post(
+            "/embed", json={"inputs": "hi"}, headers={"x-request-timeout": "0"}
+        )
+        ready = await client.get("/health/ready", headers={"x-request-timeout": "0"})
+        live = await client.get("/health/live", headers=bad)
+        fine = await client.post(
+            "/embed", json={"inputs": "hi"}, headers={"x-request-timeout": "5"}
+        )
+    assert openai.status_code == tei.status_code == zero.status_code == 400
+    assert openai.json()["error"]["code"] == "invalid_header"
+    assert openai.json()["error"]["param"] == "X-Request-Timeout"
+    assert tei.json() == {
+        "error": "X-Request-Timeout must be a positive number of seconds",
+        "error_type": "Validation",
+    }
+    assert ready.status_code == live.status_code == fine.status_code == 200
+
+
 async def test_admin_guard_runs_before_the_body_is_read() -> None:
     async with serve(Settings.load(None, admin_secret="test-admin-secret")) as (_, client):
         anonymous = await client.post("/api/v1/providers", content=b"{bad json")

@@ -127,6 +127,29 @@ def test_slow_headers_get_408_and_the_connection_closes() -> None:
     assert "headers not received within 0.5 s" in orjson.loads(body)["error"]
 
 
+def test_refusals_of_an_openai_route_come_in_its_shape() -> None:
+    """431, the 408 for slow headers and the 400 for a request HTTP cannot parse name the
+    path their request line gave, so an OpenAI route's caller gets OpenAI's error shape."""
+    limits = EdgeLimits(max_header_bytes=1024, header_timeout_s=0.5)
+    head = b"POST /v1/embeddings?x=1 HTTP/1.1\r\nhost: t\r\n"
+    with server(echo, limits) as port:
+        with connect(port) as s:
+            s.sendall(head + b"x-big: " + b"v" * 2000 + b"\r\n\r\n")
+            big = responses(read_all(s))[0]
+        with connect(port) as s:
+            s.sendall(head)  # and nothing more
+            slow = responses(read_all(s))[0]
+        with connect(port) as s:
+            s.sendall(head + b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n")
+            bad = responses(read_all(s))[0]
+        with connect(port) as s:
+            s.sendall(b"POST /embed HTTP/1.1\r\nhost: t\r\nx-big: " + b"v" * 2000 + b"\r\n\r\n")
+            tei = responses(read_all(s))[0]
+    codes = [(status, orjson.loads(body)["error"]["code"]) for status, _, body in (big, slow, bad)]
+    assert codes == [(431, "headers_too_large"), (408, "timeout"), (400, "invalid_request")]
+    assert tei[0] == 431 and orjson.loads(tei[2])["error_type"] == "Validation"
+
+
 def test_idle_connections_are_closed_before_the_first_request_and_between_requests() -> None:
     limits = EdgeLimits(idle_timeout_s=0.5)
     with server(echo, limits) as port:
@@ -242,16 +265,22 @@ def test_malformed_requests_get_a_json_400_and_refusals_are_counted() -> None:
     assert value(after, name, reason="body_timeout") == value(before, name, reason="body_timeout")
 
 
+def ready(port: int) -> str:
+    """The base URL of the app served on ``port``, once its models have loaded."""
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while httpx.get(base + "/health/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return base
+
+
 def test_an_unauthenticated_huge_body_is_refused_unread(tiny_model_dir: Path) -> None:
     """401 from the headers alone: the server neither reads nor waits for the body, and
     closes the connection rather than read the rest of it."""
     app = fake_app(tiny_model_dir, FakeBackend(), api_key="sk-edge-test")
     with server(app, EdgeLimits()) as port:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while httpx.get(base + "/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        ready(port)
         # Over the body limit and under it; a JSON route the pipeline serves, and one FastAPI
         # answers (the stages run before either reads a byte of the body).
         for length, path in [(10**9, b"/embed"), (10**5, b"/embed"), (10**9, b"/info")]:
@@ -314,11 +343,7 @@ def test_json_routes_carry_cors_headers_on_a_real_connection(tiny_model_dir: Pat
     )
     # As ``embedplex serve`` runs it: no uvicorn access log (with one, no answer is one write).
     with edge_server(app, EdgeLimits(), lifespan="on", access_log=False) as port:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while httpx.get(base + "/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        base = ready(port)
         key = {"authorization": "Bearer sk-edge-test"}
         with httpx.Client(base_url=base, timeout=30) as client:
             answers = [
@@ -330,3 +355,23 @@ def test_json_routes_carry_cors_headers_on_a_real_connection(tiny_model_dir: Pat
     assert [r.status_code for r in answers] == [401, 200, 200, 200]
     for r in answers:
         assert r.headers["access-control-allow-origin"] == origin["origin"]
+
+
+def test_head_is_answered_on_every_get_route_on_a_real_connection(tiny_model_dir: Path) -> None:
+    """As TEI and Starlette's own routes do (load balancers probe with HEAD): the GET answer's
+    status and headers, no body; the connection stays usable. A POST-only path is a 405."""
+    app = fake_app(tiny_model_dir, FakeBackend())
+    with edge_server(app, EdgeLimits(), lifespan="on", access_log=False) as port:
+        base = ready(port)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for path in ("/health", "/health/live", "/health/ready", "/info", "/v1/models"):
+                get = client.get(path)
+                head = client.head(path)
+                assert (head.status_code, get.status_code) == (200, 200), path
+                assert head.content == b"", path
+                assert head.headers["content-length"] == str(len(get.content)), path
+                assert head.headers.get("content-type") == get.headers.get("content-type"), path
+            post_only = client.head("/embed")
+            after = client.get("/health/live")  # the same connection, still in step
+    assert post_only.status_code == 405 and post_only.headers["allow"] == "POST"
+    assert after.status_code == 200 and after.json() == {"status": "alive"}

@@ -53,6 +53,10 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large"),
     ),
     (
+        e.UnsupportedEncodingError,
+        ErrorSpec(415, "Validation", "invalid_request_error", "unsupported_media_type"),
+    ),
+    (
         e.HeadersTooLargeError,
         ErrorSpec(431, "Validation", "invalid_request_error", "headers_too_large"),
     ),
@@ -102,7 +106,7 @@ def spec_for(exc: e.EmbedplexError) -> ErrorSpec:
     for cls, spec in ERROR_TABLE:
         if isinstance(exc, cls):
             if isinstance(exc, e.InvalidRequestError) and exc.malformed:
-                return ErrorSpec(400, spec.tei_type, spec.openai_type, "invalid_json")
+                return ErrorSpec(400, spec.tei_type, spec.openai_type, exc.code)
             return spec
     raise AssertionError("EmbedplexError is the last row")  # pragma: no cover
 

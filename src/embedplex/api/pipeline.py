@@ -40,7 +40,12 @@ from embedplex.api.errors import error_response, invalid_body
 from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
 from embedplex.api.pacing import PACED_KINDS, RefusalPacer
 from embedplex.api.responses import JsonResponse
-from embedplex.core.errors import EmbedplexError, NotReadyError, PayloadTooLargeError
+from embedplex.core.errors import (
+    EmbedplexError,
+    NotReadyError,
+    PayloadTooLargeError,
+    UnsupportedEncodingError,
+)
 from embedplex.core.tenant import ANONYMOUS, Tenant
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ class JsonRoute(NamedTuple):
 
 
 _EMPTY_BODY = [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+# The one content coding a body is read in (a gzip body read as JSON was a misleading 400).
+_IDENTITY = (b"identity", b"")
 
 
 class Exchange:
@@ -223,6 +230,12 @@ class Pipeline:
                 route.guard(request)
             if route.admit is not None:
                 route.admit(request)
+            coding = ex.header(b"content-encoding")
+            if coding is not None and coding.strip().lower() not in _IDENTITY:
+                raise UnsupportedEncodingError(
+                    f"Content-Encoding {coding.decode('latin-1')[:64]!r} is not supported: "
+                    "send the JSON body as it is"
+                )
             body = await read_body(ex.receive, ex.body_limit)
             if not body.strip():  # as FastAPI words it: no body is a missing field
                 raise invalid_body(_EMPTY_BODY)
@@ -246,6 +259,11 @@ class Pipeline:
         status = 0  # none sent yet
         headers = ex.response_headers
         scope = ex.scope
+        if ex.method == "HEAD":
+            # Answered as GET: TEI (and Starlette's own routes) answer HEAD on every GET route,
+            # which FastAPI's do not (405), and load balancers probe with it. The server, whose
+            # scope still says HEAD, writes the head alone (uvicorn drops a HEAD's body).
+            scope = {**scope, "method": "GET"}
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status

@@ -296,10 +296,13 @@ class RequestDeadline:
             if key == b"x-request-timeout":
                 value = _seconds(raw)
                 if value is None:
+                    if ex.path.startswith(OPEN_PATHS):  # a probe answers whatever a proxy adds
+                        continue
                     raise InvalidRequestError(
                         "X-Request-Timeout must be a positive number of seconds",
                         param="X-Request-Timeout",
                         malformed=True,
+                        code="invalid_header",
                     )
                 if value < seconds:
                     seconds, source = value, "X-Request-Timeout"

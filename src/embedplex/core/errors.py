@@ -52,19 +52,34 @@ class EmptyInputError(ClientError):
 class InvalidRequestError(ClientError):
     """The body is not what the route accepts.
 
-    ``malformed`` is true when the bytes are not JSON at all (400); otherwise the JSON is well
-    formed but a field is wrong (422).
+    ``malformed`` is true when the request cannot be read at all (400): by default its body is
+    not JSON (OpenAI code ``invalid_json``), else ``code`` says what was unreadable (a header,
+    the HTTP request itself). Otherwise the JSON is well formed but a field is wrong (422).
     """
 
     kind = "validation"
 
-    def __init__(self, message: str, *, param: str | None = None, malformed: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        malformed: bool = False,
+        code: str = "invalid_json",
+    ) -> None:
         super().__init__(message, param=param)
         self.malformed = malformed
+        self.code = code
 
 
 class PayloadTooLargeError(ClientError):
     kind = "payload_too_large"
+
+
+class UnsupportedEncodingError(ClientError):
+    """A body in a content coding the server does not decode (RFC 9110: 415)."""
+
+    kind = "unsupported_media_type"
 
 
 class HeadersTooLargeError(ClientError):

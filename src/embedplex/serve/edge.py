@@ -195,11 +195,13 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
             refusal, self._refusal = self._refusal, None
             if refusal is None:
                 _refused("bad_request", "refused with 400", self.client)
-                refusal = InvalidRequestError(f"invalid HTTP request: {exc}", malformed=True)
-            self._answer(refusal)
+                refusal = InvalidRequestError(
+                    f"invalid HTTP request: {exc}", malformed=True, code="invalid_request"
+                )
+            self._answer(refusal, path=self._path())
             return
         if self._in_head and self._head_raw > self.limits.max_header_bytes:
-            self._answer(self._head_too_large())
+            self._answer(self._head_too_large(), path=self._path())
             return
         self._close_if_answered_early()
         if self._timer is None:
@@ -299,7 +301,8 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._answer(
             RequestTimeoutError(
                 f"request headers not received within {self.limits.header_timeout_s:g} s"
-            )
+            ),
+            path=self._path(),
         )
 
     def _body_expired(self) -> None:
@@ -324,6 +327,12 @@ class EdgeHttpProtocol(OneWriteHttpToolsProtocol):
         self._answer(error, path=str(self.scope.get("path", "/")))
 
     # -- answers --------------------------------------------------------------------------
+    def _path(self) -> str:
+        """The path of the request being read, once its request line is (uvicorn's ``url``,
+        reset as each request begins), for a refusal in its route's dialect; else "/"."""
+        url: bytes = getattr(self, "url", b"")
+        return url.partition(b"?")[0].decode("latin-1") or "/"
+
     def _answer(
         self,
         error: EmbedplexError,

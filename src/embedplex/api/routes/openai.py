@@ -23,6 +23,7 @@ from embedplex.api.common import (
 )
 from embedplex.api.errors import OPENAI_ERROR_RESPONSES
 from embedplex.backends.model_files import ModelKind
+from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
 
 router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
@@ -35,7 +36,8 @@ class EmbeddingsRequest(BaseModel):
         description="A text, a list of texts, a list of token ids, or a list of such lists."
     )
     model: str | None = Field(None, description="Model name; with one model served, any name.")
-    encoding_format: Literal["float", "base64"] = "float"
+    # null is float, as OpenAI takes it (LiteLLM and Dify send an explicit null).
+    encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: StrictInt | None = Field(
         None, description="Matryoshka: keep the first N dimensions."
     )
@@ -99,7 +101,7 @@ def to_core(body: EmbeddingsRequest, request: Request) -> EmbedRequest:
     )
 
 
-def _data(vectors: list[Vector], encoding_format: str) -> list[dict[str, Any]]:
+def _data(vectors: list[Vector], encoding_format: str | None) -> list[dict[str, Any]]:
     if encoding_format == "base64":
         return [
             {
@@ -121,7 +123,9 @@ def _usage(result: EmbedResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
 
 
-def embeddings_body(result: EmbedResult, encoding_format: str, *, routed: bool) -> dict[str, Any]:
+def embeddings_body(
+    result: EmbedResult, encoding_format: str | None, *, routed: bool
+) -> dict[str, Any]:
     """The OpenAI response; with routing fields, also who answered (see docs/router.md).
 
     ``all``: ``data`` holds the first provider's vectors and ``providers`` maps every provider
@@ -176,6 +180,11 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
 @router.get("/v1/models")
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> Response:
+    """503 while models load (as the other listings): a client that reads the list once at its
+    start would otherwise take an empty list for the server's models."""
+    gw = gateway(request)
+    if not gw.started:
+        raise NotReadyError("no model is loaded yet")
     # "kind" (embed or rerank) is an extension; OpenAI clients ignore fields they do not know.
     data = [
         {
@@ -185,6 +194,6 @@ async def list_models(request: Request) -> Response:
             "owned_by": "embedplex",
             "kind": "rerank" if m.kind == ModelKind.RERANKER.value else "embed",
         }
-        for m in gateway(request).models
+        for m in gw.models
     ]
     return json_response({"object": "list", "data": data})
