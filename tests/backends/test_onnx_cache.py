@@ -180,3 +180,17 @@ def test_two_processes_starting_together_export_once(tiny_model_dir: Path, tmp_p
 
     session = ort.InferenceSession(results[0]["path"], providers=["CPUExecutionProvider"])
     assert {i.name for i in session.get_inputs()} >= {"input_ids", "attention_mask"}
+
+
+def test_the_model_hash_covers_an_onnx_only_directorys_weights(tmp_path: Path) -> None:
+    """New weights in ``onnx/model.onnx`` (no safetensors) change the hash: the export cache
+    and the Redis identity must not keep the old file's."""
+    from embedplex.backends.onnx_cache import model_hash
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"old weights")
+    old = model_hash(tmp_path)
+    assert model_hash(tmp_path) == old  # the same files: the same digest
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"new weights, longer")
+    assert model_hash(tmp_path) != old

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 
 import httpx
 import numpy as np
@@ -295,17 +296,18 @@ async def test_replicas_share_remote_answers_through_redis_without_texts_or_keys
             a: Router = await make_router(config, cache=caches[0])
             b: Router = await make_router(config, cache=caches[1])
             first = await a.embed(req("shared text"), ["p"])
-            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 1)
+            # The text's entry, and the vector length the upstream answers (for b to check it).
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 2)
             mixed = await b.embed(req("new in b", "shared text"), ["p"])
             assert upstream.calls[1].texts == ["new in b"]  # one MGET answered the other
             check(mixed.vectors, ["new in b", "shared text"])
             assert mixed.prompt_tokens > first.prompt_tokens
             assert caches[1].counts["p"].hits_redis == 1
-            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 2)
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 3)
             await b.embed(req("not kept", cache=False), ["p"])
             await asyncio.sleep(0.05)
             stored = {k: check_redis.get(k) for k in check_redis.keys(PREFIX + "*")}
-            assert len(stored) == 2
+            assert len(stored) == 3
             secret = os.environ["RC_TEST_KEY"].encode()
             for key, value in stored.items():
                 assert value is not None
@@ -565,7 +567,7 @@ async def test_an_open_circuit_answers_from_redis_what_another_replica_computed(
             a: Router = await make_router(config, cache=caches[0])
             b: Router = await make_router(config, cache=caches[1])
             await a.embed(req("shared", "other"), ["p"])
-            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 2)
+            await eventually(lambda: len(check_redis.keys(PREFIX + "*")) == 3)  # and the length
             upstream.script(Fault(status=503))
             with pytest.raises(UpstreamError):
                 await b.embed(req("fails"), ["p"])
@@ -583,3 +585,62 @@ async def test_an_open_circuit_answers_from_redis_what_another_replica_computed(
             check_redis.close()
             for c in caches:
                 await c.aclose()
+
+
+def _remote_poisons(dim: int) -> dict[str, bytes]:
+    """Values no upstream answered: a wrong length, a NaN vector, token shares out of range."""
+    ones = np.ones(dim, "<f4").tobytes()
+    return {
+        "short": struct.pack("<d", 3.0) + np.ones(5, "<f4").tobytes(),
+        "nan vector": struct.pack("<d", 3.0) + np.full(dim, np.nan, "<f4").tobytes(),
+        "nan share": struct.pack("<d", float("nan")) + ones,
+        "inf share": struct.pack("<d", float("inf")) + ones,
+        "negative share": struct.pack("<d", -1e12) + ones,
+        "huge share": struct.pack("<d", 1e12) + ones,
+    }
+
+
+@needs_redis_server
+@pytest.mark.parametrize("warm", [True, False], ids=["called-here", "fresh-replica"])
+async def test_remote_values_in_redis_no_upstream_answered_are_refused_and_computed(
+    upstream: FakeUpstream, make_router: RouterFactory, warm: bool
+) -> None:
+    """A replica that has called the upstream checks values against the length it answered; a
+    fresh one against the length another replica put in Redis."""
+    with redis_server() as server:
+        caches = [
+            EmbeddingCache(MiB, redis=RedisTier.from_url(server.url, ttl_s=60)) for _ in range(2)
+        ]
+        check_redis = redis.Redis(port=server.port)
+        try:
+            config = provider("p", upstream)
+            a: Router = await make_router(config, cache=caches[0])
+            b: Router = await make_router(config, cache=caches[1])
+            poisons = _remote_poisons(len(vector_for("x")))
+            texts = [f"text {name}" for name in poisons]
+            for text in [*texts, "good one"]:  # one at a time, to learn each one's key
+                before = set(check_redis.keys(PREFIX + "*"))
+                await a.embed(req(text), ["p"])
+
+                def entries(before: set[bytes] = before) -> list[bytes]:
+                    new = set(check_redis.keys(PREFIX + "*")) - before
+                    return [k for k in new if check_redis.strlen(k) > 8]  # not the length's
+
+                await eventually(lambda e=entries: len(e()) == 1)
+                if text in texts:
+                    check_redis.set(entries()[0], poisons[text[5:]])
+            if warm:
+                await b.embed(req("warm"), ["p"])
+            sent = len(texts_sent(upstream))
+            got = await b.embed(req(*texts, "good one"), ["p"])
+            computed = texts_sent(upstream)[sent:]
+            want = await a.embed(req(*texts, "good one", cache=False), ["p"])
+        finally:
+            check_redis.close()
+            for c in caches:
+                await c.aclose()
+    check(got.vectors, [*texts, "good one"])  # the poisoned ones computed again
+    assert sorted(computed) == sorted(texts)  # "good one" came from Redis
+    assert 0 < got.prompt_tokens == want.prompt_tokens
+    counts = caches[1].counts["p"]
+    assert (counts.redis_refused, counts.hits_redis) == (len(texts), 1)

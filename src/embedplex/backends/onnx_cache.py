@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,11 @@ EXPORT_TIMEOUT_S = 1800.0
 _TAIL_LINES = 20  # of the child's output, kept for the error when it fails
 _REASON_CHARS = 600
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Hashed in this order (a directory with none of the ONNX file hashes as it always did).
+_HASHED_FILES = ("config.json", *_WEIGHT_FILES, "onnx/model.onnx")
+# model_hash's digests by directory and its files' (size, mtime, inode): loading a model
+# hashes its weights once, for its ONNX export and its cache identity alike.
+_hashes: dict[tuple[str, tuple[tuple[str, tuple[int, int, int] | None], ...]], str] = {}
 _LEVELS = logging.getLevelNamesMapping()
 
 
@@ -50,15 +56,36 @@ def default_cache_dir() -> Path:
 
 
 def model_hash(model_dir: Path) -> str:
+    """SHA-256 of what decides a model's outputs: its config and its weights (safetensors,
+    PyTorch, or its own ``onnx/model.onnx``: an ONNX-only directory's weights are that file).
+
+    Keys the ONNX exports and, for a model without a hub revision, its entries in the shared
+    embedding cache (``models/local.py``), so it is computed once per process and files: a
+    second call with the files' size, mtime and inode unchanged returns the first's digest."""
+    files = [(name, model_dir / name) for name in _HASHED_FILES]
+    stats = tuple((name, _stat(file)) for name, file in files)
+    memo = (str(model_dir), stats)
+    known = _hashes.get(memo)
+    if known is not None:
+        return known
     digest = hashlib.sha256()
-    for name in ("config.json", *_WEIGHT_FILES):
-        file = model_dir / name
-        if file.is_file():
+    for (name, file), (_, signature) in zip(files, stats, strict=True):
+        if signature is not None:
             digest.update(name.encode())
             with file.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 22), b""):
                     digest.update(chunk)
-    return digest.hexdigest()
+    _hashes[memo] = found = digest.hexdigest()
+    return found
+
+
+def _stat(file: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten (None: no such file)."""
+    try:
+        st = file.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _version(package: str) -> str:

@@ -36,6 +36,9 @@ class CacheCounts:
     hits_redis: int = 0
     misses: int = 0
     dedupe_joined: int = 0
+    # Values read from Redis and refused (of another shape, or out of range: ``cache/keys.py``);
+    # each is also a miss, and computed.
+    redis_refused: int = 0
 
 
 class EmbeddingCache:

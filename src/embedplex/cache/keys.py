@@ -24,9 +24,16 @@ PREFIX = "embedplex:emb:v1:"
 _TOKENS = struct.Struct("<I")
 _SHARE = struct.Struct("<d")
 
-# An in-process key: (text, or the token ids as a tuple; truncate; truncate from the left;
-# the model instance's tag). Texts and id tuples never compare equal, so they cannot collide.
-MemoryKey = tuple[str | tuple[int, ...], bool, bool, int]
+# An in-process key: (text, or the token ids after truncation as int32 bytes (``ids_key``);
+# truncate; truncate from the left; the model instance's tag). A str never equals bytes, so
+# texts and ids cannot collide.
+MemoryKey = tuple[str | bytes, bool, bool, int]
+# A remote entry's token share is refused past this many tokens per character of its text
+# (plus the slack): a text's share of its call is its length times the call's tokens per
+# character, which a byte-level tokenizer's worst case (4 bytes a character) with special
+# tokens keeps under 8.
+_SHARE_PER_CHAR = 16
+_SHARE_SLACK = 1024
 # A remote provider's in-process key: (text, the tag of its provider identity and parameters).
 # Two fields, where a local key has four: the two kinds never compare equal.
 RemoteKey = tuple[str, int]
@@ -45,10 +52,16 @@ def redis_key(identity: bytes, key: MemoryKey) -> str:
     if isinstance(source, str):
         h.update(b"s")
         h.update(source.encode("utf-8", "surrogatepass"))
-    else:
-        h.update(b"i")
-        h.update(np.asarray(source, dtype=np.int64).tobytes())
+    else:  # "I": the truncated ids as int32 ("i" was all of them as int64: never the same)
+        h.update(b"I")
+        h.update(source)
     return PREFIX + h.hexdigest()
+
+
+def ids_key(ids: list[int]) -> bytes:
+    """Token ids (checked against the vocabulary and truncated) as a key: 4 bytes an id, the
+    size ``sys.getsizeof`` charges (a tuple's would count its pointers, not its ints)."""
+    return np.asarray(ids, dtype=np.int32).tobytes()
 
 
 def pack(raw: Vector, tokens: int) -> bytes:
@@ -56,13 +69,16 @@ def pack(raw: Vector, tokens: int) -> bytes:
     return _TOKENS.pack(tokens) + raw.astype("<f4", copy=False).tobytes()
 
 
-def unpack(value: bytes, dim: int) -> tuple[Vector, int] | None:
-    """``pack``'s inverse; None for a value of another shape (another model wrote it)."""
+def unpack(value: bytes, dim: int, max_tokens: int) -> tuple[Vector, int] | None:
+    """``pack``'s inverse; None for a value no model of this shape would have written: another
+    length, more tokens than ``max_tokens`` (the model's input cap), or a NaN or infinity."""
     if len(value) != _TOKENS.size + 4 * dim:
         return None
     (tokens,) = _TOKENS.unpack_from(value)
+    if tokens > max_tokens:
+        return None
     raw = np.frombuffer(value, dtype="<f4", offset=_TOKENS.size).astype(np.float32, copy=False)
-    return raw, tokens
+    return (raw, tokens) if np.isfinite(raw).all() else None
 
 
 def remote_base(identity: bytes) -> blake2b:
@@ -78,16 +94,40 @@ def remote_key(base: blake2b, text: str) -> str:
     return PREFIX + h.hexdigest()
 
 
+def remote_dim_key(base: blake2b) -> str:
+    """The Redis key of the vector length a provider identity's upstream answers: a replica
+    that has not called it yet checks the values it reads against it (``providers/cached.py``).
+    Never a text's key: those hash ``\x01s`` where this hashes ``\x01d``."""
+    h = base.copy()
+    h.update(b"\x01d")
+    return PREFIX + h.hexdigest()
+
+
+def unpack_dim(value: bytes | None) -> int:
+    """The length a ``remote_dim_key`` holds (ASCII digits), or 0 for none or a bad one."""
+    if value is None or not value.isdigit() or len(value) > 6:
+        return 0
+    return int(value)
+
+
 def pack_remote(vector: Vector, tokens: float) -> bytes:
     """A remote entry in Redis: the text's share of its call's tokens, then the float32 vector."""
     return _SHARE.pack(tokens) + vector.astype("<f4", copy=False).tobytes()
 
 
-def unpack_remote(value: bytes) -> tuple[Vector, float] | None:
-    """``pack_remote``'s inverse (a read-only vector); None for a value of another shape."""
-    size = len(value) - _SHARE.size
-    if size <= 0 or size % 4:
+def unpack_remote(value: bytes, dim: int, text: str) -> tuple[Vector, float] | None:
+    """``pack_remote``'s inverse (a read-only vector); None for a value the upstream cannot
+    have answered for ``text``: a vector of other than ``dim`` floats or with a NaN or infinity,
+    or a token share that is not finite or is outside [0, ``max_share(text)``]."""
+    if dim < 1 or len(value) != _SHARE.size + 4 * dim:
         return None
     (tokens,) = _SHARE.unpack_from(value)
+    if not 0.0 <= tokens <= max_share(text):  # False for NaN too
+        return None
     vector = np.frombuffer(value, dtype="<f4", offset=_SHARE.size).astype(np.float32, copy=False)
-    return vector, tokens
+    return (vector, tokens) if np.isfinite(vector).all() else None
+
+
+def max_share(text: str) -> float:
+    """The most tokens a text's share of its call can be (``unpack_remote``)."""
+    return float(_SHARE_PER_CHAR * len(text) + _SHARE_SLACK)

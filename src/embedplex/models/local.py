@@ -28,7 +28,7 @@ from embedplex.backends.model_files import (
     load_spec,
     resolve_model_dir,
 )
-from embedplex.backends.onnx_cache import default_cache_dir
+from embedplex.backends.onnx_cache import default_cache_dir, model_hash
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import (
@@ -50,7 +50,7 @@ from embedplex.batching import (
     make_queue,
 )
 from embedplex.cache import EmbeddingCache
-from embedplex.cache.keys import MemoryKey, model_identity, pack, redis_key, unpack
+from embedplex.cache.keys import MemoryKey, ids_key, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
 from embedplex.core.cores import process_cores
 from embedplex.core.errors import (
@@ -638,6 +638,14 @@ def _owned(raw: Vector, unit: Vector, tokens: int) -> Pooled:
     return Pooled(raw, unit, tokens)
 
 
+def _revision(spec: ModelSpec) -> str:
+    """What names the weights: the hub's commit, else (a local directory, the bundled model)
+    the SHA-256 of the config and weight files, which the ONNX backend has computed already for
+    its export's key (``model_hash`` keeps it): new weights put at the same path must not be
+    answered from the old ones' entries in Redis."""
+    return spec.sha if spec.sha is not None else "files:" + model_hash(spec.path)
+
+
 def _size(key: MemoryKey, pooled: Pooled) -> int:
     """The bytes one entry holds: its text (or ids), both vectors, and the rest."""
     return sys.getsizeof(key[0]) + pooled.raw.nbytes + pooled.unit.nbytes + _ENTRY_OVERHEAD
@@ -663,15 +671,18 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         self.cache = cache if cache is not None else EmbeddingCache()
         self._counts = self.cache.counts_of(options.name)
         self._tag = EmbeddingCache.new_tag()
-        # Names this instance across replicas: what the same name may be served from.
-        self._identity = model_identity(
-            spec.model_id,
-            spec.sha,
-            spec.pooling.value,
-            backend.name,
-            backend.dtype,
-            spec.max_input_length,
-        )
+        # Names this instance across replicas: what the same name may be served from. Only
+        # Redis keys need it, so only a cache with Redis pays for ``_revision``.
+        self._identity = b""
+        if self.cache.redis is not None:
+            self._identity = model_identity(
+                spec.model_id,
+                _revision(spec),
+                spec.pooling.value,
+                backend.name,
+                backend.dtype,
+                spec.max_input_length,
+            )
 
     def _joined(self, n: int) -> None:
         self._counts.dedupe_joined += n
@@ -718,15 +729,20 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         asked = [k for k in missed if keys[k] not in self._flights]
         values = await redis.get_many([redis_key(self._identity, keys[k]) for k in asked])
         dim = self.backend.dim
+        cap = self.spec.max_input_length
         counts = self._counts
         for k, value in zip(asked, values, strict=True):
-            got = unpack(value, dim) if value is not None else None
-            if got is not None:
-                raw, tokens = got
-                pooled = _owned(raw, normalize_rows(raw), tokens)
-                found[k] = pooled
-                memory.put(keys[k], pooled, _size(keys[k], pooled))
-                counts.hits_redis += 1
+            if value is None:
+                continue
+            got = unpack(value, dim, cap)
+            if got is None:
+                counts.redis_refused += 1
+                continue
+            raw, tokens = got
+            pooled = _owned(raw, normalize_rows(raw), tokens)
+            found[k] = pooled
+            memory.put(keys[k], pooled, _size(keys[k], pooled))
+            counts.hits_redis += 1
         return [k for k in missed if found[k] is None]
 
     def _remember(self, key: Hashable, pooled: Pooled) -> None:
@@ -739,6 +755,21 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         redis = self.cache.redis
         if redis is not None:
             redis.put(redis_key(self._identity, mkey), pack(pooled.raw, pooled.tokens))
+
+    async def _checked_ids(
+        self, ids: list[list[int]], truncate: bool, direction: TruncationDirection
+    ) -> list[Encoded]:
+        """Token ids checked against the vocabulary and the input cap, and truncated: the same
+        refusals with the cache on or off, and keys that hold only what is embedded. Long
+        lists are checked in the tokenizer pool (up to ``max_request_tokens`` ids are not
+        free to scan on the event loop)."""
+
+        def check() -> list[Encoded]:
+            return self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
+
+        if sum(len(seq) for seq in ids) <= self.options.tokenize_inline_chars:
+            return check()
+        return await asyncio.get_running_loop().run_in_executor(self._token_pool, check)
 
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None:
@@ -772,11 +803,13 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         left = direction == TruncationDirection.LEFT  # the enum, or its value as a str
         tag = self._tag
         texts: list[str] = []
-        ids: list[list[int]] = []
+        checked: list[Encoded] = []  # token ids: checked and truncated, before any key
         keys: list[MemoryKey]
         if request.is_tokens:
             ids = typing.cast(list[list[int]], request.inputs)
-            keys = [(tuple(seq), truncate, left, tag) for seq in ids]
+            checked = await self._checked_ids(ids, truncate, direction)
+            # The key is the ids embedded (truncation applied, so its flags add nothing).
+            keys = [(ids_key(e.ids), False, False, tag) for e in checked]
         else:
             texts = self._texts(request)
             keys = [(text, truncate, left, tag) for text in texts]
@@ -795,20 +828,15 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
 
         def encode(picked: list[int]) -> list[Encoded]:
             ks = chosen(picked)
+            if request.is_tokens:
+                return [checked[k] for k in ks]
             try:
-                if request.is_tokens:
-                    return self.tokenizer.encode_ids(
-                        [ids[k] for k in ks], truncate=truncate, direction=direction
-                    )
                 return self.tokenizer.encode(
                     [texts[k] for k in ks], truncate=truncate, direction=direction
                 )
             except EmbedplexError:
                 if len(ks) < len(keys):  # name the input by its place in the whole request
-                    if request.is_tokens:
-                        self.tokenizer.encode_ids(ids, truncate=truncate, direction=direction)
-                    else:
-                        self.tokenizer.encode(texts, truncate=truncate, direction=direction)
+                    self.tokenizer.encode(texts, truncate=truncate, direction=direction)
                 raise
 
         results: list[Pooled]
@@ -818,9 +846,8 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             took = (time.perf_counter() - start) * 1000
             timings = Timings(total=took)
         else:
-            if request.is_tokens:
-                # token ids need no tokenizing, but validating long lists is not free
-                chars: Callable[[list[int]], int] = lambda picked: sys.maxsize  # noqa: E731
+            if request.is_tokens:  # checked already: picking them is all that is left
+                chars: Callable[[list[int]], int] = lambda picked: 0  # noqa: E731
                 defer = None
             else:
                 chars = lambda picked: sum(len(texts[k]) for k in chosen(picked))  # noqa: E731

@@ -107,14 +107,21 @@ def _cache_metrics(stats: dict[str, Any] | None) -> Iterator[Metric]:
         "Inputs that shared the slot of an identical input already queued or running.",
         labels=["model"],
     )
+    refused = CounterMetricFamily(
+        "embedplex_cache_redis_refused",
+        "Values read from the Redis tier and refused as invalid (answered as misses).",
+        labels=["model"],
+    )
     for name, c in models.items():
         hits.add_metric([name, "memory"], c["hits_memory"])
         hits.add_metric([name, "redis"], c["hits_redis"])
         misses.add_metric([name], c["misses"])
         joined.add_metric([name], c["dedupe_joined"])
+        refused.add_metric([name], c["redis_refused"])
     yield hits
     yield misses
     yield joined
+    yield refused
     yield CounterMetricFamily(
         "embedplex_cache_evictions",
         "Entries the embedding cache dropped to stay within cache_max_bytes.",

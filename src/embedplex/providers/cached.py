@@ -20,12 +20,20 @@ text never.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.cache import CacheCounts, EmbeddingCache
-from embedplex.cache.keys import model_identity, pack_remote, remote_base, remote_key
+from embedplex.cache.keys import (
+    model_identity,
+    pack_remote,
+    remote_base,
+    remote_dim_key,
+    remote_key,
+    unpack_dim,
+)
 from embedplex.cache.keys import unpack_remote as unpack
 from embedplex.providers.base import EmbedParams
 
@@ -53,14 +61,23 @@ class Embedded(NamedTuple):
 Entry = tuple["Vector", float]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Scope:
     """One provider identity with one parameter set: ``tag`` names it in this process's keys,
-    ``base`` is the digest state of its Redis keys, ``params`` the lane its texts go to."""
+    ``base`` is the digest state of its Redis keys, ``params`` the lane its texts go to.
+
+    ``dim`` is the length of the vectors its upstream answers, learned from the first answer
+    kept (0 until then): a value read from Redis must have it. Not taken from
+    ``params.dimensions``: an upstream may answer another length than asked (one that ignores
+    the field), and only what it answered says what a right value is. Until it has answered
+    here, the length a replica that called it put in Redis (``remote_dim_key``, refreshed every
+    half TTL: ``dim_sent``) stands in, read in the same MGET as the texts."""
 
     tag: int
     base: blake2b
     params: EmbedParams
+    dim: int = 0
+    dim_sent: float = float("-inf")  # when this process last wrote ``dim`` to Redis
 
 
 def identity(config: ProviderConfig, provider: Any, params: EmbedParams) -> bytes:
@@ -129,14 +146,25 @@ class ProviderCache:
         memory = self.memory
         assert redis is not None
         assert memory is not None
-        tag = scope.tag
+        tag, dim = scope.tag, scope.dim
         asked = [k for k in missed if (texts[k], tag) not in flights]
-        values = await redis.get_many([remote_key(scope.base, texts[k]) for k in asked])
+        keys = [remote_key(scope.base, texts[k]) for k in asked]
+        if not dim:  # not called here yet: the length another replica's upstream answered
+            keys.append(remote_dim_key(scope.base))
+        values = await redis.get_many(keys)
+        if not dim:
+            dim = unpack_dim(values.pop())
+            if not dim:  # nothing says what a right value is: none can be checked
+                return missed
         for k, value in zip(asked, values, strict=True):
-            got = unpack(value) if value is not None else None
-            if got is not None:
-                found[k] = got
-                _keep(memory, texts[k], tag, got)
+            if value is None:
+                continue
+            got = unpack(value, dim, texts[k])
+            if got is None:
+                self.counts.redis_refused += 1
+                continue
+            found[k] = got
+            _keep(memory, texts[k], tag, got)
         return [k for k in missed if found[k] is None]
 
     async def lookup_whole(self, texts: list[str], scope: Scope) -> list[Entry] | None:
@@ -170,6 +198,15 @@ class ProviderCache:
         redis = self.redis
         if redis is not None:
             redis.put(remote_key(scope.base, text), pack_remote(owned, tokens))
+            if scope.dim != len(owned) or time.monotonic() - scope.dim_sent > redis.ttl_s / 2:
+                _send_dim(redis, scope, len(owned))
+
+
+def _send_dim(redis: RedisTier, scope: Scope, dim: int) -> None:
+    """Learn ``dim`` from the upstream's answer and tell the replicas (``Scope``)."""
+    scope.dim = dim
+    scope.dim_sent = time.monotonic()
+    redis.put(remote_dim_key(scope.base), str(dim).encode())
 
 
 def _owned(vector: Vector) -> Vector:

@@ -78,6 +78,9 @@ class SimilarityBody(BaseModel):
     inputs: SimilarityInput
     parameters: SimilarityParameters | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
+    cache: StrictBool = Field(
+        True, description="embedplex extension: false neither reads nor writes the cache."
+    )
 
 
 class DecodeBody(BaseModel):
@@ -136,6 +139,7 @@ async def similarity(body: SimilarityBody, request: Request) -> Response:
         truncation_direction=_direction(params.truncation_direction),
         prompt_name=params.prompt_name,
         tenant=tenant_of(request),
+        cache=body.cache,
     )
     result = await run_embed(request, gateway(request).model(body.model), core)
     vectors = np.stack(result.vectors).astype(np.float64)
