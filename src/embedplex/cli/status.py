@@ -150,7 +150,8 @@ def _ray_table(models: dict[str, Any]) -> Table:
 
 
 def _cache_table(cache: dict[str, Any]) -> Table:
-    """The embedding cache: its fill in the title, then each model's hits, misses and joins."""
+    """The embedding cache: its fill in the title, then each model's hits, refused Redis values
+    (another shape or out of range: each also a miss), misses and joins."""
     shared = cache.get("(all models)", {})
     mib = 1024 * 1024
     state = (
@@ -162,7 +163,15 @@ def _cache_table(cache: dict[str, Any]) -> Table:
     )
     table = Table(title=f"Embedding cache: {state}", title_justify="left")
     table.add_column("model")
-    for column in ("memory hits", "redis hits", "misses", "hit rate", "joined in flight"):
+    columns = (
+        "memory hits",
+        "redis hits",
+        "redis refused",
+        "misses",
+        "hit rate",
+        "joined in flight",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for name, c in cache.items():
         if name == "(all models)":
@@ -173,6 +182,7 @@ def _cache_table(cache: dict[str, Any]) -> Table:
             name,
             str(c.get("hits_memory", 0)),
             str(c.get("hits_redis", 0)),
+            str(c.get("redis_refused", 0)),
             str(c.get("misses", 0)),
             f"{hits / looked:.0%}" if looked else "-",
             str(c.get("dedupe_joined", 0)),
