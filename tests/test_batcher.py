@@ -170,11 +170,12 @@ async def test_full_queue_refuses_at_once() -> None:
         first = asyncio.create_task(submit(b, ["a", "b"]))  # in flight, queue empty
         await asyncio.sleep(0.01)
         queued = b.submit(["c", "d", "e"], [1, 1, 1])  # fills the queue
-        with pytest.raises(OverloadedError):
+        with pytest.raises(OverloadedError) as full:
             b.submit(["f"], [1])
         assert log.counts["refused"] == 1
         run.gate.set()
         await first
+        assert full.value.retry_after == 1  # sent as Retry-After: 1 (docs/api.md)
         assert [await i.future for i in queued] == ["C", "D", "E"]
 
 

@@ -46,6 +46,16 @@ def test_real_secrets_pass_and_the_admin_secret_is_not_the_key() -> None:
         Settings.load(None, api_key="same-secret-for-both", admin_secret="same-secret-for-both")
 
 
+def test_a_static_key_in_the_managed_keys_form_is_refused() -> None:
+    """The auth stage sends every ``ep_`` token to the key store: such a static key was
+    accepted here and then never authenticated."""
+    with pytest.raises(ValidationError, match="must not start with 'ep_'"):
+        Settings.load(None, api_key="ep_static-secret-0123")
+    with pytest.raises(ValidationError, match="must not start with 'ep_'"):
+        Settings.load(None, api_keys=[{"id": "etl", "key": "ep_0123456789abcdef"}])
+    assert Settings.load(None, api_key="static_ep_secret").api_key is not None
+
+
 @pytest.mark.parametrize("value", ["a", "adm", "fifteen-chars-x"])
 def test_a_short_admin_secret_is_refused(value: str) -> None:
     with pytest.raises(ValidationError, match="admin_secret needs at least 16 characters"):

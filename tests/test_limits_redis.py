@@ -3,6 +3,7 @@ and restarted mid-test (per-process limits meanwhile, one log line, the metric),
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -153,3 +154,80 @@ async def test_a_redis_that_hangs_is_left_after_the_timeout_and_rejoined(
         assert lease is not None and lease.shared
     finally:
         await lim.aclose()
+
+
+async def _stalled(server: RedisServer, seconds: float) -> None:
+    """Redis frozen (SIGSTOP) for ``seconds``: a hiccup, not an outage."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(seconds)
+    server.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("stalled_at", ["finish", "admit"])
+async def test_a_redis_stall_does_not_hold_a_concurrency_slot_for_the_lease(
+    server: RedisServer, stalled_at: str
+) -> None:
+    """A slot whose release failed, or whose admission timed out but ran when Redis woke, was
+    held for the 300 s lease: a max_concurrent=1 key got 429s for 5 minutes after a 1 s stall.
+    Now it is released when the probe finds Redis back."""
+    one = KeyLimits(max_concurrent=1)
+    lim = RateLimiter.from_url(server.url, timeout_s=0.2, probe_interval_s=2.0)
+    other = RateLimiter.from_url(server.url)  # another replica, never cut off
+    try:
+        if stalled_at == "finish":
+            _, lease = await lim.admit("k", one)
+            assert lease is not None and lease.shared
+            stall = asyncio.ensure_future(_stalled(server, 1.0))
+            await asyncio.sleep(0.05)
+            lim.finish(lease, 0)  # its ZREM times out
+        else:
+            stall = asyncio.ensure_future(_stalled(server, 1.0))
+            await asyncio.sleep(0.05)
+            _, lease = await lim.admit("k", one)  # times out
+            assert lease is not None and not lease.shared
+            lim.finish(lease, 0)
+        await eventually(lambda: lim.backend == "local", 5)
+        await stall
+        if stalled_at == "admit":
+            # What the review saw: Redis ran the timed-out script when it woke (here written
+            # for it, before the probe's first ping: whether Redis runs a command from a
+            # connection its client has closed is Redis's race, not this test's).
+            with redis.Redis(port=server.port) as r:
+                r.zadd("embedplex:rl:{k}:c", {lease.lease_id: time.time() + 300})
+        await eventually(lambda: lim.backend == "redis", 10)
+
+        async def admitted() -> bool:
+            verdict, lease = await other.admit("k", one)
+            if lease is not None:
+                other.finish(lease, 0)
+            return verdict.refused is None
+
+        await eventually(admitted, 5)  # not after the 300 s lease
+    finally:
+        await lim.aclose()
+        await other.aclose()
+
+
+async def test_a_sequential_client_is_never_refused_across_replicas(
+    tiny_model_dir: Path, server: RedisServer
+) -> None:
+    """The slot used to be released in a task started after the answer was written: a client
+    sending its next request to another replica on receiving an answer could find it still
+    held (429 "concurrent requests"). Now it is back in Redis before the answer is written."""
+    one = {"seq": KeyLimits(max_concurrent=1)}
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                running(limited_app(tiny_model_dir, FakeBackend(), one, redis_url=server.url))
+            )
+            for _ in range(2)
+        ]
+        with redis.Redis(port=server.port) as r:
+            for i in range(20):
+                answer = await clients[i % 2].post(
+                    "/v1/embeddings", json={"input": f"hi {i}"}, headers={"x-test-tenant": "seq"}
+                )
+                assert answer.status_code == 200, answer.text
+                # Read at once (a blocking call: no task of the server's runs meanwhile).
+                assert r.zcard("embedplex:rl:{seq}:c") == 0

@@ -51,6 +51,9 @@ _FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
 
 # Shortest admin secret, and [[api_keys]] key, accepted (docs/security.md).
 MIN_SECRET_CHARS = 16
+# What every managed key starts with (state/keys.py): the auth stage sends such a token to the
+# key store, so a static key that starts with it would never authenticate.
+MANAGED_KEY_PREFIX = "ep_"
 
 
 class StaticKeyConfig(BaseModel):
@@ -551,6 +554,12 @@ class Settings(BaseSettings):
             raise ValueError('api_keys ids must be unique (and not "static", api_key\'s id)')
         if len(set(secrets)) != len(secrets):
             raise ValueError("two api_keys (or api_key) share one secret")
+        if any(secret.startswith(MANAGED_KEY_PREFIX) for secret in secrets):
+            raise ValueError(
+                f"api_key and api_keys keys must not start with {MANAGED_KEY_PREFIX!r}: that "
+                "prefix is the managed keys' (embedplex keys create), and such a key would "
+                "never authenticate"
+            )
         if self.admin_secret is not None and self.admin_secret.get_secret_value() in secrets:
             raise ValueError("admin_secret must differ from every API key (clients have those)")
 

@@ -214,3 +214,27 @@ async def test_a_full_hash_queue_answers_429_at_once(tiny_model_dir: Path, tmp_p
         assert oai.status_code == 429 and oai.json()["error"]["code"] == "overloaded"
         ok = await client.post("/embed", json={"inputs": "x"}, headers=bearer(known["key"]))
         assert ok.status_code == 200  # a key verified before is never queued
+
+
+async def test_limits_past_the_columns_and_a_zero_lifetime_are_422(
+    tiny_model_dir: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """On PostgreSQL (INTEGER columns) a limit past 2**31-1 was a 500; "0s" made a key that
+    never expires."""
+    app = make_app(tiny_model_dir, pg_url)
+    async with running(app) as client:
+        for field in ("rpm", "tpm", "max_concurrent"):
+            r = await client.post(
+                "/api/v1/keys", json={"name": "big", field: 3_000_000_000}, headers=ADMIN
+            )
+            assert r.status_code == 422, r.text
+        most = await create(client, name="most", rpm=2**31 - 1, tpm=2**31 - 1)
+        assert most["rpm"] == 2**31 - 1
+        for zero in ("0s", "0d"):
+            r = await client.post(
+                "/api/v1/keys", json={"name": "z", "expires": zero}, headers=ADMIN
+            )
+            assert r.status_code == 422 and "more than 0" in r.text, r.text
+        listed = (await client.get("/api/v1/keys", headers=ADMIN)).json()["data"]
+        assert [k["name"] for k in listed] == ["most"]

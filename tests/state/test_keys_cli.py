@@ -46,3 +46,17 @@ def test_keys_cli_round_trip(tmp_path: Path) -> None:
     assert "[]" in run("keys", "list", "--json", "--state-url", f"sqlite:///{other}", env=env)
     bad = CliRunner().invoke(app, ["keys", "create", "--name", "x", "--expires", "9q"], env=env)
     assert bad.exit_code != 0
+
+
+def test_keys_cli_refuses_limits_past_the_columns_and_a_zero_lifetime(tmp_path: Path) -> None:
+    env = {"EMBEDPLEX_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}"}
+    for flag, value in (
+        ("--rpm", "3000000000"),
+        ("--tpm", "3000000000"),
+        ("--max-concurrent", "3000000000"),
+        ("--weight", "1001"),  # as the API's bound
+        ("--expires", "0d"),
+    ):
+        bad = CliRunner().invoke(app, ["keys", "create", "--name", "x", flag, value], env=env)
+        assert bad.exit_code == 2, (flag, bad.output)  # a usage error, nothing created
+    assert json.loads(run("keys", "list", "--json", env=env)) == []

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from embedplex.config import Settings
 from embedplex.core.tenant import KeyLimits, Priority
@@ -198,3 +199,13 @@ async def test_stored_providers_survive_a_rolling_upgrade(
         )
     assert (await providers.all())["a"] == (plain, None)
     assert "max_jitter_ms" in caplog.text
+
+
+async def test_a_failed_statement_does_not_carry_its_parameters(pg_url: str) -> None:  # noqa: F811
+    """A key's hash is a parameter of its INSERT: the error (logged with its traceback) must
+    not show it. Past the API's bounds, a limit too large for INTEGER fails the INSERT."""
+    async with StateStore.from_url(pg_url) as store:
+        with pytest.raises(DBAPIError) as failed:
+            await KeyStore(store).create(KeySpec(name="big", rpm=3_000_000_000))
+    text = str(failed.value)
+    assert "$argon2" not in text and "parameters hidden" in text

@@ -115,7 +115,10 @@ class Exchange:
     def at_finish(self, finisher: Finisher) -> None:
         """Call ``finisher(exchange, status)`` when the request is over, however it ended
         (answered, refused, failed, client gone, task cancelled): a stage's release hook.
-        Finishers are synchronous, so they run even in a cancelled task, and must not raise."""
+        Finishers are synchronous, so they run even in a cancelled task, and must not raise.
+        One may return an awaitable (a release that goes on in a task of its own): before a
+        route's answer is written the pipeline waits for it, so that a client that sends its
+        next request on receiving the answer finds the slot back (``finish_before_answer``)."""
         if self.finishers is None:
             self.finishers = []
         self.finishers.append(finisher)
@@ -137,7 +140,7 @@ class Exchange:
         self.state["tenant"] = tenant
 
 
-Finisher = Callable[["Exchange", int], None]
+Finisher = Callable[["Exchange", int], Awaitable[None] | None]
 
 
 class Stage(Protocol):
@@ -201,6 +204,8 @@ class Pipeline:
                 if status == 429 and pacer is not None and ex.record.error_type in PACED_KINDS:
                     await pacer.pace()
                 response.raw_headers.extend(ex.response_headers)
+                if ex.finishers is not None:
+                    await finish_before_answer(ex, status)
                 # Our server writes a whole JSON answer in one go (api/channel.py).
                 channel: Channel | None = scope.get(CHANNEL_KEY) if self.whole_writes else None
                 if (
@@ -296,6 +301,17 @@ class Pipeline:
         response.raw_headers.extend(ex.response_headers)
         await response(ex.scope, ex.receive, send)
         return response.status_code
+
+
+async def finish_before_answer(ex: Exchange, status: int) -> None:
+    """Run ``ex``'s finishers now, the answer ready but not written, and wait for what they
+    left running (a limit's release in Redis): a sequential client must not be refused for the
+    request it just got its answer to, by another replica that saw the slot still held. Waiting
+    does not cancel that work: if this task is cancelled, it goes on in its own task."""
+    finishers, ex.finishers = ex.finishers or [], None
+    pending = [p for finisher in finishers if (p := finisher(ex, status)) is not None]
+    if pending:
+        await asyncio.wait([asyncio.ensure_future(p) for p in pending])
 
 
 def refuse(scope: Scope, exc: EmbedplexError) -> Response:

@@ -2,7 +2,7 @@
 
 Runs after authentication, for requests whose tenant has a key id and at least one limit;
 anonymous requests, open paths (probes, metrics, docs) and the admin API pass untouched. An
-admitted request holds its key's concurrency slot until the pipeline finishes it (answer sent,
+admitted request holds its key's concurrency slot until the pipeline finishes it (answer ready,
 error, client gone, task cancelled: ``Exchange.at_finish``), and is charged its tokens then:
 the answer's, or for a request that ended without one, those of its inputs that ran
 (``core/spend.py``).
@@ -70,12 +70,12 @@ class _Release(Spend):
         self.limiter = limiter
         self.lease = lease
 
-    def __call__(self, ex: Exchange, status: int) -> None:
+    def __call__(self, ex: Exchange, status: int) -> Awaitable[None] | None:
         tokens = ex.record.tokens
         if status >= 400:  # client gone, cancelled, failed: what ran was spent all the same
             tokens = max(tokens, self.tokens())
         self.forget()
-        self.limiter.finish(self.lease, tokens)
+        return self.limiter.finish(self.lease, tokens)
 
 
 def headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:

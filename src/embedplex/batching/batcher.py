@@ -259,7 +259,8 @@ class Batcher(Generic[P, R]):
             for obs in self._observers:
                 obs.on_refused(n)
             raise OverloadedError(
-                f"{self.name} queue is full ({len(self._queue)} of {self.policy.max_queued} items)"
+                f"{self.name} queue is full ({len(self._queue)} of {self.policy.max_queued} items)",
+                retry_after=1,  # a queue drains in about a batch's time: Retry-After as docs/api.md
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()

@@ -19,7 +19,14 @@ import typer
 
 from embedplex.config import Settings
 from embedplex.core.tenant import Priority
-from embedplex.state.keys import KeyRecord, KeySpec, KeyStore, KeyStoreError, duration
+from embedplex.state.keys import (
+    LIMIT_MAX,
+    KeyRecord,
+    KeySpec,
+    KeyStore,
+    KeyStoreError,
+    duration,
+)
 from embedplex.state.store import StateStore
 from embedplex.state.usage import usage_since
 
@@ -93,15 +100,19 @@ def create(
     models: Annotated[
         str, typer.Option("--models", help="Served names or patterns, comma-separated.")
     ] = "",
-    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute.")] = None,
-    tpm: Annotated[int | None, typer.Option("--tpm", min=1, help="Tokens per minute.")] = None,
+    rpm: Annotated[
+        int | None, typer.Option("--rpm", min=1, max=LIMIT_MAX, help="Requests per minute.")
+    ] = None,
+    tpm: Annotated[
+        int | None, typer.Option("--tpm", min=1, max=LIMIT_MAX, help="Tokens per minute.")
+    ] = None,
     max_concurrent: Annotated[
-        int | None, typer.Option("--max-concurrent", min=1, help="Requests at once.")
+        int | None, typer.Option("--max-concurrent", min=1, max=LIMIT_MAX, help="Requests at once.")
     ] = None,
     priority: Annotated[
         Priority, typer.Option("--priority", help="Default priority of its requests.")
     ] = Priority.INTERACTIVE,
-    weight: Annotated[int, typer.Option("--weight", min=1, help="Fair-queue share.")] = 1,
+    weight: Annotated[int, typer.Option("--weight", min=1, max=1000, help="Fair-queue share.")] = 1,
     expires: Annotated[
         str | None, typer.Option("--expires", help="Lifetime, e.g. 90d, 12h (default: never).")
     ] = None,
@@ -118,7 +129,7 @@ def create(
         max_concurrent=max_concurrent,
         priority=priority,
         weight=weight,
-        expires_in=parse_duration(expires) if expires else None,
+        expires_in=None if expires is None else parse_duration(expires),
     )
     record, key = _run(config, state_url, lambda ks: ks.create(spec))
     _show(record, key, as_json)

@@ -11,7 +11,8 @@ When a request is charged (``docs/limits.md``): a request is *admitted* if one r
 its requests bucket and at least one token is left in its tokens bucket; the request unit is
 taken at admission, the tokens when the request finishes (its record's token count, after
 tokenization and truncation). So one request may overspend what was left, as with OpenAI; the
-next ones then wait until the bucket is back above zero.
+next ones then wait until the bucket is back above zero. Requests admitted at once all overspend
+together (nothing is reserved at admission): ``max_concurrent`` is what bounds such a burst.
 
 ``admit`` and ``finish`` below are the one definition of the rules; the Redis store runs the
 same rules as a Lua script (``redis_store.py``), and the tests hold them to the same outcomes.

@@ -4,8 +4,15 @@ Losing Redis must not take the service down, nor open it to unlimited use: when 
 fails, the limiter logs one warning, counts the fallback, and limits in this process alone (so
 with N replicas a key may get up to N times its limits) until a probe every
 ``probe_interval_s`` finds Redis back; then one info line, and shared limits again. Requests
-already admitted through Redis give their slot back there; one whose release fails leaves its
-slot to expire with its lease (``lease_ttl_s``), and its tokens are charged locally instead.
+already admitted through Redis give their slot back there; one whose release fails has its
+tokens charged locally instead.
+
+A concurrency slot whose fate Redis did not confirm (its release failed, or its admission timed
+out: a stalled Redis may still run the script when it wakes) is remembered and released as soon
+as the probe finds Redis back. Left to its lease (``lease_ttl_s``, 5 minutes), a 1.5 s stall
+would lock a ``max_concurrent = 1`` key out for those 5 minutes. Releasing is idempotent (a
+``ZREM`` of a lease that is not there does nothing), which is why this, rather than shorter
+leases refreshed by the requests in flight (a Redis call per request per refresh), is the fix.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from embedplex.limits.gcra import LocalLimits, Verdict
 from embedplex.limits.redis_store import RedisLimits
 
 logger = logging.getLogger(__name__)
+
+MAX_UNSETTLED = 10_000  # leases remembered for release while Redis is away, at most
 
 
 class LimitObserver(Protocol):
@@ -74,6 +83,8 @@ class RateLimiter:
         self._pending: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()
+        # Per key, the leases to release in Redis once it answers again (module docstring).
+        self._unsettled: dict[str, set[str]] = {}
         # What losing Redis looks like from redis-py: its own errors and the OS's under them.
         self._errors = shared.errors if shared is not None else ()
         self.observer.on_backend(self.backend)
@@ -118,6 +129,7 @@ class RateLimiter:
             try:
                 verdict = await self.shared.admit(key, limits, lease_id)
             except self._errors as exc:
+                self._unsettle(key, limits, lease_id)  # Redis may run it when it wakes
                 self._lost(exc)
                 shared = False
         if verdict is None:
@@ -127,26 +139,39 @@ class RateLimiter:
             return verdict, None
         return verdict, Lease(key, limits, lease_id, shared)
 
-    def finish(self, lease: Lease, tokens: int) -> None:
+    def finish(self, lease: Lease, tokens: int) -> asyncio.Task[None] | None:
         """Give the slot back and charge ``tokens``; never raises, never waits.
 
         Synchronous so that it runs whatever ended the request (an error, a disconnect, a
-        cancelled task): the Redis call goes on in a task of its own.
+        cancelled task): the Redis call goes on in a task of its own, returned so that a caller
+        that can wait (an answer not yet written) does; None when the slot is back already.
         """
         if not lease.shared or self.shared is None:
             self.local.finish(lease.key, lease.limits, tokens)
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self._finish_shared(lease, tokens))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def _finish_shared(self, lease: Lease, tokens: int) -> None:
         assert self.shared is not None
         try:
             await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens)
         except self._errors as exc:
+            self._unsettle(lease.key, lease.limits, lease.lease_id)
             self._lost(exc)
             self.local.charge(lease.key, lease.limits, tokens)
+
+    def _unsettle(self, key: str, limits: KeyLimits, lease_id: str) -> None:
+        """Remember a lease Redis may hold, to release when it is back (a bounded number: past
+        it, a lease expires with its TTL as before)."""
+        if limits.max_concurrent is None or self._unsettled_count() >= MAX_UNSETTLED:
+            return
+        self._unsettled.setdefault(key, set()).add(lease_id)
+
+    def _unsettled_count(self) -> int:
+        return sum(len(ids) for ids in self._unsettled.values())
 
     def _lost(self, exc: BaseException) -> None:
         """Fall back to per-process limits: one log line, and a probe until Redis returns."""
@@ -167,12 +192,26 @@ class RateLimiter:
             await asyncio.sleep(self.probe_interval_s)
             try:
                 await self.shared.ping()
+                await self._settle()
             except self._errors:
                 continue
             self.redis_up = True
             logger.info("rate limits: Redis is back; limits are shared again")
             self.observer.on_backend("redis")
             return
+
+    async def _settle(self) -> None:
+        """Release the remembered leases in Redis (forgotten only once that succeeded)."""
+        assert self.shared is not None
+        if not self._unsettled:
+            return
+        leases, self._unsettled = self._unsettled, {}
+        try:
+            await self.shared.release(leases)
+        except BaseException:
+            for key, ids in leases.items():
+                self._unsettled.setdefault(key, set()).update(ids)
+            raise
 
     async def aclose(self) -> None:
         """Stop probing, let pending releases finish, close the Redis client."""

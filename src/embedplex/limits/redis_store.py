@@ -129,6 +129,13 @@ class RedisLimits:
     async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
         await self._finish(keys=_keys(key), args=[limits.tpm or 0, lease, tokens, WINDOW_S])
 
+    async def release(self, leases: dict[str, set[str]]) -> None:
+        """Drop the given in-flight leases of each key (one round trip; absent ones are no-ops)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, ids in leases.items():
+            pipe.zrem(_keys(key)[1], *ids)
+        await pipe.execute()
+
     async def ping(self) -> None:
         await self.client.ping()
 

@@ -46,12 +46,15 @@ def duration(text: str) -> timedelta:
     if match is None:
         raise ValueError(f"{text!r}: a number and one of s, m, h, d, w (e.g. 90d)")
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds == 0:  # a lifetime of nothing would be taken as none: a key that never expires
+        raise ValueError(f"{text!r}: a duration must be more than 0 (e.g. 90d)")
     if seconds > _LONGEST_S:  # past it, a date out of range (a 500 before, not a 422)
         raise ValueError(f"{text!r}: at most 100 years (36500d)")
     return timedelta(seconds=seconds)
 
 
 _LONGEST_S = 36_500 * 86_400
+LIMIT_MAX = 2**31 - 1  # a key's rpm, tpm, max_concurrent: the store's columns are INTEGER
 
 
 def split_key(presented: str) -> tuple[str, str] | None:
@@ -181,7 +184,7 @@ class KeyStore:
             "priority": spec.priority.value,
             "weight": spec.weight,
             "created_at": created,
-            "expires_at": created + spec.expires_in if spec.expires_in else None,
+            "expires_at": None if spec.expires_in is None else created + spec.expires_in,
             "revoked_at": None,
             "rotated_at": None,
         }

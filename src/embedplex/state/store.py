@@ -52,7 +52,12 @@ class StateStore:
     def __init__(self, target: StateUrl) -> None:
         self.target = target
         self.engine: AsyncEngine = create_async_engine(
-            target.url, connect_args=target.connect_args, pool_pre_ping=True
+            target.url,
+            connect_args=target.connect_args,
+            pool_pre_ping=True,
+            # A failed statement's error message must not carry its parameters into the logs:
+            # a key's argon2 hash is one of them (docs/security.md).
+            hide_parameters=True,
         )
 
     @classmethod

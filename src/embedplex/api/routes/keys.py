@@ -27,7 +27,7 @@ from embedplex.api.routes.admin import require_admin
 from embedplex.core.errors import InvalidRequestError, ModelNotFoundError
 from embedplex.core.tenant import Priority
 from embedplex.state.cache import KeyVerifier
-from embedplex.state.keys import KeySpec, KeyStore, KeyStoreError, duration
+from embedplex.state.keys import LIMIT_MAX, KeySpec, KeyStore, KeyStoreError, duration
 from embedplex.state.usage import usage_since
 
 router = APIRouter(
@@ -45,9 +45,9 @@ class CreateKey(BaseModel):
     models: list[str] = Field(
         default_factory=list, max_length=256, description="Served names or * patterns; [] = all."
     )
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=LIMIT_MAX)
+    tpm: int | None = Field(None, ge=1, le=LIMIT_MAX)
+    max_concurrent: int | None = Field(None, ge=1, le=LIMIT_MAX)
     priority: Priority = Priority.INTERACTIVE
     weight: int = Field(1, ge=1, le=1000)
     expires: str | None = Field(None, description="Lifetime: 90d, 12h, 30m (default: never).")
@@ -71,7 +71,10 @@ async def list_keys(request: Request) -> Response:
 @router.post("", status_code=201)
 async def create_key(body: CreateKey, request: Request) -> Response:
     try:
-        expires = duration(body.expires) if body.expires else None
+        expires = None if body.expires is None else duration(body.expires)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="expires") from None
+    try:
         spec = KeySpec(
             name=body.name,
             models=tuple(body.models),
