@@ -31,7 +31,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from embedplex.providers.config import ProviderConfig
@@ -69,6 +69,11 @@ class Fault:
     # A hostile or careless upstream: its error message repeats the request's headers (the
     # API key among them), with terminal escapes, newlines and a lot of padding.
     echo_headers: bool = False
+    # A 200 whose OpenAI ``data`` is wrong: "dup_index" (indexes 0, 0, 2...), "out_of_range"
+    # (indexes from 5), "ragged" (the first row shorter than the rest).
+    bad_rows: str = ""
+    # A 200 whose body trickles in, one byte every ``drip`` seconds (0: off).
+    drip: float = 0.0
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Call:
     texts: list[str]
     at: float = field(default_factory=time.monotonic)
     headers: dict[str, str] = field(default_factory=dict)
+    bad_rows: str = ""  # the fault's ``bad_rows``, applied by the API's answer
 
 
 class ThreadServer:
@@ -125,6 +131,10 @@ class FakeUpstream:
         self.calls: list[Call] = []
         self.delay = 0.0
         self.max_texts: int | None = None  # answer 413 above this many texts
+        # Refuse a call holding a text longer than this, as each API does: TEI 422
+        # ("Input validation error"), the others 400 ("maximum context length").
+        self.max_chars: int | None = None
+        self.ignore_dimensions = False  # answer full-width vectors whatever was asked
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.app = Starlette(
@@ -155,6 +165,8 @@ class FakeUpstream:
             self.calls.clear()
             self.delay = 0.0
             self.max_texts = None
+            self.max_chars = None
+            self.ignore_dimensions = False
 
     @property
     def url(self) -> str:
@@ -184,6 +196,7 @@ class FakeUpstream:
         with self._lock:
             self.calls.append(call)
             fault = self._script.popleft() if self._script else Fault(delay=self.delay)
+        call.bad_rows = fault.bad_rows
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.reset:
@@ -204,8 +217,12 @@ class FakeUpstream:
         if self.max_texts is not None and len(texts) > self.max_texts:
             msg = {"error": f"batch size {len(texts)} > {self.max_texts}"}
             return Response(orjson.dumps(msg), status_code=413), call
+        if self.max_chars is not None and any(len(t) > self.max_chars for t in texts):
+            return _refuse_long(request.url.path, self.max_chars), call
         if fault.malformed:
             return Response(b'{"data": "not a list"', status_code=200), call
+        if fault.drip:
+            return _drip(fault.drip), call
         return None, call
 
     async def _openai(self, request: Request) -> Response:
@@ -221,6 +238,8 @@ class FakeUpstream:
             )
             data.append({"object": "embedding", "index": i, "embedding": emb})
         data.reverse()  # indexes, not order, say which vector is whose
+        if call.bad_rows:
+            _spoil(data, call.bad_rows)
         usage = {"prompt_tokens": len(call.texts) * 3, "total_tokens": len(call.texts) * 3}
         return _json({"object": "list", "data": data, "model": "fake", "usage": usage})
 
@@ -327,15 +346,52 @@ class FakeUpstream:
     async def _info(self, request: Request) -> Response:
         return _json({"model_id": "fake", "max_client_batch_size": self.max_texts or 64})
 
-    @staticmethod
-    def _vec(text: str, dims: int | None) -> np.ndarray:
+    def _vec(self, text: str, dims: int | None) -> np.ndarray:
         v = vector_for(text)
-        return v[:dims] if dims else v
+        return v[:dims] if dims and not self.ignore_dimensions else v
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _refuse_long(path: str, max_chars: int) -> Response:
+    """The API's own refusal of an input over its length (TEI's 422, OpenAI's 400)."""
+    if path == "/embed":
+        body: Any = {
+            "error": f"Input validation error: `inputs` must have less than {max_chars} tokens",
+            "error_type": "Validation",
+        }
+        return _json(body, 422)
+    message = f"This model's maximum context length is {max_chars} tokens"
+    return _json({"error": {"message": message, "type": "invalid_request_error"}}, 400)
+
+
+def _spoil(data: list[dict[str, Any]], how: str) -> None:
+    """Make an OpenAI ``data`` list wrong in place (``Fault.bad_rows``)."""
+    data.sort(key=lambda row: row["index"])
+    for i, row in enumerate(data):
+        if how == "dup_index":
+            row["index"] = 0 if i == 1 else i
+        elif how == "out_of_range":
+            row["index"] = i + 5
+        elif how == "ragged" and i == 0:
+            emb = row["embedding"]
+            row["embedding"] = emb[:2] if isinstance(emb, list) else emb[:16]  # 3 floats
+
+
+def _drip(every: float) -> Response:
+    """Headers at once, then a promised body one byte every ``every`` seconds."""
+
+    async def body() -> Any:
+        for _ in range(100_000):
+            yield b" "
+            await asyncio.sleep(every)
+
+    return StreamingResponse(
+        body(), media_type="application/json", headers={"content-length": "100000"}
     )
 
 

@@ -38,6 +38,7 @@ from embedplex.backends.model_files import DEFAULT_MODEL_ID
 from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
+from embedplex.providers.endpoints import redact_provider
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
@@ -636,4 +637,6 @@ class Settings(BaseSettings):
                 data[name] = "***" if getattr(self, name) is not None else None
         for key in data.get("api_keys", ()):
             key["key"] = "***"
+        for provider in data.get("providers", ()):  # a key in an endpoint's query
+            redact_provider(provider)
         return data

@@ -13,6 +13,7 @@ from embedplex.core.errors import (
     RateLimitedError,
     UnavailableError,
     UpstreamError,
+    UpstreamRefusedError,
 )
 from embedplex.core.types import EmbedRequest, RerankRequest
 from embedplex.providers.config import RouteConfig
@@ -90,7 +91,9 @@ async def test_a_failed_query_fails_only_its_own_callers(
     assert len(upstream.calls) == 2
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     assert len(failed) == 1
-    assert isinstance(failed[0], UpstreamError)
+    # A one-document call's 400 is that input's refusal: its caller's 422 (guard.py).
+    assert isinstance(failed[0], UpstreamRefusedError)
+    assert isinstance(failed[0].__cause__, UpstreamError)
 
 
 async def test_any_fails_over_on_5xx(

@@ -237,8 +237,10 @@ def test_decode_vectors_rejects_what_decode_vector_rejects() -> None:
             decode_vectors([garbage])
     with pytest.raises(TypeError):
         decode_vectors({"a": 1})
-    ragged = decode_vectors([[1.0], [1.0, 2.0]])  # as each row alone would decode
-    assert [v.shape for v in ragged] == [(1,), (2,)]
+    with pytest.raises(ValueError, match="different widths"):  # one answer, one width
+        decode_vectors([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="different widths"):
+        decode_vectors([good, _b64(np.ones(8, np.float32))])
 
 
 # -- the per-request path ------------------------------------------------------------------

@@ -129,7 +129,7 @@ def error_response(
         body = {"error": exc.message, "error_type": spec.tei_type}
     out = dict(headers or {})
     if isinstance(exc, e.OverloadedError) and exc.retry_after is not None:
-        out["retry-after"] = str(max(1, math.ceil(exc.retry_after)))  # never early
+        out["retry-after"] = str(max(1, math.ceil(min(86400.0, exc.retry_after))))  # <= a day
     return JsonResponse(orjson.dumps(body), spec.status, out)
 
 

@@ -8,6 +8,7 @@ status codes.
     ├── ClientError                     the request is at fault (never retried)
     │   ├── EmptyInputError             no inputs at all                        -> 400
     │   ├── InvalidRequestError         malformed JSON, wrong types, bad values -> 400 / 422
+    │   │   └── UpstreamRefusedError    a provider's 400/422 for this input     -> 422
     │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
     │   ├── HeadersTooLargeError        request line and headers over the cap   -> 431
     │   ├── RequestTimeoutError         headers or body too slow to arrive      -> 408
@@ -96,6 +97,11 @@ class RequestTimeoutError(ClientError):
 
 class InputTooLongError(ClientError):
     kind = "validation"
+
+
+class UpstreamRefusedError(InvalidRequestError):
+    """A remote provider refused one input (its 400 or 422, e.g. over its context length),
+    that input alone: the others of its call were answered (``providers/guard.py``)."""
 
 
 class ModelNotFoundError(ClientError):

@@ -71,7 +71,8 @@ def decode_vectors(rows: Any) -> list[Vector]:
     its own data, so the cache keeps it as it is (``providers/cached.py``). Lists of floats of
     one length become one matrix, each vector a row of it (writable, its own part of it). Rows
     that do not agree (lengths, kinds) take ``decode_vector`` one by one, which says what is
-    wrong with them.
+    wrong with them. Every row of one answer must have one width: rows of mixed widths (or
+    an empty row) are a malformed answer, not vectors of different models handed to callers.
     """
     if not isinstance(rows, list):
         raise TypeError(f"expected a list of vectors, got {type(rows).__name__}")
@@ -87,7 +88,17 @@ def decode_vectors(rows: Any) -> list[Vector]:
             matrix = None
         if matrix is not None and matrix.ndim == 2 and matrix.shape[1]:
             return list(matrix)
-    return [decode_vector(row) for row in rows]
+    vectors = [decode_vector(row) for row in rows]
+    if vectors and len({v.shape[0] for v in vectors}) != 1:
+        raise ValueError("rows of different widths in one answer")
+    return vectors
+
+
+def check_width(vectors: list[Vector], dimensions: int | None) -> None:
+    """Raise ValueError unless the answer's rows have the width asked for (``dimensions``, when
+    it was sent). ``decode_vectors`` made them one width: the first row says it."""
+    if dimensions is not None and vectors and vectors[0].shape[0] != dimensions:
+        raise ValueError(f"vectors of width {vectors[0].shape[0]}, asked for {dimensions}")
 
 
 def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
@@ -219,16 +230,20 @@ class HttpProvider(ABC):
         self, texts: list[str], params: EmbedParams, *, traces: Sequence[SpanContext] = ()
     ) -> Embeddings:
         n = len(texts)
+        body = self.body(texts, params)
+        # The width the upstream was asked for, under its API's name (Cohere v1 sends none).
+        asked = body.get("dimensions", body.get("output_dimension"))
 
         def parse(data: Any, headers: httpx.Headers) -> Embeddings:
             out = self.parse(data, headers)
             if len(out.vectors) != n:
                 raise ValueError(f"{len(out.vectors)} vectors for {n} texts")
+            check_width(out.vectors, asked)
             return out
 
         return await self.transport.post_json(
             self.url,
-            self.body(texts, params),
+            body,
             parse=parse,
             headers=self._headers,
             size=n,
@@ -300,9 +315,17 @@ class HttpProvider(ABC):
 
 
 def parse_openai_data(data: Any) -> list[Vector]:
-    """``data: [{"index", "embedding"}]`` (OpenAI, Voyage), put back in input order."""
+    """``data: [{"index", "embedding"}]`` (OpenAI, Voyage), put back in input order.
+
+    The indexes must be exactly 0..n-1 in some order: a repeated or out-of-range index would
+    hand one caller's vector to another (ValueError: a malformed answer).
+    """
     rows = data["data"]
     indexes = [int(row["index"]) for row in rows]
-    if indexes != sorted(indexes):
-        rows = sorted(rows, key=lambda row: int(row["index"]))
+    expected = list(range(len(rows)))
+    if indexes != expected:  # most upstreams answer in order: one list comparison
+        order = sorted(expected, key=indexes.__getitem__)
+        if [indexes[i] for i in order] != expected:
+            raise ValueError(f"indexes are not a permutation of 0..{len(rows) - 1}")
+        rows = [rows[i] for i in order]
     return decode_vectors([row["embedding"] for row in rows])

@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 import httpcore
 import httpx
@@ -89,6 +90,28 @@ def url_host(url: str) -> tuple[str, int]:
     if parsed.userinfo:
         raise EndpointRefused("an endpoint carries no credentials (use api_key_env)")
     return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def redact_query(url: str | None) -> str | None:
+    """``url`` safe to show: each query value becomes ``***``, its parameter name stays.
+
+    Some APIs take their key in the query (``?key=...``: Gemini, Azure-style), and an
+    endpoint is shown in listings, stats and logs. Such endpoints are kept working (the
+    URL sent upstream is unchanged) rather than refused; only what is shown is redacted.
+    """
+    if url is None or "?" not in url:
+        return url
+    head, _, query = url.partition("?")
+    query, hash_, fragment = query.partition("#")
+    names = [part.partition("=")[0] for part in query.split("&") if part]
+    return f"{head}?{'&'.join(f'{name}=***' for name in names)}{hash_}{fragment}"
+
+
+def redact_provider(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A provider config's ``model_dump`` with its endpoints' query values redacted."""
+    for key in ("endpoint", "rerank_endpoint"):
+        dumped[key] = redact_query(dumped.get(key))
+    return dumped
 
 
 def literal_address(host: str) -> IPAddress | None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import random
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -41,7 +43,10 @@ if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
 
 # The least time worth an attempt: a retry that would have less before the deadline is not sent.
-_MIN_ATTEMPT = 0.05
+MIN_ATTEMPT = 0.05
+# When the call that a split part belongs to began (``guard.py``): the part's retry budget is
+# what that call has left, not a budget of its own. None: not a split part.
+SPLIT_BEGAN: ContextVar[float | None] = ContextVar("embedplex_split_began", default=None)
 
 # Statuses worth another attempt besides 429 and 5xx: request timeout, Cloudflare-style 52x.
 _RETRY_STATUSES = frozenset({408, 429})
@@ -99,26 +104,41 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.backoff_max, self.backoff_base * (2.0**retry)))
 
 
+# The longest wait an upstream's Retry-After may set: past it the value is read as this.
+MAX_RETRY_AFTER = 86400.0
+
+
+def _seconds(value: float) -> float | None:
+    """A wait in [0, MAX_RETRY_AFTER]; None for NaN and infinities ("inf", "1e400" parse as
+    floats), which are no wait at all: they would reach ``math.ceil`` and fail the answer."""
+    if not math.isfinite(value):
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, value))
+
+
 def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (delta seconds or an HTTP date)."""
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (delta seconds or an HTTP date),
+    capped at a day; None when absent or not a finite number."""
     raw_ms = headers.get("retry-after-ms")
     if raw_ms:
         try:
-            return max(0.0, float(raw_ms) / 1000)
+            wait = _seconds(float(raw_ms) / 1000)
         except ValueError:
-            pass
+            wait = None
+        if wait is not None:
+            return wait
     raw = headers.get("retry-after")
     if not raw:
         return None
     try:
-        return max(0.0, float(raw))
+        return _seconds(float(raw))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return _seconds(when.timestamp() - time.time())
 
 
 MAX_REASON = 200  # characters of an upstream's own words passed on to the caller
@@ -239,7 +259,8 @@ class HttpTransport:
         """
         policy = self.policy
         began = time.monotonic()
-        deadline = began + policy.budget
+        split = SPLIT_BEGAN.get()
+        deadline = (began if split is None else split) + policy.budget
         # The callers' own deadline, when nearer: no attempt runs on after they have left.
         callers = BATCH_DEADLINE.get()
         limited_by = "retry budget"
@@ -281,23 +302,29 @@ class HttpTransport:
             hint = done.retry_after if done.retry_after is not None else delay
             if not done.retryable or retry >= policy.max_attempts:
                 raise self._final(error, retry, hint, began=began)
-            # No new attempt that could not finish in time (at least _MIN_ATTEMPT of it).
-            if time.monotonic() + delay + _MIN_ATTEMPT >= deadline:
+            # No new attempt that could not finish in time (at least MIN_ATTEMPT of it).
+            if time.monotonic() + delay + MIN_ATTEMPT >= deadline:
                 raise self._final(error, retry, hint, budget=limited_by, began=began)
             await asyncio.sleep(delay)
 
     async def _attempt(
         self, url: str, content: bytes, headers: dict[str, str], limit: float, parse: Parse[T]
     ) -> _Done[T]:
-        """One HTTP attempt of at most ``limit`` seconds, classified."""
+        """One HTTP attempt of at most ``limit`` seconds in all, classified.
+
+        All: a timeout per read restarts with each chunk, so an upstream that trickles bytes
+        would outlast ``timeout_s`` and the budget. ``post_bytes`` bounds the total itself
+        (aiohttp's ``total``); any other client's call runs under ``asyncio.timeout``.
+        """
         try:
             if self._post is not None:
                 response = await self._post(url, content, headers, limit)
             else:
-                response = await self.client.post(
-                    url, content=content, headers=headers, timeout=limit
-                )
-        except httpx.TimeoutException as exc:
+                async with asyncio.timeout(limit):
+                    response = await self.client.post(
+                        url, content=content, headers=headers, timeout=limit
+                    )
+        except (httpx.TimeoutException, TimeoutError) as exc:
             error: EmbedplexError = UpstreamTimeoutError(
                 f"{self.provider}: no answer within {limit:.3g}s", status=None
             )

@@ -115,7 +115,7 @@ class RerankLanes:
                 out[i] = answer if isinstance(answer, BaseException) else answer[j]
         return [out[i] for i in range(len(batch))]
 
-    async def _call(self, pairs: list[Pair], params: RerankParams) -> list[Scored]:
+    async def _call(self, pairs: list[Pair], params: RerankParams) -> list[Scored | BaseException]:
         """Upstream calls for documents of one query: one, or more after a 413 (``guard``)."""
         # As for embeddings: no retry outlasts the most patient caller (``core/deadline.py``).
         # Each query's call runs in a task of its own (``_run``), so this sets only its own.

@@ -40,6 +40,7 @@ from embedplex.core.errors import (
     PayloadTooLargeError,
     RateLimitedError,
     UnavailableError,
+    UpstreamRefusedError,
     UpstreamTimeoutError,
 )
 from embedplex.core.types import (
@@ -288,6 +289,9 @@ async def _any(
             continue
         try:
             return await call(rt)
+        except UpstreamRefusedError as exc:  # this upstream's limit (its context length, say):
+            rt.counters["failovers"] += 1  # another provider may take the input
+            errors.append(exc)
         except ClientError:
             raise  # the request itself is wrong: another provider will not fix it
         except EmbedplexError as exc:
@@ -361,10 +365,21 @@ def _pick_error(errors: list[EmbedplexError]) -> EmbedplexError:
         )
     if len(errors) == 1:
         return errors[0]
-    last = errors[-1]
-    last.message = "every provider failed: " + "; ".join(e.message for e in errors)
-    last.args = (last.message,)
-    return last
+    return _restated(errors[-1], "every provider failed: " + "; ".join(e.message for e in errors))
+
+
+def _restated(error: EmbedplexError, message: str) -> EmbedplexError:
+    """A new error of ``error``'s type and fields (status, retry_after...) saying ``message``.
+
+    ``error`` is shared: a failed batch hands one exception to every caller it carried, so
+    writing this caller's message into it grew every other caller's message too.
+    """
+    out = type(error).__new__(type(error))
+    out.__dict__.update(error.__dict__)
+    out.message = message
+    out.args = (message,)
+    out.__cause__ = error
+    return out
 
 
 class RemoteRoute:

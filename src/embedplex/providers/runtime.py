@@ -43,6 +43,7 @@ from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import EmbedParams, Provider, Reranker
 from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope
 from embedplex.providers.config import ProviderConfig
+from embedplex.providers.endpoints import redact_query
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import Attempt
@@ -110,7 +111,11 @@ class ProviderRuntime:
         self._report: ProviderObserver = NullProviderObserver()
         self._tracer: Tracer | None = None
         self._guard = UpstreamGuard(
-            self.name, health, asyncio.Semaphore(config.max_concurrency), self.counters
+            self.name,
+            health,
+            asyncio.Semaphore(config.max_concurrency),
+            self.counters,
+            budget=config.retry_budget_s,
         )
         self._embeds: LaneSet[EmbedParams, Text, Embedded] = LaneSet(
             config, self._call, self.counters, renew=_unbound
@@ -233,8 +238,9 @@ class ProviderRuntime:
 
     # -- the batch function ----------------------------------------------------------------
 
-    async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded]:
-        """The lanes' batch function: one upstream call, or more after a 413 (``guard``).
+    async def _call(self, batch: list[Text], params: EmbedParams) -> list[Embedded | BaseException]:
+        """The lanes' batch function: one upstream call, or more after a 413, 400 or 422
+        (``guard``: a text the upstream refuses fails alone).
 
         What the upstream answered for a text whose callers cache it is kept here, once per
         call, whoever is still waiting: an answer paid for is not paid for again."""
@@ -486,7 +492,7 @@ class ProviderRuntime:
             "name": self.name,
             "type": self.provider.type,
             "model": self.provider.model,
-            "endpoint": getattr(self.provider, "url", None),
+            "endpoint": redact_query(getattr(self.provider, "url", None)),
             "max_texts_per_call": self.provider.limits.max_texts,
             **self._embeds.totals(),
             "max_batch_requests": self.aimd.size if self.aimd else self.ceiling,

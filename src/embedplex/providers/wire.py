@@ -166,7 +166,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 )
         except aiohttp.ClientError as exc:
             raise _translate(exc) from exc
-        except TimeoutError as exc:  # a total timeout: never set (httpx has none)
+        except TimeoutError as exc:  # the total timeout (``post_bytes``: the attempt's limit)
             raise httpx.ReadTimeout(str(exc) or "timed out") from exc
 
     async def aclose(self) -> None:
@@ -254,8 +254,10 @@ class WireClient(httpx.AsyncClient):
         target = self._target(url)
         if target.literal is not None:
             self.wire._check_address(target.host, target.literal)
+        # ``total`` bounds the whole exchange, body included: ``sock_read`` alone restarts
+        # with every chunk, so an upstream trickling a byte at a time never timed out.
         limit = aiohttp.ClientTimeout(
-            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+            total=timeout, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
         # The caller's headers replace the client's of the same name, as httpx merges them.
         names = {name.lower() for name in headers}

@@ -35,7 +35,12 @@ from embedplex.core.errors import (
 )
 from embedplex.limits import FailureThrottle
 from embedplex.providers.config import ProviderConfig, RouteConfig
-from embedplex.providers.endpoints import EndpointRefused, check_endpoint, parse_networks
+from embedplex.providers.endpoints import (
+    EndpointRefused,
+    check_endpoint,
+    parse_networks,
+    redact_provider,
+)
 from embedplex.providers.router import RemoteModel, RemoteRoute, Router
 
 logger = logging.getLogger(__name__)
@@ -126,8 +131,9 @@ def _router(request: Request) -> Router:
 
 
 def _describe(config: ProviderConfig) -> dict[str, object]:
-    # The config holds no secret (only api_key_env, the variable's name): safe to show.
-    return config.model_dump(mode="json")
+    # The config holds no key (only api_key_env, the variable's name), unless an endpoint
+    # carries one in its query (``?key=``): query values are shown as ***.
+    return redact_provider(config.model_dump(mode="json"))
 
 
 @router.get("", dependencies=[Depends(require_admin_read)])
