@@ -189,6 +189,8 @@ def lazy(
     *,
     fail: bool = False,
     gate: threading.Event | None = None,
+    fail_times: int = 0,
+    retry_s: float = 30.0,
 ) -> Callable[[Settings], list[ServedModel]]:
     def build(s: Settings) -> list[ServedModel]:
         eager = local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend(16))
@@ -198,11 +200,11 @@ def lazy(
             loads.append("z")
             if gate is not None:
                 gate.wait(10)
-            if fail:
-                raise FatalBackendError("org/z: no such model on the hub")
+            if fail or len(loads) <= fail_times:
+                raise FatalBackendError("org/z: no such model in /srv/models/z")
             return local(tiny_model_dir, s, config, FakeBackend(8))
 
-        return [eager, LazyModel(placeholder(config.resolved(s)), load)]
+        return [eager, LazyModel(placeholder(config.resolved(s)), load, retry_s=retry_s)]
 
     return build
 
@@ -243,16 +245,39 @@ async def test_a_lazy_model_that_fails_to_load_says_why(tiny_model_dir: Path) ->
         again = await client.post("/embed", json={"inputs": "x", "model": "z"})
         other = await client.post("/embed", json={"inputs": "x", "model": "a"})
         ready = await client.get("/health/ready")
-    assert loads == ["z"]  # a failure is final: not retried per request
+    assert loads == ["z"]  # not retried per request: only after the backoff
     assert first.status_code == again.status_code == 503
     assert (
-        "model 'z' failed to load: org/z: no such model on the hub"
+        "model 'z' failed to load: org/z: no such model in /srv/models/z"
         in (first.json()["error"]["message"])
     )
-    assert "failed to load" in again.json()["error"]
+    assert "failed to load" in again.json()["error"] and "tried again in" in again.text
     assert other.status_code == 200  # the other models still serve
-    assert ready.status_code == 503
-    assert "z: failed to load: org/z: no such model on the hub" in ready.json()["status"]
+    # One model's failed load does not take the replica out of rotation, and the public
+    # readiness body never shows its reason (it may name a path on disk).
+    assert ready.status_code == 200 and "/srv/models" not in ready.text
+
+
+async def test_a_lazy_model_whose_load_failed_is_tried_again_after_a_backoff(
+    tiny_model_dir: Path,
+) -> None:
+    loads: list[str] = []
+    build = lazy(tiny_model_dir, loads, fail_times=2, retry_s=0.3)
+    async with running(app_of(Settings(), build)) as client:
+        body = {"inputs": "x", "model": "z"}
+        first = await client.post("/embed", json=body)  # load 1 fails; backoff 0.3 s
+        during = await client.post("/embed", json=body)  # within it: refused, not loaded
+        await asyncio.sleep(0.4)
+        second = await client.post("/embed", json=body)  # load 2 fails; backoff 0.6 s
+        await asyncio.sleep(0.4)
+        still = await client.post("/embed", json=body)  # the doubled wait is not over
+        await asyncio.sleep(0.4)
+        healed = await client.post("/embed", json=body)  # load 3 succeeds
+        ready = await client.get("/health/ready")
+    assert [r.status_code for r in (first, during, second, still)] == [503] * 4
+    assert healed.status_code == 200 and len(healed.json()[0]) == 8
+    assert loads == ["z", "z", "z"]
+    assert ready.status_code == 200
 
 
 async def test_a_lazy_model_answers_the_token_routes_as_the_model_it_loads(

@@ -39,6 +39,7 @@ from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.endpoints import redact_provider
+from embedplex.state.url import parse_state_url, redact_url
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
@@ -61,7 +62,7 @@ class StaticKeyConfig(BaseModel):
     """One static API key and its tenant (an ``[[api_keys]]`` table): for a few callers that
     need their own priority or share without a key store (managed keys: docs/keys.md)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     id: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
         frozen=True,
         extra="forbid",
         validate_default=True,
+        # A rejected value may be a secret (api_key, a key in an endpoint): the message names
+        # the field and the reason, never the value (every nested table model does the same).
+        hide_input_in_errors=True,
     )
 
     # -- server ---------------------------------------------------------------------------
@@ -438,6 +442,14 @@ class Settings(BaseSettings):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str | None) -> str | None:
+        """Checked at load, so ``config show`` and ``keys`` refuse it too (not at first use)."""
+        if value is not None:
+            parse_state_url(value)
+        return value
+
     @field_validator("api_key", "admin_secret")
     @classmethod
     def _real_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
@@ -630,8 +642,8 @@ class Settings(BaseSettings):
         variables that hold them), so there is nothing else to hide.
         """
         data = self.model_dump(mode="json")
-        if self.state_url:  # postgresql://user:password@host/db: the password goes
-            data["state_url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.state_url)
+        if self.state_url:  # user:password@ or ?password=: the password goes
+            data["state_url"] = redact_url(self.state_url)
         for name, field in type(self).model_fields.items():
             if field.annotation is not None and "SecretStr" in str(field.annotation):
                 data[name] = "***" if getattr(self, name) is not None else None

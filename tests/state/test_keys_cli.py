@@ -60,3 +60,15 @@ def test_keys_cli_refuses_limits_past_the_columns_and_a_zero_lifetime(tmp_path: 
         bad = CliRunner().invoke(app, ["keys", "create", "--name", "x", flag, value], env=env)
         assert bad.exit_code == 2, (flag, bad.output)  # a usage error, nothing created
     assert json.loads(run("keys", "list", "--json", env=env)) == []
+
+
+def test_keys_take_data_dir_as_serve_does_and_say_which_store(tmp_path: Path) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "xdg")}
+    data = tmp_path / "data"
+    out = run("keys", "create", "--name", "k", "--data-dir", str(data), env=env)
+    assert out.splitlines()[0].startswith("ep_")
+    assert f"state store: sqlite+aiosqlite:///{data / 'state.db'}" in out
+    assert (data / "state.db").is_file() and not (tmp_path / "xdg").exists()
+    listed = json.loads(run("keys", "list", "--json", "--data-dir", str(data), env=env))
+    assert [r["name"] for r in listed] == ["k"]
+    assert json.loads(run("keys", "list", "--json", env=env)) == []  # the default store

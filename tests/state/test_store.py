@@ -19,6 +19,7 @@ from embedplex.state.store import StateStore
 from embedplex.state.url import resolve
 from embedplex.state.usage import UsageMeter, usage_since
 from helpers import free_port
+from state_fixtures import _pg as state_fixtures_pg
 from state_fixtures import pg_url, state_url  # noqa: F401  (fixtures)
 
 
@@ -209,3 +210,38 @@ async def test_a_failed_statement_does_not_carry_its_parameters(pg_url: str) -> 
             await KeyStore(store).create(KeySpec(name="big", rpm=3_000_000_000))
     text = str(failed.value)
     assert "$argon2" not in text and "parameters hidden" in text
+
+
+async def test_a_flush_of_more_rows_than_one_statement_can_bind_is_written(
+    store: StateStore,
+) -> None:
+    """6 parameters a row, asyncpg's 32,767 a statement: 5,500 keys in one flush used to fail,
+    and every later flush with them, for good."""
+    meter = UsageMeter(store, flush_s=3600)
+    count = 5_500
+    for i in range(count):
+        meter.add(f"k{i:05d}", 2, 3, refused=False)
+    await meter.flush()
+    assert meter._counts == {}  # nothing left over for the next flush
+    totals = await usage_since(store, None)
+    assert len(totals) == count
+    assert sum(t.requests for t in totals) == count and sum(t.tokens for t in totals) == 3 * count
+
+
+async def test_a_schema_with_capitals_is_created_and_used(pg_url: str) -> None:  # noqa: F811
+    """CREATE SCHEMA quoted the name and search_path did not: PostgreSQL folded the latter to
+    lower case, so a ?schema= with capitals never found its own tables."""
+    url = pg_url.replace("?schema=t_", "?schema=T_Caps_")
+    schema_name = url.rsplit("=", 1)[1]
+    try:
+        async with StateStore.from_url(url) as s:
+            record, _ = await KeyStore(s).create(KeySpec(name="caps"))
+            assert [r.name for r in await KeyStore(s).list()] == ["caps"]
+            assert record.id
+    finally:
+        await state_fixtures_pg(f'DROP SCHEMA IF EXISTS "{schema_name}" CASCADE')
+
+
+def test_a_schema_name_that_is_not_an_identifier_is_refused() -> None:
+    with pytest.raises(ValueError, match="letters, digits and _ only"):
+        resolve("postgresql://h/db?schema=a;drop")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -27,12 +28,27 @@ from embedplex.state.keys import (
     KeyStoreError,
     duration,
 )
-from embedplex.state.store import StateStore
+from embedplex.state.store import StateStore, StoreOpenError, open_store
 from embedplex.state.usage import usage_since
 
 T = TypeVar("T")
 
-keys_app = typer.Typer(help="Manage API keys in the state store.", no_args_is_help=True)
+# The store the running command used, said on stderr after its output (see _say_store).
+_STORE_USED: ContextVar[str | None] = ContextVar("embedplex_keys_store", default=None)
+
+
+def _say_store(*_: Any, **__: Any) -> None:
+    """After a keys command: which store it used (a key made after ``serve --data-dir X`` in
+    the default store would otherwise go unnoticed). Not for --json, whose reader parses."""
+    where = _STORE_USED.get()
+    if where is not None:
+        typer.echo(f"state store: {where}", err=True)
+        _STORE_USED.set(None)
+
+
+keys_app = typer.Typer(
+    help="Manage API keys in the state store.", no_args_is_help=True, result_callback=_say_store
+)
 db_app = typer.Typer(help="The state store's schema.", no_args_is_help=True)
 
 ConfigOption = Annotated[
@@ -43,6 +59,14 @@ StateUrlOption = Annotated[
     str | None,
     typer.Option(
         "--state-url", help="State store URL (also EMBEDPLEX_STATE_URL; default: SQLite)."
+    ),
+]
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the default SQLite store lives, as serve --data-dir (also "
+        "EMBEDPLEX_DATA_DIR); ignored when a state URL is set.",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
@@ -66,21 +90,34 @@ def parse_since(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _run(config: Path | None, state_url: str | None, work: Callable[[KeyStore], Awaitable[T]]) -> T:
+def _run(
+    config: Path | None,
+    state_url: str | None,
+    data_dir: Path | None,
+    work: Callable[[KeyStore], Awaitable[T]],
+    quiet: bool = False,
+) -> T:
+    """Run ``work`` on the store the settings name; unless ``quiet`` (JSON output), say which
+    store on stderr once the command is done, so a key made in the wrong store is noticed."""
     try:
-        settings = Settings.load(config, state_url=state_url)
+        settings = Settings.load(config, state_url=state_url, data_dir=data_dir)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
 
-    async def go() -> T:
-        async with StateStore.from_settings(settings) as store:
-            return await work(KeyStore(store))
+    async def go(store: StateStore) -> tuple[str, T]:
+        return store.describe(), await work(KeyStore(store))
 
     try:
-        return asyncio.run(go())
+        where, result = asyncio.run(open_store(settings, go))
+        if not quiet:
+            _STORE_USED.set(where)
+        return result
     except KeyStoreError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except StoreOpenError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _show(record: KeyRecord, key: str | None, as_json: bool) -> None:
@@ -119,6 +156,7 @@ def create(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     state_url: StateUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Create a key and print it once."""
     spec = KeySpec(
@@ -131,16 +169,19 @@ def create(
         weight=weight,
         expires_in=None if expires is None else parse_duration(expires),
     )
-    record, key = _run(config, state_url, lambda ks: ks.create(spec))
+    record, key = _run(config, state_url, data_dir, lambda ks: ks.create(spec), as_json)
     _show(record, key, as_json)
 
 
 @keys_app.command("list")
 def list_keys(
-    as_json: JsonOption = False, config: ConfigOption = None, state_url: StateUrlOption = None
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    state_url: StateUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Every key with its settings and status (never a secret)."""
-    records = _run(config, state_url, lambda ks: ks.list())
+    records = _run(config, state_url, data_dir, lambda ks: ks.list(), as_json)
     if as_json:
         typer.echo(json.dumps([r.public() for r in records]))
         return
@@ -160,9 +201,10 @@ def revoke(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     state_url: StateUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Revoke a key: every server refuses it within seconds."""
-    _show(_run(config, state_url, lambda ks: ks.revoke(name)), None, as_json)
+    _show(_run(config, state_url, data_dir, lambda ks: ks.revoke(name), as_json), None, as_json)
 
 
 @keys_app.command("rotate")
@@ -171,9 +213,10 @@ def rotate(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     state_url: StateUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Give a key a new secret (printed once); the old one stops working."""
-    record, key = _run(config, state_url, lambda ks: ks.rotate(name))
+    record, key = _run(config, state_url, data_dir, lambda ks: ks.rotate(name), as_json)
     _show(record, key, as_json)
 
 
@@ -185,10 +228,11 @@ def usage(
     as_json: JsonOption = False,
     config: ConfigOption = None,
     state_url: StateUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Requests, inputs, tokens and refusals per key, from the store."""
     start = parse_since(since) if since else None
-    totals = _run(config, state_url, lambda ks: usage_since(ks.store, start))
+    totals = _run(config, state_url, data_dir, lambda ks: usage_since(ks.store, start), as_json)
     if as_json:
         typer.echo(json.dumps([_row(t) for t in totals]))
         return
@@ -205,10 +249,12 @@ def _row(totals: Any) -> dict[str, Any]:
 
 
 @db_app.command("upgrade")
-def upgrade(config: ConfigOption = None, state_url: StateUrlOption = None) -> None:
+def upgrade(
+    config: ConfigOption = None, state_url: StateUrlOption = None, data_dir: DataDirOption = None
+) -> None:
     """Apply the state store's schema migrations (servers also do it on start)."""
 
     async def noop(ks: KeyStore) -> str:
         return ks.store.describe()
 
-    typer.echo(f"state store up to date: {_run(config, state_url, noop)}")
+    typer.echo(f"state store up to date: {_run(config, state_url, data_dir, noop, quiet=True)}")

@@ -77,7 +77,14 @@ def _settings_options() -> list[inspect.Parameter]:
 
 def _with_settings_flags(func: Any) -> Any:
     """Give ``func`` one flag per settings field, so each option is declared only once."""
-    own = [p for p in inspect.signature(func).parameters.values() if p.name != "overrides"]
+    # With postponed annotations the signature holds strings, and typer would not see the
+    # Annotated option metadata in them (``-c`` was lost): resolve the real types first.
+    hints = typing.get_type_hints(func, include_extras=True)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(func).parameters.values()
+        if p.name != "overrides"
+    ]
     params = own + _settings_options()
     func.__signature__ = inspect.Signature(params)
     func.__annotations__ = {p.name: p.annotation for p in params}
@@ -97,11 +104,16 @@ def _load(config: Path | None, overrides: dict[str, Any]) -> Settings:
 def serve(config: ConfigOption = None, **overrides: Any) -> None:
     """Serve the configured model(s) over HTTP."""
     from embedplex.observability.logs import setup_logging
+    from embedplex.serve.server import BAD_START, StartupError
     from embedplex.serve.server import serve as run_server
 
     settings = _load(config, overrides)
     setup_logging(settings.log_level, settings.log_format)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except StartupError as exc:
+        typer.echo(f"embedplex: {exc}", err=True)
+        raise typer.Exit(BAD_START) from None
 
 
 @config_app.command("show")

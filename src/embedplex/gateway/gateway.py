@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What probes say of a failed start (the reason is in the log, not in a public body).
+_LOAD_FAILED = "failed to load (the reason is in the server log)"
+
 
 class Gateway:
     """Served models by name; ``router`` (optional) holds the remote providers they may use.
@@ -258,7 +261,9 @@ class Gateway:
     def ready(self) -> tuple[bool, str]:
         """Ready when started, not draining and every model's backend is healthy."""
         if self.load_error is not None:
-            return False, f"failed to load: {self.load_error}"
+            # Not the reason itself: this goes to unauthenticated probes, and a load error may
+            # name a path on disk. The log and serve's exit message carry it.
+            return False, _LOAD_FAILED
         if not self.started:
             return False, "loading"
         if self.draining or self.stopping_soon:
@@ -282,7 +287,7 @@ class Gateway:
         now = time.monotonic()
         if self.load_error is not None:
             since = self._dead_since.setdefault("", now)
-            return f"failed to load: {self.load_error}", now - since
+            return _LOAD_FAILED, now - since
         worst: tuple[str, float] | None = None
         for name, model in self._models.items():
             try:

@@ -6,14 +6,18 @@ Every model route reaches it as it reaches the model it stands in for (embed, re
 Until then it answers ``info`` from its config, so that it is listed and routed by kind. The
 first request starts one load (in a thread, at the inference threads' priority) and every
 request that arrives meanwhile waits for the same load; a caller that leaves does not cancel it.
-A failed load is final: the model's requests get 503 naming the reason and readiness names it
-(as for an eager model that failed at start, the config or the files need fixing).
+A failed load does not make the replica unready (its other models serve, and a transient cause,
+a hub outage, would otherwise keep the pod out of rotation for good): the model's own requests
+get 503 naming the reason, and a request after a backoff (``RETRY_S``, doubling up to
+``RETRY_MAX_S``) tries the load again. The reason never goes in the unauthenticated readiness
+body (it may name a path on disk); ``/api/v1/status`` (admin) shows it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -43,12 +47,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# First wait before a failed load is tried again, and the longest (it doubles per failure):
+# long enough that a broken config is not reloaded per request, short enough that a transient
+# failure heals by itself.
+RETRY_S = 30.0
+RETRY_MAX_S = 600.0
+
 
 class LazyModel:
     """Stands in for a local model until its first request; then forwards to it."""
 
     def __init__(
-        self, placeholder: ModelInfo, load: Callable[[], ServedModel], *, nice: int = 0
+        self,
+        placeholder: ModelInfo,
+        load: Callable[[], ServedModel],
+        *,
+        nice: int = 0,
+        retry_s: float = RETRY_S,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         self._placeholder = placeholder
         self._load = load
@@ -56,6 +72,9 @@ class LazyModel:
         self._model: ServedModel | None = None
         self._loading: asyncio.Task[ServedModel] | None = None
         self._failed: str | None = None
+        self._retry_s = retry_s
+        self._retry_max_s = retry_max_s
+        self._retry_at = 0.0  # monotonic time from which a failed load may be tried again
         self._telemetry: Telemetry | None = None
         self._closed = False
 
@@ -88,8 +107,7 @@ class LazyModel:
         return getattr(self._model, "dead_since", None)
 
     def health(self) -> None:
-        if self._failed is not None:
-            raise FatalBackendError(f"failed to load: {self._failed}")
+        # A failed load is this model's alone (its requests say why): not the replica's health.
         if self._model is not None:
             self._model.health()
 
@@ -101,6 +119,7 @@ class LazyModel:
             "load": "lazy",
             "loaded": False,
             "failed": self._failed,
+            "retry_in_s": self._retry_in() if self._failed is not None else None,
             "active_requests": 0,
             "queued": 0,
             "in_flight_batches": 0,
@@ -112,14 +131,27 @@ class LazyModel:
         """The loaded model; the first caller starts the load and every caller waits for it."""
         if self._model is not None:
             return self._model
-        if self._failed is not None:
-            raise NotReadyError(f"model {self._placeholder.name!r} failed to load: {self._failed}")
+        if self._failed is not None and self._loading is None and self._retry_in() > 0:
+            raise NotReadyError(
+                f"model {self._placeholder.name!r} failed to load: {self._failed} "
+                f"(tried again in {self._retry_in():.0f} s)"
+            )
         if self._closed:
             raise NotReadyError("the server is shutting down")
         if self._loading is None:
             self._loading = asyncio.get_running_loop().create_task(self._load_once())
         # shield: a caller that leaves (disconnect, timeout) must not cancel the shared load.
         return await asyncio.shield(self._loading)
+
+    def _retry_in(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def _failed_now(self, reason: str) -> None:
+        """Refuse for the backoff, then let a request try again; the next wait doubles."""
+        self._failed = reason
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(self._retry_s * 2, self._retry_max_s)
+        self._loading = None
 
     async def _load_once(self) -> ServedModel:
         name = self._placeholder.name
@@ -133,13 +165,16 @@ class LazyModel:
             raise
         except Exception as exc:
             reason = exc.message if isinstance(exc, FatalBackendError) else str(exc)
-            self._failed = reason or type(exc).__name__
-            logger.exception("lazy model %s failed to load", name)
+            self._failed_now(reason or type(exc).__name__)
+            logger.exception(
+                "lazy model %s failed to load (tried again in %.0f s)", name, self._retry_in()
+            )
             raise NotReadyError(f"model {name!r} failed to load: {self._failed}") from exc
         if self._closed:
             await model.close(drain=False)
             raise NotReadyError("the server is shutting down")
         self._model = model
+        self._failed = None
         logger.info("lazy model %s loaded", name)
         return model
 

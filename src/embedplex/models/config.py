@@ -59,7 +59,7 @@ class RayAutoscaling(BaseModel):
     """Serve's autoscaling for a ``runtime = "ray"`` model: replicas between min and max, sized so
     that each replica has about ``target_ongoing_requests`` requests in flight."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(ge=1)
@@ -77,7 +77,7 @@ class RayAutoscaling(BaseModel):
 class ModelConfig(BaseModel):
     """A local model served under ``name`` (what clients send as ``model``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     name: str = Field(
         "", description="Name clients use for the model (default: the model id); unique."

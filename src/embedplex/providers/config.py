@@ -28,7 +28,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 class ProviderConfig(BaseModel):
     """One upstream embedding API and how embedplex batches, retries and watches it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     name: str = Field(pattern=NAME_PATTERN, description="Name used in routes and requests.")
     type: ProviderType = Field(description="API dialect: tei, openai, voyage or cohere.")
@@ -156,7 +156,7 @@ class ProviderConfig(BaseModel):
 class RouteConfig(BaseModel):
     """A served model name answered by one provider or an ordered group."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     model: str = Field(min_length=1, max_length=256, description="Model name clients ask for.")
     providers: list[str] = Field(min_length=1, description="Provider names, in order.")

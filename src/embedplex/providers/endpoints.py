@@ -83,8 +83,9 @@ def url_host(url: str) -> tuple[str, int]:
     """The host and port of an absolute http(s) URL (``EndpointRefused`` if it is not one)."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise EndpointRefused(f"{url!r} is not a URL") from exc
+    except (httpx.InvalidURL, TypeError, ValueError):
+        # Not the URL itself: a malformed one may still carry a key, and this reaches logs.
+        raise EndpointRefused("the endpoint is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise EndpointRefused("an endpoint is an absolute http:// or https:// URL")
     if parsed.userinfo:

@@ -11,7 +11,9 @@ with exit status 1 and the reason on stderr, never an endless "loading".
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import ssl
 import sys
 import time
 from types import FrameType
@@ -27,7 +29,33 @@ from embedplex.observability.logs import flush_logs
 from embedplex.serve.edge import EdgeLimits, edge_protocol, edge_stats
 from embedplex.serve.forwarded import ForwardedHeaders
 from embedplex.serve.process_tuning import tune_process
-from embedplex.serve.tls import TlsConfig, server_context
+from embedplex.serve.tls import TlsConfig, TlsFileError, server_context
+from embedplex.state.store import StateStore, StoreOpenError, open_store
+
+BAD_START = 2  # the exit status for a bad file, directory or store at start (a usage error)
+
+
+class StartupError(Exception):
+    """What stops ``serve`` before it listens: one line naming the file, directory or store."""
+
+
+async def _opened(store: StateStore) -> None:
+    """Nothing more than opening the store (which applies the migrations)."""
+
+
+def check_start(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context, and the state store opened and migrated, before uvicorn starts: a bad
+    one is a clear line and exit 2 here, not a traceback from the lifespan (exit 3)."""
+    try:
+        context = server_context(settings)
+    except TlsFileError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        asyncio.run(open_store(settings, _opened))  # opening applies the migrations
+    except StoreOpenError as exc:
+        raise StartupError(str(exc)) from None
+    return context
+
 
 LOAD_FAILED = 1  # the exit status when a model fails to load
 
@@ -74,12 +102,13 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway) -> None:
     """``gateway_factory``: what loads the models (tests run a real process on a fake one)."""
+    context = check_start(settings)
     tune_process()
     app = create_app(settings, gateway_factory=gateway_factory)
     app.state.telemetry.metrics.watch_edge(edge_stats)
     config = TlsConfig(
         app.entry(),
-        context=server_context(settings),
+        context=context,
         host=settings.host,
         port=settings.port,
         log_config=None,

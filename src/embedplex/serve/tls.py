@@ -16,6 +16,7 @@ Client certificates (mTLS): ``ssl_ca_certs`` names the CAs a client certificate 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -43,11 +44,37 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     context.options |= (
         ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     )
-    context.load_cert_chain(str(settings.ssl_certfile), str(settings.ssl_keyfile))
-    if settings.ssl_ca_certs is not None:
-        context.load_verify_locations(cafile=str(settings.ssl_ca_certs))
+    _load_files(context, settings.ssl_certfile, settings.ssl_keyfile, settings.ssl_ca_certs)
     context.verify_mode = _VERIFY[settings.ssl_client_cert]
     return context
+
+
+class TlsFileError(ValueError):
+    """A TLS file missing, unreadable or not matching: the message names the file(s)."""
+
+
+def _load_files(context: ssl.SSLContext, cert: Path, key: Path, ca: Path | None) -> None:
+    """Load the certificate, its key and the client CAs, or say which file is wrong (an
+    OpenSSL error alone, "[SSL] PEM lib", names none)."""
+    for name, path in (("ssl_certfile", cert), ("ssl_keyfile", key), ("ssl_ca_certs", ca)):
+        if path is not None and not Path(path).is_file():
+            raise TlsFileError(f"{name} {path}: no such file")
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsFileError(
+            f"ssl_certfile {cert} and ssl_keyfile {key} do not load as a certificate and its "
+            f"key ({_why(exc)})"
+        ) from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsFileError(f"ssl_ca_certs {ca}: not CA certificates ({_why(exc)})") from None
+
+
+def _why(exc: OSError) -> str:
+    return getattr(exc, "reason", None) or exc.strerror or str(exc)
 
 
 class TlsConfig(uvicorn.Config):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from embedplex.state import schema
@@ -32,6 +33,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _UPGRADING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
+T = TypeVar("T")
+
 _LOCK_ID = 0x656D6270  # "embp": one advisory lock id for the migrations of every schema
 
 
@@ -44,6 +47,37 @@ def utc(value: datetime | None) -> datetime | None:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class StoreOpenError(Exception):
+    """The store could not be opened: the message names it (password hidden) and why."""
+
+
+async def open_store(settings: Settings, work: Callable[[StateStore], Awaitable[T]]) -> T:
+    """Open the settings' store, run ``work`` on it, close it; a directory that cannot be
+    made, a database that does not answer or refuses becomes one ``StoreOpenError`` line
+    (the CLI and serve print it and exit 2) instead of a driver's traceback."""
+    try:
+        store = StateStore.from_settings(settings)
+    except OSError as exc:
+        where = exc.filename or settings.data_dir
+        raise StoreOpenError(f"cannot create the state store in {where}: {_why(exc)}") from None
+    try:
+        async with store:
+            return await work(store)
+    except (OSError, SQLAlchemyError, TimeoutError) as exc:
+        raise StoreOpenError(
+            f"cannot open the state store {store.describe()}: {_why(exc)}"
+        ) from None
+
+
+def _why(exc: BaseException) -> str:
+    """The driver's own first line (no SQL, no parameters: the engine hides those)."""
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(cause).strip().splitlines()
+    return text[0] if text and text[0] else type(cause).__name__
 
 
 class StateStore:

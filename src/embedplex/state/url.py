@@ -13,10 +13,43 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 STATE_FILE = "state.db"
+
+# Query parameters that carry a password: asyncpg and libpq accept ``?password=`` beside (or
+# instead of) the userinfo one, and ``sslpassword`` unlocks the client key.
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+MASK = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` safe to print or log: the userinfo password and every password query parameter
+    become ``***``. The one redaction for state_url and redis_url (startup log, ``db upgrade``,
+    ``config show``, error messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not parseable as a URL at all: nothing in it can be shown safely
+        return MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:{MASK}@{hostport}"
+    query = "&".join(_redact_param(p) for p in parts.query.split("&"))
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    # Rebuilt by hand: urlunsplit would turn sqlite:///path into sqlite:/path.
+    rebuilt = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def _redact_param(pair: str) -> str:
+    name, sep, _ = pair.partition("=")
+    return f"{name}={MASK}" if sep and unquote(name).lower() in _SECRET_PARAMS else pair
 
 
 def default_data_dir() -> Path:
@@ -39,7 +72,31 @@ class StateUrl:
 
     def display(self) -> str:
         """The URL with any password hidden: safe for logs and the CLI."""
-        return self.url.render_as_string(hide_password=True)
+        return redact_url(self.url.render_as_string(hide_password=False))
+
+
+def parse_state_url(state_url: str) -> URL:
+    """``state_url`` parsed and checked (settings call it, so a bad one stops at load with a
+    clear message, its password hidden): a URL, SQLite or PostgreSQL, a plain schema name."""
+    try:
+        url = make_url(state_url)
+    except ArgumentError:
+        raise ValueError(
+            f"state_url {redact_url(state_url)!r} is not a URL "
+            "(sqlite:///path/state.db or postgresql://user@host/db)"
+        ) from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "postgres"):
+        raise ValueError(f"state_url must be sqlite:/// or postgresql:// (got {backend!r})")
+    schema = _schema(url)
+    if schema and not schema.replace("_", "").isalnum():
+        raise ValueError(f"state_url schema {schema!r}: letters, digits and _ only")
+    return url
+
+
+def _schema(url: URL) -> str | None:
+    schema = url.query.get("schema")
+    return schema[-1] if isinstance(schema, tuple) else schema
 
 
 def resolve(state_url: str | None, data_dir: Path | None = None) -> StateUrl:
@@ -48,20 +105,17 @@ def resolve(state_url: str | None, data_dir: Path | None = None) -> StateUrl:
         directory = data_dir or default_data_dir()
         directory.mkdir(parents=True, exist_ok=True)
         state_url = f"sqlite:///{directory / STATE_FILE}"
-    url = make_url(state_url)
-    backend = url.get_backend_name()
-    if backend == "sqlite":
+    url = parse_state_url(state_url)
+    if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         # Writers wait for each other instead of failing at once (the CLI beside a server).
         return StateUrl(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30})
-    if backend in ("postgresql", "postgres"):
-        schema = url.query.get("schema")
-        if isinstance(schema, tuple):
-            schema = schema[-1]
-        url = url.set(drivername="postgresql+asyncpg").difference_update_query(["schema"])
-        args: dict[str, Any] = {}
-        if schema:
-            args["server_settings"] = {"search_path": schema}
-        return StateUrl(url, schema or None, args)
-    raise ValueError(f"state_url must be sqlite:/// or postgresql:// (got {backend!r})")
+    schema = _schema(url)
+    url = url.set(drivername="postgresql+asyncpg").difference_update_query(["schema"])
+    args: dict[str, Any] = {}
+    if schema:
+        # Quoted, as CREATE SCHEMA quotes it (store.py): unquoted, PostgreSQL would fold a
+        # name with capitals to lower case and look in a schema that does not exist.
+        args["server_settings"] = {"search_path": f'"{schema}"'}
+    return StateUrl(url, schema or None, args)

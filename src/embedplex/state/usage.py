@@ -1,8 +1,9 @@
 """Per-key usage: counted in memory per request, written to the store in batches.
 
 ``UsageMeter.add`` is called once per finished request (``api/observe.py``) and only adds to a
-dict; every ``flush_s`` the counts are written as one upsert per (key, minute) row, so the
-store sees a few statements every several seconds however busy the server is. A failed write
+dict; every ``flush_s`` the counts are written, in one transaction, as upserts of up to
+``CHUNK_ROWS`` (key, minute) rows each, so the store sees a few statements every several
+seconds however busy the server is. A failed write
 keeps its counts for the next flush; a crash loses at most ``flush_s`` of counts.
 """
 
@@ -23,6 +24,11 @@ from embedplex.state.store import StateStore
 logger = logging.getLogger(__name__)
 
 _FIELDS = ("requests", "inputs", "tokens", "refusals")
+
+# Rows per INSERT: each row binds 6 parameters and asyncpg takes at most 32,767 per statement,
+# so one statement for a whole flush failed past ~5,460 (key, minute) rows, and kept failing
+# as each failed flush joined the next. 1,000 rows stay far under both dialects' limits.
+CHUNK_ROWS = 1000
 
 
 @dataclass(slots=True)
@@ -82,8 +88,11 @@ class UsageMeter:
             for (k, b), c in counts.items()
         ]
         try:
+            # Every chunk in one transaction: a failure keeps all of them for the next flush,
+            # and none is added twice.
             async with self.store.engine.begin() as conn:
-                await conn.execute(_upsert(self.store, rows))
+                for start in range(0, len(rows), CHUNK_ROWS):
+                    await conn.execute(_upsert(self.store, rows[start : start + CHUNK_ROWS]))
         except Exception as exc:
             logger.warning("usage flush failed (%s); kept for the next one", type(exc).__name__)
             for key, c in counts.items():
