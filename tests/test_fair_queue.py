@@ -295,6 +295,39 @@ def test_every_item_is_served_in_bounded_turns_under_random_load(
     assert worst < 150  # turns; FIFO-like bound here (the load is near the capacity)
 
 
+@pytest.mark.parametrize("fill", [True, False])
+def test_one_at_a_time_clients_do_not_shut_out_a_backlogged_key(
+    loop: asyncio.AbstractEventLoop, fill: bool
+) -> None:
+    """Three clients that each send their next short request as soon as the last is served
+    (closed loop) came back at the clock every time, kept it still, and a bulk key waited
+    for ever: 64 of its 200 items in 5,000 cuts. Each keeps where its work ended now, so the
+    bulk key is served its share: every batch once the others have had as many tokens."""
+    feed, clock = fair(loop, fill=fill)
+    for _ in range(200):
+        feed.push("bulk", 256)
+    lights = ["l0", "l1", "l2"]
+    served: Counter[str | None] = Counter()
+    tokens: Counter[str | None] = Counter()
+    back: list[str] = []
+    for cut in range(20_000):
+        clock.now += 0.001
+        if cut < len(lights):
+            feed.push(lights[cut], 12)
+        batch = feed.queue.cut(64, 16_384)
+        for key in back:  # answered after this cut: back with the next request
+            feed.push(key, 12)
+        for key, tok in padded_by_key(batch).items():
+            tokens[key] += tok
+        served.update(i.tenant_key for i in batch)
+        back = sorted({i.tenant_key for i in batch} - {"bulk"})  # type: ignore[arg-type]
+        if served["bulk"] == 200:
+            break
+    assert served["bulk"] == 200, served
+    # Shared by padded tokens: no client got much more than the bulk key's 200 x 256.
+    assert all(tokens[key] <= 200 * 256 + 16_384 for key in lights), tokens
+
+
 def test_expired_and_gone_items_keep_the_bookkeeping_right(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
