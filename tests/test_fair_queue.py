@@ -431,3 +431,28 @@ async def test_through_the_batcher_a_light_tenant_rides_the_next_batch(
         await asyncio.gather(*(i.future for i in flood))
     where = next(n for n, batch in enumerate(batches) if "query" in batch)
     assert where == 1 if fair_order else where == 20
+
+
+def test_remembered_ends_are_swept_now_and_then_not_every_cut(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New keys arriving while a backlog holds the clock still leave ends nothing can drop:
+    a sweep that found nothing to drop ran again on every cut (984 of 1,000)."""
+    feed, _ = fair(loop, fill=False)
+    queue = cast(FairLengthQueue, feed.queue)
+    sweeps: list[int] = []
+    sweep = queue._forget_settled
+
+    def counted() -> None:
+        sweeps.append(len(queue._ended))
+        sweep()
+
+    monkeypatch.setattr(queue, "_forget_settled", counted)
+    for _ in range(300):
+        feed.push("bulk", 256)
+    for cut in range(1_000):
+        for k in range(4):
+            feed.push(f"new-{cut}-{k}", 12)
+        queue.cut(64, 16_384)
+    assert len(queue._ended) > 2_000  # their debts are kept (the clock has not passed them)
+    assert len(sweeps) < 20, len(sweeps)

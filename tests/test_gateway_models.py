@@ -7,6 +7,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -358,3 +359,33 @@ async def test_a_lazy_model_asked_for_another_kind_is_refused_without_loading(
     assert before[0].json()["error"] == "model 'lr' is a reranker model, not an embedding model"
     assert before[2].json()["error"]["param"] == "model"
     assert before[-1].json()["error"] == "model 'le' is an embedding model, not a reranker model"
+
+
+async def test_a_lazy_model_that_loads_but_fails_to_start_is_closed_each_try() -> None:
+    """Each retry after a failed start would otherwise leave a loaded model's pools behind."""
+    from types import SimpleNamespace
+
+    from embedplex.core.errors import NotReadyError
+    from embedplex.gateway.lazy import LazyModel
+
+    made: list[Any] = []
+    closed: list[Any] = []
+
+    class Unstartable:
+        info = SimpleNamespace(name="z")
+
+        def __init__(self) -> None:
+            made.append(self)
+
+        async def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+        async def close(self, *, drain: bool = True) -> None:
+            closed.append(self)
+
+    model = LazyModel(SimpleNamespace(name="z"), Unstartable, retry_s=0.01, retry_max_s=0.01)  # type: ignore[arg-type]
+    for _ in range(3):
+        with pytest.raises(NotReadyError, match="failed to load"):
+            await model.ready()
+        await asyncio.sleep(0.03)
+    assert len(made) == 3 and closed == made

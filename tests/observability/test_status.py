@@ -133,27 +133,12 @@ def test_status_renders_remote_providers() -> None:
 
 
 def test_status_renders_the_cache_with_refused_redis_values() -> None:
-    import io
-
-    from rich.console import Console
-
-    from embedplex.cli.status import render_status
-
     counts = {"hits_memory": 6, "hits_redis": 2, "redis_refused": 3, "misses": 4}
-    payload = {
-        "version": "0.1.0",
-        "ready": True,
-        "status": "ready",
-        "uptime_s": 5,
-        "models": {},
-        "cache": {
-            "(all models)": {"enabled": True, "bytes": 0, "max_bytes": 1 << 26, "redis": "up"},
-            "minilm": {**counts, "dedupe_joined": 1},
-        },
+    cache = {
+        "(all models)": {"enabled": True, "bytes": 0, "max_bytes": 1 << 26, "redis": "up"},
+        "minilm": {**counts, "dedupe_joined": 1},
     }
-    out = io.StringIO()
-    render_status(payload, Console(file=out, width=200))
-    lines = out.getvalue().splitlines()
+    lines = _rendered(cache=cache).splitlines()
     head = next(line for line in lines if "redis refused" in line)
     row = next(line for line in lines if "minilm" in line)
     assert [cell.strip() for cell in head.split("┃")[1:8]] == [
@@ -163,3 +148,17 @@ def test_status_renders_the_cache_with_refused_redis_values() -> None:
     assert [cell.strip() for cell in row.split("│")[1:8]] == [
         "minilm", "6", "2", "3", "4", "67%", "1"
     ]  # fmt: skip
+
+
+def _rendered(**sections: object) -> str:
+    """``embedplex status``'s text for a ready server's payload with ``sections``."""
+    import io
+
+    from rich.console import Console
+
+    from embedplex.cli.status import render_status
+
+    payload = {"version": "0.1.0", "ready": True, "status": "ready", "uptime_s": 5, "models": {}}
+    out = io.StringIO()
+    render_status({**payload, **sections}, Console(file=out, width=200))
+    return out.getvalue()

@@ -80,6 +80,7 @@ class _FairState(_ListQueue):
         self._weight: dict[str | None, int] = {}
         # Where the work of a key with nothing waiting ended, while that is ahead of the clock.
         self._ended: dict[str | None, float] = {}
+        self._scan_at = 64  # ends remembered at which the next ``_forget_settled`` runs
         self._clock = 0.0  # the system's virtual clock
 
     def push(self, item: AnyItem) -> None:
@@ -112,17 +113,20 @@ class _FairState(_ListQueue):
         if not self._items:  # all idle: every debt is behind a clock that starts again
             self._clock = 0.0
             self._ended.clear()
-        elif len(self._ended) > 2 * len(self._count) + 64:
+            self._scan_at = 64
+        elif len(self._ended) > self._scan_at:
             self._forget_settled()
 
     def _forget_settled(self) -> None:
-        """Drop the ends the clock has passed (amortized: run when they outnumber the waiting
-        keys twice over); past ``_MAX_ENDED`` forgive the oldest debts as well."""
+        """Drop the ends the clock has passed; past ``_MAX_ENDED`` forgive the oldest debts as
+        well. Amortized: the next scan waits until as many ends again have been remembered (a
+        scan that dropped nothing, new keys arriving while the clock stands, ran every cut)."""
         clock = self._clock
         ended = {key: end for key, end in self._ended.items() if end > clock}
         if len(ended) > _MAX_ENDED:
-            ended = dict(sorted(ended.items(), key=lambda kv: kv[1])[-_MAX_ENDED:])
+            ended = dict(sorted(ended.items(), key=lambda kv: kv[1])[-_MAX_ENDED // 2 :])
         self._ended = ended
+        self._scan_at = max(2 * len(ended), 64)
 
     def pop_expired(self, now: float) -> list[AnyItem]:
         expired = super().pop_expired(now)

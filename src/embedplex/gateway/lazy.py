@@ -156,6 +156,7 @@ class LazyModel:
     async def _load_once(self) -> ServedModel:
         name = self._placeholder.name
         logger.info("loading lazy model %s", name)
+        model: ServedModel | None = None
         try:
             model = await run_lowered(self._load, self._nice)
             if self._telemetry is not None:
@@ -164,6 +165,8 @@ class LazyModel:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if model is not None:  # loaded, then failed to start: its pools and threads go
+                await _close_quietly(model)
             reason = exc.message if isinstance(exc, FatalBackendError) else str(exc)
             self._failed_now(reason or type(exc).__name__)
             logger.exception(
@@ -216,3 +219,11 @@ class LazyModel:
         if not isinstance(model, Decoding):
             raise no_tokenizer(self.info.name)
         return await model.decode(sequences, skip_special_tokens=skip_special_tokens)
+
+
+async def _close_quietly(model: ServedModel) -> None:
+    """Close a model that failed to start (each retry would otherwise leave one behind)."""
+    try:
+        await model.close(drain=False)
+    except Exception:
+        logger.exception("closing lazy model %s after its failed start", model.info.name)

@@ -5,13 +5,16 @@ keeps scrapes answering while the event loop is busy.
 
 Not ``prometheus_client.start_http_server``: that one starts a thread per connection with no
 read timeout and no cap, so idle connections (a port scan, a slow client) pile up threads and
-file descriptors until the API port and the probes starve. Here a connection that sends
-nothing for ``timeout_s`` is closed, and past ``max_connections`` at once a new one is closed
-at accept; a scraper (one connection every few seconds) never comes near either.
+file descriptors until the API port and the probes starve. Here a connection lives at most
+``timeout_s`` in all (a scrape is one HTTP/1.0 request, answered in milliseconds), and past
+``max_connections`` at once the oldest open connection is cut for the new one: a few slow or
+idle clients can neither pile up threads nor keep a scraper out (refusing the new connection
+instead let 32 clients sending a byte now and then fail every scrape).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from http.server import ThreadingHTTPServer
@@ -27,33 +30,60 @@ MAX_CONNECTIONS = 32
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, at most ``max_connections`` at once; the rest are closed."""
+    """A thread per connection, each cut off after ``deadline_s``; at most ``max_connections``
+    open, the oldest cut for a new one past that."""
 
     daemon_threads = True
     block_on_close = False
 
     def __init__(
-        self, address: tuple[str, int], handler: type[Any], max_connections: int, family: int
+        self,
+        address: tuple[str, int],
+        handler: type[Any],
+        max_connections: int,
+        family: int,
+        deadline_s: float,
     ) -> None:
         self.address_family = family
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self.deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, None] = {}  # in the order they came
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the cap: refused, no thread started
-            return
+        with self._lock:
+            if len(self._open) >= self.max_connections:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                _cut_off(oldest)  # its thread's next read ends: the thread goes
+            self._open[request] = None
         try:
             super().process_request(request, client_address)
-        except BaseException:  # the thread did not start: give its slot back
-            self._slots.release()
+        except BaseException:  # the thread did not start
+            self._forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # One deadline for the connection, not per read (``timeout`` restarts with each byte).
+        cut = threading.Timer(self.deadline_s, _cut_off, (request,))
+        cut.daemon = True
+        cut.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            cut.cancel()
+            self._forget(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+
+
+def _cut_off(conn: socket.socket) -> None:
+    """End a connection from another thread: a blocked read returns, the handler ends."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def _handler(registry: CollectorRegistry, timeout_s: float) -> type[MetricsHandler]:
@@ -82,7 +112,7 @@ class MetricsServer:
     ) -> MetricsServer:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server = _BoundedServer(
-            (host, port), _handler(registry, timeout_s), max_connections, family
+            (host, port), _handler(registry, timeout_s), max_connections, family, timeout_s
         )
         thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
         thread.start()
