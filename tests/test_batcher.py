@@ -179,6 +179,30 @@ async def test_full_queue_refuses_at_once() -> None:
         assert [await i.future for i in queued] == ["C", "D", "E"]
 
 
+async def test_departed_inputs_take_no_room_and_a_requeue_for_joiners_is_never_refused() -> None:
+    """A caller that left still took its queue slot until the next cut, so a caller waiting was
+    refused for it; and the departed input queued again for the callers who joined it
+    (``models/dedupe.py``) got them a late 429 (review: "queue is full (2 of 2)", one waiting)."""
+    run = Recorder()
+    run.gate = asyncio.Event()
+    log = StatsLog()
+    async with Batcher("t", run, BatchPolicy(max_items=1, max_queued=2), observers=[log]) as b:
+        first = asyncio.create_task(submit(b, ["a"]))  # in flight
+        await asyncio.sleep(0.01)
+        try:
+            left, kept = b.submit(["b", "c"], [1, 1])  # the queue is full
+            left.future.cancel()  # b's caller goes
+            (late,) = b.submit(["d"], [1])  # the room b took is free
+            assert log.counts.get("refused", 0) == 0 and log.counts["dropped"] == 1
+            with pytest.raises(OverloadedError):
+                b.submit(["e"], [1])  # full again, with two callers waiting
+            (again,) = b.submit(["b"], [1], admitted=True)  # b again, for its joiners
+        finally:
+            run.gate.set()  # a failure above must not leave the batch, and the test, hanging
+        await first
+        assert [await i.future for i in (kept, late, again)] == ["C", "D", "B"]
+
+
 async def test_a_request_is_admitted_whole_or_not_at_all() -> None:
     async with Batcher("t", Recorder(), BatchPolicy(max_items=2, max_queued=3)) as b:
         with pytest.raises(OverloadedError):

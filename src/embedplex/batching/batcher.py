@@ -241,11 +241,15 @@ class Batcher(Generic[P, R]):
         trace: object | None = None,
         tenant: Tenant = ANONYMOUS,
         priority: Priority | None = None,
+        admitted: bool = False,
     ) -> list[Item[P, R]]:
         """Queue every input of one request, or none of them.
 
         ``trace`` is the caller's tracing context, kept on each item for observers. ``tenant``
         and ``priority`` (default: the tenant's) go on each item for the queue to schedule on.
+        ``admitted``: the inputs replace ones already counted against ``max_queued`` (a
+        departed caller's input queued again for those who joined it, ``models/dedupe.py``),
+        so they are not refused for the room that departed one still takes.
 
         Raises OverloadedError at once when the queue cannot take them all, and NotReadyError when
         the batcher is closing or its backend has died.
@@ -255,7 +259,7 @@ class Batcher(Generic[P, R]):
         if self.fatal is not None:
             raise NotReadyError(f"{self.name} is unavailable: its backend failed")
         n = len(payloads)
-        if len(self._queue) + n > self.policy.max_queued:
+        if not admitted and len(self._queue) + n > self.policy.max_queued and self._full(n):
             for obs in self._observers:
                 obs.on_refused(n)
             raise OverloadedError(
@@ -287,6 +291,16 @@ class Batcher(Generic[P, R]):
         self._last_arrival = now
         self._wakeup.set()
         return items
+
+    def _full(self, n: int) -> bool:
+        """Whether ``n`` more inputs pass ``max_queued`` once the inputs whose callers have
+        gone are dropped (only here, on the way to a refusal: the loop drops them per cut, and
+        until then they took room that a caller still waiting was refused)."""
+        dropped = self._queue.drop_gone()
+        if dropped:
+            for obs in self._observers:
+                obs.on_dropped(dropped)
+        return len(self._queue) + n > self.policy.max_queued
 
     # -- the loop --------------------------------------------------------------------------
 

@@ -566,7 +566,9 @@ class LocalModel(Generic[R]):
 
     def _requeue(self, item: Item[Payload, R], tenant: Tenant) -> Item[Payload, R]:
         """Queue a dropped item's payload again (joiners still wait on it: ``dedupe.py``)."""
-        return self.batcher.submit([item.payload], [item.cost], trace=item.trace, tenant=tenant)[0]
+        return self.batcher.submit(
+            [item.payload], [item.cost], trace=item.trace, tenant=tenant, admitted=True
+        )[0]
 
     def _joined(self, n: int) -> None:
         """Count ``n`` inputs that joined work already in flight (for metrics)."""

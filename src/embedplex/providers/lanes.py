@@ -49,7 +49,9 @@ class Lane(Generic[K, P, R]):
         """Queue a dropped item's payload again, for the callers that joined it
         (``models/dedupe.py``: its leader left, they still wait)."""
         payload = item.payload if self.renew is None else self.renew(item.payload)
-        return self.batcher.submit([payload], [item.cost], trace=item.trace, tenant=tenant)[0]
+        return self.batcher.submit(
+            [payload], [item.cost], trace=item.trace, tenant=tenant, admitted=True
+        )[0]
 
 
 class LaneSet(Generic[K, P, R]):
