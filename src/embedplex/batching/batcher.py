@@ -296,11 +296,15 @@ class Batcher(Generic[P, R]):
         """Whether ``n`` more inputs pass ``max_queued`` once the inputs whose callers have
         gone are dropped (only here, on the way to a refusal: the loop drops them per cut, and
         until then they took room that a caller still waiting was refused)."""
+        self._drop_gone()
+        return len(self._queue) + n > self.policy.max_queued
+
+    def _drop_gone(self) -> None:
+        """Drop the queued inputs whose callers have gone, counted for the observers."""
         dropped = self._queue.drop_gone()
         if dropped:
             for obs in self._observers:
                 obs.on_dropped(dropped)
-        return len(self._queue) + n > self.policy.max_queued
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -333,10 +337,7 @@ class Batcher(Generic[P, R]):
                 if now < flush_at:
                     await self._wait(flush_at if wake_at is None else min(flush_at, wake_at))
                     continue
-            dropped = self._queue.drop_gone()
-            if dropped:
-                for obs in self._observers:
-                    obs.on_dropped(dropped)
+            self._drop_gone()
             batch = self._queue.cut(self._max_items, self.policy.max_cost)
             if batch:
                 self._dispatch(batch, now)
