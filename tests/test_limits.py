@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
 
 import pytest
 from redis.asyncio import Redis
@@ -60,6 +61,86 @@ def test_tokens_are_charged_at_finish_and_an_overspend_waits(clock: Clock) -> No
     again = local.admit("k", limits)
     assert again.refused is None
     assert again.tokens is not None and again.tokens.remaining == 1
+
+
+class Store(Protocol):
+    """``LocalLimits`` or ``RedisLimits`` as the shared story below drives them."""
+
+    async def admit(self, lease: str) -> Verdict: ...
+    async def reserve(self, tokens: int, held: int) -> Verdict: ...
+    async def finish(self, lease: str, tokens: int) -> None: ...
+
+
+async def _reservations(store: Store) -> list[tuple[str | None, int]]:
+    """Two requests of a ``tpm = 600`` key admitted together, as a store decides them: (the
+    limit that refused, tokens left) after each step. Written once for both stores."""
+
+    def seen(v: Verdict) -> tuple[str | None, int]:
+        return v.refused, v.tokens.remaining if v.tokens else -1
+
+    out = [seen(await store.admit("a")), seen(await store.admit("b"))]
+    for tokens, held in ((900, 0), (10, 0), (50, 900)):
+        out.append(seen(await store.reserve(tokens, held)))
+    await store.finish("a", 300 - 950)  # a spent 300 of the 950 it reserved: 650 back
+    await store.finish("b", 0)
+    out.append(seen(await store.admit("c")))
+    await store.finish("c", -10_000)  # a refund never fills the bucket past full
+    out.append(seen(await store.admit("d")))
+    return out
+
+
+# a and b admitted with 600 left; a reserves 900 (one overspend), b's reservation is refused
+# (0 left), a's second part is not (what a holds does not count against it); a's refund leaves
+# 300; the bucket is never fuller than full.
+RESERVATIONS = [
+    (None, 600),
+    (None, 600),
+    (None, 0),
+    ("tpm", 0),
+    (None, 0),
+    (None, 300),
+    (None, 600),
+]
+TPM_600 = KeyLimits(tpm=600)  # 10 tokens a second
+
+
+class _Local:
+    def __init__(self, local: LocalLimits) -> None:
+        self.local = local
+
+    async def admit(self, lease: str) -> Verdict:
+        return self.local.admit("k", TPM_600)
+
+    async def reserve(self, tokens: int, held: int) -> Verdict:
+        return self.local.reserve("k", TPM_600, tokens, held)
+
+    async def finish(self, lease: str, tokens: int) -> None:
+        self.local.finish("k", TPM_600, tokens)
+
+
+class _Shared:
+    def __init__(self, shared: RedisLimits) -> None:
+        self.shared = shared
+
+    async def admit(self, lease: str) -> Verdict:
+        return await self.shared.admit("k", TPM_600, lease)
+
+    async def reserve(self, tokens: int, held: int) -> Verdict:
+        return await self.shared.reserve("k", TPM_600, tokens, held)
+
+    async def finish(self, lease: str, tokens: int) -> None:
+        await self.shared.finish("k", TPM_600, lease, tokens)
+
+
+async def test_a_reservation_is_taken_before_the_work_and_settled_at_finish(clock: Clock) -> None:
+    local = LocalLimits(clock)
+    assert await _reservations(_Local(local)) == RESERVATIONS
+    assert local.reserve("k", TPM_600, 10_000).refused is None  # a full bucket: taken
+    refused = local.reserve("k", TPM_600, 1)
+    assert refused.refused == "tpm"
+    # 9,400 tokens over the minute's bucket: a token is back in 940 s and one token's time.
+    assert refused.retry_after == pytest.approx(940.1)
+    assert local.reserve("k", KeyLimits(rpm=10), 5) == Verdict()  # no tpm: nothing to reserve
 
 
 def test_concurrency_slots_come_back_at_finish(clock: Clock) -> None:
@@ -148,6 +229,20 @@ async def test_redis_tokens_charged_at_finish(shared: RedisLimits) -> None:
     refused = await shared.admit("k", limits, "b")
     assert refused.refused == "tpm"
     assert 29.0 < refused.retry_after <= 30.1
+
+
+async def test_redis_reservations_match_the_local_rules(shared: RedisLimits) -> None:
+    """The same story in Redis (its clock runs: a few milliseconds may refill a token)."""
+    outcomes = await _reservations(_Shared(shared))
+    assert [o[0] for o in outcomes] == [o[0] for o in RESERVATIONS]
+    for (_, got), (_, want) in zip(outcomes, RESERVATIONS, strict=True):
+        assert want <= got <= want + 1
+    assert (await shared.reserve("k", TPM_600, 10_000)).refused is None
+    refused = await shared.reserve("k", TPM_600, 1)
+    assert refused.refused == "tpm"
+    assert refused.tokens is not None and refused.tokens.remaining == 0
+    assert 939.0 < refused.retry_after <= 940.2
+    assert await shared.reserve("k", KeyLimits(rpm=10), 5) == Verdict()
 
 
 async def test_redis_concurrency_leases_release_and_expire(shared: RedisLimits) -> None:

@@ -7,9 +7,10 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from tenants import limited_app
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=NO_REDIS_SERVER)
 
 KEYS = {name: KeyLimits(rpm=3) for name in ("before", "during", "after")}
+KEYS["burst"] = KeyLimits(tpm=1000)
 
 
 @pytest.fixture
@@ -100,6 +102,53 @@ async def test_shared_then_per_process_while_redis_is_away_then_shared_again(
     assert await backend_gauge(b) == (1.0, 0.0, 1.0)
     assert sum("Redis is back" in r.getMessage() for r in caplog.records) == 2
     assert await statuses(b, "after", 2) + await statuses(a, "after", 2) == [200, 200, 200, 429]
+
+
+async def test_a_burst_across_replicas_is_held_to_tokens_per_minute(
+    replicas: list[tuple[httpx.AsyncClient, RateLimiter]],
+) -> None:
+    """The review's repro, shared: 6 parallel requests of 300 inputs of a ``tpm = 1000`` key,
+    3 to each replica. Each reserves its tokens in Redis before it queues: one is answered,
+    five get the key's 429."""
+    (a, _), (b, _) = replicas
+
+    def post(client: httpx.AsyncClient, r: int) -> Coroutine[Any, Any, httpx.Response]:
+        texts = [f"request {r}: text number {i} of a parallel burst" for i in range(300)]
+        return client.post(
+            "/v1/embeddings", json={"input": texts}, headers={"x-test-tenant": "burst"}
+        )
+
+    answers = await asyncio.gather(*(post(a if r % 2 else b, r) for r in range(6)))
+    assert sorted(r.status_code for r in answers) == [200] + [429] * 5
+    for refused in (r for r in answers if r.status_code == 429):
+        assert "tokens per minute" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_a_reservation_falls_back_and_is_settled_in_process_when_redis_is_lost(
+    server: RedisServer,
+) -> None:
+    """Admitted through Redis, then Redis is gone: the reservation is taken in this process
+    (as an admission would be), and the finish refunds it there and charges what was spent
+    there too (Redis cannot take it)."""
+    limits = KeyLimits(tpm=1000)
+    limiter = RateLimiter.from_url(server.url, timeout_s=0.3, probe_interval_s=60)
+    try:
+        _, lease = await limiter.admit("k", limits)
+        assert lease is not None and lease.shared
+        server.stop()
+        verdict, shared = await limiter.reserve(lease, 400)
+        assert verdict.refused is None and not shared
+        assert not limiter.redis_up
+        during = limiter.local.admit("k", limits).tokens
+        assert during is not None and during.remaining == 600
+        task = limiter.finish(lease, 100, reserved=400, reserved_here=400)
+        assert task is not None
+        await task
+        left = limiter.local.admit("k", limits).tokens
+        assert left is not None and left.remaining == 900  # 400 back, 100 charged here
+    finally:
+        await limiter.aclose()
 
 
 async def test_concurrency_is_shared_and_released_through_redis(

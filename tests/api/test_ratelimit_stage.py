@@ -18,6 +18,7 @@ from embedplex.api.app import create_app
 from embedplex.api.pipeline import Pipeline
 from embedplex.backends.fake import FakeBackend
 from embedplex.config import Settings
+from embedplex.core.spend import estimated_tokens
 from embedplex.core.tenant import KeyLimits, Tenant
 from embedplex.limits import LocalLimits, RateLimiter
 from helpers import eventually, parse_metrics, running, served, value
@@ -265,26 +266,22 @@ async def test_a_request_cancelled_in_the_backend_is_charged_its_tokens(
     assert left == 100_000 - tokens
 
 
-def test_a_charged_spend_notes_nothing_more() -> None:
+async def test_a_charged_spend_notes_nothing_more() -> None:
     """uvicorn starts a pipelined request from the finishing one's task, whose context holds
     that request's ``Spend``: once charged it must keep nothing of the next request's items."""
     from types import SimpleNamespace
 
-    from embedplex.core.spend import REQUEST_SPEND, Spend, note_queued
+    from embedplex.core.spend import Spend
 
     running = SimpleNamespace(done=lambda: False)  # its batch still in the backend
     ran = SimpleNamespace(payload=SimpleNamespace(cost=7), started_at=1.0, future=running)
     spend = Spend()
-    token = REQUEST_SPEND.set(spend)
-    try:
-        note_queued([ran])
-        assert spend.tokens() == 7
-        spend.forget()  # charged
-        note_queued([ran] * 50)  # the next request, pipelined behind it
-        assert spend.tokens() == 0
-        assert spend._queued is None
-    finally:
-        REQUEST_SPEND.reset(token)
+    await spend.queue(7, lambda: [ran])
+    assert spend.tokens() == 7
+    spend.forget()  # charged
+    await spend.queue(350, lambda: [ran] * 50)  # the next request, pipelined behind it
+    assert spend.tokens() == 0
+    assert spend._queued is None
 
 
 async def test_a_request_whose_batch_failed_is_charged_nothing(tiny_model_dir: Path) -> None:
@@ -307,3 +304,86 @@ async def test_a_request_whose_batch_failed_is_charged_nothing(tiny_model_dir: P
         ok = await client.post("/v1/embeddings", json={"input": "four five"}, headers=key)
         assert ok.status_code == 200
         assert await remaining() == 100_000 - ok.json()["usage"]["prompt_tokens"]
+
+
+def _burst(n: int, tag: str) -> list[str]:
+    """``n`` distinct texts (identical ones in flight would share one computation)."""
+    return [f"{tag}: text number {i} of a parallel burst" for i in range(n)]
+
+
+def test_a_burst_of_parallel_requests_is_held_to_tokens_per_minute(tiny_model_dir: Path) -> None:
+    """The review's repro against a real server: a ``tpm = 1000`` key sends 6 requests of 300
+    inputs at once. Each reserves its tokens before it queues, so the first to do so overspends
+    what was left and the other five get the key's 429 (they used to get six 200s)."""
+    app = limited_app(tiny_model_dir, FakeBackend(delay=0.2), {"k": KeyLimits(tpm=1000)})
+    with served(app) as url:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/embeddings",
+                            json={"input": _burst(300, f"request {r}")},
+                            headers={"x-test-tenant": "k"},
+                        )
+                        for r in range(6)
+                    )
+                )
+
+        answers = asyncio.run(burst())
+    assert sorted(a.status_code for a in answers) == [200] + [429] * 5
+    (ok,) = [a for a in answers if a.status_code == 200]
+    assert ok.json()["usage"]["prompt_tokens"] > 1000  # one request may overspend
+    for refused in (a for a in answers if a.status_code == 429):
+        assert "tokens per minute" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert refused.headers["x-ratelimit-limit-tokens"] == "1000"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert int(refused.headers["retry-after-ms"]) >= 1
+        assert len(refused.headers.get_list("x-ratelimit-remaining-tokens")) == 1
+
+
+async def test_a_reservation_is_held_while_queued_and_given_back_unrun(
+    tiny_model_dir: Path,
+) -> None:
+    """Two requests, one in the backend and one queued behind it: both hold their estimated
+    tokens from the moment they queue. The queued one's client leaves before its batch runs:
+    its reservation comes back whole; one whose batch fails gets it back too; the answered one
+    is charged its usage, the estimate settled (a frozen clock: no refill)."""
+    backend = FakeBackend(delay=0.5)
+    app = limited_app(tiny_model_dir, backend, {"k": KeyLimits(tpm=100_000)}, inference_streams=1)
+    limiter(app).local = LocalLimits(lambda: 5000.0)
+    key = {"x-test-tenant": "k"}
+    ran, queued = "the quick brown fox jumps over the lazy dog", "a queued text never run"
+    async with running(app) as client:
+
+        async def remaining() -> int:
+            answer = await client.get("/v1/models", headers=key)
+            return int(answer.headers["x-ratelimit-remaining-tokens"])
+
+        first = asyncio.create_task(client.post("/v1/embeddings", json={"input": ran}, headers=key))
+        await eventually(lambda: len(backend.batches) == 1)
+        second = asyncio.create_task(
+            client.post("/v1/embeddings", json={"input": queued}, headers=key)
+        )
+        both = 100_000 - estimated_tokens(len(ran)) - estimated_tokens(len(queued))
+        for _ in range(200):
+            if await remaining() == both:
+                break
+            await asyncio.sleep(0.01)
+        assert await remaining() == both  # reserved before they ran
+        second.cancel()  # its client leaves before its batch runs
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+        assert await remaining() == 100_000 - estimated_tokens(len(ran))
+        answer = await first
+        assert answer.status_code == 200
+        assert await remaining() == 100_000 - answer.json()["usage"]["prompt_tokens"]
+        before = await remaining()
+        backend.delay = 0.0
+        backend.fail_next = 1
+        failed = await client.post("/v1/embeddings", json={"input": queued}, headers=key)
+        assert failed.status_code == 424
+        assert await remaining() == before
+    assert len(backend.batches) == 2  # the first request's and the failed one: not the queued

@@ -7,17 +7,18 @@ import asyncio
 import contextlib
 
 import httpx
+from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.api.pipeline import Pipeline
 from embedplex.config import Settings
 from embedplex.core.spend import estimated_tokens
 from embedplex.core.tenant import KeyLimits, Tenant
-from embedplex.limits import LocalLimits, RateLimiter
+from embedplex.limits import Lease, LocalLimits, RateLimiter, Verdict
 from embedplex.providers.config import RouteConfig
 from helpers import eventually
 from tenants import TenantByHeader
-from upstream_fakes import FakeUpstream, provider
+from upstream_fakes import FakeUpstream, Fault, provider
 
 KEY = {"x-test-tenant": "k"}
 
@@ -53,3 +54,104 @@ async def test_a_request_cancelled_while_upstream_is_charged_its_texts(
             after = await client.get("/v1/models", headers=KEY)
     charged = 1000 - int(after.headers["x-ratelimit-remaining-tokens"])
     assert charged == sum(estimated_tokens(len(t)) for t in texts)
+
+
+def _limited(settings: Settings, tpm: int) -> tuple[FastAPI, RateLimiter]:
+    """The app of ``settings`` with key ``k`` (``tpm``) on a frozen clock (no refill)."""
+    app = create_app(settings)
+    pipeline = app.edge
+    assert isinstance(pipeline, Pipeline)
+    pipeline.stages.insert(2, TenantByHeader({"k": Tenant(key_id="k", limits=KeyLimits(tpm=tpm))}))
+    limiter: RateLimiter = app.state.rate_limiter
+    limiter.local = LocalLimits(lambda: 5000.0)
+    return app, limiter
+
+
+async def _remaining(client: httpx.AsyncClient) -> int:
+    return int(
+        (await client.get("/v1/models", headers=KEY)).headers["x-ratelimit-remaining-tokens"]
+    )
+
+
+async def test_a_failover_reserves_once_and_the_over_estimate_is_refunded(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    """Provider a fails, the route fails over to b with the same texts: they are reserved once
+    (not once per provider) while b works; the answer's usage (the upstream's count, below the
+    estimate) is what the key is charged in the end."""
+    settings = Settings(
+        local_model=False,
+        providers=[provider("a", upstream, max_attempts=1), provider("b", upstream2)],
+        routes=[RouteConfig(model="remote-x", providers=["a", "b"])],
+    )
+    app, _ = _limited(settings, 1000)
+    texts = ["x" * 400, "y" * 400]  # 102 tokens each by estimate; the fake upstream says 3
+    estimate = sum(estimated_tokens(len(t)) for t in texts)
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            upstream.script(Fault(status=500))
+            upstream2.delay = 1.0
+            body = {"model": "remote-x", "input": texts}
+            task = asyncio.create_task(client.post("/v1/embeddings", json=body, headers=KEY))
+            await eventually(lambda: len(upstream2.calls) == 1)  # failed over: b works
+            during = await _remaining(client)
+            answer = await task
+            after = await _remaining(client)
+    assert len(upstream.calls) == 1
+    assert answer.status_code == 200, answer.text
+    assert during == 1000 - estimate
+    assert answer.json()["usage"]["prompt_tokens"] == 3 * len(texts)
+    assert after == 1000 - 3 * len(texts)
+
+
+async def test_a_burst_to_a_remote_route_is_refused_by_the_key_not_failed_over(
+    upstream: FakeUpstream, upstream2: FakeUpstream
+) -> None:
+    """Six parallel requests of a ``tpm = 1000`` key to a route of two providers, all admitted
+    before any reserves (held back here until then): one reserves past what was left and is
+    answered; the others' reservations get the key's 429, which is not a provider's failure (no
+    failover: the second provider never hears of them)."""
+    settings = Settings(
+        local_model=False,
+        providers=[provider("a", upstream), provider("b", upstream2)],
+        routes=[RouteConfig(model="remote-x", providers=["a", "b"])],
+    )
+    app, limiter = _limited(settings, 1000)
+    admit, reserve = limiter.admit, limiter.reserve
+    admitted = 0
+
+    async def counted(key: str, limits: KeyLimits) -> tuple[Verdict, Lease | None]:
+        nonlocal admitted
+        admitted += 1
+        return await admit(key, limits)
+
+    async def held_back(lease: Lease, tokens: int, held: int = 0) -> tuple[Verdict, bool]:
+        await eventually(lambda: admitted == 6)
+        return await reserve(lease, tokens, held)
+
+    limiter.admit = counted  # type: ignore[method-assign]
+    limiter.reserve = held_back  # type: ignore[method-assign]
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            upstream.delay = 0.3
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/embeddings",
+                        json={"model": "remote-x", "input": [f"{r} {i} " * 20 for i in range(50)]},
+                        headers=KEY,
+                    )
+                    for r in range(6)
+                )
+            )
+            runtimes = app.state.gateway.router.runtimes
+            counters = {name: rt.counters for name, rt in runtimes.items()}
+    assert sorted(a.status_code for a in answers) == [200] + [429] * 5
+    assert counters["a"]["failovers"] == 0 and counters["a"]["requests_failed"] == 0
+    for refused in (a for a in answers if a.status_code == 429):
+        assert "tokens per minute" in refused.json()["error"]["message"]
+    assert upstream2.calls == []

@@ -3,9 +3,12 @@
 Runs after authentication, for requests whose tenant has a key id and at least one limit;
 anonymous requests, open paths (probes, metrics, docs) and the admin API pass untouched. An
 admitted request holds its key's concurrency slot until the pipeline finishes it (answer ready,
-error, client gone, task cancelled: ``Exchange.at_finish``), and is charged its tokens then:
-the answer's, or for a request that ended without one, those of its inputs that ran
-(``core/spend.py``).
+error, client gone, task cancelled: ``Exchange.at_finish``). A key with ``tpm`` reserves a
+request's estimated tokens just before its inputs queue (``_Release._reserve``, through
+``core/spend.py``: refused with the same 429 as at admission when a parallel request's
+reservation left less than one token), and at the finish is charged its tokens less that
+reservation: the answer's, or for a request that ended without one, those of its inputs that
+ran.
 
 Every answer to a limited key carries OpenAI's headers (``x-ratelimit-limit-requests``,
 ``-remaining-requests``, ``-reset-requests`` and the ``-tokens`` three), refusals as well; a
@@ -18,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from embedplex.api.pipeline import Exchange
-from embedplex.core.errors import RateLimitedError
+from embedplex.core.errors import KeyRateLimitedError
 from embedplex.core.spend import REQUEST_SPEND, Spend
 from embedplex.core.tenant import NO_LIMITS
 from embedplex.limits import Budget, Lease, RateLimiter, Verdict
@@ -48,34 +51,60 @@ class RateLimit:
         verdict, lease = await self.limiter.admit(key_id, ex.tenant.limits)
         ex.response_headers.extend(headers(verdict))
         if lease is None:
-            ms = max(round(verdict.retry_after * 1000), 1)
-            ex.response_headers.append((b"retry-after-ms", str(ms).encode()))
-            raise RateLimitedError(
-                _MESSAGES.get(verdict.refused or "", "rate limit reached"),
-                retry_after=verdict.retry_after,
-            )
-        release = _Release(self.limiter, lease)
+            raise _refusal(ex.response_headers, verdict)
+        release = _Release(self.limiter, lease, ex.response_headers)
         ex.at_finish(release)
-        REQUEST_SPEND.set(release)  # the models note what they queue for it (core/spend.py)
+        if lease.limits.tpm is not None:  # the models queue through it (core/spend.py)
+            REQUEST_SPEND.set(release)
+
+
+def _refusal(out: list[tuple[bytes, bytes]], verdict: Verdict) -> KeyRateLimitedError:
+    """The 429 for a refused ``verdict``; its ``retry-after-ms`` header joins ``out``."""
+    ms = max(round(verdict.retry_after * 1000), 1)
+    out.append((b"retry-after-ms", str(ms).encode()))
+    return KeyRateLimitedError(
+        _MESSAGES.get(verdict.refused or "", "rate limit reached"),
+        retry_after=verdict.retry_after,
+    )
 
 
 class _Release(Spend):
-    """Finishes a lease once, charging the request's tokens: an answer's (``record.tokens``),
-    or, for a request that ended without one, at least the tokens of its inputs that ran."""
+    """Reserves a request's tokens as its inputs queue, and finishes its lease once, charging
+    its tokens less that reservation: an answer's (``record.tokens``), or, for a request that
+    ended without one, at least the tokens of its inputs that ran."""
 
-    __slots__ = ("lease", "limiter")
+    __slots__ = ("headers", "lease", "limiter", "reserved_here")
 
-    def __init__(self, limiter: RateLimiter, lease: Lease) -> None:
+    def __init__(
+        self, limiter: RateLimiter, lease: Lease, response_headers: list[tuple[bytes, bytes]]
+    ) -> None:
         super().__init__()
         self.limiter = limiter
         self.lease = lease
+        self.headers = response_headers
+        self.reserved_here = 0  # reserved in this process for a lease admitted in Redis
+
+    async def _reserve(self, tokens: int, held: int) -> None:
+        verdict, shared = await self.limiter.reserve(self.lease, tokens, held)
+        if verdict.refused is not None:
+            # The answer tells the bucket as it is now, as an admission refusal would.
+            self.headers[:] = [h for h in self.headers if not h[0].startswith(_OURS)]
+            self.headers.extend(headers(verdict))
+            raise _refusal(self.headers, verdict)
+        if self.lease.shared and not shared:
+            self.reserved_here += tokens
 
     def __call__(self, ex: Exchange, status: int) -> Awaitable[None] | None:
         tokens = ex.record.tokens
         if status >= 400:  # client gone, cancelled, failed: what ran was spent all the same
             tokens = max(tokens, self.tokens())
         self.forget()
-        return self.limiter.finish(self.lease, tokens)
+        return self.limiter.finish(
+            self.lease, tokens, reserved=self.reserved, reserved_here=self.reserved_here
+        )
+
+
+_OURS = (b"x-ratelimit-", b"retry-after-ms")
 
 
 def headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:

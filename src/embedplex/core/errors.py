@@ -19,6 +19,7 @@ status codes.
     │       └── ModelNotAllowedError    a key used for a model outside its list -> 403
     ├── OverloadedError                 admission refused; retry later          -> 429
     │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
+    │       └── KeyRateLimitedError     the caller's key is over its own limits (no failover)
     ├── UnavailableError                                                        -> 503
     │   ├── QueueTimeoutError           waited longer than queue_timeout_ms
     │   └── NotReadyError               loading, draining, or a dead backend
@@ -135,6 +136,11 @@ class OverloadedError(EmbedplexError):
 
 class RateLimitedError(OverloadedError):
     kind = "rate_limited"
+
+
+class KeyRateLimitedError(RateLimitedError):
+    """The caller's own key is over its limits (``api/ratelimit.py``), at admission or when its
+    request reserves its tokens: not a provider's failure, so a route never fails over on it."""
 
 
 class UnavailableError(EmbedplexError):

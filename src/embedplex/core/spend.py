@@ -1,13 +1,15 @@
 """What a request has made the server compute, for a key's tokens per minute however it ends.
 
-A limited key is charged its tokens when its request finishes (``api/ratelimit.py``): on an
-answer, the tokens the answer reports. A request that ends without one (client gone, task
-cancelled, a deadline) may still have had its inputs run, and those tokens are charged too: the
-pipeline's ``RateLimit`` stage puts a ``Spend`` in ``REQUEST_SPEND`` for the request, a local
-model or remote provider notes the batcher items it queues for it (``note_queued``), and at
-the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream (an
-item the batcher stamped ``started_at``) and did not fail. Inputs dropped from the queue before
-they ran, or whose batch failed, cost nothing. A context variable, as the deadline
+A limited key's request *reserves* the tokens of its inputs just before it queues them, and is
+*settled* when it finishes (``api/ratelimit.py``, ``docs/limits.md``): charged what it spent
+less what it reserved (a refund when the estimate was over). What it spent: on an answer, the
+tokens the answer reports; for a request that ends without one (client gone, task cancelled, a
+deadline), the tokens of its inputs that ran. The pipeline's ``RateLimit`` stage puts a
+``Spend`` in ``REQUEST_SPEND`` for a request whose key has a ``tpm``; a local model or remote
+provider queues a request's batcher items through it (``Spend.queue``: reserve, queue, note),
+and at the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream
+(an item the batcher stamped ``started_at``) and did not fail. Inputs dropped from the queue
+before they ran, or whose batch failed, cost nothing. A context variable, as the deadline
 (``core/deadline.py``): no route and no model signature carries it, and a request without a
 limited key pays one ``ContextVar.get`` per queued request, nothing more (each request runs in
 its own task, so it finds none set).
@@ -16,9 +18,9 @@ its own task, so it finds none set).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class _Costed(Protocol):
@@ -41,13 +43,51 @@ class Queued(Protocol):
     def future(self) -> asyncio.Future[Any]: ...
 
 
-class Spend:
-    """The inputs one request queued; ``tokens()`` the tokens of those that ran."""
+S = TypeVar("S", bound=Sequence[Queued])
 
-    __slots__ = ("_queued",)
+
+class Spend:
+    """The inputs one request queued, and the tokens it reserved for them; ``tokens()`` the
+    tokens of those that ran.
+
+    ``queue`` reserves before it queues, and only what the request does not hold already: a
+    request that queues again (a route failing over to its next provider re-queues the inputs
+    whose batch failed; a route that embeds in parts) reserves the inputs it will have queued
+    or running, less what it reserved before, so the same inputs are never reserved twice.
+    This base reserves nothing (no limiter): ``api.ratelimit._Release`` takes them.
+    """
+
+    __slots__ = ("_claimed", "_queued", "reserved")
 
     def __init__(self) -> None:
         self._queued: list[Sequence[Queued]] | None = []
+        self._claimed = 0  # tokens of inputs being queued now: reserved, not noted yet
+        self.reserved = 0  # tokens this request took from its key's bucket before running
+
+    async def queue(self, cost: int, submit: Callable[[], S]) -> S:
+        """Reserve what queuing inputs of ``cost`` tokens needs, then ``submit`` them and note
+        the items; a refusal (``_reserve`` raises) queues nothing."""
+        if self._queued is None:  # charged already: a later request's work, in its context
+            return submit()
+        need = self._outstanding() + self._claimed + cost - self.reserved
+        self._claimed += cost  # a sibling queuing meanwhile counts these as held
+        try:
+            if need > 0:
+                held = self.reserved
+                self.reserved += need
+                try:
+                    await self._reserve(need, held)
+                except BaseException:
+                    self.reserved -= need
+                    raise
+            items = submit()
+        finally:
+            self._claimed -= cost
+        self.note(items)
+        return items
+
+    async def _reserve(self, tokens: int, held: int) -> None:
+        """Take ``tokens`` for this request (which holds ``held`` already) or raise."""
 
     def note(self, items: Sequence[Queued]) -> None:
         """Items just queued for this request (kept, not copied: read at the finish); nothing
@@ -71,6 +111,14 @@ class Spend:
         queued = self._queued or ()
         return sum(i.payload.cost for part in queued for i in part if i.started_at and _ran(i))
 
+    def _outstanding(self) -> int:
+        """Tokens of the noted inputs a reservation still covers: queued, running, or ran; not
+        those dropped unrun or whose batch failed (a failover queues them again)."""
+        queued = self._queued
+        if not queued:
+            return 0
+        return sum(i.payload.cost for part in queued for i in part if _holds(i))
+
 
 def _ran(item: Queued) -> bool:
     """Whether ``item``'s batch did its work: answered, or still running when its caller left
@@ -79,19 +127,21 @@ def _ran(item: Queued) -> bool:
     return not future.done() or future.cancelled() or future.exception() is None
 
 
+def _holds(item: Queued) -> bool:
+    future = item.future
+    if not future.done():
+        return True
+    if future.cancelled():
+        return item.started_at > 0
+    return future.exception() is None
+
+
 REQUEST_SPEND: ContextVar[Spend | None] = ContextVar("embedplex_spend", default=None)
-
-
-def note_queued(items: Sequence[Queued]) -> None:
-    """Note ``items``, just queued, for the current request's ``Spend`` if it has one."""
-    spend = REQUEST_SPEND.get()
-    if spend is not None:
-        spend.note(items)
 
 
 def estimated_tokens(chars: int) -> int:
     """Tokens of a text not tokenized here (yet), from its length: about 4 characters a token,
     plus the special tokens around it. Sizes a local model's deferred texts until the inference
-    thread tokenizes them, and is what a remote provider's texts are charged when their request
-    ends without an answer (the upstream's own count comes with its answer)."""
+    thread tokenizes them, and is what a remote provider's texts are reserved, and charged when
+    their request ends without an answer (the upstream's own count comes with its answer)."""
     return chars // 4 + 2

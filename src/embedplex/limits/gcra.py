@@ -8,14 +8,18 @@ would hold 200,000 of them), a cost of any size is one addition, and the OpenAI 
 out of it: ``remaining = (window - (tat - now)) / interval``, ``reset = tat - now``.
 
 When a request is charged (``docs/limits.md``): a request is *admitted* if one request fits in
-its requests bucket and at least one token is left in its tokens bucket; the request unit is
-taken at admission, the tokens when the request finishes (its record's token count, after
-tokenization and truncation). So one request may overspend what was left, as with OpenAI; the
-next ones then wait until the bucket is back above zero. Requests admitted at once all overspend
-together (nothing is reserved at admission): ``max_concurrent`` is what bounds such a burst.
+its requests bucket and at least one token is left in its tokens bucket (the request unit is
+taken then; the body is not read yet). Just before it queues its inputs it *reserves* their
+estimated tokens (``reserve``): refused if less than one token is left (not counting what the
+same request reserved before), else taken at once, so of requests in flight together only the
+one whose reservation emptied the bucket overspends, as with OpenAI (which counts a request's
+estimate when it arrives). When it finishes, ``finish`` charges its real tokens less what it
+reserved (a refund when that is negative, never past a full bucket). One request may still
+overspend what was left; the next ones wait until the bucket is back above zero.
 
-``admit`` and ``finish`` below are the one definition of the rules; the Redis store runs the
-same rules as a Lua script (``redis_store.py``), and the tests hold them to the same outcomes.
+``admit``, ``reserve`` and ``finish`` below are the one definition of the rules; the Redis store
+runs the same rules as Lua scripts (``redis_store.py``), and the tests hold them to the same
+outcomes.
 """
 
 from __future__ import annotations
@@ -104,24 +108,45 @@ class LocalLimits:
         state.in_flight += 1
         return Verdict(None, 0.0, requests, tokens)
 
+    def reserve(self, key: str, limits: KeyLimits, tokens: int, held: int = 0) -> Verdict:
+        """Take ``tokens`` from the tokens bucket, or refuse (taking nothing) if less than one
+        token is left there besides ``held``, what the same request reserved before (a request
+        queuing in parts never refuses itself)."""
+        tpm = limits.tpm
+        if tpm is None or tokens <= 0:
+            return Verdict()
+        now = self._clock()
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
+        interval = WINDOW_S / tpm
+        requests = None if limits.rpm is None else _budget(limits.rpm, state.requests_tat, now)
+        others = state.tokens_tat - held * interval  # the bucket as others left it
+        if _budget(tpm, others, now).remaining <= 0:
+            wait = max(others - now - WINDOW_S + interval, 0.0)
+            return Verdict("tpm", wait, requests, _budget(tpm, state.tokens_tat, now))
+        state.tokens_tat = _charged(state.tokens_tat, now, tokens * interval)
+        return Verdict(None, 0.0, requests, _budget(tpm, state.tokens_tat, now))
+
     def finish(self, key: str, limits: KeyLimits, tokens: int) -> None:
-        """Give back the concurrency slot and charge the request's tokens."""
+        """Give back the concurrency slot and charge ``tokens`` (negative: a refund)."""
         state = self._keys.get(key)
         if state is None:
             return
         now = self._clock()
         state.in_flight = max(state.in_flight - 1, 0)
-        if limits.tpm is not None and tokens > 0:
-            state.tokens_tat = max(state.tokens_tat, now) + tokens * WINDOW_S / limits.tpm
+        if limits.tpm is not None and tokens:
+            state.tokens_tat = _charged(state.tokens_tat, now, tokens * WINDOW_S / limits.tpm)
 
     def charge(self, key: str, limits: KeyLimits, tokens: int) -> None:
-        """Charge tokens without a slot to give back (a request admitted elsewhere)."""
+        """Charge (or refund) tokens without a slot to give back (a request admitted
+        elsewhere, or a reservation settled here for a request finished elsewhere)."""
         now = self._clock()
         state = self._keys.get(key)
         if state is None:
             state = self._keys[key] = _KeyState()
-        if limits.tpm is not None and tokens > 0:
-            state.tokens_tat = max(state.tokens_tat, now) + tokens * WINDOW_S / limits.tpm
+        if limits.tpm is not None and tokens:
+            state.tokens_tat = _charged(state.tokens_tat, now, tokens * WINDOW_S / limits.tpm)
 
     def in_flight(self, key: str) -> int:
         state = self._keys.get(key)
@@ -138,6 +163,14 @@ class LocalLimits:
         ]
         for k in idle:
             del self._keys[k]
+
+
+def _charged(tat: float, now: float, seconds: float) -> float:
+    """``tat`` after a charge of ``seconds`` of refill; a refund (negative) never fills the
+    bucket past full (a TAT before ``now``)."""
+    if seconds >= 0:
+        return max(tat, now) + seconds
+    return max(tat + seconds, now)
 
 
 def _tokens(limits: KeyLimits, state: _KeyState, now: float) -> Budget | None:

@@ -5,7 +5,9 @@ fails, the limiter logs one warning, counts the fallback, and limits in this pro
 with N replicas a key may get up to N times its limits) until a probe every
 ``probe_interval_s`` finds Redis back; then one info line, and shared limits again. Requests
 already admitted through Redis give their slot back there; one whose release fails has its
-tokens charged locally instead.
+tokens charged locally instead. A request reserves its tokens (``reserve``) where it was
+admitted, in this process when that Redis call fails; its finish refunds a reservation taken in
+this process here, and settles the rest where it was admitted.
 
 A concurrency slot whose fate Redis did not confirm (its release failed, or its admission timed
 out: a stalled Redis may still run the script when it wakes) is remembered and released as soon
@@ -134,22 +136,47 @@ class RateLimiter:
                 shared = False
         if verdict is None:
             verdict = self.local.admit(key, limits)
-        if verdict.refused is not None:
-            self.observer.on_refused(key, verdict.refused)
+        if self._refused(key, verdict).refused is not None:
             return verdict, None
         return verdict, Lease(key, limits, lease_id, shared)
 
-    def finish(self, lease: Lease, tokens: int) -> asyncio.Task[None] | None:
-        """Give the slot back and charge ``tokens``; never raises, never waits.
+    async def reserve(self, lease: Lease, tokens: int, held: int = 0) -> tuple[Verdict, bool]:
+        """Reserve ``tokens`` for ``lease``'s request, which holds ``held`` already
+        (``LocalLimits.reserve``): the verdict, and whether Redis took it (else this process
+        did: the lease's admission was local, or Redis failed now)."""
+        if lease.shared and self.shared is not None and self.redis_up:
+            try:
+                verdict = await self.shared.reserve(lease.key, lease.limits, tokens, held)
+            except self._errors as exc:
+                self._lost(exc)
+            else:
+                return self._refused(lease.key, verdict), True
+        verdict = self.local.reserve(lease.key, lease.limits, tokens, held)
+        return self._refused(lease.key, verdict), False
+
+    def _refused(self, key: str, verdict: Verdict) -> Verdict:
+        if verdict.refused is not None:
+            self.observer.on_refused(key, verdict.refused)
+        return verdict
+
+    def finish(
+        self, lease: Lease, tokens: int, *, reserved: int = 0, reserved_here: int = 0
+    ) -> asyncio.Task[None] | None:
+        """Give the slot back and charge ``tokens`` less the ``reserved`` part of them (of
+        which ``reserved_here`` was taken in this process: refunded here); never raises, never
+        waits.
 
         Synchronous so that it runs whatever ended the request (an error, a disconnect, a
         cancelled task): the Redis call goes on in a task of its own, returned so that a caller
         that can wait (an answer not yet written) does; None when the slot is back already.
         """
         if not lease.shared or self.shared is None:
-            self.local.finish(lease.key, lease.limits, tokens)
+            self.local.finish(lease.key, lease.limits, tokens - reserved)
             return None
-        task = asyncio.get_running_loop().create_task(self._finish_shared(lease, tokens))
+        if reserved_here:
+            self.local.charge(lease.key, lease.limits, -reserved_here)
+        settle = tokens - (reserved - reserved_here)
+        task = asyncio.get_running_loop().create_task(self._finish_shared(lease, settle))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return task
@@ -161,7 +188,8 @@ class RateLimiter:
         except self._errors as exc:
             self._unsettle(lease.key, lease.limits, lease.lease_id)
             self._lost(exc)
-            self.local.charge(lease.key, lease.limits, tokens)
+            # A charge counts here instead; a refund is owed to Redis, not to this process.
+            self.local.charge(lease.key, lease.limits, max(tokens, 0))
 
     def _unsettle(self, key: str, limits: KeyLimits, lease_id: str) -> None:
         """Remember a lease Redis may hold, to release when it is back (a bounded number: past

@@ -1,4 +1,4 @@
-"""Per-key limits shared through Redis: the rules of ``gcra.py`` as two Lua scripts.
+"""Per-key limits shared through Redis: the rules of ``gcra.py`` as three Lua scripts.
 
 Why Lua over redis-py rather than the ``limits`` library: one admission checks three limits
 (requests, tokens, concurrency) and takes two of them, atomically; a script does it in one round
@@ -72,15 +72,50 @@ return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000)
         tok_rem, math.floor(tok_reset * 1000)}
 """
 
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local W = tonumber(ARGV[5])
+local rpm, tpm, n, held = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local st = redis.call('HMGET', KEYS[1], 'r', 't')
+local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
+local function budget(limit, tat)
+  local ahead = math.max(tat - now, 0)
+  return math.max(math.floor((W - ahead) / (W / limit) + 1e-9), 0), ahead
+end
+local iv = W / tpm
+local others = ttat - held * iv
+local refused, retry = 0, 0
+if budget(tpm, others) <= 0 then
+  refused, retry = 2, math.max(others - now - W + iv, 0)
+else
+  ttat = math.max(ttat, now) + n * iv
+  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+end
+local req_rem, req_reset = -1, 0
+if rpm > 0 then
+  req_rem, req_reset = budget(rpm, rtat)
+end
+local tok_rem, tok_reset = budget(tpm, ttat)
+return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000),
+        tok_rem, math.floor(tok_reset * 1000)}
+"""
+
 _FINISH = """
 redis.call('ZREM', KEYS[2], ARGV[2])
 local tpm, n = tonumber(ARGV[1]), tonumber(ARGV[3])
-if tpm > 0 and n > 0 then
+if tpm > 0 and n ~= 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   local st = redis.call('HMGET', KEYS[1], 'r', 't')
   local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
-  ttat = math.max(ttat, now) + n * tonumber(ARGV[4]) / tpm
+  local seconds = n * tonumber(ARGV[4]) / tpm
+  if n > 0 then
+    ttat = math.max(ttat, now) + seconds
+  else  -- a refund: never past a full bucket
+    ttat = math.max(ttat + seconds, now)
+  end
   redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
 end
@@ -91,7 +126,8 @@ _REASONS = {1: "rpm", 2: "tpm", 3: "concurrency"}
 
 
 class RedisLimits:
-    """The shared store: ``admit`` and ``finish`` as in ``LocalLimits``, one round trip each.
+    """The shared store: ``admit``, ``reserve`` and ``finish`` as in ``LocalLimits``, one round
+    trip each.
 
     Errors are Redis's own (``redis.exceptions.RedisError``, ``OSError``, timeouts):
     ``errors`` lists them, and the caller (``RateLimiter``) decides what losing Redis means.
@@ -104,6 +140,7 @@ class RedisLimits:
         self.client = client
         self.lease_ttl_s = lease_ttl_s
         self._admit = client.register_script(_ADMIT)
+        self._reserve = client.register_script(_RESERVE)
         self._finish = client.register_script(_FINISH)
 
     async def admit(self, key: str, limits: KeyLimits, lease: str) -> Verdict:
@@ -118,15 +155,21 @@ class RedisLimits:
                 WINDOW_S,
             ],
         )
-        code, retry_ms, req_rem, req_reset, tok_rem, tok_reset = (int(v) for v in raw)
-        return Verdict(
-            _REASONS.get(code),
-            retry_ms / 1000,
-            None if limits.rpm is None else Budget(limits.rpm, req_rem, req_reset / 1000),
-            None if limits.tpm is None else Budget(limits.tpm, tok_rem, tok_reset / 1000),
+        return _verdict(raw, limits)
+
+    async def reserve(self, key: str, limits: KeyLimits, tokens: int, held: int = 0) -> Verdict:
+        """``LocalLimits.reserve`` in Redis: take ``tokens`` unless less than one token is left
+        besides ``held`` (what the same request reserved before)."""
+        if limits.tpm is None or tokens <= 0:
+            return Verdict()
+        raw: list[Any] = await self._reserve(
+            keys=_keys(key)[:1],
+            args=[limits.rpm or 0, limits.tpm, tokens, held, WINDOW_S],
         )
+        return _verdict(raw, limits)
 
     async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
+        """Release ``lease`` and charge ``tokens`` (negative: a refund)."""
         await self._finish(keys=_keys(key), args=[limits.tpm or 0, lease, tokens, WINDOW_S])
 
     async def release(self, leases: dict[str, set[str]]) -> None:
@@ -141,6 +184,16 @@ class RedisLimits:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _verdict(raw: list[Any], limits: KeyLimits) -> Verdict:
+    code, retry_ms, req_rem, req_reset, tok_rem, tok_reset = (int(v) for v in raw)
+    return Verdict(
+        _REASONS.get(code),
+        retry_ms / 1000,
+        None if limits.rpm is None else Budget(limits.rpm, req_rem, req_reset / 1000),
+        None if limits.tpm is None else Budget(limits.tpm, tok_rem, tok_reset / 1000),
+    )
 
 
 def _keys(key: str) -> list[str]:

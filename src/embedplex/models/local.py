@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 import typing
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -61,7 +61,7 @@ from embedplex.core.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from embedplex.core.spend import estimated_tokens, note_queued
+from embedplex.core.spend import REQUEST_SPEND, Spend, estimated_tokens
 from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
@@ -472,7 +472,11 @@ class LocalModel(Generic[R]):
         try:
             payloads = await self._payloads(encode, chars, defer)
             tokenized = time.perf_counter()
-            items = self._submit(payloads, tenant)
+            spend = REQUEST_SPEND.get()  # a key with tpm (core/spend.py)
+            if spend is None:
+                items = self._submit(payloads, tenant)
+            else:
+                items = await self._spent(spend, payloads, tenant)
             try:
                 if len(items) == 1:  # most requests: skip gather's extra future and callbacks
                     results = [await items[0].future]
@@ -534,7 +538,11 @@ class LocalModel(Generic[R]):
                     None if defer is None else lambda: defer(fresh),
                 )
                 tokenized = time.perf_counter()
-                items = self._submit(payloads, tenant)
+                spend = REQUEST_SPEND.get()  # a key with tpm (core/spend.py)
+                if spend is None:
+                    items = self._submit(payloads, tenant)
+                else:
+                    items = await self._spent(spend, payloads, tenant)
                 requeue = self._requeue
                 for k, item in zip(fresh, items, strict=True):
                     flight = Flight(flights, keys[k], item, requeue, tenant)
@@ -584,13 +592,19 @@ class LocalModel(Generic[R]):
         loop = asyncio.get_running_loop()
         return list(await loop.run_in_executor(self._token_pool, encode))
 
+    def _spent(
+        self, spend: Spend, payloads: list[Payload], tenant: Tenant
+    ) -> Awaitable[list[Item[Payload, R]]]:
+        """``_submit`` for a key with ``tpm``: its request reserves the payloads' tokens first
+        (a refusal queues nothing), and is charged those that run (``core/spend.py``)."""
+        cost = sum(p.cost for p in payloads)
+        return spend.queue(cost, lambda: self._submit(payloads, tenant))
+
     def _submit(self, payloads: list[Payload], tenant: Tenant) -> list[Item[Payload, R]]:
         # With tracing on, each item keeps the request's span so its batch span links to it.
         trace = current_span_context() if self._tracer is not None else None
         costs = [p.cost for p in payloads]
-        items = self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
-        note_queued(items)  # a limited key's request is charged those that run (core/spend.py)
-        return items
+        return self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
 
     def _spans(self, start: float, tokenized: float, items: list[Item[Payload, R]]) -> None:
         if self._tracer is not None and items:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedplex.batching import BatchObserver
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
-from embedplex.core.spend import estimated_tokens, note_queued
+from embedplex.core.spend import REQUEST_SPEND, estimated_tokens
 from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.providers.base import Reranker, RerankParams
 from embedplex.providers.config import ProviderConfig
@@ -141,8 +141,15 @@ class RerankLanes:
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
         pairs = [Pair(request.query, d, trace, at) for d in request.texts]
-        items = lane.batcher.submit(pairs, [1] * len(pairs), trace=trace, tenant=request.tenant)
-        note_queued(items)
+        costs = [1] * len(pairs)
+        spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
+        if spend is None:
+            items = lane.batcher.submit(pairs, costs, trace=trace, tenant=request.tenant)
+        else:
+            items = await spend.queue(
+                sum(p.cost for p in pairs),
+                lambda: lane.batcher.submit(pairs, costs, trace=trace, tenant=request.tenant),
+            )
         rows = await collect(items, self.counters, "rerank_requests")
         took = timings(items, start)
         return RerankResult(

@@ -36,6 +36,7 @@ from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
     InvalidRequestError,
+    KeyRateLimitedError,
     ModelNotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
@@ -292,8 +293,8 @@ async def _any(
         except UpstreamRefusedError as exc:  # this upstream's limit (its context length, say):
             rt.counters["failovers"] += 1  # another provider may take the input
             errors.append(exc)
-        except ClientError:
-            raise  # the request itself is wrong: another provider will not fix it
+        except (ClientError, KeyRateLimitedError):
+            raise  # the request itself is wrong, or its key over its limits: not the provider
         except EmbedplexError as exc:
             rt.counters["failovers"] += 1
             errors.append(exc)
@@ -508,8 +509,8 @@ class RemoteModel(RemoteRoute):
                 if entry is not None and deadline is not None and timed_out(entry):
                     raise _expired(deadline, route.model) from None
                 raise
-            except ClientError:
-                raise  # the request itself is wrong: not the provider's failure
+            except (ClientError, KeyRateLimitedError):
+                raise  # the request is wrong, or its key over its limits: not the provider
             except EmbedplexError:
                 if rt is not None:
                     rt.counters["failovers"] += 1

@@ -31,8 +31,13 @@ import httpx
 from embedplex.batching import BatchObserver
 from embedplex.cache.keys import RemoteKey
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
-from embedplex.core.errors import ClientError, InvalidRequestError, UnavailableError
-from embedplex.core.spend import estimated_tokens, note_queued
+from embedplex.core.errors import (
+    ClientError,
+    InvalidRequestError,
+    KeyRateLimitedError,
+    UnavailableError,
+)
+from embedplex.core.spend import REQUEST_SPEND, estimated_tokens
 from embedplex.core.tenant import Tenant
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings
 from embedplex.models.dedupe import Flight, Flights, Sharing
@@ -419,16 +424,23 @@ class ProviderRuntime:
                     if not waiter.done() or waiter.cancelled():
                         flight.leave()
             lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
-            queued = lane.batcher.submit(
-                [Text(key[0], trace, at, keep)], _ONE, trace=trace, tenant=tenant
-            )
-            note_queued(queued)
+            texts = [Text(key[0], trace, at, keep)]
+            spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
+            if spend is None:
+                queued = lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant)
+            else:
+                queued = await spend.queue(
+                    texts[0].cost,
+                    lambda: lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant),
+                )
             item = queued[0]
             flight = Flight(flights, key, item, lane.requeue, tenant)
             try:
                 return await item.future, item
             finally:
                 flight.release()
+        except KeyRateLimitedError:
+            raise  # the caller's key, not this provider, refused it
         except BaseException:
             self.counters["requests_failed"] += 1
             raise
@@ -456,18 +468,23 @@ class ProviderRuntime:
             fresh = sharing.fresh
             if fresh:
                 lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
-                items = lane.batcher.submit(
-                    [Text(texts[k], trace, at, keep) for k in fresh],
-                    [1] * len(fresh),
-                    trace=trace,
-                    tenant=tenant,
-                )
-                note_queued(items)
+                queued = [Text(texts[k], trace, at, keep) for k in fresh]
+                costs = [1] * len(fresh)
+                spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
+                if spend is None:
+                    items = lane.batcher.submit(queued, costs, trace=trace, tenant=tenant)
+                else:
+                    items = await spend.queue(
+                        sum(t.cost for t in queued),
+                        lambda: lane.batcher.submit(queued, costs, trace=trace, tenant=tenant),
+                    )
                 sharing.lead(items, lane.requeue, tenant)
             joins = sharing.joins
             if joins:
                 self.cache.counts.dedupe_joined += joins
             rows = await sharing.wait()
+        except KeyRateLimitedError:
+            raise  # the caller's key, not this provider, refused it
         except BaseException:
             self.counters["requests_failed"] += 1
             raise
