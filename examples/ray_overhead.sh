@@ -50,12 +50,16 @@ kill "$LOCAL_PID"; wait "$LOCAL_PID" 2>/dev/null || true; LOCAL_PID=
 fi
 [ "${ONLY:-}" = local ] && exit 0
 
-# Two Ray Serve replicas behind one gateway, alone on the machine. Recent Ray starts clusters
-# with token authentication: every client (ray status, the gateway) must say so too.
+# Two Ray Serve replicas behind one gateway, alone on the machine, with token authentication
+# (docs/ray.md): Ray 2.60's `ray start` refuses RAY_AUTH_MODE=token without a token, and turns it
+# on by itself when ~/.ray/auth_token exists, while clients that name the address (RAY_ADDRESS,
+# below) must say so. So a token is made if there is none (never printed), and every client
+# (ray status, the gateway) says token.
 # Its address is given to every client, so that none picks another cluster on this machine, and
 # its files are in a temp dir of its own: the address file it leaves in /tmp/ray otherwise would
 # send a later plain `ray.init()` on this machine to a cluster that is gone.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+[ "$RAY_AUTH_MODE" = token ] && "$BIN/ray" get-auth-token --generate >/dev/null 2>&1
 export RAY_ADDRESS=127.0.0.1:$RAY_PORT
 RAY_TMP=$(mktemp -d)  # short: Ray's socket paths live below it
 "$BIN/ray" start --head --block --port "$RAY_PORT" --num-cpus 2 --include-dashboard false \

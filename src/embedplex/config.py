@@ -315,8 +315,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Longest a request waits for remote providers (retries included); a client "
-        "may shorten it with the X-Request-Timeout header (seconds).",
+        description="Longest a request waits for remote providers and Ray replicas (retries "
+        "included); a client may shorten it with the X-Request-Timeout header (seconds).",
     )
 
     # -- batching and admission -----------------------------------------------------------

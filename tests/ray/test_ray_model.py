@@ -3,7 +3,10 @@ retry, readiness from the polled states, and the Serve options (a fake handle st
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import importlib.util
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,15 +15,19 @@ import pytest
 from pydantic import ValidationError
 
 from embedplex.backends.tokenizer import Token
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import (
+    EmptyInputError,
     InvalidRequestError,
     NotReadyError,
     OverloadedError,
+    PayloadTooLargeError,
     UnavailableError,
+    UpstreamTimeoutError,
 )
-from embedplex.core.types import EmbedRequest, ModelInfo, Timings
+from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest, Timings
 from embedplex.models.config import ModelConfig
-from embedplex.models.ray import RayErrors, RayModel
+from embedplex.models.ray import CALL_MARGIN_S, RayErrors, RayModel, call_bound
 from embedplex.ray.application import deployment_options, max_ongoing_requests
 from embedplex.ray.wire import DecodeAnswer, EmbedAnswer, TokenEmbedAnswer, TokensAnswer
 
@@ -340,3 +347,165 @@ async def test_one_old_replica_of_an_upgrade_is_retried_then_a_503() -> None:
     with pytest.raises(UnavailableError, match="could not serve"):
         await m.decode([[17]], skip_special_tokens=True)
     assert call.calls == 1
+
+
+class Stuck:
+    """A Serve ``DeploymentResponse`` from a replica that never answers (stopped, hung): it
+    can only be cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return asyncio.get_running_loop().create_future().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class StuckMethod:
+    def __init__(self) -> None:
+        self.responses: list[Stuck] = []
+        self.called = asyncio.Event()
+
+    def remote(self, *args: object) -> Stuck:
+        self.responses.append(Stuck())
+        self.called.set()
+        return self.responses[-1]
+
+
+def stuck_model(**keys: Any) -> tuple[RayModel, StuckMethod]:
+    method = StuckMethod()
+    handle = FakeHandle(**dict.fromkeys(("embed", "rerank", "embed_all"), method))
+    return RayModel(ray_config(**keys), handle, INFO, errors=ERRORS), method
+
+
+async def test_a_stuck_replica_is_cut_at_the_request_deadline_and_the_call_cancelled() -> None:
+    """A replica that never answers held its caller until Serve replaced it (~107 s, whatever
+    X-Request-Timeout said): now the request's deadline ends the wait, with the 504 a remote
+    model gives, and the Ray call is cancelled."""
+    m, method = stuck_model()
+    token = REQUEST_DEADLINE.set(Deadline.after(0.2, "X-Request-Timeout"))
+    try:
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeoutError) as info:
+            await asyncio.wait_for(m.rerank(RerankRequest(query="q", texts=["a", "b"])), 5)
+        took = time.monotonic() - started
+    finally:
+        REQUEST_DEADLINE.reset(token)
+    assert 0.15 < took < 2, took
+    assert "the request deadline (0.2s, X-Request-Timeout)" in info.value.message
+    assert [r.cancelled for r in method.responses] == [True]
+    assert m.stats()["active_requests"] == 0 and m.failures == 0  # the caller's choice
+
+
+async def test_without_a_deadline_a_stuck_replica_is_cut_at_the_models_bound() -> None:
+    """What a local model's request may take (queue timeout, then the watchdog), and a
+    margin: then 503, as a local model's queue timeout, counted as a replica failure."""
+    config = ray_config(queue_timeout_ms=2000)
+    assert call_bound(config, 60.0) == 2 + 60 + CALL_MARGIN_S
+    assert call_bound(config, 0.0) is None  # no watchdog: a local pass is unbounded too
+    m, method = stuck_model()
+    m.bound_s = 0.2
+    with pytest.raises(UnavailableError, match=r"no answer from its Ray replica within 0\.2s"):
+        await asyncio.wait_for(m.embed(REQUEST), 5)
+    assert [r.cancelled for r in method.responses] == [True] and m.failures == 1
+
+
+async def test_a_caller_that_leaves_cancels_its_ray_call() -> None:
+    m, method = stuck_model()
+    task = asyncio.ensure_future(m.embed(REQUEST))
+    await asyncio.wait_for(method.called.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert method.responses[0].cancelled
+
+
+async def test_the_models_own_checks_run_in_the_gateway_before_any_replica() -> None:
+    """Empty input, max_client_batch_size, dimensions and prompt_name: refused as the local
+    model refuses them, without a call (a stuck replica hung even these)."""
+    info = dataclasses.replace(INFO, max_client_batch_size=8, prompts={"q": "query: "})
+    method = StuckMethod()
+    names = ("embed", "rerank", "embed_all", "tokenize", "decode")
+    m = RayModel(ray_config(), FakeHandle(**dict.fromkeys(names, method)), info, errors=ERRORS)
+
+    def rerank(texts: list[str]) -> Any:
+        return m.rerank(RerankRequest(query="q", texts=texts))
+
+    def embed(n: int = 1, **keys: Any) -> Any:
+        return m.embed(EmbedRequest(inputs=["t"] * n, **keys))
+
+    refusals: list[tuple[Callable[[], Any], type[Exception], str]] = [
+        (lambda: rerank(["t"] * 9), PayloadTooLargeError, "batch size 9 > maximum allowed"),
+        (lambda: rerank([]), EmptyInputError, "texts cannot be empty"),
+        (lambda: embed(9), PayloadTooLargeError, "maximum allowed batch size 8"),
+        (lambda: embed(0), EmptyInputError, "input cannot be empty"),
+        (lambda: embed(dimensions=5), InvalidRequestError, "between 1 and 4"),
+        (lambda: embed(prompt_name="x"), InvalidRequestError, "has: q"),
+        (lambda: m.embed_all(EmbedRequest(inputs=["t"] * 9)), PayloadTooLargeError, "size 9"),
+        (lambda: m.tokenize([]), EmptyInputError, "inputs cannot be empty"),
+        (lambda: m.tokenize(["t"], prompt_name="x"), InvalidRequestError, "unknown prompt"),
+        (lambda: m.decode([], skip_special_tokens=True), EmptyInputError, "ids cannot be"),
+    ]
+    for call, error, message in refusals:
+        with pytest.raises(error, match=message):
+            await asyncio.wait_for(call(), 2)
+    assert method.responses == []
+
+
+async def test_closing_leaves_the_application_to_the_gateways_that_share_it() -> None:
+    """A gateway that deployed the application no longer deletes it when it stops (the others
+    attached to it answered 503 until one redeployed); ``ray_delete_on_close`` asks for it."""
+    deleted: list[str] = []
+    for keys, expected in (({}, []), ({"ray_delete_on_close": True}, ["m"])):
+        deleted.clear()
+        m = RayModel(
+            ray_config(**keys),
+            FakeHandle(),
+            INFO,
+            errors=ERRORS,
+            owned=True,
+            delete=lambda: deleted.append("m"),
+        )
+        await m.close()
+        assert deleted == expected
+
+
+async def test_an_application_found_gone_is_deployed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway attached to an application that another deleted redeploys it (or attaches
+    to it, if another gateway was first), and answers through the new handle."""
+    import embedplex.models.ray as ray_module
+
+    monkeypatch.setattr(ray_module, "REDEPLOY_JITTER_S", 0.0)
+    states: list[dict[str, int] | None] = [{"RUNNING": 1}]
+    fresh = FakeHandle(Method([ok("new")]))
+    recovered: list[bool] = []
+
+    def recover() -> tuple[Any, bool]:
+        recovered.append(True)
+        states[0] = {"STARTING": 1}
+        return fresh, True
+
+    m = RayModel(
+        ray_config(),
+        FakeHandle(Method([])),
+        INFO,
+        errors=ERRORS,
+        read_states=lambda: states[0],
+        recover=recover,
+    )
+    await m._poll_once()
+    assert recovered == [] and not m.owned
+    states[0] = None  # deleted
+    await m._poll_once()
+    assert recovered == [True] and m.owned
+    with pytest.raises(NotReadyError):
+        m.health()
+    states[0] = {"RUNNING": 1}
+    await m._poll_once()
+    m.health()
+    assert (await m.embed(REQUEST)).model == "m"
+    assert m.stats()["requests_per_replica"] == {"new": 1}

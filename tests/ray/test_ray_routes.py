@@ -290,6 +290,87 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
         serve.delete(app_name("old"))
 
 
+@pytest.mark.slow
+def test_on_a_ray_cluster_a_stuck_replica_is_cut_and_a_deleted_application_comes_back(
+    ray_cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that never answers: the caller gets a 504 at its request deadline and the
+    replica sees the call cancelled. The gateway that deployed the application leaves it
+    running when it closes; one that finds it deleted deploys it again."""
+    import asyncio
+    import time
+
+    import embedplex.models.ray as ray_module
+    import embedplex.ray.application as application_module
+    from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
+    from embedplex.core.errors import UpstreamTimeoutError
+    from embedplex.core.types import EmbedRequest, ModelInfo
+    from embedplex.gateway.build import placeholder
+    from embedplex.ray.wire import DEPLOYMENT, WIRE_VERSION, app_name
+    from ray import serve
+
+    monkeypatch.setattr(ray_module, "_connected", [])
+    monkeypatch.setattr(ray_module, "REDEPLOY_JITTER_S", 0.0)
+    config = ModelConfig.model_validate({"name": "stuck", "model_id": "x", "runtime": "ray"})
+    info = placeholder(config)
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.cancelled = 0
+
+        async def info(self) -> ModelInfo:
+            return info
+
+        async def wire_version(self) -> int:
+            return WIRE_VERSION
+
+        async def embed(self, request: EmbedRequest) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+        async def cancels(self) -> int:
+            return self.cancelled
+
+        async def check_health(self) -> None:
+            return None
+
+    def stuck(settings: Settings, model: ModelConfig) -> Any:
+        deployment = serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+        return deployment(Stuck).bind()
+
+    monkeypatch.setattr(application_module, "application", stuck)  # what deploy() deploys
+    name = app_name("stuck")
+    try:
+        model = RayModel.deploy(Settings(), config)
+        assert model.owned
+
+        async def calls() -> None:
+            REQUEST_DEADLINE.set(Deadline.after(1.0, "X-Request-Timeout"))
+            started = time.monotonic()
+            with pytest.raises(UpstreamTimeoutError, match="1s, X-Request-Timeout"):
+                await asyncio.wait_for(model.embed(EmbedRequest(inputs=["a"])), 30)
+            assert time.monotonic() - started < 5
+            for _ in range(100):  # the cancel reaches the replica
+                if await model._handle.cancels.remote():
+                    break
+                await asyncio.sleep(0.1)
+            assert await model._handle.cancels.remote() == 1
+            await asyncio.to_thread(serve.delete, name)  # as another gateway or an operator
+            model.owned = False
+            await model._poll_once()  # finds it gone: deploys it again
+            assert model.owned
+            assert await asyncio.to_thread(model._read_states) == {"RUNNING": 1}
+            await model.close()
+
+        asyncio.run(calls())
+        assert name in serve.status().applications  # closing left it running
+    finally:
+        serve.delete(name)
+
+
 async def test_a_replica_caches_as_an_in_process_server_does(
     client: httpx.AsyncClient, replicas: list[EmbedplexReplica]
 ) -> None:

@@ -6,7 +6,8 @@ read timeout the openai SDK announces in ``X-Stainless-Read-Timeout``). It trave
 variable, so a route need not pass it on: a remote model's wait is bounded by it
 (``providers/router.py``), each queued text carries it to its batch, and an upstream call makes
 no attempt that the latest of its batch's callers would no longer wait for
-(``providers/http.py``). Local models do not read it: their queue timeout and the inference
+(``providers/http.py``). A Ray model's call to a replica is bounded by it too
+(``models/ray.py``). Local models do not read it: their queue timeout and the inference
 watchdog bound them.
 """
 

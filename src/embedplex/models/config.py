@@ -50,7 +50,14 @@ INHERITED = (
 
 
 # Keys that only mean something for a model run as Ray Serve replicas (docs/ray.md).
-RAY_KEYS = ("replicas", "autoscaling", "ray_address", "num_cpus", "num_gpus")
+RAY_KEYS = (
+    "replicas",
+    "autoscaling",
+    "ray_address",
+    "num_cpus",
+    "num_gpus",
+    "ray_delete_on_close",
+)
 
 RAY_MISSING = "runtime = \"ray\" needs Ray Serve: pip install 'embedplex[ray]'"
 
@@ -131,6 +138,11 @@ class ModelConfig(BaseModel):
         None, gt=0, description='runtime = "ray": CPUs per replica (its inference threads).'
     )
     num_gpus: float | None = Field(None, ge=0, description='runtime = "ray": GPUs per replica.')
+    ray_delete_on_close: bool | None = Field(
+        None,
+        description='runtime = "ray": delete the Serve application when this gateway stops, '
+        "if it deployed it (default false: other gateways may share its replicas).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -57,9 +57,7 @@ from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
     FatalBackendError,
-    InvalidRequestError,
     OverloadedError,
-    PayloadTooLargeError,
 )
 from embedplex.core.spend import REQUEST_SPEND, Spend, estimated_tokens
 from embedplex.core.tenant import ANONYMOUS, Tenant
@@ -71,6 +69,7 @@ from embedplex.core.types import (
     TokenEmbedResult,
     Vector,
 )
+from embedplex.models.checks import check_dimensions, check_size, named_prompt
 from embedplex.models.config import KINDS, ModelConfig
 from embedplex.models.dedupe import Flight, Flights
 from embedplex.models.layout import inference_layout
@@ -444,13 +443,7 @@ class LocalModel(Generic[R]):
         return out
 
     def _check_size(self, n: int, param: str) -> None:
-        if n == 0:
-            raise EmptyInputError(f"{param} cannot be empty", param=param)
-        if n > self.options.max_client_batch_size:
-            raise PayloadTooLargeError(
-                f"batch size {n} > maximum allowed batch size {self.options.max_client_batch_size}",
-                param=param,
-            )
+        check_size(n, param, self.options.max_client_batch_size)
 
     async def _process(
         self,
@@ -791,13 +784,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         if prompt is not None:
             return prompt
         if prompt_name is not None:
-            if prompt_name not in self.spec.prompts:
-                known = ", ".join(sorted(self.spec.prompts)) or "none"
-                raise InvalidRequestError(
-                    f"unknown prompt_name {prompt_name!r} (this model has: {known})",
-                    param="prompt_name",
-                )
-            return self.spec.prompts[prompt_name]
+            return named_prompt(prompt_name, self.spec.prompts)
         return self.options.default_prompt
 
     def _texts(self, request: EmbedRequest) -> list[str]:
@@ -808,11 +795,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_size(len(request.inputs), "input")
         dims = request.dimensions
-        if dims is not None and not 1 <= dims <= self.backend.dim:
-            raise InvalidRequestError(
-                f"dimensions must be between 1 and {self.backend.dim}, got {dims}",
-                param="dimensions",
-            )
+        check_dimensions(dims, self.backend.dim)
         start = time.perf_counter()
         truncate = self._truncate(request.truncate)
         direction = request.truncation_direction

@@ -8,6 +8,9 @@ embedplex's own batcher (``embedplex/ray/replica.py``). What can go wrong is map
   once (every operation is idempotent; Serve's router drops the dead replica, so the retry
   goes to another); if the retry fails too, the caller gets 503. Ray restarts the replica.
 - Serve's own backpressure: 429; any other Ray failure: 503, its detail only in the log.
+- a replica that does not answer (stuck, stopped, unreachable): the call is bounded by the
+  request's deadline (504 naming it, as a remote model's) and, without one, by what a local
+  model's request may take (``call_bound``: 503); either way the Ray call is cancelled.
 - an ``EmbedplexError`` the replica raised (a bad input, its queue timed out) reaches the
   caller as itself.
 - an operation newer than the replicas (``wire.py``: a replica of an older release lacks the
@@ -17,10 +20,14 @@ embedplex's own batcher (``embedplex/ray/replica.py``). What can go wrong is map
 Every route that reaches a local model reaches a Ray one the same way: ``embed``, ``rerank``,
 ``tokenize``, ``embed_all`` and ``decode`` run in a replica (the model and its tokenizer live
 there), each answering what the local model answers; the routes' own checks (input counts,
-token bounds) run in the gateway for both.
+token bounds) run in the gateway for both, and so do the model's own checks made before its
+inputs queue (``checks.py``: empty input, ``max_client_batch_size``, ``dimensions``,
+``prompt_name``), before any replica is called.
 
 Replica states are read from ``serve.status()`` every ``STATUS_INTERVAL_S`` (not per request):
-readiness is false while no replica runs, and the status and metrics show them.
+readiness is false while no replica runs, and the status and metrics show them. An application
+found gone (deleted by hand, or by a gateway with ``ray_delete_on_close``) is deployed again,
+or attached to if another gateway deployed it first.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 import typing
@@ -36,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import (
     EmbedplexError,
     FatalBackendError,
@@ -43,6 +52,7 @@ from embedplex.core.errors import (
     NotReadyError,
     OverloadedError,
     UnavailableError,
+    UpstreamTimeoutError,
 )
 from embedplex.core.types import (
     EmbedRequest,
@@ -52,7 +62,9 @@ from embedplex.core.types import (
     RerankResult,
     TokenEmbedResult,
 )
+from embedplex.models.checks import check_dimensions, check_size, named_prompt
 from embedplex.models.config import RAY_MISSING, ModelConfig
+from embedplex.models.ray_errors import RayErrors, lacks, ray_errors
 from embedplex.ray.wire import (
     DEPLOYMENT,
     SINCE,
@@ -80,6 +92,15 @@ INFO_TIMEOUT_S = 120.0  # the first call to a new deployment (its batcher starts
 # How often replicas found too old for an operation are asked their version again (an upgrade).
 VERSION_RECHECK_S = STATUS_INTERVAL_S
 VERSION_PROBE_TIMEOUT_S = 10.0
+# Without a request deadline, a call may take what a local model's request may (its inputs'
+# queue timeout, then the watchdog's bound on a pass) and this much more: the Ray hop, and
+# tokenizing in the replica before its inputs queue.
+CALL_MARGIN_S = 5.0
+# Gateways that find their application gone wait up to this (at random) before deploying it
+# again, so that of several sharing it, one deploys and the others find it deploying.
+REDEPLOY_JITTER_S = STATUS_INTERVAL_S
+
+_QUEUE_TIMEOUT_MS = 30_000  # Settings.queue_timeout_ms's default: a table not resolved (tests)
 
 # One Ray connection per process: the address the first ray model connected to.
 _connected: list[str] = []
@@ -91,8 +112,12 @@ class RayModel:
 
     ``errors``: the Ray exception classes to map, by what they mean (``ray_errors()``); a test
     passes its own. ``owned``: whether this gateway deployed the application (then it deletes
-    it on close); one deployed with Ray's tooling is only used. ``wire``: the replicas' wire
-    version (``wire.py``), as ``deploy`` read it.
+    it on close, with ``ray_delete_on_close``); one deployed with Ray's tooling is only used.
+    ``read_states``: the replicas' states by Serve's status (blocking), None when the
+    application is gone; ``recover``: then deploys it again, or attaches to it if it is back
+    (blocking), and returns its handle and whether it deployed it. ``wire``: the replicas' wire
+    version (``wire.py``), as ``deploy`` read it. ``inference_timeout_s``: the process's
+    watchdog setting, for ``call_bound``.
     """
 
     def __init__(
@@ -103,9 +128,11 @@ class RayModel:
         *,
         errors: RayErrors,
         owned: bool = False,
-        read_states: Callable[[], dict[str, int]] | None = None,
+        read_states: Callable[[], dict[str, int] | None] | None = None,
         delete: Callable[[], None] | None = None,
+        recover: Callable[[], tuple[Any, bool]] | None = None,
         wire: int = WIRE_VERSION,
+        inference_timeout_s: float = 60.0,
     ) -> None:
         self.config = config
         self.app = app_name(config.name)
@@ -115,6 +142,8 @@ class RayModel:
         self.owned = owned
         self._read_states = read_states
         self._delete = delete
+        self._recover = recover
+        self.bound_s = call_bound(config, inference_timeout_s)
         self._states: dict[str, int] = {"RUNNING": 1}  # deploy() returned: it is running
         self._status_error: str | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -167,15 +196,27 @@ class RayModel:
                 ", ".join(sorted(m for m, v in SINCE.items() if v > wire)),
             )
 
-        def read_states() -> dict[str, int]:
+        def read_states() -> dict[str, int] | None:
             app = serve.status().applications.get(name)
-            deployment = app.deployments.get(DEPLOYMENT) if app is not None else None
+            if app is None:
+                return None
+            deployment = app.deployments.get(DEPLOYMENT)
             if deployment is None:
                 return {}
             return {str(_value(k)): int(v) for k, v in deployment.replica_states.items()}
 
         def delete() -> None:
             serve.delete(name)
+
+        def recover() -> tuple[Any, bool]:
+            # Checked again just before deploying: another gateway may have done it already.
+            if serve.status().applications.get(name) is not None:
+                logger.info("%s: %s was deployed again: using it", config.name, name)
+                return serve.get_app_handle(name), False
+            logger.warning(
+                "%s: the Ray Serve application %s is gone: deploying it", config.name, name
+            )
+            return serve.run(application(settings, config), name=name, route_prefix=None), True
 
         return cls(
             config,
@@ -185,7 +226,9 @@ class RayModel:
             owned=owned,
             read_states=read_states,
             delete=delete,
+            recover=recover,
             wire=wire,
+            inference_timeout_s=settings.inference_timeout_s,
         )
 
     @property
@@ -204,7 +247,7 @@ class RayModel:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        if self.owned and self._delete is not None:
+        if self.owned and self.config.ray_delete_on_close and self._delete is not None:
             logger.info("%s: deleting Ray Serve application %s", self.config.name, self.app)
             try:
                 await asyncio.to_thread(self._delete)
@@ -226,9 +269,26 @@ class RayModel:
             self._status_error = type(exc).__name__
             return
         self._status_error = None
-        self._states = states
+        self._states = states or {}
         if self._metrics is not None:
-            self._metrics.on_replicas(self.config.name, states)
+            self._metrics.on_replicas(self.config.name, self._states)
+        if states is None and self._recover is not None:
+            await self._redeploy()
+
+    async def _redeploy(self) -> None:
+        """The application is gone: deploy it again (or attach to it, if another gateway
+        sharing it did first). Two gateways that deploy it at once both succeed: Serve takes
+        the second ``serve.run`` as an update of the same application (its replicas are
+        replaced once more), so the jitter only saves that work."""
+        assert self._recover is not None
+        await asyncio.sleep(random.uniform(0, REDEPLOY_JITTER_S))
+        try:
+            handle, deployed = await asyncio.to_thread(self._recover)
+        except Exception as exc:  # tried again at the next poll that finds it gone
+            logger.error("%s: cannot deploy %s again: %s", self.config.name, self.app, exc)
+            return
+        self._handle = handle
+        self.owned = deployed  # the next poll reads its replicas
 
     def health(self) -> None:
         if self._status_error is not None:
@@ -264,6 +324,9 @@ class RayModel:
             )
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._check_size(len(request.inputs), "input")
+        check_dimensions(request.dimensions, self._info.dim)
+        self._check_prompt(request)
         answer = typing.cast(EmbedAnswer, await self._call("embed", request))
         return EmbedResult(
             vectors=list(answer.matrix),
@@ -273,6 +336,7 @@ class RayModel:
         )
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
+        self._check_size(len(request.texts), "texts")
         answer = typing.cast(RerankAnswer, await self._call("rerank", request))
         return RerankResult(
             scores=answer.scores,
@@ -286,11 +350,16 @@ class RayModel:
     ) -> list[list[Token]]:
         """TEI ``/tokenize`` in a replica (the tokenizer is there). Not admitted against the
         model's cap, as a local model's is not: it never queues for inference."""
+        check_size(len(texts), "inputs", None)
+        if prompt_name is not None:
+            named_prompt(prompt_name, self._info.prompts)
         call = TokenizeCall(texts, add_special_tokens, prompt_name)
         answer = await self._call("tokenize", call, admit=False)
         return typing.cast(TokensAnswer, answer).rows()
 
     async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult:
+        self._check_size(len(request.inputs), "inputs")
+        self._check_prompt(request)
         answer = typing.cast(TokenEmbedAnswer, await self._call("embed_all", request))
         return TokenEmbedResult(
             vectors=answer.vectors(),
@@ -301,9 +370,20 @@ class RayModel:
 
     async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
         """TEI ``/decode`` in a replica; not admitted against the model's cap (as ``tokenize``)."""
+        self._check_size(len(sequences), "ids")
         call = DecodeCall(sequences, skip_special_tokens)
         answer = await self._call("decode", call, admit=False)
         return typing.cast(DecodeAnswer, answer).texts
+
+    def _check_size(self, n: int, param: str) -> None:
+        """As the local model checks it (the replica would, after a Ray round trip): the
+        replicas' own ``max_client_batch_size``, else this table's."""
+        check_size(n, param, self._info.max_client_batch_size or self.config.max_client_batch_size)
+
+    def _check_prompt(self, request: EmbedRequest) -> None:
+        """A text request's ``prompt_name`` (token ids take none; a ``prompt`` wins)."""
+        if request.prompt_name is not None and request.prompt is None and not request.is_tokens:
+            named_prompt(request.prompt_name, self._info.prompts)
 
     async def _call(self, method: str, request: object, *, admit: bool = True) -> Answer:
         """``method`` of a replica; ``admit``: counted against (and refused beyond) the cap."""
@@ -347,11 +427,46 @@ class RayModel:
             )
 
     async def _remote(self, method: str, request: object) -> object:
+        """``_attempts`` within the request's deadline (504 past it, naming it, as a remote
+        model's), or within ``bound_s`` when that comes first or there is no deadline (503, as a
+        local model's queue timeout): a replica that never answers (stuck, stopped) must not
+        hold its caller until Serve's health check replaces it, a minute or more later."""
+        deadline = REQUEST_DEADLINE.get()
+        wait = deadline.remaining() if deadline is not None else None
+        if self.bound_s is not None and (wait is None or self.bound_s < wait):
+            wait, deadline = self.bound_s, None
+        if wait is None:
+            return await self._attempts(method, request)
+        if wait <= 0:  # spent before the call (tokenizing, a version probe): no call for nobody
+            raise self._timed_out(deadline)
+        timeout = asyncio.timeout(wait)
+        try:
+            async with timeout:
+                return await self._attempts(method, request)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise self._timed_out(deadline) from None
+
+    def _timed_out(self, deadline: Deadline | None) -> EmbedplexError:
+        name = self.config.name
+        if deadline is not None:  # the caller's choice: not a replica failure
+            return UpstreamTimeoutError(
+                f"model {name!r}: no answer from its Ray replica within {deadline.describe()}"
+            )
+        self.failures += 1
+        logger.warning("%s: no answer from a Ray replica within %gs", name, self.bound_s)
+        return UnavailableError(
+            f"model {name!r}: no answer from its Ray replica within {self.bound_s:g}s "
+            f"(queue_timeout_ms + inference_timeout_s + {CALL_MARGIN_S:g}s); retry later"
+        )
+
+    async def _attempts(self, method: str, request: object) -> object:
         name = self.config.name
         errors = self._errors
         for attempt in (1, 2):
             try:
-                return await getattr(self._handle, method).remote(request)
+                return await _cancelled_with(getattr(self._handle, method).remote(request))
             except errors.overloaded as exc:
                 msg = f"{name}: Ray Serve refused the request (its queue is full)"
                 raise OverloadedError(msg) from exc
@@ -360,7 +475,7 @@ class RayModel:
                 why = f"replica lost ({type(exc).__name__})"
                 failed = "its Ray replica failed while serving the request, and so did the retry"
             except errors.other as exc:
-                if not _lacks(exc, method, errors):
+                if not lacks(exc, method, errors):
                     self.failures += 1
                     logger.error("%s: Ray call failed: %r", name, exc)
                     raise UnavailableError(
@@ -387,40 +502,29 @@ class RayModel:
         logger.warning("%s: %s; retrying once", self.config.name, why)
 
 
-class RayErrors(typing.NamedTuple):
-    """Ray's exception classes by what they mean for a request.
-
-    ``no_method``: the class of the error a replica raises for a method it does not have (the
-    ``cause`` of the task error the caller gets, whose message names the method).
-    """
-
-    overloaded: tuple[type[BaseException], ...]
-    replica_lost: tuple[type[BaseException], ...]
-    other: tuple[type[BaseException], ...]
-    no_method: type[BaseException] | None = None
-
-
-def ray_errors() -> RayErrors:
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayError
-    from ray.serve.exceptions import BackPressureError, RayServeException
-
-    return RayErrors(
-        overloaded=(BackPressureError,),
-        replica_lost=(RayActorError, ActorUnavailableError),
-        other=(RayError, RayServeException),
-        no_method=RayServeException,
-    )
+async def _cancelled_with(response: Any) -> object:
+    """``response`` (a Serve ``DeploymentResponse``), cancelled in Ray too when its caller
+    leaves (a deadline, a disconnect): awaiting it is cancelled, the request is not, and would
+    stay queued in (or run on) its replica for nobody."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        cancel = getattr(response, "cancel", None)  # a test's fake may have none
+        if cancel is not None:
+            with contextlib.suppress(Exception):  # best effort, as Serve's is
+                cancel()
+        raise
 
 
-def _lacks(exc: BaseException, method: str, errors: RayErrors) -> bool:
-    """Whether ``exc`` says the replica has no ``method`` (Serve raises its base exception,
-    not a subclass, naming the method in quotes)."""
-    cause = getattr(exc, "cause", None)
-    return (
-        errors.no_method is not None
-        and type(cause) is errors.no_method
-        and f"'{method}'" in str(cause)
-    )
+def call_bound(config: ModelConfig, inference_timeout_s: float) -> float | None:
+    """The longest a call to a replica may take without a request deadline: what a local
+    model's request may (its inputs wait at most ``queue_timeout_ms``, then each pass at most
+    ``inference_timeout_s``) and ``CALL_MARGIN_S``; None without a watchdog (a local pass is
+    not bounded either)."""
+    if inference_timeout_s <= 0:
+        return None
+    queue_ms = config.queue_timeout_ms or _QUEUE_TIMEOUT_MS
+    return queue_ms / 1000 + inference_timeout_s + CALL_MARGIN_S
 
 
 def _wire_version(handle: Any) -> int:
