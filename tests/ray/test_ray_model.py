@@ -256,6 +256,8 @@ def test_the_serve_run_builder_deploys_the_example_table(monkeypatch: pytest.Mon
     from embedplex.ray.application import REPLICA_SETTINGS
 
     assert not {"api_key", "admin_secret", "api_keys", "state_url"} & set(REPLICA_SETTINGS)
+    # A gateway-only key is not shipped: a replica of an older release refused the table.
+    assert "ray_delete_on_close" not in deployment.init_args[1]
     with pytest.raises(ValueError, match="no \\[\\[models\\]\\] table named"):
         embedplex.ray.app({"config": str(example), "model": "nope"})
 

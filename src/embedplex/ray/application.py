@@ -31,6 +31,10 @@ REPLICA_SETTINGS = (
     "inference_timeout_s",
 )
 
+# Keys of a table that only the gateway reads: not shipped, so that replicas of an older
+# release (whose ModelConfig forbids unknown keys) still load a table of a newer gateway.
+GATEWAY_KEYS = frozenset({"ray_delete_on_close"})
+
 # Seconds a replica that Serve stops (scale-down, delete) may take to finish its requests.
 GRACEFUL_SHUTDOWN_S = 5.0
 
@@ -75,7 +79,8 @@ def application(settings: Settings, model: ModelConfig) -> Application:
 
     shipped = settings.model_dump(mode="json", include=set(REPLICA_SETTINGS))
     deployment = serve.deployment(**deployment_options(model))(EmbedplexReplica)
-    bound: Application = deployment.bind(shipped, model.model_dump(mode="json"))
+    table = model.model_dump(mode="json", exclude=set(GATEWAY_KEYS))
+    bound: Application = deployment.bind(shipped, table)
     return bound
 
 
