@@ -72,6 +72,7 @@ from embedplex.core.types import (
 from embedplex.models.checks import check_dimensions, check_size, named_prompt
 from embedplex.models.config import KINDS, ModelConfig
 from embedplex.models.dedupe import Flight, Flights
+from embedplex.models.isolation import isolating
 from embedplex.models.layout import inference_layout
 from embedplex.observability.tracing import current_span_context, request_stage_spans
 from embedplex.serve.process_tuning import worker_pool
@@ -403,6 +404,8 @@ class LocalModel(Generic[R]):
         An input that fails to tokenize (too long, bad text) gets its error in its place; the
         rest of the batch runs. Deferred costs are estimates, so a batch whose real padded size
         passes the budget runs in length-sorted pieces that each fit (``TokenBudget.pieces``).
+        A pass that raises runs again in halves, so that only the inputs that fail alone fail
+        (``isolation.py``).
         """
         resolved = self._resolve(payloads)
         out: list[R | BaseException] = [
@@ -411,10 +414,12 @@ class LocalModel(Generic[R]):
         ok = [k for k, e in enumerate(resolved) if isinstance(e, Encoded)]
         encoded = typing.cast(list[Encoded], [resolved[k] for k in ok])
         pad = self.spec.pad_token_id
+
+        def forward(rows: list[Encoded]) -> list[R]:
+            return self._forward(TokenBatch.collate(rows, pad))
+
         results = self.budget.run_in_pieces(
-            encoded,
-            [len(e) for e in encoded],
-            lambda rows: self._forward(TokenBatch.collate(rows, pad)),
+            encoded, [len(e) for e in encoded], lambda rows: isolating(forward, rows)
         )
         for k, result in zip(ok, results, strict=True):
             out[k] = result
