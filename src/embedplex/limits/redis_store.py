@@ -22,17 +22,28 @@ from embedplex.limits.gcra import WINDOW_S, Budget, Verdict
 if TYPE_CHECKING:  # redis is imported only when a redis_url is configured (limiter.py)
     from redis.asyncio import Redis
 
-_ADMIT = """
+
+def _prelude(window_arg: int) -> str:
+    """What the admit and reserve scripts start with: Redis's clock (``now``), the window
+    ``W`` (from ``ARGV[window_arg]``), the key's two TATs and ``budget(limit, tat)``, which
+    returns what is left of a limit and the seconds until its bucket is full."""
+    return f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local W = tonumber(ARGV[6])
-local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local W = tonumber(ARGV[{window_arg}])
 local st = redis.call('HMGET', KEYS[1], 'r', 't')
 local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
 local function budget(limit, tat)
   local ahead = math.max(tat - now, 0)
   return math.max(math.floor((W - ahead) / (W / limit) + 1e-9), 0), ahead
 end
+"""
+
+
+_ADMIT = (
+    _prelude(6)
+    + """
+local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local refused, retry = 0, 0
 local new_rtat = rtat
 local req_rem, req_reset, tok_rem, tok_reset = -1, 0, -1, 0
@@ -71,18 +82,12 @@ end
 return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000),
         tok_rem, math.floor(tok_reset * 1000)}
 """
+)
 
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local W = tonumber(ARGV[5])
+_RESERVE = (
+    _prelude(5)
+    + """
 local rpm, tpm, n, held = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local st = redis.call('HMGET', KEYS[1], 'r', 't')
-local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
-local function budget(limit, tat)
-  local ahead = math.max(tat - now, 0)
-  return math.max(math.floor((W - ahead) / (W / limit) + 1e-9), 0), ahead
-end
 local iv = W / tpm
 local others = ttat - held * iv
 local refused, retry = 0, 0
@@ -101,6 +106,7 @@ local tok_rem, tok_reset = budget(tpm, ttat)
 return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000),
         tok_rem, math.floor(tok_reset * 1000)}
 """
+)
 
 _FINISH = """
 redis.call('ZREM', KEYS[2], ARGV[2])
