@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from tokenizers import Encoding, Tokenizer
 
 from embedplex.api.app import create_app
+from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.config import Settings
 from helpers import running
 from tiny_models import make_tiny_reranker
@@ -126,3 +129,50 @@ def test_classifiers_with_many_labels_are_refused(tmp_path: Path) -> None:
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(FatalBackendError, match="3 labels"):
         load_local_model(Settings(model_id=str(model_dir), cache_dir=tmp_path))
+
+
+class Paired:
+    """The model's truncating tokenizer, noting the tokens each pair is handed with: those
+    truncation cut (an encoding's overflow) included, as each is copied wherever it goes."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.held: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tok, name)
+
+    def post_process(self, encoding: Encoding, pair: Encoding | None = None, **kw: Any) -> Any:
+        self.held += [held(e) for e in (encoding, pair) if e is not None]
+        return self.tok.post_process(encoding, pair, **kw)
+
+
+def held(encoding: Encoding) -> int:
+    return len(encoding) + sum(held(o) for o in encoding.overflowing)
+
+
+async def test_a_two_megabyte_query_costs_each_document_what_a_short_one_does(
+    reranker_dir: Path, tmp_path: Path
+) -> None:
+    """A 1.96 MB query with 200 one-letter documents, default settings: the query's tokens
+    past what a pair keeps were copied into each of its 200 pairs (25 s of a core, and other
+    rerank callers waited). Now each pair is handed at most a cut query and its document."""
+    settings = Settings(model_id=str(reranker_dir), cache_dir=tmp_path)
+    app = create_app(settings)
+    docs = ["d"] * 200
+    async with running(app) as client:
+        tokenizer = app.state.gateway.reranker(None).tokenizer
+        spy = Paired(tokenizer._truncating[TruncationDirection.RIGHT])
+        tokenizer._truncating[TruncationDirection.RIGHT] = spy
+        r = await client.post(
+            "/v1/rerank", json={"query": "a " * 980_000, "documents": docs, "top_n": 3}
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 3
+    assert len({x["index"] for x in body["results"]}) == 3
+    assert all(0 <= x["index"] < len(docs) for x in body["results"])
+    max_length = tokenizer.max_length
+    assert len(spy.held) == 2 * len(docs)
+    assert max(spy.held) <= max_length + 2  # a cut query, one token of its overflow
+    assert body["usage"]["total_tokens"] == max_length * len(docs)

@@ -30,6 +30,11 @@ Ids = list[int]
 # (``TextTokenizer._part``): more characters than any token of a BERT vocabulary needs.
 PART_CHARS_PER_TOKEN = 64
 
+# A rerank query counts at most this many x max_length tokens, plus one (``encode_pairs``): a
+# pair keeps fewer than max_length of its tokens, and reading on only to tell which side is the
+# longer made every request's cost grow with its query's length (a 2 MB query: seconds).
+QUERY_MAX_LENGTHS = 2
+
 # One text longer than this is tokenized without holding the GIL (``_encode_raw``): this many
 # characters take some 0.3 ms, the longest the event loop may wait on a tokenizer thread.
 GIL_FREE_CHARS = 1024
@@ -363,39 +368,64 @@ class TextTokenizer:
     ) -> list[Encoded]:
         """(query, text) pairs for a cross-encoder; truncation cuts the longer side first.
 
-        The result is exactly ``encode_batch([(query, text) for text in texts])``'s, but the
-        query is tokenized once, not once per text: joined per pair, a long query made the
-        work grow with len(query) x len(texts). ``post_process`` applies the truncation and the
-        pair template as ``encode`` does, to each side encoded without special tokens. A long
-        text is encoded from its ``_part`` (``_answers``).
+        The result is exactly ``encode_batch([(query, text) for text in texts])``'s wherever
+        the query or the text holds at most ``QUERY_MAX_LENGTHS`` x ``max_length`` tokens. Past
+        that, a side counts as one token longer than that: where both sides are longer, they
+        count as equally long, so with an odd budget the text keeps the extra token (the
+        library compares their whole lengths). Telling which of two such sides is longer means
+        reading both to their ends, for one token of a pair.
+
+        The query is tokenized once, not once per text, and only from its ``_part``: joined
+        per pair, a long query made the work grow with len(query) x len(texts), and so did
+        its cut tokens, kept as the encoding's overflow and copied into every pair.
+        ``post_process`` applies the truncation and the pair template as ``encode`` does, to
+        each side encoded without special tokens. A long text is encoded from its ``_part``
+        (``_answers``).
         """
         tok = self._truncating[direction] if truncate else self._plain
+        side = direction if truncate else TruncationDirection.RIGHT
+        counted = QUERY_MAX_LENGTHS * self.max_length
         try:
             # Whole sides (the truncating tokenizer would cut each alone): pairing cuts them.
-            question = _encode_raw(self._plain, [query], False)[0]
+            question, asked = self._question(query, side, counted)
             if not truncate and len(question) > self.max_length:
                 # Every pair is too long: refuse with the first one's error, before the rest.
                 texts = texts[:1]
-            n_query = len(question)
+            n_query = min(len(question), counted + 1)
             answers, whole = self._answers(texts, n_query, truncate, direction)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError("query and texts must be valid unicode text") from exc
         if not truncate or n_query <= self.max_length:
             pairs = [tok.post_process(question, a) for a in answers]
-            return [self._one(p, i, w) for i, (p, w) in enumerate(zip(pairs, whole, strict=True))]
+            return [
+                self._one(p, i, w and asked)
+                for i, (p, w) in enumerate(zip(pairs, whole, strict=True))
+            ]
         # A query longer than max_length keeps at most max_length tokens in any pair, so each
         # pair copies a cut one. Longest-first truncation also looks at which side is longer
         # (with an odd budget the longer side keeps the extra token), so the cut query is one
         # token past max_length and a long text is cut to stay longer, equal or shorter alike.
-        question.truncate(self.max_length + 1, 0, direction.value)
+        _keep(question, self.max_length + 1, direction)
         out: list[Encoded] = []
         for answer in answers:
-            n_text = len(answer)
+            n_text = min(len(answer), counted + 1)
             cap = self.max_length + 1 + (n_text > n_query) - (n_text < n_query)
-            if n_text > cap:
-                answer.truncate(cap, 0, direction.value)
+            _keep(answer, cap, direction)
             out.append(self._one(tok.post_process(question, answer), len(out)))
         return out
+
+    def _question(
+        self, query: str, direction: TruncationDirection, counted: int
+    ) -> tuple[Encoding, bool]:
+        """The query's side of its pairs, without special tokens, from a ``_part`` that holds
+        more than ``counted`` tokens where the query is longer; and whether it is the whole
+        query's. Its ``len`` is the query's where it holds no more (``encode_pairs``)."""
+        part = self._part(query, direction, counted)
+        encodings = _encode_raw(self._plain, [part], False)
+        ((question, whole),) = self._settled(
+            self._plain, [query], [part], encodings, direction, False, counted
+        )
+        return question, whole
 
     def _answers(
         self, texts: list[str], n_query: int, truncate: bool, direction: TruncationDirection
@@ -404,11 +434,11 @@ class TextTokenizer:
         that settles the pair as the whole text would, and whether each is the whole text's.
 
         Pairing looks at a text's length only up to what truncation keeps of it and through
-        which side is longer, so a part of more than max(``max_length``, the query's length)
-        tokens stands in for the whole text (its first tokens, or its last when truncating
-        left, are the whole text's). With truncation off a part of more than ``max_length``
-        tokens proves the pair too long. A part of fewer proves nothing: a longer one is tried
-        (``_settled``)."""
+        which side is longer, so a part of more than max(``max_length``, ``n_query``: the
+        query's length as ``encode_pairs`` counts it) tokens stands in for the whole text (its
+        first tokens, or its last when truncating left, are the whole text's). With truncation
+        off a part of more than ``max_length`` tokens proves the pair too long. A part of fewer
+        proves nothing: a longer one is tried (``_settled``)."""
         need = max(self.max_length, n_query) if truncate else self.max_length
         side = direction if truncate else TruncationDirection.RIGHT
         parts = self._parts(texts, side, need)
@@ -519,6 +549,19 @@ class TextTokenizer:
                 )
             )
         return row
+
+
+def _keep(encoding: Encoding, n: int, direction: TruncationDirection) -> None:
+    """Truncate ``encoding`` in place to ``n`` tokens, its overflow at most one token.
+
+    ``truncate`` keeps the tokens it cuts as ``overflowing`` chunks, and ``post_process`` copies
+    and processes those for each pair it is given: a query cut once per request, from tens of
+    thousands of tokens, cost that for every text. A second cut, of one token, leaves only the
+    second's overflow (each cut makes a new one from the tokens it holds)."""
+    if len(encoding) > n + 1:
+        encoding.truncate(n + 1, 0, direction.value)
+    if len(encoding) > n:
+        encoding.truncate(n, 0, direction.value)
 
 
 def _groups(texts: list[str], chars: int) -> Iterator[list[str]]:
