@@ -135,6 +135,7 @@ class FakeUpstream:
         # ("Input validation error"), the others 400 ("maximum context length").
         self.max_chars: int | None = None
         self.ignore_dimensions = False  # answer full-width vectors whatever was asked
+        self.rerank_counts = True  # False: TEI's rerank answers lack x-compute-tokens (a proxy)
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.app = Starlette(
@@ -302,7 +303,8 @@ class FakeUpstream:
             {"index": i, "score": logit_for(query, call.texts[i]) if call.body["raw_scores"] else s}
             for i, s in self._ranked(call, None)
         ]
-        return _json(rows, headers={"x-compute-tokens": str(4 * len(rows))})
+        counted = {"x-compute-tokens": str(4 * len(rows))} if self.rerank_counts else {}
+        return _json(rows, headers=counted)
 
     async def _cohere_rerank(self, request: Request) -> Response:
         early, call = await self._serve(request, "documents")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from embedplex.api.app import create_app
@@ -155,3 +156,48 @@ async def test_a_burst_to_a_remote_route_is_refused_by_the_key_not_failed_over(
     for refused in (a for a in answers if a.status_code == 429):
         assert "tokens per minute" in refused.json()["error"]["message"]
     assert upstream2.calls == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [("cohere", "/v1/rerank"), ("cohere", "/rerank"), ("tei", "/v1/rerank")],
+)
+async def test_a_rerank_answer_without_a_token_count_is_charged_its_estimate(
+    upstream: FakeUpstream, kind: str, path: str
+) -> None:
+    """Cohere's rerank answers bill search units, not tokens (and a TEI behind a proxy may lose
+    its x-compute-tokens): the answer's usage, and the key's charge, is each pair's estimate,
+    what was reserved. It was 0: the reservation was refunded whole, and a ``tpm = 100`` key
+    reranked 3 documents of 2,000 characters four times over, each answer 200. Now a
+    ``tpm = 2000`` key has 485 tokens left after one such request, the next spends past them
+    (as any request may: docs/limits.md), and the third is refused."""
+    upstream.rerank_counts = False
+    settings = Settings(
+        local_model=False,
+        providers=[provider("c", upstream, kind)],
+        routes=[RouteConfig(model="rerank", providers=["c"], kind="rerank")],
+    )
+    app, _ = _limited(settings, 2000)
+    query, docs = "what is a fox", [c * 2000 for c in "xyz"]
+    estimate = sum(estimated_tokens(len(query) + len(d)) for d in docs)  # 505 each: 1,515
+    body = (
+        {"model": "rerank", "query": query, "documents": docs}
+        if path == "/v1/rerank"
+        else {"model": "rerank", "query": query, "texts": docs}
+    )
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            first = await client.post(path, json=body, headers=KEY)
+            after = await _remaining(client)
+            second = await client.post(path, json=body, headers=KEY)
+            third = await client.post(path, json=body, headers=KEY)
+    assert first.status_code == 200, first.text
+    if path == "/v1/rerank":
+        assert first.json()["usage"]["total_tokens"] == estimate
+    assert after == 2000 - estimate
+    assert second.status_code == 200, second.text
+    assert third.status_code == 429  # the key's bucket is in debt: tpm holds
+    assert "tokens per minute" in third.text
+    assert len(upstream.calls) == 2

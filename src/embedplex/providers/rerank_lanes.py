@@ -8,7 +8,9 @@ Rerank APIs take one query per call, so callers merge like this:
 - a flushed batch is grouped by query: callers that sent the same query within ``max_wait_ms``
   share one upstream call (RAG fan-outs re-scoring one question), other queries get their own
   calls, run concurrently under the provider's one semaphore;
-- a failed call fails only the documents it carried (the batch's other queries still answer).
+- a failed call fails only the documents it carried (the batch's other queries still answer);
+- an answer's tokens are the upstream's count, shared among its documents by length, or, where
+  the answer has none (Cohere's: search units only), each pair's estimate (``Pair.cost``).
 
 The lanes are a ``lanes.LaneSet`` like the embedding lanes and go through the provider runtime's
 ``guard.UpstreamGuard`` (semaphore, circuit breaker, split on 413); the retry budget and the
@@ -48,7 +50,8 @@ class Pair(NamedTuple):
 
     @property
     def cost(self) -> int:
-        """Its tokens as charged when its request ends without an answer (``core/spend.py``)."""
+        """Its tokens as reserved, and as charged when its request ends without an answer
+        (``core/spend.py``) or its upstream's answer gives no count (``_call``)."""
         return estimated_tokens(len(self.query) + len(self.document))
 
 
@@ -127,7 +130,13 @@ class RerankLanes:
             out = await self.reranker.rerank(part[0].query, documents, params, traces=traces)
             self.counters["upstream_rerank_calls"] += 1
             self.counters["documents"] += len(documents)
-            shares = token_shares(out.tokens, documents)
+            if out.tokens is None:
+                # No count in the answer (Cohere bills search units; a TEI whose headers a
+                # proxy dropped): each pair costs its estimate, what its request reserved, so
+                # the key's tpm holds and the settling refunds nothing (docs/limits.md).
+                shares = [float(p.cost) for p in part]
+            else:
+                shares = token_shares(out.tokens, documents)
             return [Scored(s, t) for s, t in zip(out.scores, shares, strict=True)]
 
         return await self._guard.call(pairs, send)
