@@ -136,6 +136,7 @@ class FakeUpstream:
         self.max_chars: int | None = None
         self.ignore_dimensions = False  # answer full-width vectors whatever was asked
         self.rerank_counts = True  # False: TEI's rerank answers lack x-compute-tokens (a proxy)
+        self.embed_counts = True  # False: OpenAI-style answers without usage (some servers)
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.app = Starlette(
@@ -241,8 +242,11 @@ class FakeUpstream:
         data.reverse()  # indexes, not order, say which vector is whose
         if call.bad_rows:
             _spoil(data, call.bad_rows)
-        usage = {"prompt_tokens": len(call.texts) * 3, "total_tokens": len(call.texts) * 3}
-        return _json({"object": "list", "data": data, "model": "fake", "usage": usage})
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": "fake"}
+        if self.embed_counts:
+            n = len(call.texts) * 3
+            answer["usage"] = {"prompt_tokens": n, "total_tokens": n}
+        return _json(answer)
 
     async def _voyage(self, request: Request) -> Response:
         early, call = await self._serve(request, "input")

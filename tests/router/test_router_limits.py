@@ -201,3 +201,34 @@ async def test_a_rerank_answer_without_a_token_count_is_charged_its_estimate(
     assert third.status_code == 429  # the key's bucket is in debt: tpm holds
     assert "tokens per minute" in third.text
     assert len(upstream.calls) == 2
+
+
+async def test_an_embedding_answer_without_a_token_count_is_charged_its_estimate(
+    upstream: FakeUpstream,
+) -> None:
+    """An OpenAI-compatible upstream that sends no ``usage``: each text is charged its
+    estimate, what was reserved (it was charged 0, and the reservation refunded whole, so a
+    ``tpm`` key embedded through such a provider without limit)."""
+    upstream.embed_counts = False
+    settings = Settings(
+        local_model=False,
+        providers=[provider("o", upstream, "openai")],
+        routes=[RouteConfig(model="remote", providers=["o"])],
+    )
+    app, _ = _limited(settings, 2000)
+    bodies = [{"model": "remote", "input": [c * 2000 for c in cs]} for cs in ("xyz", "uvw", "rst")]
+    estimate = 3 * estimated_tokens(2000)  # 502 each: 1,506 (texts differ: no cache hit)
+    async with app.router.lifespan_context(app):
+        await app.state.loader
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            first = await client.post("/v1/embeddings", json=bodies[0], headers=KEY)
+            after = await _remaining(client)
+            second = await client.post("/v1/embeddings", json=bodies[1], headers=KEY)
+            third = await client.post("/v1/embeddings", json=bodies[2], headers=KEY)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["prompt_tokens"] == estimate
+    assert after == 2000 - estimate
+    assert second.status_code == 200, second.text
+    assert third.status_code == 429  # the key's bucket is in debt: tpm holds
+    assert len(upstream.calls) == 2

@@ -86,7 +86,8 @@ class Text(NamedTuple):
 
     @property
     def cost(self) -> int:
-        """Its tokens as charged when its request ends without an answer (``core/spend.py``)."""
+        """Its tokens as reserved, and as charged when its request ends without an answer
+        (``core/spend.py``) or its upstream's answer gives no count (``_call``)."""
         return estimated_tokens(len(self.text))
 
 
@@ -259,7 +260,13 @@ class ProviderRuntime:
             out = await self.provider.embed(texts, params, traces=traces)
             self.counters["upstream_batches"] += 1
             self.counters["texts"] += len(texts)
-            shares = token_shares(out.tokens, texts)
+            if out.tokens is None:
+                # No count in the answer (an OpenAI-compatible server without usage, a TEI
+                # whose headers a proxy dropped): each text costs its estimate, what its
+                # request reserved, so the key's tpm holds (docs/limits.md).
+                shares = [float(t.cost) for t in part]
+            else:
+                shares = token_shares(out.tokens, texts)
             rows = [Embedded(v, t) for v, t in zip(out.vectors, shares, strict=True)]
             store = self.cache.store
             for t, row in zip(part, rows, strict=True):
