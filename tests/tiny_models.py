@@ -157,3 +157,12 @@ def make_tiny_reranker(path: Path, *, seed: int = 0) -> Path:
     model = BertForSequenceClassification(tiny_bert_config(vocab_size, num_labels=1)).eval()
     model.save_pretrained(str(path), safe_serialization=True)
     return path
+
+
+def ship_onnx(path: Path) -> Path:
+    """Give a tiny model its own ``onnx/model.onnx`` (float32, traced here), as hub repos do."""
+    from embedplex.backends.onnx_export import export_fp32
+
+    (path / "onnx").mkdir(exist_ok=True)
+    export_fp32(path, path / "onnx" / "model.onnx", with_token_type_ids=True)
+    return path

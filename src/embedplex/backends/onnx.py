@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_cache import ensure_onnx
 from embedplex.backends.passes import CoreGate, PassGate
 from embedplex.backends.pooling import Floats, pool
+from embedplex.backends.warmup import check_output, warmup_batch
 from embedplex.core.cores import process_cores
 from embedplex.core.errors import FatalBackendError
 
@@ -65,6 +67,24 @@ def make_session(
     # throughput unchanged).
     options.enable_mem_pattern = False
     return ort.InferenceSession(str(path), options, providers=session_providers(device))
+
+
+def _sessions(
+    path: Path, device: str, threads: int | None, solo_threads: int | None
+) -> tuple[object, object | None]:
+    """The serving session on ``path`` and, on the CPU with ``solo_threads``, the solo one."""
+    try:
+        if solo_threads is None or session_providers(device)[0] != "CPUExecutionProvider":
+            return make_session(path, device, threads), None
+        # The second session holds its own weights (all-MiniLM-L6-v2: +92-102 MB). Sharing
+        # them through ``add_initializer`` saved only ~10 MB: the graph optimizer's fused
+        # weights are per session anyway, and prepacking off made a pass 1.6x slower.
+        session = make_session(path, device, threads, shared_arena=True)
+        return session, make_session(path, device, solo_threads, shared_arena=True)
+    except FatalBackendError:
+        raise
+    except Exception as exc:  # onnxruntime's errors share no base class to name
+        raise FatalBackendError(f"cannot load the ONNX graph {path}: {exc}") from exc
 
 
 _arena_lock = threading.Lock()
@@ -143,22 +163,32 @@ class OnnxBackend:
         if dtype == "int8" and spec.kind is not ModelKind.EMBEDDING:
             raise FatalBackendError("int8 (with its quality gate) is for embedding models")
 
-        path, cached = ensure_onnx(
-            spec, dtype=dtype, cache_dir=cache_dir, threads=threads, min_quality=int8_min_cosine
+        session_providers(device)  # a missing CUDA provider is a setting's error: fail first
+        export = partial(
+            ensure_onnx,
+            spec,
+            dtype=dtype,
+            cache_dir=cache_dir,
+            threads=threads,
+            min_quality=int8_min_cosine,
         )
+        path, cached = export()
         logger.info("onnx model %s (%s)", path, "cached" if cached else "new export")
-        if solo_threads is None or session_providers(device)[0] != "CPUExecutionProvider":
-            session = make_session(path, device, threads)
-            solo = None
-        else:
-            # The second session holds its own weights (all-MiniLM-L6-v2: +92-102 MB). Sharing
-            # them through ``add_initializer`` saved only ~10 MB: the graph optimizer's fused
-            # weights are per session anyway, and prepacking off made a pass 1.6x slower.
-            session = make_session(path, device, threads, shared_arena=True)
-            solo = make_session(path, device, solo_threads, shared_arena=True)
+        try:
+            session, solo = _sessions(path, device, threads, solo_threads)
+        except FatalBackendError as exc:
+            if not cached:
+                raise
+            # A damaged entry (a truncated file, its data gone) would fail every start: export
+            # it once more, in place of the damaged one.
+            logger.warning(
+                "the cached ONNX export %s fails to load (%s): exporting again", path, exc
+            )
+            path, _ = export(replace=True)
+            session, solo = _sessions(path, device, threads, solo_threads)
         providers = session.get_providers()  # type: ignore[attr-defined]
         actual = "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
-        return cls(
+        backend = cls(
             session,
             pooling=spec.pooling,
             dtype=dtype,
@@ -169,6 +199,35 @@ class OnnxBackend:
             gate=gate if actual == "cpu" else None,  # the gate shares CPU cores, not a GPU
             threads=threads or process_cores(),
         )
+        try:
+            backend._check(spec)
+        except FatalBackendError:
+            backend.close()
+            raise
+        return backend
+
+    def _check(self, spec: ModelSpec) -> None:
+        """Refuse a graph that cannot serve: inputs other than the tokenizer's arrays, or an
+        output of the wrong shape in one tiny pass (on each session: it also warms them up)."""
+        missing = {"input_ids", "attention_mask"} - self._inputs
+        unknown = self._inputs - {"input_ids", "attention_mask", "token_type_ids"}
+        if missing or unknown:
+            raise FatalBackendError(
+                f"the ONNX graph of {spec.model_id} takes inputs {sorted(self._inputs)}: it "
+                "needs input_ids and attention_mask, and token_type_ids at most besides"
+            )
+        batch = warmup_batch(spec)
+        feeds = self._feeds(batch, batch.input_ids.shape[1])
+        for session in (self._session, self._solo):
+            if session is None:
+                continue
+            try:
+                out = session.run(None, feeds)[0]  # type: ignore[attr-defined]
+            except Exception as exc:  # onnxruntime's errors share no base class to name
+                raise FatalBackendError(
+                    f"the ONNX graph of {spec.model_id} fails a warm-up pass: {exc}"
+                ) from exc
+            check_output("onnx", spec, np.shape(out))
 
     def embed(self, batch: TokenBatch) -> Floats:
         """Pooled vectors of the batch in one session run, whatever its size: the model's cost
@@ -199,12 +258,7 @@ class OnnxBackend:
 
     def _forward(self, batch: TokenBatch, width: int) -> npt.NDArray[np.float32]:
         """The graph's first output for ``batch`` trimmed to ``width`` tokens."""
-        feeds = {
-            "input_ids": batch.input_ids[:, :width],
-            "attention_mask": batch.attention_mask[:, :width],
-        }
-        if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = batch.token_type_ids[:, :width]
+        feeds = self._feeds(batch, width)
         session = self._session
         if session is None:
             raise FatalBackendError("the onnx session is closed")
@@ -214,6 +268,15 @@ class OnnxBackend:
         with gate.forward(self._threads) as alone:
             chosen = solo if alone and solo is not None else session
             return np.asarray(chosen.run(None, feeds)[0])  # type: ignore[attr-defined]
+
+    def _feeds(self, batch: TokenBatch, width: int) -> dict[str, npt.NDArray[np.int64]]:
+        feeds = {
+            "input_ids": batch.input_ids[:, :width],
+            "attention_mask": batch.attention_mask[:, :width],
+        }
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = batch.token_type_ids[:, :width]
+        return feeds
 
     def health(self) -> None:
         if self._session is None:

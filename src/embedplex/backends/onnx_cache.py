@@ -1,23 +1,25 @@
 """The ONNX export cache, keyed by model hash; a missing entry is exported in a child process.
 
-The key covers the weights, the config, the dtype and the exporter's versions, so a second
-start reuses the export and a changed model never meets a stale one. The export itself runs in
-``python -m embedplex.backends.onnx_export`` (a fresh interpreter, not a fork of this threaded
-server), so PyTorch never enters the serving process. One export per key at a time: a lock file
-makes a second process wait for the first one's entry instead of exporting it again. The child
-writes into a temporary directory that is renamed into place only after it exits 0, so a crash,
-a timeout or a refusal never leaves a half-written entry.
+The key covers the weights (every file: ``weights.py``), the config, the dtype and the
+exporter's versions, so a second start reuses the export and a changed model never meets a stale
+one. The export itself runs in ``python -m embedplex.backends.onnx_export`` (a fresh
+interpreter, not a fork of this threaded server), so PyTorch never enters the serving process.
+One export per key at a time: a lock file makes a second process wait for the first one's entry
+instead of exporting it again. The child writes into a temporary directory that is fsynced and
+renamed into place only after it exits 0, so a crash, a timeout or a refusal never leaves a
+half-written entry. An entry found unusable (no graph, an int8 one measured under a laxer gate
+than this start's, one that failed to load) is exported again and replaced under the lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,8 @@ from typing import IO
 import embedplex
 from embedplex.backends.model_files import ModelSpec
 from embedplex.backends.onnx_export import EXPORT_FORMAT, INT8_FORMAT, OPSET
+from embedplex.backends.weights import copy_onnx
+from embedplex.backends.weights import model_hash as model_hash  # the cache identity's too
 from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -41,51 +45,12 @@ logger = logging.getLogger(__name__)
 EXPORT_TIMEOUT_S = 1800.0
 _TAIL_LINES = 20  # of the child's output, kept for the error when it fails
 _REASON_CHARS = 600
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Hashed in this order (a directory with none of the ONNX file hashes as it always did).
-_HASHED_FILES = ("config.json", *_WEIGHT_FILES, "onnx/model.onnx")
-# model_hash's digests by directory and its files' (size, mtime, inode): loading a model
-# hashes its weights once, for its ONNX export and its cache identity alike.
-_hashes: dict[tuple[str, tuple[tuple[str, tuple[int, int, int] | None], ...]], str] = {}
 _LEVELS = logging.getLevelNamesMapping()
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "embedplex"
-
-
-def model_hash(model_dir: Path) -> str:
-    """SHA-256 of what decides a model's outputs: its config and its weights (safetensors,
-    PyTorch, or its own ``onnx/model.onnx``: an ONNX-only directory's weights are that file).
-
-    Keys the ONNX exports and, for a model without a hub revision, its entries in the shared
-    embedding cache (``models/local.py``), so it is computed once per process and files: a
-    second call with the files' size, mtime and inode unchanged returns the first's digest."""
-    files = [(name, model_dir / name) for name in _HASHED_FILES]
-    stats = tuple((name, _stat(file)) for name, file in files)
-    memo = (str(model_dir), stats)
-    known = _hashes.get(memo)
-    if known is not None:
-        return known
-    digest = hashlib.sha256()
-    for (name, file), (_, signature) in zip(files, stats, strict=True):
-        if signature is not None:
-            digest.update(name.encode())
-            with file.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-    _hashes[memo] = found = digest.hexdigest()
-    return found
-
-
-def _stat(file: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is rewritten (None: no such file)."""
-    try:
-        st = file.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _version(package: str) -> str:
@@ -120,30 +85,35 @@ def ensure_onnx(
     threads: int | None = None,
     min_quality: float = 0.0,
     timeout: float = EXPORT_TIMEOUT_S,
+    replace: bool = False,
 ) -> tuple[Path, bool]:
     """Return the path of a ready ONNX file for ``dtype`` and whether it came from the cache.
 
     For int8 the child measures the minimum cosine against float32 (``int8_gate.py``, on
-    ``threads``); below ``min_quality`` the export is refused and nothing is cached.
+    ``threads``); below ``min_quality`` the export is refused and nothing is cached. A cached
+    int8 entry is used only if its measure (``quality.json``) holds ``min_quality``; else it is
+    exported again with this gate, as a cold cache would, and replaced if that passes.
+    ``replace``: the cached entry failed to load; export it again and replace it.
     """
     key = cache_key(spec.path, dtype, spec.kind.value)
     entry = cache_dir / "onnx" / key
     final = entry / "model.onnx"
-    if final.is_file():
+    if not replace and _usable(entry, dtype, min_quality, spec.model_id, quiet=True):
         return final, True
     entry.parent.mkdir(parents=True, exist_ok=True)
     # Beside onnx/, not in it: onnx/ holds finished entries only.
     with _export_lock(cache_dir / f".export-{key}.lock"):
-        if final.is_file():  # another process exported it while this one waited
+        # Another process may have exported it while this one waited.
+        if not replace and _usable(entry, dtype, min_quality, spec.model_id, quiet=False):
             return final, True
         for stale in cache_dir.glob(f".export-{key}-*"):  # left by a process killed mid-export
             shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".export-{key}-"))
         try:
             if dtype == "float32" and spec.onnx_file is not None:
-                # A copy of the model's own file: nothing heavy to import, so no child.
+                # A copy of the model's own files: nothing heavy to import, so no child.
                 (work / "out").mkdir()
-                shutil.copyfile(spec.onnx_file, work / "out" / "model.onnx")
+                copy_onnx(spec.path, work / "out")
             else:
                 logger.info(
                     "exporting %s to ONNX (%s) in a child process, once; cached under %s",
@@ -160,14 +130,70 @@ def ensure_onnx(
                 raise FatalBackendError(
                     f"the ONNX export of {spec.model_id} exited 0 but wrote no model.onnx"
                 )
-            try:
-                out.rename(entry)
-            except OSError:
-                if not final.is_file():  # else a process outside the lock won the race
-                    raise
+            _publish(out, entry, work / "replaced")
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return final, False
+
+
+def _usable(entry: Path, dtype: str, min_quality: float, model_id: str, *, quiet: bool) -> bool:
+    """Whether a cached entry can be served: it has its graph, and an int8 one its measured
+    quality at ``min_quality`` or above (an entry exported under a laxer gate, or missing its
+    record, is not). ``quiet``: say nothing (the check before the lock, made again under it)."""
+    if not (entry / "model.onnx").is_file():
+        if entry.exists() and not quiet:
+            logger.warning("the cached ONNX entry %s has no model.onnx: exporting again", entry)
+        return False
+    if dtype != "int8":
+        return True
+    quality = _measured(entry)
+    if quality is not None and quality >= min_quality:
+        return True
+    if not quiet:
+        measured = "no record" if quality is None else f"{quality:.5f}"
+        logger.warning(
+            "the cached int8 export of %s measured min cosine %s against float32, under the "
+            "%s required: exporting again with this gate",
+            model_id,
+            measured,
+            min_quality,
+        )
+    return False
+
+
+def _measured(entry: Path) -> float | None:
+    """The min cosine an int8 entry's export measured (None: no readable record)."""
+    try:
+        record = json.loads((entry / "quality.json").read_text())
+        return float(record["min_cosine"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _publish(out: Path, entry: Path, aside: Path) -> None:
+    """Rename ``out`` into place as ``entry``, durably. Called under the key's lock: an entry
+    already there is one this process found unusable, so it is moved to ``aside`` (in the work
+    directory, removed with it) first."""
+    for file in out.iterdir():
+        _fsync(file)
+    _fsync(out)
+    if entry.exists():
+        entry.rename(aside)
+    try:
+        out.rename(entry)
+    except OSError:
+        if not (entry / "model.onnx").is_file():  # else a process outside the lock won the race
+            raise
+    _fsync(entry.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data to disk: a rename is durable only after both."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import warnings
@@ -24,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from embedplex.backends.model_files import ModelSpec, Pooling, load_spec
+from embedplex.backends.weights import copy_onnx
 from embedplex.core.errors import FatalBackendError
 
 # By name: run with ``-m``, this module's ``__name__`` is ``__main__``.
@@ -109,6 +109,7 @@ def quantize_int8(source: Path, target: Path, setting: str = INT8_SETTINGS[0]) -
         str(target),
         per_channel=setting.startswith("per-channel"),
         weight_type=weight_type,
+        use_external_data_format=_external_data(source),
     )
 
 
@@ -116,8 +117,23 @@ def convert_fp16(source: Path, target: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    external = _external_data(source)
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    onnx.save(model, str(target))
+    if external:
+        location = f"{target.name}.data"
+        onnx.save(model, str(target), save_as_external_data=True, location=location)
+    else:
+        onnx.save(model, str(target))
+
+
+def _external_data(path: Path) -> bool:
+    """Whether the graph at ``path`` keeps weights in files beside it (a model past protobuf's
+    2 GB): what it is turned into keeps them beside it too."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(t) for t in model.graph.initializer)
 
 
 QualityCheck = Callable[[Path, Path], float]
@@ -153,31 +169,40 @@ def build(
     threads: int | None = None,
     min_quality: float = 0.0,
 ) -> Path:
-    """Write ``work/out/model.onnx`` (and ``quality.json`` for int8) and return ``work/out``.
+    """Write ``work/out/model.onnx`` (with its external data, if any, beside it, and
+    ``quality.json`` for int8) and return ``work/out``.
 
     ``work`` is the server's empty temporary directory; the server publishes ``work/out`` into
-    its cache only when this process exits 0.
+    its cache only when this process exits 0. A model's own ``onnx/model.onnx`` is read where it
+    lies, so that the graph finds its external data.
     """
-    fp32 = work / "fp32.onnx"
+    out = work / "out"
     shipped = spec.onnx_file
     if shipped is not None:
-        shutil.copyfile(shipped, fp32)
+        fp32 = shipped
     else:
         logger.info("exporting %s to ONNX", spec.path)
+        # A directory of its own: a graph past 2 GB is written with its weights in files beside it.
+        (work / "fp32").mkdir()
+        fp32 = work / "fp32" / "model.onnx"
         export_fp32(
             spec.path, fp32, with_token_type_ids=spec.has_token_type_ids, task=spec.kind.value
         )
-    out = work / "out"
+    if dtype == "float32":
+        if shipped is not None:
+            out.mkdir()
+            copy_onnx(spec.path, out)
+        else:
+            fp32.parent.rename(out)
+        return out
     out.mkdir()
     if dtype == "int8":
         from embedplex.backends.int8_gate import int8_quality_check
 
         check = int8_quality_check(spec, threads)
         _quantize_checked(fp32, out, spec.path, check, min_quality)
-    elif dtype == "float16":
-        convert_fp16(fp32, out / "model.onnx")
     else:
-        fp32.rename(out / "model.onnx")
+        convert_fp16(fp32, out / "model.onnx")
     return out
 
 

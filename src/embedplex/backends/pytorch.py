@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,6 +14,7 @@ from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import Floats
+from embedplex.backends.warmup import check_output, warmup_batch
 from embedplex.core.errors import BackendError, FatalBackendError
 
 logger = logging.getLogger(__name__)
@@ -70,12 +72,13 @@ class TorchBackend:
             raise FatalBackendError("--device cuda asked for, but torch sees no CUDA device")
         if device == "cpu" and dtype == "float16":
             raise FatalBackendError("float16 on CPU is not supported; use float32 or bfloat16")
-        if threads:
+        if device == "cpu" and threads:
+            _claim_threads(spec.model_id, threads)
             torch.set_num_threads(threads)
         auto = AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
         model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
         model.eval().to(device)
-        return cls(
+        backend = cls(
             model,
             pooling=spec.pooling,
             dtype=dtype,
@@ -85,6 +88,20 @@ class TorchBackend:
             gate=gate if device == "cpu" else None,
             threads=threads or torch.get_num_threads(),
         )
+        backend._warm_up(spec)
+        if device == "cpu":
+            _on_cpu.add(backend)
+        return backend
+
+    def _warm_up(self, spec: ModelSpec) -> None:
+        """One tiny pass: an output narrower or wider than the config's hidden size fails the
+        start, not every request."""
+        import torch
+
+        with torch.inference_mode():
+            output, _ = self._forward(warmup_batch(spec))
+        out = output.logits if self.kind is ModelKind.RERANKER else output.last_hidden_state
+        check_output("torch", spec, tuple(out.shape))
 
     def _forward(self, batch: TokenBatch) -> Any:
         import torch
@@ -149,3 +166,23 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
+        _on_cpu.discard(self)
+
+
+# The torch models on the CPU in this process: torch's intra-op thread count is one setting for
+# the whole process, so they must all ask for the same (``_claim_threads``).
+_on_cpu: weakref.WeakSet[TorchBackend] = weakref.WeakSet()
+
+
+def _claim_threads(model_id: str, threads: int) -> None:
+    """Refuse a thread count other than the one the process's open torch CPU models run on:
+    ``torch.set_num_threads`` would change theirs too, and the core gate would count their
+    passes at the threads they asked for, not the ones they get."""
+    others = {b._threads for b in list(_on_cpu)} - {threads}
+    if others:
+        raise FatalBackendError(
+            f"{model_id}: torch runs every CPU model of a process on one intra-op thread count, "
+            f"and another torch model here runs on {min(others)} threads per pass, not "
+            f"{threads}: give the torch models on the CPU the same inference_streams, or set "
+            "inference_threads"
+        )

@@ -1,0 +1,72 @@
+"""A backend that cannot serve fails its start: a graph with inputs the server does not feed,
+an output narrower or wider than the model's hidden size, or torch models of one process asking
+for different thread counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from embedplex.backends.model_files import load_spec
+from embedplex.backends.onnx import OnnxBackend
+from embedplex.backends.pytorch import TorchBackend
+from embedplex.core.errors import FatalBackendError
+from tiny_models import ship_onnx
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shipped_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shipped") / "m"
+    shutil.copytree(tiny_model_dir, root)
+    return ship_onnx(root)
+
+
+def renamed_input(source: Path, target: Path, old: str, new: str) -> Path:
+    """A copy of the model whose graph calls its input ``old`` ``new``."""
+    import onnx
+
+    shutil.copytree(source, target)
+    graph = onnx.load(str(source / "onnx" / "model.onnx"))
+    for value in graph.graph.input:
+        if value.name == old:
+            value.name = new
+    for node in graph.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+    onnx.save(graph, str(target / "onnx" / "model.onnx"))
+    return target
+
+
+def test_a_graph_with_inputs_the_server_does_not_feed_fails_its_start(
+    shipped_dir: Path, tmp_path: Path
+) -> None:
+    broken = renamed_input(shipped_dir, tmp_path / "m", "attention_mask", "mask")
+    spec = load_spec(str(broken), broken)
+    with pytest.raises(FatalBackendError, match=r"inputs \[.*'mask'.*\]: it needs input_ids"):
+        OnnxBackend.load(spec, dtype="float32", device="cpu", cache_dir=tmp_path / "c", threads=1)
+
+
+def test_an_output_of_another_width_than_the_config_says_fails_the_start(
+    shipped_dir: Path, tmp_path: Path
+) -> None:
+    spec = dataclasses.replace(load_spec(str(shipped_dir), shipped_dir), hidden_size=16)
+    with pytest.raises(FatalBackendError, match=r"output of shape \(1, 3, 32\), not \(1, 3, 16\)"):
+        OnnxBackend.load(spec, dtype="float32", device="cpu", cache_dir=tmp_path / "c", threads=1)
+    with pytest.raises(FatalBackendError, match=r"on torch: .*\(1, 3, 32\), not \(1, 3, 16\)"):
+        TorchBackend.load(spec, dtype="float32", device="cpu", threads=1)
+
+
+def test_torch_models_of_one_process_share_one_thread_count(tiny_model_dir: Path) -> None:
+    spec = load_spec(str(tiny_model_dir), tiny_model_dir)
+    first = TorchBackend.load(spec, dtype="float32", device="cpu", threads=1)
+    try:
+        TorchBackend.load(spec, dtype="float32", device="cpu", threads=1).close()  # the same
+        with pytest.raises(FatalBackendError, match=r"runs on 1 threads per pass, not 2"):
+            TorchBackend.load(spec, dtype="float32", device="cpu", threads=2)
+    finally:
+        first.close()
+    TorchBackend.load(spec, dtype="float32", device="cpu", threads=2).close()  # none left open
