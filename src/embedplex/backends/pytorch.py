@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import weakref
 from contextlib import nullcontext
 from typing import Any
@@ -72,25 +73,29 @@ class TorchBackend:
             raise FatalBackendError("--device cuda asked for, but torch sees no CUDA device")
         if device == "cpu" and dtype == "float16":
             raise FatalBackendError("float16 on CPU is not supported; use float32 or bfloat16")
-        if device == "cpu" and threads:
-            _claim_threads(spec.model_id, threads)
-            torch.set_num_threads(threads)
-        auto = AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
-        model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
-        model.eval().to(device)
-        backend = cls(
-            model,
-            pooling=spec.pooling,
-            dtype=dtype,
-            device=device,
-            dim=spec.hidden_size,
-            kind=spec.kind,
-            gate=gate if device == "cpu" else None,
-            threads=threads or torch.get_num_threads(),
-        )
-        backend._warm_up(spec)
-        if device == "cpu":
-            _on_cpu.add(backend)
+        # One CPU load at a time: two (lazy models load in threads) would both pass the check.
+        with _cpu_loads if device == "cpu" else nullcontext():
+            if device == "cpu" and threads:
+                _claim_threads(spec.model_id, threads)
+                torch.set_num_threads(threads)
+            auto = (
+                AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
+            )
+            model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
+            model.eval().to(device)
+            backend = cls(
+                model,
+                pooling=spec.pooling,
+                dtype=dtype,
+                device=device,
+                dim=spec.hidden_size,
+                kind=spec.kind,
+                gate=gate if device == "cpu" else None,
+                threads=threads or torch.get_num_threads(),
+            )
+            backend._warm_up(spec)
+            if device == "cpu":
+                _on_cpu.add(backend)
         return backend
 
     def _warm_up(self, spec: ModelSpec) -> None:
@@ -172,6 +177,7 @@ class TorchBackend:
 # The torch models on the CPU in this process: torch's intra-op thread count is one setting for
 # the whole process, so they must all ask for the same (``_claim_threads``).
 _on_cpu: weakref.WeakSet[TorchBackend] = weakref.WeakSet()
+_cpu_loads = threading.Lock()
 
 
 def _claim_threads(model_id: str, threads: int) -> None:
