@@ -4,6 +4,7 @@ charged), and bad ids get the same 422 with the cache on."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import sys
@@ -199,3 +200,18 @@ async def test_similarity_takes_the_opt_out_field(tiny_model_dir: Path) -> None:
         assert len(backend.batches) == 5 and len(cache.memory) == 3  # the default caches
         bad = await client.post("/similarity", json={**body, "cache": "no"})
         assert bad.status_code == 422
+
+
+async def test_lowercasing_names_its_own_redis_entries(tiny_model_dir: Path) -> None:
+    """A model with do_lower_case (sentence_bert_config.json) is not answered from entries
+    written without lowercasing (before it was honoured): its inputs embed otherwise."""
+    cache = EmbeddingCache(MiB, redis=RedisTier.from_url("redis://127.0.0.1:9", ttl_s=60))
+    try:
+        plain = cached_model(tiny_model_dir, FakeBackend(), cache)
+        spec = dataclasses.replace(plain.spec, lowercase=True)
+        lower = LocalEmbeddingModel(
+            spec, plain.tokenizer, plain.backend, plain.options, cache=cache
+        )
+        assert lower._identity != plain._identity
+    finally:
+        await cache.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,70 @@ def test_resolve_downloads_from_the_mirror_and_then_works_offline(
     assert again.stdout.split()[0] == path
 
 
+def _repo(tiny_model_dir: Path, root: Path, weights: str) -> Path:
+    """The tiny model with its weights in one form, an ONNX export with external data beside a
+    variant nobody serves, and code that must never be fetched."""
+    import torch
+    from transformers import BertModel
+
+    repo = Path(shutil.copytree(tiny_model_dir, root / weights))
+    model = BertModel.from_pretrained(str(repo))
+    if weights == "sharded":
+        (repo / "model.safetensors").unlink()
+        model.save_pretrained(str(repo), max_shard_size="20KB")
+    if weights in ("bin", "both"):  # transformers 5 saves safetensors only: the old form by hand
+        torch.save(model.state_dict(), repo / "pytorch_model.bin")
+    if weights == "bin":
+        (repo / "model.safetensors").unlink()
+    (repo / "onnx").mkdir()
+    for name in ("model.onnx", "model.onnx_data", "model_O4.onnx", "model_O4.onnx_data"):
+        (repo / "onnx" / name).write_bytes(b"not read here")
+    (repo / "modeling_custom.py").write_text("raise SystemExit('never run')\n")
+    (repo / "1_Pooling" / "custom.py").write_text("raise SystemExit('never run')\n")
+    return repo
+
+
+_EXPECTED = {
+    "sharded": {
+        "model.safetensors.index.json",
+        *(f"model-0000{i}-of-00006.safetensors" for i in range(1, 7)),
+    },
+    "bin": {"pytorch_model.bin"},
+    "both": {"model.safetensors"},
+}
+
+
+@pytest.mark.parametrize("weights", sorted(_EXPECTED))
+def test_every_weight_form_downloads_what_serving_needs(
+    tiny_model_dir: Path, tmp_path: Path, weights: str
+) -> None:
+    """Sharded safetensors with their index, pytorch_model.bin where there is no safetensors,
+    the ONNX file's external data; never code, nor ONNX variants nobody serves."""
+    from transformers import AutoModel
+
+    repo = _repo(tiny_model_dir, tmp_path, weights)
+    with served(mirror_app(REPO, repo), health_path="/api/models/x/y/revision/z") as url:
+        out = resolve(hub_env(url, tmp_path / "home"), REPO)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.split()[0])
+    got = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert _EXPECTED[weights] <= got
+    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= got
+    assert not {f for f in got if f.endswith(".py") or "O4" in f}
+    if weights == "both":
+        assert "pytorch_model.bin" not in got
+    if weights != "sharded":
+        assert "model.safetensors.index.json" not in got
+    loaded = AutoModel.from_pretrained(str(path)).state_dict()  # every weight there
+    original = AutoModel.from_pretrained(str(tiny_model_dir)).state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(loaded[k].equal(original[k]) for k in original)
+    offline = hub_env("http://127.0.0.1:9", tmp_path / "home") | {"HF_HUB_OFFLINE": "1"}
+    again = resolve(offline, REPO)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[0] == str(path)
+
+
 def test_serve_by_hub_id_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     with served(mirror_app(REPO, tiny_model_dir), health_path="/api/models/x/y/revision/z") as url:
@@ -94,10 +159,18 @@ def test_serve_by_hub_id_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert info["model_sha"] == COMMIT
     assert embed.status_code == 200
     assert len(embed.json()[0]) == 32
+    # The download is in huggingface_hub's cache (HF_HOME), where `hf download` and every other
+    # tool look; EMBEDPLEX_CACHE_DIR holds only ONNX exports.
+    assert (tmp_path / "hub" / "models--tiny-org--tiny-bert" / "snapshots" / COMMIT).is_dir()
+    assert not list((tmp_path / "exports").glob("models--*"))
 
 
-def test_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
+def test_unreachable_hub_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
     from embedplex.backends.model_files import resolve_model_dir
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(FatalBackendError, match="not a local directory"):
-        resolve_model_dir("nobody/nothing-here", cache_dir=tmp_path)
+        resolve_model_dir("nobody/nothing-here")

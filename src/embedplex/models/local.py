@@ -27,6 +27,7 @@ from embedplex.backends.model_files import (
     Pooling,
     load_spec,
     resolve_model_dir,
+    tokenizer_for,
 )
 from embedplex.backends.onnx_cache import default_cache_dir, model_hash
 from embedplex.backends.passes import PassGate
@@ -696,6 +697,8 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                 backend.name,
                 backend.dtype,
                 spec.max_input_length,
+                # Entries written before do_lower_case was honoured hold unlowered vectors.
+                *(("lowercase",) if spec.lowercase else ()),
             )
 
     def _joined(self, n: int) -> None:
@@ -935,7 +938,7 @@ def load_local_model(
     process's embedding cache (default: none, in-flight dedupe only).
     """
     m = model or settings.flat_model()
-    path, sha = resolve_model_dir(m.model_id, revision=m.revision, cache_dir=settings.cache_dir)
+    path, sha = resolve_model_dir(m.model_id, revision=m.revision)
     spec = load_spec(
         m.model_id,
         path,
@@ -951,9 +954,7 @@ def load_local_model(
             f"model {m.name!r} is configured as kind = {m.kind!r}, but {m.model_id} is a "
             f"{found} model"
         )
-    tokenizer = TextTokenizer.from_dir(
-        path, max_length=spec.max_input_length, vocab_size=spec.vocab_size
-    )
+    tokenizer = tokenizer_for(spec)
     backend = load_backend(settings, spec, m, gate=gate)
     logger.info(
         "%s: inference layout %s (batches at once x intra-op threads)",

@@ -1,0 +1,285 @@
+"""What a model directory's own files say (backends/model_files.py, st_modules.py,
+model_json.py): positions, width, pooling, lowercasing, and start errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedplex.backends.model_files import (
+    _POSITIONS_AFTER_PADDING,
+    Pooling,
+    load_spec,
+    resolve_model_dir,
+)
+from embedplex.config import Settings
+from embedplex.core.errors import FatalBackendError
+from embedplex.core.types import EmbedRequest
+from embedplex.models.local import LocalEmbeddingModel, load_local_model
+from reference import min_cosine
+from tiny_models import make_tiny_bert, make_tiny_distilbert, write_st_modules, write_tokenizer
+
+# --- positions -------------------------------------------------------------------------------
+
+_TINY: dict[str, Any] = {
+    "vocab_size": 40,  # write_tokenizer's vocabulary
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 40,
+    "pad_token_id": 3,  # not 1: the rule must read it (or, for mpnet, not)
+}
+_TINY_BY_TYPE: dict[str, dict[str, Any]] = {
+    "distilbert": {
+        "vocab_size": 40,
+        "dim": 32,
+        "n_layers": 1,
+        "n_heads": 2,
+        "hidden_dim": 64,
+        "max_position_embeddings": 40,
+        "pad_token_id": 3,
+    },
+    "longformer": {**_TINY, "attention_window": 4},
+    "luke": {**_TINY, "entity_vocab_size": 8, "entity_emb_size": 16},
+    "xmod": {**_TINY, "languages": ["en_XX"], "default_language": "en_XX"},
+}
+# Absolute positions from 0: every row of the table is a token's.
+_FROM_ZERO = ["albert", "bert", "deberta-v2", "distilbert", "electra"]
+
+
+@pytest.mark.parametrize("model_type", sorted(_POSITIONS_AFTER_PADDING) + _FROM_ZERO)
+def test_max_input_length_is_the_longest_input_the_model_runs(
+    tmp_path: Path, model_type: str
+) -> None:
+    """The rule, checked against transformers' own modeling code: an input of the derived
+    length runs, one token more does not (one such input failed every request batched with it)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(model_type, **_TINY_BY_TYPE.get(model_type, _TINY))
+    config.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    longest = load_spec(model_type, tmp_path).max_input_length
+    model = AutoModel.from_config(config).eval()
+
+    def run(length: int) -> None:
+        ids = torch.full((1, length), 10)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    run(longest)
+    with pytest.raises((IndexError, RuntimeError, ValueError)):
+        run(longest + 1)
+
+
+# --- width -----------------------------------------------------------------------------------
+
+
+def test_distilbert_width_is_read_from_dim(tmp_path: Path) -> None:
+    spec = load_spec("distil", make_tiny_distilbert(tmp_path / "distil"))
+    assert spec.hidden_size == 32
+
+
+def test_a_model_of_unknown_width_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    _edit(model_dir / "config.json", lambda c: c.pop("hidden_size"))
+    with pytest.raises(FatalBackendError, match=r"config\.json: the model's width"):
+        load_spec("tiny", model_dir)
+
+
+# --- pooling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pooling", "expected"),
+    [
+        ({"pooling_mode": "cls"}, Pooling.CLS),  # sentence-transformers >= 6 writes this form
+        ({"pooling_mode": ["lasttoken"]}, Pooling.LAST_TOKEN),
+        ({"pooling_mode": "mean", "include_prompt": True}, Pooling.MEAN),
+        ({}, Pooling.MEAN),  # no mode named: sentence-transformers pools the mean
+        ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, Pooling.CLS),
+    ],
+)
+def test_pooling_config_forms(
+    tmp_path: Path, tiny_model_dir: Path, pooling: dict[str, Any], expected: Pooling
+) -> None:
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    write_st_modules(model_dir, pooling)
+    assert load_spec("tiny", model_dir).pooling is expected
+
+
+@pytest.mark.parametrize(
+    ("pooling", "match"),
+    [
+        ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, "concatenated"),
+        ({"pooling_mode": ["cls", "mean"]}, "concatenated"),
+        ({"pooling_mode_max_tokens": True}, "'max' is not supported"),
+        ({"pooling_mode": "weightedmean"}, "'weightedmean' is not supported"),
+        ({"pooling_mode": "mean", "include_prompt": False}, "include_prompt: false"),
+    ],
+)
+def test_pooling_that_would_change_the_vectors_is_refused(
+    tmp_path: Path, tiny_model_dir: Path, pooling: dict[str, Any], match: str
+) -> None:
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    write_st_modules(model_dir, pooling)
+    with pytest.raises(FatalBackendError, match=match):
+        load_spec("tiny", model_dir)
+
+
+def test_pooling_override_serves_one_mode_but_never_drops_the_prompt(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    write_st_modules(model_dir, {"pooling_mode": ["mean", "max"]})
+    assert load_spec("tiny", model_dir, pooling=Pooling.MEAN).pooling is Pooling.MEAN
+    write_st_modules(model_dir, {"pooling_mode": "mean", "include_prompt": False})
+    with pytest.raises(FatalBackendError, match="include_prompt"):
+        load_spec("tiny", model_dir, pooling=Pooling.MEAN)
+
+
+# --- malformed files: a start error that names the file -----------------------------------
+
+
+def _write(rel: str, text: str) -> Callable[[Path], None]:
+    return lambda d: (d / rel).write_text(text)
+
+
+def _modules(change: Callable[[list[dict[str, Any]]], object]) -> Callable[[Path], None]:
+    return lambda d: _edit(d / "modules.json", change)
+
+
+_BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
+    "config not json": (_write("config.json", "{not json"), r"config\.json: cannot read"),
+    "pooling not json": (_write("1_Pooling/config.json", "nope"), r"1_Pooling/config\.json"),
+    "pooling config missing": (
+        lambda d: (d / "1_Pooling" / "config.json").unlink(),
+        r"1_Pooling/config\.json is missing",
+    ),
+    "tokenizer malformed": (_write("tokenizer.json", "{}"), r"tokenizer\.json: cannot load"),
+    "max_seq_length 0": (
+        _write("sentence_bert_config.json", '{"max_seq_length": 0}'),
+        r"sentence_bert_config\.json: max_seq_length must be at least 1",
+    ),
+    "hidden_size a string": (
+        lambda d: _edit(d / "config.json", lambda c: c.update(hidden_size="abc")),
+        r"config\.json: hidden_size must be an integer",
+    ),
+    "prompts a list": (
+        _write("config_sentence_transformers.json", '{"prompts": ["a"]}'),
+        r"config_sentence_transformers\.json: prompts must be an object",
+    ),
+    "prompt text a number": (
+        _write("config_sentence_transformers.json", '{"prompts": {"q": 3}}'),
+        r"config_sentence_transformers\.json: prompts must be an object",
+    ),
+    "default_prompt_name a list": (
+        _write("config_sentence_transformers.json", '{"prompts": {}, "default_prompt_name": []}'),
+        r"default_prompt_name must be a string",
+    ),
+    "modules an object": (_write("modules.json", "{}"), r"modules\.json: expected a JSON array"),
+    "module path outside": (
+        _modules(lambda m: m[1].update(path="../../../../etc")),
+        r"modules\.json: module path '../../../../etc' is not a folder of the model",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BROKEN))
+def test_malformed_model_files_stop_the_start_naming_the_file(
+    tmp_path: Path, tiny_model_dir: Path, case: str
+) -> None:
+    change, match = _BROKEN[case]
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    change(model_dir)
+    settings = Settings(model_id=str(model_dir), cache_dir=tmp_path / "c")
+    with pytest.raises(FatalBackendError, match=match):
+        load_local_model(settings)
+
+
+def test_a_revision_for_a_local_directory_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(FatalBackendError, match="local directory, which has no revisions"):
+        resolve_model_dir(str(tiny_model_dir), revision="main")
+
+
+# --- vectors, against sentence-transformers -------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_do_lower_case_lowercases_as_sentence_transformers_does(tmp_path: Path) -> None:
+    """A cased tokenizer with ``do_lower_case: true`` in sentence_bert_config.json: the text
+    (prompt included) is lowercased before it is tokenized."""
+    model_dir = make_tiny_bert(tmp_path / "cased", prompts={"query": "Query: "})
+    _edit(model_dir / "tokenizer.json", lambda t: t["normalizer"].update(lowercase=False))
+    (model_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 32, "do_lower_case": True})
+    )
+    texts = ["The Quick Brown Fox", "HELLO World", "the quick brown fox"]
+    ours = await _embed(model_dir, texts)
+    assert min_cosine(ours, _st(model_dir, texts)) > 0.99999
+    ours = await _embed(model_dir, texts, prompt_name="query")
+    assert min_cosine(ours, _st(model_dir, texts, prompt_name="query")) > 0.99999
+    assert min_cosine(ours[:1], ours[2:]) > 0.99999  # cased and lowercase: one vector
+
+
+@pytest.mark.slow
+async def test_distilbert_serves_its_width(tmp_path: Path) -> None:
+    model_dir = make_tiny_distilbert(tmp_path / "distil")
+    texts = ["hello world", "the quick brown fox"]
+    model = LocalEmbeddingModel.load(Settings(model_id=str(model_dir), backend="torch"))
+    await model.start()
+    try:
+        assert model.info.dim == 32
+        full = np.stack((await model.embed(EmbedRequest(inputs=texts))).vectors)
+        cut = await model.embed(EmbedRequest(inputs=texts, dimensions=8))
+    finally:
+        await model.close()
+    assert min_cosine(full, _st(model_dir, texts)) > 0.99999
+    assert len(cut.vectors[0]) == 8
+
+
+@pytest.mark.slow
+async def test_new_pooling_config_form_matches_sentence_transformers(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    write_st_modules(model_dir, {"pooling_mode": "cls"})
+    texts = ["hello world", "the quick brown fox"]
+    assert min_cosine(await _embed(model_dir, texts), _st(model_dir, texts)) > 0.99999
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _copy(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+def _edit(file: Path, change: Callable[[Any], object]) -> None:
+    data = json.loads(file.read_text())
+    change(data)
+    file.write_text(json.dumps(data))
+
+
+async def _embed(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
+    model = LocalEmbeddingModel.load(Settings(model_id=str(model_dir), backend="torch"))
+    await model.start()
+    try:
+        result = await model.embed(EmbedRequest(inputs=texts, **kwargs))
+    finally:
+        await model.close()
+    return np.stack(result.vectors)
+
+
+def _st(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
+    return vectors
