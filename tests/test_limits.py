@@ -266,3 +266,33 @@ def test_redis_url_is_a_secret() -> None:
     settings = Settings(redis_url="redis://:hunter2@cache:6379/0")  # type: ignore[arg-type]
     assert settings.redacted()["redis_url"] == "***"
     assert "hunter2" not in repr(settings)
+
+
+async def test_redis_settles_what_a_lease_reserved_there_whatever_its_caller_saw(
+    shared: RedisLimits,
+) -> None:
+    """A reservation's script records what it took under its lease: the finish charges what
+    the request spent less that, so a call whose answer was lost (timed out, cancelled) and
+    that ran all the same is refunded exactly; one that runs after its lease was settled
+    takes nothing; a lease whose finish never reached Redis is settled later (idempotent), and
+    that finish, run late, changes nothing more. A ``tpm = 60`` key: a token a second."""
+    limits = KeyLimits(tpm=60)
+
+    async def left() -> int:
+        tokens = (await shared.admit("k", limits, "probe")).tokens
+        assert tokens is not None
+        return tokens.remaining
+
+    await shared.reserve("k", limits, 40, lease="a")  # ran; its caller never heard back
+    assert 20 <= await left() <= 21
+    await shared.finish("k", limits, "a", 10, doubt=True)  # spent 10: 30 back
+    assert 50 <= await left() <= 51
+    await shared.reserve("k", limits, 30, lease="a")  # the same call, run late: takes nothing
+    assert 50 <= await left() <= 51
+    await shared.reserve("k", limits, 20, lease="b")  # b's finish will not reach Redis
+    assert 30 <= await left() <= 31
+    for _ in range(2):
+        await shared.settle({"k": (60, {"b"})})  # its 20 back (its tokens counted elsewhere)
+        assert 50 <= await left() <= 51
+    await shared.finish("k", limits, "b", 5)  # run late: settled already
+    assert 50 <= await left() <= 52

@@ -4,6 +4,7 @@ and restarted mid-test (per-process limits meanwhile, one log line, the metric),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -280,3 +281,93 @@ async def test_a_sequential_client_is_never_refused_across_replicas(
                 assert answer.status_code == 200, answer.text
                 # Read at once (a blocking call: no task of the server's runs meanwhile).
                 assert r.zcard("embedplex:rl:{seq}:c") == 0
+
+
+def _tat(server: RedisServer) -> float:
+    """The ``tpm`` bucket's TAT of key ``k`` in Redis (seconds, Redis's clock)."""
+    with redis.Redis(port=server.port) as r:
+        return float(r.hget("embedplex:rl:{k}", "t") or 0)
+
+
+async def _pushed(lim: RateLimiter, limits: KeyLimits, tokens: int) -> None:
+    """Charge ``tokens`` to key ``k`` in Redis, so that its TAT stays ahead of Redis's clock
+    (and what later requests add to it can be read off it exactly), through a reservation:
+    each script is then loaded in Redis (a call of one it has not seen fails there with
+    NOSCRIPT, and a stalled call would never run, whatever the limiter does)."""
+    _, lease = await lim.admit("k", limits)
+    assert lease is not None and lease.shared
+    verdict, shared = await lim.reserve(lease, 1)
+    assert verdict.refused is None and shared
+    task = lim.finish(lease, tokens, reserved=1)
+    assert task is not None
+    await task
+
+
+TPM_600 = KeyLimits(tpm=600)  # a token is 0.1 s of the TAT
+
+
+@pytest.mark.parametrize("finish_in_stall", [False, True])
+async def test_a_reservation_whose_redis_call_timed_out_is_settled_exactly(
+    server: RedisServer, finish_in_stall: bool
+) -> None:
+    """The review's repro: Redis stalls (SIGSTOP) past the timeout while a request reserves
+    200 tokens; the limiter reserves them here instead, and Redis runs the script when it
+    wakes. Redis's bucket kept all 200 on top of the 30 the request spent. Now the finish
+    charges the 30 less what the lease reserved in Redis; a finish that fails too charges the
+    30 here, and the probe gives the 200 back in Redis (unless that finish ran there late)."""
+    lim = RateLimiter.from_url(server.url, timeout_s=0.2, probe_interval_s=0.2)
+    try:
+        await _pushed(lim, TPM_600, 300)
+        t0 = _tat(server)
+        _, lease = await lim.admit("k", TPM_600)
+        assert lease is not None and lease.shared
+        stall = asyncio.ensure_future(_stalled(server, 1.0))
+        await asyncio.sleep(0.05)
+        verdict, shared = await lim.reserve(lease, 200)  # times out: taken in this process
+        assert verdict.refused is None and not shared
+        if not finish_in_stall:
+            await stall
+        task = lim.finish(lease, 30, reserved=200, reserved_here=200)
+        assert task is not None
+        await task
+        await stall
+        await eventually(lambda: lim.backend == "redis", 10)
+        await asyncio.sleep(0.2)  # anything Redis still had to run has run
+        charged = (_tat(server) - t0) / 0.1
+        if finish_in_stall:
+            assert -0.5 < charged < 30.5  # 30 in Redis if the finish ran there late, else 0
+        else:
+            assert 29.5 < charged < 30.5
+    finally:
+        await lim.aclose()
+
+
+async def test_a_reservation_cancelled_in_flight_is_given_back_in_redis(
+    server: RedisServer,
+) -> None:
+    """The client leaves while its request's reservation waits on a slow Redis (not failed:
+    no timeout): the call was sent and Redis runs it, but the request ran nothing. Redis's
+    bucket kept the 200. Now the finish refunds what the lease took there, or, if the call
+    is still on its way, marks the lease settled so that it takes nothing."""
+    lim = RateLimiter.from_url(server.url, timeout_s=2.0, probe_interval_s=0.2)
+    try:
+        await _pushed(lim, TPM_600, 300)
+        t0 = _tat(server)
+        _, lease = await lim.admit("k", TPM_600)
+        assert lease is not None and lease.shared
+        stall = asyncio.ensure_future(_stalled(server, 0.5))
+        await asyncio.sleep(0.05)
+        reserving = asyncio.ensure_future(lim.reserve(lease, 200))
+        await asyncio.sleep(0.1)
+        reserving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reserving
+        await stall
+        task = lim.finish(lease, 0)  # nothing ran; the Spend reserved nothing it knows of
+        assert task is not None
+        await task
+        await asyncio.sleep(0.2)
+        assert abs(_tat(server) - t0) / 0.1 < 0.5
+        assert lim.backend == "redis"
+    finally:
+        await lim.aclose()

@@ -15,6 +15,15 @@ as the probe finds Redis back. Left to its lease (``lease_ttl_s``, 5 minutes), a
 would lock a ``max_concurrent = 1`` key out for those 5 minutes. Releasing is idempotent (a
 ``ZREM`` of a lease that is not there does nothing), which is why this, rather than shorter
 leases refreshed by the requests in flight (a Redis call per request per refresh), is the fix.
+
+Reserved tokens likewise. The script that takes a reservation in Redis records it under its
+lease, and the finish charges the request's tokens less what was recorded there, so a
+reservation call that timed out or was cancelled (sent: Redis may run it when it reads it) is
+refunded exactly if it ran. The finish of a lease with such a call marks it settled, so that a
+call still on its way takes nothing. A finish that fails charges the request's tokens in this
+process, and the probe's settle gives back what the lease reserved in Redis (nothing if the
+finish ran there after all). The common path stays one round trip per reservation and one per
+finish.
 """
 
 from __future__ import annotations
@@ -85,8 +94,11 @@ class RateLimiter:
         self._pending: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
         self._prefix = os.urandom(6).hex()
-        # Per key, the leases to release in Redis once it answers again (module docstring).
-        self._unsettled: dict[str, set[str]] = {}
+        # Per key, its tpm (0: none) and the leases to settle in Redis once it answers again
+        # (module docstring).
+        self._unsettled: dict[str, tuple[int, set[str]]] = {}
+        # Leases with a reservation call whose outcome is unknown (timed out, cancelled).
+        self._doubtful: set[str] = set()
         # What losing Redis looks like from redis-py: its own errors and the OS's under them.
         self._errors = shared.errors if shared is not None else ()
         self.observer.on_backend(self.backend)
@@ -131,7 +143,8 @@ class RateLimiter:
             try:
                 verdict = await self.shared.admit(key, limits, lease_id)
             except self._errors as exc:
-                self._unsettle(key, limits, lease_id)  # Redis may run it when it wakes
+                if limits.max_concurrent is not None:  # Redis may take the slot when it wakes
+                    self._unsettle(key, limits, lease_id)
                 self._lost(exc)
                 shared = False
         if verdict is None:
@@ -146,9 +159,15 @@ class RateLimiter:
         did: the lease's admission was local, or Redis failed now)."""
         if lease.shared and self.shared is not None and self.redis_up:
             try:
-                verdict = await self.shared.reserve(lease.key, lease.limits, tokens, held)
+                verdict = await self.shared.reserve(
+                    lease.key, lease.limits, tokens, held, lease=lease.lease_id
+                )
             except self._errors as exc:
+                self._doubtful.add(lease.lease_id)  # it may run when Redis reads it
                 self._lost(exc)
+            except BaseException:
+                self._doubtful.add(lease.lease_id)  # cancelled: sent, and may run all the same
+                raise
             else:
                 return self._refused(lease.key, verdict), True
         verdict = self.local.reserve(lease.key, lease.limits, tokens, held)
@@ -164,7 +183,8 @@ class RateLimiter:
     ) -> asyncio.Task[None] | None:
         """Give the slot back and charge ``tokens`` less the ``reserved`` part of them (of
         which ``reserved_here`` was taken in this process: refunded here); never raises, never
-        waits.
+        waits. For a lease admitted in Redis, Redis settles what the lease reserved there,
+        as its script recorded it (a call whose caller gave up may have run).
 
         Synchronous so that it runs whatever ended the request (an error, a disconnect, a
         cancelled task): the Redis call goes on in a task of its own, returned so that a caller
@@ -175,31 +195,37 @@ class RateLimiter:
             return None
         if reserved_here:
             self.local.charge(lease.key, lease.limits, -reserved_here)
-        settle = tokens - (reserved - reserved_here)
-        task = asyncio.get_running_loop().create_task(self._finish_shared(lease, settle))
+        doubt = lease.lease_id in self._doubtful
+        self._doubtful.discard(lease.lease_id)
+        task = asyncio.get_running_loop().create_task(self._finish_shared(lease, tokens, doubt))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def _finish_shared(self, lease: Lease, tokens: int) -> None:
+    async def _finish_shared(self, lease: Lease, tokens: int, doubt: bool) -> None:
         assert self.shared is not None
         try:
-            await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens)
+            await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens, doubt=doubt)
         except self._errors as exc:
             self._unsettle(lease.key, lease.limits, lease.lease_id)
             self._lost(exc)
-            # A charge counts here instead; a refund is owed to Redis, not to this process.
+            # Its tokens count here instead; what it reserved in Redis is given back there
+            # when the probe settles it (unless this finish ran there after all).
             self.local.charge(lease.key, lease.limits, max(tokens, 0))
 
     def _unsettle(self, key: str, limits: KeyLimits, lease_id: str) -> None:
-        """Remember a lease Redis may hold, to release when it is back (a bounded number: past
-        it, a lease expires with its TTL as before)."""
-        if limits.max_concurrent is None or self._unsettled_count() >= MAX_UNSETTLED:
+        """Remember a lease Redis may hold (a slot, reserved tokens), to settle when it is back
+        (a bounded number: past it, a slot expires with its lease, tokens with the window)."""
+        if limits.max_concurrent is None and limits.tpm is None:
             return
-        self._unsettled.setdefault(key, set()).add(lease_id)
+        if self._unsettled_count() >= MAX_UNSETTLED:
+            return
+        _, ids = self._unsettled.get(key, (0, set()))
+        ids.add(lease_id)
+        self._unsettled[key] = (limits.tpm or 0, ids)
 
     def _unsettled_count(self) -> int:
-        return sum(len(ids) for ids in self._unsettled.values())
+        return sum(len(ids) for _, ids in self._unsettled.values())
 
     def _lost(self, exc: BaseException) -> None:
         """Fall back to per-process limits: one log line, and a probe until Redis returns."""
@@ -229,16 +255,17 @@ class RateLimiter:
             return
 
     async def _settle(self) -> None:
-        """Release the remembered leases in Redis (forgotten only once that succeeded)."""
+        """Settle the remembered leases in Redis (forgotten only once that succeeded)."""
         assert self.shared is not None
         if not self._unsettled:
             return
         leases, self._unsettled = self._unsettled, {}
         try:
-            await self.shared.release(leases)
+            await self.shared.settle(leases)
         except BaseException:
-            for key, ids in leases.items():
-                self._unsettled.setdefault(key, set()).update(ids)
+            for key, (tpm, ids) in leases.items():
+                _, now = self._unsettled.get(key, (tpm, set()))
+                self._unsettled[key] = (tpm, ids | now)
             raise
 
     async def aclose(self) -> None:

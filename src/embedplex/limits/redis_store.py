@@ -9,6 +9,13 @@ window keeps one list entry per unit (a token limit of 200,000 a minute would ke
 Each key id has a hash ``embedplex:rl:{id}`` (the two TATs, ``r`` and ``t``) and a sorted set
 ``embedplex:rl:{id}:c`` of in-flight leases scored by when they expire, so that the slots of a
 replica that died with requests in flight come back after ``lease_ttl_s`` instead of never.
+A hash ``embedplex:rl:{id}:v`` holds, per lease, the tokens its reservations took here (kept a
+minute past the lease): the finish charges what the request spent less that, whatever the
+caller saw of those calls. A reservation call that timed out (Redis stalled) or was cancelled
+(client gone) may still run when Redis reads it; it is refunded exactly if it did, and takes
+nothing if it runs after its lease was settled (the lease's entry is then ``x``). The limiter
+says when a finish is in such doubt, and settles leases whose finish failed
+(``limiter.py``).
 Time is Redis's own clock (``TIME``), so replicas with skewed clocks still agree.
 """
 
@@ -35,7 +42,7 @@ local st = redis.call('HMGET', KEYS[1], 'r', 't')
 local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
 local function budget(limit, tat)
   local ahead = math.max(tat - now, 0)
-  return math.max(math.floor((W - ahead) / (W / limit) + 1e-9), 0), ahead
+  return math.max(math.floor((W - ahead) / (W / limit) + 1e-6), 0), ahead
 end
 """
 
@@ -88,15 +95,23 @@ _RESERVE = (
     _prelude(5)
     + """
 local rpm, tpm, n, held = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = ARGV[6]
 local iv = W / tpm
 local others = ttat - held * iv
 local refused, retry = 0, 0
-if budget(tpm, others) <= 0 then
+if lease ~= '' and redis.call('HGET', KEYS[2], lease) == 'x' then
+  -- Its request was settled before this ran (a call that timed out or was cancelled, run
+  -- late): nobody waits for it, and it takes nothing.
+elseif budget(tpm, others) <= 0 then
   refused, retry = 2, math.max(others - now - W + iv, 0)
 else
   ttat = math.max(ttat, now) + n * iv
   redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+  if lease ~= '' then  -- what the finish settles: what ran here, not what the caller saw
+    redis.call('HINCRBY', KEYS[2], lease, n)
+    redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  end
 end
 local req_rem, req_reset = -1, 0
 if rpm > 0 then
@@ -111,6 +126,19 @@ return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000)
 _FINISH = """
 redis.call('ZREM', KEYS[2], ARGV[2])
 local tpm, n = tonumber(ARGV[1]), tonumber(ARGV[3])
+local mine = redis.call('HGET', KEYS[3], ARGV[2])
+if mine == 'x' then  -- settled already (_SETTLE): this finish ran late, its tokens charged
+  return 0            -- in the process whose call failed
+end
+if mine then
+  n = n - tonumber(mine)  -- charged what it spent less what it reserved here
+end
+if ARGV[5] == '1' then  -- a reservation may still be on its way: it must take nothing
+  redis.call('HSET', KEYS[3], ARGV[2], 'x')
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+elseif mine then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+end
 if tpm > 0 and n ~= 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -122,6 +150,32 @@ if tpm > 0 and n ~= 0 then
   else  -- a refund: never past a full bucket
     ttat = math.max(ttat + seconds, now)
   end
+  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+end
+return 0
+"""
+
+_SETTLE = """
+local tpm, W = tonumber(ARGV[1]), tonumber(ARGV[2])
+local back = 0
+for i = 4, #ARGV do
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  if tpm > 0 then
+    local mine = redis.call('HGET', KEYS[3], ARGV[i])
+    if mine ~= 'x' then
+      back = back + (tonumber(mine) or 0)
+      redis.call('HSET', KEYS[3], ARGV[i], 'x')
+      redis.call('PEXPIRE', KEYS[3], ARGV[3])
+    end
+  end
+end
+if back > 0 then  -- a refund, never past a full bucket
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local st = redis.call('HMGET', KEYS[1], 'r', 't')
+  local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
+  ttat = math.max(ttat - back * W / tpm, now)
   redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
   redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
 end
@@ -148,6 +202,10 @@ class RedisLimits:
         self._admit = client.register_script(_ADMIT)
         self._reserve = client.register_script(_RESERVE)
         self._finish = client.register_script(_FINISH)
+        self._settle = client.register_script(_SETTLE)
+        # A lease's reservations are kept a minute past its lease: a request that outlives
+        # that is charged in full at its finish (its reservation is refilled by then).
+        self._kept_ms = int((lease_ttl_s + WINDOW_S) * 1000)
 
     async def admit(self, key: str, limits: KeyLimits, lease: str) -> Verdict:
         raw: list[Any] = await self._admit(
@@ -163,26 +221,44 @@ class RedisLimits:
         )
         return _verdict(raw, limits)
 
-    async def reserve(self, key: str, limits: KeyLimits, tokens: int, held: int = 0) -> Verdict:
+    async def reserve(
+        self, key: str, limits: KeyLimits, tokens: int, held: int = 0, *, lease: str = ""
+    ) -> Verdict:
         """``LocalLimits.reserve`` in Redis: take ``tokens`` unless less than one token is left
-        besides ``held`` (what the same request reserved before)."""
+        besides ``held`` (what the same request reserved before). Taken for ``lease``: the
+        script adds them to what that lease holds here, which its ``finish`` settles (so a
+        call that timed out or was cancelled, and ran all the same, is refunded exactly)."""
         if limits.tpm is None or tokens <= 0:
             return Verdict()
+        k = _keys(key)
         raw: list[Any] = await self._reserve(
-            keys=_keys(key)[:1],
-            args=[limits.rpm or 0, limits.tpm, tokens, held, WINDOW_S],
+            keys=[k[0], k[2]],
+            args=[limits.rpm or 0, limits.tpm, tokens, held, WINDOW_S, lease, self._kept_ms],
         )
         return _verdict(raw, limits)
 
-    async def finish(self, key: str, limits: KeyLimits, lease: str, tokens: int) -> None:
-        """Release ``lease`` and charge ``tokens`` (negative: a refund)."""
-        await self._finish(keys=_keys(key), args=[limits.tpm or 0, lease, tokens, WINDOW_S])
+    async def finish(
+        self, key: str, limits: KeyLimits, lease: str, tokens: int, *, doubt: bool = False
+    ) -> None:
+        """Release ``lease`` and charge ``tokens`` less what it reserved here (negative: a
+        refund). ``doubt``: a reservation call of it failed or was cancelled, and may yet run;
+        it will take nothing."""
+        await self._finish(
+            keys=_keys(key),
+            args=[limits.tpm or 0, lease, tokens, WINDOW_S, int(doubt), self._kept_ms],
+        )
 
-    async def release(self, leases: dict[str, set[str]]) -> None:
-        """Drop the given in-flight leases of each key (one round trip; absent ones are no-ops)."""
+    async def settle(self, leases: dict[str, tuple[int, set[str]]]) -> None:
+        """For each key (its ``tpm``, 0 for none, and lease ids): drop the leases' slots and
+        refund what they reserved here, for leases whose finish did not reach Redis (their
+        tokens were charged in the process instead); a finish that ran after all left
+        nothing to refund. Idempotent, and anything of these leases that runs later takes
+        nothing. One round trip."""
         pipe = self.client.pipeline(transaction=False)
-        for key, ids in leases.items():
-            pipe.zrem(_keys(key)[1], *ids)
+        for key, (tpm, ids) in leases.items():
+            await self._settle(
+                keys=_keys(key), args=[tpm, WINDOW_S, self._kept_ms, *ids], client=pipe
+            )
         await pipe.execute()
 
     async def ping(self) -> None:
@@ -204,4 +280,4 @@ def _verdict(raw: list[Any], limits: KeyLimits) -> Verdict:
 
 def _keys(key: str) -> list[str]:
     # The braces keep both keys of one id in one Redis Cluster slot (a script's keys must be).
-    return [f"embedplex:rl:{{{key}}}", f"embedplex:rl:{{{key}}}:c"]
+    return [f"embedplex:rl:{{{key}}}", f"embedplex:rl:{{{key}}}:c", f"embedplex:rl:{{{key}}}:v"]
