@@ -18,7 +18,7 @@ from embedplex.api.app import create_app
 from embedplex.api.pipeline import Pipeline
 from embedplex.backends.fake import FakeBackend
 from embedplex.config import Settings
-from embedplex.core.spend import estimated_tokens
+from embedplex.core.spend import bounded_tokens
 from embedplex.core.tenant import KeyLimits, Tenant
 from embedplex.limits import LocalLimits, RateLimiter
 from helpers import eventually, parse_metrics, running, served, value
@@ -347,8 +347,8 @@ def test_a_burst_of_parallel_requests_is_held_to_tokens_per_minute(tiny_model_di
 async def test_a_reservation_is_held_while_queued_and_given_back_unrun(
     tiny_model_dir: Path,
 ) -> None:
-    """Two requests, one in the backend and one queued behind it: both hold their estimated
-    tokens from the moment they queue. The queued one's client leaves before its batch runs:
+    """Two requests, one in the backend and one queued behind it: both hold their tokens'
+    bound from the moment they queue. The queued one's client leaves before its batch runs:
     its reservation comes back whole; one whose batch fails gets it back too; the answered one
     is charged its usage, the estimate settled (a frozen clock: no refill)."""
     backend = FakeBackend(delay=0.5)
@@ -367,7 +367,10 @@ async def test_a_reservation_is_held_while_queued_and_given_back_unrun(
         second = asyncio.create_task(
             client.post("/v1/embeddings", json={"input": queued}, headers=key)
         )
-        both = 100_000 - estimated_tokens(len(ran)) - estimated_tokens(len(queued))
+        # A deferred text reserves one token a character (its bound), at most the model's cap.
+        cap = 32  # the tiny model's max_input_length
+        ran_bound, queued_bound = (min(cap, bounded_tokens(len(t))) for t in (ran, queued))
+        both = 100_000 - ran_bound - queued_bound
         for _ in range(200):
             if await remaining() == both:
                 break
@@ -376,7 +379,7 @@ async def test_a_reservation_is_held_while_queued_and_given_back_unrun(
         second.cancel()  # its client leaves before its batch runs
         with contextlib.suppress(asyncio.CancelledError):
             await second
-        assert await remaining() == 100_000 - estimated_tokens(len(ran))
+        assert await remaining() == 100_000 - ran_bound
         answer = await first
         assert answer.status_code == 200
         assert await remaining() == 100_000 - answer.json()["usage"]["prompt_tokens"]
@@ -387,3 +390,38 @@ async def test_a_reservation_is_held_while_queued_and_given_back_unrun(
         assert failed.status_code == 424
         assert await remaining() == before
     assert len(backend.batches) == 2  # the first request's and the failed one: not the queued
+
+
+def test_a_burst_of_non_english_text_is_held_to_tokens_per_minute(tiny_model_dir: Path) -> None:
+    """The review's repro: 12 parallel requests of 40 texts of 12 CJK characters (a token a
+    character) on a ``tpm = 1000`` key. Queued untokenized, they reserved the English guess
+    (5 tokens a text for 14 counted) and five were answered, 2,800 tokens. Each text now
+    reserves its bound (a token a character, plus 2): the first request takes 560 tokens, the
+    second overspends what was left, the others get the key's 429."""
+    app = limited_app(tiny_model_dir, FakeBackend(delay=0.2), {"k": KeyLimits(tpm=1000)})
+
+    def texts(r: int) -> list[str]:
+        return [
+            "".join(chr(0x4E00 + (r * 997 + i * 13 + j) % 20000) for j in range(12))
+            for i in range(40)
+        ]
+
+    with served(app) as url:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            "/v1/embeddings",
+                            json={"input": texts(r)},
+                            headers={"x-test-tenant": "k"},
+                        )
+                        for r in range(12)
+                    )
+                )
+
+        answers = asyncio.run(burst())
+    spent = [a.json()["usage"]["prompt_tokens"] for a in answers if a.status_code == 200]
+    assert sorted(a.status_code for a in answers) == [200] * 2 + [429] * 10
+    assert spent == [560, 560]

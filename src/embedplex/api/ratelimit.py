@@ -4,11 +4,11 @@ Runs after authentication, for requests whose tenant has a key id and at least o
 anonymous requests, open paths (probes, metrics, docs) and the admin API pass untouched. An
 admitted request holds its key's concurrency slot until the pipeline finishes it (answer ready,
 error, client gone, task cancelled: ``Exchange.at_finish``). A key with ``tpm`` reserves a
-request's estimated tokens just before its inputs queue (``_Release._reserve``, through
-``core/spend.py``: refused with the same 429 as at admission when a parallel request's
-reservation left less than one token), and at the finish is charged its tokens less that
-reservation: the answer's, or for a request that ended without one, those of its inputs that
-ran.
+request's tokens (counted, bounded or estimated) just before its inputs queue
+(``_Release._reserve``, through ``core/spend.py``: refused with the same 429 as at admission
+when a parallel request's reservation left less than one token), and at the finish is charged
+its tokens less that reservation: the answer's, or for a request that ended without one, those
+of its inputs that ran.
 
 Every answer to a limited key carries OpenAI's headers (``x-ratelimit-limit-requests``,
 ``-remaining-requests``, ``-reset-requests`` and the ``-tokens`` three), refusals as well; a

@@ -82,6 +82,11 @@ class Encoded:
         """What it weighs in a batch: its token count."""
         return len(self.ids)
 
+    @property
+    def bound(self) -> int:
+        """What a key's tpm reserves for it (``core/spend.py``): its count, known."""
+        return len(self.ids)
+
 
 @dataclass(frozen=True, slots=True)
 class Token:

@@ -6,7 +6,9 @@ less what it reserved (a refund when the estimate was over). What it spent: on a
 tokens the answer reports; for a request that ends without one (client gone, task cancelled, a
 deadline), the tokens of its inputs that ran. The pipeline's ``RateLimit`` stage puts a
 ``Spend`` in ``REQUEST_SPEND`` for a request whose key has a ``tpm``; a local model or remote
-provider queues a request's batcher items through it (``Spend.queue``: reserve, queue, note),
+provider queues a request's batcher items through it (``Spend.queue``: reserve, queue, note;
+each input reserved at its payload's ``bound``: its count when tokenized, one token a character
+for a local text queued untokenized, the estimate for a remote one),
 and at the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream
 (an item the batcher stamped ``started_at``) and did not fail. Inputs dropped from the queue
 before they ran, or whose batch failed, cost nothing. A context variable, as the deadline
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 
@@ -27,11 +30,16 @@ class _Costed(Protocol):
     @property
     def cost(self) -> int: ...
 
+    @property
+    def bound(self) -> int: ...
+
 
 class Queued(Protocol):
     """A queued input as ``Spend`` reads it (``batching.item.Item``): its payload's token
-    count (a remote text's: ``estimated_tokens``), when its batch started (0: never), and its
-    future (a batch that failed set an exception there)."""
+    count (``cost``: a remote text's ``estimated_tokens``; a local deferred text's estimate
+    until its batch tokenizes it, then its count) and what a reservation holds for it
+    (``bound``: at least its count where that is known), when its batch started (0: never),
+    and its future (a batch that failed set an exception there)."""
 
     @property
     def payload(self) -> _Costed: ...
@@ -54,14 +62,27 @@ class Spend:
     request that queues again (a route failing over to its next provider re-queues the inputs
     whose batch failed; a route that embeds in parts) reserves the inputs it will have queued
     or running, less what it reserved before, so the same inputs are never reserved twice.
+    One request's reservations are taken one at a time (a lock, made by the first that
+    reserves): parts queuing in parallel would otherwise each count what the others hold from
+    before their calls, and a shared store running those calls in another order would count a
+    sibling's reservation as someone else's and refuse the request its own tokens.
+
+    What the noted inputs hold is kept as a running total: each item is looked at once, when a
+    later ``queue`` call first needs it, and an item still pending then gets a done-callback
+    that takes its share off if its batch fails or it is dropped unrun. A request that queues
+    once looks at none of them; one of n parts does O(n) work in all, not O(n^2).
     This base reserves nothing (no limiter): ``api.ratelimit._Release`` takes them.
     """
 
-    __slots__ = ("_claimed", "_queued", "reserved")
+    __slots__ = ("_claimed", "_held", "_lock", "_queued", "_tracked", "_watched", "reserved")
 
     def __init__(self) -> None:
         self._queued: list[Sequence[Queued]] | None = []
+        self._tracked = 0  # parts of _queued counted in _held (those after it: not looked at)
+        self._held = 0  # what the counted items still hold (queued, running or ran)
+        self._watched = 0  # counted items whose done-callback has not run yet
         self._claimed = 0  # tokens of inputs being queued now: reserved, not noted yet
+        self._lock: asyncio.Lock | None = None
         self.reserved = 0  # tokens this request took from its key's bucket before running
 
     async def queue(self, cost: int, submit: Callable[[], S]) -> S:
@@ -69,22 +90,37 @@ class Spend:
         the items; a refusal (``_reserve`` raises) queues nothing."""
         if self._queued is None:  # charged already: a later request's work, in its context
             return submit()
-        need = self._outstanding() + self._claimed + cost - self.reserved
-        self._claimed += cost  # a sibling queuing meanwhile counts these as held
+        self._claimed += cost  # a sibling reserving meanwhile counts these as held
         try:
-            if need > 0:
-                held = self.reserved
-                self.reserved += need
-                try:
-                    await self._reserve(need, held)
-                except BaseException:
-                    self.reserved -= need
-                    raise
+            if cost > 0:
+                if self._lock is None:
+                    self._lock = asyncio.Lock()
+                async with self._lock:
+                    await self._reserve_needed()
             items = submit()
         finally:
             self._claimed -= cost
         self.note(items)
         return items
+
+    async def _reserve_needed(self) -> None:
+        """Under the lock: reserve what the held, claimed and noted inputs lack."""
+        self._track()
+        need = self._held + self._claimed - self.reserved
+        if need > 0 and self._watched:
+            # A batch that failed just now has its callbacks queued, not run: let them take
+            # its items off first (a failover re-queuing them would reserve them again).
+            await asyncio.sleep(0)
+            need = self._held + self._claimed - self.reserved
+        if need <= 0:
+            return
+        held = self.reserved
+        self.reserved += need
+        try:
+            await self._reserve(need, held)
+        except BaseException:
+            self.reserved -= need
+            raise
 
     async def _reserve(self, tokens: int, held: int) -> None:
         """Take ``tokens`` for this request (which holds ``held`` already) or raise."""
@@ -111,13 +147,28 @@ class Spend:
         queued = self._queued or ()
         return sum(i.payload.cost for part in queued for i in part if i.started_at and _ran(i))
 
-    def _outstanding(self) -> int:
-        """Tokens of the noted inputs a reservation still covers: queued, running, or ran; not
-        those dropped unrun or whose batch failed (a failover queues them again)."""
+    def _track(self) -> None:
+        """Count the parts noted since the last call in ``_held``: the bound of each input a
+        reservation still covers (queued, running, or ran; not one dropped unrun or whose
+        batch failed: a failover queues it again). A pending one is watched until done."""
         queued = self._queued
-        if not queued:
-            return 0
-        return sum(i.payload.cost for part in queued for i in part if _holds(i))
+        if queued is None or self._tracked == len(queued):
+            return
+        for part in queued[self._tracked :]:
+            for item in part:
+                bound = item.payload.bound
+                if not item.future.done():
+                    self._held += bound
+                    self._watched += 1
+                    item.future.add_done_callback(partial(self._done, item, bound))
+                elif _holds(item):
+                    self._held += bound
+        self._tracked = len(queued)
+
+    def _done(self, item: Queued, bound: int, _: object) -> None:
+        self._watched -= 1
+        if not _holds(item):
+            self._held -= bound
 
 
 def _ran(item: Queued) -> bool:
@@ -140,8 +191,16 @@ REQUEST_SPEND: ContextVar[Spend | None] = ContextVar("embedplex_spend", default=
 
 
 def estimated_tokens(chars: int) -> int:
-    """Tokens of a text not tokenized here (yet), from its length: about 4 characters a token,
-    plus the special tokens around it. Sizes a local model's deferred texts until the inference
-    thread tokenizes them, and is what a remote provider's texts are reserved, and charged when
-    their request ends without an answer (the upstream's own count comes with its answer)."""
+    """Tokens of a text not tokenized here, from its length: about 4 characters a token, plus
+    the special tokens around it (English; other scripts count more, up to about one token a
+    character). Sizes a local model's deferred texts until the inference thread tokenizes
+    them, and is what a remote provider's texts are reserved, and charged when their request
+    ends without an answer (the upstream's own count comes with its answer)."""
     return chars // 4 + 2
+
+
+def bounded_tokens(chars: int) -> int:
+    """At most how many tokens a text of ``chars`` characters makes for a WordPiece or
+    unigram tokenizer (each token covers at least one character), plus its special tokens:
+    what a local model's deferred text reserves (a model's own cap bounds it too)."""
+    return chars + 2

@@ -10,12 +10,15 @@ out of it: ``remaining = (window - (tat - now)) / interval``, ``reset = tat - no
 When a request is charged (``docs/limits.md``): a request is *admitted* if one request fits in
 its requests bucket and at least one token is left in its tokens bucket (the request unit is
 taken then; the body is not read yet). Just before it queues its inputs it *reserves* their
-estimated tokens (``reserve``): refused if less than one token is left (not counting what the
-same request reserved before), else taken at once, so of requests in flight together only the
-one whose reservation emptied the bucket overspends, as with OpenAI (which counts a request's
-estimate when it arrives). When it finishes, ``finish`` charges its real tokens less what it
-reserved (a refund when that is negative, never past a full bucket). One request may still
-overspend what was left; the next ones wait until the bucket is back above zero.
+tokens (``reserve``: a count, a bound, or for remote texts an estimate): refused if less than
+one token is left (not counting what the same request reserved before), else taken at once, so
+of requests in flight together only the one whose reservation emptied the bucket is let in past
+what was left, as with OpenAI (which counts a request's estimate when it arrives); an estimate
+that was under (non-English text sent upstream: up to about 4 times) lets each request in
+flight overspend by that until its finish charges the rest. When it finishes, ``finish``
+charges its real tokens less what it reserved (a refund when that is negative, never past a
+full bucket). One request may still overspend what was left; the next ones wait until the
+bucket is back above zero.
 
 ``admit``, ``reserve`` and ``finish`` below are the one definition of the rules; the Redis store
 runs the same rules as Lua scripts (``redis_store.py``), and the tests hold them to the same
@@ -60,7 +63,7 @@ class Verdict:
 def _budget(limit: int, tat: float, now: float) -> Budget:
     interval = WINDOW_S / limit
     ahead = max(tat - now, 0.0)
-    return Budget(limit, max(math.floor((WINDOW_S - ahead) / interval + 1e-9), 0), ahead)
+    return Budget(limit, max(math.floor((WINDOW_S - ahead) / interval + 1e-6), 0), ahead)
 
 
 @dataclass(slots=True)

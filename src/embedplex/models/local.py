@@ -60,7 +60,7 @@ from embedplex.core.errors import (
     FatalBackendError,
     OverloadedError,
 )
-from embedplex.core.spend import REQUEST_SPEND, Spend, estimated_tokens
+from embedplex.core.spend import REQUEST_SPEND, Spend, bounded_tokens, estimated_tokens
 from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
@@ -221,6 +221,7 @@ class Deferred:
     truncate: bool
     direction: TruncationDirection
     cost: int  # estimated tokens; the real count once its batch has tokenized it (0: failed)
+    bound: int  # what a key's tpm reserves for it: at least its count (core/spend.py)
 
 
 Payload = Encoded | Deferred
@@ -596,7 +597,7 @@ class LocalModel(Generic[R]):
     ) -> Awaitable[list[Item[Payload, R]]]:
         """``_submit`` for a key with ``tpm``: its request reserves the payloads' tokens first
         (a refusal queues nothing), and is charged those that run (``core/spend.py``)."""
-        cost = sum(p.cost for p in payloads)
+        cost = sum(p.bound for p in payloads)
         return spend.queue(cost, lambda: self._submit(payloads, tenant))
 
     def _submit(self, payloads: list[Payload], tenant: Tenant) -> list[Item[Payload, R]]:
@@ -619,10 +620,19 @@ class LocalModel(Generic[R]):
         """``picked``: only these positions of ``texts`` (their positions name them in errors)."""
         # The cost is a guess until the thread tokenizes (about 4 characters a token); it only
         # groups similar lengths and sizes the batch, and _infer splits a batch it underrated.
+        # A key's tpm reserves the bound instead (one token a character: non-English text
+        # counts up to 4 times the guess), settled to the real count at the finish.
         cap = self.spec.max_input_length
         ks = range(len(texts)) if picked is None else picked
         return [
-            Deferred(texts[k], k, truncate, direction, min(cap, estimated_tokens(len(texts[k]))))
+            Deferred(
+                texts[k],
+                k,
+                truncate,
+                direction,
+                min(cap, estimated_tokens(len(texts[k]))),
+                min(cap, bounded_tokens(len(texts[k]))),
+            )
             for k in ks
         ]
 

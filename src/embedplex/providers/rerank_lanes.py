@@ -54,6 +54,11 @@ class Pair(NamedTuple):
         (``core/spend.py``) or its upstream's answer gives no count (``_call``)."""
         return estimated_tokens(len(self.query) + len(self.document))
 
+    @property
+    def bound(self) -> int:
+        """What a key's tpm reserves for it: the estimate (``Text.bound``)."""
+        return self.cost
+
 
 @dataclass(frozen=True, slots=True)
 class Scored:
@@ -156,7 +161,7 @@ class RerankLanes:
             items = lane.batcher.submit(pairs, costs, trace=trace, tenant=request.tenant)
         else:
             items = await spend.queue(
-                sum(p.cost for p in pairs),
+                sum(p.bound for p in pairs),
                 lambda: lane.batcher.submit(pairs, costs, trace=trace, tenant=request.tenant),
             )
         rows = await collect(items, self.counters, "rerank_requests")

@@ -90,6 +90,12 @@ class Text(NamedTuple):
         (``core/spend.py``) or its upstream's answer gives no count (``_call``)."""
         return estimated_tokens(len(self.text))
 
+    @property
+    def bound(self) -> int:
+        """What a key's tpm reserves for it: the estimate (an upstream's tokenizer, and so
+        any bound, is unknown here; ``docs/limits.md``)."""
+        return self.cost
+
 
 EmbedLane = Lane[EmbedParams, Text, Embedded]
 
@@ -437,7 +443,7 @@ class ProviderRuntime:
                 queued = lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant)
             else:
                 queued = await spend.queue(
-                    texts[0].cost,
+                    texts[0].bound,
                     lambda: lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant),
                 )
             item = queued[0]
@@ -482,7 +488,7 @@ class ProviderRuntime:
                     items = lane.batcher.submit(queued, costs, trace=trace, tenant=tenant)
                 else:
                     items = await spend.queue(
-                        sum(t.cost for t in queued),
+                        sum(t.bound for t in queued),
                         lambda: lane.batcher.submit(queued, costs, trace=trace, tenant=tenant),
                     )
                 sharing.lead(items, lane.requeue, tenant)
