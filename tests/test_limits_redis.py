@@ -371,3 +371,39 @@ async def test_a_reservation_cancelled_in_flight_is_given_back_in_redis(
         assert lim.backend == "redis"
     finally:
         await lim.aclose()
+
+
+async def test_parts_of_one_batch_never_refuse_each_other_through_redis(
+    tiny_model_dir: Path, server: RedisServer
+) -> None:
+    """The review's repro: one ``/v1/embeddings/batch`` of 5 sub-requests on a fresh
+    ``tpm = 1000`` key, limits in Redis, one sub-request refused: its reservation ran in Redis
+    after a sibling's that it then counted as someone else's. Here the first reservation call
+    to reach Redis is held back 0.3 s (a slow connection), so any sibling in flight overtakes
+    it. Now one request's reservations are taken one at a time: every part is answered."""
+    app = limited_app(
+        tiny_model_dir, FakeBackend(), {"parts": KeyLimits(tpm=1000)}, redis_url=server.url
+    )
+    async with running(app) as client:
+        shared = app.state.rate_limiter.shared
+        reserve = shared.reserve
+        calls = 0
+
+        async def first_held_back(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(0.3)
+            return await reserve(*args, **kwargs)
+
+        shared.reserve = first_held_back
+        requests = [
+            {"id": str(j), "input": [f"part {j} text {i} " + "z" * 30 for i in range(100)]}
+            for j in range(5)
+        ]
+        answer = await client.post(
+            "/v1/embeddings/batch", json={"requests": requests}, headers={"x-test-tenant": "parts"}
+        )
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r.get("error") for r in results] == [None] * 5
