@@ -104,39 +104,16 @@ def make_tiny_bert(
         str(path), safe_serialization=True
     )
     if pooling is not None:
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        write_st_modules(
+            path,
             {
-                "idx": 1,
-                "name": "1",
-                "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling",
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_lasttoken": pooling == "last-token",
             },
-        ]
-        if normalize:
-            modules.append(
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                }
-            )
-        (path / "modules.json").write_text(json.dumps(modules))
-        (path / "1_Pooling").mkdir(exist_ok=True)
-        (path / "1_Pooling" / "config.json").write_text(
-            json.dumps(
-                {
-                    "word_embedding_dimension": 32,
-                    "pooling_mode_cls_token": pooling == "cls",
-                    "pooling_mode_mean_tokens": pooling == "mean",
-                    "pooling_mode_max_tokens": False,
-                    "pooling_mode_lasttoken": pooling == "last-token",
-                }
-            )
+            normalize=normalize,
         )
-        if normalize:
-            (path / "2_Normalize").mkdir(exist_ok=True)
     if max_seq_length is not None:
         (path / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
@@ -146,8 +123,11 @@ def make_tiny_bert(
     return path
 
 
-def write_st_modules(path: Path, pooling: dict[str, object], *, width: int = 32) -> None:
-    """sentence-transformers' ``modules.json`` (Transformer, Pooling) with this pooling config."""
+def write_st_modules(
+    path: Path, pooling: dict[str, object], *, width: int = 32, normalize: bool = False
+) -> None:
+    """sentence-transformers' ``modules.json`` (Transformer, Pooling, and Normalize if asked)
+    with this pooling config."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {
@@ -157,6 +137,16 @@ def write_st_modules(path: Path, pooling: dict[str, object], *, width: int = 32)
             "type": "sentence_transformers.models.Pooling",
         },
     ]
+    if normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "modules.json").write_text(json.dumps(modules))
     (path / "1_Pooling").mkdir(exist_ok=True)
     (path / "1_Pooling" / "config.json").write_text(

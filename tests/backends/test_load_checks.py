@@ -14,16 +14,8 @@ from embedplex.backends.model_files import load_spec
 from embedplex.backends.onnx import OnnxBackend
 from embedplex.backends.pytorch import TorchBackend
 from embedplex.core.errors import FatalBackendError
-from tiny_models import ship_onnx
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shipped_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shipped") / "m"
-    shutil.copytree(tiny_model_dir, root)
-    return ship_onnx(root)
 
 
 def renamed_input(source: Path, target: Path, old: str, new: str) -> Path:

@@ -16,17 +16,8 @@ from embedplex.backends.model_files import ModelSpec, load_spec
 from embedplex.backends.onnx import OnnxBackend
 from embedplex.backends.onnx_cache import ensure_onnx
 from embedplex.core.errors import FatalBackendError
-from tiny_models import ship_onnx
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shipped_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its own ``onnx/model.onnx`` (served float32 without a child)."""
-    root = tmp_path_factory.mktemp("shipped") / "m"
-    shutil.copytree(tiny_model_dir, root)
-    return ship_onnx(root)
 
 
 @pytest.fixture(scope="module")
