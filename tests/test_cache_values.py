@@ -4,6 +4,7 @@ charged), and bad ids get the same 422 with the cache on."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import struct
@@ -208,10 +209,13 @@ async def test_lowercasing_names_its_own_redis_entries(tiny_model_dir: Path) -> 
     cache = EmbeddingCache(MiB, redis=RedisTier.from_url("redis://127.0.0.1:9", ttl_s=60))
     try:
         plain = cached_model(tiny_model_dir, FakeBackend(), cache)
+        lowering = copy.copy(plain.tokenizer)
+        lowering.lowered = True  # do_lower_case on a cased tokenizer (tokenizer_for)
         spec = dataclasses.replace(plain.spec, lowercase=True)
-        lower = LocalEmbeddingModel(
-            spec, plain.tokenizer, plain.backend, plain.options, cache=cache
-        )
+        lower = LocalEmbeddingModel(spec, lowering, plain.backend, plain.options, cache=cache)
         assert lower._identity != plain._identity
+        # do_lower_case where the tokenizer lowercases already changes no vector, nor the name
+        same = LocalEmbeddingModel(spec, plain.tokenizer, plain.backend, plain.options, cache=cache)
+        assert same._identity == plain._identity
     finally:
         await cache.aclose()

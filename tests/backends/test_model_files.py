@@ -17,6 +17,7 @@ from embedplex.backends.model_files import (
     Pooling,
     load_spec,
     resolve_model_dir,
+    tokenizer_for,
 )
 from embedplex.config import Settings
 from embedplex.core.errors import FatalBackendError
@@ -283,3 +284,25 @@ def _st(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
 
     vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
     return vectors
+
+
+@pytest.mark.parametrize("cased", [True, False])
+def test_do_lower_case_keeps_the_fast_cut_and_changes_only_what_it_lowercases(
+    tiny_model_dir: Path, tmp_path: Path, cased: bool
+) -> None:
+    """``do_lower_case`` on a tokenizer that lowercases already (BGE's, uncased BERT's)
+    changes nothing; on a cased BERT normalizer it becomes that normalizer's own lowercasing.
+    Either way the tokenizer still cuts long texts at a piece boundary (a Sequence of
+    normalizers is never cut: a 2 MB text took ~100x longer), and only the cased one is named
+    apart in the shared cache (its vectors differ from its file's tokenizer's)."""
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    if cased:
+        _edit(model_dir / "tokenizer.json", lambda t: t["normalizer"].update(lowercase=False))
+    (model_dir / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 32, "do_lower_case": True})
+    )
+    tokenizer = tokenizer_for(load_spec(str(model_dir), model_dir))
+    assert tokenizer._cuts  # long texts are tokenized from their part
+    assert tokenizer.lowered is cased
+    ids = tokenizer.encode(["The Quick FOX"], truncate=True)[0].ids
+    assert ids == tokenizer.encode(["the quick fox"], truncate=True)[0].ids

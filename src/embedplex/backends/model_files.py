@@ -140,11 +140,37 @@ def tokenizer_for(spec: ModelSpec) -> TextTokenizer:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as exc:  # the library raises a bare Exception for a malformed file
         raise FatalBackendError(f"{file}: cannot load the tokenizer ({exc})") from exc
-    if spec.lowercase:
+    lowered = spec.lowercase and not _lowercases(tokenizer.normalizer)
+    if lowered:
         parts = _normalizers(tokenizer.normalizer)
-        if not any(isinstance(n, normalizers.Lowercase) for n in parts):
+        if len(parts) == 1 and isinstance(parts[0], normalizers.BertNormalizer):
+            # BERT's own normalizer, told to lowercase: the same text as a Lowercase step
+            # before it (both work a character at a time), and still the one normalizer whose
+            # long texts the tokenizer may cut (``TextTokenizer``: a Sequence is never cut).
+            bert = parts[0]
+            tokenizer.normalizer = normalizers.BertNormalizer(
+                clean_text=bert.clean_text,
+                handle_chinese_chars=bert.handle_chinese_chars,
+                strip_accents=bool(bert.strip_accents),  # None followed lowercase: it was off
+                lowercase=True,
+            )
+        else:
             tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), *parts])
-    return TextTokenizer(tokenizer, max_length=spec.max_input_length, vocab_size=spec.vocab_size)
+    out = TextTokenizer(tokenizer, max_length=spec.max_input_length, vocab_size=spec.vocab_size)
+    out.lowered = lowered
+    return out
+
+
+def _lowercases(normalizer: Any) -> bool:
+    """Whether the tokenizer lowercases already (BGE's, uncased BERT's): ``do_lower_case``
+    then changes nothing, not even the model's cache identity."""
+    from tokenizers import normalizers
+
+    return any(
+        isinstance(n, normalizers.Lowercase)
+        or (isinstance(n, normalizers.BertNormalizer) and n.lowercase)
+        for n in _normalizers(normalizer)
+    )
 
 
 def _normalizers(normalizer: Any) -> list[Any]:

@@ -120,6 +120,9 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, max_length: int, vocab_size: int) -> None:
         self.max_length = max_length
         self.vocab_size = vocab_size
+        # Lowercases what the model's own tokenizer.json does not (``do_lower_case``:
+        # ``model_files.tokenizer_for``): its vectors differ from the file's tokenizer's.
+        self.lowered = False
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._plain = tokenizer

@@ -708,7 +708,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
                 backend.dtype,
                 spec.max_input_length,
                 # Entries written before do_lower_case was honoured hold unlowered vectors.
-                *(("lowercase",) if spec.lowercase else ()),
+                *(("lowercase",) if tokenizer.lowered else ()),
             )
 
     def _joined(self, n: int) -> None:
