@@ -85,6 +85,27 @@ def test_a_damaged_cached_graph_is_exported_again_once(shipped_dir: Path, tmp_pa
     assert path.read_bytes() == data
 
 
+def test_a_cached_graph_that_fails_for_another_reason_is_kept(
+    shipped_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that fails for want of memory (or a provider) is not a damaged entry: the start
+    fails with the reason, and the entry, which other servers may be reading, stays."""
+    from embedplex.backends import onnx
+
+    spec = load_spec(str(shipped_dir), shipped_dir)
+    cache = tmp_path / "cache"
+    path, _ = ensure_onnx(spec, dtype="float32", cache_dir=cache)
+    inode = path.stat().st_ino
+
+    def out_of_memory(*args: object) -> None:
+        raise FatalBackendError(f"cannot load the ONNX graph {path}: std::bad_alloc")
+
+    monkeypatch.setattr(onnx, "_sessions", out_of_memory)
+    with pytest.raises(FatalBackendError, match="bad_alloc"):
+        load(spec, cache)
+    assert path.stat().st_ino == inode
+
+
 def test_a_graph_with_external_data_is_served_and_cached_whole(
     external_dir: Path, tmp_path: Path
 ) -> None:

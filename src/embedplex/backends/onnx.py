@@ -69,6 +69,15 @@ def make_session(
     return ort.InferenceSession(str(path), options, providers=session_providers(device))
 
 
+# onnxruntime's words for a graph file that cannot be read as one (its class names no error).
+_DAMAGE = ("INVALID_PROTOBUF", "NO_SUCHFILE", "Protobuf parsing failed", "External data path")
+
+
+def _damaged(exc: FatalBackendError) -> bool:
+    """Whether a cached graph failed to load because its files are damaged or missing."""
+    return any(word in str(exc) for word in _DAMAGE)
+
+
 def _sessions(
     path: Path, device: str, threads: int | None, solo_threads: int | None
 ) -> tuple[object, object | None]:
@@ -177,10 +186,12 @@ class OnnxBackend:
         try:
             session, solo = _sessions(path, device, threads, solo_threads)
         except FatalBackendError as exc:
-            if not cached:
+            if not cached or not _damaged(exc):
                 raise
             # A damaged entry (a truncated file, its data gone) would fail every start: export
-            # it once more, in place of the damaged one.
+            # it once more, in place of the damaged one. Not for other failures (memory, a
+            # provider, a graph that loads but fails its checks): an export would not help,
+            # and it would replace an entry other servers may be reading.
             logger.warning(
                 "the cached ONNX export %s fails to load (%s): exporting again", path, exc
             )
