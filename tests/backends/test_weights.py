@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from embedplex.backends.onnx_cache import model_hash
+from embedplex.backends.weights import onnx_data_files
 
 
 def write(root: Path, files: dict[str, bytes]) -> Path:
@@ -89,3 +90,12 @@ def test_a_weight_file_rewritten_with_its_size_and_mtime_is_hashed_again(tmp_pat
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `cp -p` would
     assert weights.stat().st_ino == before.st_ino
     assert model_hash(root) != old
+
+
+def test_other_graphs_data_is_left_out(tmp_path: Path) -> None:
+    """Only model.onnx's own data is hashed and copied, not a variant's (gigabytes each)."""
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for name in ("model.onnx", "model.onnx_data", "model_fp16.onnx", "model_fp16.onnx_data"):
+        (onnx_dir / name).write_bytes(name.encode())
+    assert [p.name for p in onnx_data_files(onnx_dir)] == ["model.onnx_data"]

@@ -27,14 +27,17 @@ _hashes: dict[tuple[str, tuple[tuple[str, Signature], ...]], str] = {}
 
 
 def onnx_data_files(onnx_dir: Path) -> list[Path]:
-    """The files beside ``model.onnx`` that are no ONNX graph themselves, sorted: its external
-    data (``model.onnx_data``, ``model.onnx.data``, or whatever name the graph gives it) and
-    small companions. Other graphs (``model_O4.onnx``, ``model_qint8_avx512.onnx``) are
-    variants that are never served, so they are left out."""
+    """The external data of ``model.onnx``, sorted: the files beside it named for it
+    (``model.onnx_data``, ``model.onnx.data``, as the exporters write them). Other graphs'
+    data (``model_fp16.onnx_data``, ``model_q4.onnx_data``: variants never served, gigabytes
+    each) are neither hashed nor copied; a graph whose data is named otherwise fails to load
+    from the cache, naming the file it lacks."""
     if not onnx_dir.is_dir():
         return []
     return sorted(
-        p for p in onnx_dir.iterdir() if not p.name.endswith(".onnx") and _signature(p) is not None
+        p
+        for p in onnx_dir.iterdir()
+        if p.name.startswith("model.onnx") and p.name != ONNX_GRAPH and _signature(p) is not None
     )
 
 
