@@ -69,6 +69,20 @@ def test_our_own_errors_and_a_lone_row_are_not_split() -> None:
         isolating(_failing_on(7), [[7]])
 
 
+def test_a_backends_own_error_is_split_as_any_failure() -> None:
+    """torch's out-of-memory comes as a BackendError: a smaller pass may fit, so it is split
+    too, and a row that fails alone keeps the backend's own words."""
+
+    def out_of_memory(rows: list[int]) -> list[int]:
+        if len(rows) > 2 or 7 in rows:
+            raise BackendError("out of memory on cuda: try smaller batches")
+        return rows
+
+    out = isolating(out_of_memory, [1, 2, 3, 7])
+    assert out[:2] == [1, 2] and out[2] == 3
+    assert isinstance(out[3], BackendError) and "out of memory" in str(out[3])
+
+
 @pytest.mark.slow
 async def test_a_bad_input_fails_its_request_alone(tmp_path: Path) -> None:
     """Callers batched with an input the backend cannot take get their vectors (the same as

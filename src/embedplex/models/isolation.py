@@ -11,8 +11,9 @@ Bounded: at most ``4 * ceil(log2 n)`` extra passes for a batch of ``n`` rows (as
 split of an upstream's 400: ``providers/guard.py``), which finds up to about two bad rows in any
 batch; when the budget is spent, the rows not yet cleared fail with the batch's error. A pass that
 fails for every input (a broken model) thus costs a bounded number of quick failures, not one per
-row. Our own errors (``EmbedplexError``: a dead backend, a watchdog) are never split: they are not
-about an input.
+row. A backend's own ``BackendError`` (torch's out-of-memory) is split like any failure: a
+smaller pass may fit. Our other errors (a dead backend, a watchdog: ``FatalBackendError``) are
+never split: they are not about an input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from embedplex.core.errors import BackendError, EmbedplexError
+from embedplex.core.errors import BackendError, EmbedplexError, FatalBackendError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,10 +36,8 @@ def isolating(run: Callable[[list[T]], Sequence[R]], rows: list[T]) -> list[R | 
     error in the place of each row that fails alone (or that the budget did not reach)."""
     try:
         return list(run(rows))
-    except EmbedplexError:
-        raise
     except Exception as exc:
-        if len(rows) == 1:
+        if _kept(exc) or len(rows) == 1:
             raise
         first = exc
     search = _Search(run, 4 * math.ceil(math.log2(len(rows))), _error(first))
@@ -77,13 +76,22 @@ class _Search(Generic[T, R]):
         self.budget -= 1
         try:
             return list(self.run(rows))
-        except EmbedplexError:
-            raise
         except Exception as exc:
+            if _kept(exc):
+                raise
             if len(rows) == 1:
                 self.error = _error(exc)
             return self.halves(rows)
 
 
+def _kept(exc: Exception) -> bool:
+    """Whether ``exc`` fails the whole batch as it is (ours, and not about an input)."""
+    return isinstance(exc, EmbedplexError) and (
+        isinstance(exc, FatalBackendError) or not isinstance(exc, BackendError)
+    )
+
+
 def _error(exc: Exception) -> BackendError:
+    if isinstance(exc, BackendError):  # the backend's own words (out of memory) stand
+        return exc
     return BackendError(f"inference failed ({type(exc).__name__}); see the server log")
