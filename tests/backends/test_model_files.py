@@ -306,3 +306,13 @@ def test_do_lower_case_keeps_the_fast_cut_and_changes_only_what_it_lowercases(
     assert tokenizer.lowered is cased
     ids = tokenizer.encode(["The Quick FOX"], truncate=True)[0].ids
     assert ids == tokenizer.encode(["the quick fox"], truncate=True)[0].ids
+
+
+def test_a_module_folder_linked_in_is_served(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A module folder that is a symlink (to a shared pooling config) is the operator's to
+    serve: only a path naming its way out (``..``) is refused."""
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    shared = tmp_path / "shared-pooling"
+    shutil.move(model_dir / "1_Pooling", shared)
+    (model_dir / "1_Pooling").symlink_to(shared, target_is_directory=True)
+    assert load_spec(str(model_dir), model_dir).pooling is Pooling.MEAN

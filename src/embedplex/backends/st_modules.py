@@ -9,6 +9,7 @@ them), and ``include_prompt: false`` (it leaves prompt tokens out of the pooling
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def normalizes(modules: list[dict[str, Any]]) -> bool:
 def _module_dir(path: Path, module: dict[str, Any]) -> Path:
     rel = module.get("path", "")
     root = path.resolve()
-    folder = (root / rel).resolve() if isinstance(rel, str) else None
+    # Checked by its name (no ``..`` out, not absolute), not where it leads: a module folder
+    # the operator linked in from elsewhere is theirs to serve.
+    folder = Path(os.path.normpath(root / rel)) if isinstance(rel, str) else None
     if folder is None or not folder.is_relative_to(root):
         raise FatalBackendError(
             f"{path / 'modules.json'}: module path {rel!r} is not a folder of the model directory"
