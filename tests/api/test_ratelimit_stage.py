@@ -311,27 +311,24 @@ def _burst(n: int, tag: str) -> list[str]:
     return [f"{tag}: text number {i} of a parallel burst" for i in range(n)]
 
 
+async def _at_once(url: str, inputs: list[list[str]]) -> list[httpx.Response]:
+    """One ``/v1/embeddings`` request of key ``k`` per entry of ``inputs``, all at once."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(
+            *(
+                client.post("/v1/embeddings", json={"input": i}, headers={"x-test-tenant": "k"})
+                for i in inputs
+            )
+        )
+
+
 def test_a_burst_of_parallel_requests_is_held_to_tokens_per_minute(tiny_model_dir: Path) -> None:
     """The review's repro against a real server: a ``tpm = 1000`` key sends 6 requests of 300
     inputs at once. Each reserves its tokens before it queues, so the first to do so overspends
     what was left and the other five get the key's 429 (they used to get six 200s)."""
     app = limited_app(tiny_model_dir, FakeBackend(delay=0.2), {"k": KeyLimits(tpm=1000)})
     with served(app) as url:
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post(
-                            "/v1/embeddings",
-                            json={"input": _burst(300, f"request {r}")},
-                            headers={"x-test-tenant": "k"},
-                        )
-                        for r in range(6)
-                    )
-                )
-
-        answers = asyncio.run(burst())
+        answers = asyncio.run(_at_once(url, [_burst(300, f"request {r}") for r in range(6)]))
     assert sorted(a.status_code for a in answers) == [200] + [429] * 5
     (ok,) = [a for a in answers if a.status_code == 200]
     assert ok.json()["usage"]["prompt_tokens"] > 1000  # one request may overspend
@@ -407,21 +404,7 @@ def test_a_burst_of_non_english_text_is_held_to_tokens_per_minute(tiny_model_dir
         ]
 
     with served(app) as url:
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post(
-                            "/v1/embeddings",
-                            json={"input": texts(r)},
-                            headers={"x-test-tenant": "k"},
-                        )
-                        for r in range(12)
-                    )
-                )
-
-        answers = asyncio.run(burst())
+        answers = asyncio.run(_at_once(url, [texts(r) for r in range(12)]))
     spent = [a.json()["usage"]["prompt_tokens"] for a in answers if a.status_code == 200]
     assert sorted(a.status_code for a in answers) == [200] * 2 + [429] * 10
     assert spent == [560, 560]
