@@ -23,16 +23,14 @@ def warmup_batch(spec: ModelSpec) -> TokenBatch:
 
 def check_output(engine: str, spec: ModelSpec, shape: Sequence[int]) -> None:
     """Refuse a warm-up output that is not what serving reads: (1, tokens, hidden size) for an
-    embedding model, (1, labels) for a cross-encoder. A width unknown to the config (0) is not
-    compared."""
+    embedding model (whose width ``load_spec`` made sure of), (1, labels) for a cross-encoder."""
     shape = tuple(int(n) for n in shape)
     if spec.kind is ModelKind.RERANKER:
         fits = len(shape) == 2 and shape[0] == 1 and shape[1] >= 1
         wanted = "(1, labels)"
     else:
-        width = spec.hidden_size
-        fits = len(shape) == 3 and shape[:2] == (1, _TOKENS) and width in (0, shape[2])
-        wanted = f"(1, {_TOKENS}, {width or 'hidden size'})"
+        fits = shape == (1, _TOKENS, spec.hidden_size)
+        wanted = f"(1, {_TOKENS}, {spec.hidden_size})"
     if not fits:
         raise FatalBackendError(
             f"{spec.model_id} on {engine}: a {_TOKENS}-token warm-up pass gave an output of shape "
