@@ -100,7 +100,6 @@ CALL_MARGIN_S = 5.0
 # again, so that of several sharing it, one deploys and the others find it deploying.
 REDEPLOY_JITTER_S = STATUS_INTERVAL_S
 
-_QUEUE_TIMEOUT_MS = 30_000  # Settings.queue_timeout_ms's default: a table not resolved (tests)
 
 # One Ray connection per process: the address the first ray model connected to.
 _connected: list[str] = []
@@ -523,7 +522,10 @@ def call_bound(config: ModelConfig, inference_timeout_s: float) -> float | None:
     not bounded either)."""
     if inference_timeout_s <= 0:
         return None
-    queue_ms = config.queue_timeout_ms or _QUEUE_TIMEOUT_MS
+    # A table not resolved against the settings (tests) has none: the settings' default.
+    from embedplex.config import Settings
+
+    queue_ms = config.queue_timeout_ms or Settings.model_fields["queue_timeout_ms"].default
     return queue_ms / 1000 + inference_timeout_s + CALL_MARGIN_S
 
 
