@@ -123,7 +123,27 @@ return {refused, math.floor(retry * 1000), req_rem, math.floor(req_reset * 1000)
 """
 )
 
-_FINISH = """
+# What the finish and settle scripts charge (or refund) with: ``seconds`` of refill on the
+# key's tokens bucket (KEYS[1]); a refund (negative) never fills it past full.
+_CHARGE = """
+local function charge(seconds)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local st = redis.call('HMGET', KEYS[1], 'r', 't')
+  local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
+  if seconds > 0 then
+    ttat = math.max(ttat, now) + seconds
+  else
+    ttat = math.max(ttat + seconds, now)
+  end
+  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+end
+"""
+
+_FINISH = (
+    _CHARGE
+    + """
 redis.call('ZREM', KEYS[2], ARGV[2])
 local tpm, n = tonumber(ARGV[1]), tonumber(ARGV[3])
 local mine = redis.call('HGET', KEYS[3], ARGV[2])
@@ -140,23 +160,15 @@ elseif mine then
   redis.call('HDEL', KEYS[3], ARGV[2])
 end
 if tpm > 0 and n ~= 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local st = redis.call('HMGET', KEYS[1], 'r', 't')
-  local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
-  local seconds = n * tonumber(ARGV[4]) / tpm
-  if n > 0 then
-    ttat = math.max(ttat, now) + seconds
-  else  -- a refund: never past a full bucket
-    ttat = math.max(ttat + seconds, now)
-  end
-  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+  charge(n * tonumber(ARGV[4]) / tpm)
 end
 return 0
 """
+)
 
-_SETTLE = """
+_SETTLE = (
+    _CHARGE
+    + """
 local tpm, W = tonumber(ARGV[1]), tonumber(ARGV[2])
 local back = 0
 for i = 4, #ARGV do
@@ -170,17 +182,12 @@ for i = 4, #ARGV do
     end
   end
 end
-if back > 0 then  -- a refund, never past a full bucket
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local st = redis.call('HMGET', KEYS[1], 'r', 't')
-  local rtat, ttat = tonumber(st[1]) or 0, tonumber(st[2]) or 0
-  ttat = math.max(ttat - back * W / tpm, now)
-  redis.call('HSET', KEYS[1], 't', string.format('%.6f', ttat))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(ttat, rtat) - now) * 1000) + 1000)
+if back > 0 then
+  charge(-back * W / tpm)
 end
 return 0
 """
+)
 
 _REASONS = {1: "rpm", 2: "tpm", 3: "concurrency"}
 
