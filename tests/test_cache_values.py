@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import struct
 import sys
@@ -78,6 +79,30 @@ async def test_new_weights_at_the_same_path_never_answer_from_the_old_ones_entri
             await eventually(lambda: len(_keys(check)) == 2)  # its own entry
         finally:
             check.close()
+
+
+@needs_redis_server
+async def test_a_new_tokenizer_at_the_same_path_never_answers_from_the_old_ones_entries(
+    tmp_path: Path,
+) -> None:
+    """The same weights with another tokenizer.json (a fixed vocabulary, say): entries are
+    keyed by text, and the text now reaches the weights as other ids."""
+    path = tmp_path / "model"
+    with redis_server() as server:
+        make_tiny_bert(path, seed=1)
+        old, hits, _ = await _embed_once(path, server.url, "hello world")
+        assert hits == 0
+        _, hits, _ = await _embed_once(path, server.url, "hello world")
+        assert hits == 1  # the same files: shared
+
+        file = path / "tokenizer.json"
+        tokenizer = json.loads(file.read_text())
+        vocab = tokenizer["model"]["vocab"]
+        vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+        file.write_text(json.dumps(tokenizer))
+        new, hits, _ = await _embed_once(path, server.url, "hello world")
+        assert hits == 0
+        assert not np.allclose(new, old, atol=1e-3)
 
 
 def _poisons(dim: int) -> dict[str, bytes]:

@@ -3,7 +3,9 @@
 ``model_hash`` keys the ONNX export cache (``onnx_cache.py``) and, for a model without a hub
 revision, its entries in the shared embedding cache (``models/local.py``). It covers every
 weight file, sharded or not, so two models whose config alone is the same never share a key,
-and the ONNX graph's external data, which the cache copies beside the graph.
+and the ONNX graph's external data, which the cache copies beside the graph. ``tokenizer_hash``
+joins it in the shared cache's identity: that cache keys texts, which the tokenizer turns into
+what the weights see.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import stat
 from pathlib import Path
 
 CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 ONNX_DIR = "onnx"
 ONNX_GRAPH = "model.onnx"
 # At the top of the directory: single files, shards (``model-00001-of-00002.safetensors``,
@@ -21,8 +24,8 @@ ONNX_GRAPH = "model.onnx"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 Signature = tuple[int, int, int, int, int]
-# model_hash's digests by directory and its files' signatures: loading a model hashes its
-# weights once, for its ONNX export and its cache identity alike.
+# Digests by directory and its files' names and signatures: loading a model hashes its weights
+# once, for its ONNX export and its cache identity alike.
 _hashes: dict[tuple[str, tuple[tuple[str, Signature], ...]], str] = {}
 
 
@@ -63,7 +66,20 @@ def model_hash(model_dir: Path) -> str:
     size, mtime, ctime, inode and device, returns the first's digest. The ctime is set by the
     kernel on every write, so a file replaced in place with its old size and mtime (``cp -p``)
     is still read again."""
-    found = ((name, _signature(model_dir / name)) for name in hashed_files(model_dir))
+    return _digest(model_dir, hashed_files(model_dir))
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """SHA-256 of ``tokenizer.json``: what turns a text into the ids the weights see. The
+    shared embedding cache keys texts, so a model directory whose tokenizer changed under the
+    same weights must not be answered from the old tokenizer's entries."""
+    return _digest(model_dir, [TOKENIZER])
+
+
+def _digest(model_dir: Path, names: list[str]) -> str:
+    """SHA-256 of the named files that exist (name, then content, each), memoized per process
+    by the files' signatures (``model_hash`` says what that catches)."""
+    found = ((name, _signature(model_dir / name)) for name in names)
     memo = (str(model_dir), tuple((name, sig) for name, sig in found if sig is not None))
     known = _hashes.get(memo)
     if known is not None:

@@ -29,7 +29,7 @@ from embedplex.backends.model_files import (
     resolve_model_dir,
     tokenizer_for,
 )
-from embedplex.backends.onnx_cache import default_cache_dir, model_hash
+from embedplex.backends.onnx_cache import default_cache_dir
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import normalize_rows
 from embedplex.backends.tokenizer import (
@@ -39,6 +39,7 @@ from embedplex.backends.tokenizer import (
     TruncationDirection,
     tokenize_in_calling_thread,
 )
+from embedplex.backends.weights import model_hash, tokenizer_hash
 from embedplex.batching import (
     DEFAULT_AGING,
     Batcher,
@@ -664,11 +665,14 @@ def _owned(raw: Vector, unit: Vector, tokens: int) -> Pooled:
 
 
 def _revision(spec: ModelSpec) -> str:
-    """What names the weights: the hub's commit, else (a local directory, the bundled model)
-    the SHA-256 of the config and weight files, which the ONNX backend has computed already for
-    its export's key (``model_hash`` keeps it): new weights put at the same path must not be
-    answered from the old ones' entries in Redis."""
-    return spec.sha if spec.sha is not None else "files:" + model_hash(spec.path)
+    """What names the weights and the tokenizer: the hub's commit, else (a local directory, the
+    bundled model) the SHA-256 of the config and weight files, which the ONNX backend has
+    computed already for its export's key (``model_hash`` keeps it), and of ``tokenizer.json``:
+    new weights, or a new tokenizer, put at the same path must not be answered from the old
+    files' entries in Redis (entries are keyed by text)."""
+    if spec.sha is not None:
+        return spec.sha
+    return f"files:{model_hash(spec.path)}:{tokenizer_hash(spec.path)}"
 
 
 def _size(key: MemoryKey, pooled: Pooled) -> int:
