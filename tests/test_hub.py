@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from embedplex.core.errors import FatalBackendError
 from helpers import free_port, served
 from hub_mirror import COMMIT, mirror_app
+from reference import min_cosine
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +33,11 @@ def hub_env(endpoint: str, home: Path) -> dict[str, str]:
 
 
 RESOLVE = (
-    "import sys; from embedplex.backends.model_files import resolve_model_dir, load_spec\n"
+    "import os, sys; from pathlib import Path\n"
+    "from embedplex.backends.model_files import resolve_model_dir, load_spec\n"
     "rev = sys.argv[2] if len(sys.argv) > 2 else None\n"
-    "path, sha = resolve_model_dir(sys.argv[1], revision=rev)\n"
+    "old = os.environ.get('EMBEDPLEX_CACHE_DIR')\n"
+    "path, sha = resolve_model_dir(sys.argv[1], revision=rev, old_cache_dir=old and Path(old))\n"
     "spec = load_spec(sys.argv[1], path, sha=sha)\n"
     "print(path, sha, spec.max_input_length, spec.pooling)\n"
 )
@@ -64,9 +71,34 @@ def test_resolve_downloads_from_the_mirror_and_then_works_offline(
     assert again.stdout.split()[0] == path
 
 
+# What a repo holds that serving never reads: files at any depth that "*.json", "*.txt" and
+# "*.model" matched (fnmatch's * crosses /), and weights in folders that the shard patterns
+# matched. The tiny model adds vocab.txt and tokenizer_config.json at the top.
+_DECOYS = {
+    "results/mteb.json": "{}",
+    "checkpoint-1/trainer_state.json": "{}",
+    "checkpoint-1/config.json": "{}",
+    "eval/log.txt": "loss 0.1",
+    "onnx/tokenizer.json": "{}",
+    "onnx/config.json": "{}",
+    "spiece.model": "never read",
+    "model-x/y-of-z.safetensors": "never read",
+    "pytorch_model-x/y-of-z.bin": "never read",
+}
+# What serving reads of every repo here (docs/models.md, "What the files say").
+_SERVED = {
+    "config.json",
+    "tokenizer.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+}
+_ONNX = {"onnx/model.onnx", "onnx/model.onnx_data"}
+
+
 def _repo(tiny_model_dir: Path, root: Path, weights: str) -> Path:
     """The tiny model with its weights in one form, an ONNX export with external data beside a
-    variant nobody serves, and code that must never be fetched."""
+    variant nobody serves, code that must never be fetched, and the decoys."""
     import torch
     from transformers import BertModel
 
@@ -84,7 +116,18 @@ def _repo(tiny_model_dir: Path, root: Path, weights: str) -> Path:
         (repo / "onnx" / name).write_bytes(b"not read here")
     (repo / "modeling_custom.py").write_text("raise SystemExit('never run')\n")
     (repo / "1_Pooling" / "custom.py").write_text("raise SystemExit('never run')\n")
+    return _with_decoys(repo)
+
+
+def _with_decoys(repo: Path) -> Path:
+    for name, text in _DECOYS.items():
+        (repo / name).parent.mkdir(exist_ok=True)
+        (repo / name).write_text(text)
     return repo
+
+
+def _files(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
 
 
 _EXPECTED = {
@@ -102,7 +145,9 @@ def test_every_weight_form_downloads_what_serving_needs(
     tiny_model_dir: Path, tmp_path: Path, weights: str
 ) -> None:
     """Sharded safetensors with their index, pytorch_model.bin where there is no safetensors,
-    the ONNX file's external data; never code, nor ONNX variants nobody serves."""
+    the ONNX file's external data, and the files serving reads, by their place: never code,
+    ONNX variants nobody serves, files that only share a name or an extension (a checkpoint's,
+    an eval's, onnx/'s tokenizer copy) or weights in a folder."""
     from transformers import AutoModel
 
     repo = _repo(tiny_model_dir, tmp_path, weights)
@@ -110,14 +155,7 @@ def test_every_weight_form_downloads_what_serving_needs(
         out = resolve(hub_env(url, tmp_path / "home"), REPO)
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.split()[0])
-    got = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
-    assert _EXPECTED[weights] <= got
-    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= got
-    assert not {f for f in got if f.endswith(".py") or "O4" in f}
-    if weights == "both":
-        assert "pytorch_model.bin" not in got
-    if weights != "sharded":
-        assert "model.safetensors.index.json" not in got
+    assert _files(path) == _SERVED | _ONNX | _EXPECTED[weights]
     loaded = AutoModel.from_pretrained(str(path)).state_dict()  # every weight there
     original = AutoModel.from_pretrained(str(tiny_model_dir)).state_dict()
     assert loaded.keys() == original.keys()
@@ -128,15 +166,17 @@ def test_every_weight_form_downloads_what_serving_needs(
     assert again.stdout.split()[0] == str(path)
 
 
-def test_serve_by_hub_id_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+@contextmanager
+def _serving(env: dict[str, str], log: Path) -> Iterator[str]:
+    """``embedplex serve --model-id REPO`` in a process, ready; its base URL. Its log (stderr)
+    goes to ``log``."""
     port = free_port()
-    with served(mirror_app(REPO, tiny_model_dir), health_path="/api/models/x/y/revision/z") as url:
-        env = hub_env(url, tmp_path) | {"EMBEDPLEX_CACHE_DIR": str(tmp_path / "exports")}
+    with log.open("w") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "embedplex", "serve", "--model-id", REPO, "--port", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=err,
             text=True,
         )
         try:
@@ -148,29 +188,114 @@ def test_serve_by_hub_id_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> Non
                         break
                 except httpx.HTTPError:
                     pass
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert proc.poll() is None, log.read_text()
                 time.sleep(0.2)
-            info = httpx.get(base + "/info").json()
-            embed = httpx.post(base + "/embed", json={"inputs": "hello world"})
+            yield base
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def _pooled_in(repo: Path, folder: str, mode: str) -> None:
+    """Move the repo's Pooling module to ``folder`` with this mode, as modules.json says."""
+    modules = json.loads((repo / "modules.json").read_text())
+    pooling = next(m for m in modules if m["type"].endswith("Pooling"))
+    shutil.move(repo / pooling["path"], repo / folder)
+    pooling["path"] = folder
+    (repo / "modules.json").write_text(json.dumps(modules))
+    (repo / folder / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode": mode})
+    )
+
+
+def test_serve_by_hub_id_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Served from the hub as sentence-transformers runs the repo: its Pooling module where
+    modules.json says (2_Pooling, cls: the first call fetches 1_Pooling's, a second one this)."""
+    from sentence_transformers import SentenceTransformer
+
+    repo = _with_decoys(Path(shutil.copytree(tiny_model_dir, tmp_path / "repo")))
+    _pooled_in(repo, "2_Pooling", "cls")
+    with served(mirror_app(REPO, repo), health_path="/api/models/x/y/revision/z") as url:
+        env = hub_env(url, tmp_path) | {"EMBEDPLEX_CACHE_DIR": str(tmp_path / "exports")}
+        with _serving(env, tmp_path / "serve.log") as base:
+            info = httpx.get(base + "/info").json()
+            embed = httpx.post(base + "/embed", json={"inputs": ["hello world", "quick fox"]})
     assert info["model_id"] == REPO
     assert info["model_sha"] == COMMIT
     assert embed.status_code == 200
-    assert len(embed.json()[0]) == 32
+    vectors = np.array(embed.json())
+    texts = ["hello world", "quick fox"]
+    assert min_cosine(vectors, SentenceTransformer(str(repo), device="cpu").encode(texts)) > 0.9999
+    mean = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(texts)
+    assert min_cosine(vectors, mean) < 0.99  # the test tells the two poolings apart
     # The download is in huggingface_hub's cache (HF_HOME), where `hf download` and every other
     # tool look; EMBEDPLEX_CACHE_DIR holds only ONNX exports.
-    assert (tmp_path / "hub" / "models--tiny-org--tiny-bert" / "snapshots" / COMMIT).is_dir()
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-bert" / "snapshots" / COMMIT
+    served_files = _SERVED - {"1_Pooling/config.json"} | {"2_Pooling/config.json"}
+    assert _files(snapshot) == served_files | {"model.safetensors"}
     assert not list((tmp_path / "exports").glob("models--*"))
 
 
-def test_unreachable_hub_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# What embedplex fetched into --cache-dir before downloads went to huggingface_hub's cache.
+_OLD_PATTERNS = [
+    "*.json",
+    "*.txt",
+    "*.model",
+    "1_Pooling/*",
+    "2_Normalize/*",
+    "model.safetensors",
+    "onnx/model.onnx",
+]
+_FILL_OLD = (
+    "import sys; from huggingface_hub import snapshot_download\n"
+    f"snapshot_download(sys.argv[1], cache_dir=sys.argv[2], allow_patterns={_OLD_PATTERNS!r})\n"
+)
+
+
+def test_a_model_in_the_old_cache_dir_serves_when_the_hub_is_unreachable(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An air-gapped deployment whose --cache-dir was filled when downloads went there starts:
+    the model is served from there, with a warning to move it into HF_HOME."""
+    old = tmp_path / "old-cache"
+    with served(mirror_app(REPO, tiny_model_dir), health_path="/api/models/x/y/revision/z") as url:
+        fill = [sys.executable, "-c", _FILL_OLD, REPO, str(old)]
+        filled = subprocess.run(fill, env=hub_env(url, tmp_path / "elsewhere"), check=False)
+        assert filled.returncode == 0
+    assert (old / "models--tiny-org--tiny-bert" / "snapshots" / COMMIT).is_dir()
+    home = tmp_path / "home"
+    env = hub_env("http://127.0.0.1:9", home) | {"EMBEDPLEX_CACHE_DIR": str(old)}
+    log = tmp_path / "serve.log"
+    with _serving(env, log) as base:
+        info = httpx.get(base + "/info").json()
+        embed = httpx.post(base + "/embed", json={"inputs": "hello world"})
+    assert info["model_sha"] == COMMIT
+    assert embed.status_code == 200
+    assert len(embed.json()[0]) == 32
+    text = log.read_text()
+    assert f"serving the copy in --cache-dir {old}" in text
+    assert "move the model into huggingface_hub's cache" in text and "$HF_HOME/hub" in text
+    assert not (home / "hub" / "models--tiny-org--tiny-bert" / "snapshots").exists()
+    offline = resolve(env | {"HF_HUB_OFFLINE": "1"}, REPO)  # an air-gapped start says so
+    assert offline.returncode == 0, offline.stderr
+    path, sha, _, pooling = offline.stdout.split()
+    assert path == str(old / "models--tiny-org--tiny-bert" / "snapshots" / COMMIT)
+    assert sha == COMMIT and pooling == "mean"
+    assert "move the model into huggingface_hub's cache" in offline.stderr
+
+
+@pytest.mark.parametrize("old_cache", [False, True])
+def test_unreachable_hub_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_cache: bool
+) -> None:
+    """Neither the hub nor (when --cache-dir is set) the old download place has the model."""
     from huggingface_hub import constants
 
     from embedplex.backends.model_files import resolve_model_dir
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(FatalBackendError, match="not a local directory"):
-        resolve_model_dir("nobody/nothing-here")
+    old = tmp_path / "old-cache" if old_cache else None
+    with pytest.raises(FatalBackendError, match="not a local directory") as caught:
+        resolve_model_dir("nobody/nothing-here", old_cache_dir=old)
+    assert (f"not in --cache-dir {old} either" in str(caught.value)) is old_cache

@@ -19,6 +19,7 @@ from embedplex.backends.model_files import (
     resolve_model_dir,
     tokenizer_for,
 )
+from embedplex.backends.st_modules import pooling_config_name
 from embedplex.config import Settings
 from embedplex.core.errors import FatalBackendError
 from embedplex.core.types import EmbedRequest
@@ -208,6 +209,35 @@ def test_malformed_model_files_stop_the_start_naming_the_file(
 def test_a_revision_for_a_local_directory_is_refused(tiny_model_dir: Path) -> None:
     with pytest.raises(FatalBackendError, match="local directory, which has no revisions"):
         resolve_model_dir(str(tiny_model_dir), revision="main")
+
+
+_POOLING = "sentence_transformers.models.Pooling"
+
+
+@pytest.mark.parametrize(
+    ("modules", "name"),
+    [
+        ([{"type": _POOLING, "path": "1_Pooling"}], "1_Pooling/config.json"),
+        ([{"type": _POOLING, "path": "./2_Pooling/"}], "2_Pooling/config.json"),
+        ([{"type": _POOLING, "path": "a/../pool"}], "pool/config.json"),
+        ([{"type": _POOLING, "path": ""}], "config.json"),
+        # The first Pooling module is the one read_pooling reads.
+        ([{"type": _POOLING, "path": "p1"}, {"type": _POOLING, "path": "p2"}], "p1/config.json"),
+        # Out of the directory, or no path at all: nothing to fetch, read_pooling refuses it.
+        ([{"type": _POOLING, "path": "../../etc"}], None),
+        ([{"type": _POOLING, "path": "a/../../etc"}], None),
+        ([{"type": _POOLING, "path": "/etc"}], None),
+        ([{"type": _POOLING, "path": 3}], None),
+        ([{"type": "sentence_transformers.models.Normalize", "path": "2_Normalize"}], None),
+        ([], None),
+    ],
+)
+def test_the_pooling_config_a_hub_download_fetches(
+    modules: list[dict[str, Any]], name: str | None
+) -> None:
+    """Where the Pooling module's config lies in a hub repo, as modules.json names it: fetched
+    by that name (a repo may use 2_Pooling); never a path out of the directory."""
+    assert pooling_config_name(modules) == name
 
 
 # --- vectors, against sentence-transformers -------------------------------------------------

@@ -10,6 +10,7 @@ them), and ``include_prompt: false`` (it leaves prompt tokens out of the pooling
 from __future__ import annotations
 
 import os
+import posixpath
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,23 @@ def _module_dir(path: Path, module: dict[str, Any]) -> Path:
     return folder
 
 
+def _pooling_module(modules: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``Pooling`` module, the first one (the one ``read_pooling`` reads)."""
+    return next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
+
+
+def pooling_config_name(modules: list[dict[str, Any]]) -> str | None:
+    """The ``Pooling`` module's config as a hub repo names it (``2_Pooling/config.json``), or
+    None: no such module, or a path out of the directory (``..``, absolute), which
+    ``read_pooling`` refuses, naming it."""
+    module = _pooling_module(modules)
+    rel = module.get("path", "") if module is not None else None
+    if not isinstance(rel, str) or posixpath.isabs(rel):
+        return None
+    name = posixpath.normpath(posixpath.join(rel, "config.json"))
+    return None if name.startswith("../") else name
+
+
 def _modes(cfg: dict[str, Any], file: Path) -> list[str]:
     """The modes a pooling config names, as sentence-transformers reads it: ``pooling_mode``
     (a name or a list), else the older flags; neither means mean."""
@@ -91,28 +109,27 @@ def read_pooling(
     ``override`` (``--pooling``) replaces its mode, whatever the file names; the file must
     still be readable, and ``include_prompt: false`` is refused either way.
     """
-    for module in modules:
-        if not str(module.get("type", "")).endswith("Pooling"):
-            continue
-        file = _module_dir(path, module) / "config.json"
-        cfg = read_object(file, required=True)
-        modes = _modes(cfg, file)
-        if not get_bool(cfg, "include_prompt", True, file):
-            raise FatalBackendError(
-                f"{file}: include_prompt: false (prompt tokens left out of the pooling) is not "
-                "supported: embedplex pools every token, prompt included"
-            )
-        if override is not None:
-            return override
-        if len(modes) > 1:
-            raise FatalBackendError(
-                f"{file}: pooling modes {modes} are concatenated into one vector by "
-                "sentence-transformers; embedplex pools with one mode (cls, mean or lasttoken): "
-                "--pooling serves one of them, if its vectors alone are what you want"
-            )
-        if modes[0] not in _MODES:
-            raise FatalBackendError(
-                f"{file}: pooling mode {modes[0]!r} is not supported (cls, mean, lasttoken)"
-            )
-        return _MODES[modes[0]]
-    return override
+    module = _pooling_module(modules)
+    if module is None:
+        return override
+    file = _module_dir(path, module) / "config.json"
+    cfg = read_object(file, required=True)
+    modes = _modes(cfg, file)
+    if not get_bool(cfg, "include_prompt", True, file):
+        raise FatalBackendError(
+            f"{file}: include_prompt: false (prompt tokens left out of the pooling) is not "
+            "supported: embedplex pools every token, prompt included"
+        )
+    if override is not None:
+        return override
+    if len(modes) > 1:
+        raise FatalBackendError(
+            f"{file}: pooling modes {modes} are concatenated into one vector by "
+            "sentence-transformers; embedplex pools with one mode (cls, mean or lasttoken): "
+            "--pooling serves one of them, if its vectors alone are what you want"
+        )
+    if modes[0] not in _MODES:
+        raise FatalBackendError(
+            f"{file}: pooling mode {modes[0]!r} is not supported (cls, mean, lasttoken)"
+        )
+    return _MODES[modes[0]]

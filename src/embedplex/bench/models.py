@@ -16,7 +16,9 @@ def load_local(**overrides: Any) -> tuple[TextTokenizer, Backend, InferenceLayou
     """The tokenizer, backend and inference layout ``embedplex serve`` would build with these
     settings."""
     settings = Settings.load(None, **overrides)
-    path, sha = resolve_model_dir(settings.model_id, revision=settings.revision)
+    path, sha = resolve_model_dir(
+        settings.model_id, revision=settings.revision, old_cache_dir=settings.cache_dir
+    )
     spec = load_spec(settings.model_id, path, revision=settings.revision, sha=sha)
     tokenizer = tokenizer_for(spec)
     return tokenizer, load_backend(settings, spec), inference_layout(settings)

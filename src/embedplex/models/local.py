@@ -952,7 +952,7 @@ def load_local_model(
     process's embedding cache (default: none, in-flight dedupe only).
     """
     m = model or settings.flat_model()
-    path, sha = resolve_model_dir(m.model_id, revision=m.revision)
+    path, sha = resolve_model_dir(m.model_id, revision=m.revision, old_cache_dir=settings.cache_dir)
     spec = load_spec(
         m.model_id,
         path,
