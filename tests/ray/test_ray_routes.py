@@ -10,8 +10,10 @@ attach to replicas of an older release.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import pickle
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ import numpy as np
 import pytest
 
 from embedplex.api.app import create_app
+from embedplex.api.pipeline import Pipeline
 from embedplex.config import Settings
+from embedplex.core.tenant import KeyLimits, Tenant
 from embedplex.gateway import Gateway
 from embedplex.models.config import ModelConfig
 from embedplex.models.local import load_local_model
@@ -28,6 +32,7 @@ from embedplex.models.ray import RayErrors, RayModel
 from embedplex.ray.application import REPLICA_SETTINGS
 from embedplex.ray.replica import EmbedplexReplica
 from helpers import running
+from tenants import TenantByHeader
 from tiny_models import make_tiny_bert
 
 # No Ray here: no Ray error to map.
@@ -36,19 +41,32 @@ ERRORS = RayErrors(overloaded=(), replica_lost=(), other=())
 
 class PickleHandle:
     """A DeploymentHandle over a replica object in this process: each call's arguments and
-    answer are pickled and unpickled, as they are between a gateway and a Ray replica."""
+    answer are pickled and unpickled, as they are between a gateway and a Ray replica, and the
+    replica runs in a context of its own, as in its Ray process: nothing the gateway keeps in
+    context variables (the request's deadline, its key's ``Spend``) reaches it. ``before``: run
+    there first (a test holds the call in flight)."""
 
-    def __init__(self, replica: object) -> None:
+    def __init__(
+        self, replica: object, before: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._replica = replica
+        self._before = before
 
     def __getattr__(self, method: str) -> Any:
         target = getattr(self._replica, method)
+        before = self._before
+
+        async def call(args: tuple[object, ...]) -> object:
+            if before is not None:
+                await before()
+            answer = await target(*pickle.loads(pickle.dumps(args)))
+            return pickle.loads(pickle.dumps(answer))
 
         class Remote:
             @staticmethod
             async def remote(*args: object) -> object:
-                answer = await target(*pickle.loads(pickle.dumps(args)))
-                return pickle.loads(pickle.dumps(answer))
+                # Awaiting the task: a caller that leaves cancels it, as Ray cancels the call.
+                return await asyncio.create_task(call(args), context=contextvars.Context())
 
         return Remote()
 
@@ -205,14 +223,19 @@ async def test_on_a_ray_cluster_every_route_answers_as_the_local_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The gateway deploys ``ray`` as a real Serve replica (this process is the cluster's
-    driver) next to the same files served as ``local``."""
+    driver) next to the same files served as ``local``. A key's ``tpm`` holds a burst to it
+    as it does to a local model: the replica, in another process, never sees the request's
+    ``Spend``, so the gateway reserves before the call (six 200s before it did)."""
     import embedplex.models.ray as ray_module
 
     monkeypatch.setattr(ray_module, "_connected", [])  # this module's cluster, not another's
     cache = tmp_path_factory.getbasetemp() / "ray-routes-export"
     ray_keys = {"runtime": "ray", "ray_address": "auto", "num_cpus": 1}
     settings = _settings(tiny, cache, local={}, ray=ray_keys)
-    async with running(create_app(settings)) as client:
+    app = create_app(settings)
+    assert isinstance(app.edge, Pipeline)
+    app.edge.stages.insert(2, TenantByHeader({"k": Tenant(key_id="k", limits=KeyLimits(tpm=1000))}))
+    async with running(app) as client:
         tokens = await both(client, "/tokenize", {"inputs": ["Hello world", "cat"]})
         assert [t["id"] for t in tokens.json()[1]] == [2, 20, 3]
         assert (await both(client, "/tokenize", {"inputs": "cat", "prompt_name": "x"})).is_error
@@ -229,6 +252,21 @@ async def test_on_a_ray_cluster_every_route_answers_as_the_local_model(
         status = answer.json()["models"]["ray"]
         assert status["wire_version"] == 2
         assert sum(status["requests_per_replica"].values()) == 3  # the answers, not the errors
+        # 40 texts of more than the model's 32 tokens: 1,280 tokens a request.
+        long = "the quick brown fox jumps over a lazy dog " * 6
+        burst = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/embeddings",
+                    json={"input": [f"{r} {i}: {long}" for i in range(40)], "model": "ray"},
+                    headers={"x-test-tenant": "k"},
+                )
+                for r in range(6)
+            )
+        )
+        assert sorted(a.status_code for a in burst) == [200] + [429] * 5
+        (answered,) = [a for a in burst if a.status_code == 200]
+        assert answered.json()["usage"]["prompt_tokens"] == 40 * 32  # the replica's count
 
 
 @pytest.mark.slow

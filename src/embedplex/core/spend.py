@@ -8,7 +8,8 @@ deadline), the tokens of its inputs that ran. The pipeline's ``RateLimit`` stage
 ``Spend`` in ``REQUEST_SPEND`` for a request whose key has a ``tpm``; a local model or remote
 provider queues a request's batcher items through it (``Spend.queue``: reserve, queue, note;
 each input reserved at its payload's ``bound``: its count when tokenized, one token a character
-for a local text queued untokenized, the estimate for a remote one),
+for a local text queued untokenized, the estimate for a remote one), and a Ray-served model its
+call to a replica, as one item (``models/ray_spend.py``: stamped when sent),
 and at the finish ``tokens()`` sums the inputs whose batch reached the backend or went upstream
 (an item the batcher stamped ``started_at``) and did not fail. Inputs dropped from the queue
 before they ran, or whose batch failed, cost nothing. A context variable, as the deadline

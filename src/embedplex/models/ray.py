@@ -22,7 +22,9 @@ Every route that reaches a local model reaches a Ray one the same way: ``embed``
 there), each answering what the local model answers; the routes' own checks (input counts,
 token bounds) run in the gateway for both, and so do the model's own checks made before its
 inputs queue (``checks.py``: empty input, ``max_client_batch_size``, ``dimensions``,
-``prompt_name``), before any replica is called.
+``prompt_name``), before any replica is called. A key's ``tpm`` reserves an ``embed``,
+``rerank`` or ``embed_all`` call's tokens before the call is made, as it reserves a local
+model's inputs before they queue (``ray_spend.py``; a refusal is the key's 429, and no call).
 
 Replica states are read from ``serve.status()`` every ``STATUS_INTERVAL_S`` (not per request):
 readiness is false while no replica runs, and the status and metrics show them. An application
@@ -54,6 +56,7 @@ from embedplex.core.errors import (
     UnavailableError,
     UpstreamTimeoutError,
 )
+from embedplex.core.spend import REQUEST_SPEND, Spend
 from embedplex.core.types import (
     EmbedRequest,
     EmbedResult,
@@ -65,6 +68,7 @@ from embedplex.core.types import (
 from embedplex.models.checks import check_dimensions, check_size, named_prompt
 from embedplex.models.config import RAY_MISSING, ModelConfig
 from embedplex.models.ray_errors import RayErrors, lacks, ray_errors
+from embedplex.models.ray_spend import RayCall, ray_call
 from embedplex.ray.wire import (
     DEPLOYMENT,
     SINCE,
@@ -385,13 +389,20 @@ class RayModel:
             named_prompt(request.prompt_name, self._info.prompts)
 
     async def _call(self, method: str, request: object, *, admit: bool = True) -> Answer:
-        """``method`` of a replica; ``admit``: counted against (and refused beyond) the cap."""
+        """``method`` of a replica; ``admit``: counted against (and refused beyond) the cap,
+        and reserved against a key's ``tpm`` (``core/spend.py``), as a local model's inputs
+        are when they queue."""
         await self._check_version(method)
+        spend: Spend | None = None
         if admit:
             self.admit()
             self._active += 1
+            spend = REQUEST_SPEND.get()  # a key with tpm
         try:
-            answer = await self._remote(method, request)
+            if spend is None:
+                answer = await self._remote(method, request)
+            else:
+                answer = await self._reserved(spend, method, request)
         finally:
             if admit:
                 self._active -= 1
@@ -402,6 +413,21 @@ class RayModel:
         if self._metrics is not None:
             self._metrics.on_answer(self.config.name, replica)
         return typing.cast(Answer, answer)
+
+    async def _reserved(self, spend: Spend, method: str, request: object) -> object:
+        """``_remote`` for a key with ``tpm``: the call's tokens are reserved first (a refusal,
+        the key's 429, makes no call), and it is noted as a queued input, so that a request
+        ending without an answer once the call was sent is charged its estimate
+        (``ray_spend.py``)."""
+        call = ray_call(request, self._info, self.config)
+        await spend.queue(call.bound, lambda: (call,))
+        try:
+            answer = await self._remote(method, request, call)
+        except BaseException as exc:
+            call.ended(exc)
+            raise
+        call.ended(answer if isinstance(answer, EmbedplexError) else None)
+        return answer
 
     async def _check_version(self, method: str) -> None:
         """422 (InvalidRequestError) when the replicas are too old for ``method``; they are
@@ -425,23 +451,24 @@ class RayModel:
                 param="model",
             )
 
-    async def _remote(self, method: str, request: object) -> object:
+    async def _remote(self, method: str, request: object, call: RayCall | None = None) -> object:
         """``_attempts`` within the request's deadline (504 past it, naming it, as a remote
         model's), or within ``bound_s`` when that comes first or there is no deadline (503, as a
         local model's queue timeout): a replica that never answers (stuck, stopped) must not
-        hold its caller until Serve's health check replaces it, a minute or more later."""
+        hold its caller until Serve's health check replaces it, a minute or more later.
+        ``call``: a reserved request's, stamped when the call is sent."""
         deadline = REQUEST_DEADLINE.get()
         wait = deadline.remaining() if deadline is not None else None
         if self.bound_s is not None and (wait is None or self.bound_s < wait):
             wait, deadline = self.bound_s, None
         if wait is None:
-            return await self._attempts(method, request)
+            return await self._attempts(method, request, call)
         if wait <= 0:  # spent before the call (tokenizing, a version probe): no call for nobody
             raise self._timed_out(deadline)
         timeout = asyncio.timeout(wait)
         try:
             async with timeout:
-                return await self._attempts(method, request)
+                return await self._attempts(method, request, call)
         except TimeoutError:
             if not timeout.expired():
                 raise
@@ -460,10 +487,12 @@ class RayModel:
             f"(queue_timeout_ms + inference_timeout_s + {CALL_MARGIN_S:g}s); retry later"
         )
 
-    async def _attempts(self, method: str, request: object) -> object:
+    async def _attempts(self, method: str, request: object, call: RayCall | None) -> object:
         name = self.config.name
         errors = self._errors
         for attempt in (1, 2):
+            if call is not None:
+                call.sent()
             try:
                 return await _cancelled_with(getattr(self._handle, method).remote(request))
             except errors.overloaded as exc:
