@@ -30,6 +30,7 @@ from fastapi.routing import APIRoute
 
 from embedplex.api.routes.table import ROUTERS
 from embedplex.config import Settings
+from embedplex.config_env import UnknownEnvNames, check_env_names
 from helpers import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,15 @@ def test_every_deploy_file_parses() -> None:
         stages = dockerfile(DEPLOY / name)
         assert len(stages) == 2, name
         assert stages[-1].all("ENTRYPOINT") == ['["embedplex", "serve"]'], name
+
+
+def test_every_embedplex_variable_the_files_name_is_accepted() -> None:
+    """``Settings.load`` refuses an EMBEDPLEX_* name it does not read: none here may be one."""
+    files = [DEPLOY / n for n in ("example.env", "compose.yaml", "Dockerfile", "Dockerfile.cuda")]
+    files += sorted(K8S.glob("*.yaml"))
+    names = {n for path in files for n in re.findall(r"\bEMBEDPLEX_\w+", path.read_text())}
+    assert {"EMBEDPLEX_ADMIN_SECRET", "EMBEDPLEX_STATE_URL", "EMBEDPLEX_PORT"} <= names
+    check_env_names(dict.fromkeys(names, ""), Settings.model_fields)
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -291,6 +301,26 @@ def test_k8s_probes_are_app_routes_on_the_container_port() -> None:
     service = k8s("Service")["spec"]
     assert [p["targetPort"] for p in service["ports"]] == ["http"]
     assert service["selector"] == k8s("Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_k8s_pods_get_no_service_link_variables() -> None:
+    """Kubernetes gives a pod EMBEDPLEX_PORT=tcp://..., EMBEDPLEX_SERVICE_HOST and more for
+    the Service "embedplex" unless the pod spec turns service links off; embedplex would refuse
+    to start (and EMBEDPLEX_PORT is not a port number)."""
+    pod = k8s("Deployment")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    services = [d for d in k8s_documents() if d["kind"] == "Service"]
+    linked = [d for d in services if d["spec"].get("clusterIP") != "None"]  # headless: no links
+    assert [d["metadata"]["name"] for d in linked] == ["embedplex"]
+    for service in linked:
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        for port in service["spec"]["ports"]:
+            injected = {
+                f"{prefix}_SERVICE_HOST": "10.0.0.7",
+                f"{prefix}_PORT_{port['port']}_TCP": f"tcp://10.0.0.7:{port['port']}",
+            }
+            with pytest.raises(UnknownEnvNames, match="enableServiceLinks: false"):
+                check_env_names(injected, Settings.model_fields)
 
 
 def test_k8s_drains_before_it_is_killed_and_keeps_secrets_out() -> None:

@@ -1,10 +1,11 @@
 """Configuration: one frozen object, read in one place.
 
 Precedence, lowest first: defaults < TOML file (``--config`` or ``EMBEDPLEX_CONFIG``) < environment
-(``EMBEDPLEX_`` prefix, ``__`` for nesting) < command-line flags. Every scalar field below is
-also an ``embedplex serve`` flag (``model_id`` -> ``--model-id``); the CLI builds its flags from
-this class, so an option is declared once. Lists of tables (``providers``, ``routes``) come only
-from TOML or from JSON in the environment (``EMBEDPLEX_PROVIDERS='[{...}]'``).
+(``EMBEDPLEX_`` prefix; any other ``EMBEDPLEX_*`` name is refused: ``config_env.py``) <
+command-line flags. Every scalar field below is also an ``embedplex serve`` flag (``model_id`` ->
+``--model-id``); the CLI builds its flags from this class, so an option is declared once. Lists
+of tables (``providers``, ``routes``) come only from TOML or from JSON in the environment
+(``EMBEDPLEX_PROVIDERS='[{...}]'``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pydantic_settings import (
 )
 
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
+from embedplex.config_env import ENV_PREFIX, check_env_names
 from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
@@ -84,8 +86,9 @@ class StaticKeyConfig(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="EMBEDPLEX_",
-        env_nested_delimiter="__",
+        # No nested delimiter: no setting is a table of its own (lists of tables take JSON),
+        # and config_env.py refuses every EMBEDPLEX_* name that is not a field.
+        env_prefix=ENV_PREFIX,
         frozen=True,
         extra="forbid",
         validate_default=True,
@@ -606,7 +609,12 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
-        """Build the effective settings; ``overrides`` are flags (highest precedence)."""
+        """Build the effective settings; ``overrides`` are flags (highest precedence).
+
+        An ``EMBEDPLEX_*`` variable that names no setting is refused (``UnknownEnvNames``, a
+        ``ValueError``) before anything is read: pydantic-settings would skip it silently.
+        """
+        check_env_names(os.environ, cls.model_fields)
         if config_file is None and os.environ.get("EMBEDPLEX_CONFIG"):
             config_file = Path(os.environ["EMBEDPLEX_CONFIG"])
         if config_file is not None and not config_file.is_file():
