@@ -84,11 +84,52 @@ async def test_status_command_sends_the_admin_secret() -> None:
 
     def scenario() -> None:
         with live_server(app) as url:
-            assert run_cli("status", "--url", url)[0] == 2
-            assert run_cli("status", "--url", url, "--admin-secret", "k-123")[0] == 2
+            for wrong in ([], ["--admin-secret", "k-123"]):
+                code, out = run_cli("status", "--url", url, *wrong)
+                assert code == 2, out
+                assert out.strip() == (
+                    f"cannot read {url}/api/v1/status: 401: missing or invalid admin secret "
+                    "(pass the server's admin secret with --admin-secret or "
+                    "EMBEDPLEX_ADMIN_SECRET)"
+                )
             code, out = run_cli("status", "--url", url, "--admin-secret", "status-admin-secret-456")
             assert code == 0, out
             assert "status-admin-secret-456" not in out
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_status_command_says_the_server_needs_an_admin_secret() -> None:
+    """The quickstart server has none: its own 403 message is printed, not httpx's text."""
+    app = create_app(settings(admin_secret=None), gateway_factory=fake_factory(FakeBackend()))
+
+    def scenario() -> None:
+        with live_server(app) as url:
+            code, out = run_cli("status", "--url", url, "--admin-secret", "any-admin-secret-789")
+            assert code == 2, out
+            assert out.strip() == (
+                f"cannot read {url}/api/v1/status: 403: the admin API is off: start the server "
+                "with an admin secret (EMBEDPLEX_ADMIN_SECRET) to use it"
+            )
+
+    await asyncio.to_thread(scenario)
+
+
+async def test_status_command_gives_a_proxys_status_line_not_its_page() -> None:
+    """An error body that is no server's JSON (a proxy's HTML page) is never printed."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    proxy = FastAPI()
+    proxy.get("/health/ready")(lambda: JSONResponse({"status": "ready"}))
+    page = "<html><body><h1>502 Bad Gateway</h1><p>nginx</p></body></html>"
+    proxy.get("/api/v1/status")(lambda: HTMLResponse(page, status_code=502))
+
+    def scenario() -> None:
+        with live_server(proxy) as url:
+            code, out = run_cli("status", "--url", url, "--admin-secret", ADMIN_SECRET)
+            assert code == 2, out
+            assert out.strip() == f"cannot read {url}/api/v1/status: 502: Bad Gateway"
 
     await asyncio.to_thread(scenario)
 

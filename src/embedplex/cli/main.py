@@ -219,11 +219,11 @@ def status(
     """Show a running server's models, queues, recent throughput, batch sizes and errors."""
     import httpx
 
-    from embedplex.cli.status import fetch_status, render_status
+    from embedplex.cli.status import StatusRefused, fetch_status, render_status
 
     try:
         payload = fetch_status(url, admin_secret=admin_secret)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, StatusRefused) as exc:
         typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from embedplex.cli.server_errors import error_message
 from embedplex.providers.config import ProviderConfig
 
 providers_app = typer.Typer(help="Manage the remote providers of a running server.")
@@ -36,13 +37,10 @@ def _request(method: str, server: str, path: str, body: Any = None) -> Any:
         )
     except httpx.HTTPError as exc:
         raise typer.BadParameter(f"cannot reach {server}: {exc}") from exc
-    data = response.json() if response.content else {}
     if response.status_code >= 400:
-        error = data.get("error", data)
-        message = error.get("message", error) if isinstance(error, dict) else error
-        typer.echo(f"error {response.status_code}: {message}", err=True)
+        typer.echo(f"error {response.status_code}: {error_message(response)}", err=True)
         raise typer.Exit(1)
-    return data
+    return response.json() if response.content else {}
 
 
 def toml_block(config: ProviderConfig) -> str:

@@ -12,15 +12,30 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from embedplex.cli.server_errors import error_message
+
+
+class StatusRefused(Exception):
+    """The server answered /api/v1/status with an error; the text is its own message."""
+
+
+# What a refusal of the admin route means for whoever ran the command.
+_REFUSAL_HINTS = {
+    401: "pass the server's admin secret with --admin-secret or EMBEDPLEX_ADMIN_SECRET",
+}
+
 
 def fetch_status(
     url: str, *, admin_secret: str | None = None, timeout: float = 5.0
 ) -> dict[str, Any]:
-    """GET /api/v1/status (an admin route); raises ``httpx.HTTPError`` when unreachable or
-    refused."""
+    """GET /api/v1/status (an admin route); raises ``httpx.HTTPError`` when unreachable and
+    ``StatusRefused`` with the server's own message when refused (403: the server has no admin
+    secret; 401: a missing or wrong one)."""
     headers = {"authorization": f"Bearer {admin_secret}"} if admin_secret else {}
     r = httpx.get(url.rstrip("/") + "/api/v1/status", headers=headers, timeout=timeout)
-    r.raise_for_status()
+    if r.status_code >= 400:
+        hint = _REFUSAL_HINTS.get(r.status_code)
+        raise StatusRefused(f"{r.status_code}: {error_message(r)}" + (f" ({hint})" if hint else ""))
     payload: dict[str, Any] = r.json()
     return payload
 
