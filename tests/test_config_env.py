@@ -5,6 +5,7 @@ SQLite, ``EMBEDPLEX_METRIC_PORT`` served /metrics on the public port, all with e
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ from typer.testing import CliRunner
 
 from embedplex.cli.main import app
 from embedplex.config import Settings
-from embedplex.config_env import UnknownEnvNames
+from embedplex.config_env import UnknownEnvNames, check_env_names
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
 
 # The reviewer's reproduction: four typos, each value one a log must never show.
 TYPOS = {
@@ -98,6 +100,22 @@ def test_the_names_read_outside_the_settings_are_accepted(tmp_path: Path) -> Non
     code, text = _config_show(env)
     assert code == 0, text
     assert '"port": 7103' in text
+
+
+def test_every_name_the_code_and_tests_read_is_known() -> None:
+    """A new ``envvar=`` or ``os.environ`` read must join ``OTHER_ENV_NAMES`` (or be a field):
+    otherwise setting it would stop ``serve`` in the same shell. The files that spell refused
+    names on purpose are left out."""
+    on_purpose = {"config_env.py", "test_config_env.py", "test_docs.py"}
+    files = [
+        path
+        for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+        if path.name not in on_purpose
+    ]
+    pattern = r"\bEMBEDPLEX_[A-Z0-9_]*[A-Z0-9]"
+    names = {name for path in files for name in re.findall(pattern, path.read_text())}
+    assert {"EMBEDPLEX_SERVER", "EMBEDPLEX_BENCH_API_KEY", "EMBEDPLEX_TEST_PG"} <= names
+    check_env_names(dict.fromkeys(names, ""), Settings.model_fields)
 
 
 def test_kubernetes_service_links_get_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:

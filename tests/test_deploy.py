@@ -304,7 +304,7 @@ def test_k8s_probes_are_app_routes_on_the_container_port() -> None:
 
 
 def test_k8s_pods_get_no_service_link_variables() -> None:
-    """Kubernetes gives a pod EMBEDPLEX_PORT=tcp://..., EMBEDPLEX_SERVICE_HOST and more for
+    """Kubernetes gives a pod EMBEDPLEX_PORT=tcp://... and other service-link variables for
     the Service "embedplex" unless the pod spec turns service links off; embedplex would refuse
     to start (and EMBEDPLEX_PORT is not a port number)."""
     pod = k8s("Deployment")["spec"]["template"]["spec"]
