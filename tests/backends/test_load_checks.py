@@ -1,6 +1,6 @@
 """A backend that cannot serve fails its start: a graph with inputs the server does not feed,
-an output narrower or wider than the model's hidden size, or torch models of one process asking
-for different thread counts."""
+an output narrower or wider than the model's hidden size, torch models of one process asking
+for different thread counts, or ``--device cuda`` where CUDA does not load."""
 
 from __future__ import annotations
 
@@ -62,3 +62,38 @@ def test_torch_models_of_one_process_share_one_thread_count(tiny_model_dir: Path
     finally:
         first.close()
     TorchBackend.load(spec, dtype="float32", device="cpu", threads=2).close()  # none left open
+
+
+def test_device_cuda_fails_the_start_where_the_cuda_provider_does_not_load(
+    shipped_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu without a usable GPU lists CUDAExecutionProvider as available, then
+    builds the session on the CPU (its log says "Failed to create CUDAExecutionProvider"). The
+    CPU build does the same once told the provider is compiled in: it warns and falls back."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider: the fall-back is not what runs here")
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    spec = load_spec(str(shipped_dir), shipped_dir)
+    cache = tmp_path / "c"
+    refused = r"--device cuda asked for, but ONNX Runtime \S+ built the session on \['CPU"
+    with pytest.raises(FatalBackendError, match=refused) as caught:
+        OnnxBackend.load(spec, dtype="float32", device="cuda", cache_dir=cache, threads=1)
+    assert "its CUDA provider did not load" in str(caught.value)
+    # auto may fall back, and says where it runs.
+    auto = OnnxBackend.load(spec, dtype="float32", device="auto", cache_dir=cache, threads=1)
+    assert auto.device == "cpu"
+    auto.close()
+
+
+def test_torch_device_cuda_fails_the_start_without_a_cuda_device(tiny_model_dir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    spec = load_spec(str(tiny_model_dir), tiny_model_dir)
+    with pytest.raises(FatalBackendError, match="--device cuda asked for, but torch sees no CUDA"):
+        TorchBackend.load(spec, dtype="float32", device="cuda", threads=1)

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: CPU by default, CUDA when asked and available."""
+"""ONNX Runtime backend: CPU by default; CUDA when asked (``--device cuda``: on the GPU or not
+at all) or with ``auto`` where its provider loads."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy.typing as npt
 from embedplex.backends.base import TokenBatch, require_kind
 from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
 from embedplex.backends.onnx_cache import ensure_onnx
+from embedplex.backends.onnx_providers import require_device, session_options, session_providers
 from embedplex.backends.passes import CoreGate, PassGate
 from embedplex.backends.pooling import Floats, pool
 from embedplex.backends.warmup import check_output, warmup_batch
@@ -25,22 +27,6 @@ logger = logging.getLogger(__name__)
 # so one batch is one session run. Small runs keep each layer's activations in the core's cache;
 # 512 was measured the fastest (docs/architecture.md, "Why 512").
 RUN_TOKENS = 512
-
-
-def session_providers(device: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise FatalBackendError(
-                "--device cuda asked for, but this onnxruntime has no CUDA provider "
-                "(install onnxruntime-gpu)"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "auto" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def make_session(
@@ -66,7 +52,11 @@ def make_session(
     # (measured: 613 MB after 80 s of 5-256-token traffic with patterns, 540 MB flat without;
     # throughput unchanged).
     options.enable_mem_pattern = False
-    return ort.InferenceSession(str(path), options, providers=session_providers(device))
+    session = ort.InferenceSession(
+        str(path), options, providers=session_providers(device), **session_options(device)
+    )
+    require_device(session, device)
+    return session
 
 
 # onnxruntime's words for a graph file that cannot be read as one (its class names no error).

@@ -75,6 +75,6 @@ def _onnx_on_cpu(model: ModelConfig) -> bool:
     """Whether the model runs on ONNX Runtime's CPU provider (GPUs and torch keep one stream)."""
     if model.backend != "onnx" or model.device == "cuda":
         return False
-    from embedplex.backends.onnx import session_providers
+    from embedplex.backends.onnx_providers import session_providers
 
     return session_providers(model.device or "auto")[0] == "CPUExecutionProvider"
