@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from embedplex.api.app import GatewayFactory, create_app
 from embedplex.backends.fake import FakeBackend
@@ -118,8 +119,9 @@ async def served() -> AsyncIterator[Served]:
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under uvicorn on 127.0.0.1 (a free port) in a thread; yield its URL."""
+def live_server(app: Starlette, *, wait_ready: bool = True) -> Iterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1 (a free port) in a thread; yield its URL once
+    it listens and (``wait_ready``) its /health/ready answers 200."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -132,7 +134,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
     port = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     try:
-        while httpx.get(url + "/health/ready").status_code != 200:
+        while wait_ready and httpx.get(url + "/health/ready").status_code != 200:
             assert time.monotonic() < deadline, "server did not become ready"
             time.sleep(0.02)
         yield url

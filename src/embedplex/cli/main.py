@@ -219,11 +219,12 @@ def status(
     """Show a running server's models, queues, recent throughput, batch sizes and errors."""
     import httpx
 
+    from embedplex.cli.server_errors import NotEmbedplexAnswer
     from embedplex.cli.status import StatusRefused, fetch_status, render_status
 
     try:
         payload = fetch_status(url, admin_secret=admin_secret)
-    except (httpx.HTTPError, StatusRefused) as exc:
+    except (httpx.HTTPError, StatusRefused, NotEmbedplexAnswer) as exc:
         typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
@@ -234,16 +235,23 @@ def status(
 
 @app.command()
 def health(url: UrlOption = "http://127.0.0.1:8080", as_json: JsonOption = False) -> None:
-    """Probe a running server; exits 0 when ready, 1 when not ready, 2 when unreachable."""
+    """Probe a running server; exits 0 when ready, 1 when it answers not ready (loading,
+    draining, a model dead: even once /health/live is 503), 2 when it cannot be reached or its
+    answer is no embedplex one (a proxy's page)."""
+    from embedplex.cli.server_errors import NotEmbedplexAnswer
     from embedplex.cli.status import fetch_health, render_health
 
-    result = fetch_health(url)
+    try:
+        result = fetch_health(url)
+    except NotEmbedplexAnswer as exc:
+        typer.echo(f"cannot read {exc.url}: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
         render_health(result, _console())
     if not result["ready"]:
-        raise typer.Exit(1 if result["live"] else 2)
+        raise typer.Exit(1 if result["reachable"] else 2)
 
 
 @app.command()
