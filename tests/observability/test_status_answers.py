@@ -196,3 +196,17 @@ def test_status_fields_of_another_shape_render_as_blanks() -> None:
     assert "up 0m 00s" in text
     first_cells = {line.split("│")[1].strip() for line in text.splitlines() if "│" in line}
     assert {"m", "p", "c"} <= first_cells
+
+
+def test_providers_list_takes_no_proxys_page_or_other_json() -> None:
+    """``embedplex providers list`` read the answer as JSON with a ``data`` list whatever it
+    was: an HTML 200 was a JSONDecodeError traceback, another server's JSON a KeyError."""
+    answers = [
+        (lambda _: HTMLResponse(PAGE), "HTTP 200 OK, text/html"),
+        (lambda _: JSONResponse({"items": []}), "HTTP 200 OK, application/json"),
+    ]
+    for answer, line in answers:
+        with live_server(answering(answer), wait_ready=False) as url:
+            exit_code, out = run_cli("providers", "list", "--server", url)
+            assert exit_code == 1, out
+            assert out.strip() == f"error: not an embedplex answer ({line})"

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from embedplex.cli.server_errors import error_message
+from embedplex.cli.server_errors import NotEmbedplexAnswer, error_message, json_document
 from embedplex.providers.config import ProviderConfig
 
 providers_app = typer.Typer(help="Manage the remote providers of a running server.")
@@ -26,7 +26,11 @@ ServerOption = Annotated[
 ]
 
 
-def _request(method: str, server: str, path: str, body: Any = None) -> Any:
+def _request(
+    method: str, server: str, path: str, body: Any = None, **shape: type
+) -> dict[str, Any]:
+    """The server's JSON object (each key of ``shape`` of its type); an error, or an answer
+    that is no embedplex document (a proxy's page), is one line and exit 1."""
     headers = {}
     secret = os.environ.get("EMBEDPLEX_ADMIN_SECRET")
     if secret:
@@ -40,7 +44,13 @@ def _request(method: str, server: str, path: str, body: Any = None) -> Any:
     if response.status_code >= 400:
         typer.echo(f"error {response.status_code}: {error_message(response)}", err=True)
         raise typer.Exit(1)
-    return response.json() if response.content else {}
+    if not response.content:
+        return {}
+    try:
+        return json_document(response, **shape)
+    except NotEmbedplexAnswer as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def toml_block(config: ProviderConfig) -> str:
@@ -109,7 +119,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the providers of a running server."""
-    data = _request("GET", server, "/api/v1/providers")["data"]
+    data = _request("GET", server, "/api/v1/providers", data=list)["data"]
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
