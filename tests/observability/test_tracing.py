@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -10,7 +16,11 @@ from opentelemetry.trace import SpanKind
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.observability import Telemetry, upstream_span
-from embedplex.observability.tracing import build_tracer_provider
+from embedplex.observability.tracing import (
+    SHUTDOWN_TIMEOUT_S,
+    build_tracer_provider,
+    shutdown_spans,
+)
 
 from .conftest import MODEL, serve, settings
 
@@ -106,6 +116,64 @@ def test_otlp_endpoint_builds_an_exporter(protocol: str) -> None:
     assert provider is not None
     assert provider.resource.attributes["service.name"] == "embedplex"
     provider.shutdown()
+
+
+@contextmanager
+def black_hole() -> Iterator[int]:
+    """A port whose connections the kernel completes and nobody ever answers (never accepted)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_a_collector_that_never_answers_does_not_hold_shutdown(protocol: str) -> None:
+    """The lifespan's shutdown waits SHUTDOWN_TIMEOUT_S at most for the last spans, then drops
+    them (the SDK's own bounds: 10 s an export, 30 s a shutdown: 25 s measured before)."""
+    pytest.importorskip(f"opentelemetry.exporter.otlp.proto.{protocol}.trace_exporter")
+    with black_hole() as port:
+        s = settings(otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol=protocol)
+        async with serve(s) as srv:
+            for i in range(5):
+                r = await srv.client.post("/embed", json={"inputs": f"text {i}"})
+                assert r.status_code == 200
+            assert srv.telemetry.tracer is not None
+            stopping = time.monotonic()
+        took = time.monotonic() - stopping
+    assert took < SHUTDOWN_TIMEOUT_S + 1.5, took
+
+
+async def test_span_shutdown_gives_up_after_its_bound(caplog: pytest.LogCaptureFixture) -> None:
+    """An export that hangs (whatever the exporter's own timeout) is left behind with one
+    warning; the loop is free meanwhile."""
+    release = threading.Event()
+
+    class Hanging(InMemorySpanExporter):
+        def shutdown(self) -> None:
+            release.wait(30)
+
+    provider = build_tracer_provider(settings(), Hanging())
+    assert provider is not None
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    start = time.monotonic()
+    try:
+        assert await shutdown_spans(provider, 0.3) is False
+    finally:
+        release.set()
+        ticker.cancel()
+    assert time.monotonic() - start < 1.0
+    assert ticks >= 10  # the wait ran off the event loop
+    (warning,) = [r for r in caplog.records if "took no spans" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
 
 
 def test_upstream_span_api() -> None:

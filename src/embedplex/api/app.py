@@ -182,7 +182,7 @@ def create_app(
             await usage.close()
             await keys.close()
             await store.close()
-            telemetry.shutdown()
+            await telemetry.aclose()  # bounded: a down collector never holds the exit
 
     app = EmbedplexApp(
         title="embedplex",

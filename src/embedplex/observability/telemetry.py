@@ -18,7 +18,7 @@ from embedplex.batching import BatchObserver
 from embedplex.core.types import ServedModel
 from embedplex.observability.metrics import Metrics
 from embedplex.observability.providers import ProviderObserver
-from embedplex.observability.tracing import BatchSpans, build_tracer_provider
+from embedplex.observability.tracing import BatchSpans, build_tracer_provider, shutdown_spans
 
 if TYPE_CHECKING:
     # Annotations only: observability sits below the configuration, which imports the
@@ -68,7 +68,7 @@ class Telemetry:
             if isinstance(service, Instrumentable):
                 service.instrument(self)
 
-    def shutdown(self) -> None:
-        """Flush and stop span export."""
+    async def aclose(self) -> None:
+        """Flush and stop span export, waiting a bounded time (``shutdown_spans``)."""
         if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
+            await shutdown_spans(self.tracer_provider)

@@ -8,8 +8,12 @@ batcher already keeps, instead of holding spans open across tasks and threads.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +45,14 @@ if TYPE_CHECKING:
     # providers, which report here.
     from embedplex.config import Settings
 
+logger = logging.getLogger(__name__)
+
+# A collector that is down, or accepts and never answers, must not hold the server: one export
+# gives up after EXPORT_TIMEOUT_S (the SDK's default is 10 s, retries included), and shutdown
+# waits at most SHUTDOWN_TIMEOUT_S for the last spans (``shutdown_spans``).
+EXPORT_TIMEOUT_S = 3.0
+SHUTDOWN_TIMEOUT_S = 3.0
+
 # time.perf_counter() instants (what the batcher stamps) -> epoch nanoseconds (what OTel wants).
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
 
@@ -68,8 +80,42 @@ def build_tracer_provider(
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
-        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(settings)))
+        processor = BatchSpanProcessor(
+            _otlp_exporter(settings), export_timeout_millis=EXPORT_TIMEOUT_S * 1000
+        )
+        provider.add_span_processor(processor)
     return provider
+
+
+async def shutdown_spans(provider: TracerProvider, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> bool:
+    """Flush the spans still queued and stop export, waiting at most ``timeout_s``.
+
+    The SDK's shutdown blocks (up to 30 s, plus a running export) on a collector that does not
+    answer, so it runs in a daemon thread of its own, off the event loop and never joined at
+    exit (an executor's thread would be). Returns False, after one warning, when it did not
+    finish in time: the spans not sent by then are dropped as the process exits.
+    """
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            provider.shutdown()
+        except Exception:  # the SDK logs its own; nothing here may keep the loop waiting
+            logger.exception("span export shutdown failed")
+        finally:
+            done.set_result(None)
+
+    threading.Thread(target=run, name="span-shutdown", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(done), timeout_s)
+    except TimeoutError:
+        logger.warning(
+            "spans: the OTLP collector took no spans within %.0f s of shutdown; "
+            "those not yet sent are dropped",
+            timeout_s,
+        )
+        return False
+    return True
 
 
 def _otlp_exporter(settings: Settings) -> SpanExporter:
@@ -84,12 +130,12 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
             url = endpoint if endpoint and endpoint.endswith("/v1/traces") else None
             if url is None and endpoint:
                 url = endpoint.rstrip("/") + "/v1/traces"
-            return HttpExporter(endpoint=url)
+            return HttpExporter(endpoint=url, timeout=EXPORT_TIMEOUT_S)
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
         )
 
-        return GrpcExporter(endpoint=endpoint)
+        return GrpcExporter(endpoint=endpoint, timeout=EXPORT_TIMEOUT_S)
     except ImportError as exc:  # the exporters are an optional extra
         raise RuntimeError(
             "--otlp-endpoint needs the OTLP exporters: pip install 'embedplex[otlp]'"
