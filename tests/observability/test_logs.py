@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -129,6 +130,43 @@ async def test_refused_keys_are_logged_once_a_second_and_paths_cut(
         await srv.client.post("/embed/" + "a" * 5000, json={"inputs": "x"})
     last = access_records(caplog)[-1].getMessage()
     assert "/embed/" + "a" * 249 + "..." in last and "a" * 300 not in last
+
+
+async def test_refusals_left_out_are_told_when_their_second_is_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The count of unlogged refusals is written when their window closes, not when (if ever)
+    a later refusal comes, and says the interval it covers."""
+    caplog.set_level(logging.INFO)
+    async with serve(settings(api_key=SECRET)) as srv:
+        for _ in range(6):
+            assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 401
+        await asyncio.sleep(1.3)  # nothing more comes
+        lines = [r.getMessage() for r in access_records(caplog)]
+    assert len(lines) == 2, lines  # the first refusal's own line, then the count
+    (told,) = [m for m in lines if "not logged" in m]
+    match = re.fullmatch(
+        r"5 refusals \(401\) not logged in the (\d\.\d) s after the last one logged", told
+    )
+    assert match is not None, told
+    assert 1.0 <= float(match[1]) < 1.3
+
+
+async def test_failed_scrapes_and_status_logins_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    auth = {"authorization": f"Bearer {SECRET}"}
+    async with serve(settings(api_key=SECRET)) as srv:
+        assert (await srv.client.get("/metrics", headers=auth)).status_code == 200
+        assert (await srv.client.get("/health/live")).status_code == 200
+        assert (await srv.client.get("/metrics")).status_code == 401
+        assert (await srv.client.get("/healthz", headers=auth)).status_code == 404
+    lines = access_records(caplog)
+    assert [(r.__dict__["route"], r.__dict__["status"]) for r in lines] == [
+        ("/metrics", 401),
+        ("unmatched", 404),
+    ]
 
 
 def test_config_show_redacts_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,16 @@ import httpx
 from embedplex.backends.fake import FakeBackend
 from embedplex.observability import CircuitState
 
-from .conftest import MODEL, Served, eventually, live_server, serve, settings, value
+from .conftest import (
+    MODEL,
+    Served,
+    eventually,
+    live_server,
+    parse_metrics,
+    serve,
+    settings,
+    value,
+)
 
 TEXTS = ["a short one", "a somewhat longer sentence to pad against", "three"]
 
@@ -85,6 +94,36 @@ async def test_probes_and_scrapes_are_not_counted(served: Served) -> None:
     await served.client.get("/metrics")
     m = await served.metrics()
     assert not [k for k in m if k[0] == "embedplex_requests_total"]
+
+
+async def test_failed_scrapes_and_status_logins_and_lookalike_paths_are_counted() -> None:
+    """Only the successful answers of the quiet paths are left out, and only of those paths
+    exactly: a wrong key for /metrics or a wrong admin secret is a failure like any other, and
+    /healthz or /metricsfoo an unknown path."""
+    key = "sk-obs-quiet-0123456789abcdef"
+    auth = {"authorization": f"Bearer {key}"}
+    async with serve(settings(api_key=key)) as srv:
+        c = srv.client
+        assert (await c.get("/health/ready")).status_code == 200
+        assert (await c.get("/api/v1/status", headers=auth)).status_code == 200
+        assert (await c.get("/metrics")).status_code == 401  # no key
+        wrong = {"x-admin-secret": "not-the-secret"}
+        refused = (await c.get("/api/v1/status", headers={**auth, **wrong})).status_code
+        assert refused == 401
+        for path in ("/healthz", "/metricsfoo", "/pingx", "/docs2"):
+            assert (await c.get(path, headers=auth)).status_code == 404
+        r = await c.get("/metrics", headers=auth)
+        assert r.status_code == 200
+        m = parse_metrics(r.text)
+    scrape = {"route": "/metrics", "model": "-"}
+    assert value(m, "embedplex_requests_total", **scrape) == 1  # the refused one only
+    assert value(m, "embedplex_request_failures_total", **scrape, error_type="authentication") == 1
+    status = {"route": "/api/v1/status", "model": "-"}
+    assert value(m, "embedplex_requests_total", **status) == 1
+    assert value(m, "embedplex_request_success_total", **status) == 0
+    unmatched = {"route": "unmatched", "model": "-"}
+    assert value(m, "embedplex_request_failures_total", **unmatched, error_type="not_found") == 4
+    assert not [k for k in m if "/health/ready" in str(k)]
 
 
 async def test_queue_full_is_a_429_refusal() -> None:

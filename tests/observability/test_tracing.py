@@ -98,6 +98,27 @@ async def test_failed_request_span_is_an_error() -> None:
     assert spans["POST /embed"].attributes["http.response.status_code"] == 424
 
 
+async def test_quiet_paths_are_traced_only_when_they_fail() -> None:
+    exporter = InMemorySpanExporter()
+    key = "sk-obs-traced-0123456789abcdef"
+    telemetry = Telemetry.from_settings(settings(api_key=key), span_exporter=exporter)
+    async with serve(settings(api_key=key), telemetry=telemetry) as srv:
+        auth = {"authorization": f"Bearer {key}"}
+        assert (await srv.client.get("/metrics", headers=auth)).status_code == 200
+        assert (await srv.client.get("/health/ready")).status_code == 200
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        assert (await srv.client.get("/metrics", headers=headers)).status_code == 401
+        assert (await srv.client.get("/metricsfoo", headers=auth)).status_code == 404
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["GET /metrics", "GET unmatched"]
+    (refused,) = [s for s in spans if s.name == "GET /metrics"]
+    assert refused.attributes is not None
+    assert refused.attributes["http.response.status_code"] == 401
+    assert format(refused.context.trace_id, "032x") == TRACE_ID  # its traceparent honoured
+    assert refused.start_time is not None and refused.end_time is not None
+    assert refused.start_time <= refused.end_time
+
+
 async def test_disable_spans_and_no_endpoint_create_no_tracer() -> None:
     exporter = InMemorySpanExporter()
     off = Telemetry.from_settings(settings(disable_spans=True), span_exporter=exporter)

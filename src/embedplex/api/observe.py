@@ -2,12 +2,14 @@
 
 Routes and the pipeline's refusals fill in the request's ``RequestRecord`` (model, inputs,
 tokens, timings, error type); ``RequestObserver.finish`` reads it once the answer has gone out
-(``api/pipeline.py`` calls it for every route). Probes, ``/metrics`` and the status route are
-left out: scrapes and kubelet probes would drown the real traffic.
+(``api/pipeline.py`` calls it for every route). The successful answers of probes, ``/metrics``,
+the docs and the status route are left out: scrapes and kubelet probes would drown the real
+traffic. Their failures (a wrong key for ``/metrics``, a wrong admin secret) are not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
 from starlette.types import Scope
@@ -24,6 +26,7 @@ from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
 from embedplex.observability.log_records import LogSite
 from embedplex.observability.metrics import NO_MODEL, UNKNOWN_MODEL
+from embedplex.observability.tracing import to_epoch_ns
 
 if TYPE_CHECKING:
     from embedplex.api.pipeline import Exchange
@@ -37,10 +40,22 @@ _access_line = LogSite(
     "%s %s %d %.1fms model=%s inputs=%d tokens=%d queue=%.1fms inference=%.1fms id=%s%s",
 )
 
-QUIET_PATHS = ("/health", "/metrics", "/ping", "/api/v1/status", "/docs", "/openapi.json")
+# The probes answer 503 to say "not ready" (loading, draining) or "dead": their answer, asked
+# every few seconds through every start and rollout, not a failed request (``embedplex_ready``
+# and the probe itself report it).
+PROBE_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
+# Paths whose successful answers (below 400, and the probes' 503) are neither counted, traced
+# nor logged. Exact paths: ``/healthz`` or ``/metricsfoo`` is a 404 like any other, and a
+# refusal here (a wrong key for ``/metrics``, a wrong admin secret for the status) is counted
+# and logged as anywhere.
+QUIET_PATHS = PROBE_PATHS | {
+    *("/metrics", "/api/v1/status"),
+    *("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+}
 # Refusals logged at most once a second each (``RequestObserver._log_refusal``): overload, and
 # requests without a valid key (a client guessing keys, or one misconfigured and retrying).
 SAMPLED = (429, 401)
+REFUSAL_WINDOW_S = 1.0
 # A path is logged up to this many characters (a URL may be ~16 KB, the head's limit).
 LOGGED_PATH = 256
 _propagator = TraceContextTextMapPropagator()
@@ -72,8 +87,9 @@ class RequestObserver:
     """Metrics, the server span (honouring ``traceparent``) and one log line per request.
 
     The pipeline calls ``start`` as a request comes in and ``finish`` once its answer has gone
-    out, for every route alike. Probes, scrapes, docs and the status route are left out (they
-    still pass the pipeline's stages): they would drown the real traffic.
+    out, for every route alike. The successful answers of probes, scrapes, docs and the status
+    route (``QUIET_PATHS``) are left out (they still pass the pipeline's stages): they would
+    drown the real traffic.
     """
 
     def __init__(
@@ -91,29 +107,32 @@ class RequestObserver:
         self.tracer = telemetry.tracer
         self.paths = paths
         self.log_requests = log_requests
-        # Refusals' log lines are sampled (``_log_refusal``): per status, (quiet until, unlogged).
-        self._sampled: dict[int, list[float]] = {status: [0.0, 0] for status in SAMPLED}
+        # Refusals' log lines are sampled (``_log_refusal``), per status.
+        self._sampled = {status: _Sampled() for status in SAMPLED}
 
     def start(self, ex: Exchange) -> None:
-        """Open the request's span (when tracing) and make it current for the handler."""
-        if self.tracer is None or ex.path.startswith(QUIET_PATHS):
+        """Open the request's span (when tracing) and make it current for the handler.
+
+        A quiet path gets none now: most of its answers are left out, and one that fails gets
+        its span written in ``finish``, from the request's start."""
+        if self.tracer is None or ex.path in QUIET_PATHS:
             return
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in ex.scope["headers"]}
-        parent = _propagator.extract(carrier)
-        span = self.tracer.start_span(
-            f"{ex.method} {ex.path}", context=parent, kind=SpanKind.SERVER
-        )
+        span, parent = _open_span(self.tracer, ex, None)
         ex.span = (span, otel_context.attach(trace.set_span_in_context(span, parent)))
 
     def finish(self, ex: Exchange, status: int) -> None:
         """Count one finished request, end its span and log it."""
+        quiet = ex.path in QUIET_PATHS
+        if quiet and (status < 400 or (status == 503 and ex.path in PROBE_PATHS)):
+            return
         if ex.span is not None:
             span, token = ex.span
             ex.span = None
             otel_context.detach(token)
             self._end_span(span, ex, self._route(ex.scope), status)
-        if ex.path.startswith(QUIET_PATHS):
-            return
+        elif quiet and self.tracer is not None:  # a failed answer of a quiet path: traced too
+            span, _ = _open_span(self.tracer, ex, to_epoch_ns(ex.start))
+            self._end_span(span, ex, self._route(ex.scope), status)
         duration = time.perf_counter() - ex.start
         record = ex.record
         if status >= 400 and record.error_type is None:
@@ -147,22 +166,41 @@ class RequestObserver:
             self.usage.add(key_id, inputs, tokens, refused)
 
     def _log_refusal(self, status: int) -> bool:
-        """Whether this refusal (429, 401) gets its own line: at most one a second per status,
-        which says how many were left out before it. Under a storm of retried refusals, or of
-        guessed keys, a line each would cost more than the refusal itself and flood the log;
-        the metrics still count every one."""
+        """Whether this refusal (429, 401) gets its own line: at most one a second per status.
+        Under a storm of retried refusals, or of guessed keys, a line each would cost more than
+        the refusal itself and flood the log; the metrics still count every one.
+
+        A line opens a window of ``REFUSAL_WINDOW_S``; the refusals it leaves out are told in
+        one line when it closes (a timer, set by the first of them), whether or not another
+        refusal ever comes."""
         window = self._sampled[status]
         now = time.monotonic()
-        if now < window[0]:
-            window[1] += 1
+        if now < window.until:
+            window.unlogged += 1
+            if window.unlogged == 1:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop (a synchronous caller): told by the next line
+                    pass
+                else:
+                    loop.call_later(window.until - now, self._flush_refusals, status)
             return False
-        window[0] = now + 1.0
-        if window[1]:
-            access_log.info(
-                "%d refusals (%d) not logged in the last second", int(window[1]), status
-            )
-            window[1] = 0
+        self._flush_refusals(status)  # a window whose timer has not run yet
+        window.opened, window.until = now, now + REFUSAL_WINDOW_S
         return True
+
+    def _flush_refusals(self, status: int) -> None:
+        """Log how many refusals of ``status`` the last window left out, if any."""
+        window = self._sampled[status]
+        if not window.unlogged:
+            return
+        access_log.info(
+            "%d refusals (%d) not logged in the %.1f s after the last one logged",
+            window.unlogged,
+            status,
+            time.monotonic() - window.opened,
+        )
+        window.unlogged = 0
 
     def _route(self, scope: Scope) -> str:
         """The route template (bounded label values), even for requests refused before routing."""
@@ -249,6 +287,28 @@ class RequestObserver:
                 "key_id": key_id,
             },
         )
+
+
+def _open_span(
+    tracer: Tracer, ex: Exchange, start_time: int | None
+) -> tuple[trace.Span, otel_context.Context]:
+    """The request's server span, a child of its ``traceparent`` (if any), and that parent."""
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in ex.scope["headers"]}
+    parent = _propagator.extract(carrier)
+    span = tracer.start_span(
+        f"{ex.method} {ex.path}", context=parent, kind=SpanKind.SERVER, start_time=start_time
+    )
+    return span, parent
+
+
+@dataclass(slots=True)
+class _Sampled:
+    """One sampled status's window: when its last line was logged (``time.monotonic()``),
+    until when the next refusals go unlogged, and how many did."""
+
+    opened: float = 0.0
+    until: float = 0.0
+    unlogged: int = 0
 
 
 def _logged_path(path: str) -> str:
