@@ -30,7 +30,7 @@ from embedplex.gateway.build import placeholder
 from embedplex.gateway.lazy import LazyModel
 from embedplex.models.local import LocalEmbeddingModel, LocalModel, LocalModelOptions
 from embedplex.models.rerank import LocalRerankModel
-from helpers import eventually, running
+from helpers import eventually, parse_metrics, running
 
 
 def local(
@@ -230,7 +230,14 @@ async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Pat
         info = (await client.get("/info", params={"model": "z"})).json()
         admin = {"authorization": "Bearer test-admin-secret"}
         status = (await client.get("/api/v1/status", headers=admin)).json()["models"]["z"]
+        build = [
+            dict(k[1])
+            for k in parse_metrics((await client.get("/metrics")).text)
+            if k[0] == "embedplex_build_info" and dict(k[1])["model"] == "z"
+        ]
     assert [(m["id"], m["kind"]) for m in before] == [("a", "embed"), ("z", "embed")]
+    # One build info: the loaded model's, its placeholder's ("onnx", device "auto") gone.
+    assert [(b["backend"], b["device"]) for b in build] == [("fake", "cpu")]
     assert ready_before.status_code == 200
     assert loads == ["z"]
     assert [r.status_code for r in answers] == [200] * 8

@@ -165,6 +165,41 @@ async def test_providers_added_at_run_time_are_instrumented(upstream: FakeUpstre
     assert value(m, "embedplex_request_success_total", route="/v1/embeddings", model="late-model")
 
 
+def build_models(m: Samples) -> list[str]:
+    return sorted(dict(k[1])["model"] for k in m if k[0] == "embedplex_build_info")
+
+
+async def test_a_removed_provider_leaves_no_gauges_and_one_added_again_reports_afresh(
+    upstream: FakeUpstream,
+) -> None:
+    """Its circuit, AIMD size and served model go with it; its counts stay (Prometheus
+    counters never go back); the same name added again reports its own state."""
+    async with serve(routed(provider("a", upstream))) as c:
+        config = provider("tmp1", upstream, max_batch_size=32).model_dump(mode="json")
+        body = {"provider": config, "serve_as": "tmpmodel"}
+        assert (await c.post("/api/v1/providers", json=body, headers=ADMIN)).status_code == 201
+        assert (await embed(c, "tmpmodel", ["x"])).status_code == 200
+        m = await metrics(c)
+        assert value(m, "embedplex_aimd_batch_size", provider="tmp1") == 32
+        assert value(m, "embedplex_circuit_state", provider="tmp1") == CircuitState.CLOSED
+        assert build_models(m) == ["remote-a", "tmpmodel"]
+
+        assert (await c.delete("/api/v1/providers/tmp1", headers=ADMIN)).status_code == 200
+        gone = await metrics(c)
+        config["max_batch_size"] = 8
+        assert (await c.post("/api/v1/providers", json=body, headers=ADMIN)).status_code == 201
+        again = await metrics(c)
+    for name in ("embedplex_aimd_batch_size", "embedplex_circuit_state"):
+        assert not [k for k in gone if k[0] == name and "tmp1" in str(k)], name
+    assert value(gone, "embedplex_aimd_batch_size", provider="a") > 0  # the others stay
+    assert build_models(gone) == ["remote-a"]
+    assert calls(gone, "tmp1", "200") == 1  # counts stay
+    assert value(gone, "embedplex_inputs_total", model="tmp1") == 1
+    assert value(again, "embedplex_aimd_batch_size", provider="tmp1") == 8
+    assert value(again, "embedplex_circuit_state", provider="tmp1") == CircuitState.CLOSED
+    assert build_models(again) == ["remote-a", "tmpmodel"]
+
+
 async def test_each_upstream_attempt_is_a_span_under_its_request(upstream: FakeUpstream) -> None:
     exporter = InMemorySpanExporter()
     settings = routed(provider("a", upstream, max_attempts=2))

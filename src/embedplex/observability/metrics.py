@@ -3,8 +3,10 @@
 The registry is per app (never the process-global one) so tests and embedders can build several
 apps in one process. Request metrics are recorded once per HTTP request by the observability
 middleware; model metrics once per batch by a ``ModelMetrics`` observer; gauges that describe
-current state (queue size, in-flight work, readiness) are read from the gateway at scrape time,
-which keeps them exact and off the hot path. ``docs/observability.md`` lists every metric.
+current state (queue size, in-flight work, readiness, what is served) are read from the gateway
+at scrape time, which keeps them exact and off the hot path: a model no longer served, or a lazy
+model's placeholder once it loaded, leaves no series behind. ``docs/observability.md`` lists
+every metric.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ UNKNOWN_MODEL = "unknown"
 
 
 class GatewayView(Protocol):
-    """What the scrape-time collector reads: the gateway's ``stats()`` and ``ready()``."""
+    """What the scrape-time collector reads: the gateway's ``stats()``, ``ready()`` and
+    ``models``."""
 
     def stats(self) -> dict[str, dict[str, Any]]: ...
 
     def ready(self) -> tuple[bool, str]: ...
+
+    @property
+    def models(self) -> list[ModelInfo]: ...
 
 
 # gateway.stats() key -> (metric name, help)
@@ -85,6 +91,15 @@ class _GatewayCollector(Collector):
         ready = GaugeMetricFamily("embedplex_ready", "1 when /health/ready answers 200.")
         ready.add_metric([], 1.0 if gw is not None and gw.ready()[0] else 0.0)
         yield ready
+        build = GaugeMetricFamily(
+            "embedplex_build_info",
+            "Always 1; the labels say what is served.",
+            labels=["version", "model", "model_id", "backend", "device", "dtype"],
+        )
+        for info in gw.models if gw is not None else ():
+            labels = [__version__, info.name, info.model_id, info.backend, info.device, info.dtype]
+            build.add_metric(labels, 1.0)
+        yield build
 
 
 def _cache_metrics(stats: dict[str, Any] | None) -> Iterator[Metric]:
@@ -214,12 +229,6 @@ class Metrics:
         self.rate_limits = RateLimitMetrics(r)
         self.keys = KeyMetrics(r)
         self.ray = RayMetrics(r)
-        self.build_info = Gauge(
-            "embedplex_build_info",
-            "Always 1; the labels say what is served.",
-            ["version", "model", "model_id", "backend", "device", "dtype"],
-            registry=r,
-        )
         uptime = Gauge("embedplex_uptime_seconds", "Seconds since the app started.", registry=r)
         uptime.set_function(lambda: time.monotonic() - self.started)
         ProcessCollector(namespace="embedplex", registry=r)  # memory, CPU, open fds, start time
@@ -238,7 +247,8 @@ class Metrics:
         )
 
     def watch(self, source: Callable[[], GatewayView | None]) -> None:
-        """Read queue and in-flight gauges (and readiness) from ``source()`` at scrape time."""
+        """Read queue and in-flight gauges, readiness and build info from ``source()`` at
+        scrape time."""
         self._gateway.source = source
 
     def watch_edge(self, source: EdgeStats) -> None:
@@ -250,11 +260,6 @@ class Metrics:
         if name not in self._models:
             self._models[name] = ModelMetrics(self.model_metrics, name)
         return self._models[name]
-
-    def set_build_info(self, info: ModelInfo) -> None:
-        self.build_info.labels(
-            __version__, info.name, info.model_id, info.backend, info.device, info.dtype
-        ).set(1)
 
     def observe_request(
         self,

@@ -44,6 +44,9 @@ class ProviderObserver(Protocol):
     def on_batch_size(self, provider: str, size: int) -> None:
         """AIMD set the provider's batch size to ``size``."""
 
+    def forget(self, provider: str) -> None:
+        """The provider was removed: its current-state series go (its counts stay)."""
+
 
 class NullProviderObserver:
     """Ignores everything (the default of adapters built without telemetry)."""
@@ -58,6 +61,9 @@ class NullProviderObserver:
         pass
 
     def on_batch_size(self, provider: str, size: int) -> None:
+        pass
+
+    def forget(self, provider: str) -> None:
         pass
 
 
@@ -140,6 +146,14 @@ class ProviderMetrics:
 
     def on_batch_size(self, provider: str, size: int) -> None:
         self._children(provider).batch_size.set(size)
+
+    def forget(self, provider: str) -> None:
+        """Drop a removed provider's gauges (its circuit and AIMD size would say it is still
+        there); counters and histograms keep its history, as Prometheus expects of them. A
+        provider added again under the name reports afresh."""
+        if self._per_provider.pop(provider, None) is not None:  # bound: both gauges exist
+            self.circuit.remove(provider)
+            self.batch_size.remove(provider)
 
 
 class _ProviderChildren:

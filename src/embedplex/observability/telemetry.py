@@ -64,7 +64,6 @@ class Telemetry:
     def instrument(self, services: list[ServedModel]) -> None:
         """Hook every served model up; call before the models start."""
         for service in services:
-            self.metrics.set_build_info(service.info)
             if isinstance(service, Instrumentable):
                 service.instrument(self)
 

@@ -172,6 +172,8 @@ class Router:
         if runtime is None:
             raise ModelNotFoundError(f"no provider named {name!r}", param="name")
         await runtime.close(drain=True)
+        if self._telemetry is not None:  # its gauges go with it (its counts stay)
+            self._telemetry.providers.forget(name)
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -195,7 +195,7 @@ async def add_provider(body: AddProvider, request: Request) -> Response:
         try:
             route = RouteConfig(model=body.serve_as, providers=[body.provider.name])
             model = RemoteModel(router_, route)
-            request.app.state.telemetry.instrument([model])  # its build info
+            request.app.state.telemetry.instrument([model])  # as every served model
             await model.start()
             gw.add(model)
         except ValueError as exc:  # a request that won a race for the same served name
