@@ -63,6 +63,7 @@ async def test_identical_inputs_of_one_request_share_a_slot_and_keep_their_place
     for got, want in zip(r.vectors, [x, y, x, z, y], strict=True):
         np.testing.assert_array_equal(got, want)
     assert r.prompt_tokens == 5 * 3  # usage counts every input, shared or not
+    assert model._counts.dedupe_joined == 2  # the second x and y (embedplex_dedupe_joined)
 
 
 async def test_a_caller_that_leaves_does_not_fail_the_others(tiny_model_dir: Path) -> None:

@@ -530,8 +530,9 @@ class LocalModel(Generic[R]):
                         waits.append(waiter)
                     shared.append(flight)
                 slots.append(slot)
-            if joined:
-                self._joined(len(keys) - len(fresh))
+            shared_inputs = len(keys) - len(fresh)  # joined in flight, or repeated here
+            if shared_inputs:
+                self._joined(shared_inputs)
             if fresh:
                 payloads = await self._payloads(
                     lambda: encode(fresh),
@@ -580,7 +581,8 @@ class LocalModel(Generic[R]):
         )[0]
 
     def _joined(self, n: int) -> None:
-        """Count ``n`` inputs that joined work already in flight (for metrics)."""
+        """Count ``n`` inputs that shared the slot of an identical one: in flight for another
+        request, or earlier in the same request (``embedplex_dedupe_joined``)."""
 
     async def _payloads(
         self,
