@@ -17,6 +17,7 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.model_files import ModelKind, load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import ModelConfig, Settings
+from embedplex.core.cores import process_cores
 from embedplex.core.errors import (
     FatalBackendError,
     InvalidRequestError,
@@ -122,8 +123,10 @@ async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
 
 async def test_info_describes_the_model_asked_for(tiny_model_dir: Path) -> None:
     settings = Settings(max_batch_requests=64)
-    async with running(app_of(settings, three(tiny_model_dir))) as client:
+    app = app_of(settings, three(tiny_model_dir))
+    async with running(app) as client:
         first = (await client.get("/info")).json()
+        pool = app.state.gateway.services()[0]._token_pool
         b = (await client.get("/info", params={"model": "b"})).json()
         r = (await client.get("/info", params={"model": "r"})).json()
         missing = await client.get("/info", params={"model": "zzz"})
@@ -133,6 +136,8 @@ async def test_info_describes_the_model_asked_for(tiny_model_dir: Path) -> None:
     assert b["max_client_batch_size"] == 2
     assert b["max_batch_tokens"] == settings.max_batch_tokens  # fake: no per-pass cut
     assert r["model_type"] == {"reranker": {"pooling": "mean"}}
+    # An integer, as TEI's Info has it (not null): the tokenizer threads, one a core unset.
+    assert first["tokenization_workers"] == process_cores() == pool._max_workers
     assert missing.status_code == 404
     assert "served: a, b, r" in missing.json()["error"]
 

@@ -41,6 +41,11 @@ def process_cores() -> int:
     return usable_cores()
 
 
+def tokenizer_threads(configured: int | None) -> int:
+    """The tokenizer threads of a local model: ``tokenization_workers``, else one a core."""
+    return configured or process_cores()
+
+
 def cgroup_quota(root: Path = CGROUP_ROOT, own_cgroup: str | None = None) -> float | None:
     """The CPU quota in CPUs (2.5 for 250000/100000), or None when there is none or none can
     be read (no cgroup file system, an unexpected format: the affinity then decides).

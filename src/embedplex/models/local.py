@@ -54,7 +54,7 @@ from embedplex.batching import (
 from embedplex.cache import EmbeddingCache
 from embedplex.cache.keys import MemoryKey, ids_key, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
-from embedplex.core.cores import process_cores
+from embedplex.core.cores import tokenizer_threads
 from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
@@ -322,8 +322,8 @@ class LocalModel(Generic[R]):
     async def start(self) -> None:
         if self.backend.device == "cpu":  # its passes take every core: no tokenizer thread pool
             tokenize_in_calling_thread()
-        workers = self.options.tokenization_workers or process_cores()
         nice = self.options.worker_nice
+        workers = tokenizer_threads(self.options.tokenization_workers)
         self._token_pool = worker_pool(workers, "tokenize", nice)
         # One thread per stream: the batcher keeps up to ``streams`` batches in flight.
         self._infer_pool = worker_pool(self.options.streams, "inference", nice)

@@ -28,6 +28,7 @@ from embedplex.api.common import (
 from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.api.responses import JsonResponse
 from embedplex.backends.tokenizer import Token, TruncationDirection
+from embedplex.core.cores import tokenizer_threads
 from embedplex.core.errors import NotReadyError
 from embedplex.core.types import EmbedRequest, Tokenizing, no_tokenizer
 
@@ -165,7 +166,8 @@ async def info(request: Request, model: str | None = None) -> Response:
             "max_batch_requests": m.max_batch_requests,
             "max_client_batch_size": own(m.max_client_batch_size, settings.max_client_batch_size),
             "auto_truncate": own(m.auto_truncate, settings.auto_truncate),
-            "tokenization_workers": settings.tokenization_workers,
+            # An integer, as TEI's Info has it: the threads a local model tokenizes with.
+            "tokenization_workers": tokenizer_threads(settings.tokenization_workers),
             "version": __version__,
             "sha": None,
             "docker_label": None,
