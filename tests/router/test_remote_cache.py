@@ -274,11 +274,11 @@ async def test_a_base64_row_is_kept_as_it_was_decoded(
 async def test_the_probe_never_answers_from_the_cache(
     upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
-    from embedplex.providers.router import PROBE_TEXT, _probe
+    from embedplex.providers.runtime import PROBE_TEXT
 
     router: Router = await make_router(provider("p", upstream), cache=EmbeddingCache(MiB))
     await router.embed(req(PROBE_TEXT), ["p"])
-    await _probe(router.runtimes["p"])
+    await router.runtimes["p"].probe()
     assert texts_sent(upstream) == [PROBE_TEXT, PROBE_TEXT]
 
 

@@ -18,12 +18,8 @@ from embedplex.core.errors import (
 from embedplex.core.types import EmbedRequest, RerankRequest
 from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
-from embedplex.providers.router import (
-    PROBE_TEXT,
-    RemoteModel,
-    RemoteRerankModel,
-    remote_model,
-)
+from embedplex.providers.router import RemoteModel, RemoteRerankModel, remote_model
+from embedplex.providers.runtime import PROBE_TEXT
 from upstream_fakes import FakeUpstream, Fault, provider, score_for
 
 

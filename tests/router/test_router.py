@@ -22,7 +22,8 @@ from embedplex.core.errors import (
 from embedplex.core.types import EmbedRequest
 from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
-from embedplex.providers.router import PROBE_TEXT, RemoteModel, Router
+from embedplex.providers.router import RemoteModel, Router
+from embedplex.providers.runtime import PROBE_TEXT
 from upstream_fakes import FakeUpstream, Fault, provider, vector_for
 
 

@@ -147,6 +147,33 @@ async def test_circuit_state_follows_the_breaker(upstream: FakeUpstream) -> None
     assert value(m, "embedplex_circuit_state", provider="a") == CircuitState.CLOSED
 
 
+async def test_the_routers_probe_is_an_upstream_call_not_a_client_input(
+    upstream: FakeUpstream,
+) -> None:
+    """The prober closes a half-open circuit with no client traffic; its call counts as an
+    upstream attempt, never as an input embedded for a client (inputs, batch sizes, recent)."""
+    config = provider("a", upstream, max_attempts=1, breaker_failures=2, breaker_cooldown_s=0.2)
+    upstream.script(Fault(status=500), Fault(status=500))
+    async with serve(routed(config, router_probe_interval_s=0.1)) as c:
+        assert [(await embed(c, "remote-a", ["x"])).status_code for _ in range(2)] == [502, 502]
+        before = await metrics(c)
+
+        async def closed() -> bool:
+            state = value(await metrics(c), "embedplex_circuit_state", provider="a")
+            return state == CircuitState.CLOSED
+
+        await eventually(closed, 5)  # the prober's call, nobody else's
+        m = await metrics(c)
+        status = (await c.get("/api/v1/status", headers=ADMIN)).json()
+    assert len(upstream.calls) == 3
+    assert calls(m, "a", "200") == 1
+    assert value(m, "embedplex_upstream_inputs_total", provider="a") == 3
+    for name in ("embedplex_inputs_total", "embedplex_batch_size_count"):
+        assert value(m, name, model="a") == value(before, name, model="a"), name
+    assert status["models"]["remote-a"]["recent"]["inputs_per_s"] == 0
+    assert status["providers"]["a"]["counters"]["probes"] == 1
+
+
 async def test_providers_added_at_run_time_are_instrumented(upstream: FakeUpstream) -> None:
     async with serve(routed(provider("a", upstream))) as c:
         config = provider("late", upstream, max_batch_size=32)

@@ -146,6 +146,12 @@ class RerankLanes:
 
         return await self._guard.call(pairs, send)
 
+    async def probe(self, text: str) -> None:
+        """``text`` against itself in one upstream call, outside the lanes (the router's
+        health probe: ``ProviderRuntime.probe``)."""
+        params = RerankParams.from_request(RerankRequest(query=text, texts=[text]))
+        await self._call([Pair(text, text, None)], params)
+
     async def rerank(self, request: RerankRequest, trace: SpanContext | None) -> RerankResult:
         """Queue every document of ``request`` in its lane and wait for all their scores."""
         start = time.perf_counter()

@@ -68,8 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROBE_TEXT = "embedplex health probe"
-
 T = TypeVar("T")
 Call = Callable[[ProviderRuntime], Awaitable[T]]
 # What a route answers: the policies and the served models treat both kinds alike.
@@ -199,7 +197,7 @@ class Router:
         ]
         for rt in due:
             rt.counters["probes"] += 1
-        await asyncio.gather(*(_probe(rt) for rt in due), return_exceptions=True)
+        await asyncio.gather(*(rt.probe() for rt in due), return_exceptions=True)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -256,14 +254,6 @@ def _hosts(rt: ProviderRuntime) -> list[str]:
     """The hosts a provider's calls go to (embeddings and rerank URLs)."""
     urls = [getattr(rt.provider, "url", None), getattr(rt.provider, "rerank_url", None)]
     return [httpx.URL(u).host for u in urls if isinstance(u, str)]
-
-
-async def _probe(rt: ProviderRuntime) -> None:
-    """One small request of the kind the provider last served (a reranker may not embed)."""
-    if rt.last_kind == "rerank":
-        await rt.rerank(RerankRequest(query=PROBE_TEXT, texts=[PROBE_TEXT]))
-    else:  # never from the cache: the probe is there to reach the upstream
-        await rt.embed(EmbedRequest(inputs=[PROBE_TEXT], cache=False))
 
 
 async def _route(

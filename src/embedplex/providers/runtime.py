@@ -64,6 +64,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# What the router's health probe sends (``ProviderRuntime.probe``).
+PROBE_TEXT = "embedplex health probe"
 # Parameter sets ``ProviderRuntime._params`` keeps; past this the table starts again.
 _CHECKED_MAX = 256
 _ONE = [1]  # the costs of one queued text (the batcher only reads them)
@@ -211,6 +213,20 @@ class ProviderRuntime:
         if self.rerank_lanes is not None:
             await self.rerank_lanes.close(drain=drain)
         await self.provider.close()
+
+    async def probe(self) -> None:
+        """The router's health probe: one small upstream call of the kind this provider last
+        served (a reranker may not embed), made outside the lanes. Its attempt reaches the
+        breaker, AIMD and the upstream metrics as any other; it is no client's input, so the
+        batch metrics (``embedplex_inputs_total``, ``embedplex_batch_size``) and the recent
+        throughput do not count it. Never from the cache: it is there to reach the upstream."""
+        if self._closing:
+            raise UnavailableError(f"provider {self.name} is shutting down")
+        if self.last_kind == "rerank" and self.rerank_lanes is not None:
+            await self.rerank_lanes.probe(PROBE_TEXT)
+            return
+        scope = self._params(EmbedRequest(inputs=[PROBE_TEXT], cache=False))
+        await self._call([Text(PROBE_TEXT, None)], scope.params)
 
     async def sweep(self, idle_ttl: float) -> int:
         """Close lanes idle for ``idle_ttl`` seconds; return how many went."""
