@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from embedplex.cli.providers import toml_block
+from embedplex.config import Settings
+from embedplex.providers.config import RouteConfig
 from helpers import free_port, stop, wait_ready
 from upstream_fakes import FakeUpstream, provider
 
@@ -25,6 +28,21 @@ ROOT = Path(__file__).parents[1]
 ADMIN_SECRET = "gateways-admin-secret"
 ADMIN = {"authorization": f"Bearer {ADMIN_SECRET}"}
 PROPAGATION_S = 5.0  # the documented bound (docs/keys.md)
+
+
+def gateway_settings(state_url: str, upstream: FakeUpstream, **kw: Any) -> Settings:
+    """An in-process gateway's settings, as the spawned ones': ``remote`` routed to
+    ``upstream``, the admin API on, loopback allowed for run-time providers; a fast poll."""
+    return Settings(
+        local_model=False,
+        state_url=state_url,
+        state_poll_s=0.2,
+        admin_secret=ADMIN_SECRET,
+        provider_allowed_networks=["127.0.0.0/8"],
+        providers=[provider("up", upstream)],
+        routes=[RouteConfig(model="remote", providers=["up"])],
+        **kw,
+    )
 
 
 def spawn(config: Path, port: int, state_url: str, **extra: str) -> subprocess.Popen[str]:

@@ -41,7 +41,7 @@ from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.endpoints import redact_provider
-from embedplex.state.url import parse_state_url, redact_url
+from embedplex.state.url import DEFAULT_TIMEOUT_S, parse_state_url, redact_url
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     )
     usage_flush_s: float = Field(
         10.0, gt=0, description="How often per-key usage counts are written to the store."
+    )
+    state_timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S,
+        gt=0,
+        description="A state store call unanswered this long fails: a new key's lookup is "
+        "answered 503, an admin change 503, the change poll logs a warning and retries; also "
+        "the store's connect and per-statement timeout (migrations included).",
     )
 
     # -- model ----------------------------------------------------------------------------

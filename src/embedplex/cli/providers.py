@@ -1,8 +1,9 @@
 """``embedplex providers add|list|remove``: the provider registry of a running server.
 
 The commands talk to the server's admin API (``/api/v1/providers``) with the admin secret from
-``EMBEDPLEX_ADMIN_SECRET``; changes take effect at once and live in that process's memory.
-``add --save FILE`` also appends the provider to a TOML config so that it survives a restart.
+``EMBEDPLEX_ADMIN_SECRET``; a change is kept in the server's state store, takes effect on that
+server at once and on every replica sharing the store within seconds, and survives restarts
+(docs/keys.md). ``add --save FILE`` also appends the provider to a TOML config file.
 """
 
 from __future__ import annotations

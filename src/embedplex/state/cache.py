@@ -28,10 +28,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from embedplex.core.tenant import Tenant
 from embedplex.state.keys import KeyStore, split_key, verify_hash
+from embedplex.state.store import STORE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +49,13 @@ _ID_WAITERS = 4
 _FAILED_TTL_S = 5.0
 _FAILED_MAX = 4096
 _INVALID = "invalid API key"
+
+
+def _why(exc: BaseException) -> str:
+    """A store failure in a log line: its type, and for a timeout what it means."""
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError (the store did not answer within state_timeout_s)"
+    return type(exc).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +150,7 @@ class KeyVerifier:
         self._poller: asyncio.Task[None] | None = None
         # Called after each change the poller sees (the stored providers' sync).
         self.listeners: list[Callable[[], Awaitable[None]]] = []
+        self._notify_due = False
 
     async def start(self) -> None:
         await self.refresh()
@@ -156,21 +163,52 @@ class KeyVerifier:
                 await self._poller
 
     async def refresh(self) -> None:
-        """Re-read the change counter; on a change, forget every verified and refused key."""
-        version = await self.keys.store.version()
+        """Re-read the change counter; on a change, forget every verified and refused key.
+
+        Each read is bounded (``StateStore.bounded``): a store that stops answering raises
+        ``TimeoutError`` here after ``state_timeout_s`` rather than holding the poller."""
+        store = self.keys.store
+        version = await store.bounded(store.version())
         if version != self.version:
-            self.required = self.require or await self.keys.any()
-            self._verified_before = set(self._cache) | self._verified_before
-            if len(self._verified_before) > _MAX_ENTRIES:
-                self._verified_before = set(self._cache)
-            self._cache.clear()
-            self._refused.clear()
+            self.required = self.require or await store.bounded(self.keys.any())
+            self._forget_verified()
             self.version = version
-            for listener in self.listeners:
-                try:
-                    await listener()
-                except Exception:
-                    logger.exception("applying a state store change failed")
+            self._notify_due = True
+        if self._notify_due:  # a change seen, or one a listener failed to apply: (again) now
+            self._notify_due = not await self._notify()
+
+    async def _notify(self) -> bool:
+        """Tell each listener of a change; False when one failed (it is told again later)."""
+        done = True
+        for listener in self.listeners:
+            try:
+                await listener()
+            except STORE_ERRORS as exc:
+                logger.warning("applying a state store change failed: %s", _why(exc))
+                done = False
+            except Exception:
+                logger.exception("applying a state store change failed")
+                done = False
+        return done
+
+    def _forget_verified(self) -> None:
+        self._verified_before = set(self._cache) | self._verified_before
+        if len(self._verified_before) > _MAX_ENTRIES:
+            self._verified_before = set(self._cache)
+        self._cache.clear()
+        self._refused.clear()
+
+    async def changed(self) -> None:
+        """A change to keys was just written through this process: apply it here at once. If
+        the store cannot be read back, forget every verified key anyway (the next request of
+        each is verified against the store), so none outlives a revocation made here."""
+        try:
+            await self.refresh()
+        except STORE_ERRORS as exc:
+            logger.warning("reading the state store after a change failed: %s", _why(exc))
+            self._forget_verified()
+            self.required = True  # a change to keys leaves a key in the store
+            self.version = -1  # the next poll that reads the store applies the change
 
     async def _poll(self) -> None:
         while True:
@@ -178,7 +216,7 @@ class KeyVerifier:
             try:
                 await self.refresh()
             except Exception as exc:  # the store is away: keep what we know, say so, retry
-                logger.warning("state store poll failed: %s", type(exc).__name__)
+                logger.warning("state store poll failed: %s", _why(exc))
 
     def _digest(self, presented: bytes) -> bytes:
         return hmac.digest(self._secret, presented, "sha256")
@@ -258,9 +296,11 @@ class KeyVerifier:
         """The key's tenant and expiry after its row and hash are checked; ``known``: verified
         before the last change, so it waits for a hashing slot however long the queue."""
         try:
-            record = await self.keys.get(key_id)
-        except (SQLAlchemyError, OSError) as exc:
-            logger.warning("key lookup failed: %s", type(exc).__name__)
+            # Bounded: a store that stops answering fails this lookup (503) within
+            # state_timeout_s, and so every request that joined this verification.
+            record = await self.keys.store.bounded(self.keys.get(key_id))
+        except STORE_ERRORS as exc:
+            logger.warning("key lookup failed: %s", _why(exc))
             raise KeyStoreUnavailableError from None
         # A revoked or expired row is refused before the hash, as an unknown id is, and in the
         # same words: without the hash nothing shows the caller holds the secret, and saying

@@ -1,11 +1,15 @@
 """Providers added at run time, kept in the store and applied on every replica.
 
 The admin API (``api/routes/admin.py``) writes each added or removed provider here (with the
-change counter moved), and every replica's ``ProviderSync.apply`` runs when it sees the counter
-move (``cache.py``'s poller): it adds the stored providers its router lacks and removes the
-ones it added that are gone from the store. Providers from the config file are never touched,
-and a stored provider whose name a replica's config already uses is left to the config there.
-The stored config holds no secret: only the names of the variables that hold provider keys.
+change counter moved) before it changes its own router, and every replica's
+``ProviderSync.apply`` runs when it sees the counter move (``cache.py``'s poller): it adds the
+stored providers its router lacks, replaces those it took from the store whose stored config or
+served name has changed since (a provider removed and added again with a new endpoint within
+one poll), and removes the ones it added that are gone from the store. Providers from the
+config file are never touched, and a stored provider whose name a replica's config already uses
+is left to the config there. The stored config holds no provider key of its own, only the
+names of the variables that hold them; an endpoint's query string is stored as written (a
+``?key=`` in it too: docs/keys.md says to use ``api_key_env`` for run-time providers).
 
 Replicas of two versions share the store during a rolling upgrade. So a provider is stored with
 the fields that differ from their defaults only (a field a newer version adds is not written
@@ -15,6 +19,7 @@ refusal of every stored provider.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -74,47 +79,97 @@ def _known(name: str, stored: dict[str, Any]) -> ProviderConfig:
     return ProviderConfig.model_validate({k: v for k, v in stored.items() if k not in unknown})
 
 
+# A provider as a replica applied it: its stored config (as JSON) and served name.
+_Shape = tuple[dict[str, Any], str | None]
+
+
+def _shape(config: ProviderConfig, serve_as: str | None) -> _Shape:
+    return config.model_dump(mode="json"), serve_as
+
+
 class ProviderSync:
-    """Applies the stored providers to one replica's router and gateway."""
+    """Applies the stored providers to one replica's router and gateway.
+
+    It also owns putting a provider into a gateway and taking it out, for the admin API too,
+    and a lock that makes each change (an admin request, an ``apply``) whole: the poller never
+    sees a provider the admin API has stored but not yet started, nor the reverse.
+    """
 
     def __init__(self, providers: ProviderStore, telemetry: Any) -> None:
         self.providers = providers
         self.telemetry = telemetry
-        self.applied: set[str] = set()  # names this replica took from the store
+        # Providers this replica took from the store or stored itself, as applied: a stored
+        # provider whose config or served name differs (removed and added again elsewhere,
+        # within one poll) is replaced, not left as the old one because the name is known.
+        self.applied: dict[str, _Shape] = {}
+        self.lock = asyncio.Lock()
 
-    def adopt(self, name: str) -> None:
-        """A provider this replica added itself through the admin API (already applied)."""
-        self.applied.add(name)
+    def adopt(self, name: str, config: ProviderConfig, serve_as: str | None) -> None:
+        """A provider this replica stored and added itself through the admin API."""
+        self.applied[name] = _shape(config, serve_as)
 
     def forget(self, name: str) -> None:
-        self.applied.discard(name)
+        self.applied.pop(name, None)
+
+    async def put_in(self, gw: Gateway, config: ProviderConfig, serve_as: str | None) -> None:
+        """Start the provider in ``gw``'s router and serve it as ``serve_as`` (if any); on a
+        failure nothing of it is left."""
+        from embedplex.providers.config import RouteConfig
+        from embedplex.providers.router import RemoteModel
+
+        router = gw.router
+        assert router is not None
+        await router.add(config)
+        if serve_as is None:
+            return
+        try:
+            model = RemoteModel(router, RouteConfig(model=serve_as, providers=[config.name]))
+            self.telemetry.instrument([model])  # as every served model
+            await model.start()
+            gw.add(model)
+        except BaseException:
+            await router.remove(config.name)
+            raise
+
+    async def take_out(self, gw: Gateway, name: str) -> None:
+        """Stop the provider and the models that serve it alone."""
+        from embedplex.providers.router import RemoteRoute
+
+        assert gw.router is not None
+        await gw.router.remove(name)
+        for m in gw.services():
+            if isinstance(m, RemoteRoute) and m.route.providers == [name]:
+                gw.remove(m.info.name)
 
     async def apply(self, gw: Gateway) -> None:
-        from embedplex.providers.config import RouteConfig
-        from embedplex.providers.router import RemoteModel, RemoteRoute
-
         router = gw.router
         if router is None or not gw.started:
             return
-        stored = await self.providers.all()
-        served = {m.name for m in gw.models}
-        for name, (config, serve_as) in stored.items():
-            if name in router.runtimes:
-                continue
-            await router.add(config)
-            self.applied.add(name)
-            if serve_as is not None and serve_as not in served:
-                model = RemoteModel(router, RouteConfig(model=serve_as, providers=[name]))
-                self.telemetry.instrument([model])
-                await model.start()
-                gw.add(model)
-            logger.info("provider %s added from the state store", name)
-        for name in sorted(self.applied - set(stored)):
-            self.applied.discard(name)
-            if name not in router.runtimes:
-                continue
-            await router.remove(name)
-            for m in gw.services():
-                if isinstance(m, RemoteRoute) and m.route.providers == [name]:
-                    gw.remove(m.info.name)
-            logger.info("provider %s removed (gone from the state store)", name)
+        async with self.lock:
+            stored = await self.providers.store.bounded(self.providers.all())
+            for name, (config, serve_as) in stored.items():
+                wanted = _shape(config, serve_as)
+                replacing = name in router.runtimes
+                # In the router and not applied from the store: the config file's (left to
+                # it); applied as stored already: nothing to do.
+                if replacing and self.applied.get(name, wanted) == wanted:
+                    continue
+                try:
+                    if replacing:
+                        await self.take_out(gw, name)
+                    self.applied.pop(name, None)
+                    served = {m.name for m in gw.models}
+                    await self.put_in(gw, config, serve_as if serve_as not in served else None)
+                except Exception:
+                    logger.exception("applying stored provider %s failed", name)
+                    continue
+                self.applied[name] = wanted
+                if replacing:
+                    logger.info("provider %s replaced (changed in the state store)", name)
+                else:
+                    logger.info("provider %s added from the state store", name)
+            for name in sorted(set(self.applied) - set(stored)):
+                del self.applied[name]
+                if name in router.runtimes:
+                    await self.take_out(gw, name)
+                    logger.info("provider %s removed (gone from the state store)", name)

@@ -43,7 +43,8 @@ providers = Table(
     "providers",
     metadata,
     Column("name", String(128), primary_key=True),
-    Column("config", JSON, nullable=False),  # ProviderConfig as JSON: names of key env vars only
+    # ProviderConfig as JSON: key env var names, not keys (an endpoint's query as written)
+    Column("config", JSON, nullable=False),
     Column("serve_as", String(256)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )

@@ -4,6 +4,12 @@ Construction does no I/O; ``upgrade()`` applies the migrations (idempotent, safe
 replicas start at once: on PostgreSQL under an advisory lock), ``close()`` disposes the pool.
 The key and usage operations live in ``keys.py`` and ``usage.py`` and reach the database
 through ``store.engine``.
+
+A store that stops answering (a frozen host, a partition: connections stay open, no bytes
+come back) must fail, not hang: ``timeout_s`` (``state_timeout_s``) bounds connecting, each
+statement (asyncpg's ``command_timeout``) and a wait for a pooled connection, and the server's
+calls go through ``bounded()``, which answers ``TimeoutError`` after ``timeout_s`` however the
+driver is stuck.
 """
 
 from __future__ import annotations
@@ -11,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
@@ -22,7 +28,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from embedplex.state import schema
-from embedplex.state.url import StateUrl, resolve
+from embedplex.state.url import DEFAULT_TIMEOUT_S, StateUrl, resolve
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
@@ -49,8 +55,22 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+# What a store that fails or does not answer raises: the driver's errors, the network's, and
+# ``bounded``'s TimeoutError.
+STORE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
 class StoreOpenError(Exception):
     """The store could not be opened: the message names it (password hidden) and why."""
+
+
+class StoreNewerError(Exception):
+    """The store's schema is at a revision this release does not know (a newer one's)."""
+
+    def __init__(self, found: str, head: str | None) -> None:
+        super().__init__(found)
+        self.found = found
+        self.head = head
 
 
 async def open_store(settings: Settings, work: Callable[[StateStore], Awaitable[T]]) -> T:
@@ -65,9 +85,15 @@ async def open_store(settings: Settings, work: Callable[[StateStore], Awaitable[
     try:
         async with store:
             return await work(store)
-    except (OSError, SQLAlchemyError, TimeoutError) as exc:
+    except STORE_ERRORS as exc:
         raise StoreOpenError(
             f"cannot open the state store {store.describe()}: {_why(exc)}"
+        ) from None
+    except StoreNewerError as exc:
+        raise StoreOpenError(
+            f"the state store {store.describe()} is at schema revision {exc.found}, newer than "
+            f"this release's {exc.head}: upgrade embedplex to the release that migrated it "
+            "(or point state_url at a store of this release)"
         ) from None
 
 
@@ -83,24 +109,65 @@ def _why(exc: BaseException) -> str:
 class StateStore:
     """One state database; ``from_settings`` or ``from_url`` build it, ``upgrade`` readies it."""
 
-    def __init__(self, target: StateUrl) -> None:
+    def __init__(self, target: StateUrl, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.target = target
+        self.timeout_s = timeout_s
+        options: dict[str, Any] = {"connect_args": dict(target.connect_args)}
+        if not target.is_sqlite:
+            # asyncpg: ``timeout`` bounds connecting, ``command_timeout`` each statement (and
+            # the pool's ping, rollback and close, which run outside any caller's bound).
+            options["connect_args"].update(timeout=timeout_s, command_timeout=timeout_s)
+            options["pool_timeout"] = timeout_s  # a wait for a free pooled connection
         self.engine: AsyncEngine = create_async_engine(
             target.url,
-            connect_args=target.connect_args,
+            **options,
             pool_pre_ping=True,
             # A failed statement's error message must not carry its parameters into the logs:
             # a key's argon2 hash is one of them (docs/security.md).
             hide_parameters=True,
         )
+        # Work ``bounded`` gave up on, still unwinding (its connection's cleanup).
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     @classmethod
-    def from_url(cls, state_url: str | None, data_dir: Path | None = None) -> StateStore:
-        return cls(resolve(state_url, data_dir))
+    def from_url(
+        cls,
+        state_url: str | None,
+        data_dir: Path | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> StateStore:
+        return cls(resolve(state_url, data_dir), timeout_s=timeout_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StateStore:
-        return cls.from_url(settings.state_url, settings.data_dir)
+        return cls.from_url(
+            settings.state_url, settings.data_dir, timeout_s=settings.state_timeout_s
+        )
+
+    async def bounded(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work`` (one use of the store), or ``TimeoutError`` once ``timeout_s`` has passed.
+
+        The work runs as its own task and the caller waits for it shielded: past the bound the
+        caller gets its answer at once and the work is cancelled behind it, so a stuck
+        connection's cleanup (bounded by the driver's timeouts) never adds to the caller's
+        wait. A caller cancelled (a client gone) cancels the work too.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.shield(task)
+        except BaseException:
+            if not task.done():
+                task.cancel()
+                self._abandoned.add(task)
+                task.add_done_callback(self._unwound)
+            raise
+
+    def _unwound(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller has had its answer
 
     def describe(self) -> str:
         return self.target.display()
@@ -130,13 +197,19 @@ class StateStore:
             if not self.target.is_sqlite:
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
                 if self.target.schema:
-                    await conn.execute(
-                        text(f'CREATE SCHEMA IF NOT EXISTS "{_quoted(self.target.schema)}"')
-                    )
+                    await _create_schema(conn, self.target.schema)
             await conn.run_sync(_upgrade)
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        """Dispose the pool; bounded, so a store that stopped answering cannot hold up a
+        shutdown (each connection's close is bounded by ``command_timeout`` as well)."""
+        if self._abandoned:
+            await asyncio.wait(self._abandoned, timeout=self.timeout_s)
+        try:
+            async with asyncio.timeout(2 * self.timeout_s):
+                await self.engine.dispose()
+        except TimeoutError:
+            logger.warning("closing the state store's connections timed out; dropped")
 
     async def version(self) -> int:
         """The change counter: it moves whenever a key or a stored provider changes."""
@@ -164,11 +237,35 @@ def _quoted(name: str) -> str:
     return name
 
 
+async def _create_schema(conn: AsyncConnection, name: str) -> None:
+    """Create the ``?schema=`` schema when it is missing, and only then: CREATE SCHEMA needs
+    the CREATE privilege on the database even with IF NOT EXISTS, which a least-privilege role
+    (USAGE on its schema, DML on the tables) does not hold."""
+    found = await conn.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": name}
+    )
+    if found is None:
+        await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{_quoted(name)}"'))
+
+
 def _upgrade(conn: Connection) -> None:
+    """Migrate to head. A store already there is left alone: reading ``alembic_version`` is
+    all it takes (no DDL privilege). A revision this release does not know (a newer release
+    migrated the store) is ``StoreNewerError``, not Alembic's traceback."""
     from alembic import command
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = conn
+    script = ScriptDirectory.from_config(config)
+    current = set(MigrationContext.configure(conn).get_current_heads())
+    known = {revision.revision for revision in script.walk_revisions()}
+    newer = sorted(current - known)
+    if newer:
+        raise StoreNewerError(newer[0], script.get_current_head())
+    if current == set(script.get_heads()):
+        return
     command.upgrade(config, "head")

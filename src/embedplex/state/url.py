@@ -19,6 +19,9 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 STATE_FILE = "state.db"
+# state_timeout_s's default: a store call unanswered this long fails (store.py). Well above a
+# healthy store's milliseconds, well below a client's patience.
+DEFAULT_TIMEOUT_S = 5.0
 
 # Query parameters that carry a password: asyncpg and libpq accept ``?password=`` beside (or
 # instead of) the userinfo one, and ``sslpassword`` unlocks the client key.
@@ -71,8 +74,12 @@ class StateUrl:
         return self.url.get_backend_name() == "sqlite"
 
     def display(self) -> str:
-        """The URL with any password hidden: safe for logs and the CLI."""
-        return redact_url(self.url.render_as_string(hide_password=False))
+        """The URL with any password hidden, and its ``?schema=`` (taken off the engine's URL):
+        safe for logs and the CLI, and two schemas of one database are told apart."""
+        shown = redact_url(self.url.render_as_string(hide_password=False))
+        if self.schema:
+            shown += f"{'&' if self.url.query else '?'}schema={self.schema}"
+        return shown
 
 
 def parse_state_url(state_url: str) -> URL:

@@ -3,8 +3,10 @@
 ``UsageMeter.add`` is called once per finished request (``api/observe.py``) and only adds to a
 dict; every ``flush_s`` the counts are written, in one transaction, as upserts of up to
 ``CHUNK_ROWS`` (key, minute) rows each, so the store sees a few statements every several
-seconds however busy the server is. A failed write
-keeps its counts for the next flush; a crash loses at most ``flush_s`` of counts.
+seconds however busy the server is. A failed write (or one the store does not answer within
+``state_timeout_s``) keeps its counts for the next flush; a crash loses at most ``flush_s`` of
+counts. ``close`` (a SIGTERM) lets a flush under way finish, then writes the rest; counts that
+still cannot be written are logged as lost (how many requests), never dropped silently.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class UsageMeter:
         self.flush_s = flush_s
         self._counts: dict[tuple[str, int], list[int]] = {}  # (key id, minute since epoch)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     def add(self, key_id: str, inputs: int, tokens: int, refused: bool) -> None:
         bucket = int(time.time()) // 60
@@ -64,16 +67,36 @@ class UsageMeter:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Stop the periodic flush without cutting one short, then write what is left.
+
+        A flush under way is waited for (it is bounded by ``state_timeout_s``) rather than
+        cancelled: its counts are out of ``_counts`` while it writes, and a cancelled write
+        would have taken them with it. Past a second bound it is cancelled, and ``flush``
+        puts its counts back even then."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            done, _ = await asyncio.wait([self._task], timeout=2 * self.store.timeout_s)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         await self.flush()
+        if self._counts:
+            lost = sum(c[0] for c in self._counts.values())
+            logger.warning(
+                "usage of %d requests (%d key-minutes) lost: the state store could not be "
+                "written before shutdown",
+                lost,
+                len(self._counts),
+            )
+            self._counts = {}
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_s)
-            await self.flush()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.flush_s)
+            if not self._stopping.is_set():
+                await self.flush()
 
     async def flush(self) -> None:
         counts, self._counts = self._counts, {}
@@ -88,17 +111,28 @@ class UsageMeter:
             for (k, b), c in counts.items()
         ]
         try:
-            # Every chunk in one transaction: a failure keeps all of them for the next flush,
-            # and none is added twice.
-            async with self.store.engine.begin() as conn:
-                for start in range(0, len(rows), CHUNK_ROWS):
-                    await conn.execute(_upsert(self.store, rows[start : start + CHUNK_ROWS]))
+            await self.store.bounded(self._write(rows))
         except Exception as exc:
+            # (A write the store committed but did not confirm within the bound is counted
+            # again by the next flush: the rare price of never hanging on a silent store.)
             logger.warning("usage flush failed (%s); kept for the next one", type(exc).__name__)
-            for key, c in counts.items():
-                mine = self._counts.setdefault(key, [0, 0, 0, 0])
-                for i, value in enumerate(c):
-                    mine[i] += value
+            self._keep(counts)
+        except BaseException:  # cancelled: the counts taken out go back all the same
+            self._keep(counts)
+            raise
+
+    def _keep(self, counts: dict[tuple[str, int], list[int]]) -> None:
+        for key, c in counts.items():
+            mine = self._counts.setdefault(key, [0, 0, 0, 0])
+            for i, value in enumerate(c):
+                mine[i] += value
+
+    async def _write(self, rows: list[dict[str, object]]) -> None:
+        # Every chunk in one transaction: a failure keeps all of them for the next flush,
+        # and none is added twice.
+        async with self.store.engine.begin() as conn:
+            for start in range(0, len(rows), CHUNK_ROWS):
+                await conn.execute(_upsert(self.store, rows[start : start + CHUNK_ROWS]))
 
 
 def _upsert(store: StateStore, rows: list[dict[str, object]]) -> Executable:

@@ -10,8 +10,10 @@ A provider added here is checked completely before anything changes: its definit
 URL shape), its name and served name against what is served, its key's environment variable
 against the operator's ``provider_key_envs``, and every address of its endpoint against
 ``provider_allowed_networks`` (``providers/endpoints.py``). Any failure is a 422 that leaves no
-trace. Changes are kept in the state store, and every replica on the same store applies them
-within seconds (``state/providers.py``; docs/keys.md).
+trace. A change is written to the state store first and only then made to this server's
+router: a store that fails or does not answer within ``state_timeout_s`` is a 503 that changed
+nothing (never a change served here and undone at the next poll). Every replica on the same
+store applies the change within seconds (``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,23 +36,39 @@ from embedplex.core.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     RateLimitedError,
+    UnavailableError,
 )
 from embedplex.limits import FailureThrottle
-from embedplex.providers.config import ProviderConfig, RouteConfig
+from embedplex.providers import PROVIDER_TYPES
+from embedplex.providers.config import ProviderConfig
 from embedplex.providers.endpoints import (
     EndpointRefused,
     check_endpoint,
     parse_networks,
     redact_provider,
 )
-from embedplex.providers.router import RemoteModel, RemoteRoute, Router
+from embedplex.providers.router import RemoteRoute, Router
+from embedplex.state.providers import ProviderSync
+from embedplex.state.store import STORE_ERRORS, StateStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADMIN_THROTTLED = "too many wrong admin secrets from this address; retry later"
 ADMIN_OFF = (
     "the admin API is off: start the server with an admin secret (EMBEDPLEX_ADMIN_SECRET) to use it"
 )
+STORE_UNAVAILABLE = "the state store is unavailable; retry shortly"
+
+
+async def from_store(store: StateStore, work: Coroutine[Any, Any, T]) -> T:
+    """``work`` on the state store within ``state_timeout_s``: a store that fails or does not
+    answer is a 503 (a change not made, or not known to be), never a 500 or a hang."""
+    try:
+        return await store.bounded(work)
+    except STORE_ERRORS as exc:
+        logger.warning("admin API: the state store failed: %s", type(exc).__name__)
+        raise UnavailableError(STORE_UNAVAILABLE) from None
 
 
 def _given_secret(request: Request) -> bytes:
@@ -147,12 +167,11 @@ async def list_providers(request: Request) -> Response:
     )
 
 
-async def _check_new(body: AddProvider, request: Request, router_: Router) -> None:
-    """Everything that could refuse ``body``, checked before anything changes (422)."""
-    settings = request.app.state.settings
-    config = body.provider
-    if config.name in router_.runtimes:
-        raise InvalidRequestError(f"provider {config.name!r} exists", param="name")
+def _check_names(body: AddProvider, request: Request, router_: Router) -> None:
+    """The provider's name and served name are free (422 otherwise)."""
+    name = body.provider.name
+    if name in router_.runtimes:
+        raise InvalidRequestError(f"provider {name!r} exists", param="name")
     if body.serve_as is not None:
         gw = gateway(request)
         if body.serve_as in {m.info.name for m in gw.services()}:
@@ -164,6 +183,17 @@ async def _check_new(body: AddProvider, request: Request, router_: Router) -> No
                 f"model {body.serve_as!r} is outside the allowed embedding models",
                 param="serve_as",
             )
+
+
+async def _check_new(body: AddProvider, request: Request, router_: Router) -> None:
+    """Everything that could refuse ``body``, checked before anything changes (422)."""
+    settings = request.app.state.settings
+    config = body.provider
+    _check_names(body, request, router_)
+    try:  # the adapter's own checks of the definition (no I/O; nothing is kept)
+        PROVIDER_TYPES[config.type](config, router_.client)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="provider") from None
     env = config.api_key_env
     if env is not None and env not in settings.provider_key_envs:
         raise InvalidRequestError(
@@ -182,53 +212,68 @@ async def _check_new(body: AddProvider, request: Request, router_: Router) -> No
             raise InvalidRequestError(str(exc), param=field) from None
 
 
+def _sync(request: Request) -> ProviderSync:
+    sync: ProviderSync = request.app.state.provider_sync
+    return sync
+
+
 @router.post("", dependencies=[Depends(require_admin_change)], status_code=201)
 async def add_provider(body: AddProvider, request: Request) -> Response:
     router_ = _router(request)
     gw = gateway(request)
-    await _check_new(body, request, router_)
-    try:
-        await router_.add(body.provider)
-    except ValueError as exc:  # the adapter refused the definition (built before it is added)
-        raise InvalidRequestError(str(exc), param="provider") from None
-    if body.serve_as is not None:
+    sync = _sync(request)
+    config = body.provider
+    await _check_new(body, request, router_)  # outside the lock: it resolves endpoints
+    async with sync.lock:
+        _check_names(body, request, router_)  # again: a change may have landed meanwhile
+        # Stored first (kept for restarts and the other replicas): a store that fails is a
+        # 503 before anything here changed.
+        await from_store(sync.providers.store, sync.providers.put(config, body.serve_as))
         try:
-            route = RouteConfig(model=body.serve_as, providers=[body.provider.name])
-            model = RemoteModel(router_, route)
-            request.app.state.telemetry.instrument([model])  # as every served model
-            await model.start()
-            gw.add(model)
-        except ValueError as exc:  # a request that won a race for the same served name
-            await router_.remove(body.provider.name)  # leave no trace
-            raise InvalidRequestError(str(exc), param="serve_as") from None
-        except BaseException:
-            await router_.remove(body.provider.name)
+            await sync.put_in(gw, config, body.serve_as)
+        except BaseException as exc:
+            await _unstore(sync, config.name)  # leave no trace
+            if isinstance(exc, ValueError):  # a definition the router refused after all
+                raise InvalidRequestError(str(exc), param="provider") from None
             raise
-    sync = getattr(request.app.state, "provider_sync", None)
-    if sync is not None:  # kept for restarts and the other replicas
-        sync.adopt(body.provider.name)
-        await sync.providers.put(body.provider, body.serve_as)
-    return json_response(_describe(body.provider), status=201)
+        sync.adopt(config.name, config, body.serve_as)
+    return json_response(_describe(config), status=201)
+
+
+async def _unstore(sync: ProviderSync, name: str) -> None:
+    """Undo a stored provider that could not be started here (logged when that fails too:
+    the other replicas would then apply it, and this one at its next change)."""
+    try:
+        await sync.providers.store.bounded(sync.providers.delete(name))
+    except STORE_ERRORS as exc:
+        logger.error(
+            "provider %s could not be started and stays in the state store (%s); remove it",
+            name,
+            type(exc).__name__,
+        )
 
 
 @router.delete("/{name}", dependencies=[Depends(require_admin_change)])
 async def remove_provider(name: str, request: Request) -> Response:
     gw = gateway(request)
-    users = [
-        m.info.name
-        for m in gw.services()
-        if isinstance(m, RemoteRoute) and name in m.route.providers and m.route.providers != [name]
-    ]
-    if users:
-        raise InvalidRequestError(
-            f"provider {name!r} is part of routes {users}; change the config", param="name"
-        )
-    await _router(request).remove(name)
-    sync = getattr(request.app.state, "provider_sync", None)
-    if sync is not None:
+    router_ = _router(request)
+    sync = _sync(request)
+    async with sync.lock:
+        users = [
+            m.info.name
+            for m in gw.services()
+            if isinstance(m, RemoteRoute)
+            and name in m.route.providers
+            and m.route.providers != [name]
+        ]
+        if users:
+            raise InvalidRequestError(
+                f"provider {name!r} is part of routes {users}; change the config", param="name"
+            )
+        if name not in router_.runtimes:
+            raise ModelNotFoundError(f"no provider named {name!r}", param="name")
+        # Deleted from the store first: a store that fails is a 503 and the provider serves on.
+        await from_store(sync.providers.store, sync.providers.delete(name))
         sync.forget(name)
-        await sync.providers.delete(name)
-    for m in gw.services():
-        if isinstance(m, RemoteRoute) and m.route.providers == [name]:
-            gw.remove(m.info.name)
+        await sync.take_out(gw, name)
     return json_response({"deleted": name})

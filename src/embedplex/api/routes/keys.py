@@ -10,7 +10,8 @@
 table, ``api/routes/table.py``.) Every route needs the admin secret, reads included (a key
 list tells who uses the service): with no admin secret configured they are refused. A change
 is applied to this process's key cache at once and reaches the other replicas through the
-store's change counter.
+store's change counter. A store that fails or does not answer within ``state_timeout_s`` is a
+503 (``admin.from_store``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.responses import Response
 
 from embedplex.api.common import json_response
 from embedplex.api.errors import TEI_ERROR_RESPONSES
-from embedplex.api.routes.admin import require_admin
+from embedplex.api.routes.admin import from_store, require_admin
 from embedplex.core.errors import InvalidRequestError, ModelNotFoundError
 from embedplex.core.tenant import Priority
 from embedplex.state.cache import KeyVerifier
@@ -64,7 +65,8 @@ def _keys(request: Request) -> KeyStore:
 
 @router.get("")
 async def list_keys(request: Request) -> Response:
-    records = await _keys(request).list()
+    keys = _keys(request)
+    records = await from_store(keys.store, keys.list())
     return json_response({"object": "list", "data": [r.public() for r in records]})
 
 
@@ -85,10 +87,11 @@ async def create_key(body: CreateKey, request: Request) -> Response:
             weight=body.weight,
             expires_in=expires,
         )
-        record, key = await _keys(request).create(spec)
+        keys = _keys(request)
+        record, key = await from_store(keys.store, keys.create(spec))
     except (KeyStoreError, ValueError) as exc:
         raise InvalidRequestError(str(exc), param="name") from None
-    await _verifier(request).refresh()
+    await _verifier(request).changed()
     return json_response({**record.public(), "key": key}, status=201)
 
 
@@ -100,7 +103,8 @@ async def key_usage(request: Request, since: str | None = None) -> Response:
             start = datetime.now(UTC) - duration(since)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="since") from None
-    totals = await usage_since(_keys(request).store, start)
+    store = _keys(request).store
+    totals = await from_store(store, usage_since(store, start))
     fields = ("key_id", "name", "requests", "inputs", "tokens", "refusals")
     data = [{f: getattr(t, f) for f in fields} for t in totals]
     return json_response({"object": "list", "data": data})
@@ -108,11 +112,12 @@ async def key_usage(request: Request, since: str | None = None) -> Response:
 
 @router.delete("/{name}")
 async def revoke_key(name: str, request: Request) -> Response:
+    keys = _keys(request)
     try:
-        record = await _keys(request).revoke(name)
+        record = await from_store(keys.store, keys.revoke(name))
     except KeyStoreError as exc:
         raise ModelNotFoundError(str(exc), param="name") from None
-    await _verifier(request).refresh()
+    await _verifier(request).changed()
     return json_response(record.public())
 
 
@@ -124,9 +129,10 @@ class RotateKey(BaseModel):
 
 @router.post("/rotate")
 async def rotate_key(body: RotateKey, request: Request) -> Response:
+    keys = _keys(request)
     try:
-        record, key = await _keys(request).rotate(body.name)
+        record, key = await from_store(keys.store, keys.rotate(body.name))
     except KeyStoreError as exc:
         raise ModelNotFoundError(str(exc), param="name") from None
-    await _verifier(request).refresh()
+    await _verifier(request).changed()
     return json_response({**record.public(), "key": key})
