@@ -18,9 +18,9 @@ ceiling() {
     --threads 1 --min-time 10 --json - 2>/dev/null |
     $PY -c "import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.find('['):])[0]['texts_per_s'],1))"
 }
-load() {
+load() {  # stderr shown: a failed load (--strict: any request failed) stops the script, loudly
   PYTHONPATH=$HERE/src $PY -m embedplex bench load --url "http://127.0.0.1:$1" --concurrency 64 \
-    --duration 15 --warmup 64 --repeat 0 --seed "$2" --json - 2>/dev/null |
+    --duration 15 --warmup 64 --repeat 0 --seed "$2" --strict --json - |
     $PY -c "import json,sys; t=sys.stdin.read(); print(round(json.loads(t[t.find('{'):])['req_per_s'],1))"
 }
 serve() {  # PORT SRC

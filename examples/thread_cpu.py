@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=15)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the texts (default: a new random one)"
+    )
     parser.add_argument("--warmup-run", action="store_true", help="a 3 s load, nothing printed")
     args = parser.parse_args()
+    if args.seed is None:  # texts no earlier run sent: the server's cache cannot answer them
+        args.seed = secrets.randbelow(2**31)
     pid = listener_pid(args.port)
     load = [
         sys.executable, "-c", "from embedplex.cli.main import main; main()", "bench", "load",
@@ -75,6 +80,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "seed": args.seed,
                 "req_per_s": round(float(result["req_per_s"]), 1),
                 **{f"{k}_us": round(v) for k, v in kinds.items()},
                 "total_us": round(sum(kinds.values())),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import orjson
@@ -31,11 +32,14 @@ class RecordingServer:
     Every POST is answered at once with a fixed embedding; ``texts`` keeps each input in order
     of arrival. ``GET /metrics`` says, as embedplex names them, how many inputs a perfect cache
     would have answered (texts seen before) and missed, summed over two label sets; with
-    ``metrics=False`` it answers 200 with something that is not Prometheus text.
+    ``metrics=False`` it answers 200 with something that is not Prometheus text. The POST
+    numbered ``hold_at`` (from 1), if given, is never answered: a stuck request.
     """
 
-    def __init__(self, *, metrics: bool = True) -> None:
+    def __init__(self, *, metrics: bool = True, hold_at: int | None = None) -> None:
         self.metrics = metrics
+        self.hold_at = hold_at
+        self.posts = 0
         self.texts: list[str] = []
         self.seen: set[str] = set()
         self.hits = 0
@@ -108,7 +112,9 @@ class RecordingServer:
                     self.transport.write(server._metrics())
                 else:
                     server._record(self.body)
-                    self.transport.write(_response(_EMBEDDING, "application/json"))
+                    server.posts += 1
+                    if server.posts != server.hold_at:
+                        self.transport.write(_response(_EMBEDDING, "application/json"))
                 self.body = b""
 
         return Handler()
@@ -135,6 +141,33 @@ class RecordingServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+class FakeServerProcess:
+    """Stands in for ``ServerProcess``: starts nothing, keeps each one's arguments and
+    environment in ``started``."""
+
+    url = "http://127.0.0.1:9"
+    started: ClassVar[list[tuple[list[str], dict[str, str]]]] = []
+
+    def __init__(self, args: list[str], *, log: Path, env: dict[str, str] | None = None) -> None:
+        self.started.append((args, env or {}))
+
+    def __enter__(self) -> FakeServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.fixture
+def fake_process() -> type[FakeServerProcess]:
+    """A ``FakeServerProcess`` class with a ``started`` list of its own."""
+
+    class Fresh(FakeServerProcess):
+        started: ClassVar[list[tuple[list[str], dict[str, str]]]] = []
+
+    return Fresh
 
 
 @pytest.fixture

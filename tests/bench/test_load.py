@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from embedplex.backends.fake import FakeBackend
+from embedplex.bench.client import CannotConnectError
 from embedplex.bench.load import LoadOptions, run_load
 from embedplex.bench.workload import TokenSpec
 from embedplex.cli.main import app
@@ -65,7 +66,7 @@ async def test_load_against_nothing_fails_fast() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(CannotConnectError, match=f"cannot connect to http://127.0.0.1:{port}"):
             await run_load(LoadOptions(url=f"http://127.0.0.1:{port}", requests=3))
 
 

@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from embedplex.bench.load import LoadOptions, run_load, workload
+from embedplex.bench.load import LoadOptions, pool_size, run_load, workload
 from embedplex.bench.repeats import (
+    RepeatedBodies,
     RepeatedTexts,
     RequestMaker,
     TextsExhaustedError,
 )
+from embedplex.bench.stats import Outcomes
 from embedplex.bench.workload import WORDS, TokenSpec, build_requests, json_body, raw_request
 from embedplex.cli.main import app
 
@@ -174,3 +176,56 @@ def test_cli_load_refuses_bad_repeat_options(bad: list[str]) -> None:
     out = CliRunner().invoke(app, ["bench", "load", "--requests", "1", *bad])
     assert out.exit_code != 0
     assert "repeat" in out.output or "hot set" in out.output
+
+
+def test_bodies_built_ahead_are_the_ones_the_stream_sends_in_order() -> None:
+    options = LoadOptions(url=URL, requests=10_000, repeat=0.3, hot_set=8, seed=12)
+    ahead, sent = workload(options), workload(options)
+    ahead_stream, sent_stream = ahead.bodies(0), sent.bodies(0)
+    assert ahead.prebuild is not None
+    assert ahead.prebuild(300) == 300
+    assert ahead.prebuild(100) == 300  # already built: nothing more
+    assert [ahead_stream() for _ in range(500)] == [sent_stream() for _ in range(500)]
+
+
+def test_building_ahead_stops_at_its_memory_bound() -> None:
+    stream = workload(LoadOptions(url=URL, requests=10, repeat=0.0)).bodies(0)
+    assert isinstance(stream, RepeatedBodies)
+    size = len(stream())  # bodies of 14-token texts: about this long each
+    assert 5 <= stream.prebuild(1000, max_bytes=10 * size) <= 20
+
+
+def test_how_many_bodies_a_run_builds_ahead() -> None:
+    assert pool_size(LoadOptions(url=URL, requests=700, repeat=0.0), None) == 700
+    timed = LoadOptions(url=URL, duration=2.0, concurrency=4, repeat=0.0)
+    warm = Outcomes()
+    for _ in range(9):
+        warm.record(200, 0.010)  # 4 workers, 10 ms each: 400 requests a second
+    assert pool_size(timed, warm) == 1.25 * 400 * 2 + 4
+    assert pool_size(timed, None) == 10_000  # no warm-up to time
+    both = LoadOptions(url=URL, duration=2.0, requests=50, concurrency=4, repeat=0.0)
+    assert pool_size(both, warm) == 50
+
+
+async def test_no_body_is_built_while_the_run_is_measured(
+    recording: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = {"before": 0, "during": 0}
+    phase = ["before"]
+    build = RepeatedBodies._build
+
+    def counted(self: RepeatedBodies) -> bytes:
+        built[phase[0]] += 1
+        return build(self)
+
+    monkeypatch.setattr(RepeatedBodies, "_build", counted)
+    with recording() as srv:
+        result = await run_load(
+            LoadOptions(url=srv.url, requests=400, concurrency=8, warmup=40, repeat=0.0, seed=3),
+            on_start=lambda: phase.__setitem__(0, "during"),
+        )
+        sent = list(srv.texts)
+    assert result.ok == 400
+    assert built == {"before": 440, "during": 0}
+    twin = RepeatedTexts(SHORT, repeat=0.0, seed=3)
+    assert sorted(sent) == sorted(twin() for _ in range(440))  # the seed's texts

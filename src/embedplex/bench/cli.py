@@ -21,7 +21,13 @@ def load(
         "openai"
     ),
     requests: Annotated[int | None, typer.Option(help="Stop after this many answers.")] = None,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop sending after this many seconds; a request still open gets a tenth of "
+            "that (at least 1 s) to finish, then is cancelled and counted unfinished."
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="Workers, one connection each.")] = 16,
     tokens: Annotated[str, typer.Option(help="Tokens per input: N or LOW-HIGH (uniform).")] = "14",
     inputs_per_request: Annotated[int, typer.Option(help="Texts per request.")] = 1,
@@ -30,7 +36,13 @@ def load(
         str | None, typer.Option(help="Bearer token.", envvar="EMBEDPLEX_BENCH_API_KEY")
     ] = None,
     setup: Annotated[str, typer.Option(help="Label of the row in the table.")] = "embedplex",
-    warmup: Annotated[int, typer.Option(help="Unmeasured requests first.")] = 0,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            help="Unmeasured requests first (with --repeat they also time how many new bodies "
+            "to build before the run)."
+        ),
+    ] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds before a request counts as failed.")] = (
         60.0
     ),
@@ -46,20 +58,36 @@ def load(
     ] = None,
     hot_set: Annotated[int, typer.Option(help="Texts in the hot set (with --repeat).")] = 256,
     seed: Annotated[
-        int, typer.Option(help="Seed of the texts; give each run against one cache its own.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="Seed of the texts (default: a new random one, printed, so a run can be "
+            "repeated); give each run against one cache its own."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Exit 1 if any request failed (default: if none succeeded).")
+    ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
     ] = None,
 ) -> None:
-    """Closed-loop load against an embedding endpoint; prints the standard table."""
-    from embedplex.bench.load import LoadOptions, run_load_sync
+    """Closed-loop load against an embedding endpoint; prints the standard table.
+
+    req/s counts successful (2xx) answers only. Exit status: 0; 1 when no request succeeded
+    (with --strict: when any failed); 2 when the server cannot be reached; 130 on Ctrl-C,
+    after the table of what was measured until then.
+    """
+    from embedplex.bench import checks, metrics
+    from embedplex.bench.client import CannotConnectError
+    from embedplex.bench.load import LoadInterrupted, LoadOptions, run_load_sync
     from embedplex.bench.progress import progress_bar
     from embedplex.bench.stats import load_table
     from embedplex.bench.workload import TokenSpec
 
     if requests is None and duration is None:
         requests = 1000
+    if seed is None:
+        seed = checks.new_seed()
     try:
         options = LoadOptions(
             url=url,
@@ -82,12 +110,42 @@ def load(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     quiet = json_out is not None and str(json_out) == "-"
-    with progress_bar(requests, duration, disable=quiet) as update:
-        result = run_load_sync(options, progress=update)
-    shape = {} if repeat is None else {"repeat": repeat, "hot_set": hot_set, "seed": seed}
-    _emit(json_out, {**result.to_json(), **shape})
+    before: dict[str, float] = {}
+    interrupted = False
+    try:
+        with progress_bar(requests, duration, disable=quiet) as update:
+            result = run_load_sync(
+                options,
+                progress=update,
+                on_start=lambda: before.update(metrics.scrape(url, api_key=api_key)),
+            )
+    except CannotConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(checks.EXIT_CANNOT_CONNECT) from None
+    except LoadInterrupted as exc:
+        result, interrupted = exc.result, True
+    except KeyboardInterrupt:
+        typer.echo("interrupted before the measured run began", err=True)
+        raise typer.Exit(checks.EXIT_INTERRUPTED) from None
+    counters = metrics.delta(before, metrics.scrape(url, api_key=api_key)) if before else {}
+    shape = {"repeat": repeat, "hot_set": hot_set} if repeat is not None else {}
+    extra = {"seed": seed, "counters": counters, "interrupted": interrupted}
+    _emit(json_out, {**result.to_json(), **shape, **extra})
     if not quiet:
         typer.echo(load_table([result]))
+        typer.echo(f"\nseed {seed} (--seed {seed} sends these texts again)")
+        if counters:
+            typer.echo(checks.counters_line(counters))
+    warning = checks.cache_warning(repeat, counters)
+    if warning:
+        typer.echo(warning, err=True)
+    if interrupted:
+        typer.echo("interrupted: the figures above cover the run until Ctrl-C", err=True)
+        raise typer.Exit(checks.EXIT_INTERRUPTED)
+    status, why = checks.exit_status(result, strict=strict)
+    if status:
+        typer.echo(why, err=True)
+        raise typer.Exit(status)
 
 
 @bench_app.command("offline")
@@ -194,19 +252,27 @@ def dedupe(
     api_key: Annotated[
         str | None, typer.Option(help="Bearer token.", envvar="EMBEDPLEX_BENCH_API_KEY")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the texts.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the texts (default: a new random one, printed).")
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
     ] = None,
 ) -> None:
-    """Rounds of many callers sending one new identical text at once; reads dedupe counters."""
-    from embedplex.bench import metrics
+    """Rounds of many callers sending one new identical text at once; reads dedupe counters.
+
+    Exit status: 0; 1 when no request succeeded; 2 when the server cannot be reached.
+    """
+    from embedplex.bench import checks, metrics
+    from embedplex.bench.client import CannotConnectError
     from embedplex.bench.dedupe import DedupeOptions, run_dedupe_sync
     from embedplex.bench.stats import load_table
     from embedplex.bench.workload import TokenSpec
 
     if rounds is None and duration is None:
         duration = 10.0
+    if seed is None:
+        seed = checks.new_seed()
     try:
         options = DedupeOptions(
             url=url,
@@ -223,15 +289,22 @@ def dedupe(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     before: dict[str, float] = {}
-    result = run_dedupe_sync(
-        options, on_start=lambda: before.update(metrics.scrape(url, api_key=api_key))
-    )
+    try:
+        result = run_dedupe_sync(
+            options, on_start=lambda: before.update(metrics.scrape(url, api_key=api_key))
+        )
+    except CannotConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(checks.EXIT_CANNOT_CONNECT) from None
     counters = metrics.delta(before, metrics.scrape(url, api_key=api_key))
-    _emit(json_out, {**result.to_json(), "counters": counters})
+    _emit(json_out, {**result.to_json(), "seed": seed, "counters": counters})
     if not (json_out is not None and str(json_out) == "-"):
         typer.echo(load_table([result]))
-        shown = ", ".join(f"{k} +{v:,.0f}" for k, v in counters.items()) or "none exposed"
-        typer.echo(f"\nserver counters: {shown}")
+        typer.echo(f"\nseed {seed}; " + checks.counters_line(counters))
+    status, why = checks.exit_status(result)
+    if status:
+        typer.echo(why, err=True)
+        raise typer.Exit(status)
 
 
 @bench_app.command("cache")

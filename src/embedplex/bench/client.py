@@ -19,6 +19,10 @@ class ConnectionClosedError(ConnectionError):
     """The server closed the connection before the response was complete."""
 
 
+class CannotConnectError(ConnectionError):
+    """A run's first connections failed: nothing listens there (or the name does not resolve)."""
+
+
 class _ResponseProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -110,3 +114,18 @@ class Connection:
 def _expire(waiter: asyncio.Future[int]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("request timed out"))
+
+
+async def connect_all(conns: list[Connection], url: str) -> None:
+    """Open every connection of a run at once; when one fails, close the others and raise
+    ``CannotConnectError`` naming ``url`` and the cause (every attempt is awaited: none is
+    left with an exception nobody reads)."""
+    results = await asyncio.gather(*(c.connect() for c in conns), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is None:
+        return
+    for c in conns:
+        c.close()
+    if isinstance(failed, OSError):
+        raise CannotConnectError(f"cannot connect to {url}: {failed}") from failed
+    raise failed

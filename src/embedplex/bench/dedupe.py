@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from embedplex.bench.client import Connection
+from embedplex.bench.client import Connection, connect_all
+from embedplex.bench.load import run_loop
 from embedplex.bench.repeats import FreshTexts, RequestMaker
 from embedplex.bench.stats import LoadResult, Outcomes
 from embedplex.bench.workload import TokenSpec
@@ -120,7 +121,7 @@ async def run_dedupe(
     bodies = RoundBodies(options)
     conns = [Connection(host, port) for _ in range(options.callers)]
     try:
-        await asyncio.gather(*(c.connect() for c in conns))
+        await connect_all(conns, options.url)
         if options.warmup_rounds:
             await _rounds(
                 conns,
@@ -167,9 +168,4 @@ def run_dedupe_sync(
     options: DedupeOptions, *, on_start: Callable[[], None] | None = None
 ) -> LoadResult:
     """``run_dedupe`` on a fresh event loop (uvloop when installed)."""
-    run = run_dedupe(options, on_start=on_start)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(run)
-    return uvloop.run(run)
+    return run_loop(run_dedupe(options, on_start=on_start))

@@ -1,10 +1,13 @@
 """``embedplex bench load``: closed-loop load against an embedding endpoint.
 
 ``concurrency`` workers each hold one keep-alive connection and send the next request as soon as
-the previous answer arrives. A run stops after ``requests`` answers or ``duration`` seconds,
-whichever comes first, and never runs past ``duration + timeout`` in any case. Without
-``repeat`` the workers cycle 512 distinct pre-encoded bodies; with it, the repeated-text workload
-of bench/repeats.py (what a cache is measured with).
+the previous answer arrives. A run stops taking new requests after ``requests`` of them or at
+``duration`` seconds, whichever comes first. Past the duration, a request still open gets a
+grace (``grace_s``: a tenth of the duration, at least 1 s) to finish; then it is cancelled and
+counted as unfinished, so one stuck request cannot stretch the run to its timeout. The run's
+time is from its start to the last request that finished (answered or failed). Without
+``repeat`` the workers cycle 512 distinct pre-encoded bodies; with it, the repeated-text
+workload of bench/repeats.py (what a cache is measured with), its bodies built before the run.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from embedplex.bench.client import Connection
+from embedplex.bench.client import Connection, connect_all
 from embedplex.bench.repeats import (
     DEFAULT_HOT_SET,
     RepeatedBodies,
@@ -25,13 +30,25 @@ from embedplex.bench.repeats import (
     RequestMaker,
     check_repeat,
 )
-from embedplex.bench.stats import LoadResult, Outcomes
+from embedplex.bench.stats import LoadResult, Outcomes, percentile
 from embedplex.bench.workload import TokenSpec, build_requests
 
 NextBody = Callable[[], bytes]
+T = TypeVar("T")
 
 # Distinct request bodies per run: enough variety, little memory.
 _MAX_BODIES = 512
+
+# A request still open at the end of a timed run gets this share of the duration to finish (at
+# least _MIN_GRACE_S) before it is cancelled and counted as unfinished.
+_GRACE_SHARE = 0.1
+_MIN_GRACE_S = 1.0
+
+# The repeated-text workload's bodies built ahead (``pool_size``): so many for a timed run with
+# no warm-up to time, the margin over what the warm-up's rate says, and the memory they may take.
+_POOL_UNTIMED = 10_000
+_POOL_SLACK = 1.25
+_POOL_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,15 +128,77 @@ async def _worker(
         except TimeoutError:
             outcomes.error("timeout")
             conn.close()
+            outcomes.last_at = clock()
             continue
         except OSError as exc:
             outcomes.error(type(exc).__name__)
             conn.close()
+            outcomes.last_at = clock()
             await asyncio.sleep(0.01)  # a refusing server must not turn this into a busy loop
             continue
-        outcomes.record(status, clock() - start)
+        except asyncio.CancelledError:
+            outcomes.unfinished += 1  # the run ended, or was stopped, with this request open
+            conn.close()
+            raise
+        now = clock()
+        outcomes.record(status, now - start)
+        outcomes.last_at = now
         if pause_s and status in (429, 503):
             await asyncio.sleep(pause_s)
+
+
+async def _drive(tasks: list[asyncio.Task[None]], stop_after: float | None = None) -> None:
+    """Wait for the workers ``tasks`` (at most ``stop_after`` s); then, or when one fails or
+    this is cancelled, cancel those still running and await every one; a worker's error is
+    raised."""
+    try:
+        await asyncio.wait(tasks, timeout=stop_after, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+
+
+def _spawn(
+    conns: list[Connection],
+    body: Callable[[int], NextBody],
+    budget: _Budget,
+    outcomes: Outcomes,
+    *,
+    timeout: float,
+) -> list[asyncio.Task[None]]:
+    """Unmeasured workers (priming, warm-up): worker ``k`` takes its bodies from ``body(k)``."""
+    return [
+        asyncio.create_task(_worker(c, body(k), budget, outcomes, timeout))
+        for k, c in enumerate(conns)
+    ]
+
+
+def grace_s(options: LoadOptions) -> float:
+    """How long a request still open at the end of a timed run may take to finish."""
+    if options.duration is None:
+        return 0.0
+    return max(_MIN_GRACE_S, options.duration * _GRACE_SHARE)
+
+
+def pool_size(options: LoadOptions, warm: Outcomes | None) -> int:
+    """Bodies of the repeated-text workload to build before the run: every one a run of
+    ``requests`` sends; for a timed run, what the warm-up's answers say it sends with a quarter
+    more (closed loop: workers / median latency requests a second), plus one per worker, or
+    ``_POOL_UNTIMED`` without a warm-up. A run that outlasts them builds the rest as it sends
+    them; only the building in the run costs the server CPU, the building before it does not."""
+    if options.duration is None:
+        return options.requests or 0
+    latency = percentile(warm.ok, 50) if warm is not None and warm.ok else math.nan
+    if latency > 0:
+        rate = options.concurrency / latency
+        guess = math.ceil(_POOL_SLACK * rate * options.duration) + options.concurrency
+    else:
+        guess = _POOL_UNTIMED
+    return guess if options.requests is None else min(options.requests, guess)
 
 
 async def run_load(
@@ -127,33 +206,40 @@ async def run_load(
     *,
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    on_interrupt: Callable[[LoadResult], None] | None = None,
 ) -> LoadResult:
     """Run the load; ``progress(done, elapsed_s)`` is called about five times a second, and
-    ``on_start()`` once, after the warm-up, as the measured run begins."""
+    ``on_start()`` once, after the warm-up, as the measured run begins.
+
+    A server that refuses the first connections raises ``CannotConnectError``. Cancelled
+    during the measured run (Ctrl-C), the run stops its workers, hands what it measured so far
+    to ``on_interrupt`` and lets the cancellation go on.
+    """
     parts = urlsplit(options.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     work = workload(options)
     source = work.bodies
     conns = [Connection(host, port) for _ in range(options.concurrency)]
     try:
-        await asyncio.gather(*(c.connect() for c in conns))
+        await connect_all(conns, options.url)
         if work.priming:
             primed = _Budget(len(work.priming), time.perf_counter() + options.timeout)
             shared = iter(work.priming).__next__
-            await asyncio.gather(
-                *(_worker(c, shared, primed, Outcomes(), options.timeout) for c in conns)
+            await _drive(
+                _spawn(conns, lambda _k: shared, primed, Outcomes(), timeout=options.timeout)
             )
+        warm = None
         if options.warmup:
-            warm = _Budget(options.warmup, time.perf_counter() + options.timeout)
-            await asyncio.gather(
-                *(
-                    _worker(c, source(k), warm, Outcomes(), options.timeout)
-                    for k, c in enumerate(conns)
-                )
-            )
+            if work.prebuild is not None:  # the warm-up's rate is then the run's
+                work.prebuild(options.warmup)
+            budget = _Budget(options.warmup, time.perf_counter() + options.timeout)
+            warm = Outcomes()
+            await _drive(_spawn(conns, source, budget, warm, timeout=options.timeout))
+        if work.prebuild is not None:
+            work.prebuild(pool_size(options, warm))
         if on_start is not None:
             on_start()
-        return await _measure(options, conns, source, progress)
+        return await _measure(options, conns, source, progress, on_interrupt)
     finally:
         for c in conns:
             c.close()
@@ -166,6 +252,8 @@ class Workload:
 
     bodies: Callable[[int], NextBody]
     priming: list[bytes]
+    # Builds the next n bodies ahead of the run (the repeated-text workload); None: nothing to.
+    prebuild: Callable[[int], int] | None = None
 
 
 def workload(options: LoadOptions) -> Workload:
@@ -185,7 +273,11 @@ def workload(options: LoadOptions) -> Workload:
             ),
             options.inputs_per_request,
         )
-        return Workload(lambda _offset: shared, shared.priming())
+        return Workload(
+            lambda _offset: shared,
+            shared.priming(),
+            lambda n: shared.prebuild(n, max_bytes=_POOL_MAX_BYTES),
+        )
     count = min(options.requests or _MAX_BODIES, _MAX_BODIES)
     bodies = build_requests(
         options.url,
@@ -205,11 +297,12 @@ async def _measure(
     conns: list[Connection],
     source: Callable[[int], NextBody],
     progress: Callable[[int, float], None] | None,
+    on_interrupt: Callable[[LoadResult], None] | None,
 ) -> LoadResult:
     outcomes = Outcomes()
     start = time.perf_counter()
-    limit = options.duration if options.duration is not None else 24 * 3600.0
-    budget = _Budget(options.requests, start + limit)
+    duration = options.duration
+    budget = _Budget(options.requests, math.inf if duration is None else start + duration)
     workers = [
         asyncio.create_task(
             _worker(c, source(k * 7), budget, outcomes, options.timeout, options.refusal_pause)
@@ -217,30 +310,39 @@ async def _measure(
         for k, c in enumerate(conns)
     ]
     ticker = asyncio.create_task(_tick(outcomes, start, progress)) if progress else None
+
+    def summary() -> LoadResult:
+        # From the start to the last request that finished; unfinished ones do not count.
+        end = outcomes.last_at or time.perf_counter()
+        return LoadResult.summarize(
+            outcomes,
+            setup=options.setup,
+            url=options.url,
+            dialect=options.dialect,
+            tokens=str(options.tokens),
+            concurrency=options.concurrency,
+            inputs_per_request=options.inputs_per_request,
+            elapsed_s=end - start,
+        )
+
     try:
-        # Each worker stops taking new requests at the deadline, and an open request ends
-        # within ``timeout``; the outer bound is a last resort against a wedged loop.
-        await asyncio.wait_for(asyncio.gather(*workers), limit + options.timeout + 5)
+        # A timed run: workers stop taking requests at the deadline; those still open after
+        # the grace are cancelled (counted unfinished). A counted run: each request ends within
+        # ``timeout``.
+        await _drive(workers, None if duration is None else duration + grace_s(options))
+    except asyncio.CancelledError:
+        if on_interrupt is not None:
+            on_interrupt(summary())
+        raise
     finally:
-        for task in workers:
-            task.cancel()
         if ticker is not None:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-    elapsed = time.perf_counter() - start
+    result = summary()
     if progress:
-        progress(outcomes.done, elapsed)
-    return LoadResult.summarize(
-        outcomes,
-        setup=options.setup,
-        url=options.url,
-        dialect=options.dialect,
-        tokens=str(options.tokens),
-        concurrency=options.concurrency,
-        inputs_per_request=options.inputs_per_request,
-        elapsed_s=elapsed,
-    )
+        progress(outcomes.done, result.elapsed_s)
+    return result
 
 
 async def _tick(outcomes: Outcomes, start: float, progress: Callable[[int, float], None]) -> None:
@@ -249,16 +351,39 @@ async def _tick(outcomes: Outcomes, start: float, progress: Callable[[int, float
         progress(outcomes.done, time.perf_counter() - start)
 
 
+class LoadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the measured run; ``result`` is what was measured until then."""
+
+    def __init__(self, result: LoadResult) -> None:
+        super().__init__("load interrupted")
+        self.result = result
+
+
 def run_load_sync(
     options: LoadOptions,
     *,
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """``run_load`` on a fresh event loop (uvloop when installed)."""
-    run = run_load(options, progress=progress, on_start=on_start)
+    """``run_load`` on a fresh event loop (uvloop when installed).
+
+    Ctrl-C during the measured run raises ``LoadInterrupted`` (a ``KeyboardInterrupt``) with
+    the partial result, once every worker has stopped; before it, a plain ``KeyboardInterrupt``.
+    """
+    partial: list[LoadResult] = []
+    run = run_load(options, progress=progress, on_start=on_start, on_interrupt=partial.append)
+    try:
+        return run_loop(run)
+    except KeyboardInterrupt as exc:
+        if partial:
+            raise LoadInterrupted(partial[0]) from exc
+        raise
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """``main`` on a fresh event loop: uvloop when installed, asyncio's otherwise."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run)
-    return uvloop.run(run)
+        return asyncio.run(main)
+    return uvloop.run(main)

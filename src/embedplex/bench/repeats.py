@@ -15,14 +15,16 @@ report shows both counters); a set of 64 would make that most of them.
 
 Fresh texts are the same sequence ``workload.make_texts`` gives for the seed (duplicates and
 hot texts skipped), so at ``repeat = 0`` the first 512 requests carry the bytes of today's
-generator, which then starts over where this one keeps making new texts. Bodies are built as
-they are sent, which costs the client more CPU than cycling pre-encoded ones (docs/benchmarks.md
-says how much); the cost is the same on both sides of a comparison.
+generator, which then starts over where this one keeps making new texts. Building a body costs
+the client far more CPU than cycling a pre-encoded one, so the load builds the bodies a run will
+send before it starts (``RepeatedBodies.prebuild``), in the stream's order: the texts a seed gives
+are the same either way; a run that outlasts them builds the rest as it sends them.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from urllib.parse import urlsplit
 
 from embedplex.bench.workload import TokenSpec, json_body, make_text, request_path
@@ -132,10 +134,26 @@ class RepeatedBodies:
         self.texts = texts
         self._maker = maker
         self._n = inputs_per_request
+        self._ready: deque[bytes] = deque()
 
     def __call__(self) -> bytes:
+        if self._ready:
+            return self._ready.popleft()
+        return self._build()
+
+    def _build(self) -> bytes:
         texts = self.texts
         return self._maker([texts() for _ in range(self._n)])
+
+    def prebuild(self, count: int, *, max_bytes: int) -> int:
+        """Build the next ``count`` bodies now (at most ``max_bytes`` of them), for the calls
+        that follow to hand out in order; returns how many are ready."""
+        ready, size = self._ready, sum(len(b) for b in self._ready)
+        while len(ready) < count and size < max_bytes:
+            body = self._build()
+            ready.append(body)
+            size += len(body)
+        return len(ready)
 
     def priming(self) -> list[bytes]:
         """Requests that carry each hot text once (not counted in the share)."""

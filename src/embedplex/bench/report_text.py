@@ -23,7 +23,20 @@ The load generator (`embedplex bench load`) runs in its own process, closed loop
 `concurrency` workers holds one keep-alive connection and sends its next request as soon as the
 answer to the last arrives. It shares the CPU with the server. Latencies are in milliseconds,
 measured at the client; `fail` counts every non-2xx answer and connection error (429 and 503
-listed under the table).
+listed under the table). `req/s` and `inputs/s` count successful (2xx) answers only, over the
+run's time: from its start to the last request that finished. A timed run stops sending at its
+duration; a request still open then gets a tenth of the duration (at least 1 s) to finish, and
+is then cancelled and listed under the table as unfinished: one stuck request neither holds the
+run to its timeout nor dilutes its rate.
+
+`embedplex bench load` exits 1 when no request succeeded (with `--strict`, when any failed), 2
+when the server cannot be reached, and 130 on Ctrl-C, after the table of what it measured until
+then. Its texts come from a seed, a new random one unless `--seed` is given, printed under the
+table and in the JSON. It reads the server's cache counters (`/metrics`) before and after the
+run, reports them (`counters` in the JSON) and warns when the cache answered a workload meant to
+miss: against a server with the cache on (the default), measure the model with `--repeat 0`
+(every text new) and a seed no earlier run used, or start the server with `--cache-max-bytes 0`,
+as every server of this suite is, the router's included.
 """
 
 
@@ -46,15 +59,30 @@ cache can only cost (a lookup and an insert per input); at 90% it answers nine i
 The hot set is tiny against any cache bound and large against the 64 clients in flight, so
 most repeats are cache hits, not joins of an identical input in flight; the dedupe column
 counts the joins that still happen (on both sides: dedupe is always on).
-The client makes each new text as it sends it: measured once on this machine (2026-12-01, with
-`time.process_time`), about 15 us of client CPU per new text against 0.2 us for a pre-encoded
-body, on both sides alike.
+A new text costs the client about 8 us to make and encode, so the load builds the bodies of a
+run before it starts, in the seed's order ("Load generator ceiling" has the figures).
 
 **Same text at once** (`embedplex bench dedupe`): 64 callers send one identical text at the same
 moment, round after round, each round a new text: a cache cannot answer it, only dedupe (one
 slot in the batch for all 64). The baseline is the same rounds with 64 distinct texts
 (`--distinct`): the same load with nothing to share.
 
+"""
+
+CLIENT_BODIES = """\
+New texts (`--repeat`, every text never sent before at `--repeat 0`) cost the client more than
+cycled bodies: each new body is made (about 8 us: words drawn from the seed, JSON, the head).
+The load builds them before the measured run, in the order the seed gives them: every body of a
+`--requests` run; for a `--duration` run, 1.25 x what the warm-up's rate (workers / its median
+latency) says the run sends (without a warm-up, 10,000; past them, the rest are made as sent).
+The load generator's CPU per request inside the measured run (`examples/load_cpu.py`:
+`getrusage`; 64 clients, 3 s after a 640-request warm-up; the code before and after, alternating,
+three rounds; 2026-12-07, the 2-core machine at load average 0.3): against the echo server,
+`--repeat 0` 21.0 / 21.0 / 20.3 us before, 10.8 / 10.2 / 10.2 us after (the 512 cycled bodies:
+14.8 / 9.5 / 9.9 and 9.6 / 10.5 / 10.1 us); against a stub answering each request after 20 ms
+(~2,950 req/s, the client is not the limit), 29.0 / 26.7 / 25.3 us before, 16.3 / 15.8 / 15.0 us
+after (cycled: 17.7 / 16.8 / 18.0 and 15.7 / 16.0 / 17.9 us). A new text now costs the run what a
+cycled body does.
 """
 
 
@@ -166,6 +194,7 @@ def render_markdown(
             "above measure the server, not the client.\n"
         )
         out.append(load_table([d.client_ceiling]) + "\n")
+    out.append(CLIENT_BODIES)
     out.append(
         "Why not a stock client: measured once on this machine (2026-11-23) against the same echo "
         "server at concurrency 64, httpx 0.28 reached 130 req/s (6.9 ms of client CPU per "

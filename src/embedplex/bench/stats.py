@@ -46,6 +46,10 @@ class Outcomes:
     unavailable: list[float] = field(default_factory=list)  # 503
     other_status: dict[int, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)  # connection-level failures
+    # Requests still open when the run ended (cancelled): neither answered nor failed.
+    unfinished: int = 0
+    # When the last request finished (time.perf_counter; 0.0: none has), set by the load workers.
+    last_at: float = 0.0
 
     def record(self, status: int, latency: float) -> None:
         if 200 <= status < 300:
@@ -89,6 +93,7 @@ class LoadResult:
     status_503: int
     other_status: dict[str, int]
     errors: dict[str, int]
+    unfinished: int
     req_per_s: float
     inputs_per_s: float
     p50_ms: float
@@ -129,6 +134,7 @@ class LoadResult:
             status_503=len(outcomes.unavailable),
             other_status={str(k): v for k, v in sorted(outcomes.other_status.items())},
             errors=dict(sorted(outcomes.errors.items())),
+            unfinished=outcomes.unfinished,
             req_per_s=len(ok) / elapsed,
             inputs_per_s=len(ok) * inputs_per_request / elapsed,
             p50_ms=percentile(ms, 50),
@@ -155,8 +161,8 @@ class LoadResult:
         ]
 
     def failure_note(self) -> str:
-        """One line on what failed and how (empty when nothing did)."""
-        if not self.fail:
+        """One line on what failed and how, and what never finished (empty when neither)."""
+        if not (self.fail or self.unfinished):
             return ""
         parts = []
         if self.status_429:
@@ -165,6 +171,8 @@ class LoadResult:
             parts.append(f"503 x {self.status_503:,}")
         parts += [f"{code} x {n:,}" for code, n in self.other_status.items()]
         parts += [f"{kind} x {n:,}" for kind, n in self.errors.items()]
+        if self.unfinished:
+            parts.append(f"unfinished x {self.unfinished:,} (still open at the end: cancelled)")
         return f"{self.setup}: " + ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
