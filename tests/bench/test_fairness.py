@@ -10,8 +10,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from embedplex.backends.fake import FakeBackend
 from embedplex.bench.fairness import FairnessOptions, Side, fairness_report, keys_env, run_side
+from embedplex.bench.stats import LoadResult, Outcomes
 from embedplex.bench.workload import TokenSpec
 
 ServerFactory = Callable[..., Any]
@@ -48,3 +51,48 @@ async def test_a_side_counts_the_interactive_and_the_bulk_key_apart(
     rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")]
     assert rows[-2:] == ["fair", "fifo"]
     assert "fair / fifo: 1.00x" in report
+
+
+async def test_every_text_a_side_sends_is_new(recording: Any) -> None:
+    """Bulk and query texts alike are sent once, warm-up included: neither a cache nor
+    in-flight dedupe can answer a key (the recording server answers at once, so the bulk
+    key sends hundreds of requests)."""
+    options = FairnessOptions(
+        duration=0.6, warmup=0.2, bulk_concurrency=2, bulk_inputs=4, query_rate=20
+    )
+    with recording() as srv:
+        side = await run_side(srv.url, options, "bulk-key", "search-key")
+        sent = list(srv.texts)
+    assert side.bulk.ok > 64  # more than the 64 bodies the bulk key used to cycle
+    assert len(sent) > 4 * 64
+    assert len(set(sent)) == len(sent)
+
+
+def test_both_servers_run_with_the_cache_off(
+    monkeypatch: pytest.MonkeyPatch, fake_process: Any
+) -> None:
+    from embedplex.bench import fairness
+
+    async def side(url: str, options: FairnessOptions, bulk: str, search: str) -> Side:
+        return Side("", _result(), _result())
+
+    monkeypatch.setattr(fairness, "ServerProcess", fake_process)
+    monkeypatch.setattr(fairness, "run_side", side)
+    sides = fairness.run_fairness(FairnessOptions(server_args=("--model-id", "m")))
+    assert [s.policy for s in sides] == ["fair", "fifo"]
+    for (args, _), policy in zip(fake_process.started, ("fair", "fifo"), strict=True):
+        # the cache off, before the caller's own flags (which may turn it back on)
+        assert args == ["--queue-policy", policy, "--cache-max-bytes", "0", "--model-id", "m"]
+
+
+def _result() -> LoadResult:
+    return LoadResult.summarize(
+        Outcomes(),
+        setup="x",
+        url="http://127.0.0.1:9",
+        dialect="openai",
+        tokens="14",
+        concurrency=1,
+        inputs_per_request=1,
+        elapsed_s=1.0,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,31 @@ def test_the_suites_router_config_is_valid() -> None:
     assert provider.endpoint == "http://127.0.0.1:9"
     assert route.model == ROUTER_MODEL
     assert route.providers == [provider.name]
+    assert settings.cache_max_bytes == 0  # as every server of the suite: the row measures routing
+
+
+def test_the_suites_router_rows_send_every_text_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_process: Any
+) -> None:
+    """Direct and via the router: every text new, each run its own seed, so neither a cache
+    (a router given by --router-url may have one) nor dedupe answers them."""
+    from embedplex.bench import suite
+    from embedplex.bench.load import LoadOptions
+    from embedplex.bench.server_proc import ServerProcess
+
+    loads: list[LoadOptions] = []
+
+    def run(options: LoadOptions) -> LoadResult:
+        loads.append(options)
+        return _load(options.concurrency, 10, 5.0)
+
+    monkeypatch.setattr(suite, "ServerProcess", fake_process)
+    monkeypatch.setattr(suite, "run_load_sync", run)
+    d = SuiteData()
+    upstream = ServerProcess([], log=tmp_path / "unused.log")  # never started
+    suite._router(suite.SuiteOptions(), d, upstream, tmp_path / "log")
+    [(_, env)] = fake_process.started
+    assert env["EMBEDPLEX_CACHE_MAX_BYTES"] == "0"
+    assert [(o.url, o.repeat) for o in loads] == [(upstream.url, 0.0), (fake_process.url, 0.0)]
+    assert loads[0].seed != loads[1].seed
+    assert d.router is not None and d.router_direct is not None

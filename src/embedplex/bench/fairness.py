@@ -8,6 +8,10 @@ Two servers are started one after the other (same model, same flags), one with
 connection (a slow answer does not delay the next query). What it reports, side by side: the
 interactive key's p50/p99 and the bulk key's throughput (inputs/s). docs/scheduling.md has the
 figures and the target.
+
+Both servers run with the embedding cache off (``--cache-max-bytes 0``) and every text, bulk
+and query, is sent once (a seeded stream of new texts, the same on both sides): neither the
+cache nor in-flight dedupe answers a key, so both sides compute every input they are sent.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from embedplex.bench.client import Connection
-from embedplex.bench.load import _Budget, _worker, cycled
+from embedplex.bench.load import NextBody, _Budget, _worker
+from embedplex.bench.repeats import RepeatedBodies, RepeatedTexts, RequestMaker
 from embedplex.bench.server_proc import ServerProcess
 from embedplex.bench.stats import LoadResult, Outcomes, markdown_table
-from embedplex.bench.workload import TokenSpec, build_requests
+from embedplex.bench.workload import TokenSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +101,7 @@ def keys_env() -> tuple[dict[str, str], str, str]:
 
 
 async def _queries(
-    url: str, bodies: list[bytes], rate: float, until: float, outcomes: Outcomes
+    url: str, next_body: NextBody, rate: float, until: float, outcomes: Outcomes
 ) -> None:
     """Open loop: a query every ``1 / rate`` seconds, each on a connection not in use."""
     host, port = _host_port(url)
@@ -120,7 +125,7 @@ async def _queries(
     next_at = clock()
     while next_at < until:
         await asyncio.sleep(max(0.0, next_at - clock()))
-        task = asyncio.create_task(one(bodies[n % len(bodies)]))
+        task = asyncio.create_task(one(next_body()))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         n += 1
@@ -140,26 +145,8 @@ def _host_port(url: str) -> tuple[str, int]:
 
 async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key: str) -> Side:
     """The load against one running server (``policy`` is filled in by the caller)."""
-    bulk_bodies = build_requests(
-        url,
-        dialect="openai",
-        tokens=options.bulk_tokens,
-        inputs_per_request=options.bulk_inputs,
-        model=None,
-        count=64,
-        api_key=bulk_key,
-        seed=1,
-    )
-    query_bodies = build_requests(
-        url,
-        dialect="openai",
-        tokens=options.query_tokens,
-        inputs_per_request=1,
-        model=None,
-        count=256,
-        api_key=search_key,
-        seed=2,
-    )
+    bulk_bodies = _new_texts(url, options.bulk_tokens, options.bulk_inputs, bulk_key, seed=1)
+    query_bodies = _new_texts(url, options.query_tokens, 1, search_key, seed=2)
     host, port = _host_port(url)
     conns = [Connection(host, port) for _ in range(options.bulk_concurrency)]
     try:
@@ -167,10 +154,7 @@ async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key
             end = time.perf_counter() + options.warmup
             warm = _Budget(None, end)
             await asyncio.gather(
-                *(
-                    _worker(c, cycled(bulk_bodies, k), warm, Outcomes(), 60.0)
-                    for k, c in enumerate(conns)
-                ),
+                *(_worker(c, bulk_bodies, warm, Outcomes(), 60.0) for c in conns),
                 _queries(url, query_bodies, options.query_rate, end, Outcomes()),
             )
         bulk, search = Outcomes(), Outcomes()
@@ -178,10 +162,7 @@ async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key
         until = start + options.duration
         budget = _Budget(None, until)
         await asyncio.gather(
-            *(
-                _worker(c, cycled(bulk_bodies, k * 7), budget, bulk, 60.0)
-                for k, c in enumerate(conns)
-            ),
+            *(_worker(c, bulk_bodies, budget, bulk, 60.0) for c in conns),
             _queries(url, query_bodies, options.query_rate, until, search),
         )
         elapsed = time.perf_counter() - start
@@ -208,12 +189,19 @@ async def run_side(url: str, options: FairnessOptions, bulk_key: str, search_key
     )
 
 
+def _new_texts(url: str, tokens: TokenSpec, inputs: int, key: str, *, seed: int) -> NextBody:
+    """Request after request of ``inputs`` texts never sent before, under ``key``."""
+    maker = RequestMaker(url, dialect="openai", model=None, api_key=key)
+    return RepeatedBodies(RepeatedTexts(tokens, repeat=0.0, seed=seed), maker, inputs)
+
+
 def run_fairness(options: FairnessOptions) -> list[Side]:
     """Both sides, one server at a time: ``fair`` first, then ``fifo``."""
     env, bulk_key, search_key = keys_env()
     sides = []
     for policy in ("fair", "fifo"):
-        args = ["--queue-policy", policy, *options.server_args]
+        # The cache off (before the caller's flags, which may turn it back on).
+        args = ["--queue-policy", policy, "--cache-max-bytes", "0", *options.server_args]
         log = options.log_dir / f"fairness-{policy}.log"
         with ServerProcess(args, log=log, env=env) as server:
             side = asyncio.run(run_side(server.url, options, bulk_key, search_key))

@@ -27,6 +27,7 @@ from embedplex.bench.cache import (
     labelled,
     run_cache_bench,
 )
+from embedplex.bench.checks import new_seed
 from embedplex.bench.load import LoadOptions, run_load_sync
 from embedplex.bench.offline import OfflineResult
 from embedplex.bench.report import StartRow, SuiteData, write_report
@@ -124,6 +125,8 @@ def _load(
     dialect: str = "openai",
     refusal_pause: float = 0.0,
     model: str | None = None,
+    repeat: float | None = None,
+    seed: int = 0,
 ) -> LoadResult:
     options = LoadOptions(
         url=url,
@@ -136,6 +139,8 @@ def _load(
         timeout=60.0,
         refusal_pause=refusal_pause,
         model=model,
+        repeat=repeat,
+        seed=seed,
     )
     result = run_load_sync(options)
     console.print(load_table([result]))
@@ -313,7 +318,8 @@ ROUTER_MODEL = "remote-minilm"
 
 def router_env(upstream: str) -> dict[str, str]:
     """The environment of a providers-only router serving ROUTER_MODEL from ``upstream``
-    (the provider settings of examples/router.toml)."""
+    (the provider settings of examples/router.toml), its embedding cache off as every other
+    server of the suite: on, it would answer the load's repeats and the row would measure it."""
     provider = {
         "name": "upstream",
         "type": "openai",
@@ -324,19 +330,26 @@ def router_env(upstream: str) -> dict[str, str]:
         "max_concurrency": 2,
     }
     route = {"model": ROUTER_MODEL, "providers": ["upstream"], "policy": "any"}
-    return {
+    env = {
         "EMBEDPLEX_LOCAL_MODEL": "false",
         "EMBEDPLEX_PROVIDERS": json.dumps([provider]),
         "EMBEDPLEX_ROUTES": json.dumps([route]),
     }
+    return {**env, "EMBEDPLEX_CACHE_MAX_BYTES": "0"} if cache_supported() else env
+
+
+def _router_load(url: str, opts: SuiteOptions, setup: str, model: str | None = None) -> LoadResult:
+    """64 clients, every text new (``--repeat 0``, a seed of its own): neither a cache in front
+    of the providers (a router given by ``--router-url`` may have one) nor dedupe can answer."""
+    return _load(url, opts, setup=setup, concurrency=64, model=model, repeat=0.0, seed=new_seed())
 
 
 def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: Path) -> None:
     """Direct vs through a router whose one provider is ``upstream``, back to back.
 
     Without ``--router-url`` the suite starts its own router (``local_model = false``, one
-    OpenAI-dialect provider, the settings of examples/router.toml) on this machine: it shares
-    the two cores with the server it forwards to.
+    OpenAI-dialect provider, the settings of examples/router.toml, the cache off) on this
+    machine: it shares the two cores with the server it forwards to.
     """
     if opts.router_url is not None:
         import httpx
@@ -346,17 +359,16 @@ def _router(opts: SuiteOptions, data: SuiteData, upstream: ServerProcess, log: P
         except httpx.HTTPError as exc:
             data.router_note = f"skipped: router at {opts.router_url} not ready ({exc})"
             return
-        data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
-        data.router = _load(opts.router_url, opts, setup="via router c=64", concurrency=64)
+        data.router_direct = _router_load(upstream.url, opts, "direct c=64")
+        data.router = _router_load(opts.router_url, opts, "via router c=64")
         return
-    data.router_direct = _load(upstream.url, opts, setup="direct c=64", concurrency=64)
+    data.router_direct = _router_load(upstream.url, opts, "direct c=64")
     env = router_env(upstream.url)
     with ServerProcess(["--log-level", "warning"], log=log, env=env) as router:
-        data.router = _load(
-            router.url, opts, setup="via router c=64", concurrency=64, model=ROUTER_MODEL
-        )
+        data.router = _router_load(router.url, opts, "via router c=64", model=ROUTER_MODEL)
     data.router_note = (
         "The router is a second `embedplex serve` (`local_model = false`, one OpenAI-dialect "
-        "provider: the server above; the settings of examples/router.toml) on the same two "
-        "cores: it merges the 64 callers into upstream calls of up to 128 texts."
+        "provider: the server above; the settings of examples/router.toml; the cache off) on the "
+        "same two cores: it merges the 64 callers into upstream calls of up to 128 texts. Both "
+        "rows send every text once (`--repeat 0`)."
     )
