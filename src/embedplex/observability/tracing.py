@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
-from contextlib import contextmanager
+from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -103,7 +103,9 @@ async def shutdown_spans(provider: TracerProvider, timeout_s: float = SHUTDOWN_T
         except Exception:  # the SDK logs its own; nothing here may keep the loop waiting
             logger.exception("span export shutdown failed")
         finally:
-            done.set_result(None)
+            # Cancelled when the wait below gave up first: nobody is waiting any more.
+            with suppress(InvalidStateError):
+                done.set_result(None)
 
     threading.Thread(target=run, name="span-shutdown", daemon=True).start()
     try:
