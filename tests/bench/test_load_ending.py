@@ -47,6 +47,18 @@ async def test_a_stuck_request_is_cut_after_the_grace_and_does_not_stretch_the_r
     assert result.to_json()["unfinished"] == 1
 
 
+async def test_strict_exits_1_when_a_request_went_unanswered(recording: Any) -> None:
+    """A server that hangs one request fails a --strict run (examples/c64_ratio.sh relies on
+    it), though the cut request counts as unfinished, not failed."""
+    with recording(hold_at=10) as srv:
+        args = ["bench", "load", "--url", srv.url, "--duration", "1", "--concurrency", "4"]
+        out = await asyncio.to_thread(
+            CliRunner().invoke, app, [*args, "--timeout", "20", "--strict"]
+        )
+    assert out.exit_code == 1, out.output
+    assert "1 of" in out.output and "requests failed" in out.output
+
+
 def test_the_grace_is_a_tenth_of_a_long_run() -> None:
     url = "http://127.0.0.1:9"
     assert grace_s(LoadOptions(url=url, duration=30)) == 3.0

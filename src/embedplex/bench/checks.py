@@ -29,8 +29,10 @@ def exit_status(result: LoadResult, *, strict: bool = False) -> tuple[int, str]:
     if result.ok == 0:
         what = result.failure_note().partition(": ")[2] or "no request was sent"
         return EXIT_FAILED, f"error: no request succeeded ({what})"
-    if strict and result.fail:
-        return EXIT_FAILED, f"error: {result.fail:,} of {result.requests:,} requests failed"
+    if strict and (result.fail or result.unfinished):
+        # A request the server never answered (cut after the grace) failed all the same.
+        failed = result.fail + result.unfinished
+        return EXIT_FAILED, f"error: {failed:,} of {result.requests:,} requests failed"
     return 0, ""
 
 

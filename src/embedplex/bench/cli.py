@@ -65,7 +65,10 @@ def load(
         ),
     ] = None,
     strict: Annotated[
-        bool, typer.Option(help="Exit 1 if any request failed (default: if none succeeded).")
+        bool,
+        typer.Option(
+            help="Exit 1 if any request failed or went unanswered (default: if none succeeded)."
+        ),
     ] = False,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
@@ -74,8 +77,8 @@ def load(
     """Closed-loop load against an embedding endpoint; prints the standard table.
 
     req/s counts successful (2xx) answers only. Exit status: 0; 1 when no request succeeded
-    (with --strict: when any failed); 2 when the server cannot be reached; 130 on Ctrl-C,
-    after the table of what was measured until then.
+    (with --strict: when any failed or was left unanswered); 2 when the server cannot be
+    reached; 130 on Ctrl-C, after the table of what was measured until then.
     """
     from embedplex.bench import checks, metrics
     from embedplex.bench.client import CannotConnectError
