@@ -79,3 +79,47 @@ async def test_a_provider_replaced_within_one_poll_is_replaced_on_the_other_gate
         assert await served_by(one, a, b) == "b"
         replaced = [r for r in caplog.records if "replaced" in r.getMessage()]
         assert len(replaced) == 1, [r.getMessage() for r in replaced]
+
+
+async def test_a_replaced_provider_drains_in_the_background_while_its_model_serves_on(
+    pg_url: str,  # noqa: F811
+    upstreams: tuple[FakeUpstream, FakeUpstream],
+) -> None:
+    """A replacement starts the new provider and swaps it in; the old one's request in flight
+    finishes behind it: new requests to the model are served meanwhile (they were 404
+    "provider is not configured" for the whole drain), and the poll returns at once."""
+    a, b = upstreams
+    slow_a = provider("extra", a, timeout_s=10, retry_budget_s=20)
+    body_a = {"provider": slow_a.model_dump(mode="json"), "serve_as": "extra-model"}
+    body_b = {"provider": provider("extra", b).model_dump(mode="json"), "serve_as": "extra-model"}
+    app_one, app_two = (create_app(gateway_settings(pg_url, a)) for _ in range(2))
+    async with running(app_one) as one, running(app_two) as two:
+        r = await one.post("/api/v1/providers", json=body_a, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        for _ in range(100):
+            if "extra" in app_two.state.gateway.router.runtimes:
+                break
+            await asyncio.sleep(0.05)
+        poller = app_two.state.keys._poller
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        a.delay = 3.0
+        body = {"input": f"slow-{uuid.uuid4().hex}", "model": "extra-model"}
+        inflight = asyncio.create_task(two.post("/v1/embeddings", json=body))
+        await asyncio.sleep(0.3)
+        assert (await one.delete("/api/v1/providers/extra", headers=ADMIN)).status_code == 200
+        assert (await one.post("/api/v1/providers", json=body_b, headers=ADMIN)).status_code == 201
+
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(app_two.state.keys.refresh(), 1.5)  # not the old one's drain
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert not inflight.done()
+        assert await served_by(two, a, b) == "b"  # 200 from the new one, during the drain
+        key = await two.post("/api/v1/keys", json={"name": "during"}, headers=ADMIN)
+        assert key.status_code == 201, key.text  # admin calls are not held by the lock
+        assert not inflight.done()
+        finished = await asyncio.wait_for(inflight, 10)
+        assert finished.status_code == 200, finished.text  # finished on the old provider
+        await asyncio.wait_for(app_two.state.provider_sync.close(), 5)
+        assert not app_two.state.provider_sync._draining

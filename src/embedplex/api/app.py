@@ -174,6 +174,7 @@ def create_app(
             if not loader.done():
                 loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
+            await provider_sync.close()  # replaced and removed providers' drains
             gw = app.state.gateway
             await gw.close(drain=True)
             if metrics_server is not None:

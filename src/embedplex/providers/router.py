@@ -117,12 +117,16 @@ class Router:
     def _build(self, config: ProviderConfig) -> ProviderRuntime:
         if config.name in self.runtimes:
             raise ValueError(f"two providers are named {config.name!r}")
+        runtime = self._make(config)
+        self.runtimes[config.name] = runtime
+        return runtime
+
+    def _make(self, config: ProviderConfig) -> ProviderRuntime:
         runtime = ProviderRuntime.build(
             config, self.client, observers=self._observers, cache=self.cache
         )
         if self._telemetry is not None:
             runtime.instrument(self._telemetry)
-        self.runtimes[config.name] = runtime
         return runtime
 
     def instrument(self, telemetry: Telemetry) -> None:
@@ -165,13 +169,30 @@ class Router:
             self.runtimes.pop(config.name, None)
             raise
 
-    async def remove(self, name: str) -> None:
+    async def start_runtime(self, config: ProviderConfig) -> ProviderRuntime:
+        """A runtime for ``config``, started but not yet routed to (``swap`` puts it in)."""
+        runtime = self._make(config)
+        await runtime.start()
+        return runtime
+
+    def swap(self, runtime: ProviderRuntime) -> ProviderRuntime | None:
+        """Route ``runtime``'s name to it from now on, in one step; the runtime it replaces
+        (if any) is returned for the caller to close (its requests in flight finish there)."""
+        old = self.runtimes.get(runtime.name)
+        self.runtimes[runtime.name] = runtime
+        return old
+
+    def take(self, name: str) -> ProviderRuntime:
+        """Stop routing to ``name``; the caller closes the runtime returned (a drain)."""
         runtime = self.runtimes.pop(name, None)
         if runtime is None:
             raise ModelNotFoundError(f"no provider named {name!r}", param="name")
-        await runtime.close(drain=True)
         if self._telemetry is not None:  # its gauges go with it (its counts stay)
             self._telemetry.providers.forget(name)
+        return runtime
+
+    async def remove(self, name: str) -> None:
+        await self.take(name).close(drain=True)
 
     # -- housekeeping ----------------------------------------------------------------------
 

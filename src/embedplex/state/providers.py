@@ -31,6 +31,7 @@ from embedplex.state.store import StateStore, bump, now
 
 if TYPE_CHECKING:
     from embedplex.gateway import Gateway
+    from embedplex.providers.runtime import ProviderRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class ProviderSync:
         # within one poll) is replaced, not left as the old one because the name is known.
         self.applied: dict[str, _Shape] = {}
         self.lock = asyncio.Lock()
+        self._draining: set[asyncio.Task[None]] = set()
 
     def adopt(self, name: str, config: ProviderConfig, serve_as: str | None) -> None:
         """A provider this replica stored and added itself through the admin API."""
@@ -112,34 +114,79 @@ class ProviderSync:
         self.applied.pop(name, None)
 
     async def put_in(self, gw: Gateway, config: ProviderConfig, serve_as: str | None) -> None:
-        """Start the provider in ``gw``'s router and serve it as ``serve_as`` (if any); on a
-        failure nothing of it is left."""
+        """Start the provider and serve it as ``serve_as`` (if any), replacing the provider of
+        that name (and the models that serve it alone) if there is one. Everything new is
+        started first and swapped in in one step, so its model never answers 404 meanwhile;
+        the old runtime drains in the background. On a failure nothing changed."""
         from embedplex.providers.config import RouteConfig
         from embedplex.providers.router import RemoteModel
 
         router = gw.router
         assert router is not None
-        await router.add(config)
-        if serve_as is None:
-            return
-        try:
+        runtime = await router.start_runtime(config)
+        model = None
+        if serve_as is not None:
             model = RemoteModel(router, RouteConfig(model=serve_as, providers=[config.name]))
             self.telemetry.instrument([model])  # as every served model
-            await model.start()
-            gw.add(model)
+        # From here to the end no await yields: requests see the old provider or the new one.
+        old = router.swap(runtime)
+        try:
+            if model is not None:
+                await model.start()  # its check: the provider it routes to is there
+            olds = self._alone(gw, config.name)
+            for m in olds:
+                gw.remove(m.info.name)
+            try:
+                if model is not None:
+                    gw.add(model)
+            except BaseException:
+                for m in olds:
+                    gw.add(m)
+                raise
         except BaseException:
-            await router.remove(config.name)
+            if old is None:
+                router.take(config.name)
+            else:
+                router.swap(old)
+            self._drain(runtime)
             raise
+        if old is not None:
+            self._drain(old)
 
-    async def take_out(self, gw: Gateway, name: str) -> None:
-        """Stop the provider and the models that serve it alone."""
+    def take_out(self, gw: Gateway, name: str) -> None:
+        """Stop routing to the provider and serving the models that serve it alone; its
+        requests in flight finish in the background (``close`` waits for them)."""
+        assert gw.router is not None
+        self._drain(gw.router.take(name))
+        for m in self._alone(gw, name):
+            gw.remove(m.info.name)
+
+    @staticmethod
+    def _alone(gw: Gateway, name: str) -> list[Any]:
         from embedplex.providers.router import RemoteRoute
 
-        assert gw.router is not None
-        await gw.router.remove(name)
-        for m in gw.services():
-            if isinstance(m, RemoteRoute) and m.route.providers == [name]:
-                gw.remove(m.info.name)
+        return [
+            m for m in gw.services() if isinstance(m, RemoteRoute) and m.route.providers == [name]
+        ]
+
+    def _drain(self, runtime: ProviderRuntime) -> None:
+        """Close ``runtime`` once its requests in flight are done, outside the lock and the
+        poller: a drain lasts up to the provider's retry budget."""
+        task = asyncio.get_running_loop().create_task(
+            runtime.close(drain=True), name=f"provider-drain:{runtime.name}"
+        )
+        self._draining.add(task)
+        task.add_done_callback(self._drained)
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        self._draining.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("closing a replaced provider failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Wait for the replaced and removed providers' drains (shutdown)."""
+        while self._draining:
+            await asyncio.gather(*self._draining, return_exceptions=True)
 
     async def apply(self, gw: Gateway) -> None:
         router = gw.router
@@ -155,10 +202,10 @@ class ProviderSync:
                 if replacing and self.applied.get(name, wanted) == wanted:
                     continue
                 try:
-                    if replacing:
-                        await self.take_out(gw, name)
-                    self.applied.pop(name, None)
-                    served = {m.name for m in gw.models}
+                    # Served names in use, less those the replaced provider's models hold.
+                    served = {m.name for m in gw.models} - {
+                        m.info.name for m in self._alone(gw, name) if replacing
+                    }
                     await self.put_in(gw, config, serve_as if serve_as not in served else None)
                 except Exception:
                     logger.exception("applying stored provider %s failed", name)
@@ -171,5 +218,5 @@ class ProviderSync:
             for name in sorted(set(self.applied) - set(stored)):
                 del self.applied[name]
                 if name in router.runtimes:
-                    await self.take_out(gw, name)
+                    self.take_out(gw, name)
                     logger.info("provider %s removed (gone from the state store)", name)

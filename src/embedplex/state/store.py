@@ -60,6 +60,11 @@ def now() -> datetime:
 STORE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
+def sqlite_busy_s(timeout_s: float) -> float:
+    """SQLite's busy timeout for a ``state_timeout_s``: 30 s at most, and below the bound."""
+    return min(30.0, 0.8 * timeout_s)
+
+
 class StoreOpenError(Exception):
     """The store could not be opened: the message names it (password hidden) and why."""
 
@@ -113,7 +118,12 @@ class StateStore:
         self.target = target
         self.timeout_s = timeout_s
         options: dict[str, Any] = {"connect_args": dict(target.connect_args)}
-        if not target.is_sqlite:
+        if target.is_sqlite:
+            # SQLite's busy timeout (a wait for another connection's lock) ends before the
+            # bound: the driver then fails and rolls back, so ``bounded`` does not give up on
+            # a write that goes on and commits after its caller was told it failed.
+            options["connect_args"]["timeout"] = sqlite_busy_s(timeout_s)
+        else:
             # asyncpg: ``timeout`` bounds connecting, ``command_timeout`` each statement (and
             # the pool's ping, rollback and close, which run outside any caller's bound).
             options["connect_args"].update(timeout=timeout_s, command_timeout=timeout_s)

@@ -116,7 +116,8 @@ def resolve(state_url: str | None, data_dir: Path | None = None) -> StateUrl:
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        # Writers wait for each other instead of failing at once (the CLI beside a server).
+        # Writers wait for each other instead of failing at once (the CLI beside a server);
+        # StateStore shortens the wait below state_timeout_s (``sqlite_busy_s``).
         return StateUrl(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30})
     schema = _schema(url)
     url = url.set(drivername="postgresql+asyncpg").difference_update_query(["schema"])

@@ -3,10 +3,12 @@
 ``UsageMeter.add`` is called once per finished request (``api/observe.py``) and only adds to a
 dict; every ``flush_s`` the counts are written, in one transaction, as upserts of up to
 ``CHUNK_ROWS`` (key, minute) rows each, so the store sees a few statements every several
-seconds however busy the server is. A failed write (or one the store does not answer within
-``state_timeout_s``) keeps its counts for the next flush; a crash loses at most ``flush_s`` of
-counts. ``close`` (a SIGTERM) lets a flush under way finish, then writes the rest; counts that
-still cannot be written are logged as lost (how many requests), never dropped silently.
+seconds however busy the server is. A failed write keeps its counts for the next flush; a
+crash loses at most ``flush_s`` of counts. A flush is never abandoned while its write may still
+commit (that counted it twice): it waits for the driver's answer, each step of which
+``state_timeout_s`` bounds (docs/keys.md). ``close`` (a SIGTERM) lets a flush under way
+finish, then writes the rest; counts that still cannot be written are logged as lost (how many
+requests), never dropped silently.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class UsageMeter:
     async def close(self) -> None:
         """Stop the periodic flush without cutting one short, then write what is left.
 
-        A flush under way is waited for (it is bounded by ``state_timeout_s``) rather than
+        A flush under way is waited for (each of its steps is bounded) rather than
         cancelled: its counts are out of ``_counts`` while it writes, and a cancelled write
         would have taken them with it. Past a second bound it is cancelled, and ``flush``
         puts its counts back even then."""
@@ -111,10 +113,13 @@ class UsageMeter:
             for (k, b), c in counts.items()
         ]
         try:
-            await self.store.bounded(self._write(rows))
+            # Not ``store.bounded``: a write given up on at the bound could still commit
+            # (SQLite waiting out a lock, a COMMIT the server already has), and its counts,
+            # kept for the next flush, would be written twice. The driver bounds each step
+            # instead (connect, pool wait, each statement: ``state_timeout_s``; SQLite's busy
+            # timeout below it), and its failure is a rollback.
+            await self._write(rows)
         except Exception as exc:
-            # (A write the store committed but did not confirm within the bound is counted
-            # again by the next flush: the rare price of never hanging on a silent store.)
             logger.warning("usage flush failed (%s); kept for the next one", type(exc).__name__)
             self._keep(counts)
         except BaseException:  # cancelled: the counts taken out go back all the same

@@ -11,9 +11,11 @@ URL shape), its name and served name against what is served, its key's environme
 against the operator's ``provider_key_envs``, and every address of its endpoint against
 ``provider_allowed_networks`` (``providers/endpoints.py``). Any failure is a 422 that leaves no
 trace. A change is written to the state store first and only then made to this server's
-router: a store that fails or does not answer within ``state_timeout_s`` is a 503 that changed
-nothing (never a change served here and undone at the next poll). Every replica on the same
-store applies the change within seconds (``state/providers.py``; docs/keys.md).
+router: a store that fails is a 503 that changed nothing (never a change served here and undone
+at the next poll). A store that does not answer within ``state_timeout_s`` is a 503 that says
+the change may have been applied (a COMMIT sent may still land): if it did, every replica,
+this one included, applies it at its next poll. Every replica on the same store applies a
+change within seconds (``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -59,16 +61,26 @@ ADMIN_OFF = (
     "the admin API is off: start the server with an admin secret (EMBEDPLEX_ADMIN_SECRET) to use it"
 )
 STORE_UNAVAILABLE = "the state store is unavailable; retry shortly"
+STORE_UNCONFIRMED = (
+    "the state store did not confirm the change in time: it may have been applied; "
+    "check (GET) before retrying"
+)
 
 
-async def from_store(store: StateStore, work: Coroutine[Any, Any, T]) -> T:
+async def from_store(store: StateStore, work: Coroutine[Any, Any, T], *, change: bool = False) -> T:
     """``work`` on the state store within ``state_timeout_s``: a store that fails or does not
-    answer is a 503 (a change not made, or not known to be), never a 500 or a hang."""
+    answer is a 503, never a 500 or a hang.
+
+    A driver's error is a rolled-back transaction: nothing changed, retry. A ``change`` not
+    answered within the bound may still commit behind the caller (its COMMIT already sent), so
+    its 503 says so: the client checks before retrying (a retried create would otherwise make
+    a second key, its first secret never shown)."""
     try:
         return await store.bounded(work)
     except STORE_ERRORS as exc:
         logger.warning("admin API: the state store failed: %s", type(exc).__name__)
-        raise UnavailableError(STORE_UNAVAILABLE) from None
+        unconfirmed = change and isinstance(exc, TimeoutError)
+        raise UnavailableError(STORE_UNCONFIRMED if unconfirmed else STORE_UNAVAILABLE) from None
 
 
 def _given_secret(request: Request) -> bytes:
@@ -228,7 +240,9 @@ async def add_provider(body: AddProvider, request: Request) -> Response:
         _check_names(body, request, router_)  # again: a change may have landed meanwhile
         # Stored first (kept for restarts and the other replicas): a store that fails is a
         # 503 before anything here changed.
-        await from_store(sync.providers.store, sync.providers.put(config, body.serve_as))
+        await from_store(
+            sync.providers.store, sync.providers.put(config, body.serve_as), change=True
+        )
         try:
             await sync.put_in(gw, config, body.serve_as)
         except BaseException as exc:
@@ -273,7 +287,7 @@ async def remove_provider(name: str, request: Request) -> Response:
         if name not in router_.runtimes:
             raise ModelNotFoundError(f"no provider named {name!r}", param="name")
         # Deleted from the store first: a store that fails is a 503 and the provider serves on.
-        await from_store(sync.providers.store, sync.providers.delete(name))
+        await from_store(sync.providers.store, sync.providers.delete(name), change=True)
         sync.forget(name)
-        await sync.take_out(gw, name)
+        sync.take_out(gw, name)  # its requests in flight finish in the background
     return json_response({"deleted": name})

@@ -11,7 +11,7 @@ table, ``api/routes/table.py``.) Every route needs the admin secret, reads inclu
 list tells who uses the service): with no admin secret configured they are refused. A change
 is applied to this process's key cache at once and reaches the other replicas through the
 store's change counter. A store that fails or does not answer within ``state_timeout_s`` is a
-503 (``admin.from_store``).
+503 (``admin.from_store``); one for a change not confirmed in time says it may have been made.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def create_key(body: CreateKey, request: Request) -> Response:
             expires_in=expires,
         )
         keys = _keys(request)
-        record, key = await from_store(keys.store, keys.create(spec))
+        record, key = await from_store(keys.store, keys.create(spec), change=True)
     except (KeyStoreError, ValueError) as exc:
         raise InvalidRequestError(str(exc), param="name") from None
     await _verifier(request).changed()
@@ -114,7 +114,7 @@ async def key_usage(request: Request, since: str | None = None) -> Response:
 async def revoke_key(name: str, request: Request) -> Response:
     keys = _keys(request)
     try:
-        record = await from_store(keys.store, keys.revoke(name))
+        record = await from_store(keys.store, keys.revoke(name), change=True)
     except KeyStoreError as exc:
         raise ModelNotFoundError(str(exc), param="name") from None
     await _verifier(request).changed()
@@ -131,7 +131,7 @@ class RotateKey(BaseModel):
 async def rotate_key(body: RotateKey, request: Request) -> Response:
     keys = _keys(request)
     try:
-        record, key = await from_store(keys.store, keys.rotate(body.name))
+        record, key = await from_store(keys.store, keys.rotate(body.name), change=True)
     except KeyStoreError as exc:
         raise ModelNotFoundError(str(exc), param="name") from None
     await _verifier(request).changed()
