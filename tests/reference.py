@@ -1,8 +1,16 @@
-"""Texts and sentence-transformers reference vectors for real-model tests."""
+"""Texts and sentence-transformers reference vectors for real-model tests, and a model
+directory's vectors both ways (ours through a local model, sentence-transformers')."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+
+from embedplex.config import Settings
+from embedplex.core.types import EmbedRequest
+from embedplex.models.local import LocalEmbeddingModel
 
 TEXTS = [
     "hello world",
@@ -30,6 +38,26 @@ def st_vectors(texts: list[str]) -> np.ndarray:
 
     model = SentenceTransformer(str(MODEL_DIR), device="cpu")
     vectors: np.ndarray = model.encode(texts, batch_size=4, convert_to_numpy=True)
+    return vectors
+
+
+async def embed_texts(settings: Settings, texts: list[str], **kwargs: Any) -> np.ndarray:
+    """``texts`` through a local model loaded, started and closed for them (``kwargs``: the
+    request's fields)."""
+    model = LocalEmbeddingModel.load(settings)
+    await model.start()
+    try:
+        result = await model.embed(EmbedRequest(inputs=texts, **kwargs))
+    finally:
+        await model.close()
+    return np.stack(result.vectors)
+
+
+def st_encode(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
+    """``texts`` through sentence-transformers on the same directory."""
+    from sentence_transformers import SentenceTransformer
+
+    vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
     return vectors
 
 

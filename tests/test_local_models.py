@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,9 @@ from embedplex.backends import onnx_cache
 from embedplex.backends.base import TokenBatch
 from embedplex.config import Settings
 from embedplex.core.errors import BackendError, FatalBackendError
-from embedplex.core.types import EmbedRequest
 from embedplex.models.local import LocalEmbeddingModel
 from helpers import running
-from reference import min_cosine
+from reference import embed_texts, min_cosine, st_encode
 from tiny_models import make_tiny_bert
 
 pytestmark = pytest.mark.slow
@@ -25,21 +25,8 @@ pytestmark = pytest.mark.slow
 TEXTS = ["hello world", "the quick brown fox", "a", "cat dog fox " * 12, "search query"]
 
 
-async def embed(settings: Settings, texts: list[str], **kwargs: object) -> np.ndarray:
-    model = LocalEmbeddingModel.load(settings)
-    await model.start()
-    try:
-        result = await model.embed(EmbedRequest(inputs=texts, truncate=True, **kwargs))  # type: ignore[arg-type]
-    finally:
-        await model.close()
-    return np.stack(result.vectors)
-
-
-def st_encode(model_dir: Path, texts: list[str], **kwargs: object) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
-    return vectors
+# Every text of these tests truncated, whatever the server's auto_truncate.
+embed = functools.partial(embed_texts, truncate=True)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])

@@ -24,7 +24,7 @@ from embedplex.config import Settings
 from embedplex.core.errors import FatalBackendError
 from embedplex.core.types import EmbedRequest
 from embedplex.models.local import LocalEmbeddingModel, load_local_model
-from reference import min_cosine
+from reference import embed_texts, min_cosine, st_encode
 from tiny_models import make_tiny_bert, make_tiny_distilbert, write_st_modules, write_tokenizer
 
 # --- positions -------------------------------------------------------------------------------
@@ -254,9 +254,9 @@ async def test_do_lower_case_lowercases_as_sentence_transformers_does(tmp_path: 
     )
     texts = ["The Quick Brown Fox", "HELLO World", "the quick brown fox"]
     ours = await _embed(model_dir, texts)
-    assert min_cosine(ours, _st(model_dir, texts)) > 0.99999
+    assert min_cosine(ours, st_encode(model_dir, texts)) > 0.99999
     ours = await _embed(model_dir, texts, prompt_name="query")
-    assert min_cosine(ours, _st(model_dir, texts, prompt_name="query")) > 0.99999
+    assert min_cosine(ours, st_encode(model_dir, texts, prompt_name="query")) > 0.99999
     assert min_cosine(ours[:1], ours[2:]) > 0.99999  # cased and lowercase: one vector
 
 
@@ -272,7 +272,7 @@ async def test_distilbert_serves_its_width(tmp_path: Path) -> None:
         cut = await model.embed(EmbedRequest(inputs=texts, dimensions=8))
     finally:
         await model.close()
-    assert min_cosine(full, _st(model_dir, texts)) > 0.99999
+    assert min_cosine(full, st_encode(model_dir, texts)) > 0.99999
     assert len(cut.vectors[0]) == 8
 
 
@@ -283,7 +283,7 @@ async def test_new_pooling_config_form_matches_sentence_transformers(
     model_dir = _copy(tiny_model_dir, tmp_path)
     write_st_modules(model_dir, {"pooling_mode": "cls"})
     texts = ["hello world", "the quick brown fox"]
-    assert min_cosine(await _embed(model_dir, texts), _st(model_dir, texts)) > 0.99999
+    assert min_cosine(await _embed(model_dir, texts), st_encode(model_dir, texts)) > 0.99999
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -300,20 +300,7 @@ def _edit(file: Path, change: Callable[[Any], object]) -> None:
 
 
 async def _embed(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
-    model = LocalEmbeddingModel.load(Settings(model_id=str(model_dir), backend="torch"))
-    await model.start()
-    try:
-        result = await model.embed(EmbedRequest(inputs=texts, **kwargs))
-    finally:
-        await model.close()
-    return np.stack(result.vectors)
-
-
-def _st(model_dir: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
-    from sentence_transformers import SentenceTransformer
-
-    vectors: np.ndarray = SentenceTransformer(str(model_dir), device="cpu").encode(texts, **kwargs)
-    return vectors
+    return await embed_texts(Settings(model_id=str(model_dir), backend="torch"), texts, **kwargs)
 
 
 @pytest.mark.parametrize("cased", [True, False])
