@@ -19,7 +19,7 @@ import redis
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.core.tenant import KeyLimits
-from embedplex.limits import RateLimiter
+from embedplex.limits import Lease, RateLimiter
 from helpers import eventually, parse_metrics, running, value
 from redis_server import NO_REDIS_SERVER, REDIS_SERVER, RedisServer, redis_server
 from tenants import limited_app
@@ -306,6 +306,20 @@ async def _pushed(lim: RateLimiter, limits: KeyLimits, tokens: int) -> None:
 TPM_600 = KeyLimits(tpm=600)  # a token is 0.1 s of the TAT
 
 
+async def _lease_then_stall(
+    lim: RateLimiter, server: RedisServer, seconds: float
+) -> tuple[float, Lease, asyncio.Future[None]]:
+    """A ``TPM_600`` lease admitted in Redis (the bucket part spent, its TAT returned), then
+    Redis stopped for ``seconds`` (the future ends when it runs again)."""
+    await _pushed(lim, TPM_600, 300)
+    t0 = _tat(server)
+    _, lease = await lim.admit("k", TPM_600)
+    assert lease is not None and lease.shared
+    stall = asyncio.ensure_future(_stalled(server, seconds))
+    await asyncio.sleep(0.05)
+    return t0, lease, stall
+
+
 @pytest.mark.parametrize("finish_in_stall", [False, True])
 async def test_a_reservation_whose_redis_call_timed_out_is_settled_exactly(
     server: RedisServer, finish_in_stall: bool
@@ -317,12 +331,7 @@ async def test_a_reservation_whose_redis_call_timed_out_is_settled_exactly(
     30 here, and the probe gives the 200 back in Redis (unless that finish ran there late)."""
     lim = RateLimiter.from_url(server.url, timeout_s=0.2, probe_interval_s=0.2)
     try:
-        await _pushed(lim, TPM_600, 300)
-        t0 = _tat(server)
-        _, lease = await lim.admit("k", TPM_600)
-        assert lease is not None and lease.shared
-        stall = asyncio.ensure_future(_stalled(server, 1.0))
-        await asyncio.sleep(0.05)
+        t0, lease, stall = await _lease_then_stall(lim, server, 1.0)
         verdict, shared = await lim.reserve(lease, 200)  # times out: taken in this process
         assert verdict.refused is None and not shared
         if not finish_in_stall:
@@ -351,12 +360,7 @@ async def test_a_reservation_cancelled_in_flight_is_given_back_in_redis(
     is still on its way, marks the lease settled so that it takes nothing."""
     lim = RateLimiter.from_url(server.url, timeout_s=2.0, probe_interval_s=0.2)
     try:
-        await _pushed(lim, TPM_600, 300)
-        t0 = _tat(server)
-        _, lease = await lim.admit("k", TPM_600)
-        assert lease is not None and lease.shared
-        stall = asyncio.ensure_future(_stalled(server, 0.5))
-        await asyncio.sleep(0.05)
+        t0, lease, stall = await _lease_then_stall(lim, server, 0.5)
         reserving = asyncio.ensure_future(lim.reserve(lease, 200))
         await asyncio.sleep(0.1)
         reserving.cancel()
