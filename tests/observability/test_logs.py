@@ -154,6 +154,19 @@ async def test_refusals_left_out_are_told_when_their_second_is_over(
     assert 1.0 <= float(match[1]) < 5
 
 
+async def test_refusals_left_out_are_told_at_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stops inside a refusal window still says how many it left out."""
+    caplog.set_level(logging.INFO)
+    async with serve(settings(api_key=SECRET)) as srv:
+        for _ in range(4):
+            assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 401
+    lines = [r.getMessage() for r in access_records(caplog)]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        r"3 refusals \(401\) not logged in the \d\.\d s after the last one logged", lines[1]
+    ), lines
+
+
 async def test_failed_scrapes_and_status_logins_are_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

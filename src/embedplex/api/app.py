@@ -177,6 +177,7 @@ def create_app(
             await provider_sync.close()  # replaced and removed providers' drains
             gw = app.state.gateway
             await gw.close(drain=True)
+            observer.close()  # every request is answered: the last refusal counts told
             if metrics_server is not None:
                 metrics_server.stop()
             await limiter.aclose()

@@ -189,6 +189,12 @@ class RequestObserver:
         window.opened, window.until = now, now + REFUSAL_WINDOW_S
         return True
 
+    def close(self) -> None:
+        """Tell the refusals still left out of the log: at shutdown their windows' timers
+        never run."""
+        for status in self._sampled:
+            self._flush_refusals(status)
+
     def _flush_refusals(self, status: int) -> None:
         """Log how many refusals of ``status`` the last window left out, if any."""
         window = self._sampled[status]
