@@ -3,6 +3,8 @@
 ``mode``: ``"pass"`` forwards both ways; ``"hang"`` keeps every connection open and forwards
 nothing (a frozen host or a partition: the client sees no error, only silence), and accepts new
 connections without ever reaching the server; ``"slow"`` forwards each chunk ``delay_s`` late.
+``hang_after`` (bytes): the first client message that contains them (``b"COMMIT"``) still
+reaches the server, then the proxy hangs, so the server acts on it and its answer is lost.
 It runs its own event loop in a thread, so in-process tests and server processes can both use
 it; a mode change applies to data in flight at once.
 """
@@ -24,6 +26,7 @@ class PgProxy:
         self.port = free_port()
         self.delay_s = 0.5
         self._mode = "pass"
+        self.hang_after: bytes | None = None
         self._loop = asyncio.new_event_loop()
         self._open = asyncio.Event()  # set unless hanging or closing; used in _loop only
         self._closing = False
@@ -51,7 +54,9 @@ class PgProxy:
         netloc = f"{user}@127.0.0.1:{self.port}" if user else f"127.0.0.1:{self.port}"
         return urlunsplit(parts._replace(netloc=netloc))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_server: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 await self._open.wait()
@@ -59,6 +64,10 @@ class PgProxy:
                     await asyncio.sleep(self.delay_s)
                 if self._closing:
                     break
+                if to_server and self.hang_after is not None and self.hang_after in data:
+                    self.hang_after = None
+                    self._mode = "hang"  # before it is sent: its answer is held
+                    self._update()
                 writer.write(data)
                 await writer.drain()
         except OSError:
@@ -77,7 +86,10 @@ class PgProxy:
             except OSError:
                 return
             self._writers.add(up_writer)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, to_server=True),
+                self._pipe(up_reader, writer, to_server=False),
+            )
         finally:
             writer.close()
 

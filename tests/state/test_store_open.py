@@ -75,7 +75,7 @@ def newer_store(tmp_path: Path) -> str:
 
     async def migrate() -> None:
         async with StateStore.from_url(url) as store, store.engine.begin() as conn:
-            await conn.execute(text("UPDATE alembic_version SET version_num = '0002'"))
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0003'"))
 
     asyncio.run(migrate())
     return url
@@ -86,9 +86,9 @@ def test_a_store_migrated_by_a_newer_release_is_one_clear_line(newer_store: str)
         code, out = cli(*args, url=newer_store)
         assert code == 2, out
         assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
-        assert "schema revision 0002, newer than this release's 0001" in out
+        assert "schema revision 0003, newer than this release's 0002" in out
         assert "upgrade embedplex" in out
-    with pytest.raises(StartupError, match="newer than this release's 0001"):
+    with pytest.raises(StartupError, match="newer than this release's 0002"):
         check_start(Settings(state_url=newer_store))
 
 

@@ -3,6 +3,8 @@
 The migrations in ``migrations/versions`` create them; a change here needs a new migration.
 ``state_version`` holds one counter that every change to keys or providers increments in the
 same transaction: replicas poll it (one tiny read) to learn that something changed.
+``usage_flushes`` holds the id of each usage flush written lately, claimed in the flush's own
+transaction, so a flush retried after an unknown outcome is not counted twice (``usage.py``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ usage = Table(
     Column("inputs", BigInteger, nullable=False),
     Column("tokens", BigInteger, nullable=False),
     Column("refusals", BigInteger, nullable=False),
+)
+
+usage_flushes = Table(
+    "usage_flushes",
+    metadata,
+    Column("id", String(32), primary_key=True),  # the flush's uuid4, hex
+    Column("at", DateTime(timezone=True), nullable=False, index=True),  # claims age out by it
 )
 
 state_version = Table(
