@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from embedplex.api.app import create_app
 from embedplex.backends.fake import FakeBackend
-from embedplex.backends.model_files import ModelKind, load_spec
+from embedplex.backends.model_files import ModelKind, Pooling, load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import ModelConfig, Settings
 from embedplex.core.cores import process_cores
@@ -38,7 +38,9 @@ def local(
     model_dir: Path, settings: Settings, config: ModelConfig, backend: FakeBackend
 ) -> LocalModel[object]:
     """A local model of ``config``'s kind over a fake backend (the tiny BERT's tokenizer)."""
-    spec = load_spec(str(model_dir), model_dir)
+    spec = load_spec(
+        str(model_dir), model_dir, pooling=Pooling(config.pooling) if config.pooling else None
+    )
     if config.kind == "rerank":
         spec = dataclasses.replace(spec, kind=ModelKind.RERANKER)
     tokenizer = TextTokenizer.from_dir(
@@ -56,7 +58,8 @@ def app_of(settings: Settings, build: Callable[[Settings], list[ServedModel]]) -
 
 
 def three(model_dir: Path) -> Callable[[Settings], list[ServedModel]]:
-    """Embedders "a" (16 dims) and "b" (8 dims, at most 2 inputs a request), reranker "r"."""
+    """Embedders "a" (16 dims) and "b" (8 dims, at most 2 inputs a request, last-token
+    pooling), reranker "r"."""
 
     def build(s: Settings) -> list[ServedModel]:
         return [
@@ -64,7 +67,13 @@ def three(model_dir: Path) -> Callable[[Settings], list[ServedModel]]:
             local(
                 model_dir,
                 s,
-                ModelConfig(name="b", model_id="x", max_client_batch_size=2, max_batch_requests=4),
+                ModelConfig(
+                    name="b",
+                    model_id="x",
+                    max_client_batch_size=2,
+                    max_batch_requests=4,
+                    pooling="last-token",
+                ),
                 FakeBackend(8),
             ),
             local(
@@ -135,7 +144,13 @@ async def test_info_describes_the_model_asked_for(tiny_model_dir: Path) -> None:
     assert (b["served_model_name"], b["dimensions"], b["max_batch_requests"]) == ("b", 8, 4)
     assert b["max_client_batch_size"] == 2
     assert b["max_batch_tokens"] == settings.max_batch_tokens  # fake: no per-pass cut
-    assert r["model_type"] == {"reranker": {"pooling": "mean"}}
+    # TEI's ModelType: its pooling names (last_token), a reranker's labels (transformers' own
+    # for one label: this one's config is an embedding model's).
+    assert first["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert b["model_type"] == {"embedding": {"pooling": "last_token"}}
+    assert r["model_type"] == {
+        "reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    }
     # An integer, as TEI's Info has it (not null): the tokenizer threads, one a core unset.
     assert first["tokenization_workers"] == process_cores() == pool._max_workers
     assert missing.status_code == 404

@@ -20,6 +20,7 @@ from embedplex.core.errors import FatalBackendError
 from helpers import free_port, served
 from hub_mirror import COMMIT, mirror_app
 from reference import min_cosine
+from tiny_models import set_model_max_length
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def test_the_default_model_without_its_package_comes_from_the_hub(tmp_path: Path
 
 # What a repo holds that serving never reads: files at any depth that "*.json", "*.txt" and
 # "*.model" matched (fnmatch's * crosses /), and weights in folders that the shard patterns
-# matched. The tiny model adds vocab.txt and tokenizer_config.json at the top.
+# matched. The tiny model adds vocab.txt at the top.
 _DECOYS = {
     "results/mteb.json": "{}",
     "checkpoint-1/trainer_state.json": "{}",
@@ -119,6 +120,7 @@ _DECOYS = {
 _SERVED = {
     "config.json",
     "tokenizer.json",
+    "tokenizer_config.json",
     "modules.json",
     "sentence_bert_config.json",
     "1_Pooling/config.json",
@@ -144,6 +146,9 @@ def _repo(tiny_model_dir: Path, root: Path, weights: str) -> Path:
     (repo / "onnx").mkdir()
     for name in ("model.onnx", "model.onnx_data", "model_O4.onnx", "model_O4.onnx_data"):
         (repo / "onnx" / name).write_bytes(b"not read here")
+    # Saved as sentence-transformers 6 saves it: the longest input in tokenizer_config.json.
+    set_model_max_length(repo, 16)
+    (repo / "sentence_bert_config.json").write_text('{"transformer_task": "feature-extraction"}')
     (repo / "modeling_custom.py").write_text("raise SystemExit('never run')\n")
     (repo / "1_Pooling" / "custom.py").write_text("raise SystemExit('never run')\n")
     return _with_decoys(repo)
@@ -186,6 +191,7 @@ def test_every_weight_form_downloads_what_serving_needs(
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.split()[0])
     assert _files(path) == _SERVED | _ONNX | _EXPECTED[weights]
+    assert out.stdout.split()[2] == "16"  # tokenizer_config.json's model_max_length
     loaded = AutoModel.from_pretrained(str(path)).state_dict()  # every weight there
     original = AutoModel.from_pretrained(str(tiny_model_dir)).state_dict()
     assert loaded.keys() == original.keys()

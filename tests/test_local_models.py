@@ -18,7 +18,7 @@ from embedplex.core.errors import BackendError, FatalBackendError
 from embedplex.models.local import LocalEmbeddingModel
 from helpers import running
 from reference import embed_texts, min_cosine, st_encode
-from tiny_models import make_tiny_bert
+from tiny_models import make_tiny_bert, make_tiny_t5, set_model_max_length
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,30 @@ async def test_onnx_and_torch_match_sentence_transformers(tmp_path: Path, poolin
         got = await embed(
             Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c"), TEXTS
         )
+        assert min_cosine(got, expected) >= 0.99999, backend
+
+
+async def test_t5_encoder_matches_sentence_transformers(tmp_path: Path) -> None:
+    """A T5 model serves its encoder, as sentence-transformers loads it (``AutoModel`` is the
+    encoder-decoder, which asked for decoder inputs and failed every start)."""
+    model_dir = make_tiny_t5(tmp_path / "t5", seed=12)
+    expected = st_encode(model_dir, TEXTS)
+    for backend in ("onnx", "torch"):
+        settings = Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c")
+        got = await embed(settings, TEXTS)
+        assert min_cosine(got, expected) >= 0.99999, backend
+
+
+async def test_the_tokenizers_length_cuts_as_sentence_transformers_6_saves_it(
+    tmp_path: Path,
+) -> None:
+    """sentence-transformers 6 keeps the longest input in tokenizer_config.json only: the long
+    text is cut at its 8 tokens, not at the 64 positions (cosine 0.965 when it was)."""
+    model_dir = set_model_max_length(make_tiny_bert(tmp_path / "tiny", seed=13), 8)
+    expected = st_encode(model_dir, TEXTS)
+    for backend in ("onnx", "torch"):
+        settings = Settings(model_id=str(model_dir), backend=backend, cache_dir=tmp_path / "c")
+        got = await embed(settings, TEXTS)
         assert min_cosine(got, expected) >= 0.99999, backend
 
 

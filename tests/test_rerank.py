@@ -13,7 +13,7 @@ from embedplex.api.app import create_app
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.config import Settings
 from helpers import running
-from tiny_models import make_tiny_reranker
+from tiny_models import make_tiny_reranker, set_model_max_length
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,9 @@ async def test_tei_rerank_matches_sentence_transformers(
     assert np.allclose(
         [1 / (1 + np.exp(-logits[i])) for i in range(len(TEXTS))], expected, atol=1e-5
     )
-    assert info["model_type"] == {"reranker": {"pooling": "cls"}}
+    assert info["model_type"] == {
+        "reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    }
 
 
 async def test_cohere_and_jina_shapes(
@@ -115,6 +117,38 @@ async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Pat
     assert oai.status_code == 422
     assert "reranker" in oai.json()["error"]["message"]
     assert bad.status_code == 422
+
+
+async def test_a_cross_encoders_length_and_labels_come_from_its_files(tmp_path: Path) -> None:
+    """Pairs are cut at the tokenizer's model_max_length, as ``CrossEncoder`` cuts them (not
+    at the 64 positions), and /info names the config's labels, in TEI's shape."""
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    model_dir = set_model_max_length(make_tiny_reranker(tmp_path / "ce", seed=14), 12)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(id2label={"0": "relevant"}, label2id={"relevant": 0})
+    (model_dir / "config.json").write_text(json.dumps(config))
+    texts = [*TEXTS, " ".join(["fox", "dog"] * 20)]
+    expected = CrossEncoder(str(model_dir), device="cpu").predict([(QUERY, t) for t in texts])
+    settings = Settings(model_id=str(model_dir), backend="torch")
+    async with running(create_app(settings)) as client:
+        r = await client.post("/rerank", json={"query": QUERY, "texts": texts})
+        refused = await client.post(
+            "/rerank", json={"query": QUERY, "texts": texts[-1:], "truncate": False}
+        )
+        info = (await client.get("/info")).json()
+    scores = {x["index"]: x["score"] for x in r.json()}
+    got = np.array([scores[i] for i in range(len(texts))])
+    # Random weights score every pair near 0.5: cut at the 64 positions, the long pair was
+    # 4e-5 from CrossEncoder's; the engines agree to 3e-8.
+    assert np.allclose(got, expected, rtol=0, atol=1e-6)
+    assert refused.status_code == 422 and "maximum of 12" in refused.text
+    assert info["max_input_length"] == 12
+    assert info["model_type"] == {
+        "reranker": {"id2label": {"0": "relevant"}, "label2id": {"relevant": 0}}
+    }
 
 
 def test_classifiers_with_many_labels_are_refused(tmp_path: Path) -> None:

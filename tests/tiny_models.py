@@ -170,6 +170,44 @@ def make_tiny_distilbert(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_t5(path: Path, *, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide T5 encoder (``T5EncoderModel``: its config says ``d_model``, has no
+    positions table), mean pooled and normalized, as sentence-transformers' T5 models are."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(path)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
+    )
+    T5EncoderModel(config).eval().save_pretrained(str(path), safe_serialization=True)
+    write_st_modules(path, {"pooling_mode": "mean"}, normalize=True)
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48}))
+    return path
+
+
+def set_model_max_length(path: Path, length: int | None) -> Path:
+    """Keep the longest input where sentence-transformers 6 saves it, tokenizer_config.json's
+    ``model_max_length`` (None: absent), and none in sentence_bert_config.json."""
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("model_max_length", None)
+    if length is not None:
+        config["model_max_length"] = length
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "sentence_bert_config.json").unlink(missing_ok=True)
+    return path
+
+
 def make_tiny_reranker(path: Path, *, seed: int = 0) -> Path:
     """A 2-layer BERT cross-encoder (one relevance logit) with random weights."""
     import torch

@@ -14,6 +14,7 @@ import pytest
 
 from embedplex.backends.model_files import (
     _POSITIONS_AFTER_PADDING,
+    ModelKind,
     Pooling,
     load_spec,
     resolve_model_dir,
@@ -25,7 +26,14 @@ from embedplex.core.errors import FatalBackendError
 from embedplex.core.types import EmbedRequest
 from embedplex.models.local import LocalEmbeddingModel, load_local_model
 from reference import embed_texts, min_cosine, st_encode
-from tiny_models import make_tiny_bert, make_tiny_distilbert, write_st_modules, write_tokenizer
+from tiny_models import (
+    make_tiny_bert,
+    make_tiny_distilbert,
+    make_tiny_reranker,
+    set_model_max_length,
+    write_st_modules,
+    write_tokenizer,
+)
 
 # --- positions -------------------------------------------------------------------------------
 
@@ -68,7 +76,7 @@ def test_max_input_length_is_the_longest_input_the_model_runs(
     config = AutoConfig.for_model(model_type, **_TINY_BY_TYPE.get(model_type, _TINY))
     config.save_pretrained(str(tmp_path))
     write_tokenizer(tmp_path)
-    longest = load_spec(model_type, tmp_path).max_input_length
+    longest = load_spec(model_type, tmp_path, pooling=Pooling.MEAN).max_input_length
     model = AutoModel.from_config(config).eval()
 
     def run(length: int) -> None:
@@ -79,6 +87,58 @@ def test_max_input_length_is_the_longest_input_the_model_runs(
     run(longest)
     with pytest.raises((IndexError, RuntimeError, ValueError)):
         run(longest + 1)
+
+
+# The forms sentence-transformers 6 saves a model in: its longest input only in
+# tokenizer_config.json (sentence_bert_config.json without max_seq_length).
+_ST6_CONFIG = {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings"}
+
+
+@pytest.mark.parametrize(
+    ("declared", "st_config", "expected"),
+    [
+        (16, _ST6_CONFIG, 16),  # sentence-transformers 6
+        (16, None, 16),  # no sentence_bert_config.json at all
+        (1000, _ST6_CONFIG, 64),  # capped by the 64 positions
+        (10**30, _ST6_CONFIG, 64),  # transformers' "no limit" (int(1e30)) as saved
+        (1e30, _ST6_CONFIG, 64),  # the same, written as a float
+        (None, _ST6_CONFIG, 64),
+        (16, {"max_seq_length": 32}, 32),  # max_seq_length wins, as in sentence-transformers
+    ],
+)
+def test_the_longest_input_without_max_seq_length_is_the_tokenizers(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    declared: float | None,
+    st_config: dict[str, Any] | None,
+    expected: int,
+) -> None:
+    """sentence-transformers cuts at min(max_position_embeddings, the tokenizer's
+    model_max_length) where sentence_bert_config.json names no max_seq_length: served at the
+    64 positions, a 16-token model's long inputs were other vectors."""
+    model_dir = set_model_max_length(_copy(tiny_model_dir, tmp_path), None)
+    if declared is not None:
+        _edit(model_dir / "tokenizer_config.json", lambda c: c.update(model_max_length=declared))
+    if st_config is not None:
+        (model_dir / "sentence_bert_config.json").write_text(json.dumps(st_config))
+    assert load_spec("tiny", model_dir).max_input_length == expected
+
+
+def test_a_rerankers_longest_input_is_its_tokenizers(tmp_path: Path) -> None:
+    """``CrossEncoder`` cuts pairs at the tokenizer's model_max_length (a cross-encoder has no
+    sentence_bert_config.json)."""
+    model_dir = set_model_max_length(make_tiny_reranker(tmp_path / "ce"), 16)
+    assert load_spec("ce", model_dir).max_input_length == 16
+
+
+@pytest.mark.parametrize("value", ["16", 16.5, 0, True])
+def test_a_wrong_model_max_length_stops_the_start_naming_the_file(
+    tmp_path: Path, tiny_model_dir: Path, value: object
+) -> None:
+    model_dir = set_model_max_length(_copy(tiny_model_dir, tmp_path), None)
+    _edit(model_dir / "tokenizer_config.json", lambda c: c.update(model_max_length=value))
+    with pytest.raises(FatalBackendError, match=r"tokenizer_config\.json: model_max_length"):
+        load_spec("tiny", model_dir)
 
 
 # --- width -----------------------------------------------------------------------------------
@@ -145,6 +205,70 @@ def test_pooling_override_serves_one_mode_but_never_drops_the_prompt(
     write_st_modules(model_dir, {"pooling_mode": "mean", "include_prompt": False})
     with pytest.raises(FatalBackendError, match="include_prompt"):
         load_spec("tiny", model_dir, pooling=Pooling.MEAN)
+
+
+def _without_pooling(tiny_model_dir: Path, tmp_path: Path, model_type: str) -> Path:
+    """The tiny model as a plain Hugging Face checkpoint (no modules.json) of this type."""
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    (model_dir / "modules.json").unlink()
+    _edit(model_dir / "config.json", lambda c: c.update(model_type=model_type))
+    return model_dir
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gpt2", "mpnet", "t5"])
+def test_a_model_without_pooling_that_is_not_bert_is_refused(
+    tmp_path: Path, tiny_model_dir: Path, model_type: str
+) -> None:
+    """No Pooling module, no pooling configured: TEI's rule. CLS served a Qwen3 decoder's every
+    text that starts with the same token as one vector."""
+    model_dir = _without_pooling(tiny_model_dir, tmp_path, model_type)
+    with pytest.raises(
+        FatalBackendError, match=r"no sentence-transformers Pooling module.*--pooling"
+    ):
+        load_spec("plain", model_dir)
+    assert load_spec("plain", model_dir, pooling=Pooling.LAST_TOKEN).pooling is Pooling.LAST_TOKEN
+
+
+@pytest.mark.parametrize("model_type", ["bert", "xlm-roberta", "distilbert", "modernbert"])
+def test_a_bert_family_model_without_pooling_pools_cls_with_a_warning(
+    tmp_path: Path, tiny_model_dir: Path, model_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = _without_pooling(tiny_model_dir, tmp_path, model_type)
+    with caplog.at_level("WARNING", logger="embedplex.backends.model_files"):
+        assert load_spec("plain", model_dir).pooling is Pooling.CLS
+    assert "no sentence-transformers Pooling module" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="embedplex.backends.model_files"):
+        assert load_spec("plain", model_dir, pooling=Pooling.MEAN).pooling is Pooling.MEAN
+    assert not caplog.text
+
+
+def test_a_reranker_needs_no_pooling(tmp_path: Path) -> None:
+    model_dir = make_tiny_reranker(tmp_path / "ce")
+    _edit(model_dir / "config.json", lambda c: c.update(model_type="qwen3"))
+    assert load_spec("ce", model_dir).kind is ModelKind.RERANKER
+
+
+def test_a_model_that_needs_its_repositorys_code_is_refused(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """GTE-v1.5 style (``auto_map`` to the repo's modeling.py): transformers asked for
+    trust_remote_code, an option embedplex does not have; it never runs a repo's code."""
+    model_dir = _copy(tiny_model_dir, tmp_path)
+    auto_map = {"AutoConfig": "configuration.NewConfig", "AutoModel": "modeling.NewModel"}
+    _edit(model_dir / "config.json", lambda c: c.update(model_type="new", auto_map=auto_map))
+    with pytest.raises(FatalBackendError, match=r"auto_map.*never runs a repository's code"):
+        load_spec("gte", model_dir)
+
+
+def test_a_rerankers_labels_come_from_its_config(tmp_path: Path) -> None:
+    model_dir = make_tiny_reranker(tmp_path / "ce")
+    spec = load_spec("ce", model_dir)
+    assert (spec.id2label, spec.label2id) == ({"0": "LABEL_0"}, {"LABEL_0": 0})
+    _edit(model_dir / "config.json", lambda c: c.update(id2label={"0": "relevant"}))
+    _edit(model_dir / "config.json", lambda c: c.update(label2id={"relevant": 0}))
+    spec = load_spec("ce", model_dir)
+    assert (spec.id2label, spec.label2id) == ({"0": "relevant"}, {"relevant": 0})
 
 
 # --- malformed files: a start error that names the file -----------------------------------

@@ -11,6 +11,7 @@ refused: docs/models.md.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -48,6 +49,7 @@ DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _HUB_FILES = [
     "config.json",
     "tokenizer.json",
+    "tokenizer_config.json",
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
@@ -93,6 +95,9 @@ class ModelSpec:
     pad_token_id: int = 0
     kind: ModelKind = ModelKind.EMBEDDING
     lowercase: bool = False  # sentence_bert_config.json's do_lower_case (``tokenizer_for``)
+    # A reranker's labels as its config.json names them (TEI's /info reports them).
+    id2label: dict[str, str] = field(default_factory=dict)
+    label2id: dict[str, int] = field(default_factory=dict)
 
     @property
     def onnx_file(self) -> Path | None:
@@ -288,6 +293,31 @@ _POSITIONS_AFTER_PADDING: dict[str, int | None] = {
 # Where configs keep the hidden width: most; T5/BART style; DistilBERT; GPT-2 style.
 _WIDTH_KEYS = ("hidden_size", "d_model", "dim", "n_embd")
 
+# transformers' "no limit" for a tokenizer (``VERY_LARGE_INTEGER``, int(1e30)), which a
+# tokenizer saved without a length writes as its model_max_length: anything this large is it.
+_UNSET_LENGTH = 10**12
+
+# Model types whose ``AutoModel`` is an encoder-decoder that wants decoder inputs too: the
+# token vectors come from the encoder alone, the class sentence-transformers loads for them.
+_ENCODERS = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "longt5": "LongT5EncoderModel",
+}
+
+
+def load_transformers_model(path: Path, kind: ModelKind, model_type: str, dtype: Any) -> Any:
+    """The model as both engines run it (``pytorch.py``, ``onnx_export.py``): a reranker's
+    sequence classifier, else the encoder that gives ``last_hidden_state``. Needs transformers."""
+    import transformers
+
+    if kind is ModelKind.RERANKER:
+        auto: Any = transformers.AutoModelForSequenceClassification
+    else:
+        auto = getattr(transformers, _ENCODERS.get(model_type, "AutoModel"))
+    return auto.from_pretrained(str(path), dtype=dtype)
+
 
 def _positions(config: dict[str, Any], model_type: str, file: Path) -> int:
     """How many tokens one input can have: the position table less any rows it never uses."""
@@ -303,6 +333,70 @@ def _positions(config: dict[str, Any], model_type: str, file: Path) -> int:
             "numbers positions after the padding id)"
         )
     return positions
+
+
+def _declared_length(path: Path) -> int | None:
+    """tokenizer_config.json's ``model_max_length`` (None: absent, or transformers' "no
+    limit"). sentence-transformers 6 keeps a model's longest input there, not in
+    sentence_bert_config.json, and ``CrossEncoder`` cuts pairs at it."""
+    file = path / "tokenizer_config.json"
+    config = read_object(file)
+    value = config.get("model_max_length")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= _UNSET_LENGTH:
+        return None
+    return get_int(config, "model_max_length", 0, file, minimum=1) or None
+
+
+def _pooling(
+    path: Path,
+    modules: list[dict[str, Any]],
+    override: Pooling | None,
+    *,
+    kind: ModelKind,
+    model_type: str,
+    model_id: str,
+) -> Pooling:
+    """The pooling served: the Pooling module's, or ``override``. Without either, TEI's rule: a
+    BERT-family encoder (its model_type says "bert") pools its CLS token, with a warning; any
+    other model is refused (CLS gave a decoder's every text with the same first token one
+    vector). A reranker pools nothing: its classifier head reads the tokens."""
+    pooling = read_pooling(path, modules, override)
+    if pooling is not None:
+        return pooling
+    if kind is ModelKind.RERANKER:
+        return Pooling.CLS
+    if "bert" not in model_type.lower():
+        raise FatalBackendError(
+            f"{model_id} has no sentence-transformers Pooling module (modules.json) and no "
+            f"pooling is configured: say how its {model_type} token vectors are pooled with "
+            "--pooling (or pooling in its [[models]] table): cls, mean or last-token, as its "
+            "model card says"
+        )
+    logger.warning(
+        "%s has no sentence-transformers Pooling module and no pooling is configured: pooling "
+        "with cls, as TEI does for a BERT-family model (%s; sentence-transformers would pool "
+        "with mean); set --pooling to choose",
+        model_id,
+        model_type,
+    )
+    return Pooling.CLS
+
+
+def _labels(config: dict[str, Any], kind: ModelKind) -> tuple[dict[str, str], dict[str, int]]:
+    """A reranker's id2label and label2id (transformers' own for one label where the config
+    has none); an embedding model has none."""
+    if kind is not ModelKind.RERANKER:
+        return {}, {}
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        id2label = {"0": "LABEL_0"}
+    names = {str(k): str(v) for k, v in id2label.items()}
+    label2id = config.get("label2id")
+    if not isinstance(label2id, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in label2id.values()
+    ):
+        label2id = {v: int(k) for k, v in names.items() if k.isdigit()}
+    return names, {str(k): v for k, v in label2id.items()}
 
 
 def _width(config: dict[str, Any], file: Path) -> int:
@@ -347,10 +441,19 @@ def load_spec(
     prompts_file = path / "config_sentence_transformers.json"
     st_prompts = read_object(prompts_file)
 
+    if config.get("auto_map"):
+        raise FatalBackendError(
+            f"{config_file}: auto_map names code in the model's repository "
+            f"({json.dumps(config['auto_map'])[:200]}); embedplex never runs a repository's "
+            "code: serve a model that transformers' own classes run"
+        )
     model_type = get_str(config, "model_type", config_file) or "bert"
     positions = _positions(config, model_type, config_file)
-    model_max = get_int(st_config, "max_seq_length", positions, st_file, minimum=1)
-    model_max = min(model_max, positions)
+    # sentence_bert_config.json's max_seq_length, else (sentence-transformers 6 writes none;
+    # a cross-encoder never has one) the tokenizer's model_max_length, as sentence-transformers
+    # reads them: capped by the positions either way.
+    model_max = get_int(st_config, "max_seq_length", 0, st_file, minimum=1)
+    model_max = min(model_max or _declared_length(path) or positions, positions)
     if max_input_length is not None:
         if max_input_length > positions:
             raise FatalBackendError(
@@ -363,6 +466,7 @@ def load_spec(
         raise FatalBackendError(f"{config_file}: architectures must be a list of class names")
     architecture = architectures[0]
     kind = _kind(config, architecture, model_id, config_file)
+    id2label, label2id = _labels(config, kind)
     width = _width(config, config_file)
     if kind is ModelKind.EMBEDDING and width < 1:
         raise FatalBackendError(
@@ -379,7 +483,9 @@ def load_spec(
         hidden_size=width,
         vocab_size=get_int(config, "vocab_size", 0, config_file, minimum=0),
         max_input_length=model_max,
-        pooling=read_pooling(path, modules, pooling) or Pooling.CLS,
+        pooling=_pooling(
+            path, modules, pooling, kind=kind, model_type=model_type, model_id=model_id
+        ),
         normalize=normalizes(modules),
         prompts=get_prompts(st_prompts, prompts_file),
         default_prompt_name=get_str(st_prompts, "default_prompt_name", prompts_file),
@@ -387,4 +493,6 @@ def load_spec(
         pad_token_id=get_int(config, "pad_token_id", 0, config_file),
         kind=kind,
         lowercase=get_bool(st_config, "do_lower_case", False, st_file),
+        id2label=id2label,
+        label2id=label2id,
     )

@@ -22,7 +22,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from embedplex.backends.model_files import ModelSpec, Pooling, load_spec
+from embedplex.backends.model_files import (
+    ModelKind,
+    ModelSpec,
+    Pooling,
+    load_spec,
+    load_transformers_model,
+)
 from embedplex.backends.weights import copy_onnx
 from embedplex.core.errors import FatalBackendError
 
@@ -36,25 +42,30 @@ LOG_FORMAT = logging.BASIC_FORMAT  # "LEVEL:logger:message"
 
 
 def export_fp32(
-    model_dir: Path, target: Path, *, with_token_type_ids: bool, task: str = "embedding"
+    model_dir: Path,
+    target: Path,
+    *,
+    with_token_type_ids: bool,
+    task: str = "embedding",
+    model_type: str = "bert",
 ) -> None:
     """Trace the model to ONNX with dynamic batch and sequence axes.
 
-    Embedding models give ``last_hidden_state`` (pooling happens after); rerankers
-    (sequence classification) give ``logits``.
+    Embedding models give ``last_hidden_state`` (pooling happens after; a T5-style model's
+    encoder alone, ``load_transformers_model``); rerankers (sequence classification) give
+    ``logits``.
     """
     try:
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        import transformers  # noqa: F401  (only to say what is missing)
     except ImportError as exc:
         raise FatalBackendError(
             "exporting to ONNX needs PyTorch: install embedplex[torch], or give a model "
             "directory that ships onnx/model.onnx"
         ) from exc
 
-    auto = AutoModelForSequenceClassification if task == "reranker" else AutoModel
     output = "logits" if task == "reranker" else "last_hidden_state"
-    model = auto.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = load_transformers_model(model_dir, ModelKind(task), model_type, torch.float32)
     model.eval()
 
     class Encoder(torch.nn.Module):
@@ -186,7 +197,11 @@ def build(
         (work / "fp32").mkdir()
         fp32 = work / "fp32" / "model.onnx"
         export_fp32(
-            spec.path, fp32, with_token_type_ids=spec.has_token_type_ids, task=spec.kind.value
+            spec.path,
+            fp32,
+            with_token_type_ids=spec.has_token_type_ids,
+            task=spec.kind.value,
+            model_type=spec.model_type,
         )
     if dtype == "float32":
         if shipped is not None:

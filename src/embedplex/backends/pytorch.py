@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 
 from embedplex.backends.base import TokenBatch, require_kind
-from embedplex.backends.model_files import ModelKind, ModelSpec, Pooling
+from embedplex.backends.model_files import (
+    ModelKind,
+    ModelSpec,
+    Pooling,
+    load_transformers_model,
+)
 from embedplex.backends.passes import PassGate
 from embedplex.backends.pooling import Floats
 from embedplex.backends.warmup import check_output, warmup_batch
@@ -62,7 +67,7 @@ class TorchBackend:
     ) -> TorchBackend:
         try:
             import torch
-            from transformers import AutoModel, AutoModelForSequenceClassification
+            import transformers  # noqa: F401  (only to say what is missing)
         except ImportError as exc:
             raise FatalBackendError("the torch backend needs embedplex[torch] installed") from exc
         if dtype not in _DTYPES:
@@ -78,10 +83,9 @@ class TorchBackend:
             if device == "cpu" and threads:
                 _claim_threads(spec.model_id, threads)
                 torch.set_num_threads(threads)
-            auto = (
-                AutoModelForSequenceClassification if spec.kind is ModelKind.RERANKER else AutoModel
+            model = load_transformers_model(
+                spec.path, spec.kind, spec.model_type, getattr(torch, _DTYPES[dtype])
             )
-            model = auto.from_pretrained(str(spec.path), dtype=getattr(torch, _DTYPES[dtype]))
             model.eval().to(device)
             backend = cls(
                 model,

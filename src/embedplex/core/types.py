@@ -128,6 +128,9 @@ class ModelInfo:
     max_concurrent_requests: int | None = None
     max_client_batch_size: int | None = None
     auto_truncate: bool | None = None
+    # A reranker's labels, from its config.json (TEI's /info reports them); None: unknown.
+    id2label: dict[str, str] | None = None
+    label2id: dict[str, int] | None = None
 
 
 class ServedModel(Protocol):

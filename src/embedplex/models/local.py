@@ -300,6 +300,8 @@ class LocalModel(Generic[R]):
             max_concurrent_requests=options.max_concurrent_requests,
             max_client_batch_size=options.max_client_batch_size,
             auto_truncate=options.auto_truncate,
+            id2label=spec.id2label or None,
+            label2id=spec.label2id or None,
         )
 
     @property
@@ -939,6 +941,20 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         )
 
 
+def read_model(settings: Settings, m: ModelConfig) -> ModelSpec:
+    """What a configured model's files say, with its table's overrides (blocking I/O: the
+    hub)."""
+    path, sha = resolve_model_dir(m.model_id, revision=m.revision, old_cache_dir=settings.cache_dir)
+    return load_spec(
+        m.model_id,
+        path,
+        revision=m.revision,
+        sha=sha,
+        pooling=Pooling(m.pooling) if m.pooling else None,
+        max_input_length=m.max_input_length,
+    )
+
+
 def load_local_model(
     settings: Settings,
     model: ModelConfig | None = None,
@@ -954,15 +970,7 @@ def load_local_model(
     process's embedding cache (default: none, in-flight dedupe only).
     """
     m = model or settings.flat_model()
-    path, sha = resolve_model_dir(m.model_id, revision=m.revision, old_cache_dir=settings.cache_dir)
-    spec = load_spec(
-        m.model_id,
-        path,
-        revision=m.revision,
-        sha=sha,
-        pooling=Pooling(m.pooling) if m.pooling else None,
-        max_input_length=m.max_input_length,
-    )
+    spec = read_model(settings, m)
     expected = m.model_kind
     if expected is not None and spec.kind is not expected:
         found = next(k for k, v in KINDS.items() if v is spec.kind)

@@ -152,12 +152,23 @@ async def info(request: Request, model: str | None = None) -> Response:
     def own(value: object, default: object) -> object:
         return default if value is None else value
 
+    # TEI's ModelType: a reranker's labels (transformers' own for one label where unknown: a
+    # remote route, a lazy model not loaded yet), an embedding model's pooling by TEI's name.
+    if m.kind == "reranker":
+        model_type: dict[str, object] = {
+            "reranker": {
+                "id2label": m.id2label or {"0": "LABEL_0"},
+                "label2id": m.label2id or {"LABEL_0": 0},
+            }
+        }
+    else:
+        model_type = {"embedding": {"pooling": m.pooling.replace("-", "_")}}
     return json_response(
         {
             "model_id": m.model_id,
             "model_sha": m.sha,
             "model_dtype": m.dtype,
-            "model_type": {m.kind: {"pooling": m.pooling}},
+            "model_type": model_type,
             "max_concurrent_requests": own(
                 m.max_concurrent_requests, settings.max_concurrent_requests
             ),
