@@ -69,9 +69,11 @@ def test_openai_sdk_sees_errors_as_its_own_exceptions(server: str) -> None:
     import openai
 
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError) as info:
+    # OpenAI answers 400 for an invalid request: the SDK's BadRequestError, body parsed.
+    with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(input="x", model="m", dimensions=5000)
     assert "dimensions" in str(info.value)
+    assert (info.value.code, info.value.param) == ("invalid_value", "dimensions")
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(input=[], model="m")
 

@@ -93,6 +93,34 @@ async def test_cohere_and_jina_shapes(
     assert "document" not in v1_no_docs.json()["results"][0]
 
 
+async def test_cohere_rank_fields_score_the_fields_as_cohere_renders_them(
+    reranker_dir: Path, tmp_path: Path
+) -> None:
+    """Cohere v1 object documents through the local cross-encoder: ranked on the rank_fields as
+    ``name: value`` lines, scored as sentence-transformers scores that text."""
+    from sentence_transformers import CrossEncoder
+
+    docs = [
+        {"title": "Foxes", "body": TEXTS[0], "url": "https://example.com/0"},
+        {"body": TEXTS[1], "title": "Dogs"},
+        {"title": "Search", "body": TEXTS[4]},
+    ]
+    rendered = [f"title: {d['title']}\nbody: {d['body']}" for d in docs]
+    want = CrossEncoder(str(reranker_dir), device="cpu").predict([(QUERY, t) for t in rendered])
+    settings = Settings(model_id=str(reranker_dir), cache_dir=tmp_path)
+    async with running(create_app(settings)) as client:
+        r = await client.post(
+            "/v1/rerank",
+            json={"query": QUERY, "documents": docs, "rank_fields": ["title", "body"]},
+        )
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [row["index"] for row in results] == list(np.argsort(-want))
+    got = [next(row["relevance_score"] for row in results if row["index"] == i) for i in range(3)]
+    assert np.allclose(got, want, atol=1e-5)
+    assert all(row["document"] == docs[row["index"]] for row in results)  # whole, as Cohere
+
+
 async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Path) -> None:
     settings = Settings(model_id=str(reranker_dir), cache_dir=tmp_path, max_client_batch_size=3)
     long_text = " ".join(["fox"] * 80)
@@ -114,7 +142,7 @@ async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Pat
     assert truncated.status_code == 200
     assert embed.status_code == 404
     assert "no embedding model" in embed.json()["error"]
-    assert oai.status_code == 422
+    assert oai.status_code == 400  # OpenAI's status for an invalid request
     assert "reranker" in oai.json()["error"]["message"]
     assert bad.status_code == 422
 

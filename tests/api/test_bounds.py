@@ -1,8 +1,9 @@
 """Every route that takes input bounds it (api/bounds.py): 413 with a clear message, before work.
 
 One app serves an embedding model and a reranker over fake backends, with small limits: three
-inputs a request, twenty token ids. Each oversize request must be refused with 413 and must
-not have reached a backend (its ``calls`` stay where they were).
+inputs a request, twenty token ids. Each oversize request must be refused with 413 (400 on the
+OpenAI routes, as OpenAI answers it) and must not have reached a backend (its ``calls`` stay
+where they were).
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ OVERSIZE: list[tuple[str, dict[str, Any]]] = [
     ("/decode", {"ids": IDS}),
     ("/rerank", {"query": "q", "texts": FOUR}),
     ("/v1/rerank", {"query": "q", "documents": FOUR}),
+    # Counted before any object is made into text (these would be a 422: no "text" field).
+    ("/v1/rerank", {"query": "q", "documents": [{"title": t} for t in FOUR]}),
     ("/api/rerank", {"query": "q", "documents": FOUR}),
     ("/v1/embeddings/batch", {"requests": [{"id": str(k), "input": "x"} for k in range(4)]}),
     (
@@ -106,7 +109,7 @@ OVERSIZE: list[tuple[str, dict[str, Any]]] = [
 @pytest.mark.parametrize(
     ("path", "body"), OVERSIZE, ids=[f"{p} {i}" for i, (p, _) in enumerate(OVERSIZE)]
 )
-async def test_oversize_requests_are_413_before_any_work(
+async def test_oversize_requests_are_refused_before_any_work(
     served: Served, path: str, body: dict[str, Any]
 ) -> None:
     if "requests" in body:
@@ -114,9 +117,14 @@ async def test_oversize_requests_are_413_before_any_work(
     else:
         body = {**body, "model": "rr" if "rerank" in path else "emb"}
     r = await served.client.post(path, json=body)
-    assert r.status_code == 413, r.text
     error = r.json()["error"]
-    message = error["message"] if isinstance(error, dict) else error
+    if path.startswith("/v1/embeddings"):
+        assert r.status_code == 400, r.text
+        assert error["code"] == "payload_too_large"
+        message = error["message"]
+    else:
+        assert r.status_code == 413, r.text
+        message = error
     assert "maximum allowed batch size 3" in message or "limit of 20" in message, message
     assert served.batches() == 0
 

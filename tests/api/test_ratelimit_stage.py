@@ -222,7 +222,7 @@ def test_a_client_that_hangs_up_is_charged_the_tokens_that_ran_and_not_those_que
 
         assert remaining() == 100_000
         # Refusals after admission but before any work (a bad body) are charged nothing.
-        assert httpx.post(url + "/v1/embeddings", json={}, headers=key).status_code == 422
+        assert httpx.post(url + "/v1/embeddings", json={}, headers=key).status_code == 400
         assert remaining() == 100_000
         first = _post_and_leave_open(port, ran)
         asyncio.run(eventually(lambda: len(backend.batches) == 1))  # the first is running

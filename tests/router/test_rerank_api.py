@@ -90,7 +90,7 @@ async def test_embedding_and_rerank_routes_side_by_side(client: httpx.AsyncClien
     assert r.status_code == 422
     assert "embedding" in r.json()["error"]
     r = await client.post("/v1/embeddings", json={"model": "reranker", "input": "hi"})
-    assert r.status_code == 422
+    assert r.status_code == 400  # OpenAI's status for it
     r = await client.post("/v1/rerank", json={"model": "nope", "query": QUERY, "documents": DOCS})
     assert r.status_code == 404
     assert "both, reranker, safe-reranker" in r.json()["error"]  # the served rerankers
@@ -166,3 +166,92 @@ def test_kind_is_read_from_toml_and_a_name_clash_is_a_config_error(tmp_path: Pat
         )
     with pytest.raises(ValueError, match="kind"):
         RouteConfig(model="m", providers=["c"], kind="classify")  # type: ignore[arg-type]
+
+
+async def test_tei_rerank_ignores_fields_tei_does_not_know(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    """LiteLLM's ``huggingface/`` rerank posts ``top_n`` in TEI's body (a 422 here before); TEI
+    ignores it, and so does this route: every text is scored and returned."""
+    body = {
+        "query": QUERY,
+        "texts": DOCS,
+        "raw_scores": False,
+        "truncation_direction": "Right",
+        "return_text": True,
+        "top_n": 2,
+        "model": "reranker",
+    }
+    r = await client.post("/rerank", json=body)
+    assert r.status_code == 200, r.text
+    assert [(row["index"], row["score"]) for row in r.json()] == ranked(QUERY, DOCS)
+    assert "top_n" not in upstream.calls[0].body or upstream.calls[0].body["top_n"] == len(DOCS)
+
+
+OBJECTS = [
+    {"title": "Dogs", "body": "dogs bark", "id": "d1"},
+    {"title": "Cats", "body": "a cat is a small feline", "id": "d2"},
+    {"body": "stock prices", "id": "d3"},  # no title: its line is left out
+]
+
+
+async def test_cohere_v1_object_documents_are_ranked_on_their_rank_fields(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    """Cohere v1: the fields named in rank_fields, in that order, as ``name: value`` lines (a
+    name given twice counts once); the whole object comes back with its result."""
+    body = {
+        "model": "reranker",
+        "query": QUERY,
+        "documents": OBJECTS,
+        "rank_fields": ["title", "body", "title"],
+        "return_documents": True,
+    }
+    r = await client.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    texts = ["title: Dogs\nbody: dogs bark", "title: Cats\nbody: a cat is a small feline"]
+    texts.append("body: stock prices")
+    assert upstream.calls[0].texts == texts
+    results = r.json()["results"]
+    assert [(row["index"], row["relevance_score"]) for row in results] == ranked(QUERY, texts)
+    assert [row["document"] for row in results] == [OBJECTS[row["index"]] for row in results]
+
+
+async def test_cohere_v1_object_documents_without_rank_fields_use_text(
+    client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    docs: list[Any] = [{"text": DOCS[0], "url": "u0"}, DOCS[1], {"text": DOCS[2]}]
+    r = await client.post(
+        "/v1/rerank", json={"model": "reranker", "query": QUERY, "documents": docs}
+    )
+    assert r.status_code == 200, r.text
+    assert upstream.calls[0].texts == DOCS[:3]
+    results = r.json()["results"]
+    echoed = {row["index"]: row["document"] for row in results}  # v1: returned by default
+    assert echoed == {0: docs[0], 1: {"text": DOCS[1]}, 2: docs[2]}
+
+
+@pytest.mark.parametrize(
+    ("documents", "extra", "fragment"),
+    [
+        ([{"title": "no text"}], {}, 'documents.0: an object document needs a "text" field'),
+        ([{"text": "a"}, {"x": "b"}], {"rank_fields": ["text"]}, "documents.1 has none of"),
+        ([{"text": "a", "year": 2020}], {}, "valid string"),
+        ([{f"f{i}": "v" for i in range(65)}], {}, "at most 64 items"),
+        (["a"], {"rank_fields": [f"f{i}" for i in range(65)]}, "at most 64 items"),
+    ],
+    ids=["no-text", "no-rank-field", "not-a-string", "too-many-fields", "too-many-rank-fields"],
+)
+async def test_cohere_object_documents_are_bounded_and_checked(
+    client: httpx.AsyncClient,
+    upstream: FakeUpstream,
+    documents: list[Any],
+    extra: dict[str, Any],
+    fragment: str,
+) -> None:
+    body = {"model": "reranker", "query": QUERY, "documents": documents, **extra}
+    r = await client.post("/v1/rerank", json=body)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["error"]
+    assert r.json()["error_type"] == "Validation"
+    assert upstream.calls == []

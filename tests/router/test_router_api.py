@@ -100,7 +100,7 @@ async def test_unknown_provider_and_bad_policy(client: httpx.AsyncClient) -> Non
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
     r = await client.post("/v1/embeddings", json={"input": "hi", "provider": "a", "policy": "x"})
-    assert r.status_code == 422
+    assert r.status_code == 400
 
 
 async def test_upstream_429_reaches_the_caller_with_retry_after(
@@ -153,9 +153,9 @@ async def test_batch_api_returns_results_and_errors_per_id(
 async def test_batch_api_validation(client: httpx.AsyncClient) -> None:
     dup = [{"id": "1", "input": "a", "provider": "a"}] * 2
     r = await client.post("/v1/embeddings/batch", json={"requests": dup})
-    assert r.status_code == 422
+    assert r.status_code == 400
     r = await client.post("/v1/embeddings/batch", json={"requests": []})
-    assert r.status_code == 422
+    assert r.status_code == 400
 
 
 async def test_status_route_shows_queues_sizes_circuits_and_calls(

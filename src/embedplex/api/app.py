@@ -98,6 +98,25 @@ class EmbedplexApp(FastAPI):
         """FastAPI's routing, exception handlers and documentation routes."""
         await super().__call__(scope, receive, send)
 
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, less the 422 FastAPI adds of itself to a route with a body or
+        parameters whose ``responses`` list none: the OpenAI routes answer a body that fails
+        validation with 400, as OpenAI does (``api/errors.py``), never with that 422."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.get("responses", {})
+                    if _HTTP_VALIDATION_ERROR in str(responses.get("422", "")):
+                        del responses["422"]
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in (_HTTP_VALIDATION_ERROR, "ValidationError"):
+                schemas.pop(name, None)
+        return self.openapi_schema or {}
+
+
+_HTTP_VALIDATION_ERROR = "HTTPValidationError"
+
 
 def create_app(
     settings: Settings | None = None,

@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Scope
@@ -46,6 +46,16 @@ Texts = Annotated[list[str], Field(fail_fast=True)]
 TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
 TokenIdLists = Annotated[list[TokenIds], Field(fail_fast=True)]
 Inputs = str | Texts | TokenIds | TokenIdLists
+
+
+class TeiBody(BaseModel):
+    """A TEI route's body: unknown fields are ignored, as TEI's own (serde, no
+    ``deny_unknown_fields``) ignore them. Clients send fields meant for other servers: LiteLLM's
+    ``huggingface/`` rerank sends ``top_n``, ``huggingface_hub`` ``encoding_format``. An ignored
+    field costs its parsing alone, bounded by ``payload_limit`` like the rest of the body; it is
+    never kept nor echoed."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 def as_inputs(raw: Inputs) -> list[str] | list[list[int]]:

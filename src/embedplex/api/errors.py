@@ -1,7 +1,10 @@
 """Errors to HTTP: the one table, and the two body shapes (TEI and OpenAI).
 
 TEI and native routes answer ``{"error": str, "error_type": str}`` with TEI's error types;
-OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``.
+OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``, and a request OpenAI
+would call invalid (a wrong value, an input over the context length, too many inputs) is the
+400 it answers, not TEI's 422 or 413: the ``openai`` SDK raises ``BadRequestError`` for a 400
+alone (a 422 is its ``UnprocessableEntityError``), and callers catch that.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class ErrorSpec:
     tei_type: str
     openai_type: str
     openai_code: str
+    # The status on OpenAI routes where it is not ``status`` (OpenAI answers 400 for them).
+    openai_status: int | None = None
+
+    def status_for(self, dialect: Dialect) -> int:
+        if dialect is Dialect.OPENAI and self.openai_status is not None:
+            return self.openai_status
+        return self.status
 
 
 class _RouteNotFound(e.ClientError):
@@ -46,11 +56,19 @@ class _MethodNotAllowed(e.ClientError):
 
 
 # Most specific class first: the first isinstance match wins.
+# ``openai_status``: 400 on the OpenAI routes for what OpenAI calls an invalid request. A body
+# over ``payload_limit`` stays 413 everywhere (refused before it is parsed).
 ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
     (e.EmptyInputError, ErrorSpec(400, "Empty", "invalid_request_error", "empty_input")),
     (
-        e.PayloadTooLargeError,
+        e.BodyTooLargeError,
         ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large"),
+    ),
+    (
+        e.PayloadTooLargeError,
+        ErrorSpec(
+            413, "Validation", "invalid_request_error", "payload_too_large", openai_status=400
+        ),
     ),
     (
         e.UnsupportedEncodingError,
@@ -63,9 +81,14 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
     (e.RequestTimeoutError, ErrorSpec(408, "Validation", "invalid_request_error", "timeout")),
     (
         e.InputTooLongError,
-        ErrorSpec(422, "Validation", "invalid_request_error", "context_length_exceeded"),
+        ErrorSpec(
+            422, "Validation", "invalid_request_error", "context_length_exceeded", openai_status=400
+        ),
     ),
-    (e.InvalidRequestError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_value")),
+    (
+        e.InvalidRequestError,
+        ErrorSpec(422, "Validation", "invalid_request_error", "invalid_value", openai_status=400),
+    ),
     (
         e.ModelNotFoundError,
         ErrorSpec(404, "Validation", "invalid_request_error", "model_not_found"),
@@ -84,7 +107,10 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         ErrorSpec(403, "Forbidden", "invalid_request_error", "model_not_allowed"),
     ),
     (e.ForbiddenError, ErrorSpec(403, "Forbidden", "invalid_request_error", "forbidden")),
-    (e.ClientError, ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request")),
+    (
+        e.ClientError,
+        ErrorSpec(422, "Validation", "invalid_request_error", "invalid_request", openai_status=400),
+    ),
     (e.RateLimitedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "rate_limit_exceeded")),
     (e.OverloadedError, ErrorSpec(429, "Overloaded", "rate_limit_error", "overloaded")),
     (e.QueueTimeoutError, ErrorSpec(503, "Overloaded", "server_error", "queue_timeout")),
@@ -115,8 +141,9 @@ def error_response(
     exc: e.EmbedplexError, path: str, headers: dict[str, str] | None = None
 ) -> Response:
     spec = spec_for(exc)
+    dialect = dialect_for(path)
     body: object
-    if dialect_for(path) is Dialect.OPENAI:
+    if dialect is Dialect.OPENAI:
         body = {
             "error": {
                 "message": exc.message,
@@ -130,13 +157,13 @@ def error_response(
     out = dict(headers or {})
     if isinstance(exc, e.OverloadedError) and exc.retry_after is not None:
         out["retry-after"] = str(max(1, math.ceil(min(86400.0, exc.retry_after))))  # <= a day
-    return JsonResponse(orjson.dumps(body), spec.status, out)
+    return JsonResponse(orjson.dumps(body), spec.status_for(dialect), out)
 
 
 def status_error(status: int, message: str) -> e.EmbedplexError:
     """Turn a framework status (404 route, 405 method, 400 body) into our tree."""
     if status == 413:
-        return e.PayloadTooLargeError(message)
+        return e.BodyTooLargeError(message)
     if status == 404:
         return _RouteNotFound(message)
     if status == 405:
@@ -190,9 +217,9 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-def _error_statuses() -> list[int]:
-    """Every status the table can answer, and 400 (a body that is not JSON)."""
-    return sorted({400} | {spec.status for _, spec in ERROR_TABLE})
+def _error_statuses(dialect: Dialect) -> list[int]:
+    """Every status the table can answer in ``dialect``, and 400 (a body that is not JSON)."""
+    return sorted({400} | {spec.status_for(dialect) for _, spec in ERROR_TABLE})
 
 
 def error_responses(dialect: Dialect) -> dict[int | str, dict[str, Any]]:
@@ -212,7 +239,7 @@ def error_responses(dialect: Dialect) -> dict[int | str, dict[str, Any]]:
             "description": HTTPStatus(status).phrase,
             "content": {"application/json": {"schema": schema}},
         }
-        for status in _error_statuses()
+        for status in _error_statuses(dialect)
     }
     out[429]["headers"] = {
         "Retry-After": {

@@ -41,9 +41,9 @@ from embedplex.api.observe import RequestObserver, RequestRecord, scope_record
 from embedplex.api.pacing import PACED_KINDS, RefusalPacer
 from embedplex.api.responses import JsonResponse
 from embedplex.core.errors import (
+    BodyTooLargeError,
     EmbedplexError,
     NotReadyError,
-    PayloadTooLargeError,
     UnsupportedEncodingError,
 )
 from embedplex.core.tenant import ANONYMOUS, Tenant
@@ -348,12 +348,12 @@ def internal_error(scope: Scope) -> Response:
     return error_response(EmbedplexError("internal server error"), scope["path"])
 
 
-def body_too_large(limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"request body exceeds the {limit} byte limit")
+def body_too_large(limit: int) -> BodyTooLargeError:
+    return BodyTooLargeError(f"request body exceeds the {limit} byte limit")
 
 
 async def read_body(receive: Receive, limit: int | None = None) -> bytes:
-    """The whole request body; PayloadTooLargeError past ``limit`` bytes."""
+    """The whole request body; BodyTooLargeError past ``limit`` bytes."""
     chunks: list[bytes] = []
     seen = 0
     while True:

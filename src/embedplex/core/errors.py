@@ -2,14 +2,16 @@
 
 Every failure a caller can see is one of these. The HTTP layer maps them to a status code and a
 body in exactly one place (``embedplex.api.errors``); nothing below the HTTP layer knows about
-status codes.
+status codes. On OpenAI routes every 413 and 422 below (but a body over ``payload_limit``) is a
+400, as OpenAI answers them.
 
     EmbedplexError                      base; ``kind`` names the error in responses and metrics
     ├── ClientError                     the request is at fault (never retried)
     │   ├── EmptyInputError             no inputs at all                        -> 400
     │   ├── InvalidRequestError         malformed JSON, wrong types, bad values -> 400 / 422
     │   │   └── UpstreamRefusedError    a provider's 400/422 for this input     -> 422
-    │   ├── PayloadTooLargeError        body or batch over a configured limit   -> 413
+    │   ├── PayloadTooLargeError        inputs or token ids over a limit        -> 413
+    │   │   └── BodyTooLargeError       body bytes over payload_limit           -> 413
     │   ├── HeadersTooLargeError        request line and headers over the cap   -> 431
     │   ├── RequestTimeoutError         headers or body too slow to arrive      -> 408
     │   ├── InputTooLongError           over max input length, truncate off     -> 422
@@ -75,7 +77,14 @@ class InvalidRequestError(ClientError):
 
 
 class PayloadTooLargeError(ClientError):
+    """More of something than a request may carry: inputs, documents, token ids."""
+
     kind = "payload_too_large"
+
+
+class BodyTooLargeError(PayloadTooLargeError):
+    """The body's bytes are over ``payload_limit``: refused before (or while) it is read, so
+    before any route parses it (413 on every route, OpenAI's too)."""
 
 
 class UnsupportedEncodingError(ClientError):

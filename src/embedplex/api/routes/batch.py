@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import as_inputs, json_response, unless_disconnected
-from embedplex.api.errors import OPENAI_ERROR_RESPONSES, spec_for
+from embedplex.api.errors import OPENAI_ERROR_RESPONSES, Dialect, spec_for
 from embedplex.api.observe import request_record
 from embedplex.api.routes.openai import (
     EmbeddingsRequest,
@@ -54,7 +54,7 @@ def _error_entry(item_id: str, exc: EmbedplexError) -> dict[str, object]:
         "message": exc.message,
         "type": spec.openai_type,
         "code": spec.openai_code,
-        "status": spec.status,
+        "status": spec.status_for(Dialect.OPENAI),
         "param": exc.param,
     }
     retry_after = getattr(exc, "retry_after", None)

@@ -1,4 +1,5 @@
-"""OpenAI dialect: ``POST /v1/embeddings`` (and ``/embeddings``), ``GET /v1/models``."""
+"""OpenAI dialect: ``POST /v1/embeddings`` (and ``/embeddings``), ``GET /v1/models`` and
+``GET /v1/models/{id}``."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from embedplex.api.common import (
 )
 from embedplex.api.errors import OPENAI_ERROR_RESPONSES
 from embedplex.backends.model_files import ModelKind
-from embedplex.core.errors import NotReadyError
-from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, Vector
+from embedplex.core.errors import ModelNotFoundError, NotReadyError
+from embedplex.core.types import EmbeddingService, EmbedRequest, EmbedResult, ModelInfo, Vector
+from embedplex.gateway import Gateway
 
 router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
@@ -177,23 +179,40 @@ async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Respon
     )
 
 
-@router.get("/v1/models")
-@router.get("/models", include_in_schema=False)
-async def list_models(request: Request) -> Response:
+def _model_object(info: ModelInfo) -> dict[str, object]:
+    # "kind" (embed or rerank) is an extension; OpenAI clients ignore fields they do not know.
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "embedplex",
+        "kind": "rerank" if info.kind == ModelKind.RERANKER.value else "embed",
+    }
+
+
+def _started(request: Request) -> Gateway:
     """503 while models load (as the other listings): a client that reads the list once at its
     start would otherwise take an empty list for the server's models."""
     gw = gateway(request)
     if not gw.started:
         raise NotReadyError("no model is loaded yet")
-    # "kind" (embed or rerank) is an extension; OpenAI clients ignore fields they do not know.
-    data = [
-        {
-            "id": m.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "embedplex",
-            "kind": "rerank" if m.kind == ModelKind.RERANKER.value else "embed",
-        }
-        for m in gw.models
-    ]
+    return gw
+
+
+@router.get("/v1/models")
+@router.get("/models", include_in_schema=False)
+async def list_models(request: Request) -> Response:
+    data = [_model_object(m) for m in _started(request).models]
     return json_response({"object": "list", "data": data})
+
+
+# ``path``: served names may hold a '/' (``sentence-transformers/all-MiniLM-L6-v2``).
+@router.get("/v1/models/{model_id:path}")
+@router.get("/models/{model_id:path}", include_in_schema=False)
+async def retrieve_model(model_id: str, request: Request) -> Response:
+    """One served model, as the list gives it; a name not served is a 404 ``model_not_found``
+    (no name stands in for another here: the caller asks what is served)."""
+    for info in _started(request).models:
+        if info.name == model_id:
+            return json_response(_model_object(info))
+    raise ModelNotFoundError(f"model {model_id!r} is not served here", param="model")

@@ -9,14 +9,16 @@ policy the ``/v1/rerank`` body also has ``providers``: each provider's own ranke
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag
 from starlette.responses import Response
 
+from embedplex.api.bounds import check_count
 from embedplex.api.common import (
     PriorityField,
+    TeiBody,
     Texts,
     gateway,
     json_response,
@@ -26,14 +28,13 @@ from embedplex.api.common import (
 )
 from embedplex.api.errors import TEI_ERROR_RESPONSES
 from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.core.errors import InvalidRequestError
 from embedplex.core.types import RerankRequest, RerankResult
 
 router = APIRouter(tags=["rerank"], responses=TEI_ERROR_RESPONSES)
 
 
-class TeiRerankBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TeiRerankBody(TeiBody):
     query: str
     texts: Texts
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
@@ -44,8 +45,19 @@ class TeiRerankBody(BaseModel):
     priority: PriorityField = None
 
 
-class Document(BaseModel):
-    text: str
+# Fields of one object document, and names in rank_fields, at most: Cohere's documents carry a
+# few (title, text, author...). Each is a string, so a document's ranked text is never more than
+# its own fields, and with rank_fields taken once each, never more than the body holds.
+MAX_DOCUMENT_FIELDS = 64
+
+# A Cohere v1 document object: string fields only, as Cohere's ``RerankDocument`` has them.
+DocumentObject = Annotated[dict[str, str], Field(max_length=MAX_DOCUMENT_FIELDS)]
+# A text or an object, told apart by the JSON type: a wrong object is refused for what is wrong
+# in it, not also for not being a string.
+RerankDocument = Annotated[
+    Annotated[str, Tag("string")] | Annotated[DocumentObject, Tag("object")],
+    Discriminator(lambda doc: "object" if isinstance(doc, dict) else "string"),
+]
 
 
 class RerankBody(BaseModel):
@@ -54,20 +66,59 @@ class RerankBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     query: str
-    documents: list[str | Document] = Field(fail_fast=True)
+    documents: list[RerankDocument] = Field(
+        fail_fast=True,
+        description='Texts, or objects of string fields (Cohere v1): ranked on "text", or on '
+        "rank_fields; returned whole.",
+    )
     model: str | None = None
     top_n: StrictInt | None = Field(None, ge=1)
+    rank_fields: list[str] | None = Field(
+        None,
+        max_length=MAX_DOCUMENT_FIELDS,
+        description='Cohere v1: the object fields ranked on, in order, as "name: value" lines '
+        '(default: "text").',
+    )
     return_documents: StrictBool | None = None
     truncate: StrictBool | None = None
     priority: PriorityField = None
 
 
+def _document_texts(body: RerankBody) -> list[str]:
+    """The text each document is ranked on, as Cohere v1 makes it: a string as it is; an
+    object's ``text``, or with ``rank_fields`` its fields named there (each once, in that order,
+    those it has) as ``name: value`` lines."""
+    fields = list(dict.fromkeys(body.rank_fields)) if body.rank_fields else None
+    texts = []
+    for i, doc in enumerate(body.documents):
+        if isinstance(doc, str):
+            texts.append(doc)
+        elif fields is None:
+            if "text" not in doc:
+                raise InvalidRequestError(
+                    f'documents.{i}: an object document needs a "text" field, or rank_fields '
+                    "naming the fields to rank on",
+                    param="documents",
+                )
+            texts.append(doc["text"])
+        else:
+            lines = [f"{name}: {doc[name]}" for name in fields if name in doc]
+            if not lines:
+                raise InvalidRequestError(
+                    f"documents.{i} has none of the rank_fields ({', '.join(fields)})",
+                    param="documents",
+                )
+            texts.append("\n".join(lines))
+    return texts
+
+
+def _echoed(doc: str | dict[str, str]) -> dict[str, str]:
+    """A document as a result returns it: an object whole (Cohere v1), a text as ``{"text"}``."""
+    return {"text": doc} if isinstance(doc, str) else doc
+
+
 def _ranked(result: RerankResult) -> list[tuple[int, float]]:
     return sorted(enumerate(result.scores), key=lambda pair: pair[1], reverse=True)
-
-
-async def _rerank(request: Request, model_name: str | None, core: RerankRequest) -> RerankResult:
-    return await run_rerank(request, gateway(request).reranker(model_name), core)
 
 
 @router.post("/rerank")
@@ -80,7 +131,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         raw_scores=body.raw_scores,
         tenant=tenant_of(request, body.priority),
     )
-    result = await _rerank(request, body.model, core)
+    result = await run_rerank(request, gateway(request).reranker(body.model), core)
     out = [
         {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
         for i, score in _ranked(result)
@@ -91,14 +142,17 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
 @router.post("/v1/rerank")
 @router.post("/v2/rerank")
 async def rerank(body: RerankBody, request: Request) -> Response:
-    texts = [d if isinstance(d, str) else d.text for d in body.documents]
+    model = gateway(request).reranker(body.model)
+    # Before any document is made into text: at most as many as the reranker takes (413).
+    check_count(request, len(body.documents), "documents", model.info.max_client_batch_size)
+    texts = _document_texts(body)
     core = RerankRequest(
         query=body.query,
         texts=texts,
         truncate=body.truncate,
         tenant=tenant_of(request, body.priority),
     )
-    result = await _rerank(request, body.model, core)
+    result = await run_rerank(request, model, core)
     # Jina and Cohere v1 return documents unless told not to; Cohere v2 only when asked.
     with_docs = body.return_documents
     if with_docs is None:
@@ -109,7 +163,7 @@ async def rerank(body: RerankBody, request: Request) -> Response:
             {
                 "index": i,
                 "relevance_score": score,
-                **({"document": {"text": texts[i]}} if with_docs else {}),
+                **({"document": _echoed(body.documents[i])} if with_docs else {}),
             }
             for i, score in _ranked(of)[: body.top_n]
         ]

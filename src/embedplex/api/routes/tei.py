@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import Field, StrictBool, StrictInt
 from starlette.responses import Response
 
 from embedplex import __version__
@@ -17,6 +17,7 @@ from embedplex.api.bounds import check_count, check_tokens
 from embedplex.api.common import (
     Inputs,
     PriorityField,
+    TeiBody,
     Texts,
     as_inputs,
     gateway,
@@ -35,9 +36,7 @@ from embedplex.core.types import EmbedRequest, Tokenizing, no_tokenizer
 router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 
 
-class EmbedBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EmbedBody(TeiBody):
     inputs: Inputs
     normalize: StrictBool = True
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
@@ -51,9 +50,7 @@ class EmbedBody(BaseModel):
     )
 
 
-class NativeEmbedBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NativeEmbedBody(TeiBody):
     inputs: Inputs
     normalize: StrictBool = True
     truncate: StrictBool | None = None
@@ -64,9 +61,7 @@ class NativeEmbedBody(BaseModel):
     )
 
 
-class TokenizeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TokenizeBody(TeiBody):
     inputs: str | Texts
     add_special_tokens: StrictBool = True
     prompt_name: str | None = None

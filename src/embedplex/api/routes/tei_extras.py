@@ -12,12 +12,13 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, ValidationError
+from pydantic import BaseModel, Field, RootModel, StrictBool, ValidationError
 from starlette.responses import Response
 
 from embedplex.api.bounds import check_count, check_tokens, token_ids
 from embedplex.api.common import (
     Inputs,
+    TeiBody,
     Texts,
     TokenIdLists,
     TokenIds,
@@ -47,9 +48,7 @@ router = APIRouter(tags=["TEI"], responses=TEI_ERROR_RESPONSES)
 Direction = Literal["Left", "Right", "left", "right"]
 
 
-class EmbedAllBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EmbedAllBody(TeiBody):
     inputs: Inputs
     truncate: StrictBool | None = Field(None, description="Default: the server's --auto-truncate.")
     truncation_direction: Direction = "Right"
@@ -57,24 +56,18 @@ class EmbedAllBody(BaseModel):
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
 
 
-class SimilarityInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SimilarityInput(TeiBody):
     source_sentence: str
     sentences: Texts
 
 
-class SimilarityParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SimilarityParameters(TeiBody):
     truncate: StrictBool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
 
 
-class SimilarityBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SimilarityBody(TeiBody):
     inputs: SimilarityInput
     parameters: SimilarityParameters | None = None
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
@@ -83,19 +76,10 @@ class SimilarityBody(BaseModel):
     )
 
 
-class DecodeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DecodeBody(TeiBody):
     ids: TokenIds | TokenIdLists
     skip_special_tokens: StrictBool = True
     model: str | None = Field(None, description="embedplex extension: pick a served model.")
-
-
-class RootEmbedBody(tei.EmbedBody):
-    """``/embed``'s body, with unknown fields ignored as TEI ignores them: clients send extras
-    meant for other providers (``huggingface_hub`` sends ``encoding_format`` when asked)."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 def _direction(value: str) -> TruncationDirection:
@@ -186,4 +170,4 @@ async def root(body: RootBody, request: Request) -> Response:
         return await similarity(_parse(SimilarityBody, data), request)
     if "query" in data:
         return await rerank.tei_rerank(_parse(rerank.TeiRerankBody, data), request)
-    return await tei.embed(_parse(RootEmbedBody, data), request)
+    return await tei.embed(_parse(tei.EmbedBody, data), request)
