@@ -16,6 +16,9 @@ def ray_cluster() -> Iterator[str]:
     for attempt in range(3):
         try:
             context = ray.init(
+                # Always a cluster of its own: without this, ray.init joins one already
+                # running on the machine (`ray start`, RAY_ADDRESS) and refuses num_cpus.
+                address="local",
                 num_cpus=2,
                 include_dashboard=False,
                 object_store_memory=100 * 1024 * 1024,
