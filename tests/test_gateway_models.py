@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -130,6 +132,25 @@ async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
     ]
 
 
+async def test_a_rerank_is_timed_like_an_embed(tiny_model_dir: Path) -> None:
+    """The rerank routes never noted their timings: the access log said queue=0.0ms
+    inference=0.0ms, and no stage histogram had a series for a reranker."""
+
+    def build(s: Settings) -> list[ServedModel]:
+        config = ModelConfig(name="r", model_id="x", kind="rerank")
+        return [local(tiny_model_dir, s, config, FakeBackend(kind=ModelKind.RERANKER, delay=0.05))]
+
+    async with running(app_of(Settings(), build)) as client:
+        r = await client.post("/rerank", json={"query": "fox", "texts": ["the fox", "a dog"]})
+        metrics = parse_metrics((await client.get("/metrics")).text)
+    assert r.status_code == 200, r.text
+    for stage in ("tokenization", "queue", "inference"):
+        count = (f"embedplex_{stage}_duration_seconds_count", (("model", "r"),))
+        assert metrics.get(count) == 1.0, stage
+    inference = metrics[("embedplex_inference_duration_seconds_sum", (("model", "r"),))]
+    assert inference >= 0.04  # the fake pass sleeps 50 ms
+
+
 async def test_info_describes_the_model_asked_for(tiny_model_dir: Path) -> None:
     settings = Settings(max_batch_requests=64)
     app = app_of(settings, three(tiny_model_dir))
@@ -175,6 +196,40 @@ async def test_one_model_stands_in_for_any_name_unless_a_list_is_set(
     assert by_name.status_code == 200
 
 
+async def test_the_batch_route_sizes_each_part_by_the_model_it_names(tiny_model_dir: Path) -> None:
+    """/v1/embeddings/batch took its bound on inputs and its sub-requests at once (a quarter of
+    max_concurrent_requests, at most 16) from the top-level settings, not from the model each
+    names: 40 inputs to a model allowing 64 were refused by the top level's 16, and 8
+    sub-requests at once to a model of 4 slots got 429s. Each model's own now."""
+
+    def build(s: Settings) -> list[ServedModel]:
+        own = ModelConfig(
+            name="a", model_id="x", max_concurrent_requests=4, max_client_batch_size=64
+        )
+        small = ModelConfig(name="b", model_id="x", max_client_batch_size=2)
+        return [
+            local(tiny_model_dir, s, own, FakeBackend(16, delay=0.02)),
+            local(tiny_model_dir, s, small, FakeBackend(8)),
+        ]
+
+    app = app_of(Settings(max_client_batch_size=16), build)
+    texts = [[f"text {k} {j}" for j in range(5)] for k in range(8)]  # 40 inputs in all
+    to_a = {"requests": [{"id": str(k), "input": texts[k], "model": "a"} for k in range(8)]}
+    to_b = {"requests": [{"id": str(k), "input": "t", "model": "b"} for k in range(3)]}
+    async with running(app) as client:
+        answered = await client.post("/v1/embeddings/batch", json=to_a)
+        too_many = await client.post("/v1/embeddings/batch", json=to_b)
+    assert answered.status_code == 200, answered.text
+    results = answered.json()["results"]
+    assert [r["id"] for r in results] == [str(k) for k in range(8)]
+    assert all("error" not in r for r in results), [r for r in results if "error" in r][:2]
+    assert too_many.status_code == 413
+    assert (
+        "3 inputs across the batch to model 'b' > maximum allowed batch size 2"
+        in (too_many.json()["error"]["message"])
+    )
+
+
 def test_pick_follows_models_added_and_removed(tiny_model_dir: Path) -> None:
     s = Settings()
     a = local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend())
@@ -212,10 +267,17 @@ def lazy(
     gate: threading.Event | None = None,
     fail_times: int = 0,
     retry_s: float = 30.0,
+    cap: int | None = None,
+    wait_s: float = 30.0,
 ) -> Callable[[Settings], list[ServedModel]]:
+    """``cap``: z's ``max_concurrent_requests``; ``wait_s``: the longest a request waits for
+    its load (z's queue timeout)."""
+
     def build(s: Settings) -> list[ServedModel]:
         eager = local(tiny_model_dir, s, ModelConfig(name="a", model_id="x"), FakeBackend(16))
-        config = ModelConfig(name="z", model_id="org/z", kind="embed", load="lazy")
+        config = ModelConfig(
+            name="z", model_id="org/z", kind="embed", load="lazy", max_concurrent_requests=cap
+        )
 
         def load() -> ServedModel:
             loads.append("z")
@@ -225,7 +287,8 @@ def lazy(
                 raise FatalBackendError("org/z: no such model in /srv/models/z")
             return local(tiny_model_dir, s, config, FakeBackend(8))
 
-        return [eager, LazyModel(placeholder(config.resolved(s)), load, retry_s=retry_s)]
+        info = placeholder(config.resolved(s))
+        return [eager, LazyModel(info, load, retry_s=retry_s, wait_s=wait_s)]
 
     return build
 
@@ -264,6 +327,57 @@ async def test_a_lazy_model_loads_once_on_its_first_requests(tiny_model_dir: Pat
     assert {len(r.json()["data"][0]["embedding"]) for r in answers} == {8}
     assert info["dimensions"] == 8
     assert status["loaded"] is True and status["batches"] >= 1
+
+
+async def test_the_callers_waiting_for_a_lazy_load_are_capped_and_bounded(
+    tiny_model_dir: Path,
+) -> None:
+    """200 requests of 1.8 MB once piled onto a loading model, none refused (RSS 161 -> 1,044
+    MB), answered up to 100 s later. Its waiters are its requests in flight now: past its
+    max_concurrent_requests, 429 at once; each waits at most its queue timeout (503, as the
+    queue's timeout answers); the in-flight gauge shows them."""
+    loads: list[str] = []
+    release = threading.Event()
+    build = lazy(tiny_model_dir, loads, gate=release, cap=2, wait_s=1.0)
+    body = {"inputs": "x", "model": "z"}
+
+    async def in_flight(client: httpx.AsyncClient) -> float:
+        metrics = parse_metrics((await client.get("/metrics")).text)
+        return metrics.get(("embedplex_requests_in_flight", (("model", "z"),)), -1.0)
+
+    try:
+        async with running(app_of(Settings(), build)) as client:
+            waiting = [asyncio.ensure_future(client.post("/embed", json=body)) for _ in range(2)]
+            await eventually(lambda: bool(loads))
+            await eventually(lambda: _equals(in_flight(client), 2.0))
+            started = time.perf_counter()
+            refused = await asyncio.wait_for(client.post("/embed", json=body), 5)
+            refused_in = time.perf_counter() - started
+            timed_out = await asyncio.gather(*waiting)
+            after_wait = await in_flight(client)
+            release.set()
+            await eventually(lambda: _z_loaded(client))
+            loaded = await client.post("/embed", json=body)
+    finally:
+        release.set()
+    assert refused.status_code == 429 and refused_in < 0.5, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert "2 requests waiting for model 'z' to load" in refused.json()["error"]
+    assert [r.status_code for r in timed_out] == [503, 503]
+    for r in timed_out:
+        assert r.headers["retry-after"] == "1"
+        assert "still loading after 1s" in r.json()["error"]
+    assert after_wait == 0.0
+    assert loaded.status_code == 200 and loads == ["z"]  # the load went on: once
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
+
+
+async def _z_loaded(client: httpx.AsyncClient) -> bool:
+    r = await client.get("/info", params={"model": "z"})
+    return bool(r.json()["dimensions"] == 8)
 
 
 async def test_a_lazy_model_that_fails_to_load_says_why(tiny_model_dir: Path) -> None:
@@ -411,7 +525,8 @@ async def test_a_lazy_model_that_loads_but_fails_to_start_is_closed_each_try() -
         async def close(self, *, drain: bool = True) -> None:
             closed.append(self)
 
-    model = LazyModel(SimpleNamespace(name="z"), Unstartable, retry_s=0.01, retry_max_s=0.01)  # type: ignore[arg-type]
+    placeholder = SimpleNamespace(name="z", max_concurrent_requests=None)
+    model = LazyModel(placeholder, Unstartable, retry_s=0.01, retry_max_s=0.01)  # type: ignore[arg-type]
     for _ in range(3):
         with pytest.raises(NotReadyError, match="failed to load"):
             await model.ready()

@@ -14,7 +14,9 @@ import pytest
 
 from embedplex.api.pacing import FAST_PER_S, RefusalPacer
 from embedplex.backends.fake import FakeBackend
+from embedplex.core.tenant import KeyLimits
 from helpers import eventually, fake_app, running
+from tenants import limited_app
 
 
 async def _one_in_flight(
@@ -73,3 +75,23 @@ async def test_a_storm_of_refusals_is_paced_and_logged_once_a_second(
     assert slowest >= 0.15  # held past the fast rate (200 ms configured)
     lines = [r for r in caplog.records if " 429 " in r.getMessage()]
     assert 1 <= len(lines) <= 30  # one a second, not one per refusal (n of them)
+
+
+async def test_the_requests_in_flight_429_says_when_to_retry(tiny_model_dir: Path) -> None:
+    """docs/api.md: an admission refusal carries Retry-After: 1; "N requests in flight" had none,
+    for a key with tokens per minute as for any caller."""
+    backend = FakeBackend(delay=1.0)
+    limits = {"tpm": KeyLimits(tpm=1_000_000)}
+    app = limited_app(tiny_model_dir, backend, limits, max_concurrent_requests=1)
+    async with running(app) as client:
+        held = await _one_in_flight(client, backend)
+        plain = await client.post("/embed", json={"inputs": "x"})
+        keyed = await client.post(
+            "/v1/embeddings", json={"input": "x"}, headers={"x-test-tenant": "tpm"}
+        )
+        assert (await held).status_code == 200
+    for refused in (plain, keyed):
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+    assert "1 requests in flight" in plain.json()["error"]
+    assert "x-ratelimit-limit-tokens" in keyed.headers  # the key's own headers, beside it

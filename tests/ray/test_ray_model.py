@@ -25,6 +25,7 @@ from embedplex.core.errors import (
     UnavailableError,
     UpstreamTimeoutError,
 )
+from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import EmbedRequest, ModelInfo, RerankRequest, Timings
 from embedplex.models.config import ModelConfig
 from embedplex.models.ray import CALL_MARGIN_S, RayErrors, RayModel, call_bound
@@ -179,9 +180,26 @@ async def test_readiness_follows_the_polled_replica_states() -> None:
 
 def test_admission_caps_requests_at_the_replicas_capacity() -> None:
     m, _ = model(max_concurrent_requests=2, replicas=2)
-    m._active = 4
-    with pytest.raises(OverloadedError):
+    for _ in range(4):
+        m._slots.take(ANONYMOUS)
+    with pytest.raises(OverloadedError) as refused:
         m.admit()
+    assert refused.value.retry_after == 1  # docs/api.md: Retry-After: 1
+
+
+async def test_a_key_past_its_fair_share_of_the_replicas_is_refused() -> None:
+    """The same admission as a local model's (``batching/admission.py``): 6 of 8 in flight for
+    one key, and a second key asking, the first is refused and the second served."""
+    m, method = model(ok("r"), max_concurrent_requests=4, replicas=2)
+    bulk, search = Tenant(key_id="bulk"), Tenant(key_id="search")
+    for _ in range(6):
+        m._slots.take(bulk)  # requests of bulk's in flight
+    m.admit(search)  # search asks: it shares the replicas now
+    with pytest.raises(OverloadedError, match="fair share") as refused:
+        await m.embed(EmbedRequest(inputs=["hello"], tenant=bulk))
+    assert refused.value.retry_after == 1 and method.calls == 0
+    result = await m.embed(EmbedRequest(inputs=["hello"], tenant=search))
+    assert result.prompt_tokens == 3 and m.stats()["active_requests"] == 6
 
 
 def test_serve_lets_a_replica_fill_its_batches() -> None:
@@ -295,13 +313,19 @@ async def test_tokenize_embed_all_and_decode_cross_as_flat_arrays() -> None:
     assert await m.decode([[17], [19]], skip_special_tokens=True) == ["hello", "cat"]
 
 
+def _fill(m: RayModel) -> None:
+    """Every slot of ``m``'s cap taken."""
+    while m._slots.total < m._slots.cap:
+        m._slots.take(ANONYMOUS)
+
+
 async def test_tokenize_and_decode_skip_the_cap_embed_all_does_not() -> None:
     """As for a local model: only work that queues for inference counts against the cap."""
     m, _ = newer(lambda: TokensAnswer.pack(TOKENS, "r"), method="tokenize", replicas=1)
-    m._active = m._limit
+    _fill(m)
     assert await m.tokenize(["hello", "cat"]) == TOKENS
     m, call = newer(method="embed_all", replicas=1)
-    m._active = m._limit
+    _fill(m)
     with pytest.raises(OverloadedError):
         await m.embed_all(EmbedRequest(inputs=["hello"]))
     assert call.calls == 0

@@ -81,12 +81,12 @@ def gateway(request: Request) -> Gateway:
 
 def admit_embedding(request: Request) -> None:
     """Before the body is read: 429 when every embedding model is at its concurrency cap."""
-    gateway(request).admit_kind("embedding")
+    gateway(request).admit_kind("embedding", tenant_of(request))
 
 
 def admit_reranking(request: Request) -> None:
     """Before the body is read: 429 when every reranker is at its concurrency cap."""
-    gateway(request).admit_kind("reranker")
+    gateway(request).admit_kind("reranker", tenant_of(request))
 
 
 def tenant_of(request: Request, priority: Priority | None = None) -> Tenant:
@@ -191,7 +191,7 @@ async def run_embed(request: Request, model: EmbeddingService, core: EmbedReques
     record.inputs = len(core.inputs)
     admit = getattr(model, "admit", None)  # local models: refuse before any per-request work
     if admit is not None:
-        admit()
+        admit(core.tenant)
     result = await unless_disconnected(request, model.embed(core))
     record.tokens = result.prompt_tokens
     record.timings = result.timings
@@ -199,11 +199,15 @@ async def run_embed(request: Request, model: EmbeddingService, core: EmbedReques
 
 
 async def run_rerank(request: Request, model: RerankService, core: RerankRequest) -> RerankResult:
-    """Rerank with ``model``, noting model, texts and tokens (what a key's tokens per minute
-    are charged: ``docs/limits.md``) as ``run_embed`` does."""
+    """Rerank with ``model``, noting model, texts, tokens (what a key's tokens per minute are
+    charged: ``docs/limits.md``) and timings as ``run_embed`` does."""
     record = request_record(request)
     record.model = model.info.name
     record.inputs = len(core.texts)
+    admit = getattr(model, "admit", None)
+    if admit is not None:
+        admit(core.tenant)
     result = await unless_disconnected(request, model.rerank(core))
     record.tokens = result.prompt_tokens
+    record.timings = result.timings
     return result

@@ -155,8 +155,9 @@ def error_response(
     else:
         body = {"error": exc.message, "error_type": spec.tei_type}
     out = dict(headers or {})
-    if isinstance(exc, e.OverloadedError) and exc.retry_after is not None:
-        out["retry-after"] = str(max(1, math.ceil(min(86400.0, exc.retry_after))))  # <= a day
+    retry_after = getattr(exc, "retry_after", None)  # a 429, or a 503 that knows when
+    if retry_after is not None:
+        out["retry-after"] = str(max(1, math.ceil(min(86400.0, retry_after))))  # <= a day
     return JsonResponse(orjson.dumps(body), spec.status_for(dialect), out)
 
 
@@ -244,6 +245,13 @@ def error_responses(dialect: Dialect) -> dict[int | str, dict[str, Any]]:
     out[429]["headers"] = {
         "Retry-After": {
             "description": "Seconds to wait before retrying (rate limits, overload).",
+            "schema": {"type": "string"},
+        }
+    }
+    out[503]["headers"] = {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying, when known (a wait that timed out "
+            "before a model loaded or a tokenizer thread was free; too many connections).",
             "schema": {"type": "string"},
         }
     }

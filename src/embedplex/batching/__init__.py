@@ -1,5 +1,6 @@
 """The batching engine: one queue owner per (model or provider, grouping key)."""
 
+from embedplex.batching.admission import Slots
 from embedplex.batching.batcher import (
     Batcher,
     BatchObserver,
@@ -34,6 +35,7 @@ __all__ = [
     "NullObserver",
     "QueuePolicy",
     "RunBatch",
+    "Slots",
     "TokenBudget",
     "make_queue",
     "padded_cost",

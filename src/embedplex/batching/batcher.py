@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from embedplex.batching.admission import SHARE_AT, Sharing, past_share, share_refusal
 from embedplex.batching.cost import padded_cost
 from embedplex.batching.item import Item
 from embedplex.batching.queues import BatchQueue, FifoQueue
@@ -160,6 +161,7 @@ class Batcher(Generic[P, R]):
         self.fatal: BaseException | None = None
         self.fatal_at: float | None = None  # time.monotonic() when it died
         self.batches_run = 0
+        self._sharing = Sharing()  # the keys that asked lately for room in the queue
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -259,13 +261,8 @@ class Batcher(Generic[P, R]):
         if self.fatal is not None:
             raise NotReadyError(f"{self.name} is unavailable: its backend failed")
         n = len(payloads)
-        if not admitted and len(self._queue) + n > self.policy.max_queued and self._full(n):
-            for obs in self._observers:
-                obs.on_refused(n)
-            raise OverloadedError(
-                f"{self.name} queue is full ({len(self._queue)} of {self.policy.max_queued} items)",
-                retry_after=1,  # a queue drains in about a batch's time: Retry-After as docs/api.md
-            )
+        if not admitted:
+            self.room(n, tenant)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         deadline = now + self.policy.queue_timeout
@@ -291,6 +288,42 @@ class Batcher(Generic[P, R]):
         self._last_arrival = now
         self._wakeup.set()
         return items
+
+    def room(self, n: int, tenant: Tenant = ANONYMOUS) -> None:
+        """Raise OverloadedError at once unless ``n`` inputs of ``tenant`` may queue now: room
+        under ``max_queued``, and past ``SHARE_AT`` of it, within the key's fair share
+        (``admission.py``). ``submit`` checks it as it queues; a caller with work to do first
+        (a local model's tokenizing) asks before it, so that a refusal costs none of it."""
+        self._sharing.asked(tenant.key_id, tenant.weight)
+        cap = self.policy.max_queued
+        queued = len(self._queue)
+        if queued + n > cap and self._full(n):
+            self._refused(n)
+            raise OverloadedError(
+                f"{self.name} queue is full ({len(self._queue)} of {cap} items)",
+                retry_after=1,  # a queue drains in about a batch's time: Retry-After as docs/api.md
+            )
+        if queued + n <= cap * SHARE_AT:
+            return
+        key = tenant.key_id
+        counts, weights = self._queue.by_key()
+        held = counts.get(key, 0)
+        share = past_share(
+            cap=cap,
+            total=len(self._queue),
+            n=n,
+            held=held,
+            weight=tenant.weight,
+            others=lambda: self._sharing.others(weights, key),
+        )
+        if share is not None:
+            self._refused(n)
+            what = f"{len(self._queue)} inputs in {self.name}'s queue"
+            raise share_refusal(what, tenant, held, share)
+
+    def _refused(self, n: int) -> None:
+        for obs in self._observers:
+            obs.on_refused(n)
 
     def _full(self, n: int) -> bool:
         """Whether ``n`` more inputs pass ``max_queued`` once the inputs whose callers have

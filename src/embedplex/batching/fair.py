@@ -42,7 +42,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from embedplex.batching.cost import TokenBudget
@@ -127,6 +127,9 @@ class _FairState(_ListQueue):
             ended = dict(sorted(ended.items(), key=lambda kv: kv[1])[-_MAX_ENDED // 2 :])
         self._ended = ended
         self._scan_at = max(2 * len(ended), 64)
+
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
+        return self._count, self._weight  # kept per push and removal: nothing to count
 
     def pop_expired(self, now: float) -> list[AnyItem]:
         expired = super().pop_expired(now)

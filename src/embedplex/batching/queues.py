@@ -8,6 +8,8 @@ one key at one priority is waiting (docs/scheduling.md).
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from embedplex.batching.cost import TokenBudget
@@ -39,6 +41,10 @@ class BatchQueue(Protocol):
         sum of costs (``FifoQueue``).
         """
 
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
+        """Items waiting per key, and each such key's weight (``admission.py``: read only
+        once the queue is past its share threshold)."""
+
 
 class _ListQueue:
     """Items in arrival order; the bookkeeping every policy shares."""
@@ -68,6 +74,14 @@ class _ListQueue:
         before = len(self._items)
         self._items = [i for i in self._items if i.waiting]
         return before - len(self._items)
+
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
+        counts: Counter[str | None] = Counter()
+        weights: dict[str | None, int] = {}
+        for item in self._items:
+            counts[item.tenant_key] += 1
+            weights[item.tenant_key] = max(1, item.weight)
+        return counts, weights
 
 
 class FifoQueue(_ListQueue):

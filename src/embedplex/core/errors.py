@@ -157,7 +157,13 @@ class UnavailableError(EmbedplexError):
 
 
 class QueueTimeoutError(UnavailableError):
+    """Waited too long; ``retry_after`` (seconds), when given, is sent as ``Retry-After``."""
+
     kind = "queue_timeout"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotReadyError(UnavailableError):

@@ -81,6 +81,7 @@ def _local(
             placeholder(config),
             lambda: load_local_model(settings, config, gate=gate, cache=cache),
             nice=settings.inference_nice,
+            wait_s=(config.queue_timeout_ms or settings.queue_timeout_ms) / 1000,
         )
     model = load_local_model(settings, config, gate=gate, cache=cache)
     if not allowed.allows(config.name, model.info.kind):  # its kind was read from its files

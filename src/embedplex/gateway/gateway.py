@@ -7,6 +7,7 @@ The HTTP layer only ever talks to a gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import typing
@@ -22,7 +23,7 @@ from embedplex.core.errors import (
     NotReadyError,
     OverloadedError,
 )
-from embedplex.core.tenant import current_tenant
+from embedplex.core.tenant import ANONYMOUS, Tenant, current_tenant
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
 from embedplex.gateway.allowed import AllowedModels
 
@@ -195,23 +196,29 @@ class Gateway:
             param="model",
         )
 
-    def admit_kind(self, kind: str) -> None:
+    def admit_kind(self, kind: str, tenant: Tenant = ANONYMOUS) -> None:
         """Refuse (OverloadedError) when every served model of ``kind`` would refuse a request
-        now; else do nothing. The pipeline asks before reading a body (the model a request
-        names is in it), so that a refusal under overload costs no parsing; a request that
-        passes is admitted again by its model."""
+        of ``tenant`` now; else do nothing. The pipeline asks before reading a body (the model
+        a request names is in it), so that a refusal under overload costs no parsing; a
+        request that passes is admitted again by its model. A key refused by them all is
+        noted by each as wanting room (``batching/admission.py``), so that keys past their
+        fair share leave it some; one that passes is noted by the model it names."""
+        models = self._by_kind.get(kind, {}).values()
         refused: EmbedplexError | None = None
-        for model in self._by_kind.get(kind, {}).values():
+        for model in models:
             admit = getattr(model, "admit", None)
             if admit is None:
                 return  # no admission of its own (remote): it may take the request
             try:
-                admit()
+                admit(tenant, note=False)
             except OverloadedError as exc:
                 refused = exc
                 continue
             return
         if refused is not None:
+            for model in models:
+                with contextlib.suppress(OverloadedError):
+                    model.admit(tenant)  # type: ignore[attr-defined]  # each has one (above)
             raise refused
 
     def get(self, name: str | None) -> ServedModel:

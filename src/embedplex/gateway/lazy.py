@@ -6,6 +6,10 @@ Every model route reaches it as it reaches the model it stands in for (embed, re
 Until then it answers ``info`` from its config, so that it is listed and routed by kind. The
 first request starts one load (in a thread, at the inference threads' priority) and every
 request that arrives meanwhile waits for the same load; a caller that leaves does not cancel it.
+The callers waiting count against the model's ``max_concurrent_requests`` as requests in flight
+(429 at once past it, or past a key's fair share: ``batching/admission.py``), and each waits at
+most the model's queue timeout (then 503 ``queue_timeout``, with ``Retry-After``), so that
+requests cannot pile onto a loading model without bound (each holds its body meanwhile).
 A failed load does not make the replica unready (its other models serve, and a transient cause,
 a hub outage, would otherwise keep the pod out of rotation for good): the model's own requests
 get 503 naming the reason, and a request after a backoff (``RETRY_S``, doubling up to
@@ -23,7 +27,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
-from embedplex.core.errors import FatalBackendError, NotReadyError
+from embedplex.batching import Slots
+from embedplex.core.errors import FatalBackendError, NotReadyError, QueueTimeoutError
+from embedplex.core.tenant import ANONYMOUS, Tenant, current_tenant
 from embedplex.core.types import (
     Decoding,
     EmbeddingService,
@@ -65,7 +71,11 @@ class LazyModel:
         nice: int = 0,
         retry_s: float = RETRY_S,
         retry_max_s: float = RETRY_MAX_S,
+        wait_s: float = 30.0,
     ) -> None:
+        """``wait_s``: the longest a request waits for the load (the model's
+        ``queue_timeout_ms``); the waiters are capped by the placeholder's
+        ``max_concurrent_requests``."""
         self._placeholder = placeholder
         self._load = load
         self._nice = nice
@@ -77,6 +87,17 @@ class LazyModel:
         self._retry_at = 0.0  # monotonic time from which a failed load may be tried again
         self._telemetry: Telemetry | None = None
         self._closed = False
+        name = placeholder.name
+        cap = placeholder.max_concurrent_requests or 512  # the settings' default
+        self._waiting = Slots(
+            cap,
+            full=lambda n: (
+                f"{n} requests waiting for model {name!r} to load "
+                f"(max_concurrent_requests is {cap})"
+            ),
+            what=f"requests waiting for model {name!r} to load",
+        )
+        self._wait_s = wait_s
 
     @property
     def info(self) -> ModelInfo:
@@ -120,15 +141,17 @@ class LazyModel:
             "loaded": False,
             "failed": self._failed,
             "retry_in_s": self._retry_in() if self._failed is not None else None,
-            "active_requests": 0,
+            "active_requests": self._waiting.total,  # the callers waiting for the load
             "queued": 0,
             "in_flight_batches": 0,
             "batches": 0,
             "max_batch_requests": self._placeholder.max_batch_requests or 0,
         }
 
-    async def ready(self) -> ServedModel:
-        """The loaded model; the first caller starts the load and every caller waits for it."""
+    async def ready(self, tenant: Tenant | None = None) -> ServedModel:
+        """The loaded model; the first caller starts the load and every caller waits for it,
+        each as a request in flight of ``tenant`` (default: the request's, ``current_tenant``),
+        for at most ``wait_s``."""
         if self._model is not None:
             return self._model
         if self._failed is not None and self._loading is None and self._retry_in() > 0:
@@ -138,10 +161,31 @@ class LazyModel:
             )
         if self._closed:
             raise NotReadyError("the server is shutting down")
-        if self._loading is None:
-            self._loading = asyncio.get_running_loop().create_task(self._load_once())
-        # shield: a caller that leaves (disconnect, timeout) must not cancel the shared load.
-        return await asyncio.shield(self._loading)
+        if tenant is None:
+            tenant = current_tenant.get()
+        self._waiting.take(tenant)  # 429 at once past the cap, or the key's share
+        try:
+            if self._loading is None:
+                self._loading = asyncio.get_running_loop().create_task(self._load_once())
+            return await self._wait(self._loading)
+        finally:
+            self._waiting.release(tenant)
+
+    async def _wait(self, loading: asyncio.Task[ServedModel]) -> ServedModel:
+        """``loading``'s model, within ``wait_s``; the load goes on whoever stops waiting
+        (shielded: a caller that leaves, or times out, must not cancel the shared load)."""
+        timeout = asyncio.timeout(self._wait_s)
+        try:
+            async with timeout:
+                return await asyncio.shield(loading)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise QueueTimeoutError(
+                f"model {self._placeholder.name!r} is still loading after {self._wait_s:g}s "
+                "(queue_timeout_ms); retry shortly",
+                retry_after=1,
+            ) from None
 
     def _retry_in(self) -> float:
         return max(0.0, self._retry_at - time.monotonic())
@@ -181,19 +225,23 @@ class LazyModel:
         logger.info("lazy model %s loaded", name)
         return model
 
-    def admit(self) -> None:
-        """Refuse at once when the loaded model would (before loading: nothing to refuse)."""
+    def admit(self, tenant: Tenant = ANONYMOUS, *, note: bool = True) -> None:
+        """Refuse at once when the loaded model would; before it loads, when its waiters
+        would (``ready``)."""
+        if self._model is None:
+            self._waiting.check(tenant, note=note)
+            return
         admit = getattr(self._model, "admit", None)
         if admit is not None:
-            admit()
+            admit(tenant, note=note)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        model = await self.ready()  # its own embed admits (or refuses) the request
+        model = await self.ready(request.tenant)  # its own embed admits (or refuses) it then
         # The load checked the files' kind against the configured one, so the cast holds.
         return await typing.cast(EmbeddingService, model).embed(request)
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
-        model = await self.ready()
+        model = await self.ready(request.tenant)
         return await typing.cast(RerankService, model).rerank(request)
 
     async def tokenize(
@@ -208,7 +256,7 @@ class LazyModel:
 
     async def embed_all(self, request: EmbedRequest) -> TokenEmbedResult:
         """``/embed_all`` once loaded (what the route says of a model that cannot)."""
-        model = await self.ready()
+        model = await self.ready(request.tenant)
         if not isinstance(model, TokenEmbedding):
             raise no_token_embeddings(self.info.name)
         return await model.embed_all(request)

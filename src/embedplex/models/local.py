@@ -48,6 +48,7 @@ from embedplex.batching import (
     BatchQueue,
     Item,
     QueuePolicy,
+    Slots,
     TokenBudget,
     make_queue,
 )
@@ -55,11 +56,12 @@ from embedplex.cache import EmbeddingCache
 from embedplex.cache.keys import MemoryKey, ids_key, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
 from embedplex.core.cores import tokenizer_threads
+from embedplex.core.deadline import REQUEST_DEADLINE
 from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
     FatalBackendError,
-    OverloadedError,
+    QueueTimeoutError,
 )
 from embedplex.core.spend import REQUEST_SPEND, Spend, bounded_tokens, estimated_tokens
 from embedplex.core.tenant import ANONYMOUS, Tenant
@@ -278,7 +280,12 @@ class LocalModel(Generic[R]):
         self.budget = TokenBudget(tokens=options.policy.max_cost, items=options.policy.max_items)
         self._observers = observers or []
         self._tracer: Tracer | None = None
-        self._active = 0
+        cap = options.max_concurrent_requests
+        self._slots = Slots(
+            cap,
+            full=lambda n: f"{n} requests in flight (max_concurrent_requests is {cap})",
+            what=f"requests in flight to model {options.name!r}",
+        )
         self._infer_pool: ThreadPoolExecutor | None = None
         self._token_pool: ThreadPoolExecutor | None = None
         self._batcher: Batcher[Payload, R] | None = None
@@ -366,24 +373,22 @@ class LocalModel(Generic[R]):
         return {
             "kind": self.spec.kind.value,
             "streams": self.options.streams,
-            "active_requests": self._active,
+            "active_requests": self._slots.total,
             "queued": b.queued if b else 0,
             "in_flight_batches": b.in_flight if b else 0,
             "batches": b.batches_run if b else 0,
             "max_batch_requests": b.max_items if b else 0,
         }
 
-    def admit(self) -> None:
-        """Raise OverloadedError at once if a request could not be taken now.
+    def admit(self, tenant: Tenant = ANONYMOUS, *, note: bool = True) -> None:
+        """Raise OverloadedError at once if a request of ``tenant`` could not be taken now: the
+        model's ``max_concurrent_requests``, or the key's fair share of it
+        (``batching/admission.py``; ``note``: see ``Slots.check``).
 
         Routes call it before any per-request work (see ``api.common.run_embed``), so that a
         refusal under overload costs next to nothing; ``_process`` checks again as it admits.
         """
-        if self._active >= self.options.max_concurrent_requests:
-            raise OverloadedError(
-                f"{self._active} requests in flight (max_concurrent_requests is "
-                f"{self.options.max_concurrent_requests})"
-            )
+        self._slots.check(tenant, note=note)
 
     async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
         """Token ids back to text (TEI ``/decode``), in the tokenizer threads."""
@@ -461,8 +466,10 @@ class LocalModel(Generic[R]):
         chars: int,
         defer: Callable[[], list[Deferred]] | None = None,
         tenant: Tenant = ANONYMOUS,
+        inputs: int = 1,
     ) -> Processed[R]:
-        """Admit, tokenize (or defer), queue every input, and wait for all of them.
+        """Admit, tokenize (or defer), queue every input (``inputs`` of them, what ``encode``
+        returns), and wait for all of them.
 
         Requests of at most ``tokenize_inline_chars`` characters are not tokenized here: with
         ``defer`` their texts are queued as they are and the inference thread tokenizes the whole
@@ -470,10 +477,9 @@ class LocalModel(Generic[R]):
         Longer requests are tokenized in the tokenizer pool before they queue.
         """
         start = time.perf_counter()
-        self.admit()
-        self._active += 1
+        self._slots.take(tenant)
         try:
-            payloads = await self._payloads(encode, chars, defer)
+            payloads = await self._payloads(encode, chars, defer, inputs, tenant)
             tokenized = time.perf_counter()
             spend = REQUEST_SPEND.get()  # a key with tpm (core/spend.py)
             if spend is None:
@@ -489,7 +495,7 @@ class LocalModel(Generic[R]):
                 for item in items:
                     item.future.cancel()  # no-op when done; drops the rest if we failed or left
         finally:
-            self._active -= 1
+            self._slots.release(tenant)
         self._spans(start, tokenized, items)
         return Processed(results, items, start, tokenized)
 
@@ -507,8 +513,7 @@ class LocalModel(Generic[R]):
         (``dedupe.py``). ``encode``, ``chars`` and ``defer`` take the positions in ``keys`` of
         the inputs to queue. ``on_store``: where this caller's results go once made, if given."""
         start = time.perf_counter()
-        self.admit()
-        self._active += 1
+        self._slots.take(tenant)
         flights = self._flights
         slot_of: dict[Hashable, int] = {}
         slots: list[int] = []  # per input: its index in ``waits``
@@ -540,6 +545,8 @@ class LocalModel(Generic[R]):
                     lambda: encode(fresh),
                     chars(fresh),
                     None if defer is None else lambda: defer(fresh),
+                    len(fresh),
+                    tenant,
                 )
                 tokenized = time.perf_counter()
                 spend = REQUEST_SPEND.get()  # a key with tpm (core/spend.py)
@@ -560,7 +567,7 @@ class LocalModel(Generic[R]):
             # Most requests have one input: skip gather's extra future and callbacks.
             distinct = [await ready[0]] if len(ready) == 1 else list(await asyncio.gather(*ready))
         finally:
-            self._active -= 1
+            self._slots.release(tenant)
             for flight in own:
                 flight.release()  # joiners, if any, keep it (queued again if we cancelled it)
             for flight, waiter in joined:
@@ -591,11 +598,31 @@ class LocalModel(Generic[R]):
         encode: Callable[[], list[Encoded]],
         chars: int,
         defer: Callable[[], list[Deferred]] | None,
+        inputs: int,
+        tenant: Tenant,
     ) -> list[Payload]:
+        """The ``inputs`` payloads to queue: made here when short, else in the tokenizer pool
+        once the queue has room for them (a refusal must not come after seconds of tokenizing
+        a long body), within the request's deadline (``core/deadline.py``)."""
         if chars <= self.options.tokenize_inline_chars:
             return list(defer()) if defer is not None else list(encode())
-        loop = asyncio.get_running_loop()
-        return list(await loop.run_in_executor(self._token_pool, encode))
+        self.batcher.room(inputs, tenant)  # submit checks again: others queue meanwhile
+        work = asyncio.get_running_loop().run_in_executor(self._token_pool, encode)
+        deadline = REQUEST_DEADLINE.get()
+        if deadline is None:
+            return list(await work)
+        # Cancelled with the wait: texts no thread has started on are never tokenized.
+        timeout = asyncio.timeout(deadline.remaining())
+        try:
+            async with timeout:
+                return list(await work)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise QueueTimeoutError(
+                f"waited longer than {deadline.describe()} for a tokenizer thread",
+                retry_after=1,
+            ) from None
 
     def _spent(
         self, spend: Spend, payloads: list[Payload], tenant: Tenant

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
+from embedplex.batching.admission import Slots
 from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
 from embedplex.core.errors import (
     EmbedplexError,
@@ -57,6 +58,7 @@ from embedplex.core.errors import (
     UpstreamTimeoutError,
 )
 from embedplex.core.spend import REQUEST_SPEND, Spend
+from embedplex.core.tenant import ANONYMOUS, Tenant
 from embedplex.core.types import (
     EmbedRequest,
     EmbedResult,
@@ -151,11 +153,17 @@ class RayModel:
         self._status_error: str | None = None
         self._poller: asyncio.Task[None] | None = None
         self._metrics: RayMetrics | None = None
-        self._active = 0
         self._per_replica: Counter[str] = Counter()
         self.retries = 0
         self.failures = 0
-        self._limit = (config.max_concurrent_requests or 512) * _most_replicas(config)
+        limit = (config.max_concurrent_requests or 512) * _most_replicas(config)
+        self._slots = Slots(
+            limit,
+            full=lambda n: (
+                f"{n} requests in flight to {config.name}'s Ray replicas (at most {limit})"
+            ),
+            what=f"requests in flight to {config.name}'s Ray replicas",
+        )
         self.wire = wire
         self._wire_checked = time.monotonic()
 
@@ -310,21 +318,19 @@ class RayModel:
             "retries": self.retries,
             "replica_failures": self.failures,
             "wire_version": self.wire,
-            "active_requests": self._active,
+            "active_requests": self._slots.total,
             "queued": 0,  # queues are in the replicas
             "in_flight_batches": 0,
             "batches": 0,
             "max_batch_requests": self._info.max_batch_requests or 0,
         }
 
-    def admit(self) -> None:
+    def admit(self, tenant: Tenant = ANONYMOUS, *, note: bool = True) -> None:
         """The gateway's cap for this model: each replica's ``max_concurrent_requests`` times
-        the most replicas it may have (each replica also admits on its own)."""
-        if self._active >= self._limit:
-            raise OverloadedError(
-                f"{self._active} requests in flight to {self.config.name}'s Ray replicas "
-                f"(at most {self._limit})"
-            )
+        the most replicas it may have (each replica also admits on its own), and past
+        three quarters of it, the key's fair share (``batching/admission.py``), as a local
+        model's."""
+        self._slots.check(tenant, note=note)
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_size(len(request.inputs), "input")
@@ -394,9 +400,9 @@ class RayModel:
         are when they queue."""
         await self._check_version(method)
         spend: Spend | None = None
+        tenant: Tenant = getattr(request, "tenant", ANONYMOUS)  # embed, rerank, embed_all
         if admit:
-            self.admit()
-            self._active += 1
+            self._slots.take(tenant)
             spend = REQUEST_SPEND.get()  # a key with tpm
         try:
             if spend is None:
@@ -405,7 +411,7 @@ class RayModel:
                 answer = await self._reserved(spend, method, request)
         finally:
             if admit:
-                self._active -= 1
+                self._slots.release(tenant)
         if isinstance(answer, EmbedplexError):
             raise answer
         replica = typing.cast(Answer, answer).replica
@@ -497,7 +503,7 @@ class RayModel:
                 return await _cancelled_with(getattr(self._handle, method).remote(request))
             except errors.overloaded as exc:
                 msg = f"{name}: Ray Serve refused the request (its queue is full)"
-                raise OverloadedError(msg) from exc
+                raise OverloadedError(msg, retry_after=1) from exc
             except errors.replica_lost as exc:
                 lost: BaseException = exc
                 why = f"replica lost ({type(exc).__name__})"

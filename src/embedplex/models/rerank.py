@@ -41,7 +41,12 @@ class LocalRerankModel(LocalModel[Scored]):
         self._check_size(len(request.texts), "texts")
         # The query is tokenized once for all its pairs (``encode_pairs``).
         chars = len(request.query) + sum(len(t) for t in request.texts)
-        done = await self._process(lambda: self._encode(request), chars, tenant=request.tenant)
+        done = await self._process(
+            lambda: self._encode(request),
+            chars,
+            tenant=request.tenant,
+            inputs=len(request.texts),
+        )
         logits = np.asarray([r.logit for r in done.results], dtype=np.float64)
         # Single-logit cross-encoders are trained with a sigmoid head (sentence-transformers'
         # CrossEncoder applies it by default, and so does TEI unless raw_scores is set).

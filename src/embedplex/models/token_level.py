@@ -94,6 +94,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
                 ),
                 sum(len(s) for s in ids),
                 tenant=request.tenant,
+                inputs=len(ids),
             )
         else:
             texts = self._pooled._texts(request)
@@ -104,6 +105,7 @@ class LocalTokenModel(LocalModel[TokenVectors]):
                 ),
                 sum(len(t) for t in texts),
                 tenant=request.tenant,
+                inputs=len(texts),
             )
         return TokenEmbedResult(
             vectors=[r.vectors for r in done.results],

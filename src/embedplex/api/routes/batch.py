@@ -24,17 +24,19 @@ from embedplex.api.routes.openai import (
     routed_service,
 )
 from embedplex.core.errors import EmbedplexError, InvalidRequestError, PayloadTooLargeError
-from embedplex.core.types import EmbedResult
+from embedplex.core.types import EmbeddingService, EmbedResult
 
 router = APIRouter(tags=["OpenAI"], responses=OPENAI_ERROR_RESPONSES)
 
 # Sub-requests of one batch in flight at once, at most, to a model that admits requests against
 # its concurrency slots (``max_concurrent_requests``: a local or Ray-served model): a batch of
 # 2,048 sent them all at once and took every slot (the rest of its items and every other caller
-# got 429 meanwhile). A quarter of the slots, and never more than this: its items still share
-# inference batches, and the rest wait their turn inside the route, holding nothing. Routes to
-# remote providers have no slots to take: their items all go at once, so that their texts fill
-# upstream calls (a call per 16 texts would multiply the calls a provider bills and limits).
+# got 429 meanwhile). A quarter of that model's slots, and never more than this: its items
+# still share inference batches, and the rest wait their turn inside the route, holding nothing.
+# Each holds a slot under the caller's key, as any request does (and past three quarters of the
+# slots, within the key's fair share: ``batching/admission.py``). Routes to remote providers
+# have no slots to take: their items all go at once, so that their texts fill upstream calls (a
+# call per 16 texts would multiply the calls a provider bills and limits).
 IN_FLIGHT = 16
 
 
@@ -63,33 +65,68 @@ def _error_entry(item_id: str, exc: EmbedplexError) -> dict[str, object]:
     return {"id": item_id, "object": "error", "error": error}
 
 
+def _routed(request: Request, item: BatchItem) -> EmbeddingService | EmbedplexError:
+    """The model or route ``item`` names, or why none: that item's error, not the batch's."""
+    try:
+        return routed_service(request, item)
+    except EmbedplexError as exc:
+        return exc
+
+
+def _check_inputs(
+    services: list[EmbeddingService | EmbedplexError],
+    inputs: list[list[str] | list[list[int]]],
+    limit: int,
+) -> None:
+    """The inputs bound for each model at most its own ``max_client_batch_size``; those bound
+    for remote routes (which have none of their own) at most the server's, ``limit``, in all."""
+    per: dict[str | None, tuple[int, int]] = {}  # model (None: remote) -> (inputs, its limit)
+    for service, each in zip(services, inputs, strict=True):
+        if isinstance(service, EmbedplexError):
+            continue
+        own = service.info.max_client_batch_size
+        name = service.info.name if own is not None else None
+        n, cap = per.get(name, (0, own or limit))
+        per[name] = (n + len(each), cap)
+    for name, (n, cap) in per.items():
+        if n > cap:
+            to = f" to model {name!r}" if name is not None else ""
+            raise PayloadTooLargeError(
+                f"{n} inputs across the batch{to} > maximum allowed batch size {cap}",
+                param="requests",
+            )
+
+
 @router.post("/v1/embeddings/batch")
 async def create_batch(body: BatchRequest, request: Request) -> Response:
     ids = [item.id for item in body.requests]
     if len(set(ids)) != len(ids):
         raise InvalidRequestError("request ids must be unique", param="requests")
-    limit = request.app.state.settings.max_client_batch_size
+    settings = request.app.state.settings
     check_count(request, len(body.requests), "requests")
     inputs = [as_inputs(item.input) for item in body.requests]
-    total = sum(len(each) for each in inputs)
-    if total > limit:
-        raise PayloadTooLargeError(
-            f"{total} inputs across the batch > maximum allowed batch size {limit}",
-            param="requests",
-        )
+    services = [_routed(request, item) for item in body.requests]
+    _check_inputs(services, inputs, settings.max_client_batch_size)
     check_tokens(request, sum(token_ids(each) for each in inputs), "requests")
-    turns = asyncio.Semaphore(
-        max(1, min(IN_FLIGHT, request.app.state.settings.max_concurrent_requests // 4))
-    )
+    turns: dict[str, asyncio.Semaphore] = {}  # per model with slots: see IN_FLIGHT
 
-    async def in_turn(item: BatchItem) -> EmbedResult:
-        service = routed_service(request, item)  # a refusal here is this item's (gather keeps it)
+    async def in_turn(item: BatchItem, service: EmbeddingService | EmbedplexError) -> EmbedResult:
+        if isinstance(service, EmbedplexError):
+            raise service  # this item's (gather keeps it)
         if getattr(service, "admit", None) is None:
             return await embed_one(request, item, service)
-        async with turns:
+        info = service.info
+        turn = turns.get(info.name)
+        if turn is None:
+            slots = info.max_concurrent_requests or settings.max_concurrent_requests
+            turn = turns[info.name] = asyncio.Semaphore(max(1, min(IN_FLIGHT, slots // 4)))
+        async with turn:
             return await embed_one(request, item, service)
 
-    work = asyncio.gather(*(in_turn(item) for item in body.requests), return_exceptions=True)
+    work = asyncio.gather(
+        *(in_turn(item, service) for item, service in zip(body.requests, services, strict=True)),
+        return_exceptions=True,
+    )
     outcomes = await unless_disconnected(request, work)
     results: list[dict[str, object]] = []
     record = request_record(request)  # tokens: what a key's tokens per minute are charged
