@@ -227,6 +227,46 @@ async def test_queue_timeout_gives_503_error_and_never_hangs() -> None:
     assert run.batches == [["a"]]  # the expired item never reached the backend
 
 
+async def test_a_request_served_in_turns_does_not_time_out_behind_its_own_inputs() -> None:
+    """The timeout bounds a wait without progress: a request bigger than one batch waits for
+    its own earlier inputs, and each batch of it renews the rest's wait (review: 2,048 inputs
+    of 960 tokens got 503 after 30.7 s, 368 computed and thrown away, 1,680 expired)."""
+    run = Recorder(delay=0.05)
+    log = StatsLog()
+    policy = BatchPolicy(max_items=2, queue_timeout=0.3)
+    async with Batcher("t", run, policy, observers=[log]) as b:
+        payloads = [f"p{k}" for k in range(20)]  # 10 batches of 0.05 s: past the timeout
+        assert await submit(b, payloads) == [p.upper() for p in payloads]
+    assert log.counts["expired"] == 0
+    assert len(run.batches) == 10
+
+
+async def test_a_request_that_stops_progressing_still_times_out() -> None:
+    """Progress renews the wait; a stall past the timeout after it still gets 503, and another
+    request's progress renews nothing of this one."""
+    run = Recorder()
+    log = StatsLog()
+    policy = BatchPolicy(max_items=1, queue_timeout=0.1)
+    async with Batcher("t", run, policy, observers=[log]) as b:
+        run.gate = asyncio.Event()
+        first, *rest = b.submit(["a", "b", "c"], [1, 1, 1])
+        try:
+            await asyncio.sleep(0.01)  # "a" runs and holds the backend
+            other = b.submit(["z"], [1])
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(QueueTimeoutError, match="without any of its inputs starting"):
+                await asyncio.wait_for(rest[0].future, 1.0)
+            assert asyncio.get_running_loop().time() - started < 0.5
+            assert rest[1].future.exception() is not None  # one request, one clock
+            with pytest.raises(QueueTimeoutError):
+                await asyncio.wait_for(other[0].future, 1.0)
+        finally:
+            run.gate.set()  # a failure above must not leave the batch, and the test, hanging
+        assert await first.future == "A"
+    assert log.counts["expired"] == 3
+    assert run.batches == [["a"]]
+
+
 async def test_callers_that_left_are_dropped_before_the_backend() -> None:
     run = Recorder()
     run.gate = asyncio.Event()

@@ -17,6 +17,7 @@ from embedplex.backends.fake import FakeBackend
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.cache import EmbeddingCache
 from embedplex.core.errors import BackendError
+from embedplex.core.tenant import Priority, Tenant
 from embedplex.core.types import EmbedResult
 from embedplex.models.local import LocalEmbeddingModel
 from helpers import eventually
@@ -164,3 +165,80 @@ async def test_two_models_never_share_a_slot(tiny_model_dir: Path) -> None:
         await asyncio.gather(*(m.embed(req("same text")) for m in models))
     assert [len(b.batches) for b in backends] == [1, 1]
     assert cache.counts["m0"].dedupe_joined == cache.counts["m1"].dedupe_joined == 0
+
+
+BULK = Tenant(key_id="bulk", priority=Priority.BATCH)
+SEARCH = Tenant(key_id="search")
+LONG = "a query much longer than the bulk texts around it in the queue"
+
+
+async def test_an_interactive_caller_never_waits_behind_a_batch_backlog_it_joined(
+    tiny_model_dir: Path,
+) -> None:
+    """A batch key's backlog holds a text an interactive key asks for: the interactive caller
+    queues its own copy, served in its own lane first, and its key's next caller joins that
+    (review: the joiner waited ~1.8 s behind the backlog against 36-131 ms for a new text)."""
+    backend = FakeBackend(delay=0.2)
+    model = _model(tiny_model_dir, backend, max_batch_requests=2)
+    async with started(model):
+        busy = await _busy(model)
+        backlog = asyncio.create_task(
+            model.embed(req("b1", "b2", "b3", "b4", "b5", LONG, tenant=BULK))
+        )
+        await eventually(lambda: model.batcher.queued == 6)
+        first, second = (
+            asyncio.create_task(model.embed(req(LONG, tenant=SEARCH))) for _ in range(2)
+        )
+        await eventually(lambda: model._counts.dedupe_joined == 1)  # the second joined the first
+        assert model.batcher.queued == 7
+        answers = await asyncio.gather(first, second)
+        await asyncio.gather(busy, backlog)
+    # Right after the busy batch: the interactive copy alone (the CPU queue does not fill a
+    # batch with other keys' texts), before any of the backlog's batches.
+    long_row = backend.batches[1]
+    assert long_row[0] == 1 and long_row[1] > max(n for _, n in backend.batches[2:4])
+    np.testing.assert_array_equal(answers[0].vectors[0], answers[1].vectors[0])
+    np.testing.assert_allclose(answers[0].vectors[0], backlog.result().vectors[5], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("policy", "joins"), [("fair", 0), ("fifo", 1)])
+async def test_a_queued_input_of_another_key_is_joined_only_where_it_comes_first(
+    tiny_model_dir: Path, policy: str, joins: int
+) -> None:
+    """Under the fair queue another key's queued input is served at that key's turn, maybe
+    after the caller's own; a plain (fifo) queue serves in arrival order, so there it is
+    joined."""
+    backend = FakeBackend(delay=0.2)
+    async with started(_model(tiny_model_dir, backend, queue_policy=policy)) as model:
+        busy = await _busy(model)
+        theirs = asyncio.create_task(model.embed(req("t", tenant=Tenant(key_id="other"))))
+        await eventually(lambda: model.batcher.queued == 1)
+        mine = asyncio.create_task(model.embed(req("t", tenant=SEARCH)))
+        # "t" queued a second time, or joined: either way the caller has decided.
+        await eventually(lambda: model.batcher.queued + model._counts.dedupe_joined == 2)
+        await asyncio.gather(busy, theirs, mine)
+    assert model._counts.dedupe_joined == joins
+    assert sum(size for size, _ in backend.batches) == 3 - joins  # "t" computed twice or once
+
+
+async def test_a_running_input_whose_leader_left_answers_the_joiner_from_its_batch(
+    tiny_model_dir: Path,
+) -> None:
+    """The leader leaves while 4 of its 8 texts run and 4 wait: the running ones still answer
+    the joiner, the waiting ones are queued again for it; each text is computed once (review:
+    12-13 inputs computed for 8, the joiner waiting 0.71-0.88 s)."""
+    backend = FakeBackend(delay=0.3)
+    texts = [f"text {k}" for k in range(8)]
+    async with started(_model(tiny_model_dir, backend, max_batch_requests=4)) as model:
+        leader = asyncio.create_task(model.embed(req(*texts)))
+        await eventually(lambda: model.batcher.in_flight == 1 and model.batcher.queued == 4)
+        joiner = asyncio.create_task(model.embed(req(*texts)))
+        await eventually(lambda: model._counts.dedupe_joined == 8)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        got = await joiner
+        alone = await model.embed(req(*texts, cache=False))
+    assert [size for size, _ in backend.batches] == [4, 4, 4, 4]  # 8 once, then "alone"
+    for a, b in zip(got.vectors, alone.vectors, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -66,6 +66,24 @@ async def test_queue_timeout_gets_503(tiny_model_dir: Path) -> None:
     assert all(body["error"]["code"] == "queue_timeout" for body in timed_out)  # type: ignore[index]
 
 
+async def test_a_request_bigger_than_the_queue_timeout_succeeds_while_it_progresses(
+    tiny_model_dir: Path,
+) -> None:
+    """Its later inputs wait behind its earlier ones, not for nothing: 10 batches of 0.05 s
+    against a 0.3 s timeout are answered (before, every input had to start within 0.3 s of
+    the request: 503 after 6 batches computed and thrown away)."""
+    backend = FakeBackend(delay=0.05)
+    app = fake_app(
+        tiny_model_dir, backend, queue_timeout_ms=300, max_batch_requests=2, inference_streams=1
+    )
+    texts = [f"text number {k}" for k in range(20)]
+    async with running(app) as client:
+        r = await client.post("/v1/embeddings", json={"input": texts})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 20
+    assert [size for size, _ in backend.batches] == [2] * 10
+
+
 async def test_disconnected_client_is_dropped_from_the_queue(tiny_model_dir: Path) -> None:
     backend = FakeBackend(delay=0.4)
     app = fake_app(tiny_model_dir, backend, inference_streams=1)  # one batch at a time

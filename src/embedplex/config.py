@@ -351,7 +351,9 @@ class Settings(BaseSettings):
         4096, ge=1, description="Inputs waiting per model; past it, 429 at once."
     )
     queue_timeout_ms: int = Field(
-        30_000, ge=1, description="An input waiting longer than this gets 503."
+        30_000,
+        ge=1,
+        description="A request none of whose inputs starts a batch for this long gets 503.",
     )
     max_client_batch_size: int = Field(
         2048, ge=1, description="Inputs in one request; more is 413."

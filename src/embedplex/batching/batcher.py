@@ -5,8 +5,9 @@ single loop task cuts batches (by count and cost budget), flushes them as soon a
 free (``max_wait == 0``, local models) or when the batch is full or its oldest item has waited
 ``max_wait`` (remote providers), and runs at most ``max_concurrency`` batches at once. Results go
 back to each future in order; a failed batch fails every future in it; callers that have gone are
-skipped; items that outwait ``queue_timeout`` get ``QueueTimeoutError``. A run may also fail
-single inputs: an exception in a result's place fails that input's future alone.
+skipped; a request none of whose inputs has started a batch for ``queue_timeout`` gets
+``QueueTimeoutError`` for those still queued (``item.Progress``). A run may also fail single
+inputs: an exception in a result's place fails that input's future alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from embedplex.batching.admission import SHARE_AT, Sharing, past_share, share_refusal
 from embedplex.batching.cost import padded_cost
-from embedplex.batching.item import Item
+from embedplex.batching.item import Item, Progress
 from embedplex.batching.queues import BatchQueue, FifoQueue
 from embedplex.core.errors import (
     BackendError,
@@ -55,7 +56,10 @@ class BatchPolicy:
         whole ``max_wait``.
     max_concurrency: batches in flight at once.
     max_queued: items allowed to wait; past it, ``submit`` refuses at once.
-    queue_timeout: seconds an item may wait before it fails with QueueTimeoutError.
+    queue_timeout: seconds a request may wait without progress: an input still queued fails
+        with QueueTimeoutError once this long has passed since its request was queued and since
+        one of its inputs last started a batch (a big request's later inputs wait behind its
+        earlier ones, and do not time out while those are served).
     run_timeout: seconds one run may take before it is declared hung (the watchdog): its
         callers get 503 at once and the batcher is marked dead (a thread cannot be killed, so
         the backend cannot be trusted again; liveness restarts the process). None: no watchdog.
@@ -266,6 +270,7 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         deadline = now + self.policy.queue_timeout
+        progress = Progress(deadline)  # one clock for the request: _dispatch moves it on
         key = tenant.key_id
         rank = tenant.priority if priority is None else priority
         items: list[Item[P, R]] = []
@@ -280,6 +285,7 @@ class Batcher(Generic[P, R]):
                 tenant_key=key,
                 priority=rank,
                 weight=tenant.weight,
+                progress=progress,
             )
             self._queue.push(item)
             items.append(item)
@@ -324,6 +330,21 @@ class Batcher(Generic[P, R]):
     def _refused(self, n: int) -> None:
         for obs in self._observers:
             obs.on_refused(n)
+
+    def rearm(self, item: Item[P, R]) -> bool:
+        """Give a running item whose caller left (its future cancelled) a new future, which its
+        batch's result then reaches: for others who wait on the same work (``models/dedupe.py``)
+        instead of queuing it again. False when it is not running (still queued, or its batch
+        is over) or its run is cancelled once abandoned (``cancel_abandoned``)."""
+        if (
+            self.policy.cancel_abandoned
+            or not item.started_at
+            or item.finished_at
+            or not item.future.cancelled()
+        ):
+            return False
+        item.future = asyncio.get_running_loop().create_future()
+        return True
 
     def _full(self, n: int) -> bool:
         """Whether ``n`` more inputs pass ``max_queued`` once the inputs whose callers have
@@ -394,7 +415,8 @@ class Batcher(Generic[P, R]):
         if not expired:
             return
         error = QueueTimeoutError(
-            f"request waited longer than the queue timeout ({self.policy.queue_timeout:g}s)"
+            f"request waited longer than the queue timeout ({self.policy.queue_timeout:g}s) "
+            "without any of its inputs starting"
         )
         n = 0
         for item in expired:
@@ -409,9 +431,14 @@ class Batcher(Generic[P, R]):
 
     def _dispatch(self, batch: list[Item[P, R]], now: float) -> None:
         self._in_flight += 1
+        # The requests served here made progress: their inputs still queued wait afresh.
+        renewed = now + self.policy.queue_timeout
         for item in batch:
             item.started_at = now
             item.batch_size = len(batch)
+            progress = item.progress
+            if progress is not None and progress.deadline < renewed:
+                progress.deadline = renewed
         for obs in self._observers:
             obs.on_batch_started(batch)
         # Start the run now (a local model submits to its inference thread right here), not in

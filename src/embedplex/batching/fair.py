@@ -31,6 +31,11 @@ The rules, shared by both:
   once it had no item waiting let a few one-at-a-time clients, each back at the clock after
   every answer, keep the clock still and a backlogged key out for good (review: 137 of 200
   items of a bulk key timed out behind 6 such clients).
+- The queue timeout bounds a request's wait without progress (``item.Progress``): each batch
+  that takes one of its inputs renews the timeout of the others. A key's big request, served a
+  share of the model at a time, does not time out while its key's turns keep coming; a request
+  that gets no turn for the whole timeout still does (503), e.g. one queued behind its own
+  key's earlier requests (a key's turn serves its oldest items first).
 
 Per-key state lives while a key has items waiting, and where a key's last work ended only while
 that is ahead of the clock (it is forgiven past ``_MAX_ENDED`` keys), so memory is bounded by

@@ -27,7 +27,7 @@ class BatchQueue(Protocol):
         """Enqueue time of the oldest waiting item (flush-on-wait is measured from it)."""
 
     def pop_expired(self, now: float) -> list[AnyItem]:
-        """Remove and return items whose deadline has passed."""
+        """Remove and return items whose deadline has passed (``Item.expires_at``)."""
 
     def next_deadline(self) -> float | None: ...
 
@@ -62,12 +62,12 @@ class _ListQueue:
         return self._items[0].enqueued_at if self._items else None
 
     def next_deadline(self) -> float | None:
-        return min((i.deadline for i in self._items), default=None)
+        return min((i.expires_at for i in self._items), default=None)
 
     def pop_expired(self, now: float) -> list[AnyItem]:
-        expired = [i for i in self._items if i.deadline <= now]
+        expired = [i for i in self._items if i.expires_at <= now]
         if expired:
-            self._items = [i for i in self._items if i.deadline > now]
+            self._items = [i for i in self._items if i.expires_at > now]
         return expired
 
     def drop_gone(self) -> int:

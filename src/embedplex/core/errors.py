@@ -23,7 +23,7 @@ status codes. On OpenAI routes every 413 and 422 below (but a body over ``payloa
     │   └── RateLimitedError            rate limit hit (here or upstream)       -> 429 + Retry-After
     │       └── KeyRateLimitedError     the caller's key is over its own limits (no failover)
     ├── UnavailableError                                                        -> 503
-    │   ├── QueueTimeoutError           waited longer than queue_timeout_ms
+    │   ├── QueueTimeoutError           no progress for queue_timeout_ms
     │   └── NotReadyError               loading, draining, or a dead backend
     └── BackendError                    the model or the upstream failed        -> 424 / 500
         ├── UpstreamError               a remote provider answered with an error -> 502

@@ -5,10 +5,16 @@ The caller that queued it (the leader) waits on the item's own future, exactly a
 dedupe, so an input nobody shares costs one registry entry and nothing more. A caller that
 finds the key registered joins: it gets a future of its own, resolved from the item's outcome.
 
+Joining never makes a caller wait longer than a copy of its own would: a running item may be
+joined by anyone, a queued one (under a fair queue, which serves keys in turn and interactive
+work first) only by callers of its own key at the same or a lower priority (``serves``). A
+caller that may not join queues its own copy, which its own key's next callers join.
+
 Leaving: a joiner that leaves (a disconnect, a deadline) gives up its share only. When the
-leader leaves, its await cancels the item; if joiners still wait, the item is queued again for
-them (the same payload, at the back of the queue), so no caller ever fails because another
-left. The work is dropped once every caller has left.
+leader leaves, its await cancels the item; if joiners still wait, the item is handed to them
+(``Requeue``): a local model's running item keeps its batch, whose result then reaches them,
+and a queued one is queued again (the same payload, at the back of the queue), so no caller
+ever fails because another left. The work is dropped once every caller has left.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from typing import Any, Generic, TypeVar
 
 from embedplex.batching import Item
 from embedplex.core.errors import EmbedplexError
-from embedplex.core.tenant import Tenant
+from embedplex.core.tenant import Priority, Tenant
 
 R = TypeVar("R")
 
 Flights = dict[Hashable, "Flight[Any]"]
-# Queue an item's payload again for the tenant given (the model's batcher).
+# Hand a cancelled item's work to its joiners (its leader left): queue its payload again for the
+# tenant given, or (a local model) the same item with a new future if its batch is running.
 Requeue = Callable[[Item[Any, Any], Tenant], Item[Any, Any]]
 
 
@@ -50,7 +57,11 @@ class Flight(Generic[R]):
         item: Item[Any, R],
         requeue: Requeue,
         tenant: Tenant,
+        *,
+        fair: bool = False,
     ) -> None:
+        """``fair``: the item's queue serves keys in turn and lanes in order (``serves``); the
+        flight then takes the registry's place from one its own tenant may not join."""
         self.registry = registry
         self.key = key
         self.item = item
@@ -60,8 +71,24 @@ class Flight(Generic[R]):
         self.live = 0  # joiners still waiting
         self.stored = False  # its result went to the cache (by the first caller that could)
         self.waiters: list[asyncio.Future[R]] | None = None
-        if key not in registry:  # one submitted while we tokenized stays the one others join
+        # One submitted while we tokenized stays the one others join, unless our tenant could
+        # not join it: then ours is the one our tenant's next callers join.
+        current = registry.get(key)
+        if current is None or (fair and not current.serves(tenant, fair)):
             registry[key] = self
+
+    def serves(self, tenant: Tenant, fair: bool) -> bool:
+        """Whether a caller of ``tenant`` joining this flight is answered no later than a copy
+        of its own would be. Running: yes. Queued in a fair queue (``fair``): only if it is the
+        same key's (another key's turn may come after this key's) and not in a lower lane than
+        the caller's (interactive work never waits for batch work). A plain queue serves in
+        arrival order: an item queued earlier is never served after a copy queued now."""
+        item = self.item
+        if item.started_at or not fair:
+            return True
+        if item.tenant_key != tenant.key_id:
+            return False
+        return item.priority is not Priority.BATCH or tenant.priority is Priority.BATCH
 
     def join(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[R]:
         """A future of the joining caller's own that gets this input's outcome."""
@@ -97,7 +124,7 @@ class Flight(Generic[R]):
             return
         if future.cancelled():  # only the leader's leaving cancels it while joiners wait
             if self.live > 0:
-                try:
+                try:  # its running batch or a new place in the queue (``Requeue``)
                     self.item = self.requeue(self.item, self.tenant)
                 except EmbedplexError as exc:
                     self._unregister()

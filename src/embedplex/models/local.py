@@ -290,6 +290,8 @@ class LocalModel(Generic[R]):
         self._token_pool: ThreadPoolExecutor | None = None
         self._batcher: Batcher[Payload, R] | None = None
         self._flights: Flights = {}  # inputs queued or running, by what their result depends on
+        # Queued inputs are served by key and lane: joining one may wait longer (dedupe.py).
+        self._fair = options.queue_policy == "fair"
         self._info = ModelInfo(
             name=options.name,
             model_id=spec.model_id,
@@ -528,6 +530,8 @@ class LocalModel(Generic[R]):
                 if slot is None:
                     slot = slot_of[key] = len(waits)
                     flight = flights.get(key)
+                    if flight is not None and not flight.serves(tenant, self._fair):
+                        flight = None  # served after our turn: a copy of our own is sooner
                     if flight is None:
                         fresh.append(k)
                         waits.append(None)
@@ -556,7 +560,7 @@ class LocalModel(Generic[R]):
                     items = await self._spent(spend, payloads, tenant)
                 requeue = self._requeue
                 for k, item in zip(fresh, items, strict=True):
-                    flight = Flight(flights, keys[k], item, requeue, tenant)
+                    flight = Flight(flights, keys[k], item, requeue, tenant, fair=self._fair)
                     own.append(flight)
                     slot = slot_of[keys[k]]
                     shared[slot] = flight
@@ -584,7 +588,11 @@ class LocalModel(Generic[R]):
         return Processed([distinct[s] for s in slots], mine, start, tokenized)
 
     def _requeue(self, item: Item[Payload, R], tenant: Tenant) -> Item[Payload, R]:
-        """Queue a dropped item's payload again (joiners still wait on it: ``dedupe.py``)."""
+        """Hand a dropped item to the joiners who still wait on it (``dedupe.py``): its batch
+        if it is running (a pass in a thread runs on whoever leaves), else its payload queued
+        again."""
+        if self.batcher.rearm(item):
+            return item
         return self.batcher.submit(
             [item.payload], [item.cost], trace=item.trace, tenant=tenant, admitted=True
         )[0]

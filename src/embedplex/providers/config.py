@@ -83,7 +83,10 @@ class ProviderConfig(BaseModel):
         4096, ge=1, le=10_000_000, description="Texts waiting per batch lane; then 429."
     )
     queue_timeout_ms: int = Field(
-        30_000, ge=1, le=3_600_000, description="A text waiting longer gets 503."
+        30_000,
+        ge=1,
+        le=3_600_000,
+        description="A request none of whose texts starts a call for this long gets 503.",
     )
     queue_policy: Literal["fair", "fifo"] = Field(
         "fair",
