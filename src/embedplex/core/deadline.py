@@ -7,8 +7,9 @@ variable, so a route need not pass it on: a remote model's wait is bounded by it
 (``providers/router.py``), each queued text carries it to its batch, and an upstream call makes
 no attempt that the latest of its batch's callers would no longer wait for
 (``providers/http.py``). A Ray model's call to a replica is bounded by it too
-(``models/ray.py``). Local models do not read it: their queue timeout and the inference
-watchdog bound them.
+(``models/ray.py``). A local model reads it only while a long request waits for a tokenizer
+thread; once queued, the queue timeout (a request waits at most that long without any of its
+inputs starting: docs/reliability.md) and the inference watchdog bound it.
 """
 
 from __future__ import annotations
