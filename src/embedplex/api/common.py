@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import typing
 from collections.abc import Awaitable
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -81,12 +82,12 @@ def gateway(request: Request) -> Gateway:
 
 def admit_embedding(request: Request) -> None:
     """Before the body is read: 429 when every embedding model is at its concurrency cap."""
-    gateway(request).admit_kind("embedding", tenant_of(request))
+    gateway(request).admit_kind("embedding", partial(tenant_of, request))
 
 
 def admit_reranking(request: Request) -> None:
     """Before the body is read: 429 when every reranker is at its concurrency cap."""
-    gateway(request).admit_kind("reranker", tenant_of(request))
+    gateway(request).admit_kind("reranker", partial(tenant_of, request))
 
 
 def tenant_of(request: Request, priority: Priority | None = None) -> Tenant:

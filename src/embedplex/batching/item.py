@@ -57,8 +57,8 @@ class Item(Generic[P, R]):
 
     @property
     def expires_at(self) -> float:
-        """When it fails with QueueTimeoutError if still queued (O(1): the queue checks it for
-        every input on every cut)."""
+        """When it fails with QueueTimeoutError if still queued. The queue reads ``deadline``
+        (every input, every cut) and asks this only of an input past it (``queues.py``)."""
         progress = self.progress
         return self.deadline if progress is None else progress.deadline
 

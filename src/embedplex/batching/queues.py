@@ -62,12 +62,23 @@ class _ListQueue:
         return self._items[0].enqueued_at if self._items else None
 
     def next_deadline(self) -> float | None:
-        return min((i.expires_at for i in self._items), default=None)
+        # ``Item.deadline``, which may be earlier than the item's real end (its request's
+        # clock moved on since): the batcher then wakes early, and ``pop_expired`` renews it.
+        return min((i.deadline for i in self._items), default=None)
 
     def pop_expired(self, now: float) -> list[AnyItem]:
-        expired = [i for i in self._items if i.expires_at <= now]
+        # The plain attribute first (each cut reads every item): only an item past its own
+        # deadline asks its request's clock (``Item.expires_at``), and keeps what it says.
+        due = [i for i in self._items if i.deadline <= now]
+        if not due:
+            return due
+        expired = []
+        for item in due:
+            item.deadline = item.expires_at
+            if item.deadline <= now:
+                expired.append(item)
         if expired:
-            self._items = [i for i in self._items if i.expires_at > now]
+            self._items = [i for i in self._items if i.deadline > now]
         return expired
 
     def drop_gone(self) -> int:

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from embedplex.core.errors import (
@@ -196,7 +196,7 @@ class Gateway:
             param="model",
         )
 
-    def admit_kind(self, kind: str, tenant: Tenant = ANONYMOUS) -> None:
+    def admit_kind(self, kind: str, who: Callable[[], Tenant] = lambda: ANONYMOUS) -> None:
         """Refuse (OverloadedError) when every served model of ``kind`` would refuse a request
         of ``tenant`` now; else do nothing. The pipeline asks before reading a body (the model
         a request names is in it), so that a refusal under overload costs no parsing; a
@@ -205,10 +205,13 @@ class Gateway:
         fair share leave it some; one that passes is noted by the model it names."""
         models = self._by_kind.get(kind, {}).values()
         refused: EmbedplexError | None = None
+        tenant: Tenant | None = None  # asked of ``who`` only for a model that admits
         for model in models:
             admit = getattr(model, "admit", None)
             if admit is None:
                 return  # no admission of its own (remote): it may take the request
+            if tenant is None:
+                tenant = who()
             try:
                 admit(tenant, note=False)
             except OverloadedError as exc:
@@ -216,6 +219,7 @@ class Gateway:
                 continue
             return
         if refused is not None:
+            assert tenant is not None  # a model refused it
             for model in models:
                 with contextlib.suppress(OverloadedError):
                     model.admit(tenant)  # type: ignore[attr-defined]  # each has one (above)
