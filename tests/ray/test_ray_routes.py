@@ -26,6 +26,7 @@ from embedplex.api.pipeline import Pipeline
 from embedplex.config import Settings
 from embedplex.core.tenant import KeyLimits, Tenant
 from embedplex.gateway import Gateway
+from embedplex.models import ray_deploy
 from embedplex.models.config import ModelConfig
 from embedplex.models.local import load_local_model
 from embedplex.models.ray import RayErrors, RayModel
@@ -226,9 +227,8 @@ async def test_on_a_ray_cluster_every_route_answers_as_the_local_model(
     driver) next to the same files served as ``local``. A key's ``tpm`` holds a burst to it
     as it does to a local model: the replica, in another process, never sees the request's
     ``Spend``, so the gateway reserves before the call (six 200s before it did)."""
-    import embedplex.models.ray as ray_module
 
-    monkeypatch.setattr(ray_module, "_connected", [])  # this module's cluster, not another's
+    monkeypatch.setattr(ray_deploy, "_connected", [])  # this module's cluster, not another's
     cache = tmp_path_factory.getbasetemp() / "ray-routes-export"
     ray_keys = {"runtime": "ray", "ray_address": "auto", "num_cpus": 1}
     settings = _settings(tiny, cache, local={}, ray=ray_keys)
@@ -280,14 +280,13 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
     it becomes a 503 that says so, after one retry."""
     import asyncio
 
-    import embedplex.models.ray as ray_module
     from embedplex.core.errors import InvalidRequestError, UnavailableError
     from embedplex.core.types import EmbedRequest, ModelInfo, Timings
     from embedplex.gateway.build import placeholder
     from embedplex.ray.wire import DEPLOYMENT, EmbedAnswer, app_name
     from ray import serve
 
-    monkeypatch.setattr(ray_module, "_connected", [])
+    monkeypatch.setattr(ray_deploy, "_connected", [])
     config = ModelConfig.model_validate({"name": "old", "model_id": "x", "runtime": "ray"})
     info = placeholder(config)
 
@@ -328,6 +327,67 @@ def test_replicas_of_an_older_release_get_a_clear_error_not_a_hang(
         serve.delete(app_name("old"))
 
 
+def test_on_a_ray_cluster_a_start_that_cannot_run_fails_and_another_table_is_named(
+    ray_cluster: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas the 2-CPU cluster cannot place (num_cpus 8): a blocking serve.run waited
+    forever, "loading", nothing logged; now the start fails at ray_start_timeout_s and the
+    application is not left pending. A running application deployed with another table: the
+    gateway attaches to it and names the keys that differ (it said nothing)."""
+    import logging
+    import time
+
+    from embedplex.core.errors import FatalBackendError
+    from embedplex.core.types import ModelInfo
+    from embedplex.gateway.build import placeholder
+    from embedplex.ray.wire import DEPLOYMENT, WIRE_VERSION, app_name
+    from ray import serve
+
+    monkeypatch.setattr(ray_deploy, "_connected", [])
+    table = {"model_id": "x", "runtime": "ray", "ray_start_timeout_s": 3}
+    big = ModelConfig.model_validate({"name": "big", "num_cpus": 8, **table})
+    started = time.monotonic()
+    with pytest.raises(FatalBackendError, match="embedplex-big is not running after 3s"):
+        RayModel.deploy(Settings(), big)
+    assert time.monotonic() - started < 30
+    for _ in range(100):
+        if app_name("big") not in serve.status().applications:
+            break
+        time.sleep(0.1)
+    assert app_name("big") not in serve.status().applications
+
+    one = ModelConfig.model_validate({"name": "shared", "replicas": 1, **table})
+    info = placeholder(one)
+
+    class Deployed:
+        async def info(self) -> ModelInfo:
+            return info
+
+        async def wire_version(self) -> int:
+            return WIRE_VERSION
+
+        async def check_health(self) -> None:
+            return None
+
+    deployment = serve.deployment(
+        name=DEPLOYMENT, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512
+    )
+    serve.run(deployment(Deployed).bind(), name=app_name("shared"), route_prefix=None)
+    try:
+        two = one.model_copy(update={"replicas": 2, "num_cpus": 0.5})
+        with caplog.at_level(logging.INFO, "embedplex.models.ray_deploy"):
+            model = RayModel.deploy(Settings(), two)
+        assert not model.owned
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert (
+            "(num_cpus: running 0, this table 0.5; replicas: running 1, this table 2)"
+            in (warnings[0])
+        )
+    finally:
+        serve.delete(app_name("shared"))
+
+
 @pytest.mark.slow
 def test_on_a_ray_cluster_a_stuck_replica_is_cut_and_a_deleted_application_comes_back(
     ray_cluster: str, monkeypatch: pytest.MonkeyPatch
@@ -347,7 +407,7 @@ def test_on_a_ray_cluster_a_stuck_replica_is_cut_and_a_deleted_application_comes
     from embedplex.ray.wire import DEPLOYMENT, WIRE_VERSION, app_name
     from ray import serve
 
-    monkeypatch.setattr(ray_module, "_connected", [])
+    monkeypatch.setattr(ray_deploy, "_connected", [])
     monkeypatch.setattr(ray_module, "REDEPLOY_JITTER_S", 0.0)
     config = ModelConfig.model_validate({"name": "stuck", "model_id": "x", "runtime": "ray"})
     info = placeholder(config)
@@ -400,7 +460,12 @@ def test_on_a_ray_cluster_a_stuck_replica_is_cut_and_a_deleted_application_comes
             model.owned = False
             await model._poll_once()  # finds it gone: deploys it again
             assert model.owned
-            assert await asyncio.to_thread(model._read_states) == {"RUNNING": 1}
+            for _ in range(300):  # deployed without waiting: its replica starts
+                if model._states.get("RUNNING"):
+                    break
+                await asyncio.sleep(0.1)
+                await model._poll_once()
+            assert model._states == {"RUNNING": 1}
             await model.close()
 
         asyncio.run(calls())

@@ -153,17 +153,21 @@ class KeyRateLimitedError(RateLimitedError):
 
 
 class UnavailableError(EmbedplexError):
+    """Cannot answer now; ``retry_after`` (seconds), when known, is sent as ``Retry-After``."""
+
     kind = "unhealthy"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class QueueTimeoutError(UnavailableError):
     """Waited too long; ``retry_after`` (seconds), when given, is sent as ``Retry-After``."""
 
     kind = "queue_timeout"
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class NotReadyError(UnavailableError):

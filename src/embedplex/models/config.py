@@ -57,6 +57,7 @@ RAY_KEYS = (
     "num_cpus",
     "num_gpus",
     "ray_delete_on_close",
+    "ray_start_timeout_s",
 )
 
 RAY_MISSING = "runtime = \"ray\" needs Ray Serve: pip install 'embedplex[ray]'"
@@ -142,6 +143,13 @@ class ModelConfig(BaseModel):
         None,
         description='runtime = "ray": delete the Serve application when this gateway stops, '
         "if it deployed it (default false: other gateways may share its replicas).",
+    )
+
+    ray_start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description='runtime = "ray": how long the application may take to start (its '
+        "replicas placed and loaded) before the start fails with Serve's reason (default 300).",
     )
 
     @model_validator(mode="before")

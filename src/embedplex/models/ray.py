@@ -27,7 +27,10 @@ inputs queue (``checks.py``: empty input, ``max_client_batch_size``, ``dimension
 model's inputs before they queue (``ray_spend.py``; a refusal is the key's 429, and no call).
 
 Replica states are read from ``serve.status()`` every ``STATUS_INTERVAL_S`` (not per request):
-readiness is false while no replica runs, and the status and metrics show them. An application
+readiness is false while no replica runs (unless the model scales to zero), and the status and
+metrics show them. A read is bounded (``STATUS_TIMEOUT_S``): while the status cannot be read
+(the cluster is gone) the model is not ready and calls are refused at once, 503 with
+``Retry-After``. Deploying and connecting are ``ray_deploy.py``'s. An application
 found gone (deleted by hand, or by a gateway with ``ray_delete_on_close``) is deployed again,
 or attached to if another gateway deployed it first.
 """
@@ -38,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 import time
 import typing
 from collections import Counter
@@ -69,6 +71,18 @@ from embedplex.core.types import (
 )
 from embedplex.models.checks import check_dimensions, check_size, named_prompt
 from embedplex.models.config import RAY_MISSING, ModelConfig
+from embedplex.models.ray_deploy import (
+    ServeState,
+    app_message,
+    connect,
+    deploy_app,
+    live_replicas,
+    running_options,
+    serve_options,
+    short,
+    wait_running,
+    warn_if_different,
+)
 from embedplex.models.ray_errors import RayErrors, lacks, ray_errors
 from embedplex.models.ray_spend import RayCall, ray_call
 from embedplex.ray.wire import (
@@ -85,10 +99,12 @@ from embedplex.ray.wire import (
     TokensAnswer,
     app_name,
 )
+from embedplex.serve.process_tuning import run_lowered
 
 if TYPE_CHECKING:
     from embedplex.config import Settings
     from embedplex.observability import Telemetry
+    from embedplex.observability.model_metrics import ModelMetrics
     from embedplex.observability.ray_metrics import RayMetrics
 
 logger = logging.getLogger(__name__)
@@ -105,11 +121,10 @@ CALL_MARGIN_S = 5.0
 # Gateways that find their application gone wait up to this (at random) before deploying it
 # again, so that of several sharing it, one deploys and the others find it deploying.
 REDEPLOY_JITTER_S = STATUS_INTERVAL_S
-
-
-# One Ray connection per process: the address the first ray model connected to.
-_connected: list[str] = []
-_connect_lock = threading.Lock()
+# The longest one read of Serve's status may take: serve.status() blocks once the cluster is
+# gone (until Ray ends the process, docs/ray.md "Losing the cluster").
+STATUS_TIMEOUT_S = 2 * STATUS_INTERVAL_S
+START_TIMEOUT_S = 300.0  # ray_start_timeout_s's default
 
 
 class RayModel:
@@ -133,7 +148,7 @@ class RayModel:
         *,
         errors: RayErrors,
         owned: bool = False,
-        read_states: Callable[[], dict[str, int] | None] | None = None,
+        read_states: Callable[[], ServeState | dict[str, int] | None] | None = None,
         delete: Callable[[], None] | None = None,
         recover: Callable[[], tuple[Any, bool]] | None = None,
         wire: int = WIRE_VERSION,
@@ -150,9 +165,13 @@ class RayModel:
         self._recover = recover
         self.bound_s = call_bound(config, inference_timeout_s)
         self._states: dict[str, int] = {"RUNNING": 1}  # deploy() returned: it is running
+        self._state = ServeState(self._states)
         self._status_error: str | None = None
+        self._reading: asyncio.Future[ServeState | dict[str, int] | None] | None = None
+        self._known: set[str] = set()  # replicas that had answered when the read began
         self._poller: asyncio.Task[None] | None = None
         self._metrics: RayMetrics | None = None
+        self._served: ModelMetrics | None = None  # inputs and tokens, as a local model's
         self._per_replica: Counter[str] = Counter()
         self.retries = 0
         self.failures = 0
@@ -176,24 +195,31 @@ class RayModel:
             from ray import serve
         except ImportError as exc:
             raise FatalBackendError(f"model {config.name!r}: {RAY_MISSING}") from exc
-        from embedplex.ray.application import application
+        from embedplex.ray.application import application, deployment_options
 
-        _connect(ray, config.ray_address or "auto")
+        connect(ray, config.ray_address or "auto")
         serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the cluster
         name = app_name(config.name)
+        start_timeout = config.ray_start_timeout_s or START_TIMEOUT_S
         running = serve.status().applications.get(name)
         owned = running is None or str(_value(running.status)) != "RUNNING"
         if owned:
             logger.info("%s: deploying Ray Serve application %s", config.name, name)
+            deploy_app(serve, application(settings, config), name, config.name)
             try:
-                handle = serve.run(application(settings, config), name=name, route_prefix=None)
-            except Exception as exc:  # Serve gives up after the constructor's retries
-                raise FatalBackendError(
-                    f"model {config.name!r}: Ray Serve could not deploy {name}: {exc}"
-                ) from exc
+                wait_running(
+                    lambda: serve.status().applications.get(name), config.name, name, start_timeout
+                )
+            except FatalBackendError:
+                # It never ran, so no gateway uses it: not left to place its replicas later.
+                with contextlib.suppress(Exception):
+                    serve.delete(name, _blocking=False)
+                raise
         else:
             logger.info("%s: using the running Ray Serve application %s", config.name, name)
-            handle = serve.get_app_handle(name)
+            ours = serve_options(deployment_options(config))
+            warn_if_different(config.name, name, running_options(name), ours)
+        handle = serve.get_app_handle(name)
         info: ModelInfo = handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
         wire = _wire_version(handle)
         if wire < WIRE_VERSION:
@@ -207,14 +233,18 @@ class RayModel:
                 ", ".join(sorted(m for m, v in SINCE.items() if v > wire)),
             )
 
-        def read_states() -> dict[str, int] | None:
+        def read_states() -> ServeState | None:
             app = serve.status().applications.get(name)
             if app is None:
                 return None
+            failed = None
+            if str(_value(app.status)) in ("DEPLOY_FAILED", "UNHEALTHY"):
+                failed = app_message(app) or str(_value(app.status))
             deployment = app.deployments.get(DEPLOYMENT)
             if deployment is None:
-                return {}
-            return {str(_value(k)): int(v) for k, v in deployment.replica_states.items()}
+                return ServeState({}, failed)
+            states = {str(_value(k)): int(v) for k, v in deployment.replica_states.items()}
+            return ServeState(states, failed, live_replicas(ray, name))
 
         def delete() -> None:
             serve.delete(name)
@@ -227,7 +257,9 @@ class RayModel:
             logger.warning(
                 "%s: the Ray Serve application %s is gone: deploying it", config.name, name
             )
-            return serve.run(application(settings, config), name=name, route_prefix=None), True
+            # Not waited for: the poller follows its replicas (readiness false until one runs).
+            deploy_app(serve, application(settings, config), name, config.name)
+            return serve.get_app_handle(name), True
 
         return cls(
             config,
@@ -248,6 +280,7 @@ class RayModel:
 
     def instrument(self, telemetry: Telemetry) -> None:
         self._metrics = telemetry.metrics.ray
+        self._served = telemetry.metrics.model(self.config.name)
 
     async def start(self) -> None:
         if self._read_states is not None:
@@ -258,6 +291,9 @@ class RayModel:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        if self._reading is not None:  # a read still blocked: its thread is left to end
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
         if self.owned and self.config.ray_delete_on_close and self._delete is not None:
             logger.info("%s: deleting Ray Serve application %s", self.config.name, self.app)
             try:
@@ -271,20 +307,51 @@ class RayModel:
             await self._poll_once()
 
     async def _poll_once(self) -> None:
+        """One read of Serve's status, bounded by ``STATUS_TIMEOUT_S``: ``serve.status()``
+        blocks once the cluster is gone, and a read that never returned left the last states
+        standing (ready, while every call waited out its deadline). A read still blocked is
+        waited for again at the next poll, never started twice."""
         assert self._read_states is not None
-        try:
-            states = await asyncio.to_thread(self._read_states)
-        except Exception as exc:
-            if self._status_error is None:
-                logger.warning("%s: cannot read Ray Serve's status: %s", self.config.name, exc)
-            self._status_error = type(exc).__name__
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(run_lowered(self._read_states, 0))
+            self._known = set(self._per_replica)
+        reading = self._reading
+        await asyncio.wait({reading}, timeout=STATUS_TIMEOUT_S)
+        if not reading.done():
+            self._cannot_read(f"no answer within {STATUS_TIMEOUT_S:g}s")
             return
+        self._reading = None
+        exc = reading.exception()
+        if exc is not None:
+            self._cannot_read(f"{type(exc).__name__}: {short(str(exc))}")
+            return
+        if self._status_error is not None:
+            logger.info("%s: Ray Serve's status can be read again", self.config.name)
         self._status_error = None
-        self._states = states or {}
+        read = reading.result()
+        state = ServeState(read) if isinstance(read, dict) else read
+        self._state = state or ServeState({})
+        self._states = self._state.replicas
+        if self._state.live is not None:
+            self._forget(self._known - self._state.live)
         if self._metrics is not None:
             self._metrics.on_replicas(self.config.name, self._states)
-        if states is None and self._recover is not None:
+        if state is None and self._recover is not None:
             await self._redeploy()
+
+    def _cannot_read(self, why: str) -> None:
+        """Not ready, and calls refused at once (503), until a read succeeds."""
+        if self._status_error is None:
+            logger.warning("%s: cannot read Ray Serve's status: %s", self.config.name, why)
+        self._status_error = why
+
+    def _forget(self, gone: set[str]) -> None:
+        """Replicas no longer alive: out of the status and the metrics (every restart added
+        one more series)."""
+        for replica in gone:
+            self._per_replica.pop(replica, None)
+        if gone and self._metrics is not None:
+            self._metrics.forget_replicas(self.config.name, gone)
 
     async def _redeploy(self) -> None:
         """The application is gone: deploy it again (or attach to it, if another gateway
@@ -304,6 +371,11 @@ class RayModel:
     def health(self) -> None:
         if self._status_error is not None:
             raise NotReadyError(f"cannot read Ray Serve's status ({self._status_error})")
+        scales_to_zero = self.config.autoscaling is not None and (
+            self.config.autoscaling.min_replicas == 0
+        )
+        if scales_to_zero and self._state.failed is None:
+            return  # no replica until a request comes: Serve starts one for it
         if not self._states.get("RUNNING"):
             states = ", ".join(f"{k} {v}" for k, v in sorted(self._states.items())) or "none"
             raise NotReadyError(f"no Ray replica is running (replicas: {states})")
@@ -337,6 +409,7 @@ class RayModel:
         check_dimensions(request.dimensions, self._info.dim)
         self._check_prompt(request)
         answer = typing.cast(EmbedAnswer, await self._call("embed", request))
+        self._count(len(answer.matrix), answer.prompt_tokens)
         return EmbedResult(
             vectors=list(answer.matrix),
             prompt_tokens=answer.prompt_tokens,
@@ -347,6 +420,7 @@ class RayModel:
     async def rerank(self, request: RerankRequest) -> RerankResult:
         self._check_size(len(request.texts), "texts")
         answer = typing.cast(RerankAnswer, await self._call("rerank", request))
+        self._count(len(answer.scores), answer.prompt_tokens)
         return RerankResult(
             scores=answer.scores,
             prompt_tokens=answer.prompt_tokens,
@@ -370,6 +444,7 @@ class RayModel:
         self._check_size(len(request.inputs), "inputs")
         self._check_prompt(request)
         answer = typing.cast(TokenEmbedAnswer, await self._call("embed_all", request))
+        self._count(len(answer.lengths), answer.prompt_tokens)
         return TokenEmbedResult(
             vectors=answer.vectors(),
             prompt_tokens=answer.prompt_tokens,
@@ -383,6 +458,10 @@ class RayModel:
         call = DecodeCall(sequences, skip_special_tokens)
         answer = await self._call("decode", call, admit=False)
         return typing.cast(DecodeAnswer, answer).texts
+
+    def _count(self, inputs: int, tokens: int) -> None:
+        if self._served is not None:
+            self._served.on_served(inputs, tokens)
 
     def _check_size(self, n: int, param: str) -> None:
         """As the local model checks it (the replica would, after a Ray round trip): the
@@ -398,6 +477,7 @@ class RayModel:
         """``method`` of a replica; ``admit``: counted against (and refused beyond) the cap,
         and reserved against a key's ``tpm`` (``core/spend.py``), as a local model's inputs
         are when they queue."""
+        self._check_status()
         await self._check_version(method)
         spend: Spend | None = None
         tenant: Tenant = getattr(request, "tenant", ANONYMOUS)  # embed, rerank, embed_all
@@ -419,6 +499,16 @@ class RayModel:
         if self._metrics is not None:
             self._metrics.on_answer(self.config.name, replica)
         return typing.cast(Answer, answer)
+
+    def _check_status(self) -> None:
+        """While Serve's status cannot be read (the cluster is gone or unreachable), 503 at
+        once: a call would wait out its whole deadline."""
+        if self._status_error is not None:
+            raise UnavailableError(
+                f"model {self.config.name!r}: its Ray cluster cannot be reached (Serve's "
+                f"status: {self._status_error}); retry later",
+                retry_after=STATUS_INTERVAL_S,
+            )
 
     async def _reserved(self, spend: Spend, method: str, request: object) -> object:
         """``_remote`` for a key with ``tpm``: the call's tokens are reserved first (a refusal,
@@ -526,7 +616,9 @@ class RayModel:
                 self._retrying(why)
                 continue
             self.failures += 1
-            raise UnavailableError(f"model {name!r}: {failed}; retry later") from lost
+            raise UnavailableError(
+                f"model {name!r}: {failed}; retry later", retry_after=1
+            ) from lost
         raise AssertionError("unreachable")
 
     def _retrying(self, why: str) -> None:
@@ -572,35 +664,6 @@ def _wire_version(handle: Any) -> int:
     except Exception as exc:
         logger.info("no wire_version from the replicas (%s): version 1", type(exc).__name__)
         return 1
-
-
-def _connect(ray: Any, address: str) -> None:
-    """``ray.init`` once per process; a second model naming another cluster is refused. A
-    process that is a Ray driver already (it called ``ray.init`` itself: an application that
-    embeds the gateway, a test) uses the cluster it is connected to."""
-    with _connect_lock:
-        if _connected:
-            if _connected[0] != address:
-                raise FatalBackendError(
-                    f"ray_address {address!r}: this gateway is already connected to "
-                    f"{_connected[0]!r} (one Ray cluster per process)"
-                )
-            return
-        if ray.is_initialized():
-            logger.info("already connected to a Ray cluster: ray_address %r not used", address)
-            _connected.append(address)
-            return
-        try:
-            if address == "local":
-                ray.init(include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address=address, log_to_driver=False)
-        except ConnectionError as exc:
-            raise FatalBackendError(
-                f"cannot connect to the Ray cluster at {address!r}: {exc} (ray_address = "
-                '"local" starts a private Ray in this process)'
-            ) from exc
-        _connected.append(address)
 
 
 def _most_replicas(config: ModelConfig) -> int:

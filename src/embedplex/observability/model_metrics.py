@@ -135,6 +135,11 @@ class ModelMetrics:
             refused=count("embedplex_refused_inputs", "Inputs refused because the queue was full."),
         )
 
+    def on_served(self, inputs: int, tokens: int) -> None:
+        """A request another process batched (a Ray replica) answered: its inputs and tokens."""
+        self._inputs.inc(inputs)
+        self._tokens.inc(tokens)
+
     # -- BatchObserver ---------------------------------------------------------------------
 
     def on_admitted(self, n: int) -> None:

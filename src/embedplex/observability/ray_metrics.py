@@ -1,10 +1,15 @@
 """Metrics of models served as Ray Serve replicas (``models/ray.py`` reports here).
 
 Replica states come from ``serve.status()``, polled by the gateway every few seconds, never per
-request; requests per replica are counted from the replica id each answer carries.
+request; requests per replica are counted from the replica id each answer carries, and a replica's
+series is dropped once it is gone. Inputs and tokens are counted in the model's own
+``embedplex_inputs_total`` and ``embedplex_tokens_total`` (``model_metrics.py``), as a local
+model's are.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -41,6 +46,13 @@ class RayMetrics:
 
     def on_answer(self, model: str, replica: str) -> None:
         self.replica_requests.labels(model, replica).inc()
+
+    def forget_replicas(self, model: str, replicas: set[str]) -> None:
+        """Replicas gone for good (each restart is a new id): their series are dropped, not
+        kept forever."""
+        for replica in replicas:
+            with contextlib.suppress(KeyError):  # never answered
+                self.replica_requests.remove(model, replica)
 
     def on_retry(self, model: str) -> None:
         self.retries.labels(model).inc()

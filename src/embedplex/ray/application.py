@@ -33,7 +33,7 @@ REPLICA_SETTINGS = (
 
 # Keys of a table that only the gateway reads: not shipped, so that replicas of an older
 # release (whose ModelConfig forbids unknown keys) still load a table of a newer gateway.
-GATEWAY_KEYS = frozenset({"ray_delete_on_close"})
+GATEWAY_KEYS = frozenset({"ray_delete_on_close", "ray_start_timeout_s"})
 
 # Seconds a replica that Serve stops (scale-down, delete) may take to finish its requests.
 GRACEFUL_SHUTDOWN_S = 5.0

@@ -4,12 +4,14 @@ threshold (once, before it loads a model), and worker threads that run below the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
 import os
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -94,10 +96,32 @@ def worker_pool(workers: int, name: str, nice: int) -> ThreadPoolExecutor:
 
 
 async def run_lowered(fn: Callable[[], T], nice: int) -> T:
-    """``fn()`` in a thread of its own, ``nice`` below the caller: threads that ``fn`` starts
-    (ONNX Runtime's intra-op pool, when it loads a model) keep that priority."""
-    pool = worker_pool(1, "load", nice)
-    try:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
-    finally:
-        pool.shutdown(wait=False)
+    """``fn()`` in a daemon thread of its own, ``nice`` below the caller: threads that ``fn``
+    starts (ONNX Runtime's intra-op pool, when it loads a model) keep that priority.
+
+    A daemon thread, not a pool's: a pool's threads are joined when the interpreter exits, so
+    a ``fn`` blocked for good (``ray.init`` retrying an address, ``serve.status()`` once the
+    cluster is gone) kept the process alive after Ctrl-C. Awaiting this can be cancelled;
+    ``fn`` then runs on, for nobody, until it returns or the process ends."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(ok: bool, value: object) -> None:
+        if future.done():  # the caller went away
+            return
+        if ok:
+            future.set_result(typing.cast(T, value))
+        else:
+            future.set_exception(typing.cast(BaseException, value))
+
+    def run() -> None:
+        lower_thread_priority(nice)
+        try:
+            result: tuple[bool, object] = (True, fn())
+        except BaseException as exc:
+            result = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(deliver, *result)
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return await future
