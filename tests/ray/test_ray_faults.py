@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import re
 import socket
 import subprocess
@@ -64,6 +65,30 @@ async def test_a_status_read_that_never_returns_makes_the_model_unready_and_call
     await asyncio.wait_for(m._poll_once(), 3)  # the same read returns: ready again
     m.health()
     assert (await m.embed(REQUEST)).model == "m" and len(reads) == 1
+
+
+async def test_a_failed_status_read_shows_probes_and_clients_its_type_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """/health/ready is unauthenticated: a Ray error's text (its cluster's addresses, session
+    paths) goes to the log, not to the probe or a client's 503."""
+    secret = "GCS RPC failed: ipv4:10.20.30.40:6379 (session /tmp/ray/session_x)"
+
+    def read_states() -> dict[str, int]:
+        raise ConnectionError(secret)
+
+    m = RayModel(
+        ray_config(), FakeHandle(Method([ok("r")])), INFO, errors=ERRORS, read_states=read_states
+    )
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(m._poll_once(), 3)
+    with pytest.raises(NotReadyError, match="ConnectionError") as probe:
+        m.health()
+    with pytest.raises(UnavailableError) as call:
+        await m.embed(REQUEST)
+    for shown in (probe.value.message, call.value.message):
+        assert "10.20.30.40" not in shown and "session_x" not in shown
+    assert "10.20.30.40" in caplog.text  # the operator's log keeps it
 
 
 def closed_port() -> int:
@@ -283,3 +308,18 @@ async def test_a_second_loss_tells_when_to_retry() -> None:
     with pytest.raises(UnavailableError, match="and so did the retry") as info:
         await m.embed(REQUEST)
     assert info.value.retry_after == 1
+
+
+def test_model_info_from_a_replica_of_another_release_unpickles() -> None:
+    """Replicas answer ``info()`` pickled: one of an earlier release has fewer fields (the
+    labels came later; the dataclass's own unpickling left them unset and /info answered 500),
+    one of a later release more."""
+    info = INFO
+    assert pickle.loads(pickle.dumps(info)) == info
+    state = info.__getstate__()
+    older = info.__class__.__new__(info.__class__)
+    older.__setstate__(state[:-2])  # as a replica of the release before the labels sends it
+    assert (older.id2label, older.label2id) == (None, None) and older.name == info.name
+    newer = info.__class__.__new__(info.__class__)
+    newer.__setstate__((*state, "a field this release does not know"))
+    assert newer == info

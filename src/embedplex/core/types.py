@@ -6,7 +6,8 @@ model's ``embed``; local models and remote providers both answer with an ``Embed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -131,6 +132,20 @@ class ModelInfo:
     # A reranker's labels, from its config.json (TEI's /info reports them); None: unknown.
     id2label: dict[str, str] | None = None
     label2id: dict[str, int] | None = None
+
+    def __getstate__(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def __setstate__(self, state: Sequence[object]) -> None:
+        """From a pickle (a Ray replica's answer): one of an earlier release has fewer fields,
+        and those it lacks (all added at the end, with defaults) take their defaults; more
+        fields than this release knows (a later replica's) are dropped."""
+        known = fields(self)
+        for f, value in zip(known, state, strict=False):
+            object.__setattr__(self, f.name, value)
+        for f in known[len(state) :]:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            object.__setattr__(self, f.name, default)
 
 
 class ServedModel(Protocol):

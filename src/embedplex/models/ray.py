@@ -323,7 +323,9 @@ class RayModel:
         self._reading = None
         exc = reading.exception()
         if exc is not None:
-            self._cannot_read(f"{type(exc).__name__}: {short(str(exc))}")
+            # Probes (unauthenticated) and clients see the type; the log has its text too,
+            # which may name the cluster's addresses and paths.
+            self._cannot_read(type(exc).__name__, detail=short(str(exc)))
             return
         if self._status_error is not None:
             logger.info("%s: Ray Serve's status can be read again", self.config.name)
@@ -339,10 +341,15 @@ class RayModel:
         if state is None and self._recover is not None:
             await self._redeploy()
 
-    def _cannot_read(self, why: str) -> None:
-        """Not ready, and calls refused at once (503), until a read succeeds."""
+    def _cannot_read(self, why: str, *, detail: str = "") -> None:
+        """Not ready, and calls refused at once (503), until a read succeeds. ``why`` is shown
+        to probes and clients; ``detail`` only logged."""
         if self._status_error is None:
-            logger.warning("%s: cannot read Ray Serve's status: %s", self.config.name, why)
+            logger.warning(
+                "%s: cannot read Ray Serve's status: %s",
+                self.config.name,
+                f"{why}: {detail}" if detail else why,
+            )
         self._status_error = why
 
     def _forget(self, gone: set[str]) -> None:
