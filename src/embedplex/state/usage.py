@@ -184,7 +184,8 @@ class UsageMeter:
         ]
         prune = time.monotonic() >= self._prune_at
         async with self.store.engine.begin() as conn:
-            if await conn.scalar(_claim(self.store, batch.id, at)) is None:
+            claimed = await conn.execute(_claim(self.store, batch.id, at))
+            if claimed.rowcount != 1:
                 return False
             for start in range(0, len(rows), CHUNK_ROWS):
                 await conn.execute(_upsert(self.store, rows[start : start + CHUNK_ROWS]))
@@ -204,10 +205,11 @@ def _insert(store: StateStore, table: Table) -> sqlite.Insert | postgresql.Inser
 
 
 def _claim(store: StateStore, flush_id: str, at: datetime) -> Executable:
-    """INSERT the flush id unless it is there, RETURNING it: no row when it was claimed."""
+    """INSERT the flush id unless it is there: one row inserted, or none when it was claimed
+    (``rowcount``; not RETURNING, which SQLite has only since 3.35)."""
     table = schema.usage_flushes
     claim = _insert(store, table).values(id=flush_id, at=at)
-    return claim.on_conflict_do_nothing(index_elements=[table.c.id]).returning(table.c.id)
+    return claim.on_conflict_do_nothing(index_elements=[table.c.id])
 
 
 def _upsert(store: StateStore, rows: list[dict[str, object]]) -> Executable:
