@@ -35,7 +35,9 @@ from embedplex.core.tenant import Tenant
 SHARE_AT = 0.75
 # A key that asked for room counts as sharing the cap this long after (a Retry-After and then
 # some): so a refused key finds room when it comes back, and a one-at-a-time client keeps it.
-LINGER_S = 5.0
+# A minute, not a few seconds: a key counts as sharing the cap between queries sent up to a
+# minute apart (at 5 s, a key querying every 6 s met a flood holding the whole cap each time).
+LINGER_S = 60.0
 RETRY_AFTER_S = 1  # a slot frees in about a request's time: Retry-After as docs/api.md says
 
 Key = str | None

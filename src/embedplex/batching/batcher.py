@@ -311,8 +311,11 @@ class Batcher(Generic[P, R]):
             )
         if queued + n <= cap * SHARE_AT:
             return
+        shares = self._queue.by_key()
+        if shares is None:  # a fifo queue: oldest first, whoever sent it
+            return
+        counts, weights = shares
         key = tenant.key_id
-        counts, weights = self._queue.by_key()
         held = counts.get(key, 0)
         share = past_share(
             cap=cap,

@@ -133,7 +133,7 @@ class _FairState(_ListQueue):
         self._ended = ended
         self._scan_at = max(2 * len(ended), 64)
 
-    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]] | None:
         return self._count, self._weight  # kept per push and removal: nothing to count
 
     def pop_expired(self, now: float) -> list[AnyItem]:

@@ -8,7 +8,6 @@ one key at one priority is waiting (docs/scheduling.md).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -41,9 +40,11 @@ class BatchQueue(Protocol):
         sum of costs (``FifoQueue``).
         """
 
-    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]] | None:
         """Items waiting per key, and each such key's weight (``admission.py``: read only
-        once the queue is past its share threshold)."""
+        once the queue is past its share threshold); None for a queue that serves in arrival
+        order, whoever sent it, where no key's share is kept (and counting them would cost a
+        pass over the whole queue for every request under overload)."""
 
 
 class _ListQueue:
@@ -86,13 +87,8 @@ class _ListQueue:
         self._items = [i for i in self._items if i.waiting]
         return before - len(self._items)
 
-    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]]:
-        counts: Counter[str | None] = Counter()
-        weights: dict[str | None, int] = {}
-        for item in self._items:
-            counts[item.tenant_key] += 1
-            weights[item.tenant_key] = max(1, item.weight)
-        return counts, weights
+    def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]] | None:
+        return None  # arrival order: the fair queues (fair.py) keep per-key counts
 
 
 class FifoQueue(_ListQueue):
