@@ -24,6 +24,7 @@ from embedplex.batching.admission import SHARE_AT, Sharing, past_share, share_re
 from embedplex.batching.cost import padded_cost
 from embedplex.batching.item import Item, Progress
 from embedplex.batching.queues import BatchQueue, FifoQueue
+from embedplex.core.deadline import within
 from embedplex.core.errors import (
     BackendError,
     EmbedplexError,
@@ -535,17 +536,15 @@ class Batcher(Generic[P, R]):
         """``running`` within ``seconds``, else ``_Hung``. A run in a thread cannot be stopped:
         its future is cancelled, so the thread's late result is dropped by asyncio (a cancelled
         future ignores it) and never reaches a caller."""
-        try:
-            async with asyncio.timeout(seconds) as scope:
-                return await running
-        except TimeoutError:
-            if not scope.expired():
-                raise  # the run's own TimeoutError, not the watchdog's
+
+        def hung() -> _Hung:
             logger.error("a batch ran longer than %gs: marking the backend dead", seconds)
-            raise _Hung(
+            return _Hung(
                 f"inference hung (a forward pass ran longer than {seconds:g}s); "
                 "the backend is marked dead"
-            ) from None
+            )
+
+        return await within(running, seconds, hung)  # the run's own TimeoutError passes
 
     def _fail(self, batch: Sequence[Item[P, R]], error: BaseException) -> None:
         end = time.perf_counter()

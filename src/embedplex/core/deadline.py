@@ -14,9 +14,13 @@ inputs starting: docs/reliability.md) and the inference watchdog bound it.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 
 class Deadline(NamedTuple):
@@ -54,6 +58,19 @@ SHUTDOWN = _Shutdown()
 def drain_by(at: float | None) -> None:
     """Set (SIGTERM) or clear (tests) the instant the drain must be over."""
     SHUTDOWN.at = at
+
+
+async def within(work: Awaitable[T], seconds: float, timed_out: Callable[[], BaseException]) -> T:
+    """``work``'s result if it comes within ``seconds``, else ``work`` cancelled and
+    ``timed_out()`` raised; a TimeoutError of ``work``'s own passes through as it is."""
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            return await work
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise timed_out() from None
 
 
 REQUEST_DEADLINE: ContextVar[Deadline | None] = ContextVar("embedplex_deadline", default=None)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
 from embedplex.batching import Slots
+from embedplex.core.deadline import within
 from embedplex.core.errors import FatalBackendError, NotReadyError, QueueTimeoutError
 from embedplex.core.tenant import ANONYMOUS, Tenant, current_tenant
 from embedplex.core.types import (
@@ -174,18 +175,15 @@ class LazyModel:
     async def _wait(self, loading: asyncio.Task[ServedModel]) -> ServedModel:
         """``loading``'s model, within ``wait_s``; the load goes on whoever stops waiting
         (shielded: a caller that leaves, or times out, must not cancel the shared load)."""
-        timeout = asyncio.timeout(self._wait_s)
-        try:
-            async with timeout:
-                return await asyncio.shield(loading)
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            raise QueueTimeoutError(
+        return await within(
+            asyncio.shield(loading),
+            self._wait_s,
+            lambda: QueueTimeoutError(
                 f"model {self._placeholder.name!r} is still loading after {self._wait_s:g}s "
                 "(queue_timeout_ms); retry shortly",
                 retry_after=1,
-            ) from None
+            ),
+        )
 
     def _retry_in(self) -> float:
         return max(0.0, self._retry_at - time.monotonic())

@@ -56,7 +56,7 @@ from embedplex.cache import EmbeddingCache
 from embedplex.cache.keys import MemoryKey, ids_key, model_identity, pack, redis_key, unpack
 from embedplex.config import Settings
 from embedplex.core.cores import tokenizer_threads
-from embedplex.core.deadline import REQUEST_DEADLINE
+from embedplex.core.deadline import REQUEST_DEADLINE, within
 from embedplex.core.errors import (
     EmbedplexError,
     EmptyInputError,
@@ -620,17 +620,15 @@ class LocalModel(Generic[R]):
         if deadline is None:
             return list(await work)
         # Cancelled with the wait: texts no thread has started on are never tokenized.
-        timeout = asyncio.timeout(deadline.remaining())
-        try:
-            async with timeout:
-                return list(await work)
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            raise QueueTimeoutError(
+        encoded = await within(
+            work,
+            deadline.remaining(),
+            lambda: QueueTimeoutError(
                 f"waited longer than {deadline.describe()} for a tokenizer thread",
                 retry_after=1,
-            ) from None
+            ),
+        )
+        return list(encoded)
 
     def _spent(
         self, spend: Spend, payloads: list[Payload], tenant: Tenant

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedplex.backends.tokenizer import Token
 from embedplex.batching.admission import Slots
-from embedplex.core.deadline import REQUEST_DEADLINE, Deadline
+from embedplex.core.deadline import REQUEST_DEADLINE, Deadline, within
 from embedplex.core.errors import (
     EmbedplexError,
     FatalBackendError,
@@ -568,14 +568,9 @@ class RayModel:
             return await self._attempts(method, request, call)
         if wait <= 0:  # spent before the call (tokenizing, a version probe): no call for nobody
             raise self._timed_out(deadline)
-        timeout = asyncio.timeout(wait)
-        try:
-            async with timeout:
-                return await self._attempts(method, request, call)
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            raise self._timed_out(deadline) from None
+        return await within(
+            self._attempts(method, request, call), wait, lambda: self._timed_out(deadline)
+        )
 
     def _timed_out(self, deadline: Deadline | None) -> EmbedplexError:
         name = self.config.name
