@@ -31,7 +31,8 @@ from embedplex.backends.model_files import load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.core.types import EmbedRequest
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 from tiny_models import make_tiny_bert  # tests/: a tiny BERT's files, made locally
 
 

@@ -13,7 +13,8 @@ from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.core.types import EmbedRequest
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 
 
 def cached_model(

@@ -25,7 +25,8 @@ from embedplex.backends.model_files import load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 
 
 def fake_model(model_dir: Path, settings: Settings, backend: FakeBackend) -> LocalEmbeddingModel:

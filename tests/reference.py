@@ -10,7 +10,7 @@ import numpy as np
 
 from embedplex.config import Settings
 from embedplex.core.types import EmbedRequest
-from embedplex.models.local import LocalEmbeddingModel
+from embedplex.models.embedding import LocalEmbeddingModel
 
 TEXTS = [
     "hello world",

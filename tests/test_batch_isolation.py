@@ -15,8 +15,8 @@ import pytest
 from embedplex.config import Settings
 from embedplex.core.errors import BackendError, FatalBackendError
 from embedplex.core.types import EmbedRequest
+from embedplex.models.embedding import LocalEmbeddingModel
 from embedplex.models.isolation import isolating
-from embedplex.models.local import LocalEmbeddingModel
 from tiny_models import make_tiny_bert
 
 GOOD = ["the cat", "a dog", "the quick fox", "hello world", "the red text", "a blue model"]

@@ -24,7 +24,8 @@ from embedplex.cache.keys import PREFIX, redis_key
 from embedplex.config import Settings
 from embedplex.core.types import EmbedRequest
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, load_local_model
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.loading import load_local_model
 from helpers import eventually, running
 from redis_server import needs_redis_server, redis_server
 from tiny_models import make_tiny_bert

@@ -19,7 +19,7 @@ from embedplex.cache import EmbeddingCache
 from embedplex.core.errors import BackendError
 from embedplex.core.tenant import Priority, Tenant
 from embedplex.core.types import EmbedResult
-from embedplex.models.local import LocalEmbeddingModel
+from embedplex.models.embedding import LocalEmbeddingModel
 from helpers import eventually
 
 

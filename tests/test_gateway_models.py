@@ -31,7 +31,9 @@ from embedplex.gateway import Gateway
 from embedplex.gateway.allowed import AllowedModels
 from embedplex.gateway.build import placeholder
 from embedplex.gateway.lazy import LazyModel
-from embedplex.models.local import LocalEmbeddingModel, LocalModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.local import LocalModel
+from embedplex.models.options import LocalModelOptions
 from embedplex.models.rerank import LocalRerankModel
 from helpers import eventually, parse_metrics, running
 

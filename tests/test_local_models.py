@@ -15,7 +15,7 @@ from embedplex.backends import onnx_cache
 from embedplex.backends.base import TokenBatch
 from embedplex.config import Settings
 from embedplex.core.errors import BackendError, FatalBackendError
-from embedplex.models.local import LocalEmbeddingModel
+from embedplex.models.embedding import LocalEmbeddingModel
 from helpers import running
 from reference import embed_texts, min_cosine, st_encode
 from tiny_models import make_tiny_bert, make_tiny_t5, set_model_max_length

@@ -72,7 +72,7 @@ async def test_concurrent_callers_get_their_own_vectors(
 
 
 def test_second_start_reuses_the_cached_export(tmp_path: Path) -> None:
-    from embedplex.models.local import LocalEmbeddingModel
+    from embedplex.models.embedding import LocalEmbeddingModel
 
     settings = Settings(cache_dir=tmp_path)
     LocalEmbeddingModel.load(settings)

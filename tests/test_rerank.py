@@ -183,7 +183,7 @@ def test_classifiers_with_many_labels_are_refused(tmp_path: Path) -> None:
     import json
 
     from embedplex.core.errors import FatalBackendError
-    from embedplex.models.local import load_local_model
+    from embedplex.models.loading import load_local_model
 
     model_dir = make_tiny_reranker(tmp_path / "clf")
     config = json.loads((model_dir / "config.json").read_text())

@@ -23,7 +23,8 @@ from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import ModelConfig, Settings
 from embedplex.core.errors import PayloadTooLargeError
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 from embedplex.models.rerank import LocalRerankModel
 from helpers import running
 

@@ -28,7 +28,8 @@ from embedplex.config import Settings
 from embedplex.core.errors import RateLimitedError
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 from embedplex.models.rerank import LocalRerankModel
 from embedplex.observability import Telemetry
 from embedplex.providers.config import RouteConfig

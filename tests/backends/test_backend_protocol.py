@@ -13,7 +13,7 @@ from embedplex.backends.model_files import ModelKind, load_spec
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.core.errors import BackendError
-from embedplex.models.local import load_backend
+from embedplex.models.loading import load_backend
 from tiny_models import make_tiny_reranker
 
 

@@ -24,7 +24,8 @@ from embedplex.backends.st_modules import pooling_config_name
 from embedplex.config import Settings
 from embedplex.core.errors import FatalBackendError
 from embedplex.core.types import EmbedRequest
-from embedplex.models.local import LocalEmbeddingModel, load_local_model
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.loading import load_local_model
 from reference import embed_texts, min_cosine, st_encode
 from tiny_models import (
     make_tiny_bert,

@@ -27,7 +27,7 @@ import asyncio, json, sys
 from pathlib import Path
 from embedplex.config import Settings
 from embedplex.core.types import EmbedRequest
-from embedplex.models.local import LocalEmbeddingModel
+from embedplex.models.embedding import LocalEmbeddingModel
 
 async def main() -> None:
     dims = {}

@@ -14,7 +14,7 @@ from embedplex.backends.model_files import load_spec
 from embedplex.backends.onnx import OnnxBackend
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
-from embedplex.models.local import LocalEmbeddingModel
+from embedplex.models.embedding import LocalEmbeddingModel
 from tiny_models import make_tiny_bert
 
 pytestmark = pytest.mark.slow

@@ -83,7 +83,7 @@ def test_an_operators_choice_is_kept(tiny_model_dir: Path) -> None:
 async def test_starting_a_cpu_model_turns_the_pool_off(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from embedplex.models.local import load_local_model
+    from embedplex.models.loading import load_local_model
 
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     settings = Settings(model_id=str(tiny_model_dir), backend="torch", cache_dir=tmp_path)

@@ -22,7 +22,8 @@ from embedplex.backends.model_files import DEFAULT_MODEL_ID, ModelSpec, load_spe
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 from embedplex.observability import Telemetry
 
 # Re-exported for the tests of this package.

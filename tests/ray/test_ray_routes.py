@@ -28,7 +28,7 @@ from embedplex.core.tenant import KeyLimits, Tenant
 from embedplex.gateway import Gateway
 from embedplex.models import ray_deploy
 from embedplex.models.config import ModelConfig
-from embedplex.models.local import load_local_model
+from embedplex.models.loading import load_local_model
 from embedplex.models.ray import RayErrors, RayModel
 from embedplex.ray.application import REPLICA_SETTINGS
 from embedplex.ray.replica import EmbedplexReplica

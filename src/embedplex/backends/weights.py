@@ -1,7 +1,7 @@
 """Which files of a model directory hold what decides its outputs, and their digest.
 
 ``model_hash`` keys the ONNX export cache (``onnx_cache.py``) and, for a model without a hub
-revision, its entries in the shared embedding cache (``models/local.py``). It covers every
+revision, its entries in the shared embedding cache (``models/embedding.py``). It covers every
 weight file, sharded or not, so two models whose config alone is the same never share a key,
 and the ONNX graph's external data, which the cache copies beside the graph. ``tokenizer_hash``
 joins it in the shared cache's identity: that cache keys texts, which the tokenizer turns into

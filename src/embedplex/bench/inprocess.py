@@ -20,7 +20,8 @@ from embedplex.backends.model_files import load_spec, resolve_model_dir, tokeniz
 from embedplex.cache import EmbeddingCache
 from embedplex.config import Settings
 from embedplex.gateway import Gateway
-from embedplex.models.local import LocalEmbeddingModel, LocalModelOptions
+from embedplex.models.embedding import LocalEmbeddingModel
+from embedplex.models.options import LocalModelOptions
 
 
 def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:

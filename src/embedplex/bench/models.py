@@ -9,7 +9,7 @@ from embedplex.backends.model_files import tokenizer_for
 from embedplex.backends.tokenizer import TextTokenizer
 from embedplex.config import Settings
 from embedplex.models.layout import InferenceLayout, inference_layout
-from embedplex.models.local import load_backend, read_model
+from embedplex.models.loading import load_backend, read_model
 
 
 def load_local(**overrides: Any) -> tuple[TextTokenizer, Backend, InferenceLayout]:

@@ -3,7 +3,7 @@ provider, an optional Redis tier, and each model's or provider's counts (hits by
 inputs that joined one in flight).
 
 What is cached for a local model is its per-input pooled result before normalization and
-dimensions are applied (``models/local.py``), so requests that differ only in those share
+dimensions are applied (``models/embedding.py``), so requests that differ only in those share
 entries; for a remote provider, the upstream's vector and the text's share of the call's tokens
 (``providers/cached.py``). ``docs/cache.md`` says what is keyed and why the default size is
 what it is.

@@ -66,7 +66,7 @@ def _local(
     allowed: AllowedModels,
     cache: EmbeddingCache,
 ) -> ServedModel | None:
-    from embedplex.models.local import load_local_model
+    from embedplex.models.loading import load_local_model
 
     kind = config.model_kind
     if kind is not None and not allowed.allows(config.name, kind.value):

@@ -52,7 +52,6 @@ from embedplex.batching.admission import Slots
 from embedplex.core.deadline import REQUEST_DEADLINE, Deadline, within
 from embedplex.core.errors import (
     EmbedplexError,
-    FatalBackendError,
     InvalidRequestError,
     NotReadyError,
     OverloadedError,
@@ -70,23 +69,15 @@ from embedplex.core.types import (
     TokenEmbedResult,
 )
 from embedplex.models.checks import check_dimensions, check_size, named_prompt
-from embedplex.models.config import RAY_MISSING, ModelConfig
+from embedplex.models.config import ModelConfig
 from embedplex.models.ray_deploy import (
     ServeState,
-    app_message,
-    connect,
-    deploy_app,
-    live_replicas,
-    running_options,
-    serve_options,
+    deploy_model,
     short,
-    wait_running,
-    warn_if_different,
 )
 from embedplex.models.ray_errors import RayErrors, lacks, ray_errors
 from embedplex.models.ray_spend import RayCall, ray_call
 from embedplex.ray.wire import (
-    DEPLOYMENT,
     SINCE,
     WIRE_VERSION,
     Answer,
@@ -110,7 +101,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 2.0  # how often replica states are read from Serve's controller
-INFO_TIMEOUT_S = 120.0  # the first call to a new deployment (its batcher starts)
 # How often replicas found too old for an operation are asked their version again (an upgrade).
 VERSION_RECHECK_S = STATUS_INTERVAL_S
 VERSION_PROBE_TIMEOUT_S = 10.0
@@ -124,7 +114,6 @@ REDEPLOY_JITTER_S = STATUS_INTERVAL_S
 # The longest one read of Serve's status may take: serve.status() blocks once the cluster is
 # gone (until Ray ends the process, docs/ray.md "Losing the cluster").
 STATUS_TIMEOUT_S = 2 * STATUS_INTERVAL_S
-START_TIMEOUT_S = 300.0  # ray_start_timeout_s's default
 
 
 class RayModel:
@@ -189,88 +178,19 @@ class RayModel:
     @classmethod
     def deploy(cls, settings: Settings, config: ModelConfig) -> RayModel:
         """Connect to Ray, deploy the model's application (or attach to a running one) and
-        wait until it answers. Blocking: the gateway builds models in a thread."""
-        try:
-            import ray
-            from ray import serve
-        except ImportError as exc:
-            raise FatalBackendError(f"model {config.name!r}: {RAY_MISSING}") from exc
-        from embedplex.ray.application import application, deployment_options
-
-        connect(ray, config.ray_address or "auto")
-        serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the cluster
-        name = app_name(config.name)
-        start_timeout = config.ray_start_timeout_s or START_TIMEOUT_S
-        running = serve.status().applications.get(name)
-        owned = running is None or str(_value(running.status)) != "RUNNING"
-        if owned:
-            logger.info("%s: deploying Ray Serve application %s", config.name, name)
-            deploy_app(serve, application(settings, config), name, config.name)
-            try:
-                wait_running(
-                    lambda: serve.status().applications.get(name), config.name, name, start_timeout
-                )
-            except FatalBackendError:
-                # It never ran, so no gateway uses it: not left to place its replicas later.
-                with contextlib.suppress(Exception):
-                    serve.delete(name, _blocking=False)
-                raise
-        else:
-            logger.info("%s: using the running Ray Serve application %s", config.name, name)
-            ours = serve_options(deployment_options(config))
-            warn_if_different(config.name, name, running_options(name), ours)
-        handle = serve.get_app_handle(name)
-        info: ModelInfo = handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
-        wire = _wire_version(handle)
-        if wire < WIRE_VERSION:
-            logger.warning(
-                "%s: the replicas of %s run an older embedplex (wire version %d, this gateway's "
-                "is %d): %s are refused until it is redeployed",
-                config.name,
-                name,
-                wire,
-                WIRE_VERSION,
-                ", ".join(sorted(m for m, v in SINCE.items() if v > wire)),
-            )
-
-        def read_states() -> ServeState | None:
-            app = serve.status().applications.get(name)
-            if app is None:
-                return None
-            failed = None
-            if str(_value(app.status)) in ("DEPLOY_FAILED", "UNHEALTHY"):
-                failed = app_message(app) or str(_value(app.status))
-            deployment = app.deployments.get(DEPLOYMENT)
-            if deployment is None:
-                return ServeState({}, failed)
-            states = {str(_value(k)): int(v) for k, v in deployment.replica_states.items()}
-            return ServeState(states, failed, live_replicas(ray, name))
-
-        def delete() -> None:
-            serve.delete(name)
-
-        def recover() -> tuple[Any, bool]:
-            # Checked again just before deploying: another gateway may have done it already.
-            if serve.status().applications.get(name) is not None:
-                logger.info("%s: %s was deployed again: using it", config.name, name)
-                return serve.get_app_handle(name), False
-            logger.warning(
-                "%s: the Ray Serve application %s is gone: deploying it", config.name, name
-            )
-            # Not waited for: the poller follows its replicas (readiness false until one runs).
-            deploy_app(serve, application(settings, config), name, config.name)
-            return serve.get_app_handle(name), True
-
+        wait until it answers (``ray_deploy.deploy_model``). Blocking: the gateway builds
+        models in a thread."""
+        app = deploy_model(settings, config)
         return cls(
             config,
-            handle,
-            info,
+            app.handle,
+            app.info,
             errors=ray_errors(),
-            owned=owned,
-            read_states=read_states,
-            delete=delete,
-            recover=recover,
-            wire=wire,
+            owned=app.owned,
+            read_states=app.read_states,
+            delete=app.delete,
+            recover=app.recover,
+            wire=app.wire,
             inference_timeout_s=settings.inference_timeout_s,
         )
 
@@ -658,22 +578,7 @@ def call_bound(config: ModelConfig, inference_timeout_s: float) -> float | None:
     return queue_ms / 1000 + inference_timeout_s + CALL_MARGIN_S
 
 
-def _wire_version(handle: Any) -> int:
-    """The replicas' wire version (blocking; ``deploy``): 1 when they have no ``wire_version``,
-    which replicas of the first release lack."""
-    try:
-        return int(handle.wire_version.remote().result(timeout_s=INFO_TIMEOUT_S))
-    except Exception as exc:
-        logger.info("no wire_version from the replicas (%s): version 1", type(exc).__name__)
-        return 1
-
-
 def _most_replicas(config: ModelConfig) -> int:
     if config.autoscaling is not None:
         return config.autoscaling.max_replicas
     return config.replicas or 1
-
-
-def _value(state: object) -> object:
-    """An enum's value (Serve's states are enums in some versions, strings in others)."""
-    return getattr(state, "value", state)

@@ -1,4 +1,6 @@
-"""The blocking steps of deploying a model on Ray Serve (``RayModel.deploy``), each bounded.
+"""Deploying a model on Ray Serve (``deploy_model``, which ``RayModel.deploy`` runs): connect,
+deploy its application or attach to a running one, and hand ``RayModel`` its blocking hooks
+into Serve (read the replicas' states, delete, deploy again).
 
 A wrong setting must fail the start in one line, never leave the gateway "loading":
 
@@ -18,6 +20,7 @@ the application runs with, and names the ones that differ.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,10 +28,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedplex.core.errors import FatalBackendError
-from embedplex.ray.wire import DEPLOYMENT
+from embedplex.core.types import ModelInfo
+from embedplex.models.config import RAY_MISSING, ModelConfig
+from embedplex.ray.wire import DEPLOYMENT, SINCE, WIRE_VERSION, app_name
+
+if TYPE_CHECKING:
+    from embedplex.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,8 @@ CONNECT_CHECK_S = 3.0  # a cluster address must accept a TCP connection within t
 DEPLOY_POLL_S = 1.0  # how often Serve's status is read while an application starts
 PROGRESS_LOG_S = 30.0  # how often a start that is taking long says what Serve says
 MESSAGE_CHARS = 300  # the most of Serve's message that an error or a log line carries
+INFO_TIMEOUT_S = 120.0  # the first call to a new deployment (its batcher starts)
+START_TIMEOUT_S = 300.0  # ray_start_timeout_s's default
 
 # One Ray connection per process: the address the first ray model connected to.
 _connected: list[str] = []
@@ -273,6 +283,107 @@ def live_replicas(ray: Any, name: str) -> frozenset[str] | None:
     except Exception:
         return None
     return frozenset(a["name"][len(prefix) :] for a in actors if a["name"].startswith(prefix))
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A model's application as ``deploy_model`` left it running, for its ``RayModel``:
+    ``owned`` if this gateway deployed it; ``read_states``, ``delete`` and ``recover`` are
+    ``RayModel``'s (blocking) hooks into Serve for it."""
+
+    handle: Any  # a Serve DeploymentHandle
+    info: ModelInfo
+    owned: bool
+    wire: int  # the replicas' wire version (``wire.py``)
+    read_states: Callable[[], ServeState | None]
+    delete: Callable[[], None]
+    recover: Callable[[], tuple[Any, bool]]
+
+
+def deploy_model(settings: Settings, config: ModelConfig) -> Deployed:
+    """Connect to Ray, deploy the model's application (or attach to a running one) and
+    wait until it answers (``RayModel.deploy``). Blocking: the gateway builds models in a
+    thread."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise FatalBackendError(f"model {config.name!r}: {RAY_MISSING}") from exc
+    from embedplex.ray.application import application, deployment_options
+
+    connect(ray, config.ray_address or "auto")
+    serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the cluster
+    name = app_name(config.name)
+    start_timeout = config.ray_start_timeout_s or START_TIMEOUT_S
+    running = serve.status().applications.get(name)
+    owned = running is None or str(_value(running.status)) != "RUNNING"
+    if owned:
+        logger.info("%s: deploying Ray Serve application %s", config.name, name)
+        deploy_app(serve, application(settings, config), name, config.name)
+        try:
+            wait_running(
+                lambda: serve.status().applications.get(name), config.name, name, start_timeout
+            )
+        except FatalBackendError:
+            # It never ran, so no gateway uses it: not left to place its replicas later.
+            with contextlib.suppress(Exception):
+                serve.delete(name, _blocking=False)
+            raise
+    else:
+        logger.info("%s: using the running Ray Serve application %s", config.name, name)
+        ours = serve_options(deployment_options(config))
+        warn_if_different(config.name, name, running_options(name), ours)
+    handle = serve.get_app_handle(name)
+    info: ModelInfo = handle.info.remote().result(timeout_s=INFO_TIMEOUT_S)
+    wire = _wire_version(handle)
+    if wire < WIRE_VERSION:
+        logger.warning(
+            "%s: the replicas of %s run an older embedplex (wire version %d, this gateway's "
+            "is %d): %s are refused until it is redeployed",
+            config.name,
+            name,
+            wire,
+            WIRE_VERSION,
+            ", ".join(sorted(m for m, v in SINCE.items() if v > wire)),
+        )
+
+    def read_states() -> ServeState | None:
+        app = serve.status().applications.get(name)
+        if app is None:
+            return None
+        failed = None
+        if str(_value(app.status)) in ("DEPLOY_FAILED", "UNHEALTHY"):
+            failed = app_message(app) or str(_value(app.status))
+        deployment = app.deployments.get(DEPLOYMENT)
+        if deployment is None:
+            return ServeState({}, failed)
+        states = {str(_value(k)): int(v) for k, v in deployment.replica_states.items()}
+        return ServeState(states, failed, live_replicas(ray, name))
+
+    def delete() -> None:
+        serve.delete(name)
+
+    def recover() -> tuple[Any, bool]:
+        # Checked again just before deploying: another gateway may have done it already.
+        if serve.status().applications.get(name) is not None:
+            logger.info("%s: %s was deployed again: using it", config.name, name)
+            return serve.get_app_handle(name), False
+        logger.warning("%s: the Ray Serve application %s is gone: deploying it", config.name, name)
+        # Not waited for: the poller follows its replicas (readiness false until one runs).
+        deploy_app(serve, application(settings, config), name, config.name)
+        return serve.get_app_handle(name), True
+
+    return Deployed(handle, info, owned, wire, read_states, delete, recover)
+
+
+def _wire_version(handle: Any) -> int:
+    """The replicas' wire version (blocking; ``deploy_model``): 1 when they have no
+    ``wire_version``, which replicas of the first release lack."""
+    try:
+        return int(handle.wire_version.remote().result(timeout_s=INFO_TIMEOUT_S))
+    except Exception as exc:
+        logger.info("no wire_version from the replicas (%s): version 1", type(exc).__name__)
+        return 1
 
 
 def _value(state: object) -> object:

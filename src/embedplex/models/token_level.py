@@ -23,7 +23,7 @@ from embedplex.core.types import EmbedRequest, TokenEmbedResult
 from embedplex.models.local import LocalModel
 
 if TYPE_CHECKING:
-    from embedplex.models.local import LocalEmbeddingModel
+    from embedplex.models.embedding import LocalEmbeddingModel
 
 # The most numbers (tokens x dimensions) one response may hold: 8,388,608 floats are 32 MiB in
 # memory and some 80-90 MB of JSON. A token-level answer is dim times bigger than a pooled one,

@@ -33,7 +33,8 @@ from embedplex.core.types import (
 )
 from embedplex.models.config import ModelConfig
 from embedplex.models.layout import inference_layout
-from embedplex.models.local import LocalModel, load_local_model
+from embedplex.models.loading import load_local_model
+from embedplex.models.local import LocalModel
 from embedplex.models.rerank import LocalRerankModel
 from embedplex.ray.wire import (
     WIRE_VERSION,
