@@ -130,7 +130,7 @@ def _listing(request: Request, kind: str) -> list[dict[str, object]]:
             "model_type": kind,
         }
         if kind == "embedding":
-            out["dimensions"] = info.dim or None  # remote routes learn it from their first answer
+            out["dimensions"] = info.dim or None  # a remote route: width unknown (docs/api.md)
         return out
 
     return [entry(m) for m in sorted(gw.models, key=lambda m: m.name) if m.kind == kind]
