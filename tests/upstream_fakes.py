@@ -135,6 +135,15 @@ class FakeUpstream:
         # ("Input validation error"), the others 400 ("maximum context length").
         self.max_chars: int | None = None
         self.ignore_dimensions = False  # answer full-width vectors whatever was asked
+        # TEI's own refusal above ``max_texts`` (422 "batch size N > maximum allowed batch
+        # size M", as TEI answers since 2026-02) instead of the generic 413.
+        self.tei_refusal = False
+        self.info_status = 200  # what GET /info answers (not 200: an /info that cannot be read)
+        self.model_id = "fake"  # what /info says it serves
+        self.info_paths: list[str] = []  # the /info paths read, in order
+        # Refuse a call whose texts hold more tokens than this, as Voyage and OpenAI do (400,
+        # their own words); a "token" here is ``FAKE_BYTES_PER_TOKEN`` bytes of UTF-8.
+        self.max_batch_tokens: int | None = None
         self.rerank_counts = True  # False: TEI's rerank answers lack x-compute-tokens (a proxy)
         self.embed_counts = True  # False: OpenAI-style answers without usage (some servers)
         self._script: deque[Fault] = deque()
@@ -147,6 +156,9 @@ class FakeUpstream:
                 Route("/v1/embed", self._cohere, methods=["POST"]),
                 Route("/embed", self._tei, methods=["POST"]),
                 Route("/info", self._info, methods=["GET"]),
+                Route("/tei/embed", self._tei, methods=["POST"]),
+                Route("/tei/info", self._info, methods=["GET"]),
+                Route("/inference/v1/embeddings", self._openai, methods=["POST"]),
                 Route("/rerank", self._tei_rerank, methods=["POST"]),
                 Route("/v2/rerank", self._cohere_rerank, methods=["POST"]),
                 Route("/voyage/v1/rerank", self._voyage_rerank, methods=["POST"]),
@@ -169,6 +181,11 @@ class FakeUpstream:
             self.max_texts = None
             self.max_chars = None
             self.ignore_dimensions = False
+            self.tei_refusal = False
+            self.info_status = 200
+            self.model_id = "fake"
+            self.info_paths.clear()
+            self.max_batch_tokens = None
 
     @property
     def url(self) -> str:
@@ -217,8 +234,13 @@ class FakeUpstream:
                 call,
             )
         if self.max_texts is not None and len(texts) > self.max_texts:
+            if self.tei_refusal:
+                return _tei_refuse_size(len(texts), self.max_texts), call
             msg = {"error": f"batch size {len(texts)} > {self.max_texts}"}
             return Response(orjson.dumps(msg), status_code=413), call
+        cap = self.max_batch_tokens
+        if cap is not None and (sent := sum(fake_tokens(t) for t in texts)) > cap:
+            return _refuse_tokens(request.url.path, body.get("model"), cap, sent), call
         if self.max_chars is not None and any(len(t) > self.max_chars for t in texts):
             return _refuse_long(request.url.path, self.max_chars), call
         if fault.malformed:
@@ -350,7 +372,10 @@ class FakeUpstream:
         return _json({"model": call.body["model"], "results": results, "usage": usage})
 
     async def _info(self, request: Request) -> Response:
-        return _json({"model_id": "fake", "max_client_batch_size": self.max_texts or 64})
+        self.info_paths.append(request.url.path)
+        if self.info_status != 200:
+            return _json({"error": "unavailable"}, self.info_status)
+        return _json({"model_id": self.model_id, "max_client_batch_size": self.max_texts or 64})
 
     def _vec(self, text: str, dims: int | None) -> np.ndarray:
         v = vector_for(text)
@@ -361,6 +386,42 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(
         orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
     )
+
+
+FAKE_BYTES_PER_TOKEN = 2  # denser than the router's reckoning (3), as real text can be
+
+
+def fake_tokens(text: str) -> int:
+    """The fake's count of a text's tokens, for ``max_batch_tokens``."""
+    return -(-len(text.encode()) // FAKE_BYTES_PER_TOKEN)
+
+
+def _tei_refuse_size(n: int, most: int) -> Response:
+    """TEI's refusal of a call with more inputs than ``--max-client-batch-size``."""
+    body = {
+        "error": f"batch size {n} > maximum allowed batch size {most}",
+        "error_type": "Validation",
+    }
+    return _json(body, 422)
+
+
+def _refuse_tokens(path: str, model: str | None, cap: int, sent: int) -> Response:
+    """The vendor's refusal of a call whose texts hold more tokens than it takes per call:
+    Voyage's ``detail`` and OpenAI's ``max_tokens_per_request`` error, in their own words."""
+    if path.startswith("/voyage/"):
+        detail = (
+            f"Request to model '{model}' failed. The max allowed tokens per submitted batch is "
+            f"{cap}. Your batch has {sent} tokens after truncation. Please lower the number of "
+            "tokens in the batch."
+        )
+        return _json({"detail": detail}, 400)
+    error = {
+        "message": f"Requested {sent} tokens, max {cap} tokens per request",
+        "type": "max_tokens_per_request",
+        "param": None,
+        "code": "max_tokens_per_request",
+    }
+    return _json({"error": error}, 400)
 
 
 def _refuse_long(path: str, max_chars: int) -> Response:

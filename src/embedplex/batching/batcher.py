@@ -13,6 +13,7 @@ inputs: an exception in a result's place fails that input's future alone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -232,6 +233,14 @@ class Batcher(Generic[P, R]):
     def set_max_items(self, n: int) -> None:
         """Adjust the batch size at run time (adaptive sizing); capped by the policy."""
         self._max_items = max(1, min(n, self.policy.max_items))
+        self._wakeup.set()
+
+    def set_limits(self, max_items: int, max_cost: int | None) -> None:
+        """Replace the policy's ``max_items`` (the cap of ``set_max_items``) and ``max_cost``
+        at run time: a remote provider that learned its upstream's limits (docs/router.md).
+        The batch size comes down to the new cap at once; it rises only by ``set_max_items``."""
+        self.policy = dataclasses.replace(self.policy, max_items=max_items, max_cost=max_cost)
+        self._max_items = min(self._max_items, self.policy.max_items)
         self._wakeup.set()
 
     @property

@@ -188,6 +188,26 @@ class UpstreamError(BackendError):
         self.status = status
 
 
+class UpstreamTooLargeError(UpstreamError):
+    """A remote provider refused a call for its size, not for any one input: more texts or
+    more tokens than one call may carry (a 413, or a vendor's 400/422 that says so). What the
+    refusal said one call may carry: ``max_items`` inputs, ``max_cost`` estimated tokens
+    (``providers.base.budget_tokens``); None where it did not say. The call is split to fit
+    (``providers/guard.py``), and reaches a caller only when one input alone is refused (502)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        max_items: int | None = None,
+        max_cost: int | None = None,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.max_items = max_items
+        self.max_cost = max_cost
+
+
 class UpstreamTimeoutError(UpstreamError):
     """A remote provider did not answer within the per-attempt timeout or the retry budget."""
 

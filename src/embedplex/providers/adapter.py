@@ -12,18 +12,20 @@ callers with the same query share a call; each caller's own ``top_n`` is applied
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import httpx
 import numpy as np
 import pybase64
 
-from embedplex.core.errors import InvalidRequestError
+from embedplex.core.errors import InvalidRequestError, UpstreamError, UpstreamTooLargeError
 from embedplex.core.types import Vector
 from embedplex.providers.base import (
     Embeddings,
@@ -31,6 +33,7 @@ from embedplex.providers.base import (
     ProviderLimits,
     RerankParams,
     Scores,
+    budget_tokens,
 )
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.http import AttemptListener, HttpTransport, RetryListener, RetryPolicy
@@ -101,17 +104,43 @@ def check_width(vectors: list[Vector], dimensions: int | None) -> None:
         raise ValueError(f"vectors of width {vectors[0].shape[0]}, asked for {dimensions}")
 
 
+_VERSION = re.compile(r"v\d+")
+
+
 def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
-    """A full URL: ``endpoint`` as given when it has a path, else with ``path`` appended."""
+    """The URL of the adapter's calls: ``endpoint`` with ``path`` appended when it is a base
+    URL, else as written (the full URL of the calls).
+
+    A base URL has no path (``http://host:8080``: ``path`` whole), or a path that ends in an
+    API version (``/v1``, ``/inference/v1``, ``/openai/v1/``: how OpenAI-compatible hosts give
+    theirs, and what openai-python appends ``/embeddings`` to). Then the version is the
+    endpoint's own and only the rest of ``path`` is appended: ``.../inference/v1`` +
+    ``/embeddings``; a Cohere ``.../v1`` gets ``/v1/embed`` (its v1 API), ``.../v2`` gets
+    ``/v2/embed``. No full URL of these APIs ends in a version, so none is taken for a base.
+    The query, if any, stays at the end.
+    """
     url = endpoint or default
     if url is None:
         raise ValueError("this provider type needs an endpoint")
+    base = httpx.URL(url).path.rstrip("/")
+    if not base:
+        tail = path
+    else:
+        version, _, rest = path.lstrip("/").partition("/")
+        if not (_VERSION.fullmatch(base.rpartition("/")[2]) and _VERSION.fullmatch(version)):
+            return url
+        tail = "/" + rest
+    head, mark, query = url.partition("?")
+    return head.rstrip("/") + tail + mark + query
+
+
+def sibling_url(url: str, name: str) -> str:
+    """``url`` with its last path segment replaced by ``name`` (no query): where an API keeps
+    its other routes beside the one configured (TEI's ``/info`` beside ``/embed``, under any
+    prefix a proxy puts before both)."""
     parsed = httpx.URL(url)
-    if parsed.path in ("", "/"):
-        return url.rstrip("/") + path
-    if parsed.path.rstrip("/") == "/v1" and path.startswith("/v1/"):
-        return url.rstrip("/") + path[3:]
-    return url
+    head = parsed.path.rpartition("/")[0]
+    return str(parsed.copy_with(path=f"{head}/{name}", query=None))
 
 
 def rerank_url(endpoint: str | None, embed_url: str) -> str | None:
@@ -141,6 +170,52 @@ def parse_ranked(rows: Any, n: int, score: str) -> list[float]:
     if missing:
         raise ValueError(f"no score for {len(missing)} of {n} documents")
     return [s for s in scores if s is not None]
+
+
+class SizeRefusal(NamedTuple):
+    """What an upstream's refusal of a call for its size said: the inputs one call may carry,
+    the tokens one call may carry and the tokens it counted in the refused one (None: not
+    said)."""
+
+    max_items: int | None = None
+    max_tokens: int | None = None
+    sent_tokens: int | None = None
+
+
+# How upstreams refuse a call for its size, in their own words (read from the message the
+# transport kept: the upstream's, at most ``http.MAX_REASON`` characters of it):
+# - TEI, any version (422 since 2026-02, 413 before; router/src/http/server.rs), and an
+#   embedplex upstream (413): "batch size 64 > maximum allowed batch size 32";
+_TOO_MANY_INPUTS = re.compile(r"batch size \d+ > maximum allowed batch size (\d+)")
+# - Voyage (400): "... The max allowed tokens per submitted batch is 120000. Your batch has
+#   124302 tokens after truncation. ..." (the count may be cut off with the message);
+_VOYAGE_TOKENS = re.compile(
+    r"max allowed tokens per submitted batch is (\d+)(?:\. Your batch has (\d+) tokens)?"
+)
+# - OpenAI (400, code max_tokens_per_request): "Requested 453357 tokens, max 300000 tokens
+#   per request";
+_OPENAI_TOKENS = re.compile(r"Requested (\d+) tokens, max (\d+) tokens per request")
+# - Mistral's OpenAI-style API (400): "Too many tokens in batch. Max is 16384 got 17555".
+_MISTRAL_TOKENS = re.compile(r"Too many tokens in batch\. Max is (\d+) got (\d+)")
+_SIZE_STATUSES = frozenset({400, 413, 422})
+
+
+def size_refusal(error: UpstreamError) -> SizeRefusal | None:
+    """What ``error`` said one call may carry, if it is an upstream's refusal of a call for
+    its size (not of one input); None otherwise. Whatever the provider's type: an
+    OpenAI-compatible endpoint may be TEI's, embedplex's or Mistral's."""
+    if error.status not in _SIZE_STATUSES:
+        return None
+    text = error.message
+    if m := _TOO_MANY_INPUTS.search(text):
+        return SizeRefusal(max_items=int(m[1]))
+    if m := _VOYAGE_TOKENS.search(text):
+        return SizeRefusal(max_tokens=int(m[1]), sent_tokens=int(m[2]) if m[2] else None)
+    if m := _OPENAI_TOKENS.search(text):
+        return SizeRefusal(max_tokens=int(m[2]), sent_tokens=int(m[1]))
+    if m := _MISTRAL_TOKENS.search(text):
+        return SizeRefusal(max_tokens=int(m[1]), sent_tokens=int(m[2]))
+    return None
 
 
 class HttpProvider(ABC):
@@ -179,12 +254,62 @@ class HttpProvider(ABC):
         )
         self.rerank_url = rerank_url(config.rerank_endpoint, self.url)
         self.rerank_model = config.rerank_model or config.model or self.default_rerank_model
-        self._limits = ProviderLimits(max_texts=self.max_texts, max_documents=self.max_documents)
+        tokens = config.max_batch_tokens
+        self._limits = ProviderLimits(
+            max_texts=self.max_texts,
+            max_documents=self.max_documents,
+            max_tokens=(self.default_max_tokens() if tokens is None else tokens) or None,
+        )
         self._headers: dict[str, str] = {}
 
     @property
     def limits(self) -> ProviderLimits:
         return self._limits
+
+    def default_max_tokens(self) -> int | None:
+        """The vendor's documented cap on the tokens of one embedding call, where this
+        provider has one and ``max_batch_tokens`` is not set (None: no cap known; a refusal
+        that names one still teaches it, ``sized``)."""
+        return None
+
+    def sized(
+        self, error: UpstreamError, costs: Sequence[int], *, documents: bool = False
+    ) -> UpstreamError:
+        """``error`` as ``UpstreamTooLargeError`` where the upstream refused the call for its
+        size (``size_refusal``), having learned what it said into ``limits``; else ``error``.
+
+        ``costs``: each input's ``budget_tokens`` in the refused call. A token cap is learned
+        in those units: the refused call's reckoning scaled by the upstream's own count against
+        its cap (exact for texts as dense as these), or halved where the count was not said.
+        Learned limits only come down. A rerank call's (``documents``) teaches the documents
+        limit; its tokens (query and documents, as vendors count them) only size its split.
+        """
+        said = size_refusal(error)
+        if said is None:
+            return error
+        max_items = max_cost = None
+        if said.max_items is not None and said.max_items < len(costs):
+            max_items = max(1, said.max_items)
+            self.learn_items(max_items, documents=documents)
+        if said.max_tokens is not None:
+            estimate = sum(costs)
+            sent = said.sent_tokens
+            budget = estimate * said.max_tokens // sent if sent else estimate // 2
+            max_cost = max(1, min(budget, estimate - 1))
+            current = self._limits.max_tokens
+            if not documents and (current is None or max_cost < current):
+                self._limits = dataclasses.replace(self._limits, max_tokens=max_cost)
+        out = UpstreamTooLargeError(
+            error.message, status=error.status, max_items=max_items, max_cost=max_cost
+        )
+        out.__cause__ = error
+        return out
+
+    def learn_items(self, n: int, *, documents: bool) -> None:
+        """An upstream said one call takes at most ``n`` texts (or documents)."""
+        field = "max_documents" if documents else "max_texts"
+        if n < getattr(self._limits, field):
+            self._limits = dataclasses.replace(self._limits, **{field: n})
 
     def bind(
         self,
@@ -211,6 +336,11 @@ class HttpProvider(ABC):
         """Forget the key; the pooled client belongs to the router, which closes it."""
         self._headers.clear()
 
+    async def prepare(self) -> None:
+        """Before each upstream call: what the adapter must know first (TEI: its ``/info``,
+        when due). Nothing by default."""
+        return None
+
     def check(self, params: EmbedParams) -> None:
         for field in ("truncate", "dimensions", "input_type", "prompt_name"):
             if field in self.supported or getattr(params, field) == getattr(_DEFAULTS, field):
@@ -229,9 +359,10 @@ class HttpProvider(ABC):
     async def embed(
         self, texts: list[str], params: EmbedParams, *, traces: Sequence[SpanContext] = ()
     ) -> Embeddings:
+        await self.prepare()
         n = len(texts)
         body = self.body(texts, params)
-        # The width the upstream was asked for, under its API's name (Cohere v1 sends none).
+        # The width the upstream was asked for, under its API's name.
         asked = body.get("dimensions", body.get("output_dimension"))
 
         def parse(data: Any, headers: httpx.Headers) -> Embeddings:
@@ -241,14 +372,20 @@ class HttpProvider(ABC):
             check_width(out.vectors, asked)
             return out
 
-        return await self.transport.post_json(
-            self.url,
-            body,
-            parse=parse,
-            headers=self._headers,
-            size=n,
-            traces=traces,
-        )
+        try:
+            return await self.transport.post_json(
+                self.url,
+                body,
+                parse=parse,
+                headers=self._headers,
+                size=n,
+                traces=traces,
+            )
+        except UpstreamError as exc:
+            sized = self.sized(exc, [budget_tokens(t) for t in texts])
+            if sized is exc:
+                raise
+            raise sized from exc
 
     def check_rerank(self, params: RerankParams) -> None:
         if self.rerank_url is None:
@@ -273,15 +410,23 @@ class HttpProvider(ABC):
         url = self.rerank_url
         if url is None:
             raise self._no_rerank_url()
+        await self.prepare()
         n = len(documents)
-        return await self.transport.post_json(
-            url,
-            self.rerank_body(query, documents, params),
-            parse=lambda data, headers: self.parse_rerank(data, headers, n),
-            headers=self._headers,
-            size=n,
-            traces=traces,
-        )
+        try:
+            return await self.transport.post_json(
+                url,
+                self.rerank_body(query, documents, params),
+                parse=lambda data, headers: self.parse_rerank(data, headers, n),
+                headers=self._headers,
+                size=n,
+                traces=traces,
+            )
+        except UpstreamError as exc:
+            q = budget_tokens(query)
+            sized = self.sized(exc, [q + budget_tokens(d) for d in documents], documents=True)
+            if sized is exc:
+                raise
+            raise sized from exc
 
     def _no_rerank_url(self) -> InvalidRequestError:
         return InvalidRequestError(

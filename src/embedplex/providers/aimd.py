@@ -38,6 +38,15 @@ class AimdController:
         self.decreases = 0
         self._last_decrease = float("-inf")
 
+    def set_ceiling(self, ceiling: int, floor: int) -> None:
+        """A new ceiling, learned from the upstream at run time (TEI's ``/info``, a refusal
+        that names its limit): a size above it comes down at once; a size at the old ceiling
+        moves up with it, as a healthy upstream starts at its ceiling."""
+        at_top = self.size >= self.ceiling
+        self.ceiling = max(1, ceiling)
+        self.floor = max(1, min(floor, self.ceiling))
+        self.size = self.ceiling if at_top else max(self.floor, min(self.size, self.ceiling))
+
     def observe(self, attempt: Attempt) -> int:
         """Update on one upstream attempt; return the (possibly new) batch size."""
         if attempt.outcome in _CONGESTION:

@@ -97,10 +97,32 @@ class RerankParams:
 
 @dataclass(frozen=True, slots=True)
 class ProviderLimits:
-    """What one upstream call may carry: texts to embed, documents to rerank."""
+    """What one upstream call may carry: texts to embed, documents to rerank, and the tokens
+    of an embedding call's texts as ``budget_tokens`` reckons them (None: no cap).
+
+    An adapter replaces its limits (never changes them in place) when it learns new ones from
+    its upstream (TEI's ``/info``, a refusal that names the limit): the runtime notices by
+    identity after each call and resizes its lanes (``ProviderRuntime._sync``)."""
 
     max_texts: int
     max_documents: int = 1000
+    max_tokens: int | None = None
+
+
+def budget_tokens(text: str) -> int:
+    """What ``text`` weighs against an upstream's cap on the tokens of one call
+    (``ProviderLimits.max_tokens``): a third of its UTF-8 bytes, plus two special tokens.
+
+    Not the chars/4 that estimates a key's spend (``core/spend.py``): a call over the cap is
+    refused whole, while an estimate too high only makes calls somewhat smaller. Byte-level
+    BPE tokenizers (OpenAI's, Voyage's) make about 4 characters a token of English prose
+    (reckoned here a third high), about 3 of code, and about one a character of CJK text,
+    which UTF-8 writes in 3 bytes (chars/4 would reckon a quarter of it): counted in bytes,
+    scripts land on one scale. What is left over, the upstream's refusal teaches
+    (``HttpProvider.sized``: its own count of the refused call against this reckoning).
+    """
+    n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return n // 3 + 2
 
 
 @dataclass(slots=True)

@@ -78,6 +78,14 @@ class Scope:
     params: EmbedParams
     dim: int = 0
     dim_sent: float = float("-inf")  # when this process last wrote ``dim`` to Redis
+    # What the upstream said it served when the scope was made (TEI's /info; None: unknown or
+    # not said): an answer that came after it said otherwise is not kept under this scope.
+    served: str | None = None
+
+
+def served(provider: Any) -> str | None:
+    """What ``provider``'s upstream says it serves, where it says (TEI's /info)."""
+    return getattr(provider, "served", None)
 
 
 def identity(config: ProviderConfig, provider: Any, params: EmbedParams) -> bytes:
@@ -87,7 +95,7 @@ def identity(config: ProviderConfig, provider: Any, params: EmbedParams) -> byte
         provider.type,
         url if url is not None else f"unnamed:{config.name}",  # a fake adapter: its own
         provider.model,
-        getattr(provider, "served", None),  # what the upstream said it serves (TEI's /info)
+        served(provider),  # what the upstream said it serves (TEI's /info)
         config.encoding_format,
         config.input_type,
         params.normalize,
@@ -117,7 +125,7 @@ class ProviderCache:
         ident = identity(self._config, self._provider, params)
         cache = self._cache
         tag = cache.tag_of(ident) if cache is not None else EmbeddingCache.new_tag()
-        return Scope(tag, remote_base(ident), params)
+        return Scope(tag, remote_base(ident), params, served=served(self._provider))
 
     def lookup(self, texts: list[str], tag: int) -> tuple[list[Entry | None], list[int]]:
         """Each text's entry in this process (or None), and the positions missed; counted."""

@@ -1,5 +1,6 @@
 """Cohere embed and rerank, v2 (``/v2/embed``, ``/v2/rerank``, the default) or v1 (an endpoint
-whose path has ``/v1/``).
+whose path has ``/v1/``, or a base URL ending in ``/v1``). v1 has no ``output_dimension``, so a
+v1 provider refuses ``dimensions`` (422) instead of answering the model's full width.
 
 Cohere requires ``input_type`` for v3+ models: a request without one uses the provider's
 configured ``input_type`` or ``search_document``. Rerank always truncates each document at
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 
 from embedplex.backends.tokenizer import TruncationDirection
+from embedplex.core.errors import InvalidRequestError
 from embedplex.providers.adapter import HttpProvider, decode_vectors
 from embedplex.providers.base import Embeddings, EmbedParams, RerankParams
 
@@ -33,6 +35,17 @@ class CohereProvider(HttpProvider):
     def v1(self) -> bool:
         return "/v1/" in httpx.URL(self.url).path
 
+    def check(self, params: EmbedParams) -> None:
+        super().check(params)
+        if self.v1 and params.dimensions is not None:
+            # v1's /embed has no output_dimension: the upstream would answer its full width,
+            # and the cache would keep it under the width asked for.
+            raise InvalidRequestError(
+                f"provider {self.name} (cohere v1) does not support dimensions: /v1/embed has "
+                "no output_dimension (a /v2/embed endpoint does)",
+                param="dimensions",
+            )
+
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
         input_type = params.input_type or "search_document"
         body: dict[str, Any] = {
@@ -46,7 +59,7 @@ class CohereProvider(HttpProvider):
         elif params.truncate or params.truncation_direction is TruncationDirection.LEFT:
             left = params.truncation_direction is TruncationDirection.LEFT
             body["truncate"] = "START" if left else "END"
-        if params.dimensions is not None and not self.v1:
+        if params.dimensions is not None:  # v2 only: v1 refuses it (``check``)
             body["output_dimension"] = params.dimensions
         return body
 

@@ -68,6 +68,15 @@ class ProviderConfig(BaseModel):
     min_batch_size: int = Field(
         1, ge=1, le=100_000, description="AIMD never shrinks a batch below this."
     )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=100_000_000,
+        description="Tokens one upstream call's texts may hold, reckoned from their length "
+        "(a third of their UTF-8 bytes); batches are cut by it as well as by count (default: "
+        "the vendor's documented cap: openai's own API 300000, voyage 120000-1000000 by model; "
+        "none for tei, cohere and other OpenAI-compatible servers; 0: no cap).",
+    )
     max_wait_ms: float = Field(
         50.0, ge=0, le=60_000, description="How long the first queued text waits for company."
     )

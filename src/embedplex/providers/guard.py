@@ -1,4 +1,5 @@
-"""The one way into a provider's upstream: circuit breaker, concurrency cap, split on refusal.
+"""The one way into a provider's upstream: circuit breaker, concurrency cap, split on refusal
+(of the call's size, or of one of its inputs).
 
 Embed calls (``runtime``) and rerank calls (``rerank_lanes``) to one provider go through the
 same ``UpstreamGuard``, so they see one health and one concurrency cap (one vendor account, one
@@ -20,6 +21,7 @@ from embedplex.core.errors import (
     UnavailableError,
     UpstreamError,
     UpstreamRefusedError,
+    UpstreamTooLargeError,
 )
 from embedplex.providers.health import ProviderHealth
 from embedplex.providers.http import MIN_ATTEMPT, SPLIT_BEGAN
@@ -66,25 +68,35 @@ class UpstreamGuard:
         self.budget = budget  # the provider's retry_budget_s: a split's sub-calls share it
 
     async def call(
-        self, items: list[P], send: Callable[[list[P]], Awaitable[list[R]]]
+        self,
+        items: list[P],
+        send: Callable[[list[P]], Awaitable[list[R]]],
+        cost: Callable[[P], int] | None = None,
     ) -> list[R | BaseException]:
-        """``send(items)`` (one result per item), split in halves after a 413, 400 or 422.
+        """``send(items)`` (one result per item), split after a refusal of its size or of one
+        of its inputs.
 
-        A 413 means the upstream takes fewer inputs than we sent; a 400 or 422 that one input
-        among several is refused (over its context length): splitting lets that input fail
-        alone, with ``UpstreamRefusedError`` (a 422 to its caller) in its place, and the others
-        answered. Every half asks the breaker again, so a circuit that opens meanwhile stops
-        the rest. Splits on a refusal are bounded (``_Split``): parts left when the calls or
-        the retry budget are spent fail with the upstream's error. A call that fails whole
-        without a split raises (every caller gets the error).
+        A refusal of the call's size (a 413, or ``UpstreamTooLargeError``: a vendor's 400 or
+        422 saying the call holds more texts or tokens than one call may) means the upstream
+        takes less than we sent, not that any input is bad: the call is cut into parts that
+        fit what the refusal said (``max_items`` inputs, ``max_cost`` by ``cost``), in halves
+        where it said nothing, outside the bounds below, so valid callers never fail for
+        sharing a call. Another 400 or 422 means one input among several is refused (over its
+        context length): splitting in halves lets that input fail alone, with
+        ``UpstreamRefusedError`` (a 422 to its caller) in its place, and the others answered.
+        Every part asks the breaker again, so a circuit that opens meanwhile stops the rest.
+        Splits on an input's refusal are bounded (``_Split``): parts left when the calls or the
+        retry budget are spent fail with the upstream's error. A call that fails whole without
+        a split raises (every caller gets the error).
         """
-        return await self._call(items, send, None)
+        return await self._call(items, send, None, cost)
 
     async def _call(
         self,
         items: list[P],
         send: Callable[[list[P]], Awaitable[list[R]]],
         split: _Split | None,
+        cost: Callable[[P], int] | None,
     ) -> list[R | BaseException]:
         if not self.health.acquire():
             raise UnavailableError(
@@ -101,9 +113,15 @@ class UpstreamGuard:
             except UpstreamError as exc:
                 failed = exc
         status = failed.status
-        if status == 413 and len(items) > 1:
-            pass
-        elif status in _REFUSED:
+        if isinstance(failed, UpstreamTooLargeError) or status == 413:
+            if len(items) == 1:
+                raise failed
+            self.counters["splits"] += 1
+            self.counters["size_refusals"] += 1
+            parts = _fit(items, failed, cost)
+            done = await asyncio.gather(*(self._part(p, send, split, cost) for p in parts))
+            return [r for part in done for r in part]
+        if status in _REFUSED:
             if len(items) == 1:
                 raise _refused(failed)
             if split is None:
@@ -118,7 +136,8 @@ class UpstreamGuard:
         self.counters["splits"] += 1
         half = len(items) // 2
         left, right = await asyncio.gather(
-            self._part(items[:half], send, split), self._part(items[half:], send, split)
+            self._part(items[:half], send, split, cost),
+            self._part(items[half:], send, split, cost),
         )
         return left + right
 
@@ -127,11 +146,12 @@ class UpstreamGuard:
         items: list[P],
         send: Callable[[list[P]], Awaitable[list[R]]],
         split: _Split | None,
+        cost: Callable[[P], int] | None,
     ) -> list[R | BaseException]:
-        """One half of a split: its results, or its error in each of its items' places (one
-        half failing leaves the other's answers standing)."""
+        """One part of a split: its results, or its error in each of its items' places (one
+        part failing leaves the others' answers standing)."""
         try:
-            return await self._call(items, send, split)
+            return await self._call(items, send, split, cost)
         except EmbedplexError as exc:
             return [exc] * len(items)
 
@@ -146,6 +166,31 @@ class UpstreamGuard:
         if callers is not None:
             end = min(end, callers)
         return time.monotonic() + max(MIN_ATTEMPT, took) < end
+
+
+def _fit(items: list[P], refusal: UpstreamError, cost: Callable[[P], int] | None) -> list[list[P]]:
+    """``items`` in order, cut into parts that each fit what a refusal of their size said
+    (``UpstreamTooLargeError``: inputs, and estimated tokens by ``cost``); in halves where it
+    said nothing that cuts them (a 413, a limit these items already keep)."""
+    said = refusal if isinstance(refusal, UpstreamTooLargeError) else None
+    most = (said.max_items if said else None) or len(items)
+    budget = (said.max_cost if said else None) or 0
+    weigh = cost if budget else None
+    parts: list[list[P]] = []
+    part: list[P] = []
+    held = 0
+    for item in items:
+        weight = weigh(item) if weigh is not None else 0
+        if part and (len(part) >= most or (weigh is not None and held + weight > budget)):
+            parts.append(part)
+            part, held = [], 0
+        part.append(item)
+        held += weight
+    parts.append(part)
+    if len(parts) == 1:
+        half = len(items) // 2
+        return [items[:half], items[half:]]
+    return parts
 
 
 def _refused(error: UpstreamError) -> UpstreamRefusedError:

@@ -89,13 +89,17 @@ class LaneSet(Generic[K, P, R]):
             lane.last_used = time.monotonic()
         return lane
 
-    async def lane(self, key: K, *, ceiling: int, size: int | None = None) -> Lane[K, P, R]:
-        """The lane of ``key`` (made now if it has none); ``size`` starts it below ``ceiling``."""
+    async def lane(
+        self, key: K, *, ceiling: int, size: int | None = None, max_cost: int | None = None
+    ) -> Lane[K, P, R]:
+        """The lane of ``key`` (made now if it has none); ``size`` starts it below ``ceiling``;
+        ``max_cost``: what one batch's items may cost together (None: no budget)."""
         lane = self.lanes.get(key)
         if lane is None:
             config = self.config
             policy = BatchPolicy(
                 max_items=ceiling,
+                max_cost=max_cost,
                 max_wait=config.max_wait_ms / 1000,
                 max_quiet=config.max_quiet_ms / 1000,
                 max_concurrency=config.max_concurrency,
@@ -126,6 +130,12 @@ class LaneSet(Generic[K, P, R]):
         """Resize every lane's batches (AIMD)."""
         for lane in self.lanes.values():
             lane.batcher.set_max_items(n)
+
+    def set_limits(self, ceiling: int, max_cost: int | None, size: int) -> None:
+        """New limits for every lane (the upstream's, learned at run time), at ``size``."""
+        for lane in self.lanes.values():
+            lane.batcher.set_limits(ceiling, max_cost)
+            lane.batcher.set_max_items(size)
 
     async def close(self, *, drain: bool = True) -> None:
         lanes, self.lanes = list(self.lanes.values()), {}

@@ -24,6 +24,11 @@ class OpenAIProvider(HttpProvider):
     max_texts = 2048  # OpenAI's documented cap on `input` items
     supported = frozenset({"dimensions"})
 
+    def default_max_tokens(self) -> int | None:
+        """OpenAI's own API takes at most 300,000 tokens over one call's inputs (its 400
+        ``max_tokens_per_request``); other OpenAI-compatible servers set their own, if any."""
+        return 300_000 if httpx.URL(self.url).host == "api.openai.com" else None
+
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
         body: dict[str, Any] = {
             "input": texts,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -30,7 +31,7 @@ from embedplex.batching import BatchObserver
 from embedplex.core.deadline import REQUEST_DEADLINE, bound_batch
 from embedplex.core.spend import REQUEST_SPEND, estimated_tokens
 from embedplex.core.types import RerankRequest, RerankResult
-from embedplex.providers.base import Reranker, RerankParams
+from embedplex.providers.base import Reranker, RerankParams, budget_tokens
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.lanes import Lane, LaneSet, collect, timings
@@ -60,6 +61,12 @@ class Pair(NamedTuple):
         return self.cost
 
 
+def _cost(pair: Pair) -> int:
+    """A pair's weight against a token cap as vendors count rerank calls (the query is
+    counted with every document): what a split after a refusal of the call's size cuts by."""
+    return budget_tokens(pair.query) + budget_tokens(pair.document)
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     """One document's share of an upstream answer."""
@@ -74,8 +81,17 @@ RerankLane = Lane[RerankParams, Pair, Scored]
 class RerankLanes:
     """The rerank lanes of one provider (owned by its ``ProviderRuntime``)."""
 
-    def __init__(self, config: ProviderConfig, reranker: Reranker, guard: UpstreamGuard) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        reranker: Reranker,
+        guard: UpstreamGuard,
+        *,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
+        # Called after every upstream call: the runtime takes up limits the adapter learned.
+        self._after = after
         self.name = config.name
         self.reranker = reranker
         self.health = guard.health
@@ -100,6 +116,10 @@ class RerankLanes:
     @property
     def ceiling(self) -> int:
         return max(1, self.reranker.limits.max_documents)
+
+    def set_limits(self) -> None:
+        """Cut every lane at the reranker's documents limit, learned anew (``_sync``)."""
+        self._lanes.set_limits(self.ceiling, None, self.ceiling)
 
     async def close(self, *, drain: bool = True) -> None:
         await self._lanes.close(drain=drain)
@@ -132,7 +152,11 @@ class RerankLanes:
         async def send(part: list[Pair]) -> list[Scored]:
             documents = [p.document for p in part]
             traces = [p.trace for p in part if p.trace is not None]
-            out = await self.reranker.rerank(part[0].query, documents, params, traces=traces)
+            try:
+                out = await self.reranker.rerank(part[0].query, documents, params, traces=traces)
+            finally:
+                if self._after is not None:
+                    self._after()
             self.counters["upstream_rerank_calls"] += 1
             self.counters["documents"] += len(documents)
             if out.tokens is None:
@@ -144,7 +168,7 @@ class RerankLanes:
                 shares = token_shares(out.tokens, documents)
             return [Scored(s, t) for s, t in zip(out.scores, shares, strict=True)]
 
-        return await self._guard.call(pairs, send)
+        return await self._guard.call(pairs, send, _cost)
 
     async def probe(self, text: str) -> None:
         """``text`` against itself in one upstream call, outside the lanes (the router's

@@ -45,8 +45,8 @@ from embedplex.observability.providers import CircuitState as CircuitGauge
 from embedplex.observability.providers import NullProviderObserver, ProviderObserver
 from embedplex.observability.tracing import current_span_context
 from embedplex.providers.aimd import AimdController
-from embedplex.providers.base import EmbedParams, Provider, Reranker
-from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope
+from embedplex.providers.base import EmbedParams, Provider, Reranker, budget_tokens
+from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope, served
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.endpoints import redact_query
 from embedplex.providers.guard import UpstreamGuard, token_shares
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 PROBE_TEXT = "embedplex health probe"
 # Parameter sets ``ProviderRuntime._params`` keeps; past this the table starts again.
 _CHECKED_MAX = 256
-_ONE = [1]  # the costs of one queued text (the batcher only reads them)
+_ONE = [1]  # the costs of one queued text without a token cap (the batcher only reads them)
 
 
 class Text(NamedTuple):
@@ -136,11 +136,16 @@ class ProviderRuntime:
         )
         self._closing = False
         self._checked: dict[tuple[Any, ...], Scope] = {}  # see _params
+        # The adapter's limits and served model as the lanes and scopes last took them
+        # (``_sync``); with a token cap, each queued text costs its ``budget_tokens``.
+        self._limits = provider.limits
+        self._served = served(provider)
+        self._costed = self._limits.max_tokens is not None
         # What this provider last served: the router's probe asks the same kind of question.
         self.last_kind: Literal["embed", "rerank"] = "embed"
         self.rerank_lanes: RerankLanes | None = None
         if isinstance(provider, Reranker):
-            self.rerank_lanes = RerankLanes(config, provider, self._guard)
+            self.rerank_lanes = RerankLanes(config, provider, self._guard, after=self._sync)
         self._observe(observers or [])
         provider.bind(self.on_attempt, self.gate, on_retry=self.on_retry)
         health.on_change = self.on_circuit
@@ -197,6 +202,9 @@ class ProviderRuntime:
 
     async def start(self) -> None:
         await self.provider.start()
+        self._limits = self.provider.limits
+        self._served = served(self.provider)
+        self._costed = self._limits.max_tokens is not None
         ceiling = self.ceiling
         self.aimd = AimdController(
             ceiling=ceiling,
@@ -257,6 +265,30 @@ class ProviderRuntime:
     def on_circuit(self, state: CircuitState) -> None:
         self._report.on_circuit_state(self.name, CircuitGauge[state.name])
 
+    def _sync(self) -> None:
+        """Take up what the adapter learned during a call: new limits (TEI's /info read late,
+        a refusal that named the upstream's limit: docs/router.md) resize every lane and the
+        AIMD ceiling; a new served model (TEI's /info) makes new cache scopes, so texts are
+        kept under what the upstream now says it serves (``Scope.served``). One identity test
+        per call when nothing changed."""
+        limits = self.provider.limits
+        if limits is not self._limits:
+            self._limits = limits
+            self._costed = limits.max_tokens is not None
+            ceiling = self.ceiling
+            size = ceiling
+            if self.aimd is not None:
+                self.aimd.set_ceiling(ceiling, self.config.min_batch_size)
+                size = self.aimd.size
+                self._report.on_batch_size(self.name, size)
+            self._embeds.set_limits(ceiling, limits.max_tokens, size)
+            if self.rerank_lanes is not None:
+                self.rerank_lanes.set_limits()
+        now = served(self.provider)
+        if now != self._served:
+            self._served = now
+            self._checked.clear()
+
     def gate(self) -> None:
         """Stop retrying once the circuit has opened (called before each retry)."""
         if not self.health.available():
@@ -279,7 +311,10 @@ class ProviderRuntime:
         async def send(part: list[Text]) -> list[Embedded]:
             texts = [t.text for t in part]
             traces = [t.trace for t in part if t.trace is not None]
-            out = await self.provider.embed(texts, params, traces=traces)
+            try:
+                out = await self.provider.embed(texts, params, traces=traces)
+            finally:
+                self._sync()
             self.counters["upstream_batches"] += 1
             self.counters["texts"] += len(texts)
             if out.tokens is None:
@@ -291,17 +326,20 @@ class ProviderRuntime:
                 shares = token_shares(out.tokens, texts)
             rows = [Embedded(v, t) for v, t in zip(out.vectors, shares, strict=True)]
             store = self.cache.store
+            now = self._served
             for t, row in zip(part, rows, strict=True):
-                if t.keep is not None:
+                if t.keep is not None and t.keep.served == now:
                     store(t.text, t.keep, row.vector, row.tokens)
             return rows
 
-        return await self._guard.call(batch, send)
+        return await self._guard.call(batch, send, _cost)
 
     async def _new_lane(self, params: EmbedParams) -> EmbedLane:
         """The lane of ``params`` when it has none yet (every later request: ``existing``)."""
         aimd_size = self.aimd.size if self.aimd is not None else self.ceiling
-        return await self._embeds.lane(params, ceiling=self.ceiling, size=aimd_size)
+        return await self._embeds.lane(
+            params, ceiling=self.ceiling, size=aimd_size, max_cost=self._limits.max_tokens
+        )
 
     def _params(self, request: EmbedRequest) -> Scope:
         """The request's ``EmbedParams``, checked against the provider, in their cache scope.
@@ -454,13 +492,14 @@ class ProviderRuntime:
                         flight.leave()
             lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
             texts = [Text(key[0], trace, at, keep)]
+            costs = [budget_tokens(key[0])] if self._costed else _ONE
             spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
             if spend is None:
-                queued = lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant)
+                queued = lane.batcher.submit(texts, costs, trace=trace, tenant=tenant)
             else:
                 queued = await spend.queue(
                     texts[0].bound,
-                    lambda: lane.batcher.submit(texts, _ONE, trace=trace, tenant=tenant),
+                    lambda: lane.batcher.submit(texts, costs, trace=trace, tenant=tenant),
                 )
             item = queued[0]
             flight = Flight(flights, key, item, lane.requeue, tenant)
@@ -498,7 +537,10 @@ class ProviderRuntime:
             if fresh:
                 lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
                 queued = [Text(texts[k], trace, at, keep) for k in fresh]
-                costs = [1] * len(fresh)
+                if self._costed:
+                    costs = [budget_tokens(t.text) for t in queued]
+                else:
+                    costs = [1] * len(fresh)
                 spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
                 if spend is None:
                     items = lane.batcher.submit(queued, costs, trace=trace, tenant=tenant)
@@ -540,6 +582,7 @@ class ProviderRuntime:
             "model": self.provider.model,
             "endpoint": redact_query(getattr(self.provider, "url", None)),
             "max_texts_per_call": self.provider.limits.max_texts,
+            "max_tokens_per_call": self.provider.limits.max_tokens,
             **self._embeds.totals(),
             "max_batch_requests": self.aimd.size if self.aimd else self.ceiling,
             "aimd": self.aimd.snapshot() if self.aimd else None,
@@ -572,6 +615,11 @@ def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool
             item.payload = text._replace(deadline=wider, keep=text.keep or keep)
         return True
     return bound is None or (at is not None and at <= bound)
+
+
+def _cost(text: Text) -> int:
+    """A queued text's weight against the upstream's token cap (``guard`` cuts by it)."""
+    return budget_tokens(text.text)
 
 
 def _unbound(text: Text) -> Text:

@@ -1,6 +1,8 @@
 """Voyage AI ``POST /v1/embeddings`` (input, model, input_type, truncation, output_dimension)
 and ``POST /v1/rerank`` (query, documents, model, top_k, truncation -> ``data: [{index,
-relevance_score}]``)."""
+relevance_score}]``). Besides texts per call, Voyage caps the tokens of one call's texts by
+model (``default_max_tokens``): over it the whole call is refused (400), so the lanes cut by
+it too (``max_batch_tokens``, docs/router.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,22 @@ from embedplex.providers.base import Embeddings, EmbedParams, RerankParams, Scor
 _INPUT_TYPES = {"search_query": "query", "search_document": "document"}
 
 
+# The tokens one call's texts may hold, by model (docs.voyageai.com/reference/embeddings-api);
+# any other model (voyage-4-large, voyage-3-large, voyage-code-3, voyage-finance-2,
+# voyage-law-2, ...) gets the least of them, 120K.
+_TOKENS_PER_CALL = {
+    "voyage-4-lite": 1_000_000,
+    "voyage-3.5-lite": 1_000_000,
+    "voyage-3-lite": 1_000_000,
+    "voyage-4": 320_000,
+    "voyage-3.5": 320_000,
+    "voyage-3": 320_000,
+    "voyage-2": 320_000,
+}
+_LEAST_TOKENS_PER_CALL = 120_000
+DEFAULT_MODEL = "voyage-3.5"
+
+
 class VoyageProvider(HttpProvider):
     type = "voyage"
     default_endpoint = "https://api.voyageai.com/v1/embeddings"
@@ -24,8 +42,11 @@ class VoyageProvider(HttpProvider):
     rerank_supported = frozenset({"truncate"})
     default_rerank_model = "rerank-2.5"
 
+    def default_max_tokens(self) -> int | None:
+        return _TOKENS_PER_CALL.get(self.model or DEFAULT_MODEL, _LEAST_TOKENS_PER_CALL)
+
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
-        body: dict[str, Any] = {"input": texts, "model": self.model or "voyage-3.5"}
+        body: dict[str, Any] = {"input": texts, "model": self.model or DEFAULT_MODEL}
         if params.input_type is not None:
             body["input_type"] = _INPUT_TYPES.get(params.input_type, params.input_type)
         if params.truncate is not None:
