@@ -221,6 +221,10 @@ async def test_any_when_every_provider_fails_reports_them_all(
         await router.embed(req("x"), ["a", "b"], "any")
     assert "a:" in info.value.message
     assert "b:" in info.value.message
+    # A router that has not seen a 429 yet (this one passes over a for 3 s now).
+    router = await make_router(
+        provider("a", upstream, max_attempts=1), provider("b", upstream2, max_attempts=1)
+    )
     upstream.script(Fault(status=429, retry_after="5"))
     upstream2.script(Fault(status=429, retry_after="3"))
     with pytest.raises(RateLimitedError) as limited:

@@ -251,6 +251,7 @@ class HttpProvider(ABC):
                 backoff_base=config.backoff_base_ms / 1000,
                 backoff_max=config.backoff_max_s,
             ),
+            max_response_bytes=config.max_response_bytes,
         )
         self.rerank_url = rerank_url(config.rerank_endpoint, self.url)
         self.rerank_model = config.rerank_model or config.model or self.default_rerank_model

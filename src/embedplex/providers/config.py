@@ -23,6 +23,9 @@ Policy = Literal["any", "all"]
 RouteKind = Literal["embed", "rerank"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+# The largest answer read from an upstream by default: twice the largest that the adapters'
+# defaults can ask for (docs/router.md, "Failure handling").
+MAX_RESPONSE_BYTES = 64 * 2**20
 
 
 class ProviderConfig(BaseModel):
@@ -135,6 +138,13 @@ class ProviderConfig(BaseModel):
     )
     encoding_format: Literal["float", "base64"] = Field(
         "base64", description="openai type: how vectors travel (base64 is exact and compact)."
+    )
+    max_response_bytes: int = Field(
+        MAX_RESPONSE_BYTES,
+        ge=64 * 1024,
+        le=2**30,
+        description="Largest answer body read from the upstream; a larger one is a malformed "
+        "answer (502, fails over).",
     )
     cache: bool = Field(
         True,

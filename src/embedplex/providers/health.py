@@ -9,6 +9,11 @@ failures; 2xx is a success; 429, 413 and other 4xx say nothing about the upstrea
 
 In HALF_OPEN one call at a time is let through as the probe; the router also sends a small
 probe of its own when no traffic comes (``embedplex.providers.router``).
+
+A 429 is remembered apart from the circuit: the provider is rate limited for its Retry-After
+(``RATE_LIMIT_PAUSE`` without one), at most the breaker's cool-down. The router's ``any``
+policy passes over a rate-limited provider, as over an open circuit, while a later provider
+can take the request (``limited_for``); nothing else changes (retries, probes, the breaker).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ _FAILURES = frozenset(
     {Outcome.TIMEOUT, Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR, Outcome.MALFORMED}
 )
 _NEUTRAL = frozenset({Outcome.RATE_LIMITED, Outcome.TOO_LARGE, Outcome.CLIENT_ERROR})
+# How long a 429 without Retry-After keeps a provider rate limited (seconds): long enough to
+# send the callers that can go elsewhere elsewhere, short enough to find the limit lifted soon.
+RATE_LIMIT_PAUSE = 1.0
 
 
 class CircuitState(StrEnum):
@@ -58,6 +66,7 @@ class ProviderHealth:
         self._probe_since: float | None = None
         self.consecutive_failures = 0
         self.times_opened = 0
+        self._limited_until = 0.0  # a 429's Retry-After ends then (clock time)
         self._events: deque[tuple[float, bool, float]] = deque()  # (when, ok, latency)
 
     @property
@@ -87,6 +96,11 @@ class ProviderHealth:
             )
         return False
 
+    def limited_for(self) -> float:
+        """Seconds this provider is still rate limited (0: it is not)."""
+        left = self._limited_until - self._clock()
+        return left if left > 0 else 0.0
+
     def acquire(self) -> bool:
         """Take permission for one call; in half-open this makes the call the probe."""
         if not self.available():
@@ -104,6 +118,10 @@ class ProviderHealth:
     def record(self, attempt: Attempt) -> None:
         now = self._clock()
         if attempt.outcome in _NEUTRAL:
+            if attempt.outcome is Outcome.RATE_LIMITED:
+                wait = RATE_LIMIT_PAUSE if attempt.retry_after is None else attempt.retry_after
+                until = now + min(wait, self.cooldown)
+                self._limited_until = max(self._limited_until, until)
             if self._state is CircuitState.HALF_OPEN:
                 self._close()  # it answered: alive, if picky
             return
@@ -151,6 +169,7 @@ class ProviderHealth:
         return {
             "circuit": self.state.value,
             "retry_in_s": round(self.retry_in, 3),
+            "rate_limited_for_s": round(self.limited_for(), 3),
             "times_opened": self.times_opened,
             "consecutive_failures": self.consecutive_failures,
             "window_s": self.window,

@@ -3,9 +3,12 @@
 One ``httpx.AsyncClient`` (owned by the router) pools connections for all providers. A call is
 retried on connect errors, timeouts, 5xx and 429 with full-jitter exponential backoff, each
 attempt capped at ``attempt_timeout`` and all of them at ``budget`` seconds; ``Retry-After``
-is honoured. Failures leave this module only as embedplex errors (``raise ... from exc``): the
-last 429 as ``RateLimitedError(retry_after=...)``, a timeout as ``UpstreamTimeoutError``, any
-other upstream failure as ``UpstreamError(status=...)``. Every attempt is reported to a
+is honoured. A 429 is not waited out when every caller of the call has another provider to go
+to (``CALL_FAILOVER``): the call fails at once and the router's ``any`` policy moves on.
+Failures leave this module only as embedplex errors (``raise ... from exc``): the last 429 as
+``RateLimitedError(retry_after=...)``, a timeout as ``UpstreamTimeoutError``, any other upstream
+failure as ``UpstreamError(status=...)``; their text never holds our credentials (the call's
+key headers, the endpoint's query values: ``sanitize``). Every attempt is reported to a
 listener, which feeds health, the circuit breaker, adaptive batch sizing and metrics; each
 retry to a retry listener; with a tracer, each attempt runs inside an ``upstream <provider>``
 client span.
@@ -19,6 +22,7 @@ import math
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from embedplex.core.errors import (
     UpstreamTimeoutError,
 )
 from embedplex.observability.tracing import upstream_span
+from embedplex.providers.config import MAX_RESPONSE_BYTES
 from embedplex.providers.wire import WireClient
 
 if TYPE_CHECKING:
@@ -50,6 +55,16 @@ SPLIT_BEGAN: ContextVar[float | None] = ContextVar("embedplex_split_began", defa
 
 # Statuses worth another attempt besides 429 and 5xx: request timeout, Cloudflare-style 52x.
 _RETRY_STATUSES = frozenset({408, 429})
+
+# Whether the caller in this task has another provider to try after this one: set by the
+# router's ``any`` policy around each provider but the last one it could still use, read where
+# the caller's inputs are queued (they carry it into the batch).
+FAILOVER: ContextVar[bool] = ContextVar("embedplex_failover", default=False)
+# Whether every caller of the upstream call running in this task has one (set by the batch
+# function from its inputs): a 429 then ends the call at once, and its callers fail over,
+# rather than all of them waiting out Retry-After here. One caller with nowhere else to go
+# keeps the wait for the whole call (its callers share one answer).
+CALL_FAILOVER: ContextVar[bool] = ContextVar("embedplex_call_failover", default=False)
 
 
 class Outcome(StrEnum):
@@ -72,6 +87,7 @@ class Attempt:
     outcome: Outcome
     status: int | None
     size: int  # texts in the call
+    retry_after: float | None = None  # a 429's Retry-After, in seconds
 
     @property
     def status_text(self) -> str:
@@ -152,11 +168,16 @@ def sanitize(text: str, secrets: Sequence[str] = ()) -> str:
 
     Upstream error bodies are the upstream's words, not ours: a caller sees at most
     ``MAX_REASON`` characters of them, on one line, with our own key (``secrets``) and anything
-    that looks like a credential replaced by ``***``.
+    that looks like a credential replaced by ``***``. A body cut at its cap (``wire.py``) may
+    end in the first part of a secret: that part goes too.
     """
     for secret in secrets:
         if len(secret) >= 4:
             text = text.replace(secret, "***")
+            for n in range(min(len(secret), len(text)) - 1, 3, -1):
+                if text.endswith(secret[:n]):
+                    text = text[:-n] + "***"
+                    break
     text = _CREDENTIAL.sub(r"\1\2***", text)
     text = " ".join(_CONTROL.sub(" ", text).split())
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
@@ -172,13 +193,39 @@ def header_secrets(headers: dict[str, str]) -> list[str]:
     return [s for s in out if s]
 
 
+def query_secrets(url: str) -> list[str]:
+    """The values in ``url``'s query, as written and decoded: a key may travel there
+    (``?key=...``: Gemini, Azure-style), and no name list tells a key from a harmless value."""
+    query = url.partition("?")[2].partition("#")[0]
+    out = []
+    for part in query.split("&"):
+        value = part.partition("=")[2]
+        if value:
+            out += [value, urllib.parse.unquote_plus(value)]
+    return out
+
+
+def call_secrets(url: str, headers: dict[str, str]) -> list[str]:
+    """What no text of a call's failure may show: its key headers and its query's values,
+    longest first (a secret inside another is taken out after it)."""
+    return sorted({*header_secrets(headers), *query_secrets(url)}, key=len, reverse=True)
+
+
+# The most of an error body read for its reason (the wire reads no more than this anyway).
+_BODY_CUT = 16 * 1024
+
+
 def _upstream_message(response: httpx.Response, secrets: Sequence[str] = ()) -> str:
-    """A short, printable reason from the usual error bodies (OpenAI, TEI, Voyage, Cohere)."""
+    """A short, printable reason from the usual error bodies (OpenAI, TEI, Voyage, Cohere).
+
+    Secrets go before the reason is cut (``sanitize``): a cut first could split one and
+    leave its head behind.
+    """
     reason = ""
     try:
         body = response.json()
     except ValueError:
-        reason = response.text[: MAX_REASON * 4]
+        reason = response.text[:_BODY_CUT]
     else:
         if isinstance(body, dict):
             err = body.get("error")
@@ -186,10 +233,10 @@ def _upstream_message(response: httpx.Response, secrets: Sequence[str] = ()) -> 
                 err = err.get("message")
             for value in (err, body.get("message"), body.get("detail")):
                 if isinstance(value, str) and value:
-                    reason = value[: MAX_REASON * 4]
+                    reason = value[:_BODY_CUT]
                     break
         if not reason:
-            reason = str(body)[: MAX_REASON * 4]
+            reason = str(body)[:_BODY_CUT]
     return sanitize(reason, secrets) or response.reason_phrase
 
 
@@ -230,9 +277,13 @@ class HttpTransport:
         gate: Callable[[], None] | None = None,
         on_retry: RetryListener | None = None,
         tracer: Tracer | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.provider = provider
         self.client = client
+        # The largest 2xx body read (the router's wire enforces it: ``wire.py``); past it the
+        # answer is malformed.
+        self.max_response_bytes = max_response_bytes
         # The router's own client has a cheaper way to POST (``WireClient.post_bytes``).
         self._post = client.post_bytes if isinstance(client, WireClient) else None
         self.policy = policy
@@ -284,7 +335,12 @@ class HttpTransport:
             with upstream_span(self.tracer, self.provider, size, traces) as span:
                 done = await self._attempt(url, content, headers, timeout, parse)
                 attempt = Attempt(
-                    started, time.monotonic() - started, done.outcome, done.status, size
+                    started,
+                    time.monotonic() - started,
+                    done.outcome,
+                    done.status,
+                    size,
+                    done.retry_after,
                 )
                 if span is not None:
                     _annotate(span, attempt, retry, failed=done.error is not None)
@@ -300,7 +356,11 @@ class HttpTransport:
                 delay = max(delay, done.retry_after)
             # The caller of a 429 always learns when to come back, even if upstream did not say.
             hint = done.retry_after if done.retry_after is not None else delay
-            if not done.retryable or retry >= policy.max_attempts:
+            if (
+                not done.retryable
+                or retry >= policy.max_attempts
+                or (done.outcome is Outcome.RATE_LIMITED and CALL_FAILOVER.get())
+            ):
                 raise self._final(error, retry, hint, began=began)
             # No new attempt that could not finish in time (at least MIN_ATTEMPT of it).
             if time.monotonic() + delay + MIN_ATTEMPT >= deadline:
@@ -318,7 +378,7 @@ class HttpTransport:
         """
         try:
             if self._post is not None:
-                response = await self._post(url, content, headers, limit)
+                response = await self._post(url, content, headers, limit, self.max_response_bytes)
             else:
                 async with asyncio.timeout(limit):
                     response = await self.client.post(
@@ -331,12 +391,15 @@ class HttpTransport:
             error.__cause__ = exc
             return _Done(Outcome.TIMEOUT, None, error, retryable=True)
         except httpx.TransportError as exc:
-            reason = sanitize(str(exc), header_secrets(headers))
+            reason = sanitize(str(exc), call_secrets(url, headers))
             error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {reason}")
             error.__cause__ = exc
             return _Done(Outcome.CONNECT_ERROR, None, error, retryable=True)
+        except httpx.DecodingError as exc:  # over max_response_bytes, or an unasked encoding
+            status = getattr(exc, "status", None)
+            return self._malformed(status, exc, url, headers)
         status = response.status_code
-        outcome, failed, retryable, retry_after = self._classify(response, headers)
+        outcome, failed, retryable, retry_after = self._classify(response, url, headers)
         if failed is not None:
             return _Done(outcome, status, failed, retryable=retryable, retry_after=retry_after)
         try:
@@ -344,21 +407,27 @@ class HttpTransport:
                 outcome, status, result=parse(orjson.loads(response.content), response.headers)
             )
         except (orjson.JSONDecodeError, *MALFORMED_ERRORS) as exc:
-            reason = sanitize(f"{type(exc).__name__}: {exc}", header_secrets(headers))
-            error = UpstreamError(
-                f"{self.provider}: upstream answered {status} with a malformed body ({reason})",
-                status=status,
-            )
-            error.__cause__ = exc
-            return _Done(Outcome.MALFORMED, status, error)
+            return self._malformed(status, exc, url, headers)
+
+    def _malformed(
+        self, status: int | None, exc: Exception, url: str, headers: dict[str, str]
+    ) -> _Done[Any]:
+        """A 2xx answer that cannot be read: a failure of the upstream's, not retried."""
+        reason = sanitize(f"{type(exc).__name__}: {exc}", call_secrets(url, headers))
+        error = UpstreamError(
+            f"{self.provider}: upstream answered {status} with a malformed body ({reason})",
+            status=status,
+        )
+        error.__cause__ = exc
+        return _Done(Outcome.MALFORMED, status, error)
 
     def _classify(
-        self, response: httpx.Response, headers: dict[str, str]
+        self, response: httpx.Response, url: str, headers: dict[str, str]
     ) -> tuple[Outcome, EmbedplexError | None, bool, float | None]:
         status = response.status_code
         if 200 <= status < 300:
             return Outcome.OK, None, False, None
-        reason = _upstream_message(response, header_secrets(headers))
+        reason = _upstream_message(response, call_secrets(url, headers))
         message = f"{self.provider}: upstream answered {status}: {reason}"
         if status == 429:
             retry_after = parse_retry_after(response.headers)

@@ -34,6 +34,7 @@ from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.providers.base import Reranker, RerankParams, budget_tokens
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.guard import UpstreamGuard, token_shares
+from embedplex.providers.http import CALL_FAILOVER, FAILOVER
 from embedplex.providers.lanes import Lane, LaneSet, collect, timings
 
 if TYPE_CHECKING:
@@ -41,13 +42,15 @@ if TYPE_CHECKING:
 
 
 class Pair(NamedTuple):
-    """One queued document, its query, its caller's request span (None unless tracing) and its
-    caller's deadline (a ``time.monotonic()`` instant; None: none set)."""
+    """One queued document, its query, its caller's request span (None unless tracing), its
+    caller's deadline (a ``time.monotonic()`` instant; None: none set) and whether its caller
+    has another provider to go to (``http.FAILOVER``)."""
 
     query: str
     document: str
     trace: SpanContext | None
     deadline: float | None = None
+    failover: bool = False
 
     @property
     def cost(self) -> int:
@@ -148,6 +151,7 @@ class RerankLanes:
         # As for embeddings: no retry outlasts the most patient caller (``core/deadline.py``).
         # Each query's call runs in a task of its own (``_run``), so this sets only its own.
         bound_batch([p.deadline for p in pairs])
+        CALL_FAILOVER.set(all(p.failover for p in pairs))  # a 429: wait it out? (``http.py``)
 
         async def send(part: list[Pair]) -> list[Scored]:
             documents = [p.document for p in part]
@@ -184,7 +188,8 @@ class RerankLanes:
         lane = await self._lanes.lane(params, ceiling=self.ceiling)
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
-        pairs = [Pair(request.query, d, trace, at) for d in request.texts]
+        failover = FAILOVER.get()
+        pairs = [Pair(request.query, d, trace, at, failover) for d in request.texts]
         costs = [1] * len(pairs)
         spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
         if spend is None:

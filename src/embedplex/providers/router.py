@@ -9,8 +9,11 @@ any provider whose circuit is half-open and gets no traffic. ``RemoteModel`` is 
 Policies over an ordered provider list:
 - ``any``: the first provider whose circuit lets calls through, or whose cache holds every text
   of an embedding request (``ProviderRuntime.cached_only``: cached texts outlive an outage); on a
-  failure the next one. When all fail, the caller gets the last error (429 with the shortest
-  Retry-After when every one of them was rate limited).
+  failure the next one. While a later provider could take the request, a 429 is not waited out
+  (``http.FAILOVER``) and a provider still rate limited by one is passed over as an open
+  circuit is (``ProviderHealth.limited_for``); the last provider it could use waits out
+  Retry-After as a one-provider route does. When all fail, the caller gets the last error (429
+  with the shortest Retry-After when every one of them was rate limited).
 - ``all``: every provider at once; the result carries each provider's vectors
   (``EmbedResult.per_provider``) or scores (``RerankResult.per_provider``) and, in the main
   fields, the first provider's; the first failure fails the request and cancels the rest. An
@@ -59,6 +62,7 @@ from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
 from embedplex.providers.deadlines import deadline_timer, timed_out
 from embedplex.providers.endpoints import GuardedBackend, parse_networks
 from embedplex.providers.health import CircuitState
+from embedplex.providers.http import FAILOVER
 from embedplex.providers.runtime import ProviderRuntime
 from embedplex.providers.wire import wire_client
 
@@ -294,13 +298,19 @@ async def _any(
     runtimes: list[ProviderRuntime], call: Call[T], cached: Call[T | None] | None = None
 ) -> T:
     errors: list[EmbedplexError] = []
-    for rt in runtimes:
-        if not rt.health.available():
+    last = len(runtimes) - 1
+    for i, rt in enumerate(runtimes):
+        health = rt.health
+        # A later provider that could take the request: then a 429 here is not waited out,
+        # and a provider still rate limited is passed over (the module docstring).
+        onward = i < last and any(_open(r) for r in runtimes[i + 1 :])
+        if not health.available() or (onward and health.limited_for()):
             answer = None if cached is None else await cached(rt)
             if answer is not None:
                 return answer
             errors.append(_circuit_refusal(rt))
             continue
+        token = FAILOVER.set(onward)
         try:
             return await call(rt)
         except UpstreamRefusedError as exc:  # this upstream's limit (its context length, say):
@@ -311,12 +321,25 @@ async def _any(
         except EmbedplexError as exc:
             rt.counters["failovers"] += 1
             errors.append(exc)
+        finally:
+            FAILOVER.reset(token)
     raise _pick_error(errors)
 
 
-def _circuit_refusal(rt: ProviderRuntime) -> UnavailableError:
-    """Why ``rt`` is not tried: its circuit lets no call through."""
-    return UnavailableError(f"provider {rt.name}: circuit is {rt.health.state.value}")
+def _open(rt: ProviderRuntime) -> bool:
+    """Whether ``_any`` would call ``rt`` now: its circuit lets calls through, no 429 holds it."""
+    return rt.health.available() and not rt.health.limited_for()
+
+
+def _circuit_refusal(rt: ProviderRuntime) -> EmbedplexError:
+    """Why ``rt`` is not tried: its circuit lets no call through, or a 429 still holds it."""
+    health = rt.health
+    if health.available():
+        wait = health.limited_for()
+        return RateLimitedError(
+            f"provider {rt.name}: rate limited for another {wait:.3g}s", retry_after=wait
+        )
+    return UnavailableError(f"provider {rt.name}: circuit is {health.state.value}")
 
 
 async def _all(runtimes: list[ProviderRuntime], call: Call[T]) -> list[T]:

@@ -51,7 +51,7 @@ from embedplex.providers.config import ProviderConfig
 from embedplex.providers.endpoints import redact_query
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
-from embedplex.providers.http import Attempt
+from embedplex.providers.http import CALL_FAILOVER, FAILOVER, Attempt
 from embedplex.providers.lanes import Lane, LaneSet, timings
 from embedplex.providers.rerank_lanes import RerankLanes
 
@@ -73,18 +73,20 @@ _ONE = [1]  # the costs of one queued text without a token cap (the batcher only
 
 class Text(NamedTuple):
     """One queued text, its caller's request span (None unless tracing is on), its caller's
-    deadline (a ``time.monotonic()`` instant; None: none set) and where its result is kept
-    (``keep``: its scope in the embedding cache; None: not kept).
+    deadline (a ``time.monotonic()`` instant; None: none set), where its result is kept
+    (``keep``: its scope in the embedding cache; None: not kept) and whether its caller has
+    another provider to go to (``failover``: ``http.FAILOVER``).
 
-    The batch function sees payloads, not items, so span, deadline and scope travel with the
-    text. A caller that joins the text while it is still queued may widen the deadline and set
-    ``keep`` (``_joinable``).
+    The batch function sees payloads, not items, so span, deadline, scope and failover travel
+    with the text. A caller that joins the text while it is still queued may widen the
+    deadline, set ``keep`` and clear ``failover`` (``_joinable``).
     """
 
     text: str
     trace: SpanContext | None
     deadline: float | None = None
     keep: Scope | None = None
+    failover: bool = False
 
     @property
     def cost(self) -> int:
@@ -305,8 +307,10 @@ class ProviderRuntime:
         What the upstream answered for a text whose callers cache it is kept here, once per
         call, whoever is still waiting: an answer paid for is not paid for again."""
 
-        # The upstream call need not outlast its most patient caller (``core/deadline.py``).
+        # The upstream call need not outlast its most patient caller (``core/deadline.py``),
+        # nor wait out a 429 when every caller can go elsewhere (``http.CALL_FAILOVER``).
         bound_batch([t.deadline for t in batch])
+        CALL_FAILOVER.set(all(t.failover for t in batch))
 
         async def send(part: list[Text]) -> list[Embedded]:
             texts = [t.text for t in part]
@@ -478,11 +482,12 @@ class ProviderRuntime:
         trace = current_span_context() if self._tracer is not None else None
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
+        failover = FAILOVER.get()
         self.counters["requests"] += 1
         flights = self._flights
         flight: Flight[Embedded] | None = flights.get(key)
         try:
-            if flight is not None and _joinable(flight, at, keep):
+            if flight is not None and _joinable(flight, at, keep, failover):
                 self.cache.counts.dedupe_joined += 1
                 waiter = flight.join(asyncio.get_running_loop())
                 try:
@@ -491,7 +496,7 @@ class ProviderRuntime:
                     if not waiter.done() or waiter.cancelled():
                         flight.leave()
             lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
-            texts = [Text(key[0], trace, at, keep)]
+            texts = [Text(key[0], trace, at, keep, failover)]
             costs = [budget_tokens(key[0])] if self._costed else _ONE
             spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
             if spend is None:
@@ -526,17 +531,18 @@ class ProviderRuntime:
         trace = current_span_context() if self._tracer is not None else None
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
+        failover = FAILOVER.get()
         tag = scope.tag
         flights = self._flights
         keys = [(text, tag) for text in texts]
-        joinable = None if not flights else lambda f: _joinable(f, at, keep)
+        joinable = None if not flights else lambda f: _joinable(f, at, keep, failover)
         sharing: Sharing[Embedded] = Sharing(flights, keys, joinable)
         self.counters["requests"] += 1
         try:
             fresh = sharing.fresh
             if fresh:
                 lane = self._embeds.existing(scope.params) or await self._new_lane(scope.params)
-                queued = [Text(texts[k], trace, at, keep) for k in fresh]
+                queued = [Text(texts[k], trace, at, keep, failover) for k in fresh]
                 if self._costed:
                     costs = [budget_tokens(t.text) for t in queued]
                 else:
@@ -593,13 +599,16 @@ class ProviderRuntime:
         }
 
 
-def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool:
-    """Whether a caller with deadline ``at`` may wait on ``flight``.
+def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None, failover: bool) -> bool:
+    """Whether a caller with deadline ``at`` (and ``failover``: another provider to go to) may
+    wait on ``flight``.
 
     While its text is queued, yes: the text's deadline is widened to cover this caller too (its
-    upstream call is bounded by its most patient caller) and it is kept if this caller caches.
-    Once its call has started, only if the call's bound already covers this caller's deadline:
-    a call cut short at another caller's deadline must not fail this one.
+    upstream call is bounded by its most patient caller), it is kept if this caller caches, and
+    a caller with nowhere else to go makes its call wait out a 429. Once its call has started,
+    only if the call's bound already covers this caller's deadline (a call cut short at another
+    caller's deadline must not fail this one) and the call waits out a 429 if this caller needs
+    it to.
     """
     item = flight.item
     future = item.future
@@ -611,9 +620,12 @@ def _joinable(flight: Flight[Any], at: float | None, keep: Scope | None) -> bool
     bound = text.deadline
     if item.started_at == 0.0:
         wider = None if bound is None or at is None else max(bound, at)
-        if wider != bound or (keep is not None and text.keep is None):
-            item.payload = text._replace(deadline=wider, keep=text.keep or keep)
+        onward = text.failover and failover
+        if wider != bound or (keep is not None and text.keep is None) or onward != text.failover:
+            item.payload = text._replace(deadline=wider, keep=text.keep or keep, failover=onward)
         return True
+    if text.failover and not failover:
+        return False
     return bound is None or (at is not None and at <= bound)
 
 
@@ -623,6 +635,7 @@ def _cost(text: Text) -> int:
 
 
 def _unbound(text: Text) -> Text:
-    """A text queued again for those who joined it: its deadline was its leader's, who left;
-    the joiners' own waits bound them (``Lane.requeue``)."""
-    return text._replace(deadline=None)
+    """A text queued again for those who joined it: its deadline and failover were its
+    leader's, who left; the joiners' own waits bound them (``Lane.requeue``), and a 429 is
+    waited out for them as for any caller with nowhere else to go."""
+    return text._replace(deadline=None, failover=False)

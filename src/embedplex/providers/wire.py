@@ -11,6 +11,11 @@ The endpoint guard (``endpoints.py``) holds here as on httpcore: every connectio
 host through ``GuardedResolver``, which checks every address and hands aiohttp only checked
 ones (no DNS cache, so each new connection is checked again); aiohttp does not resolve IP
 literals, so those are checked before the request is sent.
+
+What comes back is bounded: a body is read up to its caller's cap (a provider's
+``max_response_bytes``; an error answer's a few KiB), calls ask for ``identity`` (an upstream
+that compresses anyway is inflated under the same cap), and a failure's text never holds the
+URL, whose query may carry a key (``?key=``: Gemini, Azure).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+import zlib
 from typing import NamedTuple
 
 import aiohttp
@@ -25,6 +31,33 @@ import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from embedplex.providers import endpoints
+from embedplex.providers.config import MAX_RESPONSE_BYTES
+
+# The most of an error answer's body that is read: its reason is cut to a few hundred
+# characters anyway (``http.sanitize``), and a 429 or 5xx is no reason to hold megabytes.
+ERROR_BODY_MAX = 8 * 1024
+# What a call asks for: no compression. Compressed vectors are barely smaller, and an answer
+# would be unpacked in one piece on the event loop, where a few MB of gzip can unpack to GBs.
+IDENTITY = ("Accept-Encoding", "identity")
+_ENCODED = frozenset({b"content-encoding", b"content-length"})  # dropped once unpacked here
+
+
+class OversizedAnswer(httpx.DecodingError):
+    """An answer whose body (or what its Content-Encoding unpacks to) passes its cap: a
+    malformed answer, never read further; its connection is closed, not reused."""
+
+    def __init__(self, status: int, cap: int) -> None:
+        super().__init__(f"an answer over {cap} bytes (max_response_bytes)")
+        self.status = status
+
+
+class UnreadableAnswer(httpx.DecodingError):
+    """A 2xx answer in a Content-Encoding this wire does not undo (it asks for ``identity``;
+    gzip and deflate are undone), or that does not unpack."""
+
+    def __init__(self, status: int, coding: str) -> None:
+        super().__init__(f"an answer in Content-Encoding {coding[:40]!r} that was not unpacked")
+        self.status = status
 
 
 class GuardedResolver(AbstractResolver):
@@ -72,8 +105,8 @@ def _timeout(request: httpx.Request) -> aiohttp.ClientTimeout:
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncBaseTransport`` over one aiohttp session (made on first use, in the loop).
 
-    Bodies are read whole (the router's calls are small JSON documents) and handed to httpx
-    undecoded: httpx undoes any content-encoding, as over its own transport.
+    Bodies are read whole up to a cap (``send``): ``max_response_bytes`` for calls through the
+    httpx API, the caller's own for ``WireClient.post_bytes``.
     """
 
     def __init__(
@@ -82,10 +115,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         *,
         limits: httpx.Limits,
         ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self.backend = backend
         self.limits = limits
         self.ssl_context = ssl_context or httpx.create_ssl_context()
+        self.max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -122,14 +157,23 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"an upstream is reached over http(s), not {url}")
+            raise _unsupported(url.scheme)
         self._check_literal(url.host)
         body = await request.aread()
         headers: list[tuple[str, str]] = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() != b"accept-encoding"
         ]
+        headers.append(IDENTITY)
         return await self.send(
-            request.method, str(url), body, headers, _timeout(request), request=request
+            request.method,
+            str(url),
+            body,
+            headers,
+            _timeout(request),
+            self.max_response_bytes,
+            request=request,
         )
 
     async def send(
@@ -139,10 +183,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         body: bytes,
         headers: list[tuple[str, str]],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's, per request)
+        max_bytes: int,
         *,
         request: httpx.Request | None = None,
     ) -> httpx.Response:
-        """One exchange on the pool, its failures as httpx errors (the URL already checked)."""
+        """One exchange on the pool, its failures as httpx errors (the URL already checked).
+
+        A 2xx body past ``max_bytes`` is an ``OversizedAnswer``; any other status's body is
+        cut at ``ERROR_BODY_MAX`` (its reason is all that is read from it).
+        """
         session = self._session or self._open()
         try:
             async with session.request(
@@ -154,20 +203,31 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 allow_redirects=False,
                 compress=None,
             ) as response:
-                content = await response.read()
+                status = response.status
+                ok = 200 <= status < 300
+                cap = max_bytes if ok else min(max_bytes, ERROR_BODY_MAX)
+                length = response.content_length
+                if length is not None and length <= cap:  # the usual answer: as without a cap
+                    content = await response.read()
+                else:
+                    content = await _read(response, cap, cut=not ok)
+                raw = response.raw_headers
+                coding = response.headers.get("Content-Encoding")
+                if coding is not None and coding.strip().lower() != "identity":
+                    content = _inflate(response, content, coding, cap, cut=not ok)
+                    raw = tuple(h for h in raw if h[0].lower() not in _ENCODED)
                 return httpx.Response(
-                    response.status,
-                    headers=[
-                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers
-                    ],
+                    status,
+                    headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw],
                     content=content,
                     extensions={"reason_phrase": (response.reason or "").encode("latin-1")},
                     request=request,
                 )
         except aiohttp.ClientError as exc:
-            raise _translate(exc) from exc
-        except TimeoutError as exc:  # the total timeout (``post_bytes``: the attempt's limit)
-            raise httpx.ReadTimeout(str(exc) or "timed out") from exc
+            # Not chained: aiohttp's own text holds the URL (a key in its query: ``_translate``).
+            raise _translate(exc) from None
+        except TimeoutError:  # the total timeout (``post_bytes``: the attempt's limit)
+            raise httpx.ReadTimeout("no answer within the attempt's time limit") from None
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -175,9 +235,61 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
+async def _read(response: aiohttp.ClientResponse, cap: int, *, cut: bool) -> bytes:
+    """The body of a ``response`` that declares no length, or one past ``cap``: at most
+    ``cap`` bytes of it. Past the cap, the first ``cap`` bytes (``cut``) or an
+    ``OversizedAnswer``; either way the connection is closed (its rest is never read)."""
+    chunks: list[bytes] = []
+    size = 0
+    if response.content_length is None or cut:  # count it as it comes
+        stream = response.content
+        while size <= cap:
+            chunk = await stream.readany()
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    response.close()
+    if cut:
+        return b"".join(chunks)[:cap]
+    chunks.clear()  # not kept alive by the error's traceback (this frame) until it goes
+    raise OversizedAnswer(response.status, cap)
+
+
+def _inflate(
+    response: aiohttp.ClientResponse, body: bytes, coding: str, cap: int, *, cut: bool
+) -> bytes:
+    """``body`` unpacked, at most ``cap`` bytes of it (past it as ``_read``): gzip and
+    deflate, for an upstream that compresses although ``identity`` was asked for."""
+    name = coding.strip().lower()
+    tries = {"gzip": [31], "x-gzip": [31], "deflate": [15, -15]}.get(name, [])
+    out = None
+    for wbits in tries:  # deflate: zlib-wrapped as the RFC says, or raw as some servers send
+        try:
+            out = zlib.decompressobj(wbits).decompress(body, cap + 1)
+            break
+        except zlib.error:
+            continue
+    if out is None:
+        if cut:  # an error answer: its status says enough without its reason
+            return b""
+        raise UnreadableAnswer(response.status, coding)
+    if len(out) <= cap:
+        return out
+    if cut:
+        return out[:cap]
+    del out  # as in ``_read``
+    raise OversizedAnswer(response.status, cap)
+
+
+def _unsupported(scheme: str) -> httpx.UnsupportedProtocol:
+    # The scheme, not the URL: its query may hold a key.
+    return httpx.UnsupportedProtocol(f"an upstream is reached over http(s), not {scheme[:20]!r}")
+
+
 def _translate(exc: aiohttp.ClientError) -> httpx.TransportError:
-    """An aiohttp failure as the httpx error it means."""
-    text = str(exc) or type(exc).__name__
+    """An aiohttp failure as the httpx error it means: its type and ``_reason``."""
+    text = f"{type(exc).__name__}: {_reason(exc)}"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(text)
     if isinstance(exc, aiohttp.ServerTimeoutError):
@@ -191,6 +303,30 @@ def _translate(exc: aiohttp.ClientError) -> httpx.TransportError:
     if isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionError):
         return httpx.ReadError(text)
     return httpx.NetworkError(text)
+
+
+def _reason(exc: aiohttp.ClientError) -> str:
+    """Why ``exc`` happened, from its fields, never its text: aiohttp writes the request's URL
+    into several of its errors (a parse error, a connect timeout), query and key included.
+
+    What the upstream sent may still be in it (a parser's quote of a bad header line): the
+    caller (``http.sanitize``) takes our secrets out of that.
+    """
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # Host and port, not the URL; the guard's refusal is the OS error's text (its reason).
+        why = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"unreadable answer: {exc.message}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer's body broke off or was malformed"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
+        return str(exc.strerror)
+    return "connection failed"
 
 
 class _Target(NamedTuple):
@@ -229,14 +365,14 @@ class WireClient(httpx.AsyncClient):
             request = self.build_request("POST", url)
             parsed = request.url
             if parsed.scheme not in ("http", "https"):
-                raise httpx.UnsupportedProtocol(
-                    f"an upstream is reached over http(s), not {parsed}"
-                )
+                raise _unsupported(parsed.scheme)
             raw = [
                 (k.decode("latin-1"), v.decode("latin-1"))
                 for k, v in request.headers.raw
-                if k.lower() != b"content-length"  # the body's own: set per call
+                # the body's own length, set per call; the encoding: ``IDENTITY``
+                if k.lower() not in (b"content-length", b"accept-encoding")
             ]
+            raw.append(IDENTITY)
             target = _Target(str(parsed), parsed.host, endpoints.literal_address(parsed.host), raw)
             if len(self._targets) >= _TARGETS_MAX:
                 self._targets.clear()
@@ -249,8 +385,10 @@ class WireClient(httpx.AsyncClient):
         content: bytes,
         headers: dict[str, str],
         timeout: float,  # noqa: ASYNC109 (each attempt's own limit, as httpx's ``timeout=``)
+        max_bytes: int = MAX_RESPONSE_BYTES,
     ) -> httpx.Response:
-        """``post(url, content=content, headers=headers, timeout=timeout)``, minus the layers."""
+        """``post(url, content=content, headers=headers, timeout=timeout)``, minus the layers;
+        a 2xx body past ``max_bytes`` is an ``OversizedAnswer`` (``AiohttpTransport.send``)."""
         target = self._target(url)
         if target.literal is not None:
             self.wire._check_address(target.host, target.literal)
@@ -264,7 +402,7 @@ class WireClient(httpx.AsyncClient):
         sent = [h for h in target.headers if h[0].lower() not in names]
         sent += headers.items()
         sent.append(("Content-Length", str(len(content))))
-        return await self.wire.send("POST", target.url, content, sent, limit)
+        return await self.wire.send("POST", target.url, content, sent, limit, max_bytes)
 
 
 def wire_client(
