@@ -311,6 +311,7 @@ async def test_answers_within_the_cap_are_read_whole(
             result = await router.embed(EmbedRequest(inputs=[text]), ["raw"])
             assert (result.vectors[0] == vector_for(text)).all()
     assert up.connections == 1  # kept alive between them
+    assert all(b"\r\nAccept-Encoding: identity\r\n" in r for r in up.requests)
 
 
 def huge_error(up: RawUpstream, request: bytes, conn: socket.socket) -> None:
