@@ -170,7 +170,9 @@ def test_upstream_killed_and_restarted_mid_load(server: Server, upstream: FakeUp
         end = time.monotonic()
     before = load.between(0, killed)
     down = load.between(killed, restarted)
-    after = load.between(restarted + resumed_in, end)
+    # After the breaker closed: while it is half-open after the first success, callers beyond
+    # its probes get clear 503s by design (a 2-core machine under a full suite stretches that).
+    after = load.between(restarted + resumed_in + closed_in, end)
     down_waits = [took for _, _, took in down]
     record(
         "upstream killed",
