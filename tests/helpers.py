@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -152,3 +154,18 @@ def stop(*procs: subprocess.Popen[Any], grace: float = 30, kill_wait: float = 10
             proc.wait(kill_wait)
         if proc.stdout:
             proc.stdout.close()
+
+
+def serve_refused(env: dict[str, str], data_dir: Path, timeout: float = 60) -> Any:
+    """``embedplex serve --port 0`` in a process of its own, with ``env`` on top of this one's
+    (its ``EMBEDPLEX_*`` left out) and ``data_dir`` for the state store, for a start that must
+    be refused: the finished ``subprocess.CompletedProcess`` (text)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPLEX_")}
+    full |= env | {"EMBEDPLEX_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "embedplex", "serve", "--port", "0"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

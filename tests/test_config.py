@@ -70,6 +70,95 @@ def test_list_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
 
 
+# Every list setting that is no table, with values it accepts.
+LISTS = {
+    "cors_allow_origins": ["https://a.example", "https://b.example"],
+    "ignore_tei_env": ["API_KEY", "DTYPE"],
+    "provider_key_envs": ["VOYAGE_API_KEY", "COHERE_API_KEY"],
+    "provider_allowed_networks": ["10.0.0.0/8", "192.168.1.0/24"],
+    "allowed_embedding_models": ["minilm", "bge-*"],
+    "allowed_rerank_models": ["[ab]-rerank", "*"],  # "[" opens a pattern, not JSON
+}
+
+
+def test_every_list_setting_is_covered() -> None:
+    hints = typing.get_type_hints(Settings)
+    lists = {
+        name
+        for name in Settings.model_fields
+        if "list[" in str(hints[name]) and not _is_table_list(hints[name])
+    }
+    assert lists == set(LISTS)
+
+
+def test_every_list_setting_takes_commas_or_json_from_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """EMBEDPLEX_CORS_ALLOW_ORIGINS=https://a.example failed with pydantic's "error parsing
+    value" while the allowed lists took "a,b": every list takes both forms now."""
+    for name, values in LISTS.items():
+        env = f"EMBEDPLEX_{name.upper()}"
+        monkeypatch.setenv(env, ", ".join(values))
+        assert getattr(Settings.load(), name) == values, name
+        monkeypatch.setenv(env, values[0])
+        assert getattr(Settings.load(), name) == values[:1], name
+        monkeypatch.setenv(env, json.dumps(values))
+        assert getattr(Settings.load(), name) == values, name
+        monkeypatch.delenv(env)
+
+
+def test_a_repeated_list_flag_keeps_every_value() -> None:
+    result = runner.invoke(
+        app,
+        [
+            "config",
+            "show",
+            "--cors-allow-origins",
+            "https://a.example",
+            "--cors-allow-origins",
+            "https://b.example,https://c.example",
+            "--allowed-embedding-models",
+            '["minilm"]',
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["cors_allow_origins"] == [f"https://{x}.example" for x in "abc"]
+    assert shown["allowed_embedding_models"] == ["minilm"]
+
+
+def test_help_takes_h_and_shows_the_settings_defaults_but_no_secrets() -> None:
+    short = runner.invoke(app, ["serve", "-h"], env={"COLUMNS": "300"})
+    assert short.exit_code == 0, short.output
+    assert short.output == runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "300"}).output
+    rows = {
+        line.split()[1]: line
+        for line in short.output.splitlines()
+        if line.startswith("│ --") and len(line.split()) > 1
+    }
+    assert "HTTP port. [default: 8080]" in rows["--port"]
+    assert "[default: sentence-transformers/all-MiniLM-L6-v2]" in rows["--model-id"]
+    assert "[default: true]" in rows["--auto-truncate"]
+    assert "[default: fair]" in rows["--queue-policy"]
+    # Secrets, and settings whose default is none, show no default.
+    for flag in ("--api-key", "--admin-secret", "--redis-url", "--served-model-name"):
+        assert "[default" not in rows[flag], rows[flag]
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    assert runner.invoke(app, ["config", "show", "-h"]).exit_code == 0
+
+
+def test_default_prompt_and_its_name_are_one_choice() -> None:
+    """TEI refuses the pair (conflicts_with); here the name was dropped in silence."""
+    with pytest.raises(ValueError, match="default_prompt and default_prompt_name are one choice"):
+        Settings.load(default_prompt="query: ", default_prompt_name="query")
+    result = runner.invoke(
+        app, ["serve", "--default-prompt", "query: ", "--default-prompt-name", "query"]
+    )
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", "").split())
+    assert "default_prompt and default_prompt_name are one choice (as in TEI): give one" in text
+
+
 def test_secrets_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBEDPLEX_API_KEY", "hunter2")
     s = Settings.load()

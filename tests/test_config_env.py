@@ -4,10 +4,7 @@ SQLite, ``EMBEDPLEX_METRIC_PORT`` served /metrics on the public port, all with e
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from typer.testing import CliRunner
 from embedplex.cli.main import app
 from embedplex.config import Settings
 from embedplex.config_env import UnknownEnvNames, check_env_names
+from helpers import serve_refused
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,16 +44,7 @@ def test_a_misspelt_variable_is_refused_with_the_closest_name_and_never_its_valu
 
 
 def test_serve_refuses_the_reviewers_typos_before_it_starts(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPLEX_")}
-    env |= {name: value for name, (value, _) in TYPOS.items()}
-    env |= {"EMBEDPLEX_DATA_DIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "embedplex", "serve", "--port", "0"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = serve_refused({name: value for name, (value, _) in TYPOS.items()}, tmp_path)
     out = " ".join((done.stdout + done.stderr).replace("│", "").split())  # rich wraps the box
     assert done.returncode == 2, out
     assert "unknown environment variables" in out

@@ -125,7 +125,7 @@ async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
     assert wrong_kind.status_code == 400  # OpenAI's status (TEI's 422 below)
     assert "'r' is a reranker model" in wrong_kind.json()["error"]["message"]
     assert rerank_wrong.status_code == 422
-    assert too_many_b.status_code == 413  # b's own max_client_batch_size
+    assert too_many_b.status_code == 422  # b's own max_client_batch_size
     assert three_a.status_code == 200
     assert [(m["id"], m["kind"]) for m in listed] == [
         ("a", "embed"),

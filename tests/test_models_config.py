@@ -126,6 +126,32 @@ def test_table_keys_are_checked(tmp_path: Path) -> None:
         )
 
 
+def test_a_tables_default_prompt_is_one_choice(tmp_path: Path) -> None:
+    """A table may not set both prompts; one that sets either takes neither from the top level
+    (its literal prompt was served with the top level's prompt name beside it, which the
+    model then dropped)."""
+    with pytest.raises(ValueError, match="'a': default_prompt and default_prompt_name are one"):
+        ModelConfig(model_id="org/a", name="a", default_prompt="q: ", default_prompt_name="q")
+    file = write(
+        tmp_path,
+        """
+default_prompt_name = "query"
+
+[[models]]
+name = "literal"
+model_id = "org/a"
+default_prompt = "search: "
+
+[[models]]
+name = "inherits"
+model_id = "org/b"
+""",
+    )
+    literal, inherits = Settings.load(file).local_models()
+    assert (literal.default_prompt, literal.default_prompt_name) == ("search: ", None)
+    assert (inherits.default_prompt, inherits.default_prompt_name) == (None, "query")
+
+
 def test_allowed_lists_take_fastembed_strings_and_patterns(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -6,6 +6,7 @@ import base64
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 
 from embedplex.api.app import create_app
@@ -52,6 +53,37 @@ async def test_openai_route_matches_sentence_transformers(
     assert min_cosine(floats, reference[:13]) >= 0.99999
     assert min_cosine(decoded, reference[:13]) >= 0.99999
     assert f.json()["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+async def test_openai_route_takes_truncate_as_teis_embed_does(
+    settings: Settings, reference: np.ndarray
+) -> None:
+    """``truncate`` on /v1/embeddings (an extension, as on TEI's /embed): false makes a long
+    input OpenAI's 400 on a server that truncates by default (it was ignored: README promised
+    the 400), true truncates it as sentence-transformers does; per batch item too."""
+    long = len(TEXTS) - 1  # over the model's 256 tokens
+    async with running(create_app(settings)) as client:
+        sdk = openai.AsyncOpenAI(
+            api_key="unused", base_url="http://test/v1", http_client=client, max_retries=0
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.embeddings.create(
+                model="m", input=TEXTS[long], extra_body={"truncate": False}
+            )
+        cut = await client.post("/v1/embeddings", json={"input": TEXTS[long], "truncate": True})
+        batch = await client.post(
+            "/v1/embeddings/batch",
+            json={"requests": [{"id": "a", "input": TEXTS[long], "truncate": False}]},
+        )
+        bad = await client.post("/v1/embeddings", json={"input": "x", "truncate": "no"})
+    assert refused.value.code == "context_length_exceeded"
+    assert "more than the maximum of 256; set truncate to true" in refused.value.message
+    vector = np.array([cut.json()["data"][0]["embedding"]], dtype=np.float32)
+    assert min_cosine(vector, reference[long : long + 1]) >= 0.99999
+    (item,) = batch.json()["results"]
+    assert item["error"]["status"] == 400
+    assert item["error"]["code"] == "context_length_exceeded"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate"
 
 
 async def test_concurrent_callers_get_their_own_vectors(

@@ -137,7 +137,7 @@ async def test_rerank_errors_and_kind_mismatch(reranker_dir: Path, tmp_path: Pat
         )
         bad = await client.post("/v1/rerank", json={"query": QUERY, "documents": [5]})
     assert empty.status_code == 400
-    assert many.status_code == 413
+    assert many.status_code == 422
     assert too_long.status_code == 422
     assert truncated.status_code == 200
     assert embed.status_code == 404

@@ -37,6 +37,7 @@ from pydantic_settings import (
 
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
 from embedplex.config_env import ENV_PREFIX, check_env_names
+from embedplex.config_tei import TEI_ENV
 from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
@@ -51,6 +52,35 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # The flat keys that name the one model served without [[models]] tables.
 _FLAT_MODEL_KEYS = ("model_id", "revision", "served_model_name")
+
+
+# The list settings that take one string from the environment or a flag: comma-separated
+# values, or a JSON list (``split_list``). The allowed lists are FastEmbed's
+# INFERENCE_ALLOWED_* form ("a,b" or "*").
+LIST_FIELDS = (
+    "cors_allow_origins",
+    "ignore_tei_env",
+    "provider_key_envs",
+    "provider_allowed_networks",
+    "allowed_embedding_models",
+    "allowed_rerank_models",
+)
+
+
+def split_list(value: str) -> list[str]:
+    """``'["a", "b"]'`` or ``"a, b"`` as ``["a", "b"]``; empty items are dropped.
+
+    A value that starts with ``[`` but is no JSON list of strings (a pattern such as
+    ``[ab]-*``) is read as comma-separated."""
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+            return parsed
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 # Shortest admin secret, and [[api_keys]] key, accepted (docs/security.md).
@@ -106,7 +136,7 @@ class Settings(BaseSettings):
         "needs it (/metrics too, unless metrics_public).",
     )
     payload_limit: int = Field(2_000_000, ge=1024, description="Largest request body, in bytes.")
-    cors_allow_origins: list[str] = Field(
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (empty: CORS off)."
     )
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM); serves HTTPS.")
@@ -130,6 +160,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["pretty", "json"] = Field("pretty", description="Log line format.")
     log_requests: bool = Field(True, description="Log one structured line per API request.")
+    ignore_tei_env: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="TEI variables (API_KEY, MODEL_ID, ...) set for another program: serve "
+        "neither refuses to start nor warns for them (comma-separated; docs/configuration.md, "
+        "Coming from TEI).",
+    )
 
     # -- connections: limits every connection meets before any route (serve/edge.py) ----
     http_max_connections: int = Field(
@@ -170,6 +206,11 @@ class Settings(BaseSettings):
         description="Serve /metrics on this port only (a separate small server; 0 picks one); "
         "the main port then answers 404 there.",
     )
+    metrics_host: str | None = Field(
+        None,
+        description="Address the metrics_port server binds (default: host; 127.0.0.1 keeps "
+        "/metrics, which has no authentication there, off the network).",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve /metrics on the main port without the API key (default: with an "
@@ -182,7 +223,12 @@ class Settings(BaseSettings):
         "grpc", description="OTLP transport: grpc (port 4317) or http/protobuf (port 4318)."
     )
     otlp_service_name: str = Field("embedplex", description="service.name of exported spans.")
-    disable_spans: bool = Field(False, description="Create no spans, even with an OTLP endpoint.")
+    disable_spans: bool = Field(
+        False,
+        description="Leave the request's trace_id and span_id out of the access log lines "
+        "(as TEI's flag leaves spans out of its log lines); spans are still exported to "
+        "otlp_endpoint (without one, none are made).",
+    )
 
     admin_secret: SecretStr | None = Field(
         None,
@@ -190,12 +236,12 @@ class Settings(BaseSettings):
         "/api/v1/keys); without it the admin API is off (403). At least 16 characters; never "
         "the api_key; set it with EMBEDPLEX_ADMIN_SECRET.",
     )
-    provider_key_envs: list[str] = Field(
+    provider_key_envs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Environment variables a provider added at run time (admin API) may take "
         "its API key from (comma-separated in flags; empty: none may have a key).",
     )
-    provider_allowed_networks: list[str] = Field(
+    provider_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Non-public networks (CIDR, e.g. 10.0.0.0/8) that providers added at run "
         "time may reach; public addresses always may, cloud metadata addresses never.",
@@ -256,13 +302,19 @@ class Settings(BaseSettings):
         None, ge=1, description="Tokens per input (default: the model's max_seq_length)."
     )
     auto_truncate: bool = Field(
-        True, description="Truncate long inputs when a request does not say (off: 422)."
+        True,
+        description="Truncate long inputs when a request does not say (off: 422, 400 on the "
+        "OpenAI routes).",
     )
     default_prompt_name: str | None = Field(
-        None, description="Prompt (from the model's prompts) applied when a request names none."
+        None,
+        description="Prompt (from the model's prompts) applied when a request names none "
+        "(not with default_prompt).",
     )
     default_prompt: str | None = Field(
-        None, description="Literal prompt prepended when a request names none."
+        None,
+        description="Literal prompt prepended when a request names none (not with "
+        "default_prompt_name).",
     )
     cache_dir: Path | None = Field(
         None, description="Where ONNX exports are cached (default: ~/.cache/embedplex)."
@@ -356,13 +408,15 @@ class Settings(BaseSettings):
         description="A request none of whose inputs starts a batch for this long gets 503.",
     )
     max_client_batch_size: int = Field(
-        2048, ge=1, description="Inputs in one request; more is 413."
+        2048,
+        ge=1,
+        description="Inputs in one request; more is 422 (400 on the OpenAI routes).",
     )
     max_request_tokens: int = Field(
         262_144,
         ge=1,
         description="Token ids one request may send (token-id inputs, /decode) or get back "
-        "(/tokenize); more is 413.",
+        "(/tokenize); more is 422 (400 on the OpenAI routes).",
     )
     queue_policy: Literal["fair", "fifo"] = Field(
         "fair",
@@ -445,14 +499,13 @@ class Settings(BaseSettings):
         "weight); api_key, when set too, keeps working.",
     )
 
-    @field_validator(
-        "cors_allow_origins", "provider_key_envs", "provider_allowed_networks", mode="before"
-    )
+    @field_validator(*LIST_FIELDS, mode="before")
     @classmethod
-    def _split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+    def _split_lists(cls, value: Any) -> Any:
+        """A string (environment, flag) is a JSON list or comma-separated values: both forms
+        work for every list setting (NoDecode keeps pydantic-settings from reading every
+        EMBEDPLEX_* list as JSON, which refused ``https://a.example``)."""
+        return split_list(value) if isinstance(value, str) else value
 
     @field_validator("state_url")
     @classmethod
@@ -515,16 +568,6 @@ class Settings(BaseSettings):
                 raise ValueError(f"provider_allowed_networks: {net!r} is not a network") from exc
         return networks
 
-    @field_validator("allowed_embedding_models", "allowed_rerank_models", mode="before")
-    @classmethod
-    def _split_patterns(cls, value: Any) -> Any:
-        """FastEmbed's INFERENCE_ALLOWED_* form ("a,b" or "*"), or a JSON list from env."""
-        if isinstance(value, str):
-            if value.strip().startswith("["):
-                return json.loads(value)
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
-
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_client_batch_size > self.max_queue_size:
@@ -543,6 +586,11 @@ class Settings(BaseSettings):
             and self.admin_secret.get_secret_value() == self.api_key.get_secret_value()
         ):
             raise ValueError("admin_secret must differ from api_key (every client has the key)")
+        if self.default_prompt is not None and self.default_prompt_name is not None:
+            raise ValueError(
+                "default_prompt and default_prompt_name are one choice (as in TEI): give one"
+            )
+        self._check_tei_names()
         if self.cache_redis and self.redis_url is None:
             raise ValueError("cache_redis needs redis_url")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
@@ -568,6 +616,14 @@ class Settings(BaseSettings):
         if not self.local_model and not self.routes:
             raise ValueError("with local_model = false, configure at least one [[routes]] entry")
         return self
+
+    def _check_tei_names(self) -> None:
+        unknown = [n for n in self.ignore_tei_env if n not in TEI_ENV]
+        if unknown:
+            raise ValueError(
+                f"ignore_tei_env: {', '.join(unknown)} is no TEI variable embedplex checks "
+                "(docs/configuration.md, Coming from TEI)"
+            )
 
     def _check_api_keys(self) -> None:
         ids = [k.id for k in self.api_keys]

@@ -59,7 +59,7 @@ async def test_api_embed_errors_and_limits(tiny_model_dir: Path, backend: FakeBa
         "count": 0,
         "dimensions": 0,
     }
-    assert many.status_code == 413 and "batch size 3" in many.json()["error"]
+    assert many.status_code == 422 and "batch size 3" in many.json()["error"]
     assert neither.status_code == both.status_code == 422
     assert "exactly one of input, text or texts" in neither.json()["error"]
     assert typo.status_code == 422 and "modle" in typo.json()["error"]
@@ -144,7 +144,7 @@ async def test_api_rerank_matches_tei_rerank(tmp_path: Path) -> None:
     ]
     assert [r["index"] for r in top_k.json()["results"]] == [r["index"] for r in results[:3]]
     assert empty.status_code == 200 and empty.json() == {"results": [], "model": str(reranker)}
-    assert many.status_code == 413
+    assert many.status_code == 422
     assert zero.status_code == 422 and "top_n" in zero.json()["error"]
     assert [m["id"] for m in rerankers.json()] == [str(reranker)]
     assert rerankers.json()[0]["model_type"] == "reranker"

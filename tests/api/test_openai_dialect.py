@@ -2,7 +2,8 @@
 
 OpenAI answers 400 ``invalid_request_error`` for every request it finds invalid (a wrong value,
 an input over the context length, too many inputs); the SDK raises ``BadRequestError`` for a 400
-alone, so that is what callers catch. TEI's routes keep TEI's 422 and 413.
+alone, so that is what callers catch. TEI's routes keep TEI's 422 (for every Validation error,
+too many inputs included, as TEI answers since 1.9).
 """
 
 from __future__ import annotations
@@ -67,11 +68,24 @@ async def test_invalid_requests_are_the_sdks_bad_request_error(
     assert (error.type, error.code, error.param) == ("invalid_request_error", code, param)
 
 
+async def test_the_long_input_message_asks_for_what_the_route_takes(
+    client: httpx.AsyncClient,
+) -> None:
+    """On a --no-auto-truncate server the 400 says "set truncate to true": /v1/embeddings
+    takes that field now (it was ignored, so the advice could not be followed there)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk(client).embeddings.create(model="m", input=LONG)
+    assert "set truncate to true or shorten it" in refused.value.message
+    done = await sdk(client).embeddings.create(model="m", input=LONG, extra_body={"truncate": True})
+    assert done.usage.prompt_tokens == 32  # cut to the tiny model's length
+
+
 async def test_the_tei_routes_keep_teis_statuses(client: httpx.AsyncClient) -> None:
     long = await client.post("/embed", json={"inputs": LONG})
     many = await client.post("/embed", json={"inputs": ["a"] * 5})
     dims = await client.post("/embed", json={"inputs": "x", "dimensions": 5000})
-    assert (long.status_code, many.status_code, dims.status_code) == (422, 413, 422)
+    assert (long.status_code, many.status_code, dims.status_code) == (422, 422, 422)
+    assert "batch size 5 > maximum allowed batch size" in many.json()["error"]
     assert long.json()["error_type"] == many.json()["error_type"] == "Validation"
 
 

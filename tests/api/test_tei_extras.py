@@ -62,10 +62,10 @@ async def test_embed_all_limits_and_truncation(
         fits = await client.post("/embed_all", json={"inputs": ["hello world", "hello world"]})
     assert cut.status_code == 200 and len(cut.json()[0]) == 32
     assert refused.status_code == 422 and "32" in refused.json()["error"]
-    assert many.status_code == 413 and "batch size 3" in many.json()["error"]
+    assert many.status_code == 422 and "batch size 3" in many.json()["error"]
     assert empty.status_code == 400 and empty.json()["error_type"] == "Empty"
     assert extra.status_code == 200 and extra.json() == plain.json()
-    assert big.status_code == 413 and "128 numbers" in big.json()["error"]
+    assert big.status_code == 422 and "128 numbers" in big.json()["error"]
     assert fits.status_code == 200
 
 
@@ -104,7 +104,7 @@ async def test_similarity_errors(tiny_model_dir: Path, backend: FakeBackend) -> 
             },
         )
     assert empty.status_code == 400 and "sentences" in empty.json()["error"]
-    assert many.status_code == 413
+    assert many.status_code == 422
     assert flat.status_code == 422 and "inputs" in flat.json()["error"]
     assert bad_param.status_code == 422 and "truncation_direction" in bad_param.json()["error"]
 
@@ -132,7 +132,7 @@ async def test_decode(tiny_model_dir: Path, backend: FakeBackend) -> None:
     assert empty.status_code == empty_row.status_code == 400
     assert outside.status_code == negative.status_code == 422
     assert "vocabulary" in outside.json()["error"]
-    assert many.status_code == 413
+    assert many.status_code == 422
 
 
 async def test_root_takes_embed_similarity_and_rerank_bodies(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import httpx
+import pytest
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.observability import CircuitState
@@ -237,6 +239,25 @@ async def test_metrics_port_serves_the_same_registry() -> None:
         r = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
     assert r.status_code == 200
     assert 'embedplex_requests_total{model="test-model",route="/embed"} 1.0' in r.text
+
+
+async def test_the_metrics_server_logs_where_it_listens_and_binds_metrics_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Port 0 picks a port, which was never told; and the metrics server bound --host
+    (0.0.0.0 in the images) with no way to keep it local: --metrics-host says where."""
+    caplog.set_level(logging.INFO, logger="embedplex.api.app")
+    async with serve(settings(metrics_port=0)) as srv:
+        port = srv.app.state.metrics_port
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in caplog.messages
+    caplog.clear()
+    async with serve(settings(metrics_port=0, metrics_host="127.0.0.2")) as srv:
+        port = srv.app.state.metrics_port
+        there = await asyncio.to_thread(httpx.get, f"http://127.0.0.2:{port}/metrics")
+        with pytest.raises(httpx.ConnectError):  # not on host's address
+            await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
+    assert there.status_code == 200
+    assert f"metrics: http://127.0.0.2:{port}/metrics" in caplog.messages
 
 
 async def test_unknown_paths_share_one_label(served: Served) -> None:

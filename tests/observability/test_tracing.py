@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -16,6 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.observability import Telemetry, upstream_span
+from embedplex.observability.logs import JsonFormatter
 from embedplex.observability.tracing import (
     SHUTDOWN_TIMEOUT_S,
     build_tracer_provider,
@@ -119,14 +122,82 @@ async def test_quiet_paths_are_traced_only_when_they_fail() -> None:
     assert refused.start_time <= refused.end_time
 
 
-async def test_disable_spans_and_no_endpoint_create_no_tracer() -> None:
-    exporter = InMemorySpanExporter()
-    off = Telemetry.from_settings(settings(disable_spans=True), span_exporter=exporter)
-    assert off.tracer is None
-    assert Telemetry.from_settings(settings()).tracer is None
-    async with serve(telemetry=off) as srv:
-        assert (await srv.client.post("/embed", json={"inputs": "x"})).status_code == 200
-    assert exporter.get_finished_spans() == ()
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "embedplex.access"]
+
+
+async def test_access_lines_carry_the_request_spans_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """A traced request's log line names its trace and span (a log line leads to its spans),
+    in both formats; an untraced server's lines carry neither."""
+    caplog.set_level(logging.INFO)
+    telemetry, exporter = traced()
+    async with serve(telemetry=telemetry) as srv:
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        assert (await srv.client.post("/embed", json={"inputs": "x"}, headers=headers)).is_success
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "POST /embed"]
+    (record,) = access_records(caplog)
+    assert record.__dict__["trace_id"] == TRACE_ID
+    assert record.__dict__["span_id"] == format(span.context.span_id, "016x")
+    assert f"trace={TRACE_ID}" in record.getMessage()
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["trace_id"], line["span_id"]) == (TRACE_ID, format(span.context.span_id, "016x"))
+    caplog.clear()
+    async with serve() as srv:  # no tracer
+        assert (await srv.client.post("/embed", json={"inputs": "x"})).is_success
+    (untraced,) = access_records(caplog)
+    assert "trace_id" not in untraced.__dict__ and "trace=" not in untraced.getMessage()
+
+
+@contextmanager
+def otlp_collector() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """A real OTLP/HTTP collector on 127.0.0.1: it takes every export (an empty protobuf
+    answer is a valid ExportTraceServiceResponse) and keeps (path, body)."""
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_disable_spans_keeps_the_export_and_leaves_the_ids_out_of_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--disable-spans means what TEI's flag means: no spans in log lines. It turned tracing
+    off altogether, even with --otlp-endpoint; spans now still reach the collector."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    caplog.set_level(logging.INFO)
+    assert Telemetry.from_settings(settings()).tracer is None  # no endpoint: tracing off
+    with otlp_collector() as (endpoint, received):
+        s = settings(otlp_endpoint=endpoint, otlp_protocol="http", disable_spans=True)
+        async with serve(s) as srv:
+            assert srv.telemetry.tracer is not None
+            headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+            r = await srv.client.post("/embed", json={"inputs": "x"}, headers=headers)
+            assert r.status_code == 200
+        # The lifespan's end flushed the batch processor: the request's span was exported.
+        exported = b"".join(body for path, body in received if path == "/v1/traces")
+    assert b"POST /embed" in exported
+    assert bytes.fromhex(TRACE_ID) in exported  # the caller's trace, continued
+    (record,) = access_records(caplog)
+    assert "trace_id" not in record.__dict__ and "span_id" not in record.__dict__
+    assert "trace=" not in record.getMessage()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -147,9 +147,14 @@ def create_app(
         metrics_server = None
         if settings.metrics_port is not None:
             metrics_server = MetricsServer.start(
-                telemetry.metrics.registry, settings.host, settings.metrics_port
+                telemetry.metrics.registry,
+                settings.metrics_host or settings.host,
+                settings.metrics_port,
             )
             app.state.metrics_port = metrics_server.port
+            # The address bound, not the one asked for: port 0 picks one, and a scraper (or
+            # whoever checks what is exposed) needs to know which.
+            logger.info("metrics: http://%s/metrics", metrics_server.address)
 
         async def load() -> None:
             try:
@@ -276,7 +281,11 @@ def create_app(
         return sorted(methods)
 
     observer = RequestObserver(
-        telemetry, paths=paths, log_requests=settings.log_requests, usage=usage
+        telemetry,
+        paths=paths,
+        log_requests=settings.log_requests,
+        log_trace_ids=not settings.disable_spans,
+        usage=usage,
     )
     edge: ASGIApp = Pipeline(
         app.serve_routes,

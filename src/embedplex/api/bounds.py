@@ -1,4 +1,4 @@
-"""What one request may ask for: checked in the route, before any tokenizing or queueing (413).
+"""What one request may ask for: checked in the route, before any tokenizing or queueing (422).
 
 A request's cost is bounded on every route by three settings, each checked as early as it can be:
 

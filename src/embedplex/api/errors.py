@@ -3,7 +3,7 @@
 TEI and native routes answer ``{"error": str, "error_type": str}`` with TEI's error types;
 OpenAI routes answer ``{"error": {"message", "type", "param", "code"}}``, and a request OpenAI
 would call invalid (a wrong value, an input over the context length, too many inputs) is the
-400 it answers, not TEI's 422 or 413: the ``openai`` SDK raises ``BadRequestError`` for a 400
+400 it answers, not TEI's 422: the ``openai`` SDK raises ``BadRequestError`` for a 400
 alone (a 422 is its ``UnprocessableEntityError``), and callers catch that.
 """
 
@@ -65,9 +65,11 @@ ERROR_TABLE: list[tuple[type[e.EmbedplexError], ErrorSpec]] = [
         ErrorSpec(413, "Validation", "invalid_request_error", "payload_too_large"),
     ),
     (
+        # TEI answers 422 for every Validation error since 1.9 (batch size over
+        # max_client_batch_size included; 413 before): the TEI routes follow it.
         e.PayloadTooLargeError,
         ErrorSpec(
-            413, "Validation", "invalid_request_error", "payload_too_large", openai_status=400
+            422, "Validation", "invalid_request_error", "payload_too_large", openai_status=400
         ),
     ),
     (

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
 from starlette.types import Scope
@@ -98,15 +98,19 @@ class RequestObserver:
         *,
         paths: frozenset[str] = frozenset(),
         log_requests: bool = True,
+        log_trace_ids: bool = True,
         usage: UsageMeter | None = None,
     ) -> None:
         """``paths``: the app's route paths, to label requests refused before routing.
+        ``log_trace_ids``: a traced request's line carries its trace and span ids (off:
+        ``--disable-spans``, as TEI's flag leaves spans out of its log lines).
         ``usage``: where per-key usage is counted for the state store (``keys usage``)."""
         self.usage = usage
         self.metrics = telemetry.metrics
         self.tracer = telemetry.tracer
         self.paths = paths
         self.log_requests = log_requests
+        self.log_trace_ids = log_trace_ids
         # Refusals' log lines are sampled (``_log_refusal``), per status.
         self._sampled = {status: _Sampled() for status in SAMPLED}
 
@@ -125,6 +129,7 @@ class RequestObserver:
         quiet = ex.path in QUIET_PATHS
         if quiet and (status < 400 or (status == 503 and ex.path in PROBE_PATHS)):
             return
+        span: trace.Span | None = None
         if ex.span is not None:
             span, token = ex.span
             ex.span = None
@@ -153,7 +158,8 @@ class RequestObserver:
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
             if status in SAMPLED and not self._log_refusal(status):
                 return
-            self._log(ex.scope, ex.state, route, status, duration, record)
+            traced = span.get_span_context() if span is not None and self.log_trace_ids else None
+            self._log(ex.scope, ex.state, route, status, duration, record, traced)
 
     def _count_key(self, key_id: str, status: int, record: RequestRecord) -> None:
         """Per-key usage: in metrics now, in the store at the next flush (batched)."""
@@ -258,11 +264,34 @@ class RequestObserver:
         status: int,
         duration: float,
         record: RequestRecord,
+        traced: SpanContext | None = None,
     ) -> None:
         t = record.timings or Timings()
         rid = state.get("request_id", "")
         tenant = state.get("tenant")
         key_id = getattr(tenant, "key_id", None)  # an id only: the key never reaches the log
+        fields: dict[str, object] = {
+            "request_id": rid,
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "model": record.model,
+            "inputs": record.inputs,
+            "tokens": record.tokens,
+            "duration_ms": round(duration * 1000, 3),
+            "tokenization_ms": round(t.tokenization, 3),
+            "queue_ms": round(t.queue, 3),
+            "inference_ms": round(t.inference, 3),
+            "error_type": record.error_type,
+            "key_id": key_id,
+        }
+        trace_text = ""
+        if traced is not None and traced.is_valid:
+            # The ids a trace backend searches by, as W3C traceparent writes them: a log line
+            # leads to its request's spans.
+            fields["trace_id"] = format(traced.trace_id, "032x")
+            fields["span_id"] = format(traced.span_id, "016x")
+            trace_text = f" trace={fields['trace_id']}"
         _access_line.log(
             (
                 scope["method"],
@@ -275,23 +304,9 @@ class RequestObserver:
                 t.queue,
                 t.inference,
                 rid,
-                f" key={key_id}" if key_id else "",
+                (f" key={key_id}" if key_id else "") + trace_text,
             ),
-            {
-                "request_id": rid,
-                "method": scope["method"],
-                "route": route,
-                "status": status,
-                "model": record.model,
-                "inputs": record.inputs,
-                "tokens": record.tokens,
-                "duration_ms": round(duration * 1000, 3),
-                "tokenization_ms": round(t.tokenization, 3),
-                "queue_ms": round(t.queue, 3),
-                "inference_ms": round(t.inference, 3),
-                "error_type": record.error_type,
-                "key_id": key_id,
-            },
+            fields,
         )
 
 

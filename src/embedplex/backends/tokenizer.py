@@ -512,7 +512,7 @@ class TextTokenizer:
         """Token detail for the TEI ``/tokenize`` route. The answer has every token, so an input
         over ``max_chars`` is refused before any is tokenized (as TEI does), and the inputs are
         tokenized ``TOKENIZE_GROUP_CHARS`` at a time: an answer over ``max_tokens`` is refused
-        (413) once a group passes it, not once all of it is made."""
+        (``PayloadTooLargeError``) once a group passes it, not once all of it is made."""
         limit = self.max_chars
         for index, text in enumerate(texts):
             if len(text) > limit:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import inspect
 import json
+import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,9 +20,15 @@ from embedplex import __version__
 from embedplex.bench.cli import bench_app
 from embedplex.cli.keys import db_app, keys_app
 from embedplex.cli.providers import providers_app
-from embedplex.config import Settings
+from embedplex.config import Settings, split_list
+from embedplex.config_tei import tei_env_findings
 
-app = typer.Typer(help="embedplex: embedding server and batching gateway.", no_args_is_help=True)
+app = typer.Typer(
+    help="embedplex: embedding server and batching gateway.",
+    no_args_is_help=True,
+    # Every command, as TEI's router and most servers take it; click hands it down.
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 config_app = typer.Typer(help="Write or show configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(providers_app, name="providers")
@@ -43,7 +51,9 @@ def _flag_type(name: str, annotation: Any) -> Any:
     if origin is Literal:
         values = [str(a) for a in get_args(annotation)]
         return enum.Enum(name, {v: v for v in values}, type=str)
-    if annotation is SecretStr or origin is list:
+    if origin is list:  # a repeatable flag (``_list_values`` joins the repeats)
+        return list[str]
+    if annotation is SecretStr:
         return str
     return annotation
 
@@ -56,6 +66,19 @@ def _is_table_list(annotation: Any) -> bool:
     return bool(args) and isinstance(args[0], type) and issubclass(args[0], BaseModel)
 
 
+def _help(field: FieldInfo, annotation: Any) -> str | None:
+    """A flag's help with the setting's default, as ``--help`` shows defaults. The flag's own
+    default is None (a flag not given leaves the file and the environment in force), so
+    typer's ``show_default`` would show nothing true. No default for a secret, nor for one
+    that is none or empty."""
+    value = field.get_default(call_default_factory=True)
+    if "SecretStr" in str(annotation) or value is None or value == []:
+        return field.description
+    shown = json.dumps(value) if isinstance(value, bool) else str(value)
+    # Escaped: typer renders help as rich markup, where [default: ...] would be a tag.
+    return f"{field.description} \\[default: {shown}]"
+
+
 def _settings_options() -> list[inspect.Parameter]:
     params = []
     hints = typing.get_type_hints(Settings)
@@ -66,7 +89,7 @@ def _settings_options() -> list[inspect.Parameter]:
         kind = _flag_type(name, hints[name])
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
-        option = typer.Option(None, *decls, help=field.description, show_default=False)
+        option = typer.Option(None, *decls, help=_help(field, hints[name]), show_default=False)
         params.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None
@@ -91,8 +114,19 @@ def _with_settings_flags(func: Any) -> Any:
     return func
 
 
+def _flag_value(value: Any) -> Any:
+    """A flag's value as the settings take it. A list flag given several times keeps every
+    value (``--cors-allow-origins a --cors-allow-origins b,c`` is a, b and c), each one
+    comma-separated or a JSON list, as the environment variable's value is."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [item for each in value for item in split_list(each)]
+    return value
+
+
 def _load(config: Path | None, overrides: dict[str, Any]) -> Settings:
-    overrides = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in overrides.items()}
+    overrides = {k: _flag_value(v) for k, v in overrides.items()}
     try:
         return Settings.load(config, **overrides)
     except (ValueError, FileNotFoundError) as exc:
@@ -108,7 +142,14 @@ def serve(config: ConfigOption = None, **overrides: Any) -> None:
     from embedplex.serve.server import serve as run_server
 
     settings = _load(config, overrides)
+    given = [name for name, value in overrides.items() if value is not None]
+    tei = tei_env_findings(os.environ, flags=given, ignored=settings.ignore_tei_env)
+    if tei.refused is not None:
+        typer.echo(f"embedplex: {tei.refused}", err=True)
+        raise typer.Exit(BAD_START)
     setup_logging(settings.log_level, settings.log_format)
+    for warning in tei.warnings:
+        logging.getLogger("embedplex.config").warning("%s", warning)
     try:
         run_server(settings)
     except StartupError as exc:

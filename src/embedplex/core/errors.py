@@ -2,15 +2,15 @@
 
 Every failure a caller can see is one of these. The HTTP layer maps them to a status code and a
 body in exactly one place (``embedplex.api.errors``); nothing below the HTTP layer knows about
-status codes. On OpenAI routes every 413 and 422 below (but a body over ``payload_limit``) is a
-400, as OpenAI answers them.
+status codes. On OpenAI routes every 422 below is a 400, as OpenAI answers them; a body over
+``payload_limit`` is a 413 on every route.
 
     EmbedplexError                      base; ``kind`` names the error in responses and metrics
     ├── ClientError                     the request is at fault (never retried)
     │   ├── EmptyInputError             no inputs at all                        -> 400
     │   ├── InvalidRequestError         malformed JSON, wrong types, bad values -> 400 / 422
     │   │   └── UpstreamRefusedError    a provider's 400/422 for this input     -> 422
-    │   ├── PayloadTooLargeError        inputs or token ids over a limit        -> 413
+    │   ├── PayloadTooLargeError        inputs or token ids over a limit        -> 422
     │   │   └── BodyTooLargeError       body bytes over payload_limit           -> 413
     │   ├── HeadersTooLargeError        request line and headers over the cap   -> 431
     │   ├── RequestTimeoutError         headers or body too slow to arrive      -> 408

@@ -49,6 +49,10 @@ INHERITED = (
 )
 
 
+# The default prompt: a name from the model's prompts, or a literal one; never both (TEI's
+# flags conflict too).
+_PROMPTS = ("default_prompt_name", "default_prompt")
+
 # Keys that only mean something for a model run as Ray Serve replicas (docs/ray.md).
 RAY_KEYS = (
     "replicas",
@@ -166,6 +170,11 @@ class ModelConfig(BaseModel):
                 f'model {self.name!r}: load = "lazy" needs kind ("embed" or "rerank"): '
                 "its files are not read before its first request"
             )
+        if self.default_prompt is not None and self.default_prompt_name is not None:
+            raise ValueError(
+                f"model {self.name!r}: default_prompt and default_prompt_name are one choice "
+                "(as in TEI): give one"
+            )
         if self.runtime == "ray":
             self._check_ray()
         else:
@@ -192,9 +201,14 @@ class ModelConfig(BaseModel):
         return KINDS[self.kind] if self.kind is not None else None
 
     def resolved(self, settings: Settings) -> ModelConfig:
-        """This table with every unset key taken from the top-level settings."""
-        update = {k: getattr(settings, k) for k in INHERITED if getattr(self, k) is None}
-        return self.model_copy(update=update)
+        """This table with every unset key taken from the top-level settings.
+
+        The two default prompts are one choice: a table that makes it (either key) takes
+        neither from the top level, so its own prompt is never joined by the other kind."""
+        unset = [k for k in INHERITED if getattr(self, k) is None]
+        if self.default_prompt is not None or self.default_prompt_name is not None:
+            unset = [k for k in unset if k not in _PROMPTS]
+        return self.model_copy(update={k: getattr(settings, k) for k in unset})
 
     def check_limits(self) -> None:
         """The cross-key rules of a resolved table (the same as the top level's)."""

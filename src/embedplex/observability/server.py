@@ -122,6 +122,12 @@ class MetricsServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
+    @property
+    def address(self) -> str:
+        """``host:port`` as bound (an IPv6 host in brackets)."""
+        host = str(self._server.server_address[0])
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()

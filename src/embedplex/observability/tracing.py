@@ -1,9 +1,11 @@
 """OpenTelemetry spans: a per-app tracer, post-hoc stage spans and one span per batch.
 
-Tracing is off (``Telemetry.tracer is None``) unless an OTLP endpoint or an exporter is given
-and ``--disable-spans`` is not set; callers test for ``None``, so a disabled tracer costs one
-branch. Queue, inference and batch spans are written after the fact from the timestamps the
-batcher already keeps, instead of holding spans open across tasks and threads.
+Tracing is off (``Telemetry.tracer is None``) unless an OTLP endpoint or an exporter is given;
+callers test for ``None``, so a disabled tracer costs one branch. ``--disable-spans`` does not
+turn it off: as TEI's flag of that name, it only leaves the trace ids out of log lines
+(``api/observe.py``); to export no spans, give no endpoint. Queue, inference and batch spans
+are written after the fact from the timestamps the batcher already keeps, instead of holding
+spans open across tasks and threads.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def build_tracer_provider(
     ``exporter`` (tests: ``InMemorySpanExporter``) is used as is, synchronously; otherwise
     ``settings.otlp_endpoint`` gets a batching OTLP exporter over gRPC or HTTP.
     """
-    if settings.disable_spans or (exporter is None and not settings.otlp_endpoint):
+    if exporter is None and not settings.otlp_endpoint:
         return None
     resource = Resource.create(
         {"service.name": settings.otlp_service_name, "service.version": __version__}

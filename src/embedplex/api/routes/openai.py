@@ -60,6 +60,14 @@ class EmbeddingsRequest(BaseModel):
     cache: StrictBool = Field(
         True, description="embedplex extension: false neither reads nor writes the cache."
     )
+    # TEI's /v1/embeddings has no such field (it truncates by --auto-truncate alone); here it
+    # is what TEI's /embed takes, so a client can ask for OpenAI's own answer to a long input
+    # (400) from a server that truncates by default.
+    truncate: StrictBool | None = Field(
+        None,
+        description="embedplex extension: false makes an input over the model's length a 400, "
+        "true truncates it (default: the server's --auto-truncate).",
+    )
 
     def routing(self) -> tuple[list[str], str | None]:
         """The providers and policy the caller asked for (empty: the model's own route)."""
@@ -98,6 +106,7 @@ def to_core(body: EmbeddingsRequest, request: Request) -> EmbedRequest:
         normalize=True,
         dimensions=body.dimensions,
         extra=extra,
+        truncate=body.truncate,
         tenant=tenant_of(request, body.priority),
         cache=body.cache,
     )

@@ -143,7 +143,7 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
 @router.post("/v2/rerank")
 async def rerank(body: RerankBody, request: Request) -> Response:
     model = gateway(request).reranker(body.model)
-    # Before any document is made into text: at most as many as the reranker takes (413).
+    # Before any document is made into text: at most as many as the reranker takes (422).
     check_count(request, len(body.documents), "documents", model.info.max_client_batch_size)
     texts = _document_texts(body)
     core = RerankRequest(

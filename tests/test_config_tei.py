@@ -1,0 +1,177 @@
+"""TEI's own environment variables are refused or warned about at ``serve``, never ignored.
+
+The review's reproduction: ``API_KEY=secret MODEL_ID=BAAI/bge-small-en-v1.5 embedplex serve``
+served the default model with no authentication and said nothing (TEI reads every flag from a
+variable of the same name; embedplex reads ``EMBEDPLEX_*`` alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from embedplex.cli.main import app
+from embedplex.config import Settings
+from helpers import serve_refused
+
+runner = CliRunner()
+
+SECRET = "tei-style-secret-0123456789"
+OTHER_MODEL = "BAAI/bge-small-en-v1.5"
+TEI_NAMES = [
+    "API_KEY",
+    "MODEL_ID",
+    "POOLING",
+    "DEFAULT_PROMPT",
+    "DEFAULT_PROMPT_NAME",
+    "REVISION",
+    "DTYPE",
+    "SERVED_MODEL_NAME",
+    "TOKENIZATION_WORKERS",
+    "MAX_CONCURRENT_REQUESTS",
+    "MAX_BATCH_TOKENS",
+    "MAX_BATCH_REQUESTS",
+    "MAX_CLIENT_BATCH_SIZE",
+    "AUTO_TRUNCATE",
+    "PAYLOAD_LIMIT",
+    "JSON_OUTPUT",
+    "DISABLE_SPANS",
+    "OTLP_ENDPOINT",
+    "OTLP_SERVICE_NAME",
+    "PROMETHEUS_PORT",
+    "CORS_ALLOW_ORIGIN",
+    "HF_API_TOKEN",
+    "DENSE_PATH",
+]
+
+
+def test_the_reviewers_tei_environment_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    # Offline: the old code went on to load the other model, and must fail fast doing so.
+    env = {"API_KEY": SECRET, "MODEL_ID": OTHER_MODEL, "HF_HUB_OFFLINE": "1"}
+    done = serve_refused(env, tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # one line, nothing logged before it
+    (line,) = lines
+    assert line.startswith("embedplex: API_KEY, MODEL_ID are TEI's variables"), line
+    assert "for API_KEY, set EMBEDPLEX_API_KEY" in line
+    assert "for MODEL_ID, set EMBEDPLEX_MODEL_ID" in line
+    assert "EMBEDPLEX_IGNORE_TEI_ENV" in line
+    assert SECRET not in done.stdout + done.stderr
+    assert OTHER_MODEL not in done.stdout + done.stderr
+    assert not list(tmp_path.iterdir())  # no state store was opened
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """``serve`` up to the point it would listen: the settings it would serve, one per start.
+    Logging stays pytest's (caplog sees the warnings)."""
+    for name in TEI_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.upper().startswith("EMBEDPLEX_")]:
+        monkeypatch.delenv(name)
+    runs: list[Settings] = []
+    monkeypatch.setattr("embedplex.serve.server.serve", runs.append)
+    monkeypatch.setattr("embedplex.observability.logs.setup_logging", lambda *a, **k: None)
+    return runs
+
+
+def serve(env: dict[str, str], *flags: str) -> Any:
+    return runner.invoke(app, ["serve", *flags], env=env)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "counterpart"),
+    [
+        ("API_KEY", SECRET, "EMBEDPLEX_API_KEY"),
+        ("MODEL_ID", OTHER_MODEL, "EMBEDPLEX_MODEL_ID"),
+        ("POOLING", "cls", "EMBEDPLEX_POOLING"),
+        ("DEFAULT_PROMPT", "query-prefix-xyz: ", "EMBEDPLEX_DEFAULT_PROMPT"),
+        ("DEFAULT_PROMPT_NAME", "query-name-xyz", "EMBEDPLEX_DEFAULT_PROMPT_NAME"),
+    ],
+)
+def test_a_name_that_changes_what_is_served_is_refused(
+    started: list[Settings], name: str, value: str, counterpart: str
+) -> None:
+    result = serve({name: value})
+    assert result.exit_code == 2, result.output
+    assert started == []
+    assert f"{name} is TEI's variable" in result.output
+    assert f"set {counterpart} (docs/configuration.md" in result.output
+    assert value.strip() not in result.output
+
+
+def test_the_counterpart_or_the_flag_or_the_ignore_list_lets_it_start(
+    started: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    tei = {"API_KEY": SECRET, "MODEL_ID": OTHER_MODEL}
+    # The counterpart set, even to the default: the operator has said what to serve.
+    default_model = Settings.model_fields["model_id"].default
+    counterparts = {"EMBEDPLEX_API_KEY": "an-embedplex-key-0123456789"}
+    counterparts |= {"EMBEDPLEX_MODEL_ID": default_model}
+    assert serve(tei | counterparts).exit_code == 0
+    assert started[-1].model_id == default_model
+    # The flags, for both.
+    flags = ("--api-key", "an-embedplex-key-0123456789", "--model-id", default_model)
+    assert serve(tei, *flags).exit_code == 0
+    # Variables of another program: listed, they neither stop the start nor warn.
+    assert serve(tei | {"EMBEDPLEX_IGNORE_TEI_ENV": "API_KEY,MODEL_ID"}).exit_code == 0
+    assert started[-1].api_key is None
+    # Empty values (compose placeholders) are unset.
+    assert serve({"API_KEY": "", "MODEL_ID": " "}).exit_code == 0
+    assert len(started) == 4
+    assert not [r for r in caplog.records if "TEI" in r.getMessage()]
+
+
+def test_the_other_names_start_with_a_warning_each_naming_what_to_set(
+    started: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    env = {
+        "MAX_CLIENT_BATCH_SIZE": "64",
+        "JSON_OUTPUT": "true",
+        "OTLP_ENDPOINT": "http://collector-xyz:4317",
+        "HF_API_TOKEN": "hf_secretvalue123",
+        "CORS_ALLOW_ORIGIN": "https://origin-xyz.example",
+        # Set by Docker and most platforms, never TEI's alone: not looked at.
+        "HOSTNAME": "container-xyz",
+        "PORT": "3000",
+    }
+    result = serve(env)
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "embedplex.config")
+    assert len(warnings) == 5, warnings
+    expected = [
+        "CORS_ALLOW_ORIGIN is TEI's variable, which embedplex does not read: set "
+        "EMBEDPLEX_CORS_ALLOW_ORIGINS",
+        "HF_API_TOKEN is TEI's variable, which embedplex does not read: set HF_TOKEN",
+        "JSON_OUTPUT is TEI's variable, which embedplex does not read: set "
+        "EMBEDPLEX_LOG_FORMAT=json",
+        "MAX_CLIENT_BATCH_SIZE is TEI's variable, which embedplex does not read: set "
+        "EMBEDPLEX_MAX_CLIENT_BATCH_SIZE",
+        "OTLP_ENDPOINT is TEI's variable, which embedplex does not read: set "
+        "EMBEDPLEX_OTLP_ENDPOINT",
+    ]
+    for warning, start in zip(warnings, expected, strict=True):
+        assert warning.startswith(start), warning
+        assert warning.endswith("(or list it in EMBEDPLEX_IGNORE_TEI_ENV)")
+    text = " ".join(warnings) + result.output
+    for value in env.values():
+        assert value not in text
+
+
+def test_the_ignore_list_names_tei_variables_only(started: list[Settings]) -> None:
+    result = serve({"EMBEDPLEX_IGNORE_TEI_ENV": "API_KEY,HOSTNAME"})
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", "").split())  # rich wraps its box
+    assert "ignore_tei_env: HOSTNAME is no TEI variable embedplex checks" in text
+    assert Settings(ignore_tei_env='["API_KEY", "DTYPE"]').ignore_tei_env == ["API_KEY", "DTYPE"]
