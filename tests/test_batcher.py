@@ -7,7 +7,14 @@ from collections.abc import Sequence
 
 import pytest
 
-from embedplex.batching import Batcher, BatchPolicy, BatchStats, FifoQueue, LengthBucketQueue
+from embedplex.batching import (
+    Batcher,
+    BatchPolicy,
+    BatchStats,
+    FifoQueue,
+    LengthBucketQueue,
+    make_queue,
+)
 from embedplex.core.errors import (
     BackendError,
     FatalBackendError,
@@ -304,6 +311,32 @@ async def test_max_wait_flushes_at_once_when_the_batch_is_full() -> None:
     async with Batcher("t", run, policy) as b:
         result = await asyncio.wait_for(submit(b, ["a", "b", "c", "d"]), 1.0)
     assert result == ["A", "B", "C", "D"]
+
+
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
+async def test_max_wait_flushes_at_once_when_the_batch_is_full_by_cost(policy: str) -> None:
+    """A remote lane's batch that its token budget fills goes at once, as one full by count
+    does: waiting out max_wait (and max_quiet) could not make it any larger."""
+    run = Recorder()
+    window = BatchPolicy(max_items=100, max_cost=10, max_wait=10.0, max_quiet=5.0)
+    queue = make_queue(policy, lengths=False)  # type: ignore[arg-type]
+    async with Batcher("t", run, window, queue=queue) as b:
+        # 4 + 4 of a budget of 10 waits: 2 more could still join.
+        first = b.submit(["aaaa", "bbbb"], [4, 4])
+        await asyncio.sleep(0.2)
+        assert run.batches == []
+        # 4 more pass the budget: the batch that fits goes now, the rest waits.
+        rest = b.submit(["cccc"], [4])
+        done = await asyncio.wait_for(asyncio.gather(*(i.future for i in first)), 1.0)
+        assert done == ["AAAA", "BBBB"]
+        await asyncio.sleep(0.2)
+        assert run.batches == [["aaaa", "bbbb"]]
+        assert not rest[0].future.done()
+        # What waits is counted afresh after the cut: 4 + 6 fills the budget exactly.
+        last = b.submit(["dddddd"], [6])
+        answers = await asyncio.wait_for(asyncio.gather(rest[0].future, last[0].future), 1.0)
+        assert answers == ["CCCC", "DDDDDD"]
+    assert run.batches == [["aaaa", "bbbb"], ["cccc", "dddddd"]]
 
 
 async def test_concurrency_bounds_batches_in_flight() -> None:

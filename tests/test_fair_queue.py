@@ -388,6 +388,41 @@ def test_remote_lanes_keep_the_cost_budget(loop: asyncio.AbstractEventLoop) -> N
     assert len(feed.queue.cut(100, None)) == 17
 
 
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
+def test_remote_lanes_keep_the_sum_of_what_waits(
+    loop: asyncio.AbstractEventLoop, policy: QueuePolicy
+) -> None:
+    """``held_cost`` (what tells the batcher a batch is full by cost) stays the sum of the
+    waiting items' costs through pushes, cuts, callers leaving and timeouts; local queues
+    keep none."""
+    rng = random.Random(3)
+    clock = Clock()
+    queue = make_queue(policy, lengths=False)
+    feed = Feed(loop, queue, clock)
+    waiting: list[AnyItem] = []  # every item pushed (some cut, some gone since)
+    for _ in range(200):
+        for _ in range(rng.randrange(0, 6)):
+            key = rng.choice(["a", "b", None])
+            prio = rng.choice([INTERACTIVE, BATCH])
+            waiting.append(feed.push(key, rng.randrange(1, 50), priority=prio))
+        step = rng.random()
+        if step < 0.4:
+            queue.cut(rng.randrange(1, 8), rng.choice([None, 60, 200]))
+        elif step < 0.6 and waiting:
+            rng.choice(waiting).future.cancel()  # its caller left
+            queue.drop_gone()
+        elif step < 0.7 and waiting:
+            rng.choice(waiting).deadline = -1.0  # timed out
+            queue.pop_expired(0.0)
+        assert queue.held_cost() == sum(i.cost for i in _queued(queue))
+    assert LengthBucketQueue().held_cost() is None
+    assert FairLengthQueue().held_cost() is None
+
+
+def _queued(queue: BatchQueue) -> list[AnyItem]:
+    return list(queue._items)  # type: ignore[attr-defined]  # the list every queue keeps
+
+
 def test_make_queue_names_the_policies() -> None:
     assert isinstance(make_queue("fair", lengths=True), FairLengthQueue)
     assert not cast(FairLengthQueue, make_queue("fair", lengths=True, fill=False)).fill

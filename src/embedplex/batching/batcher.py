@@ -2,12 +2,12 @@
 
 One ``Batcher`` owns one queue. Callers ``submit`` inputs and await one future per input; a
 single loop task cuts batches (by count and cost budget), flushes them as soon as a batch slot is
-free (``max_wait == 0``, local models) or when the batch is full or its oldest item has waited
-``max_wait`` (remote providers), and runs at most ``max_concurrency`` batches at once. Results go
-back to each future in order; a failed batch fails every future in it; callers that have gone are
-skipped; a request none of whose inputs has started a batch for ``queue_timeout`` gets
-``QueueTimeoutError`` for those still queued (``item.Progress``). A run may also fail single
-inputs: an exception in a result's place fails that input's future alone.
+free (``max_wait == 0``, local models) or when the batch is full, by count or by cost, or its
+oldest item has waited ``max_wait`` (remote providers), and runs at most ``max_concurrency``
+batches at once. Results go back to each future in order; a failed batch fails every future in
+it; callers that have gone are skipped; a request none of whose inputs has started a batch for
+``queue_timeout`` gets ``QueueTimeoutError`` for those still queued (``item.Progress``). A run
+may also fail single inputs: an exception in a result's place fails that input's future alone.
 """
 
 from __future__ import annotations
@@ -396,6 +396,7 @@ class Batcher(Generic[P, R]):
                 and oldest is not None
                 and len(self._queue) < self._max_items
                 and now < oldest + self.policy.max_wait
+                and not self._full_by_cost()
             ):
                 flush_at = oldest + self.policy.max_wait
                 quiet = self.policy.max_quiet
@@ -410,6 +411,17 @@ class Batcher(Generic[P, R]):
                 self._dispatch(batch, now)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _full_by_cost(self) -> bool:
+        """Whether what waits fills a batch's cost budget already (``max_cost``: a remote
+        lane's tokens per call): the next batch can grow no more, so it goes now, as one full
+        by count does. Asked only of a batch that waits to fill (a local model's never waits,
+        and its queue keeps no sum: ``BatchQueue.held_cost``)."""
+        budget = self.policy.max_cost
+        if budget is None:
+            return False
+        held = self._queue.held_cost()
+        return held is not None and held >= budget
 
     async def _wait(self, until: float | None) -> None:
         """Sleep until woken or until ``until`` (a ``time.perf_counter`` instant)."""

@@ -56,6 +56,7 @@ from embedplex.batching.queues import (
     BatchQueue,
     FifoQueue,
     LengthBucketQueue,
+    SummedQueue,
     _ListQueue,
     group_by_length,
 )
@@ -253,7 +254,7 @@ def _fill(chosen: list[int], pool: list[int], items: list[AnyItem], budget: Toke
             return  # no row fits any more: each would pad to at least ``top``
 
 
-class FairFifoQueue(_FairState):
+class FairFifoQueue(SummedQueue, _FairState):
     """``FifoQueue`` in weighted fair order across keys, with priority lanes (remote lanes).
 
     Items are taken one at a time from the key with the least virtual time (its oldest first),
@@ -302,6 +303,11 @@ class FairFifoQueue(_FairState):
                 self._charge(items[k].tenant_key, items[k].cost)
         chosen.sort()
         return self._take(chosen)
+
+    def _take(self, chosen: list[int]) -> list[AnyItem]:
+        batch = super()._take(chosen)
+        self._held -= sum(i.cost for i in batch)
+        return batch
 
 
 def _fifo_extend(

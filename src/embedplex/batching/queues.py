@@ -46,6 +46,11 @@ class BatchQueue(Protocol):
         order, whoever sent it, where no key's share is kept (and counting them would cost a
         pass over the whole queue for every request under overload)."""
 
+    def held_cost(self) -> int | None:
+        """The sum of the waiting items' costs, where ``max_cost`` bounds that sum (the remote
+        lanes' queues keep it as items come and go); None where it bounds something else (a
+        local model's padded tokens), whose batches never wait to fill."""
+
 
 class _ListQueue:
     """Items in arrival order; the bookkeeping every policy shares."""
@@ -90,8 +95,45 @@ class _ListQueue:
     def by_key(self) -> tuple[Mapping[str | None, int], Mapping[str | None, int]] | None:
         return None  # arrival order: the fair queues (fair.py) keep per-key counts
 
+    def held_cost(self) -> int | None:
+        return None  # local models' queues: their budget is padded tokens, not a sum
 
-class FifoQueue(_ListQueue):
+
+class SummedQueue(_ListQueue):
+    """The remote lanes' bookkeeping: the sum of the waiting items' costs (``held_cost``), so
+    that a batch full by its budget flushes at once, as one full by count does (the batcher
+    asks it each time it would wait; a pass over the queue then would cost one per arrival).
+    Removals recount it: each is a pass over the queue already. Local models' queues do not
+    keep it: their pushes are the benchmarked path, and their batches never wait to fill."""
+
+    def __init__(self, **options: Any) -> None:  # options: a fair twin's (``fair.py``)
+        super().__init__(**options)
+        self._held = 0
+
+    def push(self, item: AnyItem) -> None:
+        super().push(item)
+        self._held += item.cost
+
+    def held_cost(self) -> int | None:
+        return self._held
+
+    def _recount(self) -> None:
+        self._held = sum(i.cost for i in self._items)
+
+    def pop_expired(self, now: float) -> list[AnyItem]:
+        expired = super().pop_expired(now)
+        if expired:
+            self._recount()
+        return expired
+
+    def drop_gone(self) -> int:
+        gone = super().drop_gone()
+        if gone:
+            self._recount()
+        return gone
+
+
+class FifoQueue(SummedQueue):
     """Arrival order, for remote providers: ``max_cost`` bounds the sum of the items' costs.
 
     A remote request is priced per input (or per token) and nothing is padded, so its cost is a
@@ -108,6 +150,7 @@ class FifoQueue(_ListQueue):
             cost += item.cost
         batch = self._items[:taken]
         self._items = self._items[taken:]
+        self._held -= cost
         return batch
 
 
