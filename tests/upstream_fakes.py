@@ -138,6 +138,9 @@ class FakeUpstream:
         # TEI's own refusal above ``max_texts`` (422 "batch size N > maximum allowed batch
         # size M", as TEI answers since 2026-02) instead of the generic 413.
         self.tei_refusal = False
+        # The status of TEI's validation errors (an input over its length, a batch over its
+        # limit): 422 since 2026-02, 413 before.
+        self.tei_validation_status = 422
         self.info_status = 200  # what GET /info answers (not 200: an /info that cannot be read)
         self.model_id = "fake"  # what /info says it serves
         self.info_paths: list[str] = []  # the /info paths read, in order
@@ -182,6 +185,7 @@ class FakeUpstream:
             self.max_chars = None
             self.ignore_dimensions = False
             self.tei_refusal = False
+            self.tei_validation_status = 422
             self.info_status = 200
             self.model_id = "fake"
             self.info_paths.clear()
@@ -235,14 +239,16 @@ class FakeUpstream:
             )
         if self.max_texts is not None and len(texts) > self.max_texts:
             if self.tei_refusal:
-                return _tei_refuse_size(len(texts), self.max_texts), call
+                return _tei_refuse_size(
+                    len(texts), self.max_texts, self.tei_validation_status
+                ), call
             msg = {"error": f"batch size {len(texts)} > {self.max_texts}"}
             return Response(orjson.dumps(msg), status_code=413), call
         cap = self.max_batch_tokens
         if cap is not None and (sent := sum(fake_tokens(t) for t in texts)) > cap:
             return _refuse_tokens(request.url.path, body.get("model"), cap, sent), call
         if self.max_chars is not None and any(len(t) > self.max_chars for t in texts):
-            return _refuse_long(request.url.path, self.max_chars), call
+            return _refuse_long(request.url.path, self.max_chars, self.tei_validation_status), call
         if fault.malformed:
             return Response(b'{"data": "not a list"', status_code=200), call
         if fault.drip:
@@ -396,13 +402,13 @@ def fake_tokens(text: str) -> int:
     return -(-len(text.encode()) // FAKE_BYTES_PER_TOKEN)
 
 
-def _tei_refuse_size(n: int, most: int) -> Response:
+def _tei_refuse_size(n: int, most: int, status: int = 422) -> Response:
     """TEI's refusal of a call with more inputs than ``--max-client-batch-size``."""
     body = {
         "error": f"batch size {n} > maximum allowed batch size {most}",
         "error_type": "Validation",
     }
-    return _json(body, 422)
+    return _json(body, status)
 
 
 def _refuse_tokens(path: str, model: str | None, cap: int, sent: int) -> Response:
@@ -424,14 +430,15 @@ def _refuse_tokens(path: str, model: str | None, cap: int, sent: int) -> Respons
     return _json({"error": error}, 400)
 
 
-def _refuse_long(path: str, max_chars: int) -> Response:
-    """The API's own refusal of an input over its length (TEI's 422, OpenAI's 400)."""
+def _refuse_long(path: str, max_chars: int, tei_status: int = 422) -> Response:
+    """The API's own refusal of an input over its length (TEI's 422, 413 before 2026-02;
+    OpenAI's 400)."""
     if path == "/embed":
         body: Any = {
             "error": f"Input validation error: `inputs` must have less than {max_chars} tokens",
             "error_type": "Validation",
         }
-        return _json(body, 422)
+        return _json(body, tei_status)
     message = f"This model's maximum context length is {max_chars} tokens"
     return _json({"error": {"message": message, "type": "invalid_request_error"}}, 400)
 

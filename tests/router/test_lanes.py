@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from embedplex.core.errors import UnavailableError, UpstreamError
+from embedplex.core.errors import UnavailableError, UpstreamError, UpstreamRefusedError
 from embedplex.providers.base import EmbedParams
 from embedplex.providers.config import ProviderConfig
 from embedplex.providers.guard import UpstreamGuard, token_shares
@@ -38,8 +38,10 @@ async def test_a_413_splits_until_each_input_fails_alone() -> None:
 
     assert await guard.call(["a", "b", "c"], send) == ["A", "B", "C"]
     assert guard.counters["splits"] == 2  # [a b c] -> [a] [b c] -> [b] [c]
-    with pytest.raises(UpstreamError):
-        await guard.call(["big"], send)  # one input cannot be split further
+    # One input cannot be split further: too large for the upstream, its caller's 422.
+    with pytest.raises(UpstreamRefusedError, match="too large") as refused:
+        await guard.call(["big"], send)
+    assert refused.value.param == "input"
 
 
 async def test_other_errors_are_not_split() -> None:

@@ -39,11 +39,16 @@ async def embed_all(router: object, texts: list[str], name: str = "p") -> list[o
     )
 
 
-@pytest.mark.parametrize("kind", ["openai", "tei"])
+@pytest.mark.parametrize("kind", ["openai", "tei", "tei-before-2026-02"])
 async def test_a_refused_text_fails_alone_as_a_422(
     kind: str, upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
+    """A TEI before 2026-02 refuses an input over its length with 413, as if the call were
+    too large: the call is cut in halves until the input is alone, and a one-input call it
+    still refuses is that input's 422 (it was a 502)."""
     upstream.max_chars = 100
+    if kind == "tei-before-2026-02":
+        kind, upstream.tei_validation_status = "tei", 413
     router = await make_router(provider("p", upstream, kind, max_wait_ms=200, max_batch_size=8))
     texts = ["a", "b", LONG, "c", "d", "e", "f", "g"]
     outcomes = await embed_all(router, texts)

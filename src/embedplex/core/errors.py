@@ -193,7 +193,8 @@ class UpstreamTooLargeError(UpstreamError):
     more tokens than one call may carry (a 413, or a vendor's 400/422 that says so). What the
     refusal said one call may carry: ``max_items`` inputs, ``max_cost`` estimated tokens
     (``providers.base.budget_tokens``); None where it did not say. The call is split to fit
-    (``providers/guard.py``), and reaches a caller only when one input alone is refused (502)."""
+    (``providers/guard.py``); one input refused alone so is too large for that upstream, and
+    reaches its caller as ``UpstreamRefusedError`` (422)."""
 
     def __init__(
         self,

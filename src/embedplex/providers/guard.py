@@ -81,7 +81,8 @@ class UpstreamGuard:
         takes less than we sent, not that any input is bad: the call is cut into parts that
         fit what the refusal said (``max_items`` inputs, ``max_cost`` by ``cost``), in halves
         where it said nothing, outside the bounds below, so valid callers never fail for
-        sharing a call. Another 400 or 422 means one input among several is refused (over its
+        sharing a call; a call of one input refused so is that input's refusal (a 422 to its
+        caller, as below). Another 400 or 422 means one input among several is refused (over its
         context length): splitting in halves lets that input fail alone, with
         ``UpstreamRefusedError`` (a 422 to its caller) in its place, and the others answered.
         Every part asks the breaker again, so a circuit that opens meanwhile stops the rest.
@@ -115,7 +116,9 @@ class UpstreamGuard:
         status = failed.status
         if isinstance(failed, UpstreamTooLargeError) or status == 413:
             if len(items) == 1:
-                raise failed
+                # One input the upstream takes no call of: too large for it, as a refused
+                # input is (a TEI before 2026-02 answered an input over its length with 413).
+                raise _refused(failed)
             self.counters["splits"] += 1
             self.counters["size_refusals"] += 1
             parts = _fit(items, failed, cost)
