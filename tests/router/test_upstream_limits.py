@@ -237,6 +237,19 @@ async def test_max_batch_tokens_cuts_batches_before_the_upstream_refuses(
     assert len(upstream.calls) == math.ceil(64 / per_call)
 
 
+async def test_a_voyage_call_carries_up_to_its_documented_1000_texts(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """Voyage takes 1,000 texts a call (its API reference; 128 was an older figure): 300
+    short texts under its token cap make one call, not three."""
+    upstream.max_texts = 1000  # over it, the fake refuses the call (413)
+    config = provider("v", upstream, "voyage", max_wait_ms=1000, max_quiet_ms=200)
+    router = await make_router(config)
+    assert router.runtimes["v"].stats()["max_texts_per_call"] == 1000
+    await burst(router, "v", [f"text {i}" for i in range(300)])
+    assert [len(c.texts) for c in upstream.calls] == [300]
+
+
 def test_the_vendors_words_for_a_call_too_large_are_read() -> None:
     def said(status: int, reason: str) -> tuple[int | None, int | None, int | None] | None:
         refusal = size_refusal(

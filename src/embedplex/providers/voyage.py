@@ -37,7 +37,9 @@ class VoyageProvider(HttpProvider):
     type = "voyage"
     default_endpoint = "https://api.voyageai.com/v1/embeddings"
     path = "/v1/embeddings"
-    max_texts = 128  # the long-standing documented cap (newer models accept 1,000)
+    # Texts per call (docs.voyageai.com/reference/embeddings-api: "The maximum length of the
+    # list is 1,000", every model); the token cap above cuts most batches well before it.
+    max_texts = 1000
     supported = frozenset({"truncate", "dimensions", "input_type"})
     rerank_supported = frozenset({"truncate"})
     default_rerank_model = "rerank-2.5"
