@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -16,6 +17,7 @@ from embedplex.core.errors import (
     UpstreamRefusedError,
 )
 from embedplex.core.types import EmbedRequest, RerankRequest
+from embedplex.providers.base import budget_tokens
 from embedplex.providers.config import RouteConfig
 from embedplex.providers.health import CircuitState
 from embedplex.providers.router import RemoteModel, RemoteRerankModel, remote_model
@@ -72,6 +74,47 @@ async def test_a_413_splits_the_call(upstream: FakeUpstream, make_router: Router
     result = await router.rerank(rr("q", *docs), ["v"])
     assert result.scores == scores("q", docs)
     assert router.runtimes["v"].counters["splits"] == 1
+
+
+async def test_rerank_calls_are_cut_by_the_rerank_token_cap(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """With a cap on a rerank call's tokens (Voyage's "query tokens x documents + document
+    tokens"), each call holds what fits it, the query counted with every document."""
+    config = provider(
+        "v", upstream, "voyage", max_rerank_tokens=300, max_wait_ms=1000, max_quiet_ms=100
+    )
+    router = await make_router(config)
+    query = "q" * 30
+    docs = [f"{i:02d}" + "d" * 88 for i in range(20)]  # 90 bytes each
+    pair = budget_tokens(query) + budget_tokens(docs[0])
+    result = await router.rerank(rr(query, *docs), ["v"])
+    assert result.scores == scores(query, docs)
+    assert [t for c in upstream.calls for t in c.texts] == docs
+    assert all(pair * len(c.texts) <= 300 for c in upstream.calls)
+    assert len(upstream.calls) == math.ceil(len(docs) / (300 // pair))
+    assert router.runtimes["v"].stats()["rerank"]["max_tokens_per_call"] == 300
+
+
+async def test_a_rerank_call_refused_for_its_tokens_teaches_the_cap(
+    upstream: FakeUpstream, make_router: RouterFactory
+) -> None:
+    """A refusal that names the upstream's cap (here in Voyage's words) cuts the refused call
+    and becomes the rerank lanes' budget: the next request is cut before any refusal."""
+    upstream.max_batch_tokens = 200  # the fake counts the documents, two bytes a token
+    router = await make_router(provider("v", upstream, "voyage", max_quiet_ms=0))
+    rt = router.runtimes["v"]
+    docs = [f"{i:02d}" + "d" * 58 for i in range(40)]  # 30 of the fake's tokens each
+    result = await router.rerank(rr("query", *docs), ["v"])
+    assert result.scores == scores("query", docs)
+    assert rt.counters["size_refusals"] == 1
+    upstream.calls.clear()
+    more = [f"{i:02d}" + "e" * 58 for i in range(40)]
+    assert (await router.rerank(rr("query", *more), ["v"])).scores == scores("query", more)
+    assert rt.counters["size_refusals"] == 1  # cut to fit before the call
+    assert all(len(c.texts) * 30 <= 200 for c in upstream.calls)
+    learned = rt.stats()["rerank"]["max_tokens_per_call"]
+    assert learned is not None and learned < 40 * (budget_tokens("query") + budget_tokens(docs[0]))
 
 
 async def test_a_failed_query_fails_only_its_own_callers(

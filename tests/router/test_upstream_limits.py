@@ -18,6 +18,7 @@ from conftest import RouterFactory
 from embedplex.cache import EmbeddingCache
 from embedplex.core.errors import InvalidRequestError, UpstreamError
 from embedplex.core.types import EmbedRequest
+from embedplex.providers import PROVIDER_TYPES
 from embedplex.providers.adapter import resolve_url, size_refusal
 from embedplex.providers.base import budget_tokens
 from embedplex.providers.config import ProviderConfig
@@ -289,3 +290,24 @@ def test_each_vendors_token_cap_is_the_default() -> None:
     assert cap(VoyageProvider, model="voyage-code-3") == 120_000
     assert cap(VoyageProvider, model="voyage-3.5-lite") == 1_000_000
     assert cap(VoyageProvider, model="voyage-something-new") == 120_000  # the least
+
+
+def test_each_vendors_rerank_token_cap_is_the_default() -> None:
+    """Voyage caps a rerank call's tokens by model (its reranker API reference); the others
+    document no such cap."""
+    client = httpx.AsyncClient()
+
+    def cap(kind: str, **kw: object) -> int | None:
+        config = ProviderConfig(name="p", type=kind, endpoint="http://127.0.0.1:9", **kw)  # type: ignore[arg-type]
+        return PROVIDER_TYPES[kind](config, client).limits.max_rerank_tokens
+
+    assert cap("voyage") == 600_000  # rerank-2.5, the default rerank model
+    assert cap("voyage", rerank_model="rerank-2-lite") == 600_000
+    assert cap("voyage", rerank_model="rerank-1") == 300_000
+    assert cap("voyage", rerank_model="rerank-lite-1") == 300_000
+    assert cap("voyage", rerank_model="rerank-something-new") == 300_000  # the least
+    assert cap("voyage", max_rerank_tokens=0) is None  # 0: no cap
+    assert cap("voyage", max_rerank_tokens=5000) == 5000
+    for kind in ("tei", "openai", "cohere"):
+        assert cap(kind) is None
+        assert cap(kind, max_rerank_tokens=7000) == 7000

@@ -256,10 +256,14 @@ class HttpProvider(ABC):
         self.rerank_url = rerank_url(config.rerank_endpoint, self.url)
         self.rerank_model = config.rerank_model or config.model or self.default_rerank_model
         tokens = config.max_batch_tokens
+        rerank_tokens = config.max_rerank_tokens
+        if rerank_tokens is None:
+            rerank_tokens = self.default_max_rerank_tokens()
         self._limits = ProviderLimits(
             max_texts=self.max_texts,
             max_documents=self.max_documents,
             max_tokens=(self.default_max_tokens() if tokens is None else tokens) or None,
+            max_rerank_tokens=rerank_tokens or None,
         )
         self._headers: dict[str, str] = {}
 
@@ -273,6 +277,11 @@ class HttpProvider(ABC):
         that names one still teaches it, ``sized``)."""
         return None
 
+    def default_max_rerank_tokens(self) -> int | None:
+        """The vendor's documented cap on the tokens of one rerank call (the query counted
+        with every document), where ``max_rerank_tokens`` is not set (None: no cap known)."""
+        return None
+
     def sized(
         self, error: UpstreamError, costs: Sequence[int], *, documents: bool = False
     ) -> UpstreamError:
@@ -283,7 +292,8 @@ class HttpProvider(ABC):
         in those units: the refused call's reckoning scaled by the upstream's own count against
         its cap (exact for texts as dense as these), or halved where the count was not said.
         Learned limits only come down. A rerank call's (``documents``) teaches the documents
-        limit; its tokens (query and documents, as vendors count them) only size its split.
+        limit and the rerank token cap (its inputs' costs count the query with every document,
+        as vendors count them).
         """
         said = size_refusal(error)
         if said is None:
@@ -297,9 +307,10 @@ class HttpProvider(ABC):
             sent = said.sent_tokens
             budget = estimate * said.max_tokens // sent if sent else estimate // 2
             max_cost = max(1, min(budget, estimate - 1))
-            current = self._limits.max_tokens
-            if not documents and (current is None or max_cost < current):
-                self._limits = dataclasses.replace(self._limits, max_tokens=max_cost)
+            field = "max_rerank_tokens" if documents else "max_tokens"
+            current = getattr(self._limits, field)
+            if current is None or max_cost < current:
+                self._limits = dataclasses.replace(self._limits, **{field: max_cost})
         out = UpstreamTooLargeError(
             error.message, status=error.status, max_items=max_items, max_cost=max_cost
         )

@@ -97,8 +97,9 @@ class RerankParams:
 
 @dataclass(frozen=True, slots=True)
 class ProviderLimits:
-    """What one upstream call may carry: texts to embed, documents to rerank, and the tokens
-    of an embedding call's texts as ``budget_tokens`` reckons them (None: no cap).
+    """What one upstream call may carry: texts to embed, documents to rerank, the tokens of an
+    embedding call's texts and those of a rerank call as ``budget_tokens`` reckons them (the
+    query counted with every document, as vendors count them; None: no cap).
 
     An adapter replaces its limits (never changes them in place) when it learns new ones from
     its upstream (TEI's ``/info``, a refusal that names the limit): the runtime notices by
@@ -107,6 +108,7 @@ class ProviderLimits:
     max_texts: int
     max_documents: int = 1000
     max_tokens: int | None = None
+    max_rerank_tokens: int | None = None
 
 
 def budget_tokens(text: str) -> int:

@@ -80,6 +80,15 @@ class ProviderConfig(BaseModel):
         "the vendor's documented cap: openai's own API 300000, voyage 120000-1000000 by model; "
         "none for tei, cohere and other OpenAI-compatible servers; 0: no cap).",
     )
+    max_rerank_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=100_000_000,
+        description="Tokens one upstream rerank call may hold, the query counted with every "
+        "document (reckoned as for max_batch_tokens); rerank batches are cut by it as well as "
+        "by count (default: the vendor's documented cap: voyage 300000-600000 by model; none "
+        "for the others; 0: no cap).",
+    )
     max_wait_ms: float = Field(
         50.0, ge=0, le=60_000, description="How long the first queued text waits for company."
     )

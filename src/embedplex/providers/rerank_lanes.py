@@ -1,10 +1,15 @@
 """A provider's rerank lanes: remote rerank calls through the same batching engine as embeds.
 
 Rerank APIs take one query per call, so callers merge like this:
-- one lane (``Batcher``, FIFO, item = one (query, document) pair, cost 1) per ``RerankParams``;
+- one lane (``Batcher``, FIFO, item = one (query, document) pair) per ``RerankParams``;
   its batch is cut at the provider's documents-per-call maximum, so a request with more
   documents than one call may carry is split over several calls, and each document's score
   still goes back to its own caller in order;
+- where the provider caps the tokens of one rerank call (``max_rerank_tokens``: Voyage's
+  "query tokens x documents + document tokens"), a pair costs its query's and its document's
+  ``budget_tokens`` (else 1) and batches are cut by that budget too. A batch's queries go in
+  calls of their own, so each call holds at most what its batch does: the budget bounds
+  every call;
 - a flushed batch is grouped by query: callers that sent the same query within ``max_wait_ms``
   share one upstream call (RAG fan-outs re-scoring one question), other queries get their own
   calls, run concurrently under the provider's one semaphore;
@@ -120,9 +125,14 @@ class RerankLanes:
     def ceiling(self) -> int:
         return max(1, self.reranker.limits.max_documents)
 
+    @property
+    def budget(self) -> int | None:
+        """The tokens one batch's pairs may hold together (None: no cap)."""
+        return self.reranker.limits.max_rerank_tokens
+
     def set_limits(self) -> None:
-        """Cut every lane at the reranker's documents limit, learned anew (``_sync``)."""
-        self._lanes.set_limits(self.ceiling, None, self.ceiling)
+        """Cut every lane at the reranker's limits, learned anew (``_sync``)."""
+        self._lanes.set_limits(self.ceiling, self.budget, self.ceiling)
 
     async def close(self, *, drain: bool = True) -> None:
         await self._lanes.close(drain=drain)
@@ -185,12 +195,17 @@ class RerankLanes:
         start = time.perf_counter()
         params = RerankParams.from_request(request)
         self.reranker.check_rerank(params)
-        lane = await self._lanes.lane(params, ceiling=self.ceiling)
+        budget = self.budget
+        lane = await self._lanes.lane(params, ceiling=self.ceiling, max_cost=budget)
         deadline = REQUEST_DEADLINE.get()
         at = deadline.at if deadline is not None else None
         failover = FAILOVER.get()
         pairs = [Pair(request.query, d, trace, at, failover) for d in request.texts]
-        costs = [1] * len(pairs)
+        if budget is None:
+            costs = [1] * len(pairs)
+        else:  # as ``_cost``, the query's share reckoned once
+            q = budget_tokens(request.query)
+            costs = [q + budget_tokens(d) for d in request.texts]
         spend = REQUEST_SPEND.get()  # a key with tpm reserves first (core/spend.py)
         if spend is None:
             items = lane.batcher.submit(pairs, costs, trace=trace, tenant=request.tenant)
@@ -212,6 +227,7 @@ class RerankLanes:
     def stats(self) -> dict[str, Any]:
         return {
             "max_documents_per_call": self.ceiling,
+            "max_tokens_per_call": self.budget,
             **self._lanes.totals(),
             "lanes": self._lanes.describe(),
         }

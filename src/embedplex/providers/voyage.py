@@ -1,8 +1,9 @@
 """Voyage AI ``POST /v1/embeddings`` (input, model, input_type, truncation, output_dimension)
 and ``POST /v1/rerank`` (query, documents, model, top_k, truncation -> ``data: [{index,
 relevance_score}]``). Besides texts per call, Voyage caps the tokens of one call's texts by
-model (``default_max_tokens``): over it the whole call is refused (400), so the lanes cut by
-it too (``max_batch_tokens``, docs/router.md)."""
+model (``default_max_tokens``), and of one rerank call's query and documents
+(``default_max_rerank_tokens``): over it the whole call is refused (400), so the lanes cut by
+them too (``max_batch_tokens``, ``max_rerank_tokens``, docs/router.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ _TOKENS_PER_CALL = {
 }
 _LEAST_TOKENS_PER_CALL = 120_000
 DEFAULT_MODEL = "voyage-3.5"
+# The tokens of one rerank call, "the number of query tokens x the number of documents + sum
+# of the number of tokens in all documents", by model (docs.voyageai.com/reference/
+# reranker-api); any other model gets the least of them.
+_RERANK_TOKENS_PER_CALL = {
+    "rerank-2.5": 600_000,
+    "rerank-2.5-lite": 600_000,
+    "rerank-2": 600_000,
+    "rerank-2-lite": 600_000,
+}
+_LEAST_RERANK_TOKENS_PER_CALL = 300_000  # rerank-1, rerank-lite-1
 
 
 class VoyageProvider(HttpProvider):
@@ -46,6 +57,9 @@ class VoyageProvider(HttpProvider):
 
     def default_max_tokens(self) -> int | None:
         return _TOKENS_PER_CALL.get(self.model or DEFAULT_MODEL, _LEAST_TOKENS_PER_CALL)
+
+    def default_max_rerank_tokens(self) -> int | None:
+        return _RERANK_TOKENS_PER_CALL.get(self.rerank_model, _LEAST_RERANK_TOKENS_PER_CALL)
 
     def body(self, texts: list[str], params: EmbedParams) -> dict[str, Any]:
         body: dict[str, Any] = {"input": texts, "model": self.model or DEFAULT_MODEL}
