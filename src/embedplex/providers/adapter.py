@@ -36,6 +36,7 @@ from embedplex.providers.base import (
     budget_tokens,
 )
 from embedplex.providers.config import ProviderConfig
+from embedplex.providers.endpoints import url_credentials
 from embedplex.providers.http import AttemptListener, HttpTransport, RetryListener, RetryPolicy
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ class HttpProvider(ABC):
                 backoff_max=config.backoff_max_s,
             ),
             max_response_bytes=config.max_response_bytes,
+            secrets=url_credentials(config.proxy),
         )
         self.rerank_url = rerank_url(config.rerank_endpoint, self.url)
         self.rerank_model = config.rerank_model or config.model or self.default_rerank_model

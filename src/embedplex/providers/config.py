@@ -7,7 +7,8 @@ and the key is read when the provider starts.
 Every number has an upper bound too: a provider may also come from the admin API, and a value
 no upstream could use (``max_batch_size = 10**30``) must be a 422 there, not a provider that
 breaks ``GET /api/v1/providers``. Endpoints are absolute http(s) URLs and never a cloud metadata
-address (``endpoints.py``; the rules for providers added at run time go further).
+address (``endpoints.py``; the rules for providers added at run time go further, and such a
+provider may not name a ``proxy``: ``check_run_time``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from embedplex.providers.endpoints import EndpointRefused, is_metadata, literal_address, url_host
+from embedplex.providers.endpoints import (
+    EndpointRefused,
+    is_metadata,
+    literal_address,
+    proxy_host,
+    url_host,
+)
 
 ProviderType = Literal["tei", "openai", "voyage", "cohere"]
 Policy = Literal["any", "all"]
@@ -55,6 +62,13 @@ class ProviderConfig(BaseModel):
         max_length=2048,
         description="Full rerank URL (default: the embeddings URL with its last path segment "
         "replaced by rerank).",
+    )
+    proxy: str | None = Field(
+        None,
+        max_length=2048,
+        description="HTTP proxy the provider's calls go through, http(s)://[user:password@]"
+        "host[:port] (https upstreams through CONNECT); credentials are shown as ***. From the "
+        "config file only: a provider added at run time is refused one (docs/security.md).",
     )
     api_key_env: str | None = Field(
         None,
@@ -175,6 +189,20 @@ class ProviderConfig(BaseModel):
             raise ValueError(f"{address} is a cloud metadata address, never an upstream")
         return url
 
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:  # its text never holds the URL: it may carry the proxy's password
+            host, _ = proxy_host(url)
+        except EndpointRefused as exc:
+            raise ValueError(str(exc)) from None
+        address = literal_address(host)
+        if address is not None and is_metadata(address):
+            raise ValueError(f"{address} is a cloud metadata address, never a proxy")
+        return url
+
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:
         if self.type == "tei" and self.endpoint is None:
@@ -182,6 +210,22 @@ class ProviderConfig(BaseModel):
         if self.max_batch_size is not None and self.min_batch_size > self.max_batch_size:
             raise ValueError("min_batch_size cannot exceed max_batch_size")
         return self
+
+
+# Why a provider added at run time may not name a proxy (the admin API's 422, the state
+# store's refusal): the endpoint guard checks the addresses the router connects to, and
+# through a proxy that is the proxy's address, never the upstream's.
+RUN_TIME_PROXY = (
+    "proxy is taken from the config file only: a provider added at run time connects "
+    "directly, so that the endpoint guard checks the upstream's own addresses"
+)
+
+
+def check_run_time(config: ProviderConfig) -> None:
+    """Raise ValueError (its text safe to show) where ``config``, a provider added at run time
+    (admin API, state store), sets what only the operator's configuration may: ``proxy``."""
+    if config.proxy is not None:
+        raise ValueError(RUN_TIME_PROXY)
 
 
 class RouteConfig(BaseModel):

@@ -8,7 +8,9 @@ or inside a network the operator listed (``provider_allowed_networks``). Cloud m
 machine's own credentials.
 
 Providers from the config file are the operator's own and may point anywhere (a TEI sidecar on
-``127.0.0.1`` is the usual case) except at a metadata address given literally.
+``127.0.0.1`` is the usual case) except at a metadata address given literally. Only they may go
+through an HTTP proxy (``proxy``): the router then connects to the proxy, whose host is checked
+as theirs are, and the upstream's name is resolved by the proxy, past these rules.
 
 DNS rebinding: a name that resolves to a public address when the provider is added and to a
 private one later is caught at connect time. ``GuardedBackend`` holds the rules (the full rule
@@ -21,6 +23,7 @@ httpcore network backend it guards an httpx client the same way. TLS still verif
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -93,6 +96,54 @@ def url_host(url: str) -> tuple[str, int]:
     return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
+def proxy_host(url: str) -> tuple[str, int]:
+    """The host and port of a proxy URL, ``http(s)://[user:password@]host[:port]``
+    (``EndpointRefused`` if it is not one). No text here holds the URL: its credentials."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise EndpointRefused("the proxy is not a valid URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise EndpointRefused("a proxy is an absolute http:// or https:// URL")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise EndpointRefused("a proxy URL is scheme://[user:password@]host[:port], no more")
+    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def url_credentials(url: str | None) -> list[str]:
+    """The credentials in ``url``'s userinfo as they may show up in a text: the password (the
+    user name where there is none: a token), both as written and decoded, and the
+    ``Proxy-Authorization`` value made of them (a proxy may echo it)."""
+    if url is None or "@" not in url:
+        return []
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return []
+    user, password = parsed.username, parsed.password
+    raw = parsed.userinfo.decode("ascii", "replace")
+    secret = password or user
+    if not secret:
+        return []
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    found = {secret, raw, raw.rpartition(":")[2], token, f"Basic {token}"}
+    return [s for s in found if s]
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` safe to show: its userinfo (a proxy's ``user:password``) as ``***`` and its
+    query's values as ``redact_query`` shows them."""
+    if url is None:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+        authority = rest[:end]
+        if "@" in authority:
+            url = f"{scheme}://***@{authority.rpartition('@')[2]}{rest[end:]}"
+    return redact_query(url)
+
+
 def redact_query(url: str | None) -> str | None:
     """``url`` safe to show: each query value becomes ``***``, its parameter name stays.
 
@@ -109,9 +160,10 @@ def redact_query(url: str | None) -> str | None:
 
 
 def redact_provider(dumped: dict[str, Any]) -> dict[str, Any]:
-    """A provider config's ``model_dump`` with its endpoints' query values redacted."""
-    for key in ("endpoint", "rerank_endpoint"):
-        dumped[key] = redact_query(dumped.get(key))
+    """A provider config's ``model_dump`` with its endpoints' query values and its proxy's
+    credentials redacted."""
+    for key in ("endpoint", "rerank_endpoint", "proxy"):
+        dumped[key] = redact_url(dumped.get(key))
     return dumped
 
 

@@ -205,10 +205,12 @@ def query_secrets(url: str) -> list[str]:
     return out
 
 
-def call_secrets(url: str, headers: dict[str, str]) -> list[str]:
-    """What no text of a call's failure may show: its key headers and its query's values,
-    longest first (a secret inside another is taken out after it)."""
-    return sorted({*header_secrets(headers), *query_secrets(url)}, key=len, reverse=True)
+def call_secrets(url: str, headers: dict[str, str], more: Sequence[str] = ()) -> list[str]:
+    """What no text of a call's failure may show: its key headers, its query's values and
+    ``more`` (a proxy's credentials), longest first (a secret inside another is taken out
+    after it)."""
+    found = {*header_secrets(headers), *query_secrets(url), *more}
+    return sorted(found, key=len, reverse=True)
 
 
 # The most of an error body read for its reason (the wire reads no more than this anyway).
@@ -278,9 +280,12 @@ class HttpTransport:
         on_retry: RetryListener | None = None,
         tracer: Tracer | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.provider = provider
         self.client = client
+        # What no failure's text may show besides each call's own (a proxy's credentials).
+        self.secrets = tuple(secrets)
         # The largest 2xx body read (the router's wire enforces it: ``wire.py``); past it the
         # answer is malformed.
         self.max_response_bytes = max_response_bytes
@@ -391,7 +396,7 @@ class HttpTransport:
             error.__cause__ = exc
             return _Done(Outcome.TIMEOUT, None, error, retryable=True)
         except httpx.TransportError as exc:
-            reason = sanitize(str(exc), call_secrets(url, headers))
+            reason = sanitize(str(exc), call_secrets(url, headers, self.secrets))
             error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {reason}")
             error.__cause__ = exc
             return _Done(Outcome.CONNECT_ERROR, None, error, retryable=True)
@@ -413,7 +418,7 @@ class HttpTransport:
         self, status: int | None, exc: Exception, url: str, headers: dict[str, str]
     ) -> _Done[Any]:
         """A 2xx answer that cannot be read: a failure of the upstream's, not retried."""
-        reason = sanitize(f"{type(exc).__name__}: {exc}", call_secrets(url, headers))
+        reason = sanitize(f"{type(exc).__name__}: {exc}", call_secrets(url, headers, self.secrets))
         error = UpstreamError(
             f"{self.provider}: upstream answered {status} with a malformed body ({reason})",
             status=status,
@@ -427,7 +432,7 @@ class HttpTransport:
         status = response.status_code
         if 200 <= status < 300:
             return Outcome.OK, None, False, None
-        reason = _upstream_message(response, call_secrets(url, headers))
+        reason = _upstream_message(response, call_secrets(url, headers, self.secrets))
         message = f"{self.provider}: upstream answered {status}: {reason}"
         if status == 429:
             retry_after = parse_retry_after(response.headers)

@@ -58,13 +58,13 @@ from embedplex.core.types import (
     Timings,
 )
 from embedplex.providers.base import RerankParams
-from embedplex.providers.config import Policy, ProviderConfig, RouteConfig
+from embedplex.providers.config import Policy, ProviderConfig, RouteConfig, check_run_time
 from embedplex.providers.deadlines import deadline_timer, timed_out
-from embedplex.providers.endpoints import GuardedBackend, parse_networks
+from embedplex.providers.endpoints import GuardedBackend, parse_networks, proxy_host
 from embedplex.providers.health import CircuitState
 from embedplex.providers.http import FAILOVER
 from embedplex.providers.runtime import ProviderRuntime
-from embedplex.providers.wire import wire_client
+from embedplex.providers.wire import Proxy, wire_client
 
 if TYPE_CHECKING:
     from embedplex.cache import EmbeddingCache
@@ -104,30 +104,53 @@ class Router:
         self.guard = GuardedBackend(parse_networks(allowed_networks))
         # Creating it does no I/O; connections open on first use. httpx's API over aiohttp's
         # wire (wire.py: the cheaper one per call).
-        self.client = client or wire_client(
-            self.guard,
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            timeout=httpx.Timeout(15.0),
-        )
+        self.client = client or self._wire()
+        # Config-file providers behind a proxy: one client per proxy (``_client``).
+        self._proxied: dict[str, httpx.AsyncClient] = {}
         self._observers = observers
         self._telemetry: Telemetry | None = None
         self.runtimes: dict[str, ProviderRuntime] = {}
         for config in providers:
-            self._build(config)
+            self._build(config, proxied=True)
         self.guard.trusted = frozenset(host for rt in self.runtimes.values() for host in _hosts(rt))
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
 
-    def _build(self, config: ProviderConfig) -> ProviderRuntime:
+    def _wire(self, proxy: Proxy | None = None) -> httpx.AsyncClient:
+        return wire_client(
+            self.guard,
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            timeout=httpx.Timeout(15.0),
+            proxy=proxy,
+        )
+
+    def _client(self, config: ProviderConfig, *, proxied: bool) -> httpx.AsyncClient:
+        """The pooled client ``config``'s calls go out on: the router's, or, for a provider of
+        the configuration that names a proxy (``proxied``), that proxy's own. A provider added
+        at run time may not name one (``check_run_time``: the guard could not check its
+        upstream's addresses)."""
+        if config.proxy is None:
+            return self.client
+        if not proxied:
+            check_run_time(config)
+        client = self._proxied.get(config.proxy)
+        if client is None:
+            client = self._proxied[config.proxy] = self._wire(Proxy.parse(config.proxy))
+        return client
+
+    def _build(self, config: ProviderConfig, *, proxied: bool = False) -> ProviderRuntime:
         if config.name in self.runtimes:
             raise ValueError(f"two providers are named {config.name!r}")
-        runtime = self._make(config)
+        runtime = self._make(config, proxied=proxied)
         self.runtimes[config.name] = runtime
         return runtime
 
-    def _make(self, config: ProviderConfig) -> ProviderRuntime:
+    def _make(self, config: ProviderConfig, *, proxied: bool = False) -> ProviderRuntime:
         runtime = ProviderRuntime.build(
-            config, self.client, observers=self._observers, cache=self.cache
+            config,
+            self._client(config, proxied=proxied),
+            observers=self._observers,
+            cache=self.cache,
         )
         if self._telemetry is not None:
             runtime.instrument(self._telemetry)
@@ -156,6 +179,8 @@ class Router:
         await asyncio.gather(*(rt.close(drain=drain) for rt in self.runtimes.values()))
         if self._own_client:
             await self.client.aclose()
+        for client in self._proxied.values():
+            await client.aclose()
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -165,7 +190,8 @@ class Router:
         await self.close()
 
     async def add(self, config: ProviderConfig) -> None:
-        """Register a provider at run time (admin API)."""
+        """Register a provider at run time (admin API); one that names a proxy is refused
+        (ValueError: ``check_run_time``)."""
         runtime = self._build(config)
         try:
             await runtime.start()
@@ -174,7 +200,9 @@ class Router:
             raise
 
     async def start_runtime(self, config: ProviderConfig) -> ProviderRuntime:
-        """A runtime for ``config``, started but not yet routed to (``swap`` puts it in)."""
+        """A runtime for ``config`` (a provider added at run time: the admin API, the state
+        store), started but not yet routed to (``swap`` puts it in); one that names a proxy is
+        refused (ValueError: ``check_run_time``)."""
         runtime = self._make(config)
         await runtime.start()
         return runtime
@@ -276,9 +304,13 @@ class Router:
 
 
 def _hosts(rt: ProviderRuntime) -> list[str]:
-    """The hosts a provider's calls go to (embeddings and rerank URLs)."""
+    """The hosts a provider's calls go to (embeddings and rerank URLs), and its proxy's: the
+    one connected to through it."""
     urls = [getattr(rt.provider, "url", None), getattr(rt.provider, "rerank_url", None)]
-    return [httpx.URL(u).host for u in urls if isinstance(u, str)]
+    hosts = [httpx.URL(u).host for u in urls if isinstance(u, str)]
+    if rt.config.proxy is not None:
+        hosts.append(proxy_host(rt.config.proxy)[0])
+    return hosts
 
 
 async def _route(

@@ -48,7 +48,7 @@ from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import EmbedParams, Provider, Reranker, budget_tokens
 from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope, served
 from embedplex.providers.config import ProviderConfig
-from embedplex.providers.endpoints import redact_query
+from embedplex.providers.endpoints import redact_query, redact_url
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import CALL_FAILOVER, FAILOVER, Attempt
@@ -587,6 +587,7 @@ class ProviderRuntime:
             "type": self.provider.type,
             "model": self.provider.model,
             "endpoint": redact_query(getattr(self.provider, "url", None)),
+            "proxy": redact_url(self.config.proxy),
             "max_texts_per_call": self.provider.limits.max_texts,
             "max_tokens_per_call": self.provider.limits.max_tokens,
             **self._embeds.totals(),

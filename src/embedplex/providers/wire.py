@@ -12,6 +12,12 @@ host through ``GuardedResolver``, which checks every address and hands aiohttp o
 ones (no DNS cache, so each new connection is checked again); aiohttp does not resolve IP
 literals, so those are checked before the request is sent.
 
+A provider of the config file may go through an HTTP proxy (``Proxy``: a client of its own,
+each request sent with aiohttp's ``proxy``; https upstreams through ``CONNECT``, aiohttp's).
+The guard then checks the proxy's addresses, the ones connected to; the upstream's name is
+resolved by the proxy, past the guard (docs/security.md), which is why a provider added at run
+time may not name one. Proxy variables in the environment are ignored (``trust_env=False``).
+
 What comes back is bounded: a body is read up to its caller's cap (a provider's
 ``max_response_bytes``; an error answer's a few KiB), calls ask for ``identity`` (an upstream
 that compresses anyway is inflated under the same cap), and a failure's text never holds the
@@ -24,7 +30,8 @@ import errno
 import socket
 import ssl
 import zlib
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import aiohttp
 import httpx
@@ -58,6 +65,28 @@ class UnreadableAnswer(httpx.DecodingError):
     def __init__(self, status: int, coding: str) -> None:
         super().__init__(f"an answer in Content-Encoding {coding[:40]!r} that was not unpacked")
         self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy as aiohttp takes it: its URL without credentials (aiohttp's texts may
+    show it), and the credentials as ``Proxy-Authorization`` (``proxy_auth``)."""
+
+    url: str
+    auth: aiohttp.BasicAuth | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Proxy:
+        """``url``: ``http(s)://[user:password@]host[:port]`` (``ProviderConfig`` checked it);
+        percent-escapes in its credentials are undone."""
+        parsed = httpx.URL(url)
+        auth = None
+        if parsed.userinfo:
+            auth = aiohttp.BasicAuth(parsed.username, parsed.password, encoding="utf-8")
+        return cls(str(parsed.copy_with(username=None, password=None)), auth)
+
+    def request_options(self) -> dict[str, Any]:
+        return {"proxy": self.url, "proxy_auth": self.auth}
 
 
 class GuardedResolver(AbstractResolver):
@@ -116,11 +145,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits,
         ssl_context: ssl.SSLContext | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
+        proxy: Proxy | None = None,
     ) -> None:
         self.backend = backend
         self.limits = limits
         self.ssl_context = ssl_context or httpx.create_ssl_context()
         self.max_response_bytes = max_response_bytes
+        self.proxy = proxy
+        # What every request adds (a proxy's URL and credentials), worked out once.
+        self._via: dict[str, Any] = proxy.request_options() if proxy is not None else {}
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -202,6 +235,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 allow_redirects=False,
                 compress=None,
+                **self._via,
             ) as response:
                 status = response.status
                 ok = 200 <= status < 300
@@ -406,7 +440,11 @@ class WireClient(httpx.AsyncClient):
 
 
 def wire_client(
-    backend: endpoints.GuardedBackend, *, limits: httpx.Limits, timeout: httpx.Timeout
+    backend: endpoints.GuardedBackend,
+    *,
+    limits: httpx.Limits,
+    timeout: httpx.Timeout,
+    proxy: Proxy | None = None,
 ) -> WireClient:
-    """The router's pooled client: httpx's API over ``AiohttpTransport``."""
-    return WireClient(AiohttpTransport(backend, limits=limits), timeout=timeout)
+    """The router's pooled client: httpx's API over ``AiohttpTransport`` (through ``proxy``)."""
+    return WireClient(AiohttpTransport(backend, limits=limits, proxy=proxy), timeout=timeout)

@@ -9,13 +9,14 @@ names upstream endpoints and the registry can be changed, neither is for anonymo
 A provider added here is checked completely before anything changes: its definition (bounds,
 URL shape), its name and served name against what is served, its key's environment variable
 against the operator's ``provider_key_envs``, and every address of its endpoint against
-``provider_allowed_networks`` (``providers/endpoints.py``). Any failure is a 422 that leaves no
-trace. A change is written to the state store first and only then made to this server's
-router: a store that fails is a 503 that changed nothing (never a change served here and undone
-at the next poll). A store that does not answer within ``state_timeout_s`` is a 503 that says
-the change may have been applied (a COMMIT sent may still land): if it did, every replica,
-this one included, applies it at its next poll. Every replica on the same store applies a
-change within seconds (``state/providers.py``; docs/keys.md).
+``provider_allowed_networks`` (``providers/endpoints.py``); a ``proxy`` is refused (config file
+only: ``providers.config.check_run_time``). Any failure is a 422 that leaves no trace. A change
+is written to the state store first and only then made to this server's router: a store that
+fails is a 503 that changed nothing (never a change served here and undone at the next poll).
+A store that does not answer within ``state_timeout_s`` is a 503 that says the change may have
+been applied (a COMMIT sent may still land): if it did, every replica, this one included,
+applies it at its next poll. Every replica on the same store applies a change within seconds
+(``state/providers.py``; docs/keys.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from embedplex.core.errors import (
 )
 from embedplex.limits import FailureThrottle
 from embedplex.providers import PROVIDER_TYPES
-from embedplex.providers.config import ProviderConfig
+from embedplex.providers.config import ProviderConfig, check_run_time
 from embedplex.providers.endpoints import (
     EndpointRefused,
     check_endpoint,
@@ -202,6 +203,10 @@ async def _check_new(body: AddProvider, request: Request, router_: Router) -> No
     settings = request.app.state.settings
     config = body.provider
     _check_names(body, request, router_)
+    try:  # a proxy only from the config file: the guard could not check the upstream behind it
+        check_run_time(config)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="proxy") from None
     try:  # the adapter's own checks of the definition (no I/O; nothing is kept)
         PROVIDER_TYPES[config.type](config, router_.client)
     except ValueError as exc:
