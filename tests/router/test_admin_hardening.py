@@ -29,10 +29,11 @@ ADMIN = {"authorization": f"Bearer {SECRET}"}
 async def serve(
     upstream: FakeUpstream, **kw: Any
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with provider ``a`` (``kw["providers"]`` replaces it) served as ``served``."""
+    kw.setdefault("providers", [provider("a", upstream)])
     settings = Settings(
         local_model=False,
         admin_secret=SECRET,
-        providers=[provider("a", upstream)],
         routes=[RouteConfig(model="served", providers=["a"])],
         **kw,
     )

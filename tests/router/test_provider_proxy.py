@@ -17,13 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from test_admin_hardening import ADMIN, serve
 
 from conftest import RouterFactory
-from embedplex.api.app import create_app
 from embedplex.config import Settings
 from embedplex.core.errors import UpstreamError
 from embedplex.core.types import EmbedRequest
@@ -32,8 +31,6 @@ from upstream_fakes import FakeUpstream, provider, vector_for
 
 USER, PASSWORD = "egress", "s3cr:t pw"  # a ':' and a space: percent-escaped in the URL
 QUOTED = "s3cr%3At%20pw"
-SECRET = "proxy-test-admin-secret"
-ADMIN = {"authorization": f"Bearer {SECRET}"}
 ROUTE = RouteConfig(model="m", providers=["o"])
 
 
@@ -218,50 +215,40 @@ async def test_a_provider_added_at_run_time_may_not_name_a_proxy(
     """The admin API answers 422 with nothing changed; a stored provider that names one (a
     store written by hand, or by another version) is refused when it is applied; the config
     file's proxied provider is listed with its proxy's credentials as ***."""
-    via = proxy.url(f"{USER}:{QUOTED}")
-    settings = Settings(
-        local_model=False,
-        admin_secret=SECRET,
-        provider_allowed_networks=["127.0.0.0/8"],
-        providers=[provider("a", upstream, proxy=via)],
-        routes=[RouteConfig(model="served", providers=["a"])],
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await app.state.loader
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            r = await client.post("/v1/embeddings", json={"model": "served", "input": "hi"})
-            assert r.status_code == 200, r.text
-            assert len(proxy.passed) == 1
-            listed = (await client.get("/api/v1/providers", headers=ADMIN)).json()["data"]
-            assert listed[0]["proxy"] == f"http://***@127.0.0.1:{proxy.port}"
-            status = (await client.get("/api/v1/status", headers=ADMIN)).text
-            assert "***@127.0.0.1" in status
-            for text in (str(listed), status):
-                assert QUOTED not in text and PASSWORD not in text and USER not in text
+    config = provider("a", upstream, proxy=proxy.url(f"{USER}:{QUOTED}"))
+    served = serve(upstream, providers=[config], provider_allowed_networks=["127.0.0.0/8"])
+    async with served as (app, client):
+        r = await client.post("/v1/embeddings", json={"model": "served", "input": "hi"})
+        assert r.status_code == 200, r.text
+        assert len(proxy.passed) == 1
+        listed = (await client.get("/api/v1/providers", headers=ADMIN)).json()["data"]
+        assert listed[0]["proxy"] == f"http://***@127.0.0.1:{proxy.port}"
+        status = (await client.get("/api/v1/status", headers=ADMIN)).text
+        assert "***@127.0.0.1" in status
+        for text in (str(listed), status):
+            assert QUOTED not in text and PASSWORD not in text and USER not in text
 
-            added: dict[str, Any] = {"name": "new", "type": "openai", "endpoint": upstream.url}
-            body = {"provider": {**added, "proxy": proxy.url()}, "serve_as": "new-model"}
-            r = await client.post("/api/v1/providers", json=body, headers=ADMIN)
-            assert r.status_code == 422, r.text
-            assert "config file only" in r.json()["error"]
-            gw = app.state.gateway
-            assert sorted(gw.router.runtimes) == ["a"]
-            sync = app.state.provider_sync
-            assert await sync.providers.all() == {}  # nothing stored either
+        added: dict[str, Any] = {"name": "new", "type": "openai", "endpoint": upstream.url}
+        body = {"provider": {**added, "proxy": proxy.url()}, "serve_as": "new-model"}
+        r = await client.post("/api/v1/providers", json=body, headers=ADMIN)
+        assert r.status_code == 422, r.text
+        assert "config file only" in r.json()["error"]
+        gw = app.state.gateway
+        assert sorted(gw.router.runtimes) == ["a"]
+        sync = app.state.provider_sync
+        assert await sync.providers.all() == {}  # nothing stored either
 
-            caplog.set_level(logging.ERROR, logger="embedplex.state.providers")
-            stored = ProviderConfig(**added, proxy=proxy.url(f"{USER}:{QUOTED}"))
-            await sync.providers.put(stored, "new-model")
-            await sync.apply(gw)
-            assert sorted(gw.router.runtimes) == ["a"]
-            assert "config file only" in caplog.text
-            assert QUOTED not in caplog.text and PASSWORD not in caplog.text
-            assert "new-model" not in {m.name for m in gw.models}
-            # Without the proxy, the same provider goes in.
-            body = {"provider": added, "serve_as": "new-model"}
-            await sync.providers.delete("new")
-            r = await client.post("/api/v1/providers", json=body, headers=ADMIN)
-            assert r.status_code == 201, r.text
+        caplog.set_level(logging.ERROR, logger="embedplex.state.providers")
+        stored = ProviderConfig(**added, proxy=proxy.url(f"{USER}:{QUOTED}"))
+        await sync.providers.put(stored, "new-model")
+        await sync.apply(gw)
+        assert sorted(gw.router.runtimes) == ["a"]
+        assert "config file only" in caplog.text
+        assert QUOTED not in caplog.text and PASSWORD not in caplog.text
+        assert "new-model" not in {m.name for m in gw.models}
+        # Without the proxy, the same provider goes in.
+        body = {"provider": added, "serve_as": "new-model"}
+        await sync.providers.delete("new")
+        r = await client.post("/api/v1/providers", json=body, headers=ADMIN)
+        assert r.status_code == 201, r.text
     assert len(proxy.passed) == 1

@@ -13,6 +13,7 @@ provider may not name a ``proxy``: ``check_run_time``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +34,21 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 # The largest answer read from an upstream by default: twice the largest that the adapters'
 # defaults can ask for (docs/router.md, "Failure handling").
 MAX_RESPONSE_BYTES = 64 * 2**20
+
+
+def _checked(url: str | None, host_of: Callable[[str], tuple[str, int]], role: str) -> str | None:
+    """``url`` if ``host_of`` takes it and its host is not a metadata address given literally;
+    else ValueError, whose text never holds the URL (a key in its query, a proxy's password)."""
+    if url is None:
+        return None
+    try:
+        host, _ = host_of(url)
+    except EndpointRefused as exc:
+        raise ValueError(str(exc)) from None
+    address = literal_address(host)
+    if address is not None and is_metadata(address):
+        raise ValueError(f"{address} is a cloud metadata address, never {role}")
+    return url
 
 
 class ProviderConfig(BaseModel):
@@ -178,30 +194,12 @@ class ProviderConfig(BaseModel):
     @field_validator("endpoint", "rerank_endpoint")
     @classmethod
     def _url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        try:
-            host, _ = url_host(url)
-        except EndpointRefused as exc:
-            raise ValueError(str(exc)) from None
-        address = literal_address(host)
-        if address is not None and is_metadata(address):
-            raise ValueError(f"{address} is a cloud metadata address, never an upstream")
-        return url
+        return _checked(url, url_host, "an upstream")
 
     @field_validator("proxy")
     @classmethod
     def _proxy(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        try:  # its text never holds the URL: it may carry the proxy's password
-            host, _ = proxy_host(url)
-        except EndpointRefused as exc:
-            raise ValueError(str(exc)) from None
-        address = literal_address(host)
-        if address is not None and is_metadata(address):
-            raise ValueError(f"{address} is a cloud metadata address, never a proxy")
-        return url
+        return _checked(url, proxy_host, "a proxy")
 
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:

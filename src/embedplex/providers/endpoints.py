@@ -82,32 +82,38 @@ def parse_networks(networks: Iterable[str]) -> list[Network]:
     return [ipaddress.ip_network(n, strict=False) for n in networks]
 
 
-def url_host(url: str) -> tuple[str, int]:
-    """The host and port of an absolute http(s) URL (``EndpointRefused`` if it is not one)."""
+def _http_url(url: str, what: str) -> httpx.URL:
+    """``url`` parsed, if it is an absolute http(s) URL (``EndpointRefused`` otherwise, naming
+    ``what``, never the URL: a malformed one may still carry a key or a password, and this
+    reaches logs)."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
-        # Not the URL itself: a malformed one may still carry a key, and this reaches logs.
-        raise EndpointRefused("the endpoint is not a valid URL") from None
+        raise EndpointRefused(f"the {what} is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise EndpointRefused("an endpoint is an absolute http:// or https:// URL")
+        raise EndpointRefused(f"the {what} must be an absolute http:// or https:// URL")
+    return parsed
+
+
+def _host_port(parsed: httpx.URL) -> tuple[str, int]:
+    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def url_host(url: str) -> tuple[str, int]:
+    """The host and port of an absolute http(s) URL (``EndpointRefused`` if it is not one)."""
+    parsed = _http_url(url, "endpoint")
     if parsed.userinfo:
         raise EndpointRefused("an endpoint carries no credentials (use api_key_env)")
-    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+    return _host_port(parsed)
 
 
 def proxy_host(url: str) -> tuple[str, int]:
     """The host and port of a proxy URL, ``http(s)://[user:password@]host[:port]``
-    (``EndpointRefused`` if it is not one). No text here holds the URL: its credentials."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        raise EndpointRefused("the proxy is not a valid URL") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise EndpointRefused("a proxy is an absolute http:// or https:// URL")
+    (``EndpointRefused`` if it is not one)."""
+    parsed = _http_url(url, "proxy")
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
         raise EndpointRefused("a proxy URL is scheme://[user:password@]host[:port], no more")
-    return parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+    return _host_port(parsed)
 
 
 def url_credentials(url: str | None) -> list[str]:
