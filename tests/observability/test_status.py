@@ -76,6 +76,18 @@ def test_commands_against_nothing_exit_2() -> None:
     assert run_cli("status", "--url", url)[0] == 2
 
 
+def test_commands_given_no_url_at_all_say_so_in_one_line_and_exit_2() -> None:
+    """A typo'd port ("8080x") is no HTTP error to httpx, and ended in a 130-line traceback."""
+    url = "http://127.0.0.1:8080x"
+    code, out = run_cli("status", "--url", url)
+    assert (code, out) == (2, f"cannot read {url}/api/v1/status: Invalid port: '8080x'\n")
+    code, out = run_cli("health", "--url", url, "--json")
+    assert code == 2 and json.loads(out)["status"] == "unreachable: Invalid port: '8080x'"
+    code, out = run_cli("bench", "load", "--url", url, "--requests", "1")
+    assert code == 2 and "Traceback" not in out
+    assert "url must be http://host:port[/path], got" in out and "8080x" in out  # wrapped
+
+
 async def test_status_command_sends_the_admin_secret() -> None:
     app = create_app(
         settings(api_key="k-123", admin_secret="status-admin-secret-456"),

@@ -74,11 +74,10 @@ def load(
         Path | None, typer.Option("--json", help="Write the result as JSON here ('-': stdout).")
     ] = None,
 ) -> None:
-    """Closed-loop load against an embedding endpoint; prints the standard table.
-
-    req/s counts successful (2xx) answers only. Exit status: 0; 1 when no request succeeded
-    (with --strict: when any failed or was left unanswered); 2 when the server cannot be
-    reached; 130 on Ctrl-C, after the table of what was measured until then.
+    """Closed-loop load against an embedding endpoint; prints the standard table. req/s
+    counts successful (2xx) answers only. Exit status: 0; 1 when no request succeeded (with
+    --strict: when any failed or was left unanswered); 2 when the server cannot be reached;
+    130 on Ctrl-C, after the table of what was measured until then.
     """
     from embedplex.bench import checks, metrics
     from embedplex.bench.client import CannotConnectError

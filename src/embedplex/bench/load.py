@@ -88,7 +88,11 @@ class LoadOptions:
         if self.repeat is not None:
             check_repeat(self.repeat, self.hot_set)
         parts = urlsplit(self.url)
-        if parts.scheme != "http" or not parts.hostname:
+        try:
+            port = parts.port  # "8080x" raises here, not in the middle of the run
+        except ValueError:
+            port = -1
+        if parts.scheme != "http" or not parts.hostname or port == -1:
             raise ValueError(f"url must be http://host:port[/path], got {self.url!r}")
 
 

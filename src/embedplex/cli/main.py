@@ -265,7 +265,7 @@ def status(
 
     try:
         payload = fetch_status(url, admin_secret=admin_secret)
-    except (httpx.HTTPError, StatusRefused, NotEmbedplexAnswer) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, StatusRefused, NotEmbedplexAnswer) as exc:
         typer.echo(f"cannot read {url}/api/v1/status: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:

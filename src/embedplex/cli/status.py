@@ -34,9 +34,9 @@ def fetch_status(
     url: str, *, admin_secret: str | None = None, timeout: float = 5.0
 ) -> dict[str, Any]:
     """GET /api/v1/status (an admin route); raises ``httpx.HTTPError`` when unreachable,
-    ``StatusRefused`` with the server's own message when refused (403: the server has no admin
-    secret; 401: a missing or wrong one) and ``NotEmbedplexAnswer`` when the answer is no
-    status document."""
+    ``httpx.InvalidURL`` when ``url`` is none, ``StatusRefused`` with the server's own message
+    when refused (403: the server has no admin secret; 401: a missing or wrong one) and
+    ``NotEmbedplexAnswer`` when the answer is no status document."""
     headers = {"authorization": f"Bearer {admin_secret}"} if admin_secret else {}
     r = httpx.get(url.rstrip("/") + "/api/v1/status", headers=headers, timeout=timeout)
     if r.status_code >= 400:
@@ -53,7 +53,7 @@ def fetch_health(url: str, *, timeout: float = 5.0) -> dict[str, Any]:
     try:
         live = httpx.get(base + "/health/live", timeout=timeout)
         ready = httpx.get(base + "/health/ready", timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: "...:8080x"
         return {
             "url": base,
             "reachable": False,
