@@ -2,23 +2,31 @@
 
 It serves one directory as a model repo at one commit: the repo info route that
 ``snapshot_download`` asks first, and ``resolve`` for each file (HEAD for metadata, GET for bytes).
+It can serve a file slowly (``throttle_bps``), or cut one at its middle on every try (``cut``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def mirror_app(
-    repo_id: str, root: Path, revisions: tuple[str, ...] = ("main", COMMIT)
+    repo_id: str,
+    root: Path,
+    revisions: tuple[str, ...] = ("main", COMMIT),
+    *,
+    throttle_bps: float = 0,
+    cut: str | None = None,
 ) -> Starlette:
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     etags = {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in files}
@@ -63,6 +71,10 @@ def mirror_app(
         if request.method == "HEAD":
             size = (root / path).stat().st_size
             return Response(headers={**headers, "Content-Length": str(size)})
+        if path == cut:
+            return StreamingResponse(_cut(root / path), headers=headers)
+        if throttle_bps:
+            return StreamingResponse(_throttled(root / path, throttle_bps), headers=headers)
         return FileResponse(root / path, headers=headers)
 
     app = Starlette(
@@ -74,3 +86,17 @@ def mirror_app(
     )
     app.state.requests = requests
     return app
+
+
+async def _cut(file: Path) -> AsyncIterator[bytes]:
+    """Half the file, then the connection dies: the same byte on every try."""
+    data = await asyncio.to_thread(file.read_bytes)
+    yield data[: len(data) // 2]
+    raise RuntimeError("the mirror cuts this file")
+
+
+async def _throttled(file: Path, bps: float) -> AsyncIterator[bytes]:
+    with file.open("rb") as fh:
+        while chunk := fh.read(16384):
+            yield chunk
+            await asyncio.sleep(len(chunk) / bps)

@@ -58,6 +58,21 @@ def test_a_model_that_fails_to_load_exits_non_zero_with_the_reason(tmp_path: Pat
     assert proc.returncode == 1
     reason = f"{empty} has no config.json; is it a Hugging Face model directory?"
     assert f"embedplex: model loading failed: {reason}" in proc.stderr.splitlines()
+    # The operator's to fix: one line at ERROR, not 50-100 lines of where the code found it.
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert [e.split(" ERROR ", 1)[1].strip() for e in errors] == [
+        f"embedplex.api.app: model loading failed: {reason}"
+    ]
+    assert "Traceback" not in proc.stderr
+    command = [sys.executable, "-m", "embedplex", "serve", "--model-id", str(empty), *port_flag]
+    debug = subprocess.run(
+        [*command, "--log-level", "debug"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # where, for who asks
 
 
 def test_sigterm_waits_the_pre_stop_delay_then_cuts_off_with_a_json_503(

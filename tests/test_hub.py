@@ -325,12 +325,11 @@ def test_unreachable_hub_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_cache: bool
 ) -> None:
     """Neither the hub nor (when --cache-dir is set) the old download place has the model."""
-    from huggingface_hub import constants
-
     from embedplex.backends.model_files import resolve_model_dir
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    # What the download's child process reads.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     old = tmp_path / "old-cache" if old_cache else None
     with pytest.raises(FatalBackendError, match="not a local directory") as caught:
         resolve_model_dir("nobody/nothing-here", old_cache_dir=old)

@@ -35,6 +35,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from embedplex.backends.hub import HUB_TIMEOUT_S
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
 from embedplex.config_env import ENV_PREFIX, check_env_names
 from embedplex.config_tei import TEI_ENV
@@ -318,6 +319,12 @@ class Settings(BaseSettings):
     )
     cache_dir: Path | None = Field(
         None, description="Where ONNX exports are cached (default: ~/.cache/embedplex)."
+    )
+    hub_timeout_s: float = Field(
+        HUB_TIMEOUT_S,
+        gt=0,
+        description="The longest a model's hub download may take; then its load fails (a "
+        "copy in huggingface_hub's cache serves instead, with a warning).",
     )
     inference_streams: int | None = Field(
         None,

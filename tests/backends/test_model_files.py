@@ -365,6 +365,28 @@ def test_the_pooling_config_a_hub_download_fetches(
     assert pooling_config_name(modules) == name
 
 
+@pytest.mark.parametrize("model_id", ["/no/such/model", "./no-such", "../no-such", "~/no-such"])
+def test_a_path_that_is_no_directory_is_said_so(model_id: str) -> None:
+    """A path is never a repo id: the hub's "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'" (HFValidationError) only hid the typo."""
+    with pytest.raises(FatalBackendError) as caught:
+        resolve_model_dir(model_id)
+    where = Path(model_id).expanduser().absolute()  # relative to where it started
+    assert caught.value.message == (
+        f"cannot load model {model_id!r}: no such directory: {where} (a model is a directory "
+        "holding config.json, or a Hugging Face repo id)"
+    )
+
+
+def test_a_file_is_no_model_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"a graph, not a model directory")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the old code asked the hub for "model.onnx"
+    with pytest.raises(FatalBackendError) as caught:
+        resolve_model_dir("model.onnx")
+    assert f"'model.onnx': not a directory: {tmp_path / 'model.onnx'} (" in caught.value.message
+
+
 # --- vectors, against sentence-transformers -------------------------------------------------
 
 

@@ -194,3 +194,31 @@ def test_the_model_hash_covers_an_onnx_only_directorys_weights(tmp_path: Path) -
     assert model_hash(tmp_path) == old  # the same files: the same digest
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"new weights, longer")
     assert model_hash(tmp_path) != old
+
+
+def test_an_unwritable_cache_dir_is_named_as_the_onnx_cache(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A cache dir that cannot be written (here: under a file, which fails as a read-only
+    mount does, even for root) and holds no export: refused at start in one line naming
+    --cache-dir (as a bad state dir is), and, reached anyway, the load says the same."""
+    from embedplex.config import Settings
+    from embedplex.serve.server import StartupError, check_start
+
+    (tmp_path / "file").write_text("not a directory")
+    cache = tmp_path / "file" / "cache"
+    expected = (
+        f"the ONNX cache directory {cache} is not writable (Not a directory): point "
+        "--cache-dir (EMBEDPLEX_CACHE_DIR) at a writable directory"
+    )
+    settings = Settings(cache_dir=cache, state_url=f"sqlite:///{tmp_path / 'state.db'}")
+    with pytest.raises(StartupError) as caught:
+        check_start(settings)
+    assert str(caught.value) == expected
+    assert check_start(settings.model_copy(update={"backend": "torch"})) is None  # no cache
+    spec = load_spec(str(tiny_model_dir), tiny_model_dir)
+    with pytest.raises(FatalBackendError) as refused:
+        ensure_onnx(spec, dtype="float32", cache_dir=cache)
+    assert refused.value.message == (
+        f"the ONNX export of {tiny_model_dir} (float32) is not cached yet, and {expected}"
+    )

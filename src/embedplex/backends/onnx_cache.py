@@ -19,19 +19,14 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import IO
 
-import embedplex
+from embedplex.backends.child import run_child
 from embedplex.backends.model_files import ModelSpec
 from embedplex.backends.onnx_export import EXPORT_FORMAT, INT8_FORMAT, OPSET
 from embedplex.backends.weights import copy_onnx
@@ -43,14 +38,31 @@ logger = logging.getLogger(__name__)
 # A guard against a hung child, not a performance limit: all-MiniLM-L6-v2 exports in ~10 s, and
 # a large encoder on a slow CPU in minutes.
 EXPORT_TIMEOUT_S = 1800.0
-_TAIL_LINES = 20  # of the child's output, kept for the error when it fails
-_REASON_CHARS = 600
-_LEVELS = logging.getLevelNamesMapping()
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "embedplex"
+
+
+def unwritable(cache_dir: Path) -> str | None:
+    """Why exports cannot be written into ``cache_dir`` (None: they can). Checked at start
+    (``serve/server.py``) and before an export."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as exc:
+        return (
+            f"the ONNX cache directory {cache_dir} is not writable ({exc.strerror or exc}): "
+            "point --cache-dir (EMBEDPLEX_CACHE_DIR) at a writable directory"
+        )
+    return None
+
+
+def has_exports(cache_dir: Path) -> bool:
+    """Whether ``cache_dir`` holds any finished export (a read-only one may serve them)."""
+    return any((cache_dir / "onnx").glob("*/model.onnx"))
 
 
 def _version(package: str) -> str:
@@ -100,6 +112,11 @@ def ensure_onnx(
     final = entry / "model.onnx"
     if not replace and _usable(entry, dtype, min_quality, spec.model_id, quiet=True):
         return final, True
+    problem = unwritable(cache_dir)
+    if problem is not None:
+        raise FatalBackendError(
+            f"the ONNX export of {spec.model_id} ({dtype}) is not cached yet, and {problem}"
+        )
     entry.parent.mkdir(parents=True, exist_ok=True)
     # Beside onnx/, not in it: onnx/ holds finished entries only.
     with _export_lock(cache_dir / f".export-{key}.lock"):
@@ -124,7 +141,7 @@ def ensure_onnx(
                 command = export_command(
                     spec, work, dtype=dtype, threads=threads, min_quality=min_quality
                 )
-                run_child(command, timeout=timeout, what=f"{spec.model_id} ({dtype})")
+                _run_export(command, timeout=timeout, what=f"{spec.model_id} ({dtype})")
             out = work / "out"
             if not (out / "model.onnx").is_file():
                 raise FatalBackendError(
@@ -225,85 +242,17 @@ def export_command(
     return [*command, "--watch-parent"]
 
 
-def _child_env() -> dict[str, str]:
-    """This process's environment without its settings (and their secrets: the child reads
-    none), with this process's embedplex first on the path so that both run the same code."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDPLEX_")}
-    package_root = str(Path(embedplex.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_child(command: list[str], *, timeout: float, what: str) -> None:
-    """Run the export child to its end, relaying its log into this process's log.
-
-    Raises ``FatalBackendError`` naming the exit code and the child's reason (its last ERROR
-    line, else its last line of output) when it fails, or when it outlives ``timeout`` (then it
-    is killed)."""
-    proc = subprocess.Popen(
-        command,
-        stdin=subprocess.PIPE,  # closed when this process ends: the child's cue to exit
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=_child_env(),
-        text=True,
-        errors="replace",
-    )
-    relay = _Relay(proc.stdout)  # type: ignore[arg-type]
-    relay.start()
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        code = None
-    finally:
-        if proc.poll() is None:  # timed out, or this thread was interrupted
-            proc.kill()
-            proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
-        relay.join(10)  # output ends with the child, unless a grandchild holds the pipe
-        if proc.stdout is not None and not relay.is_alive():
-            proc.stdout.close()
-    if code is None:
+def _run_export(command: list[str], *, timeout: float, what: str) -> None:
+    """Run the export child to its end; ``FatalBackendError`` naming the exit code and the
+    child's reason when it fails, or when it outlives ``timeout`` (then it is killed)."""
+    ended = run_child(command, timeout=timeout, log=logger, label="export child")
+    if ended.code is None:
         raise FatalBackendError(
             f"exporting {what} to ONNX timed out after {timeout:g} s; the child was killed "
-            f"(its last output: {relay.reason()})"
+            f"(its last output: {ended.reason})"
         )
-    if code != 0:
-        status = f"exit code {code}"
-        if -code in signal.valid_signals():
-            status += f", {signal.Signals(-code).name}"  # killed: the OOM killer sends SIGKILL
+    if ended.code != 0:
         raise FatalBackendError(
-            f"exporting {what} to ONNX failed in its child process ({status}): {relay.reason()}"
+            f"exporting {what} to ONNX failed in its child process ({ended.status()}): "
+            f"{ended.reason}"
         )
-
-
-class _Relay(threading.Thread):
-    """Reads the child's output: each ``LEVEL:logger:message`` line becomes a record of this
-    process's log at that level; other lines (tracebacks, output before logging is set up)
-    continue the previous record's level, WARNING before any."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__(name="onnx-export-log", daemon=True)
-        self._stream = stream
-        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
-        self.last_error: str | None = None
-
-    def run(self) -> None:
-        level = logging.WARNING
-        for raw in self._stream:
-            line = raw.rstrip()
-            if not line:
-                continue
-            name, sep, rest = line.partition(":")
-            if sep and name in _LEVELS:
-                level, line = _LEVELS[name], rest  # rest: "logger:message"
-                if level >= logging.ERROR:
-                    self.last_error = rest.partition(":")[2]
-            logger.log(level, "export child: %s", line)
-            self.tail.append(line)
-
-    def reason(self) -> str:
-        text = self.last_error or (self.tail[-1] if self.tail else "no output")
-        return text if len(text) <= _REASON_CHARS else text[:_REASON_CHARS] + "..."

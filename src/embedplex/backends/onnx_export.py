@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from embedplex.backends.child import REFUSED, child_logging, exit_with_parent
 from embedplex.backends.model_files import (
     ModelKind,
     ModelSpec,
@@ -37,8 +36,6 @@ logger = logging.getLogger("embedplex.backends.onnx_export")
 
 EXPORT_FORMAT = "2"  # bump when the exported graph's inputs or outputs change
 OPSET = 17
-# The child's log lines on stderr, which the server parses back into records (onnx_cache.py).
-LOG_FORMAT = logging.BASIC_FORMAT  # "LEVEL:logger:message"
 
 
 def export_fp32(
@@ -221,16 +218,6 @@ def build(
     return out
 
 
-def _exit_with_parent() -> None:
-    """End this process when the server goes: its end closes our stdin (EOF), even on SIGKILL,
-    and an orphaned export would only burn CPU for a result nobody publishes."""
-    # The raw descriptor: a daemon thread blocked inside sys.stdin's buffer would hold its lock
-    # at interpreter shutdown, which aborts the process.
-    while os.read(0, 1 << 12):
-        pass
-    os._exit(3)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m embedplex.backends.onnx_export",
@@ -249,10 +236,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    logging.captureWarnings(True)
+    child_logging()
     if args.watch_parent:
-        threading.Thread(target=_exit_with_parent, daemon=True).start()
+        exit_with_parent()
     try:
         spec = load_spec(
             str(args.model_dir),
@@ -263,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         build(spec, args.work, dtype=args.dtype, threads=args.threads, min_quality=args.min_cosine)
     except FatalBackendError as exc:
         logger.error("%s", exc.message)
-        return 2
+        return REFUSED
     except Exception as exc:
         logger.exception("%s: %s", type(exc).__name__, exc)
         return 1

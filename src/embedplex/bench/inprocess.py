@@ -28,7 +28,7 @@ def fake_gateway(backend: FakeBackend) -> Callable[[Settings], Gateway]:
     """A gateway factory serving the default model's tokenizer with ``backend``."""
 
     def factory(settings: Settings) -> Gateway:
-        path, sha = resolve_model_dir(settings.model_id)
+        path, sha = resolve_model_dir(settings.model_id, hub_timeout_s=settings.hub_timeout_s)
         spec = load_spec(settings.model_id, path, sha=sha)
         tokenizer = tokenizer_for(spec)
         options = LocalModelOptions.from_settings(settings, spec, run_tokens=backend.run_tokens)

@@ -47,6 +47,7 @@ from embedplex.core.types import (
     no_token_embeddings,
     no_tokenizer,
 )
+from embedplex.observability.logs import log_failure
 from embedplex.serve.process_tuning import run_lowered
 
 if TYPE_CHECKING:
@@ -211,8 +212,12 @@ class LazyModel:
                 await _close_quietly(model)
             reason = exc.message if isinstance(exc, FatalBackendError) else str(exc)
             self._failed_now(reason or type(exc).__name__)
-            logger.exception(
-                "lazy model %s failed to load (tried again in %.0f s)", name, self._retry_in()
+            log_failure(
+                logger,
+                exc,
+                "lazy model %s failed to load (tried again in %.0f s)",
+                name,
+                self._retry_in(),
             )
             raise NotReadyError(f"model {name!r} failed to load: {self._failed}") from exc
         if self._closed:

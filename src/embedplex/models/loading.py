@@ -70,8 +70,13 @@ def load_backend(
 def read_model(settings: Settings, m: ModelConfig) -> ModelSpec:
     """What a configured model's files say, with its table's overrides (blocking I/O: the
     hub)."""
-    path, sha = resolve_model_dir(m.model_id, revision=m.revision, old_cache_dir=settings.cache_dir)
-    return load_spec(
+    path, sha = resolve_model_dir(
+        m.model_id,
+        revision=m.revision,
+        old_cache_dir=settings.cache_dir,
+        hub_timeout_s=settings.hub_timeout_s,
+    )
+    spec = load_spec(
         m.model_id,
         path,
         revision=m.revision,
@@ -79,6 +84,7 @@ def read_model(settings: Settings, m: ModelConfig) -> ModelSpec:
         pooling=Pooling(m.pooling) if m.pooling else None,
         max_input_length=m.max_input_length,
     )
+    return spec
 
 
 def load_local_model(

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from embedplex.core.errors import FatalBackendError
 from embedplex.observability.log_writer import BatchHandler, BatchWriter
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -124,8 +125,25 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    quiet = max(root.level, logging.WARNING)
     # httpx logs every upstream request at INFO: one line per provider call is noise at load.
-    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+    # huggingface_hub's own copy (httpx2) logs each hub request so, with its URL: userinfo in
+    # HF_ENDPOINT (a mirror's password) and all. Alembic names each plugin it sets up (7 lines
+    # at every start).
+    for name in ("httpx", "httpx2", "alembic.runtime.plugins"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def log_failure(log: logging.Logger, exc: BaseException, what: str, *args: object) -> None:
+    """Log ``what`` failing at ERROR. A ``FatalBackendError`` (a path, a setting, a model's
+    files, the hub: the operator's to fix) is one line ending in its reason, its traceback at
+    DEBUG only (50-100 lines of where in the code it was found buried the one that said why);
+    anything else is a fault of ours, logged with its traceback."""
+    if isinstance(exc, FatalBackendError):
+        log.error(f"{what}: %s", *args, exc.message)
+        log.debug(what, *args, exc_info=exc)
+    else:
+        log.error(what, *args, exc_info=exc)
 
 
 def flush_logs() -> None:

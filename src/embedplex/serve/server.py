@@ -12,6 +12,7 @@ with exit status 1 and the reason on stderr, never an endless "loading".
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import ssl
 import sys
@@ -22,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from embedplex.api.app import GatewayFactory, create_app
+from embedplex.backends.onnx_cache import default_cache_dir, has_exports, unwritable
 from embedplex.config import Settings
 from embedplex.core.deadline import SHUTDOWN, drain_by
 from embedplex.gateway.build import build_gateway
@@ -31,6 +33,8 @@ from embedplex.serve.forwarded import ForwardedHeaders
 from embedplex.serve.process_tuning import tune_process
 from embedplex.serve.tls import TlsConfig, TlsFileError, server_context
 from embedplex.state.store import StateStore, StoreOpenError, open_store
+
+logger = logging.getLogger(__name__)
 
 BAD_START = 2  # the exit status for a bad file, directory or store at start (a usage error)
 
@@ -54,7 +58,24 @@ def check_start(settings: Settings) -> ssl.SSLContext | None:
         asyncio.run(open_store(settings, _opened))  # opening applies the migrations
     except StoreOpenError as exc:
         raise StartupError(str(exc)) from None
+    _check_onnx_cache(settings)
     return context
+
+
+def _check_onnx_cache(settings: Settings) -> None:
+    """ONNX models in this process need their cache directory writable, unless it holds exports
+    already (a read-only volume filled beforehand serves those): refused here when it is
+    unwritable and empty, since then every such model's load would fail; else a warning. (A
+    Ray model's replicas export where they run.)"""
+    if not any(m.backend == "onnx" and m.runtime == "local" for m in settings.local_models()):
+        return
+    cache_dir = settings.cache_dir or default_cache_dir()
+    problem = unwritable(cache_dir)
+    if problem is None:
+        return
+    if not has_exports(cache_dir):
+        raise StartupError(problem)
+    logger.warning("%s; only the exports already there can serve", problem)
 
 
 LOAD_FAILED = 1  # the exit status when a model fails to load

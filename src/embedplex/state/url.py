@@ -10,6 +10,7 @@ missing), so several deployments, or parallel test runs, can share one database.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,16 @@ def redact_url(url: str) -> str:
     # Rebuilt by hand: urlunsplit would turn sqlite:///path into sqlite:/path.
     rebuilt = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
     return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it redacted as ``redact_url`` does: for messages that quote
+    URLs (a hub error names the ``HF_ENDPOINT`` URL it asked, userinfo and all)."""
+    return _URL.sub(lambda m: redact_url(m.group()), text) if "://" in text else text
+
+
+# A URL as messages quote it: up to whitespace, a quote, an angle bracket or a parenthesis.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
 
 
 def _redact_param(pair: str) -> str:
