@@ -172,6 +172,26 @@ def test_max_input_length_override_is_checked(tmp_path: Path) -> None:
         LocalEmbeddingModel.load(Settings(model_id=str(model_dir), max_input_length=100))
 
 
+def test_max_batch_tokens_below_the_models_length_cuts_it_as_tei_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny model takes 32 tokens; a budget of 16 was accepted, and a 32-token input ran
+    as a batch over it. TEI (router/src/lib.rs): with auto_truncate the length is cut to the
+    budget, with a warning; without, the start fails."""
+    model_dir = make_tiny_bert(tmp_path / "tiny", seed=10)
+    refused = Settings(model_id=str(model_dir), backend="torch", max_batch_tokens=16)
+    with pytest.raises(FatalBackendError) as caught:
+        LocalEmbeddingModel.load(refused.model_copy(update={"auto_truncate": False}))
+    assert caught.value.message == (
+        f"model {str(model_dir)!r}: max_batch_tokens (16) is below the model's max input "
+        "length (32): raise max_batch_tokens to at least 32, or set auto_truncate to cut "
+        "inputs at 16 tokens"
+    )
+    model = LocalEmbeddingModel.load(refused)
+    assert model.info.max_input_length == 16 and model.tokenizer.max_length == 16
+    assert "inputs are truncated to 16 tokens, as auto_truncate is on" in caplog.text
+
+
 def test_batch_budget_follows_the_backend(tmp_path: Path) -> None:
     """ONNX runs 512 padded tokens per pass, so batches are cut to that; torch runs any."""
     from embedplex.backends.onnx import RUN_TOKENS

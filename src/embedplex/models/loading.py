@@ -4,6 +4,7 @@ All of it blocks (the hub, the ONNX export): call it from a thread."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -84,7 +85,35 @@ def read_model(settings: Settings, m: ModelConfig) -> ModelSpec:
         pooling=Pooling(m.pooling) if m.pooling else None,
         max_input_length=m.max_input_length,
     )
-    return spec
+    return _within_batch(spec, m)
+
+
+def _within_batch(spec: ModelSpec, m: ModelConfig) -> ModelSpec:
+    """The spec with its longest input no longer than ``max_batch_tokens``, as TEI decides it:
+    with auto_truncate the length is cut to the budget (inputs are truncated there), with a
+    warning; without, the start fails. A longer input would otherwise run as a batch of its
+    own, over the budget that was set. (An explicit max_input_length over the budget is refused
+    with the settings.)"""
+    budget = m.max_batch_tokens
+    if budget is None or spec.max_input_length <= budget:
+        return spec
+    if not m.auto_truncate:
+        raise FatalBackendError(
+            f"model {m.name!r}: max_batch_tokens ({budget}) is below the model's max input "
+            f"length ({spec.max_input_length}): raise max_batch_tokens to at least "
+            f"{spec.max_input_length}, or set auto_truncate to cut inputs at {budget} tokens"
+        )
+    logger.warning(
+        "%s: the model's max input length %d exceeds max_batch_tokens (%d): inputs are "
+        "truncated to %d tokens, as auto_truncate is on; raise max_batch_tokens to at least "
+        "%d to serve them whole",
+        m.name,
+        spec.max_input_length,
+        budget,
+        budget,
+        spec.max_input_length,
+    )
+    return dataclasses.replace(spec, max_input_length=budget)
 
 
 def load_local_model(
