@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -484,15 +484,24 @@ class _ResetResponse(Response):
         raise ConnectionResetError("injected reset")
 
 
+Fake = TypeVar("Fake", bound=FakeUpstream)
+
+
 @contextmanager
-def running_upstream() -> Iterator[FakeUpstream]:
-    """A started ``FakeUpstream``, stopped on exit."""
-    fake = FakeUpstream()
+def serving(fake: Fake) -> Iterator[Fake]:
+    """``fake`` (a ``FakeUpstream``, or one made to misbehave) started, stopped on exit."""
     fake.start()
     try:
         yield fake
     finally:
         fake.stop()
+
+
+@contextmanager
+def running_upstream() -> Iterator[FakeUpstream]:
+    """A started ``FakeUpstream``, stopped on exit."""
+    with serving(FakeUpstream()) as fake:
+        yield fake
 
 
 # Fast knobs for tests: short waits and backoffs, so every scenario runs in well under a second.

@@ -102,7 +102,10 @@ async def test_a_rerank_call_refused_for_its_tokens_teaches_the_cap(
     """A refusal that names the upstream's cap (here in Voyage's words) cuts the refused call
     and becomes the rerank lanes' budget: the next request is cut before any refusal."""
     upstream.max_batch_tokens = 200  # the fake counts the documents, two bytes a token
-    router = await make_router(provider("v", upstream, "voyage", max_quiet_ms=0))
+    # No cap told (Voyage's 600,000 set aside): what the refusal says is all there is (a told
+    # cap bounds what a refusal may teach, docs/router.md).
+    config = provider("v", upstream, "voyage", max_quiet_ms=0, max_rerank_tokens=0)
+    router = await make_router(config)
     rt = router.runtimes["v"]
     docs = [f"{i:02d}" + "d" * 58 for i in range(40)]  # 30 of the fake's tokens each
     result = await router.rerank(rr("query", *docs), ["v"])

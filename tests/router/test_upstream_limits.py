@@ -12,8 +12,11 @@ import math
 
 import httpx
 import numpy as np
+import orjson
 import pytest
+from starlette.responses import Response
 
+import upstream_fakes
 from conftest import RouterFactory
 from embedplex.cache import EmbeddingCache
 from embedplex.core.errors import InvalidRequestError, UpstreamError
@@ -25,6 +28,7 @@ from embedplex.providers.config import ProviderConfig
 from embedplex.providers.openai import OpenAIProvider
 from embedplex.providers.router import Router
 from embedplex.providers.voyage import VoyageProvider
+from helpers import eventually
 from upstream_fakes import FakeUpstream, fake_tokens, provider, vector_for
 
 
@@ -88,12 +92,44 @@ BASE_URLS = [
     ("http://h/x/v1/embeddings", "/v1/embeddings", "http://h/x/v1/embeddings"),
     ("http://h/custom/path", "/v1/embeddings", "http://h/custom/path"),
     ("http://h/tei/v1", "/embed", "http://h/tei/v1"),  # TEI's path has no version
+    ("http://h/v1beta/", "/v1/embeddings", "http://h/v1beta/embeddings"),
+    ("http://h/api/v2alpha1?k=1", "/v2/embed", "http://h/api/v2alpha1/embed?k=1"),
+    ("http://h/v1/openai", "/v1/embeddings", "http://h/v1/openai"),  # not for every type
 ]
 
 
 def test_a_base_url_gets_the_adapters_path_after_its_version() -> None:
     called = [resolve_url(endpoint, None, path) for endpoint, path, _ in BASE_URLS]
     assert called == [expected for _, _, expected in BASE_URLS]
+
+
+# (endpoint, the URL an openai provider calls): hosts that serve an OpenAI-compatible API
+# beside their own give its base URL ending in ``/openai``.
+OPENAI_BASE_URLS = [
+    ("https://api.deepinfra.com/v1/openai", "https://api.deepinfra.com/v1/openai/embeddings"),
+    (
+        "https://generativelanguage.googleapis.com/v1beta/openai/?key=k",
+        "https://generativelanguage.googleapis.com/v1beta/openai/embeddings?key=k",
+    ),
+    ("https://h/v1beta", "https://h/v1beta/embeddings"),
+    ("https://h/openai/v1", "https://h/openai/v1/embeddings"),
+    ("https://h/openai/embeddings", "https://h/openai/embeddings"),  # a full URL
+    ("https://h/openai/deployments/d/embeddings", "https://h/openai/deployments/d/embeddings"),
+]
+
+
+def test_an_openai_base_url_may_end_in_openai_or_a_versions_tag() -> None:
+    """DeepInfra's ``/v1/openai`` and Gemini's ``/v1beta/openai/`` were taken for the full
+    URL of the calls, and every call went to a path that is no API (404)."""
+    client = httpx.AsyncClient()
+
+    def url(endpoint: str) -> str:
+        config = ProviderConfig(name="p", type="openai", endpoint=endpoint)
+        return OpenAIProvider(config, client).url
+
+    assert [url(endpoint) for endpoint, _ in OPENAI_BASE_URLS] == [
+        called for _, called in OPENAI_BASE_URLS
+    ]
 
 
 async def test_a_base_url_with_a_prefix_is_called_at_its_embeddings_path(
@@ -163,16 +199,20 @@ async def test_tei_learns_its_limit_from_a_refusal_and_fails_no_caller(
 async def test_tei_answers_are_kept_under_what_info_says_it_serves(
     upstream: FakeUpstream, make_router: RouterFactory
 ) -> None:
-    """The cache keys a TEI provider's texts by what /info says it serves: an answer from
-    before it said (its /info down at start) is not kept under a key without it."""
+    """The cache keys a TEI provider's texts by what /info says it serves: once it has said
+    (its /info down at start, read beside a later call), texts are keyed by it, and what was
+    kept before it said is not answered under it."""
     upstream.info_status = 503
     cache = EmbeddingCache(1 << 20)
     router = await make_router(provider("t", upstream, "tei"), cache=cache)
+    adapter = router.runtimes["t"].provider
     upstream.info_status = 200
-    for _ in range(3):
+    check((await router.embed(req("hello"), ["t"])).vectors, ["hello"])
+    await eventually(lambda: adapter.served is not None)  # type: ignore[attr-defined]
+    assert adapter.served == "fake@None"  # type: ignore[attr-defined]
+    for _ in range(2):
         check((await router.embed(req("hello"), ["t"])).vectors, ["hello"])
-    assert len(upstream.calls) == 2  # the first answer was not kept; the second was
-    assert router.runtimes["t"].provider.served == "fake@None"  # type: ignore[attr-defined]
+    assert len(upstream.calls) == 2  # asked again under what it serves, and kept
 
 
 async def test_a_tei_refusal_reads_info_again_and_its_new_model_gets_new_keys(
@@ -206,8 +246,11 @@ async def test_a_burst_over_the_upstreams_token_cap_answers_every_caller(
     400 ("max allowed tokens per submitted batch is 2000. Your batch has 44800 tokens", or
     OpenAI's "Requested 44800 tokens, max 2000 tokens per request") is a refusal of the call's
     size, not of an input: the call is cut to fit what it said, and so is every later one."""
-    upstream.max_batch_tokens = 2000  # a local OpenAI-compatible server: no default cap
-    router = await make_router(provider("p", upstream, kind, max_wait_ms=200, max_quiet_ms=0))
+    upstream.max_batch_tokens = 2000
+    # No cap told (a local OpenAI-compatible server has none; Voyage's 120,000 is set aside):
+    # what the refusal says is all there is (a told cap bounds what a refusal may teach).
+    config = provider("p", upstream, kind, max_wait_ms=200, max_quiet_ms=0, max_batch_tokens=0)
+    router = await make_router(config)
     texts = [words(i) for i in range(128)]
     await burst(router, "p", texts)
     rt = router.runtimes["p"]
@@ -251,6 +294,41 @@ async def test_a_voyage_call_carries_up_to_its_documented_1000_texts(
     assert [len(c.texts) for c in upstream.calls] == [300]
 
 
+def _mistral(path: str, model: str | None, cap: int, sent: int) -> Response:
+    """Mistral's refusal of a call over its cap on tokens today: 400, no numbers."""
+    error = {
+        "object": "error",
+        "message": "Too many tokens overall, split into more batches.",
+        "type": "invalid_request_prompt",
+        "param": None,
+        "code": "3210",
+    }
+    return Response(orjson.dumps(error), status_code=400, media_type="application/json")
+
+
+async def test_a_refusal_that_says_too_many_tokens_without_numbers_is_of_the_calls_size(
+    upstream: FakeUpstream, make_router: RouterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mistral's 400 "Too many tokens overall, split into more batches." names no cap: it was
+    taken for one caller's bad input and bisected until the bound on that ran out (104 of 128
+    valid callers got 502). It is a refusal of the call's size: the call is split in halves
+    outside that bound, half the tokens it sent are learned each time, and later bursts are
+    cut to fit before any call."""
+    monkeypatch.setattr(upstream_fakes, "_refuse_tokens", _mistral)
+    upstream.max_batch_tokens = 2000
+    router = await make_router(provider("m", upstream, max_wait_ms=200, max_quiet_ms=0))
+    await burst(router, "m", [words(i) for i in range(128)])
+    rt = router.runtimes["m"]
+    refusals = rt.counters["size_refusals"]
+    assert refusals >= 1
+    budget = rt.stats()["max_tokens_per_call"]
+    assert budget is not None and budget <= 2000 * 3 // 2  # our reckoning of the fake's cap
+    upstream.calls.clear()
+    await burst(router, "m", [words(i + 1000) for i in range(128)])
+    assert rt.counters["size_refusals"] == refusals
+    assert all(sum(map(fake_tokens, c.texts)) <= 2000 for c in upstream.calls)
+
+
 def test_the_vendors_words_for_a_call_too_large_are_read() -> None:
     def said(status: int, reason: str) -> tuple[int | None, int | None, int | None] | None:
         refusal = size_refusal(
@@ -269,6 +347,19 @@ def test_the_vendors_words_for_a_call_too_large_are_read() -> None:
     tei = "batch size 64 > maximum allowed batch size 32"
     assert said(422, tei) == said(413, tei) == (32, None, None)
     assert said(400, "Too many tokens in batch. Max is 16384 got 17555") == (None, 16384, 17555)
+    # Words without numbers (Mistral's since 2025, code 3210), and the like: too large, no more.
+    assert said(400, "Too many tokens overall, split into more batches.") == (None, None, None)
+    assert said(400, "Too many tokens in batch") == (None, None, None)  # its numbers cut off
+    assert said(413, "Batch is too large; split it into smaller requests") == (None, None, None)
+    assert said(400, "Too many inputs: 3000 > 2048") == (None, None, None)
+    # An input's own refusal, in the words of several servers, stays an input's.
+    for one in (
+        "Input is too long: 9000 tokens, this model takes 8192",
+        "Input validation error: `inputs` must have less than 512 tokens. Given: 600",
+        "The input token count (9000) exceeds the maximum number of tokens allowed (8192).",
+        "Too many tokens in input 3: 9000 > 8192",
+    ):
+        assert said(400, one) is None, one
     # One input's refusal is not the call's size: it is isolated as before.
     assert said(400, "This model's maximum context length is 8192 tokens") is None
     assert said(500, tei) is None

@@ -314,6 +314,33 @@ async def test_answers_within_the_cap_are_read_whole(
     assert all(b"\r\nAccept-Encoding: identity\r\n" in r for r in up.requests)
 
 
+def mislabelled(coding: str) -> Reply:
+    """Plain JSON under a ``Content-Encoding`` that names no compression this wire knows."""
+
+    def reply(up: RawUpstream, request: bytes, conn: socket.socket) -> None:
+        body = answer(request)
+        up.send(
+            conn,
+            head("200 OK", f"Content-Encoding: {coding}", f"Content-Length: {len(body)}") + body,
+        )
+
+    return reply
+
+
+@pytest.mark.parametrize("coding", ["none", "UTF-8", "br"])
+async def test_an_unknown_content_encoding_is_read_as_identity(
+    capped: Callable[..., Any], coding: str
+) -> None:
+    """Upstreams label plain answers "none" or "UTF-8", and a CDN may say br of one it did
+    not compress: an unknown coding is the body as it came (httpx's way), and the JSON parse
+    decides. They were 502s and failures for the breaker."""
+    with raw_upstream(mislabelled(coding)) as up:
+        router = await capped(up)
+        result = await router.embed(EmbedRequest(inputs=["a"]), ["raw"])
+    assert (result.vectors[0] == vector_for("a")).all()
+    assert router.runtimes["raw"].stats()["counters"].get("outcome_malformed", 0) == 0
+
+
 def huge_error(up: RawUpstream, request: bytes, conn: socket.socket) -> None:
     """A 500 whose 50 MiB body starts with a reason that echoes the request line (its key)."""
     line = request.split(b"\r\n")[0].replace(b'"', b"'")

@@ -190,8 +190,9 @@ class UpstreamError(BackendError):
 
 class UpstreamTooLargeError(UpstreamError):
     """A remote provider refused a call for its size, not for any one input: more texts or
-    more tokens than one call may carry (a 413, or a vendor's 400/422 that says so). What the
-    refusal said one call may carry: ``max_items`` inputs, ``max_cost`` estimated tokens
+    more tokens than one call may carry (a 413, a vendor's 400/422 that says so, or a 2xx
+    answer to several inputs over ``max_response_bytes``). What the refusal said one call may
+    carry: ``max_items`` inputs, ``max_cost`` estimated tokens
     (``providers.base.budget_tokens``); None where it did not say. The call is split to fit
     (``providers/guard.py``); one input refused alone so is too large for that upstream, and
     reaches its caller as ``UpstreamRefusedError`` (422)."""

@@ -17,8 +17,9 @@ import logging
 import os
 import re
 import sys
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import httpx
@@ -105,20 +106,23 @@ def check_width(vectors: list[Vector], dimensions: int | None) -> None:
         raise ValueError(f"vectors of width {vectors[0].shape[0]}, asked for {dimensions}")
 
 
-_VERSION = re.compile(r"v\d+")
+_VERSION = re.compile(r"v\d+\w*")  # v1, v2, v1beta (Gemini), v1alpha2...
 
 
-def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
+def resolve_url(
+    endpoint: str | None, default: str | None, path: str, bases: Collection[str] = ()
+) -> str:
     """The URL of the adapter's calls: ``endpoint`` with ``path`` appended when it is a base
     URL, else as written (the full URL of the calls).
 
     A base URL has no path (``http://host:8080``: ``path`` whole), or a path that ends in an
-    API version (``/v1``, ``/inference/v1``, ``/openai/v1/``: how OpenAI-compatible hosts give
-    theirs, and what openai-python appends ``/embeddings`` to). Then the version is the
-    endpoint's own and only the rest of ``path`` is appended: ``.../inference/v1`` +
-    ``/embeddings``; a Cohere ``.../v1`` gets ``/v1/embed`` (its v1 API), ``.../v2`` gets
-    ``/v2/embed``. No full URL of these APIs ends in a version, so none is taken for a base.
-    The query, if any, stays at the end.
+    API version (``/v1``, ``/inference/v1``, ``/openai/v1/``, ``/v1beta``: how OpenAI-compatible
+    hosts give theirs, and what openai-python appends ``/embeddings`` to) or in one of the
+    adapter's ``bases`` (the openai type's ``openai``: DeepInfra's ``/v1/openai``, Gemini's
+    ``/v1beta/openai/``). Then the version is the endpoint's own and only the rest of ``path``
+    is appended: ``.../inference/v1`` + ``/embeddings``; a Cohere ``.../v1`` gets ``/v1/embed``
+    (its v1 API), ``.../v2`` gets ``/v2/embed``. No full URL of these APIs ends in a version
+    or in ``bases``, so none is taken for a base. The query, if any, stays at the end.
     """
     url = endpoint or default
     if url is None:
@@ -128,7 +132,8 @@ def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
         tail = path
     else:
         version, _, rest = path.lstrip("/").partition("/")
-        if not (_VERSION.fullmatch(base.rpartition("/")[2]) and _VERSION.fullmatch(version)):
+        last = base.rpartition("/")[2]
+        if not ((_VERSION.fullmatch(last) or last in bases) and _VERSION.fullmatch(version)):
             return url
         tail = "/" + rest
     head, mark, query = url.partition("?")
@@ -136,12 +141,12 @@ def resolve_url(endpoint: str | None, default: str | None, path: str) -> str:
 
 
 def sibling_url(url: str, name: str) -> str:
-    """``url`` with its last path segment replaced by ``name`` (no query): where an API keeps
-    its other routes beside the one configured (TEI's ``/info`` beside ``/embed``, under any
-    prefix a proxy puts before both)."""
+    """``url`` with its last path segment replaced by ``name``, its query kept (a key may
+    travel there: ``?key=``): where an API keeps its other routes beside the one configured
+    (TEI's ``/info`` beside ``/embed``, under any prefix a proxy puts before both)."""
     parsed = httpx.URL(url)
     head = parsed.path.rpartition("/")[0]
-    return str(parsed.copy_with(path=f"{head}/{name}", query=None))
+    return str(parsed.copy_with(path=f"{head}/{name}"))
 
 
 def rerank_url(endpoint: str | None, embed_url: str) -> str | None:
@@ -176,7 +181,8 @@ def parse_ranked(rows: Any, n: int, score: str) -> list[float]:
 class SizeRefusal(NamedTuple):
     """What an upstream's refusal of a call for its size said: the inputs one call may carry,
     the tokens one call may carry and the tokens it counted in the refused one (None: not
-    said)."""
+    said). All None: it said the call was too large, and no number (Mistral's "Too many
+    tokens overall, split into more batches.")."""
 
     max_items: int | None = None
     max_tokens: int | None = None
@@ -198,7 +204,26 @@ _VOYAGE_TOKENS = re.compile(
 _OPENAI_TOKENS = re.compile(r"Requested (\d+) tokens, max (\d+) tokens per request")
 # - Mistral's OpenAI-style API (400): "Too many tokens in batch. Max is 16384 got 17555".
 _MISTRAL_TOKENS = re.compile(r"Too many tokens in batch\. Max is (\d+) got (\d+)")
+# - and words that say the call holds too much, without a number: Mistral's since 2025 (400,
+#   code 3210) "Too many tokens overall, split into more batches.", and the like. Only words
+#   about the call or batch as a whole: an input's own ("This model's maximum context length
+#   is 8192 tokens", "Input is too long") are a bad input's refusal, isolated as such.
+_TOO_MUCH = re.compile(
+    r"(?i)too many tokens (?:overall|in (?:the |this |your )?batch)|too many (?:inputs|texts)\b"
+    r"|split (?:\w+ )?into (?:more|smaller) (?:batches|requests|chunks)"
+    r"|batch (?:size )?(?:is )?too (?:large|big)"
+)
 _SIZE_STATUSES = frozenset({400, 413, 422})
+
+# How long (seconds) limits learned from refusals hold, from the last one: then the limits the
+# provider was told hold again (``HttpProvider.limits``).
+LEARNED_TTL_S = 600.0
+# Learned limits stay at or above 1/LEARNED_FLOOR of the told ones (TEI's default 32: 2).
+LEARNED_FLOOR = 16
+# An upstream's count of the refused call's tokens is believed within this factor of the
+# router's reckoning of it; further off it is some other count, and the cap is learned as
+# though no count were said.
+PLAUSIBLE = 10
 
 
 def size_refusal(error: UpstreamError) -> SizeRefusal | None:
@@ -216,7 +241,15 @@ def size_refusal(error: UpstreamError) -> SizeRefusal | None:
         return SizeRefusal(max_tokens=int(m[2]), sent_tokens=int(m[1]))
     if m := _MISTRAL_TOKENS.search(text):
         return SizeRefusal(max_tokens=int(m[1]), sent_tokens=int(m[2]))
+    if _TOO_MUCH.search(text):
+        return SizeRefusal()
     return None
+
+
+def _plausible(count: int, estimate: int) -> bool:
+    """Whether an upstream's ``count`` of a call's tokens can be of the call the router
+    reckoned at ``estimate``."""
+    return estimate <= count * PLAUSIBLE and count <= estimate * PLAUSIBLE
 
 
 class HttpProvider(ABC):
@@ -225,6 +258,8 @@ class HttpProvider(ABC):
     type: ClassVar[str]
     default_endpoint: ClassVar[str | None] = None
     path: ClassVar[str]
+    # Last path segments besides a version that make an endpoint a base URL (``resolve_url``).
+    base_segments: ClassVar[frozenset[str]] = frozenset()
     max_texts: ClassVar[int]
     # EmbedParams fields this API can honour when they differ from the defaults.
     supported: ClassVar[frozenset[str]] = frozenset()
@@ -241,7 +276,9 @@ class HttpProvider(ABC):
         self.config = config
         self.name = config.name
         self.model = config.model
-        self.url = resolve_url(config.endpoint, self.default_endpoint, self.path)
+        self.url = resolve_url(
+            config.endpoint, self.default_endpoint, self.path, self.base_segments
+        )
         self.transport = HttpTransport(
             config.name,
             client,
@@ -267,11 +304,42 @@ class HttpProvider(ABC):
             max_tokens=(self.default_max_tokens() if tokens is None else tokens) or None,
             max_rerank_tokens=rerank_tokens or None,
         )
+        # The limits the provider was told (configured, the vendor's, TEI's /info), which
+        # learned ones (``_learn``) stand below for ``LEARNED_TTL_S`` from the last lesson.
+        self._told = self._limits
+        self._learned_at: float | None = None
         self._headers: dict[str, str] = {}
 
     @property
     def limits(self) -> ProviderLimits:
+        """What one call may carry now: the limits learned from refusals while they last, else
+        the ones the provider was told."""
+        if self._learned_at is not None and time.monotonic() - self._learned_at >= LEARNED_TTL_S:
+            self._forget()
         return self._limits
+
+    def _learn(self, **lower: int) -> None:
+        """Limits an upstream's refusal (or an answer over the cap) said, taken where they are
+        below the current ones; never below ``1/LEARNED_FLOOR`` of the told ones, and only
+        for ``LEARNED_TTL_S``: a refusal from a replica misconfigured for a minute, a canary,
+        a proxy's own cap, must not hold the provider to tiny calls until restart."""
+        changes: dict[str, int] = {}
+        for field, n in lower.items():
+            told = getattr(self._told, field)
+            n = max(n, told // LEARNED_FLOOR if told else 1, 1)
+            current = getattr(self._limits, field)
+            if current is None or n < current:
+                changes[field] = n
+        if changes:
+            self._limits = dataclasses.replace(self._limits, **changes)
+            self._learned_at = time.monotonic()
+
+    def _forget(self) -> None:
+        """Learned limits expired: the told ones hold again (the runtime resizes its lanes and
+        AIMD's ceiling on the new ``limits``); an upstream still over them refuses once and
+        teaches them again."""
+        self._learned_at = None
+        self._limits = self._told
 
     def default_max_tokens(self) -> int | None:
         """The vendor's documented cap on the tokens of one embedding call, where this
@@ -292,27 +360,36 @@ class HttpProvider(ABC):
 
         ``costs``: each input's ``budget_tokens`` in the refused call. A token cap is learned
         in those units: the refused call's reckoning scaled by the upstream's own count against
-        its cap (exact for texts as dense as these), or halved where the count was not said.
-        Learned limits only come down. A rerank call's (``documents``) teaches the documents
+        its cap (exact for texts as dense as these), or halved where the count was not said or
+        is not believable (over ``PLAUSIBLE`` times off ours: some other count). Words without
+        a number (``SizeRefusal()``) teach half the tokens sent; a limit under 1 is no limit,
+        and teaches nothing (the call is split in halves). Learned limits come down, within
+        bounds, for a while (``_learn``). A rerank call's (``documents``) teaches the documents
         limit and the rerank token cap (its inputs' costs count the query with every document,
-        as vendors count them).
+        as vendors count them). ``UpstreamTooLargeError`` from the transport (an answer over
+        ``max_response_bytes``) teaches its ``max_items``.
         """
+        if isinstance(error, UpstreamTooLargeError):
+            if error.max_items is not None:
+                self.learn_items(error.max_items, documents=documents)
+            return error
         said = size_refusal(error)
         if said is None:
             return error
         max_items = max_cost = None
-        if said.max_items is not None and said.max_items < len(costs):
-            max_items = max(1, said.max_items)
+        if said.max_items is not None and 1 <= said.max_items < len(costs):
+            max_items = said.max_items
             self.learn_items(max_items, documents=documents)
-        if said.max_tokens is not None:
+        cap = said.max_tokens if said.max_tokens is not None and said.max_tokens >= 1 else None
+        if cap is not None or said == SizeRefusal():
             estimate = sum(costs)
             sent = said.sent_tokens
-            budget = estimate * said.max_tokens // sent if sent else estimate // 2
+            if cap is not None and sent and _plausible(sent, estimate):
+                budget = estimate * cap // sent
+            else:
+                budget = estimate // 2
             max_cost = max(1, min(budget, estimate - 1))
-            field = "max_rerank_tokens" if documents else "max_tokens"
-            current = getattr(self._limits, field)
-            if current is None or max_cost < current:
-                self._limits = dataclasses.replace(self._limits, **{field: max_cost})
+            self._learn(**{"max_rerank_tokens" if documents else "max_tokens": max_cost})
         out = UpstreamTooLargeError(
             error.message, status=error.status, max_items=max_items, max_cost=max_cost
         )
@@ -321,9 +398,7 @@ class HttpProvider(ABC):
 
     def learn_items(self, n: int, *, documents: bool) -> None:
         """An upstream said one call takes at most ``n`` texts (or documents)."""
-        field = "max_documents" if documents else "max_texts"
-        if n < getattr(self._limits, field):
-            self._limits = dataclasses.replace(self._limits, **{field: n})
+        self._learn(**{"max_documents" if documents else "max_texts": n})
 
     def bind(
         self,
@@ -351,8 +426,9 @@ class HttpProvider(ABC):
         self._headers.clear()
 
     async def prepare(self) -> None:
-        """Before each upstream call: what the adapter must know first (TEI: its ``/info``,
-        when due). Nothing by default."""
+        """Before each upstream call: what the adapter must see to first, without holding the
+        call (TEI: a read of its ``/info`` started in the background, when due). Nothing by
+        default."""
         return None
 
     def check(self, params: EmbedParams) -> None:

@@ -77,7 +77,8 @@ class UpstreamGuard:
         of its inputs.
 
         A refusal of the call's size (a 413, or ``UpstreamTooLargeError``: a vendor's 400 or
-        422 saying the call holds more texts or tokens than one call may) means the upstream
+        422 saying the call holds more texts or tokens than one call may, or an answer to it
+        over ``max_response_bytes``) means the upstream
         takes less than we sent, not that any input is bad: the call is cut into parts that
         fit what the refusal said (``max_items`` inputs, ``max_cost`` by ``cost``), in halves
         where it said nothing, outside the bounds below, so valid callers never fail for

@@ -39,10 +39,11 @@ from embedplex.core.errors import (
     RateLimitedError,
     UpstreamError,
     UpstreamTimeoutError,
+    UpstreamTooLargeError,
 )
 from embedplex.observability.tracing import upstream_span
 from embedplex.providers.config import MAX_RESPONSE_BYTES
-from embedplex.providers.wire import WireClient
+from embedplex.providers.wire import OversizedAnswer, WireClient
 
 if TYPE_CHECKING:
     from opentelemetry.trace import SpanContext, Tracer
@@ -93,6 +94,8 @@ class Attempt:
     def status_text(self) -> str:
         """The HTTP status as text ("200", "429"), else the failure ("timeout", "malformed")."""
         if self.status is None or self.outcome is Outcome.MALFORMED:
+            return self.outcome.value
+        if self.outcome is Outcome.TOO_LARGE and self.status < 300:  # an answer over the cap
             return self.outcome.value
         return str(self.status)
 
@@ -338,7 +341,7 @@ class HttpTransport:
             started = time.monotonic()
             timeout = max(0.001, min(policy.attempt_timeout, deadline - started))
             with upstream_span(self.tracer, self.provider, size, traces) as span:
-                done = await self._attempt(url, content, headers, timeout, parse)
+                done = await self._attempt(url, content, headers, timeout, parse, size)
                 attempt = Attempt(
                     started,
                     time.monotonic() - started,
@@ -373,9 +376,16 @@ class HttpTransport:
             await asyncio.sleep(delay)
 
     async def _attempt(
-        self, url: str, content: bytes, headers: dict[str, str], limit: float, parse: Parse[T]
+        self,
+        url: str,
+        content: bytes,
+        headers: dict[str, str],
+        limit: float,
+        parse: Parse[T],
+        size: int,
     ) -> _Done[T]:
-        """One HTTP attempt of at most ``limit`` seconds in all, classified.
+        """One HTTP attempt of at most ``limit`` seconds in all, classified (``size``: the
+        inputs the call carries).
 
         All: a timeout per read restarts with each chunk, so an upstream that trickles bytes
         would outlast ``timeout_s`` and the budget. ``post_bytes`` bounds the total itself
@@ -400,7 +410,11 @@ class HttpTransport:
             error = UpstreamError(f"{self.provider}: {type(exc).__name__}: {reason}")
             error.__cause__ = exc
             return _Done(Outcome.CONNECT_ERROR, None, error, retryable=True)
-        except httpx.DecodingError as exc:  # over max_response_bytes, or an unasked encoding
+        except OversizedAnswer as exc:
+            if size > 1:
+                return self._oversized(exc, size)
+            return self._malformed(exc.status, exc, url, headers)
+        except httpx.DecodingError as exc:  # gzip or deflate that does not unpack
             status = getattr(exc, "status", None)
             return self._malformed(status, exc, url, headers)
         status = response.status_code
@@ -425,6 +439,22 @@ class HttpTransport:
         )
         error.__cause__ = exc
         return _Done(Outcome.MALFORMED, status, error)
+
+    def _oversized(self, exc: OversizedAnswer, size: int) -> _Done[Any]:
+        """An answer over ``max_response_bytes`` to a call of ``size`` inputs: the call asked
+        for more than one answer may hold (TEI at 2,048 texts of 4,096 floats as JSON: about
+        109 MB), not a fault of the upstream's. It is the call's size that is refused: split
+        in halves (``guard.py``), half as many per call learned (``HttpProvider.sized``);
+        neither a failure for the breaker nor retried. One input's answer over it stays a
+        malformed answer."""
+        error = UpstreamTooLargeError(
+            f"{self.provider}: the answer to {size} inputs was over {self.max_response_bytes} "
+            "bytes (max_response_bytes)",
+            status=exc.status,
+            max_items=-(-size // 2),
+        )
+        error.__cause__ = exc
+        return _Done(Outcome.TOO_LARGE, exc.status, error)
 
     def _classify(
         self, response: httpx.Response, url: str, headers: dict[str, str]

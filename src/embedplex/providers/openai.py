@@ -21,6 +21,10 @@ class OpenAIProvider(HttpProvider):
     type = "openai"
     default_endpoint = "https://api.openai.com/v1/embeddings"
     path = "/v1/embeddings"
+    # Hosts that serve an OpenAI-compatible API beside their own give its base URL ending in
+    # ``/openai`` (DeepInfra ``https://api.deepinfra.com/v1/openai``, Gemini
+    # ``https://generativelanguage.googleapis.com/v1beta/openai/``).
+    base_segments = frozenset({"openai"})
     max_texts = 2048  # OpenAI's documented cap on `input` items
     supported = frozenset({"dimensions"})
 

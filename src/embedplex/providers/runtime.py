@@ -350,8 +350,12 @@ class ProviderRuntime:
 
         Every routed request needs them, and nearly all share a handful of parameter sets, so a
         set that passed ``check`` is kept by its fields (``Provider.check`` depends on nothing
-        else) with its scope; the table is bounded, as callers choose the values.
+        else) with its scope; the table is bounded, as callers choose the values. What the
+        upstream serves may have changed since the last call (TEI's /info, read in the
+        background): the scopes follow it from this request on (``_sync``).
         """
+        if served(self.provider) != self._served:
+            self._sync()
         extra = request.extra.get("input_type") if request.extra else None
         if extra is not None and not isinstance(extra, str):  # not a key: check it every time
             params = EmbedParams.from_request(request, self.config.input_type)

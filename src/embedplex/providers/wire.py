@@ -59,8 +59,7 @@ class OversizedAnswer(httpx.DecodingError):
 
 
 class UnreadableAnswer(httpx.DecodingError):
-    """A 2xx answer in a Content-Encoding this wire does not undo (it asks for ``identity``;
-    gzip and deflate are undone), or that does not unpack."""
+    """A 2xx answer in gzip or deflate that does not unpack."""
 
     def __init__(self, status: int, coding: str) -> None:
         super().__init__(f"an answer in Content-Encoding {coding[:40]!r} that was not unpacked")
@@ -248,6 +247,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 raw = response.raw_headers
                 coding = response.headers.get("Content-Encoding")
                 if coding is not None and coding.strip().lower() != "identity":
+                    # Unpacked here, or taken as it is: either way no layer above unpacks it.
                     content = _inflate(response, content, coding, cap, cut=not ok)
                     raw = tuple(h for h in raw if h[0].lower() not in _ENCODED)
                 return httpx.Response(
@@ -294,9 +294,14 @@ def _inflate(
     response: aiohttp.ClientResponse, body: bytes, coding: str, cap: int, *, cut: bool
 ) -> bytes:
     """``body`` unpacked, at most ``cap`` bytes of it (past it as ``_read``): gzip and
-    deflate, for an upstream that compresses although ``identity`` was asked for."""
+    deflate, for an upstream that compresses although ``identity`` was asked for. Any other
+    coding is taken for identity, as httpx did: the body as it came (already under the cap),
+    for the JSON parse to judge. Upstreams send bogus names ("none", "UTF-8"), and one that
+    really sent br (a CDN ignoring ``identity``) fails that parse, a malformed answer as any."""
     name = coding.strip().lower()
-    tries = {"gzip": [31], "x-gzip": [31], "deflate": [15, -15]}.get(name, [])
+    tries = {"gzip": [31], "x-gzip": [31], "deflate": [15, -15]}.get(name)
+    if tries is None:
+        return body
     out = None
     for wbits in tries:  # deflate: zlib-wrapped as the RFC says, or raw as some servers send
         try:
