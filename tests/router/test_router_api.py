@@ -253,3 +253,56 @@ async def test_the_api_key_never_opens_the_admin_api(
             "/v1/embeddings", json={"model": "remote-x", "input": "hi"}, headers=key
         )
         assert r.status_code == 200
+
+
+# What each provider type sends for a request's ``truncate`` (docs/router.md, What each
+# adapter sends): None where the API has no field and nothing is sent.
+_TRUNCATE_SENT = {
+    "openai": ("truncate", {False: None}),
+    "voyage": ("truncation", {True: True, False: False}),
+    "cohere": ("truncate", {True: "END", False: "NONE"}),
+    "tei": ("truncate", {True: True, False: False}),
+}
+
+
+async def test_truncate_on_v1_embeddings_reaches_each_provider_type_as_its_api_says(
+    upstream: FakeUpstream,
+) -> None:
+    """``truncate: false`` is what OpenAI does (an over-long input is its 400), so an
+    openai-type provider takes it and sends nothing; it answered 400 "does not support
+    truncate", where the field was ignored before truncate reached providers. ``true`` it
+    cannot honour: still refused, before any call."""
+    settings = Settings(
+        local_model=False,
+        providers=[provider(kind, upstream, kind) for kind in _TRUNCATE_SENT],
+        routes=[RouteConfig(model=f"via-{kind}", providers=[kind]) for kind in _TRUNCATE_SENT],
+    )
+    async with serve(settings) as (_, client):
+        for kind, (field, sent) in _TRUNCATE_SENT.items():
+            for truncate in (True, False):
+                upstream.calls.clear()
+                r = await client.post(
+                    "/v1/embeddings",
+                    json={"model": f"via-{kind}", "input": ["hi"], "truncate": truncate},
+                )
+                if truncate not in sent:
+                    assert r.status_code == 400, (kind, truncate, r.text)
+                    assert r.json()["error"]["param"] == "truncate"
+                    assert f"provider {kind} ({kind}) does not support truncate" in r.text
+                    assert upstream.calls == []
+                    continue
+                assert r.status_code == 200, (kind, truncate, r.text)
+                np.testing.assert_array_equal(
+                    np.asarray(r.json()["data"][0]["embedding"], np.float32), vector_for("hi")
+                )
+                (call,) = upstream.calls
+                assert call.body.get(field) == sent[truncate], (kind, truncate, call.body)
+                assert kind != "openai" or "truncate" not in call.body
+        # Over OpenAI's length with truncate false: OpenAI's own refusal, a 400 to the caller.
+        upstream.max_chars = 5
+        r = await client.post(
+            "/v1/embeddings",
+            json={"model": "via-openai", "input": ["far too long"], "truncate": False},
+        )
+        assert r.status_code == 400, r.text
+        assert "maximum context length" in r.text

@@ -254,7 +254,7 @@ async def test_checked_parameters_are_kept_but_refusals_are_not(
     for _ in range(2):
         await router.embed(EmbedRequest(inputs=["x"]), ["a"])
         with pytest.raises(InvalidRequestError):  # openai cannot truncate: refused each time
-            await router.embed(EmbedRequest(inputs=["x"], truncate=False), ["a"])
+            await router.embed(EmbedRequest(inputs=["x"], truncate=True), ["a"])
     assert len(runtime._checked) == 1
     odd = EmbedRequest(inputs=["x"], extra={"input_type": ["not", "text"]})
     with pytest.raises(InvalidRequestError, match="input_type"):  # not a key: checked, not kept

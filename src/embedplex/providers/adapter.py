@@ -192,7 +192,7 @@ class SizeRefusal(NamedTuple):
 # How upstreams refuse a call for its size, in their own words (read from the message the
 # transport kept: the upstream's, at most ``http.MAX_REASON`` characters of it):
 # - TEI, any version (422 since 2026-02, 413 before; router/src/http/server.rs), and an
-#   embedplex upstream (413): "batch size 64 > maximum allowed batch size 32";
+#   embedplex upstream (422): "batch size 64 > maximum allowed batch size 32";
 _TOO_MANY_INPUTS = re.compile(r"batch size \d+ > maximum allowed batch size (\d+)")
 # - Voyage (400): "... The max allowed tokens per submitted batch is 120000. Your batch has
 #   124302 tokens after truncation. ..." (the count may be cut off with the message);

@@ -9,6 +9,7 @@ size of JSON floats. Servers that ignore the field and answer with lists are rea
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import httpx
@@ -27,6 +28,14 @@ class OpenAIProvider(HttpProvider):
     base_segments = frozenset({"openai"})
     max_texts = 2048  # OpenAI's documented cap on `input` items
     supported = frozenset({"dimensions"})
+
+    def check(self, params: EmbedParams) -> None:
+        """``truncate: false`` asks for what OpenAI does: an input over the model's length is
+        its 400 (``maximum context length``), so it is sent as no field at all. ``true`` it
+        cannot honour (its API has no such field): refused."""
+        if params.truncate is False:
+            params = dataclasses.replace(params, truncate=None)
+        super().check(params)
 
     def default_max_tokens(self) -> int | None:
         """OpenAI's own API takes at most 300,000 tokens over one call's inputs (its 400
