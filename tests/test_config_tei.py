@@ -144,6 +144,8 @@ def test_the_other_names_start_with_a_warning_each_naming_what_to_set(
         # Set by Docker and most platforms, never TEI's alone: not looked at.
         "HOSTNAME": "container-xyz",
         "PORT": "3000",
+        # A Kubernetes service link (a service named prometheus), not TEI's metrics port.
+        "PROMETHEUS_PORT": "tcp://10.96.0.17:9090",
     }
     result = serve(env)
     assert result.exit_code == 0, result.output
@@ -175,3 +177,107 @@ def test_the_ignore_list_names_tei_variables_only(started: list[Settings]) -> No
     text = " ".join(result.output.replace("│", "").split())  # rich wraps its box
     assert "ignore_tei_env: HOSTNAME is no TEI variable embedplex checks" in text
     assert Settings(ignore_tei_env='["API_KEY", "DTYPE"]').ignore_tei_env == ["API_KEY", "DTYPE"]
+
+
+def test_tei_advice_follows_the_value(
+    started: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TEI's --json-output is a flag: JSON_OUTPUT=false asks for embedplex's default, and was
+    told to set EMBEDPLEX_LOG_FORMAT=json. A *_PORT that is a number is TEI's."""
+    caplog.set_level(logging.WARNING)
+    for value, advice in [("false", "=pretty"), ("true", "=json"), ("0", "=pretty")]:
+        caplog.clear()
+        assert serve({"JSON_OUTPUT": value}).exit_code == 0
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "embedplex.config"]
+        assert f"set EMBEDPLEX_LOG_FORMAT{advice} (or list it" in warning
+    caplog.clear()
+    assert serve({"PROMETHEUS_PORT": "9000"}).exit_code == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "embedplex.config"]
+    assert warning.startswith("PROMETHEUS_PORT is TEI's variable")
+    assert "set EMBEDPLEX_METRICS_PORT" in warning
+
+
+MODELS_TOML = """
+api_key = "an-embedplex-key-0123456789"
+
+[[models]]
+name = "minilm"
+model_id = "sentence-transformers/all-MiniLM-L6-v2"
+"""
+
+
+def test_what_the_config_file_says_counts(
+    started: list[Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The review's reproduction: ``API_KEY=other MODEL_ID=x embedplex serve --config m.toml``
+    with api_key and a [[models]] table in the file was refused, and the advice it gave
+    (EMBEDPLEX_MODEL_ID) was refused again beside [[models]]."""
+    caplog.set_level(logging.WARNING)
+    config = tmp_path / "m.toml"
+    config.write_text(MODELS_TOML)
+    tei = {"API_KEY": SECRET, "MODEL_ID": OTHER_MODEL}
+    result = serve(tei | {"REVISION": "v2", "MAX_BATCH_TOKENS": "4096"}, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert [m.model_id for m in started[-1].local_models()] == [
+        "sentence-transformers/all-MiniLM-L6-v2"
+    ]
+    # Every table says its model id; REVISION is a table's key, never EMBEDPLEX_REVISION
+    # beside tables; MAX_BATCH_TOKENS either.
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "embedplex.config")
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(
+        "MAX_BATCH_TOKENS is TEI's variable, which embedplex does not read: set "
+        "max_batch_tokens in each [[models]] table, or EMBEDPLEX_MAX_BATCH_TOKENS for them all"
+    )
+    assert warnings[1].startswith(
+        "REVISION is TEI's variable, which embedplex does not read: set revision in each "
+        "[[models]] table (or list it"
+    )
+    # Top-level keys in the file count as their variables do.
+    flat = tmp_path / "flat.toml"
+    flat.write_text('model_id = "sentence-transformers/all-MiniLM-L6-v2"\npooling = "mean"\n')
+    assert serve({"MODEL_ID": OTHER_MODEL, "POOLING": "cls"}, "-c", str(flat)).exit_code == 0
+
+
+def test_a_models_table_that_leaves_it_unsaid_is_refused_naming_the_table_key(
+    started: list[Settings], tmp_path: Path
+) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(
+        MODELS_TOML + 'pooling = "cls"\n\n[[models]]\nname = "bge"\nmodel_id = "BAAI/bge"\n'
+    )
+    result = serve({"API_KEY": SECRET, "POOLING": "cls"}, "-c", str(config))
+    assert result.exit_code == 2
+    assert started == []
+    text = " ".join(result.output.split())
+    assert text.startswith("embedplex: POOLING is TEI's variable")
+    assert "for POOLING, set pooling in each [[models]] table, or EMBEDPLEX_POOLING" in text
+    # Each table saying it, or the top level for all of them, lets it start.
+    assert serve({"POOLING": "cls", "EMBEDPLEX_POOLING": "cls"}, "-c", str(config)).exit_code == 0
+    config.write_text(config.read_text() + 'pooling = "mean"\n')
+    assert serve({"POOLING": "cls"}, "-c", str(config)).exit_code == 0
+    # One of the two prompts in each table is the prompt's one choice.
+    config.write_text(
+        MODELS_TOML + 'default_prompt_name = "query"\n\n'
+        '[[models]]\nname = "bge"\nmodel_id = "BAAI/bge"\ndefault_prompt = "q: "\n'
+    )
+    assert serve({"DEFAULT_PROMPT": "query: "}, "-c", str(config)).exit_code == 0
+    assert len(started) == 3
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        '[[api_keys]]\nid = "team-a"\nkey = "a-static-key-0123456789"\n',
+        "require_api_key = true\n",
+        'state_url = "sqlite:///{tmp}/state.db"\n',
+    ],
+)
+def test_api_keys_or_managed_keys_say_what_api_key_would(
+    started: list[Settings], tmp_path: Path, auth: str
+) -> None:
+    config = tmp_path / "auth.toml"
+    config.write_text(auth.format(tmp=tmp_path))
+    result = serve({"API_KEY": SECRET}, "-c", str(config))
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1

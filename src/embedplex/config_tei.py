@@ -14,20 +14,29 @@ no authentication, and said nothing. ``serve`` now checks them first (``tei_env_
   endpoint shows itself (a 4xx, a missing trace), and ``REVISION`` or ``DTYPE`` change the
   vectors of the same model little or not at all.
 
-A name is left alone when its ``EMBEDPLEX_`` counterpart is set (even to the default) or its
-flag is given: the operator has said what embedplex should do. ``ignore_tei_env`` names the
-variables that belong to another program (a generic ``API_KEY`` in a shared environment).
-``HOSTNAME`` and ``PORT`` are never read: Docker and most platforms set them themselves.
+A name is left alone when the settings say what it would (``TeiName.said``): its setting is
+given by a flag, its ``EMBEDPLEX_`` variable (even set to the default) or the config file;
+for ``API_KEY`` also ``api_keys``, ``require_api_key`` or ``state_url`` (managed keys); with
+``[[models]]`` tables, a model's key (``MODEL_ID``: ``model_id``) that every table sets.
+``ignore_tei_env`` names the variables that belong to another program (a generic ``API_KEY``
+in a shared environment). ``HOSTNAME`` and ``PORT`` are never read: Docker and most platforms
+set them, and a ``*_PORT`` value such as ``tcp://10.0.0.7:9090`` is a Kubernetes service link
+(a service named ``prometheus`` gives every pod ``PROMETHEUS_PORT``), not TEI's.
 ``HF_TOKEN`` and ``HUGGINGFACE_HUB_CACHE`` need nothing: huggingface_hub reads them. Messages
 name variables, never their values (``API_KEY``'s is a secret).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from embedplex.config_env import ENV_PREFIX
+
+if TYPE_CHECKING:
+    from embedplex.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,35 +44,67 @@ class TeiName:
     """What one of TEI's variables becomes here: ``setting`` (a Settings field, or None when
     there is no counterpart), whether a server that ignores it is refused, and how to say
     what to set instead (``use``: appended to the ``EMBEDPLEX_`` name, or the whole advice
-    when there is no counterpart)."""
+    when there is no counterpart; a function of the variable's value where that decides).
+    ``also``: other settings that say what it would (one of two prompts is one choice).
+    ``table``: its key in a ``[[models]]`` table; ``flat``: a key of the one model served
+    without tables, refused beside them."""
 
     setting: str | None
     refuse: bool = False
-    use: str = ""
+    use: str | Callable[[str], str] = ""
+    also: tuple[str, ...] = ()
+    table: str | None = None
+    flat: bool = False
 
-    def advice(self) -> str:
+    def said(self, given: Collection[str], tables: Sequence[Collection[str]] | None) -> bool:
+        """Whether the settings say what this variable would: ``given``, the settings set by
+        a flag, a variable or the file; ``tables``, each ``[[models]]`` table's keys."""
         if self.setting is None:
-            return self.use
-        return f"set {ENV_PREFIX}{self.setting.upper()}{self.use}"
+            return False
+        if {self.setting, *self.also} & set(given):
+            return True
+        if tables is None or self.table is None:
+            return False
+        keys = {self.table, *self.also}
+        return all(keys & set(table) for table in tables)
+
+    def advice(self, value: str, *, tables: bool = False) -> str:
+        use = self.use(value) if callable(self.use) else self.use
+        if self.setting is None:
+            return use
+        variable = f"{ENV_PREFIX}{self.setting.upper()}{use}"
+        if tables and self.table is not None:
+            each = f"set {self.table} in each [[models]] table"
+            return each if self.flat else f"{each}, or {variable} for them all"
+        return f"set {variable}"
+
+
+def _log_format(value: str) -> str:
+    """TEI's ``--json-output`` is a flag: false asks for what embedplex does by default."""
+    return "=pretty" if value.strip().lower() in ("false", "0", "no", "off") else "=json"
 
 
 TEI_ENV: dict[str, TeiName] = {
-    "API_KEY": TeiName("api_key", refuse=True),
-    "MODEL_ID": TeiName("model_id", refuse=True),
-    "POOLING": TeiName("pooling", refuse=True),
-    "DEFAULT_PROMPT": TeiName("default_prompt", refuse=True),
-    "DEFAULT_PROMPT_NAME": TeiName("default_prompt_name", refuse=True),
-    "REVISION": TeiName("revision"),
-    "DTYPE": TeiName("dtype"),
-    "SERVED_MODEL_NAME": TeiName("served_model_name"),
+    "API_KEY": TeiName("api_key", refuse=True, also=("api_keys", "require_api_key", "state_url")),
+    "MODEL_ID": TeiName("model_id", refuse=True, table="model_id", flat=True),
+    "POOLING": TeiName("pooling", refuse=True, table="pooling"),
+    "DEFAULT_PROMPT": TeiName(
+        "default_prompt", refuse=True, also=("default_prompt_name",), table="default_prompt"
+    ),
+    "DEFAULT_PROMPT_NAME": TeiName(
+        "default_prompt_name", refuse=True, also=("default_prompt",), table="default_prompt_name"
+    ),
+    "REVISION": TeiName("revision", table="revision", flat=True),
+    "DTYPE": TeiName("dtype", table="dtype"),
+    "SERVED_MODEL_NAME": TeiName("served_model_name", table="name", flat=True),
     "TOKENIZATION_WORKERS": TeiName("tokenization_workers"),
-    "MAX_CONCURRENT_REQUESTS": TeiName("max_concurrent_requests"),
-    "MAX_BATCH_TOKENS": TeiName("max_batch_tokens"),
-    "MAX_BATCH_REQUESTS": TeiName("max_batch_requests"),
-    "MAX_CLIENT_BATCH_SIZE": TeiName("max_client_batch_size"),
-    "AUTO_TRUNCATE": TeiName("auto_truncate"),
+    "MAX_CONCURRENT_REQUESTS": TeiName("max_concurrent_requests", table="max_concurrent_requests"),
+    "MAX_BATCH_TOKENS": TeiName("max_batch_tokens", table="max_batch_tokens"),
+    "MAX_BATCH_REQUESTS": TeiName("max_batch_requests", table="max_batch_requests"),
+    "MAX_CLIENT_BATCH_SIZE": TeiName("max_client_batch_size", table="max_client_batch_size"),
+    "AUTO_TRUNCATE": TeiName("auto_truncate", table="auto_truncate"),
     "PAYLOAD_LIMIT": TeiName("payload_limit"),
-    "JSON_OUTPUT": TeiName("log_format", use="=json"),
+    "JSON_OUTPUT": TeiName("log_format", use=_log_format),
     "DISABLE_SPANS": TeiName("disable_spans"),
     "OTLP_ENDPOINT": TeiName("otlp_endpoint"),
     "OTLP_SERVICE_NAME": TeiName("otlp_service_name"),
@@ -75,6 +116,9 @@ TEI_ENV: dict[str, TeiName] = {
     ),
 }
 
+# A Kubernetes service link: every service gives each pod ``{NAME}_PORT=tcp://IP:PORT``.
+_SERVICE_LINK = re.compile(r"(?:tcp|udp|sctp)://", re.IGNORECASE)
+
 
 @dataclass(frozen=True, slots=True)
 class TeiEnvFindings:
@@ -85,44 +129,41 @@ class TeiEnvFindings:
     warnings: list[str]
 
 
-def tei_env_findings(
-    environ: Mapping[str, str], *, flags: Collection[str], ignored: Collection[str]
-) -> TeiEnvFindings:
-    """What ``environ`` holds of TEI's variables that nothing here would read.
-
-    ``flags``: the settings given on the command line; ``ignored``: ``ignore_tei_env``. An
-    empty value counts as unset (compose files often carry ``API_KEY=`` placeholders).
-    """
-    ours = {name.upper() for name in environ if name.upper().startswith(ENV_PREFIX)}
-    refused: list[tuple[str, TeiName]] = []
+def tei_env_findings(environ: Mapping[str, str], settings: Settings) -> TeiEnvFindings:
+    """What ``environ`` holds of TEI's variables that ``settings`` (as ``serve`` loaded them:
+    flags, ``EMBEDPLEX_*`` and the config file) do not say otherwise. An empty value counts as
+    unset (compose files often carry ``API_KEY=`` placeholders)."""
+    given = settings.model_fields_set
+    tables = [m.model_fields_set for m in settings.models] if settings.models else None
+    refused: list[tuple[str, str]] = []  # (name, advice)
     warnings: list[str] = []
     for name, tei in TEI_ENV.items():
-        if not environ.get(name, "").strip() or name in ignored:
+        value = environ.get(name, "").strip()
+        if not value or name in settings.ignore_tei_env or tei.said(given, tables):
             continue
-        if tei.setting is not None and (
-            tei.setting in flags or ENV_PREFIX + tei.setting.upper() in ours
-        ):
+        if name.endswith("_PORT") and _SERVICE_LINK.match(value):
             continue
+        advice = tei.advice(value, tables=tables is not None)
         if tei.refuse:
-            refused.append((name, tei))
+            refused.append((name, advice))
         else:
             warnings.append(
-                f"{name} is TEI's variable, which embedplex does not read: {tei.advice()} "
+                f"{name} is TEI's variable, which embedplex does not read: {advice} "
                 f"(or list it in {ENV_PREFIX}IGNORE_TEI_ENV)"
             )
     return TeiEnvFindings(_refusal(refused), warnings)
 
 
-def _refusal(refused: list[tuple[str, TeiName]]) -> str | None:
+def _refusal(refused: list[tuple[str, str]]) -> str | None:
     if not refused:
         return None
     names = ", ".join(name for name, _ in refused)
-    advice = "; ".join(f"for {name}, {tei.advice()}" for name, tei in refused)
+    advice = "; ".join(f"for {name}, {advice}" for name, advice in refused)
     several = len(refused) > 1
     verb = "are TEI's variables" if several else "is TEI's variable"
     return (
         f"{names} {verb}, which embedplex does not read, and the server would not be what "
-        f"{'they ask' if several else 'it asks'} for: {advice} (docs/configuration.md, Coming "
-        f"from TEI); to start anyway, list {'them' if several else 'it'} in "
-        f"{ENV_PREFIX}IGNORE_TEI_ENV"
+        f"{'they ask' if several else 'it asks'} for: {advice} "
+        f"(docs/configuration.md, Coming from TEI); to start anyway, list "
+        f"{'them' if several else 'it'} in {ENV_PREFIX}IGNORE_TEI_ENV"
     )

@@ -142,8 +142,7 @@ def serve(config: ConfigOption = None, **overrides: Any) -> None:
     from embedplex.serve.server import serve as run_server
 
     settings = _load(config, overrides)
-    given = [name for name, value in overrides.items() if value is not None]
-    tei = tei_env_findings(os.environ, flags=given, ignored=settings.ignore_tei_env)
+    tei = tei_env_findings(os.environ, settings)
     if tei.refused is not None:
         typer.echo(f"embedplex: {tei.refused}", err=True)
         raise typer.Exit(BAD_START)
