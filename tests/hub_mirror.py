@@ -1,15 +1,20 @@
 """A minimal Hugging Face Hub mirror on 127.0.0.1, for HF_ENDPOINT tests.
 
 It serves one directory as a model repo at one commit: the repo info route that
-``snapshot_download`` asks first, and ``resolve`` for each file (HEAD for metadata, GET for bytes).
+``snapshot_download`` asks first, and ``resolve`` for each file (HEAD for metadata, GET for bytes);
+any other route is a 404.
 It can serve a file slowly (``throttle_bps``), or cut one at its middle on every try (``cut``).
+``silent_hub`` is the other kind: one that accepts connections and never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -18,6 +23,31 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@contextmanager
+def silent_hub() -> Iterator[str]:
+    """A hub that accepts connections and never answers them; its base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 def mirror_app(
@@ -77,11 +107,18 @@ def mirror_app(
             return StreamingResponse(_throttled(root / path, throttle_bps), headers=headers)
         return FileResponse(root / path, headers=headers)
 
+    async def other(request: Request) -> Response:
+        requests.append(f"other {request.url.path}")
+        return JSONResponse({"error": "Not found"}, status_code=404)
+
     app = Starlette(
         routes=[
             Route("/api/models/{org}/{name}/revision/{rev}", info),
             Route("/api/models/{org}/{name}/tree/{rev}", tree),
             Route("/{org}/{name}/resolve/{rev}/{path:path}", resolve, methods=["GET", "HEAD"]),
+            # Any other route, as a mirror answers one it does not serve (huggingface_hub 2.5
+            # asks /api/agent-harnesses first): 404, noted.
+            Route("/{path:path}", other, methods=["GET", "HEAD", "POST"]),
         ]
     )
     app.state.requests = requests

@@ -1,26 +1,25 @@
 """A hub that fails the way mirrors do, seen from a real ``embedplex serve``: one that accepts and
 never answers, one that cuts a file at the same byte on every try, one that is slow when the
-server is told to stop; credentials in HF_ENDPOINT; JSON logs during a download."""
+server is told to stop; credentials in HF_ENDPOINT; JSON logs during a download; a mirror's 404
+for a route that is no listing of the repo; a fault in code against a missing repo; the image
+build's bake within its hub timeout."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
 import pytest
 
 from helpers import free_port, served, wait_ready
-from hub_mirror import mirror_app
+from hub_mirror import mirror_app, silent_hub
 
 pytestmark = pytest.mark.slow
 
@@ -57,31 +56,6 @@ def _ended(proc: subprocess.Popen[str], within: float) -> float:
     return time.monotonic() - start
 
 
-@contextmanager
-def _silent_hub() -> Iterator[str]:
-    """A hub that accepts connections and never answers them."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            with suppress(TimeoutError):
-                held.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in held:
-            conn.close()
-        listener.close()
-
-
 def _failed_start(env: dict[str, str], err: Path) -> tuple[float, str]:
     """``serve`` run to its exit, which must be status 1: how long it took, and its reason."""
     proc = _serve(env, err, "--port", str(free_port()))
@@ -97,7 +71,7 @@ def test_a_hub_that_never_answers_fails_the_start_in_seconds(tmp_path: Path) -> 
     """Its listing request gets huggingface_hub's download timeout (here 2 s), as its file
     requests do: the start ends with the reason in one line, not an endless "loading"."""
     err = tmp_path / "serve.err"
-    with _silent_hub() as url:
+    with silent_hub() as url:
         took, reason = _failed_start(_env(url, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="2"), err)
     assert took < 40
     assert f"cannot load model '{REPO}': not a local directory and the hub download failed" in (
@@ -112,7 +86,7 @@ def test_hub_timeout_s_bounds_any_resolve(tmp_path: Path, monkeypatch: pytest.Mo
     from embedplex.backends.model_files import resolve_model_dir
     from embedplex.core.errors import FatalBackendError
 
-    with _silent_hub() as url:
+    with silent_hub() as url:
         monkeypatch.setenv("HF_ENDPOINT", url)
         monkeypatch.setenv("HF_HOME", str(tmp_path))
         monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "120")
@@ -172,7 +146,7 @@ def test_a_warm_cache_serves_when_the_hub_stops_answering(
             first.terminate()
             first.wait(30)
     err = tmp_path / "second.err"
-    with _silent_hub() as silent:
+    with silent_hub() as silent:
         env = _env(silent, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="2")
         proc = _serve(env, err, "--port", str(port := free_port()))
         try:
@@ -268,3 +242,100 @@ def test_json_logs_stay_json_during_a_hub_download(tiny_model_dir: Path, tmp_pat
     assert lines
     records = [json.loads(line) for line in lines]  # every line, one JSON record
     assert any(r["logger"].startswith("embedplex.backends") for r in records)
+
+
+def test_a_cold_download_from_a_mirror_warns_of_nothing(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """huggingface_hub 2.5 first asks the hub /api/agent-harnesses (best-effort), which a
+    mirror answers 404: that is no listing of the repo's, and every start against a mirror
+    warned that the listing went unanswered and an old copy served."""
+    from huggingface_hub import constants
+
+    from embedplex.backends.model_files import resolve_model_dir
+    from hub_mirror import COMMIT
+
+    app = mirror_app(REPO, tiny_model_dir)
+    with served(app, health_path=_PROBE) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        caplog.set_level(logging.INFO)
+        path, sha = resolve_model_dir(REPO)
+    assert sha == COMMIT and (path / "config.json").is_file()
+    if hasattr(constants, "AGENT_HARNESSES_PATH"):  # 2.5 and later ask it first
+        assert "other /api/agent-harnesses" in app.state.requests
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# In the download's child only (its command line names it): the server's own offline look
+# into --cache-dir after the failure must not meet the bug first.
+_BUG = """
+import os
+from pathlib import Path
+if os.environ.get("HUB_BUG_SHIM") and b"embedplex.backends.hub" in Path(
+    "/proc/self/cmdline"
+).read_bytes():
+    import huggingface_hub
+
+    def broken(*args, **kwargs):
+        return None.rstrip()  # any bug: an AttributeError deep in a call
+
+    huggingface_hub.snapshot_download = broken
+"""
+
+
+def test_a_fault_in_code_shows_its_traceback_a_missing_repo_one_line(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """At the default log level. The child caught every failure and logged a traceback only
+    with --debug, and the server printed one line: "AttributeError: 'NoneType' object has no
+    attribute 'rstrip'", and nothing said where. A repo the hub does not have stays one line."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_BUG)  # run at the child's start too
+    with served(mirror_app(REPO, tiny_model_dir), health_path=_PROBE) as url:
+        env = _env(url, tmp_path)
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(shim)])
+        bug_env = env | {"HUB_BUG_SHIM": "1"}
+        _, reason = _failed_start(bug_env, bug := tmp_path / "bug.err")
+        missing = env | {"EMBEDPLEX_CACHE_DIR": str(tmp_path / "exports")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedplex", "serve", "--model-id", "tiny-org/absent"],
+            env=missing | {"EMBEDPLEX_PORT": str(free_port())},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert "AttributeError: 'NoneType' object has no attribute 'rstrip'" in reason
+    text = bug.read_text()
+    # Relayed from the child, at ERROR: where it failed, down to the line.
+    assert "ERROR   embedplex.backends.hub: hub: Traceback (most recent call last)" in text
+    assert "ERROR   embedplex.backends.hub: hub:     return None.rstrip()" in text
+    assert proc.returncode == 1
+    assert "cannot load model 'tiny-org/absent'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_the_image_build_bakes_within_the_hub_timeout_it_is_given(tmp_path: Path, how: str) -> None:
+    """deploy/bake_model.py (the Dockerfile's build step) resolved with the default
+    hub_timeout_s whatever was set; now --hub-timeout-s, else EMBEDPLEX_HUB_TIMEOUT_S (a
+    --build-arg), bounds its download as serve's setting does."""
+    bake = Path(__file__).resolve().parents[1] / "deploy" / "bake_model.py"
+    command = [sys.executable, str(bake), str(tmp_path / "baked"), REPO]
+    with silent_hub() as url:
+        env = _env(url, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="120")
+        if how == "flag":
+            command += ["--hub-timeout-s", "2"]
+        else:
+            env["EMBEDPLEX_HUB_TIMEOUT_S"] = "2"
+        start = time.monotonic()
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+        took = time.monotonic() - start
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert took < 30
+    assert "did not finish within hub_timeout_s (2 s)" in done.stderr
+    assert done.stderr.startswith("bake_model.py: cannot load model")

@@ -39,11 +39,12 @@ from embedplex.backends.hub import HUB_TIMEOUT_S
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
 from embedplex.config_env import ENV_PREFIX, check_env_names
 from embedplex.config_tei import TEI_ENV
+from embedplex.core.redact import redact_url
 from embedplex.core.tenant import Priority
 from embedplex.models.config import Dtype, ModelConfig, PoolingName
 from embedplex.providers.config import ProviderConfig, RouteConfig
 from embedplex.providers.endpoints import redact_provider
-from embedplex.state.url import DEFAULT_TIMEOUT_S, parse_state_url, redact_url
+from embedplex.state.url import DEFAULT_TIMEOUT_S, parse_state_url
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("embedplex_config_file", default=None)
 
@@ -324,7 +325,8 @@ class Settings(BaseSettings):
         HUB_TIMEOUT_S,
         gt=0,
         description="The longest a model's hub download may take; then its load fails (a "
-        "copy in huggingface_hub's cache serves instead, with a warning).",
+        "copy in huggingface_hub's cache serves instead, with a warning). A hub that stops "
+        "answering fails sooner, at HF_HUB_DOWNLOAD_TIMEOUT (10 s) per request.",
     )
     inference_streams: int | None = Field(
         None,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 import embedplex
-from embedplex.state.url import redact_urls
+from embedplex.core.redact import redact_urls
 
 # The child's log lines on stderr, which the server parses back into records.
 LOG_FORMAT = logging.BASIC_FORMAT  # "LEVEL:logger:message"

@@ -2,15 +2,17 @@
 
 ``fetch`` runs ``python -m embedplex.backends.hub`` (``child.py``), which downloads what serving
 reads into huggingface_hub's cache (``HF_HOME``, ``HF_HUB_CACHE``; ``HF_ENDPOINT`` for mirrors)
-and names the snapshot directory. Why a child, not a thread: huggingface_hub 2.x sends its
-repo listing with no timeout at all, and retries a file for as long as each try brings some
-bytes (a mirror that cuts a file at the same byte every time is retried for good); its download
-threads are not daemons, so a stalled one held the process after Ctrl-C, and a thread cannot be
-stopped. A child killed at ``hub_timeout_s`` takes its threads and sockets with it, ends itself
-when the server goes (its stdin closes), and its progress bars and request logs never reach the
-server's stderr (only its log lines, credentials masked, are relayed). Each of its requests
-without a timeout of its own gets ``HF_HUB_DOWNLOAD_TIMEOUT`` (huggingface_hub's, default 10 s),
-so a hub that stops answering fails in seconds, not at the deadline.
+and names the snapshot directory. Why a child, not a thread: huggingface_hub (0.x to 2.x)
+sends its repo listing with no timeout at all, and 2.x retries a file for as long as each try
+brings some bytes (a mirror that cuts a file at the same byte every time is retried for good);
+its download threads are not daemons, so a stalled one held the process after Ctrl-C, and a
+thread cannot be stopped. A child killed at ``hub_timeout_s`` takes its threads and sockets
+with it, ends itself when the server goes (its stdin closes), and its progress bars and
+request logs never reach the server's stderr (only its log lines, credentials masked, are
+relayed). Each of its requests without a timeout of its own gets ``HF_HUB_DOWNLOAD_TIMEOUT``
+(huggingface_hub's, default 10 s), so a hub that stops answering fails in seconds, not at the
+deadline. It works with every huggingface_hub that pyproject allows (``_bound_requests``):
+0.x (requests; transformers 4 needs it), 1.x (httpx), 2.x (httpx2).
 
 ``snapshot`` is the download itself; offline (``cached``) it runs in the server's process.
 """
@@ -23,10 +25,12 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from embedplex.backends.child import (
     REFUSED,
@@ -38,15 +42,19 @@ from embedplex.backends.child import (
 from embedplex.backends.model_json import read_list
 from embedplex.backends.st_modules import pooling_config_name
 from embedplex.core.errors import FatalBackendError
-from embedplex.state.url import redact_url, redact_urls
+from embedplex.core.faults import fault
+from embedplex.core.redact import redact_url, redact_urls
 
 # By name: run with ``-m``, this module's ``__name__`` is ``__main__``.
 logger = logging.getLogger("embedplex.backends.hub")
 
-# The longest one model's hub resolve (listing and download) may take: 15 GB (a 7B-parameter
-# embedding model in float16) at 20 MB/s fits. A hub that stops answering fails long before, at
-# its first request's timeout; this bounds a download that never ends.
-HUB_TIMEOUT_S = 900.0
+# The longest one model's hub resolve (listing and download) may take. It only bounds a
+# download that never ends (a mirror that cuts a file at the same byte, retried for good): a hub
+# that stops answering fails long before, at its first unanswered request's timeout
+# (HF_HUB_DOWNLOAD_TIMEOUT), and a slow healthy download must not fail. An hour: 36 GB (an
+# 8B-parameter model in float32, or twice that in float16) at 10 MB/s fits; the 15 minutes it
+# was failed a 28 GB download at 30 MB/s (15.5 minutes).
+HUB_TIMEOUT_S = 3600.0
 
 # What serving reads from a hub repo, by exact name: ``load_spec``'s files, the ``Pooling``
 # module's config (in ``1_Pooling``, where sentence-transformers puts it; a repo whose
@@ -143,6 +151,8 @@ def cached(model_id: str, revision: str | None, cache_dir: Path | None = None) -
     except FatalBackendError:
         raise
     except Exception as exc:
+        if fault(exc) is not None:  # a bug, not a model missing from the cache
+            raise
         where = cache_dir or "huggingface_hub's cache"
         logger.debug("%s is not in %s: %s", model_id, where, exc)
         return None
@@ -191,48 +201,87 @@ def _download(
 
 
 class _Listings:
-    """The hub's answers to its listing requests (``/api/``: repo info, file tree): where one
-    went unanswered, or answered an error, and the download still worked, huggingface_hub
-    served the copy in its cache, which it does without a word."""
+    """The hub's answers to the repo's own listing requests (``/api/models/{repo_id}/...``:
+    repo info, file tree): where one went unanswered, or answered an error, and the download
+    still worked, huggingface_hub served the copy in its cache, which it does without a word.
+    Its other ``/api/`` requests are best-effort (2.5 asks ``/api/agent-harnesses`` first,
+    which a mirror answers 404) and say nothing about the copy served."""
 
-    def __init__(self) -> None:
+    def __init__(self, repo_id: str) -> None:
         self.asked = 0
         self.answered = 0
         self.error: str | None = None
+        self._route = re.compile(rf"/api/(?:models|datasets|spaces)/{re.escape(repo_id)}(?:/|$)")
 
-    def request(self, request: Any) -> None:
-        from httpx2 import Timeout
-        from huggingface_hub import constants
+    def counts(self, path: str) -> bool:
+        return self._route.search(path) is not None
 
-        # huggingface_hub sends its listings with no timeout (a hub that accepts and never
-        # answers held the start for good): each such request gets the download timeout.
-        timeout = request.extensions.get("timeout") or {}
-        if all(value is None for value in timeout.values()):
-            request.extensions["timeout"] = Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT).as_dict()
-        if "/api/" in request.url.path:
+    def sent(self, path: str) -> None:
+        if self.counts(path):
             self.asked += 1
 
-    def response(self, response: Any) -> None:
-        if "/api/" not in response.request.url.path:
+    def received(self, path: str, status: int) -> None:
+        if not self.counts(path):
             return
-        if response.status_code < 400:
+        if status < 400:
             self.answered += 1
         else:
-            self.error = f"HTTP {response.status_code}"
+            self.error = f"HTTP {status}"
 
 
-def _bound_requests() -> _Listings:
-    """Every request of huggingface_hub's shared client: a timeout, and its listings noted."""
-    from huggingface_hub import get_session
+def _bound_requests(repo_id: str) -> _Listings:
+    """huggingface_hub's requests, whatever its version: each one sent without a timeout gets
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` (its listings have none: a hub that accepts and never answers
+    held the start for good), and the repo's listings are noted. 1.x and 2.x share one httpx
+    (httpx2) client with event hooks; 0.x (requests, which transformers 4 needs) has one
+    session per thread and no request hook: the listings go from this thread, whose session's
+    ``request`` is wrapped. File downloads have had their own timeouts in every version."""
+    from huggingface_hub import constants, get_session
 
-    listings = _Listings()
-    client = get_session()
+    listings = _Listings(repo_id)
+    timeout = float(getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10))
+    session = get_session()
+    if hasattr(session, "event_hooks"):
+        _hook_httpx(session, listings, timeout)
+    else:
+        _wrap_requests(session, listings, timeout)
+    return listings
+
+
+def _hook_httpx(client: Any, listings: _Listings, timeout: float) -> None:
+    def request(request: Any) -> None:
+        # httpx's timeout extension, as ``Timeout(timeout).as_dict()`` writes it.
+        bound = request.extensions.get("timeout") or {}
+        if all(value is None for value in bound.values()):
+            request.extensions["timeout"] = dict.fromkeys(_TIMEOUT_KEYS, timeout)
+        listings.sent(request.url.path)
+
+    def response(response: Any) -> None:
+        listings.received(response.request.url.path, response.status_code)
+
     hooks = client.event_hooks
     client.event_hooks = {
-        "request": [*hooks["request"], listings.request],
-        "response": [*hooks["response"], listings.response],
+        "request": [*hooks.get("request", ()), request],
+        "response": [*hooks.get("response", ()), response],
     }
-    return listings
+
+
+_TIMEOUT_KEYS = ("connect", "read", "write", "pool")
+
+
+def _wrap_requests(session: Any, listings: _Listings, timeout: float) -> None:
+    send = session.request
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if not args and kwargs.get("timeout") is None:  # only keywords follow url in practice
+            kwargs["timeout"] = timeout
+        path = urlsplit(url).path
+        listings.sent(path)
+        response = send(method, url, *args, **kwargs)
+        listings.received(path, response.status_code)
+        return response
+
+    session.request = request
 
 
 # What writing into huggingface_hub's cache fails with where it cannot be written: a read-only
@@ -243,10 +292,8 @@ _UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 def _one_line(exc: BaseException) -> str:
     """What failed, in one line (huggingface_hub's messages run over several). A hub that did
     not answer is said so: huggingface_hub's own words are a paragraph around the cause."""
-    import httpx2
-
     cause = exc.__cause__
-    if isinstance(cause, httpx2.TransportError):
+    if isinstance(cause, _transport_errors()):
         return f"the hub ({endpoint()}) did not answer: {type(cause).__name__}: {cause}"
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE:
         return (
@@ -254,6 +301,24 @@ def _one_line(exc: BaseException) -> str:
             "HF_HOME (or HF_HUB_CACHE) at a writable directory"
         )
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP library of this huggingface_hub raises when the hub does not answer:
+    httpx2's (2.x), httpx's (1.x) or requests' (0.x). Only a library already imported can have
+    raised one: none is imported here."""
+    found: list[type[BaseException]] = []
+    for module, names in _TRANSPORT_ERRORS:
+        library = sys.modules.get(module)
+        found += [getattr(library, name) for name in names if hasattr(library, name)]
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = (
+    ("httpx2", ("TransportError",)),
+    ("httpx", ("TransportError",)),
+    ("requests", ("ConnectionError", "Timeout")),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,16 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.watch_parent:
         exit_with_parent()
-    listings = _bound_requests()
+    listings = _bound_requests(args.model_id)
     try:
         path = snapshot(args.model_id, args.revision)
     except FatalBackendError as exc:
+        _log_failure(exc, exc.message, args.debug)
         _outcome(args.result_fd, error=exc.message, refused=True)
         return REFUSED
     except Exception as exc:
+        _log_failure(exc, _one_line(exc), args.debug)
         _outcome(args.result_fd, error=_one_line(exc))
-        if args.debug:
-            logger.info("%s", _one_line(exc), exc_info=True)
         return 1
     if listings.asked > listings.answered:
         logger.warning(
@@ -295,6 +360,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     _outcome(args.result_fd, path=str(path))
     return 0
+
+
+def _log_failure(exc: BaseException, line: str, debug: bool) -> None:
+    """A fault in code (``core/faults.py``) logs its traceback at ERROR, which the server
+    relays into its own log: the outcome carries one line, and the server can only say that.
+    A failure the operator fixes (no such repo, no answer) is that line alone; its traceback
+    only with ``--debug``."""
+    if fault(exc) is not None:
+        logger.error("the download failed: %s", line, exc_info=exc)
+    elif debug:
+        logger.info("%s", line, exc_info=exc)
 
 
 def _outcome(fd: int, **outcome: object) -> None:

@@ -30,6 +30,7 @@ from embedplex.backends.model_files import (
 )
 from embedplex.backends.weights import copy_onnx
 from embedplex.core.errors import FatalBackendError
+from embedplex.core.faults import fault
 
 # By name: run with ``-m``, this module's ``__name__`` is ``__main__``.
 logger = logging.getLogger("embedplex.backends.onnx_export")
@@ -247,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_input_length=args.max_length,
         )
         build(spec, args.work, dtype=args.dtype, threads=args.threads, min_quality=args.min_cosine)
-    except FatalBackendError as exc:
-        logger.error("%s", exc.message)
+    except FatalBackendError as exc:  # its traceback too where a fault in code caused it
+        logger.error("%s", exc.message, exc_info=exc if fault(exc) is not None else None)
         return REFUSED
     except Exception as exc:
         logger.exception("%s: %s", type(exc).__name__, exc)

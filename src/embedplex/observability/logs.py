@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from embedplex.core.errors import FatalBackendError
+from embedplex.core.faults import fault
 from embedplex.observability.log_writer import BatchHandler, BatchWriter
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -137,13 +138,16 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
 def log_failure(log: logging.Logger, exc: BaseException, what: str, *args: object) -> None:
     """Log ``what`` failing at ERROR. A ``FatalBackendError`` (a path, a setting, a model's
     files, the hub: the operator's to fix) is one line ending in its reason, its traceback at
-    DEBUG only (50-100 lines of where in the code it was found buried the one that said why);
-    anything else is a fault of ours, logged with its traceback."""
-    if isinstance(exc, FatalBackendError):
+    DEBUG only (50-100 lines of where in the code it was found buried the one that said why),
+    unless a fault in code caused it (``core/faults.py``: an ``AttributeError`` in a library
+    that a loader wrapped); that, and anything else, is logged with its traceback."""
+    if not isinstance(exc, FatalBackendError):
+        log.error(what, *args, exc_info=exc)
+    elif fault(exc) is not None:
+        log.error(f"{what}: %s", *args, exc.message, exc_info=exc)
+    else:
         log.error(f"{what}: %s", *args, exc.message)
         log.debug(what, *args, exc_info=exc)
-    else:
-        log.error(what, *args, exc_info=exc)
 
 
 def flush_logs() -> None:

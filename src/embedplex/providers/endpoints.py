@@ -32,6 +32,12 @@ from typing import Any
 import httpcore
 import httpx
 
+# Where they lived first (imported from here still): core/redact.py holds them now.
+from embedplex.core.redact import redact_endpoint as redact_endpoint
+from embedplex.core.redact import redact_query as redact_query
+
+redact_url = redact_endpoint
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -136,40 +142,11 @@ def url_credentials(url: str | None) -> list[str]:
     return [s for s in found if s]
 
 
-def redact_url(url: str | None) -> str | None:
-    """``url`` safe to show: its userinfo (a proxy's ``user:password``) as ``***`` and its
-    query's values as ``redact_query`` shows them."""
-    if url is None:
-        return None
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-        authority = rest[:end]
-        if "@" in authority:
-            url = f"{scheme}://***@{authority.rpartition('@')[2]}{rest[end:]}"
-    return redact_query(url)
-
-
-def redact_query(url: str | None) -> str | None:
-    """``url`` safe to show: each query value becomes ``***``, its parameter name stays.
-
-    Some APIs take their key in the query (``?key=...``: Gemini, Azure-style), and an
-    endpoint is shown in listings, stats and logs. Such endpoints are kept working (the
-    URL sent upstream is unchanged) rather than refused; only what is shown is redacted.
-    """
-    if url is None or "?" not in url:
-        return url
-    head, _, query = url.partition("?")
-    query, hash_, fragment = query.partition("#")
-    names = [part.partition("=")[0] for part in query.split("&") if part]
-    return f"{head}?{'&'.join(f'{name}=***' for name in names)}{hash_}{fragment}"
-
-
 def redact_provider(dumped: dict[str, Any]) -> dict[str, Any]:
     """A provider config's ``model_dump`` with its endpoints' query values and its proxy's
     credentials redacted."""
     for key in ("endpoint", "rerank_endpoint", "proxy"):
-        dumped[key] = redact_url(dumped.get(key))
+        dumped[key] = redact_endpoint(dumped.get(key))
     return dumped
 
 

@@ -37,6 +37,7 @@ from embedplex.core.errors import (
     KeyRateLimitedError,
     UnavailableError,
 )
+from embedplex.core.redact import redact_endpoint, redact_query
 from embedplex.core.spend import REQUEST_SPEND, estimated_tokens
 from embedplex.core.tenant import Tenant
 from embedplex.core.types import EmbedRequest, EmbedResult, RerankRequest, RerankResult, Timings
@@ -48,7 +49,6 @@ from embedplex.providers.aimd import AimdController
 from embedplex.providers.base import EmbedParams, Provider, Reranker, budget_tokens
 from embedplex.providers.cached import Embedded, Entry, ProviderCache, Scope, served
 from embedplex.providers.config import ProviderConfig
-from embedplex.providers.endpoints import redact_query, redact_url
 from embedplex.providers.guard import UpstreamGuard, token_shares
 from embedplex.providers.health import CircuitState, ProviderHealth
 from embedplex.providers.http import CALL_FAILOVER, FAILOVER, Attempt
@@ -591,7 +591,7 @@ class ProviderRuntime:
             "type": self.provider.type,
             "model": self.provider.model,
             "endpoint": redact_query(getattr(self.provider, "url", None)),
-            "proxy": redact_url(self.config.proxy),
+            "proxy": redact_endpoint(self.config.proxy),
             "max_texts_per_call": self.provider.limits.max_texts,
             "max_tokens_per_call": self.provider.limits.max_tokens,
             **self._embeds.totals(),

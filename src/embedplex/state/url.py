@@ -10,60 +10,22 @@ missing), so several deployments, or parallel test runs, can share one database.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
+
+# Where they lived first (imported from here still); the hub child needs them without SQLAlchemy.
+from embedplex.core.redact import MASK as MASK
+from embedplex.core.redact import redact_url as redact_url
+from embedplex.core.redact import redact_urls as redact_urls
 
 STATE_FILE = "state.db"
 # state_timeout_s's default: a store call unanswered this long fails (store.py). Well above a
 # healthy store's milliseconds, well below a client's patience.
 DEFAULT_TIMEOUT_S = 5.0
-
-# Query parameters that carry a password: asyncpg and libpq accept ``?password=`` beside (or
-# instead of) the userinfo one, and ``sslpassword`` unlocks the client key.
-_SECRET_PARAMS = frozenset({"password", "sslpassword"})
-MASK = "***"
-
-
-def redact_url(url: str) -> str:
-    """``url`` safe to print or log: the userinfo password and every password query parameter
-    become ``***``. The one redaction for state_url and redis_url (startup log, ``db upgrade``,
-    ``config show``, error messages)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # not parseable as a URL at all: nothing in it can be shown safely
-        return MASK
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:{MASK}@{hostport}"
-    query = "&".join(_redact_param(p) for p in parts.query.split("&"))
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    # Rebuilt by hand: urlunsplit would turn sqlite:///path into sqlite:/path.
-    rebuilt = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-    return rebuilt + (f"#{parts.fragment}" if parts.fragment else "")
-
-
-def redact_urls(text: str) -> str:
-    """``text`` with every URL in it redacted as ``redact_url`` does: for messages that quote
-    URLs (a hub error names the ``HF_ENDPOINT`` URL it asked, userinfo and all)."""
-    return _URL.sub(lambda m: redact_url(m.group()), text) if "://" in text else text
-
-
-# A URL as messages quote it: up to whitespace, a quote, an angle bracket or a parenthesis.
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
-
-
-def _redact_param(pair: str) -> str:
-    name, sep, _ = pair.partition("=")
-    return f"{name}={MASK}" if sep and unquote(name).lower() in _SECRET_PARAMS else pair
 
 
 def default_data_dir() -> Path:
