@@ -88,3 +88,21 @@ def test_past_the_cap_the_oldest_connection_is_cut_and_scrapes_are_answered(
     assert threading.active_count() <= threads_before + 2
     for conn in held:
         conn.close()
+
+
+def test_a_client_that_leaves_writes_no_traceback_to_stderr(
+    server: MetricsServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed request whose client is gone before the 400 is written raised
+    BrokenPipeError in the handler, and socketserver printed its traceback on stderr: lines
+    outside the log's format (JSON logs included), for every port scan. It is a debug line."""
+    for _ in range(20):
+        conn = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.sendall(b"BAD REQUEST LINE WITH TOO MANY PARTS HTTP/1.1\r\n\r\n")
+        conn.close()  # linger 0: a reset, so the server's answer meets a closed peer
+    time.sleep(0.5)
+    scrape = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
+    assert scrape.status_code == 200  # still serving
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err

@@ -15,13 +15,17 @@ instead let 32 clients sending a byte now and then fail every scrape).
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
+import sys
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
+
+logger = logging.getLogger(__name__)
 
 # A scrape is one short request; 10 s is far past any real one and bounds an idle connection.
 TIMEOUT_S = 10.0
@@ -74,6 +78,16 @@ class _BoundedServer(ThreadingHTTPServer):
         finally:
             cut.cancel()
             self._forget(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed, through the log, not socketserver's traceback on stderr
+        (lines that are not the log's format, JSON included). A peer gone or cut off (a scan,
+        a client that left, ``_cut_off``) is routine: debug. Anything else is a fault: error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            logger.debug("metrics connection ended: %s", type(error).__name__)
+        else:
+            logger.error("metrics request failed", exc_info=True)
 
     def _forget(self, request: socket.socket) -> None:
         with self._lock:
