@@ -141,7 +141,7 @@ async def test_unsupported_parameter_is_a_4xx(client: httpx.AsyncClient) -> None
     assert "raw_scores" in r.json()["error"]
     r = await client.post("/v1/rerank", json={"model": "reranker", "query": QUERY, "documents": []})
     assert r.status_code == 400
-    assert r.json() == {"error": "texts cannot be empty", "error_type": "Empty"}
+    assert r.json() == {"error": "documents cannot be empty", "error_type": "Empty"}
 
 
 def test_kind_is_read_from_toml_and_a_name_clash_is_a_config_error(tmp_path: Path) -> None:

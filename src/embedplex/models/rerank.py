@@ -8,6 +8,7 @@ import numpy as np
 
 from embedplex.backends.base import TokenBatch
 from embedplex.backends.tokenizer import Encoded
+from embedplex.core.errors import BackendError
 from embedplex.core.types import RerankRequest, RerankResult
 from embedplex.models.local import LocalModel
 
@@ -48,6 +49,11 @@ class LocalRerankModel(LocalModel[Scored]):
             inputs=len(request.texts),
         )
         logits = np.asarray([r.logit for r in done.results], dtype=np.float64)
+        if not np.isfinite(logits).all():
+            # A NaN cannot be ranked (it scrambles the sort of every other score, and JSON
+            # has no NaN: it would reach the caller as null). TEI answers 424 "score is NaN".
+            bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+            raise BackendError(f"the model scored text {bad} as {logits[bad]}: not a number")
         # Single-logit cross-encoders are trained with a sigmoid head (sentence-transformers'
         # CrossEncoder applies it by default, and so does TEI unless raw_scores is set).
         scores = logits if request.raw_scores else 1.0 / (1.0 + np.exp(-logits))

@@ -165,13 +165,20 @@ def rerank_url(endpoint: str | None, embed_url: str) -> str | None:
 
 
 def parse_ranked(rows: Any, n: int, score: str) -> list[float]:
-    """``[{index, <score>}]`` in any order -> one score per document, in document order."""
+    """``[{index, <score>}]`` in any order -> one score per document, in document order.
+
+    A score must be a JSON number: ``float()`` would also take ``"nan"``, ``"inf"`` or ``true``,
+    and one NaN scrambles the ranking of every other document (and reaches the caller as
+    null). The JSON parser already refuses NaN literals and numbers that overflow."""
     scores: list[float | None] = [None] * n
     for row in rows:
         i = int(row["index"])
         if not 0 <= i < n or scores[i] is not None:
             raise ValueError(f"result index {i} is out of range or repeated ({n} documents)")
-        scores[i] = float(row[score])
+        value = row[score]
+        if type(value) not in (int, float):
+            raise ValueError(f"result {i}: {score} is a JSON {type(value).__name__}, not a number")
+        scores[i] = float(value)
     missing = [i for i, s in enumerate(scores) if s is None]
     if missing:
         raise ValueError(f"no score for {len(missing)} of {n} documents")

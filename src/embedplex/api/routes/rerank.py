@@ -27,8 +27,9 @@ from embedplex.api.common import (
     tenant_of,
 )
 from embedplex.api.errors import TEI_ERROR_RESPONSES
+from embedplex.api.observe import request_record
 from embedplex.backends.tokenizer import TruncationDirection
-from embedplex.core.errors import InvalidRequestError
+from embedplex.core.errors import EmptyInputError, InvalidRequestError
 from embedplex.core.types import RerankRequest, RerankResult
 
 router = APIRouter(tags=["rerank"], responses=TEI_ERROR_RESPONSES)
@@ -143,6 +144,10 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
 @router.post("/v2/rerank")
 async def rerank(body: RerankBody, request: Request) -> Response:
     model = gateway(request).reranker(body.model)
+    record = request_record(request)  # a refusal below is logged and counted under the model
+    record.model, record.inputs = model.info.name, len(body.documents)
+    if not body.documents:  # refused under this API's name for them (the model says "texts")
+        raise EmptyInputError("documents cannot be empty", param="documents")
     # Before any document is made into text: at most as many as the reranker takes (422).
     check_count(request, len(body.documents), "documents", model.info.max_client_batch_size)
     texts = _document_texts(body)
