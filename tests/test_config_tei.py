@@ -7,6 +7,7 @@ variable of the same name; embedplex reads ``EMBEDPLEX_*`` alone).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -281,3 +282,48 @@ def test_api_keys_or_managed_keys_say_what_api_key_would(
     result = serve({"API_KEY": SECRET}, "-c", str(config))
     assert result.exit_code == 0, result.output
     assert len(started) == 1
+
+
+# TEI's spelling of three text-embeddings-router flags starts ``embedplex serve`` too:
+# --hostname (our --host), -p (--port) and the switch --json-output (--log-format json). Only the
+# flags: TEI's HOSTNAME and PORT variables stay unread.
+
+
+def test_a_tei_command_line_starts_with_the_same_meaning(started: list[Settings]) -> None:
+    result = runner.invoke(app, ["serve", "--hostname", "0.0.0.0", "-p", "3000", "--json-output"])
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert (settings.host, settings.port, settings.log_format) == ("0.0.0.0", 3000, "json")
+    # Said on the command line: TEI's JSON_OUTPUT variable is then no news (config_tei.py).
+    assert "log_format" in settings.model_fields_set
+
+
+def test_config_show_takes_them_as_serve_does() -> None:
+    result = runner.invoke(app, ["config", "show", "--hostname", "::", "-p", "1", "--json-output"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert (shown["host"], shown["port"], shown["log_format"]) == ("::", 1, "json")
+
+
+def test_without_them_nothing_changes_and_tei_variables_stay_unread() -> None:
+    env = {"HOSTNAME": "10.1.2.3", "PORT": "3000", "JSON_OUTPUT": "true"}
+    shown = json.loads(runner.invoke(app, ["config", "show"], env=env).output)
+    assert (shown["host"], shown["port"], shown["log_format"]) == ("127.0.0.1", 8080, "pretty")
+
+
+def test_json_output_beside_another_log_format_is_refused() -> None:
+    result = runner.invoke(app, ["config", "show", "--json-output", "--log-format", "pretty"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.replace("│", "").split())
+    assert "--json-output is --log-format json, and --log-format pretty was given too" in text
+    agreed = runner.invoke(app, ["config", "show", "--json-output", "--log-format", "json"])
+    assert agreed.exit_code == 0 and json.loads(agreed.output)["log_format"] == "json"
+
+
+def test_help_lists_them_beside_ours() -> None:
+    text = runner.invoke(app, ["serve", "-h"], env={"COLUMNS": "300"}).output
+    rows = [line for line in text.splitlines() if line.startswith("│ --")]
+    assert any("--host,--hostname" in row for row in rows), rows
+    assert any(row.split()[1:3] == ["--port", "-p"] for row in rows), rows
+    (json_row,) = [row for row in rows if "--json-output" in row]
+    assert "--log-format json" in json_row

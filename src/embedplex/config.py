@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -38,6 +40,7 @@ from pydantic_settings import (
 from embedplex.backends.hub import HUB_TIMEOUT_S
 from embedplex.backends.model_files import DEFAULT_MODEL_ID
 from embedplex.config_env import ENV_PREFIX, check_env_names
+from embedplex.config_file import unknown_settings, unreadable
 from embedplex.config_tei import TEI_ENV
 from embedplex.core.redact import redact_url
 from embedplex.core.tenant import Priority
@@ -687,6 +690,9 @@ class Settings(BaseSettings):
 
         An ``EMBEDPLEX_*`` variable that names no setting is refused (``UnknownEnvNames``, a
         ``ValueError``) before anything is read: pydantic-settings would skip it silently.
+        A file that is no TOML, or a key that no setting has (in the file or in a table's
+        variable), is ``ConfigFileError`` (a ``ValueError``): one line each, with the place
+        and the closest known name (``config_file.py``).
         """
         check_env_names(os.environ, cls.model_fields)
         if config_file is None and os.environ.get("EMBEDPLEX_CONFIG"):
@@ -696,6 +702,15 @@ class Settings(BaseSettings):
         token = _CONFIG_FILE.set(config_file)
         try:
             return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            unknown = unknown_settings(exc, cls, config_file, os.environ)
+            if unknown is None:
+                raise
+            raise unknown from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            if config_file is None:  # only the file is read as bytes, or as TOML
+                raise
+            raise unreadable(config_file, exc) from None
         finally:
             _CONFIG_FILE.reset(token)
 

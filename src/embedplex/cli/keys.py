@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from embedplex.config import Settings
+from embedplex.cli.settings import load_settings
 from embedplex.core.tenant import Priority
 from embedplex.state.keys import (
     LIMIT_MAX,
@@ -99,10 +99,7 @@ def _run(
 ) -> T:
     """Run ``work`` on the store the settings name; unless ``quiet`` (JSON output), say which
     store on stderr once the command is done, so a key made in the wrong store is noticed."""
-    try:
-        settings = Settings.load(config, state_url=state_url, data_dir=data_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    settings = load_settings(config, state_url=state_url, data_dir=data_dir)
 
     async def go(store: StateStore) -> tuple[str, T]:
         return store.describe(), await work(KeyStore(store))

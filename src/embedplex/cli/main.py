@@ -20,6 +20,7 @@ from embedplex import __version__
 from embedplex.bench.cli import bench_app
 from embedplex.cli.keys import db_app, keys_app
 from embedplex.cli.providers import providers_app
+from embedplex.cli.settings import load_settings
 from embedplex.config import Settings, split_list
 from embedplex.config_tei import tei_env_findings
 
@@ -79,6 +80,19 @@ def _help(field: FieldInfo, annotation: Any) -> str | None:
     return f"{field.description} \\[default: {shown}]"
 
 
+# TEI's spelling of a flag whose meaning is ours too (text-embeddings-router --help): taken,
+# and listed beside ours, so a command line brought from TEI starts. Only the flags: TEI's
+# HOSTNAME and PORT variables are never read (every shell and platform sets them; config_tei.py).
+_TEI_SPELLINGS = {"host": ("--hostname",), "port": ("-p",)}
+# TEI's --json-output: a switch, as there, for --log-format json (_load).
+JsonOutputOption = typer.Option(
+    None,
+    "--json-output",
+    help="JSON log lines, as TEI's flag: the same as --log-format json.",
+    show_default=False,
+)
+
+
 def _settings_options() -> list[inspect.Parameter]:
     params = []
     hints = typing.get_type_hints(Settings)
@@ -89,6 +103,7 @@ def _settings_options() -> list[inspect.Parameter]:
         kind = _flag_type(name, hints[name])
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if kind is bool else [flag]
+        decls += _TEI_SPELLINGS.get(name, ())
         option = typer.Option(None, *decls, help=_help(field, hints[name]), show_default=False)
         params.append(
             inspect.Parameter(
@@ -108,7 +123,10 @@ def _with_settings_flags(func: Any) -> Any:
         for p in inspect.signature(func).parameters.values()
         if p.name != "overrides"
     ]
-    params = own + _settings_options()
+    json_output = inspect.Parameter(
+        "json_output", inspect.Parameter.KEYWORD_ONLY, default=JsonOutputOption, annotation=bool
+    )
+    params = [*own, *_settings_options(), json_output]
     func.__signature__ = inspect.Signature(params)
     func.__annotations__ = {p.name: p.annotation for p in params}
     return func
@@ -127,10 +145,14 @@ def _flag_value(value: Any) -> Any:
 
 def _load(config: Path | None, overrides: dict[str, Any]) -> Settings:
     overrides = {k: _flag_value(v) for k, v in overrides.items()}
-    try:
-        return Settings.load(config, **overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    if overrides.pop("json_output", None):
+        if overrides.get("log_format") not in (None, "json"):
+            raise typer.BadParameter(
+                f"--json-output is --log-format json, and --log-format {overrides['log_format']} "
+                "was given too: give one"
+            )
+        overrides["log_format"] = "json"
+    return load_settings(config, **overrides)
 
 
 @app.command()
