@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedplex import __version__
 from embedplex.api.common import ClientGoneError
+from embedplex.api.docs import OPENAPI_URL, add_docs
 from embedplex.api.errors import invalid_body, status_error
 from embedplex.api.observe import RequestObserver
 from embedplex.api.pacing import RefusalPacer
@@ -217,10 +218,13 @@ def create_app(
         description="Embedding server and batching gateway (OpenAI and TEI compatible).",
         lifespan=lifespan,
         # docs_enabled = false: no /docs, /redoc or /openapi.json (404), nothing to map the API.
-        docs_url="/docs" if settings.docs_enabled else None,
-        redoc_url="/redoc" if settings.docs_enabled else None,
-        openapi_url="/openapi.json" if settings.docs_enabled else None,
+        # The pages are add_docs's, whose scripts come from this process, not from a CDN.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_URL if settings.docs_enabled else None,
     )
+    if settings.docs_enabled:
+        add_docs(app, OPENAPI_URL)
     app.state.settings = settings
     app.state.gateway = Gateway()
     app.state.telemetry = telemetry

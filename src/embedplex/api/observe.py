@@ -22,6 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.requests import Request
 from starlette.types import Scope
 
+from embedplex.api.docs import DOC_PATHS
 from embedplex.core.types import Timings
 from embedplex.observability import Telemetry
 from embedplex.observability.log_records import LogSite
@@ -50,7 +51,7 @@ PROBE_PATHS = frozenset({"/health", "/health/live", "/health/ready"})
 # and logged as anywhere.
 QUIET_PATHS = PROBE_PATHS | {
     *("/metrics", "/api/v1/status"),
-    *("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"),
+    *DOC_PATHS,  # the pages, /openapi.json and the pages' scripts
 }
 # Refusals logged at most once a second each (``RequestObserver._log_refusal``): overload, and
 # requests without a valid key (a client guessing keys, or one misconfigured and retrying).
