@@ -115,9 +115,13 @@ async def test_verify_cache_rotate_revoke_expire(store: StateStore) -> None:
         with pytest.raises(KeyRejectedError, match="expired"):
             await verifier.verify(short.encode())
         await keys.create(KeySpec(name="later"))
-        await verifier.refresh()  # a change: nothing verified is remembered
-        with pytest.raises(KeyRejectedError, match=r"^invalid API key$"):
+        await verifier.refresh()  # a change that leaves its row alone: still verified here
+        with pytest.raises(KeyRejectedError, match="expired"):
             await verifier.verify(short.encode())
+        fresh = KeyVerifier(keys)  # a process that never verified it: no word on why
+        await fresh.refresh()
+        with pytest.raises(KeyRejectedError, match=r"^invalid API key$"):
+            await fresh.verify(short.encode())
     finally:
         await verifier.close()
 

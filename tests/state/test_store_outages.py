@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from embedplex.api.app import create_app
-from embedplex.state.keys import KeyStore
+from embedplex.state.keys import KeySpec, KeyStore
 from embedplex.state.providers import ProviderStore
 from embedplex.state.store import StateStore, bump
 from embedplex.state.usage import UsageMeter, usage_since
@@ -125,6 +125,31 @@ async def test_a_store_that_stops_answering_is_a_prompt_503_and_the_poll_recover
         assert (await embed(client, unseen)).status_code == 200
         listed = await within(10, client.get("/api/v1/keys", headers=ADMIN))
         assert listed.status_code == 200
+
+
+async def test_keys_verified_before_a_change_keep_working_when_the_store_then_hangs(
+    proxy: PgProxy,
+    pg_url: str,  # noqa: F811
+    up: FakeUpstream,
+) -> None:
+    """A key created elsewhere (any change to keys or providers) emptied every replica's
+    verified keys; a store that stopped answering before their next request made each of them
+    503 for the whole outage (review: two gateways, a key made, PostgreSQL frozen). The poll
+    now checks the cached keys against their rows instead: those not changed stay verified."""
+    app = create_app(gateway_settings(proxy.url(pg_url), up, state_timeout_s=BOUND_S))
+    async with running(app) as client:
+        seen = await new_key(client, "seen")
+        assert (await embed(client, seen)).status_code == 200  # verified, now cached
+        async with StateStore.from_url(pg_url) as direct:  # elsewhere: another replica, the CLI
+            await KeyStore(direct).create(KeySpec(name="unrelated"))
+            version = await direct.version()
+        started = time.monotonic()
+        while app.state.keys.version != version:  # the poll (every 0.2 s) has seen the change
+            assert timed(started) < 10, "the change never arrived"
+            await asyncio.sleep(0.05)
+
+        proxy.mode = "hang"
+        assert (await embed(client, seen)).status_code == 200
 
 
 async def test_a_provider_change_the_store_cannot_keep_changes_nothing(

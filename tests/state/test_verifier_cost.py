@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -18,26 +16,7 @@ from embedplex.state import cache, schema
 from embedplex.state import keys as keys_module
 from embedplex.state.cache import KeyRejectedError, KeyVerifier, KeyVerifierBusyError
 from embedplex.state.keys import KeySpec, KeyStore, verify_hash
-from embedplex.state.store import StateStore, bump, now
-
-
-@pytest.fixture
-async def keys(tmp_path: Path) -> AsyncIterator[KeyStore]:
-    async with StateStore.from_url(f"sqlite:///{tmp_path / 'state.db'}") as store:
-        yield KeyStore(store)
-
-
-@pytest.fixture
-def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every key the verifier hashes, in order."""
-    seen: list[str] = []
-
-    def counting(stored: str, presented: str) -> bool:
-        seen.append(presented)
-        return verify_hash(stored, presented)
-
-    monkeypatch.setattr(cache, "verify_hash", counting)
-    return seen
+from embedplex.state.store import bump, now
 
 
 def wrong(key: str, n: int = 0) -> bytes:
@@ -209,17 +188,26 @@ async def test_one_key_id_cannot_take_the_whole_queue(
 
 
 async def test_keys_verified_before_a_change_are_never_refused_for_a_full_queue(
-    keys: KeyStore,
+    keys: KeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A change empties the cache: every active client's next request needs a hash at once,
-    and past the queue's bound 40 clients got 429 (review). Keys verified before the change
-    wait their turn instead; a new key past the bound is still refused at once."""
+    """A change whose rows cannot be read empties the cache: every active client's next
+    request needs a hash at once, and past the queue's bound 40 clients got 429 (review). Keys
+    verified before wait their turn instead; a new key past the bound is still refused at
+    once."""
     verifier = KeyVerifier(keys, hash_waiters=4, id_waiters=4)
     known = [(await keys.create(KeySpec(name=f"k{i}")))[1].encode() for i in range(12)]
     await verifier.refresh()
     for key in known:
         await verifier.verify(key)
-    await keys.create(KeySpec(name="new"))  # a change: the cache is emptied
+    await keys.create(KeySpec(name="new"))  # a change ...
+
+    async def fails(_ids: object) -> None:
+        raise OSError("the store went away")
+
+    with monkeypatch.context() as patch:  # ... whose rows cannot be read: the cache is emptied
+        patch.setattr(keys, "get_many", fails)
+        with pytest.raises(OSError, match="went away"):
+            await verifier.refresh()
     await verifier.refresh()
     assert all(verifier.cached(key) is None for key in known)
     newcomers = [(await keys.create(KeySpec(name=f"n{i}")))[1].encode() for i in range(8)]

@@ -3,9 +3,14 @@
 A verified key is cached under an HMAC-SHA256 (keyed with random bytes of this process) of the
 whole presented key, so the cache never holds a key in clear and a hit costs one HMAC and one
 dict lookup. Every ``poll_s`` (at most 2 s) a background task reads the store's change
-counter; when it moved (a key created, revoked, rotated), the cache is emptied, so the next
-request of each key is verified against the store again: a revoked or rotated key stops
-working on every replica within ``poll_s`` plus one read. Expiry is checked on every hit.
+counter; when it moved (a key created, revoked, rotated, a provider stored), the rows of the
+cached keys are read again in the same poll: a key revoked, rotated (its hash changed) or gone
+is dropped, and one whose limits changed takes them, so a revoked or rotated key stops working
+on every replica within ``poll_s`` plus one read. The others stay verified: a change costs no
+hash per active key, and keys verified before it keep working if the store goes away after it
+(when those rows cannot be read, every key is forgotten: a revocation is never missed). Expiry
+is checked on every hit. The change's other listeners (the stored providers' sync, which may
+wait on an upstream) run in a task of their own, so they never hold up the next poll.
 
 Refusals must cost little too, since hostile callers choose them (docs/keys.md, "Cost per
 request"): a revoked or expired row is refused before any hash; a refused key is remembered
@@ -29,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from embedplex.core.tenant import Tenant
-from embedplex.state.keys import KeyStore, split_key, verify_hash
+from embedplex.state.keys import KeyRecord, KeyStore, split_key, verify_hash
 from embedplex.state.store import STORE_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,12 @@ def _why(exc: BaseException) -> str:
 class _Entry:
     tenant: Tenant
     expires: float | None  # epoch seconds
+    secret_hash: str  # the row's hash it was verified against: a rotation changes it
+
+    @classmethod
+    def of(cls, record: KeyRecord) -> _Entry:
+        expires = record.expires_at.timestamp() if record.expires_at else None
+        return cls(record.tenant(), expires, record.secret_hash)
 
 
 class KeyStoreUnavailableError(Exception):
@@ -151,19 +162,28 @@ class KeyVerifier:
         # Called after each change the poller sees (the stored providers' sync).
         self.listeners: list[Callable[[], Awaitable[None]]] = []
         self._notify_due = False
+        # The poller's changes are told to the listeners by this task, woken by ``_wake``: a
+        # listener that waits (a provider's upstream) must not delay the next key poll.
+        self._notifier: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
 
     async def start(self) -> None:
         await self.refresh()
-        self._poller = asyncio.get_running_loop().create_task(self._poll())
+        loop = asyncio.get_running_loop()
+        self._poller = loop.create_task(self._poll())
+        self._notifier = loop.create_task(self._notify_when_woken())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._notifier):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
-    async def refresh(self) -> None:
-        """Re-read the change counter; on a change, forget every verified and refused key.
+    async def refresh(self, *, notify: bool = True) -> None:
+        """Re-read the change counter; on a change, check the verified keys against their rows
+        (``_recheck``) and forget the refused ones. ``notify``: tell the listeners here and
+        now; else the notifier task does, and the caller does not wait for them.
 
         Each read is bounded (``StateStore.bounded``): a store that stops answering raises
         ``TimeoutError`` here after ``state_timeout_s`` rather than holding the poller."""
@@ -171,11 +191,54 @@ class KeyVerifier:
         version = await store.bounded(store.version())
         if version != self.version:
             self.required = self.require or await store.bounded(self.keys.any())
-            self._forget_verified()
+            await self._recheck()
+            self._refused.clear()
             self.version = version
             self._notify_due = True
-        if self._notify_due:  # a change seen, or one a listener failed to apply: (again) now
-            self._notify_due = not await self._notify()
+        if not self._notify_due:  # due: a change seen, or one a listener failed to apply
+            return
+        if notify:
+            self._notify_due = False
+            if not await self._notify():
+                self._notify_due = True
+        else:
+            self._wake.set()
+
+    async def _recheck(self) -> None:
+        """Check each verified key against its row as it is now (one bounded read): drop the
+        ones revoked, rotated or gone, give the others their row's limits and expiry. Nothing
+        is hashed: an unchanged hash is the one the key was verified against. A read that
+        fails forgets every verified key (the change may be a revocation) and raises."""
+        ids = {e.tenant.key_id for e in self._cache.values() if e.tenant.key_id is not None}
+        if not ids:
+            return
+        try:
+            rows = await self.keys.store.bounded(self.keys.get_many(ids))
+        except BaseException:
+            self._forget_verified()
+            raise
+        # Entries cached while the rows were read (a verification from before the change)
+        # are checked too; an id not read is dropped.
+        for digest, entry in list(self._cache.items()):
+            key_id = entry.tenant.key_id
+            record = rows.get(key_id) if key_id is not None and key_id in ids else None
+            if (
+                record is None
+                or record.revoked_at is not None
+                or record.secret_hash != entry.secret_hash
+            ):
+                del self._cache[digest]
+            else:
+                self._cache[digest] = _Entry.of(record)
+
+    async def _notify_when_woken(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._notify_due:
+                self._notify_due = False
+                if not await self._notify():
+                    self._notify_due = True  # the next poll wakes this again
 
     async def _notify(self) -> bool:
         """Tell each listener of a change; False when one failed (it is told again later)."""
@@ -203,7 +266,7 @@ class KeyVerifier:
         the store cannot be read back, forget every verified key anyway (the next request of
         each is verified against the store), so none outlives a revocation made here."""
         try:
-            await self.refresh()
+            await self.refresh(notify=False)
         except STORE_ERRORS as exc:
             logger.warning("reading the state store after a change failed: %s", _why(exc))
             self._forget_verified()
@@ -214,7 +277,7 @@ class KeyVerifier:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                await self.refresh()
+                await self.refresh(notify=False)
             except Exception as exc:  # the store is away: keep what we know, say so, retry
                 logger.warning("state store poll failed: %s", _why(exc))
 
@@ -278,7 +341,7 @@ class KeyVerifier:
     async def _verify(self, text: str, key_id: str, digest: bytes) -> Tenant:
         version = self.version
         try:
-            tenant, expires = await self._check(text, key_id, digest in self._verified_before)
+            record = await self._check(text, key_id, digest in self._verified_before)
         except KeyRejectedError:
             if version == self.version:  # not stale: no change landed while we looked
                 self._refused.add(digest)
@@ -286,15 +349,13 @@ class KeyVerifier:
         if version == self.version:
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
-            self._cache[digest] = _Entry(tenant, expires)
+            self._cache[digest] = _Entry.of(record)
             self._verified_before.discard(digest)
-        return tenant
+        return record.tenant()
 
-    async def _check(
-        self, text: str, key_id: str, known: bool = False
-    ) -> tuple[Tenant, float | None]:
-        """The key's tenant and expiry after its row and hash are checked; ``known``: verified
-        before the last change, so it waits for a hashing slot however long the queue."""
+    async def _check(self, text: str, key_id: str, known: bool = False) -> KeyRecord:
+        """The key's row once it and the hash are checked; ``known``: verified before its
+        cache entry was forgotten, so it waits for a hashing slot however long the queue."""
         try:
             # Bounded: a store that stops answering fails this lookup (503) within
             # state_timeout_s, and so every request that joined this verification.
@@ -319,8 +380,7 @@ class KeyVerifier:
             self._hashing.release()
         if not ok:
             raise KeyRejectedError(_INVALID)
-        expires = record.expires_at.timestamp() if record.expires_at else None
-        return record.tenant(), expires
+        return record
 
     @contextlib.asynccontextmanager
     async def _queued(self, key_id: str) -> AsyncIterator[None]:
