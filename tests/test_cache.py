@@ -4,6 +4,7 @@ opt-out, counted in metrics and status, and shared across replicas through a rea
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,26 @@ async def test_replicas_share_results_through_redis_and_survive_losing_it(
             check.close()
             for c in caches:
                 await c.aclose()
+
+
+@needs_redis_server
+async def test_a_stalled_redis_costs_the_cache_one_timeout_not_two() -> None:
+    """A lookup when Redis stalls waits ``redis_timeout_s`` once (the client retried it)."""
+    with redis_server() as server:
+        tier = RedisTier.from_url(server.url, ttl_s=60, timeout_s=1.0, probe_interval_s=60)
+        assert server.proc is not None
+        try:
+            assert await tier.get_many(["a"]) == [None] and tier.up
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = asyncio.get_running_loop().time()
+                assert await tier.get_many(["a"]) == [None]
+                waited = asyncio.get_running_loop().time() - t0
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert not tier.up and 0.9 < waited < 1.6, waited
+        finally:
+            await tier.aclose()
 
 
 def test_cache_redis_needs_a_redis_url() -> None:

@@ -41,17 +41,9 @@ class RedisTier:
     def from_url(
         cls, url: str, *, ttl_s: int, timeout_s: float = 0.5, probe_interval_s: float = 5.0
     ) -> RedisTier:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from embedplex.limits.redis_store import redis_client
 
-        client = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),  # one quick retry, then in-process only
-        )
-        return cls(client, ttl_s=ttl_s, probe_interval_s=probe_interval_s)
+        return cls(redis_client(url, timeout_s), ttl_s=ttl_s, probe_interval_s=probe_interval_s)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         """The stored values of ``keys`` (None where absent, or all None while Redis is away)."""

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from embedplex.core.tenant import KeyLimits
 from embedplex.limits.gcra import LocalLimits, Verdict
-from embedplex.limits.redis_store import RedisLimits
+from embedplex.limits.redis_store import RedisLimits, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +114,8 @@ class RateLimiter:
     ) -> RateLimiter:
         """In-process limits, or shared through the Redis at ``redis_url``."""
         shared = None
-        if redis_url:
-            from redis.asyncio import Redis  # only here: most servers never import it
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            client = Redis.from_url(
-                redis_url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                # One quick retry (a pooled connection that died with a Redis restart), then
-                # fall back: backing off here would stall the request being admitted.
-                retry=Retry(NoBackoff(), 1),
-            )
-            shared = RedisLimits(client)
+        if redis_url:  # redis is imported only then: most servers never import it
+            shared = RedisLimits(redis_client(redis_url, timeout_s))
         return cls(shared, probe_interval_s=probe_interval_s, observer=observer)
 
     @property

@@ -192,6 +192,26 @@ return 0
 _REASONS = {1: "rpm", 2: "tpm", 3: "concurrency"}
 
 
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """The client the limiter and the cache's Redis tier each use (no I/O until first use).
+
+    ``timeout_s`` bounds connecting and each reply. One quick retry on a connection error (a
+    pooled connection that died with a Redis restart), none on a timeout: a Redis that stalled
+    would only stall the retry too (a request waited twice the timeout), and a timed-out call
+    may still run when Redis reads it, so a retried admission ran twice."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
+
+
 class RedisLimits:
     """The shared store: ``admit``, ``reserve`` and ``finish`` as in ``LocalLimits``, one round
     trip each.
