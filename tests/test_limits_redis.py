@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio
 
 from embedplex.backends.fake import FakeBackend
 from embedplex.core.tenant import KeyLimits
-from embedplex.limits import Lease, RateLimiter
+from embedplex.limits import Lease, RateLimiter, RedisLimits
 from helpers import eventually, parse_metrics, running, value
 from redis_server import NO_REDIS_SERVER, REDIS_SERVER, RedisServer, redis_server
 from tenants import limited_app
@@ -431,3 +432,53 @@ async def test_parts_of_one_batch_never_refuse_each_other_through_redis(
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
     assert [r.get("error") for r in results] == [None] * 5
+
+
+def _state_keys(key: str) -> list[str]:
+    return [f"embedplex:rl:{{{key}}}", f"embedplex:rl:{{{key}}}:c", f"embedplex:rl:{{{key}}}:v"]
+
+
+async def test_one_keys_broken_state_in_redis_is_reset_and_leaves_the_others_shared(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another type under one key's Redis state (a hand edit, another writer) made every
+    script of that key fail with WRONGTYPE, which was taken for Redis going away: every key of
+    every replica fell back to per-process limits, and the probe, which settles remembered
+    leases first, failed on that key for ever (review: shared limits never came back)."""
+    caplog.set_level(logging.WARNING, logger="embedplex.limits")
+    lim = RateLimiter.from_url(server.url, timeout_s=1.0, probe_interval_s=0.2)
+    check = redis.Redis(port=server.port)
+    bad = KeyLimits(rpm=100, max_concurrent=5)
+    try:
+        check.set(_state_keys("bad")[1], b"not a sorted set")
+        verdict, lease = await lim.admit("bad", bad)
+        assert verdict.refused is None and lease is not None and not lease.shared
+        assert lim.backend == "redis"
+        _, other = await lim.admit("good", KeyLimits(rpm=1000))
+        assert other is not None and other.shared
+        await eventually(lambda: check.exists(*_state_keys("bad")) == 0)
+        _, lease = await lim.admit("bad", bad)  # reset: shared again, from a full bucket
+        assert lease is not None and lease.shared
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "key bad's state in Redis" in warned[0], warned
+    finally:
+        check.close()
+        await lim.aclose()
+
+
+async def test_settling_leases_resets_a_broken_key_and_settles_the_others(
+    server: RedisServer,
+) -> None:
+    client = redis.asyncio.Redis(port=server.port)
+    shared = RedisLimits(client)
+    check = redis.Redis(port=server.port)
+    try:
+        limits = KeyLimits(max_concurrent=2)
+        assert (await shared.admit("good", limits, "g1")).refused is None
+        check.set(_state_keys("bad")[1], b"not a sorted set")
+        await shared.settle({"bad": (0, {"b1"}), "good": (0, {"g1"})})
+        assert check.exists(*_state_keys("bad")) == 0
+        assert check.zcard(_state_keys("good")[1]) == 0  # its slot given back
+    finally:
+        check.close()
+        await shared.aclose()

@@ -24,6 +24,10 @@ call still on its way takes nothing. A finish that fails charges the request's t
 process, and the probe's settle gives back what the lease reserved in Redis (nothing if the
 finish ran there after all). The common path stays one round trip per reservation and one per
 finish.
+
+One key's state in Redis that the scripts cannot read (``WRONGTYPE``: a hand edit, another
+writer) is not Redis going away: that key's state is reset and the call counted here, and the
+other keys stay shared (``_broken``).
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class RateLimiter:
         self._unsettled: dict[str, tuple[int, set[str]]] = {}
         # Leases with a reservation call whose outcome is unknown (timed out, cancelled).
         self._doubtful: set[str] = set()
+        self._resetting: set[str] = set()  # keys whose broken state in Redis is being deleted
         # What losing Redis looks like from redis-py: its own errors and the OS's under them.
         self._errors = shared.errors if shared is not None else ()
         self.observer.on_backend(self.backend)
@@ -131,9 +136,10 @@ class RateLimiter:
             try:
                 verdict = await self.shared.admit(key, limits, lease_id)
             except self._errors as exc:
-                if limits.max_concurrent is not None:  # Redis may take the slot when it wakes
-                    self._unsettle(key, limits, lease_id)
-                self._lost(exc)
+                if not self._broken(key, exc):
+                    if limits.max_concurrent is not None:  # Redis may take it when it wakes
+                        self._unsettle(key, limits, lease_id)
+                    self._lost(exc)
                 shared = False
         if verdict is None:
             verdict = self.local.admit(key, limits)
@@ -151,8 +157,9 @@ class RateLimiter:
                     lease.key, lease.limits, tokens, held, lease=lease.lease_id
                 )
             except self._errors as exc:
-                self._doubtful.add(lease.lease_id)  # it may run when Redis reads it
-                self._lost(exc)
+                if not self._broken(lease.key, exc):
+                    self._doubtful.add(lease.lease_id)  # it may run when Redis reads it
+                    self._lost(exc)
             except BaseException:
                 self._doubtful.add(lease.lease_id)  # cancelled: sent, and may run all the same
                 raise
@@ -195,6 +202,8 @@ class RateLimiter:
         try:
             await self.shared.finish(lease.key, lease.limits, lease.lease_id, tokens, doubt=doubt)
         except self._errors as exc:
+            if self._broken(lease.key, exc):
+                return  # its state is reset: nothing of it is left to settle
             self._unsettle(lease.key, lease.limits, lease.lease_id)
             self._lost(exc)
             # Its tokens count here instead; what it reserved in Redis is given back there
@@ -214,6 +223,38 @@ class RateLimiter:
 
     def _unsettled_count(self) -> int:
         return sum(len(ids) for _, ids in self._unsettled.values())
+
+    def _broken(self, key: str, exc: BaseException) -> bool:
+        """A call that failed because ``key``'s state in Redis is not what the scripts write
+        (``RedisLimits.broken``): reset it in the background and count this call in the
+        process; Redis is not away, so every other key stays shared. True when so.
+
+        Before, it was taken for Redis going away: every key fell back to per-process limits
+        until the probe, which then failed to settle that key's leases for ever."""
+        assert self.shared is not None
+        if not self.shared.broken(exc):
+            return False
+        if key not in self._resetting:
+            self._resetting.add(key)
+            logger.warning(
+                "rate limits: key %s's state in Redis is not what embedplex writes (%s); "
+                "reset (its buckets start full)",
+                key,
+                str(exc).split("\n", 1)[0][:120],
+            )
+            task = asyncio.get_running_loop().create_task(self._reset(key))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        return True
+
+    async def _reset(self, key: str) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.reset(key)
+        except self._errors as exc:
+            self._lost(exc)
+        finally:
+            self._resetting.discard(key)
 
     def _lost(self, exc: BaseException) -> None:
         """Fall back to per-process limits: one log line, and a probe until Redis returns."""

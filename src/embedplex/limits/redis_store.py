@@ -221,9 +221,10 @@ class RedisLimits:
     """
 
     def __init__(self, client: Redis, *, lease_ttl_s: float = 300.0) -> None:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
 
         self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._answered = ResponseError
         self.client = client
         self.lease_ttl_s = lease_ttl_s
         self._admit = client.register_script(_ADMIT)
@@ -280,13 +281,27 @@ class RedisLimits:
         refund what they reserved here, for leases whose finish did not reach Redis (their
         tokens were charged in the process instead); a finish that ran after all left
         nothing to refund. Idempotent, and anything of these leases that runs later takes
-        nothing. One round trip."""
+        nothing. One round trip; a key whose state is ``broken`` is reset instead."""
         pipe = self.client.pipeline(transaction=False)
         for key, (tpm, ids) in leases.items():
             await self._settle(
                 keys=_keys(key), args=[tpm, WINDOW_S, self._kept_ms, *ids], client=pipe
             )
-        await pipe.execute()
+        results = await pipe.execute(raise_on_error=False)
+        for key, result in zip(leases, results, strict=True):
+            if self.broken(result):
+                await self.reset(key)
+            elif isinstance(result, BaseException):
+                raise result
+
+    def broken(self, exc: object) -> bool:
+        """Whether ``exc`` says one key's state here is not what these scripts write (Redis's
+        ``WRONGTYPE``: another writer, a hand edit), rather than that Redis is away."""
+        return isinstance(exc, self._answered) and str(exc).startswith("WRONGTYPE")
+
+    async def reset(self, key: str) -> None:
+        """Delete ``key``'s state: its buckets start full, its leases are gone."""
+        await self.client.delete(*_keys(key))
 
     async def ping(self) -> None:
         await self.client.ping()
