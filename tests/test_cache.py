@@ -217,9 +217,31 @@ async def test_a_stalled_redis_costs_the_cache_one_timeout_not_two() -> None:
 
 
 def test_cache_redis_needs_a_redis_url() -> None:
-    with pytest.raises(ValueError, match="cache_redis needs redis_url"):
+    with pytest.raises(ValueError, match="cache_redis needs cache_redis_url or redis_url"):
         Settings(cache_redis=True)
+    with pytest.raises(ValueError, match="cache_redis_url is read only with cache_redis"):
+        Settings(cache_redis_url="redis://127.0.0.1:6379/0")  # never silently unused
     assert Settings().cache_max_bytes > 0  # on by default (docs/cache.md says why)
+
+
+@needs_redis_server
+async def test_the_cache_tier_uses_its_own_redis_when_given_one() -> None:
+    """``cache_redis_url``: entries go to the cache's Redis (one an operator runs with
+    allkeys-lru), never to the rate limits' ``redis_url``, whose state it must not evict."""
+    with redis_server() as limits, redis_server() as own:
+        settings = Settings(cache_redis=True, redis_url=limits.url, cache_redis_url=own.url)
+        cache = EmbeddingCache.from_settings(settings)
+        assert cache.redis is not None
+        check_limits, check_own = redis.Redis.from_url(limits.url), redis.Redis.from_url(own.url)
+        try:
+            cache.redis.put("k1", b"value")
+            await eventually(lambda: check_own.get("k1") == b"value")
+            assert check_limits.dbsize() == 0
+            assert "***" in str(settings.redacted()["cache_redis_url"])  # a secret, as redis_url
+        finally:
+            check_limits.close()
+            check_own.close()
+            await cache.aclose()
 
 
 async def test_a_hit_is_served_while_identical_work_is_still_queued(tiny_model_dir: Path) -> None:

@@ -485,8 +485,13 @@ class Settings(BaseSettings):
     )
     cache_redis: bool = Field(
         False,
-        description="Share the embedding cache across replicas through redis_url (looked up "
-        "for inputs this process misses; written in the background).",
+        description="Share the embedding cache across replicas through cache_redis_url, else "
+        "redis_url (looked up for inputs this process misses; written in the background).",
+    )
+    cache_redis_url: SecretStr | None = Field(
+        None,
+        description="A Redis of the cache's own for cache_redis (unset: redis_url's): one "
+        "with maxmemory and allkeys-lru, whose evictions never touch the rate limits' state.",
     )
     cache_ttl_s: int = Field(
         86400, ge=1, description="Seconds an entry lives in the Redis tier of the cache."
@@ -603,8 +608,10 @@ class Settings(BaseSettings):
                 "default_prompt and default_prompt_name are one choice (as in TEI): give one"
             )
         self._check_tei_names()
-        if self.cache_redis and self.redis_url is None:
-            raise ValueError("cache_redis needs redis_url")
+        if self.cache_redis and self.redis_url is None and self.cache_redis_url is None:
+            raise ValueError("cache_redis needs cache_redis_url or redis_url")
+        if self.cache_redis_url is not None and not self.cache_redis:
+            raise ValueError("cache_redis_url is read only with cache_redis = true: set both")
         if self.max_input_length is not None and self.max_input_length > self.max_batch_tokens:
             raise ValueError("max_batch_tokens must be at least max_input_length")
         names = [p.name for p in self.providers]

@@ -54,9 +54,10 @@ class EmbeddingCache:
     def from_settings(cls, settings: Settings) -> EmbeddingCache:
         """The configured cache (no I/O: the Redis client connects on first use)."""
         redis = None
-        if settings.cache_redis and settings.cache_max_bytes > 0 and settings.redis_url:
+        url = settings.cache_redis_url or settings.redis_url
+        if settings.cache_redis and settings.cache_max_bytes > 0 and url:
             redis = RedisTier.from_url(
-                settings.redis_url.get_secret_value(),
+                url.get_secret_value(),
                 ttl_s=settings.cache_ttl_s,
                 timeout_s=settings.redis_timeout_s,
                 probe_interval_s=settings.redis_probe_interval_s,
