@@ -327,3 +327,26 @@ def test_help_lists_them_beside_ours() -> None:
     assert any(row.split()[1:3] == ["--port", "-p"] for row in rows), rows
     (json_row,) = [row for row in rows if "--json-output" in row]
     assert "--log-format json" in json_row
+
+
+def test_teis_cors_flag_is_ours_and_its_prometheus_port_is_ignored_as_tei_ignores_it(
+    started: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """TEI's --cors-allow-origin (one origin a flag, "*" for any) means our
+    --cors-allow-origins. Its --prometheus-port does nothing in TEI's HTTP server (metrics stay
+    on the main port; its gRPC build alone listens there): taken and ignored with a warning,
+    never our --metrics-port, which would take /metrics off the main port."""
+    caplog.set_level(logging.WARNING)
+    flags = ["--cors-allow-origin", "https://a.example", "--cors-allow-origin", "*"]
+    result = serve({}, *flags, "--prometheus-port", "9001")
+    assert result.exit_code == 0, result.output
+    (settings,) = started
+    assert settings.cors_allow_origins == ["https://a.example", "*"]
+    assert settings.metrics_port is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "embedplex.config"]
+    assert warning.startswith("--prometheus-port is ignored, as TEI's HTTP server ignores it")
+    assert serve({}, "--prometheus-port", "65536").exit_code == 2  # a port, as TEI's u16
+    shown = runner.invoke(app, ["config", "show", "--cors-allow-origin", "*", *flags[:2]])
+    assert json.loads(shown.output)["cors_allow_origins"] == ["*", "https://a.example"]
+    text = runner.invoke(app, ["serve", "-h"], env={"COLUMNS": "300"}).output
+    assert "--cors-allow-origins,--cors-allow-origin" in text

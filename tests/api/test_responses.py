@@ -24,10 +24,14 @@ def test_same_headers_and_body_as_starlette() -> None:
 def test_raw_header_lines_are_written_as_given() -> None:
     """``raw=``: the routes' timing headers, already bytes, are kept as they are."""
     timings = Timings(tokenization=0.25, queue=1.5, inference=12.0625, total=14.0)
-    ours = JsonResponse(b"{}", raw=timings.headers())
+    ours = JsonResponse(b"{}", raw=timings.headers(tokens=12, characters=345, compute_type=b"cpu"))
     theirs = Response(
         b"{}",
         headers={
+            "X-Compute-Type": "cpu",
+            "X-Compute-Time": "14.000",
+            "X-Compute-Characters": "345",
+            "X-Compute-Tokens": "12",
             "X-Tokenization-Time": "0.250",
             "X-Queue-Time": "1.500",
             "X-Inference-Time": "12.062",

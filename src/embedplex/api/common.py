@@ -17,7 +17,7 @@ from starlette.types import Scope
 
 from embedplex.api.bounds import check_tokens, token_ids
 from embedplex.api.channel import CHANNEL_KEY, Channel
-from embedplex.api.observe import request_record
+from embedplex.api.observe import RequestRecord, request_record
 from embedplex.api.responses import JsonResponse
 from embedplex.core.tenant import ANONYMOUS, Priority, Tenant, lowered
 from embedplex.core.types import (
@@ -27,6 +27,8 @@ from embedplex.core.types import (
     RerankRequest,
     RerankResult,
     RerankService,
+    ServedModel,
+    TokenEmbedResult,
 )
 from embedplex.gateway import Gateway
 
@@ -108,11 +110,40 @@ def json_response(
     return JsonResponse(orjson.dumps(body, option=_JSON_OPTIONS), status, headers, raw=raw)
 
 
-def result_headers(result: EmbedResult | RerankResult) -> list[tuple[bytes, bytes]]:
-    """The timing headers, and who answered when a remote provider did."""
-    raw = result.timings.headers()
-    if result.provider is not None:
-        raw.append((b"x-embedplex-provider", result.provider.encode("latin-1")))
+def characters(core: EmbedRequest | RerankRequest) -> int:
+    """What TEI's ``x-compute-characters`` counts: each text's characters (code points, as
+    Rust's ``chars().count()``), each token-id input's ids, and for a rerank the query once per
+    text (TEI scores each pair whole)."""
+    if isinstance(core, RerankRequest):
+        return len(core.query) * len(core.texts) + sum(map(len, core.texts))
+    return sum(map(len, core.inputs))
+
+
+def compute_type(device: str) -> bytes | None:
+    """TEI's ``x-compute-type`` for a model on ``device`` (TEI itself always says
+    ``gpu+optimized``): ``cpu`` or ``gpu``; None for a remote route, where it is not known."""
+    if device == "cpu":
+        return b"cpu"
+    if device.startswith(("cuda", "mps")):
+        return b"gpu"
+    return None
+
+
+def result_headers(
+    result: EmbedResult | RerankResult | TokenEmbedResult,
+    core: EmbedRequest | RerankRequest,
+    model: ServedModel,
+) -> list[tuple[bytes, bytes]]:
+    """The headers TEI sends with an answer (``Timings.headers``) for ``result`` of ``core``
+    by ``model``, and who answered when a remote provider did."""
+    raw = result.timings.headers(
+        tokens=result.prompt_tokens,
+        characters=characters(core),
+        compute_type=compute_type(model.info.device),
+    )
+    provider = None if isinstance(result, TokenEmbedResult) else result.provider
+    if provider is not None:
+        raw.append((b"x-embedplex-provider", provider.encode("latin-1")))
     return raw
 
 
@@ -183,13 +214,21 @@ def no_cache(scope: Scope) -> bool:
     return False
 
 
-async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
-    """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
-    check_tokens(request, token_ids(core.inputs), "input")
-    core = as_asked(request, core)
+def noted(request: Request, model: ServedModel, inputs: int) -> RequestRecord:
+    """This request's record (``api/observe.py``) with the model it is for and its inputs,
+    noted before any check that may refuse it: a refusal, or an empty answer, is counted and
+    logged under that model, not ``-``."""
     record = request_record(request)
     record.model = model.info.name
-    record.inputs = len(core.inputs)
+    record.inputs = inputs
+    return record
+
+
+async def run_embed(request: Request, model: EmbeddingService, core: EmbedRequest) -> EmbedResult:
+    """Embed with ``model``, noting model, inputs, tokens and timings for observability."""
+    record = noted(request, model, len(core.inputs))
+    check_tokens(request, token_ids(core.inputs), "input")
+    core = as_asked(request, core)
     admit = getattr(model, "admit", None)  # local models: refuse before any per-request work
     if admit is not None:
         admit(core.tenant)
@@ -202,9 +241,7 @@ async def run_embed(request: Request, model: EmbeddingService, core: EmbedReques
 async def run_rerank(request: Request, model: RerankService, core: RerankRequest) -> RerankResult:
     """Rerank with ``model``, noting model, texts, tokens (what a key's tokens per minute are
     charged: ``docs/limits.md``) and timings as ``run_embed`` does."""
-    record = request_record(request)
-    record.model = model.info.name
-    record.inputs = len(core.texts)
+    record = noted(request, model, len(core.texts))
     admit = getattr(model, "admit", None)
     if admit is not None:
         admit(core.tenant)

@@ -83,12 +83,31 @@ def _help(field: FieldInfo, annotation: Any) -> str | None:
 # TEI's spelling of a flag whose meaning is ours too (text-embeddings-router --help): taken,
 # and listed beside ours, so a command line brought from TEI starts. Only the flags: TEI's
 # HOSTNAME and PORT variables are never read (every shell and platform sets them; config_tei.py).
-_TEI_SPELLINGS = {"host": ("--hostname",), "port": ("-p",)}
+_TEI_SPELLINGS = {
+    "host": ("--hostname",),
+    "port": ("-p",),
+    # TEI's takes origins one a flag, "*" for any: ours too (Starlette's CORS reads "*" so).
+    "cors_allow_origins": ("--cors-allow-origin",),
+}
 # TEI's --json-output: a switch, as there, for --log-format json (_load).
 JsonOutputOption = typer.Option(
     None,
     "--json-output",
     help="JSON log lines, as TEI's flag: the same as --log-format json.",
+    show_default=False,
+)
+# TEI's --prometheus-port is not our --metrics-port: TEI's HTTP server never listens on it
+# (only its gRPC build serves metrics there; over HTTP /metrics is on the main port alone),
+# where --metrics-port moves /metrics off the main port. Taken and ignored as TEI's HTTP
+# server ignores it, with a warning (serve), so a TEI command line starts and scrapes of the
+# main port go on answering.
+PrometheusPortOption = typer.Option(
+    None,
+    "--prometheus-port",
+    min=0,
+    max=65535,
+    help="TEI's flag, ignored as TEI's HTTP server ignores it: /metrics stays on the main "
+    "port (--metrics-port serves it on a port of its own).",
     show_default=False,
 )
 
@@ -123,10 +142,18 @@ def _with_settings_flags(func: Any) -> Any:
         for p in inspect.signature(func).parameters.values()
         if p.name != "overrides"
     ]
-    json_output = inspect.Parameter(
-        "json_output", inspect.Parameter.KEYWORD_ONLY, default=JsonOutputOption, annotation=bool
-    )
-    params = [*own, *_settings_options(), json_output]
+    tei_only = [
+        inspect.Parameter(
+            "json_output", inspect.Parameter.KEYWORD_ONLY, default=JsonOutputOption, annotation=bool
+        ),
+        inspect.Parameter(
+            "prometheus_port",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=PrometheusPortOption,
+            annotation=int | None,
+        ),
+    ]
+    params = [*own, *_settings_options(), *tei_only]
     func.__signature__ = inspect.Signature(params)
     func.__annotations__ = {p.name: p.annotation for p in params}
     return func
@@ -144,7 +171,7 @@ def _flag_value(value: Any) -> Any:
 
 
 def _load(config: Path | None, overrides: dict[str, Any]) -> Settings:
-    overrides = {k: _flag_value(v) for k, v in overrides.items()}
+    overrides = {k: _flag_value(v) for k, v in overrides.items() if k != "prometheus_port"}
     if overrides.pop("json_output", None):
         if overrides.get("log_format") not in (None, "json"):
             raise typer.BadParameter(
@@ -171,6 +198,11 @@ def serve(config: ConfigOption = None, **overrides: Any) -> None:
     setup_logging(settings.log_level, settings.log_format)
     for warning in tei.warnings:
         logging.getLogger("embedplex.config").warning("%s", warning)
+    if overrides.get("prometheus_port") is not None:
+        logging.getLogger("embedplex.config").warning(
+            "--prometheus-port is ignored, as TEI's HTTP server ignores it: /metrics is served "
+            "on the main port (--metrics-port serves it on a port of its own instead)"
+        )
     try:
         run_server(settings)
     except StartupError as exc:

@@ -49,14 +49,26 @@ class Timings:
     inference: float = 0.0
     total: float = 0.0
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """The answer's timing headers, as raw header lines (``JsonResponse(raw=...)``)."""
-        return [
+    def headers(
+        self, *, tokens: int, characters: int, compute_type: bytes | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """The answer's headers as TEI sends them, as raw header lines
+        (``JsonResponse(raw=...)``): the stage times, and what was computed: ``tokens`` (the
+        answer's usage), ``characters`` (TEI's count, ``api/common.py: characters``) and the
+        total time again as ``x-compute-time``; ``x-compute-type`` where it is known."""
+        total = b"%.3f" % self.total
+        raw = [
+            (b"x-compute-time", total),
+            (b"x-compute-characters", b"%d" % characters),
+            (b"x-compute-tokens", b"%d" % tokens),
             (b"x-tokenization-time", b"%.3f" % self.tokenization),
             (b"x-queue-time", b"%.3f" % self.queue),
             (b"x-inference-time", b"%.3f" % self.inference),
-            (b"x-total-time", b"%.3f" % self.total),
+            (b"x-total-time", total),
         ]
+        if compute_type is not None:
+            raw.append((b"x-compute-type", compute_type))
+        return raw
 
 
 @dataclass(slots=True)

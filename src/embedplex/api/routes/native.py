@@ -19,6 +19,7 @@ from embedplex.api.common import (
     Texts,
     gateway,
     json_response,
+    noted,
     result_headers,
     run_embed,
     run_rerank,
@@ -83,6 +84,7 @@ class ApiRerankBody(BaseModel):
 async def _embed(body: ApiEmbedBody, request: Request) -> Response:
     model = gateway(request).model(body.model)
     texts = body.inputs()
+    noted(request, model, len(texts))  # an empty list is counted and logged under it too
     if not texts:
         return json_response(
             {"embeddings": [], "model": model.info.name, "count": 0, "dimensions": 0}
@@ -101,7 +103,7 @@ async def _embed(body: ApiEmbedBody, request: Request) -> Response:
             "count": len(result.vectors),
             "dimensions": int(result.vectors[0].shape[0]),
         },
-        raw=result_headers(result),
+        raw=result_headers(result, core, model),
     )
 
 
@@ -153,6 +155,7 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
     """Documents sorted by relevance to the query, best first (sigmoid scores in [0, 1])."""
     model = gateway(request).reranker(body.model)
     docs = [ApiDocument(text=d) if isinstance(d, str) else d for d in body.documents]
+    noted(request, model, len(docs))  # an empty list is counted and logged under it too
     if not docs:
         return json_response({"results": [], "model": model.info.name})
     core = RerankRequest(
@@ -173,4 +176,6 @@ async def rerank(body: ApiRerankBody, request: Request) -> Response:
         if body.return_scores:
             entry["score"] = score
         results.append(entry)
-    return json_response({"results": results, "model": result.model}, raw=result_headers(result))
+    return json_response(
+        {"results": results, "model": result.model}, raw=result_headers(result, core, model)
+    )

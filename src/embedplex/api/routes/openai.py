@@ -181,10 +181,11 @@ async def embed_one(
 @router.post("/v1/embeddings", response_model=EmbeddingsResponse)
 @router.post("/embeddings", response_model=EmbeddingsResponse, include_in_schema=False)
 async def create_embeddings(body: EmbeddingsRequest, request: Request) -> Response:
-    result = await run_embed(request, routed_service(request, body), to_core(body, request))
+    service, core = routed_service(request, body), to_core(body, request)
+    result = await run_embed(request, service, core)
     return json_response(
         embeddings_body(result, body.encoding_format, routed=body.routed),
-        raw=result_headers(result),
+        raw=result_headers(result, core, service),
     )
 
 

@@ -22,12 +22,12 @@ from embedplex.api.common import (
     Texts,
     gateway,
     json_response,
+    noted,
     result_headers,
     run_rerank,
     tenant_of,
 )
 from embedplex.api.errors import TEI_ERROR_RESPONSES
-from embedplex.api.observe import request_record
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import EmptyInputError, InvalidRequestError
 from embedplex.core.types import RerankRequest, RerankResult
@@ -132,20 +132,20 @@ async def tei_rerank(body: TeiRerankBody, request: Request) -> Response:
         raw_scores=body.raw_scores,
         tenant=tenant_of(request, body.priority),
     )
-    result = await run_rerank(request, gateway(request).reranker(body.model), core)
+    model = gateway(request).reranker(body.model)
+    result = await run_rerank(request, model, core)
     out = [
         {"index": i, "score": score, **({"text": body.texts[i]} if body.return_text else {})}
         for i, score in _ranked(result)
     ]
-    return json_response(out, raw=result_headers(result))
+    return json_response(out, raw=result_headers(result, core, model))
 
 
 @router.post("/v1/rerank")
 @router.post("/v2/rerank")
 async def rerank(body: RerankBody, request: Request) -> Response:
     model = gateway(request).reranker(body.model)
-    record = request_record(request)  # a refusal below is logged and counted under the model
-    record.model, record.inputs = model.info.name, len(body.documents)
+    noted(request, model, len(body.documents))  # a refusal below is under the model too
     if not body.documents:  # refused under this API's name for them (the model says "texts")
         raise EmptyInputError("documents cannot be empty", param="documents")
     # Before any document is made into text: at most as many as the reranker takes (422).
@@ -185,4 +185,4 @@ async def rerank(body: RerankBody, request: Request) -> Response:
             name: {"model": sub.model, "results": results(sub)}
             for name, sub in result.per_provider.items()
         }
-    return json_response(out, raw=result_headers(result))
+    return json_response(out, raw=result_headers(result, core, model))

@@ -80,8 +80,9 @@ async def embed(body: EmbedBody, request: Request) -> Response:
         tenant=tenant_of(request, body.priority),
         cache=body.cache,
     )
-    result = await run_embed(request, gateway(request).model(body.model), core)
-    return json_response(np.stack(result.vectors), raw=result_headers(result))
+    model = gateway(request).model(body.model)
+    result = await run_embed(request, model, core)
+    return json_response(np.stack(result.vectors), raw=result_headers(result, core, model))
 
 
 @router.post("/api/v1/embed", tags=["native"])
@@ -93,8 +94,11 @@ async def native_embed(body: NativeEmbedBody, request: Request) -> Response:
         tenant=tenant_of(request, body.priority),
         cache=body.cache,
     )
-    result = await run_embed(request, gateway(request).model(body.model), core)
-    return json_response({"body": np.stack(result.vectors)}, raw=result_headers(result))
+    model = gateway(request).model(body.model)
+    result = await run_embed(request, model, core)
+    return json_response(
+        {"body": np.stack(result.vectors)}, raw=result_headers(result, core, model)
+    )
 
 
 @router.post("/tokenize")
@@ -158,6 +162,9 @@ async def info(request: Request, model: str | None = None) -> Response:
         }
     else:
         model_type = {"embedding": {"pooling": m.pooling.replace("-", "_")}}
+    # A reranker answers scores, not vectors: it has no width to give (TEI's Info has no
+    # dimensions at all, and /api/rerankers leaves it out too).
+    width = {} if m.kind == "reranker" else {"dimensions": m.dim}
     return json_response(
         {
             "model_id": m.model_id,
@@ -179,7 +186,7 @@ async def info(request: Request, model: str | None = None) -> Response:
             "docker_label": None,
             "backend": m.backend,
             "device": m.device,
-            "dimensions": m.dim,
+            **width,
             "served_model_name": m.name,
             "prompts": m.prompts,
         }

@@ -25,13 +25,13 @@ from embedplex.api.common import (
     as_inputs,
     gateway,
     json_response,
+    noted,
     result_headers,
     run_embed,
     tenant_of,
     unless_disconnected,
 )
 from embedplex.api.errors import TEI_ERROR_RESPONSES, invalid_body
-from embedplex.api.observe import request_record
 from embedplex.api.routes import rerank, tei
 from embedplex.backends.tokenizer import TruncationDirection
 from embedplex.core.errors import EmptyInputError
@@ -100,19 +100,19 @@ async def embed_all(body: EmbedAllBody, request: Request) -> Response:
         prompt_name=body.prompt_name,
         tenant=tenant_of(request),
     )
+    record = noted(request, model, len(core.inputs))
     check_tokens(request, token_ids(core.inputs), "inputs")
-    record = request_record(request)
-    record.model = model.info.name
-    record.inputs = len(core.inputs)
     result = await unless_disconnected(request, model.embed_all(core))
     record.tokens = result.prompt_tokens
     record.timings = result.timings
-    return json_response(result.vectors, raw=result.timings.headers())
+    return json_response(result.vectors, raw=result_headers(result, core, model))
 
 
 @router.post("/similarity", response_model=list[float])
 async def similarity(body: SimilarityBody, request: Request) -> Response:
     """Cosine similarity of ``source_sentence`` with each of ``sentences``, in their order."""
+    model = gateway(request).model(body.model)
+    noted(request, model, 1 + len(body.inputs.sentences))  # a refusal is under the model too
     if not body.inputs.sentences:
         raise EmptyInputError("inputs.sentences cannot be empty", param="inputs.sentences")
     params = body.parameters or SimilarityParameters()
@@ -125,12 +125,12 @@ async def similarity(body: SimilarityBody, request: Request) -> Response:
         tenant=tenant_of(request),
         cache=body.cache,
     )
-    result = await run_embed(request, gateway(request).model(body.model), core)
+    result = await run_embed(request, model, core)
     vectors = np.stack(result.vectors).astype(np.float64)
     # Local vectors are unit length already; a remote provider's need not be.
     vectors /= np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
     scores = vectors[1:] @ vectors[0]
-    return json_response([float(s) for s in scores], raw=result_headers(result))
+    return json_response([float(s) for s in scores], raw=result_headers(result, core, model))
 
 
 @router.post("/decode", response_model=list[str])
