@@ -195,7 +195,7 @@ def test_tei_advice_follows_the_value(
     assert serve({"PROMETHEUS_PORT": "9000"}).exit_code == 0
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "embedplex.config"]
     assert warning.startswith("PROMETHEUS_PORT is TEI's variable")
-    assert "set EMBEDPLEX_METRICS_PORT" in warning
+    assert "set EMBEDPLEX_METRICS_PORT only to move /metrics" in warning
 
 
 MODELS_TOML = """

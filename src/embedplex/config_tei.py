@@ -108,7 +108,13 @@ TEI_ENV: dict[str, TeiName] = {
     "DISABLE_SPANS": TeiName("disable_spans"),
     "OTLP_ENDPOINT": TeiName("otlp_endpoint"),
     "OTLP_SERVICE_NAME": TeiName("otlp_service_name"),
-    "PROMETHEUS_PORT": TeiName("metrics_port"),
+    # TEI's HTTP server never listens on it (only its gRPC build does): /metrics is on the
+    # main port there as here, and ours moves it, so it is not the same setting.
+    "PROMETHEUS_PORT": TeiName(
+        "metrics_port",
+        use=" only to move /metrics off the main port (TEI's HTTP server never opens this "
+        "port: its /metrics is on the main port, as embedplex's is)",
+    ),
     "CORS_ALLOW_ORIGIN": TeiName("cors_allow_origins"),
     "HF_API_TOKEN": TeiName(None, use="set HF_TOKEN (huggingface_hub reads it)"),
     "DENSE_PATH": TeiName(
