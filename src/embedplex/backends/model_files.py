@@ -262,6 +262,9 @@ def load_transformers_model(path: Path, kind: ModelKind, model_type: str, dtype:
     sequence classifier, else the encoder that gives ``last_hidden_state``. Needs transformers."""
     import transformers
 
+    from embedplex.observability.logs import adopt_transformers_logging
+
+    adopt_transformers_logging()  # its lines in the log's format, no progress bars on stderr
     if kind is ModelKind.RERANKER:
         auto: Any = transformers.AutoModelForSequenceClassification
     else:

@@ -15,7 +15,18 @@ from embedplex.core.errors import FatalBackendError
 from embedplex.core.faults import fault
 from embedplex.observability.log_writer import BatchHandler, BatchWriter
 
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Record attributes that are not extra fields. ``color_message`` is uvicorn's copy of its message
+# with terminal colours in it, for its own formatter: in a JSON line it only repeats the message.
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+# Libraries whose lines are noise at the server's level, or carry what a log must not hold: kept
+# at WARNING (or the root's level, if higher). httpx logs every upstream request at INFO: one
+# line per provider call is noise at load. huggingface_hub's own copy (httpx2) logs each hub
+# request so, with its URL: userinfo in HF_ENDPOINT (a mirror's password) and all. Alembic names
+# each plugin it sets up (7 lines at every start). aiosqlite logs two DEBUG lines per SQL
+# statement with its parameters (a new key's argon2id hash, key names, usage rows), which the
+# state store's ``hide_parameters`` keeps out of SQLAlchemy's own lines: at ``--log-level
+# debug`` some 20 lines a second of an idle server's polling, and every hash it wrote.
+QUIET_LOGGERS = ("httpx", "httpx2", "alembic.runtime.plugins", "aiosqlite")
 
 
 def _escapes(codes: Iterable[int], form: Callable[[int], str]) -> dict[int, str]:
@@ -127,12 +138,28 @@ def setup_logging(level: str = "info", fmt: str = "pretty") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
     quiet = max(root.level, logging.WARNING)
-    # httpx logs every upstream request at INFO: one line per provider call is noise at load.
-    # huggingface_hub's own copy (httpx2) logs each hub request so, with its URL: userinfo in
-    # HF_ENDPOINT (a mirror's password) and all. Alembic names each plugin it sets up (7 lines
-    # at every start).
-    for name in ("httpx", "httpx2", "alembic.runtime.plugins"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
+    # A library's ``warnings.warn`` goes through the log (logger ``py.warnings``), in its format,
+    # not as two raw lines on stderr between the JSON ones.
+    logging.captureWarnings(True)
+    if "transformers" in sys.modules:  # imported before the log was set up
+        adopt_transformers_logging()
+
+
+def adopt_transformers_logging() -> None:
+    """Send transformers' records through this process's log and turn its progress bars off.
+
+    transformers writes to stderr through a handler of its own, its records never reaching the
+    root logger, and draws tqdm bars there as it loads weights: lines in neither log format
+    (with raw terminal escapes: its load report of missing weights is a bold, multi-line table)
+    among the JSON lines. Call it once transformers is imported (``load_transformers_model``);
+    cheap, and harmless to call again."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def log_failure(log: logging.Logger, exc: BaseException, what: str, *args: object) -> None:
