@@ -106,3 +106,15 @@ def test_a_client_that_leaves_writes_no_traceback_to_stderr(
     assert scrape.status_code == 200  # still serving
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+def test_only_the_metrics_path_is_answered(server: MetricsServer) -> None:
+    """prometheus_client's handler answered every path with the metrics (``/``, ``/health``,
+    ``/favicon.ico``): a probe or a scrape job pointed at the wrong path passed."""
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/metrics", "/metrics?name[]=probe_total"):
+        answer = httpx.get(base + path, timeout=5)
+        assert answer.status_code == 200 and "probe_total 1.0" in answer.text, path
+    for path in ("/", "/health", "/favicon.ico", "/metricsfoo", "/metrics/"):
+        answer = httpx.get(base + path, timeout=5)
+        assert answer.status_code == 404 and "probe_total" not in answer.text, path

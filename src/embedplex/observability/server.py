@@ -21,6 +21,7 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 TIMEOUT_S = 10.0
 # Connections served at once: a few scrapers, with room to spare.
 MAX_CONNECTIONS = 32
+METRICS_PATH = "/metrics"  # the one path answered (any query: prometheus_client's ``name[]``)
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -102,9 +104,20 @@ def _cut_off(conn: socket.socket) -> None:
 
 def _handler(registry: CollectorRegistry, timeout_s: float) -> type[MetricsHandler]:
     """prometheus_client's handler for ``registry``, with a socket timeout (``setup`` applies
-    ``timeout`` to the connection: an idle read then ends the connection)."""
+    ``timeout`` to the connection: an idle read then ends the connection), answering
+    ``/metrics`` only."""
     base: type[MetricsHandler] = MetricsHandler.factory(registry)
-    return type("EmbedplexMetricsHandler", (base,), {"timeout": timeout_s})
+
+    def do_GET(self: MetricsHandler) -> None:
+        # prometheus_client's handler answers every path with the metrics (``/``,
+        # ``/favicon.ico``, ``/health``): a probe or a scrape job pointed at the wrong path
+        # would pass. The API port's ``/metrics`` is an exact path too.
+        if urlsplit(self.path).path != METRICS_PATH:
+            self.send_error(404, "not found: this port serves /metrics only")
+            return
+        base.do_GET(self)
+
+    return type("EmbedplexMetricsHandler", (base,), {"timeout": timeout_s, "do_GET": do_GET})
 
 
 class MetricsServer:
