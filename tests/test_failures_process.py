@@ -3,6 +3,7 @@ pre-stop delay and a request still running when the grace period ends)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,13 @@ def test_a_model_that_fails_to_load_exits_non_zero_with_the_reason(tmp_path: Pat
         timeout=120,
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # where, for who asks
+    # JSON logs: every line on stderr is a JSON object, the failure one of them.
+    as_json = subprocess.run(
+        [*command, "--log-format", "json"], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    records = [json.loads(line) for line in as_json.stderr.splitlines() if line.strip()]
+    assert as_json.returncode == 1
+    assert f"model loading failed: {reason}" in [r["message"] for r in records]
 
 
 def test_sigterm_waits_the_pre_stop_delay_then_cuts_off_with_a_json_503(

@@ -103,6 +103,8 @@ async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
             "/rerank", json={"query": "fox", "texts": ["the fox", "a dog"], "model": "r"}
         )
         unknown = await client.post("/v1/embeddings", json={"input": ["x"], "model": "nope"})
+        # A caller's name is repeated in the error by its head: a 100 KB name, a 404 of ~200 B.
+        huge = await client.post("/v1/embeddings", json={"input": ["x"], "model": "n" * 100_000})
         wrong_kind = await client.post("/v1/embeddings", json={"input": ["x"], "model": "r"})
         rerank_wrong = await client.post(
             "/rerank", json={"query": "q", "texts": ["t"], "model": "a"}
@@ -122,6 +124,8 @@ async def test_each_model_answers_by_name_and_the_rest_is_refused_clearly(
         "'nope' is not served here (embedding models served: a, b)"
         in (unknown.json()["error"]["message"])
     )
+    assert huge.status_code == 404 and len(huge.content) < 400
+    assert f"{'n' * 120!r}... (100,000 characters) is not served" in huge.json()["error"]["message"]
     assert wrong_kind.status_code == 400  # OpenAI's status (TEI's 422 below)
     assert "'r' is a reranker model" in wrong_kind.json()["error"]["message"]
     assert rerank_wrong.status_code == 422

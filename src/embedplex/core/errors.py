@@ -33,6 +33,16 @@ status codes. On OpenAI routes every 422 below is a 400, as OpenAI answers them;
 
 from __future__ import annotations
 
+# A name a caller sent, repeated in an error: the head of a 100 KB model name says enough.
+SHOWN_CHARS = 120
+
+
+def shown(name: str | None) -> str:
+    """``repr(name)`` for an error message, cut to ``SHOWN_CHARS`` characters with its length."""
+    if name is None or len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARS]!r}... ({len(name):,} characters)"
+
 
 class EmbedplexError(Exception):
     """Base of every error a caller can see."""

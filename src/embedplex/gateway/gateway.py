@@ -22,6 +22,7 @@ from embedplex.core.errors import (
     ModelNotFoundError,
     NotReadyError,
     OverloadedError,
+    shown,
 )
 from embedplex.core.tenant import ANONYMOUS, Tenant, current_tenant
 from embedplex.core.types import EmbeddingService, ModelInfo, RerankService, ServedModel
@@ -183,7 +184,7 @@ class Gateway:
         if name is not None and name in self._models:
             other = self._models[name].info.kind
             raise InvalidRequestError(
-                f"model {name!r} is {_a(other)} model, not {_a(kind)} model", param="model"
+                f"model {shown(name)} is {_a(other)} model, not {_a(kind)} model", param="model"
             )
         served = ", ".join(sorted(self._models)) or "none"
         fits = self._by_kind.get(kind)
@@ -192,7 +193,8 @@ class Gateway:
                 f"no {kind} model is served here (served: {served})", param="model"
             )
         raise ModelNotFoundError(
-            f"model {name!r} is not served here ({kind} models served: {', '.join(sorted(fits))})",
+            f"model {shown(name)} is not served here "
+            f"({kind} models served: {', '.join(sorted(fits))})",
             param="model",
         )
 
@@ -233,7 +235,8 @@ class Gateway:
             return next(iter(self._models.values()))
         if name not in self._models:
             raise ModelNotFoundError(
-                f"model {name!r} is not served here (served: {', '.join(sorted(self._models))})",
+                f"model {shown(name)} is not served here "
+                f"(served: {', '.join(sorted(self._models))})",
                 param="model",
             )
         return self._models[name]

@@ -46,6 +46,7 @@ from embedplex.core.errors import (
     UnavailableError,
     UpstreamRefusedError,
     UpstreamTimeoutError,
+    shown,
 )
 from embedplex.core.types import (
     EmbeddingService,
@@ -218,7 +219,7 @@ class Router:
         """Stop routing to ``name``; the caller closes the runtime returned (a drain)."""
         runtime = self.runtimes.pop(name, None)
         if runtime is None:
-            raise ModelNotFoundError(f"no provider named {name!r}", param="name")
+            raise ModelNotFoundError(f"no provider named {shown(name)}", param="name")
         if self._telemetry is not None:  # its gauges go with it (its counts stay)
             self._telemetry.providers.forget(name)
         return runtime
@@ -259,7 +260,7 @@ class Router:
         if runtime is None:
             known = ", ".join(sorted(self.runtimes)) or "none"
             raise ModelNotFoundError(
-                f"provider {name!r} is not configured (providers: {known})", param="providers"
+                f"provider {shown(name)} is not configured (providers: {known})", param="providers"
             )
         return runtime
 

@@ -148,5 +148,6 @@ def serve(settings: Settings, *, gateway_factory: GatewayFactory = build_gateway
     server.run()
     if server.load_error is not None:
         flush_logs()
-        print(f"embedplex: model loading failed: {server.load_error}", file=sys.stderr)
+        if settings.log_format != "json":  # JSON logs: the ERROR line is the record, no other
+            print(f"embedplex: model loading failed: {server.load_error}", file=sys.stderr)
         sys.exit(LOAD_FAILED)
