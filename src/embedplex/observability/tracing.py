@@ -41,6 +41,7 @@ from opentelemetry.trace import (
 
 from embedplex import __version__
 from embedplex.batching import BatchStats, Item, NullObserver
+from embedplex.observability.log_throttle import throttle_span_export_logs
 
 if TYPE_CHECKING:
     # Annotations only: observability sits below the configuration, which imports the
@@ -86,6 +87,7 @@ def build_tracer_provider(
             _otlp_exporter(settings), export_timeout_millis=EXPORT_TIMEOUT_S * 1000
         )
         provider.add_span_processor(processor)
+        throttle_span_export_logs()  # a collector that is away: a line a minute, not a stream
     return provider
 
 
