@@ -108,6 +108,34 @@ def test_a_top_level_key_written_below_a_table_is_told_where_it_belongs(tmp_path
     assert "move it above the first [[table]]" in line
 
 
+def test_a_tables_own_key_comes_before_a_top_level_setting_of_that_name(tmp_path: Path) -> None:
+    """``api_key`` in a provider's table is its ``api_key_env``: "move it above the first
+    [[table]]" would make the upstream's key every client's key for this server."""
+    path = write(
+        tmp_path,
+        '[[providers]]\nname = "x"\ntype = "openai"\nmodel = "m"\napi_key = "sk-upstream-1"\n'
+        '[[providers]]\nname = "t"\ntype = "tei"\nmodel_id = "BAAI/bge"\n'
+        '[[api_keys]]\nid = "ci"\napi_key = "a-static-key-0123456789"\n',
+    )
+    lines = refused(["config", "show", "-c", str(path)])
+    assert lines[:2] == [
+        f"unknown setting 'api_key' in [[providers]] table 1 of {path}; did you mean "
+        "'api_key_env'? (the name of the environment variable that holds the value, never the "
+        "value)",
+        f"unknown setting 'model_id' in [[providers]] table 2 of {path}; did you mean 'model'?",
+    ]
+    assert lines[2].startswith(f"unknown setting 'api_key' in [[api_keys]] table 1 of {path}")
+    assert not any("top-level" in line or "sk-upstream" in line for line in lines)
+
+
+def test_a_top_level_key_in_a_table_from_the_environment_names_its_variable() -> None:
+    env = {"EMBEDPLEX_MODELS": '[{"name": "a", "model_id": "m", "port": 9000}]'}
+    assert refused(["config", "show"], env) == [
+        "unknown setting 'port' in [[models]] table 1 of EMBEDPLEX_MODELS: port is a top-level "
+        "setting (EMBEDPLEX_PORT), not a table's"
+    ]
+
+
 def test_a_nested_table_and_a_key_with_nothing_close(tmp_path: Path) -> None:
     path = write(
         tmp_path,

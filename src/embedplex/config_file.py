@@ -92,14 +92,27 @@ def _unknown(
     text = f"unknown setting {key!r}{' in ' + where if where else ''}"
     if model is None:
         return text
-    if model is not settings and key in settings.model_fields:
-        # TOML puts every key after a [[table]] line in that table, wherever it was meant.
-        return (
-            f"{text}: {key} is a top-level setting, and every key below a [[table]] line "
-            "belongs to that table; move it above the first [[table]]"
-        )
     close = difflib.get_close_matches(key, list(model.model_fields), n=1)
-    return f"{text}; did you mean {close[0]!r}?" if close else text
+    if close:  # the table's own key first: api_key in [[providers]] is api_key_env, not ours
+        named = close[0]
+        if named.endswith("_env"):
+            return (
+                f"{text}; did you mean {named!r}? (the name of the environment variable "
+                "that holds the value, never the value)"
+            )
+        return f"{text}; did you mean {named!r}?"
+    top = settings.model_fields.get(key)
+    if model is settings or top is None:
+        return text
+    if "SecretStr" in str(top.annotation):  # never advise making a table's secret the server's
+        return f"{text}: no such key in this table"
+    if source != str(config_file):  # a table in an environment variable
+        return f"{text}: {key} is a top-level setting ({ENV_PREFIX}{key.upper()}), not a table's"
+    # TOML puts every key after a [[table]] line in that table, wherever it was meant.
+    return (
+        f"{text}: {key} is a top-level setting, and every key below a [[table]] line "
+        "belongs to that table; move it above the first [[table]]"
+    )
 
 
 def _holder(

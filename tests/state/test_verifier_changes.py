@@ -70,10 +70,12 @@ async def test_a_change_checks_cached_keys_against_their_rows_without_a_hash(
 
 async def test_a_key_that_expired_stays_known_as_expired_across_a_change(keys: KeyStore) -> None:
     verifier = KeyVerifier(keys)
-    _, short = await keys.create(KeySpec(name="short", expires_in=timedelta(seconds=1)))
+    # 3 s: the first verify (a row read and an argon2 hash) must land before it expires, on a
+    # loaded machine too.
+    _, short = await keys.create(KeySpec(name="short", expires_in=timedelta(seconds=3)))
     await verifier.refresh()
     await verifier.verify(short.encode())
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(3.1)
     await keys.create(KeySpec(name="later"))
     await verifier.refresh()
     with pytest.raises(KeyRejectedError, match="expired"):
@@ -165,3 +167,32 @@ async def test_a_listener_that_failed_is_told_again_at_the_next_poll(keys: KeySt
         assert calls == 2  # told again once, then done until the next change
     finally:
         await verifier.close()
+
+
+async def test_refreshes_that_overlap_never_set_the_version_back(
+    keys: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller's refresh and an admin route's overlap: the one that read the older
+    counter and finished last must not leave it in place (a verification that began under it,
+    before a revocation, would be cached as current)."""
+    verifier = KeyVerifier(keys)
+    await verifier.refresh()
+    counters = iter([5, 6])
+    first_any = asyncio.Event()
+
+    async def version() -> int:
+        return next(counters)
+
+    async def any_key() -> bool:
+        if not first_any.is_set():
+            first_any.set()
+            await asyncio.sleep(0.2)  # the first refresh is slow after reading 5
+        return False
+
+    monkeypatch.setattr(keys.store, "version", version)
+    monkeypatch.setattr(keys, "any", any_key)
+    slow = asyncio.create_task(verifier.refresh(notify=False))
+    await first_any.wait()
+    await verifier.refresh(notify=False)  # reads 6 meanwhile
+    await slow
+    assert verifier.version == 6

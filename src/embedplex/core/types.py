@@ -55,10 +55,11 @@ class Timings:
         """The answer's headers as TEI sends them, as raw header lines
         (``JsonResponse(raw=...)``): the stage times, and what was computed: ``tokens`` (the
         answer's usage), ``characters`` (TEI's count, ``api/common.py: characters``) and the
-        total time again as ``x-compute-time``; ``x-compute-type`` where it is known."""
+        total time again as ``x-compute-time``, in whole milliseconds as TEI writes it (a
+        client may read it as an integer); ``x-compute-type`` where it is known."""
         total = b"%.3f" % self.total
         raw = [
-            (b"x-compute-time", total),
+            (b"x-compute-time", b"%d" % self.total),  # whole milliseconds, as TEI's
             (b"x-compute-characters", b"%d" % characters),
             (b"x-compute-tokens", b"%d" % tokens),
             (b"x-tokenization-time", b"%.3f" % self.tokenization),

@@ -166,6 +166,10 @@ class KeyVerifier:
         # listener that waits (a provider's upstream) must not delay the next key poll.
         self._notifier: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # One refresh at a time (the poller's and an admin route's ``changed``): interleaved,
+        # the slower could set the version back and let a verification from before a
+        # revocation be cached as current.
+        self._refreshing = asyncio.Lock()
 
     async def start(self) -> None:
         await self.refresh()
@@ -188,13 +192,14 @@ class KeyVerifier:
         Each read is bounded (``StateStore.bounded``): a store that stops answering raises
         ``TimeoutError`` here after ``state_timeout_s`` rather than holding the poller."""
         store = self.keys.store
-        version = await store.bounded(store.version())
-        if version != self.version:
-            self.required = self.require or await store.bounded(self.keys.any())
-            await self._recheck()
-            self._refused.clear()
-            self.version = version
-            self._notify_due = True
+        async with self._refreshing:
+            version = await store.bounded(store.version())
+            if version != self.version:
+                self.required = self.require or await store.bounded(self.keys.any())
+                await self._recheck()
+                self._refused.clear()
+                self.version = version
+                self._notify_due = True
         if not self._notify_due:  # due: a change seen, or one a listener failed to apply
             return
         if notify:
