@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cache_helpers import cached_model, req, started
 from embedplex.backends.fake import FakeBackend
 from embedplex.batching import Batcher, BatchPolicy, FairLengthQueue, FifoQueue, Slots
+from embedplex.cache import EmbeddingCache
 from embedplex.core.errors import OverloadedError
 from embedplex.core.tenant import KeyLimits, Tenant
 from helpers import eventually, fake_app, running
@@ -95,6 +97,34 @@ class Gated:
     async def __call__(self, payloads: list[str]) -> Sequence[str]:
         await self.gate.wait()
         return [p.upper() for p in payloads]
+
+
+async def test_a_local_request_notes_its_key_once_admitted_or_not(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A route admits a request (its key noted as asking for room), then the model takes its
+    slot: one note, not two (each cost a clock read and a dict write per request). A caller
+    that did not admit first (a direct call) is noted when it takes its slot."""
+    async with started(cached_model(tiny_model_dir, FakeBackend(), EmbeddingCache(0))) as model:
+        sharing = model._slots._sharing
+        asked: list[str | None] = []
+        real = sharing.asked
+
+        def spy(key: str | None, weight: int) -> None:
+            asked.append(key)
+            real(key, weight)
+
+        monkeypatch.setattr(sharing, "asked", spy)
+        model.admit(BULK)  # as api.common.run_embed does before the model's work
+        await model.embed(req("one", tenant=BULK))
+        assert asked == ["bulk"]
+        await model.embed(req("two", tenant=SEARCH))  # not admitted: noted as it takes a slot
+        assert asked == ["bulk", "search"]
+        model.admit(BULK)
+        await model.embed(req("three", tenant=SEARCH))  # another key's admission is not its own
+        assert asked == ["bulk", "search", "bulk", "search"]
+        assert set(sharing._seen) == {"bulk", "search"}
+        assert model._slots.total == 0
 
 
 async def test_a_fifo_queue_keeps_no_shares() -> None:

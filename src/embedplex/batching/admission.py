@@ -54,8 +54,9 @@ class Sharing:
 
     def asked(self, key: Key, weight: int) -> None:
         """``key`` asked for room now."""
-        self._seen[key] = (self._clock(), max(1, weight))
-        if len(self._seen) > self._scan_at:  # amortized: keys are authenticated ids, but many
+        seen = self._seen
+        seen[key] = (self._clock(), weight if weight > 1 else 1)
+        if len(seen) > self._scan_at:  # amortized: keys are authenticated ids, but many
             self._forget(self._clock() - self.linger)
             self._scan_at = max(64, 2 * len(self._seen))
 
@@ -135,11 +136,14 @@ class Slots:
         if note:
             self._sharing.asked(key, tenant.weight)
         total = self.total
-        if total >= self.cap:
+        cap = self.cap
+        if total >= cap:
             raise OverloadedError(self._full(total), retry_after=RETRY_AFTER_S)
         held = self._held.get(key, 0)
+        if not held or total + 1 <= cap * SHARE_AT:  # past_share's first test, without a call
+            return
         share = past_share(
-            cap=self.cap,
+            cap=cap,
             total=total,
             n=1,
             held=held,
@@ -149,12 +153,15 @@ class Slots:
         if share is not None:
             raise share_refusal(f"{total} {self._what}", tenant, held, share)
 
-    def take(self, tenant: Tenant) -> None:
-        """Admit one request of ``tenant`` (``check``), counted until ``release``."""
-        self.check(tenant)
+    def take(self, tenant: Tenant, *, note: bool = True) -> None:
+        """Admit one request of ``tenant`` (``check``, ``note`` as there), counted until
+        ``release``."""
+        self.check(tenant, note=note)
         key = tenant.key_id
-        self._held[key] += 1
-        self._weight[key] = max(1, tenant.weight)
+        held = self._held
+        held[key] = held.get(key, 0) + 1
+        weight = tenant.weight
+        self._weight[key] = weight if weight > 1 else 1
         self.total += 1
 
     def release(self, tenant: Tenant) -> None:

@@ -91,10 +91,14 @@ class _FairState(_ListQueue):
 
     def push(self, item: AnyItem) -> None:
         key = item.tenant_key
-        if not self._count[key]:
-            self._vtime[key] = max(self._ended.pop(key, 0.0), self._clock)
-        self._count[key] += 1
-        self._weight[key] = max(1, item.weight)
+        count = self._count
+        waiting = count.get(key, 0)
+        if not waiting:
+            ended = self._ended.pop(key, 0.0)
+            self._vtime[key] = ended if ended > self._clock else self._clock
+        count[key] = waiting + 1
+        weight = item.weight
+        self._weight[key] = weight if weight > 1 else 1
         if item.priority is _BATCH:
             self._batch_items += 1
         self._items.append(item)

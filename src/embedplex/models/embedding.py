@@ -14,6 +14,7 @@ import time
 import typing
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +48,11 @@ class Pooled:
     unit: Vector
     tokens: int
 
+
+# Per request on the event loop: C getters, not a comprehension's function and frame each.
+_UNIT = attrgetter("unit")
+_RAW = attrgetter("raw")
+_TOKENS = attrgetter("tokens")
 
 # What one cache entry costs besides its key's text and its two vectors: the key tuple, the
 # Pooled, two array headers, the LRU's slot (measured with tracemalloc: docs/cache.md).
@@ -210,14 +216,15 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         return self.options.default_prompt
 
     def _texts(self, request: EmbedRequest) -> list[str]:
-        texts = typing.cast(list[str], request.inputs)
+        texts: list[str] = request.inputs  # type: ignore[assignment]  # texts (no cast call)
         prompt = self._prompt(request.prompt, request.prompt_name)
         return [prompt + text for text in texts] if prompt else texts
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         self._check_size(len(request.inputs), "input")
         dims = request.dimensions
-        check_dimensions(dims, self.backend.dim)
+        if dims is not None:
+            check_dimensions(dims, self.backend.dim)
         start = time.perf_counter()
         truncate = self._truncate(request.truncate)
         direction = request.truncation_direction
@@ -226,7 +233,8 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         texts: list[str] = []
         checked: list[Encoded] = []  # token ids: checked and truncated, before any key
         keys: list[MemoryKey]
-        if request.is_tokens:
+        is_tokens = request.is_tokens
+        if is_tokens:
             ids = typing.cast(list[list[int]], request.inputs)
             checked = await self._checked_ids(ids, truncate, direction)
             # The key is the ids embedded (truncation applied, so its flags add nothing).
@@ -249,7 +257,7 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
 
         def encode(picked: list[int]) -> list[Encoded]:
             ks = chosen(picked)
-            if request.is_tokens:
+            if is_tokens:
                 return [checked[k] for k in ks]
             try:
                 return self.tokenizer.encode(
@@ -263,15 +271,20 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
         results: list[Pooled]
         timings: Timings
         if rest is not None and not rest:  # every input was cached: the queue never sees it
-            results = typing.cast(list[Pooled], cached)
+            results = cached  # type: ignore[assignment]  # all found (no cast call)
             took = (time.perf_counter() - start) * 1000
             timings = Timings(total=took)
         else:
-            if request.is_tokens:  # checked already: picking them is all that is left
+            if is_tokens:  # checked already: picking them is all that is left
                 chars: Callable[[list[int]], int] = lambda picked: 0  # noqa: E731
                 defer = None
             else:
-                chars = lambda picked: sum(len(texts[k]) for k in chosen(picked))  # noqa: E731
+
+                def chars(picked: list[int]) -> int:
+                    if len(picked) == len(texts):  # all of them (most requests)
+                        return sum(map(len, texts))
+                    return sum(map(len, map(texts.__getitem__, chosen(picked))))
+
                 cap = self.spec.max_input_length
                 defer = lambda picked: deferred(  # noqa: E731
                     texts, truncate, direction, cap, chosen(picked)
@@ -287,19 +300,19 @@ class LocalEmbeddingModel(LocalModel[Pooled]):
             if rest is None:
                 results = done.results
             else:  # merge: cached inputs where they were, computed ones in order between
-                merged = typing.cast(list[Pooled], cached)
+                merged: list[Pooled] = cached  # type: ignore[assignment]  # filled below
                 for k, pooled in zip(rest, done.results, strict=True):
                     merged[k] = pooled
                 results = merged
             timings = done.timings()
         if dims is None:
-            vectors = [p.unit if request.normalize else p.raw for p in results]
+            vectors = list(map(_UNIT if request.normalize else _RAW, results))
         else:  # Matryoshka: cut first, then normalize what is left
             matrix = np.stack([p.raw[:dims] for p in results])
             vectors = list(normalize_rows(matrix) if request.normalize else matrix)
         return EmbedResult(
             vectors=vectors,
-            prompt_tokens=sum(p.tokens for p in results),  # hits too: the same answer
+            prompt_tokens=sum(map(_TOKENS, results)),  # hits too: the same answer
             model=self.options.name,
             timings=timings,
         )

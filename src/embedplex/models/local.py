@@ -14,6 +14,8 @@ import time
 import typing
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from embedplex.backends.base import Backend, TokenBatch
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 # A placeholder while a batch runs (never handed to a caller).
 _PENDING: Any = object()
+# Per request on the event loop: C getters, not a comprehension's function and frame each.
+_COST = attrgetter("cost")
+_ITEM = attrgetter("item")
 
 
 class LocalModel(Generic[R]):
@@ -75,6 +80,7 @@ class LocalModel(Generic[R]):
         self._token_pool: ThreadPoolExecutor | None = None
         self._batcher: Batcher[Payload, R] | None = None
         self._flights: Flights = {}  # inputs queued or running, by what their result depends on
+        self._admitted: Tenant | None = None  # the tenant ``admit`` noted last (``_take``)
         # Queued inputs are served by key and lane: joining one may wait longer (dedupe.py).
         self._fair = options.queue_policy == "fair"
         self._info = ModelInfo(
@@ -176,6 +182,17 @@ class LocalModel(Generic[R]):
         refusal under overload costs next to nothing; ``_process`` checks again as it admits.
         """
         self._slots.check(tenant, note=note)
+        if note:
+            self._admitted = tenant
+
+    def _take(self, tenant: Tenant) -> None:
+        """Take a slot for a request of ``tenant`` (``Slots.take``). Its key is noted as asking
+        for room (``batching/admission.py``) unless ``admit`` noted it since the last take:
+        routes admit right before the model's work begins (``api.common.run_embed``), and one
+        note is enough (a second only moved the instant on by the microseconds between)."""
+        noted = self._admitted is tenant
+        self._admitted = None
+        self._slots.take(tenant, note=not noted)
 
     async def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
         """Token ids back to text (TEI ``/decode``), in the tokenizer threads."""
@@ -242,7 +259,7 @@ class LocalModel(Generic[R]):
         Longer requests are tokenized in the tokenizer pool before they queue.
         """
         start = time.perf_counter()
-        self._slots.take(tenant)
+        self._take(tenant)
         try:
             payloads = await self._payloads(encode, chars, defer, inputs, tenant)
             tokenized = time.perf_counter()
@@ -278,8 +295,9 @@ class LocalModel(Generic[R]):
         (``dedupe.py``). ``encode``, ``chars`` and ``defer`` take the positions in ``keys`` of
         the inputs to queue. ``on_store``: where this caller's results go once made, if given."""
         start = time.perf_counter()
-        self._slots.take(tenant)
+        self._take(tenant)
         flights = self._flights
+        fair = self._fair
         slot_of: dict[Hashable, int] = {}
         slots: list[int] = []  # per input: its index in ``waits``
         shared: list[Flight[R] | None] = []
@@ -293,7 +311,7 @@ class LocalModel(Generic[R]):
                 if slot is None:
                     slot = slot_of[key] = len(waits)
                     flight = flights.get(key)
-                    if flight is not None and not flight.serves(tenant, self._fair):
+                    if flight is not None and not flight.serves(tenant, fair):
                         flight = None  # served after our turn: a copy of our own is sooner
                     if flight is None:
                         fresh.append(k)
@@ -308,13 +326,12 @@ class LocalModel(Generic[R]):
             if shared_inputs:
                 self._joined(shared_inputs)
             if fresh:
-                payloads = await self._payloads(
-                    lambda: encode(fresh),
-                    chars(fresh),
-                    None if defer is None else lambda: defer(fresh),
-                    len(fresh),
-                    tenant,
-                )
+                payloads: list[Payload]
+                if chars(fresh) <= self.options.tokenize_inline_chars:  # see ``_payloads``
+                    # Lists of their own, only read: no copy (a cast would cost a call).
+                    payloads = defer(fresh) if defer is not None else encode(fresh)  # type: ignore[assignment]
+                else:
+                    payloads = await self._tokenized(partial(encode, fresh), len(fresh), tenant)
                 tokenized = time.perf_counter()
                 spend = REQUEST_SPEND.get()  # a key with tpm (core/spend.py)
                 if spend is None:
@@ -323,9 +340,10 @@ class LocalModel(Generic[R]):
                     items = await self._spent(spend, payloads, tenant)
                 requeue = self._requeue
                 for k, item in zip(fresh, items, strict=True):
-                    flight = Flight(flights, keys[k], item, requeue, tenant, fair=self._fair)
+                    key = keys[k]
+                    flight = Flight(flights, key, item, requeue, tenant, fair=fair)
                     own.append(flight)
-                    slot = slot_of[keys[k]]
+                    slot = slot_of[key]
                     shared[slot] = flight
                     waits[slot] = item.future  # the leader waits on its item itself
             else:
@@ -346,9 +364,15 @@ class LocalModel(Generic[R]):
                 if made is not None and not made.stored:
                     made.stored = True
                     on_store(key, distinct[slot])
-        mine = [f.item for f in shared if f is not None]
-        self._spans(start, tokenized, mine)
-        return Processed([distinct[s] for s in slots], mine, start, tokenized)
+        if joined or len(shared) != len(keys):  # some shared: the items that made them
+            mine = [f.item for f in shared if f is not None]
+            results = [distinct[s] for s in slots]
+        else:  # every input queued by this caller, in order (most requests)
+            mine = list(map(_ITEM, own))
+            results = distinct
+        if self._tracer is not None:
+            self._spans(start, tokenized, mine)
+        return Processed(results, mine, start, tokenized)
 
     def _requeue(self, item: Item[Payload, R], tenant: Tenant) -> Item[Payload, R]:
         """Hand a dropped item to the joiners who still wait on it (``dedupe.py``): its batch
@@ -373,10 +397,17 @@ class LocalModel(Generic[R]):
         tenant: Tenant,
     ) -> list[Payload]:
         """The ``inputs`` payloads to queue: made here when short, else in the tokenizer pool
-        once the queue has room for them (a refusal must not come after seconds of tokenizing
-        a long body), within the request's deadline (``core/deadline.py``)."""
+        (``_tokenized``)."""
         if chars <= self.options.tokenize_inline_chars:
             return list(defer()) if defer is not None else list(encode())
+        return await self._tokenized(encode, inputs, tenant)
+
+    async def _tokenized(
+        self, encode: Callable[[], list[Encoded]], inputs: int, tenant: Tenant
+    ) -> list[Payload]:
+        """``encode`` run in the tokenizer pool once the queue has room for its ``inputs``
+        (a refusal must not come after seconds of tokenizing a long body), within the
+        request's deadline (``core/deadline.py``)."""
         self.batcher.room(inputs, tenant)  # submit checks again: others queue meanwhile
         work = asyncio.get_running_loop().run_in_executor(self._token_pool, encode)
         deadline = REQUEST_DEADLINE.get()
@@ -404,8 +435,7 @@ class LocalModel(Generic[R]):
     def _submit(self, payloads: list[Payload], tenant: Tenant) -> list[Item[Payload, R]]:
         # With tracing on, each item keeps the request's span so its batch span links to it.
         trace = current_span_context() if self._tracer is not None else None
-        costs = [p.cost for p in payloads]
-        return self.batcher.submit(payloads, costs, trace=trace, tenant=tenant)
+        return self.batcher.submit(payloads, list(map(_COST, payloads)), trace=trace, tenant=tenant)
 
     def _spans(self, start: float, tokenized: float, items: list[Item[Payload, R]]) -> None:
         if self._tracer is not None and items:

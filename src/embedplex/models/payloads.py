@@ -107,9 +107,16 @@ class Processed(Generic[R]):
             return Timings(
                 tokenization=(self.tokenized - self.start) * 1000, total=(end - self.start) * 1000
             )
+        if len(items) == 1:  # most requests: no generators to take the max over one item
+            item = items[0]
+            queue = item.started_at - item.enqueued_at
+            inference = item.finished_at - item.started_at
+        else:
+            queue = max(i.started_at - i.enqueued_at for i in items)
+            inference = max(i.finished_at - i.started_at for i in items)
         return Timings(
             tokenization=(self.tokenized - self.start) * 1000,
-            queue=max(i.started_at - i.enqueued_at for i in items) * 1000,
-            inference=max(i.finished_at - i.started_at for i in items) * 1000,
+            queue=queue * 1000,
+            inference=inference * 1000,
             total=(end - self.start) * 1000,
         )
