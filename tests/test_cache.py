@@ -232,6 +232,7 @@ async def test_the_cache_tier_uses_its_own_redis_when_given_one() -> None:
         settings = Settings(cache_redis=True, redis_url=limits.url, cache_redis_url=own.url)
         cache = EmbeddingCache.from_settings(settings)
         assert cache.redis is not None
+        assert cache.redis.where == f"127.0.0.1:{own.port}/0"  # named in its warnings
         check_limits, check_own = redis.Redis.from_url(limits.url), redis.Redis.from_url(own.url)
         try:
             cache.redis.put("k1", b"value")

@@ -97,3 +97,38 @@ def test_torch_device_cuda_fails_the_start_without_a_cuda_device(tiny_model_dir:
     spec = load_spec(str(tiny_model_dir), tiny_model_dir)
     with pytest.raises(FatalBackendError, match="--device cuda asked for, but torch sees no CUDA"):
         TorchBackend.load(spec, dtype="float32", device="cuda", threads=1)
+
+
+def without_weights(source: Path, target: Path, part: str) -> Path:
+    """A copy of the model whose checkpoint lacks every tensor named with ``part``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = load_file(str(source / "model.safetensors"))
+    kept = {name: tensor for name, tensor in weights.items() if part not in name.split(".")}
+    assert len(kept) < len(weights)
+    save_file(kept, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_a_checkpoint_missing_weights_fails_its_start_but_an_embedders_pooler(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """transformers fills missing weights with random numbers and only warns: a reranker
+    without its head scored every pair at random, with a 200."""
+    from tiny_models import make_tiny_reranker
+
+    headless = without_weights(make_tiny_reranker(tmp_path / "rr"), tmp_path / "rr-", "classifier")
+    spec = load_spec(str(headless), headless)
+    with pytest.raises(FatalBackendError, match=r"no weights for classifier\.bias, classifier\.w"):
+        TorchBackend.load(spec, dtype="float32", device="cpu", threads=1)
+    # The same from the ONNX export, whose child loads the model the same way.
+    with pytest.raises(FatalBackendError, match=r"no weights for classifier\.bias"):
+        OnnxBackend.load(spec, dtype="float32", device="cpu", cache_dir=tmp_path / "cache")
+    broken = without_weights(tiny_model_dir, tmp_path / "emb-", "layer")  # the encoder's layers
+    with pytest.raises(FatalBackendError, match=r"\band \d+ more; transformers would make"):
+        TorchBackend.load(load_spec(str(broken), broken), dtype="float32", device="cpu", threads=1)
+    poolerless = without_weights(tiny_model_dir, tmp_path / "emb", "pooler")  # common, unread
+    TorchBackend.load(
+        load_spec(str(poolerless), poolerless), dtype="float32", device="cpu", threads=1
+    ).close()

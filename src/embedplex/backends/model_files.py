@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -269,7 +270,26 @@ def load_transformers_model(path: Path, kind: ModelKind, model_type: str, dtype:
         auto: Any = transformers.AutoModelForSequenceClassification
     else:
         auto = getattr(transformers, _ENCODERS.get(model_type, "AutoModel"))
-    return auto.from_pretrained(str(path), dtype=dtype)
+    model, info = auto.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    _refuse_missing_weights(path, kind, info.get("missing_keys", ()))
+    return model
+
+
+def _refuse_missing_weights(path: Path, kind: ModelKind, missing: Collection[str]) -> None:
+    """Refuse weights the checkpoint lacks, which transformers fills with random numbers and
+    only warns of: a reranker without its classifier head scored every pair at random, with a
+    200. An embedder's pooler is the one part allowed missing (sentence-transformers saves
+    many without it, and an embedding never reads it; a reranker's BERT head does)."""
+    used = sorted(
+        key for key in missing if kind is ModelKind.RERANKER or "pooler" not in key.split(".")
+    )
+    if used:
+        more = f" and {len(used) - 4} more" if len(used) > 4 else ""
+        raise FatalBackendError(
+            f"{path}: the checkpoint has no weights for {', '.join(used[:4])}{more}; "
+            "transformers would make them up at random (is it the model it says it is, "
+            f"a {'sequence classifier' if kind is ModelKind.RERANKER else 'text encoder'}?)"
+        )
 
 
 def _positions(config: dict[str, Any], model_type: str, file: Path) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # redis is imported only when the tier is configured
     from redis.asyncio import Redis
@@ -28,6 +28,11 @@ class RedisTier:
         from redis.exceptions import RedisError
 
         self.client = client
+        # Which Redis, for the log (the limits may use another): host, port and db, no secret.
+        pool = getattr(client, "connection_pool", None)
+        kw: dict[str, Any] = getattr(pool, "connection_kwargs", None) or {}
+        place = kw.get("path") or f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+        self.where = f"{place}/{kw.get('db', 0)}"
         self.ttl_s = ttl_s
         self.probe_interval_s = probe_interval_s
         self.up = True
@@ -85,8 +90,9 @@ class RedisTier:
             return
         self.up = False
         logger.warning(
-            "embedding cache: Redis unreachable (%s); caching in this process only until it "
-            "returns",
+            "embedding cache: Redis %s unreachable (%s); caching in this process only until "
+            "it returns",
+            self.where,
             type(exc).__name__,
         )
         if self._probe is None or self._probe.done():

@@ -40,6 +40,7 @@ from embedplex.core.errors import (
     ModelNotFoundError,
     RateLimitedError,
     UnavailableError,
+    shown,
 )
 from embedplex.limits import FailureThrottle
 from embedplex.providers import PROVIDER_TYPES
@@ -287,10 +288,11 @@ async def remove_provider(name: str, request: Request) -> Response:
         ]
         if users:
             raise InvalidRequestError(
-                f"provider {name!r} is part of routes {users}; change the config", param="name"
+                f"provider {shown(name)} is part of routes {users}; change the config",
+                param="name",
             )
         if name not in router_.runtimes:
-            raise ModelNotFoundError(f"no provider named {name!r}", param="name")
+            raise ModelNotFoundError(f"no provider named {shown(name)}", param="name")
         # Deleted from the store first: a store that fails is a 503 and the provider serves on.
         await from_store(sync.providers.store, sync.providers.delete(name), change=True)
         sync.forget(name)
